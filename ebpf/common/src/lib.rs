@@ -1,0 +1,295 @@
+//! Types shared by the sbx-net eBPF classifier and userspace.
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding (so no uninitialised
+//! byte ever reaches a map or the ring buffer) and is the exact layout the
+//! kernel sees. Userspace enables the `user` feature to get `aya::Pod`.
+#![no_std]
+
+/// Map names, as the eBPF object declares them and userspace looks them up.
+pub mod map_names {
+    pub const SANDBOXES: &str = "SBX_SANDBOXES";
+    pub const POLICY_V4: &str = "SBX_POLICY_V4";
+    pub const POLICY_V6: &str = "SBX_POLICY_V6";
+    pub const COUNTERS: &str = "SBX_COUNTERS";
+    pub const EVENTS: &str = "SBX_EVENTS";
+}
+
+/// Program names in the object.
+pub mod program_names {
+    /// The classifier on TC ingress of every sandbox tap.
+    pub const EGRESS: &str = "sbx_egress";
+    /// Benchmark reference: returns TC_ACT_OK and nothing else.
+    pub const BENCH_EMPTY: &str = "sbx_bench_empty";
+    /// Benchmark reference: one LPM lookup keyed on the frame's IPv4/IPv6
+    /// destination, the floor for any LPM-based verdict.
+    pub const BENCH_ONE_LOOKUP: &str = "sbx_bench_one_lookup";
+}
+
+/// Default capacities; userspace may override them at load time.
+pub const MAX_SANDBOXES: u32 = 4096;
+pub const MAX_POLICY_ENTRIES: u32 = 2 * 1024 * 1024;
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+/// What a policy entry says about traffic.
+pub mod action {
+    /// Let the packet through.
+    pub const ALLOW: u8 = 1;
+    /// Drop the packet.
+    pub const DENY: u8 = 2;
+}
+
+/// Rule ids with a fixed meaning. Every other id indexes the rule table
+/// userspace keeps for the sandbox's compiled policy.
+pub mod rule_id {
+    /// The policy default decided.
+    pub const DEFAULT: u32 = 0;
+    /// No rule: the packet was dropped before the policy lookup (parse,
+    /// anti-spoof, unknown sandbox). The drop reason says why.
+    pub const NONE: u32 = u32::MAX;
+}
+
+/// Why a packet passed or was dropped. Also the index into [`COUNTER_SLOTS`]
+/// of the per-CPU counter array.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Allowed by a policy rule (or an allow default).
+    Allowed = 0,
+    /// ARP / IPv6 neighbour discovery between the guest and its gateway.
+    NeighbourDiscovery = 1,
+    /// Denied by a policy rule (explicit or built-in deny list).
+    PolicyDeny = 2,
+    /// Denied by the policy default.
+    DefaultDeny = 3,
+    /// Source MAC is not the sandbox's.
+    SpoofedMac = 4,
+    /// Source IP is not the sandbox's.
+    SpoofedIp = 5,
+    /// VLAN / QinQ tagged frame.
+    VlanTagged = 6,
+    /// Ethertype other than ARP, IPv4, IPv6.
+    UnknownEthertype = 7,
+    /// Truncated or malformed header.
+    Malformed = 8,
+    /// ARP or neighbour discovery that is not between guest and gateway, or
+    /// that carries another host's addresses.
+    BadNeighbourDiscovery = 9,
+    /// IPv4 source-route options, IPv6 routing headers or too many IPv6
+    /// extension headers: the header's destination would not be the real one.
+    SourceRouted = 10,
+    /// Transport protocol other than TCP, UDP, ICMP, ICMPv6.
+    UnknownProtocol = 11,
+    /// The interface carries the program but no sandbox is configured on it.
+    UnknownSandbox = 12,
+}
+
+pub const COUNTER_SLOTS: u32 = 13;
+/// Extra counter slot: drop events that did not fit in the ring buffer.
+pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS;
+/// Length of the per-CPU counter array.
+pub const COUNTER_ARRAY_LEN: u32 = COUNTER_SLOTS + 1;
+
+impl Reason {
+    pub const ALL: [Reason; COUNTER_SLOTS as usize] = [
+        Reason::Allowed,
+        Reason::NeighbourDiscovery,
+        Reason::PolicyDeny,
+        Reason::DefaultDeny,
+        Reason::SpoofedMac,
+        Reason::SpoofedIp,
+        Reason::VlanTagged,
+        Reason::UnknownEthertype,
+        Reason::Malformed,
+        Reason::BadNeighbourDiscovery,
+        Reason::SourceRouted,
+        Reason::UnknownProtocol,
+        Reason::UnknownSandbox,
+    ];
+
+    pub fn from_u8(value: u8) -> Option<Reason> {
+        Reason::ALL.get(value as usize).copied()
+    }
+
+    pub fn passes(self) -> bool {
+        matches!(self, Reason::Allowed | Reason::NeighbourDiscovery)
+    }
+
+    /// Stable snake_case name, used in events, metrics labels and output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::NeighbourDiscovery => "neighbour_discovery",
+            Reason::PolicyDeny => "policy_deny",
+            Reason::DefaultDeny => "default_deny",
+            Reason::SpoofedMac => "spoofed_mac",
+            Reason::SpoofedIp => "spoofed_ip",
+            Reason::VlanTagged => "vlan_tagged",
+            Reason::UnknownEthertype => "unknown_ethertype",
+            Reason::Malformed => "malformed",
+            Reason::BadNeighbourDiscovery => "bad_neighbour_discovery",
+            Reason::SourceRouted => "source_routed",
+            Reason::UnknownProtocol => "unknown_protocol",
+            Reason::UnknownSandbox => "unknown_sandbox",
+        }
+    }
+}
+
+/// An action and the rule that chose it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub rule_id: u32,
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Verdict {
+    pub const fn new(action: u8, rule_id: u32) -> Self {
+        Verdict { rule_id, action, _pad: [0; 3] }
+    }
+}
+
+/// A verdict for one destination port (TCP and UDP), overriding the entry's
+/// any-port verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortVerdict {
+    pub rule_id: u32,
+    pub port: u16,
+    pub action: u8,
+    pub _pad: u8,
+}
+
+/// Port-specific verdicts one trie entry can carry. A compiled policy that
+/// needs more on one prefix is rejected with a clear error.
+pub const MAX_PORT_VERDICTS: usize = 8;
+
+/// Value of an LPM trie entry. Because the most specific entry alone decides,
+/// it is fully resolved when the policy is compiled: it already says what
+/// every covering rule says (deny wins), including the default.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Verdict for any port (and for ICMP and non-first fragments).
+    pub any_port: Verdict,
+    /// DNS-learned allow overlay: effective while `bpf_ktime_get_boot_ns()`
+    /// is below this (0 = no overlay). The overlay is only ever written on
+    /// entries whose static verdict is not a policy deny.
+    pub learned_until_ns: u64,
+    pub learned_rule_id: u32,
+    /// Port the learned overlay is restricted to (0 = any).
+    pub learned_port: u16,
+    pub port_count: u8,
+    pub _pad: u8,
+    pub ports: [PortVerdict; MAX_PORT_VERDICTS],
+}
+
+/// LPM key data for IPv4: sandbox id (big-endian) then the address (network
+/// order). Prefix length = 32 + address prefix length.
+pub type KeyV4 = [u8; 8];
+/// LPM key data for IPv6: sandbox id (big-endian) then the address.
+pub type KeyV6 = [u8; 20];
+
+/// Bits of the sandbox id that lead every key.
+pub const SANDBOX_ID_BITS: u32 = 32;
+
+/// Per-tap configuration, keyed by the tap's ifindex.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SandboxConfig {
+    pub sandbox_id: u32,
+    /// What a trie miss means (the policy default) and its rule id.
+    pub default_verdict: Verdict,
+    pub flags: u32,
+    pub guest_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+    pub guest_ipv4: [u8; 4],
+    pub gateway_ipv4: [u8; 4],
+    pub guest_ipv6: [u8; 16],
+    pub guest_ipv6_link_local: [u8; 16],
+    pub gateway_ipv6: [u8; 16],
+    pub gateway_ipv6_link_local: [u8; 16],
+}
+
+/// Sandbox flags.
+pub mod sandbox_flags {
+    /// Emit a debug log line (aya-log) for each drop.
+    pub const LOG_DROPS: u32 = 1;
+}
+
+/// One packet counter slot (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Sent on the ring buffer for every dropped packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_boot_ns()` at the verdict.
+    pub timestamp_ns: u64,
+    pub sandbox_id: u32,
+    pub rule_id: u32,
+    pub ifindex: u32,
+    pub packet_len: u32,
+    /// Ethertype in host order (0x0800, 0x86dd, 0x0806, ...).
+    pub ethertype: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// [`Reason`] as u8.
+    pub reason: u8,
+    /// [`action`] value.
+    pub action: u8,
+    /// IP protocol number (6, 17, 1, 58), 0 when not IP.
+    pub protocol: u8,
+    /// 4 or 6, 0 when not IP.
+    pub ip_version: u8,
+    pub _pad: [u8; 6],
+    /// Addresses in network order; IPv4 uses the first 4 bytes.
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], Copy, made only of integers and
+    // integer arrays with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for Verdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PortVerdict {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SandboxConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Verdict>(), 8);
+        assert_eq!(size_of::<PortVerdict>(), 8);
+        assert_eq!(size_of::<PolicyValue>(), 8 + 8 + 4 + 2 + 1 + 1 + 8 * MAX_PORT_VERDICTS);
+        assert_eq!(size_of::<SandboxConfig>(), 4 + 8 + 4 + 6 + 6 + 4 + 4 + 16 * 4);
+        assert_eq!(size_of::<FlowEvent>(), 8 + 4 * 4 + 2 * 3 + 4 + 6 + 32);
+    }
+
+    #[test]
+    fn reasons_round_trip_through_u8() {
+        for reason in Reason::ALL {
+            assert_eq!(Reason::from_u8(reason as u8), Some(reason));
+        }
+        assert_eq!(Reason::from_u8(COUNTER_SLOTS as u8), None);
+    }
+}

@@ -1,0 +1,423 @@
+//! Bounds-checked header parsing and the anti-spoof checks.
+//!
+//! Fixed-offset headers are read with direct packet access (fast path);
+//! anything behind variable-length headers (IPv4 options, IPv6 extension
+//! headers) goes through `bpf_skb_load_bytes`, which the verifier accepts at
+//! any offset.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use sbx_net_common::{Reason, SandboxConfig};
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_P_QINQ1: u16 = 0x9100;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+const ICMPV6_ROUTER_SOLICIT: u8 = 133;
+const ICMPV6_NEIGHBOUR_SOLICIT: u8 = 135;
+const ICMPV6_NEIGHBOUR_ADVERT: u8 = 136;
+const ICMPV6_ROUTER_ADVERT: u8 = 134;
+const ICMPV6_REDIRECT: u8 = 137;
+
+/// IPv6 extension headers we walk before giving up (fail closed).
+const MAX_IPV6_EXT_HEADERS: usize = 6;
+/// IPv4 options occupy at most 40 bytes.
+const MAX_IPV4_OPTION_STEPS: usize = 40;
+/// Bytes we want in the linear area before parsing.
+const PULL_LEN: u32 = 128;
+
+/// A parse failure is a drop with this reason.
+pub struct ParseError(pub Reason);
+
+pub enum Parsed {
+    /// ARP / ND between guest and gateway: passes without a policy lookup.
+    NeighbourDiscovery,
+    /// An IP packet from the guest's own address, to be judged by policy.
+    Ip,
+}
+
+/// What the parser learned, for the verdict and the drop event.
+pub struct Packet {
+    pub ethertype: u16,
+    pub ip_version: u8,
+    pub protocol: u8,
+    /// TCP/UDP ports were read (first fragment or unfragmented).
+    pub has_ports: bool,
+    /// A non-first fragment: the transport header is elsewhere.
+    pub port_unknown: bool,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+impl Packet {
+    #[inline(always)]
+    pub fn empty() -> Packet {
+        Packet {
+            ethertype: 0,
+            ip_version: 0,
+            protocol: 0,
+            has_ports: false,
+            port_unknown: false,
+            src_port: 0,
+            dst_port: 0,
+            src: [0; 16],
+            dst: [0; 16],
+        }
+    }
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, ParseError> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return Err(ParseError(Reason::Malformed));
+    }
+    Ok((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at p are inside the
+    // packet; T is a byte array or integer, valid for any bit pattern.
+    Ok(unsafe { core::ptr::read_unaligned(p) })
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
+    ctx.load::<T>(offset).map_err(|_| ParseError(Reason::Malformed))
+}
+
+#[inline(always)]
+fn be16(b: [u8; 2]) -> u16 {
+    u16::from_be_bytes(b)
+}
+
+#[inline(always)]
+fn eq4(a: &[u8; 4], b: &[u8; 4]) -> bool {
+    u32::from_ne_bytes(*a) == u32::from_ne_bytes(*b)
+}
+
+#[inline(always)]
+fn eq6(a: &[u8; 6], b: &[u8; 6]) -> bool {
+    let a4 = [a[0], a[1], a[2], a[3]];
+    let b4 = [b[0], b[1], b[2], b[3]];
+    eq4(&a4, &b4) && a[4] == b[4] && a[5] == b[5]
+}
+
+#[inline(always)]
+fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    // SAFETY: [u8; 16] and [u64; 2] have the same size; read_unaligned copes
+    // with the 1-byte alignment of the arrays.
+    let (a, b) = unsafe {
+        (
+            core::ptr::read_unaligned(a.as_ptr() as *const [u64; 2]),
+            core::ptr::read_unaligned(b.as_ptr() as *const [u64; 2]),
+        )
+    };
+    a[0] == b[0] && a[1] == b[1]
+}
+
+#[inline(always)]
+fn is_zero16(a: &[u8; 16]) -> bool {
+    eq16(a, &[0; 16])
+}
+
+/// Parses the frame, applies the anti-spoof checks and fills `packet`.
+#[inline(always)]
+pub fn parse(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Result<Parsed, ParseError> {
+    // SAFETY: reading a field of the kernel's __sk_buff context.
+    if unsafe { (*ctx.skb.skb).vlan_present } != 0 {
+        // The stack untags VLAN frames into skb metadata before TC ingress.
+        return Err(ParseError(Reason::VlanTagged));
+    }
+    // Taps may hand us non-linear skbs (large GSO frames); make sure the
+    // headers are in the linear area before direct access.
+    let len = ctx.len();
+    let want = if len < PULL_LEN { len } else { PULL_LEN };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+
+    let src_mac: [u8; 6] = read(ctx, 6)?;
+    let ethertype = be16(read(ctx, 12)?);
+    packet.ethertype = ethertype;
+    if !eq6(&src_mac, &cfg.guest_mac) {
+        return Err(ParseError(Reason::SpoofedMac));
+    }
+    match ethertype {
+        ETH_P_ARP => parse_arp(ctx, cfg),
+        ETH_P_IP => parse_ipv4(ctx, cfg, packet),
+        ETH_P_IPV6 => parse_ipv6(ctx, cfg, packet),
+        ETH_P_8021Q | ETH_P_8021AD | ETH_P_QINQ1 => Err(ParseError(Reason::VlanTagged)),
+        _ => Err(ParseError(Reason::UnknownEthertype)),
+    }
+}
+
+/// ARP passes only as IPv4-over-Ethernet from the guest's own MAC and IPv4,
+/// asking about (or answering) its gateway.
+#[inline(always)]
+fn parse_arp(ctx: &TcContext, cfg: &SandboxConfig) -> Result<Parsed, ParseError> {
+    let arp: [u8; 28] = read(ctx, ETH_HLEN)?;
+    let bad = Err(ParseError(Reason::BadNeighbourDiscovery));
+    // htype 1 (Ethernet), ptype 0x0800, hlen 6, plen 4
+    if arp[0] != 0 || arp[1] != 1 || arp[2] != 0x08 || arp[3] != 0x00 || arp[4] != 6 || arp[5] != 4 {
+        return bad;
+    }
+    let op = be16([arp[6], arp[7]]);
+    if op != 1 && op != 2 {
+        return bad;
+    }
+    let sha = [arp[8], arp[9], arp[10], arp[11], arp[12], arp[13]];
+    let spa = [arp[14], arp[15], arp[16], arp[17]];
+    let tpa = [arp[24], arp[25], arp[26], arp[27]];
+    if !eq6(&sha, &cfg.guest_mac) || !eq4(&spa, &cfg.guest_ipv4) || !eq4(&tpa, &cfg.gateway_ipv4) {
+        return bad;
+    }
+    Ok(Parsed::NeighbourDiscovery)
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Result<Parsed, ParseError> {
+    let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
+    packet.ip_version = 4;
+    if ip[0] >> 4 != 4 {
+        return Err(ParseError(Reason::Malformed));
+    }
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Err(ParseError(Reason::Malformed));
+    }
+    let frag = be16([ip[6], ip[7]]);
+    let protocol = ip[9];
+    packet.protocol = protocol;
+    packet.src[..4].copy_from_slice(&ip[12..16]);
+    packet.dst[..4].copy_from_slice(&ip[16..20]);
+    let src = [ip[12], ip[13], ip[14], ip[15]];
+    if !eq4(&src, &cfg.guest_ipv4) {
+        return Err(ParseError(Reason::SpoofedIp));
+    }
+    if ihl > 20 {
+        check_ipv4_options(ctx, ETH_HLEN + 20, ETH_HLEN + ihl)?;
+    }
+    let first_fragment = frag & 0x1fff == 0;
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            if !first_fragment {
+                packet.port_unknown = true;
+                return Ok(Parsed::Ip);
+            }
+            // The first fragment must carry the whole transport header (no
+            // tiny-fragment games with the TCP flags or ports).
+            let need = if protocol == IPPROTO_TCP { 20 } else { 8 };
+            let l4 = ETH_HLEN + ihl;
+            let ports: [u8; 4] = if ihl == 20 {
+                let _: [u8; 1] = read(ctx, ETH_HLEN + 20 + need - 1)?;
+                read(ctx, ETH_HLEN + 20)?
+            } else {
+                let _: u8 = load(ctx, l4 + need - 1)?;
+                load(ctx, l4)?
+            };
+            packet.has_ports = true;
+            packet.src_port = be16([ports[0], ports[1]]);
+            packet.dst_port = be16([ports[2], ports[3]]);
+            Ok(Parsed::Ip)
+        }
+        IPPROTO_ICMP => {
+            if first_fragment {
+                let _: [u8; 4] = load(ctx, ETH_HLEN + ihl)?;
+            } else {
+                packet.port_unknown = true;
+            }
+            Ok(Parsed::Ip)
+        }
+        _ => Err(ParseError(Reason::UnknownProtocol)),
+    }
+}
+
+/// Drops loose and strict source routing: with them the header's
+/// destination is only the first hop, so the policy would judge the wrong
+/// address.
+#[inline(always)]
+fn check_ipv4_options(ctx: &TcContext, start: usize, end: usize) -> Result<(), ParseError> {
+    let mut off = start;
+    for _ in 0..MAX_IPV4_OPTION_STEPS {
+        if off >= end {
+            return Ok(());
+        }
+        let kind: u8 = load(ctx, off)?;
+        match kind {
+            0 => return Ok(()),   // end of options
+            1 => off += 1,        // no-op
+            0x83 | 0x89 => return Err(ParseError(Reason::SourceRouted)),
+            _ => {
+                let len: u8 = load(ctx, off + 1)?;
+                if len < 2 {
+                    return Err(ParseError(Reason::Malformed));
+                }
+                off += len as usize;
+            }
+        }
+    }
+    if off > end {
+        return Err(ParseError(Reason::Malformed));
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Result<Parsed, ParseError> {
+    let ip: [u8; 40] = read(ctx, ETH_HLEN)?;
+    packet.ip_version = 6;
+    if ip[0] >> 4 != 6 {
+        return Err(ParseError(Reason::Malformed));
+    }
+    let mut src = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    packet.src = src;
+    packet.dst.copy_from_slice(&ip[24..40]);
+    let unspecified_source = is_zero16(&src);
+    if !unspecified_source && !eq16(&src, &cfg.guest_ipv6) && !eq16(&src, &cfg.guest_ipv6_link_local) {
+        return Err(ParseError(Reason::SpoofedIp));
+    }
+
+    let mut next = ip[6];
+    let mut off = ETH_HLEN + 40;
+    let mut first_fragment = true;
+    let mut in_extension = true;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_DSTOPTS => {
+                let hdr: [u8; 2] = load(ctx, off)?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 1) * 8;
+            }
+            IPPROTO_ROUTING => return Err(ParseError(Reason::SourceRouted)),
+            IPPROTO_FRAGMENT => {
+                let hdr: [u8; 4] = load(ctx, off)?;
+                next = hdr[0];
+                if be16([hdr[2], hdr[3]]) >> 3 != 0 {
+                    first_fragment = false;
+                }
+                off += 8;
+                if !first_fragment {
+                    in_extension = false;
+                    break;
+                }
+            }
+            _ => {
+                in_extension = false;
+                break;
+            }
+        }
+    }
+    if in_extension {
+        return Err(ParseError(Reason::SourceRouted));
+    }
+    packet.protocol = next;
+    let simple = off == ETH_HLEN + 40;
+    match next {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            if unspecified_source {
+                return Err(ParseError(Reason::SpoofedIp));
+            }
+            if !first_fragment {
+                packet.port_unknown = true;
+                return Ok(Parsed::Ip);
+            }
+            let need = if next == IPPROTO_TCP { 20 } else { 8 };
+            let ports: [u8; 4] = if simple {
+                let _: [u8; 1] = read(ctx, ETH_HLEN + 40 + need - 1)?;
+                read(ctx, ETH_HLEN + 40)?
+            } else {
+                let _: u8 = load(ctx, off + need - 1)?;
+                load(ctx, off)?
+            };
+            packet.has_ports = true;
+            packet.src_port = be16([ports[0], ports[1]]);
+            packet.dst_port = be16([ports[2], ports[3]]);
+            Ok(Parsed::Ip)
+        }
+        IPPROTO_ICMPV6 => {
+            if !first_fragment {
+                if unspecified_source {
+                    return Err(ParseError(Reason::SpoofedIp));
+                }
+                packet.port_unknown = true;
+                return Ok(Parsed::Ip);
+            }
+            let icmp_type: u8 = load(ctx, off)?;
+            match icmp_type {
+                ICMPV6_ROUTER_SOLICIT => {
+                    check_link_layer_option(ctx, cfg, off + 8)?;
+                    Ok(Parsed::NeighbourDiscovery)
+                }
+                ICMPV6_NEIGHBOUR_SOLICIT => {
+                    let target: [u8; 16] = load(ctx, off + 8)?;
+                    let allowed = if unspecified_source {
+                        // Duplicate address detection of its own addresses.
+                        eq16(&target, &cfg.guest_ipv6) || eq16(&target, &cfg.guest_ipv6_link_local)
+                    } else {
+                        eq16(&target, &cfg.gateway_ipv6) || eq16(&target, &cfg.gateway_ipv6_link_local)
+                    };
+                    if !allowed {
+                        return Err(ParseError(Reason::BadNeighbourDiscovery));
+                    }
+                    check_link_layer_option(ctx, cfg, off + 24)?;
+                    Ok(Parsed::NeighbourDiscovery)
+                }
+                ICMPV6_NEIGHBOUR_ADVERT => {
+                    let target: [u8; 16] = load(ctx, off + 8)?;
+                    if unspecified_source
+                        || !(eq16(&target, &cfg.guest_ipv6) || eq16(&target, &cfg.guest_ipv6_link_local))
+                    {
+                        return Err(ParseError(Reason::BadNeighbourDiscovery));
+                    }
+                    check_link_layer_option(ctx, cfg, off + 24)?;
+                    Ok(Parsed::NeighbourDiscovery)
+                }
+                ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT => Err(ParseError(Reason::BadNeighbourDiscovery)),
+                _ => {
+                    if unspecified_source {
+                        return Err(ParseError(Reason::SpoofedIp));
+                    }
+                    Ok(Parsed::Ip)
+                }
+            }
+        }
+        _ => Err(ParseError(Reason::UnknownProtocol)),
+    }
+}
+
+/// If the first ND option is a source/target link-layer address, it must be
+/// the guest's MAC: a guest may not advertise another host's address.
+#[inline(always)]
+fn check_link_layer_option(ctx: &TcContext, cfg: &SandboxConfig, off: usize) -> Result<(), ParseError> {
+    let Ok(option) = ctx.load::<[u8; 8]>(off) else {
+        return Ok(()); // no options
+    };
+    if (option[0] == 1 || option[0] == 2) && option[1] == 1 {
+        let mac = [option[2], option[3], option[4], option[5], option[6], option[7]];
+        if !eq6(&mac, &cfg.guest_mac) {
+            return Err(ParseError(Reason::BadNeighbourDiscovery));
+        }
+    }
+    Ok(())
+}

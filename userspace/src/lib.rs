@@ -1,0 +1,15 @@
+//! sbx-net: host-side network enforcement for AI-agent sandboxes.
+//!
+//! Pure decisions (policy parsing and compilation, verdicts, addressing) are
+//! in [`policy`], [`compile`] and [`sandbox::SandboxSpec`]; everything that
+//! touches the kernel is in [`datapath`] and [`sandbox::HostSandbox`].
+
+pub mod compile;
+pub mod datapath;
+pub mod flow;
+pub mod policy;
+pub mod sandbox;
+
+pub use compile::{compile, CompiledPolicy};
+pub use datapath::{Datapath, DatapathOptions};
+pub use policy::Policy;

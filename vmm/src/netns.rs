@@ -1,0 +1,144 @@
+//! Named network namespaces, compatible with `ip netns` (bind mounts under
+//! /run/netns), so `ip netns exec NAME tool …` runs tools inside them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::{Path, PathBuf};
+
+use crate::sys::cvt;
+
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetNsError {
+    #[error("network namespace name {0:?} is not a plain file name")]
+    InvalidName(String),
+    #[error("network namespace {name} already exists")]
+    Exists { name: String },
+    #[error("{op} for network namespace {name}: {source}")]
+    Io { op: &'static str, name: String, source: io::Error },
+    #[error("thread running inside network namespace {name} panicked")]
+    ThreadPanicked { name: String },
+}
+
+/// A named network namespace. If this value created it, dropping it
+/// deletes it (unmount + unlink), which destroys every link inside once the
+/// last process leaves.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+    path: PathBuf,
+    file: File,
+    owned: bool,
+}
+
+impl NetNs {
+    /// Creates a new, empty namespace `name` (only loopback, down).
+    pub fn create(name: &str) -> Result<NetNs, NetNsError> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(NetNsError::InvalidName(name.to_string()));
+        }
+        let io_err = |op: &'static str| {
+            let name = name.to_string();
+            move |source| NetNsError::Io { op, name, source }
+        };
+        fs::create_dir_all(NETNS_RUN_DIR).map_err(io_err("creating /run/netns"))?;
+        let path = Path::new(NETNS_RUN_DIR).join(name);
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(NetNsError::Exists { name: name.to_string() })
+            }
+            Err(e) => return Err(io_err("creating mount point")(e)),
+        }
+        // unshare() changes the calling thread only; do it on a throwaway
+        // thread so the caller stays where it was.
+        let target = path.clone();
+        let made = std::thread::spawn(move || -> io::Result<()> {
+            // SAFETY: plain syscall on this thread; it affects only this thread.
+            cvt(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+            bind_mount("/proc/thread-self/ns/net", &target)
+        })
+        .join()
+        .map_err(|_| NetNsError::ThreadPanicked { name: name.to_string() })?;
+        if let Err(e) = made {
+            let _ = fs::remove_file(&path);
+            return Err(io_err("unshare + bind mount")(e));
+        }
+        let file = File::open(&path).map_err(io_err("opening"))?;
+        Ok(NetNs { name: name.to_string(), path, file, owned: true })
+    }
+
+    /// Opens an existing named namespace without taking ownership.
+    pub fn open(name: &str) -> Result<NetNs, NetNsError> {
+        let path = Path::new(NETNS_RUN_DIR).join(name);
+        let file = File::open(&path)
+            .map_err(|source| NetNsError::Io { op: "opening", name: name.to_string(), source })?;
+        Ok(NetNs { name: name.to_string(), path, file, owned: false })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `f` on a new thread that has joined this namespace; sockets and
+    /// taps it creates belong to the namespace and stay there afterwards.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetNsError> {
+        let fd = self.file.as_fd();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> io::Result<T> {
+                    // SAFETY: fd is an open namespace fd borrowed for the
+                    // scope; setns affects only this (scoped) thread.
+                    cvt(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) })?;
+                    Ok(f())
+                })
+                .join()
+        })
+        .map_err(|_| NetNsError::ThreadPanicked { name: self.name.clone() })?
+        .map_err(|source| NetNsError::Io { op: "setns", name: self.name.clone(), source })
+    }
+
+    /// Moves the calling thread into the namespace for good. Used by
+    /// threads that live inside a namespace (e.g. a runtime worker).
+    pub fn enter_current_thread(&self) -> Result<(), NetNsError> {
+        // SAFETY: the fd is valid for self's lifetime; setns affects only
+        // the calling thread.
+        cvt(unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) })
+            .map(|_| ())
+            .map_err(|source| NetNsError::Io { op: "setns", name: self.name.clone(), source })
+    }
+}
+
+impl AsFd for NetNs {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
+        if let Ok(c_path) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
+            // SAFETY: c_path is a valid NUL-terminated path.
+            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = fs::remove_file(&self.path);
+        // `ip netns exec` reads per-namespace files from here.
+        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
+    }
+}
+
+fn bind_mount(source: &str, target: &Path) -> io::Result<()> {
+    let src = std::ffi::CString::new(source)?;
+    let dst = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths; fstype/data may be null
+    // for a bind mount.
+    cvt(unsafe {
+        libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+    })?;
+    Ok(())
+}
