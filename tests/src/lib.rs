@@ -1,1 +1,197 @@
+//! Test support for sbx-net: the host/world/guest namespace topology, world
+//! servers, real-tool helpers and a crafted-frame builder.
+//!
+//! Network rule: nothing here touches the root namespace's routes, nftables
+//! or forwarding. Every namespace is created with a unique name and removed
+//! on drop, also when a test panics.
 
+pub mod frames;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sbx_vmm::netlink::write_sysctl;
+use sbx_vmm::{NetNs, Netlink};
+
+/// Host side of the host↔world link ("uplink").
+pub const UPLINK_HOST_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const UPLINK_WORLD_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const UPLINK_HOST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1);
+pub const UPLINK_WORLD_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 2);
+
+/// A unique prefix for this process's namespaces and sandbox names.
+pub fn unique_name(tag: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!("sbxt{}-{}-{tag}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// `host` (daemon side, forwarding on) and `world` (the internet), joined
+/// by a veth pair; the world routes the sandbox pools back to the host.
+pub struct Topology {
+    pub host: NetNs,
+    pub world: NetNs,
+    pub host_netlink: Netlink,
+    pub world_netlink: Netlink,
+    world_lo: u32,
+}
+
+impl Topology {
+    pub fn new(tag: &str) -> Topology {
+        let base = unique_name(tag);
+        let host = NetNs::create(&format!("{base}-h")).expect("create host netns");
+        let world = NetNs::create(&format!("{base}-w")).expect("create world netns");
+        let host_nl = Netlink::in_namespace(&host).expect("netlink in host");
+        let world_nl = Netlink::in_namespace(&world).expect("netlink in world");
+
+        host_nl.set_up(host_nl.link_index("lo").unwrap()).unwrap();
+        let world_lo = world_nl.link_index("lo").unwrap();
+        world_nl.set_up(world_lo).unwrap();
+        for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+            write_sysctl(&host, key, "1").expect("forwarding in the host namespace");
+        }
+
+        host_nl.add_veth("uplink", "world0").expect("veth");
+        let peer = host_nl.link_index("world0").unwrap();
+        host_nl.move_to_namespace(peer, std::os::fd::AsFd::as_fd(&world)).unwrap();
+        let uplink = host_nl.link_index("uplink").unwrap();
+        let world0 = world_nl.link_index("world0").unwrap();
+        host_nl.add_address(uplink, UPLINK_HOST_V4.into(), 24).unwrap();
+        host_nl.add_address(uplink, UPLINK_HOST_V6.into(), 64).unwrap();
+        world_nl.add_address(world0, UPLINK_WORLD_V4.into(), 24).unwrap();
+        world_nl.add_address(world0, UPLINK_WORLD_V6.into(), 64).unwrap();
+        host_nl.set_up(uplink).unwrap();
+        world_nl.set_up(world0).unwrap();
+        host_nl.add_route_v4(Ipv4Addr::UNSPECIFIED, 0, Some(UPLINK_WORLD_V4), uplink).unwrap();
+        host_nl.add_route_v6(Ipv6Addr::UNSPECIFIED, 0, Some(UPLINK_WORLD_V6), uplink).unwrap();
+        world_nl.add_route_v4(Ipv4Addr::new(10, 200, 0, 0), 16, Some(UPLINK_HOST_V4), world0).unwrap();
+        world_nl
+            .add_route_v6("fd73:6278::".parse().unwrap(), 32, Some(UPLINK_HOST_V6), world0)
+            .unwrap();
+        Topology { host, world, host_netlink: host_nl, world_netlink: world_nl, world_lo }
+    }
+
+    /// Gives the world an "internet" address (on its loopback).
+    pub fn add_world_address(&self, ip: IpAddr) {
+        let len = if ip.is_ipv4() { 32 } else { 128 };
+        self.world_netlink.add_address(self.world_lo, ip, len).expect("world address");
+    }
+
+    /// Moves the calling thread into the host namespace (the datapath,
+    /// taps and TCX attachments are made from there).
+    pub fn enter_host(&self) {
+        self.host.enter_current_thread().expect("enter host netns");
+    }
+}
+
+/// Runs `program args…` inside namespace `ns` with `ip netns exec`.
+pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} in {ns}: {e}"))
+}
+
+/// One real `ping` (ICMP or ICMPv6) from the guest; true if answered.
+pub fn ping(ns: &str, dst: IpAddr) -> bool {
+    run_in(ns, "ping", &["-n", "-c", "1", "-W", "1", &dst.to_string()]).status.success()
+}
+
+/// A real TCP connection with `nc -z` (connect only); true if it opened.
+pub fn tcp_connects(ns: &str, dst: IpAddr, port: u16) -> bool {
+    run_in(ns, "nc", &["-z", "-n", "-w", "2", &dst.to_string(), &port.to_string()]).status.success()
+}
+
+/// Sends one UDP datagram with real `nc -u` and returns what came back
+/// within the timeout (the world's UDP echo answers with the same bytes).
+pub fn udp_exchange(ns: &str, dst: IpAddr, port: u16, payload: &str) -> String {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nc", "-u", "-n", "-w", "1", "-q", "1", &dst.to_string(), &port.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn nc -u");
+    child.stdin.take().unwrap().write_all(payload.as_bytes()).unwrap();
+    let out = child.wait_with_output().expect("nc -u");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// An HTTP GET with real curl; the body on success.
+pub fn curl(ns: &str, url: &str) -> Option<String> {
+    let out = run_in(ns, "curl", &["-s", "-g", "--max-time", "3", url]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// TCP and UDP servers living in a namespace, on a thread each; stopped and
+/// joined on drop. TCP answers like an HTTP/1.0 server (so curl works) and
+/// `nc -z` sees the port open; UDP echoes.
+pub struct WorldServers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl WorldServers {
+    pub fn start(ns: &NetNs, addrs: &[IpAddr], port: u16) -> WorldServers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for &ip in addrs {
+            let addr = SocketAddr::new(ip, port);
+            // Bind inside the namespace; the sockets stay there.
+            let (tcp, udp) = ns
+                .run(move || (TcpListener::bind(addr), UdpSocket::bind(addr)))
+                .expect("enter world netns");
+            let tcp = tcp.unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+            let udp = udp.unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+            tcp.set_nonblocking(true).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    match tcp.accept() {
+                        Ok((mut conn, _)) => {
+                            conn.set_nonblocking(false).ok();
+                            conn.set_read_timeout(Some(Duration::from_millis(300))).ok();
+                            let mut buf = [0u8; 1024];
+                            let _ = conn.read(&mut buf);
+                            let body = format!("hello from {ip}\n");
+                            let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                    }
+                }
+            }));
+            let s = stop.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !s.load(Ordering::Relaxed) {
+                    if let Ok((n, from)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&buf[..n], from);
+                    }
+                }
+            }));
+        }
+        WorldServers { stop, threads }
+    }
+}
+
+impl Drop for WorldServers {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Every test here needs CAP_NET_ADMIN and CAP_BPF; fail loudly otherwise
+/// (a skipped enforcement test proves nothing).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "these tests must run as root (CAP_NET_ADMIN, CAP_BPF)");
+}
