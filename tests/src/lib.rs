@@ -54,6 +54,13 @@ impl Topology {
         for key in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
             write_sysctl(&host, key, "1").expect("forwarding in the host namespace");
         }
+        // Every address here is ours: no duplicate address detection, which
+        // would hold IPv6 on the uplink for a second or two.
+        for ns in [&host, &world] {
+            for key in ["net.ipv6.conf.default.accept_dad", "net.ipv6.conf.all.accept_dad"] {
+                write_sysctl(ns, key, "0").expect("accept_dad");
+            }
+        }
 
         host_nl.add_veth("uplink", "world0").expect("veth");
         let peer = host_nl.link_index("world0").unwrap();
@@ -97,9 +104,11 @@ pub fn run_in(ns: &str, program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("running {program} in {ns}: {e}"))
 }
 
-/// One real `ping` (ICMP or ICMPv6) from the guest; true if answered.
+/// A real `ping` (ICMP or ICMPv6) from the guest: up to two echoes within
+/// two seconds (the first may wait for neighbour resolution); true if any
+/// was answered.
 pub fn ping(ns: &str, dst: IpAddr) -> bool {
-    run_in(ns, "ping", &["-n", "-c", "1", "-W", "1", &dst.to_string()]).status.success()
+    run_in(ns, "ping", &["-n", "-c", "2", "-i", "0.2", "-w", "2", &dst.to_string()]).status.success()
 }
 
 /// A real TCP connection with `nc -z` (connect only); true if it opened.
@@ -111,7 +120,7 @@ pub fn tcp_connects(ns: &str, dst: IpAddr, port: u16) -> bool {
 /// within the timeout (the world's UDP echo answers with the same bytes).
 pub fn udp_exchange(ns: &str, dst: IpAddr, port: u16, payload: &str) -> String {
     let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nc", "-u", "-n", "-w", "1", "-q", "1", &dst.to_string(), &port.to_string()])
+        .args(["netns", "exec", ns, "nc", "-u", "-n", "-w", "2", &dst.to_string(), &port.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -53,6 +53,8 @@ pub enum SandboxError {
     InvalidName(String),
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error("writing {path}: {source}")]
+    Sysctl { path: String, source: std::io::Error },
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -190,6 +192,12 @@ impl HostSandbox {
         let ifindex = netlink.link_index(&spec.tap)?;
         let mut sandbox = HostSandbox { spec, ifindex, policy: compiled, link: None, tap: None, guest: None };
         netlink.set_mac(ifindex, sandbox.spec.gateway_mac)?;
+        // No duplicate address detection on a point-to-point link whose
+        // addresses we allocate: it only delays the first packets.
+        for key in ["accept_dad", "dad_transmits"] {
+            let path = format!("/proc/sys/net/ipv6/conf/{}/{key}", sandbox.spec.tap);
+            std::fs::write(&path, "0").map_err(|source| SandboxError::Sysctl { path, source })?;
+        }
         netlink.add_address(ifindex, sandbox.spec.gateway_ipv4.into(), SANDBOX_IPV4_PREFIX_LEN)?;
         netlink.add_address(ifindex, sandbox.spec.gateway_ipv6.into(), SANDBOX_IPV6_PREFIX_LEN)?;
         netlink.set_up(ifindex)?;

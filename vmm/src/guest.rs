@@ -68,7 +68,11 @@ impl NetnsGuest {
         let lo = nl.link_index("lo")?;
         nl.set_up(lo)?;
         let eth0 = nl.link_index(GUEST_IFNAME)?;
-        write_sysctl(&netns, &format!("net.ipv6.conf.{GUEST_IFNAME}.accept_ra"), "0")?;
+        // Addresses are allocated, never contested: skip duplicate address
+        // detection so the link-local address is usable at once.
+        for (key, value) in [("accept_ra", "0"), ("accept_dad", "0"), ("dad_transmits", "0"), ("router_solicitations", "0")] {
+            write_sysctl(&netns, &format!("net.ipv6.conf.{GUEST_IFNAME}.{key}"), value)?;
+        }
         nl.set_mac(eth0, network.mac)?;
         nl.set_mtu(eth0, network.mtu)?;
         nl.add_address(eth0, network.ipv4.into(), network.ipv4_prefix_len)?;

@@ -32,6 +32,10 @@ const ICMPV6_NEIGHBOUR_SOLICIT: u8 = 135;
 const ICMPV6_NEIGHBOUR_ADVERT: u8 = 136;
 const ICMPV6_ROUTER_ADVERT: u8 = 134;
 const ICMPV6_REDIRECT: u8 = 137;
+const ICMPV6_MLD_QUERY: u8 = 130;
+const ICMPV6_MLD_REPORT: u8 = 131;
+const ICMPV6_MLD_DONE: u8 = 132;
+const ICMPV6_MLD2_REPORT: u8 = 143;
 
 /// IPv6 extension headers we walk before giving up (fail closed).
 const MAX_IPV6_EXT_HEADERS: usize = 6;
@@ -393,7 +397,20 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
                     check_link_layer_option(ctx, cfg, off + 24)?;
                     Ok(Parsed::NeighbourDiscovery)
                 }
-                ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT => Err(ParseError(Reason::BadNeighbourDiscovery)),
+                ICMPV6_ROUTER_ADVERT | ICMPV6_REDIRECT | ICMPV6_MLD_QUERY => {
+                    Err(ParseError(Reason::BadNeighbourDiscovery))
+                }
+                ICMPV6_MLD_REPORT | ICMPV6_MLD_DONE | ICMPV6_MLD2_REPORT => {
+                    // Multicast listener reports stay on the link (hop limit
+                    // 1, link-scope destination); every guest kernel sends
+                    // them when its interface comes up. Only to link-scope
+                    // multicast (ff02::/16).
+                    if packet.dst[0] == 0xff && packet.dst[1] == 0x02 {
+                        Ok(Parsed::NeighbourDiscovery)
+                    } else {
+                        Err(ParseError(Reason::BadNeighbourDiscovery))
+                    }
+                }
                 _ => {
                     if unspecified_source {
                         return Err(ParseError(Reason::SpoofedIp));
