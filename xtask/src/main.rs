@@ -1,1 +1,261 @@
-fn main(){}
+//! Orchestration: `cargo xtask bootstrap | build | test | demo | bench`.
+//!
+//! Every command but `bootstrap` runs the bootstrap first; it is idempotent
+//! and says what each step does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the project needs: apt packages, nightly rust-src,
+    /// bpf-linker built against the nightly's LLVM; mount bpffs.
+    Bootstrap,
+    /// Build the release binary at target/release/sbx-net.
+    Build,
+    /// Run the whole test suite (unit, BPF_PROG_TEST_RUN, end-to-end).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The self-contained demo on the embedded default policy.
+    Demo,
+    /// Benchmarks (`datapath`), reported against in-run baselines.
+    Bench {
+        #[arg(default_value = "datapath")]
+        suite: String,
+    },
+}
+
+/// Packages the project, its tests, demo and benchmarks use.
+const APT_PACKAGES: &[&str] = &[
+    "pkg-config",
+    "libnftnl-dev",
+    "libmnl-dev",
+    "iproute2",
+    "iputils-ping",
+    "netcat-openbsd",
+    "curl",
+    "bind9-dnsutils",
+    "tcpdump",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Where bpf-linker finds the nightly's libLLVM (outside the repository).
+const LLVM_PREFIX: &str = "/opt/sbx-net/rust-llvm";
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.command {
+        Task::Bootstrap => bootstrap(),
+        Task::Build => {
+            bootstrap()?;
+            build_release(&root)
+        }
+        Task::Test { args } => {
+            bootstrap()?;
+            test(&args)
+        }
+        Task::Demo => {
+            bootstrap()?;
+            run_release_bin("sbx-net-demo", &[])
+        }
+        Task::Bench { suite } => {
+            bootstrap()?;
+            run_release_bin("sbx-net-bench", &[suite.as_str()])
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
+}
+
+fn step(what: &str) {
+    eprintln!("[bootstrap] {what}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn bootstrap() -> Result<()> {
+    if !is_root() {
+        bail!("sbx-net's build, tests and demo need root (apt, bpffs, CAP_NET_ADMIN, CAP_BPF): run as root");
+    }
+    apt_packages()?;
+    nightly_rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    step("ready");
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step(&format!("apt packages present: {}", APT_PACKAGES.join(" ")));
+        return Ok(());
+    }
+    step(&format!("installing apt packages: {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("apt-get update failed; the Debian package mirrors must be reachable")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("could not install {}; install them with apt-get", missing.join(" ")))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context(
+        "rustup not found: the eBPF program needs rustup with a nightly toolchain (https://rustup.rs)",
+    )?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain");
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+            .context("no nightly toolchain and none can be installed; install one with `rustup toolchain install nightly`")?;
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly rust-src present");
+        return Ok(());
+    }
+    step("adding rust-src to nightly (needed by -Z build-std=core)");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("`rustup component add rust-src --toolchain nightly` failed")
+}
+
+/// The LLVM major version of the nightly rustc (bpf-linker must match it).
+fn nightly_llvm_major() -> Result<String> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"])).context("rustc +nightly -vV failed")?;
+    let version = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .context("rustc +nightly -vV does not say its LLVM version")?;
+    Ok(version.split('.').next().unwrap_or(version).to_string())
+}
+
+fn bpf_linker() -> Result<()> {
+    let have = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if have.trim() == format!("bpf-linker {BPF_LINKER_VERSION}") {
+        step(&format!("bpf-linker {BPF_LINKER_VERSION} present"));
+        return Ok(());
+    }
+    let major = nightly_llvm_major()?;
+    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against the nightly's own LLVM {major}"));
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context("nightly sysroot")?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let soname = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so") || (n.starts_with("libLLVM") && n.contains(".so")))
+        .with_context(|| format!("no libLLVM shared library in {}", lib.display()))?;
+    let prefix_lib = Path::new(LLVM_PREFIX).join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", soname.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&soname), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", LLVM_PREFIX))
+    .context("building bpf-linker failed (it needs the crates.io registry and the nightly's libLLVM)")?;
+    Ok(())
+}
+
+fn bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+        step("bpffs mounted at /sys/fs/bpf");
+        return Ok(());
+    }
+    step("mounting bpffs at /sys/fs/bpf");
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])).context("mounting bpffs failed")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"))
+}
+
+fn build_release(root: &Path) -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "sbx-net", "--bin", "sbx-net"]))?;
+    let built = target_dir(root).join("release/sbx-net");
+    let wanted = root.join("target/release/sbx-net");
+    if built != wanted {
+        std::fs::create_dir_all(wanted.parent().expect("has parent"))?;
+        std::fs::copy(&built, &wanted).with_context(|| format!("copying {} to {}", built.display(), wanted.display()))?;
+    }
+    eprintln!("built {}", wanted.display());
+    Ok(())
+}
+
+fn run_release_bin(bin: &str, args: &[&str]) -> Result<()> {
+    run(cargo().args(["run", "--release", "-q", "-p", "sbx-net-tests", "--bin", bin, "--"]).args(args))
+}
+
+/// Namespaces our tests name `sbxt<pid>-…` or guests `sbx-sbxt…`.
+fn leftover_namespaces() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("sbxt") || n.starts_with("sbx-sbxt") || n.starts_with("sbx-demo"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn test(args: &[String]) -> Result<()> {
+    // Default members only: the eBPF crate builds for bpfel-unknown-none alone.
+    let result = run(cargo().arg("test").args(args));
+    let left = leftover_namespaces();
+    if !left.is_empty() {
+        for n in &left {
+            let _ = Command::new("ip").args(["netns", "delete", n]).status();
+        }
+        bail!("tests left network namespaces behind (now removed): {}", left.join(" "));
+    }
+    result
+}
