@@ -5,13 +5,13 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, RingBuf};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions, TcAttachType};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use sbx_net_common::{
     map_names, program_names, Counter, FlowEvent, KeyV4, KeyV6, PolicyValue, SandboxConfig,
-    COUNTER_ARRAY_LEN, MAX_POLICY_ENTRIES, SANDBOX_ID_BITS,
+    COUNTER_ARRAY_LEN, MAX_POLICY_ENTRIES, SANDBOX_ID_BITS, SANDBOX_SLOTS,
 };
 
 use crate::compile::CompiledPolicy;
@@ -141,9 +141,26 @@ impl Datapath {
         policy: &CompiledPolicy,
     ) -> Result<(), DatapathError> {
         self.write_policy(config.sandbox_id, policy)?;
+        self.write_config(ifindex, config)
+    }
+
+    /// Writes (or, with an all-zero config, clears) the config of a tap.
+    fn write_config(&mut self, ifindex: u32, config: &SandboxConfig) -> Result<(), DatapathError> {
+        if ifindex < SANDBOX_SLOTS {
+            let name = map_names::SANDBOX_SLOTS;
+            let mut slots: Array<_, SandboxConfig> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+            return slots.set(ifindex, config, 0).map_err(map_err(name));
+        }
+        let name = map_names::SANDBOXES;
         let mut sandboxes: HashMap<_, u32, SandboxConfig> =
-            HashMap::try_from(self.map_mut(map_names::SANDBOXES)?).map_err(map_err(map_names::SANDBOXES))?;
-        sandboxes.insert(ifindex, config, 0).map_err(map_err(map_names::SANDBOXES))
+            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        if config.sandbox_id == 0 {
+            return match sandboxes.remove(&ifindex) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(name)(e)),
+            };
+        }
+        sandboxes.insert(ifindex, config, 0).map_err(map_err(name))
     }
 
     /// Writes every entry of `policy` under `sandbox_id`.
@@ -168,14 +185,7 @@ impl Datapath {
     /// Removes the sandbox's config (the program then drops its frames as
     /// an unknown sandbox), then its entries.
     pub fn remove_sandbox(&mut self, ifindex: u32, sandbox_id: u32, policy: &CompiledPolicy) -> Result<(), DatapathError> {
-        {
-            let mut sandboxes: HashMap<_, u32, SandboxConfig> =
-                HashMap::try_from(self.map_mut(map_names::SANDBOXES)?).map_err(map_err(map_names::SANDBOXES))?;
-            match sandboxes.remove(&ifindex) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(map_names::SANDBOXES)(e)),
-            }
-        }
+        self.write_config(ifindex, &SandboxConfig::default())?;
         {
             let mut v4: LpmTrie<_, KeyV4, PolicyValue> =
                 LpmTrie::try_from(self.map_mut(map_names::POLICY_V4)?).map_err(map_err(map_names::POLICY_V4))?;

@@ -8,6 +8,7 @@
 /// Map names, as the eBPF object declares them and userspace looks them up.
 pub mod map_names {
     pub const SANDBOXES: &str = "SBX_SANDBOXES";
+    pub const SANDBOX_SLOTS: &str = "SBX_SANDBOX_SLOTS";
     pub const POLICY_V4: &str = "SBX_POLICY_V4";
     pub const POLICY_V6: &str = "SBX_POLICY_V6";
     pub const COUNTERS: &str = "SBX_COUNTERS";
@@ -27,6 +28,9 @@ pub mod program_names {
 
 /// Default capacities; userspace may override them at load time.
 pub const MAX_SANDBOXES: u32 = 4096;
+/// Taps whose ifindex is below this find their config in an array indexed
+/// by ifindex (one inlined load); larger ifindexes use the hash map.
+pub const SANDBOX_SLOTS: u32 = 65_536;
 pub const MAX_POLICY_ENTRIES: u32 = 2 * 1024 * 1024;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 

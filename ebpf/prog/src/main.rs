@@ -10,20 +10,41 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map},
-    maps::{lpm_trie::Key, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
 use sbx_net_common::{
     action, rule_id, sandbox_flags, Counter, FlowEvent, KeyV4, KeyV6, PolicyValue, Reason,
     SandboxConfig, Verdict, COUNTER_ARRAY_LEN, EVENTS_LOST_SLOT, EVENTS_RING_BYTES,
-    MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_SANDBOXES, SANDBOX_ID_BITS,
+    MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_SANDBOXES, SANDBOX_ID_BITS, SANDBOX_SLOTS,
 };
 
 use net::{Packet, ParseError};
 
+/// Sandbox config by tap ifindex, for ifindex < SANDBOX_SLOTS (the common
+/// case): an array lookup the verifier inlines. Unused slots are zero
+/// (sandbox id 0 is never assigned).
+#[map]
+static SBX_SANDBOX_SLOTS: Array<SandboxConfig> = Array::with_max_entries(SANDBOX_SLOTS, 0);
+
+/// Sandbox config for taps with larger ifindexes.
 #[map]
 static SBX_SANDBOXES: HashMap<u32, SandboxConfig> = HashMap::with_max_entries(MAX_SANDBOXES, 0);
+
+/// The tap's config, copied to the stack: both lookups then join into one
+/// verifier state (two map-value pointer types would double every path).
+#[inline(always)]
+fn sandbox_config(ifindex: u32) -> Option<SandboxConfig> {
+    let found = if ifindex < SANDBOX_SLOTS {
+        SBX_SANDBOX_SLOTS.get(ifindex).copied()
+    } else {
+        // SAFETY: userspace replaces configs with whole-value updates and
+        // the value is only read.
+        unsafe { SBX_SANDBOXES.get(&ifindex) }.copied()
+    };
+    found.filter(|c| c.sandbox_id != 0)
+}
 
 #[map]
 static SBX_POLICY_V4: LpmTrie<KeyV4, PolicyValue> =
@@ -44,18 +65,16 @@ pub fn sbx_egress(ctx: TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed us; reading its
     // ifindex field is a plain context access the verifier checks.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: the map is BPF_F_NO_PREALLOC-free hash; the value is only read
-    // and userspace replaces configs with whole-value updates.
-    let Some(cfg) = (unsafe { SBX_SANDBOXES.get(&ifindex) }) else {
+    let Some(cfg) = sandbox_config(ifindex) else {
         return finish(&ctx, None, &Packet::empty(), Reason::UnknownSandbox, rule_id::NONE);
     };
     let mut packet = Packet::empty();
-    let (reason, rule) = match net::parse(&ctx, cfg, &mut packet) {
+    let (reason, rule) = match net::parse(&ctx, &cfg, &mut packet) {
         Ok(net::Parsed::NeighbourDiscovery) => (Reason::NeighbourDiscovery, rule_id::NONE),
-        Ok(net::Parsed::Ip) => decide(cfg, &packet),
+        Ok(net::Parsed::Ip) => decide(&cfg, &packet),
         Err(ParseError(reason)) => (reason, rule_id::NONE),
     };
-    finish(&ctx, Some(cfg), &packet, reason, rule)
+    finish(&ctx, Some(&cfg), &packet, reason, rule)
 }
 
 /// The policy verdict for a parsed IP packet: one LPM lookup.
