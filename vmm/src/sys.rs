@@ -42,6 +42,19 @@ pub unsafe fn ioctl_with_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: *const T
 }
 
 /// # Safety
+/// `fd` must be an fd `request` applies to and `arg` must point at the type
+/// the kernel expects for `request`, valid and writable for the whole call
+/// (the kernel may write through it).
+pub unsafe fn ioctl_with_mut_ptr<T>(fd: RawFd, request: libc::c_ulong, arg: *mut T) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller.
+    let ret = unsafe { libc::ioctl(fd, request, arg) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// # Safety
 /// `fd` must be an fd `request` applies to, and `request` must take its
 /// argument by value.
 pub unsafe fn ioctl_with_val(fd: RawFd, request: libc::c_ulong, arg: libc::c_ulong) -> io::Result<()> {

@@ -6,7 +6,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::sys::{ioctl_with_ptr, ioctl_with_val, IfReq};
+use crate::sys::{ioctl_with_mut_ptr, ioctl_with_ptr, ioctl_with_val, IfReq};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
@@ -122,7 +122,7 @@ impl Tap {
         // SAFETY: file is an open /dev/net/tun fd and req is a properly sized
         // struct ifreq that outlives the call; the kernel writes the final
         // name back into it.
-        unsafe { ioctl_with_ptr(file.as_raw_fd(), TUNSETIFF, &mut req) }
+        unsafe { ioctl_with_mut_ptr(file.as_raw_fd(), TUNSETIFF, &mut req) }
             .map_err(|source| TapError::SetIff { name: name.to_string(), source })?;
         let tap = Tap { file, name: req.name() };
         let hdr_len = VNET_HDR_LEN as libc::c_int;

@@ -82,7 +82,7 @@ fn rules_v6(n: usize) -> Vec<Rule> {
 
 fn bench_rule(net: IpNetwork, i: usize) -> Rule {
     Rule {
-        action: if i % 2 == 0 { Action::Allow } else { Action::Deny },
+        action: if i.is_multiple_of(2) { Action::Allow } else { Action::Deny },
         target: Target::Cidr(net),
         port: None,
         origin: Origin::Policy,
