@@ -493,6 +493,21 @@ mod tests {
     }
 
     #[test]
+    fn shipped_policies_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let policy = Policy::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                crate::compile::compile(&policy, &[]).unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3);
+    }
+
+    #[test]
     fn parses_cidrs_ports_and_domains() {
         let p = parse(
             r#"
