@@ -193,7 +193,7 @@ fn bpf_linker() -> Result<()> {
             .with_context(|| format!("linking {}", link.display()))?;
     }
     run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force"])
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--force"])
         .args(["--no-default-features", "--features", &format!("llvm-{major}")])
         .env("LLVM_PREFIX", LLVM_PREFIX))
     .context("building bpf-linker failed (it needs the crates.io registry and the nightly's libLLVM)")?;
