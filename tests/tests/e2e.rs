@@ -104,7 +104,6 @@ impl Drop for Setup {
         if let Some(sandbox) = self.sandbox.take() {
             let _ = sandbox.delete(&mut self.datapath);
         }
-        let _ = &self.topology;
     }
 }
 

@@ -164,6 +164,25 @@ pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
     ])
 }
 
+/// Creates the sandbox's tap in the calling thread's namespace and gives it
+/// the gateway's MAC and addresses; returns the open tap and its ifindex.
+/// Nothing is attached yet.
+pub fn open_host_tap(netlink: &Netlink, spec: &SandboxSpec) -> Result<(Tap, u32), SandboxError> {
+    let tap = Tap::open(&spec.tap)?;
+    let ifindex = netlink.link_index(&spec.tap)?;
+    netlink.set_mac(ifindex, spec.gateway_mac)?;
+    // No duplicate address detection on a point-to-point link whose
+    // addresses we allocate: it only delays the first packets.
+    for key in ["accept_dad", "dad_transmits"] {
+        let path = format!("/proc/sys/net/ipv6/conf/{}/{key}", spec.tap);
+        std::fs::write(&path, "0").map_err(|source| SandboxError::Sysctl { path, source })?;
+    }
+    netlink.add_address(ifindex, spec.gateway_ipv4.into(), SANDBOX_IPV4_PREFIX_LEN)?;
+    netlink.add_address(ifindex, spec.gateway_ipv6.into(), SANDBOX_IPV6_PREFIX_LEN)?;
+    netlink.set_up(ifindex)?;
+    Ok((tap, ifindex))
+}
+
 /// A sandbox's host side, in the calling thread's network namespace.
 pub struct HostSandbox {
     pub spec: SandboxSpec,
@@ -188,19 +207,8 @@ impl HostSandbox {
         flags: u32,
     ) -> Result<HostSandbox, SandboxError> {
         let compiled = compile(policy, &spec.host_addresses())?;
-        let tap = Tap::open(&spec.tap)?;
-        let ifindex = netlink.link_index(&spec.tap)?;
+        let (tap, ifindex) = open_host_tap(netlink, &spec)?;
         let mut sandbox = HostSandbox { spec, ifindex, policy: compiled, link: None, tap: None, guest: None };
-        netlink.set_mac(ifindex, sandbox.spec.gateway_mac)?;
-        // No duplicate address detection on a point-to-point link whose
-        // addresses we allocate: it only delays the first packets.
-        for key in ["accept_dad", "dad_transmits"] {
-            let path = format!("/proc/sys/net/ipv6/conf/{}/{key}", sandbox.spec.tap);
-            std::fs::write(&path, "0").map_err(|source| SandboxError::Sysctl { path, source })?;
-        }
-        netlink.add_address(ifindex, sandbox.spec.gateway_ipv4.into(), SANDBOX_IPV4_PREFIX_LEN)?;
-        netlink.add_address(ifindex, sandbox.spec.gateway_ipv6.into(), SANDBOX_IPV6_PREFIX_LEN)?;
-        netlink.set_up(ifindex)?;
         let config = sandbox.spec.datapath_config(&sandbox.policy, flags);
         datapath.install_sandbox(ifindex, &config, &sandbox.policy)?;
         sandbox.link = Some(datapath.attach(program_names::EGRESS, &sandbox.spec.tap)?);

@@ -13,11 +13,11 @@ use ipnetwork::IpNetwork;
 use sbx_net::compile::compile_rules;
 use sbx_net::datapath::{Datapath, DatapathOptions};
 use sbx_net::policy::{builtin_deny_rules, Action, Origin, Policy, Rule, Target};
-use sbx_net::sandbox::{AddressPools, SandboxSpec, SANDBOX_IPV4_PREFIX_LEN, SANDBOX_IPV6_PREFIX_LEN};
+use sbx_net::sandbox::{open_host_tap, AddressPools, SandboxSpec};
 use sbx_net_common::program_names;
 use sbx_net_tests::frames::*;
 use sbx_net_tests::{unique_name, Topology};
-use sbx_vmm::{NetNs, NetnsGuest, Tap};
+use sbx_vmm::{NetNs, NetnsGuest};
 
 const RULE_COUNTS: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
 const REPEAT: u32 = 200_000;
@@ -195,13 +195,9 @@ fn tap_throughput() -> Result<()> {
     let spec = SandboxSpec::new(1, &unique_name("p"), &AddressPools::default())?;
     let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
     let compiled = sbx_net::compile(&policy, &spec.host_addresses())?;
-    let nl = &topology.host_netlink;
-    let tap = Tap::open(&spec.tap)?;
-    let ifindex = nl.link_index(&spec.tap)?;
-    nl.set_mac(ifindex, spec.gateway_mac)?;
-    nl.add_address(ifindex, spec.gateway_ipv4.into(), SANDBOX_IPV4_PREFIX_LEN)?;
-    nl.add_address(ifindex, spec.gateway_ipv6.into(), SANDBOX_IPV6_PREFIX_LEN)?;
-    nl.set_up(ifindex)?;
+    // The sandbox's host side without attaching: the benchmark attaches and
+    // detaches the program itself.
+    let (tap, ifindex) = open_host_tap(&topology.host_netlink, &spec)?;
     dp.install_sandbox(ifindex, &spec.datapath_config(&compiled, 0), &compiled)?;
     let guest = NetnsGuest::start(&spec.netns, tap, &spec.guest_network())?;
 
