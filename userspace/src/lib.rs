@@ -7,6 +7,7 @@
 pub mod compile;
 pub mod datapath;
 pub mod flow;
+pub mod nft;
 pub mod policy;
 pub mod sandbox;
 
