@@ -44,7 +44,7 @@ impl Harness {
         let spec = SandboxSpec::new(7, "tr", &AddressPools::default()).unwrap();
         let policy = compile(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec.host_addresses()).unwrap();
         datapath
-            .install_sandbox(LO_IFINDEX, &spec.datapath_config(&policy, 0), &policy)
+            .install_sandbox(LO_IFINDEX, &spec.datapath_config(&policy, spec.id, 0, &[]), &policy)
             .expect("install sandbox");
         Harness { _ns: ns, datapath, events, spec, policy }
     }

@@ -220,6 +220,10 @@ fn compile_family(
         by_prefix.entry((r.addr, r.len)).or_default().push(i);
         lengths.insert(r.len);
     }
+    // A /0 entry always exists, so the trie never misses: the default then
+    // belongs to the policy generation like every other entry.
+    by_prefix.entry((0, 0)).or_default();
+    lengths.insert(0);
     let lengths: Vec<u8> = lengths.into_iter().collect();
     let mut out = Vec::with_capacity(by_prefix.len());
     let mut covering: Vec<&CidrRule<'_>> = Vec::new();

@@ -2,11 +2,14 @@
 //! that install a sandbox's configuration and compiled policy.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf};
 use aya::programs::tc::{SchedClassifierLinkId, TcAttachOptions, TcAttachType};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use sbx_net_common::{
@@ -33,6 +36,10 @@ pub enum DatapathError {
     Map { name: &'static str, source: Box<MapError> },
     #[error("starting aya-log: {0}")]
     Logger(String),
+    #[error("pinned link {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
+    #[error("pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: std::io::Error },
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
@@ -47,27 +54,51 @@ pub struct DatapathOptions {
     pub policy_capacity: u32,
     /// Forward the program's aya-log output to the `log` facade.
     pub enable_logs: bool,
+    /// Pin the maps here (bpffs), reusing maps already pinned there, so
+    /// enforcement state outlives the process. `None`: private maps.
+    pub pin_dir: Option<PathBuf>,
 }
 
 impl Default for DatapathOptions {
     fn default() -> Self {
-        DatapathOptions { policy_capacity: MAX_POLICY_ENTRIES, enable_logs: false }
+        DatapathOptions { policy_capacity: MAX_POLICY_ENTRIES, enable_logs: false, pin_dir: None }
     }
 }
+
+/// The maps whose content is enforcement state (pinned when asked).
+const PINNED_MAPS: [&str; 6] = [
+    map_names::SANDBOX_SLOTS,
+    map_names::SANDBOXES,
+    map_names::POLICY_V4,
+    map_names::POLICY_V6,
+    map_names::COUNTERS,
+    map_names::EVENTS,
+];
 
 pub struct Datapath {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pin_dir: Option<PathBuf>,
 }
 
 impl Datapath {
     /// Loads the object and all its programs (verifier included).
     pub fn load(options: &DatapathOptions) -> Result<Datapath, DatapathError> {
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_names::POLICY_V4, options.policy_capacity)
-            .map_max_entries(map_names::POLICY_V6, options.policy_capacity)
-            .load(EBPF_OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
+            .map_max_entries(map_names::POLICY_V6, options.policy_capacity);
+        let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
+                PINNED_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
         // The logger takes the AYA_LOGS ring buffer; it must exist before the
         // programs load and live as long as they do.
         let logger = if options.enable_logs {
@@ -83,7 +114,63 @@ impl Datapath {
                 .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
             program.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         }
-        Ok(Datapath { ebpf, logger })
+        Ok(Datapath { ebpf, logger, pin_dir: options.pin_dir.clone() })
+    }
+
+    /// Removes the pinned maps (their memory goes with the last user).
+    pub fn unpin_maps(&self) -> Result<(), DatapathError> {
+        let Some(dir) = &self.pin_dir else { return Ok(()) };
+        for name in PINNED_MAPS {
+            let path = dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::PinDir { path, source }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the classifier to `interface` (TCX ingress) and pins the link
+    /// at `pin`, so it stays attached when this process exits.
+    pub fn attach_pinned(&mut self, interface: &str, pin: &Path) -> Result<(), DatapathError> {
+        let link_err = |reason: String| DatapathError::Link { path: pin.to_path_buf(), reason };
+        let name = program_names::EGRESS;
+        let id = self.attach(name, interface)?;
+        let link = self
+            .program_mut(name)?
+            .take_link(id)
+            .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+        let fd_link = FdLink::try_from(link).map_err(|e| link_err(e.to_string()))?;
+        // Dropping the returned PinnedLink closes our fd; the pin holds the link.
+        fd_link.pin(pin).map_err(|e| link_err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Re-adopts the link pinned at `pin` (made by this or an earlier
+    /// process): atomically swaps the program it runs for this object's
+    /// classifier (`bpf_link_update`), so the tap is never without one.
+    pub fn adopt_pinned(&mut self, pin: &Path) -> Result<(), DatapathError> {
+        let link_err = |reason: String| DatapathError::Link { path: pin.to_path_buf(), reason };
+        let name = program_names::EGRESS;
+        let pinned = PinnedLink::from_pin(pin).map_err(|e| link_err(e.to_string()))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.to_string()))?;
+        let program = self.program_mut(name)?;
+        let id = program.attach_to_link(link).map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+        // Drop our fd only (an FdLink's detach just closes it); the pin stays.
+        let link = program.take_link(id).map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+        drop(link);
+        Ok(())
+    }
+
+    /// Removes a pinned link: the classifier detaches when the tap's last
+    /// reference to it goes (now, unless someone else holds the link).
+    pub fn unpin_link(pin: &Path) -> Result<(), DatapathError> {
+        match std::fs::remove_file(pin) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DatapathError::Link { path: pin.to_path_buf(), reason: e.to_string() }),
+        }
     }
 
     /// Forwards pending aya-log records (call when the logger fd is readable).
@@ -131,21 +218,42 @@ impl Datapath {
         self.ebpf.map_mut(name).ok_or(DatapathError::Missing { kind: "map", name })
     }
 
-    /// Installs a sandbox on the tap with `ifindex`: policy entries first,
-    /// then the config that makes the program use them, so no packet sees a
-    /// sandbox without its policy.
+    /// Installs a sandbox on the tap with `ifindex`: policy entries first
+    /// (under `config.policy_id`), then the config that makes the program use
+    /// them, so no packet sees a sandbox without its policy.
     pub fn install_sandbox(
         &mut self,
         ifindex: u32,
         config: &SandboxConfig,
         policy: &CompiledPolicy,
     ) -> Result<(), DatapathError> {
-        self.write_policy(config.sandbox_id, policy)?;
+        self.write_policy(config.policy_id, policy)?;
         self.write_config(ifindex, config)
     }
 
+    /// Switches a tap to a new policy generation without a moment of mixed
+    /// state: the new entries are written under `config.policy_id` (a fresh
+    /// id) while the old ones still decide, then one config write switches
+    /// the key prefix, then the old entries are removed. On an error before
+    /// the switch, the new entries are removed and the old policy stays.
+    pub fn switch_policy(
+        &mut self,
+        ifindex: u32,
+        config: &SandboxConfig,
+        policy: &CompiledPolicy,
+        old_policy_id: u32,
+        old_policy: &CompiledPolicy,
+    ) -> Result<(), DatapathError> {
+        if let Err(e) = self.write_policy(config.policy_id, policy).and_then(|()| self.write_config(ifindex, config)) {
+            self.remove_policy(config.policy_id, policy);
+            return Err(e);
+        }
+        self.remove_policy(old_policy_id, old_policy);
+        Ok(())
+    }
+
     /// Writes (or, with an all-zero config, clears) the config of a tap.
-    fn write_config(&mut self, ifindex: u32, config: &SandboxConfig) -> Result<(), DatapathError> {
+    pub fn write_config(&mut self, ifindex: u32, config: &SandboxConfig) -> Result<(), DatapathError> {
         if ifindex < SANDBOX_SLOTS {
             let name = map_names::SANDBOX_SLOTS;
             let mut slots: Array<_, SandboxConfig> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
@@ -163,20 +271,20 @@ impl Datapath {
         sandboxes.insert(ifindex, config, 0).map_err(map_err(name))
     }
 
-    /// Writes every entry of `policy` under `sandbox_id`.
-    pub fn write_policy(&mut self, sandbox_id: u32, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+    /// Writes every entry of `policy` under `policy_id`.
+    pub fn write_policy(&mut self, policy_id: u32, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         {
             let mut v4: LpmTrie<_, KeyV4, PolicyValue> =
                 LpmTrie::try_from(self.map_mut(map_names::POLICY_V4)?).map_err(map_err(map_names::POLICY_V4))?;
             for (addr, len, value) in &policy.v4 {
-                v4.insert(&key_v4(sandbox_id, addr.octets(), *len), value, 0)
+                v4.insert(&key_v4(policy_id, addr.octets(), *len), value, 0)
                     .map_err(map_err(map_names::POLICY_V4))?;
             }
         }
         let mut v6: LpmTrie<_, KeyV6, PolicyValue> =
             LpmTrie::try_from(self.map_mut(map_names::POLICY_V6)?).map_err(map_err(map_names::POLICY_V6))?;
         for (addr, len, value) in &policy.v6 {
-            v6.insert(&key_v6(sandbox_id, addr.octets(), *len), value, 0)
+            v6.insert(&key_v6(policy_id, addr.octets(), *len), value, 0)
                 .map_err(map_err(map_names::POLICY_V6))?;
         }
         Ok(())
@@ -184,21 +292,29 @@ impl Datapath {
 
     /// Removes the sandbox's config (the program then drops its frames as
     /// an unknown sandbox), then its entries.
-    pub fn remove_sandbox(&mut self, ifindex: u32, sandbox_id: u32, policy: &CompiledPolicy) -> Result<(), DatapathError> {
+    pub fn remove_sandbox(&mut self, ifindex: u32, policy_id: u32, policy: &CompiledPolicy) -> Result<(), DatapathError> {
         self.write_config(ifindex, &SandboxConfig::default())?;
-        {
-            let mut v4: LpmTrie<_, KeyV4, PolicyValue> =
-                LpmTrie::try_from(self.map_mut(map_names::POLICY_V4)?).map_err(map_err(map_names::POLICY_V4))?;
-            for (addr, len, _) in &policy.v4 {
-                let _ = v4.remove(&key_v4(sandbox_id, addr.octets(), *len));
+        self.remove_policy(policy_id, policy);
+        Ok(())
+    }
+
+    /// Removes the entries of `policy` under `policy_id` (missing ones are
+    /// fine: removal is also the undo of a partial write).
+    pub fn remove_policy(&mut self, policy_id: u32, policy: &CompiledPolicy) {
+        if let Ok(map) = self.map_mut(map_names::POLICY_V4) {
+            if let Ok(mut v4) = LpmTrie::<_, KeyV4, PolicyValue>::try_from(map) {
+                for (addr, len, _) in &policy.v4 {
+                    let _ = v4.remove(&key_v4(policy_id, addr.octets(), *len));
+                }
             }
         }
-        let mut v6: LpmTrie<_, KeyV6, PolicyValue> =
-            LpmTrie::try_from(self.map_mut(map_names::POLICY_V6)?).map_err(map_err(map_names::POLICY_V6))?;
-        for (addr, len, _) in &policy.v6 {
-            let _ = v6.remove(&key_v6(sandbox_id, addr.octets(), *len));
+        if let Ok(map) = self.map_mut(map_names::POLICY_V6) {
+            if let Ok(mut v6) = LpmTrie::<_, KeyV6, PolicyValue>::try_from(map) {
+                for (addr, len, _) in &policy.v6 {
+                    let _ = v6.remove(&key_v6(policy_id, addr.octets(), *len));
+                }
+            }
         }
-        Ok(())
     }
 
     /// Counters by [`sbx_net_common::Reason`] (plus the lost-events slot),

@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::tc::SchedClassifierLinkId;
-use sbx_net_common::{program_names, SandboxConfig};
+use sbx_net_common::{program_names, SandboxConfig, MAX_PROXIED_PORTS};
 use sbx_vmm::guest::GuestError;
 use sbx_vmm::netlink::NetlinkError;
 use sbx_vmm::tap::TapError;
@@ -120,11 +120,20 @@ impl SandboxSpec {
         ]
     }
 
-    pub fn datapath_config(&self, policy: &CompiledPolicy, flags: u32) -> SandboxConfig {
+    /// The tap's datapath config. `policy_id` keys the trie entries of the
+    /// policy generation in force; `proxied_tcp_ports` (with the REDIRECTS
+    /// flag) are passed to nftables' redirect to the credential proxy.
+    pub fn datapath_config(&self, policy: &CompiledPolicy, policy_id: u32, flags: u32, proxied_tcp_ports: &[u16]) -> SandboxConfig {
+        let mut ports = [0u16; MAX_PROXIED_PORTS];
+        for (slot, port) in ports.iter_mut().zip(proxied_tcp_ports) {
+            *slot = *port;
+        }
         SandboxConfig {
             sandbox_id: self.id,
             default_verdict: policy.default_verdict,
             flags,
+            policy_id,
+            proxied_tcp_ports: ports,
             guest_mac: self.guest_mac,
             gateway_mac: self.gateway_mac,
             guest_ipv4: self.guest_ipv4.octets(),
@@ -209,7 +218,7 @@ impl HostSandbox {
         let compiled = compile(policy, &spec.host_addresses())?;
         let (tap, ifindex) = open_host_tap(netlink, &spec)?;
         let mut sandbox = HostSandbox { spec, ifindex, policy: compiled, link: None, tap: None, guest: None };
-        let config = sandbox.spec.datapath_config(&sandbox.policy, flags);
+        let config = sandbox.spec.datapath_config(&sandbox.policy, sandbox.spec.id, flags, &[]);
         datapath.install_sandbox(ifindex, &config, &sandbox.policy)?;
         sandbox.link = Some(datapath.attach(program_names::EGRESS, &sandbox.spec.tap)?);
         if netns_guest {

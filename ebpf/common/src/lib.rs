@@ -85,9 +85,12 @@ pub enum Reason {
     UnknownProtocol = 11,
     /// The interface carries the program but no sandbox is configured on it.
     UnknownSandbox = 12,
+    /// DNS (port 53) or a proxied TCP port: passed to nftables, which
+    /// redirects it to the host's DNS or credential proxy.
+    Redirected = 13,
 }
 
-pub const COUNTER_SLOTS: u32 = 13;
+pub const COUNTER_SLOTS: u32 = 14;
 /// Extra counter slot: drop events that did not fit in the ring buffer.
 pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS;
 /// Length of the per-CPU counter array.
@@ -108,6 +111,7 @@ impl Reason {
         Reason::SourceRouted,
         Reason::UnknownProtocol,
         Reason::UnknownSandbox,
+        Reason::Redirected,
     ];
 
     pub fn from_u8(value: u8) -> Option<Reason> {
@@ -115,7 +119,7 @@ impl Reason {
     }
 
     pub fn passes(self) -> bool {
-        matches!(self, Reason::Allowed | Reason::NeighbourDiscovery)
+        matches!(self, Reason::Allowed | Reason::NeighbourDiscovery | Reason::Redirected)
     }
 
     /// Stable snake_case name, used in events, metrics labels and output.
@@ -134,6 +138,7 @@ impl Reason {
             Reason::SourceRouted => "source_routed",
             Reason::UnknownProtocol => "unknown_protocol",
             Reason::UnknownSandbox => "unknown_sandbox",
+            Reason::Redirected => "redirected",
         }
     }
 }
@@ -205,6 +210,13 @@ pub struct SandboxConfig {
     /// What a trie miss means (the policy default) and its rule id.
     pub default_verdict: Verdict,
     pub flags: u32,
+    /// The key prefix of this sandbox's trie entries. A policy change writes
+    /// the new entries under a fresh id and then switches this one word, so
+    /// no packet ever sees a mix of two policies.
+    pub policy_id: u32,
+    /// With [`sandbox_flags::REDIRECTS`]: TCP ports nftables redirects to the
+    /// credential proxy (0 = unused slot).
+    pub proxied_tcp_ports: [u16; MAX_PROXIED_PORTS],
     pub guest_mac: [u8; 6],
     pub gateway_mac: [u8; 6],
     pub guest_ipv4: [u8; 4],
@@ -215,10 +227,15 @@ pub struct SandboxConfig {
     pub gateway_ipv6_link_local: [u8; 16],
 }
 
+pub const MAX_PROXIED_PORTS: usize = 4;
+
 /// Sandbox flags.
 pub mod sandbox_flags {
     /// Emit a debug log line (aya-log) for each drop.
     pub const LOG_DROPS: u32 = 1;
+    /// nftables redirects this tap's DNS and proxied TCP ports to the host's
+    /// proxies: pass those before the policy lookup (the proxies judge them).
+    pub const REDIRECTS: u32 = 2;
 }
 
 /// One packet counter slot (per CPU).
@@ -285,7 +302,7 @@ mod tests {
         assert_eq!(size_of::<Verdict>(), 8);
         assert_eq!(size_of::<PortVerdict>(), 8);
         assert_eq!(size_of::<PolicyValue>(), 8 + 8 + 4 + 2 + 1 + 1 + 8 * MAX_PORT_VERDICTS);
-        assert_eq!(size_of::<SandboxConfig>(), 4 + 8 + 4 + 6 + 6 + 4 + 4 + 16 * 4);
+        assert_eq!(size_of::<SandboxConfig>(), 4 + 8 + 4 + 4 + 2 * MAX_PROXIED_PORTS + 6 + 6 + 4 + 4 + 16 * 4);
         assert_eq!(size_of::<FlowEvent>(), 8 + 4 * 4 + 2 * 3 + 4 + 6 + 32);
     }
 

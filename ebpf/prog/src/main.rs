@@ -17,10 +17,10 @@ use aya_log_ebpf::debug;
 use sbx_net_common::{
     action, rule_id, sandbox_flags, Counter, FlowEvent, KeyV4, KeyV6, PolicyValue, Reason,
     SandboxConfig, Verdict, COUNTER_ARRAY_LEN, EVENTS_LOST_SLOT, EVENTS_RING_BYTES,
-    MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_SANDBOXES, SANDBOX_ID_BITS, SANDBOX_SLOTS,
+    MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_PROXIED_PORTS, MAX_SANDBOXES, SANDBOX_ID_BITS, SANDBOX_SLOTS,
 };
 
-use net::{Packet, ParseError};
+use net::{Packet, ParseError, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Sandbox config by tap ifindex, for ifindex < SANDBOX_SLOTS (the common
 /// case): an array lookup the verifier inlines. Unused slots are zero
@@ -71,16 +71,42 @@ pub fn sbx_egress(ctx: TcContext) -> i32 {
     let mut packet = Packet::empty();
     let (reason, rule) = match net::parse(&ctx, &cfg, &mut packet) {
         Ok(net::Parsed::NeighbourDiscovery) => (Reason::NeighbourDiscovery, rule_id::NONE),
+        Ok(net::Parsed::Ip) if redirected(&cfg, &packet) => (Reason::Redirected, rule_id::NONE),
         Ok(net::Parsed::Ip) => decide(&cfg, &packet),
         Err(ParseError(reason)) => (reason, rule_id::NONE),
     };
     finish(&ctx, Some(&cfg), &packet, reason, rule)
 }
 
+/// Step 3 of the verdict order: DNS to any address and TCP to the proxied
+/// ports go to the host's proxies (nftables redirects them there).
+#[inline(always)]
+fn redirected(cfg: &SandboxConfig, packet: &Packet) -> bool {
+    if cfg.flags & sandbox_flags::REDIRECTS == 0 || !packet.has_ports {
+        return false;
+    }
+    let tcp = packet.protocol == IPPROTO_TCP;
+    if packet.dst_port == 53 && (tcp || packet.protocol == IPPROTO_UDP) {
+        return true;
+    }
+    if !tcp {
+        return false;
+    }
+    let mut i = 0;
+    while i < MAX_PROXIED_PORTS {
+        let port = cfg.proxied_tcp_ports[i];
+        if port != 0 && port == packet.dst_port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// The policy verdict for a parsed IP packet: one LPM lookup.
 #[inline(always)]
 fn decide(cfg: &SandboxConfig, packet: &Packet) -> (Reason, u32) {
-    let id = cfg.sandbox_id.to_be_bytes();
+    let id = cfg.policy_id.to_be_bytes();
     let value = if packet.ip_version == 4 {
         let mut data: KeyV4 = [0; 8];
         data[..4].copy_from_slice(&id);

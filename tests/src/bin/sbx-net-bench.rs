@@ -107,7 +107,7 @@ fn per_packet_cost() -> Result<()> {
             let compiled = compile_rules("bench", Action::Allow, rules)?;
             let mut dp = Datapath::load(&DatapathOptions::default())?;
             let started = Instant::now();
-            dp.install_sandbox(1, &spec.datapath_config(&compiled, 0), &compiled)?;
+            dp.install_sandbox(1, &spec.datapath_config(&compiled, spec.id, 0, &[]), &compiled)?;
             let install = started.elapsed();
             let hit_index = (n / 2) & !1; // an allow rule
             let cases: [(&str, IpAddr); 2] = if v6 {
@@ -198,7 +198,7 @@ fn tap_throughput() -> Result<()> {
     // The sandbox's host side without attaching: the benchmark attaches and
     // detaches the program itself.
     let (tap, ifindex) = open_host_tap(&topology.host_netlink, &spec)?;
-    dp.install_sandbox(ifindex, &spec.datapath_config(&compiled, 0), &compiled)?;
+    dp.install_sandbox(ifindex, &spec.datapath_config(&compiled, spec.id, 0, &[]), &compiled)?;
     let guest = NetnsGuest::start(&spec.netns, tap, &spec.guest_network())?;
 
     let duration = Duration::from_secs(2);
