@@ -5,11 +5,15 @@
 //! touches the kernel is in [`datapath`] and [`sandbox::HostSandbox`].
 
 pub mod compile;
+pub mod config;
+pub mod decide;
 pub mod datapath;
 pub mod flow;
 pub mod nft;
 pub mod policy;
+pub mod policy_store;
 pub mod sandbox;
+pub mod state;
 
 pub use compile::{compile, CompiledPolicy};
 pub use datapath::{Datapath, DatapathOptions};

@@ -78,6 +78,20 @@ impl NetNs {
         Ok(NetNs { name: name.to_string(), path, file, owned: false })
     }
 
+    /// Removes the named namespace's mount point (the namespace itself goes
+    /// when its last user does). Missing is fine.
+    pub fn delete(name: &str) -> Result<(), NetNsError> {
+        match NetNs::open(name) {
+            Ok(mut ns) => {
+                ns.owned = true;
+                drop(ns);
+                Ok(())
+            }
+            Err(NetNsError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -1,0 +1,166 @@
+//! The daemon's configuration: plain data, read from `--config FILE` (TOML)
+//! and overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Serialize};
+
+use crate::nft::NftConfig;
+use crate::sandbox::AddressPools;
+
+pub const DEFAULT_SOCKET: &str = "/run/sbx-net/sbx-net.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sbx-net";
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/sbx-net";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Policy files (`*.toml`), in addition to the embedded default.
+    pub policy_dir: Option<PathBuf>,
+    /// Sandbox state, applied policies, guest logs.
+    pub state_dir: PathBuf,
+    /// The control socket (root-only, mode `socket_mode`).
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    /// Where maps and TCX links are pinned (bpffs).
+    pub bpf_dir: PathBuf,
+    /// Prometheus endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The resolver the DNS proxy forwards to.
+    pub upstream_dns: Option<SocketAddr>,
+    /// Extra trusted roots (PEM) for upstream TLS.
+    pub upstream_ca: Option<PathBuf>,
+    /// The interface sandbox traffic leaves by (masqueraded).
+    pub uplink: Option<String>,
+    /// Host ports the redirects lead to.
+    pub dns_port: u16,
+    pub proxy_port: u16,
+    /// Guest TCP destination ports redirected to the credential proxy.
+    pub proxied_ports: Vec<u16>,
+    pub ipv4_pool: Ipv4Network,
+    pub ipv6_pool: Ipv6Network,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            policy_dir: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: 0o600,
+            bpf_dir: PathBuf::from(DEFAULT_BPF_DIR),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            upstream_dns: None,
+            upstream_ca: None,
+            uplink: None,
+            dns_port: 1053,
+            proxy_port: 15001,
+            proxied_ports: vec![80, 443],
+            ipv4_pool: "10.200.0.0/16".parse().expect("valid"),
+            ipv6_pool: "fd73:6278::/48".parse().expect("valid"),
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Invalid { file: file.clone(), reason: format!("cannot read: {e}") })?;
+        Self::parse(&file, &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
+        let config: DaemonConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1).unwrap_or(0);
+            ConfigError::Invalid { file: format!("{file}:{line}"), reason: e.message().to_string() }
+        })?;
+        config.validate().map_err(|reason| ConfigError::Invalid { file: file.to_string(), reason })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: port sets, pool sizes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.proxied_ports.len() > sbx_net_common::MAX_PROXIED_PORTS {
+            return Err(format!(
+                "proxied_ports: at most {} ports (got {})",
+                sbx_net_common::MAX_PROXIED_PORTS,
+                self.proxied_ports.len()
+            ));
+        }
+        if self.proxied_ports.iter().any(|&p| p == 0 || p == 53) {
+            return Err("proxied_ports: ports must be 1-65535 and not 53 (DNS is always redirected)".into());
+        }
+        if self.dns_port == 0 || self.proxy_port == 0 || self.dns_port == self.proxy_port {
+            return Err("dns_port and proxy_port must be distinct non-zero ports".into());
+        }
+        if self.ipv4_pool.prefix() > 29 {
+            return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));
+        }
+        if self.ipv6_pool.prefix() > 63 {
+            return Err(format!("ipv6_pool {} is too small (a sandbox takes a /64)", self.ipv6_pool));
+        }
+        Ok(())
+    }
+
+    pub fn pools(&self) -> AddressPools {
+        AddressPools {
+            ipv4: self.ipv4_pool.network(),
+            ipv4_prefix_len: self.ipv4_pool.prefix(),
+            ipv6: self.ipv6_pool.network(),
+            ipv6_prefix_len: self.ipv6_pool.prefix(),
+        }
+    }
+
+    pub fn nft(&self) -> NftConfig {
+        NftConfig {
+            dns_port: self.dns_port,
+            proxy_port: self.proxy_port,
+            proxied_ports: self.proxied_ports.clone(),
+            uplink: self.uplink.clone(),
+            pool_v4: self.ipv4_pool,
+            pool_v6: self.ipv6_pool,
+        }
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    /// Policies applied with `policy apply` (kept across restarts).
+    pub fn applied_policy_dir(&self) -> PathBuf {
+        self.state_dir.join("applied-policies")
+    }
+
+    pub fn link_pin(&self, sandbox: &str) -> PathBuf {
+        self.bpf_dir.join("links").join(sandbox)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_with_location() {
+        let c = DaemonConfig::parse("c.toml", "uplink = \"eth0\"\nproxied_ports = [80, 443, 8443]\n").unwrap();
+        assert_eq!(c.uplink.as_deref(), Some("eth0"));
+        assert_eq!(c.proxied_ports, vec![80, 443, 8443]);
+        assert_eq!(c.dns_port, 1053);
+        let e = DaemonConfig::parse("c.toml", "uplink = \"eth0\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(e.starts_with("c.toml:2:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "proxied_ports = [53]\n").unwrap_err().to_string();
+        assert!(e.contains("not 53"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "ipv4_pool = \"10.0.0.0/30\"\n").unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
+}
