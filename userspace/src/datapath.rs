@@ -317,6 +317,18 @@ impl Datapath {
         }
     }
 
+    /// Entries in the IPv4 and IPv6 policy tries (all sandboxes).
+    pub fn policy_entry_counts(&self) -> Result<(usize, usize), DatapathError> {
+        let count = |name: &'static str| -> Result<usize, DatapathError> {
+            let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+            Ok(match name {
+                map_names::POLICY_V4 => LpmTrie::<_, KeyV4, PolicyValue>::try_from(map).map_err(map_err(name))?.keys().count(),
+                _ => LpmTrie::<_, KeyV6, PolicyValue>::try_from(map).map_err(map_err(name))?.keys().count(),
+            })
+        };
+        Ok((count(map_names::POLICY_V4)?, count(map_names::POLICY_V6)?))
+    }
+
     /// Counters by [`sbx_net_common::Reason`] (plus the lost-events slot),
     /// summed over CPUs.
     pub fn counters(&self) -> Result<Vec<Counter>, DatapathError> {

@@ -4,15 +4,20 @@
 //! in [`policy`], [`compile`] and [`sandbox::SandboxSpec`]; everything that
 //! touches the kernel is in [`datapath`] and [`sandbox::HostSandbox`].
 
+pub mod api;
 pub mod compile;
 pub mod config;
+pub mod daemon;
 pub mod decide;
 pub mod datapath;
 pub mod flow;
+pub mod guest_pump;
 pub mod nft;
 pub mod policy;
 pub mod policy_store;
+pub mod proxy;
 pub mod sandbox;
+pub mod server;
 pub mod state;
 
 pub use compile::{compile, CompiledPolicy};

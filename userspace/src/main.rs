@@ -1,56 +1,264 @@
 //! The `sbx-net` command. Thin: parse arguments, call the library.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sbx_net::api::{call, Request};
+use sbx_net::config::{DaemonConfig, DEFAULT_SOCKET};
 use sbx_net::policy::Policy;
 
 #[derive(Parser)]
 #[command(name = "sbx-net", version, about = "Host-side network enforcement for AI-agent sandboxes")]
 struct Cli {
+    /// The daemon's control socket (client and daemon).
+    #[arg(long, global = true, env = "SBX_NET_SOCKET")]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Policy files.
+    /// Run the host service (root).
+    Daemon(DaemonArgs),
+    /// Create, list, show and delete sandboxes.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+    /// Policy files and the policies in force.
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Daemon version, uptime, sandboxes, policy generations, map occupancy.
+    Status {
+        /// Print the full status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Internal: the frame pump of a netns guest (started by the daemon).
+    #[command(name = "__guest-pump", hide = true)]
+    GuestPump { spec: String },
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// TOML file with the daemon configuration (flags override it).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    #[arg(long)]
+    upstream_dns: Option<SocketAddr>,
+    /// Extra trusted roots (PEM) for upstream TLS.
+    #[arg(long)]
+    upstream_ca: Option<PathBuf>,
+    /// Interface sandbox traffic leaves by (masqueraded).
+    #[arg(long)]
+    uplink: Option<String>,
+    /// bpffs directory for pinned maps and links.
+    #[arg(long)]
+    bpf_dir: Option<PathBuf>,
+    /// Remove everything a daemon with this configuration made, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+#[derive(Subcommand)]
+enum SandboxCommand {
+    /// Create a sandbox; prints its network as JSON.
+    Create {
+        name: String,
+        #[arg(long)]
+        policy: String,
+        /// Adopt an existing tap made for an external VMM.
+        #[arg(long)]
+        tap: Option<String>,
+        /// Give the sandbox a network-namespace guest (`ip netns exec sbx-NAME …`).
+        #[arg(long)]
+        netns_guest: bool,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Show { name: String },
+    Delete { name: String },
 }
 
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy file (exit 1 with file:line: reason if invalid).
     Check { file: PathBuf },
+    /// Validate and apply a policy file to the running daemon.
+    Apply { file: PathBuf },
+    /// The policies the daemon knows.
+    List,
+    /// Re-read the policy directory (all-or-nothing).
+    Reload,
+    /// What would happen to a connection from SANDBOX to HOST[:PORT].
+    Test { sandbox: String, destination: String },
     /// Print the embedded default policy.
     Default,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Policy { command: PolicyCommand::Check { file } } => match check(&file) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Policy { command: PolicyCommand::Default } => {
-            print!("{}", sbx_net::policy::DEFAULT_POLICY_TOML);
-            ExitCode::SUCCESS
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sbx-net: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn check(file: &std::path::Path) -> anyhow::Result<String> {
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    match cli.command {
+        Command::Daemon(args) => daemon(args, cli.socket),
+        Command::GuestPump { spec } => sbx_net::guest_pump::run_pump(&spec).map_err(anyhow::Error::msg),
+        Command::Policy { command: PolicyCommand::Check { file } } => {
+            println!("{}", check(&file)?);
+            Ok(())
+        }
+        Command::Policy { command: PolicyCommand::Default } => {
+            print!("{}", sbx_net::policy::DEFAULT_POLICY_TOML);
+            Ok(())
+        }
+        Command::Policy { command: PolicyCommand::Apply { file } } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let source = std::path::absolute(&file).unwrap_or(file).display().to_string();
+            print_json(&request(&socket, Request::PolicyApply { source, text })?)
+        }
+        Command::Policy { command: PolicyCommand::List } => print_json(&request(&socket, Request::PolicyList)?),
+        Command::Policy { command: PolicyCommand::Reload } => print_json(&request(&socket, Request::PolicyReload)?),
+        Command::Policy { command: PolicyCommand::Test { sandbox, destination } } => {
+            let v = request(&socket, Request::PolicyTest { sandbox, destination })?;
+            println!("{}: {} by `{}` (policy {}); {}", v["destination"].as_str().unwrap_or(""), v["verdict"].as_str().unwrap_or(""),
+                v["rule"].as_str().unwrap_or(""), v["policy"].as_str().unwrap_or(""), v["path"].as_str().unwrap_or(""));
+            Ok(())
+        }
+        Command::Sandbox { command } => sandbox(&socket, command),
+        Command::Status { json } => {
+            let v = request(&socket, Request::Status)?;
+            if json {
+                return print_json(&v);
+            }
+            println!("sbx-net daemon {} up {} s", v["version"].as_str().unwrap_or("?"), v["uptime_seconds"]);
+            println!("sandboxes: {}  policy generation: {}  reload failures: {}", v["sandboxes"], v["policy_generation"], v["reload_failures"]);
+            if let Some(e) = v["last_reload_error"].as_str() {
+                println!("last reload error: {e}");
+            }
+            let m = &v["maps"];
+            println!(
+                "maps: policy entries v4 {} v6 {} (capacity {} each), sandbox slots {}/{}",
+                m["policy_v4_entries"], m["policy_v6_entries"], m["policy_capacity_per_family"], m["sandbox_slots_used"], m["sandbox_slots"]
+            );
+            for p in v["policies"].as_array().into_iter().flatten() {
+                println!("policy {}: {} sandboxes ({})", p["name"].as_str().unwrap_or(""), p["sandboxes"], p["source"].as_str().unwrap_or(""));
+            }
+            println!("events lost: {}", v["events_lost"]);
+            Ok(())
+        }
+    }
+}
+
+fn request(socket: &Path, request: Request) -> anyhow::Result<serde_json::Value> {
+    Ok(call(socket, &request, Duration::from_secs(60))?)
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
+    match command {
+        SandboxCommand::Create { name, policy, tap, netns_guest } => {
+            let v = request(socket, Request::SandboxCreate { name, policy, tap, netns_guest })?;
+            println!("{}", serde_json::to_string(&v)?);
+            Ok(())
+        }
+        SandboxCommand::List { json } => {
+            let v = request(socket, Request::SandboxList)?;
+            if json {
+                return print_json(&v);
+            }
+            println!("{:<20} {:<16} {:<16} {:<24} {}", "NAME", "TAP", "GUEST IPV4", "GUEST IPV6", "POLICY");
+            for s in v.as_array().into_iter().flatten() {
+                let f = |k: &str| s[k].as_str().unwrap_or("").to_string();
+                println!("{:<20} {:<16} {:<16} {:<24} {}", f("name"), f("tap"), f("guest_ipv4"), f("guest_ipv6"), f("policy"));
+            }
+            Ok(())
+        }
+        SandboxCommand::Show { name } => print_json(&request(socket, Request::SandboxShow { name })?),
+        SandboxCommand::Delete { name } => {
+            request(socket, Request::SandboxDelete { name: name.clone() })?;
+            println!("deleted {name}");
+            Ok(())
+        }
+    }
+}
+
+fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = match &args.config {
+        Some(path) => DaemonConfig::load(path)?,
+        None => DaemonConfig::default(),
+    };
+    if let Some(v) = socket {
+        config.socket = v;
+    }
+    if let Some(v) = args.policy_dir {
+        config.policy_dir = Some(v);
+    }
+    if let Some(v) = args.state_dir {
+        config.state_dir = v;
+    }
+    if let Some(v) = args.metrics_addr {
+        config.metrics_addr = Some(v);
+    }
+    if let Some(v) = args.upstream_dns {
+        config.upstream_dns = Some(v);
+    }
+    if let Some(v) = args.upstream_ca {
+        config.upstream_ca = Some(v);
+    }
+    if let Some(v) = args.uplink {
+        config.uplink = Some(v);
+    }
+    if let Some(v) = args.bpf_dir {
+        config.bpf_dir = v;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    if args.cleanup {
+        sbx_net::server::prepare(&mut config)?;
+        if call(&config.socket, &Request::Status, Duration::from_secs(5)).is_ok() {
+            anyhow::bail!("a daemon answers on {}; stop it before --cleanup", config.socket.display());
+        }
+        for removed in sbx_net::daemon::cleanup(&config)? {
+            println!("removed {removed}");
+        }
+        return Ok(());
+    }
+    sbx_net::server::run(config)?;
+    Ok(())
+}
+
+fn check(file: &Path) -> anyhow::Result<String> {
     let policy = Policy::load(file)?;
     let compiled = sbx_net::compile(&policy, &[])?;
     Ok(format!(

@@ -179,6 +179,13 @@ pub fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
 pub fn open_host_tap(netlink: &Netlink, spec: &SandboxSpec) -> Result<(Tap, u32), SandboxError> {
     let tap = Tap::open(&spec.tap)?;
     let ifindex = netlink.link_index(&spec.tap)?;
+    configure_host_side(netlink, spec, ifindex)?;
+    Ok((tap, ifindex))
+}
+
+/// Makes an existing tap the sandbox's gateway side: the gateway MAC and
+/// addresses, no DAD, up.
+pub fn configure_host_side(netlink: &Netlink, spec: &SandboxSpec, ifindex: u32) -> Result<(), SandboxError> {
     netlink.set_mac(ifindex, spec.gateway_mac)?;
     // No duplicate address detection on a point-to-point link whose
     // addresses we allocate: it only delays the first packets.
@@ -189,7 +196,7 @@ pub fn open_host_tap(netlink: &Netlink, spec: &SandboxSpec) -> Result<(Tap, u32)
     netlink.add_address(ifindex, spec.gateway_ipv4.into(), SANDBOX_IPV4_PREFIX_LEN)?;
     netlink.add_address(ifindex, spec.gateway_ipv6.into(), SANDBOX_IPV6_PREFIX_LEN)?;
     netlink.set_up(ifindex)?;
-    Ok((tap, ifindex))
+    Ok(())
 }
 
 /// A sandbox's host side, in the calling thread's network namespace.

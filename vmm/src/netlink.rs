@@ -107,6 +107,11 @@ impl Netlink {
         self.request(|| format!("setting link {index} up"), self.handle.link().set(msg).execute())
     }
 
+    pub fn set_down(&self, index: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(index).down().build();
+        self.request(|| format!("setting link {index} down"), self.handle.link().set(msg).execute())
+    }
+
     pub fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), NetlinkError> {
         let msg = LinkUnspec::new_with_index(index).address(mac.to_vec()).build();
         self.request(|| format!("setting MAC of link {index}"), self.handle.link().set(msg).execute())

@@ -1,0 +1,626 @@
+//! The host service: owns the datapath (pinned maps and links), the nftables
+//! table, the taps and the netns-guest pumps, and the persisted state that
+//! lets a restarted daemon re-adopt all of them without a gap.
+//!
+//! All mutations run on one control thread ([`Daemon::handle`]), so requests
+//! are serialised; the proxies read the routing table it publishes.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sbx_net_common::{sandbox_flags, Reason, EVENTS_LOST_SLOT};
+use sbx_vmm::Netlink;
+use serde_json::json;
+
+use crate::api::{format_mac, Request, Response, SandboxInfo};
+use crate::compile::{compile, CompileError, CompiledPolicy};
+use crate::config::DaemonConfig;
+use crate::datapath::{Datapath, DatapathError, DatapathOptions};
+use crate::decide::{parse_destination, test_destination, Redirects};
+use crate::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpError, PumpSpec};
+use crate::nft::{NftError, Nftables};
+use crate::policy::{Policy, PolicyError};
+use crate::policy_store::{load_policies, PolicyEntry, PolicySet};
+use crate::proxy::{Route, Routes};
+use crate::sandbox::{configure_host_side, open_host_tap, SandboxError, SandboxSpec};
+use crate::state::{text_hash, PolicyText, SandboxRecord, State, StateError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Nft(#[from] NftError),
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Pump(#[from] PumpError),
+    #[error(transparent)]
+    Netlink(#[from] sbx_vmm::netlink::NetlinkError),
+    #[error(transparent)]
+    Tap(#[from] sbx_vmm::tap::TapError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::Io { path: path.display().to_string(), source }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub struct Daemon {
+    config: DaemonConfig,
+    datapath: Datapath,
+    nft: Nftables,
+    netlink: Netlink,
+    state: State,
+    policies: PolicySet,
+    /// The compiled policy in force per sandbox (what the maps hold).
+    in_force: HashMap<String, Arc<CompiledPolicy>>,
+    routes: Routes,
+    exe: PathBuf,
+    started: Instant,
+    reload_failures: u64,
+    last_reload_error: Option<String>,
+}
+
+impl Daemon {
+    /// Loads the datapath (re-using pinned maps), the state and the policies,
+    /// re-adopts every recorded sandbox and installs the nftables table.
+    pub fn start(config: DaemonConfig, routes: Routes) -> Result<Daemon, DaemonError> {
+        std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
+        let datapath = Datapath::load(&DatapathOptions { pin_dir: Some(config.bpf_dir.clone()), ..Default::default() })?;
+        let state = State::load(&config.state_file())?;
+        let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
+        let (policies, last_reload_error) = match load_policies(config.policy_dir.as_deref(), &config.applied_policy_dir()) {
+            Ok(set) => (set, None),
+            Err(e) => {
+                // Fail closed: sandboxes keep the policy text they enforce.
+                tracing::error!("policies not loaded, keeping the ones in force: {e}");
+                let mut set = load_policies(None, Path::new("/nonexistent")).expect("embedded default loads");
+                for text in state.policy_texts.values() {
+                    if let Ok(entry) = PolicyEntry::parse(&text.source, &text.text) {
+                        set.insert(entry.policy.name.clone(), entry);
+                    }
+                }
+                (set, Some(e.to_string()))
+            }
+        };
+        let mut daemon = Daemon {
+            config,
+            datapath,
+            nft: Nftables::new(),
+            netlink: Netlink::new()?,
+            state,
+            policies,
+            in_force: HashMap::new(),
+            routes,
+            exe,
+            started: Instant::now(),
+            reload_failures: u64::from(last_reload_error.is_some()),
+            last_reload_error,
+        };
+        daemon.adopt_all()?;
+        Ok(daemon)
+    }
+
+    fn flags(&self) -> u32 {
+        sandbox_flags::REDIRECTS
+    }
+
+    fn spec(&self, record: &SandboxRecord) -> Result<SandboxSpec, DaemonError> {
+        let mut spec = SandboxSpec::new(record.id, &record.name, &self.config.pools())?;
+        spec.tap = record.tap.clone();
+        Ok(spec)
+    }
+
+    /// Re-adopts every sandbox in the state: swaps the program behind its
+    /// pinned link (atomically), brings its policy up to date with a
+    /// generation switch, restarts a dead pump, then replaces the nftables
+    /// table in one transaction.
+    fn adopt_all(&mut self) -> Result<(), DaemonError> {
+        let names: Vec<String> = self.state.sandboxes.keys().cloned().collect();
+        for name in &names {
+            if let Err(e) = self.adopt(name) {
+                tracing::error!(sandbox = %name, "re-adopting: {e}");
+            }
+        }
+        self.install_nft()?;
+        self.state.prune_texts();
+        self.state.save(&self.config.state_file())?;
+        self.publish_routes();
+        Ok(())
+    }
+
+    fn adopt(&mut self, name: &str) -> Result<(), DaemonError> {
+        let record = self.state.sandboxes[name].clone();
+        let spec = self.spec(&record)?;
+        let old_text = self
+            .state
+            .policy_texts
+            .get(&record.policy_hash)
+            .cloned()
+            .ok_or_else(|| DaemonError::Invalid(format!("no policy text recorded for {name}")))?;
+        let old = compile(&Policy::parse(&old_text.source, &old_text.text)?, &spec.host_addresses())?;
+        let ifindex = self.netlink.link_index(&record.tap)?;
+        let pin = self.config.link_pin(name);
+        if pin.exists() {
+            self.datapath.adopt_pinned(&pin)?;
+        } else {
+            self.datapath.attach_pinned(&record.tap, &pin)?;
+        }
+        let mut current = Arc::new(old);
+        if let Some(entry) = self.policies.get(&record.policy) {
+            let hash = text_hash(&entry.source, &entry.text);
+            if hash != record.policy_hash {
+                let new = compile(&entry.policy, &spec.host_addresses())?;
+                let policy_id = self.state.take_policy_id();
+                let cfg = spec.datapath_config(&new, policy_id, self.flags(), &self.config.proxied_ports);
+                self.datapath.switch_policy(ifindex, &cfg, &new, record.policy_id, &current)?;
+                self.state.policy_generation += 1;
+                let r = self.state.sandboxes.get_mut(name).expect("present");
+                r.policy_id = policy_id;
+                r.policy_hash = hash.clone();
+                r.policy_generation = self.state.policy_generation;
+                self.state.policy_texts.insert(hash, PolicyText { source: entry.source.clone(), text: entry.text.clone() });
+                current = Arc::new(new);
+                tracing::info!(sandbox = %name, policy = %record.policy, "policy changed while the daemon was down: switched");
+            } else {
+                // Same policy: refresh the config (flags, proxied ports) in place.
+                let cfg = spec.datapath_config(&current, record.policy_id, self.flags(), &self.config.proxied_ports);
+                self.datapath.write_config(ifindex, &cfg)?;
+            }
+        } else {
+            tracing::warn!(sandbox = %name, policy = %record.policy, "policy no longer exists; keeping the one in force");
+        }
+        self.in_force.insert(name.to_string(), current);
+        if record.netns_guest {
+            let alive = record.pump_pid.is_some_and(|pid| pump_alive(pid, name));
+            if !alive {
+                let pid = spawn_pump(&self.exe, &PumpSpec::new(&spec), &self.pump_log(name))?;
+                self.state.sandboxes.get_mut(name).expect("present").pump_pid = Some(pid);
+            }
+        }
+        Ok(())
+    }
+
+    fn install_nft(&self) -> Result<(), DaemonError> {
+        let taps: Vec<String> = self.state.sandboxes.values().map(|s| s.tap.clone()).collect();
+        self.nft.install(&self.config.nft(), &taps)?;
+        Ok(())
+    }
+
+    fn pump_log(&self, name: &str) -> PathBuf {
+        self.config.state_dir.join(format!("guest-{name}.log"))
+    }
+
+    fn publish_routes(&self) {
+        let mut table = HashMap::new();
+        for (name, record) in &self.state.sandboxes {
+            let (Ok(spec), Some(policy)) = (self.spec(record), self.in_force.get(name)) else { continue };
+            let route = Arc::new(Route { sandbox: name.clone(), policy: policy.clone() });
+            table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
+            table.insert(IpAddr::V6(spec.guest_ipv6), route);
+        }
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
+    }
+
+    /// One request, answered.
+    pub fn handle(&mut self, request: Request) -> Response {
+        let result = match request {
+            Request::SandboxCreate { name, policy, tap, netns_guest } => {
+                self.create(&name, &policy, tap.as_deref(), netns_guest).map(|info| json!(info))
+            }
+            Request::SandboxList => Ok(json!(self
+                .state
+                .sandboxes
+                .values()
+                .filter_map(|r| self.info(r).ok())
+                .collect::<Vec<_>>())),
+            Request::SandboxShow { name } => match self.state.sandboxes.get(&name) {
+                Some(r) => self.info(r).map(|i| json!(i)),
+                None => Err(DaemonError::Invalid(format!("no sandbox named {name:?}"))),
+            },
+            Request::SandboxDelete { name } => self.delete(&name).map(|()| json!({ "deleted": name })),
+            Request::PolicyApply { source, text } => self.apply(&source, &text),
+            Request::PolicyList => Ok(self.policy_list()),
+            Request::PolicyReload => self.reload(),
+            Request::PolicyTest { sandbox, destination } => self.policy_test(&sandbox, &destination),
+            Request::Status => self.status(),
+        };
+        match result {
+            Ok(v) => Response::Ok(v),
+            Err(e) => Response::Error(e.to_string()),
+        }
+    }
+
+    fn info(&self, record: &SandboxRecord) -> Result<SandboxInfo, DaemonError> {
+        let spec = self.spec(record)?;
+        Ok(SandboxInfo {
+            name: record.name.clone(),
+            id: record.id,
+            policy: record.policy.clone(),
+            policy_generation: record.policy_generation,
+            tap: record.tap.clone(),
+            adopted_tap: record.adopted_tap,
+            netns: record.netns_guest.then(|| spec.netns.clone()),
+            guest_ipv4: spec.guest_ipv4.to_string(),
+            guest_ipv6: spec.guest_ipv6.to_string(),
+            guest_mac: format_mac(spec.guest_mac),
+            gateway_ipv4: spec.gateway_ipv4.to_string(),
+            gateway_ipv6: spec.gateway_ipv6.to_string(),
+            gateway_mac: format_mac(spec.gateway_mac),
+            ipv4_prefix_len: crate::sandbox::SANDBOX_IPV4_PREFIX_LEN,
+            ipv6_prefix_len: crate::sandbox::SANDBOX_IPV6_PREFIX_LEN,
+            dns: spec.gateway_ipv4.to_string(),
+            ca_cert: String::new(),
+            created_unix: record.created_unix,
+        })
+    }
+
+    fn create(&mut self, name: &str, policy_name: &str, tap: Option<&str>, netns_guest: bool) -> Result<SandboxInfo, DaemonError> {
+        if self.state.sandboxes.contains_key(name) {
+            return Err(DaemonError::Invalid(format!("sandbox {name:?} already exists")));
+        }
+        if tap.is_some() && netns_guest {
+            return Err(DaemonError::Invalid("--tap and --netns-guest exclude each other: an adopted tap's guest is the VMM's".into()));
+        }
+        let entry = self.policies.get(policy_name).ok_or_else(|| {
+            DaemonError::Invalid(format!(
+                "no policy named {policy_name:?} (known: {})",
+                self.policies.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let entry = entry.clone();
+        let id = self
+            .state
+            .free_sandbox_id(self.config.pools().capacity())
+            .ok_or_else(|| DaemonError::Invalid("the address pools are full".into()))?;
+        let mut spec = SandboxSpec::new(id, name, &self.config.pools())?;
+        if let Some(tap) = tap {
+            sbx_vmm::tap::validate_ifname(tap)?;
+            if self.state.sandboxes.values().any(|s| s.tap == tap) {
+                return Err(DaemonError::Invalid(format!("tap {tap} already belongs to a sandbox")));
+            }
+            spec.tap = tap.to_string();
+        } else if self.netlink.link_exists(&spec.tap) {
+            return Err(DaemonError::Invalid(format!("interface {} already exists (not ours)", spec.tap)));
+        }
+        let compiled = compile(&entry.policy, &spec.host_addresses())?;
+        let policy_id = self.state.take_policy_id();
+        let pin = self.config.link_pin(name);
+
+        // Each step registers its undo; on an error they run in reverse.
+        let mut undo: Vec<Box<dyn FnOnce(&mut Daemon)>> = Vec::new();
+        let result = (|| -> Result<Option<u32>, DaemonError> {
+            let ifindex = match tap {
+                Some(tap) => {
+                    let ifindex = self.netlink.link_index(tap)?;
+                    configure_host_side(&self.netlink, &spec, ifindex)?;
+                    ifindex
+                }
+                None => {
+                    let (tap, ifindex) = open_host_tap(&self.netlink, &spec)?;
+                    // Persistent: the tap outlives this fd (the pump or VMM
+                    // opens it) and the daemon process.
+                    tap.set_persist(true)?;
+                    drop(tap);
+                    undo.push(Box::new(move |d: &mut Daemon| {
+                        let _ = d.netlink.delete_link(ifindex);
+                    }));
+                    ifindex
+                }
+            };
+            let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
+            self.datapath.install_sandbox(ifindex, &cfg, &compiled)?;
+            let c = compiled.clone();
+            undo.push(Box::new(move |d: &mut Daemon| {
+                let _ = d.datapath.remove_sandbox(ifindex, policy_id, &c);
+            }));
+            std::fs::create_dir_all(pin.parent().expect("pin has a parent")).map_err(io_err(&pin))?;
+            self.datapath.attach_pinned(&spec.tap, &pin)?;
+            let p = pin.clone();
+            undo.push(Box::new(move |_| {
+                let _ = Datapath::unpin_link(&p);
+            }));
+            self.nft.add_tap(&spec.tap)?;
+            let t = spec.tap.clone();
+            undo.push(Box::new(move |d: &mut Daemon| {
+                let _ = d.nft.remove_tap(&t);
+            }));
+            if netns_guest {
+                return Ok(Some(spawn_pump(&self.exe, &PumpSpec::new(&spec), &self.pump_log(name))?));
+            }
+            Ok(None)
+        })();
+        let pump_pid = match result {
+            Ok(pid) => pid,
+            Err(e) => {
+                for step in undo.into_iter().rev() {
+                    step(self);
+                }
+                return Err(e);
+            }
+        };
+        let hash = text_hash(&entry.source, &entry.text);
+        self.state.policy_texts.insert(hash.clone(), PolicyText { source: entry.source.clone(), text: entry.text.clone() });
+        let record = SandboxRecord {
+            id,
+            name: name.to_string(),
+            policy: policy_name.to_string(),
+            tap: spec.tap.clone(),
+            adopted_tap: tap.is_some(),
+            netns_guest,
+            pump_pid,
+            policy_id,
+            policy_hash: hash,
+            policy_generation: self.state.policy_generation,
+            created_unix: now_unix(),
+        };
+        self.state.sandboxes.insert(name.to_string(), record.clone());
+        self.in_force.insert(name.to_string(), Arc::new(compiled));
+        self.state.save(&self.config.state_file())?;
+        self.publish_routes();
+        tracing::info!(sandbox = %name, tap = %spec.tap, policy = %policy_name, "sandbox created");
+        self.info(&record)
+    }
+
+    fn delete(&mut self, name: &str) -> Result<(), DaemonError> {
+        let record = self
+            .state
+            .sandboxes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| DaemonError::Invalid(format!("no sandbox named {name:?}")))?;
+        let spec = self.spec(&record)?;
+        // Clear the tap's datapath slot while its ifindex still names it.
+        let ifindex = self.netlink.link_index(&record.tap).ok();
+        if let Some(policy) = self.in_force.remove(name) {
+            match ifindex {
+                Some(i) => self.datapath.remove_sandbox(i, record.policy_id, &policy)?,
+                None => self.datapath.remove_policy(record.policy_id, &policy),
+            }
+        }
+        teardown(&self.netlink, &self.nft, &self.config, &record, &spec);
+        self.state.sandboxes.remove(name);
+        self.state.prune_texts();
+        self.state.save(&self.config.state_file())?;
+        self.publish_routes();
+        tracing::info!(sandbox = %name, "sandbox deleted");
+        Ok(())
+    }
+
+    /// Switches every sandbox to `new` (already validated as a whole):
+    /// compile all first, then one generation switch per changed sandbox.
+    fn switch_to(&mut self, new: PolicySet) -> Result<serde_json::Value, DaemonError> {
+        let mut plans = Vec::new();
+        for (name, record) in &self.state.sandboxes {
+            let entry = new.get(&record.policy).ok_or_else(|| {
+                DaemonError::Invalid(format!("policy {:?} is used by sandbox {name:?} and would no longer exist", record.policy))
+            })?;
+            let hash = text_hash(&entry.source, &entry.text);
+            if hash == record.policy_hash {
+                continue;
+            }
+            let spec = self.spec(record)?;
+            let compiled = compile(&entry.policy, &spec.host_addresses())?;
+            plans.push((name.clone(), spec, compiled, hash, entry.clone()));
+        }
+        let mut switched = Vec::new();
+        let generation = self.state.policy_generation + 1;
+        for (name, spec, compiled, hash, entry) in plans {
+            let record = self.state.sandboxes[&name].clone();
+            let ifindex = self.netlink.link_index(&record.tap)?;
+            let policy_id = self.state.take_policy_id();
+            let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
+            let old = self.in_force[&name].clone();
+            self.datapath.switch_policy(ifindex, &cfg, &compiled, record.policy_id, &old)?;
+            let r = self.state.sandboxes.get_mut(&name).expect("present");
+            r.policy_id = policy_id;
+            r.policy_hash = hash.clone();
+            r.policy_generation = generation;
+            self.state.policy_texts.insert(hash, PolicyText { source: entry.source.clone(), text: entry.text.clone() });
+            self.in_force.insert(name.clone(), Arc::new(compiled));
+            switched.push(name);
+        }
+        self.state.policy_generation = generation;
+        self.policies = new;
+        self.state.prune_texts();
+        self.state.save(&self.config.state_file())?;
+        self.publish_routes();
+        Ok(json!({ "policy_generation": generation, "sandboxes_switched": switched, "policies": self.policies.keys().collect::<Vec<_>>() }))
+    }
+
+    fn apply(&mut self, source: &str, text: &str) -> Result<serde_json::Value, DaemonError> {
+        let entry = PolicyEntry::parse(source, text)?;
+        let applied_dir = self.config.applied_policy_dir();
+        let stored = applied_dir.join(format!("{}.toml", entry.policy.name));
+        // Kept under its stored path, so a restart reads the same text.
+        let entry = PolicyEntry { source: stored.display().to_string(), ..entry };
+        let mut new = self.policies.clone();
+        new.insert(entry.policy.name.clone(), entry.clone());
+        // Validate everything before anything changes.
+        for record in self.state.sandboxes.values().filter(|r| r.policy == entry.policy.name) {
+            compile(&entry.policy, &self.spec(record)?.host_addresses())?;
+        }
+        std::fs::create_dir_all(&applied_dir).map_err(io_err(&applied_dir))?;
+        let tmp = stored.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &stored).map_err(io_err(&stored))?;
+        self.switch_to(new)
+    }
+
+    fn reload(&mut self) -> Result<serde_json::Value, DaemonError> {
+        let loaded = load_policies(self.config.policy_dir.as_deref(), &self.config.applied_policy_dir()).map_err(|e| {
+            self.reload_failures += 1;
+            self.last_reload_error = Some(e.to_string());
+            DaemonError::from(e)
+        });
+        let result = loaded.and_then(|set| self.switch_to(set));
+        match &result {
+            Ok(_) => self.last_reload_error = None,
+            Err(e) => {
+                self.last_reload_error = Some(e.to_string());
+                tracing::error!("policy reload rejected, the policies in force stay: {e}");
+            }
+        }
+        result
+    }
+
+    fn policy_list(&self) -> serde_json::Value {
+        let list: Vec<_> = self
+            .policies
+            .values()
+            .map(|e| {
+                let users: Vec<&String> = self.state.sandboxes.values().filter(|r| r.policy == e.policy.name).map(|r| &r.name).collect();
+                json!({
+                    "name": e.policy.name,
+                    "source": e.source,
+                    "default": e.policy.default.as_str(),
+                    "rules": e.policy.rules.len(),
+                    "credentials": e.policy.credentials.len(),
+                    "sandboxes": users,
+                })
+            })
+            .collect();
+        json!(list)
+    }
+
+    fn policy_test(&self, sandbox: &str, destination: &str) -> Result<serde_json::Value, DaemonError> {
+        let policy = self.in_force.get(sandbox).ok_or_else(|| DaemonError::Invalid(format!("no sandbox named {sandbox:?}")))?;
+        let (dest, port) = parse_destination(destination).map_err(DaemonError::Invalid)?;
+        let outcome = test_destination(policy, &dest, port, &Redirects { proxied_ports: &self.config.proxied_ports });
+        Ok(json!({
+            "sandbox": sandbox,
+            "destination": destination,
+            "policy": policy.policy_name,
+            "verdict": outcome.verdict,
+            "rule": outcome.rule,
+            "path": outcome.path,
+        }))
+    }
+
+    fn status(&self) -> Result<serde_json::Value, DaemonError> {
+        let (v4, v6) = self.datapath.policy_entry_counts()?;
+        let counters = self.datapath.counters()?;
+        let mut by_reason = serde_json::Map::new();
+        for reason in Reason::ALL {
+            let c = counters[reason as usize];
+            by_reason.insert(reason.name().to_string(), json!({ "packets": c.packets, "bytes": c.bytes }));
+        }
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "sandboxes": self.state.sandboxes.len(),
+            "sandbox_names": self.state.sandboxes.keys().collect::<Vec<_>>(),
+            "policy_generation": self.state.policy_generation,
+            "policies": self.policies.iter().map(|(name, e)| json!({
+                "name": name,
+                "source": e.source,
+                "sandboxes": self.state.sandboxes.values().filter(|r| &r.policy == name).count(),
+            })).collect::<Vec<_>>(),
+            "reload_failures": self.reload_failures,
+            "last_reload_error": self.last_reload_error,
+            "maps": {
+                "policy_v4_entries": v4,
+                "policy_v6_entries": v6,
+                "policy_capacity_per_family": sbx_net_common::MAX_POLICY_ENTRIES,
+                "sandbox_slots_used": self.state.sandboxes.len(),
+                "sandbox_slots": sbx_net_common::SANDBOX_SLOTS,
+            },
+            "datapath": by_reason,
+            "events_lost": counters[EVENTS_LOST_SLOT as usize].packets,
+            "bpf_dir": self.config.bpf_dir,
+            "state_dir": self.config.state_dir,
+        }))
+    }
+}
+
+/// Removes a sandbox's kernel pieces except its map entries: the pump and
+/// guest namespace, the nftables element, the pinned link, and the tap when
+/// it is ours. Best effort: every piece is attempted.
+fn teardown(netlink: &Netlink, nft: &Nftables, config: &DaemonConfig, record: &SandboxRecord, spec: &SandboxSpec) {
+    if let Some(pid) = record.pump_pid {
+        stop_pump(pid, &record.name, &spec.netns);
+    }
+    if let Err(e) = nft.remove_tap(&record.tap) {
+        tracing::warn!(sandbox = %record.name, "{e}");
+    }
+    if let Err(e) = Datapath::unpin_link(&config.link_pin(&record.name)) {
+        tracing::warn!(sandbox = %record.name, "{e}");
+    }
+    if record.adopted_tap {
+        // The VMM's tap stays, but down: without its classifier and its
+        // nftables membership it must not carry traffic (fail closed).
+        if let Ok(ifindex) = netlink.link_index(&record.tap) {
+            if let Err(e) = netlink.set_down(ifindex) {
+                tracing::warn!(sandbox = %record.name, "setting {} down: {e}", record.tap);
+            }
+        }
+    } else {
+        if let Ok(ifindex) = netlink.link_index(&record.tap) {
+            // A persistent tap must be un-persisted or deleted by netlink.
+            if let Err(e) = netlink.delete_link(ifindex) {
+                tracing::warn!(sandbox = %record.name, "deleting {}: {e}", record.tap);
+            }
+        }
+    }
+}
+
+/// `sbx-net daemon --cleanup`: removes everything the daemon made (taps,
+/// pumps and guest namespaces, links, nftables table, pinned maps, state),
+/// without a running daemon.
+pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
+    let mut done = Vec::new();
+    let state = State::load(&config.state_file())?;
+    let netlink = Netlink::new()?;
+    let nft = Nftables::new();
+    for record in state.sandboxes.values() {
+        let spec = SandboxSpec::new(record.id, &record.name, &config.pools()).map(|mut s| {
+            s.tap = record.tap.clone();
+            s
+        })?;
+        teardown(&netlink, &nft, config, record, &spec);
+        done.push(format!("sandbox {} (tap {})", record.name, record.tap));
+    }
+    nft.remove()?;
+    done.push("nftables table inet sbx_net".into());
+    // Pinned maps: unpinning drops them once no program uses them.
+    if config.bpf_dir.exists() {
+        let _ = std::fs::remove_dir_all(config.bpf_dir.join("links"));
+        std::fs::remove_dir_all(&config.bpf_dir).map_err(io_err(&config.bpf_dir))?;
+        done.push(format!("pins under {}", config.bpf_dir.display()));
+    }
+    for path in [config.state_file(), config.applied_policy_dir()] {
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        } else if path.exists() {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&config.state_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("guest-") && name.ends_with(".log") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(&config.state_dir);
+    done.push(format!("state in {}", config.state_dir.display()));
+    Ok(done)
+}

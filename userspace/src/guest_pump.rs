@@ -1,0 +1,177 @@
+//! The frame pump of a netns guest runs in its own process (`sbx-net
+//! __guest-pump`), in its own session: killing or restarting the daemon
+//! must not cut a guest off — enforcement stays in the kernel, and frames
+//! keep flowing through the pump.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sbx_vmm::{GuestNetwork, NetNs, NetnsGuest, Tap};
+
+use crate::sandbox::SandboxSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    #[error("starting the guest pump for {name}: {reason}")]
+    Start { name: String, reason: String },
+}
+
+/// Everything the pump process needs, passed as one JSON argument.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PumpSpec {
+    pub sandbox: String,
+    pub tap: String,
+    pub netns: String,
+    pub mac: [u8; 6],
+    pub ipv4: std::net::Ipv4Addr,
+    pub ipv4_prefix_len: u8,
+    pub gateway_ipv4: std::net::Ipv4Addr,
+    pub ipv6: std::net::Ipv6Addr,
+    pub ipv6_prefix_len: u8,
+    pub gateway_ipv6: std::net::Ipv6Addr,
+}
+
+impl PumpSpec {
+    pub fn new(spec: &SandboxSpec) -> PumpSpec {
+        let n = spec.guest_network();
+        PumpSpec {
+            sandbox: spec.name.clone(),
+            tap: spec.tap.clone(),
+            netns: spec.netns.clone(),
+            mac: n.mac,
+            ipv4: n.ipv4,
+            ipv4_prefix_len: n.ipv4_prefix_len,
+            gateway_ipv4: n.gateway_ipv4,
+            ipv6: n.ipv6,
+            ipv6_prefix_len: n.ipv6_prefix_len,
+            gateway_ipv6: n.gateway_ipv6,
+        }
+    }
+
+    fn network(&self) -> GuestNetwork {
+        GuestNetwork {
+            mac: self.mac,
+            ipv4: self.ipv4,
+            ipv4_prefix_len: self.ipv4_prefix_len,
+            gateway_ipv4: self.gateway_ipv4,
+            ipv6: self.ipv6,
+            ipv6_prefix_len: self.ipv6_prefix_len,
+            gateway_ipv6: self.gateway_ipv6,
+            mtu: 1500,
+            nameservers: vec![self.gateway_ipv4.into()],
+        }
+    }
+}
+
+const READY: &str = "ready";
+const PUMP_ARG: &str = "__guest-pump";
+
+/// The pump process: opens the (persistent) host tap, creates the guest
+/// namespace, prints `ready`, then pumps until SIGTERM/SIGINT, when it
+/// removes the namespace.
+pub fn run_pump(spec_json: &str) -> Result<(), String> {
+    let spec: PumpSpec = serde_json::from_str(spec_json).map_err(|e| format!("bad pump spec: {e}"))?;
+    // Block the stop signals in every thread (the pump threads inherit the
+    // mask) and wait for them synchronously below.
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
+    // only read and write it and the thread's signal mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let tap = Tap::open(&spec.tap).map_err(|e| e.to_string())?;
+    // A namespace left by a pump that was SIGKILLed: replace it.
+    NetNs::delete(&spec.netns).map_err(|e| e.to_string())?;
+    let guest = NetnsGuest::start(&spec.netns, tap, &spec.network()).map_err(|e| e.to_string())?;
+    println!("{READY}");
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let mut signal: libc::c_int = 0;
+    // SAFETY: set is the initialised signal set from above.
+    unsafe { libc::sigwait(&set, &mut signal) };
+    eprintln!("guest pump {}: signal {signal}, removing {}", spec.sandbox, spec.netns);
+    drop(guest);
+    Ok(())
+}
+
+/// Starts the pump for `spec` (detached, in its own session) and waits until
+/// the guest is up. Its stderr goes to `log`.
+pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpError> {
+    let err = |reason: String| PumpError::Start { name: spec.sandbox.clone(), reason };
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| err(format!("opening {}: {e}", log.display())))?;
+    let mut command = Command::new(exe);
+    command
+        .arg(PUMP_ARG)
+        .arg(serde_json::to_string(spec).expect("spec serializes"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().map_err(|e| err(format!("spawning {}: {e}", exe.display())))?;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(line) if line.trim() == READY => Ok(pid),
+        Ok(_) => {
+            stop_pump(pid, &spec.sandbox, &spec.netns);
+            Err(err(format!("it exited before the guest was up; see {}", log.display())))
+        }
+        Err(_) => {
+            stop_pump(pid, &spec.sandbox, &spec.netns);
+            Err(err(format!("no guest after 15 s; see {}", log.display())))
+        }
+    }
+}
+
+/// Whether `pid` is the pump of `sandbox` (a pid alone may have been reused).
+pub fn pump_alive(pid: u32, sandbox: &str) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    args.get(1).is_some_and(|a| *a == PUMP_ARG.as_bytes())
+        && args.get(2).is_some_and(|a| {
+            serde_json::from_slice::<PumpSpec>(a).is_ok_and(|s| s.sandbox == sandbox)
+        })
+}
+
+/// Stops the pump (SIGTERM, then SIGKILL after 5 s) and makes sure the guest
+/// namespace is gone.
+pub fn stop_pump(pid: u32, sandbox: &str, netns: &str) {
+    if pump_alive(pid, sandbox) {
+        // SAFETY: kill with a pid we verified is our pump.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pump_alive(pid, sandbox) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if pump_alive(pid, sandbox) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _ = NetNs::delete(netns);
+}

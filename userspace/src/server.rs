@@ -1,0 +1,207 @@
+//! Wiring of the daemon process: mount namespace and bpffs, the control
+//! socket, the control thread, the proxies, signals. The decisions live in
+//! [`crate::daemon`]; this is the I/O around them.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+
+use crate::api::{Request, Response};
+use crate::config::DaemonConfig;
+use crate::daemon::{Daemon, DaemonError};
+use crate::proxy;
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("a daemon already answers on {0}; stop it first")]
+    AlreadyRunning(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
+    let what = what.into();
+    move |source| ServerError::Io { what, source }
+}
+
+/// Under `ip netns exec` the process gets a private mount namespace with a
+/// fresh /sys (no bpffs) whose mounts die with it: pins made there would
+/// vanish — and detach every sandbox's program — when the daemon exits, and
+/// guest namespaces would be invisible to the host. The network namespace
+/// is what `ip netns exec` is for, so rejoin PID 1's mount namespace.
+/// Must run before any thread starts (setns(CLONE_NEWNS) needs that).
+fn join_host_mount_namespace() -> Result<bool, ServerError> {
+    let mine = std::fs::read_link("/proc/self/ns/mnt").map_err(io("reading /proc/self/ns/mnt"))?;
+    let init = match std::fs::read_link("/proc/1/ns/mnt") {
+        Ok(l) => l,
+        Err(_) => return Ok(false),
+    };
+    if mine == init {
+        return Ok(false);
+    }
+    let file = std::fs::File::open("/proc/1/ns/mnt").map_err(io("opening /proc/1/ns/mnt"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a namespace fd we own; the process is single-threaded
+    // here (checked by the kernel, which fails with EINVAL otherwise).
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+        return Err(io("joining the host mount namespace")(std::io::Error::last_os_error()));
+    }
+    Ok(true)
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs is plain data filled by the kernel; c is NUL-terminated.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::statfs(c.as_ptr(), &mut fs) == 0 && fs.f_type as i64 == BPF_FS_MAGIC }
+}
+
+/// Makes sure the pin directory is on a bpffs, mounting one at /sys/fs/bpf
+/// when nothing is mounted there.
+fn ensure_bpffs(bpf_dir: &Path) -> Result<(), ServerError> {
+    let mount_point = Path::new("/sys/fs/bpf");
+    let on_bpffs = bpf_dir.ancestors().any(|a| a.exists() && is_bpffs(a));
+    if on_bpffs {
+        return Ok(());
+    }
+    if bpf_dir.starts_with(mount_point) && !is_bpffs(mount_point) {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .map_err(io("mount -t bpf"))?;
+        if status.success() {
+            return Ok(());
+        }
+    }
+    Err(io(format!("{} is not on a bpffs", bpf_dir.display()))(std::io::Error::from(std::io::ErrorKind::Unsupported)))
+}
+
+fn absolute(config: &mut DaemonConfig) -> Result<(), ServerError> {
+    let abs = |p: &Path| std::path::absolute(p).map_err(io(format!("resolving {}", p.display())));
+    config.state_dir = abs(&config.state_dir)?;
+    config.socket = abs(&config.socket)?;
+    config.bpf_dir = abs(&config.bpf_dir)?;
+    if let Some(d) = &config.policy_dir {
+        config.policy_dir = Some(abs(d)?);
+    }
+    if let Some(d) = &config.upstream_ca {
+        config.upstream_ca = Some(abs(d)?);
+    }
+    Ok(())
+}
+
+/// Prepares the process (paths, mount namespace, bpffs); call first, while
+/// single-threaded.
+pub fn prepare(config: &mut DaemonConfig) -> Result<(), ServerError> {
+    absolute(config)?;
+    if join_host_mount_namespace()? {
+        tracing::info!("joined the host mount namespace (pins and guest namespaces must outlive this process)");
+    }
+    ensure_bpffs(&config.bpf_dir)
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Exiting leaves every sandbox
+/// enforced (pinned links and maps, nftables, pumps).
+pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
+    prepare(&mut config)?;
+    // Pumps we spawn are reaped by the kernel (we never wait for them).
+    // SAFETY: setting a signal disposition to SIG_IGN.
+    unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+    if UnixStream::connect(&config.socket).is_ok() {
+        return Err(ServerError::AlreadyRunning(config.socket.display().to_string()));
+    }
+    let routes: proxy::Routes = Arc::new(RwLock::new(Default::default()));
+    let daemon = Daemon::start(config.clone(), routes.clone())?;
+    let proxy_listeners = proxy::bind(config.proxy_port)?;
+    let listener = bind_socket(&config)?;
+
+    let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let mut daemon = daemon;
+            for (request, reply) in rx {
+                let _ = reply.send(daemon.handle(request));
+            }
+        })
+        .map_err(io("spawning the control thread"))?;
+    std::thread::Builder::new()
+        .name("socket".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let tx = tx.clone();
+                std::thread::spawn(move || serve_client(stream, tx));
+            }
+        })
+        .map_err(io("spawning the socket thread"))?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("starting the runtime"))?;
+    let socket_path = config.socket.clone();
+    runtime.block_on(async move {
+        for l in proxy_listeners {
+            tokio::spawn(proxy::serve(l, routes.clone()));
+        }
+        tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, "sbx-net daemon ready");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping; sandboxes stay enforced by the kernel (pinned programs, maps and nftables)");
+        let _ = std::fs::remove_file(&socket_path);
+        Ok::<(), ServerError>(())
+    })?;
+    // Do not wait for client threads or the runtime's tasks.
+    std::process::exit(0);
+}
+
+fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
+    if let Some(dir) = config.socket.parent() {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    // A socket file nobody answers on is stale (checked in `run`).
+    let _ = std::fs::remove_file(&config.socket);
+    let listener = UnixListener::bind(&config.socket).map_err(io(format!("binding {}", config.socket.display())))?;
+    std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(config.socket_mode))
+        .map_err(io(format!("chmod {}", config.socket.display())))?;
+    Ok(listener)
+}
+
+fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>) {
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let mut writer = stream;
+    let mut line = String::new();
+    while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => {
+                let (reply_tx, reply_rx) = mpsc::channel();
+                if control.send((request, reply_tx)).is_err() {
+                    return;
+                }
+                reply_rx.recv().unwrap_or(Response::Error("the daemon's control thread stopped".into()))
+            }
+            Err(e) => Response::Error(format!("bad request: {e}")),
+        };
+        let mut out = serde_json::to_string(&response).expect("responses serialize");
+        out.push('\n');
+        if writer.write_all(out.as_bytes()).is_err() {
+            return;
+        }
+        line.clear();
+    }
+}
