@@ -5,6 +5,7 @@
 //! or forwarding. Every namespace is created with a unique name and removed
 //! on drop, also when a test panics.
 
+pub mod daemon;
 pub mod frames;
 
 use std::io::{Read, Write};
@@ -203,4 +204,61 @@ impl Drop for WorldServers {
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "these tests must run as root (CAP_NET_ADMIN, CAP_BPF)");
+}
+
+/// A background `ping` from a namespace (bounded: `count` echoes at
+/// `interval_ms`, and a deadline); `finish` returns (sent, received).
+pub struct Pinger {
+    child: std::process::Child,
+}
+
+impl Pinger {
+    pub fn start(ns: &str, dst: IpAddr, count: u32, interval_ms: u32) -> Pinger {
+        let interval = format!("{:.3}", f64::from(interval_ms) / 1000.0);
+        let deadline = (count * interval_ms / 1000 + 5).to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-n", "-q", "-c", &count.to_string(), "-i", &interval, "-w", &deadline, "-W", "1", &dst.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ping");
+        Pinger { child }
+    }
+
+    pub fn finish(self) -> (u32, u32) {
+        let out = self.child.wait_with_output().expect("ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("ping printed no summary: {text}"));
+        let num = |word: &str| -> u32 {
+            let before = line.split(word).next().unwrap_or("");
+            before.split_whitespace().last().and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        (num("packets transmitted"), num("received"))
+    }
+}
+
+/// A TCP listener started with real `nc -l` in a namespace; killed on drop.
+pub struct NcListener {
+    child: std::process::Child,
+}
+
+impl NcListener {
+    pub fn start(ns: &str, port: u16) -> NcListener {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, "nc", "-l", "-k", &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nc -l");
+        std::thread::sleep(Duration::from_millis(200));
+        NcListener { child }
+    }
+}
+
+impl Drop for NcListener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -37,25 +37,36 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
 /// fresh /sys (no bpffs) whose mounts die with it: pins made there would
 /// vanish — and detach every sandbox's program — when the daemon exits, and
 /// guest namespaces would be invisible to the host. The network namespace
-/// is what `ip netns exec` is for, so rejoin PID 1's mount namespace.
-/// Must run before any thread starts (setns(CLONE_NEWNS) needs that).
-fn join_host_mount_namespace() -> Result<bool, ServerError> {
+/// is what `ip netns exec` is for, so when our bpf dir is not on a bpffs,
+/// rejoin the mount namespace of PID 1 or, where PID 1 is out of reach (as
+/// in some containers), of our parent, provided /sys/fs/bpf is a bpffs
+/// there. Must run before any thread starts (setns(CLONE_NEWNS) needs that).
+fn join_host_mount_namespace(bpf_dir: &Path) -> Result<Option<u32>, ServerError> {
+    if on_bpffs(bpf_dir) {
+        return Ok(None);
+    }
     let mine = std::fs::read_link("/proc/self/ns/mnt").map_err(io("reading /proc/self/ns/mnt"))?;
-    let init = match std::fs::read_link("/proc/1/ns/mnt") {
-        Ok(l) => l,
-        Err(_) => return Ok(false),
-    };
-    if mine == init {
-        return Ok(false);
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() } as u32;
+    for pid in [1, parent] {
+        let Ok(theirs) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { continue };
+        if theirs == mine || !is_bpffs(&Path::new(&format!("/proc/{pid}/root")).join("sys/fs/bpf")) {
+            continue;
+        }
+        let Ok(file) = std::fs::File::open(format!("/proc/{pid}/ns/mnt")) else { continue };
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a namespace fd we own; the process is
+        // single-threaded here (the kernel fails with EINVAL otherwise).
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
+            return Err(io("joining the host mount namespace")(std::io::Error::last_os_error()));
+        }
+        return Ok(Some(pid));
     }
-    let file = std::fs::File::open("/proc/1/ns/mnt").map_err(io("opening /proc/1/ns/mnt"))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: setns on a namespace fd we own; the process is single-threaded
-    // here (checked by the kernel, which fails with EINVAL otherwise).
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
-        return Err(io("joining the host mount namespace")(std::io::Error::last_os_error()));
-    }
-    Ok(true)
+    Ok(None)
+}
+
+fn on_bpffs(dir: &Path) -> bool {
+    dir.ancestors().any(|a| a.exists() && is_bpffs(a))
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -70,8 +81,7 @@ fn is_bpffs(path: &Path) -> bool {
 /// when nothing is mounted there.
 fn ensure_bpffs(bpf_dir: &Path) -> Result<(), ServerError> {
     let mount_point = Path::new("/sys/fs/bpf");
-    let on_bpffs = bpf_dir.ancestors().any(|a| a.exists() && is_bpffs(a));
-    if on_bpffs {
+    if on_bpffs(bpf_dir) {
         return Ok(());
     }
     if bpf_dir.starts_with(mount_point) && !is_bpffs(mount_point) {
@@ -104,8 +114,8 @@ fn absolute(config: &mut DaemonConfig) -> Result<(), ServerError> {
 /// single-threaded.
 pub fn prepare(config: &mut DaemonConfig) -> Result<(), ServerError> {
     absolute(config)?;
-    if join_host_mount_namespace()? {
-        tracing::info!("joined the host mount namespace (pins and guest namespaces must outlive this process)");
+    if let Some(pid) = join_host_mount_namespace(&config.bpf_dir)? {
+        tracing::info!(pid, "joined the mount namespace of this process: pins and guest namespaces must outlive ours");
     }
     ensure_bpffs(&config.bpf_dir)
 }

@@ -1,0 +1,293 @@
+//! End to end through the real daemon and CLI: sandbox lifecycle, isolation,
+//! nftables redirects and input isolation, atomic reload under traffic,
+//! malformed policies, kill -9 and restart, and adoption of an external tap.
+//! Real ping / nc / curl run in netns guests; the world namespace serves.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::time::Duration;
+
+use sbx_net_tests::daemon::DaemonHarness;
+use sbx_net_tests::{curl, require_root, run_in, tcp_connects, udp_exchange, unique_name, NcListener, Pinger, WorldServers, UPLINK_HOST_V4, UPLINK_WORLD_V4};
+
+const PORT: u16 = 8080;
+const A_ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 5);
+const A_DENIED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const B_ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 5);
+
+fn a_allowed_v6() -> Ipv6Addr {
+    "2001:db8:100::5".parse().unwrap()
+}
+
+/// Sandbox A: 198.51.100.0/24 (minus a /28), the uplink /24 (to prove the
+/// host's own port isolation is nftables' doing), and the sandbox pool (to
+/// prove tap→tap is dropped by nftables even where eBPF would allow it).
+const POLICY_A: &str = r#"
+name = "team-a"
+[network]
+default = "deny"
+allow = ["198.51.100.0/24", "2001:db8:100::/48", "192.0.2.0/24", "10.200.0.0/16"]
+deny = ["198.51.100.16/28"]
+"#;
+
+const POLICY_B: &str = r#"
+name = "team-b"
+[network]
+default = "deny"
+allow = ["203.0.113.0/24"]
+"#;
+
+fn ip(v: &serde_json::Value, key: &str) -> IpAddr {
+    v[key].as_str().unwrap_or_else(|| panic!("{key} missing in {v}")).parse().unwrap()
+}
+
+#[test]
+fn lifecycle_isolation_and_host_ports() {
+    require_root();
+    let h = DaemonHarness::new("life", &[("a.toml", POLICY_A), ("b.toml", POLICY_B)]);
+    for addr in [A_ALLOWED, A_DENIED, B_ALLOWED] {
+        h.topology.add_world_address(addr.into());
+    }
+    h.topology.add_world_address(a_allowed_v6().into());
+    let world_addrs: Vec<IpAddr> = vec![A_ALLOWED.into(), A_DENIED.into(), B_ALLOWED.into(), a_allowed_v6().into(), UPLINK_WORLD_V4.into()];
+    let _web = WorldServers::start(&h.topology.world, &world_addrs, PORT);
+    let _http = WorldServers::start(&h.topology.world, &world_addrs, 80);
+    // A host service on the uplink address, and a UDP echo standing in for
+    // the DNS proxy on the daemon's DNS port.
+    let _host_service = WorldServers::start(&h.topology.host, &[IpAddr::from(Ipv4Addr::UNSPECIFIED)], 2222);
+    let _dns_stand_in = WorldServers::start(&h.topology.host, &[IpAddr::from(Ipv4Addr::UNSPECIFIED)], 1053);
+
+    let a_name = unique_name("a");
+    let b_name = unique_name("b");
+    let a = h.create_guest(&a_name, "team-a");
+    let b = h.create_guest(&b_name, "team-b");
+    for key in ["name", "tap", "netns", "guest_ipv4", "guest_ipv6", "guest_mac", "gateway_ipv4", "gateway_ipv6", "dns", "ca_cert"] {
+        assert!(a.get(key).is_some(), "create output lacks {key}: {a}");
+    }
+    assert!(a["tap"].as_str().unwrap().len() <= 15);
+    assert_ne!(a["guest_ipv4"], b["guest_ipv4"]);
+    assert_ne!(a["guest_mac"], b["guest_mac"]);
+    let (a_ns, b_ns) = (a["netns"].as_str().unwrap().to_string(), b["netns"].as_str().unwrap().to_string());
+    let resolv = std::fs::read_to_string(Path::new("/etc/netns").join(&a_ns).join("resolv.conf")).unwrap();
+    assert!(resolv.contains(a["dns"].as_str().unwrap()), "{resolv}");
+    // Duplicate names and unknown policies are refused.
+    assert!(h.cli_err(&["sandbox", "create", &a_name, "--policy", "team-a"]).contains("already exists"));
+    assert!(h.cli_err(&["sandbox", "create", "x", "--policy", "nope"]).contains("no policy named"));
+
+    // Each sandbox reaches what its own policy allows, and only that.
+    assert!(tcp_connects(&a_ns, A_ALLOWED.into(), PORT));
+    assert!(tcp_connects(&a_ns, a_allowed_v6().into(), PORT));
+    assert!(!tcp_connects(&a_ns, A_DENIED.into(), PORT));
+    assert!(!tcp_connects(&a_ns, B_ALLOWED.into(), PORT));
+    assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
+    assert!(!tcp_connects(&b_ns, A_ALLOWED.into(), PORT));
+
+    // Port 80 goes through the daemon's transparent proxy, which applies the
+    // same policy: allowed works end to end, denied is refused.
+    assert_eq!(curl(&a_ns, &format!("http://{A_ALLOWED}/")).as_deref(), Some(format!("hello from {A_ALLOWED}\n").as_str()));
+    assert_eq!(curl(&a_ns, &format!("http://{A_DENIED}/")), None);
+    assert_eq!(curl(&b_ns, &format!("http://{A_ALLOWED}/")), None);
+
+    // Host ports: the uplink /24 is allowed by A's policy, yet the host's own
+    // service is not reachable (nftables input), while the world's is.
+    assert!(tcp_connects(&a_ns, UPLINK_WORLD_V4.into(), PORT));
+    assert!(!tcp_connects(&a_ns, UPLINK_HOST_V4.into(), 2222));
+    assert!(!tcp_connects(&a_ns, ip(&a, "gateway_ipv4"), 2222));
+    // DNS to a hard-coded resolver lands on the daemon's DNS port.
+    assert_eq!(udp_exchange(&a_ns, "203.0.113.99".parse().unwrap(), 53, "dns?"), "dns?");
+
+    // Tap to tap: allowed by A's policy (10.200.0.0/16), dropped by nftables.
+    let _b_listener = NcListener::start(&b_ns, 9000);
+    assert!(!tcp_connects(&a_ns, ip(&b, "guest_ipv4"), 9000));
+    // Inbound: the world cannot open a connection to a guest.
+    assert!(!tcp_connects(h.topology.world.name(), ip(&b, "guest_ipv4"), 9000));
+
+    // policy test names the deciding rule.
+    let out = h.cli_ok(&["policy", "test", &a_name, "198.51.100.20:443"]);
+    assert!(out.contains("denied") && out.contains("deny 198.51.100.16/28"), "{out}");
+    let out = h.cli_ok(&["policy", "test", &b_name, "198.51.100.5"]);
+    assert!(out.contains("denied") && out.contains("default deny"), "{out}");
+
+    // list / show / status / nft.
+    let list = h.json(&["sandbox", "list", "--json"]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(h.json(&["sandbox", "show", &b_name])["policy"], "team-b");
+    let status = h.json(&["status", "--json"]);
+    assert_eq!(status["sandboxes"], 2);
+    assert!(status["maps"]["policy_v4_entries"].as_u64().unwrap() > 0);
+    let table = h.nft_table();
+    for tap in [&a["tap"], &b["tap"]] {
+        assert!(table.contains(&format!("\"{}\"", tap.as_str().unwrap())), "{table}");
+    }
+
+    // Delete A: exactly its pieces go; B keeps working.
+    h.cli_ok(&["sandbox", "delete", &a_name]);
+    let table = h.nft_table();
+    assert!(!table.contains(&format!("\"{}\"", a["tap"].as_str().unwrap())), "{table}");
+    assert!(table.contains(&format!("\"{}\"", b["tap"].as_str().unwrap())), "{table}");
+    assert!(!Path::new("/run/netns").join(&a_ns).exists());
+    assert!(!h.bpf_dir.join("links").join(&a_name).exists());
+    assert!(h.bpf_dir.join("links").join(&b_name).exists());
+    let links = run_in(h.topology.host.name(), "ip", &["-o", "link", "show"]);
+    assert!(!String::from_utf8_lossy(&links.stdout).contains(&format!("{}:", a["tap"].as_str().unwrap())));
+    assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
+    assert!(h.cli_err(&["sandbox", "show", &a_name]).contains("no sandbox"));
+}
+
+const POLICY_V1: &str = r#"
+name = "agent"
+[network]
+default = "deny"
+allow = ["198.51.100.0/24"]
+deny = ["198.51.100.16/28"]
+"#;
+
+/// Same verdicts for the two probed addresses, different rules elsewhere,
+/// so every reload really switches a generation.
+const POLICY_V2: &str = r#"
+name = "agent"
+[network]
+default = "deny"
+allow = ["198.51.100.0/25", "198.51.100.128/25", "192.0.2.128/25"]
+deny = ["198.51.100.16/28", "198.51.100.200/29"]
+"#;
+
+#[test]
+fn reload_under_traffic_and_malformed_policies() {
+    require_root();
+    let h = DaemonHarness::new("reload", &[("agent.toml", POLICY_V1)]);
+    for addr in [A_ALLOWED, A_DENIED] {
+        h.topology.add_world_address(addr.into());
+    }
+    let _web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    let name = g["name"].as_str().unwrap().to_string();
+    assert!(tcp_connects(&ns, A_ALLOWED.into(), PORT));
+
+    // 400 echoes each, 10 ms apart, while the policy is switched 20 times.
+    let allowed = Pinger::start(&ns, A_ALLOWED.into(), 400, 10);
+    let denied = Pinger::start(&ns, A_DENIED.into(), 400, 10);
+    let before = h.json(&["status", "--json"])["policy_generation"].as_u64().unwrap();
+    for i in 0..20 {
+        let text = if i % 2 == 0 { POLICY_V2 } else { POLICY_V1 };
+        std::fs::write(h.policy_dir.join("agent.toml"), text).unwrap();
+        let out = h.json(&["policy", "reload"]);
+        assert_eq!(out["sandboxes_switched"].as_array().unwrap().len(), 1, "{out}");
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let (sent, received) = allowed.finish();
+    assert!(sent >= 390, "sent {sent}");
+    assert_eq!(received, sent, "allowed echoes lost during reloads");
+    let (sent, received) = denied.finish();
+    assert!(sent >= 390, "sent {sent}");
+    assert_eq!(received, 0, "denied echoes got through during reloads");
+    let after = h.json(&["status", "--json"])["policy_generation"].as_u64().unwrap();
+    assert_eq!(after, before + 20);
+
+    // A malformed policy file: reload is refused with file, line and reason,
+    // and the old policy stays in force.
+    std::fs::write(h.policy_dir.join("agent.toml"), "name = \"agent\"\n[network]\nallow = [\"198.51.100.0/33\"]\n").unwrap();
+    let err = h.cli_err(&["policy", "reload"]);
+    assert!(err.contains("agent.toml:3:"), "{err}");
+    assert!(tcp_connects(&ns, A_ALLOWED.into(), PORT));
+    assert!(!tcp_connects(&ns, A_DENIED.into(), PORT));
+    let status = h.json(&["status", "--json"]);
+    assert!(status["reload_failures"].as_u64().unwrap() >= 1);
+    assert!(status["last_reload_error"].as_str().unwrap().contains("agent.toml:3"));
+    let bad = h.dir.join("bad.toml");
+    std::fs::write(&bad, "name = \"agent\"\n[network]\nallow = [\"*\"]\n").unwrap();
+    let err = h.cli_err(&["policy", "apply", bad.to_str().unwrap()]);
+    assert!(err.contains("bad.toml:3:"), "{err}");
+    assert!(tcp_connects(&ns, A_ALLOWED.into(), PORT));
+    // `policy check` agrees without a daemon.
+    assert!(h.cli_err(&["policy", "check", bad.to_str().unwrap()]).contains("bad.toml:3:"));
+
+    // A valid apply takes effect at once (and survives the broken dir file).
+    let good = h.dir.join("closed.toml");
+    std::fs::write(&good, "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"203.0.113.0/24\"]\n").unwrap();
+    h.cli_ok(&["policy", "apply", good.to_str().unwrap()]);
+    assert!(!tcp_connects(&ns, A_ALLOWED.into(), PORT));
+    let out = h.cli_ok(&["policy", "test", &name, &format!("{A_ALLOWED}:{PORT}")]);
+    assert!(out.contains("default deny"), "{out}");
+    let list = h.json(&["policy", "list"]);
+    assert!(list.as_array().unwrap().iter().any(|p| p["name"] == "agent" && p["sandboxes"].as_array().unwrap().len() == 1), "{list}");
+}
+
+#[test]
+fn kill_9_and_restart_keep_enforcement() {
+    require_root();
+    let mut h = DaemonHarness::new("restart", &[("agent.toml", POLICY_V1)]);
+    for addr in [A_ALLOWED, A_DENIED] {
+        h.topology.add_world_address(addr.into());
+    }
+    let _web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    let name = g["name"].as_str().unwrap().to_string();
+
+    let allowed = Pinger::start(&ns, A_ALLOWED.into(), 300, 10);
+    let denied = Pinger::start(&ns, A_DENIED.into(), 300, 10);
+    std::thread::sleep(Duration::from_millis(500));
+    h.kill_daemon(libc::SIGKILL);
+    // The daemon is gone: enforcement is not.
+    assert!(tcp_connects(&ns, A_ALLOWED.into(), PORT), "allowed flow broke with the daemon dead");
+    assert!(!tcp_connects(&ns, A_DENIED.into(), PORT), "denied flow opened with the daemon dead");
+    assert!(h.nft_table().contains(g["tap"].as_str().unwrap()));
+    h.start_daemon();
+    let (sent, received) = allowed.finish();
+    assert!(sent >= 290, "sent {sent}");
+    assert_eq!(received, sent, "allowed echoes lost across kill -9 and restart");
+    let (_, received) = denied.finish();
+    assert_eq!(received, 0, "denied echoes passed across kill -9 and restart");
+
+    // Re-adopted: same sandbox, still enforced, and manageable.
+    let show = h.json(&["sandbox", "show", &name]);
+    assert_eq!(show["tap"], g["tap"]);
+    assert!(tcp_connects(&ns, A_ALLOWED.into(), PORT));
+    assert!(!tcp_connects(&ns, A_DENIED.into(), PORT));
+    // A policy edited while the daemon was down is picked up at restart.
+    h.kill_daemon(libc::SIGTERM);
+    std::fs::write(h.policy_dir.join("agent.toml"), "name = \"agent\"\n[network]\nallow = [\"198.51.100.16/28\"]\n").unwrap();
+    h.start_daemon();
+    assert!(tcp_connects(&ns, A_DENIED.into(), PORT));
+    assert!(!tcp_connects(&ns, A_ALLOWED.into(), PORT));
+    h.cli_ok(&["sandbox", "delete", &name]);
+    assert!(!Path::new("/run/netns").join(&ns).exists());
+}
+
+#[test]
+fn adopts_an_external_vmm_tap() {
+    require_root();
+    let h = DaemonHarness::new("adopt", &[("agent.toml", POLICY_V1)]);
+    for addr in [A_ALLOWED, A_DENIED] {
+        h.topology.add_world_address(addr.into());
+    }
+    let _web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    // A tap made the way Firecracker's docs make one.
+    let host = h.topology.host.name().to_string();
+    let made = run_in(&host, "ip", &["tuntap", "add", "dev", "fc-tap0", "mode", "tap"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let name = unique_name("vm");
+    let vm = h.json(&["sandbox", "create", &name, "--policy", "agent", "--tap", "fc-tap0"]);
+    assert_eq!(vm["tap"], "fc-tap0");
+    assert_eq!(vm["adopted_tap"], true);
+    // Play the VMM: attach to the tap and run a guest with the addresses
+    // `create` printed.
+    let spec = sbx_net::sandbox::SandboxSpec::new(vm["id"].as_u64().unwrap() as u32, &name, &Default::default()).unwrap();
+    let tap = h.topology.host.run(|| sbx_vmm::Tap::open("fc-tap0")).unwrap().expect("open the adopted tap");
+    let guest_ns = format!("{}-g", unique_name("vm"));
+    let guest = sbx_vmm::NetnsGuest::start(&guest_ns, tap, &spec.guest_network()).expect("guest");
+    assert_eq!(vm["guest_mac"], sbx_net::api::format_mac(spec.guest_mac));
+    assert!(tcp_connects(&guest_ns, A_ALLOWED.into(), PORT));
+    assert!(!tcp_connects(&guest_ns, A_DENIED.into(), PORT));
+    // Delete: the tap stays (it is the VMM's) but is down, so it carries
+    // nothing without its classifier.
+    h.cli_ok(&["sandbox", "delete", &name]);
+    let link = run_in(&host, "ip", &["-o", "link", "show", "fc-tap0"]);
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains("fc-tap0") && !link.contains(",UP"), "{link}");
+    assert!(!tcp_connects(&guest_ns, A_ALLOWED.into(), PORT));
+    drop(guest);
+    run_in(&host, "ip", &["link", "del", "fc-tap0"]);
+}
