@@ -115,6 +115,18 @@ impl DaemonHarness {
         }
     }
 
+    /// `daemon --cleanup` with this harness's configuration.
+    pub fn cleanup(&self) -> Output {
+        let mut args = self.daemon_args();
+        args.push("--cleanup".into());
+        Command::new("ip").args(&args).output().expect("run daemon --cleanup")
+    }
+
+    /// The daemon's pid (`ip netns exec` execs it in place).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
@@ -171,13 +183,9 @@ impl Drop for DaemonHarness {
             eprintln!("--- daemon log ({}) ---\n{}", self.dir.display(), self.log());
         }
         self.kill_daemon(libc::SIGKILL);
-        let mut args = self.daemon_args();
-        args.push("--cleanup".into());
-        let out = Command::new("ip").args(&args).output();
-        if let Ok(out) = out {
-            if !out.status.success() {
-                eprintln!("daemon --cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
-            }
+        let out = self.cleanup();
+        if !out.status.success() {
+            eprintln!("daemon --cleanup failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let _ = std::fs::remove_dir_all(&self.bpf_dir);
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -57,6 +57,10 @@ fn lifecycle_isolation_and_host_ports() {
     let _host_service = WorldServers::start(&h.topology.host, &[IpAddr::from(Ipv4Addr::UNSPECIFIED)], 2222);
     let _dns_stand_in = WorldServers::start(&h.topology.host, &[IpAddr::from(Ipv4Addr::UNSPECIFIED)], 1053);
 
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&h.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket must be root-only");
+
     let a_name = unique_name("a");
     let b_name = unique_name("b");
     let a = h.create_guest(&a_name, "team-a");
@@ -290,4 +294,30 @@ fn adopts_an_external_vmm_tap() {
     assert!(!tcp_connects(&guest_ns, A_ALLOWED.into(), PORT));
     drop(guest);
     run_in(&host, "ip", &["link", "del", "fc-tap0"]);
+}
+
+#[test]
+fn cleanup_removes_everything_it_made() {
+    require_root();
+    let mut h = DaemonHarness::new("cleanup", &[("agent.toml", POLICY_V1)]);
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let plain = h.json(&["sandbox", "create", &unique_name("p"), "--policy", "default"]);
+    let host = h.topology.host.name().to_string();
+    let pump = h.json(&["status", "--json"]);
+    assert_eq!(pump["sandboxes"], 2);
+    // A running daemon must be stopped first.
+    let out = h.cleanup();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("stop it"), "{out:?}");
+    h.kill_daemon(libc::SIGKILL);
+    let out = h.cleanup();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let links = String::from_utf8_lossy(&run_in(&host, "ip", &["-o", "link", "show"]).stdout).into_owned();
+    for tap in [&g["tap"], &plain["tap"]] {
+        assert!(!links.contains(&format!("{}:", tap.as_str().unwrap())), "{links}");
+    }
+    assert!(!Path::new("/run/netns").join(g["netns"].as_str().unwrap()).exists());
+    let tables = String::from_utf8_lossy(&run_in(&host, "nft", &["list", "tables"]).stdout).into_owned();
+    assert!(!tables.contains("sbx_net"), "{tables}");
+    assert!(!h.bpf_dir.exists(), "pins left in {}", h.bpf_dir.display());
+    assert!(!h.state_dir.join("state.json").exists());
 }

@@ -66,15 +66,17 @@ fn main() -> Result<()> {
         }
         Task::Test { args } => {
             bootstrap()?;
-            test(&args)
+            test(&root, &args)
         }
         Task::Demo => {
             bootstrap()?;
-            run_release_bin("sbx-net-demo", &[])
+            build_release(&root)?;
+            run_release_bin(&root, "sbx-net-demo", &[])
         }
         Task::Bench { suite } => {
             bootstrap()?;
-            run_release_bin("sbx-net-bench", &[suite.as_str()])
+            build_release(&root)?;
+            run_release_bin(&root, "sbx-net-bench", &[suite.as_str()])
         }
     }
 }
@@ -231,8 +233,13 @@ fn build_release(root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn run_release_bin(bin: &str, args: &[&str]) -> Result<()> {
-    run(cargo().args(["run", "--release", "-q", "-p", "sbx-net-tests", "--bin", bin, "--"]).args(args))
+/// Runs a release binary of the tests crate, pointing it at the release
+/// `sbx-net` (the daemon and CLI it drives).
+fn run_release_bin(root: &Path, bin: &str, args: &[&str]) -> Result<()> {
+    run(cargo()
+        .args(["run", "--release", "-q", "-p", "sbx-net-tests", "--bin", bin, "--"])
+        .args(args)
+        .env("SBX_NET_BIN", target_dir(root).join("release/sbx-net")))
 }
 
 /// Namespaces our tests name `sbxt<pid>-…` or guests `sbx-sbxt…`.
@@ -247,15 +254,54 @@ fn leftover_namespaces() -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn test(args: &[String]) -> Result<()> {
+/// bpffs pin directories of test daemons (`/sys/fs/bpf/sbxt…`).
+fn leftover_pins() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("sbxt"))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Guest pump processes of test sandboxes.
+fn leftover_pumps() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains("__guest-pump") && c.contains("sbxt")
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn test(root: &Path, args: &[String]) -> Result<()> {
+    // The daemon tests drive the real binary: build it with the tests' profile.
+    run(cargo().args(["build", "-p", "sbx-net", "--bin", "sbx-net"]))?;
     // Default members only: the eBPF crate builds for bpfel-unknown-none alone.
-    let result = run(cargo().arg("test").args(args));
-    let left = leftover_namespaces();
+    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", target_dir(root).join("debug/sbx-net")));
+    let mut left: Vec<String> = Vec::new();
+    for pid in leftover_pumps() {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        left.push(format!("guest pump pid {pid}"));
+    }
+    for n in leftover_namespaces() {
+        let _ = Command::new("ip").args(["netns", "delete", &n]).status();
+        left.push(format!("network namespace {n}"));
+    }
+    for p in leftover_pins() {
+        let _ = std::fs::remove_dir_all(&p);
+        left.push(format!("bpffs pins {}", p.display()));
+    }
     if !left.is_empty() {
-        for n in &left {
-            let _ = Command::new("ip").args(["netns", "delete", n]).status();
-        }
-        bail!("tests left network namespaces behind (now removed): {}", left.join(" "));
+        bail!("tests left these behind (now removed): {}", left.join(", "));
     }
     result
 }
