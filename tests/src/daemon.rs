@@ -86,7 +86,7 @@ impl DaemonHarness {
             .expect("daemon log");
         let child = Command::new("ip")
             .args(self.daemon_args())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("SBX_NET_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)

@@ -124,7 +124,9 @@ fn lifecycle_isolation_and_host_ports() {
         assert!(table.contains(&format!("\"{}\"", tap.as_str().unwrap())), "{table}");
     }
 
-    // Delete A: exactly its pieces go; B keeps working.
+    // Delete A: exactly its pieces go; B keeps working. (The pool may
+    // pre-warm a new tap under the freed name: compare interface indexes.)
+    let a_ifindex = h.topology.host_netlink.link_index(a["tap"].as_str().unwrap()).unwrap();
     h.cli_ok(&["sandbox", "delete", &a_name]);
     let table = h.nft_table();
     assert!(!table.contains(&format!("\"{}\"", a["tap"].as_str().unwrap())), "{table}");
@@ -133,7 +135,7 @@ fn lifecycle_isolation_and_host_ports() {
     assert!(!h.bpf_dir.join("links").join(&a_name).exists());
     assert!(h.bpf_dir.join("links").join(&b_name).exists());
     let links = run_in(h.topology.host.name(), "ip", &["-o", "link", "show"]);
-    assert!(!String::from_utf8_lossy(&links.stdout).contains(&format!("{}:", a["tap"].as_str().unwrap())));
+    assert!(!String::from_utf8_lossy(&links.stdout).lines().any(|l| l.starts_with(&format!("{a_ifindex}:"))));
     assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
     assert!(h.cli_err(&["sandbox", "show", &a_name]).contains("no sandbox"));
 }
@@ -311,10 +313,10 @@ fn cleanup_removes_everything_it_made() {
     h.kill_daemon(libc::SIGKILL);
     let out = h.cleanup();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // No sandbox tap and no pre-warmed tap is left.
     let links = String::from_utf8_lossy(&run_in(&host, "ip", &["-o", "link", "show"]).stdout).into_owned();
-    for tap in [&g["tap"], &plain["tap"]] {
-        assert!(!links.contains(&format!("{}:", tap.as_str().unwrap())), "{links}");
-    }
+    assert!(!links.contains(": sbx-"), "{links}");
+    assert!(!links.contains(g["tap"].as_str().unwrap()) && !links.contains(plain["tap"].as_str().unwrap()));
     assert!(!Path::new("/run/netns").join(g["netns"].as_str().unwrap()).exists());
     let tables = String::from_utf8_lossy(&run_in(&host, "nft", &["list", "tables"]).stdout).into_owned();
     assert!(!tables.contains("sbx_net"), "{tables}");

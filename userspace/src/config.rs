@@ -47,6 +47,11 @@ pub struct DaemonConfig {
     pub proxied_ports: Vec<u16>,
     pub ipv4_pool: Ipv4Network,
     pub ipv6_pool: Ipv6Network,
+    /// Taps kept ready (created, classifier attached) for the next sandboxes;
+    /// 0 turns the pool off.
+    pub tap_pool_size: usize,
+    /// Threads filling the pool (attaches run concurrently).
+    pub tap_pool_workers: usize,
 }
 
 impl Default for DaemonConfig {
@@ -66,6 +71,8 @@ impl Default for DaemonConfig {
             proxied_ports: vec![80, 443],
             ipv4_pool: "10.200.0.0/16".parse().expect("valid"),
             ipv6_pool: "fd73:6278::/48".parse().expect("valid"),
+            tap_pool_size: 8,
+            tap_pool_workers: 4,
         }
     }
 }

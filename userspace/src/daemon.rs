@@ -27,6 +27,7 @@ use crate::policy_store::{load_policies, PolicyEntry, PolicySet};
 use crate::proxy::{Route, Routes};
 use crate::sandbox::{configure_host_side, open_host_tap, SandboxError, SandboxSpec};
 use crate::state::{text_hash, PolicyText, SandboxRecord, State, StateError};
+use crate::tap_pool::{dismantle_pooled, pool_pin_name, PoolSettings, TapPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -72,6 +73,7 @@ pub struct Daemon {
     /// The compiled policy in force per sandbox (what the maps hold).
     in_force: HashMap<String, Arc<CompiledPolicy>>,
     routes: Routes,
+    pool: TapPool,
     exe: PathBuf,
     started: Instant,
     reload_failures: u64,
@@ -100,6 +102,7 @@ impl Daemon {
                 (set, Some(e.to_string()))
             }
         };
+        let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
         let mut daemon = Daemon {
             config,
             datapath,
@@ -109,13 +112,35 @@ impl Daemon {
             policies,
             in_force: HashMap::new(),
             routes,
+            pool,
             exe,
             started: Instant::now(),
             reload_failures: u64::from(last_reload_error.is_some()),
             last_reload_error,
         };
         daemon.adopt_all()?;
+        daemon.start_pool()?;
         Ok(daemon)
+    }
+
+    /// Removes pre-warmed taps an earlier process left, then starts the
+    /// workers that keep `tap_pool_size` taps ready.
+    fn start_pool(&mut self) -> Result<(), DaemonError> {
+        let owned: std::collections::BTreeSet<String> = self.state.sandboxes.values().map(|r| r.tap.clone()).collect();
+        let links_dir = self.config.bpf_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+        let stale = dismantle_pooled(&self.netlink, &links_dir, &owned);
+        if stale > 0 {
+            tracing::info!(stale, "removed pre-warmed taps of an earlier run");
+        }
+        let settings = PoolSettings {
+            size: self.config.tap_pool_size,
+            workers: self.config.tap_pool_workers,
+            pools: self.config.pools(),
+            links_dir,
+        };
+        self.pool.start(settings, self.datapath.egress_program_fd()?);
+        Ok(())
     }
 
     fn flags(&self) -> u32 {
@@ -286,76 +311,23 @@ impl Daemon {
             ))
         })?;
         let entry = entry.clone();
-        let id = self
-            .state
-            .free_sandbox_id(self.config.pools().capacity())
-            .ok_or_else(|| DaemonError::Invalid("the address pools are full".into()))?;
-        let mut spec = SandboxSpec::new(id, name, &self.config.pools())?;
         if let Some(tap) = tap {
             sbx_vmm::tap::validate_ifname(tap)?;
             if self.state.sandboxes.values().any(|s| s.tap == tap) {
                 return Err(DaemonError::Invalid(format!("tap {tap} already belongs to a sandbox")));
             }
-            spec.tap = tap.to_string();
-        } else if self.netlink.link_exists(&spec.tap) {
-            return Err(DaemonError::Invalid(format!("interface {} already exists (not ours)", spec.tap)));
         }
-        let compiled = compile(&entry.policy, &spec.host_addresses())?;
-        let policy_id = self.state.take_policy_id();
-        let pin = self.config.link_pin(name);
-
-        // Each step registers its undo; on an error they run in reverse.
-        let mut undo: Vec<Box<dyn FnOnce(&mut Daemon)>> = Vec::new();
-        let result = (|| -> Result<Option<u32>, DaemonError> {
-            let ifindex = match tap {
-                Some(tap) => {
-                    let ifindex = self.netlink.link_index(tap)?;
-                    configure_host_side(&self.netlink, &spec, ifindex)?;
-                    ifindex
-                }
-                None => {
-                    let (tap, ifindex) = open_host_tap(&self.netlink, &spec)?;
-                    // Persistent: the tap outlives this fd (the pump or VMM
-                    // opens it) and the daemon process.
-                    tap.set_persist(true)?;
-                    drop(tap);
-                    undo.push(Box::new(move |d: &mut Daemon| {
-                        let _ = d.netlink.delete_link(ifindex);
-                    }));
-                    ifindex
-                }
-            };
-            let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
-            self.datapath.install_sandbox(ifindex, &cfg, &compiled)?;
-            let c = compiled.clone();
-            undo.push(Box::new(move |d: &mut Daemon| {
-                let _ = d.datapath.remove_sandbox(ifindex, policy_id, &c);
-            }));
-            std::fs::create_dir_all(pin.parent().expect("pin has a parent")).map_err(io_err(&pin))?;
-            self.datapath.attach_pinned(&spec.tap, &pin)?;
-            let p = pin.clone();
-            undo.push(Box::new(move |_| {
-                let _ = Datapath::unpin_link(&p);
-            }));
-            self.nft.add_tap(&spec.tap)?;
-            let t = spec.tap.clone();
-            undo.push(Box::new(move |d: &mut Daemon| {
-                let _ = d.nft.remove_tap(&t);
-            }));
-            if netns_guest {
-                return Ok(Some(spawn_pump(&self.exe, &PumpSpec::new(&spec), &self.pump_log(name))?));
-            }
-            Ok(None)
-        })();
-        let pump_pid = match result {
-            Ok(pid) => pid,
-            Err(e) => {
-                for step in undo.into_iter().rev() {
-                    step(self);
-                }
-                return Err(e);
-            }
+        // A pre-warmed tap (attached already) when there is one.
+        let pooled = if tap.is_none() { self.pool.take() } else { None };
+        let id = match pooled {
+            Some((id, _)) => id,
+            None => self.pool.allocate().ok_or_else(|| DaemonError::Invalid("the address pools are full".into()))?,
         };
+        let result = self.create_with_id(id, pooled.map(|(_, ifindex)| ifindex), name, &entry, tap, netns_guest);
+        if result.is_err() {
+            self.pool.release(id);
+        }
+        let (spec, compiled, policy_id, pump_pid) = result?;
         let hash = text_hash(&entry.source, &entry.text);
         self.state.policy_texts.insert(hash.clone(), PolicyText { source: entry.source.clone(), text: entry.text.clone() });
         let record = SandboxRecord {
@@ -379,6 +351,103 @@ impl Daemon {
         self.info(&record)
     }
 
+    /// The kernel side of `create`: tap (pooled, adopted or new), maps,
+    /// pinned link, nftables element, pump. Undoes its own steps on error.
+    #[allow(clippy::type_complexity)]
+    fn create_with_id(
+        &mut self,
+        id: u32,
+        pooled_ifindex: Option<u32>,
+        name: &str,
+        entry: &PolicyEntry,
+        tap: Option<&str>,
+        netns_guest: bool,
+    ) -> Result<(SandboxSpec, CompiledPolicy, u32, Option<u32>), DaemonError> {
+        let mut spec = SandboxSpec::new(id, name, &self.config.pools())?;
+        if let Some(tap) = tap {
+            spec.tap = tap.to_string();
+        } else if pooled_ifindex.is_none() && self.netlink.link_exists(&spec.tap) {
+            return Err(DaemonError::Invalid(format!("interface {} already exists (not ours)", spec.tap)));
+        }
+        let compiled = compile(&entry.policy, &spec.host_addresses())?;
+        let policy_id = self.state.take_policy_id();
+        let pin = self.config.link_pin(name);
+        std::fs::create_dir_all(pin.parent().expect("pin has a parent")).map_err(io_err(&pin))?;
+
+        let t0 = Instant::now();
+        // Each step registers its undo; on an error they run in reverse.
+        let mut undo: Vec<Box<dyn FnOnce(&mut Daemon)>> = Vec::new();
+        let result = (|| -> Result<Option<u32>, DaemonError> {
+            let ifindex = match (tap, pooled_ifindex) {
+                (Some(tap), _) => {
+                    let ifindex = self.netlink.link_index(tap)?;
+                    configure_host_side(&self.netlink, &spec, ifindex)?;
+                    ifindex
+                }
+                (None, Some(ifindex)) => {
+                    let pool_pin = self.config.link_pin(&pool_pin_name(id));
+                    undo.push(Box::new(move |d: &mut Daemon| {
+                        let _ = Datapath::unpin_link(&pool_pin);
+                        let _ = d.netlink.delete_link(ifindex);
+                    }));
+                    if self.netlink.link_index(&spec.tap)? != ifindex {
+                        return Err(DaemonError::Invalid(format!("pre-warmed tap {} changed under us", spec.tap)));
+                    }
+                    ifindex
+                }
+                (None, None) => {
+                    let (tap, ifindex) = open_host_tap(&self.netlink, &spec)?;
+                    // Persistent: the tap outlives this fd (the pump or VMM
+                    // opens it) and the daemon process.
+                    tap.set_persist(true)?;
+                    drop(tap);
+                    undo.push(Box::new(move |d: &mut Daemon| {
+                        let _ = d.netlink.delete_link(ifindex);
+                    }));
+                    ifindex
+                }
+            };
+            tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: tap ready");
+            let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
+            self.datapath.install_sandbox(ifindex, &cfg, &compiled)?;
+            tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: maps written");
+            let c = compiled.clone();
+            undo.push(Box::new(move |d: &mut Daemon| {
+                let _ = d.datapath.remove_sandbox(ifindex, policy_id, &c);
+            }));
+            if pooled_ifindex.is_some() && tap.is_none() {
+                let pool_pin = self.config.link_pin(&pool_pin_name(id));
+                std::fs::rename(&pool_pin, &pin).map_err(io_err(&pin))?;
+            } else {
+                self.datapath.attach_pinned(&spec.tap, &pin)?;
+            }
+            let p = pin.clone();
+            undo.push(Box::new(move |_| {
+                let _ = Datapath::unpin_link(&p);
+            }));
+            tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: link pinned");
+            self.nft.add_tap(&spec.tap)?;
+            tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: nft element added");
+            let t = spec.tap.clone();
+            undo.push(Box::new(move |d: &mut Daemon| {
+                let _ = d.nft.remove_tap(&t);
+            }));
+            if netns_guest {
+                return Ok(Some(spawn_pump(&self.exe, &PumpSpec::new(&spec), &self.pump_log(name))?));
+            }
+            Ok(None)
+        })();
+        match result {
+            Ok(pump_pid) => Ok((spec, compiled, policy_id, pump_pid)),
+            Err(e) => {
+                for step in undo.into_iter().rev() {
+                    step(self);
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn delete(&mut self, name: &str) -> Result<(), DaemonError> {
         let record = self
             .state
@@ -396,6 +465,7 @@ impl Daemon {
             }
         }
         teardown(&self.netlink, &self.nft, &self.config, &record, &spec);
+        self.pool.release(record.id);
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
         self.state.save(&self.config.state_file())?;
@@ -534,6 +604,7 @@ impl Daemon {
                 "sandboxes": self.state.sandboxes.values().filter(|r| &r.policy == name).count(),
             })).collect::<Vec<_>>(),
             "reload_failures": self.reload_failures,
+            "prewarmed_taps": self.pool.ready_count(),
             "last_reload_error": self.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,
@@ -597,6 +668,9 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
         teardown(&netlink, &nft, config, record, &spec);
         done.push(format!("sandbox {} (tap {})", record.name, record.tap));
     }
+    let owned: std::collections::BTreeSet<String> = state.sandboxes.values().filter(|r| r.adopted_tap).map(|r| r.tap.clone()).collect();
+    let pooled = dismantle_pooled(&netlink, &config.bpf_dir.join("links"), &owned);
+    done.push(format!("{pooled} pre-warmed taps"));
     nft.remove()?;
     done.push("nftables table inet sbx_net".into());
     // Pinned maps: unpinning drops them once no program uses them.

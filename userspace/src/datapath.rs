@@ -117,6 +117,13 @@ impl Datapath {
         Ok(Datapath { ebpf, logger, pin_dir: options.pin_dir.clone() })
     }
 
+    /// A clone of the classifier's fd, for attaching from other threads.
+    pub fn egress_program_fd(&self) -> Result<aya::programs::ProgramFd, DatapathError> {
+        let name = program_names::EGRESS;
+        let fd = self.program(name)?.fd().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+        fd.try_clone().map_err(|e| DatapathError::Program { name, source: Box::new(ProgramError::from(e)) })
+    }
+
     /// Removes the pinned maps (their memory goes with the last user).
     pub fn unpin_maps(&self) -> Result<(), DatapathError> {
         let Some(dir) = &self.pin_dir else { return Ok(()) };

@@ -19,6 +19,8 @@ pub mod proxy;
 pub mod sandbox;
 pub mod server;
 pub mod state;
+pub mod tap_pool;
+pub mod tcx;
 
 pub use compile::{compile, CompiledPolicy};
 pub use datapath::{Datapath, DatapathOptions};

@@ -70,12 +70,6 @@ impl State {
         self.policy_texts.retain(|k, _| used.contains(k));
     }
 
-    /// The lowest sandbox id in `1..capacity` not in use.
-    pub fn free_sandbox_id(&self, capacity: u64) -> Option<u32> {
-        let used: std::collections::BTreeSet<u32> = self.sandboxes.values().map(|s| s.id).collect();
-        (1..capacity.min(u64::from(u32::MAX)) as u32).find(|id| !used.contains(id))
-    }
-
     /// A fresh trie key prefix.
     pub fn take_policy_id(&mut self) -> u32 {
         if self.next_policy_id == 0 {
@@ -134,11 +128,8 @@ mod tests {
     #[test]
     fn ids_and_texts() {
         let mut s = State::default();
-        assert_eq!(s.free_sandbox_id(10), Some(1));
         s.sandboxes.insert("a".into(), record("a", 1, "h1"));
         s.sandboxes.insert("c".into(), record("c", 3, "h1"));
-        assert_eq!(s.free_sandbox_id(10), Some(2));
-        assert_eq!(s.free_sandbox_id(2), None);
         assert_eq!(s.take_policy_id(), 1);
         assert_eq!(s.take_policy_id(), 2);
         s.policy_texts.insert("h1".into(), PolicyText { source: "x".into(), text: "t".into() });

@@ -4,6 +4,11 @@
 //! on the same frame (the floor for any LPM-based verdict) — for 10 to 1M
 //! rules; and small-UDP packets/s from a netns guest through the tap with and
 //! without the program attached. Prints a Markdown report.
+//!
+//! `cargo xtask bench lifecycle`: creating and deleting 1000 sandboxes
+//! through the real daemon (its socket API, no CLI process per call),
+//! against a bare tap set up the same way without the daemon, and kernel +
+//! daemon memory per sandbox at four checkpoints (linearity).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -27,8 +32,10 @@ const RUNS: usize = 6;
 
 fn main() -> Result<()> {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "datapath".into());
-    if suite != "datapath" {
-        bail!("unknown benchmark suite {suite:?} (available: datapath)");
+    match suite.as_str() {
+        "datapath" => {}
+        "lifecycle" => return lifecycle(),
+        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle)"),
     }
     println!("## Datapath (`cargo xtask bench datapath`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
@@ -231,4 +238,162 @@ fn tap_throughput() -> Result<()> {
 
 fn fmt_runs(v: &[f64]) -> String {
     v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ")
+}
+
+const LIFECYCLE_SANDBOXES: usize = 1000;
+const BASELINE_TAPS: usize = 200;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn meminfo_kb(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Memory in use outside the page cache (as `free` computes "used").
+fn used_kb() -> u64 {
+    meminfo_kb("MemTotal") - meminfo_kb("MemFree") - meminfo_kb("Buffers") - meminfo_kb("Cached") - meminfo_kb("SReclaimable")
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sum of `memlock` of the BPF maps the daemon holds (its fdinfo).
+fn map_memlock_kb(pid: u32) -> u64 {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return 0 };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter(|t| t.contains("map_type:"))
+        .filter_map(|t| t.lines().find(|l| l.starts_with("memlock:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .sum::<u64>()
+        / 1024
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn lifecycle() -> Result<()> {
+    use sbx_net::api::{call, Request};
+    use sbx_net_tests::daemon::DaemonHarness;
+
+    println!("## Sandbox lifecycle (`cargo xtask bench lifecycle`)\n");
+    println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
+    let h = DaemonHarness::new("bench-life", &[]);
+    let pid = h.daemon_pid().context("daemon pid")?;
+
+    // Baseline, same run, same namespace: the bare tap work any sandbox
+    // needs (TUNSETIFF + persist, MAC, two addresses, up, delete), no daemon.
+    let mut base = Vec::with_capacity(BASELINE_TAPS);
+    let mut base_delete = Vec::with_capacity(BASELINE_TAPS);
+    let pools = AddressPools { ipv4: Ipv4Addr::new(10, 201, 0, 0), ..AddressPools::default() };
+    h.topology.host.run(|| -> Result<()> {
+        let netlink = sbx_vmm::Netlink::new()?;
+        for i in 0..BASELINE_TAPS {
+            let mut spec = SandboxSpec::new(i as u32 + 1, "base", &pools)?;
+            spec.tap = format!("base-{i}");
+            let t = Instant::now();
+            let (tap, ifindex) = open_host_tap(&netlink, &spec)?;
+            tap.set_persist(true)?;
+            drop(tap);
+            base.push(ms(t.elapsed()));
+            let t = Instant::now();
+            netlink.delete_link(ifindex)?;
+            base_delete.push(ms(t.elapsed()));
+        }
+        Ok(())
+    })??;
+
+    let timeout = Duration::from_secs(30);
+    let mut creates = Vec::with_capacity(LIFECYCLE_SANDBOXES);
+    let mut checkpoints = vec![(0usize, used_kb(), rss_kb(pid), map_memlock_kb(pid))];
+    let names: Vec<String> = (0..LIFECYCLE_SANDBOXES).map(|i| format!("bench-{i}")).collect();
+    let started = Instant::now();
+    for (i, name) in names.iter().enumerate() {
+        let t = Instant::now();
+        call(&h.socket, &Request::SandboxCreate { name: name.clone(), policy: "default".into(), tap: None, netns_guest: false }, timeout)
+            .with_context(|| format!("creating {name}"))?;
+        creates.push(ms(t.elapsed()));
+        if (i + 1) % (LIFECYCLE_SANDBOXES / 4) == 0 {
+            checkpoints.push((i + 1, used_kb(), rss_kb(pid), map_memlock_kb(pid)));
+        }
+    }
+    let create_total = started.elapsed();
+    let status = call(&h.socket, &Request::Status, timeout)?;
+    let mut deletes = Vec::with_capacity(LIFECYCLE_SANDBOXES);
+    let started = Instant::now();
+    for name in &names {
+        let t = Instant::now();
+        call(&h.socket, &Request::SandboxDelete { name: name.clone() }, timeout).with_context(|| format!("deleting {name}"))?;
+        deletes.push(ms(t.elapsed()));
+    }
+    let delete_total = started.elapsed();
+    let after = (used_kb(), rss_kb(pid), map_memlock_kb(pid));
+    if let Some(path) = std::env::var_os("SBX_NET_BENCH_DAEMON_LOG") {
+        std::fs::write(path, h.log())?;
+    }
+
+    for v in [&mut base, &mut base_delete, &mut creates, &mut deletes] {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    }
+    println!("### Time per sandbox ({LIFECYCLE_SANDBOXES} created, then deleted; baseline {BASELINE_TAPS} bare taps)\n");
+    println!("| operation | median ms | p99 ms | max ms | total s | median / baseline |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| baseline: bare tap create (no daemon) | {:.2} | {:.2} | {:.2} | – | 1.00 |",
+        percentile(&base, 0.5), percentile(&base, 0.99), base[base.len() - 1]
+    );
+    println!(
+        "| `sandbox create` (tap, addresses, maps, pinned TCX link, nft element, state fsync) | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+        percentile(&creates, 0.5), percentile(&creates, 0.99), creates[creates.len() - 1], create_total.as_secs_f64(),
+        percentile(&creates, 0.5) / percentile(&base, 0.5)
+    );
+    println!(
+        "| baseline: bare tap delete | {:.2} | {:.2} | {:.2} | – | 1.00 |",
+        percentile(&base_delete, 0.5), percentile(&base_delete, 0.99), base_delete[base_delete.len() - 1]
+    );
+    println!(
+        "| `sandbox delete` | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+        percentile(&deletes, 0.5), percentile(&deletes, 0.99), deletes[deletes.len() - 1], delete_total.as_secs_f64(),
+        percentile(&deletes, 0.5) / percentile(&base_delete, 0.5)
+    );
+    println!("\nTarget: ≤ 10 ms per create (median and p99 above).\n");
+    println!("### Memory per sandbox (checkpoints while creating)\n");
+    println!("Kernel + daemon = host memory in use outside the page cache (`MemTotal − MemFree − Buffers − Cached − SReclaimable`); of which daemon = its RSS; BPF maps = `memlock` of its map fds. Per sandbox = growth over the previous checkpoint / sandboxes added; equal slopes = linear.\n");
+    println!("| sandboxes | kernel + daemon MiB | per sandbox KiB | daemon RSS MiB | per sandbox KiB | BPF maps MiB |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (i, c) in checkpoints.iter().enumerate() {
+        let (n, used, rss, maps) = *c;
+        let (per_used, per_rss) = if i == 0 {
+            ("–".to_string(), "–".to_string())
+        } else {
+            let (pn, pu, pr, _) = checkpoints[i - 1];
+            let dn = (n - pn) as f64;
+            (format!("{:.1}", (used as f64 - pu as f64) / dn), format!("{:.1}", (rss as f64 - pr as f64) / dn))
+        };
+        println!("| {n} | {:.1} | {per_used} | {:.1} | {per_rss} | {:.1} |", used as f64 / 1024.0, rss as f64 / 1024.0, maps as f64 / 1024.0);
+    }
+    println!(
+        "| 0 (after deleting all) | {:.1} | – | {:.1} | – | {:.1} |",
+        after.0 as f64 / 1024.0, after.1 as f64 / 1024.0, after.2 as f64 / 1024.0
+    );
+    println!(
+        "\nAt {LIFECYCLE_SANDBOXES} sandboxes the daemon reported {} IPv4 + {} IPv6 policy entries.",
+        status["maps"]["policy_v4_entries"], status["maps"]["policy_v6_entries"]
+    );
+    Ok(())
 }
