@@ -134,8 +134,17 @@ fn lifecycle_isolation_and_host_ports() {
     assert!(!Path::new("/run/netns").join(&a_ns).exists());
     assert!(!h.bpf_dir.join("links").join(&a_name).exists());
     assert!(h.bpf_dir.join("links").join(&b_name).exists());
-    let links = run_in(h.topology.host.name(), "ip", &["-o", "link", "show"]);
-    assert!(!String::from_utf8_lossy(&links.stdout).lines().any(|l| l.starts_with(&format!("{a_ifindex}:"))));
+    // The tap is unregistered just after the answer (it is fail-closed
+    // until then: empty datapath slot, out of the nftables set).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let links = run_in(h.topology.host.name(), "ip", &["-o", "link", "show"]);
+        if !String::from_utf8_lossy(&links.stdout).lines().any(|l| l.starts_with(&format!("{a_ifindex}:"))) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "tap of the deleted sandbox still exists");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
     assert!(h.cli_err(&["sandbox", "show", &a_name]).contains("no sandbox"));
 }

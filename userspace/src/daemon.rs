@@ -27,7 +27,7 @@ use crate::policy_store::{load_policies, PolicyEntry, PolicySet};
 use crate::proxy::{Route, Routes};
 use crate::sandbox::{configure_host_side, open_host_tap, SandboxError, SandboxSpec};
 use crate::state::{text_hash, PolicyText, SandboxRecord, State, StateError};
-use crate::tap_pool::{dismantle_pooled, pool_pin_name, PoolSettings, TapPool};
+use crate::tap_pool::{dismantle_pooled, pool_pin_name, reap_pin_name, PoolSettings, TapPool};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -74,6 +74,9 @@ pub struct Daemon {
     in_force: HashMap<String, Arc<CompiledPolicy>>,
     routes: Routes,
     pool: TapPool,
+    reaper: std::sync::mpsc::Sender<ReapJob>,
+    /// Taps handed to the reaper and not yet gone.
+    reaping: Arc<std::sync::atomic::AtomicUsize>,
     exe: PathBuf,
     started: Instant,
     reload_failures: u64,
@@ -103,6 +106,7 @@ impl Daemon {
             }
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
+        let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut daemon = Daemon {
             config,
             datapath,
@@ -112,6 +116,8 @@ impl Daemon {
             policies,
             in_force: HashMap::new(),
             routes,
+            reaper: start_reaper(pool.clone(), reaping.clone())?,
+            reaping,
             pool,
             exe,
             started: Instant::now(),
@@ -244,6 +250,20 @@ impl Daemon {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
+    fn publish_route(&self, name: &str, spec: &SandboxSpec) {
+        let Some(policy) = self.in_force.get(name) else { return };
+        let route = Arc::new(Route { sandbox: name.to_string(), policy: policy.clone() });
+        let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
+        table.insert(IpAddr::V6(spec.guest_ipv6), route);
+    }
+
+    fn unpublish_routes(&self, spec: &SandboxSpec) {
+        let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        table.remove(&IpAddr::V4(spec.guest_ipv4));
+        table.remove(&IpAddr::V6(spec.guest_ipv6));
+    }
+
     /// One request, answered.
     pub fn handle(&mut self, request: Request) -> Response {
         let result = match request {
@@ -346,7 +366,7 @@ impl Daemon {
         self.state.sandboxes.insert(name.to_string(), record.clone());
         self.in_force.insert(name.to_string(), Arc::new(compiled));
         self.state.save(&self.config.state_file())?;
-        self.publish_routes();
+        self.publish_route(name, &spec);
         tracing::info!(sandbox = %name, tap = %spec.tap, policy = %policy_name, "sandbox created");
         self.info(&record)
     }
@@ -390,7 +410,7 @@ impl Daemon {
                         let _ = Datapath::unpin_link(&pool_pin);
                         let _ = d.netlink.delete_link(ifindex);
                     }));
-                    if self.netlink.link_index(&spec.tap)? != ifindex {
+                    if ifindex_of(&spec.tap) != Some(ifindex) {
                         return Err(DaemonError::Invalid(format!("pre-warmed tap {} changed under us", spec.tap)));
                     }
                     ifindex
@@ -456,20 +476,45 @@ impl Daemon {
             .cloned()
             .ok_or_else(|| DaemonError::Invalid(format!("no sandbox named {name:?}")))?;
         let spec = self.spec(&record)?;
-        // Clear the tap's datapath slot while its ifindex still names it.
-        let ifindex = self.netlink.link_index(&record.tap).ok();
+        // Clear the tap's datapath slot while its ifindex still names it:
+        // from here on the classifier drops the tap's frames.
+        let ifindex = ifindex_of(&record.tap);
         if let Some(policy) = self.in_force.remove(name) {
             match ifindex {
                 Some(i) => self.datapath.remove_sandbox(i, record.policy_id, &policy)?,
                 None => self.datapath.remove_policy(record.policy_id, &policy),
             }
         }
-        teardown(&self.netlink, &self.nft, &self.config, &record, &spec);
-        self.pool.release(record.id);
+        match (record.adopted_tap, ifindex) {
+            (false, Some(ifindex)) => {
+                // Unregistering a netdev waits for RCU several times (~35 ms
+                // here); the reaper does it after we answer. Until then the
+                // tap stays fail-closed: classifier attached (its pin is
+                // renamed, not removed), slot empty, out of the nftables set.
+                if let Some(pid) = record.pump_pid {
+                    stop_pump(pid, &record.name, &spec.netns);
+                }
+                if let Err(e) = self.nft.remove_tap(&record.tap) {
+                    tracing::warn!(sandbox = %name, "{e}");
+                }
+                let reap_pin = self.config.link_pin(&reap_pin_name(record.id));
+                std::fs::rename(self.config.link_pin(name), &reap_pin).map_err(io_err(&reap_pin))?;
+                let job = ReapJob { id: record.id, tap: record.tap.clone(), ifindex, pin: reap_pin };
+                self.reaping.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if let Err(e) = self.reaper.send(job) {
+                    reap(&self.netlink, &self.pool, e.0);
+                    self.reaping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            }
+            _ => {
+                teardown(&self.netlink, &self.nft, &self.config, &record, &spec);
+                self.pool.release(record.id);
+            }
+        }
+        self.unpublish_routes(&spec);
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
         self.state.save(&self.config.state_file())?;
-        self.publish_routes();
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
     }
@@ -605,6 +650,7 @@ impl Daemon {
             })).collect::<Vec<_>>(),
             "reload_failures": self.reload_failures,
             "prewarmed_taps": self.pool.ready_count(),
+            "taps_being_removed": self.reaping.load(std::sync::atomic::Ordering::SeqCst),
             "last_reload_error": self.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,
@@ -619,6 +665,50 @@ impl Daemon {
             "state_dir": self.config.state_dir,
         }))
     }
+}
+
+/// The interface index of `name` in our namespace (no rtnl lock, unlike a
+/// netlink request, so it never waits behind a TCX attach).
+fn ifindex_of(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// A deleted sandbox's tap, to unregister after the delete is answered.
+pub struct ReapJob {
+    id: u32,
+    tap: String,
+    ifindex: u32,
+    pin: PathBuf,
+}
+
+/// Deletes the tap (which detaches its classifier), then drops the link's
+/// pin and frees the id.
+fn reap(netlink: &Netlink, pool: &TapPool, job: ReapJob) {
+    if ifindex_of(&job.tap) == Some(job.ifindex) {
+        if let Err(e) = netlink.delete_link(job.ifindex) {
+            tracing::warn!(tap = %job.tap, "deleting: {e}");
+        }
+    }
+    let _ = Datapath::unpin_link(&job.pin);
+    pool.release(job.id);
+}
+
+fn start_reaper(pool: TapPool, reaping: Arc<std::sync::atomic::AtomicUsize>) -> Result<std::sync::mpsc::Sender<ReapJob>, DaemonError> {
+    let (tx, rx) = std::sync::mpsc::channel::<ReapJob>();
+    let netlink = Netlink::new()?;
+    std::thread::Builder::new()
+        .name("tap-reaper".into())
+        .spawn(move || {
+            for job in rx {
+                reap(&netlink, &pool, job);
+                reaping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .map_err(|e| DaemonError::Io { path: "tap reaper thread".into(), source: e })?;
+    Ok(tx)
 }
 
 /// Removes a sandbox's kernel pieces except its map entries: the pump and

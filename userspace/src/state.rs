@@ -97,7 +97,7 @@ impl State {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let tmp = path.with_extension("json.tmp");
-        let json = serde_json::to_vec_pretty(self).expect("state serializes");
+        let json = serde_json::to_vec(self).expect("state serializes");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&json).map_err(io)?;
         f.sync_all().map_err(io)?;

@@ -24,6 +24,11 @@ pub fn pool_pin_name(id: u32) -> String {
     format!("pool-{id}")
 }
 
+/// Pin name of a deleted sandbox's link until its tap is gone.
+pub fn reap_pin_name(id: u32) -> String {
+    format!("reap-{id}")
+}
+
 #[derive(Default)]
 struct Inner {
     /// Ids of sandboxes (and of taps being torn down).
@@ -106,13 +111,14 @@ impl TapPool {
                     }
                     if inner.ready.len() + inner.in_progress.len() < inner.target {
                         if let Some(id) = inner.lowest_free() {
+                            // Claimed in the same critical section it was found.
+                            inner.in_progress.insert(id);
                             break id;
                         }
                     }
                     inner = cvar.wait(inner).unwrap_or_else(|p| p.into_inner());
                 }
             };
-            self.lock().in_progress.insert(id);
             let made = prepare(&netlink, settings, program, id);
             let mut inner = self.lock();
             inner.in_progress.remove(&id);
@@ -182,14 +188,16 @@ fn prepare(netlink: &Netlink, settings: &PoolSettings, program: &ProgramFd, id: 
     Ok(ifindex)
 }
 
-/// Removes pooled taps left by an earlier process (or by [`TapPool::stop`]):
-/// their pins under `links_dir` and, unless a sandbox owns it, the tap.
+/// Removes pooled and to-be-reaped taps left by an earlier process (or by
+/// [`TapPool::stop`]): their pins under `links_dir` and, unless a sandbox
+/// owns it, the tap.
 pub fn dismantle_pooled(netlink: &Netlink, links_dir: &Path, owned_taps: &BTreeSet<String>) -> usize {
-    let Ok(entries) = std::fs::read_dir(links_dir) else { return 0 };
     let mut removed = 0;
-    for entry in entries.flatten() {
+    for entry in std::fs::read_dir(links_dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_prefix("pool-").and_then(|i| i.parse::<u32>().ok()) else { continue };
+        let Some(id) = name.strip_prefix("pool-").or_else(|| name.strip_prefix("reap-")).and_then(|i| i.parse::<u32>().ok()) else {
+            continue;
+        };
         let _ = std::fs::remove_file(entry.path());
         let tap = crate::sandbox::tap_name(id);
         if !owned_taps.contains(&tap) {
@@ -199,7 +207,46 @@ pub fn dismantle_pooled(netlink: &Netlink, links_dir: &Path, owned_taps: &BTreeS
         }
         removed += 1;
     }
+    removed + remove_orphan_taps(netlink, owned_taps)
+}
+
+/// Taps named `sbx-<id>` carrying our gateway MAC for that id (so ours,
+/// made by a worker that died between creating and pinning), owned by no
+/// sandbox.
+fn remove_orphan_taps(netlink: &Netlink, owned_taps: &BTreeSet<String>) -> usize {
+    let mut removed = 0;
+    for (index, name) in interfaces() {
+        let Some(id) = name.strip_prefix("sbx-").and_then(|i| i.parse::<u32>().ok()) else { continue };
+        if owned_taps.contains(&name) {
+            continue;
+        }
+        let b = id.to_be_bytes();
+        let ours = [0x02, 0x5a, b[0], b[1], b[2], b[3]];
+        if netlink.link_mac(index).is_ok_and(|mac| mac == ours) && netlink.delete_link(index).is_ok() {
+            removed += 1;
+        }
+    }
     removed
+}
+
+/// (ifindex, name) of every interface in our network namespace.
+fn interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zeroed entry,
+    // valid until if_freenameindex, which we call once after copying.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(((*p).if_index, std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy().into_owned()));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
 }
 
 #[cfg(test)]
