@@ -330,5 +330,5 @@ fn cleanup_removes_everything_it_made() {
     let tables = String::from_utf8_lossy(&run_in(&host, "nft", &["list", "tables"]).stdout).into_owned();
     assert!(!tables.contains("sbx_net"), "{tables}");
     assert!(!h.bpf_dir.exists(), "pins left in {}", h.bpf_dir.display());
-    assert!(!h.state_dir.join("state.json").exists());
+    assert!(!h.state_dir.join("sandboxes").exists() && !h.state_dir.join("meta.json").exists());
 }

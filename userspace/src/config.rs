@@ -138,10 +138,6 @@ impl DaemonConfig {
         }
     }
 
-    pub fn state_file(&self) -> PathBuf {
-        self.state_dir.join("state.json")
-    }
-
     /// Policies applied with `policy apply` (kept across restarts).
     pub fn applied_policy_dir(&self) -> PathBuf {
         self.state_dir.join("applied-policies")

@@ -89,7 +89,7 @@ impl Daemon {
     pub fn start(config: DaemonConfig, routes: Routes) -> Result<Daemon, DaemonError> {
         std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
         let datapath = Datapath::load(&DatapathOptions { pin_dir: Some(config.bpf_dir.clone()), ..Default::default() })?;
-        let state = State::load(&config.state_file())?;
+        let state = State::load(&config.state_dir)?;
         let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
         let (policies, last_reload_error) = match load_policies(config.policy_dir.as_deref(), &config.applied_policy_dir()) {
             Ok(set) => (set, None),
@@ -172,7 +172,7 @@ impl Daemon {
         }
         self.install_nft()?;
         self.state.prune_texts();
-        self.state.save(&self.config.state_file())?;
+        self.state.save(&self.config.state_dir)?;
         self.publish_routes();
         Ok(())
     }
@@ -348,6 +348,7 @@ impl Daemon {
             self.pool.release(id);
         }
         let (spec, compiled, policy_id, pump_pid) = result?;
+        let t1 = Instant::now();
         let hash = text_hash(&entry.source, &entry.text);
         self.state.policy_texts.insert(hash.clone(), PolicyText { source: entry.source.clone(), text: entry.text.clone() });
         let record = SandboxRecord {
@@ -365,7 +366,8 @@ impl Daemon {
         };
         self.state.sandboxes.insert(name.to_string(), record.clone());
         self.in_force.insert(name.to_string(), Arc::new(compiled));
-        self.state.save(&self.config.state_file())?;
+        self.state.save(&self.config.state_dir)?;
+        tracing::debug!(elapsed_us = t1.elapsed().as_micros() as u64, "create: state saved after kernel work");
         self.publish_route(name, &spec);
         tracing::info!(sandbox = %name, tap = %spec.tap, policy = %policy_name, "sandbox created");
         self.info(&record)
@@ -389,7 +391,9 @@ impl Daemon {
         } else if pooled_ifindex.is_none() && self.netlink.link_exists(&spec.tap) {
             return Err(DaemonError::Invalid(format!("interface {} already exists (not ours)", spec.tap)));
         }
+        let tc = Instant::now();
         let compiled = compile(&entry.policy, &spec.host_addresses())?;
+        tracing::debug!(elapsed_us = tc.elapsed().as_micros() as u64, "create: compiled");
         let policy_id = self.state.take_policy_id();
         let pin = self.config.link_pin(name);
         std::fs::create_dir_all(pin.parent().expect("pin has a parent")).map_err(io_err(&pin))?;
@@ -514,7 +518,7 @@ impl Daemon {
         self.unpublish_routes(&spec);
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
-        self.state.save(&self.config.state_file())?;
+        self.state.save(&self.config.state_dir)?;
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
     }
@@ -555,7 +559,7 @@ impl Daemon {
         self.state.policy_generation = generation;
         self.policies = new;
         self.state.prune_texts();
-        self.state.save(&self.config.state_file())?;
+        self.state.save(&self.config.state_dir)?;
         self.publish_routes();
         Ok(json!({ "policy_generation": generation, "sandboxes_switched": switched, "policies": self.policies.keys().collect::<Vec<_>>() }))
     }
@@ -747,7 +751,7 @@ fn teardown(netlink: &Netlink, nft: &Nftables, config: &DaemonConfig, record: &S
 /// without a running daemon.
 pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
     let mut done = Vec::new();
-    let state = State::load(&config.state_file())?;
+    let state = State::load(&config.state_dir)?;
     let netlink = Netlink::new()?;
     let nft = Nftables::new();
     for record in state.sandboxes.values() {
@@ -769,7 +773,8 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
         std::fs::remove_dir_all(&config.bpf_dir).map_err(io_err(&config.bpf_dir))?;
         done.push(format!("pins under {}", config.bpf_dir.display()));
     }
-    for path in [config.state_file(), config.applied_policy_dir()] {
+    State::remove_files(&config.state_dir)?;
+    for path in [config.applied_policy_dir()] {
         if path.is_dir() {
             std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
         } else if path.exists() {
