@@ -166,6 +166,21 @@ impl Daemon {
     fn adopt_all(&mut self) -> Result<(), DaemonError> {
         let names: Vec<String> = self.state.sandboxes.keys().cloned().collect();
         for name in &names {
+            let record = &self.state.sandboxes[name];
+            if ifindex_of(&record.tap).is_none() {
+                // Taps do not outlive the host (nor do pins and maps): after
+                // a reboot, or when a VMM removed its adopted tap, there is
+                // nothing left to enforce on.
+                tracing::warn!(sandbox = %name, tap = %record.tap, "tap is gone; forgetting the sandbox");
+                if let Some(pid) = record.pump_pid {
+                    if let Ok(spec) = self.spec(record) {
+                        stop_pump(pid, name, &spec.netns);
+                    }
+                }
+                let _ = Datapath::unpin_link(&self.config.link_pin(name));
+                self.state.sandboxes.remove(name);
+                continue;
+            }
             if let Err(e) = self.adopt(name) {
                 tracing::error!(sandbox = %name, "re-adopting: {e}");
             }
@@ -266,6 +281,14 @@ impl Daemon {
 
     /// One request, answered.
     pub fn handle(&mut self, request: Request) -> Response {
+        let started = Instant::now();
+        let op = serde_json::to_value(&request).ok().and_then(|v| v["op"].as_str().map(str::to_string)).unwrap_or_default();
+        let response = self.handle_inner(request);
+        tracing::debug!(%op, elapsed_us = started.elapsed().as_micros() as u64, "request handled");
+        response
+    }
+
+    fn handle_inner(&mut self, request: Request) -> Response {
         let result = match request {
             Request::SandboxCreate { name, policy, tap, netns_guest } => {
                 self.create(&name, &policy, tap.as_deref(), netns_guest).map(|info| json!(info))

@@ -134,7 +134,11 @@ impl State {
     }
 
     /// Writes what changed since the last load or save (each file atomically:
-    /// temporary file, fsync, rename) and removes what went away.
+    /// temporary file, rename) and removes what went away.
+    ///
+    /// No fsync: the state must survive the daemon (a crash, kill -9, an
+    /// upgrade), which the page cache guarantees; it need not survive the
+    /// host, because taps, pins and maps do not either.
     pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
         let meta = Meta { policy_id_high_water: self.policy_id_high_water, policy_generation: self.policy_generation };
         if self.saved.meta != Some(meta) {
@@ -212,7 +216,6 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let json = serde_json::to_vec(value).expect("state serializes");
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(&json).map_err(io)?;
-    f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 

@@ -386,7 +386,7 @@ fn lifecycle() -> Result<()> {
         percentile(&base, 0.5), percentile(&base, 0.99), base[base.len() - 1]
     );
     println!(
-        "| `sandbox create` (tap, addresses, maps, pinned TCX link, nft element, state fsync) | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+        "| `sandbox create` (tap, addresses, maps, pinned TCX link, nft element, state file) | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
         percentile(&creates, 0.5), percentile(&creates, 0.99), creates[creates.len() - 1], create_total.as_secs_f64(),
         percentile(&creates, 0.5) / percentile(&base, 0.5)
     );
