@@ -403,6 +403,14 @@ pub struct EventReader {
 }
 
 impl EventReader {
+    /// Opens the event ring buffer a daemon pinned in `pin_dir`.
+    pub fn open_pinned(pin_dir: &Path) -> Result<EventReader, DatapathError> {
+        let name = map_names::EVENTS;
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+        let ring = RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(map_err(name))?;
+        Ok(EventReader { ring })
+    }
+
     /// Everything queued now.
     pub fn drain(&mut self) -> Vec<FlowEvent> {
         let mut out = Vec::new();

@@ -91,7 +91,13 @@ pub fn test_destination(policy: &CompiledPolicy, dest: &Destination, port: Optio
                     path: format!("{path}; only the addresses of its DNS answers open, for their TTL"),
                 };
             }
-            TestOutcome { verdict: verdict_name(policy.default_verdict.action), rule: policy.describe_rule(0), path }
+            let verdict = verdict_name(policy.default_verdict.action);
+            let path = if verdict == "denied" {
+                format!("{path}; no rule names it, so the DNS proxy answers NXDOMAIN and no address opens")
+            } else {
+                path
+            };
+            TestOutcome { verdict, rule: policy.describe_rule(0), path }
         }
     }
 }
@@ -145,6 +151,7 @@ deny = ["198.51.100.16/28", "bad.example.com"]
         assert_eq!(t("bad.example.com").verdict, "denied");
         assert_eq!(t("bad.example.com").rule, "deny bad.example.com");
         assert_eq!(t("example.com").rule, "default deny");
+        assert!(t("example.com").path.contains("NXDOMAIN"));
         assert_eq!(t("git.example.org:22").verdict, "allowed");
         assert_eq!(t("git.example.org:443").verdict, "denied");
         assert!(t("x.example.com:53").path.contains("DNS proxy"));

@@ -1,17 +1,24 @@
-//! `cargo xtask demo`: a sandbox on the embedded default policy, a private
-//! "internet", real traffic from the guest, the drops with their rules.
-//! Everything lives in namespaces made here and removed at the end.
+//! `cargo xtask demo`: the real daemon in a private host namespace, a
+//! sandbox on the embedded default policy with a netns guest, a private
+//! "internet", real traffic from the guest, the drops with the rules that
+//! decided them, `policy test`, `status`, the nftables table, and a kill -9
+//! of the daemon that leaves enforcement in place. Everything lives in
+//! namespaces made here and is removed at the end (`daemon --cleanup`).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sbx_net::datapath::{Datapath, DatapathOptions};
+use sbx_net::datapath::EventReader;
 use sbx_net::flow::DropRecord;
 use sbx_net::policy::Policy;
-use sbx_net::sandbox::{AddressPools, HostSandbox, SandboxSpec};
-use sbx_net_common::Reason;
-use sbx_net_tests::{curl, ping, tcp_connects, Topology, WorldServers};
+use sbx_net::sandbox::{AddressPools, SandboxSpec};
+use sbx_net_tests::daemon::DaemonHarness;
+use sbx_net_tests::{curl, ping, tcp_connects, WorldServers};
+
+fn show(what: &str, ok: bool) {
+    println!("   {:<56} {}", what, if ok { "ALLOWED" } else { "blocked" });
+}
 
 fn main() -> Result<()> {
     let policy = Policy::embedded_default();
@@ -21,8 +28,8 @@ fn main() -> Result<()> {
     }
     println!("   ({} domain rules, enforced through the DNS proxy; none opens an address by itself)", policy.domain_rules().count());
 
-    let topology = Topology::new("demo");
-    topology.enter_host();
+    let mut h = DaemonHarness::new("demo", &[]);
+    println!("\n== sbx-net daemon running in namespace {} (socket {})", h.topology.host.name(), h.socket.display());
     // The demo world impersonates a few internet hosts, inside its own namespace.
     let github: IpAddr = Ipv4Addr::new(140, 82, 112, 3).into();
     let github_v6: IpAddr = "2606:50c0:8000::154".parse()?;
@@ -31,64 +38,70 @@ fn main() -> Result<()> {
     let private: IpAddr = Ipv4Addr::new(10, 0, 0, 5).into();
     let world = [github, github_v6, unlisted, metadata, private];
     for ip in world {
-        topology.add_world_address(ip);
+        h.topology.add_world_address(ip);
     }
-    let _servers = WorldServers::start(&topology.world, &world, 80);
+    let _servers = WorldServers::start(&h.topology.world, &world, 80);
+    let _ssh = WorldServers::start(&h.topology.world, &world, 22);
+    let mut events = EventReader::open_pinned(&h.bpf_dir).context("opening the pinned event ring buffer")?;
 
-    let mut datapath = Datapath::load(&DatapathOptions::default()).context("loading the eBPF datapath")?;
-    let mut events = datapath.take_events()?;
-    let spec = SandboxSpec::new(1, "demo", &AddressPools::default())?;
-    let sandbox = HostSandbox::create(&mut datapath, &topology.host_netlink, spec, &policy, true, 0)
-        .context("creating the sandbox")?;
-    let s = &sandbox.spec;
-    println!(
-        "\n== sandbox {:?}: tap {} (TCX ingress: sbx_egress), guest netns {}\n   guest {} / {} mac {}, gateway {} / {}",
-        s.name,
-        s.tap,
-        s.netns,
-        s.guest_ipv4,
-        s.guest_ipv6,
-        s.guest_mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
-        s.gateway_ipv4,
-        s.gateway_ipv6
-    );
+    println!("\n$ sbx-net sandbox create demo --policy default --netns-guest");
+    let created = h.cli_ok(&["sandbox", "create", "demo", "--policy", "default", "--netns-guest"]);
+    print!("{created}");
+    let info: serde_json::Value = serde_json::from_str(&created)?;
+    let guest = info["netns"].as_str().context("netns")?.to_string();
+    let gateway: IpAddr = info["gateway_ipv4"].as_str().context("gateway")?.parse()?;
 
-    let guest = s.netns.clone();
-    println!("\n== traffic from the guest (real curl / ping / nc in netns {guest})");
-    let show = |what: &str, ok: bool| println!("   {:<52} {}", what, if ok { "ALLOWED" } else { "blocked" });
+    println!("\n== traffic from the guest (real curl / ping / nc in netns {guest}; HTTP goes through the daemon's transparent proxy)");
     let body = curl(&guest, &format!("http://{github}/"));
     show(&format!("curl http://{github}/  (140.82.112.0/20)"), body.is_some());
     if let Some(body) = body {
         println!("      response: {}", body.trim());
     }
     show(&format!("ping {github}"), ping(&guest, github));
+    show(&format!("nc -z {github} 22"), tcp_connects(&guest, github, 22));
     show(&format!("curl http://[{github_v6}]/  (2606:50c0::/32)"), curl(&guest, &format!("http://[{github_v6}]/")).is_some());
+    show(&format!("nc -z {unlisted} 22  (not in the policy)"), tcp_connects(&guest, unlisted, 22));
     show(&format!("curl http://{unlisted}/  (not in the policy)"), curl(&guest, &format!("http://{unlisted}/")).is_some());
-    show(&format!("curl http://{metadata}/latest/meta-data  (metadata)"), curl(&guest, &format!("http://{metadata}/latest/meta-data")).is_some());
-    show(&format!("nc -z {private} 80  (private range)"), tcp_connects(&guest, private, 80));
-    show(&format!("nc -z {} 22  (the host itself)", s.gateway_ipv4), tcp_connects(&guest, s.gateway_ipv4.into(), 22));
+    show(&format!("ping {metadata}  (cloud metadata)"), ping(&guest, metadata));
+    show(&format!("nc -z {private} 22  (private range)"), tcp_connects(&guest, private, 22));
+    show(&format!("nc -z {gateway} 22  (the host itself)"), tcp_connects(&guest, gateway, 22));
 
     std::thread::sleep(Duration::from_millis(200));
-    println!("\n== drop events from the ring buffer (first of each flow, with the deciding rule)");
+    println!("\n== drop events from the pinned ring buffer (first of each flow, with the deciding rule)");
+    let spec = SandboxSpec::new(info["id"].as_u64().context("id")? as u32, "demo", &AddressPools::default())?;
+    let compiled = sbx_net::compile(&policy, &spec.host_addresses())?;
     let mut seen = std::collections::BTreeSet::new();
     for ev in events.drain() {
-        let record = DropRecord::from_event(&ev, Some(&sandbox.policy));
+        let record = DropRecord::from_event(&ev, Some(&compiled));
         let key = (record.protocol, record.dst, record.dst_port, record.reason);
         if seen.insert(key) {
             println!("   {record}");
         }
     }
+    println!("   (HTTP to unlisted hosts is refused by the proxy, which applies the same policy: see the daemon log)");
 
-    println!("\n== datapath counters (packets)");
-    let counters = datapath.counters()?;
-    for reason in Reason::ALL {
-        let c = counters[reason as usize];
-        if c.packets > 0 {
-            println!("   {:<24} {:>6}", reason.name(), c.packets);
-        }
+    for dest in ["169.254.169.254:80", "140.82.112.3:443", "203.0.113.7:22", "api.anthropic.com:443", "evil.example.com"] {
+        println!("\n$ sbx-net policy test demo {dest}");
+        print!("{}", h.cli_ok(&["policy", "test", "demo", dest]));
     }
+    println!("\n$ sbx-net status");
+    print!("{}", h.cli_ok(&["status"]));
+    println!("\n$ nft list table inet sbx_net   (in the host namespace)");
+    print!("{}", h.nft_table());
 
-    sandbox.delete(&mut datapath)?;
-    println!("\n== cleaned up: sandbox, tap, guest, host and world namespaces removed");
+    println!("\n== kill -9 the daemon: enforcement stays in the kernel");
+    h.kill_daemon(libc::SIGKILL);
+    show(&format!("curl http://{github}/  (daemon dead; TCP 80 has no proxy now)"), curl(&guest, &format!("http://{github}/")).is_some());
+    show(&format!("nc -z {github} 22  (daemon dead)"), tcp_connects(&guest, github, 22));
+    show(&format!("nc -z {unlisted} 22  (daemon dead)"), tcp_connects(&guest, unlisted, 22));
+    h.start_daemon();
+    println!("\n== restarted: the daemon re-adopted the sandbox (pinned link swapped atomically, maps and nftables kept)");
+    print!("{}", h.cli_ok(&["sandbox", "list"]));
+    show(&format!("curl http://{github}/  (proxy back)"), curl(&guest, &format!("http://{github}/")).is_some());
+
+    println!("\n$ sbx-net sandbox delete demo");
+    print!("{}", h.cli_ok(&["sandbox", "delete", "demo"]));
+    drop(h);
+    println!("\n== cleaned up: daemon --cleanup, host / world / guest namespaces and pins removed");
     Ok(())
 }
