@@ -137,6 +137,11 @@ fn decide(cfg: &SandboxConfig, packet: &Packet) -> (Reason, u32) {
 /// written over a policy deny).
 #[inline(always)]
 fn entry_verdict(value: &PolicyValue, packet: &Packet) -> Verdict {
+    // Most entries (every /0 default among them) carry neither port
+    // verdicts nor a learned allow: their verdict is the static one.
+    if value.port_count == 0 && value.learned_until_ns == 0 {
+        return value.any_port;
+    }
     let mut port_verdict: Option<Verdict> = None;
     if packet.has_ports {
         let count = value.port_count as usize;
