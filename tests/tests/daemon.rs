@@ -103,6 +103,9 @@ fn lifecycle_isolation_and_host_ports() {
     // Tap to tap: allowed by A's policy (10.200.0.0/16), dropped by nftables.
     let _b_listener = NcListener::start(&b_ns, 9000);
     assert!(!tcp_connects(&a_ns, ip(&b, "guest_ipv4"), 9000));
+    // The proxy trusts source addresses, so only taps may reach it: a
+    // connection from the world to the host's proxy port goes nowhere.
+    assert!(!tcp_connects(h.topology.world.name(), UPLINK_HOST_V4.into(), 15001));
     // Inbound: the world cannot open a connection to a guest.
     assert!(!tcp_connects(h.topology.world.name(), ip(&b, "guest_ipv4"), 9000));
 

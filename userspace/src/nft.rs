@@ -138,6 +138,11 @@ pub fn ruleset(config: &NftConfig) -> Vec<RuleSpec> {
         rules.push(rule(Input, vec![InputIsTap, Icmpv6, Icmpv6Type(icmp_type)], Accept, format!("sandbox {what} to its gateway")));
     }
     rules.push(rule(Input, vec![InputIsTap], Drop, "sandboxes reach no other host port"));
+    // The proxies trust a connection's source address to name its sandbox;
+    // only the taps (where eBPF enforces anti-spoofing) may reach them.
+    rules.push(rule(Input, vec![Udp, UdpDport(dns)], Drop, "the DNS proxy serves sandboxes only"));
+    rules.push(rule(Input, vec![Tcp, TcpDport(dns)], Drop, "the DNS proxy serves sandboxes only"));
+    rules.push(rule(Input, vec![Tcp, TcpDport(proxy)], Drop, "the credential proxy serves sandboxes only"));
     rules.push(rule(Forward, vec![InputIsTap, OutputIsTap], Drop, "sandboxes never reach each other"));
     match &config.uplink {
         Some(uplink) => {
@@ -457,9 +462,13 @@ mod tests {
     fn input_admits_only_proxies_and_neighbour_discovery() {
         let rules = ruleset(&config(Some("eth0")));
         let input: Vec<_> = rules.iter().filter(|r| r.chain == Base::Input).collect();
-        let last = input.last().unwrap();
-        assert_eq!((last.matches.as_slice(), &last.action), ([Match::InputIsTap].as_slice(), &Action::Drop));
-        for r in &input[..input.len() - 1] {
+        let tap_drop = input.iter().position(|r| r.matches == [Match::InputIsTap]).unwrap();
+        assert_eq!(input[tap_drop].action, Action::Drop);
+        // After the taps' accepts, the proxy ports are closed to everyone else.
+        let others = &input[tap_drop + 1..];
+        assert_eq!(others.len(), 3);
+        assert!(others.iter().all(|r| r.action == Action::Drop && !r.matches.contains(&Match::InputIsTap)));
+        for r in &input[..tap_drop] {
             assert_eq!(r.action, Action::Accept);
             assert!(r.matches.iter().any(|m| matches!(
                 m,

@@ -85,13 +85,12 @@ fn ensure_bpffs(bpf_dir: &Path) -> Result<(), ServerError> {
         return Ok(());
     }
     if bpf_dir.starts_with(mount_point) && !is_bpffs(mount_point) {
-        let status = std::process::Command::new("mount")
-            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
-            .status()
-            .map_err(io("mount -t bpf"))?;
-        if status.success() {
+        // SAFETY: mount(2) with NUL-terminated constant strings and no data.
+        let rc = unsafe { libc::mount(c"bpf".as_ptr(), c"/sys/fs/bpf".as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+        if rc == 0 {
             return Ok(());
         }
+        return Err(io("mounting bpffs at /sys/fs/bpf")(std::io::Error::last_os_error()));
     }
     Err(io(format!("{} is not on a bpffs", bpf_dir.display()))(std::io::Error::from(std::io::ErrorKind::Unsupported)))
 }
