@@ -42,7 +42,8 @@ struct Setup {
     datapath: Datapath,
     events: EventReader,
     _servers: WorldServers,
-    topology: Topology,
+    /// Held so the namespaces live as long as the sandbox.
+    _topology: Topology,
 }
 
 impl Setup {
@@ -68,7 +69,7 @@ impl Setup {
         let policy = Policy::parse("e2e.toml", POLICY).unwrap();
         let sandbox = HostSandbox::create(&mut datapath, &topology.host_netlink, spec, &policy, true, 0)
             .expect("create sandbox with netns guest");
-        Setup { pending: Vec::new(), sandbox: Some(sandbox), datapath, events, _servers: servers, topology }
+        Setup { pending: Vec::new(), sandbox: Some(sandbox), datapath, events, _servers: servers, _topology: topology }
     }
 
     fn sandbox(&self) -> &HostSandbox {

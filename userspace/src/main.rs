@@ -194,7 +194,7 @@ fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
             if json {
                 return print_json(&v);
             }
-            println!("{:<20} {:<16} {:<16} {:<24} {}", "NAME", "TAP", "GUEST IPV4", "GUEST IPV6", "POLICY");
+            println!("{:<20} {:<16} {:<16} {:<24} POLICY", "NAME", "TAP", "GUEST IPV4", "GUEST IPV6");
             for s in v.as_array().into_iter().flatten() {
                 let f = |k: &str| s[k].as_str().unwrap_or("").to_string();
                 println!("{:<20} {:<16} {:<16} {:<24} {}", f("name"), f("tap"), f("guest_ipv4"), f("guest_ipv6"), f("policy"));
