@@ -170,14 +170,21 @@ allow = ["198.51.100.0/25", "198.51.100.128/25", "192.0.2.128/25"]
 deny = ["198.51.100.16/28", "198.51.100.200/29"]
 "#;
 
-#[test]
-fn reload_under_traffic_and_malformed_policies() {
-    require_root();
-    let h = DaemonHarness::new("reload", &[("agent.toml", POLICY_V1)]);
+/// A daemon with the `agent` policy (V1) and a world serving an address it
+/// allows and one it denies.
+fn agent_daemon(tag: &str) -> (DaemonHarness, WorldServers) {
+    let h = DaemonHarness::new(tag, &[("agent.toml", POLICY_V1)]);
     for addr in [A_ALLOWED, A_DENIED] {
         h.topology.add_world_address(addr.into());
     }
-    let _web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    let web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    (h, web)
+}
+
+#[test]
+fn reload_under_traffic_and_malformed_policies() {
+    require_root();
+    let (h, _web) = agent_daemon("reload");
     let g = h.create_guest(&unique_name("g"), "agent");
     let ns = g["netns"].as_str().unwrap().to_string();
     let name = g["name"].as_str().unwrap().to_string();
@@ -235,11 +242,7 @@ fn reload_under_traffic_and_malformed_policies() {
 #[test]
 fn kill_9_and_restart_keep_enforcement() {
     require_root();
-    let mut h = DaemonHarness::new("restart", &[("agent.toml", POLICY_V1)]);
-    for addr in [A_ALLOWED, A_DENIED] {
-        h.topology.add_world_address(addr.into());
-    }
-    let _web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    let (mut h, _web) = agent_daemon("restart");
     let g = h.create_guest(&unique_name("g"), "agent");
     let ns = g["netns"].as_str().unwrap().to_string();
     let name = g["name"].as_str().unwrap().to_string();
@@ -277,11 +280,7 @@ fn kill_9_and_restart_keep_enforcement() {
 #[test]
 fn adopts_an_external_vmm_tap() {
     require_root();
-    let h = DaemonHarness::new("adopt", &[("agent.toml", POLICY_V1)]);
-    for addr in [A_ALLOWED, A_DENIED] {
-        h.topology.add_world_address(addr.into());
-    }
-    let _web = WorldServers::start(&h.topology.world, &[A_ALLOWED.into(), A_DENIED.into()], PORT);
+    let (h, _web) = agent_daemon("adopt");
     // A tap made the way Firecracker's docs make one.
     let host = h.topology.host.name().to_string();
     let made = run_in(&host, "ip", &["tuntap", "add", "dev", "fc-tap0", "mode", "tap"]);
