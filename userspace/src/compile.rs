@@ -65,7 +65,16 @@ impl CompiledPolicy {
     /// What the datapath decides for `dst`: the longest matching entry, then
     /// [`entry_verdict`]. A reference for tests; the kernel does the same.
     pub fn lookup(&self, dst: IpAddr, port: PortInfo) -> Verdict {
-        let best = match dst {
+        match self.entry_for(dst) {
+            Some(value) => entry_verdict(value, port, 0),
+            None => self.default_verdict,
+        }
+    }
+
+    /// The most specific entry covering `dst` (the one the datapath's LPM
+    /// lookup finds).
+    pub fn entry_for(&self, dst: IpAddr) -> Option<&PolicyValue> {
+        match dst {
             IpAddr::V4(ip) => {
                 let a = u32::from(ip) as u128;
                 self.v4
@@ -82,10 +91,6 @@ impl CompiledPolicy {
                     .max_by_key(|(_, len, _)| *len)
                     .map(|(_, _, v)| v)
             }
-        };
-        match best {
-            Some(value) => entry_verdict(value, port, 0),
-            None => self.default_verdict,
         }
     }
 }

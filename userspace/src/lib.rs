@@ -9,6 +9,7 @@ pub mod compile;
 pub mod config;
 pub mod daemon;
 pub mod decide;
+pub mod dns;
 pub mod datapath;
 pub mod flow;
 pub mod guest_pump;
