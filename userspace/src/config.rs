@@ -52,6 +52,13 @@ pub struct DaemonConfig {
     pub tap_pool_size: usize,
     /// Threads filling the pool (attaches run concurrently).
     pub tap_pool_workers: usize,
+    /// Learned addresses stay open for their TTL clamped to
+    /// [dns_min_ttl, dns_max_ttl] seconds, plus dns_grace seconds.
+    pub dns_min_ttl: u32,
+    pub dns_max_ttl: u32,
+    pub dns_grace: u32,
+    /// Answer denied names REFUSED instead of NXDOMAIN.
+    pub dns_refuse_denied: bool,
 }
 
 impl Default for DaemonConfig {
@@ -73,6 +80,10 @@ impl Default for DaemonConfig {
             ipv6_pool: "fd73:6278::/48".parse().expect("valid"),
             tap_pool_size: 8,
             tap_pool_workers: 4,
+            dns_min_ttl: 5,
+            dns_max_ttl: 3600,
+            dns_grace: 30,
+            dns_refuse_denied: false,
         }
     }
 }
@@ -109,6 +120,9 @@ impl DaemonConfig {
         if self.dns_port == 0 || self.proxy_port == 0 || self.dns_port == self.proxy_port {
             return Err("dns_port and proxy_port must be distinct non-zero ports".into());
         }
+        if self.dns_min_ttl > self.dns_max_ttl {
+            return Err(format!("dns_min_ttl ({}) exceeds dns_max_ttl ({})", self.dns_min_ttl, self.dns_max_ttl));
+        }
         if self.ipv4_pool.prefix() > 29 {
             return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));
         }
@@ -141,6 +155,18 @@ impl DaemonConfig {
     /// Policies applied with `policy apply` (kept across restarts).
     pub fn applied_policy_dir(&self) -> PathBuf {
         self.state_dir.join("applied-policies")
+    }
+
+    /// The resolver allowed queries go to: `upstream_dns`, else the first
+    /// nameserver of the host's /etc/resolv.conf.
+    pub fn upstream_resolver(&self) -> Option<SocketAddr> {
+        self.upstream_dns.or_else(|| {
+            let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("nameserver"))
+                .find_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
     }
 
     pub fn link_pin(&self, sandbox: &str) -> PathBuf {

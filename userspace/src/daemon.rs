@@ -20,6 +20,7 @@ use crate::compile::{compile, CompileError, CompiledPolicy};
 use crate::config::DaemonConfig;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
 use crate::decide::{parse_destination, test_destination, Redirects};
+use crate::dns_proxy::{Learned, LearnedMaps};
 use crate::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpError, PumpSpec};
 use crate::nft::{NftError, Nftables};
 use crate::policy::{Policy, PolicyError};
@@ -51,6 +52,8 @@ pub enum DaemonError {
     Tap(#[from] sbx_vmm::tap::TapError),
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Dns(#[from] crate::dns_proxy::DnsError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -75,6 +78,8 @@ pub struct Daemon {
     routes: Routes,
     pool: TapPool,
     reaper: std::sync::mpsc::Sender<ReapJob>,
+    /// The DNS proxy's learned addresses and its handles on the tries.
+    dns_state: Arc<std::sync::Mutex<(LearnedMaps, Learned)>>,
     /// Taps handed to the reaper and not yet gone.
     reaping: Arc<std::sync::atomic::AtomicUsize>,
     exe: PathBuf,
@@ -107,6 +112,7 @@ impl Daemon {
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let dns_state = Arc::new(std::sync::Mutex::new((LearnedMaps::open(&config.bpf_dir)?, Learned::default())));
         let mut daemon = Daemon {
             config,
             datapath,
@@ -118,6 +124,7 @@ impl Daemon {
             routes,
             reaper: start_reaper(pool.clone(), reaping.clone())?,
             reaping,
+            dns_state,
             pool,
             exe,
             started: Instant::now(),
@@ -147,6 +154,11 @@ impl Daemon {
         };
         self.pool.start(settings, self.datapath.egress_program_fd()?);
         Ok(())
+    }
+
+    /// The DNS proxy's shared state (learned addresses, trie handles).
+    pub fn dns_state(&self) -> Arc<std::sync::Mutex<(LearnedMaps, Learned)>> {
+        self.dns_state.clone()
     }
 
     fn flags(&self) -> u32 {
@@ -258,7 +270,7 @@ impl Daemon {
         let mut table = HashMap::new();
         for (name, record) in &self.state.sandboxes {
             let (Ok(spec), Some(policy)) = (self.spec(record), self.in_force.get(name)) else { continue };
-            let route = Arc::new(Route { sandbox: name.clone(), policy: policy.clone() });
+            let route = Arc::new(Route { sandbox: name.clone(), policy: policy.clone(), policy_id: record.policy_id });
             table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
             table.insert(IpAddr::V6(spec.guest_ipv6), route);
         }
@@ -267,7 +279,8 @@ impl Daemon {
 
     fn publish_route(&self, name: &str, spec: &SandboxSpec) {
         let Some(policy) = self.in_force.get(name) else { return };
-        let route = Arc::new(Route { sandbox: name.to_string(), policy: policy.clone() });
+        let Some(record) = self.state.sandboxes.get(name) else { return };
+        let route = Arc::new(Route { sandbox: name.to_string(), policy: policy.clone(), policy_id: record.policy_id });
         let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
         table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
         table.insert(IpAddr::V6(spec.guest_ipv6), route);

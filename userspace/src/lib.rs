@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod decide;
 pub mod dns;
+pub mod dns_proxy;
 pub mod datapath;
 pub mod flow;
 pub mod guest_pump;

@@ -27,6 +27,8 @@ pub enum ProxyError {
 pub struct Route {
     pub sandbox: String,
     pub policy: Arc<CompiledPolicy>,
+    /// The trie key prefix of the policy generation in force.
+    pub policy_id: u32,
 }
 
 /// Guest address → its sandbox, kept current by the daemon.
@@ -193,7 +195,7 @@ mod tests {
     #[test]
     fn decides_by_source_sandbox_and_destination() {
         let policy = Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"198.51.100.0/24\"]\ndeny = [\"198.51.100.16/28\"]\n").unwrap();
-        let route = Arc::new(Route { sandbox: "a".into(), policy: Arc::new(compile(&policy, &[]).unwrap()) });
+        let route = Arc::new(Route { sandbox: "a".into(), policy: Arc::new(compile(&policy, &[]).unwrap()), policy_id: 1 });
         let mut routes = HashMap::new();
         routes.insert(IpAddr::from([10, 200, 0, 6]), route);
         let dst = |s: &str| s.parse::<SocketAddr>().unwrap();

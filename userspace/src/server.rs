@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use crate::api::{Request, Response};
 use crate::config::DaemonConfig;
 use crate::daemon::{Daemon, DaemonError};
-use crate::proxy;
+use crate::{dns_proxy, proxy};
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -22,6 +22,8 @@ pub enum ServerError {
     Daemon(#[from] DaemonError),
     #[error(transparent)]
     Proxy(#[from] proxy::ProxyError),
+    #[error(transparent)]
+    Dns(#[from] dns_proxy::DnsError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("a daemon already answers on {0}; stop it first")]
@@ -132,6 +134,17 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let routes: proxy::Routes = Arc::new(RwLock::new(Default::default()));
     let daemon = Daemon::start(config.clone(), routes.clone())?;
     let proxy_listeners = proxy::bind(config.proxy_port)?;
+    let (dns_udp, dns_tcp) = dns_proxy::bind(config.dns_port)?;
+    let dns = Arc::new(dns_proxy::DnsContext {
+        settings: dns_proxy::DnsSettings {
+            upstream: config.upstream_resolver(),
+            timing: crate::dns::LearnTiming { min_ttl: config.dns_min_ttl, max_ttl: config.dns_max_ttl, grace: config.dns_grace },
+            refuse_denied: config.dns_refuse_denied,
+            upstream_timeout: std::time::Duration::from_secs(3),
+        },
+        routes: routes.clone(),
+        state: daemon.dns_state(),
+    });
     let listener = bind_socket(&config)?;
 
     let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
@@ -164,6 +177,18 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         for l in proxy_listeners {
             tokio::spawn(proxy::serve(l, routes.clone()));
         }
+        for u in dns_udp {
+            tokio::spawn(dns_proxy::serve_udp(u, dns.clone()));
+        }
+        for t in dns_tcp {
+            tokio::spawn(dns_proxy::serve_tcp(t, dns.clone()));
+        }
+        let gc_routes = routes.clone();
+        tokio::spawn(dns_proxy::collect_expired(dns.state.clone(), move |sandbox| {
+            let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
+            table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
+        }));
+        tracing::info!(dns_port = config.dns_port, upstream = ?dns.settings.upstream, "DNS proxy ready");
         tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, "sbx-net daemon ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
         tokio::select! {

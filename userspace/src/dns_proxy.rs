@@ -1,0 +1,389 @@
+//! The DNS proxy every guest reaches through nftables' redirect of port 53
+//! (UDP and TCP, to any address). It decides each query by the sandbox's
+//! domain rules, forwards allowed ones upstream (UDP, TCP on truncation;
+//! the query's EDNS0 passes through), writes the answer's addresses into
+//! the sandbox's trie entries with their expiry, and only then releases the
+//! answer. The decisions are in [`crate::dns`]; this is the I/O.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Map, MapData};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::{RData, Record};
+use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::compile::CompiledPolicy;
+use crate::datapath::{key_v4, key_v6};
+use crate::dns::{learned_value, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
+use crate::proxy::Routes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("DNS proxy: binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("DNS proxy: opening pinned map {name}: {reason}")]
+    Map { name: &'static str, reason: String },
+}
+
+/// The proxy's settings, as plain data.
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    /// Where allowed queries go; `None`: answer SERVFAIL.
+    pub upstream: Option<SocketAddr>,
+    pub timing: LearnTiming,
+    /// Answer denied names REFUSED instead of NXDOMAIN.
+    pub refuse_denied: bool,
+    pub upstream_timeout: Duration,
+}
+
+/// Boot-time nanoseconds, the clock the classifier compares expiries with
+/// (`bpf_ktime_get_boot_ns`).
+pub fn boot_time_ns() -> u64 {
+    // SAFETY: clock_gettime writes one timespec we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One learned address of one sandbox.
+#[derive(Clone, Debug)]
+pub struct LearnedAddr {
+    pub policy_id: u32,
+    pub value: PolicyValue,
+    pub names: BTreeSet<String>,
+}
+
+/// Learned addresses per sandbox (what the tries hold beyond the compiled
+/// policy), for expiry and for carrying them across policy generations.
+#[derive(Default)]
+pub struct Learned {
+    pub by_sandbox: HashMap<String, HashMap<IpAddr, LearnedAddr>>,
+}
+
+/// The pinned policy tries, opened by this component.
+pub struct LearnedMaps {
+    v4: LpmTrie<MapData, KeyV4, PolicyValue>,
+    v6: LpmTrie<MapData, KeyV6, PolicyValue>,
+}
+
+impl LearnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<LearnedMaps, DnsError> {
+        let open = |name: &'static str| -> Result<MapData, DnsError> {
+            MapData::from_pin(pin_dir.join(name)).map_err(|e| DnsError::Map { name, reason: e.to_string() })
+        };
+        let v4 = LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V4)?))
+            .map_err(|e| DnsError::Map { name: map_names::POLICY_V4, reason: e.to_string() })?;
+        let v6 = LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V6)?))
+            .map_err(|e| DnsError::Map { name: map_names::POLICY_V6, reason: e.to_string() })?;
+        Ok(LearnedMaps { v4, v6 })
+    }
+
+    pub fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(&key_v4(policy_id, a.octets(), 32), value, 0),
+            IpAddr::V6(a) => self.v6.insert(&key_v6(policy_id, a.octets(), 128), value, 0),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    pub fn remove(&mut self, policy_id: u32, ip: IpAddr) {
+        let _ = match ip {
+            IpAddr::V4(a) => self.v4.remove(&key_v4(policy_id, a.octets(), 32)),
+            IpAddr::V6(a) => self.v6.remove(&key_v6(policy_id, a.octets(), 128)),
+        };
+    }
+}
+
+/// Everything the serving tasks share.
+pub struct DnsContext {
+    pub settings: DnsSettings,
+    pub routes: Routes,
+    /// The maps and the learned table move together under one lock, which
+    /// the daemon also takes while it switches a policy generation.
+    pub state: Arc<Mutex<(LearnedMaps, Learned)>>,
+}
+
+/// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected
+/// traffic arrives per family).
+pub fn bind(port: u16) -> Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>), DnsError> {
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in [SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))] {
+        let err = |source| DnsError::Bind { addr, source };
+        let domain = socket2::Domain::for_address(addr);
+        let u = socket2::Socket::new(domain, socket2::Type::DGRAM, None).map_err(err)?;
+        if addr.is_ipv6() {
+            u.set_only_v6(true).map_err(err)?;
+        }
+        u.bind(&addr.into()).map_err(err)?;
+        u.set_nonblocking(true).map_err(err)?;
+        udp.push(u.into());
+        let t = socket2::Socket::new(domain, socket2::Type::STREAM, None).map_err(err)?;
+        if addr.is_ipv6() {
+            t.set_only_v6(true).map_err(err)?;
+        }
+        t.set_reuse_address(true).map_err(err)?;
+        t.bind(&addr.into()).map_err(err)?;
+        t.listen(256).map_err(err)?;
+        t.set_nonblocking(true).map_err(err)?;
+        tcp.push(t.into());
+    }
+    Ok((udp, tcp))
+}
+
+pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!("DNS UDP socket: {e}");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
+        let query = buf[..n].to_vec();
+        let (socket, ctx) = (socket.clone(), ctx.clone());
+        tokio::spawn(async move {
+            if let Some(response) = answer(&ctx, peer.ip(), &query, Transport::Udp).await {
+                let _ = socket.send_to(&response, peer).await;
+            }
+        });
+    }
+}
+
+pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("DNS TCP listener: {e}");
+            return;
+        }
+    };
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else { continue };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            // Several queries may come on one connection; each is framed.
+            while let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read_framed(&mut stream)).await {
+                let Some(response) = answer(&ctx, peer.ip(), &query, Transport::Tcp).await else { break };
+                if write_framed(&mut stream, &response).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn read_framed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = stream.read_u16().await? as usize;
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("DNS message over 64 KiB"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+fn reply(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
+    let mut m = Message::new();
+    m.set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(code);
+    m.add_queries(query.queries().to_vec());
+    m.to_vec().ok()
+}
+
+/// The whole life of one query; `None` sends nothing (unparseable input).
+async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    let query = Message::from_vec(bytes).ok()?;
+    if query.message_type() != MessageType::Query || query.queries().len() != 1 {
+        return reply(&query, ResponseCode::FormErr);
+    }
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        v4 => v4,
+    };
+    let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
+    let Some(route) = route else {
+        tracing::info!(%peer, "DNS query from no sandbox's address: refused");
+        return reply(&query, ResponseCode::Refused);
+    };
+    let qname = normalise_query_name(&query.queries()[0].name().to_ascii());
+    let qtype = query.queries()[0].query_type();
+    let (rule, port) = match name_verdict(&route.policy, &qname) {
+        NameVerdict::Denied { rule_id } => {
+            tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, rule = %route.policy.describe_rule(rule_id), "DNS: denied");
+            let code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
+            return reply(&query, code);
+        }
+        NameVerdict::Allowed { rule_id, port } => (rule_id, port),
+    };
+    let Some(upstream) = ctx.settings.upstream else {
+        return reply(&query, ResponseCode::ServFail);
+    };
+    let response = match forward(upstream, bytes, query.id(), ctx.settings.upstream_timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "DNS upstream: {e}");
+            return reply(&query, ResponseCode::ServFail);
+        }
+    };
+    let mut message = Message::from_vec(&response).ok()?;
+    let records: Vec<AnswerRecord> = message.answers().iter().map(answer_record).collect();
+    let plan = plan_answer(&route.policy, &qname, &records);
+    // Open the addresses before the guest can use them.
+    if !plan.learn.is_empty() {
+        let now = boot_time_ns();
+        let mut guard = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (maps, learned) = &mut *guard;
+        let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
+        for (ip, ttl) in &plan.learn {
+            let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
+            let existing = table.get(ip).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
+            let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
+            if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
+                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
+                return reply(&query, ResponseCode::ServFail);
+            }
+            let entry = table.entry(*ip).or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new() });
+            entry.policy_id = route.policy_id;
+            entry.value = value;
+            entry.names.insert(qname.clone());
+        }
+    }
+    let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
+    if stripped > 0 {
+        let kept: Vec<Record> = message
+            .take_answers()
+            .into_iter()
+            .zip(&plan.fates)
+            .filter(|(_, f)| **f == RecordFate::Keep)
+            .map(|(r, _)| r)
+            .collect();
+        message.insert_answers(kept);
+        tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding)");
+    }
+    tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
+    let out = message.to_vec().ok()?;
+    let limit = match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => query.extensions().as_ref().map_or(512, |e| usize::from(e.max_payload().max(512))),
+    };
+    if out.len() > limit {
+        // Too big for the guest's UDP: tell it to retry over TCP.
+        let mut truncated = Message::new();
+        truncated
+            .set_id(message.id())
+            .set_message_type(MessageType::Response)
+            .set_op_code(message.op_code())
+            .set_recursion_desired(message.recursion_desired())
+            .set_recursion_available(message.recursion_available())
+            .set_response_code(message.response_code())
+            .set_truncated(true);
+        truncated.add_queries(message.queries().to_vec());
+        return truncated.to_vec().ok();
+    }
+    Some(out)
+}
+
+fn answer_record(r: &Record) -> AnswerRecord {
+    let owner = r.name().to_ascii();
+    match r.data() {
+        RData::A(a) => AnswerRecord::Address { owner, ip: IpAddr::V4(a.0), ttl: r.ttl() },
+        RData::AAAA(a) => AnswerRecord::Address { owner, ip: IpAddr::V6(a.0), ttl: r.ttl() },
+        RData::CNAME(c) => AnswerRecord::Cname { owner, target: c.0.to_ascii() },
+        _ => AnswerRecord::Other,
+    }
+}
+
+/// Sends the query upstream over UDP; on a truncated answer, again over TCP.
+async fn forward(upstream: SocketAddr, query: &[u8], id: u16, timeout: Duration) -> std::io::Result<Vec<u8>> {
+    let bind: SocketAddr = if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = UdpSocket::bind(bind).await?;
+    socket.connect(upstream).await?;
+    socket.send(query).await?;
+    let mut buf = vec![0u8; 65535];
+    let response = tokio::time::timeout(timeout, async {
+        loop {
+            let n = socket.recv(&mut buf).await?;
+            // Ignore stray datagrams that are not the answer to this query.
+            if n >= 12 && u16::from_be_bytes([buf[0], buf[1]]) == id {
+                return Ok::<_, std::io::Error>(buf[..n].to_vec());
+            }
+        }
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over UDP"))??;
+    // TC bit: byte 2, bit 1.
+    if response[2] & 0x02 == 0 {
+        return Ok(response);
+    }
+    tokio::time::timeout(timeout, async {
+        let mut stream = TcpStream::connect(upstream).await?;
+        write_framed(&mut stream, query).await?;
+        read_framed(&mut stream).await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over TCP"))?
+}
+
+/// Removes expired learned addresses from the tries (the classifier already
+/// ignores them; this frees the entries), once a second.
+pub async fn collect_expired(state: Arc<Mutex<(LearnedMaps, Learned)>>, policies: impl Fn(&str) -> Option<Arc<CompiledPolicy>> + Send + 'static) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = boot_time_ns();
+        let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+        let (maps, learned) = &mut *guard;
+        for (sandbox, table) in learned.by_sandbox.iter_mut() {
+            let policy = policies(sandbox);
+            table.retain(|ip, l| {
+                if l.value.learned_until_ns > now {
+                    return true;
+                }
+                // Put back what the policy itself says at this exact
+                // address, if it has an entry there; else drop the key.
+                let exact = policy.as_ref().and_then(|p| static_exact(p, *ip));
+                match exact {
+                    Some(v) => {
+                        let _ = maps.insert(l.policy_id, *ip, &v);
+                    }
+                    None => maps.remove(l.policy_id, *ip),
+                }
+                false
+            });
+        }
+        learned.by_sandbox.retain(|_, t| !t.is_empty());
+    }
+}
+
+fn static_exact(policy: &CompiledPolicy, ip: IpAddr) -> Option<PolicyValue> {
+    match ip {
+        IpAddr::V4(a) => policy.v4.iter().find(|(n, len, _)| *len == 32 && *n == a).map(|(_, _, v)| *v),
+        IpAddr::V6(a) => policy.v6.iter().find(|(n, len, _)| *len == 128 && *n == a).map(|(_, _, v)| *v),
+    }
+}
