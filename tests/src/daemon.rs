@@ -31,11 +31,18 @@ pub struct DaemonHarness {
     pub bpf_dir: PathBuf,
     child: Option<Child>,
     bin: PathBuf,
+    extra_args: Vec<String>,
 }
 
 impl DaemonHarness {
     /// A topology, the given policy files in a policy dir, and a running daemon.
     pub fn new(tag: &str, policies: &[(&str, &str)]) -> DaemonHarness {
+        Self::with_args(tag, policies, None, &[])
+    }
+
+    /// Like [`DaemonHarness::new`], with a `--config` file of `config_toml`
+    /// and extra `daemon` flags.
+    pub fn with_args(tag: &str, policies: &[(&str, &str)], config_toml: Option<&str>, extra_args: &[&str]) -> DaemonHarness {
         let topology = Topology::new(tag);
         let name = unique_name(tag);
         let dir = std::env::temp_dir().join(&name);
@@ -54,7 +61,15 @@ impl DaemonHarness {
             dir,
             child: None,
             bin: sbx_net_bin(),
+            extra_args: Vec::new(),
         };
+        h.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+        if let Some(toml) = config_toml {
+            let path = h.dir.join("daemon.toml");
+            std::fs::write(&path, toml).expect("daemon config");
+            h.extra_args.push("--config".into());
+            h.extra_args.push(path.display().to_string());
+        }
         h.start_daemon();
         h
     }
@@ -73,6 +88,7 @@ impl DaemonHarness {
             args.push(value);
         }
         args.insert(4, "daemon".into());
+        args.extend(self.extra_args.iter().cloned());
         args
     }
 

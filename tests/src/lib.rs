@@ -262,3 +262,67 @@ impl Drop for NcListener {
         let _ = self.child.wait();
     }
 }
+
+/// A real DNS server (dnsmasq) in the world namespace on the world's uplink
+/// address, authoritative for the `test` zone with the given records
+/// (`--host-record` / `--cname` values); stopped on drop.
+pub struct WorldDns {
+    child: std::process::Child,
+}
+
+impl WorldDns {
+    pub const ADDR: Ipv4Addr = UPLINK_WORLD_V4;
+
+    /// `host_records`: `name,addr[,addr…][,ttl]`; `cnames`: `alias,target`.
+    pub fn start(world: &NetNs, host_records: &[String], cnames: &[&str]) -> WorldDns {
+        let mut args: Vec<String> = [
+            "netns", "exec", world.name(), "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+            "--conf-file=/dev/null", "--bind-interfaces", "--port=53", "--local=/test/", "--pid-file=",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("--listen-address={}", Self::ADDR));
+        args.extend(host_records.iter().map(|r| format!("--host-record={r}")));
+        args.extend(cnames.iter().map(|c| format!("--cname={c}")));
+        let child = Command::new("ip")
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn dnsmasq (apt package dnsmasq-base)");
+        // Ready when it answers.
+        for _ in 0..50 {
+            let out = run_in(world.name(), "dig", &["+short", "+time=1", "+tries=1", &format!("@{}", Self::ADDR), "ready.invalid"]);
+            if out.status.success() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        WorldDns { child }
+    }
+}
+
+impl Drop for WorldDns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Real `dig` from a namespace: (status, answer lines) — status as dig
+/// prints it (`NOERROR`, `NXDOMAIN`, …), answers as `name ttl class type data`.
+pub fn dig(ns: &str, args: &[&str]) -> (String, Vec<String>) {
+    let mut all = vec!["+time=3", "+tries=1", "+noall", "+comments", "+answer"];
+    all.extend_from_slice(args);
+    let out = run_in(ns, "dig", &all);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let status = text
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_else(|| format!("no answer ({})", text.trim()));
+    let answers = text.lines().filter(|l| !l.starts_with(';') && !l.trim().is_empty()).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    (status, answers)
+}

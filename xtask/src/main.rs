@@ -48,6 +48,7 @@ const APT_PACKAGES: &[&str] = &[
     "netcat-openbsd",
     "curl",
     "bind9-dnsutils",
+    "dnsmasq-base",
     "tcpdump",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

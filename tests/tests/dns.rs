@@ -1,0 +1,187 @@
+//! The DNS proxy end to end: real `dig` and real TCP clients in netns
+//! guests, a real authoritative server (dnsmasq) for the `test` zone in the
+//! world namespace, the real daemon in between.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use sbx_net_tests::daemon::DaemonHarness;
+use sbx_net_tests::{dig, require_root, tcp_connects, unique_name, WorldDns, WorldServers};
+
+const PORT: u16 = 8080;
+
+const POLICY: &str = r#"
+name = "agent"
+[network]
+default = "deny"
+allow = ["allowed.test", "late.test", "*.one.test", "**.any.test", "alias.test", "big.test", "zero.test", "rebind.test", "ssh.test:22"]
+deny = ["bad.any.test"]
+"#;
+
+/// B allows nothing by name: A's answers must open nothing for B.
+const POLICY_B: &str = r#"
+name = "other"
+[network]
+default = "deny"
+allow = ["unrelated.test"]
+"#;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn records() -> Vec<String> {
+    let mut r: Vec<String> = [
+        "allowed.test,198.51.100.5,2001:db8:100::5,60",
+        "late.test,198.51.100.6,60",
+        "a.one.test,198.51.100.10,60",
+        "a.b.one.test,198.51.100.11,60",
+        "one.test,198.51.100.12,60",
+        "x.y.any.test,198.51.100.13,60",
+        "any.test,198.51.100.14,60",
+        "bad.any.test,198.51.100.15,60",
+        "target.elsewhere.test,198.51.100.9,60",
+        "zero.test,198.51.100.8,0",
+        "unlisted.test,198.51.100.20,60",
+        "ssh.test,198.51.100.21,60",
+        "rebind.test,198.51.100.7,60",
+        "rebind.test,127.0.0.1,60",
+        "rebind.test,10.1.2.3,60",
+        "rebind.test,169.254.169.254,60",
+        "rebind.test,::ffff:10.0.0.1,60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for i in 0..100 {
+        r.push(format!("big.test,198.51.100.{},60", 100 + i));
+    }
+    r
+}
+
+fn world_addrs() -> Vec<IpAddr> {
+    ["198.51.100.5", "198.51.100.6", "198.51.100.7", "198.51.100.8", "198.51.100.9", "198.51.100.10", "198.51.100.11", "198.51.100.13", "198.51.100.20", "198.51.100.21", "198.51.100.150", "2001:db8:100::5"]
+        .iter()
+        .map(|s| ip(s))
+        .collect()
+}
+
+fn setup(tag: &str, config: Option<&str>) -> (DaemonHarness, WorldDns, WorldServers, WorldServers) {
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let h = DaemonHarness::with_args(tag, &[("agent.toml", POLICY), ("other.toml", POLICY_B)], config, &[upstream.as_str()]);
+    for a in world_addrs() {
+        h.topology.add_world_address(a);
+    }
+    let dns = WorldDns::start(&h.topology.world, &records(), &["alias.test,target.elsewhere.test"]);
+    let web = WorldServers::start(&h.topology.world, &world_addrs(), PORT);
+    let ssh = WorldServers::start(&h.topology.world, &world_addrs(), 22);
+    (h, dns, web, ssh)
+}
+
+#[test]
+fn names_open_exactly_their_answers() {
+    require_root();
+    let (h, _dns, _web, _ssh) = setup("dns", None);
+    let a = h.create_guest(&unique_name("a"), "agent");
+    let b = h.create_guest(&unique_name("b"), "other");
+    let ns = a["netns"].as_str().unwrap().to_string();
+    let ns_b = b["netns"].as_str().unwrap().to_string();
+
+    // Before resolving, the address is closed; after, it opens on a
+    // non-proxied port. An allowed name never resolved stays closed.
+    assert!(!tcp_connects(&ns, ip("198.51.100.5"), PORT));
+    let (status, answers) = dig(&ns, &["allowed.test"]);
+    assert_eq!(status, "NOERROR");
+    assert!(answers.iter().any(|l| l.ends_with("A 198.51.100.5")), "{answers:?}");
+    assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT));
+    assert!(!tcp_connects(&ns, ip("198.51.100.6"), PORT), "late.test was never resolved");
+    // AAAA, then IPv6 opens too.
+    let (status, answers) = dig(&ns, &["AAAA", "allowed.test"]);
+    assert_eq!(status, "NOERROR");
+    assert!(answers.iter().any(|l| l.ends_with("AAAA 2001:db8:100::5")), "{answers:?}");
+    assert!(tcp_connects(&ns, ip("2001:db8:100::5"), PORT));
+
+    // Denied and unlisted names: NXDOMAIN, and their addresses stay shut.
+    assert_eq!(dig(&ns, &["bad.any.test"]).0, "NXDOMAIN");
+    assert_eq!(dig(&ns, &["unlisted.test"]).0, "NXDOMAIN");
+    assert!(!tcp_connects(&ns, ip("198.51.100.20"), PORT));
+
+    // Wildcards: `*.` exactly one label, `**.` any depth, neither the apex.
+    assert_eq!(dig(&ns, &["a.one.test"]).0, "NOERROR");
+    assert_eq!(dig(&ns, &["a.b.one.test"]).0, "NXDOMAIN");
+    assert_eq!(dig(&ns, &["one.test"]).0, "NXDOMAIN");
+    assert_eq!(dig(&ns, &["x.y.any.test"]).0, "NOERROR");
+    assert_eq!(dig(&ns, &["any.test"]).0, "NXDOMAIN");
+    assert!(tcp_connects(&ns, ip("198.51.100.10"), PORT));
+    assert!(!tcp_connects(&ns, ip("198.51.100.11"), PORT));
+
+    // A CNAME chain: the target's address is learned for the allowed alias.
+    let (status, answers) = dig(&ns, &["alias.test"]);
+    assert_eq!(status, "NOERROR");
+    assert!(answers.iter().any(|l| l.contains("CNAME target.elsewhere.test.")), "{answers:?}");
+    assert!(tcp_connects(&ns, ip("198.51.100.9"), PORT));
+
+    // 100 records: too big for UDP; dig retries over TCP (redirected too).
+    let (status, answers) = dig(&ns, &["big.test"]);
+    assert_eq!(status, "NOERROR");
+    assert_eq!(answers.len(), 100, "{answers:?}");
+    assert!(tcp_connects(&ns, ip("198.51.100.150"), PORT));
+
+    // Rebinding: private, loopback, link-local and IPv4-mapped answers are
+    // stripped and never opened; the public one stays.
+    let (status, answers) = dig(&ns, &["rebind.test"]);
+    assert_eq!(status, "NOERROR");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert!(answers[0].ends_with("A 198.51.100.7"));
+    let (_, answers) = dig(&ns, &["AAAA", "rebind.test"]);
+    assert!(answers.is_empty(), "{answers:?}");
+
+    // `name:port`: only that port opens.
+    assert_eq!(dig(&ns, &["ssh.test"]).0, "NOERROR");
+    assert!(tcp_connects(&ns, ip("198.51.100.21"), 22));
+    assert!(!tcp_connects(&ns, ip("198.51.100.21"), PORT));
+
+    // A hard-coded resolver is policed the same way (the redirect).
+    assert_eq!(dig(&ns, &["@203.0.113.53", "bad.any.test"]).0, "NXDOMAIN");
+    assert_eq!(dig(&ns, &["@8.8.8.8", "late.test"]).0, "NOERROR");
+    assert!(tcp_connects(&ns, ip("198.51.100.6"), PORT));
+    assert_eq!(dig(&ns, &["+tcp", "@203.0.113.53", "allowed.test"]).0, "NOERROR");
+
+    // Sandbox A's answers never open anything for B; B's own policy decides.
+    assert!(!tcp_connects(&ns_b, ip("198.51.100.5"), PORT));
+    assert_eq!(dig(&ns_b, &["allowed.test"]).0, "NXDOMAIN");
+    assert!(!tcp_connects(&ns_b, ip("198.51.100.5"), PORT));
+
+    // policy test answers for names.
+    let out = h.cli_ok(&["policy", "test", a["name"].as_str().unwrap(), "a.b.one.test"]);
+    assert!(out.contains("denied") && out.contains("NXDOMAIN"), "{out}");
+}
+
+#[test]
+fn learned_addresses_expire_and_survive_a_restart() {
+    require_root();
+    // TTLs clamped to at most 2 s, plus 1 s of grace.
+    let (mut h, _dns, _web, _ssh) = setup("dnsttl", Some("dns_min_ttl = 1\ndns_max_ttl = 2\ndns_grace = 1\n"));
+    let a = h.create_guest(&unique_name("a"), "agent");
+    let ns = a["netns"].as_str().unwrap().to_string();
+
+    // TTL 0 still opens the address (for min_ttl + grace).
+    assert_eq!(dig(&ns, &["zero.test"]).0, "NOERROR");
+    assert!(tcp_connects(&ns, ip("198.51.100.8"), PORT));
+    assert_eq!(dig(&ns, &["allowed.test"]).0, "NOERROR");
+    let resolved = Instant::now();
+    assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT));
+    // Kill -9: the learned entry lives in the pinned maps meanwhile.
+    h.kill_daemon(libc::SIGKILL);
+    assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT), "learned address closed with the daemon dead");
+    h.start_daemon();
+    // After TTL (clamped to 2 s) + grace (1 s) the address closes, even if
+    // nobody re-resolves.
+    let closes_after = Duration::from_secs(3);
+    std::thread::sleep((resolved + closes_after + Duration::from_millis(500)).saturating_duration_since(Instant::now()));
+    assert!(!tcp_connects(&ns, ip("198.51.100.5"), PORT), "learned address still open after TTL + grace");
+    assert!(!tcp_connects(&ns, ip("198.51.100.8"), PORT));
+    // Re-resolving opens it again.
+    assert_eq!(dig(&ns, &["allowed.test"]).0, "NOERROR");
+    assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT));
+}
