@@ -152,6 +152,18 @@ fn names_open_exactly_their_answers() {
     assert_eq!(dig(&ns_b, &["allowed.test"]).0, "NXDOMAIN");
     assert!(!tcp_connects(&ns_b, ip("198.51.100.5"), PORT));
 
+    // A reload that still allows the name carries its learned address into
+    // the new generation (no re-resolve needed); one that drops the name
+    // closes the address at once.
+    std::fs::write(h.policy_dir.join("agent.toml"), POLICY.replace("\"late.test\", ", "")).unwrap();
+    h.cli_ok(&["policy", "reload"]);
+    assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT), "learned address lost across a reload");
+    assert!(!tcp_connects(&ns, ip("198.51.100.6"), PORT), "late.test is no longer allowed");
+    std::fs::write(h.policy_dir.join("agent.toml"), POLICY.replace("\"allowed.test\", ", "")).unwrap();
+    h.cli_ok(&["policy", "reload"]);
+    assert!(!tcp_connects(&ns, ip("198.51.100.5"), PORT), "allowed.test was removed from the policy");
+    assert_eq!(dig(&ns, &["allowed.test"]).0, "NXDOMAIN");
+
     // policy test answers for names.
     let out = h.cli_ok(&["policy", "test", a["name"].as_str().unwrap(), "a.b.one.test"]);
     assert!(out.contains("denied") && out.contains("NXDOMAIN"), "{out}");

@@ -20,6 +20,8 @@ use crate::compile::{compile, CompileError, CompiledPolicy};
 use crate::config::DaemonConfig;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
 use crate::decide::{parse_destination, test_destination, Redirects};
+use crate::datapath::LearnedSwitch;
+use crate::dns::{carry_learned, LearnedAddr};
 use crate::dns_proxy::{Learned, LearnedMaps};
 use crate::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpError, PumpSpec};
 use crate::nft::{NftError, Nftables};
@@ -156,6 +158,50 @@ impl Daemon {
         Ok(())
     }
 
+    /// Switches a sandbox to a new policy generation, carrying its
+    /// DNS-learned addresses (recomputed under the new policy) into it. The
+    /// DNS proxy's lock is held throughout, so no answer is learned into the
+    /// generation being left.
+    fn switch_generation(
+        &mut self,
+        sandbox: &str,
+        ifindex: u32,
+        config: &sbx_net_common::SandboxConfig,
+        new: &CompiledPolicy,
+        old_policy_id: u32,
+        old: &CompiledPolicy,
+    ) -> Result<(), DaemonError> {
+        let dns_state = self.dns_state.clone();
+        let mut guard = dns_state.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, learned) = &mut *guard;
+        let table = learned.by_sandbox.entry(sandbox.to_string()).or_default();
+        let mut switch = LearnedSwitch::default();
+        let mut carried = Vec::new();
+        for (ip, entry) in table.iter() {
+            switch.old.push(*ip);
+            if let Some((value, names)) = carry_learned(new, *ip, entry) {
+                switch.carried.push((*ip, value));
+                carried.push((*ip, LearnedAddr { policy_id: config.policy_id, value, names }));
+            }
+        }
+        // Old learned keys at an address the old policy also has an entry
+        // for are removed with the old policy; the rest are removed here.
+        self.datapath.switch_policy(ifindex, config, new, old_policy_id, old, &switch)?;
+        table.clear();
+        table.extend(carried);
+        Ok(())
+    }
+
+    /// Removes a sandbox's learned addresses from the tries and the table.
+    fn forget_learned(&mut self, sandbox: &str, policy_id: u32) {
+        let dns_state = self.dns_state.clone();
+        let mut guard = dns_state.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, learned) = &mut *guard;
+        if let Some(table) = learned.by_sandbox.remove(sandbox) {
+            self.datapath.remove_learned(policy_id, table.keys().copied());
+        }
+    }
+
     /// The DNS proxy's shared state (learned addresses, trie handles).
     pub fn dns_state(&self) -> Arc<std::sync::Mutex<(LearnedMaps, Learned)>> {
         self.dns_state.clone()
@@ -222,13 +268,13 @@ impl Daemon {
             self.datapath.attach_pinned(&record.tap, &pin)?;
         }
         let mut current = Arc::new(old);
-        if let Some(entry) = self.policies.get(&record.policy) {
+        if let Some(entry) = self.policies.get(&record.policy).cloned() {
             let hash = text_hash(&entry.source, &entry.text);
             if hash != record.policy_hash {
                 let new = compile(&entry.policy, &spec.host_addresses())?;
                 let policy_id = self.state.take_policy_id();
                 let cfg = spec.datapath_config(&new, policy_id, self.flags(), &self.config.proxied_ports);
-                self.datapath.switch_policy(ifindex, &cfg, &new, record.policy_id, &current)?;
+                self.switch_generation(name, ifindex, &cfg, &new, record.policy_id, &current)?;
                 self.state.policy_generation += 1;
                 let r = self.state.sandboxes.get_mut(name).expect("present");
                 r.policy_id = policy_id;
@@ -525,6 +571,7 @@ impl Daemon {
                 None => self.datapath.remove_policy(record.policy_id, &policy),
             }
         }
+        self.forget_learned(name, record.policy_id);
         match (record.adopted_tap, ifindex) {
             (false, Some(ifindex)) => {
                 // Unregistering a netdev waits for RCU several times (~35 ms
@@ -583,7 +630,7 @@ impl Daemon {
             let policy_id = self.state.take_policy_id();
             let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
             let old = self.in_force[&name].clone();
-            self.datapath.switch_policy(ifindex, &cfg, &compiled, record.policy_id, &old)?;
+            self.switch_generation(&name, ifindex, &cfg, &compiled, record.policy_id, &old)?;
             let r = self.state.sandboxes.get_mut(&name).expect("present");
             r.policy_id = policy_id;
             r.policy_hash = hash.clone();

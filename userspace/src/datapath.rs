@@ -1,6 +1,7 @@
 //! The loaded eBPF object: programs, maps, TCX attachment, and the writes
 //! that install a sandbox's configuration and compiled policy.
 
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,6 +45,14 @@ pub enum DatapathError {
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source: Box::new(source) }
+}
+
+/// DNS-learned entries moving to a new policy generation: those recomputed
+/// under the new policy (`carried`), and the old generation's keys.
+#[derive(Clone, Debug, Default)]
+pub struct LearnedSwitch {
+    pub carried: Vec<(IpAddr, PolicyValue)>,
+    pub old: Vec<IpAddr>,
 }
 
 /// Load-time settings, as plain data.
@@ -250,13 +259,59 @@ impl Datapath {
         policy: &CompiledPolicy,
         old_policy_id: u32,
         old_policy: &CompiledPolicy,
+        learned: &LearnedSwitch,
     ) -> Result<(), DatapathError> {
-        if let Err(e) = self.write_policy(config.policy_id, policy).and_then(|()| self.write_config(ifindex, config)) {
+        let written = self
+            .write_policy(config.policy_id, policy)
+            .and_then(|()| self.write_learned(config.policy_id, &learned.carried))
+            .and_then(|()| self.write_config(ifindex, config));
+        if let Err(e) = written {
             self.remove_policy(config.policy_id, policy);
+            self.remove_learned(config.policy_id, learned.carried.iter().map(|(ip, _)| *ip));
             return Err(e);
         }
         self.remove_policy(old_policy_id, old_policy);
+        self.remove_learned(old_policy_id, learned.old.iter().copied());
         Ok(())
+    }
+
+    /// Writes learned /32 and /128 entries under `policy_id`.
+    pub fn write_learned(&mut self, policy_id: u32, entries: &[(IpAddr, PolicyValue)]) -> Result<(), DatapathError> {
+        for (ip, value) in entries {
+            match ip {
+                IpAddr::V4(a) => {
+                    let name = map_names::POLICY_V4;
+                    let mut v4: LpmTrie<_, KeyV4, PolicyValue> = LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+                    v4.insert(&key_v4(policy_id, a.octets(), 32), value, 0).map_err(map_err(name))?;
+                }
+                IpAddr::V6(a) => {
+                    let name = map_names::POLICY_V6;
+                    let mut v6: LpmTrie<_, KeyV6, PolicyValue> = LpmTrie::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+                    v6.insert(&key_v6(policy_id, a.octets(), 128), value, 0).map_err(map_err(name))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes learned /32 and /128 keys (missing ones are fine). Where the
+    /// compiled policy has its own entry at such an address, the caller
+    /// removes or rewrites it as part of that policy.
+    pub fn remove_learned(&mut self, policy_id: u32, ips: impl Iterator<Item = IpAddr>) {
+        for ip in ips {
+            match ip {
+                IpAddr::V4(a) => {
+                    if let Ok(mut v4) = self.map_mut(map_names::POLICY_V4).and_then(|m| LpmTrie::<_, KeyV4, PolicyValue>::try_from(m).map_err(map_err(map_names::POLICY_V4))) {
+                        let _ = v4.remove(&key_v4(policy_id, a.octets(), 32));
+                    }
+                }
+                IpAddr::V6(a) => {
+                    if let Ok(mut v6) = self.map_mut(map_names::POLICY_V6).and_then(|m| LpmTrie::<_, KeyV6, PolicyValue>::try_from(m).map_err(map_err(map_names::POLICY_V6))) {
+                        let _ = v6.remove(&key_v6(policy_id, a.octets(), 128));
+                    }
+                }
+            }
+        }
     }
 
     /// Writes (or, with an all-zero config, clears) the config of a tap.

@@ -180,6 +180,33 @@ pub fn learned_value(
     value
 }
 
+/// One learned address of one sandbox.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LearnedAddr {
+    pub policy_id: u32,
+    pub value: PolicyValue,
+    pub names: BTreeSet<String>,
+}
+
+/// A learned address under a new policy: kept for the names the new policy
+/// still allows (their rule and port decide), dropped when none is, or when
+/// the address now falls in a denied range. Expiry is unchanged.
+pub fn carry_learned(new: &CompiledPolicy, ip: IpAddr, old: &LearnedAddr) -> Option<(PolicyValue, BTreeSet<String>)> {
+    let v = new.lookup(ip, PortInfo::None);
+    if v.action == action::DENY && v.rule_id != rule_id::DEFAULT {
+        return None;
+    }
+    let mut value: Option<PolicyValue> = None;
+    let mut names = BTreeSet::new();
+    for name in &old.names {
+        if let NameVerdict::Allowed { rule_id, port } = name_verdict(new, name) {
+            value = Some(learned_value(new, ip, value.as_ref(), rule_id, port, old.value.learned_until_ns));
+            names.insert(name.clone());
+        }
+    }
+    value.map(|v| (v, names))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,6 +279,27 @@ deny = ["bad.any.test", "10.0.0.0/8"]
             AnswerRecord::Cname { owner: "b.".into(), target: "a.".into() },
         ];
         assert!(plan_answer(&p, "a", &looped).learn.is_empty());
+    }
+
+    #[test]
+    fn learned_addresses_follow_the_new_policy() {
+        let old = policy();
+        let until = 1_000;
+        let learned = LearnedAddr {
+            policy_id: 7,
+            value: learned_value(&old, "198.51.100.5".parse().unwrap(), None, 1, None, until),
+            names: ["allowed.test".to_string(), "a.one.test".to_string()].into(),
+        };
+        // Still allowed by one name: kept, same expiry, only that name.
+        let narrower = compile(&Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"*.one.test\"]\n").unwrap(), &[]).unwrap();
+        let (v, names) = carry_learned(&narrower, "198.51.100.5".parse().unwrap(), &learned).unwrap();
+        assert_eq!(v.learned_until_ns, until);
+        assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["a.one.test"]);
+        // No name allowed any more, or the address now denied: dropped.
+        let none = compile(&Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"other.test\"]\n").unwrap(), &[]).unwrap();
+        assert!(carry_learned(&none, "198.51.100.5".parse().unwrap(), &learned).is_none());
+        let denied = compile(&Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"allowed.test\"]\ndeny = [\"198.51.100.0/24\"]\n").unwrap(), &[]).unwrap();
+        assert!(carry_learned(&denied, "198.51.100.5".parse().unwrap(), &learned).is_none());
     }
 
     #[test]

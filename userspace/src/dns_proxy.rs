@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::compile::CompiledPolicy;
 use crate::datapath::{key_v4, key_v6};
-use crate::dns::{learned_value, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
+use crate::dns::{learned_value, LearnedAddr, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
 use crate::proxy::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,14 +51,6 @@ pub fn boot_time_ns() -> u64 {
     // SAFETY: as above.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// One learned address of one sandbox.
-#[derive(Clone, Debug)]
-pub struct LearnedAddr {
-    pub policy_id: u32,
-    pub value: PolicyValue,
-    pub names: BTreeSet<String>,
 }
 
 /// Learned addresses per sandbox (what the tries hold beyond the compiled
