@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use sbx_net_tests::daemon::DaemonHarness;
-use sbx_net_tests::{dig, require_root, tcp_connects, unique_name, WorldDns, WorldServers};
+use sbx_net_tests::{dig, require_root, tcp_connects, udp_exchange, unique_name, WorldDns, WorldServers};
 
 const PORT: u16 = 8080;
 
@@ -66,22 +66,21 @@ fn world_addrs() -> Vec<IpAddr> {
         .collect()
 }
 
-fn setup(tag: &str, config: Option<&str>) -> (DaemonHarness, WorldDns, WorldServers, WorldServers) {
+fn setup(tag: &str, config: Option<&str>) -> (DaemonHarness, WorldDns, Vec<WorldServers>) {
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
     let h = DaemonHarness::with_args(tag, &[("agent.toml", POLICY), ("other.toml", POLICY_B)], config, &[upstream.as_str()]);
     for a in world_addrs() {
         h.topology.add_world_address(a);
     }
     let dns = WorldDns::start(&h.topology.world, &records(), &["alias.test,target.elsewhere.test"]);
-    let web = WorldServers::start(&h.topology.world, &world_addrs(), PORT);
-    let ssh = WorldServers::start(&h.topology.world, &world_addrs(), 22);
-    (h, dns, web, ssh)
+    let servers = [PORT, 22, 853, 443].iter().map(|&p| WorldServers::start(&h.topology.world, &world_addrs(), p)).collect();
+    (h, dns, servers)
 }
 
 #[test]
 fn names_open_exactly_their_answers() {
     require_root();
-    let (h, _dns, _web, _ssh) = setup("dns", None);
+    let (h, _dns, _servers) = setup("dns", None);
     let a = h.create_guest(&unique_name("a"), "agent");
     let b = h.create_guest(&unique_name("b"), "other");
     let ns = a["netns"].as_str().unwrap().to_string();
@@ -94,6 +93,10 @@ fn names_open_exactly_their_answers() {
     assert_eq!(status, "NOERROR");
     assert!(answers.iter().any(|l| l.ends_with("A 198.51.100.5")), "{answers:?}");
     assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT));
+    // …but not for DNS-over-TLS or QUIC, which would bypass the proxies.
+    assert!(!tcp_connects(&ns, ip("198.51.100.5"), 853), "DoT opened by a learned address");
+    assert_eq!(udp_exchange(&ns, ip("198.51.100.5"), 443, "quic?"), "", "QUIC opened by a learned address");
+    assert_eq!(udp_exchange(&ns, ip("198.51.100.5"), PORT, "udp?"), "udp?");
     assert!(!tcp_connects(&ns, ip("198.51.100.6"), PORT), "late.test was never resolved");
     // AAAA, then IPv6 opens too.
     let (status, answers) = dig(&ns, &["AAAA", "allowed.test"]);
@@ -173,7 +176,7 @@ fn names_open_exactly_their_answers() {
 fn learned_addresses_expire_and_survive_a_restart() {
     require_root();
     // TTLs clamped to at most 2 s, plus 1 s of grace.
-    let (mut h, _dns, _web, _ssh) = setup("dnsttl", Some("dns_min_ttl = 1\ndns_max_ttl = 2\ndns_grace = 1\n"));
+    let (mut h, _dns, _servers) = setup("dnsttl", Some("dns_min_ttl = 1\ndns_max_ttl = 2\ndns_grace = 1\n"));
     let a = h.create_guest(&unique_name("a"), "agent");
     let ns = a["netns"].as_str().unwrap().to_string();
 

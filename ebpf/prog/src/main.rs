@@ -103,6 +103,15 @@ fn redirected(cfg: &SandboxConfig, packet: &Packet) -> bool {
     false
 }
 
+/// DNS-over-TLS (TCP 853) and QUIC (UDP 443) would carry names past the
+/// DNS and credential proxies: an address learned from DNS does not open
+/// them; only a policy rule (a CIDR, or a `:853` / `:443` port rule) does.
+#[inline(always)]
+fn resolver_bypass(packet: &Packet) -> bool {
+    packet.has_ports
+        && ((packet.protocol == IPPROTO_TCP && packet.dst_port == 853) || (packet.protocol == IPPROTO_UDP && packet.dst_port == 443))
+}
+
 /// The policy verdict for a parsed IP packet: one LPM lookup.
 #[inline(always)]
 fn decide(cfg: &SandboxConfig, packet: &Packet) -> (Reason, u32) {
@@ -163,6 +172,7 @@ fn entry_verdict(value: &PolicyValue, packet: &Packet) -> Verdict {
     }
     if value.learned_until_ns != 0
         && (value.learned_port == 0 || (packet.has_ports && value.learned_port == packet.dst_port))
+        && !resolver_bypass(packet)
     {
         // SAFETY: helper with no arguments.
         let now = unsafe { bpf_ktime_get_boot_ns() };
