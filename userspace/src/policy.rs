@@ -425,9 +425,13 @@ pub fn normalise_name(name: &str) -> Result<String, String> {
     if name.is_empty() {
         return Err("empty domain name".into());
     }
-    if !name.is_ascii() {
-        return Err(format!("{name:?} is not ASCII; write internationalised names in punycode (xn--…)"));
-    }
+    // Internationalised names become their A-labels (punycode), the form
+    // they take on the wire (UTS #46 processing, as browsers do).
+    let name = if name.is_ascii() {
+        name
+    } else {
+        idna::domain_to_ascii(&name).map_err(|_| format!("{name:?} is not a valid internationalised domain name"))?
+    };
     if name.len() > 253 {
         return Err("domain name longer than 253 characters".into());
     }
@@ -592,7 +596,9 @@ deny = ["10.0.0.0/8"]
         assert!(!any.matches("example.com"));
         assert!(!any.matches("badexample.com"));
         assert_eq!(normalise_name("WWW.Example.COM.").unwrap(), "www.example.com");
-        assert!(normalise_name("bücher.de").is_err());
+        assert_eq!(normalise_name("Bücher.DE.").unwrap(), "xn--bcher-kva.de");
+        assert_eq!(normalise_name("*.bücher.de").map_err(|_| ()), Err(()));
+        assert!(normalise_name("a b.de").is_err());
     }
 
     #[test]
