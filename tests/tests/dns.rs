@@ -200,3 +200,37 @@ fn learned_addresses_expire_and_survive_a_restart() {
     assert_eq!(dig(&ns, &["allowed.test"]).0, "NOERROR");
     assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT));
 }
+
+#[test]
+fn connect_right_after_resolve_never_loses_a_first_syn() {
+    require_root();
+    const NAMES: usize = 1000;
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let policy = "name = \"burst\"\n[network]\ndefault = \"deny\"\nallow = [\"**.burst.test\"]\n";
+    let h = DaemonHarness::with_args("burst", &[("burst.toml", policy)], None, &[upstream.as_str()]);
+    let addr = |i: usize| format!("11.1.{}.{}", i / 250, i % 250 + 1);
+    let records: Vec<String> = (0..NAMES).map(|i| format!("r{i}.burst.test,{},300", addr(i))).collect();
+    for i in 0..NAMES {
+        h.topology.add_world_address(ip(&addr(i)));
+    }
+    let _dns = WorldDns::start(&h.topology.world, &records, &[]);
+    let _web = WorldServers::start(&h.topology.world, &[ip("0.0.0.0")], PORT);
+    let g = h.create_guest(&unique_name("g"), "burst");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    let drops = |h: &DaemonHarness| {
+        let s = h.json(&["status", "--json"]);
+        s["datapath"]["default_deny"]["packets"].as_u64().unwrap() + s["datapath"]["policy_deny"]["packets"].as_u64().unwrap()
+    };
+    let before = drops(&h);
+    // Resolve and connect at once, 1000 new names, in the guest.
+    let script = format!(
+        "fail=0; for i in $(seq 0 {}); do a=$(dig +short +time=2 +tries=1 r$i.burst.test); nc -z -n -w 3 \"$a\" {PORT} || fail=$((fail+1)); done; echo failed=$fail",
+        NAMES - 1
+    );
+    let started = Instant::now();
+    let out = sbx_net_tests::run_in(&ns, "sh", &["-c", &script]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("failed=0"), "{text}");
+    assert_eq!(drops(&h) - before, 0, "a first SYN (or another packet) was dropped in {NAMES} resolve-then-connect attempts");
+    eprintln!("{NAMES} resolve-then-connect in {:?}", started.elapsed());
+}
