@@ -80,7 +80,7 @@ fn setup(tag: &str, config: Option<&str>) -> (DaemonHarness, WorldDns, Vec<World
 #[test]
 fn names_open_exactly_their_answers() {
     require_root();
-    let (h, _dns, _servers) = setup("dns", None);
+    let (mut h, _dns, _servers) = setup("dns", None);
     let a = h.create_guest(&unique_name("a"), "agent");
     let b = h.create_guest(&unique_name("b"), "other");
     let ns = a["netns"].as_str().unwrap().to_string();
@@ -170,6 +170,17 @@ fn names_open_exactly_their_answers() {
     // policy test answers for names.
     let out = h.cli_ok(&["policy", "test", a["name"].as_str().unwrap(), "a.b.one.test"]);
     assert!(out.contains("denied") && out.contains("NXDOMAIN"), "{out}");
+
+    // A restarted daemon knows which names its learned addresses came from:
+    // a reload after kill -9 still carries x.y.any.test's address.
+    assert!(tcp_connects(&ns, ip("198.51.100.13"), PORT));
+    std::thread::sleep(Duration::from_millis(1500)); // the snapshot is written each second
+    h.kill_daemon(libc::SIGKILL);
+    h.start_daemon();
+    std::fs::write(h.policy_dir.join("agent.toml"), POLICY.replace("\"allowed.test\", ", "").replace("\"late.test\", ", "")).unwrap();
+    h.cli_ok(&["policy", "reload"]);
+    assert!(tcp_connects(&ns, ip("198.51.100.13"), PORT), "learned address lost by a reload after a restart");
+    assert!(!tcp_connects(&ns, ip("198.51.100.5"), PORT));
 }
 
 #[test]

@@ -169,6 +169,12 @@ impl DaemonConfig {
         })
     }
 
+    /// Names behind the DNS-learned addresses (the addresses themselves
+    /// live in the pinned tries).
+    pub fn learned_snapshot(&self) -> PathBuf {
+        self.state_dir.join("learned.json")
+    }
+
     pub fn link_pin(&self, sandbox: &str) -> PathBuf {
         self.bpf_dir.join("links").join(sandbox)
     }

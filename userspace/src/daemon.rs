@@ -114,7 +114,9 @@ impl Daemon {
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let dns_state = Arc::new(std::sync::Mutex::new((LearnedMaps::open(&config.bpf_dir)?, Learned::default())));
+        let maps = LearnedMaps::open(&config.bpf_dir)?;
+        let learned = Learned::restore(&config.learned_snapshot(), &maps);
+        let dns_state = Arc::new(std::sync::Mutex::new((maps, learned)));
         let mut daemon = Daemon {
             config,
             datapath,
@@ -189,6 +191,7 @@ impl Daemon {
         self.datapath.switch_policy(ifindex, config, new, old_policy_id, old, &switch)?;
         table.clear();
         table.extend(carried);
+        learned.version += 1;
         Ok(())
     }
 
@@ -199,6 +202,7 @@ impl Daemon {
         let (_, learned) = &mut *guard;
         if let Some(table) = learned.by_sandbox.remove(sandbox) {
             self.datapath.remove_learned(policy_id, table.keys().copied());
+            learned.version += 1;
         }
     }
 
@@ -857,6 +861,7 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
         done.push(format!("pins under {}", config.bpf_dir.display()));
     }
     State::remove_files(&config.state_dir)?;
+    let _ = std::fs::remove_file(config.learned_snapshot());
     for path in [config.applied_policy_dir()] {
         if path.is_dir() {
             std::fs::remove_dir_all(&path).map_err(io_err(&path))?;

@@ -58,6 +58,53 @@ pub fn boot_time_ns() -> u64 {
 #[derive(Default)]
 pub struct Learned {
     pub by_sandbox: HashMap<String, HashMap<IpAddr, LearnedAddr>>,
+    /// Bumped on every change, so the snapshot is rewritten only then.
+    pub version: u64,
+}
+
+/// One line of the snapshot: what a restarted daemon needs besides the
+/// trie entry itself (which survives in the pinned map).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotEntry {
+    sandbox: String,
+    ip: IpAddr,
+    policy_id: u32,
+    names: BTreeSet<String>,
+}
+
+impl Learned {
+    /// Writes the name↔address knowledge to `path` (atomically).
+    pub fn write_snapshot(&self, path: &Path) -> std::io::Result<()> {
+        let entries: Vec<SnapshotEntry> = self
+            .by_sandbox
+            .iter()
+            .flat_map(|(sandbox, t)| {
+                t.iter().map(|(ip, l)| SnapshotEntry { sandbox: sandbox.clone(), ip: *ip, policy_id: l.policy_id, names: l.names.clone() })
+            })
+            .collect();
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&entries).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Restores the table from the snapshot and the tries: an entry is back
+    /// only if the trie still holds a live learned value for it.
+    pub fn restore(path: &Path, maps: &LearnedMaps) -> Learned {
+        let mut learned = Learned::default();
+        let Ok(bytes) = std::fs::read(path) else { return learned };
+        let Ok(entries) = serde_json::from_slice::<Vec<SnapshotEntry>>(&bytes) else {
+            tracing::warn!(path = %path.display(), "unreadable learned-address snapshot; starting empty");
+            return learned;
+        };
+        let now = boot_time_ns();
+        for e in entries {
+            let Some(value) = maps.get(e.policy_id, e.ip) else { continue };
+            if value.learned_until_ns > now {
+                learned.by_sandbox.entry(e.sandbox).or_default().insert(e.ip, LearnedAddr { policy_id: e.policy_id, value, names: e.names });
+            }
+        }
+        learned
+    }
 }
 
 /// The pinned policy tries, opened by this component.
@@ -84,6 +131,15 @@ impl LearnedMaps {
             IpAddr::V6(a) => self.v6.insert(&key_v6(policy_id, a.octets(), 128), value, 0),
         }
         .map_err(|e| e.to_string())
+    }
+
+    /// The entry the trie holds for exactly this address (the longest match
+    /// of a full-length key is the exact entry when there is one).
+    pub fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&key_v4(policy_id, a.octets(), 32), 0).ok(),
+            IpAddr::V6(a) => self.v6.get(&key_v6(policy_id, a.octets(), 128), 0).ok(),
+        }
     }
 
     pub fn remove(&mut self, policy_id: u32, ip: IpAddr) {
@@ -265,6 +321,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
             entry.value = value;
             entry.names.insert(qname.clone());
         }
+        learned.version += 1;
     }
     let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
     if stripped > 0 {
@@ -344,13 +401,19 @@ async fn forward(upstream: SocketAddr, query: &[u8], id: u16, timeout: Duration)
 
 /// Removes expired learned addresses from the tries (the classifier already
 /// ignores them; this frees the entries), once a second.
-pub async fn collect_expired(state: Arc<Mutex<(LearnedMaps, Learned)>>, policies: impl Fn(&str) -> Option<Arc<CompiledPolicy>> + Send + 'static) {
+pub async fn collect_expired(
+    state: Arc<Mutex<(LearnedMaps, Learned)>>,
+    snapshot: std::path::PathBuf,
+    policies: impl Fn(&str) -> Option<Arc<CompiledPolicy>> + Send + 'static,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut written = u64::MAX;
     loop {
         tick.tick().await;
         let now = boot_time_ns();
         let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
         let (maps, learned) = &mut *guard;
+        let mut changed = false;
         for (sandbox, table) in learned.by_sandbox.iter_mut() {
             let policy = policies(sandbox);
             table.retain(|ip, l| {
@@ -366,10 +429,20 @@ pub async fn collect_expired(state: Arc<Mutex<(LearnedMaps, Learned)>>, policies
                     }
                     None => maps.remove(l.policy_id, *ip),
                 }
+                changed = true;
                 false
             });
         }
         learned.by_sandbox.retain(|_, t| !t.is_empty());
+        if changed {
+            learned.version += 1;
+        }
+        if learned.version != written {
+            match learned.write_snapshot(&snapshot) {
+                Ok(()) => written = learned.version,
+                Err(e) => tracing::warn!(path = %snapshot.display(), "writing the learned-address snapshot: {e}"),
+            }
+        }
     }
 }
 

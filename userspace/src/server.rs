@@ -184,7 +184,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             tokio::spawn(dns_proxy::serve_tcp(t, dns.clone()));
         }
         let gc_routes = routes.clone();
-        tokio::spawn(dns_proxy::collect_expired(dns.state.clone(), move |sandbox| {
+        tokio::spawn(dns_proxy::collect_expired(dns.state.clone(), config.learned_snapshot(), move |sandbox| {
             let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         }));
