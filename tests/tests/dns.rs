@@ -245,3 +245,44 @@ fn connect_right_after_resolve_never_loses_a_first_syn() {
     assert_eq!(drops(&h) - before, 0, "a first SYN (or another packet) was dropped in {NAMES} resolve-then-connect attempts");
     eprintln!("{NAMES} resolve-then-connect in {:?}", started.elapsed());
 }
+
+#[test]
+fn per_name_cap_forgets_old_addresses_but_not_live_flows() {
+    require_root();
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let policy = "name = \"cdn\"\n[network]\ndefault = \"deny\"\nallow = [\"rot.test\"]\n";
+    let h = DaemonHarness::with_args("cap", &[("cdn.toml", policy)], Some("dns_max_addresses_per_name = 1\n"), &[upstream.as_str()]);
+    let addrs = ["198.51.100.5", "198.51.100.6", "198.51.100.7"];
+    for a in addrs {
+        h.topology.add_world_address(ip(a));
+    }
+    let _web = WorldServers::start(&h.topology.world, &addrs.map(ip), PORT);
+    let _long = sbx_net_tests::NcListener::start(h.topology.world.name(), 9000);
+    let g = h.create_guest(&unique_name("g"), "cdn");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    // The name's answer rotates, as a CDN's does.
+    let resolve_as = |addr: &str| {
+        let dns = WorldDns::start(&h.topology.world, &[format!("rot.test,{addr},300")], &[]);
+        let (status, answers) = dig(&ns, &["rot.test"]);
+        assert_eq!(status, "NOERROR");
+        assert!(answers.iter().any(|l| l.ends_with(addr)), "{answers:?}");
+        drop(dns);
+    };
+    resolve_as(addrs[0]);
+    // A long-lived connection to the first address.
+    let mut flow = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "nc", "-n", addrs[0], "9000"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    resolve_as(addrs[1]);
+    resolve_as(addrs[2]);
+    // Cap 1: .6 (older, idle) is forgotten; .5 keeps its live flow; .7 is new.
+    assert!(tcp_connects(&ns, ip(addrs[0]), PORT), "an address with a live flow was evicted");
+    assert!(!tcp_connects(&ns, ip(addrs[1]), PORT), "the idle older address was kept past the cap");
+    assert!(tcp_connects(&ns, ip(addrs[2]), PORT));
+    let _ = flow.kill();
+    let _ = flow.wait();
+}

@@ -59,6 +59,8 @@ pub struct DaemonConfig {
     pub dns_grace: u32,
     /// Answer denied names REFUSED instead of NXDOMAIN.
     pub dns_refuse_denied: bool,
+    /// Learned addresses kept per name (0: unlimited).
+    pub dns_max_addresses_per_name: usize,
 }
 
 impl Default for DaemonConfig {
@@ -84,6 +86,7 @@ impl Default for DaemonConfig {
             dns_max_ttl: 3600,
             dns_grace: 30,
             dns_refuse_denied: false,
+            dns_max_addresses_per_name: 32,
         }
     }
 }

@@ -183,7 +183,7 @@ impl Daemon {
             switch.old.push(*ip);
             if let Some((value, names)) = carry_learned(new, *ip, entry) {
                 switch.carried.push((*ip, value));
-                carried.push((*ip, LearnedAddr { policy_id: config.policy_id, value, names }));
+                carried.push((*ip, LearnedAddr { policy_id: config.policy_id, value, names, answered_ns: entry.answered_ns }));
             }
         }
         // Old learned keys at an address the old policy also has an entry

@@ -186,6 +186,53 @@ pub struct LearnedAddr {
     pub policy_id: u32,
     pub value: PolicyValue,
     pub names: BTreeSet<String>,
+    /// Boot-time ns of the last answer that carried this address.
+    pub answered_ns: u64,
+}
+
+/// Per-name cap: which of `name`'s older addresses to forget so that at
+/// most `cap` remain — never one of `current` (the answer just given), never
+/// one with a live flow, least recently answered first. An answer larger
+/// than the cap is kept whole.
+pub fn over_cap(
+    table: &std::collections::HashMap<IpAddr, LearnedAddr>,
+    name: &str,
+    current: &[IpAddr],
+    cap: usize,
+    live: impl Fn(IpAddr) -> bool,
+) -> Vec<IpAddr> {
+    let mut older: Vec<(&IpAddr, &LearnedAddr)> =
+        table.iter().filter(|(ip, l)| l.names.contains(name) && !current.contains(ip)).collect();
+    let total = older.len() + current.len();
+    let excess = total.saturating_sub(cap.max(current.len()));
+    if excess == 0 {
+        return Vec::new();
+    }
+    older.sort_by_key(|(ip, l)| (l.answered_ns, **ip));
+    older.into_iter().map(|(ip, _)| *ip).filter(|ip| !live(*ip)).take(excess).collect()
+}
+
+/// (source, destination) of every connection in `/proc/net/nf_conntrack`
+/// text, original direction.
+pub fn conntrack_pairs(text: &str) -> BTreeSet<(IpAddr, IpAddr)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut src = None;
+            let mut dst = None;
+            for field in line.split_whitespace() {
+                if let Some(v) = field.strip_prefix("src=") {
+                    if src.is_none() {
+                        src = v.parse::<IpAddr>().ok();
+                    }
+                } else if let Some(v) = field.strip_prefix("dst=") {
+                    if dst.is_none() {
+                        dst = v.parse::<IpAddr>().ok();
+                    }
+                }
+            }
+            Some((src?, dst?))
+        })
+        .collect()
 }
 
 /// A learned address under a new policy: kept for the names the new policy
@@ -286,6 +333,7 @@ deny = ["bad.any.test", "10.0.0.0/8"]
         let old = policy();
         let until = 1_000;
         let learned = LearnedAddr {
+            answered_ns: 0,
             policy_id: 7,
             value: learned_value(&old, "198.51.100.5".parse().unwrap(), None, 1, None, until),
             names: ["allowed.test".to_string(), "a.one.test".to_string()].into(),
@@ -300,6 +348,38 @@ deny = ["bad.any.test", "10.0.0.0/8"]
         assert!(carry_learned(&none, "198.51.100.5".parse().unwrap(), &learned).is_none());
         let denied = compile(&Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"allowed.test\"]\ndeny = [\"198.51.100.0/24\"]\n").unwrap(), &[]).unwrap();
         assert!(carry_learned(&denied, "198.51.100.5".parse().unwrap(), &learned).is_none());
+    }
+
+    #[test]
+    fn per_name_cap_keeps_the_answer_and_live_flows() {
+        let p = policy();
+        let entry = |names: &[&str], at: u64| LearnedAddr {
+            policy_id: 1,
+            value: learned_value(&p, "198.51.100.1".parse().unwrap(), None, 1, None, 100),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            answered_ns: at,
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut t = std::collections::HashMap::new();
+        t.insert(ip("198.51.100.1"), entry(&["cdn.test"], 1));
+        t.insert(ip("198.51.100.2"), entry(&["cdn.test"], 2));
+        t.insert(ip("198.51.100.3"), entry(&["cdn.test", "other.test"], 3));
+        t.insert(ip("198.51.100.4"), entry(&["cdn.test"], 4));
+        t.insert(ip("198.51.100.9"), entry(&["other.test"], 0));
+        let current = [ip("198.51.100.4")];
+        assert_eq!(over_cap(&t, "cdn.test", &current, 2, |_| false), vec![ip("198.51.100.1"), ip("198.51.100.2")]);
+        // A live flow protects the oldest; the next oldest goes instead.
+        assert_eq!(over_cap(&t, "cdn.test", &current, 2, |a| a == ip("198.51.100.1")), vec![ip("198.51.100.2"), ip("198.51.100.3")]);
+        assert!(over_cap(&t, "cdn.test", &current, 4, |_| false).is_empty());
+        // An answer bigger than the cap is kept whole.
+        let big = [ip("198.51.100.1"), ip("198.51.100.2"), ip("198.51.100.3"), ip("198.51.100.4")];
+        assert!(over_cap(&t, "cdn.test", &big, 2, |_| false).is_empty());
+        let text = "ipv4     2 tcp      6 431999 ESTABLISHED src=10.200.0.6 dst=198.51.100.1 sport=1 dport=80 src=198.51.100.1 dst=192.0.2.1 sport=80 dport=1 [ASSURED] mark=0 use=1\n\
+                    ipv6     10 tcp      6 60 SYN_SENT src=fd73:6278:0000:0001:0000:0000:0000:0002 dst=2001:0db8:0100:0000:0000:0000:0000:0005 sport=2 dport=80 [UNREPLIED] src=2001:0db8:0100:0000:0000:0000:0000:0005 dst=fd73:6278:0000:0001:0000:0000:0000:0002 sport=80 dport=2\n";
+        let pairs = conntrack_pairs(text);
+        assert!(pairs.contains(&(ip("10.200.0.6"), ip("198.51.100.1"))));
+        assert!(pairs.contains(&(ip("fd73:6278:0:1::2"), ip("2001:db8:100::5"))));
+        assert_eq!(pairs.len(), 2);
     }
 
     #[test]

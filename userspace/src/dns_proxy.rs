@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::compile::CompiledPolicy;
 use crate::datapath::{key_v4, key_v6};
-use crate::dns::{learned_value, LearnedAddr, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
+use crate::dns::{learned_value, over_cap, LearnedAddr, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
 use crate::proxy::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +41,9 @@ pub struct DnsSettings {
     /// Answer denied names REFUSED instead of NXDOMAIN.
     pub refuse_denied: bool,
     pub upstream_timeout: Duration,
+    /// At most this many learned addresses per name (older ones without a
+    /// live flow are forgotten first); 0: no cap.
+    pub max_addresses_per_name: usize,
 }
 
 /// Boot-time nanoseconds, the clock the classifier compares expiries with
@@ -100,7 +103,7 @@ impl Learned {
         for e in entries {
             let Some(value) = maps.get(e.policy_id, e.ip) else { continue };
             if value.learned_until_ns > now {
-                learned.by_sandbox.entry(e.sandbox).or_default().insert(e.ip, LearnedAddr { policy_id: e.policy_id, value, names: e.names });
+                learned.by_sandbox.entry(e.sandbox).or_default().insert(e.ip, LearnedAddr { policy_id: e.policy_id, value, names: e.names, answered_ns: now });
             }
         }
         learned
@@ -316,10 +319,41 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
                 tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
                 return reply(&query, ResponseCode::ServFail);
             }
-            let entry = table.entry(*ip).or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new() });
+            let entry = table
+                .entry(*ip)
+                .or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new(), answered_ns: now });
             entry.policy_id = route.policy_id;
             entry.value = value;
+            entry.answered_ns = now;
             entry.names.insert(qname.clone());
+        }
+        if ctx.settings.max_addresses_per_name > 0 {
+            let current: Vec<IpAddr> = plan.learn.iter().map(|(ip, _)| *ip).collect();
+            let guests = guest_addresses(&ctx.routes, &route.sandbox);
+            let mut flows: Option<BTreeSet<(IpAddr, IpAddr)>> = None;
+            let live = |ip: IpAddr| {
+                let pairs = flows.get_or_insert_with(|| {
+                    crate::dns::conntrack_pairs(&std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default())
+                });
+                guests.iter().any(|g| pairs.contains(&(*g, ip)))
+            };
+            let live = std::cell::RefCell::new(live);
+            let evict = over_cap(table, &qname, &current, ctx.settings.max_addresses_per_name, |ip| (live.borrow_mut())(ip));
+            for ip in evict {
+                let Some(entry) = table.get_mut(&ip) else { continue };
+                entry.names.remove(&qname);
+                if entry.names.is_empty() {
+                    let policy_id = entry.policy_id;
+                    table.remove(&ip);
+                    match static_exact(&route.policy, ip) {
+                        Some(v) => {
+                            let _ = maps.insert(policy_id, ip, &v);
+                        }
+                        None => maps.remove(policy_id, ip),
+                    }
+                    tracing::info!(sandbox = %route.sandbox, name = %qname, %ip, "DNS: address evicted (per-name cap)");
+                }
+            }
         }
         learned.version += 1;
     }
@@ -444,6 +478,11 @@ pub async fn collect_expired(
             }
         }
     }
+}
+
+/// The sandbox's guest addresses (both families) from the routing table.
+fn guest_addresses(routes: &Routes, sandbox: &str) -> Vec<IpAddr> {
+    routes.read().unwrap_or_else(|p| p.into_inner()).iter().filter(|(_, r)| r.sandbox == sandbox).map(|(ip, _)| *ip).collect()
 }
 
 fn static_exact(policy: &CompiledPolicy, ip: IpAddr) -> Option<PolicyValue> {

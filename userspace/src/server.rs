@@ -141,6 +141,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             timing: crate::dns::LearnTiming { min_ttl: config.dns_min_ttl, max_ttl: config.dns_max_ttl, grace: config.dns_grace },
             refuse_denied: config.dns_refuse_denied,
             upstream_timeout: std::time::Duration::from_secs(3),
+            max_addresses_per_name: config.dns_max_addresses_per_name,
         },
         routes: routes.clone(),
         state: daemon.dns_state(),
