@@ -243,6 +243,9 @@ fn connect_right_after_resolve_never_loses_a_first_syn() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("failed=0"), "{text}");
     assert_eq!(drops(&h) - before, 0, "a first SYN (or another packet) was dropped in {NAMES} resolve-then-connect attempts");
+    let dns = &h.json(&["status", "--json"])["dns"];
+    assert!(dns["queries_allowed"].as_u64().unwrap() >= NAMES as u64, "{dns}");
+    assert_eq!(dns["hold_timeouts"], 0, "{dns}");
     eprintln!("{NAMES} resolve-then-connect in {:?}", started.elapsed());
 }
 

@@ -80,6 +80,7 @@ pub struct Daemon {
     routes: Routes,
     pool: TapPool,
     reaper: std::sync::mpsc::Sender<ReapJob>,
+    dns_stats: Arc<crate::dns_proxy::DnsStats>,
     /// The DNS proxy's learned addresses and its handles on the tries.
     dns_state: Arc<std::sync::Mutex<(LearnedMaps, Learned)>>,
     /// Taps handed to the reaper and not yet gone.
@@ -129,6 +130,7 @@ impl Daemon {
             reaper: start_reaper(pool.clone(), reaping.clone())?,
             reaping,
             dns_state,
+            dns_stats: Arc::default(),
             pool,
             exe,
             started: Instant::now(),
@@ -204,6 +206,10 @@ impl Daemon {
             self.datapath.remove_learned(policy_id, table.keys().copied());
             learned.version += 1;
         }
+    }
+
+    pub fn dns_stats(&self) -> Arc<crate::dns_proxy::DnsStats> {
+        self.dns_stats.clone()
     }
 
     /// The DNS proxy's shared state (learned addresses, trie handles).
@@ -742,6 +748,8 @@ impl Daemon {
             "reload_failures": self.reload_failures,
             "prewarmed_taps": self.pool.ready_count(),
             "taps_being_removed": self.reaping.load(std::sync::atomic::Ordering::SeqCst),
+            "dns": self.dns_stats.to_json(),
+            "learned_addresses": self.dns_state.lock().map(|g| g.1.by_sandbox.values().map(|t| t.len()).sum::<usize>()).unwrap_or(0),
             "last_reload_error": self.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,

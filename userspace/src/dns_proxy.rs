@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,6 +42,8 @@ pub struct DnsSettings {
     /// Answer denied names REFUSED instead of NXDOMAIN.
     pub refuse_denied: bool,
     pub upstream_timeout: Duration,
+    /// How long an answer may wait for its map write before SERVFAIL.
+    pub hold_timeout: Duration,
     /// At most this many learned addresses per name (older ones without a
     /// live flow are forgotten first); 0: no cap.
     pub max_addresses_per_name: usize,
@@ -153,9 +156,56 @@ impl LearnedMaps {
     }
 }
 
+/// Counters the daemon reports in `status` (and metrics, later).
+#[derive(Default, Debug)]
+pub struct DnsStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub stripped: AtomicU64,
+    pub hold_timeouts: AtomicU64,
+    /// Longest wait for the map write, µs.
+    pub hold_max_us: AtomicU64,
+}
+
+impl DnsStats {
+    fn record_hold(&self, waited: Duration) {
+        self.hold_max_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "queries_allowed": self.allowed.load(Ordering::Relaxed),
+            "queries_denied": self.denied.load(Ordering::Relaxed),
+            "upstream_failures": self.upstream_failures.load(Ordering::Relaxed),
+            "records_stripped": self.stripped.load(Ordering::Relaxed),
+            "hold_timeouts": self.hold_timeouts.load(Ordering::Relaxed),
+            "hold_max_us": self.hold_max_us.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// Takes the lock, waiting at most `limit` (the control thread may hold it
+/// during a policy switch).
+async fn lock_within<T>(m: &Mutex<T>, limit: Duration) -> Option<std::sync::MutexGuard<'_, T>> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
 /// Everything the serving tasks share.
 pub struct DnsContext {
     pub settings: DnsSettings,
+    pub stats: Arc<DnsStats>,
     pub routes: Routes,
     /// The maps and the learned table move together under one lock, which
     /// the daemon also takes while it switches a policy generation.
@@ -287,18 +337,21 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     let (rule, port) = match name_verdict(&route.policy, &qname) {
         NameVerdict::Denied { rule_id } => {
             tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, rule = %route.policy.describe_rule(rule_id), "DNS: denied");
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
             let code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
             return reply(&query, code);
         }
         NameVerdict::Allowed { rule_id, port } => (rule_id, port),
     };
     let Some(upstream) = ctx.settings.upstream else {
+        ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
         return reply(&query, ResponseCode::ServFail);
     };
     let response = match forward(upstream, bytes, query.id(), ctx.settings.upstream_timeout).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "DNS upstream: {e}");
+            ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
             return reply(&query, ResponseCode::ServFail);
         }
     };
@@ -308,7 +361,14 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     // Open the addresses before the guest can use them.
     if !plan.learn.is_empty() {
         let now = boot_time_ns();
-        let mut guard = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
+        let held_since = std::time::Instant::now();
+        let Some(mut guard) = lock_within(&ctx.state, ctx.settings.hold_timeout).await else {
+            // Never release an answer whose addresses are not open yet.
+            ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
+            return reply(&query, ResponseCode::ServFail);
+        };
+        ctx.stats.record_hold(held_since.elapsed());
         let (maps, learned) = &mut *guard;
         let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
         for (ip, ttl) in &plan.learn {
@@ -369,6 +429,8 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
         message.insert_answers(kept);
         tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding)");
     }
+    ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.stripped.fetch_add(stripped as u64, Ordering::Relaxed);
     tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
     let out = message.to_vec().ok()?;
     let limit = match transport {

@@ -142,9 +142,11 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             refuse_denied: config.dns_refuse_denied,
             upstream_timeout: std::time::Duration::from_secs(3),
             max_addresses_per_name: config.dns_max_addresses_per_name,
+            hold_timeout: std::time::Duration::from_millis(500),
         },
         routes: routes.clone(),
         state: daemon.dns_state(),
+        stats: daemon.dns_stats(),
     });
     let listener = bind_socket(&config)?;
 
