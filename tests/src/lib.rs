@@ -275,16 +275,25 @@ impl WorldDns {
 
     /// `host_records`: `name,addr[,addr…][,ttl]`; `cnames`: `alias,target`.
     pub fn start(world: &NetNs, host_records: &[String], cnames: &[&str]) -> WorldDns {
+        let mut args: Vec<String> = vec!["--local=/test/".into()];
+        args.extend(host_records.iter().map(|r| format!("--host-record={r}")));
+        args.extend(cnames.iter().map(|c| format!("--cname={c}")));
+        Self::start_with(world, IpAddr::V4(Self::ADDR), 53, &args)
+    }
+
+    /// dnsmasq on `addr:port` in `ns` with extra arguments (a forwarder:
+    /// `--server=…`).
+    pub fn start_with(ns: &NetNs, addr: IpAddr, port: u16, extra: &[String]) -> WorldDns {
         let mut args: Vec<String> = [
-            "netns", "exec", world.name(), "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
-            "--conf-file=/dev/null", "--bind-interfaces", "--port=53", "--local=/test/", "--pid-file=",
+            "netns", "exec", ns.name(), "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+            "--conf-file=/dev/null", "--bind-interfaces", "--pid-file=",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        args.push(format!("--listen-address={}", Self::ADDR));
-        args.extend(host_records.iter().map(|r| format!("--host-record={r}")));
-        args.extend(cnames.iter().map(|c| format!("--cname={c}")));
+        args.push(format!("--listen-address={addr}"));
+        args.push(format!("--port={port}"));
+        args.extend(extra.iter().cloned());
         let child = Command::new("ip")
             .args(&args)
             .stdin(std::process::Stdio::null())
@@ -294,7 +303,7 @@ impl WorldDns {
             .expect("spawn dnsmasq (apt package dnsmasq-base)");
         // Ready when it answers.
         for _ in 0..50 {
-            let out = run_in(world.name(), "dig", &["+short", "+time=1", "+tries=1", &format!("@{}", Self::ADDR), "ready.invalid"]);
+            let out = run_in(ns.name(), "dig", &["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{addr}"), "ready.invalid"]);
             if out.status.success() {
                 break;
             }
