@@ -22,7 +22,7 @@ use crate::datapath::{Datapath, DatapathError, DatapathOptions};
 use crate::decide::{parse_destination, test_destination, Redirects};
 use crate::datapath::LearnedSwitch;
 use crate::dns::{carry_learned, LearnedAddr};
-use crate::dns_proxy::{Learned, LearnedMaps};
+use crate::dns_proxy::{Learned, LearnedMaps, SharedLearned};
 use crate::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpError, PumpSpec};
 use crate::nft::{NftError, Nftables};
 use crate::policy::{Policy, PolicyError};
@@ -82,7 +82,7 @@ pub struct Daemon {
     reaper: std::sync::mpsc::Sender<ReapJob>,
     dns_stats: Arc<crate::dns_proxy::DnsStats>,
     /// The DNS proxy's learned addresses and its handles on the tries.
-    dns_state: Arc<std::sync::Mutex<(LearnedMaps, Learned)>>,
+    dns_state: SharedLearned,
     /// Taps handed to the reaper and not yet gone.
     reaping: Arc<std::sync::atomic::AtomicUsize>,
     exe: PathBuf,
@@ -117,7 +117,7 @@ impl Daemon {
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let maps = LearnedMaps::open(&config.bpf_dir)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
-        let dns_state = Arc::new(std::sync::Mutex::new((maps, learned)));
+        let dns_state = Arc::new(tokio::sync::Mutex::new((maps, learned)));
         let mut daemon = Daemon {
             config,
             datapath,
@@ -176,7 +176,7 @@ impl Daemon {
         old: &CompiledPolicy,
     ) -> Result<(), DaemonError> {
         let dns_state = self.dns_state.clone();
-        let mut guard = dns_state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = dns_state.blocking_lock();
         let (_, learned) = &mut *guard;
         let table = learned.by_sandbox.entry(sandbox.to_string()).or_default();
         let mut switch = LearnedSwitch::default();
@@ -200,7 +200,7 @@ impl Daemon {
     /// Removes a sandbox's learned addresses from the tries and the table.
     fn forget_learned(&mut self, sandbox: &str, policy_id: u32) {
         let dns_state = self.dns_state.clone();
-        let mut guard = dns_state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = dns_state.blocking_lock();
         let (_, learned) = &mut *guard;
         if let Some(table) = learned.by_sandbox.remove(sandbox) {
             self.datapath.remove_learned(policy_id, table.keys().copied());
@@ -213,7 +213,7 @@ impl Daemon {
     }
 
     /// The DNS proxy's shared state (learned addresses, trie handles).
-    pub fn dns_state(&self) -> Arc<std::sync::Mutex<(LearnedMaps, Learned)>> {
+    pub fn dns_state(&self) -> SharedLearned {
         self.dns_state.clone()
     }
 
@@ -749,7 +749,7 @@ impl Daemon {
             "prewarmed_taps": self.pool.ready_count(),
             "taps_being_removed": self.reaping.load(std::sync::atomic::Ordering::SeqCst),
             "dns": self.dns_stats.to_json(),
-            "learned_addresses": self.dns_state.lock().map(|g| g.1.by_sandbox.values().map(|t| t.len()).sum::<usize>()).unwrap_or(0),
+            "learned_addresses": self.dns_state.blocking_lock().1.by_sandbox.values().map(|t| t.len()).sum::<usize>(),
             "last_reload_error": self.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,

@@ -185,22 +185,9 @@ impl DnsStats {
     }
 }
 
-/// Takes the lock, waiting at most `limit` (the control thread may hold it
-/// during a policy switch).
-async fn lock_within<T>(m: &Mutex<T>, limit: Duration) -> Option<std::sync::MutexGuard<'_, T>> {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match m.try_lock() {
-            Ok(g) => return Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => {}
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
-}
+/// The tries' handles and the learned table, under one async-aware lock
+/// (the daemon's control thread takes it with `blocking_lock`).
+pub type SharedLearned = Arc<tokio::sync::Mutex<(LearnedMaps, Learned)>>;
 
 /// Everything the serving tasks share.
 pub struct DnsContext {
@@ -209,7 +196,9 @@ pub struct DnsContext {
     pub routes: Routes,
     /// The maps and the learned table move together under one lock, which
     /// the daemon also takes while it switches a policy generation.
-    pub state: Arc<Mutex<(LearnedMaps, Learned)>>,
+    pub state: SharedLearned,
+    /// The shared upstream socket and the queries in flight on it.
+    pub upstream: UpstreamClient,
 }
 
 /// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected
@@ -347,7 +336,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
         ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
         return reply(&query, ResponseCode::ServFail);
     };
-    let response = match forward(upstream, bytes, query.id(), ctx.settings.upstream_timeout).await {
+    let response = match ctx.upstream.forward(upstream, bytes, ctx.settings.upstream_timeout).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "DNS upstream: {e}");
@@ -362,7 +351,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     if !plan.learn.is_empty() {
         let now = boot_time_ns();
         let held_since = std::time::Instant::now();
-        let Some(mut guard) = lock_within(&ctx.state, ctx.settings.hold_timeout).await else {
+        let Ok(mut guard) = tokio::time::timeout(ctx.settings.hold_timeout, ctx.state.lock()).await else {
             // Never release an answer whose addresses are not open yet.
             ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
@@ -375,10 +364,18 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
             let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
             let existing = table.get(ip).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
             let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
-            if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
-                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
-                return reply(&query, ResponseCode::ServFail);
+            // Expiry moves in whole seconds: skip the syscall when the entry
+            // already says the same to within one.
+            let unchanged = existing.is_some_and(|e| {
+                e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns
+            });
+            if !unchanged {
+                if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
+                    tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
+                    return reply(&query, ResponseCode::ServFail);
+                }
             }
+            let value = if unchanged { existing.unwrap_or(value) } else { value };
             let entry = table
                 .entry(*ip)
                 .or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new(), answered_ns: now });
@@ -432,7 +429,8 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
     ctx.stats.stripped.fetch_add(stripped as u64, Ordering::Relaxed);
     tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
-    let out = message.to_vec().ok()?;
+    // Unchanged answers go back as the upstream sent them (id restored).
+    let out = if stripped == 0 { response } else { message.to_vec().ok()? };
     let limit = match transport {
         Transport::Tcp => usize::from(u16::MAX),
         Transport::Udp => query.extensions().as_ref().map_or(512, |e| usize::from(e.max_payload().max(512))),
@@ -464,41 +462,104 @@ fn answer_record(r: &Record) -> AnswerRecord {
     }
 }
 
-/// Sends the query upstream over UDP; on a truncated answer, again over TCP.
-async fn forward(upstream: SocketAddr, query: &[u8], id: u16, timeout: Duration) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let socket = UdpSocket::bind(bind).await?;
-    socket.connect(upstream).await?;
-    socket.send(query).await?;
-    let mut buf = vec![0u8; 65535];
-    let response = tokio::time::timeout(timeout, async {
-        loop {
-            let n = socket.recv(&mut buf).await?;
-            // Ignore stray datagrams that are not the answer to this query.
-            if n >= 12 && u16::from_be_bytes([buf[0], buf[1]]) == id {
-                return Ok::<_, std::io::Error>(buf[..n].to_vec());
-            }
-        }
-    })
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over UDP"))??;
-    // TC bit: byte 2, bit 1.
-    if response[2] & 0x02 == 0 {
-        return Ok(response);
+/// One UDP socket per upstream family for all queries, with our own query
+/// ids (guests' ids may collide), and TCP on truncation.
+pub struct UpstreamClient {
+    sockets: tokio::sync::OnceCell<UpstreamSocket>,
+}
+
+struct UpstreamSocket {
+    socket: Arc<UdpSocket>,
+    pending: Arc<Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>>,
+    next_id: std::sync::atomic::AtomicU16,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        UpstreamClient { sockets: tokio::sync::OnceCell::new() }
     }
-    tokio::time::timeout(timeout, async {
-        let mut stream = TcpStream::connect(upstream).await?;
-        write_framed(&mut stream, query).await?;
-        read_framed(&mut stream).await
-    })
-    .await
-    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over TCP"))?
+}
+
+impl UpstreamClient {
+    async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
+        self.sockets
+            .get_or_try_init(|| async move {
+                let bind: SocketAddr =
+                    if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+                let socket = Arc::new(UdpSocket::bind(bind).await?);
+                socket.connect(upstream).await?;
+                let pending: Arc<Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>> = Arc::default();
+                let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65535];
+                    loop {
+                        let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
+                        if n < 12 {
+                            continue;
+                        }
+                        let id = u16::from_be_bytes([buf[0], buf[1]]);
+                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(buf[..n].to_vec());
+                        }
+                    }
+                });
+                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending, next_id: std::sync::atomic::AtomicU16::new(rand_id()) })
+            })
+            .await
+    }
+
+    /// Forwards `query` (the guest's bytes; the answer comes back with the
+    /// guest's id); on a truncated UDP answer, asks again over TCP.
+    pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+        if query.len() < 12 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query"));
+        }
+        let guest_id = [query[0], query[1]];
+        let s = self.socket(upstream).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // An id not in flight (65536 ids; a full table waits for the timeout).
+        let mut id = s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
+            while pending.contains_key(&id) {
+                id = s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            pending.insert(id, tx);
+        }
+        let mut ours = query.to_vec();
+        ours[..2].copy_from_slice(&id.to_be_bytes());
+        s.socket.send(&ours).await?;
+        let answered = tokio::time::timeout(timeout, rx).await;
+        s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let mut response = match answered {
+            Ok(Ok(r)) => r,
+            _ => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over UDP")),
+        };
+        // TC bit: byte 2, bit 1.
+        if response[2] & 0x02 != 0 {
+            response = tokio::time::timeout(timeout, async {
+                let mut stream = TcpStream::connect(upstream).await?;
+                write_framed(&mut stream, query).await?;
+                read_framed(&mut stream).await
+            })
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over TCP"))??;
+        }
+        response[..2].copy_from_slice(&guest_id);
+        Ok(response)
+    }
+}
+
+/// A start for upstream query ids that is not predictable across restarts.
+fn rand_id() -> u16 {
+    (boot_time_ns() ^ u64::from(std::process::id()).rotate_left(17)) as u16
 }
 
 /// Removes expired learned addresses from the tries (the classifier already
 /// ignores them; this frees the entries), once a second.
 pub async fn collect_expired(
-    state: Arc<Mutex<(LearnedMaps, Learned)>>,
+    state: SharedLearned,
     snapshot: std::path::PathBuf,
     policies: impl Fn(&str) -> Option<Arc<CompiledPolicy>> + Send + 'static,
 ) {
@@ -507,7 +568,7 @@ pub async fn collect_expired(
     loop {
         tick.tick().await;
         let now = boot_time_ns();
-        let mut guard = state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = state.lock().await;
         let (maps, learned) = &mut *guard;
         let mut changed = false;
         for (sandbox, table) in learned.by_sandbox.iter_mut() {

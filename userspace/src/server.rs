@@ -147,6 +147,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         routes: routes.clone(),
         state: daemon.dns_state(),
         stats: daemon.dns_stats(),
+        upstream: Default::default(),
     });
     let listener = bind_socket(&config)?;
 

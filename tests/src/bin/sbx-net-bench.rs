@@ -446,6 +446,8 @@ fn lifecycle() -> Result<()> {
 const DNS_RATE: u32 = 10_000;
 const DNS_SECONDS: u64 = 3;
 const DNS_WINDOW: usize = 32;
+const DNS_MAX_RUNS: usize = 5;
+const DNS_MAX_SECONDS: u64 = 2;
 
 /// A DNS query for `name` (A, recursion desired) with `id`.
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
@@ -498,9 +500,18 @@ fn fixed_rate(target: SocketAddr, rate: u32, seconds: u64) -> Result<DnsRun> {
         })
     };
     let interval = Duration::from_nanos(1_000_000_000 / u64::from(rate));
+    // Sleep most of each gap instead of spinning: on 2 cores a spinning
+    // sender would take a core from the paths being measured. A 1 ns timer
+    // slack makes the sleeps precise.
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1u64, 0u64, 0u64, 0u64) };
     let start = Instant::now();
     for i in 0..total {
         let due = start + interval * i as u32;
+        let now = Instant::now();
+        if due > now + Duration::from_micros(30) {
+            std::thread::sleep(due - now - Duration::from_micros(20));
+        }
         while Instant::now() < due {
             std::hint::spin_loop();
         }
@@ -574,17 +585,27 @@ fn dns_bench() -> Result<()> {
         // Warm up (the proxy learns the address; ARP/ND settle).
         guest.run(|| fixed_rate(target, 1000, 1))??;
         let fixed = guest.run(|| fixed_rate(target, DNS_RATE, DNS_SECONDS))??;
-        let max = guest.run(|| max_rate(target, DNS_SECONDS))??;
-        results.push((what, fixed, max));
+        results.push((what, fixed, Vec::new()));
     }
+    // Maximum rate: alternating runs, so drift on a small machine hits every
+    // path alike; the median of DNS_MAX_RUNS.
+    for _ in 0..DNS_MAX_RUNS {
+        for (i, (_, target)) in targets.iter().enumerate() {
+            let rate = guest.run(|| max_rate(*target, DNS_MAX_SECONDS))??;
+            results[i].2.push(rate);
+        }
+    }
+    let results: Vec<(&str, DnsRun, f64, Vec<f64>)> =
+        results.into_iter().map(|(w, f, runs)| (w, f, median(runs.clone()), runs)).collect();
     let base = (results[0].1.p50_us, results[0].1.p99_us);
     println!("### Latency at {DNS_RATE} queries/s for {DNS_SECONDS} s, and the maximum rate ({DNS_WINDOW} in flight), from a netns guest\n");
-    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | answered | max queries/s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (what, r, max) in &results {
+    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | answered | max queries/s (median) | runs |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|");
+    for (what, r, max, runs) in &results {
+        let runs: Vec<String> = runs.iter().map(|x| format!("{x:.0}")).collect();
         println!(
-            "| {what} | {:.0} | {:.0} | {:+.0} | {:+.0} | {}/{} | {:.0} |",
-            r.p50_us, r.p99_us, r.p50_us - base.0, r.p99_us - base.1, r.answered, r.sent, max
+            "| {what} | {:.0} | {:.0} | {:+.0} | {:+.0} | {}/{} | {:.0} | {} |",
+            r.p50_us, r.p99_us, r.p50_us - base.0, r.p99_us - base.1, r.answered, r.sent, max, runs.join(", ")
         );
     }
     println!(
