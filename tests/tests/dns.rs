@@ -49,6 +49,8 @@ fn records() -> Vec<String> {
         "rebind.test,10.1.2.3,60",
         "rebind.test,169.254.169.254,60",
         "rebind.test,::ffff:10.0.0.1,60",
+        // The host's own uplink address.
+        "rebind.test,192.0.2.1,60",
     ]
     .iter()
     .map(|s| s.to_string())

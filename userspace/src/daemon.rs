@@ -81,6 +81,8 @@ pub struct Daemon {
     pool: TapPool,
     reaper: std::sync::mpsc::Sender<ReapJob>,
     dns_stats: Arc<crate::dns_proxy::DnsStats>,
+    /// Addresses of the host's interfaces (outside the pools), at start.
+    host_ips: Vec<IpAddr>,
     /// The DNS proxy's learned addresses and its handles on the tries.
     dns_state: SharedLearned,
     /// Taps handed to the reaper and not yet gone.
@@ -114,6 +116,7 @@ impl Daemon {
             }
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
+        let host_ips = host_interface_addresses(&config.ipv4_pool, &config.ipv6_pool);
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let maps = LearnedMaps::open(&config.bpf_dir)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
@@ -131,6 +134,7 @@ impl Daemon {
             reaping,
             dns_state,
             dns_stats: Arc::default(),
+            host_ips,
             pool,
             exe,
             started: Instant::now(),
@@ -217,6 +221,20 @@ impl Daemon {
         self.dns_state.clone()
     }
 
+    /// The host's own addresses a sandbox must not reach, compiled in as
+    /// built-in denies (so DNS answers pointing there are stripped too): its
+    /// gateway addresses, and every address of the host's interfaces outside
+    /// the sandbox pools (those are private ranges, denied anyway).
+    fn denied_host_addresses(&self, spec: &SandboxSpec) -> Vec<IpAddr> {
+        let mut out = spec.host_addresses();
+        for ip in &self.host_ips {
+            if !out.contains(ip) {
+                out.push(*ip);
+            }
+        }
+        out
+    }
+
     fn flags(&self) -> u32 {
         sandbox_flags::REDIRECTS
     }
@@ -269,7 +287,7 @@ impl Daemon {
             .get(&record.policy_hash)
             .cloned()
             .ok_or_else(|| DaemonError::Invalid(format!("no policy text recorded for {name}")))?;
-        let old = compile(&Policy::parse(&old_text.source, &old_text.text)?, &spec.host_addresses())?;
+        let old = compile(&Policy::parse(&old_text.source, &old_text.text)?, &self.denied_host_addresses(&spec))?;
         let ifindex = self.netlink.link_index(&record.tap)?;
         let pin = self.config.link_pin(name);
         if pin.exists() {
@@ -281,7 +299,7 @@ impl Daemon {
         if let Some(entry) = self.policies.get(&record.policy).cloned() {
             let hash = text_hash(&entry.source, &entry.text);
             if hash != record.policy_hash {
-                let new = compile(&entry.policy, &spec.host_addresses())?;
+                let new = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
                 let policy_id = self.state.take_policy_id();
                 let cfg = spec.datapath_config(&new, policy_id, self.flags(), &self.config.proxied_ports);
                 self.switch_generation(name, ifindex, &cfg, &new, record.policy_id, &current)?;
@@ -484,7 +502,7 @@ impl Daemon {
             return Err(DaemonError::Invalid(format!("interface {} already exists (not ours)", spec.tap)));
         }
         let tc = Instant::now();
-        let compiled = compile(&entry.policy, &spec.host_addresses())?;
+        let compiled = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
         tracing::debug!(elapsed_us = tc.elapsed().as_micros() as u64, "create: compiled");
         let policy_id = self.state.take_policy_id();
         let pin = self.config.link_pin(name);
@@ -629,7 +647,7 @@ impl Daemon {
                 continue;
             }
             let spec = self.spec(record)?;
-            let compiled = compile(&entry.policy, &spec.host_addresses())?;
+            let compiled = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
             plans.push((name.clone(), spec, compiled, hash, entry.clone()));
         }
         let mut switched = Vec::new();
@@ -667,7 +685,7 @@ impl Daemon {
         new.insert(entry.policy.name.clone(), entry.clone());
         // Validate everything before anything changes.
         for record in self.state.sandboxes.values().filter(|r| r.policy == entry.policy.name) {
-            compile(&entry.policy, &self.spec(record)?.host_addresses())?;
+            compile(&entry.policy, &self.denied_host_addresses(&self.spec(record)?))?;
         }
         std::fs::create_dir_all(&applied_dir).map_err(io_err(&applied_dir))?;
         let tmp = stored.with_extension("toml.tmp");
@@ -764,6 +782,48 @@ impl Daemon {
             "state_dir": self.config.state_dir,
         }))
     }
+}
+
+/// Unicast addresses of this namespace's interfaces, except loopback,
+/// link-local and the sandbox pools.
+fn host_interface_addresses(pool_v4: &ipnetwork::Ipv4Network, pool_v6: &ipnetwork::Ipv6Network) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return out;
+    }
+    let mut p = list;
+    while !p.is_null() {
+        // SAFETY: p walks the list getifaddrs returned; ifa_addr, when set,
+        // points at a sockaddr of the family it names.
+        unsafe {
+            let addr = (*p).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(addr as *const libc::sockaddr_in);
+                        out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(addr as *const libc::sockaddr_in6);
+                        out.push(IpAddr::V6(std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+    }
+    // SAFETY: list came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    out.retain(|ip| match ip {
+        IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local() && !pool_v4.contains(*a),
+        IpAddr::V6(a) => !a.is_loopback() && (a.segments()[0] & 0xffc0) != 0xfe80 && !pool_v6.contains(*a),
+    });
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The interface index of `name` in our namespace (no rtnl lock, unlike a
