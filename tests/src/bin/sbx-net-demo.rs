@@ -28,7 +28,8 @@ fn main() -> Result<()> {
     }
     println!("   ({} domain rules, enforced through the DNS proxy; none opens an address by itself)", policy.domain_rules().count());
 
-    let mut h = DaemonHarness::new("demo", &[]);
+    let upstream = format!("--upstream-dns={}:53", sbx_net_tests::UPLINK_WORLD_V4);
+    let mut h = DaemonHarness::with_args("demo", &[], None, &[upstream.as_str()]);
     println!("\n== sbx-net daemon running in namespace {} (socket {})", h.topology.host.name(), h.socket.display());
     // The demo world impersonates a few internet hosts, inside its own namespace.
     let github: IpAddr = Ipv4Addr::new(140, 82, 112, 3).into();
@@ -36,12 +37,26 @@ fn main() -> Result<()> {
     let unlisted: IpAddr = Ipv4Addr::new(203, 0, 113, 7).into();
     let metadata: IpAddr = Ipv4Addr::new(169, 254, 169, 254).into();
     let private: IpAddr = Ipv4Addr::new(10, 0, 0, 5).into();
-    let world = [github, github_v6, unlisted, metadata, private];
+    let anthropic: IpAddr = Ipv4Addr::new(203, 0, 113, 10).into();
+    let world = [github, github_v6, unlisted, metadata, private, anthropic];
     for ip in world {
         h.topology.add_world_address(ip);
     }
     let _servers = WorldServers::start(&h.topology.world, &world, 80);
     let _ssh = WorldServers::start(&h.topology.world, &world, 22);
+    // The demo's "internet DNS": authoritative answers for a few names,
+    // one of them pointing at the cloud metadata address (rebinding).
+    let zone: Vec<String> = [
+        "--local=/com/",
+        "--host-record=api.anthropic.com,203.0.113.10,60",
+        "--host-record=evil.example.com,203.0.113.7,60",
+        "--host-record=github.com,140.82.112.3,60",
+        "--host-record=api.github.com,169.254.169.254,140.82.112.6,60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _dns = sbx_net_tests::WorldDns::start_with(&h.topology.world, sbx_net_tests::UPLINK_WORLD_V4.into(), 53, &zone);
     let mut events = EventReader::open_pinned(&h.bpf_dir).context("opening the pinned event ring buffer")?;
 
     println!("\n$ sbx-net sandbox create demo --policy default --netns-guest");
@@ -65,6 +80,19 @@ fn main() -> Result<()> {
     show(&format!("ping {metadata}  (cloud metadata)"), ping(&guest, metadata));
     show(&format!("nc -z {private} 22  (private range)"), tcp_connects(&guest, private, 22));
     show(&format!("nc -z {gateway} 22  (the host itself)"), tcp_connects(&guest, gateway, 22));
+
+    println!("\n== DNS from the guest (real dig; every port-53 query lands on the daemon's DNS proxy)");
+    show(&format!("nc -z {anthropic} 22  (before resolving api.anthropic.com)"), tcp_connects(&guest, anthropic, 22));
+    for (args, what) in [
+        (vec!["api.anthropic.com"], "allowed name"),
+        (vec!["evil.example.com"], "unlisted name"),
+        (vec!["@8.8.8.8", "evil.example.com"], "hard-coded resolver"),
+        (vec!["api.github.com"], "answer with 169.254.169.254 in it"),
+    ] {
+        let (status, answers) = sbx_net_tests::dig(&guest, &args);
+        println!("   dig {:<36} {status:<9} {}   ({what})", args.join(" "), answers.iter().map(|a| a.rsplit(' ').next().unwrap_or("")).collect::<Vec<_>>().join(" "));
+    }
+    show(&format!("nc -z {anthropic} 22  (after: the answer's address, for its TTL)"), tcp_connects(&guest, anthropic, 22));
 
     std::thread::sleep(Duration::from_millis(200));
     println!("\n== drop events from the pinned ring buffer (first of each flow, with the deciding rule)");
