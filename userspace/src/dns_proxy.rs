@@ -206,25 +206,10 @@ pub struct DnsContext {
 pub fn bind(port: u16) -> Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>), DnsError> {
     let mut udp = Vec::new();
     let mut tcp = Vec::new();
-    for addr in [SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))] {
+    for addr in crate::proxy::wildcard_addrs(port) {
         let err = |source| DnsError::Bind { addr, source };
-        let domain = socket2::Domain::for_address(addr);
-        let u = socket2::Socket::new(domain, socket2::Type::DGRAM, None).map_err(err)?;
-        if addr.is_ipv6() {
-            u.set_only_v6(true).map_err(err)?;
-        }
-        u.bind(&addr.into()).map_err(err)?;
-        u.set_nonblocking(true).map_err(err)?;
-        udp.push(u.into());
-        let t = socket2::Socket::new(domain, socket2::Type::STREAM, None).map_err(err)?;
-        if addr.is_ipv6() {
-            t.set_only_v6(true).map_err(err)?;
-        }
-        t.set_reuse_address(true).map_err(err)?;
-        t.bind(&addr.into()).map_err(err)?;
-        t.listen(256).map_err(err)?;
-        t.set_nonblocking(true).map_err(err)?;
-        tcp.push(t.into());
+        udp.push(crate::proxy::bound_socket(addr, socket2::Type::DGRAM).map_err(err)?.into());
+        tcp.push(crate::proxy::bound_socket(addr, socket2::Type::STREAM).map_err(err)?.into());
     }
     Ok((udp, tcp))
 }

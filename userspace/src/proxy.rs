@@ -62,26 +62,37 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Binds the IPv4 and IPv6 listeners (separate sockets: SO_ORIGINAL_DST
-/// answers per address family).
-pub fn bind(port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
-    let mut out = Vec::new();
-    for addr in [
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
-    ] {
-        let err = |source| ProxyError::Bind { addr, source };
-        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None).map_err(err)?;
-        if addr.is_ipv6() {
-            socket.set_only_v6(true).map_err(err)?;
-        }
-        socket.set_reuse_address(true).map_err(err)?;
-        socket.bind(&addr.into()).map_err(err)?;
-        socket.listen(1024).map_err(err)?;
-        socket.set_nonblocking(true).map_err(err)?;
-        out.push(socket.into());
+/// The wildcard addresses of both families for `port`. The daemon's
+/// redirect targets bind one socket per family: SO_ORIGINAL_DST and the
+/// sandbox lookup work per family, and a v6 socket must not take v4.
+pub(crate) fn wildcard_addrs(port: u16) -> [SocketAddr; 2] {
+    [SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))]
+}
+
+/// A non-blocking socket bound to `addr` (IPv6 only for a v6 address),
+/// listening when it is a stream socket.
+pub(crate) fn bound_socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
     }
-    Ok(out)
+    if ty == socket2::Type::STREAM {
+        socket.set_reuse_address(true)?;
+    }
+    socket.bind(&addr.into())?;
+    if ty == socket2::Type::STREAM {
+        socket.listen(1024)?;
+    }
+    socket.set_nonblocking(true)?;
+    Ok(socket)
+}
+
+/// Binds the IPv4 and IPv6 listeners.
+pub fn bind(port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
+    wildcard_addrs(port)
+        .into_iter()
+        .map(|addr| bound_socket(addr, socket2::Type::STREAM).map(Into::into).map_err(|source| ProxyError::Bind { addr, source }))
+        .collect()
 }
 
 /// Accepts forever on `listener`.
