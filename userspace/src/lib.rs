@@ -16,6 +16,7 @@ pub mod flow;
 pub mod guest_pump;
 pub mod nft;
 pub mod policy;
+pub mod peek;
 pub mod policy_store;
 pub mod proxy;
 pub mod sandbox;
