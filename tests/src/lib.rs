@@ -134,7 +134,8 @@ pub fn udp_exchange(ns: &str, dst: IpAddr, port: u16, payload: &str) -> String {
 
 /// An HTTP GET with real curl; the body on success.
 pub fn curl(ns: &str, url: &str) -> Option<String> {
-    let out = run_in(ns, "curl", &["-s", "-g", "--max-time", "3", url]);
+    // -f: an HTTP error (a proxy's 403) is a failure, not a body.
+    let out = run_in(ns, "curl", &["-s", "-f", "-g", "--max-time", "3", url]);
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

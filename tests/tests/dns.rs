@@ -14,7 +14,7 @@ const POLICY: &str = r#"
 name = "agent"
 [network]
 default = "deny"
-allow = ["allowed.test", "late.test", "*.one.test", "**.any.test", "alias.test", "big.test", "zero.test", "rebind.test", "ssh.test:22"]
+allow = ["allowed.test", "tls.test", "late.test", "*.one.test", "**.any.test", "alias.test", "big.test", "zero.test", "rebind.test", "ssh.test:22"]
 deny = ["bad.any.test"]
 "#;
 
@@ -44,6 +44,7 @@ fn records() -> Vec<String> {
         "zero.test,198.51.100.8,0",
         "unlisted.test,198.51.100.20,60",
         "ssh.test,198.51.100.21,60",
+        "tls.test,198.51.100.30,60",
         "rebind.test,198.51.100.7,60",
         "rebind.test,127.0.0.1,60",
         "rebind.test,10.1.2.3,60",
@@ -75,7 +76,9 @@ fn setup(tag: &str, config: Option<&str>) -> (DaemonHarness, WorldDns, Vec<World
         h.topology.add_world_address(a);
     }
     let dns = WorldDns::start(&h.topology.world, &records(), &["alias.test,target.elsewhere.test"]);
-    let servers = [PORT, 22, 853, 443].iter().map(|&p| WorldServers::start(&h.topology.world, &world_addrs(), p)).collect();
+    // 198.51.100.30 has no plain servers: a TLS server takes its 443.
+    h.topology.add_world_address(ip("198.51.100.30"));
+    let servers = [PORT, 80, 22, 853, 443].iter().map(|&p| WorldServers::start(&h.topology.world, &world_addrs(), p)).collect();
     (h, dns, servers)
 }
 
@@ -290,4 +293,89 @@ fn per_name_cap_forgets_old_addresses_but_not_live_flows() {
     assert!(tcp_connects(&ns, ip(addrs[2]), PORT));
     let _ = flow.kill();
     let _ = flow.wait();
+}
+
+/// A TLS server (openssl s_server -www) in the world for `name` at `addr:443`.
+struct TlsServer {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl TlsServer {
+    fn start(world: &str, name: &str, addr: &str) -> TlsServer {
+        let dir = std::env::temp_dir().join(unique_name("tls"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", world, "openssl", "s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("{addr}:443"))
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        TlsServer { child, dir }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn proxy_decides_by_name_and_connects_only_to_checked_addresses() {
+    require_root();
+    let (h, _dns, _servers) = setup("byname", None);
+    let _tls = TlsServer::start(h.topology.world.name(), "tls.test", "198.51.100.30");
+    let a = h.create_guest(&unique_name("a"), "agent");
+    let ns = a["netns"].as_str().unwrap().to_string();
+    let curl = |args: &[&str]| {
+        let mut all = vec!["-s", "-g", "-i", "--max-time", "5"];
+        all.extend_from_slice(args);
+        let out = sbx_net_tests::run_in(&ns, "curl", &all);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // By name, as resolved through the DNS proxy.
+    let (code, body) = curl(&["http://allowed.test/"]);
+    assert_eq!(code, Some(0));
+    assert!(body.contains("hello from 198.51.100.5"), "{body}");
+    // The guest picks another address for an allowed name: the proxy
+    // connects to an address it resolved and checked for that name instead.
+    let (_, body) = curl(&["--resolve", "allowed.test:80:198.51.100.20", "http://allowed.test/"]);
+    assert!(body.contains("hello from 198.51.100.5"), "{body}");
+    // A denied name in Host: 403 with the rule, even to an allowed address.
+    let (_, body) = curl(&["-H", "Host: bad.any.test", "http://198.51.100.5/"]);
+    assert!(body.starts_with("HTTP/1.1 403"), "{body}");
+    assert!(body.contains("X-Sbx-Net-Denied: deny bad.any.test"), "{body}");
+    // TLS: the SNI decides. Allowed (the server's page comes back), the
+    // guest's own address choice replaced by a checked one, and denied
+    // (a TLS access_denied alert).
+    let (code, body) = curl(&["-k", "https://tls.test/"]);
+    assert_eq!(code, Some(0), "{body}");
+    assert!(body.contains("200 ok") || body.contains("200 OK"), "{body}");
+    let (code, body) = curl(&["-k", "--resolve", "tls.test:443:198.51.100.20", "https://tls.test/"]);
+    assert_eq!(code, Some(0), "{body}");
+    let (code, _) = curl(&["-k", "--resolve", "bad.any.test:443:198.51.100.30", "https://bad.any.test/"]);
+    assert_eq!(code, Some(35), "a denied SNI must fail the handshake");
+    let (code, _) = curl(&["-k", "--resolve", "unlisted.test:443:198.51.100.30", "https://unlisted.test/"]);
+    assert_eq!(code, Some(35));
 }

@@ -437,7 +437,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     Some(out)
 }
 
-fn answer_record(r: &Record) -> AnswerRecord {
+pub fn answer_record(r: &Record) -> AnswerRecord {
     let owner = r.name().to_ascii();
     match r.data() {
         RData::A(a) => AnswerRecord::Address { owner, ip: IpAddr::V4(a.0), ttl: r.ttl() },

@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sbx_net_common::action;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::compile::{CompiledPolicy, PortInfo};
@@ -33,27 +34,6 @@ pub struct Route {
 
 /// Guest address → its sandbox, kept current by the daemon.
 pub type Routes = Arc<RwLock<HashMap<IpAddr, Arc<Route>>>>;
-
-/// The proxy's decision for one connection (pure).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Decision {
-    Connect { sandbox: String, rule: String },
-    Refuse { sandbox: Option<String>, rule: String },
-}
-
-pub fn decide(routes: &HashMap<IpAddr, Arc<Route>>, peer: IpAddr, original_dst: SocketAddr) -> Decision {
-    let peer = canonical(peer);
-    let Some(route) = routes.get(&peer) else {
-        return Decision::Refuse { sandbox: None, rule: format!("{peer} is no sandbox's address") };
-    };
-    let v = route.policy.lookup(canonical(original_dst.ip()), PortInfo::Port(original_dst.port()));
-    let rule = route.policy.describe_rule(v.rule_id);
-    if v.action == action::ALLOW {
-        Decision::Connect { sandbox: route.sandbox.clone(), rule }
-    } else {
-        Decision::Refuse { sandbox: Some(route.sandbox.clone()), rule }
-    }
-}
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -96,7 +76,7 @@ pub fn bind(port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
 }
 
 /// Accepts forever on `listener`.
-pub async fn serve(listener: std::net::TcpListener, routes: Routes) {
+pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns_proxy::DnsContext>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -113,12 +93,65 @@ pub async fn serve(listener: std::net::TcpListener, routes: Routes) {
                 continue;
             }
         };
-        let routes = routes.clone();
-        tokio::spawn(async move { handle(stream, peer, routes).await });
+        let ctx = ctx.clone();
+        tokio::spawn(async move { handle(stream, peer, ctx).await });
     }
 }
 
-async fn handle(guest: TcpStream, peer: SocketAddr, routes: Routes) {
+/// What the proxy does with one connection (pure).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Connect here: the guest's destination, checked for the name it asked
+    /// for (an address the DNS proxy gave it for that name) or allowed by
+    /// the IP rules when it named none.
+    Connect { addr: SocketAddr, rule: String },
+    /// Resolve the name ourselves and connect to an address we checked: the
+    /// guest's destination was not one we answered for that name.
+    Resolve { name: String, port: u16, rule: String },
+    Deny { rule: String },
+}
+
+/// Decides by the name the guest sent (SNI or Host), deny winning, else by
+/// the original destination's IP rules. `learned_for` lists the addresses
+/// the DNS proxy answered this sandbox for a name; `learned_allows` says
+/// whether a learned entry opens the original destination.
+pub fn plan(
+    policy: &CompiledPolicy,
+    name: Option<&str>,
+    original: SocketAddr,
+    learned_for: impl Fn(&str) -> Vec<IpAddr>,
+    learned_allows: bool,
+) -> Plan {
+    let original = canonical_addr(original);
+    let name = name.filter(|n| n.parse::<IpAddr>().is_err());
+    let Some(name) = name else {
+        let v = policy.lookup(original.ip(), PortInfo::Port(original.port()));
+        let rule = policy.describe_rule(v.rule_id);
+        return if v.action == action::ALLOW {
+            Plan::Connect { addr: original, rule }
+        } else if learned_allows {
+            Plan::Connect { addr: original, rule: "learned from DNS".into() }
+        } else {
+            Plan::Deny { rule }
+        };
+    };
+    match crate::dns::name_verdict(policy, name) {
+        crate::dns::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
+        crate::dns::NameVerdict::Allowed { rule_id, port } => {
+            let rule = policy.describe_rule(rule_id);
+            if let Some(p) = port.filter(|p| *p != original.port()) {
+                return Plan::Deny { rule: format!("{rule} (port {p} only)") };
+            }
+            if learned_for(name).contains(&original.ip()) {
+                Plan::Connect { addr: original, rule }
+            } else {
+                Plan::Resolve { name: name.to_string(), port: original.port(), rule }
+            }
+        }
+    }
+}
+
+async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_proxy::DnsContext>) {
     let original = match original_dst(&guest) {
         Ok(dst) => dst,
         Err(e) => {
@@ -126,33 +159,120 @@ async fn handle(guest: TcpStream, peer: SocketAddr, routes: Routes) {
             return;
         }
     };
-    let decision = {
-        let routes = routes.read().unwrap_or_else(|p| p.into_inner());
-        decide(&routes, peer.ip(), original)
+    let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&canonical(peer.ip())).cloned();
+    let Some(route) = route else {
+        tracing::info!(%peer, dst = %original, "proxy: not a sandbox address; refused");
+        reset(&guest);
+        return;
     };
-    match decision {
-        Decision::Refuse { sandbox, rule } => {
-            tracing::info!(sandbox = sandbox.as_deref().unwrap_or("-"), %peer, dst = %original, %rule, "proxy: denied");
-            reset(&guest);
+    // Read the first bytes: the TLS ClientHello's SNI or the HTTP Host.
+    let mut first = Vec::with_capacity(2048);
+    let kind = loop {
+        let k = crate::peek::classify(&first);
+        if k != crate::peek::FirstBytes::NeedMore || first.len() >= crate::peek::PEEK_LIMIT {
+            break k;
         }
-        Decision::Connect { sandbox, rule } => {
-            let upstream = match tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(canonical_addr(original))).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::info!(%sandbox, dst = %original, "proxy: upstream connect failed: {e}");
-                    reset(&guest);
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%sandbox, dst = %original, "proxy: upstream connect timed out");
-                    reset(&guest);
-                    return;
-                }
-            };
-            tracing::debug!(%sandbox, dst = %original, %rule, "proxy: spliced");
-            let (mut g, mut u) = (guest, upstream);
-            let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(5), guest.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => first.extend_from_slice(&buf[..n]),
+            // Silent or closed: decide without a name.
+            _ => break crate::peek::FirstBytes::Other,
         }
+    };
+    let name = match &kind {
+        crate::peek::FirstBytes::Tls { sni } => sni.clone(),
+        crate::peek::FirstBytes::Http { host } => host.clone(),
+        _ => None,
+    };
+    let (for_name, learned_allows) = {
+        let guard = ctx.state.lock().await;
+        let table = guard.1.by_sandbox.get(&route.sandbox);
+        let now = crate::dns_proxy::boot_time_ns();
+        let for_name: Vec<IpAddr> = match (&name, table) {
+            (Some(n), Some(t)) => t.iter().filter(|(_, l)| l.names.contains(n) && l.value.learned_until_ns > now).map(|(ip, _)| *ip).collect(),
+            _ => Vec::new(),
+        };
+        let allows = table.and_then(|t| t.get(&canonical(original.ip()))).is_some_and(|l| {
+            crate::compile::entry_verdict(&l.value, PortInfo::Port(original.port()), now).action == action::ALLOW
+        });
+        (for_name, allows)
+    };
+    let decided = plan(&route.policy, name.as_deref(), original, |_| for_name.clone(), learned_allows);
+    let (targets, rule) = match decided {
+        Plan::Deny { rule } => {
+            tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
+            refuse(&mut guest, &kind, &rule).await;
+            return;
+        }
+        Plan::Connect { addr, rule } => (vec![addr], rule),
+        Plan::Resolve { name, port, rule } => match resolve(&ctx, &route.policy, &name).await {
+            Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule),
+            _ => {
+                tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
+                refuse(&mut guest, &kind, &format!("{name} has no allowed address")).await;
+                return;
+            }
+        },
+    };
+    let mut upstream = None;
+    for addr in &targets {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
+            upstream = Some((s, *addr));
+            break;
+        }
+    }
+    let Some((mut upstream, addr)) = upstream else {
+        tracing::info!(sandbox = %route.sandbox, dst = %original, "proxy: upstream connect failed");
+        reset(&guest);
+        return;
+    };
+    tracing::debug!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: spliced");
+    if upstream.write_all(&first).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+}
+
+/// A's then AAAA's of `name` from the upstream resolver, keeping only
+/// addresses the sandbox's policy does not deny (the rebinding rule).
+async fn resolve(ctx: &crate::dns_proxy::DnsContext, policy: &CompiledPolicy, name: &str) -> Option<Vec<IpAddr>> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let upstream = ctx.settings.upstream?;
+    let mut out = Vec::new();
+    for rtype in [RecordType::A, RecordType::AAAA] {
+        let mut q = Message::new();
+        q.set_id(0).set_recursion_desired(true);
+        q.add_query(Query::query(Name::from_ascii(name).ok()?, rtype));
+        let bytes = q.to_vec().ok()?;
+        let Ok(answer) = ctx.upstream.forward(upstream, &bytes, ctx.settings.upstream_timeout).await else { continue };
+        let Ok(message) = Message::from_vec(&answer) else { continue };
+        let records: Vec<crate::dns::AnswerRecord> = message.answers().iter().map(crate::dns_proxy::answer_record).collect();
+        out.extend(crate::dns::plan_answer(policy, name, &records).learn.into_iter().map(|(ip, _)| ip));
+    }
+    Some(out)
+}
+
+/// Refuses in the protocol the guest spoke: HTTP 403 with the reason, a TLS
+/// `access_denied` alert, or a reset.
+async fn refuse(guest: &mut TcpStream, kind: &crate::peek::FirstBytes, reason: &str) {
+    match kind {
+        crate::peek::FirstBytes::Http { .. } => {
+            let body = format!("sbx-net: denied by {reason}\n");
+            let header_reason: String = reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect();
+            let response = format!(
+                "HTTP/1.1 403 Forbidden\r\nX-Sbx-Net-Denied: {header_reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = guest.write_all(response.as_bytes()).await;
+            let _ = guest.shutdown().await;
+        }
+        crate::peek::FirstBytes::Tls { .. } => {
+            // TLS alert record: fatal (2), access_denied (49).
+            let _ = guest.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49]).await;
+            let _ = guest.shutdown().await;
+        }
+        _ => reset(guest),
     }
 }
 
@@ -204,22 +324,32 @@ mod tests {
     use crate::policy::Policy;
 
     #[test]
-    fn decides_by_source_sandbox_and_destination() {
-        let policy = Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"198.51.100.0/24\"]\ndeny = [\"198.51.100.16/28\"]\n").unwrap();
-        let route = Arc::new(Route { sandbox: "a".into(), policy: Arc::new(compile(&policy, &[]).unwrap()), policy_id: 1 });
-        let mut routes = HashMap::new();
-        routes.insert(IpAddr::from([10, 200, 0, 6]), route);
+    fn plans_by_name_then_by_address() {
+        let policy = Policy::parse(
+            "t.toml",
+            "name = \"t\"\n[network]\nallow = [\"198.51.100.0/24\", \"api.test\", \"git.test:22\"]\ndeny = [\"198.51.100.16/28\", \"bad.test\"]\n",
+        )
+        .unwrap();
+        let p = compile(&policy, &[]).unwrap();
         let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let none = |_: &str| Vec::new();
+        // No name: the IP rules (and learned entries) decide.
+        assert_eq!(plan(&p, None, dst("198.51.100.5:80"), none, false), Plan::Connect { addr: dst("198.51.100.5:80"), rule: "allow 198.51.100.0/24".into() });
+        assert_eq!(plan(&p, None, dst("198.51.100.20:80"), none, false), Plan::Deny { rule: "deny 198.51.100.16/28".into() });
+        assert!(matches!(plan(&p, None, dst("203.0.113.9:443"), none, true), Plan::Connect { .. }));
+        assert!(matches!(plan(&p, Some("203.0.113.9"), dst("203.0.113.9:443"), none, false), Plan::Deny { .. }));
+        // A name: deny wins; an allowed name goes where the DNS proxy sent
+        // the guest, or is resolved by the proxy itself.
+        assert_eq!(plan(&p, Some("bad.test"), dst("198.51.100.5:80"), none, false), Plan::Deny { rule: "deny bad.test".into() });
+        assert_eq!(plan(&p, Some("unlisted.test"), dst("198.51.100.5:80"), none, false), Plan::Deny { rule: "default deny".into() });
+        let learned = |n: &str| if n == "api.test" { vec!["203.0.113.9".parse().unwrap()] } else { Vec::new() };
+        assert_eq!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), learned, false), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "allow api.test".into() });
         assert_eq!(
-            decide(&routes, IpAddr::from([10, 200, 0, 6]), dst("198.51.100.5:443")),
-            Decision::Connect { sandbox: "a".into(), rule: "allow 198.51.100.0/24".into() }
+            plan(&p, Some("api.test"), dst("198.51.100.20:443"), learned, false),
+            Plan::Resolve { name: "api.test".into(), port: 443, rule: "allow api.test".into() }
         );
-        // v4-mapped peers (a dual-stack socket) are the same guest.
-        assert!(matches!(decide(&routes, "::ffff:10.200.0.6".parse().unwrap(), dst("198.51.100.5:80")), Decision::Connect { .. }));
-        assert_eq!(
-            decide(&routes, IpAddr::from([10, 200, 0, 6]), dst("198.51.100.20:443")),
-            Decision::Refuse { sandbox: Some("a".into()), rule: "deny 198.51.100.16/28".into() }
-        );
-        assert!(matches!(decide(&routes, IpAddr::from([10, 200, 0, 10]), dst("198.51.100.5:443")), Decision::Refuse { sandbox: None, .. }));
+        assert!(matches!(plan(&p, Some("git.test"), dst("203.0.113.9:443"), none, false), Plan::Deny { .. }));
+        // v4-mapped destinations are the same address.
+        assert!(matches!(plan(&p, None, dst("[::ffff:198.51.100.5]:80"), none, false), Plan::Connect { .. }));
     }
 }

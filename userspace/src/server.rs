@@ -179,7 +179,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let socket_path = config.socket.clone();
     runtime.block_on(async move {
         for l in proxy_listeners {
-            tokio::spawn(proxy::serve(l, routes.clone()));
+            tokio::spawn(proxy::serve(l, dns.clone()));
         }
         for u in dns_udp {
             tokio::spawn(dns_proxy::serve_udp(u, dns.clone()));
