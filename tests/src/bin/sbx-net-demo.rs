@@ -106,7 +106,9 @@ fn main() -> Result<()> {
             println!("   {record}");
         }
     }
-    println!("   (HTTP to unlisted hosts is refused by the proxy, which applies the same policy: see the daemon log)");
+    let refused = sbx_net_tests::run_in(&guest, "curl", &["-s", "-i", "--max-time", "3", &format!("http://{unlisted}/")]);
+    let refused = String::from_utf8_lossy(&refused.stdout);
+    println!("   HTTP to {unlisted} is refused by the proxy (same policy): {}", refused.lines().find(|l| l.starts_with("X-Sbx-Net-Denied")).unwrap_or("(no answer)"));
 
     for dest in ["169.254.169.254:80", "140.82.112.3:443", "203.0.113.7:22", "api.anthropic.com:443", "evil.example.com"] {
         println!("\n$ sbx-net policy test demo {dest}");
