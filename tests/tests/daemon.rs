@@ -68,6 +68,15 @@ fn lifecycle_isolation_and_host_ports() {
         assert!(a.get(key).is_some(), "create output lacks {key}: {a}");
     }
     assert!(a["tap"].as_str().unwrap().len() <= 15);
+    // Each sandbox has its own CA for the credential proxy: a real CA
+    // certificate for the guest, its key kept root-only on the host.
+    let ca = a["ca_cert"].as_str().unwrap().to_string();
+    let text = std::process::Command::new("openssl").args(["x509", "-noout", "-text", "-in", &ca]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("CA:TRUE") && text.contains(&format!("sandbox {} CA", a["name"].as_str().unwrap())), "{text}");
+    let key = Path::new(&ca).with_file_name("ca.key");
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_ne!(std::fs::read_to_string(&ca).unwrap(), std::fs::read_to_string(b["ca_cert"].as_str().unwrap()).unwrap());
     assert_ne!(a["guest_ipv4"], b["guest_ipv4"]);
     assert_ne!(a["guest_mac"], b["guest_mac"]);
     let (a_ns, b_ns) = (a["netns"].as_str().unwrap().to_string(), b["netns"].as_str().unwrap().to_string());
@@ -151,6 +160,7 @@ fn lifecycle_isolation_and_host_ports() {
     }
     assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
     assert!(h.cli_err(&["sandbox", "show", &a_name]).contains("no sandbox"));
+    assert!(!Path::new(&ca).exists(), "the deleted sandbox's CA stays behind");
 }
 
 const POLICY_V1: &str = r#"

@@ -178,6 +178,11 @@ impl DaemonConfig {
         self.state_dir.join("learned.json")
     }
 
+    /// A sandbox's CA certificate (`ca.pem`) and key (`ca.key`, 0600).
+    pub fn sandbox_ca_dir(&self, sandbox: &str) -> PathBuf {
+        self.state_dir.join("ca").join(sandbox)
+    }
+
     pub fn link_pin(&self, sandbox: &str) -> PathBuf {
         self.bpf_dir.join("links").join(sandbox)
     }

@@ -16,6 +16,7 @@ use sbx_vmm::Netlink;
 use serde_json::json;
 
 use crate::api::{format_mac, Request, Response, SandboxInfo};
+use crate::ca::SandboxCa;
 use crate::compile::{compile, CompileError, CompiledPolicy};
 use crate::config::DaemonConfig;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
@@ -81,6 +82,8 @@ pub struct Daemon {
     pool: TapPool,
     reaper: std::sync::mpsc::Sender<ReapJob>,
     dns_stats: Arc<crate::dns_proxy::DnsStats>,
+    /// Each sandbox's CA (credential proxy).
+    cas: HashMap<String, SandboxCa>,
     /// Addresses of the host's interfaces (outside the pools), at start.
     host_ips: Vec<IpAddr>,
     /// The DNS proxy's learned addresses and its handles on the tries.
@@ -134,6 +137,7 @@ impl Daemon {
             reaping,
             dns_state,
             dns_stats: Arc::default(),
+            cas: HashMap::new(),
             host_ips,
             pool,
             exe,
@@ -320,6 +324,13 @@ impl Daemon {
             tracing::warn!(sandbox = %name, policy = %record.policy, "policy no longer exists; keeping the one in force");
         }
         self.in_force.insert(name.to_string(), current);
+        let ca_dir = self.config.sandbox_ca_dir(name);
+        match SandboxCa::load(name, &ca_dir) {
+            Ok(ca) => {
+                self.cas.insert(name.to_string(), ca);
+            }
+            Err(e) => tracing::warn!(sandbox = %name, "sandbox CA not loaded: {e}"),
+        }
         if record.netns_guest {
             let alive = record.pump_pid.is_some_and(|pid| pump_alive(pid, name));
             if !alive {
@@ -422,7 +433,14 @@ impl Daemon {
             ipv4_prefix_len: crate::sandbox::SANDBOX_IPV4_PREFIX_LEN,
             ipv6_prefix_len: crate::sandbox::SANDBOX_IPV6_PREFIX_LEN,
             dns: spec.gateway_ipv4.to_string(),
-            ca_cert: String::new(),
+            ca_cert: {
+                let path = self.config.sandbox_ca_dir(&record.name).join("ca.pem");
+                if path.exists() {
+                    path.display().to_string()
+                } else {
+                    String::new()
+                }
+            },
             created_unix: record.created_unix,
         })
     }
@@ -458,6 +476,15 @@ impl Daemon {
             self.pool.release(id);
         }
         let (spec, compiled, policy_id, pump_pid) = result?;
+        // The sandbox's own CA for the credential proxy; the guest is told
+        // where its certificate is (`ca_cert`), the key stays in the state dir.
+        let ca_dir = self.config.sandbox_ca_dir(name);
+        match SandboxCa::generate(name).and_then(|ca| ca.save(&ca_dir).map(|_| ca)) {
+            Ok(ca) => {
+                self.cas.insert(name.to_string(), ca);
+            }
+            Err(e) => tracing::warn!(sandbox = %name, "no CA for the credential proxy: {e}"),
+        }
         let t1 = Instant::now();
         let hash = text_hash(&entry.source, &entry.text);
         self.state.policy_texts.insert(hash.clone(), PolicyText { source: entry.source.clone(), text: entry.text.clone() });
@@ -627,6 +654,8 @@ impl Daemon {
             }
         }
         self.unpublish_routes(&spec);
+        self.cas.remove(name);
+        let _ = std::fs::remove_dir_all(self.config.sandbox_ca_dir(name));
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
         self.state.save(&self.config.state_dir)?;
@@ -929,6 +958,7 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
         done.push(format!("pins under {}", config.bpf_dir.display()));
     }
     State::remove_files(&config.state_dir)?;
+    let _ = std::fs::remove_dir_all(config.state_dir.join("ca"));
     let _ = std::fs::remove_file(config.learned_snapshot());
     for path in [config.applied_policy_dir()] {
         if path.is_dir() {

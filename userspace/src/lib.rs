@@ -5,6 +5,7 @@
 //! touches the kernel is in [`datapath`] and [`sandbox::HostSandbox`].
 
 pub mod api;
+pub mod ca;
 pub mod compile;
 pub mod config;
 pub mod daemon;

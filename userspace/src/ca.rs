@@ -1,0 +1,153 @@
+//! The per-sandbox certificate authority of the credential proxy. Each
+//! sandbox gets its own CA (so a CA key leaking from one sandbox's proxy
+//! state could mint certificates for no other sandbox); the guest is given
+//! the CA certificate to trust, and the key never leaves the host's state
+//! dir (mode 0600). Leaf certificates for credential hosts are minted on
+//! demand, short-lived, and cached.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("sandbox CA: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("sandbox CA {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// How long a minted leaf certificate is valid (and cached).
+pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+pub struct SandboxCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    pub cert_pem: String,
+    leaves: HashMap<String, Leaf>,
+}
+
+/// A leaf certificate and its key, DER.
+#[derive(Clone)]
+pub struct Leaf {
+    pub cert_der: Vec<u8>,
+    pub key_der: Vec<u8>,
+    pub not_after: SystemTime,
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> CaError + '_ {
+    move |source| CaError::Io { path: path.display().to_string(), source }
+}
+
+impl SandboxCa {
+    fn params(sandbox: &str) -> CertificateParams {
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("sbx-net sandbox {sandbox} CA"));
+        dn.push(DnType::OrganizationName, "sbx-net");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params
+    }
+
+    /// A new CA for `sandbox` (ECDSA P-256).
+    pub fn generate(sandbox: &str) -> Result<SandboxCa, CaError> {
+        let key = KeyPair::generate()?;
+        let cert = Self::params(sandbox).self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new() })
+    }
+
+    /// Loads the CA `save` wrote (the same key and certificate the guest
+    /// already trusts).
+    pub fn load(sandbox: &str, dir: &Path) -> Result<SandboxCa, CaError> {
+        let key_path = dir.join("ca.key");
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem)?;
+        let cert_path = dir.join("ca.pem");
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        // Re-sign the same parameters with the same key: an equivalent
+        // issuer for minting leaves (the guest trusts the saved PEM).
+        let cert = Self::params(sandbox).self_signed(&key)?;
+        Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new() })
+    }
+
+    /// Writes `ca.pem` (world-readable: it is what the guest trusts) and
+    /// `ca.key` (0600) into `dir`; returns the certificate's path.
+    pub fn save(&self, dir: &Path) -> Result<PathBuf, CaError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        let key_path = dir.join("ca.key");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_path)
+                .map_err(io_err(&key_path))?;
+            f.write_all(self.key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
+        }
+        let cert_path = dir.join("ca.pem");
+        std::fs::write(&cert_path, &self.cert_pem).map_err(io_err(&cert_path))?;
+        std::fs::set_permissions(&cert_path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&cert_path))?;
+        Ok(cert_path)
+    }
+
+    /// A leaf for `host` signed by this CA, from the cache while it has
+    /// more than an hour left.
+    pub fn leaf(&mut self, host: &str) -> Result<Leaf, CaError> {
+        let now = SystemTime::now();
+        if let Some(l) = self.leaves.get(host) {
+            if l.not_after > now + Duration::from_secs(3600) {
+                return Ok(l.clone());
+            }
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![host.to_string()])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, host);
+        params.distinguished_name = dn;
+        // Backdated a little for guests whose clocks lag.
+        params.not_before = (now - Duration::from_secs(300)).into();
+        params.not_after = (now + LEAF_LIFETIME).into();
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let leaf = Leaf { cert_der: cert.der().to_vec(), key_der: key.serialize_der(), not_after: now + LEAF_LIFETIME };
+        self.leaves.insert(host.to_string(), leaf.clone());
+        Ok(leaf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_saves_loads_and_mints_cached_leaves() {
+        let dir = std::env::temp_dir().join(format!("sbx-ca-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut ca = SandboxCa::generate("a").unwrap();
+        assert!(ca.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        let path = ca.save(&dir).unwrap();
+        assert_eq!(path, dir.join("ca.pem"));
+        let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let first = ca.leaf("api.example.com").unwrap();
+        let again = ca.leaf("api.example.com").unwrap();
+        assert_eq!(first.cert_der, again.cert_der, "leaves are cached");
+        assert_ne!(ca.leaf("other.example.com").unwrap().cert_der, first.cert_der);
+        let mut loaded = SandboxCa::load("a", &dir).unwrap();
+        assert_eq!(loaded.cert_pem, ca.cert_pem);
+        assert!(!loaded.leaf("api.example.com").unwrap().cert_der.is_empty());
+        // Another sandbox's CA is another key.
+        assert_ne!(SandboxCa::generate("b").unwrap().cert_pem, ca.cert_pem);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
