@@ -248,6 +248,34 @@ fn reload_under_traffic_and_malformed_policies() {
     assert!(out.contains("default deny"), "{out}");
     let list = h.json(&["policy", "list"]);
     assert!(list.as_array().unwrap().iter().any(|p| p["name"] == "agent" && p["sandboxes"].as_array().unwrap().len() == 1), "{list}");
+
+    // Credential secrets are read on apply/reload, reported as available or
+    // not (with why), and their values never leave the daemon's memory.
+    let secret_file = h.dir.join("token");
+    let secret = "sbx-test-s3cr3t-value-7f3a";
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let with_cred = h.dir.join("cred.toml");
+    std::fs::write(
+        &with_cred,
+        format!(
+            "name = \"agent\"\n[network]\nallow = [\"203.0.113.0/24\", \"api.test\"]\n[[credentials]]\nname = \"api\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+            secret_file.display()
+        ),
+    )
+    .unwrap();
+    h.cli_ok(&["policy", "apply", with_cred.to_str().unwrap()]);
+    let status = h.cli_ok(&["status", "--json"]);
+    assert!(status.contains("\"credential\":\"api\"") || status.contains("\"credential\": \"api\""), "{status}");
+    let creds = &h.json(&["status", "--json"])["credentials"];
+    assert_eq!(creds[0]["available"], true, "{creds}");
+    std::fs::remove_file(&secret_file).unwrap();
+    h.cli_ok(&["policy", "apply", with_cred.to_str().unwrap()]);
+    let creds = &h.json(&["status", "--json"])["credentials"];
+    assert_eq!(creds[0]["available"], false, "{creds}");
+    assert!(creds[0]["reason"].as_str().unwrap().contains("cannot read"), "{creds}");
+    for text in [status, h.cli_ok(&["policy", "list"]), h.log()] {
+        assert!(!text.contains(secret), "the secret leaked");
+    }
 }
 
 #[test]

@@ -17,6 +17,7 @@ use serde_json::json;
 
 use crate::api::{format_mac, Request, Response, SandboxInfo};
 use crate::ca::SandboxCa;
+use crate::secrets::SecretStore;
 use crate::compile::{compile, CompileError, CompiledPolicy};
 use crate::config::DaemonConfig;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
@@ -84,6 +85,8 @@ pub struct Daemon {
     dns_stats: Arc<crate::dns_proxy::DnsStats>,
     /// Each sandbox's CA (credential proxy).
     cas: HashMap<String, SandboxCa>,
+    /// Credential secrets of the policies in force.
+    secrets: SecretStore,
     /// Addresses of the host's interfaces (outside the pools), at start.
     host_ips: Vec<IpAddr>,
     /// The DNS proxy's learned addresses and its handles on the tries.
@@ -138,6 +141,7 @@ impl Daemon {
             dns_state,
             dns_stats: Arc::default(),
             cas: HashMap::new(),
+            secrets: SecretStore::default(),
             host_ips,
             pool,
             exe,
@@ -145,6 +149,7 @@ impl Daemon {
             reload_failures: u64::from(last_reload_error.is_some()),
             last_reload_error,
         };
+        daemon.secrets = SecretStore::load(daemon.policies.values().map(|e| &e.policy));
         daemon.adopt_all()?;
         daemon.start_pool()?;
         Ok(daemon)
@@ -698,6 +703,8 @@ impl Daemon {
         }
         self.state.policy_generation = generation;
         self.policies = new;
+        // Secrets are re-read on every apply and reload.
+        self.secrets = SecretStore::load(self.policies.values().map(|e| &e.policy));
         self.state.prune_texts();
         self.state.save(&self.config.state_dir)?;
         self.publish_routes();
@@ -794,6 +801,7 @@ impl Daemon {
             })).collect::<Vec<_>>(),
             "reload_failures": self.reload_failures,
             "prewarmed_taps": self.pool.ready_count(),
+            "credentials": self.secrets.report(),
             "taps_being_removed": self.reaping.load(std::sync::atomic::Ordering::SeqCst),
             "dns": self.dns_stats.to_json(),
             "learned_addresses": self.dns_state.blocking_lock().1.by_sandbox.values().map(|t| t.len()).sum::<usize>(),

@@ -21,6 +21,7 @@ pub mod peek;
 pub mod policy_store;
 pub mod proxy;
 pub mod sandbox;
+pub mod secrets;
 pub mod server;
 pub mod state;
 pub mod tap_pool;
