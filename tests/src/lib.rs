@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod frames;
+pub mod https;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};

@@ -30,6 +30,13 @@ pub struct SandboxCa {
     leaves: HashMap<String, Leaf>,
 }
 
+impl std::fmt::Debug for SandboxCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("SandboxCa").field("cached_leaves", &self.leaves.len()).finish_non_exhaustive()
+    }
+}
+
 /// A leaf certificate and its key, DER.
 #[derive(Clone)]
 pub struct Leaf {

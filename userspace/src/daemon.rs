@@ -84,7 +84,7 @@ pub struct Daemon {
     reaper: std::sync::mpsc::Sender<ReapJob>,
     dns_stats: Arc<crate::dns_proxy::DnsStats>,
     /// Each sandbox's CA (credential proxy).
-    cas: HashMap<String, SandboxCa>,
+    cas: HashMap<String, Arc<std::sync::Mutex<SandboxCa>>>,
     /// Credential secrets of the policies in force.
     secrets: SecretStore,
     /// Addresses of the host's interfaces (outside the pools), at start.
@@ -332,7 +332,7 @@ impl Daemon {
         let ca_dir = self.config.sandbox_ca_dir(name);
         match SandboxCa::load(name, &ca_dir) {
             Ok(ca) => {
-                self.cas.insert(name.to_string(), ca);
+                self.cas.insert(name.to_string(), Arc::new(std::sync::Mutex::new(ca)));
             }
             Err(e) => tracing::warn!(sandbox = %name, "sandbox CA not loaded: {e}"),
         }
@@ -360,17 +360,49 @@ impl Daemon {
         let mut table = HashMap::new();
         for (name, record) in &self.state.sandboxes {
             let (Ok(spec), Some(policy)) = (self.spec(record), self.in_force.get(name)) else { continue };
-            let route = Arc::new(Route { sandbox: name.clone(), policy: policy.clone(), policy_id: record.policy_id });
+            let route = Arc::new(Route {
+                sandbox: name.clone(),
+                policy: policy.clone(),
+                policy_id: record.policy_id,
+                credentials: self.bindings(&record.policy),
+                ca: self.cas.get(name).cloned(),
+            });
             table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
             table.insert(IpAddr::V6(spec.guest_ipv6), route);
         }
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
     }
 
+    /// The credentials of `policy` whose secrets are loaded, ready to inject.
+    fn bindings(&self, policy: &str) -> Vec<Arc<crate::credential_proxy::CredentialBinding>> {
+        let Some(entry) = self.policies.get(policy) else { return Vec::new() };
+        entry
+            .policy
+            .credentials
+            .iter()
+            .filter_map(|c| {
+                let secret = self.secrets.secrets.get(&(policy.to_string(), c.name.clone()))?.as_ref().ok()?.clone();
+                match crate::credential_proxy::CredentialBinding::new(&c.name, &c.hosts, &c.header, &c.format, secret) {
+                    Ok(b) => Some(Arc::new(b)),
+                    Err(e) => {
+                        tracing::warn!(policy, "{e}");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
     fn publish_route(&self, name: &str, spec: &SandboxSpec) {
         let Some(policy) = self.in_force.get(name) else { return };
         let Some(record) = self.state.sandboxes.get(name) else { return };
-        let route = Arc::new(Route { sandbox: name.to_string(), policy: policy.clone(), policy_id: record.policy_id });
+        let route = Arc::new(Route {
+            sandbox: name.to_string(),
+            policy: policy.clone(),
+            policy_id: record.policy_id,
+            credentials: self.bindings(&record.policy),
+            ca: self.cas.get(name).cloned(),
+        });
         let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
         table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
         table.insert(IpAddr::V6(spec.guest_ipv6), route);
@@ -486,7 +518,7 @@ impl Daemon {
         let ca_dir = self.config.sandbox_ca_dir(name);
         match SandboxCa::generate(name).and_then(|ca| ca.save(&ca_dir).map(|_| ca)) {
             Ok(ca) => {
-                self.cas.insert(name.to_string(), ca);
+                self.cas.insert(name.to_string(), Arc::new(std::sync::Mutex::new(ca)));
             }
             Err(e) => tracing::warn!(sandbox = %name, "no CA for the credential proxy: {e}"),
         }

@@ -199,6 +199,8 @@ pub struct DnsContext {
     pub state: SharedLearned,
     /// The shared upstream socket and the queries in flight on it.
     pub upstream: UpstreamClient,
+    /// TLS to upstreams for the credential proxy.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
 }
 
 /// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected

@@ -8,6 +8,7 @@ pub mod api;
 pub mod ca;
 pub mod compile;
 pub mod config;
+pub mod credential_proxy;
 pub mod daemon;
 pub mod decide;
 pub mod dns;

@@ -30,6 +30,10 @@ pub struct Route {
     pub policy: Arc<CompiledPolicy>,
     /// The trie key prefix of the policy generation in force.
     pub policy_id: u32,
+    /// Credentials of the sandbox's policy whose secrets are loaded.
+    pub credentials: Vec<Arc<crate::credential_proxy::CredentialBinding>>,
+    /// The sandbox's CA (for terminating TLS to credential hosts).
+    pub ca: Option<Arc<std::sync::Mutex<crate::ca::SandboxCa>>>,
 }
 
 /// Guest address → its sandbox, kept current by the daemon.
@@ -226,6 +230,27 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
         reset(&guest);
         return;
     };
+    // A credential host over TLS: terminate and inject instead of splicing.
+    if let (crate::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
+        if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
+            drop(upstream);
+            let guest = crate::credential_proxy::Prefixed::new(first, guest);
+            if let Err(e) = crate::credential_proxy::serve(
+                guest,
+                host.clone(),
+                targets.clone(),
+                binding.clone(),
+                ca.clone(),
+                ctx.upstream_tls.clone(),
+                route.sandbox.clone(),
+            )
+            .await
+            {
+                tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+            }
+            return;
+        }
+    }
     tracing::debug!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: spliced");
     if upstream.write_all(&first).await.is_err() {
         return;

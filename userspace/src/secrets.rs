@@ -52,7 +52,7 @@ pub fn load_secret(source: &CredentialSource) -> Result<Secret, String> {
 /// nothing is injected for it, and status says so).
 #[derive(Debug, Default)]
 pub struct SecretStore {
-    pub secrets: BTreeMap<(String, String), Result<Secret, String>>,
+    pub secrets: BTreeMap<(String, String), Result<std::sync::Arc<Secret>, String>>,
 }
 
 impl SecretStore {
@@ -60,7 +60,7 @@ impl SecretStore {
         let mut secrets = BTreeMap::new();
         for policy in policies {
             for c in &policy.credentials {
-                secrets.insert((policy.name.clone(), c.name.clone()), load_secret(&c.source));
+                secrets.insert((policy.name.clone(), c.name.clone()), load_secret(&c.source).map(std::sync::Arc::new));
             }
         }
         SecretStore { secrets }

@@ -148,6 +148,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         state: daemon.dns_state(),
         stats: daemon.dns_stats(),
         upstream: Default::default(),
+        upstream_tls: crate::credential_proxy::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
     });
     let listener = bind_socket(&config)?;
 

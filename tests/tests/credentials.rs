@@ -1,0 +1,81 @@
+//! Credential injection end to end: real curl in a netns guest, HTTPS
+//! servers with their own test CA in the world (trusted by the daemon via
+//! --upstream-ca), names resolved through the DNS proxy.
+
+use std::net::{IpAddr, SocketAddr};
+
+use sbx_net_tests::daemon::DaemonHarness;
+use sbx_net_tests::https::{HttpsEcho, TestCa};
+use sbx_net_tests::{require_root, run_in, unique_name, WorldDns};
+
+const SECRET: &str = "ghp_sbxTestSecret0123456789";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+fn secrets_reach_only_their_hosts() {
+    require_root();
+    let dir = std::env::temp_dir().join(unique_name("cred"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new(&dir);
+    let secret_file = dir.join("token");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let policy = format!(
+        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"plain.test\"]\n\
+         [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+        secret_file.display()
+    );
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+    let h = DaemonHarness::with_args("cred", &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    for a in ["198.51.100.40", "198.51.100.41"] {
+        h.topology.add_world_address(ip(a));
+    }
+    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into(), "plain.test,198.51.100.41,60".into()], &[]);
+    let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
+    let _plain = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.41"), 443), &["plain.test"], &ca, SECRET);
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    let sandbox_ca = g["ca_cert"].as_str().unwrap().to_string();
+    let curl = |args: &[&str]| {
+        let mut all = vec!["-s", "-i", "--max-time", "5"];
+        all.extend_from_slice(args);
+        let out = run_in(&ns, "curl", &all);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+
+    // The bound host: TLS terminated with the sandbox CA, secret injected.
+    let (code, body) = curl(&["--cacert", &sandbox_ca, "https://api.test/v1/user"]);
+    assert_eq!(code, Some(0), "{body}");
+    assert!(body.contains("path: /v1/user") && body.contains("authorization: <injected>"), "{body}");
+    // A guest-sent Authorization is replaced, not duplicated.
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "Authorization: Bearer guest-made", "https://api.test/"]);
+    assert_eq!(body.matches("authorization:").count(), 1, "{body}");
+    assert!(body.contains("authorization: <injected>") && !body.contains("guest-made"), "{body}");
+    // A sentinel in another header becomes the secret only here.
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "X-Api-Key: sbx-cred:gh", "https://api.test/"]);
+    assert!(body.contains("x-api-key: <injected>"), "{body}");
+    // Host differing from SNI: refused, nothing injected.
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "Host: plain.test", "https://api.test/"]);
+    assert!(body.starts_with("HTTP/1.1 421"), "{body}");
+    assert!(!body.contains("<injected>"), "{body}");
+    // A redirect is passed back, not followed, and carries no secret.
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "https://api.test/redirect"]);
+    assert!(body.starts_with("HTTP/1.1 302") && body.contains("location: https://elsewhere.test/"), "{body}");
+    // --resolve to another address: the proxy goes to the checked one.
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "--resolve", "api.test:443:198.51.100.41", "https://api.test/"]);
+    assert!(body.contains("authorization: <injected>"), "{body}");
+    // A host without a credential is spliced: the guest sees the real
+    // certificate (trusted only via the test CA) and nothing is injected.
+    let (code, body) = curl(&["--cacert", ca.pem_path.to_str().unwrap(), "https://plain.test/"]);
+    assert_eq!(code, Some(0), "{body}");
+    assert!(!body.contains("authorization"), "{body}");
+    let (code, _) = curl(&["--cacert", &sandbox_ca, "https://plain.test/"]);
+    assert_eq!(code, Some(60), "plain.test must not be terminated with the sandbox CA");
+    // The secret never appears in the daemon's log.
+    assert!(!h.log().contains(SECRET), "secret in the daemon log");
+    drop(h);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
