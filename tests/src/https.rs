@@ -67,7 +67,7 @@ impl HttpsEcho {
                         rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key)),
                     )
                     .unwrap();
-                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
                 let listener = tokio::net::TcpListener::bind(addr).await.expect("bind https echo");
                 ready_tx.send(()).unwrap();
@@ -82,7 +82,7 @@ impl HttpsEcho {
                                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                                     let secret = secret.clone();
                                     async move {
-                                        let mut body = format!("path: {}\n", req.uri().path());
+                                        let mut body = format!("path: {}\nversion: {:?}\n", req.uri().path(), req.version());
                                         for (k, v) in req.headers() {
                                             let v = v.to_str().unwrap_or("<binary>");
                                             let shown = if !secret.is_empty() && v.contains(&secret) { "<injected>" } else { v };
@@ -99,7 +99,9 @@ impl HttpsEcho {
                                         Ok(hyper::Response::new(Full::new(Bytes::from(body))))
                                     }
                                 });
-                                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                                    .serve_connection(TokioIo::new(tls), service)
+                                    .await;
                             });
                         }
                     }

@@ -151,8 +151,49 @@ pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::Cl
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The upstream connection, HTTP/2 or HTTP/1.1 as its ALPN chose.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Upstream {
+    fn is_closed(&self) -> bool {
+        match self {
+            Upstream::H1(s) => s.is_closed(),
+            Upstream::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(&mut self, mut req: Request<Incoming>, host: &str) -> Result<Response<Incoming>, hyper::Error> {
+        // Hop-by-hop headers belong to the guest's connection, not ours.
+        for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"] {
+            req.headers_mut().remove(h);
+        }
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        match self {
+            Upstream::H1(s) => {
+                s.ready().await?;
+                *req.version_mut() = hyper::Version::HTTP_11;
+                *req.uri_mut() = path.parse().unwrap_or_default();
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    req.headers_mut().insert(HOST, v);
+                }
+                s.send_request(req).await
+            }
+            Upstream::H2(s) => {
+                s.ready().await?;
+                *req.version_mut() = hyper::Version::HTTP_2;
+                req.headers_mut().remove(HOST);
+                *req.uri_mut() = format!("https://{host}{path}").parse().unwrap_or_default();
+                s.send_request(req).await
+            }
+        }
+    }
 }
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -186,9 +227,9 @@ pub async fn serve(
         .with_no_client_auth()
         .with_single_cert(vec![CertificateDer::from(leaf.cert_der)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der)))
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(guest).await.map_err(|e| format!("guest TLS: {e}"))?;
-    let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>> = Arc::default();
+    let sender: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let (host, upstream, binding, upstream_tls, sender, sandbox) =
             (host.clone(), upstream.clone(), binding.clone(), upstream_tls.clone(), sender.clone(), sandbox.clone());
@@ -210,13 +251,9 @@ pub async fn serve(
                 }
             }
             let s = guard.as_mut().expect("connected above");
-            if s.ready().await.is_err() {
-                *guard = None;
-                return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
-            }
             let method = req.method().clone();
             let path = req.uri().path().to_string();
-            match s.send_request(req).await {
+            match s.send(req, &host).await {
                 Ok(resp) => {
                     tracing::info!(%sandbox, %host, %method, %path, status = resp.status().as_u16(), credential = %binding.name, "credential proxy: injected");
                     Ok(resp.map(|b| b.boxed()))
@@ -229,17 +266,14 @@ pub async fn serve(
             }
         }
     });
-    hyper::server::conn::http1::Builder::new()
+    // HTTP/1.1 or HTTP/2, whichever the guest speaks (ALPN offered both).
+    hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
         .serve_connection(TokioIo::new(tls), service)
         .await
         .map_err(|e| format!("guest HTTP: {e}"))
 }
 
-async fn connect_upstream(
-    addrs: &[std::net::SocketAddr],
-    host: &str,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
+async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, String> {
     let mut last = String::from("no address");
     for addr in addrs {
         let tcp = match tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr)).await {
@@ -255,11 +289,20 @@ async fn connect_upstream(
         };
         let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
         let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| format!("upstream TLS: {e}"))?;
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Upstream::H2(sender));
+        }
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        return Ok(sender);
+        return Ok(Upstream::H1(sender));
     }
     Err(last)
 }
