@@ -46,6 +46,17 @@ fn secrets_reach_only_their_hosts() {
         (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
     };
 
+    // Everything the guest sends and receives, captured on its tap.
+    let pcap = dir.join("tap.pcap");
+    let mut capture = std::process::Command::new("ip")
+        .args(["netns", "exec", h.topology.host.name(), "tcpdump", "-i", g["tap"].as_str().unwrap(), "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
     // The bound host: TLS terminated with the sandbox CA, secret injected.
     let (code, body) = curl(&["--cacert", &sandbox_ca, "https://api.test/v1/user"]);
     assert_eq!(code, Some(0), "{body}");
@@ -81,7 +92,18 @@ fn secrets_reach_only_their_hosts() {
     assert!(!body.contains("authorization"), "{body}");
     let (code, _) = curl(&["--cacert", &sandbox_ca, "https://plain.test/"]);
     assert_eq!(code, Some(60), "plain.test must not be terminated with the sandbox CA");
-    // The secret never appears in the daemon's log.
+    // Plain HTTP to the bound host gets no secret (no plaintext injection).
+    let (_, body) = curl(&["http://api.test:443/"]);
+    assert!(!body.contains("<injected>"), "{body}");
+    // The secret never appears in any byte on the guest's tap, nor in the
+    // daemon's log.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(capture.id() as libc::pid_t, libc::SIGINT) };
+    let _ = capture.wait();
+    let captured = std::fs::read(&pcap).unwrap();
+    assert!(captured.len() > 5000, "the capture saw the traffic ({} bytes)", captured.len());
+    assert!(!captured.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "the secret crossed the tap");
     assert!(!h.log().contains(SECRET), "secret in the daemon log");
     drop(h);
     std::fs::remove_dir_all(&dir).unwrap();
