@@ -88,6 +88,32 @@ impl HttpsEcho {
                                             let shown = if !secret.is_empty() && v.contains(&secret) { "<injected>" } else { v };
                                             body.push_str(&format!("{k}: {shown}\n"));
                                         }
+                                        if req.headers().contains_key("upgrade") {
+                                            // Echo whatever comes after the upgrade.
+                                            let saw = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(|v| if !secret.is_empty() && v.contains(&secret) { "<injected>".to_string() } else { v.to_string() }).unwrap_or_default();
+                                            let mut req = req;
+                                            let on = hyper::upgrade::on(&mut req);
+                                            tokio::spawn(async move {
+                                                if let Ok(up) = on.await {
+                                                    let mut io = TokioIo::new(up);
+                                                    let mut buf = [0u8; 1024];
+                                                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                                                    while let Ok(n) = io.read(&mut buf).await {
+                                                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                                            break;
+                                                        }
+                                                    }
+                                                }
+                                            });
+                                            let r = hyper::Response::builder()
+                                                .status(101)
+                                                .header("connection", "upgrade")
+                                                .header("upgrade", "echo")
+                                                .header("x-saw-authorization", saw)
+                                                .body(Full::new(Bytes::new()))
+                                                .unwrap();
+                                            return Ok::<_, std::convert::Infallible>(r);
+                                        }
                                         if req.uri().path() == "/redirect" {
                                             let r = hyper::Response::builder()
                                                 .status(302)
@@ -100,7 +126,7 @@ impl HttpsEcho {
                                     }
                                 });
                                 let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                                    .serve_connection(TokioIo::new(tls), service)
+                                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
                                     .await;
                             });
                         }
@@ -122,4 +148,41 @@ impl Drop for HttpsEcho {
             let _ = t.join();
         }
     }
+}
+
+/// A raw HTTP/1.1 upgrade from the calling thread's namespace: TLS to
+/// `addr` with SNI `name`, trusting only `ca_pem`; returns the response head
+/// and what came back after sending `payload` on the upgraded stream.
+pub fn upgrade_round_trip(addr: SocketAddr, name: &str, ca_pem: &Path, payload: &[u8]) -> (String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_pem).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    write!(tls, "GET /ws HTTP/1.1\r\nHost: {name}\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if tls.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    tls.write_all(payload).unwrap();
+    let mut echoed = vec![0u8; payload.len()];
+    let _ = tls.read_exact(&mut echoed);
+    (String::from_utf8_lossy(&head).into_owned(), echoed)
 }

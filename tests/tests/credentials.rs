@@ -68,6 +68,15 @@ fn secrets_reach_only_their_hosts() {
     assert!(body.contains("version: HTTP/2.0") && body.contains("authorization: <injected>"), "{body}");
     let (_, body) = curl(&["--http1.1", "--cacert", &sandbox_ca, "https://api.test/h1"]);
     assert!(body.starts_with("HTTP/1.1 200") && body.contains("authorization: <injected>"), "{body}");
+    // A WebSocket-style upgrade: injected before the switch, then bytes flow.
+    let guest = sbx_vmm::NetNs::open(&ns).unwrap();
+    let ca_path = std::path::PathBuf::from(&sandbox_ca);
+    let (head, echoed) = guest
+        .run(|| sbx_net_tests::https::upgrade_round_trip(SocketAddr::new(ip("198.51.100.40"), 443), "api.test", &ca_path, b"ping-over-upgrade"))
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("x-saw-authorization: <injected>"), "{head}");
+    assert_eq!(echoed, b"ping-over-upgrade");
     // A guest-sent Authorization is replaced, not duplicated.
     let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "Authorization: Bearer guest-made", "https://api.test/"]);
     assert_eq!(body.matches("authorization:").count(), 1, "{body}");

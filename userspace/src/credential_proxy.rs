@@ -240,6 +240,11 @@ pub async fn serve(
                 return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host must equal the TLS server name"));
             }
             rewrite_headers(req.headers_mut(), &binding);
+            if req.headers().contains_key(hyper::header::UPGRADE) {
+                // WebSocket (or another upgrade): its own HTTP/1.1 upstream
+                // connection, the credential already injected, then bytes.
+                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &sandbox, &binding.name).await);
+            }
             let mut guard = sender.lock().await;
             if guard.as_ref().is_none_or(|s| s.is_closed()) {
                 match connect_upstream(&upstream, &host, upstream_tls).await {
@@ -268,9 +273,56 @@ pub async fn serve(
     });
     // HTTP/1.1 or HTTP/2, whichever the guest speaks (ALPN offered both).
     hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), service)
+        .serve_connection_with_upgrades(TokioIo::new(tls), service)
         .await
         .map_err(|e| format!("guest HTTP: {e}"))
+}
+
+/// Forwards an upgrade request (after injection) on a fresh HTTP/1.1
+/// upstream connection; on `101` joins the two upgraded streams.
+async fn upgrade(
+    mut req: Request<Incoming>,
+    upstream: &[std::net::SocketAddr],
+    host: &str,
+    tls: Arc<rustls::ClientConfig>,
+    sandbox: &str,
+    credential: &str,
+) -> Response<ProxyBody> {
+    let mut h1_only = (*tls).clone();
+    h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut sender = match connect_upstream(upstream, host, Arc::new(h1_only)).await {
+        Ok(Upstream::H1(s)) => s,
+        Ok(Upstream::H2(_)) => return text(StatusCode::BAD_GATEWAY, "upstream chose HTTP/2 for an upgrade"),
+        Err(e) => {
+            tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
+            return text(StatusCode::BAD_GATEWAY, "upstream unreachable");
+        }
+    };
+    let guest_side = hyper::upgrade::on(&mut req);
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    *req.uri_mut() = path.parse().unwrap_or_default();
+    *req.version_mut() = hyper::Version::HTTP_11;
+    if let Ok(v) = HeaderValue::from_str(host) {
+        req.headers_mut().insert(HOST, v);
+    }
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(%sandbox, %host, "credential proxy: upgrade request: {e}");
+            return text(StatusCode::BAD_GATEWAY, "upstream request failed");
+        }
+    };
+    tracing::info!(%sandbox, %host, status = resp.status().as_u16(), %credential, "credential proxy: injected (upgrade)");
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            if let (Ok(g), Ok(u)) = (guest_side.await, upstream_side.await) {
+                let (mut g, mut u) = (TokioIo::new(g), TokioIo::new(u));
+                let _ = tokio::io::copy_bidirectional(&mut g, &mut u).await;
+            }
+        });
+    }
+    resp.map(|b| b.boxed())
 }
 
 async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, String> {
@@ -300,7 +352,7 @@ async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<r
         }
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
         return Ok(Upstream::H1(sender));
     }
