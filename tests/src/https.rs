@@ -41,6 +41,9 @@ impl TestCa {
     }
 }
 
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
 pub struct HttpsEcho {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -48,6 +51,15 @@ pub struct HttpsEcho {
 
 impl HttpsEcho {
     pub fn start(ns: &NetNs, addr: SocketAddr, names: &[&str], ca: &TestCa, secret: &str) -> HttpsEcho {
+        Self::start_with(ns, addr, names, ca, secret, true)
+    }
+
+    /// The same server over plain HTTP.
+    pub fn start_plain(ns: &NetNs, addr: SocketAddr, ca: &TestCa, secret: &str) -> HttpsEcho {
+        Self::start_with(ns, addr, &["plain"], ca, secret, false)
+    }
+
+    fn start_with(ns: &NetNs, addr: SocketAddr, names: &[&str], ca: &TestCa, secret: &str, tls: bool) -> HttpsEcho {
         let (cert, key) = ca.leaf(names);
         let ns = NetNs::open(ns.name()).expect("open namespace");
         let secret = secret.to_string();
@@ -78,7 +90,12 @@ impl HttpsEcho {
                             let Ok((tcp, _)) = accepted else { continue };
                             let (acceptor, secret) = (acceptor.clone(), secret.clone());
                             tokio::spawn(async move {
-                                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                                let io: Box<dyn Io> = if tls {
+                                    let Ok(t) = acceptor.accept(tcp).await else { return };
+                                    Box::new(t)
+                                } else {
+                                    Box::new(tcp)
+                                };
                                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                                     let secret = secret.clone();
                                     async move {
@@ -126,7 +143,7 @@ impl HttpsEcho {
                                     }
                                 });
                                 let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                                    .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                                    .serve_connection_with_upgrades(TokioIo::new(io), service)
                                     .await;
                             });
                         }

@@ -23,17 +23,24 @@ fn secrets_reach_only_their_hosts() {
     let secret_file = dir.join("token");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
     let policy = format!(
-        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"plain.test\"]\n\
-         [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"plain.test\", \"plainapi.test\"]\n\
+         [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{0}\" }}\n\
+         [[credentials]]\nname = \"legacy\"\nhosts = [\"plainapi.test\"]\nheader = \"X-Api-Key\"\nformat = \"{{secret}}\"\nsource = {{ file = \"{0}\" }}\nallow_plaintext = true\n",
         secret_file.display()
     );
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
     let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
     let h = DaemonHarness::with_args("cred", &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
-    for a in ["198.51.100.40", "198.51.100.41"] {
+    for a in ["198.51.100.40", "198.51.100.41", "198.51.100.42"] {
         h.topology.add_world_address(ip(a));
     }
-    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into(), "plain.test,198.51.100.41,60".into()], &[]);
+    let _dns = WorldDns::start(
+        &h.topology.world,
+        &["api.test,198.51.100.40,60".into(), "plain.test,198.51.100.41,60".into(), "plainapi.test,198.51.100.42,60".into()],
+        &[],
+    );
+    let _api_http = HttpsEcho::start_plain(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 80), &ca, SECRET);
+    let _legacy_http = HttpsEcho::start_plain(&h.topology.world, SocketAddr::new(ip("198.51.100.42"), 80), &ca, SECRET);
     let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
     let _plain = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.41"), 443), &["plain.test"], &ca, SECRET);
     let g = h.create_guest(&unique_name("g"), "agent");
@@ -101,9 +108,13 @@ fn secrets_reach_only_their_hosts() {
     assert!(!body.contains("authorization"), "{body}");
     let (code, _) = curl(&["--cacert", &sandbox_ca, "https://plain.test/"]);
     assert_eq!(code, Some(60), "plain.test must not be terminated with the sandbox CA");
-    // Plain HTTP to the bound host gets no secret (no plaintext injection).
-    let (_, body) = curl(&["http://api.test:443/"]);
-    assert!(!body.contains("<injected>"), "{body}");
+    // Plain HTTP to the bound host gets no secret (no plaintext injection)…
+    let (code, body) = curl(&["http://api.test/plain"]);
+    assert_eq!(code, Some(0), "{body}");
+    assert!(body.contains("path: /plain") && !body.contains("<injected>"), "{body}");
+    // …unless the credential says allow_plaintext.
+    let (_, body) = curl(&["-H", "X-Api-Key: guest-made", "http://plainapi.test/legacy"]);
+    assert!(body.contains("x-api-key: <injected>") && !body.contains("guest-made"), "{body}");
     // The secret never appears in any byte on the guest's tap, nor in the
     // daemon's log.
     std::thread::sleep(std::time::Duration::from_millis(300));

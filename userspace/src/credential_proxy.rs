@@ -30,6 +30,8 @@ pub struct CredentialBinding {
     pub value: HeaderValue,
     /// The secret alone, for `sbx-cred:<name>` sentinels.
     pub secret: Arc<Secret>,
+    /// Inject into plain HTTP too.
+    pub allow_plaintext: bool,
 }
 
 impl std::fmt::Debug for CredentialBinding {
@@ -39,12 +41,19 @@ impl std::fmt::Debug for CredentialBinding {
 }
 
 impl CredentialBinding {
-    pub fn new(name: &str, hosts: &[String], header: &str, format: &str, secret: Arc<Secret>) -> Result<CredentialBinding, String> {
+    pub fn new(name: &str, hosts: &[String], header: &str, format: &str, secret: Arc<Secret>, allow_plaintext: bool) -> Result<CredentialBinding, String> {
         let header = HeaderName::from_bytes(header.as_bytes()).map_err(|_| format!("credential {name}: {header:?} is not a header name"))?;
         let mut value = HeaderValue::from_str(&format.replace("{secret}", secret.expose()))
             .map_err(|_| format!("credential {name}: the formatted value is not a valid header value"))?;
         value.set_sensitive(true);
-        Ok(CredentialBinding { name: name.to_string(), hosts: hosts.iter().map(|h| h.to_ascii_lowercase()).collect(), header, value, secret })
+        Ok(CredentialBinding {
+            name: name.to_string(),
+            hosts: hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            header,
+            value,
+            secret,
+            allow_plaintext,
+        })
     }
 
     pub fn covers(&self, host: &str) -> bool {
@@ -278,6 +287,66 @@ pub async fn serve(
         .map_err(|e| format!("guest HTTP: {e}"))
 }
 
+/// Serves plain HTTP/1.1 to a credential host whose credential allows
+/// plaintext: the same checks and rewriting, forwarded over plain TCP to
+/// the checked address.
+pub async fn serve_plain(
+    guest: Prefixed<TcpStream>,
+    host: String,
+    upstream: Vec<std::net::SocketAddr>,
+    binding: Arc<CredentialBinding>,
+    sandbox: String,
+) -> Result<(), String> {
+    let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>> = Arc::default();
+    let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let (host, upstream, binding, sender, sandbox) = (host.clone(), upstream.clone(), binding.clone(), sender.clone(), sandbox.clone());
+        async move {
+            if request_host(&req).as_deref() != Some(host.as_str()) {
+                return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host changed on the connection"));
+            }
+            rewrite_headers(req.headers_mut(), &binding);
+            let mut guard = sender.lock().await;
+            if guard.as_ref().is_none_or(|s| s.is_closed()) {
+                let mut connected = None;
+                for addr in &upstream {
+                    if let Ok(Ok(tcp)) = tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr)).await {
+                        if let Ok((s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                            connected = Some(s);
+                            break;
+                        }
+                    }
+                }
+                match connected {
+                    Some(s) => *guard = Some(s),
+                    None => return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable")),
+                }
+            }
+            let s = guard.as_mut().expect("connected above");
+            if s.ready().await.is_err() {
+                *guard = None;
+                return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
+            }
+            match s.send_request(req).await {
+                Ok(resp) => {
+                    tracing::info!(%sandbox, %host, status = resp.status().as_u16(), credential = %binding.name, "credential proxy: injected (plaintext)");
+                    Ok(resp.map(|b| b.boxed()))
+                }
+                Err(_) => {
+                    *guard = None;
+                    Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
+                }
+            }
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(guest), service)
+        .await
+        .map_err(|e| format!("guest HTTP: {e}"))
+}
+
 /// Forwards an upgrade request (after injection) on a fresh HTTP/1.1
 /// upstream connection; on `101` joins the two upgraded streams.
 async fn upgrade(
@@ -372,7 +441,7 @@ mod tests {
         std::fs::write(&f, "tok123").unwrap();
         let secret = Arc::new(load_secret(&CredentialSource::File(f.display().to_string())).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
-        CredentialBinding::new("gh", &["API.test".into()], "Authorization", "Bearer {secret}", secret).unwrap()
+        CredentialBinding::new("gh", &["API.test".into()], "Authorization", "Bearer {secret}", secret, false).unwrap()
     }
 
     #[test]

@@ -382,7 +382,7 @@ impl Daemon {
             .iter()
             .filter_map(|c| {
                 let secret = self.secrets.secrets.get(&(policy.to_string(), c.name.clone()))?.as_ref().ok()?.clone();
-                match crate::credential_proxy::CredentialBinding::new(&c.name, &c.hosts, &c.header, &c.format, secret) {
+                match crate::credential_proxy::CredentialBinding::new(&c.name, &c.hosts, &c.header, &c.format, secret, c.allow_plaintext) {
                     Ok(b) => Some(Arc::new(b)),
                     Err(e) => {
                         tracing::warn!(policy, "{e}");

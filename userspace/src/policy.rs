@@ -133,6 +133,9 @@ pub struct Credential {
     pub header: String,
     pub format: String,
     pub source: CredentialSource,
+    /// Inject into plain HTTP too (off by default: the secret would cross
+    /// the network in clear).
+    pub allow_plaintext: bool,
     pub line: usize,
 }
 
@@ -257,6 +260,7 @@ impl Policy {
                 header: c.header.clone(),
                 format: c.format.clone(),
                 source,
+                allow_plaintext: c.allow_plaintext,
                 line,
             });
         }
@@ -303,6 +307,8 @@ struct RawCredential {
     header: String,
     format: String,
     source: RawSource,
+    #[serde(default)]
+    allow_plaintext: bool,
 }
 
 #[derive(Deserialize)]

@@ -251,6 +251,18 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
             return;
         }
     }
+    // Plain HTTP to a credential host: injected only when the credential
+    // allows plaintext; otherwise spliced untouched.
+    if let crate::peek::FirstBytes::Http { host: Some(host) } = &kind {
+        if let Some(binding) = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext) {
+            drop(upstream);
+            let guest = crate::credential_proxy::Prefixed::new(first, guest);
+            if let Err(e) = crate::credential_proxy::serve_plain(guest, host.clone(), targets.clone(), binding.clone(), route.sandbox.clone()).await {
+                tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+            }
+            return;
+        }
+    }
     tracing::debug!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: spliced");
     if upstream.write_all(&first).await.is_err() {
         return;
