@@ -35,7 +35,13 @@ impl TestCa {
 
     fn leaf(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>) {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for n in names {
+            params.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => rcgen::SanType::IpAddress(ip),
+                Err(_) => rcgen::SanType::DnsName(n.to_string().try_into().unwrap()),
+            });
+        }
         let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
         (cert.der().to_vec(), key.serialize_der())
     }
@@ -202,4 +208,56 @@ pub fn upgrade_round_trip(addr: SocketAddr, name: &str, ca_pem: &Path, payload: 
     let mut echoed = vec![0u8; payload.len()];
     let _ = tls.read_exact(&mut echoed);
     (String::from_utf8_lossy(&head).into_owned(), echoed)
+}
+
+/// A TLS client configuration trusting only the certificates in `ca_pem`.
+pub fn client_config(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(ca_pem).unwrap();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// A kept-alive HTTPS/1.1 connection for load generation.
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    host: String,
+}
+
+impl KeepAlive {
+    pub async fn connect(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<KeepAlive> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(std::io::Error::other)?;
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(KeepAlive { sender, host: sni.to_string() })
+    }
+
+    /// One GET, body read to the end; its status.
+    pub async fn get(&mut self, path: &str) -> std::io::Result<u16> {
+        use http_body_util::BodyExt;
+        self.sender.ready().await.map_err(std::io::Error::other)?;
+        let req = hyper::Request::builder()
+            .uri(path)
+            .header("host", &self.host)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .map_err(std::io::Error::other)?;
+        let resp = self.sender.send_request(req).await.map_err(std::io::Error::other)?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await.map_err(std::io::Error::other)?;
+        Ok(status)
+    }
 }

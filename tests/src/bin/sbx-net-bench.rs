@@ -13,6 +13,11 @@
 //! `cargo xtask bench dns`: from a netns guest, DNS latency at a fixed rate
 //! and the maximum rate, to the same authoritative upstream directly, through
 //! sbx-net's DNS proxy, and through dnsmasq forwarding to it (the peer).
+//!
+//! `cargo xtask bench proxy`: HTTPS requests with credential injection on
+//! kept-alive connections from a netns guest, through sbx-net's credential
+//! proxy and through mitmproxy doing the same injection, against the same
+//! server reached directly.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -40,7 +45,8 @@ fn main() -> Result<()> {
         "datapath" => {}
         "lifecycle" => return lifecycle(),
         "dns" => return dns_bench(),
-        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns)"),
+        "proxy" => return proxy_bench(),
+        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns, proxy)"),
     }
     println!("## Datapath (`cargo xtask bench datapath`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
@@ -614,5 +620,155 @@ fn dns_bench() -> Result<()> {
     );
     let stats = h.json(&["status", "--json"]);
     println!("\nDaemon counters after the run: {}", stats["dns"]);
+    Ok(())
+}
+
+const PROXY_SECONDS: u64 = 3;
+const PROXY_CONNECTIONS: usize = 8;
+
+/// Sequential GETs on one kept-alive connection for `seconds`: latencies (µs).
+fn proxy_latency(addr: SocketAddr, sni: &str, ca: &std::path::Path, seconds: u64) -> Result<Vec<f64>> {
+    let config = sbx_net_tests::https::client_config(ca);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let mut c = sbx_net_tests::https::KeepAlive::connect(addr, sni, config).await?;
+        for _ in 0..50 {
+            c.get("/warm").await?;
+        }
+        let mut lat = Vec::new();
+        let end = Instant::now() + Duration::from_secs(seconds);
+        while Instant::now() < end {
+            let t = Instant::now();
+            let status = c.get("/bench").await?;
+            if status != 200 {
+                bail!("status {status} from {addr}");
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(lat)
+    })
+}
+
+/// PROXY_CONNECTIONS kept-alive connections in parallel: requests/s.
+fn proxy_throughput(addr: SocketAddr, sni: &str, ca: &std::path::Path, seconds: u64) -> Result<f64> {
+    let config = sbx_net_tests::https::client_config(ca);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let sni = sni.to_string();
+    rt.block_on(async move {
+        let end = Instant::now() + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for _ in 0..PROXY_CONNECTIONS {
+            let (config, sni) = (config.clone(), sni.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut c = sbx_net_tests::https::KeepAlive::connect(addr, &sni, config).await?;
+                let mut n = 0u64;
+                while Instant::now() < end {
+                    c.get("/bench").await?;
+                    n += 1;
+                }
+                Ok::<u64, std::io::Error>(n)
+            }));
+        }
+        let start = Instant::now();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.map_err(|e| anyhow::anyhow!("{e}"))??;
+        }
+        Ok(total as f64 / start.elapsed().as_secs_f64().max(seconds as f64))
+    })
+}
+
+fn proxy_bench() -> Result<()> {
+    use sbx_net_tests::daemon::DaemonHarness;
+    use sbx_net_tests::https::{HttpsEcho, TestCa};
+    use sbx_net_tests::WorldDns;
+
+    println!("## Credential proxy (`cargo xtask bench proxy`)\n");
+    println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
+    let mitmdump = std::env::var("SBX_NET_MITMDUMP").unwrap_or_else(|_| "/opt/sbx-net/mitmproxy-venv/bin/mitmdump".into());
+    let dir = std::env::temp_dir().join(unique_name("bench-proxy"));
+    std::fs::create_dir_all(&dir)?;
+    let ca = TestCa::new(&dir);
+    let secret = "sbx-bench-secret-0123456789abcdef";
+    std::fs::write(dir.join("token"), secret)?;
+    let server: IpAddr = Ipv4Addr::new(198, 51, 100, 40).into();
+    let mitm: IpAddr = Ipv4Addr::new(198, 51, 100, 50).into();
+    let policy = format!(
+        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"{server}/32:8443\", \"{mitm}/32:9443\"]\n\
+         [[credentials]]\nname = \"api\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+        dir.join("token").display()
+    );
+    let upstream = format!("--upstream-dns={}:53", sbx_net_tests::UPLINK_WORLD_V4);
+    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+    let h = DaemonHarness::with_args("bench-proxy", &[("bench.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    h.topology.add_world_address(server);
+    h.topology.add_world_address(mitm);
+    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,300".into()], &[]);
+    let server_str = server.to_string();
+    let names = ["api.test", server_str.as_str()];
+    let _upstream443 = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 443), &names, &ca, secret);
+    let _upstream8443 = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 8443), &names, &ca, secret);
+
+    // mitmproxy as a reverse proxy doing the same injection, verifying the
+    // upstream against the same test CA.
+    let confdir = dir.join("mitmproxy");
+    std::fs::create_dir_all(&confdir)?;
+    let addon = dir.join("inject.py");
+    std::fs::write(&addon, format!("def request(flow):\n    flow.request.headers[\"Authorization\"] = \"Bearer {secret}\"\n"))?;
+    let mut mitm_child = std::process::Command::new("ip")
+        .args(["netns", "exec", h.topology.world.name()])
+        .arg(&mitmdump)
+        .args(["-q", "--mode", &format!("reverse:https://{server}:8443"), "--listen-host", &mitm.to_string(), "--listen-port", "9443"])
+        .args(["--set", &format!("confdir={}", confdir.display())])
+        .args(["--set", &format!("ssl_verify_upstream_trusted_ca={}", ca.pem_path.display())])
+        .args(["--set", "connection_strategy=lazy"])
+        .arg("-s")
+        .arg(&addon)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {mitmdump} (cargo xtask bench proxy installs it)"))?;
+    let mitm_ca = confdir.join("mitmproxy-ca-cert.pem");
+    let ready_by = Instant::now() + Duration::from_secs(30);
+    while !(mitm_ca.exists() && sbx_net_tests::tcp_connects(h.topology.world.name(), mitm, 9443)) {
+        if Instant::now() > ready_by {
+            let _ = mitm_child.kill();
+            bail!("mitmproxy did not start");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let g = h.create_guest("bench", "bench");
+    let guest = NetNs::open(g["netns"].as_str().context("netns")?)?;
+    let sandbox_ca = std::path::PathBuf::from(g["ca_cert"].as_str().context("ca_cert")?);
+    // Resolve once so the proxy has the name's answer (as a real client would).
+    sbx_net_tests::dig(guest.name(), &["api.test"]);
+    let targets: [(&str, SocketAddr, std::path::PathBuf); 3] = [
+        ("server directly, no injection (baseline)", SocketAddr::new(server, 8443), ca.pem_path.clone()),
+        ("sbx-net credential proxy (TLS terminated, injected)", SocketAddr::new(server, 443), sandbox_ca),
+        ("mitmproxy reverse proxy (same injection, peer)", SocketAddr::new(mitm, 9443), mitm_ca),
+    ];
+    let mut rows = Vec::new();
+    for (what, addr, ca_path) in &targets {
+        let lat = guest.run(|| proxy_latency(*addr, "api.test", ca_path, PROXY_SECONDS))??;
+        let rps = guest.run(|| proxy_throughput(*addr, "api.test", ca_path, PROXY_SECONDS))??;
+        rows.push((*what, percentile(&lat, 0.5), percentile(&lat, 0.99), lat.len(), rps));
+    }
+    let _ = mitm_child.kill();
+    let _ = mitm_child.wait();
+    let (b50, b99) = (rows[0].1, rows[0].2);
+    println!("### HTTPS GETs on kept-alive connections from a netns guest ({PROXY_SECONDS} s each; requests/s with {PROXY_CONNECTIONS} connections)\n");
+    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | sequential requests | requests/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (what, p50, p99, n, rps) in &rows {
+        println!("| {what} | {p50:.0} | {p99:.0} | {:+.0} | {:+.0} | {n} | {rps:.0} |", p50 - b50, p99 - b99);
+    }
+    println!(
+        "\nsbx-net / mitmproxy requests/s: **{:.1}×**. Targets: added p50 ≤ 300 µs; ≥ 10× mitmproxy's requests/s.",
+        rows[1].4 / rows[2].4
+    );
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
