@@ -109,9 +109,11 @@ fn secrets_reach_only_their_hosts() {
     let (code, _) = curl(&["--cacert", &sandbox_ca, "https://plain.test/"]);
     assert_eq!(code, Some(60), "plain.test must not be terminated with the sandbox CA");
     // Plain HTTP to the bound host gets no secret (no plaintext injection)…
-    let (code, body) = curl(&["http://api.test/plain"]);
+    let (code, body) = curl(&["-H", "X-Api-Key: sbx-cred:gh", "http://api.test/plain"]);
     assert_eq!(code, Some(0), "{body}");
     assert!(body.contains("path: /plain") && !body.contains("<injected>"), "{body}");
+    // …and a sentinel sent where it is not replaced is stripped.
+    assert!(!body.contains("sbx-cred") && !body.contains("x-api-key"), "{body}");
     // …unless the credential says allow_plaintext.
     let (_, body) = curl(&["-H", "X-Api-Key: guest-made", "http://plainapi.test/legacy"]);
     assert!(body.contains("x-api-key: <injected>") && !body.contains("guest-made"), "{body}");

@@ -287,14 +287,28 @@ pub async fn serve(
         .map_err(|e| format!("guest HTTP: {e}"))
 }
 
-/// Serves plain HTTP/1.1 to a credential host whose credential allows
-/// plaintext: the same checks and rewriting, forwarded over plain TCP to
-/// the checked address.
+/// Removes every header value carrying a credential sentinel: outside its
+/// credential's hosts a sentinel is replaced by nothing.
+pub fn strip_sentinels(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .iter()
+        .filter(|(_, v)| v.to_str().is_ok_and(|s| s.contains("sbx-cred:")))
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// Serves plain HTTP/1.1 for the guest, forwarded over plain TCP to the
+/// checked address: with `binding` (a credential that allows plaintext)
+/// the same checks and rewriting as over TLS; without, sentinels are
+/// stripped and nothing is injected.
 pub async fn serve_plain(
     guest: Prefixed<TcpStream>,
     host: String,
     upstream: Vec<std::net::SocketAddr>,
-    binding: Arc<CredentialBinding>,
+    binding: Option<Arc<CredentialBinding>>,
     sandbox: String,
 ) -> Result<(), String> {
     let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>> = Arc::default();
@@ -304,7 +318,10 @@ pub async fn serve_plain(
             if request_host(&req).as_deref() != Some(host.as_str()) {
                 return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host changed on the connection"));
             }
-            rewrite_headers(req.headers_mut(), &binding);
+            match &binding {
+                Some(b) => rewrite_headers(req.headers_mut(), b),
+                None => strip_sentinels(req.headers_mut()),
+            }
             let mut guard = sender.lock().await;
             if guard.as_ref().is_none_or(|s| s.is_closed()) {
                 let mut connected = None;
@@ -331,7 +348,9 @@ pub async fn serve_plain(
             }
             match s.send_request(req).await {
                 Ok(resp) => {
-                    tracing::info!(%sandbox, %host, status = resp.status().as_u16(), credential = %binding.name, "credential proxy: injected (plaintext)");
+                    if let Some(b) = &binding {
+                        tracing::info!(%sandbox, %host, status = resp.status().as_u16(), credential = %b.name, "credential proxy: injected (plaintext)");
+                    }
                     Ok(resp.map(|b| b.boxed()))
                 }
                 Err(_) => {
@@ -462,6 +481,11 @@ mod tests {
         assert_eq!(h.get("x-api-key").unwrap(), "tok123");
         assert_eq!(h.get("x-other").unwrap(), "sbx-cred:someone-else");
         assert!(h.get(AUTHORIZATION).unwrap().is_sensitive());
+        let mut elsewhere = HeaderMap::new();
+        elsewhere.insert("x-api-key", HeaderValue::from_static("sbx-cred:gh"));
+        elsewhere.insert("accept", HeaderValue::from_static("*/*"));
+        strip_sentinels(&mut elsewhere);
+        assert!(elsewhere.get("x-api-key").is_none() && elsewhere.get("accept").is_some());
     }
 
     #[test]

@@ -251,14 +251,15 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
             return;
         }
     }
-    // Plain HTTP to a credential host: injected only when the credential
-    // allows plaintext; otherwise spliced untouched.
+    // Plain HTTP by name goes through the HTTP forwarder: injected only for
+    // a credential that allows plaintext; elsewhere sentinels are stripped.
     if let crate::peek::FirstBytes::Http { host: Some(host) } = &kind {
-        if let Some(binding) = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext) {
+        if host.parse::<IpAddr>().is_err() {
+            let binding = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext).cloned();
             drop(upstream);
             let guest = crate::credential_proxy::Prefixed::new(first, guest);
-            if let Err(e) = crate::credential_proxy::serve_plain(guest, host.clone(), targets.clone(), binding.clone(), route.sandbox.clone()).await {
-                tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+            if let Err(e) = crate::credential_proxy::serve_plain(guest, host.clone(), targets.clone(), binding, route.sandbox.clone()).await {
+                tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
         }
