@@ -76,6 +76,9 @@ fn main() -> Result<()> {
         }
         Task::Bench { suite } => {
             bootstrap()?;
+            if suite == "proxy" {
+                mitmproxy()?;
+            }
             build_release(&root)?;
             run_release_bin(&root, "sbx-net-bench", &[suite.as_str()])
         }
@@ -253,6 +256,20 @@ fn leftover_namespaces() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The peer of `bench proxy`: mitmproxy from PyPI in its own venv.
+const MITMPROXY_VENV: &str = "/opt/sbx-net/mitmproxy-venv";
+
+fn mitmproxy() -> Result<()> {
+    let mitmdump = Path::new(MITMPROXY_VENV).join("bin/mitmdump");
+    if mitmdump.exists() {
+        return Ok(());
+    }
+    step("installing mitmproxy (PyPI) into /opt/sbx-net/mitmproxy-venv for the proxy benchmark");
+    run(Command::new("python3").args(["-m", "venv", MITMPROXY_VENV]))
+        .context("python3 -m venv (apt package python3-venv)")?;
+    run(Command::new(Path::new(MITMPROXY_VENV).join("bin/pip")).args(["install", "-q", "mitmproxy"]))
 }
 
 /// bpffs pin directories of test daemons (`/sys/fs/bpf/sbxt…`).
