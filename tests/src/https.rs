@@ -178,20 +178,8 @@ impl Drop for HttpsEcho {
 /// and what came back after sending `payload` on the upgraded stream.
 pub fn upgrade_round_trip(addr: SocketAddr, name: &str, ca_pem: &Path, payload: &[u8]) -> (String, Vec<u8>) {
     use std::io::{Read, Write};
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca_pem).unwrap();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), server).unwrap();
+    let conn = rustls::ClientConnection::new(client_config(ca_pem), server).unwrap();
     let tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).unwrap();
     tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
     let mut tls = rustls::StreamOwned::new(conn, tcp);
