@@ -68,6 +68,10 @@ fn secrets_reach_only_their_hosts() {
     let (code, body) = curl(&["--cacert", &sandbox_ca, "https://api.test/v1/user"]);
     assert_eq!(code, Some(0), "{body}");
     assert!(body.contains("path: /v1/user") && body.contains("authorization: <injected>"), "{body}");
+    // The netns guest's own trust store has its sandbox CA: no --cacert.
+    let (code, body) = curl(&["https://api.test/trusted"]);
+    assert_eq!(code, Some(0), "{body}");
+    assert!(body.contains("authorization: <injected>"), "{body}");
     // HTTP/2 on both sides (curl and the server negotiate h2 by ALPN).
     let (code, body) = curl(&["--http2", "--cacert", &sandbox_ca, "https://api.test/h2"]);
     assert_eq!(code, Some(0), "{body}");

@@ -341,6 +341,13 @@ impl Daemon {
             if !alive {
                 let pid = spawn_pump(&self.exe, &PumpSpec::new(&spec), &self.pump_log(name))?;
                 self.state.sandboxes.get_mut(name).expect("present").pump_pid = Some(pid);
+                // A new guest namespace: give it the CA again.
+                if let Some(ca) = self.cas.get(name) {
+                    let pem = ca.lock().unwrap_or_else(|p| p.into_inner()).cert_pem.clone();
+                    if let Err(e) = trust_in_guest(&spec.netns, &pem) {
+                        tracing::warn!(sandbox = %name, "guest trust store: {e}");
+                    }
+                }
             }
         }
         Ok(())
@@ -518,6 +525,11 @@ impl Daemon {
         let ca_dir = self.config.sandbox_ca_dir(name);
         match SandboxCa::generate(name).and_then(|ca| ca.save(&ca_dir).map(|_| ca)) {
             Ok(ca) => {
+                if netns_guest {
+                    if let Err(e) = trust_in_guest(&spec.netns, &ca.cert_pem) {
+                        tracing::warn!(sandbox = %name, "guest trust store: {e}");
+                    }
+                }
                 self.cas.insert(name.to_string(), Arc::new(std::sync::Mutex::new(ca)));
             }
             Err(e) => tracing::warn!(sandbox = %name, "no CA for the credential proxy: {e}"),
@@ -893,6 +905,46 @@ fn host_interface_addresses(pool_v4: &ipnetwork::Ipv4Network, pool_v6: &ipnetwor
     out.sort();
     out.dedup();
     out
+}
+
+/// Makes a netns guest trust its sandbox's CA: `ip netns exec` shows
+/// /etc/netns/NETNS/ssl as the guest's /etc/ssl, so that becomes a copy of
+/// the host's with the CA appended to the bundle (curl, openssl, Python's
+/// ssl read it). Removed with the guest's namespace.
+fn trust_in_guest(netns: &str, ca_pem: &str) -> std::io::Result<()> {
+    let target = Path::new("/etc/netns").join(netns).join("ssl");
+    copy_tree(Path::new("/etc/ssl"), &target)?;
+    let bundle = target.join("certs/ca-certificates.crt");
+    let mut text = std::fs::read_to_string(&bundle).unwrap_or_default();
+    if !text.ends_with('\n') && !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(ca_pem);
+    // Replace (not append through) a symlink into the host's store.
+    let _ = std::fs::remove_file(&bundle);
+    std::fs::write(&bundle, text)
+}
+
+/// Copies a directory tree, keeping symlinks as symlinks.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            let _ = std::fs::remove_file(&dst);
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            // Unreadable directories (private keys) are left out.
+            if std::fs::read_dir(&src).is_ok() {
+                copy_tree(&src, &dst)?;
+            }
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
 }
 
 /// The interface index of `name` in our namespace (no rtnl lock, unlike a
