@@ -131,6 +131,13 @@ fn lifecycle_isolation_and_host_ports() {
     assert_eq!(h.json(&["sandbox", "show", &b_name])["policy"], "team-b");
     let status = h.json(&["status", "--json"]);
     assert_eq!(status["sandboxes"], 2);
+    // Prometheus scrapes the same numbers on the host namespace's loopback.
+    let metrics = run_in(h.topology.host.name(), "curl", &["-s", "-f", "--max-time", "5", "http://127.0.0.1:9464/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.contains("sbx_net_sandboxes 2"), "{metrics}");
+    assert!(metrics.contains("sbx_net_datapath_packets_total{reason=\"default_deny\"}"), "{metrics}");
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    assert!(!metrics.contains("10.200."), "no addresses in metric labels");
     assert!(status["maps"]["policy_v4_entries"].as_u64().unwrap() > 0);
     let table = h.nft_table();
     for tap in [&a["tap"], &b["tap"]] {

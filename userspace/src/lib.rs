@@ -16,6 +16,7 @@ pub mod dns_proxy;
 pub mod datapath;
 pub mod flow;
 pub mod guest_pump;
+pub mod metrics;
 pub mod nft;
 pub mod policy;
 pub mod peek;

@@ -153,6 +153,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let listener = bind_socket(&config)?;
 
     let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
+    let metrics_control = tx.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -194,6 +195,15 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         }));
         tracing::info!(dns_port = config.dns_port, upstream = ?dns.settings.upstream, "DNS proxy ready");
+        if let Some(addr) = config.metrics_addr {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!(%addr, "metrics at /metrics");
+                    tokio::spawn(serve_metrics(listener, metrics_control));
+                }
+                Err(e) => tracing::error!(%addr, "metrics endpoint not started: {e}"),
+            }
+        }
         tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, "sbx-net daemon ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
         tokio::select! {
@@ -242,5 +252,48 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
             return;
         }
         line.clear();
+    }
+}
+
+/// `GET /metrics` (Prometheus / OpenMetrics text), rendered from the
+/// control thread's status.
+async fn serve_metrics(listener: tokio::net::TcpListener, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let control = control.clone();
+        tokio::spawn(async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            let response = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
+                let status = tokio::task::spawn_blocking(move || {
+                    let (reply_tx, reply_rx) = mpsc::channel();
+                    control.send((Request::Status, reply_tx)).ok()?;
+                    reply_rx.recv().ok()
+                })
+                .await
+                .ok()
+                .flatten();
+                match status {
+                    Some(Response::Ok(v)) => {
+                        let body = crate::metrics::render(&v);
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    }
+                    _ => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
+                }
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
     }
 }
