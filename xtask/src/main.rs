@@ -49,6 +49,7 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "bind9-dnsutils",
     "dnsmasq-base",
+    "openssl",
     "tcpdump",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
