@@ -140,6 +140,15 @@ pub fn curl(ns: &str, url: &str) -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Real curl with the response head (`-i`) and curl's exit code, for tests
+/// that look at statuses and headers: (exit code, head + body).
+pub fn curl_head(ns: &str, args: &[&str]) -> (Option<i32>, String) {
+    let mut all = vec!["-s", "-g", "-i", "--max-time", "5"];
+    all.extend_from_slice(args);
+    let out = run_in(ns, "curl", &all);
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// TCP and UDP servers living in a namespace, on a thread each; stopped and
 /// joined on drop. TCP answers like an HTTP/1.0 server (so curl works) and
 /// `nc -z` sees the port open; UDP echoes.

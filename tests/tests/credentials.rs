@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{HttpsEcho, TestCa};
-use sbx_net_tests::{require_root, run_in, unique_name, WorldDns};
+use sbx_net_tests::{require_root, unique_name, WorldDns};
 
 const SECRET: &str = "ghp_sbxTestSecret0123456789";
 
@@ -46,12 +46,7 @@ fn secrets_reach_only_their_hosts() {
     let g = h.create_guest(&unique_name("g"), "agent");
     let ns = g["netns"].as_str().unwrap().to_string();
     let sandbox_ca = g["ca_cert"].as_str().unwrap().to_string();
-    let curl = |args: &[&str]| {
-        let mut all = vec!["-s", "-i", "--max-time", "5"];
-        all.extend_from_slice(args);
-        let out = run_in(&ns, "curl", &all);
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let curl = |args: &[&str]| sbx_net_tests::curl_head(&ns, args);
 
     // Everything the guest sends and receives, captured on its tap.
     let pcap = dir.join("tap.pcap");

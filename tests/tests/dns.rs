@@ -348,12 +348,7 @@ fn proxy_decides_by_name_and_connects_only_to_checked_addresses() {
     let _tls = TlsServer::start(h.topology.world.name(), "tls.test", "198.51.100.30");
     let a = h.create_guest(&unique_name("a"), "agent");
     let ns = a["netns"].as_str().unwrap().to_string();
-    let curl = |args: &[&str]| {
-        let mut all = vec!["-s", "-g", "-i", "--max-time", "5"];
-        all.extend_from_slice(args);
-        let out = sbx_net_tests::run_in(&ns, "curl", &all);
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let curl = |args: &[&str]| sbx_net_tests::curl_head(&ns, args);
     // By name, as resolved through the DNS proxy.
     let (code, body) = curl(&["http://allowed.test/"]);
     assert_eq!(code, Some(0));

@@ -366,14 +366,7 @@ impl Daemon {
     fn publish_routes(&self) {
         let mut table = HashMap::new();
         for (name, record) in &self.state.sandboxes {
-            let (Ok(spec), Some(policy)) = (self.spec(record), self.in_force.get(name)) else { continue };
-            let route = Arc::new(Route {
-                sandbox: name.clone(),
-                policy: policy.clone(),
-                policy_id: record.policy_id,
-                credentials: self.bindings(&record.policy),
-                ca: self.cas.get(name).cloned(),
-            });
+            let (Ok(spec), Some(route)) = (self.spec(record), self.route(name)) else { continue };
             table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
             table.insert(IpAddr::V6(spec.guest_ipv6), route);
         }
@@ -400,16 +393,20 @@ impl Daemon {
             .collect()
     }
 
-    fn publish_route(&self, name: &str, spec: &SandboxSpec) {
-        let Some(policy) = self.in_force.get(name) else { return };
-        let Some(record) = self.state.sandboxes.get(name) else { return };
-        let route = Arc::new(Route {
+    /// What the proxies need to know about a sandbox's traffic.
+    fn route(&self, name: &str) -> Option<Arc<Route>> {
+        let record = self.state.sandboxes.get(name)?;
+        Some(Arc::new(Route {
             sandbox: name.to_string(),
-            policy: policy.clone(),
+            policy: self.in_force.get(name)?.clone(),
             policy_id: record.policy_id,
             credentials: self.bindings(&record.policy),
             ca: self.cas.get(name).cloned(),
-        });
+        }))
+    }
+
+    fn publish_route(&self, name: &str, spec: &SandboxSpec) {
+        let Some(route) = self.route(name) else { return };
         let mut table = self.routes.write().unwrap_or_else(|p| p.into_inner());
         table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
         table.insert(IpAddr::V6(spec.guest_ipv6), route);
@@ -767,10 +764,7 @@ impl Daemon {
         for record in self.state.sandboxes.values().filter(|r| r.policy == entry.policy.name) {
             compile(&entry.policy, &self.denied_host_addresses(&self.spec(record)?))?;
         }
-        std::fs::create_dir_all(&applied_dir).map_err(io_err(&applied_dir))?;
-        let tmp = stored.with_extension("toml.tmp");
-        std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, &stored).map_err(io_err(&stored))?;
+        crate::state::write_atomic(&stored, text.as_bytes()).map_err(io_err(&stored))?;
         self.switch_to(new)
     }
 

@@ -88,9 +88,7 @@ impl Learned {
                 t.iter().map(|(ip, l)| SnapshotEntry { sandbox: sandbox.clone(), ip: *ip, policy_id: l.policy_id, names: l.names.clone() })
             })
             .collect();
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&entries).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, path)
+        crate::state::write_atomic(path, &serde_json::to_vec(&entries).map_err(std::io::Error::other)?)
     }
 
     /// Restores the table from the snapshot and the tries: an entry is back
@@ -299,10 +297,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     if query.message_type() != MessageType::Query || query.queries().len() != 1 {
         return reply(&query, ResponseCode::FormErr);
     }
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
-        v4 => v4,
-    };
+    let peer = crate::proxy::canonical(peer);
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
     let Some(route) = route else {
         tracing::info!(%peer, "DNS query from no sandbox's address: refused");

@@ -39,7 +39,9 @@ pub struct Route {
 /// Guest address → its sandbox, kept current by the daemon.
 pub type Routes = Arc<RwLock<HashMap<IpAddr, Arc<Route>>>>;
 
-fn canonical(ip: IpAddr) -> IpAddr {
+/// An IPv4-mapped IPv6 address as the IPv4 address it is (dual-stack
+/// sockets report v4 peers that way).
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

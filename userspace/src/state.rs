@@ -206,17 +206,22 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, S
     }
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
-    let p = path.display().to_string();
-    let io = |source| StateError::Io { path: p.clone(), source };
+/// Replaces `path` with `bytes` atomically (a temporary file beside it,
+/// then rename): readers see the old content or the new, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("json.tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::File::create(&tmp)?.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     let json = serde_json::to_vec(value).expect("state serializes");
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&json).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    write_atomic(path, &json).map_err(|source| StateError::Io { path: path.display().to_string(), source })
 }
 
 fn remove(path: &Path) -> Result<(), StateError> {
