@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use sbx_net::datapath::{Datapath, DatapathOptions, EventReader};
-use sbx_net::flow::DropRecord;
+use sbx_net::flow::{compact, from_event};
 use sbx_net::policy::Policy;
 use sbx_net::sandbox::{AddressPools, HostSandbox, SandboxSpec};
 use sbx_net_common::{FlowEvent, Reason};
@@ -91,7 +91,7 @@ impl Setup {
             std::thread::sleep(Duration::from_millis(20));
         }
         let seen: Vec<String> =
-            self.pending.iter().map(|ev| DropRecord::from_event(ev, Some(&self.sandbox().policy)).to_string()).collect();
+            self.pending.iter().map(|ev| compact(&from_event(ev, "e2e", Some(&self.sandbox().policy), vec![], 0), false)).collect();
         panic!("no drop event for {what}; saw: {seen:#?}");
     }
 
@@ -133,8 +133,8 @@ fn denied(s: &mut Setup, dst: IpAddr, rule: &str) {
     assert!(!tcp_connects(&g, dst, PORT), "TCP to {dst} must be dropped");
     assert_eq!(udp_exchange(&g, dst, PORT, "nope"), "", "UDP to {dst} must be dropped");
     let ev = s.wait_for_event(&format!("TCP to {dst}"), |ev| dst_is(ev, dst) && ev.protocol == 6 && ev.dst_port == PORT);
-    let record = DropRecord::from_event(&ev, Some(&s.sandbox().policy));
-    assert_eq!(record.rule, rule, "{record}");
+    let record = from_event(&ev, "e2e", Some(&s.sandbox().policy), vec![], 0);
+    assert_eq!(record.rule.as_deref(), Some(rule), "{}", compact(&record, false));
     s.wait_for_event(&format!("UDP to {dst}"), |ev| dst_is(ev, dst) && ev.protocol == 17);
 }
 

@@ -21,6 +21,9 @@ pub enum Request {
     PolicyReload,
     PolicyTest { sandbox: String, destination: String },
     Status,
+    /// Streams [`crate::flow_log::StreamLine`]s: the history, then (with
+    /// `follow`) live records until the client disconnects.
+    Inspect { follow: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -85,6 +88,22 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<serde
         Ok(Response::Error(message)) => Err(ClientError::Daemon(message)),
         Err(e) => Err(ClientError::Protocol(format!("{e}: {:?}", response.trim_end()))),
     }
+}
+
+/// Opens an `inspect` stream: yields the daemon's lines as they come.
+pub fn inspect_stream(socket: &Path, follow: bool) -> Result<impl Iterator<Item = Result<crate::flow_log::StreamLine, ClientError>>, ClientError> {
+    let mut stream = UnixStream::connect(socket)
+        .map_err(|source| ClientError::Connect { path: socket.display().to_string(), source })?;
+    let mut line = serde_json::to_string(&Request::Inspect { follow }).expect("requests serialize");
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    Ok(BufReader::new(stream).lines().map(|line| {
+        let line = line?;
+        if let Ok(Response::Error(message)) = serde_json::from_str::<Response>(&line) {
+            return Err(ClientError::Daemon(message));
+        }
+        serde_json::from_str(&line).map_err(|e| ClientError::Protocol(format!("{e}: {line:?}")))
+    }))
 }
 
 pub fn format_mac(mac: [u8; 6]) -> String {

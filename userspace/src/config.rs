@@ -61,6 +61,18 @@ pub struct DaemonConfig {
     pub dns_refuse_denied: bool,
     /// Learned addresses kept per name (0: unlimited).
     pub dns_max_addresses_per_name: usize,
+    /// Flow records kept in memory for `inspect --last` (older ones are
+    /// counted as evicted).
+    pub flow_history: usize,
+    /// Bytes of the datapath's event ring buffer (a power of two, ≥ 4096;
+    /// takes effect when the maps are first created).
+    pub events_ring_bytes: u32,
+    /// Capacity of the datapath's LRU flow table.
+    pub flow_table_size: u32,
+    /// The audit log (JSONL in the state dir) is rotated past this size...
+    pub audit_max_bytes: u64,
+    /// ...keeping this many rotated files (audit.log.1 is the newest).
+    pub audit_keep: usize,
 }
 
 impl Default for DaemonConfig {
@@ -87,6 +99,11 @@ impl Default for DaemonConfig {
             dns_grace: 30,
             dns_refuse_denied: false,
             dns_max_addresses_per_name: 32,
+            flow_history: 10_000,
+            events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
+            flow_table_size: sbx_net_common::MAX_FLOWS,
+            audit_max_bytes: 16 * 1024 * 1024,
+            audit_keep: 4,
         }
     }
 }
@@ -125,6 +142,12 @@ impl DaemonConfig {
         }
         if self.dns_min_ttl > self.dns_max_ttl {
             return Err(format!("dns_min_ttl ({}) exceeds dns_max_ttl ({})", self.dns_min_ttl, self.dns_max_ttl));
+        }
+        if !self.events_ring_bytes.is_power_of_two() || self.events_ring_bytes < 4096 {
+            return Err(format!("events_ring_bytes ({}) must be a power of two of at least 4096", self.events_ring_bytes));
+        }
+        if self.flow_table_size == 0 || self.flow_history == 0 {
+            return Err("flow_table_size and flow_history must be at least 1".into());
         }
         if self.ipv4_pool.prefix() > 29 {
             return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));
@@ -183,6 +206,15 @@ impl DaemonConfig {
         self.state_dir.join("ca").join(sandbox)
     }
 
+    pub fn flow_log(&self) -> crate::flow_log::FlowLogSettings {
+        crate::flow_log::FlowLogSettings {
+            history: self.flow_history,
+            audit_path: self.state_dir.join("audit.log"),
+            audit_max_bytes: self.audit_max_bytes,
+            audit_keep: self.audit_keep,
+        }
+    }
+
     pub fn link_pin(&self, sandbox: &str) -> PathBuf {
         self.bpf_dir.join("links").join(sandbox)
     }
@@ -205,5 +237,7 @@ mod tests {
         assert!(e.contains("not 53"), "{e}");
         let e = DaemonConfig::parse("c.toml", "ipv4_pool = \"10.0.0.0/30\"\n").unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "events_ring_bytes = 5000\n").unwrap_err().to_string();
+        assert!(e.contains("power of two"), "{e}");
     }
 }

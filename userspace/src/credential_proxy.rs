@@ -6,6 +6,8 @@
 //! `--upstream-ca`, to the address the proxy checked. Redirects are passed
 //! back, never followed. Bodies stream.
 
+use crate::flow::CredentialDetail;
+use crate::flow_log::FlowContext;
 use std::sync::{Arc, Mutex};
 
 use http_body_util::combinators::BoxBody;
@@ -226,7 +228,7 @@ pub async fn serve(
     binding: Arc<CredentialBinding>,
     ca: Arc<Mutex<SandboxCa>>,
     upstream_tls: Arc<rustls::ClientConfig>,
-    sandbox: String,
+    flow: FlowContext,
 ) -> Result<(), String> {
     let leaf = ca.lock().unwrap_or_else(|p| p.into_inner()).leaf(&host).map_err(|e| e.to_string())?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -240,19 +242,24 @@ pub async fn serve(
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(guest).await.map_err(|e| format!("guest TLS: {e}"))?;
     let sender: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let (host, upstream, binding, upstream_tls, sender, sandbox) =
-            (host.clone(), upstream.clone(), binding.clone(), upstream_tls.clone(), sender.clone(), sandbox.clone());
+        let (host, upstream, binding, upstream_tls, sender, flow) =
+            (host.clone(), upstream.clone(), binding.clone(), upstream_tls.clone(), sender.clone(), flow.clone());
         async move {
+            let sandbox = &flow.sandbox;
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
             let named = request_host(&req);
             if named.as_deref() != Some(host.as_str()) {
                 tracing::info!(%sandbox, sni = %host, host = named.as_deref().unwrap_or("-"), "credential proxy: Host differs from SNI; refused");
+                let shown = named.as_deref().unwrap_or("");
+                flow.http(&method, shown, &path, Some(421), "misdirected", Some(not_injected(&binding.name, "Host differs from the TLS server name")));
                 return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host must equal the TLS server name"));
             }
             rewrite_headers(req.headers_mut(), &binding);
             if req.headers().contains_key(hyper::header::UPGRADE) {
                 // WebSocket (or another upgrade): its own HTTP/1.1 upstream
                 // connection, the credential already injected, then bytes.
-                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &sandbox, &binding.name).await);
+                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &flow, &binding.name).await);
             }
             let mut guard = sender.lock().await;
             if guard.as_ref().is_none_or(|s| s.is_closed()) {
@@ -260,21 +267,22 @@ pub async fn serve(
                     Ok(s) => *guard = Some(s),
                     Err(e) => {
                         tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
+                        flow.http(&method, &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream unreachable")));
                         return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
                     }
                 }
             }
             let s = guard.as_mut().expect("connected above");
-            let method = req.method().clone();
-            let path = req.uri().path().to_string();
             match s.send(req, &host).await {
                 Ok(resp) => {
                     tracing::info!(%sandbox, %host, %method, %path, status = resp.status().as_u16(), credential = %binding.name, "credential proxy: injected");
+                    flow.http(&method, &host, &path, Some(resp.status().as_u16()), "allowed", Some(injected(&binding.name)));
                     Ok(resp.map(|b| b.boxed()))
                 }
                 Err(e) => {
                     *guard = None;
                     tracing::info!(%sandbox, %host, "credential proxy: upstream request: {e}");
+                    flow.http(&method, &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream request failed")));
                     Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
                 }
             }
@@ -285,6 +293,14 @@ pub async fn serve(
         .serve_connection_with_upgrades(TokioIo::new(tls), service)
         .await
         .map_err(|e| format!("guest HTTP: {e}"))
+}
+
+fn injected(name: &str) -> CredentialDetail {
+    CredentialDetail { name: name.to_string(), injected: true, failure: None }
+}
+
+fn not_injected(name: &str, why: &str) -> CredentialDetail {
+    CredentialDetail { name: name.to_string(), injected: false, failure: Some(why.to_string()) }
 }
 
 /// Removes every header value carrying a credential sentinel: outside its
@@ -309,15 +325,25 @@ pub async fn serve_plain(
     host: String,
     upstream: Vec<std::net::SocketAddr>,
     binding: Option<Arc<CredentialBinding>>,
-    sandbox: String,
+    flow: FlowContext,
 ) -> Result<(), String> {
     let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Incoming>>>> = Arc::default();
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
-        let (host, upstream, binding, sender, sandbox) = (host.clone(), upstream.clone(), binding.clone(), sender.clone(), sandbox.clone());
+        let (host, upstream, binding, sender, flow) = (host.clone(), upstream.clone(), binding.clone(), sender.clone(), flow.clone());
         async move {
-            if request_host(&req).as_deref() != Some(host.as_str()) {
+            let sandbox = &flow.sandbox;
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let named = request_host(&req);
+            if named.as_deref() != Some(host.as_str()) {
+                let credential = binding.as_ref().map(|b| not_injected(&b.name, "Host changed on the connection"));
+                flow.http(&method, named.as_deref().unwrap_or(""), &path, Some(421), "misdirected", credential);
                 return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host changed on the connection"));
             }
+            let failed = |why: &str| {
+                let credential = binding.as_ref().map(|b| not_injected(&b.name, why));
+                flow.http(&method, &host, &path, Some(502), "upstream_failed", credential);
+            };
             match &binding {
                 Some(b) => rewrite_headers(req.headers_mut(), b),
                 None => strip_sentinels(req.headers_mut()),
@@ -338,12 +364,16 @@ pub async fn serve_plain(
                 }
                 match connected {
                     Some(s) => *guard = Some(s),
-                    None => return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable")),
+                    None => {
+                        failed("upstream unreachable");
+                        return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
+                    }
                 }
             }
             let s = guard.as_mut().expect("connected above");
             if s.ready().await.is_err() {
                 *guard = None;
+                failed("upstream connection closed");
                 return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
             }
             match s.send_request(req).await {
@@ -351,10 +381,13 @@ pub async fn serve_plain(
                     if let Some(b) = &binding {
                         tracing::info!(%sandbox, %host, status = resp.status().as_u16(), credential = %b.name, "credential proxy: injected (plaintext)");
                     }
+                    let credential = binding.as_ref().map(|b| injected(&b.name));
+                    flow.http(&method, &host, &path, Some(resp.status().as_u16()), "allowed", credential);
                     Ok(resp.map(|b| b.boxed()))
                 }
                 Err(_) => {
                     *guard = None;
+                    failed("upstream request failed");
                     Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
                 }
             }
@@ -373,9 +406,12 @@ async fn upgrade(
     upstream: &[std::net::SocketAddr],
     host: &str,
     tls: Arc<rustls::ClientConfig>,
-    sandbox: &str,
+    flow: &FlowContext,
     credential: &str,
 ) -> Response<ProxyBody> {
+    let sandbox = &flow.sandbox;
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
     let mut h1_only = (*tls).clone();
     h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
     let mut sender = match connect_upstream(upstream, host, Arc::new(h1_only)).await {
@@ -383,6 +419,7 @@ async fn upgrade(
         Ok(Upstream::H2(_)) => return text(StatusCode::BAD_GATEWAY, "upstream chose HTTP/2 for an upgrade"),
         Err(e) => {
             tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
+            flow.http(&method, host, &path, Some(502), "upstream_failed", Some(not_injected(credential, "upstream unreachable")));
             return text(StatusCode::BAD_GATEWAY, "upstream unreachable");
         }
     };
@@ -397,10 +434,12 @@ async fn upgrade(
         Ok(r) => r,
         Err(e) => {
             tracing::info!(%sandbox, %host, "credential proxy: upgrade request: {e}");
+            flow.http(&method, host, &path, Some(502), "upstream_failed", Some(not_injected(credential, "upstream request failed")));
             return text(StatusCode::BAD_GATEWAY, "upstream request failed");
         }
     };
     tracing::info!(%sandbox, %host, status = resp.status().as_u16(), %credential, "credential proxy: injected (upgrade)");
+    flow.http(&method, host, &path, Some(resp.status().as_u16()), "allowed", Some(injected(credential)));
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_side = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {

@@ -104,7 +104,12 @@ impl Daemon {
     /// re-adopts every recorded sandbox and installs the nftables table.
     pub fn start(config: DaemonConfig, routes: Routes) -> Result<Daemon, DaemonError> {
         std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
-        let datapath = Datapath::load(&DatapathOptions { pin_dir: Some(config.bpf_dir.clone()), ..Default::default() })?;
+        let datapath = Datapath::load(&DatapathOptions {
+            pin_dir: Some(config.bpf_dir.clone()),
+            events_ring_bytes: config.events_ring_bytes,
+            flow_capacity: config.flow_table_size,
+            ..Default::default()
+        })?;
         let state = State::load(&config.state_dir)?;
         let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
         let (policies, last_reload_error) = match load_policies(config.policy_dir.as_deref(), &config.applied_policy_dir()) {
@@ -245,7 +250,7 @@ impl Daemon {
     }
 
     fn flags(&self) -> u32 {
-        sandbox_flags::REDIRECTS
+        sandbox_flags::REDIRECTS | sandbox_flags::FLOWS
     }
 
     fn spec(&self, record: &SandboxRecord) -> Result<SandboxSpec, DaemonError> {
@@ -398,6 +403,7 @@ impl Daemon {
         let record = self.state.sandboxes.get(name)?;
         Some(Arc::new(Route {
             sandbox: name.to_string(),
+            id: record.id,
             policy: self.in_force.get(name)?.clone(),
             policy_id: record.policy_id,
             credentials: self.bindings(&record.policy),
@@ -448,6 +454,8 @@ impl Daemon {
             Request::PolicyReload => self.reload(),
             Request::PolicyTest { sandbox, destination } => self.policy_test(&sandbox, &destination),
             Request::Status => self.status(),
+            // Streams are served by the client's socket thread, not here.
+            Request::Inspect { .. } => Err(DaemonError::Invalid("inspect is a stream; the socket thread serves it".into())),
         };
         match result {
             Ok(v) => Response::Ok(v),
@@ -616,6 +624,8 @@ impl Daemon {
             };
             tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: tap ready");
             let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
+            // The id may have served an earlier sandbox: its traffic is not ours.
+            self.datapath.reset_sandbox_counters(id)?;
             self.datapath.install_sandbox(ifindex, &cfg, &compiled)?;
             tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: maps written");
             let c = compiled.clone();
@@ -821,6 +831,12 @@ impl Daemon {
     fn status(&self) -> Result<serde_json::Value, DaemonError> {
         let (v4, v6) = self.datapath.policy_entry_counts()?;
         let counters = self.datapath.counters()?;
+        let mut traffic = serde_json::Map::new();
+        for record in self.state.sandboxes.values() {
+            let c = self.datapath.sandbox_counters(record.id)?;
+            let class = |c: sbx_net_common::Counter| json!({ "packets": c.packets, "bytes": c.bytes });
+            traffic.insert(record.name.clone(), json!({ "allowed": class(c[0]), "denied": class(c[1]), "redirected": class(c[2]) }));
+        }
         let mut by_reason = serde_json::Map::new();
         for reason in Reason::ALL {
             let c = counters[reason as usize];
@@ -850,7 +866,10 @@ impl Daemon {
                 "policy_capacity_per_family": sbx_net_common::MAX_POLICY_ENTRIES,
                 "sandbox_slots_used": self.state.sandboxes.len(),
                 "sandbox_slots": sbx_net_common::SANDBOX_SLOTS,
+                "flows": self.datapath.flow_count()?,
+                "flow_capacity": self.config.flow_table_size,
             },
+            "sandbox_traffic": traffic,
             "datapath": by_reason,
             "events_lost": counters[EVENTS_LOST_SLOT as usize].packets,
             "bpf_dir": self.config.bpf_dir,

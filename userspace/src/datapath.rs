@@ -14,8 +14,9 @@ use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use sbx_net_common::{
-    map_names, program_names, Counter, FlowEvent, KeyV4, KeyV6, PolicyValue, SandboxConfig,
-    COUNTER_ARRAY_LEN, MAX_POLICY_ENTRIES, SANDBOX_ID_BITS, SANDBOX_SLOTS,
+    map_names, program_names, Counter, FlowEvent, FlowKey, FlowStats, KeyV4, KeyV6, PolicyValue, SandboxConfig,
+    COUNTER_ARRAY_LEN, EVENTS_LOST_SLOT, EVENTS_RING_BYTES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_SANDBOXES,
+    SANDBOX_ID_BITS, SANDBOX_SLOTS, VERDICT_CLASSES,
 };
 
 use crate::compile::CompiledPolicy;
@@ -66,22 +67,34 @@ pub struct DatapathOptions {
     /// Pin the maps here (bpffs), reusing maps already pinned there, so
     /// enforcement state outlives the process. `None`: private maps.
     pub pin_dir: Option<PathBuf>,
+    /// Size of the event ring buffer in bytes (a power of two, at least a page).
+    pub events_ring_bytes: u32,
+    /// Capacity of the LRU flow table.
+    pub flow_capacity: u32,
 }
 
 impl Default for DatapathOptions {
     fn default() -> Self {
-        DatapathOptions { policy_capacity: MAX_POLICY_ENTRIES, enable_logs: false, pin_dir: None }
+        DatapathOptions {
+            policy_capacity: MAX_POLICY_ENTRIES,
+            enable_logs: false,
+            pin_dir: None,
+            events_ring_bytes: EVENTS_RING_BYTES,
+            flow_capacity: MAX_FLOWS,
+        }
     }
 }
 
 /// The maps whose content is enforcement state (pinned when asked).
-const PINNED_MAPS: [&str; 6] = [
+const PINNED_MAPS: [&str; 8] = [
     map_names::SANDBOX_SLOTS,
     map_names::SANDBOXES,
     map_names::POLICY_V4,
     map_names::POLICY_V6,
     map_names::COUNTERS,
     map_names::EVENTS,
+    map_names::FLOWS,
+    map_names::SANDBOX_COUNTERS,
 ];
 
 pub struct Datapath {
@@ -96,7 +109,9 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::POLICY_V4, options.policy_capacity)
-            .map_max_entries(map_names::POLICY_V6, options.policy_capacity);
+            .map_max_entries(map_names::POLICY_V6, options.policy_capacity)
+            .map_max_entries(map_names::EVENTS, options.events_ring_bytes)
+            .map_max_entries(map_names::FLOWS, options.flow_capacity);
         let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
@@ -408,6 +423,51 @@ impl Datapath {
             .collect()
     }
 
+    /// Packets and bytes of one sandbox by verdict class
+    /// ([`sbx_net_common::verdict_class`]).
+    pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
+        let name = map_names::SANDBOX_COUNTERS;
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+        let array: Array<_, Counter> = Array::try_from(map).map_err(map_err(name))?;
+        let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
+        let mut out = [Counter::default(); 3];
+        for (class, slot) in out.iter_mut().enumerate() {
+            *slot = array.get(&(base + class as u32), 0).map_err(map_err(name))?;
+        }
+        Ok(out)
+    }
+
+    /// Zeroes a sandbox id's counters (a new sandbox may reuse the id).
+    pub fn reset_sandbox_counters(&mut self, sandbox_id: u32) -> Result<(), DatapathError> {
+        let name = map_names::SANDBOX_COUNTERS;
+        let mut array: Array<_, Counter> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
+        for class in 0..VERDICT_CLASSES {
+            array.set(base + class, Counter::default(), 0).map_err(map_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// One flow's entry in the LRU flow table.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowStats>, DatapathError> {
+        let name = map_names::FLOWS;
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+        let flows: HashMap<_, FlowKey, FlowStats> = HashMap::try_from(map).map_err(map_err(name))?;
+        match flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err(name)(e)),
+        }
+    }
+
+    /// Flows in the flow table (walks it: for status, not per packet).
+    pub fn flow_count(&self) -> Result<usize, DatapathError> {
+        let name = map_names::FLOWS;
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+        let flows: HashMap<_, FlowKey, FlowStats> = HashMap::try_from(map).map_err(map_err(name))?;
+        Ok(flows.keys().count())
+    }
+
     /// Takes the drop-event ring buffer out of the object (once).
     pub fn take_events(&mut self) -> Result<EventReader, DatapathError> {
         let name = map_names::EVENTS;
@@ -450,6 +510,26 @@ pub fn key_v6(sandbox_id: u32, addr: [u8; 16], prefix_len: u8) -> Key<KeyV6> {
     data[..4].copy_from_slice(&sandbox_id.to_be_bytes());
     data[4..].copy_from_slice(&addr);
     Key::new(SANDBOX_ID_BITS + prefix_len as u32, data)
+}
+
+/// The pinned per-CPU counter array, opened by path (the flow reader's
+/// view of the lost-event count).
+pub struct PinnedCounters {
+    array: PerCpuArray<MapData, Counter>,
+}
+
+impl PinnedCounters {
+    pub fn open(pin_dir: &Path) -> Result<PinnedCounters, DatapathError> {
+        let name = map_names::COUNTERS;
+        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+        let array = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(name))?;
+        Ok(PinnedCounters { array })
+    }
+
+    /// Events the ring buffer had no room for, summed over CPUs.
+    pub fn events_lost(&self) -> u64 {
+        self.array.get(&EVENTS_LOST_SLOT, 0).map_or(0, |per_cpu| per_cpu.iter().map(|c| c.packets).sum())
+    }
 }
 
 /// Reads drop events from the ring buffer.

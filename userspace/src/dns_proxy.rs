@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::compile::CompiledPolicy;
 use crate::datapath::{key_v4, key_v6};
 use crate::dns::{learned_value, over_cap, LearnedAddr, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
+use crate::flow::{DnsDetail, FlowRecord, Verdict};
 use crate::proxy::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -154,8 +155,8 @@ impl LearnedMaps {
     }
 }
 
-/// Counters the daemon reports in `status` (and metrics, later).
-#[derive(Default, Debug)]
+/// Counters the daemon reports in `status` and `/metrics`.
+#[derive(Debug)]
 pub struct DnsStats {
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
@@ -164,11 +165,31 @@ pub struct DnsStats {
     pub hold_timeouts: AtomicU64,
     /// Longest wait for the map write, µs.
     pub hold_max_us: AtomicU64,
+    /// How long answers were held for their map writes (seconds).
+    pub hold_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Hold-time buckets: 10 µs .. 500 ms (the hold timeout).
+pub const HOLD_BUCKETS: [f64; 12] = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.1, 0.5];
+
+impl Default for DnsStats {
+    fn default() -> Self {
+        DnsStats {
+            allowed: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            stripped: AtomicU64::new(0),
+            hold_timeouts: AtomicU64::new(0),
+            hold_max_us: AtomicU64::new(0),
+            hold_seconds: prometheus_client::metrics::histogram::Histogram::new(HOLD_BUCKETS.into_iter()),
+        }
+    }
 }
 
 impl DnsStats {
     fn record_hold(&self, waited: Duration) {
         self.hold_max_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        self.hold_seconds.observe(waited.as_secs_f64());
     }
 
     pub fn to_json(&self) -> serde_json::Value {
@@ -199,6 +220,8 @@ pub struct DnsContext {
     pub upstream: UpstreamClient,
     /// TLS to upstreams for the credential proxy.
     pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// The flow stream both proxies report their decisions to.
+    pub flows: Arc<crate::flow_log::FlowHub>,
 }
 
 /// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected
@@ -228,7 +251,7 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
         let query = buf[..n].to_vec();
         let (socket, ctx) = (socket.clone(), ctx.clone());
         tokio::spawn(async move {
-            if let Some(response) = answer(&ctx, peer.ip(), &query, Transport::Udp).await {
+            if let Some(response) = answer(&ctx, peer, &query, Transport::Udp).await {
                 let _ = socket.send_to(&response, peer).await;
             }
         });
@@ -249,7 +272,7 @@ pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
         tokio::spawn(async move {
             // Several queries may come on one connection; each is framed.
             while let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read_framed(&mut stream)).await {
-                let Some(response) = answer(&ctx, peer.ip(), &query, Transport::Tcp).await else { break };
+                let Some(response) = answer(&ctx, peer, &query, Transport::Tcp).await else { break };
                 if write_framed(&mut stream, &response).await.is_err() {
                     break;
                 }
@@ -292,12 +315,12 @@ fn reply(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
 }
 
 /// The whole life of one query; `None` sends nothing (unparseable input).
-async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+async fn answer(ctx: &DnsContext, peer_addr: std::net::SocketAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
     let query = Message::from_vec(bytes).ok()?;
     if query.message_type() != MessageType::Query || query.queries().len() != 1 {
         return reply(&query, ResponseCode::FormErr);
     }
-    let peer = crate::proxy::canonical(peer);
+    let peer = crate::proxy::canonical(peer_addr.ip());
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
     let Some(route) = route else {
         tracing::info!(%peer, "DNS query from no sandbox's address: refused");
@@ -305,17 +328,30 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     };
     let qname = normalise_query_name(&query.queries()[0].name().to_ascii());
     let qtype = query.queries()[0].query_type();
+    // The flow record of this query, completed on every way out.
+    let record = |verdict: Verdict, reason: &str, rule: Option<String>, rcode: ResponseCode, answers: Vec<IpAddr>, stripped: usize| {
+        let mut r = FlowRecord::new(&route.sandbox, "dns", "dns_query", if transport == Transport::Udp { "udp" } else { "tcp" }, verdict, reason)
+            .with_endpoints(Some(peer_addr), None);
+        r.dst_port = 53;
+        r.rule = rule;
+        r.dns = Some(DnsDetail { query: qname.clone(), qtype: qtype.to_string(), rcode: rcode.to_str().to_string(), answers, stripped });
+        ctx.flows.publish(r);
+    };
     let (rule, port) = match name_verdict(&route.policy, &qname) {
         NameVerdict::Denied { rule_id } => {
-            tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, rule = %route.policy.describe_rule(rule_id), "DNS: denied");
+            let rule = route.policy.describe_rule(rule_id);
+            tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, %rule, "DNS: denied");
             ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
             let code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
+            record(Verdict::Denied, "policy", Some(rule), code, Vec::new(), 0);
             return reply(&query, code);
         }
         NameVerdict::Allowed { rule_id, port } => (rule_id, port),
     };
+    let rule_text = route.policy.describe_rule(rule);
     let Some(upstream) = ctx.settings.upstream else {
         ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        record(Verdict::Allowed, "no_upstream", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
         return reply(&query, ResponseCode::ServFail);
     };
     let response = match ctx.upstream.forward(upstream, bytes, ctx.settings.upstream_timeout).await {
@@ -323,6 +359,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
         Err(e) => {
             tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "DNS upstream: {e}");
             ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            record(Verdict::Allowed, "upstream_failed", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
             return reply(&query, ResponseCode::ServFail);
         }
     };
@@ -337,9 +374,9 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
             // Never release an answer whose addresses are not open yet.
             ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
+            record(Verdict::Allowed, "hold_timeout", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
             return reply(&query, ResponseCode::ServFail);
         };
-        ctx.stats.record_hold(held_since.elapsed());
         let (maps, learned) = &mut *guard;
         let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
         for (ip, ttl) in &plan.learn {
@@ -354,6 +391,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
             if !unchanged {
                 if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
                     tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
+                    record(Verdict::Allowed, "map_write_failed", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
                     return reply(&query, ResponseCode::ServFail);
                 }
             }
@@ -395,6 +433,7 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
             }
         }
         learned.version += 1;
+        ctx.stats.record_hold(held_since.elapsed());
     }
     let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
     if stripped > 0 {
@@ -410,6 +449,8 @@ async fn answer(ctx: &DnsContext, peer: IpAddr, bytes: &[u8], transport: Transpo
     }
     ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
     ctx.stats.stripped.fetch_add(stripped as u64, Ordering::Relaxed);
+    let answers: Vec<IpAddr> = records.iter().zip(&plan.fates).filter(|(_, f)| **f == RecordFate::Keep).filter_map(|(r, _)| match r { AnswerRecord::Address { ip, .. } => Some(*ip), _ => None }).collect();
+    record(Verdict::Allowed, "policy", Some(rule_text), message.response_code(), answers, stripped);
     tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
     // Unchanged answers go back as the upstream sent them (id restored).
     let out = if stripped == 0 { response } else { message.to_vec().ok()? };

@@ -41,6 +41,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live and recent flows with the rule that decided each (see
+    /// `sbx-net inspect --help`).
+    #[command(disable_help_flag = true, after_help = sbx_net::flow::INSPECT_USAGE)]
+    Inspect {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
     /// Internal: the frame pump of a netns guest (started by the daemon).
     #[command(name = "__guest-pump", hide = true)]
     GuestPump { spec: String },
@@ -149,6 +156,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sandbox { command } => sandbox(&socket, command),
+        Command::Inspect { args } => {
+            let parsed = match sbx_net::flow::parse_inspect_args(&args, sbx_net::flow_log::unix_now_ns()) {
+                Ok(p) => p,
+                Err(usage) if args.iter().any(|a| a == "-h" || a == "--help") => {
+                    println!("{usage}");
+                    return Ok(());
+                }
+                Err(e) => anyhow::bail!(e),
+            };
+            use std::io::IsTerminal;
+            let color = parsed.color.unwrap_or_else(|| std::io::stdout().is_terminal());
+            sbx_net::inspect::run(&socket, &parsed, &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
+            Ok(())
+        }
         Command::Status { json } => {
             let v = request(&socket, Request::Status)?;
             if json {

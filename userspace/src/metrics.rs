@@ -1,7 +1,8 @@
 //! Prometheus metrics (OpenMetrics text via prometheus-client), rendered at
 //! scrape time from the daemon's status (one source of truth for `status`
-//! and `/metrics`). Labels are low-cardinality: reasons, families,
-//! outcomes — never addresses, names or sandboxes.
+//! and `/metrics`) plus the live counters of the flow stream and the DNS
+//! hold-time histogram. Labels are low-cardinality: sandboxes, verdicts,
+//! reasons, families, outcomes — never addresses or names.
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -11,12 +12,28 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// Metrics the serving tasks update in place (shared handles).
+#[derive(Clone)]
+pub struct Live {
+    pub flows: crate::flow_log::FlowMetrics,
+    pub dns_hold: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            flows: Default::default(),
+            dns_hold: prometheus_client::metrics::histogram::Histogram::new(crate::dns_proxy::HOLD_BUCKETS.into_iter()),
+        }
+    }
+}
+
 fn u(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-/// The metrics text for a `status` JSON object.
-pub fn render(status: &serde_json::Value) -> String {
+/// The metrics text for a `status` JSON object and the live metrics.
+pub fn render(status: &serde_json::Value, live: &Live) -> String {
     // A fresh registry per scrape: counters are set to the kernel's and the
     // daemon's running totals, so they stay monotonic across scrapes.
     let mut registry = Registry::with_prefix("sbx_net");
@@ -52,6 +69,27 @@ pub fn render(status: &serde_json::Value) -> String {
     registry.register("datapath_bytes", "Bytes from guests by classifier outcome", bytes);
     counter(&mut registry, "events_lost", "Datapath events that did not fit in the ring buffer", u(&status["events_lost"]));
 
+    let sandbox_packets: Family<Labels, Counter> = Family::default();
+    let sandbox_bytes: Family<Labels, Counter> = Family::default();
+    if let Some(traffic) = status["sandbox_traffic"].as_object() {
+        for (sandbox, classes) in traffic {
+            for verdict in ["allowed", "denied", "redirected"] {
+                let labels = vec![("sandbox".to_string(), sandbox.clone()), ("verdict".to_string(), verdict.to_string())];
+                sandbox_packets.get_or_create(&labels).inc_by(u(&classes[verdict]["packets"]));
+                sandbox_bytes.get_or_create(&labels).inc_by(u(&classes[verdict]["bytes"]));
+            }
+        }
+    }
+    registry.register("sandbox_packets", "Frames from each sandbox by verdict", sandbox_packets);
+    registry.register("sandbox_bytes", "Bytes from each sandbox by verdict", sandbox_bytes);
+    registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", live.flows.flows.clone());
+    registry.register("proxy_requests", "Proxy decisions (connections and HTTP requests) by outcome", live.flows.proxy_requests.clone());
+    registry.register("credentials_injected", "Requests a credential was injected into", live.flows.credentials_injected.clone());
+    registry.register("credential_failures", "Requests to a credential host sent without the credential (secret unavailable)", live.flows.credential_failures.clone());
+    registry.register("audit_records", "Records written to the audit log", live.flows.audit_records.clone());
+    registry.register("audit_write_failures", "Audit records that could not be written", live.flows.audit_write_failures.clone());
+    registry.register("dns_hold_seconds", "Time an answer was held while its addresses were written to the maps", live.dns_hold.clone());
+
     let entries: Family<Labels, Gauge> = Family::default();
     let capacity: Family<Labels, Gauge> = Family::default();
     let maps = &status["maps"];
@@ -62,6 +100,8 @@ pub fn render(status: &serde_json::Value) -> String {
     }
     registry.register("policy_map_entries", "Entries in the policy tries", entries);
     registry.register("policy_map_capacity", "Capacity of the policy tries", capacity);
+    gauge(&mut registry, "flow_table_entries", "Flows in the datapath's LRU flow table", u(&maps["flows"]));
+    gauge(&mut registry, "flow_table_capacity", "Capacity of the datapath's LRU flow table", u(&maps["flow_capacity"]));
     gauge(&mut registry, "learned_addresses", "DNS-learned addresses in force", u(&status["learned_addresses"]));
 
     let dns = &status["dns"];
@@ -95,12 +135,16 @@ mod tests {
             "version": "0.1.0", "uptime_seconds": 5, "sandboxes": 2, "policy_generation": 3, "reload_failures": 1,
             "datapath": { "allowed": { "packets": 10, "bytes": 1000 }, "default_deny": { "packets": 2, "bytes": 120 } },
             "events_lost": 0,
-            "maps": { "policy_v4_entries": 14, "policy_v6_entries": 15, "policy_capacity_per_family": 2097152 },
+            "maps": { "policy_v4_entries": 14, "policy_v6_entries": 15, "policy_capacity_per_family": 2097152, "flows": 3, "flow_capacity": 65536 },
             "learned_addresses": 4,
+            "sandbox_traffic": { "a": { "allowed": { "packets": 3, "bytes": 300 }, "denied": { "packets": 1, "bytes": 60 }, "redirected": { "packets": 4, "bytes": 400 } } },
             "dns": { "queries_allowed": 7, "queries_denied": 3, "upstream_failures": 0, "records_stripped": 1, "hold_timeouts": 0 },
             "credentials": [ { "available": true }, { "available": false } ],
         });
-        let text = render(&status);
+        let live = Live::default();
+        live.flows.flows.get_or_create(&vec![("sandbox".into(), "a".into()), ("verdict".into(), "denied".into())]).inc();
+        live.dns_hold.observe(0.0002);
+        let text = render(&status, &live);
         for line in [
             "sbx_net_sandboxes 2",
             "sbx_net_datapath_packets_total{reason=\"allowed\"} 10",
@@ -111,6 +155,11 @@ mod tests {
             "sbx_net_build_info{version=\"0.1.0\"} 1",
             "sbx_net_credentials{state=\"unavailable\"} 1",
             "# TYPE sbx_net_datapath_packets counter",
+            "sbx_net_flows_total{sandbox=\"a\",verdict=\"denied\"} 1",
+            "sbx_net_sandbox_packets_total{sandbox=\"a\",verdict=\"redirected\"} 4",
+            "sbx_net_dns_hold_seconds_bucket{le=\"0.00025\"} 1",
+            "sbx_net_dns_hold_seconds_count 1",
+            "sbx_net_flow_table_capacity 65536",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -5,6 +5,7 @@
 //! The credential proxy (SNI/Host checks, TLS termination, injection) grows
 //! from here.
 
+use crate::flow::Verdict;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -27,6 +28,8 @@ pub enum ProxyError {
 #[derive(Debug)]
 pub struct Route {
     pub sandbox: String,
+    /// The sandbox id (datapath events carry it).
+    pub id: u32,
     pub policy: Arc<CompiledPolicy>,
     /// The trie key prefix of the policy generation in force.
     pub policy_id: u32,
@@ -204,9 +207,17 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
         (for_name, allows)
     };
     let decided = plan(&route.policy, name.as_deref(), original, |_| for_name.clone(), learned_allows);
+    let mut flow = crate::flow_log::FlowContext {
+        hub: ctx.flows.clone(),
+        sandbox: route.sandbox.clone(),
+        src: peer,
+        dst: original,
+        rule: String::new(),
+    };
     let (targets, rule) = match decided {
         Plan::Deny { rule } => {
             tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
+            flow.connection(Verdict::Denied, "policy", Some(rule.clone()), name.as_deref());
             refuse(&mut guest, &kind, &rule).await;
             return;
         }
@@ -215,11 +226,14 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
             Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule),
             _ => {
                 tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
-                refuse(&mut guest, &kind, &format!("{name} has no allowed address")).await;
+                let why = format!("{name} has no allowed address");
+                flow.connection(Verdict::Denied, "no_allowed_address", Some(why.clone()), Some(&name));
+                refuse(&mut guest, &kind, &why).await;
                 return;
             }
         },
     };
+    flow.rule = rule.clone();
     let mut upstream = None;
     for addr in &targets {
         if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
@@ -229,9 +243,11 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
     }
     let Some((mut upstream, addr)) = upstream else {
         tracing::info!(sandbox = %route.sandbox, dst = %original, "proxy: upstream connect failed");
+        flow.connection(Verdict::Allowed, "upstream_failed", Some(rule.clone()), name.as_deref());
         reset(&guest);
         return;
     };
+    flow.dst = addr;
     // A credential host over TLS: terminate and inject instead of splicing.
     if let (crate::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
         if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
@@ -244,7 +260,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
                 binding.clone(),
                 ca.clone(),
                 ctx.upstream_tls.clone(),
-                route.sandbox.clone(),
+                flow,
             )
             .await
             {
@@ -260,13 +276,14 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
             let binding = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext).cloned();
             drop(upstream);
             let guest = crate::credential_proxy::Prefixed::new(first, guest);
-            if let Err(e) = crate::credential_proxy::serve_plain(guest, host.clone(), targets.clone(), binding, route.sandbox.clone()).await {
+            if let Err(e) = crate::credential_proxy::serve_plain(guest, host.clone(), targets.clone(), binding, flow).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
         }
     }
     tracing::debug!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: spliced");
+    flow.connection(Verdict::Allowed, "allowed", Some(rule.clone()), name.as_deref());
     if upstream.write_all(&first).await.is_err() {
         return;
     }

@@ -148,9 +148,12 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         state: daemon.dns_state(),
         stats: daemon.dns_stats(),
         upstream: Default::default(),
+        flows: Arc::new(crate::flow_log::FlowHub::new(&config.flow_log())),
         upstream_tls: crate::credential_proxy::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
     });
     let listener = bind_socket(&config)?;
+    let flows = dns.flows.clone();
+    let inspect_flows = flows.clone();
 
     let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
     let metrics_control = tx.clone();
@@ -167,8 +170,8 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .name("socket".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let tx = tx.clone();
-                std::thread::spawn(move || serve_client(stream, tx));
+                let (tx, flows) = (tx.clone(), inspect_flows.clone());
+                std::thread::spawn(move || serve_client(stream, tx, &flows));
             }
         })
         .map_err(io("spawning the socket thread"))?;
@@ -189,6 +192,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         for t in dns_tcp {
             tokio::spawn(dns_proxy::serve_tcp(t, dns.clone()));
         }
+        tokio::spawn(crate::flow_log::read_datapath_events(config.bpf_dir.clone(), flows.clone(), routes.clone(), dns.state.clone()));
         let gc_routes = routes.clone();
         tokio::spawn(dns_proxy::collect_expired(dns.state.clone(), config.learned_snapshot(), move |sandbox| {
             let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
@@ -199,7 +203,8 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => {
                     tracing::info!(%addr, "metrics at /metrics");
-                    tokio::spawn(serve_metrics(listener, metrics_control));
+                    let live = crate::metrics::Live { flows: flows.metrics.clone(), dns_hold: dns.stats.hold_seconds.clone() };
+                    tokio::spawn(serve_metrics(listener, metrics_control, live));
                 }
                 Err(e) => tracing::error!(%addr, "metrics endpoint not started: {e}"),
             }
@@ -230,13 +235,18 @@ fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>) {
+fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, flows: &crate::flow_log::FlowHub) {
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
     let mut line = String::new();
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
         let response = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Inspect { follow }) => {
+                // The stream ends the connection (a follower's when it goes away).
+                let _ = flows.serve_inspect(&mut std::io::BufWriter::new(writer), follow);
+                return;
+            }
             Ok(request) => {
                 let (reply_tx, reply_rx) = mpsc::channel();
                 if control.send((request, reply_tx)).is_err() {
@@ -257,11 +267,11 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
 
 /// `GET /metrics` (Prometheus / OpenMetrics text), rendered from the
 /// control thread's status.
-async fn serve_metrics(listener: tokio::net::TcpListener, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>) {
+async fn serve_metrics(listener: tokio::net::TcpListener, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, live: crate::metrics::Live) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let control = control.clone();
+        let (control, live) = (control.clone(), live.clone());
         tokio::spawn(async move {
             let mut head = Vec::new();
             let mut buf = [0u8; 1024];
@@ -282,7 +292,7 @@ async fn serve_metrics(listener: tokio::net::TcpListener, control: mpsc::Sender<
                 .flatten();
                 match status {
                     Some(Response::Ok(v)) => {
-                        let body = crate::metrics::render(&v);
+                        let body = crate::metrics::render(&v, &live);
                         format!(
                             "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()

@@ -13,6 +13,8 @@ pub mod map_names {
     pub const POLICY_V6: &str = "SBX_POLICY_V6";
     pub const COUNTERS: &str = "SBX_COUNTERS";
     pub const EVENTS: &str = "SBX_EVENTS";
+    pub const FLOWS: &str = "SBX_FLOWS";
+    pub const SANDBOX_COUNTERS: &str = "SBX_SANDBOX_COUNTERS";
 }
 
 /// Program names in the object.
@@ -33,6 +35,36 @@ pub const MAX_SANDBOXES: u32 = 4096;
 pub const SANDBOX_SLOTS: u32 = 65_536;
 pub const MAX_POLICY_ENTRIES: u32 = 2 * 1024 * 1024;
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Default capacity of the LRU flow table (userspace may override it).
+pub const MAX_FLOWS: u32 = 65_536;
+/// A denied flow is reported again (with the packets dropped since) when
+/// its last report is at least this old: a flood of one flow costs one
+/// event per second, not one per packet.
+pub const DROP_REPORT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Per-sandbox counters: slot `(sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES
+/// + class`. Ids are allocated lowest-free, so they stay below
+/// MAX_SANDBOXES unless that many sandboxes exist at once.
+pub mod verdict_class {
+    pub const ALLOWED: u32 = 0;
+    pub const DENIED: u32 = 1;
+    pub const REDIRECTED: u32 = 2;
+}
+pub const VERDICT_CLASSES: u32 = 4;
+pub const SANDBOX_COUNTER_SLOTS: u32 = MAX_SANDBOXES * VERDICT_CLASSES;
+
+/// What a ring-buffer event reports.
+pub mod event_kind {
+    /// A dropped packet (sandboxes without flow tracking, and frames that
+    /// belong to no sandbox), one event per packet.
+    pub const DROP: u8 = 0;
+    /// The first packet of a flow (allowed, redirected or denied).
+    pub const NEW_FLOW: u8 = 1;
+    /// A known flow whose verdict changed (e.g. after a policy change).
+    pub const VERDICT_CHANGED: u8 = 2;
+    /// A denied flow still being attempted: the packets since its last report.
+    pub const DROP_REPEAT: u8 = 3;
+}
 
 /// What a policy entry says about traffic.
 pub mod action {
@@ -236,6 +268,9 @@ pub mod sandbox_flags {
     /// nftables redirects this tap's DNS and proxied TCP ports to the host's
     /// proxies: pass those before the policy lookup (the proxies judge them).
     pub const REDIRECTS: u32 = 2;
+    /// Track flows in the LRU flow table, count per sandbox, and report
+    /// new flows and (rate-limited) denied flows on the ring buffer.
+    pub const FLOWS: u32 = 4;
 }
 
 /// One packet counter slot (per CPU).
@@ -246,7 +281,40 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Sent on the ring buffer for every dropped packet.
+/// Key of the LRU flow table: the sandbox and the frame's 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub sandbox_id: u32,
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ethertype: u16,
+    pub protocol: u8,
+    pub ip_version: u8,
+}
+
+/// Value of the LRU flow table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    /// `bpf_ktime_get_boot_ns()` of the first and the latest packet.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// When the flow was last reported on the ring buffer.
+    pub last_report_ns: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    /// `packets` at the last report (a repeat report carries the difference).
+    pub reported_packets: u64,
+    /// The latest packet's verdict.
+    pub rule_id: u32,
+    pub reason: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Sent on the ring buffer: see [`event_kind`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
@@ -268,10 +336,16 @@ pub struct FlowEvent {
     pub protocol: u8,
     /// 4 or 6, 0 when not IP.
     pub ip_version: u8,
-    pub _pad: [u8; 6],
+    /// [`event_kind`] value.
+    pub kind: u8,
+    pub _pad: [u8; 5],
     /// Addresses in network order; IPv4 uses the first 4 bytes.
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
+    /// Packets and bytes this event reports (1 and the frame for a single
+    /// packet; since the last report for [`event_kind::DROP_REPEAT`]).
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[cfg(feature = "user")]
@@ -290,6 +364,10 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowStats {}
 }
 
 #[cfg(test)]
@@ -303,7 +381,9 @@ mod tests {
         assert_eq!(size_of::<PortVerdict>(), 8);
         assert_eq!(size_of::<PolicyValue>(), 8 + 8 + 4 + 2 + 1 + 1 + 8 * MAX_PORT_VERDICTS);
         assert_eq!(size_of::<SandboxConfig>(), 4 + 8 + 4 + 4 + 2 * MAX_PROXIED_PORTS + 6 + 6 + 4 + 4 + 16 * 4);
-        assert_eq!(size_of::<FlowEvent>(), 8 + 4 * 4 + 2 * 3 + 4 + 6 + 32);
+        assert_eq!(size_of::<FlowEvent>(), 8 + 4 * 4 + 2 * 3 + 4 + 1 + 5 + 32 + 16);
+        assert_eq!(size_of::<FlowKey>(), 4 + 32 + 2 * 3 + 2);
+        assert_eq!(size_of::<FlowStats>(), 6 * 8 + 4 + 4);
     }
 
     #[test]

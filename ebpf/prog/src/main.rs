@@ -3,6 +3,10 @@
 //! ARCHITECTURE.md): parse → anti-spoof → one LPM lookup → policy default.
 #![no_std]
 #![no_main]
+// The BPF target has no `fetch_add` on atomics; the intrinsic lowers to
+// BPF_ATOMIC add (an XADD when the result is unused).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod net;
 
@@ -10,14 +14,17 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_boot_ns,
     macros::{classifier, map},
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
 use sbx_net_common::{
-    action, rule_id, sandbox_flags, Counter, FlowEvent, KeyV4, KeyV6, PolicyValue, Reason,
-    SandboxConfig, Verdict, COUNTER_ARRAY_LEN, EVENTS_LOST_SLOT, EVENTS_RING_BYTES,
-    MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_PROXIED_PORTS, MAX_SANDBOXES, SANDBOX_ID_BITS, SANDBOX_SLOTS,
+    action, event_kind, rule_id, sandbox_flags, verdict_class, Counter, FlowEvent, FlowKey, FlowStats, KeyV4,
+    KeyV6, PolicyValue, Reason, SandboxConfig, Verdict, COUNTER_ARRAY_LEN, DROP_REPORT_INTERVAL_NS,
+    EVENTS_LOST_SLOT, EVENTS_RING_BYTES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_PROXIED_PORTS,
+    MAX_SANDBOXES, SANDBOX_COUNTER_SLOTS, SANDBOX_ID_BITS, SANDBOX_SLOTS, VERDICT_CLASSES,
 };
 
 use net::{Packet, ParseError, IPPROTO_TCP, IPPROTO_UDP};
@@ -59,6 +66,29 @@ static SBX_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(COUNTE
 
 #[map]
 static SBX_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// Flows of sandboxes with [`sandbox_flags::FLOWS`]: 5-tuple → packets,
+/// bytes, first/last seen, latest verdict. LRU: the oldest flows make room.
+#[map]
+static SBX_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Packets and bytes per sandbox and verdict class (shared across CPUs,
+/// updated atomically: a per-CPU array this size would multiply by every
+/// possible CPU).
+/// Per-CPU scratch space for the flow key and a new flow's value: the
+/// classifier's stack (512 bytes) is already taken by the parsed packet and
+/// the sandbox config. A map value may serve as a map key.
+#[repr(C)]
+pub struct FlowScratch {
+    key: FlowKey,
+    stats: FlowStats,
+}
+
+#[map]
+static SBX_FLOW_SCRATCH: PerCpuArray<FlowScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static SBX_SANDBOX_COUNTERS: Array<Counter> = Array::with_max_entries(SANDBOX_COUNTER_SLOTS, 0);
 
 #[classifier]
 pub fn sbx_egress(ctx: TcContext) -> i32 {
@@ -217,56 +247,161 @@ fn finish(
             (*counter).bytes += len as u64;
         }
     }
-    if reason.passes() {
-        return TC_ACT_OK;
-    }
+    let verdict = if reason.passes() { TC_ACT_OK } else { TC_ACT_SHOT };
     let sandbox_id = cfg.map(|c| c.sandbox_id).unwrap_or(0);
-    match SBX_EVENTS.reserve::<FlowEvent>(0) {
-        Some(mut entry) => {
-            // SAFETY: helper with no arguments.
-            let now = unsafe { bpf_ktime_get_boot_ns() };
-            // SAFETY: ctx.skb.skb is the kernel's __sk_buff.
-            let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-            entry.write(FlowEvent {
-                timestamp_ns: now,
-                sandbox_id,
-                rule_id: rule,
-                ifindex,
-                packet_len: len,
-                ethertype: packet.ethertype,
-                src_port: packet.src_port,
-                dst_port: packet.dst_port,
-                reason: reason as u8,
-                action: action::DENY,
-                protocol: packet.protocol,
-                ip_version: packet.ip_version,
-                _pad: [0; 6],
-                src_addr: packet.src,
-                dst_addr: packet.dst,
-            });
-            entry.submit(0);
-        }
-        None => {
-            if let Some(lost) = SBX_COUNTERS.get_ptr_mut(EVENTS_LOST_SLOT) {
-                // SAFETY: per-CPU slot, only this CPU writes it while we run.
-                unsafe { (*lost).packets += 1 };
+    // One report call site: every inlined copy of it costs stack.
+    let event = match cfg {
+        Some(cfg) if cfg.flags & sandbox_flags::FLOWS != 0 => track_flow(cfg, packet, reason, rule, len),
+        _ if verdict == TC_ACT_SHOT => Some((event_kind::DROP, 1, len as u64)),
+        _ => None,
+    };
+    if let Some((kind, packets, bytes)) = event {
+        report(ctx, sandbox_id, packet, reason, rule, kind, packets, bytes);
+    }
+    if verdict == TC_ACT_SHOT {
+        if let Some(cfg) = cfg {
+            if cfg.flags & sandbox_flags::LOG_DROPS != 0 {
+                debug!(
+                    ctx,
+                    "sbx {} drop reason={} rule={} proto={} dport={}",
+                    cfg.sandbox_id,
+                    reason as u8,
+                    rule,
+                    packet.protocol,
+                    packet.dst_port
+                );
             }
         }
     }
-    if let Some(cfg) = cfg {
-        if cfg.flags & sandbox_flags::LOG_DROPS != 0 {
-            debug!(
-                ctx,
-                "sbx {} drop reason={} rule={} proto={} dport={}",
-                sandbox_id,
-                reason as u8,
-                rule,
-                packet.protocol,
-                packet.dst_port
-            );
+    verdict
+}
+
+#[inline(always)]
+fn atomic_add(target: *mut u64, value: u64) {
+    // SAFETY: `target` points into a map value, 8-byte aligned (every u64
+    // field of our #[repr(C)] values is), valid while the program runs.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value) };
+}
+
+/// Flow tracking for a sandbox with [`sandbox_flags::FLOWS`]: per-sandbox
+/// counters, the LRU flow table, and events for new flows, verdict changes
+/// and denied flows (at most one per flow per DROP_REPORT_INTERVAL_NS).
+/// Neighbour discovery is counted but not tracked as a flow.
+#[inline(always)]
+fn track_flow(cfg: &SandboxConfig, packet: &Packet, reason: Reason, rule: u32, len: u32) -> Option<(u8, u64, u64)> {
+    let class = match reason {
+        Reason::Allowed | Reason::NeighbourDiscovery => verdict_class::ALLOWED,
+        Reason::Redirected => verdict_class::REDIRECTED,
+        _ => verdict_class::DENIED,
+    };
+    let slot = (cfg.sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES + class;
+    if let Some(counter) = SBX_SANDBOX_COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: a map value; the fields are updated atomically.
+        unsafe {
+            atomic_add(&raw mut (*counter).packets, 1);
+            atomic_add(&raw mut (*counter).bytes, len as u64);
         }
     }
-    TC_ACT_SHOT
+    if reason == Reason::NeighbourDiscovery {
+        return None;
+    }
+    let scratch = SBX_FLOW_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot, ours until the program returns.
+    let key = unsafe { &mut (*scratch).key };
+    key.sandbox_id = cfg.sandbox_id;
+    key.src_addr = packet.src;
+    key.dst_addr = packet.dst;
+    key.src_port = packet.src_port;
+    key.dst_port = packet.dst_port;
+    key.ethertype = packet.ethertype;
+    key.protocol = packet.protocol;
+    key.ip_version = packet.ip_version;
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let passes = reason.passes();
+    if let Some(stats) = SBX_FLOWS.get_ptr_mut(key) {
+        // SAFETY: a map value. Counters are added atomically; the other
+        // fields are single stores (a race between CPUs at worst reports a
+        // flow twice).
+        unsafe {
+            atomic_add(&raw mut (*stats).packets, 1);
+            atomic_add(&raw mut (*stats).bytes, len as u64);
+            (*stats).last_seen_ns = now;
+            let changed = (*stats).reason != reason as u8 || (*stats).rule_id != rule;
+            let kind = if changed {
+                event_kind::VERDICT_CHANGED
+            } else if !passes && now.wrapping_sub((*stats).last_report_ns) >= DROP_REPORT_INTERVAL_NS {
+                event_kind::DROP_REPEAT
+            } else {
+                return None;
+            };
+            (*stats).reason = reason as u8;
+            (*stats).rule_id = rule;
+            (*stats).last_report_ns = now;
+            let packets = (*stats).packets;
+            let since = packets.wrapping_sub((*stats).reported_packets);
+            (*stats).reported_packets = packets;
+            if kind == event_kind::DROP_REPEAT {
+                return Some((kind, since, (*stats).bytes));
+            }
+            return Some((kind, 1, len as u64));
+        }
+    }
+    // SAFETY: as above.
+    let stats = unsafe { &mut (*scratch).stats };
+    stats.first_seen_ns = now;
+    stats.last_seen_ns = now;
+    stats.last_report_ns = now;
+    stats.packets = 1;
+    stats.bytes = len as u64;
+    stats.reported_packets = 1;
+    stats.rule_id = rule;
+    stats.reason = reason as u8;
+    stats._pad = [0; 3];
+    // SAFETY: as above (the key and value are distinct fields).
+    let key = unsafe { &(*scratch).key };
+    // A full table evicts its least recently used flow; an insert error
+    // (out of memory) only loses the tracking, never the verdict.
+    let _ = SBX_FLOWS.insert(key, stats, 0);
+    Some((event_kind::NEW_FLOW, 1, len as u64))
+}
+
+/// Puts one event on the ring buffer, or counts it as lost. Fields are
+/// stored straight into the reserved record (no stack copy).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn report(ctx: &TcContext, sandbox_id: u32, packet: &Packet, reason: Reason, rule: u32, kind: u8, packets: u64, bytes: u64) {
+    let Some(mut entry) = SBX_EVENTS.reserve::<FlowEvent>(0) else {
+        if let Some(lost) = SBX_COUNTERS.get_ptr_mut(EVENTS_LOST_SLOT) {
+            // SAFETY: per-CPU slot, only this CPU writes it while we run.
+            unsafe { (*lost).packets += 1 };
+        }
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, writable FlowEvent-sized record that
+    // only we own until submit; every field (padding included) is written.
+    unsafe {
+        (*e).timestamp_ns = bpf_ktime_get_boot_ns();
+        (*e).sandbox_id = sandbox_id;
+        (*e).rule_id = rule;
+        (*e).ifindex = (*ctx.skb.skb).ifindex;
+        (*e).packet_len = ctx.len();
+        (*e).ethertype = packet.ethertype;
+        (*e).src_port = packet.src_port;
+        (*e).dst_port = packet.dst_port;
+        (*e).reason = reason as u8;
+        (*e).action = if reason.passes() { action::ALLOW } else { action::DENY };
+        (*e).protocol = packet.protocol;
+        (*e).ip_version = packet.ip_version;
+        (*e).kind = kind;
+        (*e)._pad = [0; 5];
+        (*e).src_addr = packet.src;
+        (*e).dst_addr = packet.dst;
+        (*e).packets = packets;
+        (*e).bytes = bytes;
+    }
+    entry.submit(0);
 }
 
 /// Benchmark reference: the cost of running any TC program at all.

@@ -1,0 +1,479 @@
+//! The daemon's flow stream: one hub merging the datapath's ring-buffer
+//! events with the DNS and proxy decisions, a bounded history, live
+//! followers, the audit log (every deny and every credential injection),
+//! and the counters `/metrics` exports. Nothing is dropped silently: events
+//! the ring buffer could not take, records that fell out of the history and
+//! records a slow follower missed are all counted.
+
+use std::collections::VecDeque;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::flow::{FlowRecord, Verdict};
+
+type Labels = Vec<(String, String)>;
+
+/// Where and how much to keep, as plain data.
+#[derive(Clone, Debug)]
+pub struct FlowLogSettings {
+    /// Records kept in memory for `inspect --last`.
+    pub history: usize,
+    /// The audit log (JSONL); rotated to `.1`, `.2`, ... past `audit_max_bytes`.
+    pub audit_path: PathBuf,
+    pub audit_max_bytes: u64,
+    /// Rotated files kept besides the live one.
+    pub audit_keep: usize,
+}
+
+/// Loss counters, sent to `inspect` clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    /// Datapath events the ring buffer had no room for (kernel counter).
+    pub ring_buffer: u64,
+    /// Records that fell out of the bounded history.
+    pub history_evicted: u64,
+    /// Live records this follower was too slow to receive.
+    #[serde(default)]
+    pub follower_lagged: u64,
+}
+
+impl Lost {
+    pub fn any(&self) -> bool {
+        self.ring_buffer + self.history_evicted + self.follower_lagged > 0
+    }
+}
+
+/// One line of the `inspect` stream from the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamLine {
+    Flow(FlowRecord),
+    Lost(Lost),
+    /// The history has been sent (a follower then gets live records).
+    EndOfHistory,
+}
+
+/// Counters of the flow stream for `/metrics` (shared handles; a scrape
+/// registers clones).
+#[derive(Clone, Default)]
+pub struct FlowMetrics {
+    /// Datapath flows started, by sandbox and verdict.
+    pub flows: Family<Labels, Counter>,
+    /// Proxy decisions by outcome (allowed, denied, misdirected, upstream_failed).
+    pub proxy_requests: Family<Labels, Counter>,
+    pub credentials_injected: Counter,
+    pub credential_failures: Counter,
+    pub audit_records: Counter,
+    pub audit_write_failures: Counter,
+}
+
+struct History {
+    records: VecDeque<Arc<FlowRecord>>,
+    capacity: usize,
+    next_seq: u64,
+    evicted: u64,
+}
+
+pub struct FlowHub {
+    history: Mutex<History>,
+    live: broadcast::Sender<Arc<FlowRecord>>,
+    audit: Mutex<AuditLog>,
+    /// The kernel's lost-event counter, as last read by the ring reader.
+    pub ring_lost: AtomicU64,
+    pub metrics: FlowMetrics,
+}
+
+/// Buffer of live records per follower before it counts as lagging.
+const FOLLOWER_BUFFER: usize = 8192;
+
+impl FlowHub {
+    pub fn new(settings: &FlowLogSettings) -> FlowHub {
+        FlowHub {
+            history: Mutex::new(History { records: VecDeque::new(), capacity: settings.history.max(1), next_seq: 1, evicted: 0 }),
+            live: broadcast::channel(FOLLOWER_BUFFER).0,
+            audit: Mutex::new(AuditLog::new(&settings.audit_path, settings.audit_max_bytes, settings.audit_keep)),
+            ring_lost: AtomicU64::new(0),
+            metrics: FlowMetrics::default(),
+        }
+    }
+
+    /// Stamps (time, seq), counts, audits and stores a record.
+    pub fn publish(&self, mut record: FlowRecord) {
+        if record.time_unix_ns == 0 {
+            record.time_unix_ns = unix_now_ns();
+        }
+        if record.time.is_empty() {
+            record.time = crate::flow::rfc3339(record.time_unix_ns);
+        }
+        if record.source == "datapath" && record.event == "new_flow" {
+            self.metrics
+                .flows
+                .get_or_create(&vec![("sandbox".into(), record.sandbox.clone()), ("verdict".into(), record.verdict.as_str().into())])
+                .inc();
+        }
+        if let Some(c) = &record.credential {
+            if c.injected {
+                self.metrics.credentials_injected.inc();
+            } else if c.failure.is_some() {
+                self.metrics.credential_failures.inc();
+            }
+        }
+        let record = {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            record.seq = h.next_seq;
+            h.next_seq += 1;
+            let record = Arc::new(record);
+            if h.records.len() == h.capacity {
+                h.records.pop_front();
+                h.evicted += 1;
+            }
+            h.records.push_back(record.clone());
+            record
+        };
+        if record.verdict == Verdict::Denied || record.credential_injected() {
+            let written = self.audit.lock().unwrap_or_else(|p| p.into_inner()).append(&record);
+            match written {
+                Ok(()) => {
+                    self.metrics.audit_records.inc();
+                }
+                Err(e) => {
+                    self.metrics.audit_write_failures.inc();
+                    tracing::warn!("audit log: {e}");
+                }
+            };
+        }
+        // No follower is fine.
+        let _ = self.live.send(record);
+    }
+
+    /// A follower's receiver; take it before [`FlowHub::history`] and skip
+    /// live records at or below the history's last seq.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
+        self.live.subscribe()
+    }
+
+    /// The history, oldest first, and what is lost so far.
+    pub fn history(&self) -> (Vec<Arc<FlowRecord>>, Lost) {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = Lost { ring_buffer: self.ring_lost.load(Ordering::Relaxed), history_evicted: h.evicted, follower_lagged: 0 };
+        (h.records.iter().cloned().collect(), lost)
+    }
+
+    pub fn count_proxy(&self, outcome: &str) {
+        self.metrics.proxy_requests.get_or_create(&vec![("outcome".into(), outcome.into())]).inc();
+    }
+
+    /// Writes the stream for one `inspect` client: the loss counters, the
+    /// history, an end-of-history marker, then (with `follow`) live records
+    /// until the client goes away. Blocking (runs on a client thread).
+    pub fn serve_inspect(&self, out: &mut impl std::io::Write, follow: bool) -> std::io::Result<()> {
+        let mut live = self.subscribe();
+        let (records, lost) = self.history();
+        let last_seq = records.last().map_or(0, |r| r.seq);
+        let line = |out: &mut dyn std::io::Write, l: &StreamLine| -> std::io::Result<()> {
+            let mut text = serde_json::to_string(l).expect("stream lines serialize");
+            text.push('\n');
+            out.write_all(text.as_bytes())
+        };
+        line(out, &StreamLine::Lost(lost))?;
+        for r in records {
+            line(out, &StreamLine::Flow((*r).clone()))?;
+        }
+        line(out, &StreamLine::EndOfHistory)?;
+        out.flush()?;
+        if !follow {
+            return Ok(());
+        }
+        let mut lagged = 0;
+        loop {
+            match live.blocking_recv() {
+                Ok(r) if r.seq <= last_seq => continue,
+                Ok(r) => line(out, &StreamLine::Flow((*r).clone()))?,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    lagged += n;
+                    let mut lost = self.history().1;
+                    lost.follower_lagged = lagged;
+                    line(out, &StreamLine::Lost(lost))?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+            out.flush()?;
+        }
+    }
+}
+
+/// One proxied connection's identity, for the records of its requests.
+#[derive(Clone)]
+pub struct FlowContext {
+    pub hub: Arc<FlowHub>,
+    pub sandbox: String,
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    /// The rule that allowed the connection.
+    pub rule: String,
+}
+
+impl FlowContext {
+    /// Publishes a connection-level decision (before any HTTP is read).
+    pub fn connection(&self, verdict: Verdict, reason: &str, rule: Option<String>, server_name: Option<&str>) {
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "connection", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = rule;
+        r.server_name = server_name.map(str::to_string);
+        self.hub.count_proxy(match verdict {
+            Verdict::Denied => "denied",
+            _ if reason == "upstream_failed" => "upstream_failed",
+            _ => "allowed",
+        });
+        self.hub.publish(r);
+    }
+
+    /// Publishes one HTTP request the proxy terminated or forwarded.
+    /// `status`: what the guest got back; `credential`: injected or not (and why).
+    pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &str, credential: Option<crate::flow::CredentialDetail>) {
+        let verdict = if reason == "misdirected" { Verdict::Denied } else { Verdict::Allowed };
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = Some(self.rule.clone());
+        r.domains = vec![host.to_string()];
+        r.http = Some(crate::flow::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
+        r.credential = credential;
+        self.hub.count_proxy(reason);
+        self.hub.publish(r);
+    }
+}
+
+pub fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+/// Append-only JSONL with size-based rotation: past `max_bytes` the file
+/// becomes `.1` (`.1` becomes `.2`, ...; the oldest beyond `keep` goes).
+pub struct AuditLog {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    file: Option<std::fs::File>,
+    size: u64,
+}
+
+impl AuditLog {
+    pub fn new(path: &Path, max_bytes: u64, keep: usize) -> AuditLog {
+        AuditLog { path: path.to_path_buf(), max_bytes: max_bytes.max(1), keep, file: None, size: 0 }
+    }
+
+    fn err(&self) -> impl Fn(std::io::Error) -> AuditError + '_ {
+        move |source| AuditError::Io { path: self.path.display().to_string(), source }
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(format!(".{n}"));
+        PathBuf::from(name)
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.file = None;
+        if self.keep == 0 {
+            std::fs::remove_file(&self.path).or_else(ignore_missing).map_err(self.err())?;
+        } else {
+            std::fs::remove_file(self.rotated(self.keep)).or_else(ignore_missing).map_err(self.err())?;
+            for n in (1..self.keep).rev() {
+                std::fs::rename(self.rotated(n), self.rotated(n + 1)).or_else(ignore_missing).map_err(self.err())?;
+            }
+            std::fs::rename(&self.path, self.rotated(1)).or_else(ignore_missing).map_err(self.err())?;
+        }
+        self.size = 0;
+        Ok(())
+    }
+
+    /// Appends one record as a JSON line (one write, so a reader never sees
+    /// half a line), rotating first when it would not fit.
+    pub fn append(&mut self, record: &FlowRecord) -> Result<(), AuditError> {
+        let mut line = serde_json::to_string(record).expect("records serialize");
+        line.push('\n');
+        if self.file.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            if let Some(dir) = self.path.parent() {
+                std::fs::create_dir_all(dir).map_err(self.err())?;
+            }
+            let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&self.path).map_err(self.err())?;
+            self.size = file.metadata().map_err(self.err())?.len();
+            self.file = Some(file);
+        }
+        if self.size > 0 && self.size + line.len() as u64 > self.max_bytes {
+            self.rotate()?;
+            return self.append(record);
+        }
+        let file = self.file.as_mut().expect("opened above");
+        file.write_all(line.as_bytes()).map_err(|source| AuditError::Io { path: self.path.display().to_string(), source })?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+}
+
+fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Reads the pinned ring buffer for as long as the daemon runs and
+/// publishes each event with its sandbox, rule text and known names.
+pub async fn read_datapath_events(
+    bpf_dir: PathBuf,
+    hub: Arc<FlowHub>,
+    routes: crate::proxy::Routes,
+    learned: crate::dns_proxy::SharedLearned,
+) {
+    let reader = match crate::datapath::EventReader::open_pinned(&bpf_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("flow events unavailable: {e}");
+            return;
+        }
+    };
+    let counters = crate::datapath::PinnedCounters::open(&bpf_dir).map_err(|e| tracing::warn!("lost-event counter unavailable: {e}")).ok();
+    // SAFETY: the ring buffer's fd is owned by `reader`, which the AsyncFd
+    // owns: it stays open and the same for the AsyncFd's whole life.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(reader) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("flow events: polling the ring buffer: {e}");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let Ok(mut guard) = ready else { return };
+                let events = guard.get_inner_mut().drain();
+                guard.clear_ready();
+                if !events.is_empty() {
+                    publish_events(&events, &hub, &routes, &learned).await;
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        if let Some(c) = &counters {
+            hub.ring_lost.store(c.events_lost(), Ordering::Relaxed);
+        }
+    }
+}
+
+async fn publish_events(
+    events: &[sbx_net_common::FlowEvent],
+    hub: &FlowHub,
+    routes: &crate::proxy::Routes,
+    learned: &crate::dns_proxy::SharedLearned,
+) {
+    // The classifier stamps boot time; one offset per batch maps it to the wall clock.
+    let offset = unix_now_ns().saturating_sub(crate::dns_proxy::boot_time_ns());
+    let by_id: std::collections::HashMap<u32, Arc<crate::proxy::Route>> = {
+        let table = routes.read().unwrap_or_else(|p| p.into_inner());
+        table.values().map(|r| (r.id, r.clone())).collect()
+    };
+    let names: Vec<Vec<String>> = {
+        let guard = learned.lock().await;
+        events
+            .iter()
+            .map(|ev| {
+                let (_, dst) = crate::flow::event_addrs(ev);
+                let route = by_id.get(&ev.sandbox_id);
+                match (route, dst) {
+                    (Some(r), Some(ip)) => guard
+                        .1
+                        .by_sandbox
+                        .get(&r.sandbox)
+                        .and_then(|t| t.get(&ip))
+                        .map(|l| l.names.iter().cloned().collect())
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                }
+            })
+            .collect()
+    };
+    for (ev, domains) in events.iter().zip(names) {
+        let route = by_id.get(&ev.sandbox_id);
+        let record = crate::flow::from_event(
+            ev,
+            route.map_or("", |r| r.sandbox.as_str()),
+            route.map(|r| r.policy.as_ref()),
+            domains,
+            ev.timestamp_ns.saturating_add(offset),
+        );
+        hub.publish(record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(n: u16, verdict: Verdict) -> FlowRecord {
+        let mut r = FlowRecord::new("a", "datapath", "new_flow", "tcp", verdict, "x");
+        r.dst_port = n;
+        r
+    }
+
+    #[test]
+    fn history_is_bounded_and_counts_what_it_forgets() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-hub-{}", std::process::id()));
+        let hub = FlowHub::new(&FlowLogSettings { history: 3, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 });
+        for n in 0..5 {
+            hub.publish(rec(n, Verdict::Allowed));
+        }
+        let (records, lost) = hub.history();
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(lost.history_evicted, 2);
+        let mut out = Vec::new();
+        hub.serve_inspect(&mut out, false).unwrap();
+        let lines: Vec<StreamLine> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(matches!(lines[0], StreamLine::Lost(Lost { history_evicted: 2, .. })));
+        assert!(matches!(lines.last(), Some(StreamLine::EndOfHistory)));
+        assert_eq!(lines.len(), 5);
+        // Allowed records are not audited.
+        assert!(!dir.join("audit.log").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn audit_log_rotates_by_size_and_keeps_whole_lines() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.log");
+        let line_len = serde_json::to_string(&rec(1000, Verdict::Denied)).unwrap().len() as u64 + 1;
+        let mut log = AuditLog::new(&path, line_len * 3, 2);
+        for n in 1000..1010 {
+            log.append(&rec(n, Verdict::Denied)).unwrap();
+        }
+        let read = |p: &Path| -> Vec<u16> {
+            std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().dst_port).collect()
+        };
+        assert_eq!(read(&path), [1009]);
+        assert_eq!(read(&dir.join("audit.log.1")), [1006, 1007, 1008]);
+        assert_eq!(read(&dir.join("audit.log.2")), [1003, 1004, 1005]);
+        assert!(!dir.join("audit.log.3").exists(), "only `keep` rotated files");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A new writer continues the file it finds.
+        let mut again = AuditLog::new(&path, line_len * 3, 2);
+        again.append(&rec(1010, Verdict::Denied)).unwrap();
+        assert_eq!(read(&path), [1009, 1010]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
