@@ -302,6 +302,19 @@ enum Transport {
     Tcp,
 }
 
+/// The mnemonic dig prints (RFC 6895 names).
+fn rcode_name(code: ResponseCode) -> String {
+    match code {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        other => format!("RCODE{}", u16::from(other)),
+    }
+}
+
 fn reply(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     let mut m = Message::new();
     m.set_id(query.id())
@@ -334,7 +347,7 @@ async fn answer(ctx: &DnsContext, peer_addr: std::net::SocketAddr, bytes: &[u8],
             .with_endpoints(Some(peer_addr), None);
         r.dst_port = 53;
         r.rule = rule;
-        r.dns = Some(DnsDetail { query: qname.clone(), qtype: qtype.to_string(), rcode: rcode.to_str().to_string(), answers, stripped });
+        r.dns = Some(DnsDetail { query: qname.clone(), qtype: qtype.to_string(), rcode: rcode_name(rcode), answers, stripped });
         ctx.flows.publish(r);
     };
     let (rule, port) = match name_verdict(&route.policy, &qname) {

@@ -125,6 +125,31 @@ pub fn render(status: &serde_json::Value, live: &Live) -> String {
     out
 }
 
+/// The classic Prometheus text format (0.0.4) of an OpenMetrics text, for
+/// clients that do not ask for OpenMetrics (curl, `promtool check metrics`):
+/// counter families are named with their `_total` suffix, and the `# EOF`
+/// and `# UNIT` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ").and_then(|r| r.strip_suffix(" counter")))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(rewritten.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +189,11 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         assert!(text.trim_end().ends_with("# EOF"));
+        let classic = to_prometheus_text(&text);
+        assert!(classic.contains("# TYPE sbx_net_policy_reload_failures_total counter\n"), "{classic}");
+        assert!(classic.contains("# HELP sbx_net_flows_total Flows the datapath"), "{classic}");
+        assert!(classic.contains("# TYPE sbx_net_sandboxes gauge\n"), "{classic}");
+        assert!(classic.contains("# TYPE sbx_net_dns_hold_seconds histogram\n"), "{classic}");
+        assert!(!classic.contains("# EOF"));
     }
 }

@@ -292,9 +292,18 @@ async fn serve_metrics(listener: tokio::net::TcpListener, control: mpsc::Sender<
                 .flatten();
                 match status {
                     Some(Response::Ok(v)) => {
+                        // OpenMetrics for those who ask (Prometheus does), the
+                        // classic text format otherwise.
+                        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                        let openmetrics = head.lines().any(|l| l.starts_with("accept:") && l.contains("application/openmetrics-text"));
                         let body = crate::metrics::render(&v, &live);
+                        let (body, content_type) = if openmetrics {
+                            (body, "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                        } else {
+                            (crate::metrics::to_prometheus_text(&body), "text/plain; version=0.0.4; charset=utf-8")
+                        };
                         format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                             body.len()
                         )
                     }

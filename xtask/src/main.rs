@@ -51,6 +51,8 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "openssl",
     "tcpdump",
+    // promtool checks /metrics; the server scrapes it in a test (never as a service).
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where bpf-linker finds the nightly's libLLVM (outside the repository).
@@ -139,11 +141,23 @@ fn apt_packages() -> Result<()> {
     step(&format!("installing apt packages: {}", missing.join(" ")));
     run(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))
         .context("apt-get update failed; the Debian package mirrors must be reachable")?;
-    run(Command::new("apt-get")
+    // Packages with services (prometheus) must not start them: a
+    // policy-rc.d that says "no" for the length of the install.
+    let policy_rc = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy_rc.exists();
+    if ours {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(policy_rc, "#!/bin/sh\n# sbx-net bootstrap: start no services\nexit 101\n")?;
+        std::fs::set_permissions(policy_rc, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("could not install {}; install them with apt-get", missing.join(" ")))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if ours {
+        let _ = std::fs::remove_file(policy_rc);
+    }
+    installed.with_context(|| format!("could not install {}; install them with apt-get", missing.join(" ")))
 }
 
 fn nightly_rust_src() -> Result<()> {

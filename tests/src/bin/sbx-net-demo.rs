@@ -9,10 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use sbx_net::datapath::EventReader;
-use sbx_net::flow::DropRecord;
 use sbx_net::policy::Policy;
-use sbx_net::sandbox::{AddressPools, SandboxSpec};
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::{curl, ping, tcp_connects, WorldServers};
 
@@ -57,7 +54,6 @@ fn main() -> Result<()> {
     .map(|s| s.to_string())
     .collect();
     let _dns = sbx_net_tests::WorldDns::start_with(&h.topology.world, sbx_net_tests::UPLINK_WORLD_V4.into(), 53, &zone);
-    let mut events = EventReader::open_pinned(&h.bpf_dir).context("opening the pinned event ring buffer")?;
 
     println!("\n$ sbx-net sandbox create demo --policy default --netns-guest");
     let created = h.cli_ok(&["sandbox", "create", "demo", "--policy", "default", "--netns-guest"]);
@@ -94,18 +90,11 @@ fn main() -> Result<()> {
     }
     show(&format!("nc -z {anthropic} 22  (after: the answer's address, for its TTL)"), tcp_connects(&guest, anthropic, 22));
 
-    std::thread::sleep(Duration::from_millis(200));
-    println!("\n== drop events from the pinned ring buffer (first of each flow, with the deciding rule)");
-    let spec = SandboxSpec::new(info["id"].as_u64().context("id")? as u32, "demo", &AddressPools::default())?;
-    let compiled = sbx_net::compile(&policy, &spec.host_addresses())?;
-    let mut seen = std::collections::BTreeSet::new();
-    for ev in events.drain() {
-        let record = DropRecord::from_event(&ev, Some(&compiled));
-        let key = (record.protocol, record.dst, record.dst_port, record.reason);
-        if seen.insert(key) {
-            println!("   {record}");
-        }
-    }
+    std::thread::sleep(Duration::from_millis(300));
+    println!("\n$ sbx-net inspect --sandbox demo --not --protocol icmpv6 --last 40   (every decision, with the rule that made it)");
+    print!("{}", h.cli_ok(&["inspect", "--sandbox", "demo", "--not", "--protocol", "icmpv6", "--last", "40", "--no-color"]));
+    println!("\n$ sbx-net inspect --verdict denied --not --protocol dns -o json --last 1");
+    print!("{}", h.cli_ok(&["inspect", "--verdict", "denied", "--not", "--protocol", "dns", "-o", "json", "--last", "1"]));
     let refused = sbx_net_tests::run_in(&guest, "curl", &["-s", "-i", "--max-time", "3", &format!("http://{unlisted}/")]);
     let refused = String::from_utf8_lossy(&refused.stdout);
     println!("   HTTP to {unlisted} is refused by the proxy (same policy): {}", refused.lines().find(|l| l.starts_with("X-Sbx-Net-Denied")).unwrap_or("(no answer)"));
