@@ -14,7 +14,7 @@ use aya::programs::tc::SchedClassifierLink;
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TestRun, TestRunOptions};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use sbx_net_common::{
-    map_names, program_names, Counter, FlowEvent, FlowKey, FlowStats, KeyV4, KeyV6, PolicyValue, SandboxConfig,
+    map_names, program_names, Counter, FlowEvent, FlowKey, FlowKeyV4, FlowStats, KeyV4, KeyV6, PolicyValue, SandboxConfig,
     COUNTER_ARRAY_LEN, EVENTS_LOST_SLOT, EVENTS_RING_BYTES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_SANDBOXES,
     SANDBOX_ID_BITS, SANDBOX_SLOTS, VERDICT_CLASSES,
 };
@@ -86,7 +86,7 @@ impl Default for DatapathOptions {
 }
 
 /// The maps whose content is enforcement state (pinned when asked).
-const PINNED_MAPS: [&str; 8] = [
+const PINNED_MAPS: [&str; 9] = [
     map_names::SANDBOX_SLOTS,
     map_names::SANDBOXES,
     map_names::POLICY_V4,
@@ -94,6 +94,7 @@ const PINNED_MAPS: [&str; 8] = [
     map_names::COUNTERS,
     map_names::EVENTS,
     map_names::FLOWS,
+    map_names::FLOWS_V4,
     map_names::SANDBOX_COUNTERS,
 ];
 
@@ -111,7 +112,8 @@ impl Datapath {
             .map_max_entries(map_names::POLICY_V4, options.policy_capacity)
             .map_max_entries(map_names::POLICY_V6, options.policy_capacity)
             .map_max_entries(map_names::EVENTS, options.events_ring_bytes)
-            .map_max_entries(map_names::FLOWS, options.flow_capacity);
+            .map_max_entries(map_names::FLOWS, options.flow_capacity)
+            .map_max_entries(map_names::FLOWS_V4, options.flow_capacity);
         let pin_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir { path: dir.clone(), source })?;
@@ -428,11 +430,12 @@ impl Datapath {
     pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
         let name = map_names::SANDBOX_COUNTERS;
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-        let array: Array<_, Counter> = Array::try_from(map).map_err(map_err(name))?;
+        let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err(name))?;
         let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
         let mut out = [Counter::default(); 3];
         for (class, slot) in out.iter_mut().enumerate() {
-            *slot = array.get(&(base + class as u32), 0).map_err(map_err(name))?;
+            let per_cpu = array.get(&(base + class as u32), 0).map_err(map_err(name))?;
+            *slot = per_cpu.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes });
         }
         Ok(out)
     }
@@ -440,32 +443,27 @@ impl Datapath {
     /// Zeroes a sandbox id's counters (a new sandbox may reuse the id).
     pub fn reset_sandbox_counters(&mut self, sandbox_id: u32) -> Result<(), DatapathError> {
         let name = map_names::SANDBOX_COUNTERS;
-        let mut array: Array<_, Counter> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::PinDir { path: "/sys/devices/system/cpu/possible".into(), source: e })?;
+        let mut array: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
         for class in 0..VERDICT_CLASSES {
-            array.set(base + class, Counter::default(), 0).map_err(map_err(name))?;
+            let zeros = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| map_err(name)(MapError::from(e)))?;
+            array.set(base + class, zeros, 0).map_err(map_err(name))?;
         }
         Ok(())
     }
 
-    /// One flow's entry in the LRU flow table.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowStats>, DatapathError> {
-        let name = map_names::FLOWS;
-        let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-        let flows: HashMap<_, FlowKey, FlowStats> = HashMap::try_from(map).map_err(map_err(name))?;
-        match flows.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err(name)(e)),
-        }
-    }
-
-    /// Flows in the flow table (walks it: for status, not per packet).
+    /// Flows in the flow tables, IPv4 and IPv6 (walks them: for status,
+    /// not per packet).
     pub fn flow_count(&self) -> Result<usize, DatapathError> {
+        let v4 = {
+            let name = map_names::FLOWS_V4;
+            let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
+            HashMap::<_, FlowKeyV4, FlowStats>::try_from(map).map_err(map_err(name))?.keys().count()
+        };
         let name = map_names::FLOWS;
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-        let flows: HashMap<_, FlowKey, FlowStats> = HashMap::try_from(map).map_err(map_err(name))?;
-        Ok(flows.keys().count())
+        Ok(v4 + HashMap::<_, FlowKey, FlowStats>::try_from(map).map_err(map_err(name))?.keys().count())
     }
 
     /// Takes the drop-event ring buffer out of the object (once).

@@ -14,6 +14,7 @@ pub mod map_names {
     pub const COUNTERS: &str = "SBX_COUNTERS";
     pub const EVENTS: &str = "SBX_EVENTS";
     pub const FLOWS: &str = "SBX_FLOWS";
+    pub const FLOWS_V4: &str = "SBX_FLOWS_V4";
     pub const SANDBOX_COUNTERS: &str = "SBX_SANDBOX_COUNTERS";
 }
 
@@ -281,7 +282,23 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Key of the LRU flow table: the sandbox and the frame's 5-tuple.
+/// Key of the IPv4 LRU flow table: the sandbox and the 5-tuple. IPv4 has
+/// its own table so the per-packet hash covers 20 bytes, not 44.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKeyV4 {
+    pub sandbox_id: u32,
+    pub src_addr: [u8; 4],
+    pub dst_addr: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub ethertype: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Key of the LRU flow table for IPv6 (and non-IP frames): the sandbox
+/// and the frame's 5-tuple.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -299,10 +316,13 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowStats {
-    /// `bpf_ktime_get_boot_ns()` of the first and the latest packet.
+    /// `bpf_ktime_get_coarse_ns()` (CLOCK_MONOTONIC, tick resolution) of the
+    /// first packet.
     pub first_seen_ns: u64,
-    pub last_seen_ns: u64,
-    /// When the flow was last reported on the ring buffer.
+    /// Kernel jiffies at the latest packet (the cheapest clock on the
+    /// per-packet path; userspace converts with the kernel's tick rate).
+    pub last_seen_jiffies: u64,
+    /// When the flow was last reported on the ring buffer (coarse ns).
     pub last_report_ns: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -367,6 +387,8 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKeyV4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for FlowStats {}
 }
 
@@ -383,6 +405,7 @@ mod tests {
         assert_eq!(size_of::<SandboxConfig>(), 4 + 8 + 4 + 4 + 2 * MAX_PROXIED_PORTS + 6 + 6 + 4 + 4 + 16 * 4);
         assert_eq!(size_of::<FlowEvent>(), 8 + 4 * 4 + 2 * 3 + 4 + 1 + 5 + 32 + 16);
         assert_eq!(size_of::<FlowKey>(), 4 + 32 + 2 * 3 + 2);
+        assert_eq!(size_of::<FlowKeyV4>(), 4 + 8 + 2 * 3 + 2);
         assert_eq!(size_of::<FlowStats>(), 6 * 8 + 4 + 4);
     }
 

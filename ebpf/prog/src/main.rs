@@ -12,7 +12,7 @@ mod net;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_boot_ns,
+    helpers::{bpf_jiffies64, bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{classifier, map},
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
@@ -21,7 +21,7 @@ use aya_log_ebpf::debug;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use sbx_net_common::{
-    action, event_kind, rule_id, sandbox_flags, verdict_class, Counter, FlowEvent, FlowKey, FlowStats, KeyV4,
+    action, event_kind, rule_id, sandbox_flags, verdict_class, Counter, FlowEvent, FlowKey, FlowKeyV4, FlowStats, KeyV4,
     KeyV6, PolicyValue, Reason, SandboxConfig, Verdict, COUNTER_ARRAY_LEN, DROP_REPORT_INTERVAL_NS,
     EVENTS_LOST_SLOT, EVENTS_RING_BYTES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_PROXIED_PORTS,
     MAX_SANDBOXES, SANDBOX_COUNTER_SLOTS, SANDBOX_ID_BITS, SANDBOX_SLOTS, VERDICT_CLASSES,
@@ -72,6 +72,10 @@ static SBX_EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map]
 static SBX_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
+/// The same for IPv4 flows (a 20-byte key: cheaper to hash per packet).
+#[map]
+static SBX_FLOWS_V4: LruHashMap<FlowKeyV4, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
 /// Packets and bytes per sandbox and verdict class (shared across CPUs,
 /// updated atomically: a per-CPU array this size would multiply by every
 /// possible CPU).
@@ -81,6 +85,7 @@ static SBX_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[repr(C)]
 pub struct FlowScratch {
     key: FlowKey,
+    key_v4: FlowKeyV4,
     stats: FlowStats,
 }
 
@@ -296,41 +301,76 @@ fn track_flow(cfg: &SandboxConfig, packet: &Packet, reason: Reason, rule: u32, l
     };
     let slot = (cfg.sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES + class;
     if let Some(counter) = SBX_SANDBOX_COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: a map value; the fields are updated atomically.
+        // SAFETY: per-CPU slot, only this CPU writes it while we run.
         unsafe {
-            atomic_add(&raw mut (*counter).packets, 1);
-            atomic_add(&raw mut (*counter).bytes, len as u64);
+            (*counter).packets += 1;
+            (*counter).bytes += len as u64;
         }
     }
     if reason == Reason::NeighbourDiscovery {
         return None;
     }
     let scratch = SBX_FLOW_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot, ours until the program returns.
-    let key = unsafe { &mut (*scratch).key };
-    key.sandbox_id = cfg.sandbox_id;
-    key.src_addr = packet.src;
-    key.dst_addr = packet.dst;
-    key.src_port = packet.src_port;
-    key.dst_port = packet.dst_port;
-    key.ethertype = packet.ethertype;
-    key.protocol = packet.protocol;
-    key.ip_version = packet.ip_version;
+    // SAFETY: this CPU's scratch slot, ours until the program returns; the
+    // key and the value are distinct fields.
+    let (stats, key_v4, key) = unsafe { (&mut (*scratch).stats, &mut (*scratch).key_v4, &mut (*scratch).key) };
+    if packet.ip_version == 4 {
+        key_v4.sandbox_id = cfg.sandbox_id;
+        key_v4.src_addr = [packet.src[0], packet.src[1], packet.src[2], packet.src[3]];
+        key_v4.dst_addr = [packet.dst[0], packet.dst[1], packet.dst[2], packet.dst[3]];
+        key_v4.src_port = packet.src_port;
+        key_v4.dst_port = packet.dst_port;
+        key_v4.ethertype = packet.ethertype;
+        key_v4.protocol = packet.protocol;
+        key_v4._pad = 0;
+        update_flow(&SBX_FLOWS_V4, key_v4, stats, reason, rule, len)
+    } else {
+        key.sandbox_id = cfg.sandbox_id;
+        key.src_addr = packet.src;
+        key.dst_addr = packet.dst;
+        key.src_port = packet.src_port;
+        key.dst_port = packet.dst_port;
+        key.ethertype = packet.ethertype;
+        key.protocol = packet.protocol;
+        key.ip_version = packet.ip_version;
+        update_flow(&SBX_FLOWS, key, stats, reason, rule, len)
+    }
+}
+
+/// Counts a packet in its flow's entry; says what to report, if anything.
+/// `fresh` is scratch space for a new flow's value.
+///
+/// An established allowed flow (the common packet) reads only jiffies (an
+/// inlined load); the clock is read for new flows and denied packets.
+#[inline(always)]
+fn update_flow<K>(
+    flows: &LruHashMap<K, FlowStats>,
+    key: &K,
+    fresh: &mut FlowStats,
+    reason: Reason,
+    rule: u32,
+    len: u32,
+) -> Option<(u8, u64, u64)> {
     // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    let passes = reason.passes();
-    if let Some(stats) = SBX_FLOWS.get_ptr_mut(key) {
+    let tick = unsafe { bpf_jiffies64() };
+    if let Some(stats) = flows.get_ptr_mut(key) {
         // SAFETY: a map value. Counters are added atomically; the other
         // fields are single stores (a race between CPUs at worst reports a
         // flow twice).
         unsafe {
             atomic_add(&raw mut (*stats).packets, 1);
             atomic_add(&raw mut (*stats).bytes, len as u64);
-            (*stats).last_seen_ns = now;
+            (*stats).last_seen_jiffies = tick;
             let changed = (*stats).reason != reason as u8 || (*stats).rule_id != rule;
+            if !changed && reason.passes() {
+                return None;
+            }
+            // Tick resolution is enough for the one-second report interval.
+            // SAFETY: helper with no arguments.
+            let now = bpf_ktime_get_coarse_ns();
             let kind = if changed {
                 event_kind::VERDICT_CHANGED
-            } else if !passes && now.wrapping_sub((*stats).last_report_ns) >= DROP_REPORT_INTERVAL_NS {
+            } else if now.wrapping_sub((*stats).last_report_ns) >= DROP_REPORT_INTERVAL_NS {
                 event_kind::DROP_REPEAT
             } else {
                 return None;
@@ -347,22 +387,20 @@ fn track_flow(cfg: &SandboxConfig, packet: &Packet, reason: Reason, rule: u32, l
             return Some((kind, 1, len as u64));
         }
     }
-    // SAFETY: as above.
-    let stats = unsafe { &mut (*scratch).stats };
-    stats.first_seen_ns = now;
-    stats.last_seen_ns = now;
-    stats.last_report_ns = now;
-    stats.packets = 1;
-    stats.bytes = len as u64;
-    stats.reported_packets = 1;
-    stats.rule_id = rule;
-    stats.reason = reason as u8;
-    stats._pad = [0; 3];
-    // SAFETY: as above (the key and value are distinct fields).
-    let key = unsafe { &(*scratch).key };
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    fresh.first_seen_ns = now;
+    fresh.last_seen_jiffies = tick;
+    fresh.last_report_ns = now;
+    fresh.packets = 1;
+    fresh.bytes = len as u64;
+    fresh.reported_packets = 1;
+    fresh.rule_id = rule;
+    fresh.reason = reason as u8;
+    fresh._pad = [0; 3];
     // A full table evicts its least recently used flow; an insert error
     // (out of memory) only loses the tracking, never the verdict.
-    let _ = SBX_FLOWS.insert(key, stats, 0);
+    let _ = flows.insert(key, fresh, 0);
     Some((event_kind::NEW_FLOW, 1, len as u64))
 }
 

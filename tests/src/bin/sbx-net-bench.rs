@@ -28,7 +28,7 @@ use sbx_net::compile::compile_rules;
 use sbx_net::datapath::{Datapath, DatapathOptions};
 use sbx_net::policy::{builtin_deny_rules, Action, Origin, Policy, Rule, Target};
 use sbx_net::sandbox::{open_host_tap, AddressPools, SandboxSpec};
-use sbx_net_common::program_names;
+use sbx_net_common::{program_names, sandbox_flags};
 use sbx_net_tests::frames::*;
 use sbx_net_tests::{unique_name, Topology};
 use sbx_vmm::{NetNs, NetnsGuest};
@@ -43,6 +43,7 @@ fn main() -> Result<()> {
     let suite = std::env::args().nth(1).unwrap_or_else(|| "datapath".into());
     match suite.as_str() {
         "datapath" => {}
+        "flows" => return flow_table_cost(),
         "lifecycle" => return lifecycle(),
         "dns" => return dns_bench(),
         "proxy" => return proxy_bench(),
@@ -51,7 +52,147 @@ fn main() -> Result<()> {
     println!("## Datapath (`cargo xtask bench datapath`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
     per_packet_cost()?;
+    flow_table_cost()?;
     tap_throughput()?;
+    event_rate()?;
+    Ok(())
+}
+
+/// Median of single runs (repeat 1) of the classifier, one per frame: the
+/// cost of a flow's first packet.
+fn first_packet_ns(dp: &Datapath, frames: &[Vec<u8>]) -> Result<f64> {
+    let mut samples = Vec::with_capacity(frames.len());
+    for frame in frames {
+        let (_, d) = dp.test_run(program_names::EGRESS, frame, 1, 1)?;
+        samples.push(d.as_nanos() as f64);
+    }
+    Ok(median(samples))
+}
+
+/// The flow table and its events against the verdict alone: the same
+/// program, sandbox config with and without `sandbox_flags::FLOWS`.
+fn flow_table_cost() -> Result<()> {
+    let ns = NetNs::create(&unique_name("benchflow")).context("bench netns")?;
+    ns.enter_current_thread()?;
+    let spec = SandboxSpec::new(1, "bench", &AddressPools::default())?;
+    println!("### Flow table and events (BPF_PROG_TEST_RUN; verdict alone = the same program, sandbox without flow tracking)\n");
+    println!("Established: the same frame {REPEAT} times (median of {SAMPLES}), i.e. a flow already in the LRU table (lookup, two atomic adds, last-seen). First packets: 4000 frames of distinct flows, one run each (median; includes the run's timer overhead on both sides): LRU insert and a ring-buffer event.\n");
+    println!("| rules | case | verdict alone ns | with flow table + events ns | ratio |");
+    println!("|---:|---|---:|---:|---:|");
+    for n in [10usize, 10_000] {
+        let mut rules = rules_v4(n);
+        rules.extend(builtin_deny_rules());
+        let compiled = compile_rules("bench", Action::Deny, rules)?;
+        let mut dp = Datapath::load(&DatapathOptions::default())?;
+        let mut events = dp.take_events()?;
+        let plain = spec.datapath_config(&compiled, spec.id, 0, &[]);
+        let tracked = spec.datapath_config(&compiled, spec.id, sandbox_flags::FLOWS, &[]);
+        dp.install_sandbox(1, &plain, &compiled)?;
+        let frame_to = |dst: Ipv4Addr, sport: u16| {
+            ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, dst, 17, &[], 0, &udp(sport, 443, &[0; 18])))
+        };
+        let hit = (n / 2) & !1;
+        let allowed = Ipv4Addr::from(0x0b00_0000u32 + ((hit as u32) << 8) + 5);
+        let denied = Ipv4Addr::from(0x0b00_0000u32 + (((hit + 1) as u32) << 8) + 5);
+        for (case, frame) in [
+            ("allowed, established flow", frame_to(allowed, 4000)),
+            ("denied, repeated (with flows: an event a second; alone: one a packet)", frame_to(denied, 4000)),
+        ] {
+            dp.write_config(1, &plain)?;
+            let alone = ns_per_packet(&dp, program_names::EGRESS, &frame)?;
+            events.drain();
+            dp.write_config(1, &tracked)?;
+            let with = ns_per_packet(&dp, program_names::EGRESS, &frame)?;
+            events.drain();
+            println!("| {n} | {case} | {alone:.0} | {with:.0} | {:.2}× |", with / alone);
+        }
+        for (case, dst, base) in [("allowed, first packet of a flow (new-flow event)", allowed, 10_000u16), ("denied, first packet of a flow (an event in both)", denied, 20_000u16)] {
+            let frames: Vec<Vec<u8>> = (0..4000u16).map(|i| frame_to(dst, base + i)).collect();
+            dp.write_config(1, &plain)?;
+            let mut alone = Vec::new();
+            // The ring buffer holds ~2300 events: drain between halves.
+            for half in frames.chunks(2000) {
+                alone.push(first_packet_ns(&dp, half)?);
+                events.drain();
+            }
+            let frames: Vec<Vec<u8>> = (0..4000u16).map(|i| frame_to(dst, base + 5000 + i)).collect();
+            dp.write_config(1, &tracked)?;
+            let mut with = Vec::new();
+            for half in frames.chunks(2000) {
+                with.push(first_packet_ns(&dp, half)?);
+                events.drain();
+            }
+            let (alone, with) = (median(alone), median(with));
+            println!("| {n} | {case} | {alone:.0} | {with:.0} | {:.2}× |", with / alone);
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// Events per second the daemon takes from the ring buffer without loss:
+/// a netns guest opens new denied flows (one datagram each, distinct
+/// 5-tuples) at paced rates for 2 s; the classifier's per-sandbox counter
+/// says how many it saw, the flow stream's sequence how many the daemon
+/// published, the kernel's counter how many did not fit.
+fn event_rate() -> Result<()> {
+    let policy = "name = \"agent\"\n[network]\ndefault = \"deny\"\n";
+    let h = sbx_net_tests::daemon::DaemonHarness::with_args("benchev", &[("agent.toml", policy)], Some("flow_history = 1000\n"), &[]);
+    let name = unique_name("ev");
+    let g = h.create_guest(&name, "agent");
+    let guest = NetNs::open(g["netns"].as_str().context("netns")?)?;
+    let snapshot = || -> Result<(u64, u64, u64)> {
+        let status = h.json(&["status", "--json"]);
+        let seen = status["sandbox_traffic"][&name]["denied"]["packets"].as_u64().context("sandbox counters")?;
+        let lost = status["events_lost"].as_u64().context("events_lost")?;
+        let last = h.cli_ok(&["inspect", "-o", "json", "--last", "1"]);
+        let seq = serde_json::from_str::<serde_json::Value>(last.trim()).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
+        Ok((seen, seq, lost))
+    };
+    println!("### Flow events through the daemon (new denied flows from a netns guest, 2 s per rate, default 256 KiB ring buffer)\n");
+    println!("| offered flows/s | reached the classifier /s | published by the daemon /s | lost in the ring buffer | lost % |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut next_flow = 0u64;
+    let mut best = 0.0f64;
+    for rate in [5_000u64, 10_000, 25_000, 50_000, 100_000, 200_000] {
+        let (seen0, seq0, lost0) = snapshot()?;
+        let seconds = 2.0;
+        let first = next_flow;
+        next_flow += rate * 2;
+        guest.run(|| -> Result<()> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let started = Instant::now();
+            // Paced in 1 ms batches; bounded by count and time.
+            let per_ms = (rate / 1000).max(1);
+            let mut i = first;
+            while i < first + rate * 2 && started.elapsed() < Duration::from_secs(4) {
+                let due = started + Duration::from_micros((i - first) * 1_000_000 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                for _ in 0..per_ms {
+                    // A fresh 5-tuple each: 203.0.113.0/24 × ports 1024..61024.
+                    let dst = Ipv4Addr::new(203, 0, 113, ((i / 60_000) % 250) as u8 + 1);
+                    let _ = socket.send_to(b"x", (dst, 1024 + (i % 60_000) as u16));
+                    i += 1;
+                }
+            }
+            Ok(())
+        })??;
+        std::thread::sleep(Duration::from_millis(1500));
+        let (seen1, seq1, lost1) = snapshot()?;
+        let (seen, published, lost) = (seen1 - seen0, seq1.saturating_sub(seq0), lost1 - lost0);
+        let lost_pct = 100.0 * lost as f64 / seen.max(1) as f64;
+        println!(
+            "| {rate} | {:.0} | {:.0} | {lost} | {lost_pct:.2} |",
+            seen as f64 / seconds,
+            published as f64 / seconds
+        );
+        if lost == 0 {
+            best = best.max(published as f64 / seconds);
+        }
+    }
+    println!("\nHighest rate with no event lost: **{best:.0} events/s**.\n");
     Ok(())
 }
 
@@ -224,25 +365,37 @@ fn tap_throughput() -> Result<()> {
     measure_pps(guest.netns(), &topology.host, dst, Duration::from_millis(300))?;
     let mut with = Vec::new();
     let mut without = Vec::new();
-    // Alternate, and alternate which goes first, so drift favours neither.
+    let mut with_flows = Vec::new();
+    let plain = spec.datapath_config(&compiled, spec.id, 0, &[]);
+    let tracked = spec.datapath_config(&compiled, spec.id, sandbox_flags::FLOWS, &[]);
+    // Rotate the order each round so drift favours none.
     for round in 0..RUNS {
-        for attached in [round % 2 == 0, round % 2 == 1] {
-            if attached {
-                let link = dp.attach(program_names::EGRESS, &spec.tap)?;
-                with.push(measure_pps(guest.netns(), &topology.host, dst, duration)?);
-                dp.detach(program_names::EGRESS, link)?;
-            } else {
-                without.push(measure_pps(guest.netns(), &topology.host, dst, duration)?);
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => {
+                    dp.write_config(ifindex, &plain)?;
+                    let link = dp.attach(program_names::EGRESS, &spec.tap)?;
+                    with.push(measure_pps(guest.netns(), &topology.host, dst, duration)?);
+                    dp.detach(program_names::EGRESS, link)?;
+                }
+                1 => {
+                    dp.write_config(ifindex, &tracked)?;
+                    let link = dp.attach(program_names::EGRESS, &spec.tap)?;
+                    with_flows.push(measure_pps(guest.netns(), &topology.host, dst, duration)?);
+                    dp.detach(program_names::EGRESS, link)?;
+                }
+                _ => without.push(measure_pps(guest.netns(), &topology.host, dst, duration)?),
             }
         }
     }
-    let (w, wo) = (median(with.clone()), median(without.clone()));
+    let (w, wo, wf) = (median(with.clone()), median(without.clone()), median(with_flows.clone()));
     println!("### Small UDP packets from a netns guest through the tap (packets/s out of the uplink, median of {RUNS} × {}s, alternating)\n", duration.as_secs());
     println!("| configuration | packets/s | runs |");
     println!("|---|---:|---|");
     println!("| no program on the tap | {wo:.0} | {} |", fmt_runs(&without));
     println!("| sbx_egress attached (TCX) | {w:.0} | {} |", fmt_runs(&with));
-    println!("\nWith / without: **{:.1} %**.\n", 100.0 * w / wo);
+    println!("| sbx_egress + flow table (as the daemon runs it) | {wf:.0} | {} |", fmt_runs(&with_flows));
+    println!("\nWith / without: **{:.1} %**; with the flow table: **{:.1} %**.\n", 100.0 * w / wo, 100.0 * wf / wo);
     drop(guest);
     Ok(())
 }
