@@ -430,12 +430,11 @@ impl Datapath {
     pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
         let name = map_names::SANDBOX_COUNTERS;
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-        let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+        let array: Array<_, Counter> = Array::try_from(map).map_err(map_err(name))?;
         let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
         let mut out = [Counter::default(); 3];
         for (class, slot) in out.iter_mut().enumerate() {
-            let per_cpu = array.get(&(base + class as u32), 0).map_err(map_err(name))?;
-            *slot = per_cpu.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes });
+            *slot = array.get(&(base + class as u32), 0).map_err(map_err(name))?;
         }
         Ok(out)
     }
@@ -443,12 +442,10 @@ impl Datapath {
     /// Zeroes a sandbox id's counters (a new sandbox may reuse the id).
     pub fn reset_sandbox_counters(&mut self, sandbox_id: u32) -> Result<(), DatapathError> {
         let name = map_names::SANDBOX_COUNTERS;
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DatapathError::PinDir { path: "/sys/devices/system/cpu/possible".into(), source: e })?;
-        let mut array: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        let mut array: Array<_, Counter> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
         for class in 0..VERDICT_CLASSES {
-            let zeros = aya::maps::PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| map_err(name)(MapError::from(e)))?;
-            array.set(base + class, zeros, 0).map_err(map_err(name))?;
+            array.set(base + class, Counter::default(), 0).map_err(map_err(name))?;
         }
         Ok(())
     }
