@@ -310,3 +310,67 @@ fn kernel_agrees_with_compiled_policy() {
         }
     }
 }
+
+/// With flow tracking (as the daemon runs sandboxes): one event per new
+/// flow whatever its verdict, none for the flow's later packets, a denied
+/// flow re-reported at most once a second with the packets since, a
+/// verdict change reported, and per-sandbox counters by verdict class.
+#[test]
+fn flow_table_reports_new_flows_once() {
+    use sbx_net_common::{event_kind, sandbox_flags};
+    let mut h = Harness::new();
+    let tracked = h.spec.datapath_config(&h.policy, h.spec.id, sandbox_flags::FLOWS | sandbox_flags::REDIRECTS, &[443]);
+    h.datapath.write_config(LO_IFINDEX, &tracked).unwrap();
+    h.datapath.reset_sandbox_counters(h.spec.id).unwrap();
+
+    let allowed = h.v4(ALLOWED_V4, 17, &[], 0, &udp(4000, 9, b"x"));
+    let (code, events) = h.run(&allowed);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(events.len(), 1, "a new allowed flow is reported: {events:?}");
+    assert_eq!((events[0].kind, events[0].action, events[0].packets), (event_kind::NEW_FLOW, action::ALLOW, 1));
+    for _ in 0..5 {
+        let (code, events) = h.run(&allowed);
+        assert_eq!(code, TC_ACT_OK);
+        assert!(events.is_empty(), "the same flow again: no event");
+    }
+    // Another source port is another flow; IPv6 has its own table.
+    assert_eq!(h.run(&h.v4(ALLOWED_V4, 17, &[], 0, &udp(4001, 9, b"x"))).1.len(), 1);
+    let v6 = h.v6(h.spec.guest_ipv6, allowed_v6(), 17, &udp(4000, 9, b"x"));
+    assert_eq!(h.run(&v6).1.len(), 1);
+    assert!(h.run(&v6).1.is_empty());
+
+    let denied = h.v4(UNLISTED_V4, 6, &[], 0, &tcp_syn(5000, 22));
+    let (code, events) = h.run(&denied);
+    assert_eq!(code, TC_ACT_SHOT);
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].kind, Reason::from_u8(events[0].reason), events[0].rule_id), (event_kind::NEW_FLOW, Some(Reason::DefaultDeny), rule_id::DEFAULT));
+    for _ in 0..9 {
+        assert!(h.run(&denied).1.is_empty(), "retries within a second are counted, not reported");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let (_, events) = h.run(&denied);
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].kind, events[0].packets), (event_kind::DROP_REPEAT, 10), "the packets since the last report");
+
+    // Redirected (the proxied port) is a flow too.
+    let redirected = h.v4(UNLISTED_V4, 6, &[], 0, &tcp_syn(5001, 443));
+    let (code, events) = h.run(&redirected);
+    assert_eq!(code, TC_ACT_OK);
+    assert_eq!(Reason::from_u8(events[0].reason), Some(Reason::Redirected));
+
+    // A policy change that denies the allowed flow: reported as a change.
+    let mut closed = tracked;
+    closed.default_verdict = sbx_net_common::Verdict::new(action::DENY, rule_id::DEFAULT);
+    let deny_all = compile(&Policy::parse("deny.toml", "name = \"d\"\n[network]\ndefault = \"deny\"\n").unwrap(), &[]).unwrap();
+    h.datapath.switch_policy(LO_IFINDEX, &sbx_net_common::SandboxConfig { policy_id: 99, ..closed }, &deny_all, h.spec.id, &h.policy.clone(), &Default::default()).unwrap();
+    let (code, events) = h.run(&allowed);
+    assert_eq!(code, TC_ACT_SHOT);
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].kind, events[0].action), (event_kind::VERDICT_CHANGED, action::DENY));
+
+    let c = h.datapath.sandbox_counters(h.spec.id).unwrap();
+    assert_eq!(c[0].packets, 1 + 5 + 1 + 2, "allowed");
+    assert_eq!(c[1].packets, 1 + 9 + 1 + 1, "denied");
+    assert_eq!(c[2].packets, 1, "redirected");
+    assert_eq!(h.datapath.flow_count().unwrap(), 5);
+}
