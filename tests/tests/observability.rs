@@ -190,6 +190,7 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     // The compact line says it all.
     let out = h.cli_ok(&["inspect", "--sandbox", &name, "--ip", "198.51.100.130", "--no-color"]);
     assert!(out.contains("DENIED") && out.contains("rule=\"deny 198.51.100.128/28\""), "{out}");
+    eprintln!("{}", h.cli_ok(&["inspect", "--sandbox", &name, "--last", "12", "--no-color"]));
     let out = h.cli_ok(&["inspect", "--sandbox", &name, "--protocol", "http", "--color"]);
     assert!(out.contains("\x1b[32mALLOWED") && out.contains("http GET api.test/v1/user 200 credential=gh injected"), "{out}");
 

@@ -129,7 +129,8 @@ pub struct FlowRecord {
     pub dns: Option<DnsDetail>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpDetail>,
-    /// TLS server name the guest asked for (connection records).
+    /// The name the guest asked the proxy for: TLS SNI or HTTP Host
+    /// (connection records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -593,7 +594,7 @@ pub fn compact(r: &FlowRecord, color: bool) -> String {
         }
     }
     if let Some(name) = &r.server_name {
-        let _ = write!(line, " sni={name}");
+        let _ = write!(line, " name={name}");
     }
     if let Some(h) = &r.http {
         let _ = write!(line, " http {} {}{}", h.method, h.host, h.path);

@@ -99,12 +99,19 @@ fn run_inner<W: Write, E: Write>(socket: &Path, args: &InspectArgs, printer: &mu
     }
     let mut lines = inspect_stream(socket, args.follow)?;
     let mut lost = Lost::default();
+    let mut all = Vec::new();
     for line in lines.by_ref() {
         match line? {
             StreamLine::Lost(l) => lost = l,
-            StreamLine::Flow(r) => push(r, &mut history),
+            StreamLine::Flow(r) => all.push(r),
             StreamLine::EndOfHistory => break,
         }
+    }
+    // The history is in publishing order; datapath events reach the daemon
+    // a little after the proxies' records, so show it in time order.
+    all.sort_by_key(|r| r.time_unix_ns);
+    for r in all {
+        push(r, &mut history);
     }
     for r in &history {
         printer.record(r)?;

@@ -188,7 +188,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for p in v["policies"].as_array().into_iter().flatten() {
                 println!("policy {}: {} sandboxes ({})", p["name"].as_str().unwrap_or(""), p["sandboxes"], p["source"].as_str().unwrap_or(""));
             }
-            println!("events lost: {}", v["events_lost"]);
+            println!("flow table: {} flows (capacity {} per family); events lost: {}", m["flows"], m["flow_capacity"], v["events_lost"]);
             Ok(())
         }
     }
