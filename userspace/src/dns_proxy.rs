@@ -172,6 +172,11 @@ pub struct DnsStats {
 /// Hold-time buckets: 10 µs .. 500 ms (the hold timeout).
 pub const HOLD_BUCKETS: [f64; 12] = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.1, 0.5];
 
+/// A fresh hold-time histogram with [`HOLD_BUCKETS`].
+pub fn hold_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(HOLD_BUCKETS)
+}
+
 impl Default for DnsStats {
     fn default() -> Self {
         DnsStats {
@@ -181,7 +186,7 @@ impl Default for DnsStats {
             stripped: AtomicU64::new(0),
             hold_timeouts: AtomicU64::new(0),
             hold_max_us: AtomicU64::new(0),
-            hold_seconds: prometheus_client::metrics::histogram::Histogram::new(HOLD_BUCKETS.into_iter()),
+            hold_seconds: hold_histogram(),
         }
     }
 }

@@ -54,7 +54,7 @@ impl Lost {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StreamLine {
-    Flow(FlowRecord),
+    Flow(Box<FlowRecord>),
     Lost(Lost),
     /// The history has been sent (a follower then gets live records).
     EndOfHistory,
@@ -184,7 +184,7 @@ impl FlowHub {
         };
         line(out, &StreamLine::Lost(lost))?;
         for r in records {
-            line(out, &StreamLine::Flow((*r).clone()))?;
+            line(out, &StreamLine::Flow(Box::new((*r).clone())))?;
         }
         line(out, &StreamLine::EndOfHistory)?;
         out.flush()?;
@@ -195,7 +195,7 @@ impl FlowHub {
         loop {
             match live.blocking_recv() {
                 Ok(r) if r.seq <= last_seq => continue,
-                Ok(r) => line(out, &StreamLine::Flow((*r).clone()))?,
+                Ok(r) => line(out, &StreamLine::Flow(Box::new((*r).clone())))?,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     lagged += n;
                     let mut lost = self.history().1;

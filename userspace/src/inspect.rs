@@ -81,7 +81,7 @@ fn run_inner<W: Write, E: Write>(socket: &Path, args: &InspectArgs, printer: &mu
                 Ok(r) => r,
                 // A saved daemon stream works too.
                 Err(e) => match serde_json::from_str::<StreamLine>(&line) {
-                    Ok(StreamLine::Flow(r)) => r,
+                    Ok(StreamLine::Flow(r)) => *r,
                     Ok(StreamLine::Lost(lost)) => {
                         printer.lost(&lost);
                         continue;
@@ -103,7 +103,7 @@ fn run_inner<W: Write, E: Write>(socket: &Path, args: &InspectArgs, printer: &mu
     for line in lines.by_ref() {
         match line? {
             StreamLine::Lost(l) => lost = l,
-            StreamLine::Flow(r) => all.push(r),
+            StreamLine::Flow(r) => all.push(*r),
             StreamLine::EndOfHistory => break,
         }
     }

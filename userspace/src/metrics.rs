@@ -23,7 +23,7 @@ impl Default for Live {
     fn default() -> Self {
         Live {
             flows: Default::default(),
-            dns_hold: prometheus_client::metrics::histogram::Histogram::new(crate::dns_proxy::HOLD_BUCKETS.into_iter()),
+            dns_hold: crate::dns_proxy::hold_histogram(),
         }
     }
 }

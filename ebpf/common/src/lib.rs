@@ -45,7 +45,7 @@ pub const DROP_REPORT_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// Per-sandbox counters: slot `(sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES
 /// + class`. Ids are allocated lowest-free, so they stay below
-/// MAX_SANDBOXES unless that many sandboxes exist at once.
+/// `MAX_SANDBOXES` unless that many sandboxes exist at once.
 pub mod verdict_class {
     pub const ALLOWED: u32 = 0;
     pub const DENIED: u32 = 1;
