@@ -308,7 +308,7 @@ enum Transport {
 }
 
 /// The mnemonic dig prints (RFC 6895 names).
-fn rcode_name(code: ResponseCode) -> String {
+fn rcode_name(code: ResponseCode) -> crate::flow::Text {
     match code {
         ResponseCode::NoError => "NOERROR".into(),
         ResponseCode::FormErr => "FORMERR".into(),
@@ -316,7 +316,7 @@ fn rcode_name(code: ResponseCode) -> String {
         ResponseCode::NXDomain => "NXDOMAIN".into(),
         ResponseCode::NotImp => "NOTIMP".into(),
         ResponseCode::Refused => "REFUSED".into(),
-        other => format!("RCODE{}", u16::from(other)),
+        other => format!("RCODE{}", u16::from(other)).into(),
     }
 }
 
@@ -347,12 +347,12 @@ async fn answer(ctx: &DnsContext, peer_addr: std::net::SocketAddr, bytes: &[u8],
     let qname = normalise_query_name(&query.queries()[0].name().to_ascii());
     let qtype = query.queries()[0].query_type();
     // The flow record of this query, completed on every way out.
-    let record = |verdict: Verdict, reason: &str, rule: Option<String>, rcode: ResponseCode, answers: Vec<IpAddr>, stripped: usize| {
+    let record = |verdict: Verdict, reason: &'static str, rule: Option<String>, rcode: ResponseCode, answers: Vec<IpAddr>, stripped: usize| {
         let mut r = FlowRecord::new(&route.sandbox, "dns", "dns_query", if transport == Transport::Udp { "udp" } else { "tcp" }, verdict, reason)
             .with_endpoints(Some(peer_addr), None);
         r.dst_port = 53;
         r.rule = rule;
-        r.dns = Some(DnsDetail { query: qname.clone(), qtype: qtype.to_string(), rcode: rcode_name(rcode), answers, stripped });
+        r.dns = Some(DnsDetail { query: qname.clone(), qtype: <&'static str>::from(qtype).into(), rcode: rcode_name(rcode), answers, stripped });
         ctx.flows.publish(r);
     };
     let (rule, port) = match name_verdict(&route.policy, &qname) {

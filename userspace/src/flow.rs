@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::compile::CompiledPolicy;
 
+/// Record text that is usually a constant (no allocation per record).
+pub type Text = std::borrow::Cow<'static, str>;
+
 /// What happened to a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -47,9 +50,9 @@ impl Verdict {
 pub struct DnsDetail {
     pub query: String,
     /// Record type asked for ("A", "AAAA", ...).
-    pub qtype: String,
+    pub qtype: Text,
     /// Response code sent to the guest ("NOERROR", "NXDOMAIN", ...).
-    pub rcode: String,
+    pub rcode: Text,
     /// Addresses in the answer the guest got (after stripping).
     #[serde(default)]
     pub answers: Vec<IpAddr>,
@@ -92,14 +95,14 @@ pub struct FlowRecord {
     /// Sandbox name ("" for a frame on a tap no sandbox owns).
     pub sandbox: String,
     /// Who reported it: "datapath", "dns" or "proxy".
-    pub source: String,
+    pub source: Text,
     /// "new_flow", "verdict_changed", "drop", "drop_repeat" (datapath),
     /// "dns_query" (dns), "connection", "http_request" (proxy).
-    pub event: String,
+    pub event: Text,
     /// "egress": from the sandbox (the only direction a sandbox starts flows).
-    pub direction: String,
+    pub direction: Text,
     /// "tcp", "udp", "icmp", "icmpv6", "arp", "ip", "other".
-    pub protocol: String,
+    pub protocol: Text,
     #[serde(default)]
     pub src_ip: Option<IpAddr>,
     #[serde(default)]
@@ -111,7 +114,7 @@ pub struct FlowRecord {
     pub verdict: Verdict,
     /// The datapath's reason ("allowed", "default_deny", "spoofed_ip", ...)
     /// or the proxy's ("policy", "misdirected", "upstream_failed", ...).
-    pub reason: String,
+    pub reason: Text,
     /// The deciding rule as written in the policy (`deny 198.18.4.0/28`,
     /// `allow api.test`, `default deny`); absent when no rule decided.
     #[serde(default)]
@@ -140,22 +143,22 @@ pub struct FlowRecord {
 impl FlowRecord {
     /// A record with the common fields set; time and seq are filled in when
     /// it is published.
-    pub fn new(sandbox: &str, source: &str, event: &str, protocol: &str, verdict: Verdict, reason: &str) -> FlowRecord {
+    pub fn new(sandbox: &str, source: &'static str, event: &'static str, protocol: &'static str, verdict: Verdict, reason: &'static str) -> FlowRecord {
         FlowRecord {
             seq: 0,
             time: String::new(),
             time_unix_ns: 0,
             sandbox: sandbox.to_string(),
-            source: source.to_string(),
-            event: event.to_string(),
-            direction: "egress".to_string(),
-            protocol: protocol.to_string(),
+            source: Text::Borrowed(source),
+            event: Text::Borrowed(event),
+            direction: Text::Borrowed("egress"),
+            protocol: Text::Borrowed(protocol),
             src_ip: None,
             src_port: 0,
             dst_ip: None,
             dst_port: 0,
             verdict,
-            reason: reason.to_string(),
+            reason: Text::Borrowed(reason),
             rule: None,
             domains: Vec::new(),
             packets: 0,

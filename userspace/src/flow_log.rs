@@ -222,7 +222,7 @@ pub struct FlowContext {
 
 impl FlowContext {
     /// Publishes a connection-level decision (before any HTTP is read).
-    pub fn connection(&self, verdict: Verdict, reason: &str, rule: Option<String>, server_name: Option<&str>) {
+    pub fn connection(&self, verdict: Verdict, reason: &'static str, rule: Option<String>, server_name: Option<&str>) {
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "connection", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
         r.rule = rule;
         r.server_name = server_name.map(str::to_string);
@@ -236,7 +236,7 @@ impl FlowContext {
 
     /// Publishes one HTTP request the proxy terminated or forwarded.
     /// `status`: what the guest got back; `credential`: injected or not (and why).
-    pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &str, credential: Option<crate::flow::CredentialDetail>) {
+    pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &'static str, credential: Option<crate::flow::CredentialDetail>) {
         let verdict = if reason == "misdirected" { Verdict::Denied } else { Verdict::Allowed };
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
         r.rule = Some(self.rule.clone());
