@@ -374,3 +374,40 @@ fn flow_table_reports_new_flows_once() {
     assert_eq!(c[2].packets, 1, "redirected");
     assert_eq!(h.datapath.flow_count().unwrap(), 5);
 }
+
+/// A deleted sandbox's flows are purged before its id is reused: the next
+/// sandbox with that id sees its first packets reported as new flows.
+#[test]
+fn purged_flows_are_new_again() {
+    use sbx_net_common::{event_kind, sandbox_flags};
+    require_root();
+    let ns = NetNs::create(&unique_name("trp")).expect("netns");
+    ns.enter_current_thread().expect("enter netns");
+    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("trp"));
+    let mut datapath = Datapath::load(&DatapathOptions { pin_dir: Some(pins.clone()), ..Default::default() }).expect("load eBPF");
+    let mut events = datapath.take_events().unwrap();
+    let spec = SandboxSpec::new(7, "trp", &AddressPools::default()).unwrap();
+    let policy = compile(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec.host_addresses()).unwrap();
+    datapath.install_sandbox(LO_IFINDEX, &spec.datapath_config(&policy, spec.id, sandbox_flags::FLOWS, &[]), &policy).unwrap();
+    let frames: Vec<Vec<u8>> = [ALLOWED_V4, UNLISTED_V4]
+        .iter()
+        .map(|d| ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, *d, 17, &[], 0, &udp(4000, 9, b"x"))))
+        .collect();
+    let mut run = |frame: &[u8]| {
+        datapath.test_run(program_names::EGRESS, frame, LO_IFINDEX, 1).unwrap();
+        events.drain()
+    };
+    for f in &frames {
+        assert_eq!(run(f)[0].kind, event_kind::NEW_FLOW);
+        assert!(run(f).is_empty());
+    }
+    let mut flows = sbx_net::datapath::PinnedFlows::open(&pins).unwrap();
+    assert_eq!(flows.purge(&[8].into()), 0, "another sandbox's id purges nothing");
+    assert_eq!(flows.purge(&[7].into()), 2);
+    for f in &frames {
+        assert_eq!(run(f)[0].kind, event_kind::NEW_FLOW, "new again after the purge");
+    }
+    drop(flows);
+    datapath.unpin_maps().unwrap();
+    let _ = std::fs::remove_dir(&pins);
+}

@@ -5,7 +5,7 @@
 //! All mutations run on one control thread ([`Daemon::handle`]), so requests
 //! are serialised; the proxies read the routing table it publishes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -132,6 +132,7 @@ impl Daemon {
         let maps = LearnedMaps::open(&config.bpf_dir)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
         let dns_state = Arc::new(tokio::sync::Mutex::new((maps, learned)));
+        let reaper = start_reaper(pool.clone(), reaping.clone(), config.bpf_dir.clone())?;
         let mut daemon = Daemon {
             config,
             datapath,
@@ -141,7 +142,7 @@ impl Daemon {
             policies,
             in_force: HashMap::new(),
             routes,
-            reaper: start_reaper(pool.clone(), reaping.clone())?,
+            reaper,
             reaping,
             dns_state,
             dns_stats: Arc::default(),
@@ -163,7 +164,7 @@ impl Daemon {
     /// Removes pre-warmed taps an earlier process left, then starts the
     /// workers that keep `tap_pool_size` taps ready.
     fn start_pool(&mut self) -> Result<(), DaemonError> {
-        let owned: std::collections::BTreeSet<String> = self.state.sandboxes.values().map(|r| r.tap.clone()).collect();
+        let owned: BTreeSet<String> = self.state.sandboxes.values().map(|r| r.tap.clone()).collect();
         let links_dir = self.config.bpf_dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
         let stale = dismantle_pooled(&self.netlink, &links_dir, &owned);
@@ -700,12 +701,16 @@ impl Daemon {
                 let job = ReapJob { id: record.id, tap: record.tap.clone(), ifindex, pin: reap_pin };
                 self.reaping.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if let Err(e) = self.reaper.send(job) {
-                    reap(&self.netlink, &self.pool, e.0);
+                    let id = e.0.id;
+                    unregister(&self.netlink, e.0);
+                    purge_flows(&self.config.bpf_dir, &BTreeSet::from([id]));
+                    self.pool.release(id);
                     self.reaping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             _ => {
                 teardown(&self.netlink, &self.nft, &self.config, &record, &spec);
+                purge_flows(&self.config.bpf_dir, &BTreeSet::from([record.id]));
                 self.pool.release(record.id);
             }
         }
@@ -977,27 +982,49 @@ pub struct ReapJob {
     pin: PathBuf,
 }
 
-/// Deletes the tap (which detaches its classifier), then drops the link's
-/// pin and frees the id.
-fn reap(netlink: &Netlink, pool: &TapPool, job: ReapJob) {
+/// Deletes the tap (which detaches its classifier), then drops the link's pin.
+fn unregister(netlink: &Netlink, job: ReapJob) {
     if ifindex_of(&job.tap) == Some(job.ifindex) {
         if let Err(e) = netlink.delete_link(job.ifindex) {
             tracing::warn!(tap = %job.tap, "deleting: {e}");
         }
     }
     let _ = Datapath::unpin_link(&job.pin);
-    pool.release(job.id);
 }
 
-fn start_reaper(pool: TapPool, reaping: Arc<std::sync::atomic::AtomicUsize>) -> Result<std::sync::mpsc::Sender<ReapJob>, DaemonError> {
+/// Forgets the flows of sandbox ids about to be reused.
+fn purge_flows(bpf_dir: &Path, ids: &BTreeSet<u32>) {
+    match crate::datapath::PinnedFlows::open(bpf_dir) {
+        Ok(mut flows) => {
+            let removed = flows.purge(ids);
+            tracing::debug!(?ids, removed, "flows of deleted sandboxes purged");
+        }
+        Err(e) => tracing::warn!("purging flows: {e}"),
+    }
+}
+
+/// Unregisters deleted sandboxes' taps after the delete was answered, then
+/// purges their flows (one walk of the flow tables per batch of deletes) and
+/// frees their ids.
+fn start_reaper(pool: TapPool, reaping: Arc<std::sync::atomic::AtomicUsize>, bpf_dir: PathBuf) -> Result<std::sync::mpsc::Sender<ReapJob>, DaemonError> {
     let (tx, rx) = std::sync::mpsc::channel::<ReapJob>();
     let netlink = Netlink::new()?;
     std::thread::Builder::new()
         .name("tap-reaper".into())
         .spawn(move || {
-            for job in rx {
-                reap(&netlink, &pool, job);
-                reaping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            while let Ok(first) = rx.recv() {
+                let mut jobs = vec![first];
+                jobs.extend(rx.try_iter());
+                let ids: BTreeSet<u32> = jobs.iter().map(|j| j.id).collect();
+                let count = jobs.len();
+                for job in jobs {
+                    unregister(&netlink, job);
+                }
+                purge_flows(&bpf_dir, &ids);
+                for id in ids {
+                    pool.release(id);
+                }
+                reaping.fetch_sub(count, std::sync::atomic::Ordering::SeqCst);
             }
         })
         .map_err(|e| DaemonError::Io { path: "tap reaper thread".into(), source: e })?;
@@ -1051,7 +1078,7 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
         teardown(&netlink, &nft, config, record, &spec);
         done.push(format!("sandbox {} (tap {})", record.name, record.tap));
     }
-    let owned: std::collections::BTreeSet<String> = state.sandboxes.values().filter(|r| r.adopted_tap).map(|r| r.tap.clone()).collect();
+    let owned: BTreeSet<String> = state.sandboxes.values().filter(|r| r.adopted_tap).map(|r| r.tap.clone()).collect();
     let pooled = dismantle_pooled(&netlink, &config.bpf_dir.join("links"), &owned);
     done.push(format!("{pooled} pre-warmed taps"));
     nft.remove()?;

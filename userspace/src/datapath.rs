@@ -507,6 +507,34 @@ pub fn key_v6(sandbox_id: u32, addr: [u8; 16], prefix_len: u8) -> Key<KeyV6> {
     Key::new(SANDBOX_ID_BITS + prefix_len as u32, data)
 }
 
+/// The pinned flow tables, opened by path (the reaper's view).
+pub struct PinnedFlows {
+    v4: HashMap<MapData, FlowKeyV4, FlowStats>,
+    v6: HashMap<MapData, FlowKey, FlowStats>,
+}
+
+impl PinnedFlows {
+    pub fn open(pin_dir: &Path) -> Result<PinnedFlows, DatapathError> {
+        let open = |name: &'static str| -> Result<aya::maps::Map, DatapathError> {
+            Ok(aya::maps::Map::LruHashMap(MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?))
+        };
+        Ok(PinnedFlows {
+            v4: HashMap::try_from(open(map_names::FLOWS_V4)?).map_err(map_err(map_names::FLOWS_V4))?,
+            v6: HashMap::try_from(open(map_names::FLOWS)?).map_err(map_err(map_names::FLOWS))?,
+        })
+    }
+
+    /// Removes every flow of these sandbox ids (before an id is reused, so a
+    /// new sandbox's first packets are new flows, not an old sandbox's).
+    /// Walks both tables once. Returns the number removed.
+    pub fn purge(&mut self, ids: &std::collections::BTreeSet<u32>) -> usize {
+        let v4: Vec<FlowKeyV4> = self.v4.keys().flatten().filter(|k| ids.contains(&k.sandbox_id)).collect();
+        let v6: Vec<FlowKey> = self.v6.keys().flatten().filter(|k| ids.contains(&k.sandbox_id)).collect();
+        let removed = v4.iter().filter(|k| self.v4.remove(k).is_ok()).count();
+        removed + v6.iter().filter(|k| self.v6.remove(k).is_ok()).count()
+    }
+}
+
 /// The pinned per-CPU counter array, opened by path (the flow reader's
 /// view of the lost-event count).
 pub struct PinnedCounters {
