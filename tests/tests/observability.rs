@@ -215,6 +215,10 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     let last2 = pick(&["--last", "2"]);
     assert_eq!(last2, records[records.len() - 2..].to_vec());
     assert!(inspect(&h, &["--sandbox", "nobody"]).0.is_empty());
+    assert_eq!(pick(&["--since", "1h"]).len(), records.len());
+    assert!(pick(&["--since", "2099-01-01T00:00:00Z"]).is_empty());
+    let midpoint = records[records.len() / 2].time.clone();
+    assert!(pick(&["--since", &midpoint]).iter().all(|r| r.time >= midpoint));
     let err = h.cli_err(&["inspect", "--verdict", "maybe"]);
     assert!(err.contains("expected allowed, denied or redirected"), "{err}");
 
