@@ -524,6 +524,14 @@ impl PinnedFlows {
         })
     }
 
+    /// A flow's entry, if the table still holds it.
+    pub fn get(&self, key: &crate::flow::AnyFlowKey) -> Option<FlowStats> {
+        match key {
+            crate::flow::AnyFlowKey::V4(k) => self.v4.get(k, 0).ok(),
+            crate::flow::AnyFlowKey::Other(k) => self.v6.get(k, 0).ok(),
+        }
+    }
+
     /// Removes every flow of these sandbox ids (before an id is reused, so a
     /// new sandbox's first packets are new flows, not an old sandbox's).
     /// Walks both tables once. Returns the number removed.

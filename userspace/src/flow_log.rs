@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::flow::{FlowRecord, Verdict};
+use crate::flow::{AnyFlowKey, FlowRecord, Verdict};
 
 type Labels = Vec<(String, String)>;
 
@@ -75,7 +75,9 @@ pub struct FlowMetrics {
 }
 
 struct History {
-    records: VecDeque<Arc<FlowRecord>>,
+    /// Records, with the flow-table key of datapath flows (to show a flow's
+    /// totals so far when the history is read).
+    records: VecDeque<(Arc<FlowRecord>, Option<AnyFlowKey>)>,
     capacity: usize,
     next_seq: u64,
     evicted: u64,
@@ -105,7 +107,13 @@ impl FlowHub {
     }
 
     /// Stamps (time, seq), counts, audits and stores a record.
-    pub fn publish(&self, mut record: FlowRecord) {
+    pub fn publish(&self, record: FlowRecord) {
+        self.publish_flow(record, None);
+    }
+
+    /// [`FlowHub::publish`] for a datapath record whose flow is in the
+    /// flow table under `key`.
+    pub fn publish_flow(&self, mut record: FlowRecord, key: Option<AnyFlowKey>) {
         if record.time_unix_ns == 0 {
             record.time_unix_ns = unix_now_ns();
         }
@@ -134,7 +142,7 @@ impl FlowHub {
                 h.records.pop_front();
                 h.evicted += 1;
             }
-            h.records.push_back(record.clone());
+            h.records.push_back((record.clone(), key));
             record
         };
         if record.verdict == Verdict::Denied || record.credential_injected() {
@@ -161,6 +169,11 @@ impl FlowHub {
 
     /// The history, oldest first, and what is lost so far.
     pub fn history(&self) -> (Vec<Arc<FlowRecord>>, Lost) {
+        let (records, lost) = self.history_with_keys();
+        (records.into_iter().map(|(r, _)| r).collect(), lost)
+    }
+
+    fn history_with_keys(&self) -> (Vec<(Arc<FlowRecord>, Option<AnyFlowKey>)>, Lost) {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let lost = Lost { ring_buffer: self.ring_lost.load(Ordering::Relaxed), history_evicted: h.evicted, follower_lagged: 0 };
         (h.records.iter().cloned().collect(), lost)
@@ -173,18 +186,29 @@ impl FlowHub {
     /// Writes the stream for one `inspect` client: the loss counters, the
     /// history, an end-of-history marker, then (with `follow`) live records
     /// until the client goes away. Blocking (runs on a client thread).
-    pub fn serve_inspect(&self, out: &mut impl std::io::Write, follow: bool) -> std::io::Result<()> {
+    /// With `flows`, a flow's `new_flow` / `verdict_changed` record shows
+    /// the flow's packets and bytes so far (while the table holds it).
+    pub fn serve_inspect(&self, out: &mut impl std::io::Write, follow: bool, flows: Option<&crate::datapath::PinnedFlows>) -> std::io::Result<()> {
         let mut live = self.subscribe();
-        let (records, lost) = self.history();
-        let last_seq = records.last().map_or(0, |r| r.seq);
+        let (records, lost) = self.history_with_keys();
+        let last_seq = records.last().map_or(0, |(r, _)| r.seq);
         let line = |out: &mut dyn std::io::Write, l: &StreamLine| -> std::io::Result<()> {
             let mut text = serde_json::to_string(l).expect("stream lines serialize");
             text.push('\n');
             out.write_all(text.as_bytes())
         };
         line(out, &StreamLine::Lost(lost))?;
-        for r in records {
-            line(out, &StreamLine::Flow(Box::new((*r).clone())))?;
+        for (r, key) in records {
+            let mut r = (*r).clone();
+            if let (Some(flows), Some(key)) = (flows, key) {
+                if r.event == "new_flow" || r.event == "verdict_changed" {
+                    if let Some(stats) = flows.get(&key) {
+                        r.packets = stats.packets;
+                        r.bytes = stats.bytes;
+                    }
+                }
+            }
+            line(out, &StreamLine::Flow(Box::new(r)))?;
         }
         line(out, &StreamLine::EndOfHistory)?;
         out.flush()?;
@@ -416,7 +440,8 @@ async fn publish_events(
             domains,
             ev.timestamp_ns.saturating_add(offset),
         );
-        hub.publish(record);
+        let tracked = ev.kind != sbx_net_common::event_kind::DROP;
+        hub.publish_flow(record, tracked.then(|| crate::flow::flow_key(ev)));
     }
 }
 
@@ -441,7 +466,7 @@ mod tests {
         assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(lost.history_evicted, 2);
         let mut out = Vec::new();
-        hub.serve_inspect(&mut out, false).unwrap();
+        hub.serve_inspect(&mut out, false, None).unwrap();
         let lines: Vec<StreamLine> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert!(matches!(lines[0], StreamLine::Lost(Lost { history_evicted: 2, .. })));
         assert!(matches!(lines.last(), Some(StreamLine::EndOfHistory)));

@@ -154,6 +154,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let listener = bind_socket(&config)?;
     let flows = dns.flows.clone();
     let inspect_flows = flows.clone();
+    let bpf_dir = config.bpf_dir.clone();
 
     let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
     let metrics_control = tx.clone();
@@ -170,8 +171,8 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .name("socket".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (tx, flows) = (tx.clone(), inspect_flows.clone());
-                std::thread::spawn(move || serve_client(stream, tx, &flows));
+                let (tx, flows, bpf_dir) = (tx.clone(), inspect_flows.clone(), bpf_dir.clone());
+                std::thread::spawn(move || serve_client(stream, tx, &flows, &bpf_dir));
             }
         })
         .map_err(io("spawning the socket thread"))?;
@@ -235,7 +236,7 @@ fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, flows: &crate::flow_log::FlowHub) {
+fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, flows: &crate::flow_log::FlowHub, bpf_dir: &Path) {
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
@@ -244,7 +245,8 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Inspect { follow }) => {
                 // The stream ends the connection (a follower's when it goes away).
-                let _ = flows.serve_inspect(&mut std::io::BufWriter::new(writer), follow);
+                let table = crate::datapath::PinnedFlows::open(bpf_dir).ok();
+                let _ = flows.serve_inspect(&mut std::io::BufWriter::new(writer), follow, table.as_ref());
                 return;
             }
             Ok(request) => {
