@@ -351,6 +351,7 @@ fn flow_table_reports_new_flows_once() {
     let (_, events) = h.run(&denied);
     assert_eq!(events.len(), 1);
     assert_eq!((events[0].kind, events[0].packets), (event_kind::DROP_REPEAT, 10), "the packets since the last report");
+    assert_eq!(events[0].bytes, 10 * denied.len() as u64, "and their bytes");
 
     // Redirected (the proxied port) is a flow too.
     let redirected = h.v4(UNLISTED_V4, 6, &[], 0, &tcp_syn(5001, 443));

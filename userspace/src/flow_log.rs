@@ -74,10 +74,12 @@ pub struct FlowMetrics {
     pub audit_write_failures: Counter,
 }
 
+/// A stored record, with the flow-table key of a datapath flow (to show the
+/// flow's totals so far when the history is read).
+type Stored = (Arc<FlowRecord>, Option<AnyFlowKey>);
+
 struct History {
-    /// Records, with the flow-table key of datapath flows (to show a flow's
-    /// totals so far when the history is read).
-    records: VecDeque<(Arc<FlowRecord>, Option<AnyFlowKey>)>,
+    records: VecDeque<Stored>,
     capacity: usize,
     next_seq: u64,
     evicted: u64,
@@ -173,7 +175,7 @@ impl FlowHub {
         (records.into_iter().map(|(r, _)| r).collect(), lost)
     }
 
-    fn history_with_keys(&self) -> (Vec<(Arc<FlowRecord>, Option<AnyFlowKey>)>, Lost) {
+    fn history_with_keys(&self) -> (Vec<Stored>, Lost) {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let lost = Lost { ring_buffer: self.ring_lost.load(Ordering::Relaxed), history_evicted: h.evicted, follower_lagged: 0 };
         (h.records.iter().cloned().collect(), lost)

@@ -326,8 +326,10 @@ pub struct FlowStats {
     pub last_report_ns: u64,
     pub packets: u64,
     pub bytes: u64,
-    /// `packets` at the last report (a repeat report carries the difference).
+    /// `packets` and `bytes` at the last report (a repeat report carries
+    /// the difference).
     pub reported_packets: u64,
+    pub reported_bytes: u64,
     /// The latest packet's verdict.
     pub rule_id: u32,
     pub reason: u8,
@@ -406,7 +408,7 @@ mod tests {
         assert_eq!(size_of::<FlowEvent>(), 8 + 4 * 4 + 2 * 3 + 4 + 1 + 5 + 32 + 16);
         assert_eq!(size_of::<FlowKey>(), 4 + 32 + 2 * 3 + 2);
         assert_eq!(size_of::<FlowKeyV4>(), 4 + 8 + 2 * 3 + 2);
-        assert_eq!(size_of::<FlowStats>(), 6 * 8 + 4 + 4);
+        assert_eq!(size_of::<FlowStats>(), 7 * 8 + 4 + 4);
     }
 
     #[test]

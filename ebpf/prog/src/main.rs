@@ -378,11 +378,13 @@ fn update_flow<K>(
             (*stats).reason = reason as u8;
             (*stats).rule_id = rule;
             (*stats).last_report_ns = now;
-            let packets = (*stats).packets;
-            let since = packets.wrapping_sub((*stats).reported_packets);
+            let (packets, bytes) = ((*stats).packets, (*stats).bytes);
+            let packets_since = packets.wrapping_sub((*stats).reported_packets);
+            let bytes_since = bytes.wrapping_sub((*stats).reported_bytes);
             (*stats).reported_packets = packets;
+            (*stats).reported_bytes = bytes;
             if kind == event_kind::DROP_REPEAT {
-                return Some((kind, since, (*stats).bytes));
+                return Some((kind, packets_since, bytes_since));
             }
             return Some((kind, 1, len as u64));
         }
@@ -395,6 +397,7 @@ fn update_flow<K>(
     fresh.packets = 1;
     fresh.bytes = len as u64;
     fresh.reported_packets = 1;
+    fresh.reported_bytes = len as u64;
     fresh.rule_id = rule;
     fresh.reason = reason as u8;
     fresh._pad = [0; 3];
