@@ -479,6 +479,42 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_follower_is_told_what_it_missed() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("sbx-net-follow-{}", std::process::id()));
+        let hub = Arc::new(FlowHub::new(&FlowLogSettings { history: 10, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 }));
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let serving = hub.clone();
+        let follower = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None));
+        let mut lines = std::io::BufReader::new(reader).lines();
+        while !lines.next().unwrap().unwrap().contains("end_of_history") {}
+        // The client reads nothing while 20 000 records are published: its
+        // socket fills, the follower blocks, the live channel overflows.
+        const SENT: u64 = 20_000;
+        for n in 0..SENT {
+            hub.publish(rec(n as u16, Verdict::Allowed));
+        }
+        let (mut received, mut lagged) = (0u64, 0u64);
+        for line in lines.by_ref() {
+            match serde_json::from_str::<StreamLine>(&line.unwrap()).unwrap() {
+                StreamLine::Lost(l) => lagged = l.follower_lagged,
+                StreamLine::Flow(r) => {
+                    received += 1;
+                    if r.seq == SENT {
+                        break;
+                    }
+                }
+                StreamLine::EndOfHistory => {}
+            }
+        }
+        assert!(lagged > 0, "the overflow is reported");
+        assert_eq!(received + lagged, SENT, "every record is received or counted as missed");
+        drop(lines);
+        hub.publish(rec(1, Verdict::Allowed));
+        assert!(follower.join().unwrap().is_err(), "the follower ends when its client goes");
+    }
+
+    #[test]
     fn audit_log_rotates_by_size_and_keeps_whole_lines() {
         let dir = std::env::temp_dir().join(format!("sbx-net-audit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
