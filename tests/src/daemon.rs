@@ -198,6 +198,10 @@ impl Drop for DaemonHarness {
         if std::thread::panicking() {
             eprintln!("--- daemon log ({}) ---\n{}", self.dir.display(), self.log());
         }
+        // For looking into a run afterwards: SBX_NET_KEEP_LOG=FILE.
+        if let Some(keep) = std::env::var_os("SBX_NET_KEEP_LOG") {
+            let _ = std::fs::copy(self.dir.join("daemon.log"), keep);
+        }
         self.kill_daemon(libc::SIGKILL);
         let out = self.cleanup();
         if !out.status.success() {
