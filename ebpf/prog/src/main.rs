@@ -281,10 +281,14 @@ fn finish(
     verdict
 }
 
+/// Adds to a counter other CPUs may update too (BPF_ATOMIC add).
+///
+/// # Safety
+/// `target` must point to a u64 field of a map value (8-byte aligned, as
+/// every u64 field of our #[repr(C)] values is), valid while the program runs.
 #[inline(always)]
-fn atomic_add(target: *mut u64, value: u64) {
-    // SAFETY: `target` points into a map value, 8-byte aligned (every u64
-    // field of our #[repr(C)] values is), valid while the program runs.
+unsafe fn atomic_add(target: *mut u64, value: u64) {
+    // SAFETY: guaranteed by the caller (above).
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(target, value) };
 }
 
