@@ -93,6 +93,8 @@ pub struct Daemon {
     dns_state: SharedLearned,
     /// Taps handed to the reaper and not yet gone.
     reaping: Arc<std::sync::atomic::AtomicUsize>,
+    /// The flow stream (a deleted sandbox's metric series go with it).
+    flows: Arc<crate::flow_log::FlowHub>,
     exe: PathBuf,
     started: Instant,
     reload_failures: u64,
@@ -102,7 +104,7 @@ pub struct Daemon {
 impl Daemon {
     /// Loads the datapath (re-using pinned maps), the state and the policies,
     /// re-adopts every recorded sandbox and installs the nftables table.
-    pub fn start(config: DaemonConfig, routes: Routes) -> Result<Daemon, DaemonError> {
+    pub fn start(config: DaemonConfig, routes: Routes, flows: Arc<crate::flow_log::FlowHub>) -> Result<Daemon, DaemonError> {
         std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
         let datapath = Datapath::load(&DatapathOptions {
             pin_dir: Some(config.bpf_dir.clone()),
@@ -144,6 +146,7 @@ impl Daemon {
             routes,
             reaper,
             reaping,
+            flows,
             dns_state,
             dns_stats: Arc::default(),
             cas: HashMap::new(),
@@ -715,6 +718,7 @@ impl Daemon {
             }
         }
         self.unpublish_routes(&spec);
+        self.flows.forget_sandbox(name);
         self.cas.remove(name);
         let _ = std::fs::remove_dir_all(self.config.sandbox_ca_dir(name));
         self.state.sandboxes.remove(name);

@@ -64,8 +64,10 @@ pub enum StreamLine {
 /// registers clones).
 #[derive(Clone, Default)]
 pub struct FlowMetrics {
-    /// Datapath flows started, by sandbox and verdict.
-    pub flows: Family<Labels, Counter>,
+    /// Datapath flows started, by sandbox and verdict. Plain counts, turned
+    /// into a metric family at scrape time, so a deleted sandbox's series
+    /// go with it ([`FlowHub::forget_sandbox`]).
+    pub flows: Arc<Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
     /// Proxy decisions by outcome (allowed, denied, misdirected, upstream_failed).
     pub proxy_requests: Family<Labels, Counter>,
     pub credentials_injected: Counter,
@@ -123,10 +125,8 @@ impl FlowHub {
             record.time = crate::flow::rfc3339(record.time_unix_ns);
         }
         if record.source == "datapath" && record.event == "new_flow" {
-            self.metrics
-                .flows
-                .get_or_create(&vec![("sandbox".into(), record.sandbox.clone()), ("verdict".into(), record.verdict.as_str().into())])
-                .inc();
+            let mut flows = self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner());
+            *flows.entry((record.sandbox.clone(), record.verdict.as_str())).or_default() += 1;
         }
         if let Some(c) = &record.credential {
             if c.injected {
@@ -179,6 +179,11 @@ impl FlowHub {
         let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let lost = Lost { ring_buffer: self.ring_lost.load(Ordering::Relaxed), history_evicted: h.evicted, follower_lagged: 0 };
         (h.records.iter().cloned().collect(), lost)
+    }
+
+    /// Drops a deleted sandbox's per-sandbox counts (its metric series).
+    pub fn forget_sandbox(&self, sandbox: &str) {
+        self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner()).retain(|(name, _), _| name != sandbox);
     }
 
     pub fn count_proxy(&self, outcome: &str) {
@@ -476,6 +481,21 @@ mod tests {
         // Allowed records are not audited.
         assert!(!dir.join("audit.log").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn flow_counts_go_with_their_sandbox() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-counts-{}", std::process::id()));
+        let hub = FlowHub::new(&FlowLogSettings { history: 4, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 });
+        for sandbox in ["a", "b", "a"] {
+            let mut r = rec(1, Verdict::Allowed);
+            r.sandbox = sandbox.into();
+            hub.publish(r);
+        }
+        let counts = |hub: &FlowHub| hub.metrics.flows.lock().unwrap().clone().into_iter().collect::<Vec<_>>();
+        assert_eq!(counts(&hub), [(("a".to_string(), "allowed"), 2), (("b".to_string(), "allowed"), 1)]);
+        hub.forget_sandbox("a");
+        assert_eq!(counts(&hub), [(("b".to_string(), "allowed"), 1)]);
     }
 
     #[test]

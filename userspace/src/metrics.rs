@@ -82,7 +82,14 @@ pub fn render(status: &serde_json::Value, live: &Live) -> String {
     }
     registry.register("sandbox_packets", "Frames from each sandbox by verdict", sandbox_packets);
     registry.register("sandbox_bytes", "Bytes from each sandbox by verdict", sandbox_bytes);
-    registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", live.flows.flows.clone());
+    let flows: Family<Labels, Counter> = Family::default();
+    {
+        let counts = live.flows.flows.lock().unwrap_or_else(|p| p.into_inner());
+        for ((sandbox, verdict), n) in counts.iter() {
+            flows.get_or_create(&vec![("sandbox".to_string(), sandbox.clone()), ("verdict".to_string(), verdict.to_string())]).inc_by(*n);
+        }
+    }
+    registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", flows);
     registry.register("proxy_requests", "Proxy decisions (connections and HTTP requests) by outcome", live.flows.proxy_requests.clone());
     registry.register("credentials_injected", "Requests a credential was injected into", live.flows.credentials_injected.clone());
     registry.register("credential_failures", "Requests to a credential host sent without the credential (secret unavailable)", live.flows.credential_failures.clone());
@@ -167,7 +174,7 @@ mod tests {
             "credentials": [ { "available": true }, { "available": false } ],
         });
         let live = Live::default();
-        live.flows.flows.get_or_create(&vec![("sandbox".into(), "a".into()), ("verdict".into(), "denied".into())]).inc();
+        live.flows.flows.lock().unwrap().insert(("a".into(), "denied"), 1);
         live.dns_hold.observe(0.0002);
         let text = render(&status, &live);
         for line in [

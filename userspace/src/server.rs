@@ -132,7 +132,8 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         return Err(ServerError::AlreadyRunning(config.socket.display().to_string()));
     }
     let routes: proxy::Routes = Arc::new(RwLock::new(Default::default()));
-    let daemon = Daemon::start(config.clone(), routes.clone())?;
+    let flows = Arc::new(crate::flow_log::FlowHub::new(&config.flow_log()));
+    let daemon = Daemon::start(config.clone(), routes.clone(), flows.clone())?;
     let proxy_listeners = proxy::bind(config.proxy_port)?;
     let (dns_udp, dns_tcp) = dns_proxy::bind(config.dns_port)?;
     let dns = Arc::new(dns_proxy::DnsContext {
@@ -148,11 +149,10 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         state: daemon.dns_state(),
         stats: daemon.dns_stats(),
         upstream: Default::default(),
-        flows: Arc::new(crate::flow_log::FlowHub::new(&config.flow_log())),
+        flows: flows.clone(),
         upstream_tls: crate::credential_proxy::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
     });
     let listener = bind_socket(&config)?;
-    let flows = dns.flows.clone();
     let inspect_flows = flows.clone();
     let bpf_dir = config.bpf_dir.clone();
 
