@@ -98,6 +98,9 @@ pub struct FlowHub {
 
 /// Buffer of live records per follower before it counts as lagging.
 const FOLLOWER_BUFFER: usize = 8192;
+/// How often an idle follower looks for new records (and whether its
+/// client is still there): the latency `inspect --follow` adds at most.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl FlowHub {
     pub fn new(settings: &FlowLogSettings) -> FlowHub {
@@ -195,7 +198,15 @@ impl FlowHub {
     /// until the client goes away. Blocking (runs on a client thread).
     /// With `flows`, a flow's `new_flow` / `verdict_changed` record shows
     /// the flow's packets and bytes so far (while the table holds it).
-    pub fn serve_inspect(&self, out: &mut impl std::io::Write, follow: bool, flows: Option<&crate::datapath::PinnedFlows>) -> std::io::Result<()> {
+    /// `client_gone` is asked while no record comes, so a follower whose
+    /// client went away ends without waiting for the next record.
+    pub fn serve_inspect(
+        &self,
+        out: &mut impl std::io::Write,
+        follow: bool,
+        flows: Option<&crate::datapath::PinnedFlows>,
+        client_gone: impl Fn() -> bool,
+    ) -> std::io::Result<()> {
         let mut live = self.subscribe();
         let (records, lost) = self.history_with_keys();
         let last_seq = records.last().map_or(0, |(r, _)| r.seq);
@@ -224,18 +235,25 @@ impl FlowHub {
         }
         let mut lagged = 0;
         loop {
-            match live.blocking_recv() {
+            match live.try_recv() {
                 Ok(r) if r.seq <= last_seq => continue,
                 Ok(r) => line(out, &StreamLine::Flow(Box::new((*r).clone())))?,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
                     lagged += n;
                     let mut lost = self.history().1;
                     lost.follower_lagged = lagged;
                     line(out, &StreamLine::Lost(lost))?;
                 }
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                Err(broadcast::error::TryRecvError::Empty) => {
+                    out.flush()?;
+                    if client_gone() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(FOLLOW_POLL);
+                    continue;
+                }
+                Err(broadcast::error::TryRecvError::Closed) => return Ok(()),
             }
-            out.flush()?;
         }
     }
 }
@@ -473,7 +491,7 @@ mod tests {
         assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
         assert_eq!(lost.history_evicted, 2);
         let mut out = Vec::new();
-        hub.serve_inspect(&mut out, false, None).unwrap();
+        hub.serve_inspect(&mut out, false, None, || false).unwrap();
         let lines: Vec<StreamLine> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert!(matches!(lines[0], StreamLine::Lost(Lost { history_evicted: 2, .. })));
         assert!(matches!(lines.last(), Some(StreamLine::EndOfHistory)));
@@ -505,7 +523,7 @@ mod tests {
         let hub = Arc::new(FlowHub::new(&FlowLogSettings { history: 10, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 }));
         let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
         let serving = hub.clone();
-        let follower = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None));
+        let follower = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None, || false));
         let mut lines = std::io::BufReader::new(reader).lines();
         while !lines.next().unwrap().unwrap().contains("end_of_history") {}
         // The client reads nothing while 20 000 records are published: its
@@ -532,6 +550,16 @@ mod tests {
         drop(lines);
         hub.publish(rec(1, Verdict::Allowed));
         assert!(follower.join().unwrap().is_err(), "the follower ends when its client goes");
+        // An idle follower notices its client left without a new record.
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let serving = hub.clone();
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = gone.clone();
+        let idle = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None, || seen.load(Ordering::Relaxed)));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(reader);
+        gone.store(true, Ordering::Relaxed);
+        assert!(idle.join().unwrap().is_ok());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! [`crate::daemon`]; this is the I/O around them.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -56,7 +57,6 @@ fn join_host_mount_namespace(bpf_dir: &Path) -> Result<Option<u32>, ServerError>
             continue;
         }
         let Ok(file) = std::fs::File::open(format!("/proc/{pid}/ns/mnt")) else { continue };
-        use std::os::fd::AsRawFd;
         // SAFETY: setns on a namespace fd we own; the process is
         // single-threaded here (the kernel fails with EINVAL otherwise).
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNS) } != 0 {
@@ -246,7 +246,8 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
             Ok(Request::Inspect { follow }) => {
                 // The stream ends the connection (a follower's when it goes away).
                 let table = crate::datapath::PinnedFlows::open(bpf_dir).ok();
-                let _ = flows.serve_inspect(&mut std::io::BufWriter::new(writer), follow, table.as_ref());
+                let fd = writer.as_raw_fd();
+                let _ = flows.serve_inspect(&mut std::io::BufWriter::new(writer), follow, table.as_ref(), || peer_closed(fd));
                 return;
             }
             Ok(request) => {
@@ -265,6 +266,14 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
         }
         line.clear();
     }
+}
+
+/// Whether the peer of a connected socket hung up (poll(2) without waiting).
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one pollfd we own, for an fd the caller keeps open; no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
 /// `GET /metrics` (Prometheus / OpenMetrics text), rendered from the
