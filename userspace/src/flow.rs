@@ -86,7 +86,8 @@ pub struct CredentialDetail {
 /// the README); optional detail is omitted when absent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowRecord {
-    /// Position in the daemon's stream (increasing; gaps are lost records).
+    /// Position in the daemon's stream (increasing; in an unfiltered
+    /// `--follow`, a gap is records the client missed).
     #[serde(default)]
     pub seq: u64,
     /// Wall-clock time, RFC 3339 UTC.

@@ -409,7 +409,13 @@ pub async fn read_datapath_events(
     loop {
         tokio::select! {
             ready = fd.readable_mut() => {
-                let Ok(mut guard) = ready else { return };
+                let mut guard = match ready {
+                    Ok(guard) => guard,
+                    Err(e) => {
+                        tracing::error!("flow events: polling the ring buffer failed, datapath records stop: {e}");
+                        return;
+                    }
+                };
                 let events = guard.get_inner_mut().drain();
                 guard.clear_ready();
                 if !events.is_empty() {
