@@ -186,6 +186,21 @@ impl DaemonHarness {
         self.json(&["sandbox", "create", name, "--policy", policy, "--netns-guest"])
     }
 
+    /// `GET /metrics` (default address) from inside the daemon's namespace,
+    /// with extra curl arguments (`-H Accept: …`).
+    pub fn metrics_with(&self, curl_args: &[&str]) -> String {
+        let mut args = vec!["-sf", "--max-time", "5"];
+        args.extend_from_slice(curl_args);
+        args.push("http://127.0.0.1:9464/metrics");
+        let out = crate::run_in(self.topology.host.name(), "curl", &args);
+        assert!(out.status.success(), "GET /metrics failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.metrics_with(&[])
+    }
+
     /// `nft list table inet sbx_net` in the host namespace.
     pub fn nft_table(&self) -> String {
         let out = crate::run_in(self.topology.host.name(), "nft", &["list", "table", "inet", "sbx_net"]);

@@ -249,8 +249,19 @@ impl Pinger {
 }
 
 /// A TCP listener started with real `nc -l` in a namespace; killed on drop.
+/// A process that lives as long as this value: killed and reaped on drop
+/// (also when a test panics).
+pub struct Background(pub std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub struct NcListener {
-    child: std::process::Child,
+    _child: Background,
 }
 
 impl NcListener {
@@ -263,14 +274,7 @@ impl NcListener {
             .spawn()
             .expect("spawn nc -l");
         std::thread::sleep(Duration::from_millis(200));
-        NcListener { child }
-    }
-}
-
-impl Drop for NcListener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        NcListener { _child: Background(child) }
     }
 }
 
@@ -278,7 +282,7 @@ impl Drop for NcListener {
 /// address, authoritative for the `test` zone with the given records
 /// (`--host-record` / `--cname` values); stopped on drop.
 pub struct WorldDns {
-    child: std::process::Child,
+    _child: Background,
 }
 
 impl WorldDns {
@@ -320,14 +324,7 @@ impl WorldDns {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        WorldDns { child }
-    }
-}
-
-impl Drop for WorldDns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        WorldDns { _child: Background(child) }
     }
 }
 

@@ -132,13 +132,12 @@ fn lifecycle_isolation_and_host_ports() {
     let status = h.json(&["status", "--json"]);
     assert_eq!(status["sandboxes"], 2);
     // Prometheus scrapes the same numbers on the host namespace's loopback.
-    let metrics = run_in(h.topology.host.name(), "curl", &["-s", "-f", "--max-time", "5", "http://127.0.0.1:9464/metrics"]);
-    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    let metrics = h.metrics();
     assert!(metrics.contains("sbx_net_sandboxes 2"), "{metrics}");
     assert!(metrics.contains("sbx_net_datapath_packets_total{reason=\"default_deny\"}"), "{metrics}");
     assert!(!metrics.contains("# EOF"), "curl asks for no OpenMetrics: the classic text format\n{metrics}");
-    let om = run_in(h.topology.host.name(), "curl", &["-s", "-f", "--max-time", "5", "-H", "Accept: application/openmetrics-text; version=1.0.0", "http://127.0.0.1:9464/metrics"]);
-    assert!(String::from_utf8_lossy(&om.stdout).trim_end().ends_with("# EOF"), "OpenMetrics when asked for");
+    let om = h.metrics_with(&["-H", "Accept: application/openmetrics-text; version=1.0.0"]);
+    assert!(om.trim_end().ends_with("# EOF"), "OpenMetrics when asked for");
     assert!(!metrics.contains("10.200."), "no addresses in metric labels");
     assert!(status["maps"]["policy_v4_entries"].as_u64().unwrap() > 0);
     let table = h.nft_table();

@@ -297,7 +297,7 @@ fn per_name_cap_forgets_old_addresses_but_not_live_flows() {
 
 /// A TLS server (openssl s_server -www) in the world for `name` at `addr:443`.
 struct TlsServer {
-    child: std::process::Child,
+    _child: sbx_net_tests::Background,
     dir: std::path::PathBuf,
 }
 
@@ -329,14 +329,12 @@ impl TlsServer {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        TlsServer { child, dir }
+        TlsServer { _child: sbx_net_tests::Background(child), dir }
     }
 }
 
 impl Drop for TlsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use sbx_net::flow::{FlowRecord, Verdict};
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{HttpsEcho, TestCa};
-use sbx_net_tests::{dig, require_root, run_in, tcp_connects, unique_name, WorldDns};
+use sbx_net_tests::{dig, require_root, run_in, tcp_connects, unique_name, Background, WorldDns};
 
 const SECRET: &str = "ghp_sbxObservabilitySecret42";
 
@@ -37,13 +37,6 @@ fn show(records: &[FlowRecord]) -> String {
     records.iter().map(|r| sbx_net::flow::compact(r, false)).collect::<Vec<_>>().join("\n")
 }
 
-/// `/metrics` from inside the daemon's namespace.
-fn metrics(h: &DaemonHarness) -> String {
-    let out = run_in(h.topology.host.name(), "curl", &["-sf", "--max-time", "5", "http://127.0.0.1:9464/metrics"]);
-    assert!(out.status.success(), "GET /metrics failed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
@@ -51,7 +44,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 /// A real Prometheus server in the daemon's namespace, scraping it every
 /// second; killed (and its data removed) on drop.
 struct PrometheusServer {
-    child: std::process::Child,
+    _child: Background,
     ns: String,
 }
 
@@ -76,7 +69,7 @@ impl PrometheusServer {
             .stderr(log)
             .spawn()
             .expect("prometheus (apt package prometheus; cargo xtask bootstrap installs it)");
-        PrometheusServer { child, ns: ns.to_string() }
+        PrometheusServer { _child: Background(child), ns: ns.to_string() }
     }
 
     /// The value of an instant query's first series (None: no data yet).
@@ -98,13 +91,6 @@ impl PrometheusServer {
             assert!(Instant::now() < deadline, "prometheus: {promql} = {v:?} after 30 s");
             std::thread::sleep(Duration::from_millis(500));
         }
-    }
-}
-
-impl Drop for PrometheusServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -270,7 +256,7 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     }
 
     // /metrics: promtool accepts it; the counters say what happened.
-    let text = metrics(&h);
+    let text = h.metrics();
     let checked = Command::new("ip")
         .args(["netns", "exec", h.topology.host.name(), "sh", "-c", "curl -sf http://127.0.0.1:9464/metrics | promtool check metrics"])
         .output()
@@ -340,7 +326,7 @@ fn lost_events_are_counted_never_silent() {
         (delivered + ring) as f64 >= 0.99 * denied_packets as f64 && delivered + ring <= denied_packets + 64,
         "delivered {delivered} + lost {ring} vs {denied_packets} denied packets"
     );
-    let text = metrics(&h);
+    let text = h.metrics();
     assert_eq!(metric(&text, "sbx_net_events_lost_total"), Some(ring as f64), "{text}");
     // Not quiet when nothing is lost: a fresh filter prints the same line.
     let out = h.cli(&["inspect", "--last", "1"]);

@@ -246,14 +246,11 @@ pub async fn serve(
             (host.clone(), upstream.clone(), binding.clone(), upstream_tls.clone(), sender.clone(), flow.clone());
         async move {
             let sandbox = &flow.sandbox;
-            let method = req.method().to_string();
-            let path = req.uri().path().to_string();
-            let named = request_host(&req);
-            if named.as_deref() != Some(host.as_str()) {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            if let Some(named) = misdirected(&req, &host) {
                 tracing::info!(%sandbox, sni = %host, host = named.as_deref().unwrap_or("-"), "credential proxy: Host differs from SNI; refused");
-                let shown = named.as_deref().unwrap_or("");
-                flow.http(&method, shown, &path, Some(421), "misdirected", Some(not_injected(&binding.name, "Host differs from the TLS server name")));
-                return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host must equal the TLS server name"));
+                let credential = Some(not_injected(&binding.name, "Host differs from the TLS server name"));
+                return Ok::<_, hyper::Error>(refuse_misdirected(&flow, &method, named.as_deref(), &path, credential, "Host must equal the TLS server name"));
             }
             rewrite_headers(req.headers_mut(), &binding);
             if req.headers().contains_key(hyper::header::UPGRADE) {
@@ -295,6 +292,19 @@ pub async fn serve(
         .map_err(|e| format!("guest HTTP: {e}"))
 }
 
+/// `Some(the Host it names)` when a request is not for `host` (the name the
+/// connection was checked for): it must not reach `host`'s upstream.
+fn misdirected<B>(req: &Request<B>, host: &str) -> Option<Option<String>> {
+    let named = request_host(req);
+    (named.as_deref() != Some(host)).then_some(named)
+}
+
+/// Records a misdirected request and answers it 421 with `why`.
+fn refuse_misdirected(flow: &FlowContext, method: &str, named: Option<&str>, path: &str, credential: Option<CredentialDetail>, why: &'static str) -> Response<ProxyBody> {
+    flow.http(method, named.unwrap_or(""), path, Some(421), "misdirected", credential);
+    text(StatusCode::MISDIRECTED_REQUEST, why)
+}
+
 fn injected(name: &str) -> CredentialDetail {
     CredentialDetail { name: name.to_string(), injected: true, failure: None }
 }
@@ -332,13 +342,10 @@ pub async fn serve_plain(
         let (host, upstream, binding, sender, flow) = (host.clone(), upstream.clone(), binding.clone(), sender.clone(), flow.clone());
         async move {
             let sandbox = &flow.sandbox;
-            let method = req.method().to_string();
-            let path = req.uri().path().to_string();
-            let named = request_host(&req);
-            if named.as_deref() != Some(host.as_str()) {
+            let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+            if let Some(named) = misdirected(&req, &host) {
                 let credential = binding.as_ref().map(|b| not_injected(&b.name, "Host changed on the connection"));
-                flow.http(&method, named.as_deref().unwrap_or(""), &path, Some(421), "misdirected", credential);
-                return Ok::<_, hyper::Error>(text(StatusCode::MISDIRECTED_REQUEST, "Host changed on the connection"));
+                return Ok::<_, hyper::Error>(refuse_misdirected(&flow, &method, named.as_deref(), &path, credential, "Host changed on the connection"));
             }
             let failed = |why: &str| {
                 let credential = binding.as_ref().map(|b| not_injected(&b.name, why));

@@ -507,6 +507,16 @@ pub fn key_v6(sandbox_id: u32, addr: [u8; 16], prefix_len: u8) -> Key<KeyV6> {
     Key::new(SANDBOX_ID_BITS + prefix_len as u32, data)
 }
 
+/// A map a daemon pinned in `pin_dir`, opened by path as `T`; `kind` is the
+/// map's aya variant (e.g. `Map::RingBuf`).
+fn open_pinned<T>(pin_dir: &Path, name: &'static str, kind: fn(MapData) -> aya::maps::Map) -> Result<T, DatapathError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
+    T::try_from(kind(data)).map_err(map_err(name))
+}
+
 /// The pinned flow tables, opened by path (the reaper's view).
 pub struct PinnedFlows {
     v4: HashMap<MapData, FlowKeyV4, FlowStats>,
@@ -515,12 +525,9 @@ pub struct PinnedFlows {
 
 impl PinnedFlows {
     pub fn open(pin_dir: &Path) -> Result<PinnedFlows, DatapathError> {
-        let open = |name: &'static str| -> Result<aya::maps::Map, DatapathError> {
-            Ok(aya::maps::Map::LruHashMap(MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?))
-        };
         Ok(PinnedFlows {
-            v4: HashMap::try_from(open(map_names::FLOWS_V4)?).map_err(map_err(map_names::FLOWS_V4))?,
-            v6: HashMap::try_from(open(map_names::FLOWS)?).map_err(map_err(map_names::FLOWS))?,
+            v4: open_pinned(pin_dir, map_names::FLOWS_V4, aya::maps::Map::LruHashMap)?,
+            v6: open_pinned(pin_dir, map_names::FLOWS, aya::maps::Map::LruHashMap)?,
         })
     }
 
@@ -551,10 +558,7 @@ pub struct PinnedCounters {
 
 impl PinnedCounters {
     pub fn open(pin_dir: &Path) -> Result<PinnedCounters, DatapathError> {
-        let name = map_names::COUNTERS;
-        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-        let array = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).map_err(map_err(name))?;
-        Ok(PinnedCounters { array })
+        Ok(PinnedCounters { array: open_pinned(pin_dir, map_names::COUNTERS, aya::maps::Map::PerCpuArray)? })
     }
 
     /// Events the ring buffer had no room for, summed over CPUs.
@@ -571,10 +575,7 @@ pub struct EventReader {
 impl EventReader {
     /// Opens the event ring buffer a daemon pinned in `pin_dir`.
     pub fn open_pinned(pin_dir: &Path) -> Result<EventReader, DatapathError> {
-        let name = map_names::EVENTS;
-        let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
-        let ring = RingBuf::try_from(aya::maps::Map::RingBuf(data)).map_err(map_err(name))?;
-        Ok(EventReader { ring })
+        Ok(EventReader { ring: open_pinned(pin_dir, map_names::EVENTS, aya::maps::Map::RingBuf)? })
     }
 
     /// Everything queued now.

@@ -59,15 +59,21 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Median of single runs (repeat 1) of the classifier, one per frame: the
-/// cost of a flow's first packet.
-fn first_packet_ns(dp: &Datapath, frames: &[Vec<u8>]) -> Result<f64> {
-    let mut samples = Vec::with_capacity(frames.len());
-    for frame in frames {
-        let (_, d) = dp.test_run(program_names::EGRESS, frame, 1, 1)?;
-        samples.push(d.as_nanos() as f64);
+/// The cost of a flow's first packet: single runs (repeat 1) of the
+/// classifier, one per frame, in batches the ring buffer holds (~2300
+/// events; drained between); the median of the batches' medians.
+fn first_packet_ns(dp: &Datapath, events: &mut sbx_net::datapath::EventReader, frames: &[Vec<u8>]) -> Result<f64> {
+    let mut per_batch = Vec::new();
+    for batch in frames.chunks(2000) {
+        let mut samples = Vec::with_capacity(batch.len());
+        for frame in batch {
+            let (_, d) = dp.test_run(program_names::EGRESS, frame, 1, 1)?;
+            samples.push(d.as_nanos() as f64);
+        }
+        per_batch.push(median(samples));
+        events.drain();
     }
-    Ok(median(samples))
+    Ok(median(per_batch))
 }
 
 /// The flow table and its events against the verdict alone: the same
@@ -110,20 +116,10 @@ fn flow_table_cost() -> Result<()> {
         for (case, dst, base) in [("allowed, first packet of a flow (new-flow event)", allowed, 10_000u16), ("denied, first packet of a flow (an event in both)", denied, 20_000u16)] {
             let frames: Vec<Vec<u8>> = (0..4000u16).map(|i| frame_to(dst, base + i)).collect();
             dp.write_config(1, &plain)?;
-            let mut alone = Vec::new();
-            // The ring buffer holds ~2300 events: drain between halves.
-            for half in frames.chunks(2000) {
-                alone.push(first_packet_ns(&dp, half)?);
-                events.drain();
-            }
+            let alone = first_packet_ns(&dp, &mut events, &frames)?;
             let frames: Vec<Vec<u8>> = (0..4000u16).map(|i| frame_to(dst, base + 5000 + i)).collect();
             dp.write_config(1, &tracked)?;
-            let mut with = Vec::new();
-            for half in frames.chunks(2000) {
-                with.push(first_packet_ns(&dp, half)?);
-                events.drain();
-            }
-            let (alone, with) = (median(alone), median(with));
+            let with = first_packet_ns(&dp, &mut events, &frames)?;
             println!("| {n} | {case} | {alone:.0} | {with:.0} | {:.2}× |", with / alone);
         }
     }
@@ -145,9 +141,7 @@ fn event_rate() -> Result<()> {
     let snapshot = || -> Result<(u64, u64, u64)> {
         let status = h.json(&["status", "--json"]);
         let seen = status["sandbox_traffic"][&name]["denied"]["packets"].as_u64().context("sandbox counters")?;
-        let lost = status["events_lost"].as_u64().context("events_lost")?;
-        let last = h.cli_ok(&["inspect", "-o", "json", "--last", "1"]);
-        let seq = serde_json::from_str::<serde_json::Value>(last.trim()).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
+        let (seq, lost) = stream_position(&h)?;
         Ok((seen, seq, lost))
     };
     println!("### Flow events through the daemon (new denied flows from a netns guest, 2 s per rate, default 256 KiB ring buffer)\n");
@@ -198,6 +192,15 @@ fn event_rate() -> Result<()> {
     Ok(())
 }
 
+/// The daemon's flow stream so far: the last record's seq (every record
+/// published gets the next one) and the kernel's lost-event count.
+fn stream_position(h: &sbx_net_tests::daemon::DaemonHarness) -> Result<(u64, u64)> {
+    let lost = h.json(&["status", "--json"])["events_lost"].as_u64().context("events_lost")?;
+    let last = h.cli_ok(&["inspect", "-o", "json", "--last", "1"]);
+    let seq = serde_json::from_str::<serde_json::Value>(last.trim()).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
+    Ok((seq, lost))
+}
+
 /// Beyond what a guest's pump can send: frames of new denied flows run
 /// through BPF_PROG_TEST_RUN as if on the sandbox's tap, by a program that
 /// shares the daemon's pinned maps (its ring buffer included).
@@ -218,20 +221,13 @@ fn synthetic_event_rate(h: &sbx_net_tests::daemon::DaemonHarness, g: &serde_json
     };
     let (guest_mac, gateway_mac) = (mac("guest_mac")?, mac("gateway_mac")?);
     let guest_ip: Ipv4Addr = g["guest_ipv4"].as_str().context("guest_ipv4")?.parse()?;
-    let status = |h: &sbx_net_tests::daemon::DaemonHarness| -> Result<(u64, u64)> {
-        let status = h.json(&["status", "--json"]);
-        let lost = status["events_lost"].as_u64().context("events_lost")?;
-        let last = h.cli_ok(&["inspect", "-o", "json", "--last", "1"]);
-        let seq = serde_json::from_str::<serde_json::Value>(last.trim()).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
-        Ok((seq, lost))
-    };
     println!("### Flow events through the daemon, synthetic (BPF_PROG_TEST_RUN on the sandbox's tap sharing the daemon's maps; 2 s per rate)\n");
     println!("| offered events/s | generated /s | published by the daemon /s | lost in the ring buffer | lost % |");
     println!("|---:|---:|---:|---:|---:|");
     let mut n = 0u64;
     let mut best = 0.0f64;
     for rate in [200_000u64, 400_000, 800_000] {
-        let (seq0, lost0) = status(h)?;
+        let (seq0, lost0) = stream_position(h)?;
         let started = Instant::now();
         let mut sent = 0u64;
         while sent < rate * 2 && started.elapsed() < Duration::from_secs(3) {
@@ -249,7 +245,7 @@ fn synthetic_event_rate(h: &sbx_net_tests::daemon::DaemonHarness, g: &serde_json
         }
         let seconds = started.elapsed().as_secs_f64();
         std::thread::sleep(Duration::from_millis(1500));
-        let (seq1, lost1) = status(h)?;
+        let (seq1, lost1) = stream_position(h)?;
         let (published, lost) = (seq1.saturating_sub(seq0), lost1 - lost0);
         println!(
             "| {rate} | {:.0} | {:.0} | {lost} | {:.2} |",
@@ -478,6 +474,19 @@ const BASELINE_TAPS: usize = 200;
 const PACED_SANDBOXES: usize = 200;
 const PACE: Duration = Duration::from_millis(25);
 
+/// One row of the lifecycle time table: median, p99 and max of `sorted`
+/// (ms), the total when there is one, and the median over `baseline_median`.
+fn time_row(label: &str, sorted: &[f64], total: Option<Duration>, baseline_median: f64) {
+    let total = total.map_or("–".to_string(), |t| format!("{:.1}", t.as_secs_f64()));
+    println!(
+        "| {label} | {:.2} | {:.2} | {:.2} | {total} | {:.2} |",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.99),
+        sorted[sorted.len() - 1],
+        percentile(sorted, 0.5) / baseline_median
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -604,9 +613,6 @@ fn lifecycle() -> Result<()> {
     let delete_total = started.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let after = (used_kb(), rss_kb(pid), map_memlock_kb(pid));
-    if let Some(path) = std::env::var_os("SBX_NET_BENCH_DAEMON_LOG") {
-        std::fs::write(path, h.log())?;
-    }
 
     for v in [&mut base, &mut base_delete, &mut creates, &mut deletes, &mut paced] {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -614,29 +620,18 @@ fn lifecycle() -> Result<()> {
     println!("### Time per sandbox ({LIFECYCLE_SANDBOXES} created, then deleted; baseline {BASELINE_TAPS} bare taps)\n");
     println!("| operation | median ms | p99 ms | max ms | total s | median / baseline |");
     println!("|---|---:|---:|---:|---:|---:|");
-    println!(
-        "| baseline: bare tap create (no daemon) | {:.2} | {:.2} | {:.2} | – | 1.00 |",
-        percentile(&base, 0.5), percentile(&base, 0.99), base[base.len() - 1]
+    let create_base = percentile(&base, 0.5);
+    let delete_base = percentile(&base_delete, 0.5);
+    time_row("baseline: bare tap create (no daemon)", &base, None, create_base);
+    time_row("`sandbox create` (tap, addresses, maps, pinned TCX link, nft element, state file)", &creates, Some(create_total), create_base);
+    time_row(
+        &format!("`sandbox create`, paced one per {} ms ({PACED_SANDBOXES} sandboxes, on top of the {LIFECYCLE_SANDBOXES})", PACE.as_millis()),
+        &paced,
+        None,
+        create_base,
     );
-    println!(
-        "| `sandbox create` (tap, addresses, maps, pinned TCX link, nft element, state file) | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
-        percentile(&creates, 0.5), percentile(&creates, 0.99), creates[creates.len() - 1], create_total.as_secs_f64(),
-        percentile(&creates, 0.5) / percentile(&base, 0.5)
-    );
-    println!(
-        "| `sandbox create`, paced one per {} ms ({PACED_SANDBOXES} sandboxes, on top of the {LIFECYCLE_SANDBOXES}) | {:.2} | {:.2} | {:.2} | – | {:.2} |",
-        PACE.as_millis(), percentile(&paced, 0.5), percentile(&paced, 0.99), paced[paced.len() - 1],
-        percentile(&paced, 0.5) / percentile(&base, 0.5)
-    );
-    println!(
-        "| baseline: bare tap delete | {:.2} | {:.2} | {:.2} | – | 1.00 |",
-        percentile(&base_delete, 0.5), percentile(&base_delete, 0.99), base_delete[base_delete.len() - 1]
-    );
-    println!(
-        "| `sandbox delete` | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
-        percentile(&deletes, 0.5), percentile(&deletes, 0.99), deletes[deletes.len() - 1], delete_answered.as_secs_f64(),
-        percentile(&deletes, 0.5) / percentile(&base_delete, 0.5)
-    );
+    time_row("baseline: bare tap delete", &base_delete, None, delete_base);
+    time_row("`sandbox delete`", &deletes, Some(delete_answered), delete_base);
     println!(
         "\nMean per create over the burst: {:.2} ms ({LIFECYCLE_SANDBOXES} in {:.1} s). Deletes answered in {:.1} s; all {LIFECYCLE_SANDBOXES} taps unregistered after {:.1} s.",
         create_total.as_secs_f64() * 1000.0 / LIFECYCLE_SANDBOXES as f64,
