@@ -9,7 +9,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use sbx_net_common::{sandbox_flags, Reason, EVENTS_LOST_SLOT};
 use sbx_vmm::Netlink;
@@ -67,7 +67,7 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DaemonError + '_ {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    crate::flow_log::unix_now_ns() / 1_000_000_000
 }
 
 pub struct Daemon {

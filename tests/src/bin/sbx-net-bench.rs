@@ -208,12 +208,7 @@ fn synthetic_event_rate(h: &sbx_net_tests::daemon::DaemonHarness, g: &serde_json
     h.topology.enter_host();
     let dp = Datapath::load(&DatapathOptions { pin_dir: Some(h.bpf_dir.clone()), ..Default::default() })?;
     let tap = g["tap"].as_str().context("tap")?;
-    let name = std::ffi::CString::new(tap)?;
-    // SAFETY: if_nametoindex reads a NUL-terminated name (in this thread's netns).
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if ifindex == 0 {
-        bail!("no interface {tap} in the host namespace");
-    }
+    let ifindex = h.topology.host_netlink.link_index(tap)?;
     let mac = |key: &str| -> Result<[u8; 6]> {
         let text = g[key].as_str().context("mac")?;
         let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
