@@ -69,6 +69,11 @@ pub struct DaemonConfig {
     pub events_ring_bytes: u32,
     /// Capacity of the datapath's LRU flow table.
     pub flow_table_size: u32,
+    /// Capacity of each policy trie (IPv4, IPv6), shared by all sandboxes;
+    /// a reload needs room for the old and the new generation of the
+    /// sandboxes it switches, one at a time (takes effect when the maps are
+    /// first created).
+    pub policy_map_entries: u32,
     /// The audit log (JSONL in the state dir) is rotated past this size...
     pub audit_max_bytes: u64,
     /// ...keeping this many rotated files (audit.log.1 is the newest).
@@ -102,6 +107,7 @@ impl Default for DaemonConfig {
             flow_history: 10_000,
             events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
             flow_table_size: sbx_net_common::MAX_FLOWS,
+            policy_map_entries: sbx_net_common::MAX_POLICY_ENTRIES,
             audit_max_bytes: 16 * 1024 * 1024,
             audit_keep: 4,
         }
@@ -146,8 +152,8 @@ impl DaemonConfig {
         if !self.events_ring_bytes.is_power_of_two() || self.events_ring_bytes < 4096 {
             return Err(format!("events_ring_bytes ({}) must be a power of two of at least 4096", self.events_ring_bytes));
         }
-        if self.flow_table_size == 0 || self.flow_history == 0 {
-            return Err("flow_table_size and flow_history must be at least 1".into());
+        if self.flow_table_size == 0 || self.flow_history == 0 || self.policy_map_entries == 0 {
+            return Err("flow_table_size, flow_history and policy_map_entries must be at least 1".into());
         }
         if self.ipv4_pool.prefix() > 29 {
             return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));

@@ -58,8 +58,28 @@ pub enum DaemonError {
     Io { path: String, source: std::io::Error },
     #[error(transparent)]
     Dns(#[from] crate::dns_proxy::DnsError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error(transparent)]
+    NetNs(#[from] sbx_vmm::netns::NetNsError),
     #[error("{0}")]
     Invalid(String),
+    /// The sandbox is deleted (no longer enforced, out of the state), but
+    /// these pieces of it could not be removed.
+    #[error("sandbox {name} deleted, but not everything went: {}", left.join("; "))]
+    Left { name: String, left: Vec<String> },
+    /// A reload or apply failed at one sandbox; the ones already switched
+    /// were put back, so every sandbox stays on the generation it had.
+    #[error("policy change not applied: switching sandbox {sandbox} failed: {source}; {rolled_back} sandbox(es) already switched were rolled back{}", rollback_failures(.failed_rollbacks))]
+    RolledBack { sandbox: String, source: Box<DaemonError>, rolled_back: usize, failed_rollbacks: Vec<String> },
+}
+
+fn rollback_failures(failed: &[String]) -> String {
+    if failed.is_empty() {
+        String::new()
+    } else {
+        format!("; NOT rolled back (still on the new generation): {}", failed.join(", "))
+    }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DaemonError + '_ {
@@ -97,6 +117,10 @@ pub struct Daemon {
     flows: Arc<crate::flow_log::FlowHub>,
     exe: PathBuf,
     started: Instant,
+    /// What the daemon found and set on the host at start (`status`).
+    host_checks: Vec<crate::host::HostCheck>,
+    /// Deleted sandboxes' taps and pins the reaper could not remove.
+    reap_failures: Arc<std::sync::Mutex<Vec<String>>>,
     reload_failures: u64,
     last_reload_error: Option<String>,
 }
@@ -106,10 +130,12 @@ impl Daemon {
     /// re-adopts every recorded sandbox and installs the nftables table.
     pub fn start(config: DaemonConfig, routes: Routes, flows: Arc<crate::flow_log::FlowHub>) -> Result<Daemon, DaemonError> {
         std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
+        let host_checks = prepare_host(&config)?;
         let datapath = Datapath::load(&DatapathOptions {
             pin_dir: Some(config.bpf_dir.clone()),
             events_ring_bytes: config.events_ring_bytes,
             flow_capacity: config.flow_table_size,
+            policy_capacity: config.policy_map_entries,
             ..Default::default()
         })?;
         let state = State::load(&config.state_dir)?;
@@ -134,7 +160,8 @@ impl Daemon {
         let maps = LearnedMaps::open(&config.bpf_dir)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
         let dns_state = Arc::new(tokio::sync::Mutex::new((maps, learned)));
-        let reaper = start_reaper(pool.clone(), reaping.clone(), config.bpf_dir.clone())?;
+        let reap_failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reaper = start_reaper(pool.clone(), reaping.clone(), config.bpf_dir.clone(), reap_failures.clone())?;
         let mut daemon = Daemon {
             config,
             datapath,
@@ -155,6 +182,8 @@ impl Daemon {
             pool,
             exe,
             started: Instant::now(),
+            host_checks,
+            reap_failures,
             reload_failures: u64::from(last_reload_error.is_some()),
             last_reload_error,
         };
@@ -278,7 +307,9 @@ impl Daemon {
                 tracing::warn!(sandbox = %name, tap = %record.tap, "tap is gone; forgetting the sandbox");
                 if let Some(pid) = record.pump_pid {
                     if let Ok(spec) = self.spec(record) {
-                        stop_pump(pid, name, &spec.netns);
+                        if let Err(e) = stop_pump(pid, name, &spec.netns) {
+                            tracing::warn!(sandbox = %name, "{e}");
+                        }
                     }
                 }
                 let _ = Datapath::unpin_link(&self.config.link_pin(name));
@@ -687,6 +718,7 @@ impl Daemon {
             }
         }
         self.forget_learned(name, record.policy_id);
+        let mut left = Vec::new();
         match (record.adopted_tap, ifindex) {
             (false, Some(ifindex)) => {
                 // Unregistering a netdev waits for RCU several times (~35 ms
@@ -694,10 +726,12 @@ impl Daemon {
                 // tap stays fail-closed: classifier attached (its pin is
                 // renamed, not removed), slot empty, out of the nftables set.
                 if let Some(pid) = record.pump_pid {
-                    stop_pump(pid, &record.name, &spec.netns);
+                    if let Err(e) = stop_pump(pid, &record.name, &spec.netns) {
+                        left.push(e.to_string());
+                    }
                 }
                 if let Err(e) = self.nft.remove_tap(&record.tap) {
-                    tracing::warn!(sandbox = %name, "{e}");
+                    left.push(format!("nftables element {} ({e})", record.tap));
                 }
                 let reap_pin = self.config.link_pin(&reap_pin_name(record.id));
                 std::fs::rename(self.config.link_pin(name), &reap_pin).map_err(io_err(&reap_pin))?;
@@ -705,14 +739,14 @@ impl Daemon {
                 self.reaping.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 if let Err(e) = self.reaper.send(job) {
                     let id = e.0.id;
-                    unregister(&self.netlink, e.0);
+                    left.extend(unregister(&self.netlink, e.0));
                     purge_flows(&self.config.bpf_dir, &BTreeSet::from([id]));
                     self.pool.release(id);
                     self.reaping.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 }
             }
             _ => {
-                teardown(&self.netlink, &self.nft, &self.config, &record, &spec);
+                left.extend(teardown(&self.netlink, &self.nft, &self.config, &record, &spec));
                 purge_flows(&self.config.bpf_dir, &BTreeSet::from([record.id]));
                 self.pool.release(record.id);
             }
@@ -724,6 +758,10 @@ impl Daemon {
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
         self.state.save(&self.config.state_dir)?;
+        if !left.is_empty() {
+            tracing::error!(sandbox = %name, "deleted, but left: {}", left.join("; "));
+            return Err(DaemonError::Left { name: name.to_string(), left });
+        }
         tracing::info!(sandbox = %name, "sandbox deleted");
         Ok(())
     }
@@ -744,23 +782,27 @@ impl Daemon {
             let compiled = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
             plans.push((name.clone(), spec, compiled, hash, entry.clone()));
         }
-        let mut switched = Vec::new();
         let generation = self.state.policy_generation + 1;
+        // Each switched sandbox with what it had, to put back if a later
+        // one fails: a policy set is in force everywhere or nowhere.
+        let mut switched: Vec<(SandboxRecord, Arc<CompiledPolicy>)> = Vec::new();
         for (name, spec, compiled, hash, entry) in plans {
-            let record = self.state.sandboxes[&name].clone();
-            let ifindex = self.netlink.link_index(&record.tap)?;
-            let policy_id = self.state.take_policy_id();
-            let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
+            let before = self.state.sandboxes[&name].clone();
             let old = self.in_force[&name].clone();
-            self.switch_generation(&name, ifindex, &cfg, &compiled, record.policy_id, &old)?;
+            if let Err(e) = self.switch_sandbox(&name, &spec, Arc::new(compiled), generation) {
+                let rolled_back = switched.len();
+                let failed_rollbacks = self.roll_back(switched);
+                self.state.prune_texts();
+                // The records carry the policy ids now in the maps.
+                self.state.save(&self.config.state_dir)?;
+                return Err(DaemonError::RolledBack { sandbox: name, source: Box::new(e), rolled_back, failed_rollbacks });
+            }
             let r = self.state.sandboxes.get_mut(&name).expect("present");
-            r.policy_id = policy_id;
             r.policy_hash = hash.clone();
-            r.policy_generation = generation;
             self.state.policy_texts.insert(hash, PolicyText { source: entry.source.clone(), text: entry.text.clone() });
-            self.in_force.insert(name.clone(), Arc::new(compiled));
-            switched.push(name);
+            switched.push((before, old));
         }
+        let switched: Vec<String> = switched.into_iter().map(|(r, _)| r.name).collect();
         self.state.policy_generation = generation;
         self.policies = new;
         // Secrets are re-read on every apply and reload.
@@ -769,6 +811,44 @@ impl Daemon {
         self.state.save(&self.config.state_dir)?;
         self.publish_routes();
         Ok(json!({ "policy_generation": generation, "sandboxes_switched": switched, "policies": self.policies.keys().collect::<Vec<_>>() }))
+    }
+
+    /// One sandbox to `compiled` under a fresh policy id (map writes first,
+    /// then the record and the in-force policy).
+    fn switch_sandbox(&mut self, name: &str, spec: &SandboxSpec, compiled: Arc<CompiledPolicy>, generation: u64) -> Result<(), DaemonError> {
+        let record = self.state.sandboxes[name].clone();
+        let ifindex = self.netlink.link_index(&record.tap)?;
+        let policy_id = self.state.take_policy_id();
+        let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
+        let old = self.in_force[name].clone();
+        self.switch_generation(name, ifindex, &cfg, &compiled, record.policy_id, &old)?;
+        let r = self.state.sandboxes.get_mut(name).expect("present");
+        r.policy_id = policy_id;
+        r.policy_generation = generation;
+        self.in_force.insert(name.to_string(), compiled);
+        Ok(())
+    }
+
+    /// Puts sandboxes back on the policy they had (newest first), each under
+    /// a fresh id as any switch is; returns the ones that could not be.
+    fn roll_back(&mut self, switched: Vec<(SandboxRecord, Arc<CompiledPolicy>)>) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (before, old) in switched.into_iter().rev() {
+            let name = before.name.clone();
+            let result = self.spec(&before).and_then(|spec| self.switch_sandbox(&name, &spec, old, before.policy_generation));
+            match result {
+                Ok(()) => {
+                    let r = self.state.sandboxes.get_mut(&name).expect("present");
+                    r.policy_hash = before.policy_hash;
+                    tracing::warn!(sandbox = %name, "rolled back to its policy generation {}", before.policy_generation);
+                }
+                Err(e) => {
+                    tracing::error!(sandbox = %name, "rolling back failed, it stays on the new generation: {e}");
+                    failed.push(name);
+                }
+            }
+        }
+        failed
     }
 
     fn apply(&mut self, source: &str, text: &str) -> Result<serde_json::Value, DaemonError> {
@@ -783,8 +863,20 @@ impl Daemon {
         for record in self.state.sandboxes.values().filter(|r| r.policy == entry.policy.name) {
             compile(&entry.policy, &self.denied_host_addresses(&self.spec(record)?))?;
         }
+        let previous = std::fs::read(&stored).ok();
         crate::state::write_atomic(&stored, text.as_bytes()).map_err(io_err(&stored))?;
-        self.switch_to(new)
+        let result = self.switch_to(new);
+        if result.is_err() {
+            // Not in force, so not kept: a restart must not pick it up.
+            let restored = match previous {
+                Some(bytes) => crate::state::write_atomic(&stored, &bytes),
+                None => std::fs::remove_file(&stored),
+            };
+            if let Err(e) = restored {
+                tracing::error!(path = %stored.display(), "restoring the applied policy file: {e}");
+            }
+        }
+        result
     }
 
     fn reload(&mut self) -> Result<serde_json::Value, DaemonError> {
@@ -872,7 +964,7 @@ impl Daemon {
             "maps": {
                 "policy_v4_entries": v4,
                 "policy_v6_entries": v6,
-                "policy_capacity_per_family": sbx_net_common::MAX_POLICY_ENTRIES,
+                "policy_capacity_per_family": self.config.policy_map_entries,
                 "sandbox_slots_used": self.state.sandboxes.len(),
                 "sandbox_slots": sbx_net_common::SANDBOX_SLOTS,
                 "flows": self.datapath.flow_count()?,
@@ -883,8 +975,51 @@ impl Daemon {
             "events_lost": counters[EVENTS_LOST_SLOT as usize].packets,
             "bpf_dir": self.config.bpf_dir,
             "state_dir": self.config.state_dir,
+            "host": self.host_checks,
+            "reap_failures": *self.reap_failures.lock().unwrap_or_else(|p| p.into_inner()),
         }))
     }
+}
+
+/// Prepares what the data path needs on a host with kernel defaults (see
+/// [`crate::host`]) and records the host's original values for `--cleanup`.
+fn prepare_host(config: &DaemonConfig) -> Result<Vec<crate::host::HostCheck>, DaemonError> {
+    use crate::host::{self, HostCheck, HostError, HostOriginals};
+    let uplinks = match &config.uplink {
+        Some(uplink) if ifindex_of(uplink).is_none() => return Err(HostError::NoUplink(uplink.clone()).into()),
+        Some(uplink) => vec![uplink.clone()],
+        None => host::default_route_interfaces(),
+    };
+    let mut checks = Vec::new();
+    if uplinks.is_empty() {
+        tracing::warn!("no --uplink and no default route: sandbox traffic has no way out until one exists (then restart)");
+        checks.push(HostCheck {
+            name: "uplink".into(),
+            found: None,
+            value: "none (no --uplink, no default route)".into(),
+            changed: false,
+            why: "the interface sandbox traffic leaves by".into(),
+        });
+    }
+    let settings = host::uplink_settings(&uplinks, &host::read_sysctl);
+    checks.extend(host::apply(&settings, true)?);
+    let mut originals = HostOriginals::load(&config.state_dir);
+    if originals.record(&checks) {
+        originals.save(&config.state_dir)?;
+    }
+    checks.push(host::raise_nofile_limit()?);
+    let made = sbx_vmm::netns::prepare_run_dir()?;
+    if made {
+        tracing::info!("host prepared: /run/netns made a shared mount point, as `ip netns` does");
+    }
+    checks.push(HostCheck {
+        name: sbx_vmm::netns::NETNS_RUN_DIR.into(),
+        found: Some(if made { "plain directory" } else { "shared mount point" }.into()),
+        value: "shared mount point".into(),
+        changed: made,
+        why: "guest namespaces stay deletable when other tools use `ip netns`".into(),
+    });
+    Ok(checks)
 }
 
 /// Unicast addresses of this namespace's interfaces, except loopback,
@@ -986,14 +1121,25 @@ pub struct ReapJob {
     pin: PathBuf,
 }
 
-/// Deletes the tap (which detaches its classifier), then drops the link's pin.
-fn unregister(netlink: &Netlink, job: ReapJob) {
+/// Deletes the tap (which detaches its classifier), then drops the link's
+/// pin; returns what is left.
+fn unregister(netlink: &Netlink, job: ReapJob) -> Vec<String> {
+    let mut left = Vec::new();
     if ifindex_of(&job.tap) == Some(job.ifindex) {
         if let Err(e) = netlink.delete_link(job.ifindex) {
-            tracing::warn!(tap = %job.tap, "deleting: {e}");
+            left.push(format!("tap {} ({e})", job.tap));
         }
     }
-    let _ = Datapath::unpin_link(&job.pin);
+    if let Err(e) = Datapath::unpin_link(&job.pin) {
+        left.push(e.to_string());
+    }
+    if ifindex_of(&job.tap) == Some(job.ifindex) && left.is_empty() {
+        left.push(format!("tap {}", job.tap));
+    }
+    for l in &left {
+        tracing::error!(tap = %job.tap, "deleted sandbox's {l} is left");
+    }
+    left
 }
 
 /// Forgets the flows of sandbox ids about to be reused.
@@ -1010,7 +1156,13 @@ fn purge_flows(bpf_dir: &Path, ids: &BTreeSet<u32>) {
 /// Unregisters deleted sandboxes' taps after the delete was answered, then
 /// purges their flows (one walk of the flow tables per batch of deletes) and
 /// frees their ids.
-fn start_reaper(pool: TapPool, reaping: Arc<std::sync::atomic::AtomicUsize>, bpf_dir: PathBuf) -> Result<std::sync::mpsc::Sender<ReapJob>, DaemonError> {
+/// What it could not remove is kept for `status` (`reap_failures`).
+fn start_reaper(
+    pool: TapPool,
+    reaping: Arc<std::sync::atomic::AtomicUsize>,
+    bpf_dir: PathBuf,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+) -> Result<std::sync::mpsc::Sender<ReapJob>, DaemonError> {
     let (tx, rx) = std::sync::mpsc::channel::<ReapJob>();
     let netlink = Netlink::new()?;
     std::thread::Builder::new()
@@ -1022,7 +1174,10 @@ fn start_reaper(pool: TapPool, reaping: Arc<std::sync::atomic::AtomicUsize>, bpf
                 let ids: BTreeSet<u32> = jobs.iter().map(|j| j.id).collect();
                 let count = jobs.len();
                 for job in jobs {
-                    unregister(&netlink, job);
+                    let left = unregister(&netlink, job);
+                    if !left.is_empty() {
+                        failures.lock().unwrap_or_else(|p| p.into_inner()).extend(left);
+                    }
                 }
                 purge_flows(&bpf_dir, &ids);
                 for id in ids {
@@ -1037,33 +1192,42 @@ fn start_reaper(pool: TapPool, reaping: Arc<std::sync::atomic::AtomicUsize>, bpf
 
 /// Removes a sandbox's kernel pieces except its map entries: the pump and
 /// guest namespace, the nftables element, the pinned link, and the tap when
-/// it is ours. Best effort: every piece is attempted.
-fn teardown(netlink: &Netlink, nft: &Nftables, config: &DaemonConfig, record: &SandboxRecord, spec: &SandboxSpec) {
+/// it is ours. Every piece is attempted; returns what is left.
+fn teardown(netlink: &Netlink, nft: &Nftables, config: &DaemonConfig, record: &SandboxRecord, spec: &SandboxSpec) -> Vec<String> {
+    let mut left = Vec::new();
     if let Some(pid) = record.pump_pid {
-        stop_pump(pid, &record.name, &spec.netns);
+        if let Err(e) = stop_pump(pid, &record.name, &spec.netns) {
+            left.push(e.to_string());
+        }
     }
     if let Err(e) = nft.remove_tap(&record.tap) {
-        tracing::warn!(sandbox = %record.name, "{e}");
+        left.push(format!("nftables element {} ({e})", record.tap));
     }
-    if let Err(e) = Datapath::unpin_link(&config.link_pin(&record.name)) {
-        tracing::warn!(sandbox = %record.name, "{e}");
+    let pin = config.link_pin(&record.name);
+    if let Err(e) = Datapath::unpin_link(&pin) {
+        left.push(format!("pinned link {} ({e})", pin.display()));
     }
     if record.adopted_tap {
         // The VMM's tap stays, but down: without its classifier and its
         // nftables membership it must not carry traffic (fail closed).
         if let Ok(ifindex) = netlink.link_index(&record.tap) {
             if let Err(e) = netlink.set_down(ifindex) {
-                tracing::warn!(sandbox = %record.name, "setting {} down: {e}", record.tap);
+                left.push(format!("adopted tap {} still up ({e})", record.tap));
             }
         }
-    } else {
-        if let Ok(ifindex) = netlink.link_index(&record.tap) {
-            // A persistent tap must be un-persisted or deleted by netlink.
-            if let Err(e) = netlink.delete_link(ifindex) {
-                tracing::warn!(sandbox = %record.name, "deleting {}: {e}", record.tap);
-            }
+    } else if let Ok(ifindex) = netlink.link_index(&record.tap) {
+        // A persistent tap must be un-persisted or deleted by netlink.
+        if let Err(e) = netlink.delete_link(ifindex) {
+            left.push(format!("tap {} ({e})", record.tap));
         }
     }
+    if !record.adopted_tap && ifindex_of(&record.tap).is_some() {
+        left.push(format!("tap {}", record.tap));
+    }
+    if pin.exists() {
+        left.push(format!("pinned link {}", pin.display()));
+    }
+    left
 }
 
 /// `sbx-net daemon --cleanup`: removes everything the daemon made (taps,
@@ -1074,13 +1238,17 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
     let state = State::load(&config.state_dir)?;
     let netlink = Netlink::new()?;
     let nft = Nftables::new();
+    let mut left = Vec::new();
     for record in state.sandboxes.values() {
         let spec = SandboxSpec::new(record.id, &record.name, &config.pools()).map(|mut s| {
             s.tap = record.tap.clone();
             s
         })?;
-        teardown(&netlink, &nft, config, record, &spec);
-        done.push(format!("sandbox {} (tap {})", record.name, record.tap));
+        let sandbox_left = teardown(&netlink, &nft, config, record, &spec);
+        if sandbox_left.is_empty() {
+            done.push(format!("sandbox {} (tap {})", record.name, record.tap));
+        }
+        left.extend(sandbox_left.into_iter().map(|l| format!("sandbox {}: {l}", record.name)));
     }
     let owned: BTreeSet<String> = state.sandboxes.values().filter(|r| r.adopted_tap).map(|r| r.tap.clone()).collect();
     let pooled = dismantle_pooled(&netlink, &config.bpf_dir.join("links"), &owned);
@@ -1090,9 +1258,16 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
     // Pinned maps: unpinning drops them once no program uses them.
     if config.bpf_dir.exists() {
         let _ = std::fs::remove_dir_all(config.bpf_dir.join("links"));
-        std::fs::remove_dir_all(&config.bpf_dir).map_err(io_err(&config.bpf_dir))?;
-        done.push(format!("pins under {}", config.bpf_dir.display()));
+        match std::fs::remove_dir_all(&config.bpf_dir) {
+            Ok(()) => done.push(format!("pins under {}", config.bpf_dir.display())),
+            Err(e) => left.push(format!("pins under {} ({e})", config.bpf_dir.display())),
+        }
     }
+    let host = crate::host::HostOriginals::load(&config.state_dir);
+    for restored in host.restore() {
+        done.push(format!("host setting restored: {restored}"));
+    }
+    let _ = std::fs::remove_file(crate::host::HostOriginals::path(&config.state_dir));
     State::remove_files(&config.state_dir)?;
     let _ = std::fs::remove_dir_all(config.state_dir.join("ca"));
     let _ = std::fs::remove_file(config.learned_snapshot());
@@ -1113,5 +1288,8 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
     }
     let _ = std::fs::remove_dir(&config.state_dir);
     done.push(format!("state in {}", config.state_dir.display()));
+    if !left.is_empty() {
+        return Err(DaemonError::Invalid(format!("cleanup left: {}", left.join("; "))));
+    }
     Ok(done)
 }

@@ -17,6 +17,8 @@ use crate::sandbox::SandboxSpec;
 pub enum PumpError {
     #[error("starting the guest pump for {name}: {reason}")]
     Start { name: String, reason: String },
+    #[error("stopping the guest of {name}: {left} is left")]
+    Left { name: String, left: String },
 }
 
 /// Everything the pump process needs, passed as one JSON argument.
@@ -96,8 +98,7 @@ pub fn run_pump(spec_json: &str) -> Result<(), String> {
     // SAFETY: set is the initialised signal set from above.
     unsafe { libc::sigwait(&set, &mut signal) };
     eprintln!("guest pump {}: signal {signal}, removing {}", spec.sandbox, spec.netns);
-    drop(guest);
-    Ok(())
+    guest.stop().map_err(|e| e.to_string())
 }
 
 /// Starts the pump for `spec` (detached, in its own session) and waits until
@@ -138,11 +139,11 @@ pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpEr
     match rx.recv_timeout(Duration::from_secs(15)) {
         Ok(line) if line.trim() == READY => Ok(pid),
         Ok(_) => {
-            stop_pump(pid, &spec.sandbox, &spec.netns);
+            let _ = stop_pump(pid, &spec.sandbox, &spec.netns);
             Err(err(format!("it exited before the guest was up; see {}", log.display())))
         }
         Err(_) => {
-            stop_pump(pid, &spec.sandbox, &spec.netns);
+            let _ = stop_pump(pid, &spec.sandbox, &spec.netns);
             Err(err(format!("no guest after 15 s; see {}", log.display())))
         }
     }
@@ -158,20 +159,39 @@ pub fn pump_alive(pid: u32, sandbox: &str) -> bool {
         })
 }
 
-/// Stops the pump (SIGTERM, then SIGKILL after 5 s) and makes sure the guest
-/// namespace is gone.
-pub fn stop_pump(pid: u32, sandbox: &str, netns: &str) {
+/// Stops the pump (SIGTERM, then SIGKILL after 5 s), makes sure the guest
+/// namespace is gone, and checks both: what is left is an error naming it.
+pub fn stop_pump(pid: u32, sandbox: &str, netns: &str) -> Result<(), PumpError> {
+    let left = |left: String| PumpError::Left { name: sandbox.to_string(), left };
     if pump_alive(pid, sandbox) {
         // SAFETY: kill with a pid we verified is our pump.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while pump_alive(pid, sandbox) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if pump_alive(pid, sandbox) {
+        if !wait_gone(pid, sandbox, Duration::from_secs(5)) {
             // SAFETY: as above.
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            if !wait_gone(pid, sandbox, Duration::from_secs(5)) {
+                return Err(left(format!("pump process {pid}")));
+            }
         }
     }
-    let _ = NetNs::delete(netns);
+    // The pump removes its namespace on SIGTERM; after a SIGKILL (or a
+    // pump that died earlier) it is ours to remove.
+    NetNs::delete(netns).map_err(|e| left(format!("network namespace {netns} ({e})")))?;
+    if NetNs::exists(netns) {
+        return Err(left(format!("network namespace {netns}")));
+    }
+    Ok(())
+}
+
+/// Waits until `pid` is no longer `sandbox`'s pump (the daemon ignores
+/// SIGCHLD, so an exited pump is reaped by the kernel at once).
+fn wait_gone(pid: u32, sandbox: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while pump_alive(pid, sandbox) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }

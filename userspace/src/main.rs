@@ -124,7 +124,18 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sbx-net: {e:#}");
-            ExitCode::FAILURE
+            // Another daemon holds this data path: EX_TEMPFAIL, so a unit
+            // or script can tell "already running" from a broken start.
+            let locked = e.chain().any(|c| {
+                c.downcast_ref::<sbx_net::instance_lock::LockError>().is_some_and(|l| matches!(l, sbx_net::instance_lock::LockError::Held { .. }))
+                    || c.downcast_ref::<sbx_net::server::ServerError>()
+                        .is_some_and(|s| matches!(s, sbx_net::server::ServerError::Locked(sbx_net::instance_lock::LockError::Held { .. })))
+            });
+            if locked {
+                ExitCode::from(sbx_net::instance_lock::EXIT_LOCKED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -189,6 +200,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("policy {}: {} sandboxes ({})", p["name"].as_str().unwrap_or(""), p["sandboxes"], p["source"].as_str().unwrap_or(""));
             }
             println!("flow table: {} flows (capacity {} per family); events lost: {}", m["flows"], m["flow_capacity"], v["events_lost"]);
+            for c in v["host"].as_array().into_iter().flatten() {
+                let how = match (c["changed"].as_bool(), c["found"].as_str()) {
+                    (Some(true), Some(found)) => format!("set by sbx-net, was {found}"),
+                    (Some(true), None) => "set by sbx-net".to_string(),
+                    _ => "as found".to_string(),
+                };
+                println!("host: {} = {} ({how}): {}", c["name"].as_str().unwrap_or(""), c["value"].as_str().unwrap_or(""), c["why"].as_str().unwrap_or(""));
+            }
+            for l in v["reap_failures"].as_array().into_iter().flatten() {
+                println!("left by a delete: {}", l.as_str().unwrap_or(""));
+            }
             Ok(())
         }
     }
@@ -270,6 +292,8 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         if call(&config.socket, &Request::Status, Duration::from_secs(5)).is_ok() {
             anyhow::bail!("a daemon answers on {}; stop it before --cleanup", config.socket.display());
         }
+        // Held through the cleanup: no daemon may start on what we remove.
+        let _lock = sbx_net::server::lock_instance(&config)?;
         for removed in sbx_net::daemon::cleanup(&config)? {
             println!("removed {removed}");
         }

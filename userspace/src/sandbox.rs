@@ -56,6 +56,8 @@ pub enum SandboxError {
     #[error("writing {path}: {source}")]
     Sysctl { path: String, source: std::io::Error },
     #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Compile(#[from] CompileError),
@@ -193,6 +195,10 @@ pub fn configure_host_side(netlink: &Netlink, spec: &SandboxSpec, ifindex: u32) 
         let path = format!("/proc/sys/net/ipv6/conf/{}/{key}", spec.tap);
         std::fs::write(&path, "0").map_err(|source| SandboxError::Sysctl { path, source })?;
     }
+    // Forwarding for what arrives on this tap only (the host's other
+    // interfaces keep their settings); see crate::host.
+    let per_interface = crate::host::ipv6_per_interface_forwarding(&crate::host::read_sysctl);
+    crate::host::apply(&crate::host::tap_settings(&spec.tap, per_interface), false)?;
     netlink.add_address(ifindex, spec.gateway_ipv4.into(), SANDBOX_IPV4_PREFIX_LEN)?;
     netlink.add_address(ifindex, spec.gateway_ipv6.into(), SANDBOX_IPV6_PREFIX_LEN)?;
     netlink.set_up(ifindex)?;

@@ -29,6 +29,17 @@ pub enum ServerError {
     Io { what: String, source: std::io::Error },
     #[error("a daemon already answers on {0}; stop it first")]
     AlreadyRunning(String),
+    #[error(transparent)]
+    Locked(#[from] crate::instance_lock::LockError),
+}
+
+/// Takes the one-daemon-per-data-path lock on the pin and state
+/// directories (created if missing); held until the process ends.
+pub fn lock_instance(config: &DaemonConfig) -> Result<crate::instance_lock::InstanceLock, ServerError> {
+    for dir in [&config.bpf_dir, &config.state_dir] {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    }
+    Ok(crate::instance_lock::InstanceLock::acquire(&[&config.bpf_dir, &config.state_dir])?)
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
@@ -41,9 +52,10 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
 /// vanish — and detach every sandbox's program — when the daemon exits, and
 /// guest namespaces would be invisible to the host. The network namespace
 /// is what `ip netns exec` is for, so when our bpf dir is not on a bpffs,
-/// rejoin the mount namespace of PID 1 or, where PID 1 is out of reach (as
-/// in some containers), of our parent, provided /sys/fs/bpf is a bpffs
-/// there. Must run before any thread starts (setns(CLONE_NEWNS) needs that).
+/// rejoin the mount namespace `ip netns exec` left: our parent's (`ip`
+/// execs us in place, so the parent is whoever ran it), else PID 1's,
+/// provided /sys/fs/bpf is a bpffs there. Must run before any thread starts
+/// (setns(CLONE_NEWNS) needs that).
 fn join_host_mount_namespace(bpf_dir: &Path) -> Result<Option<u32>, ServerError> {
     if on_bpffs(bpf_dir) {
         return Ok(None);
@@ -51,7 +63,7 @@ fn join_host_mount_namespace(bpf_dir: &Path) -> Result<Option<u32>, ServerError>
     let mine = std::fs::read_link("/proc/self/ns/mnt").map_err(io("reading /proc/self/ns/mnt"))?;
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() } as u32;
-    for pid in [1, parent] {
+    for pid in [parent, 1] {
         let Ok(theirs) = std::fs::read_link(format!("/proc/{pid}/ns/mnt")) else { continue };
         if theirs == mine || !is_bpffs(&Path::new(&format!("/proc/{pid}/root")).join("sys/fs/bpf")) {
             continue;
@@ -125,6 +137,7 @@ pub fn prepare(config: &mut DaemonConfig) -> Result<(), ServerError> {
 /// enforced (pinned links and maps, nftables, pumps).
 pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     prepare(&mut config)?;
+    let _lock = lock_instance(&config)?;
     // Pumps we spawn are reaped by the kernel (we never wait for them).
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };

@@ -101,6 +101,14 @@ impl NetnsGuest {
     pub fn pump(&self) -> &FramePump {
         self.pump.as_ref().expect("pump runs until drop")
     }
+
+    /// Stops the pump and deletes the namespace, reporting a namespace that
+    /// could not be removed (dropping does the same but can only log).
+    pub fn stop(mut self) -> Result<(), GuestError> {
+        self.pump.take();
+        NetNs::delete(self.netns.name())?;
+        Ok(())
+    }
 }
 
 impl Drop for NetnsGuest {

@@ -20,6 +20,76 @@ pub enum NetNsError {
     Io { op: &'static str, name: String, source: io::Error },
     #[error("thread running inside network namespace {name} panicked")]
     ThreadPanicked { name: String },
+    #[error("making {NETNS_RUN_DIR} a shared mount point (as `ip netns` does): {0}")]
+    RunDir(#[source] io::Error),
+}
+
+/// Serialises our own preparation of /run/netns (two threads both finding
+/// it unmounted would stack two bind mounts).
+static RUN_DIR_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Makes /run/netns a shared mount point exactly as iproute2's `ip netns
+/// add` does (ip/ipnetns.c, netns_add): try `--make-rshared`; if it is not a
+/// mount point yet (EINVAL), bind-mount it onto itself once and try again.
+///
+/// Why it matters: when we bind namespace files into a plain /run/netns and
+/// another tool (Docker, CNI, an admin) then runs `ip netns add`, iproute2
+/// finds no mount point and stacks a new mount over the directory; every
+/// namespace made before is hidden underneath and can no longer be deleted
+/// (EBUSY) until reboot. Once the directory is a shared mount point, iproute2
+/// uses it as it is. Returns whether it had to make the mount point.
+pub fn prepare_run_dir() -> Result<bool, NetNsError> {
+    let _serial = RUN_DIR_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    fs::create_dir_all(NETNS_RUN_DIR).map_err(NetNsError::RunDir)?;
+    let dir = c"/run/netns";
+    let mut made_mount_point = false;
+    loop {
+        // SAFETY: valid NUL-terminated strings; no data for a propagation change.
+        let shared = cvt(unsafe {
+            libc::mount(c"".as_ptr(), dir.as_ptr(), c"none".as_ptr(), libc::MS_SHARED | libc::MS_REC, std::ptr::null())
+        });
+        match shared {
+            Ok(_) => return Ok(made_mount_point),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !made_mount_point => {
+                // SAFETY: as above; a recursive bind of the directory onto itself.
+                cvt(unsafe {
+                    libc::mount(dir.as_ptr(), dir.as_ptr(), c"none".as_ptr(), libc::MS_BIND | libc::MS_REC, std::ptr::null())
+                })
+                .map_err(NetNsError::RunDir)?;
+                made_mount_point = true;
+            }
+            Err(e) => return Err(NetNsError::RunDir(e)),
+        }
+    }
+}
+
+/// Removes a namespace's mount point: unmount (not mounted is fine), then
+/// unlink (missing is fine). A file that stays (EBUSY: something is mounted
+/// over /run/netns or over the file) is an error naming it.
+fn remove_mount_point(name: &str, path: &Path) -> Result<(), NetNsError> {
+    let io_err = |op: &'static str| {
+        let name = name.to_string();
+        move |source| NetNsError::Io { op, name, source }
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| NetNsError::InvalidName(name.to_string()))?;
+    // SAFETY: c_path is a valid NUL-terminated path.
+    match cvt(unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) }) {
+        Ok(_) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOENT)) => {}
+        Err(e) => return Err(io_err("unmounting")(e)),
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("removing the mount point")(e)),
+    }
+    // `ip netns exec` reads per-namespace files from here.
+    match fs::remove_dir_all(Path::new("/etc/netns").join(name)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("removing /etc/netns files")(e)),
+    }
 }
 
 /// A named network namespace. If this value created it, dropping it
@@ -43,7 +113,7 @@ impl NetNs {
             let name = name.to_string();
             move |source| NetNsError::Io { op, name, source }
         };
-        fs::create_dir_all(NETNS_RUN_DIR).map_err(io_err("creating /run/netns"))?;
+        prepare_run_dir()?;
         let path = Path::new(NETNS_RUN_DIR).join(name);
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(_) => {}
@@ -79,17 +149,25 @@ impl NetNs {
     }
 
     /// Removes the named namespace's mount point (the namespace itself goes
-    /// when its last user does). Missing is fine.
+    /// when its last user does). Missing is fine; a mount point that cannot
+    /// be removed is an error.
     pub fn delete(name: &str) -> Result<(), NetNsError> {
-        match NetNs::open(name) {
-            Ok(mut ns) => {
-                ns.owned = true;
-                drop(ns);
-                Ok(())
-            }
-            Err(NetNsError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(NetNsError::InvalidName(name.to_string()));
         }
+        remove_mount_point(name, &Path::new(NETNS_RUN_DIR).join(name))
+    }
+
+    /// Whether a namespace of this name is still listed in /run/netns.
+    pub fn exists(name: &str) -> bool {
+        Path::new(NETNS_RUN_DIR).join(name).symlink_metadata().is_ok()
+    }
+
+    /// Deletes a namespace this value owns, reporting what could not be
+    /// removed (dropping it does the same but can only log).
+    pub fn remove(mut self) -> Result<(), NetNsError> {
+        self.owned = false;
+        remove_mount_point(&self.name, &self.path)
     }
 
     pub fn name(&self) -> &str {
@@ -136,13 +214,9 @@ impl Drop for NetNs {
         if !self.owned {
             return;
         }
-        if let Ok(c_path) = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()) {
-            // SAFETY: c_path is a valid NUL-terminated path.
-            unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+        if let Err(e) = remove_mount_point(&self.name, &self.path) {
+            eprintln!("sbx-vmm: {e}");
         }
-        let _ = fs::remove_file(&self.path);
-        // `ip netns exec` reads per-namespace files from here.
-        let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
 
