@@ -43,6 +43,14 @@ impl DaemonHarness {
     /// Like [`DaemonHarness::new`], with a `--config` file of `config_toml`
     /// and extra `daemon` flags.
     pub fn with_args(tag: &str, policies: &[(&str, &str)], config_toml: Option<&str>, extra_args: &[&str]) -> DaemonHarness {
+        let mut h = Self::prepared(tag, policies, config_toml, extra_args);
+        h.start_daemon();
+        h
+    }
+
+    /// Everything [`DaemonHarness::with_args`] makes except the running
+    /// daemon (for tests of how a daemon starts, or refuses to).
+    pub fn prepared(tag: &str, policies: &[(&str, &str)], config_toml: Option<&str>, extra_args: &[&str]) -> DaemonHarness {
         let topology = Topology::new(tag);
         let name = unique_name(tag);
         let dir = std::env::temp_dir().join(&name);
@@ -70,11 +78,11 @@ impl DaemonHarness {
             h.extra_args.push("--config".into());
             h.extra_args.push(path.display().to_string());
         }
-        h.start_daemon();
         h
     }
 
-    fn daemon_args(&self) -> Vec<String> {
+    /// `ip` arguments that run this harness's daemon in its host namespace.
+    pub fn daemon_args(&self) -> Vec<String> {
         let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.topology.host.name().into()];
         args.push(self.bin.display().to_string());
         for (flag, value) in [
@@ -120,6 +128,37 @@ impl DaemonHarness {
             assert!(Instant::now() < deadline, "daemon did not answer within 15 s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Runs another `sbx-net daemon` in the host namespace with this
+    /// harness's flags, each `(flag, value)` of `overrides` replacing or
+    /// adding one, and waits for it to exit (at most `timeout`; one still
+    /// running then is killed and the test fails: it should have refused).
+    pub fn run_other_daemon(&self, overrides: &[(&str, &str)], timeout: Duration) -> Output {
+        let mut args = self.daemon_args();
+        for (flag, value) in overrides {
+            match args.iter().position(|a| a == flag) {
+                Some(i) => args[i + 1] = value.to_string(),
+                None => args.extend([flag.to_string(), value.to_string()]),
+            }
+        }
+        let mut child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn a second sbx-net daemon");
+        let deadline = Instant::now() + timeout;
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("reap");
+                panic!("sbx-net daemon {overrides:?} was still running after {timeout:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("second daemon output")
     }
 
     /// Kills the daemon with `signal` and reaps it.
