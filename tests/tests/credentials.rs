@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{HttpsEcho, TestCa};
-use sbx_net_tests::{require_root, unique_name, WorldDns};
+use sbx_net_tests::{require_root, unique_name, PacketCapture, WorldDns};
 
 const SECRET: &str = "ghp_sbxTestSecret0123456789";
 
@@ -49,15 +49,7 @@ fn secrets_reach_only_their_hosts() {
     let curl = |args: &[&str]| sbx_net_tests::curl_head(&ns, args);
 
     // Everything the guest sends and receives, captured on its tap.
-    let pcap = dir.join("tap.pcap");
-    let mut capture = std::process::Command::new("ip")
-        .args(["netns", "exec", h.topology.host.name(), "tcpdump", "-i", g["tap"].as_str().unwrap(), "-U", "-s", "0", "-w"])
-        .arg(&pcap)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let capture = PacketCapture::start(h.topology.host.name(), g["tap"].as_str().unwrap(), &dir.join("tap.pcap"));
 
     // The bound host: TLS terminated with the sandbox CA, secret injected.
     let (code, body) = curl(&["--cacert", &sandbox_ca, "https://api.test/v1/user"]);
@@ -118,11 +110,7 @@ fn secrets_reach_only_their_hosts() {
     assert!(body.contains("x-api-key: <injected>") && !body.contains("guest-made"), "{body}");
     // The secret never appears in any byte on the guest's tap, nor in the
     // daemon's log.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(capture.id() as libc::pid_t, libc::SIGINT) };
-    let _ = capture.wait();
-    let captured = std::fs::read(&pcap).unwrap();
+    let captured = capture.finish();
     assert!(captured.len() > 5000, "the capture saw the traffic ({} bytes)", captured.len());
     assert!(!captured.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "the secret crossed the tap");
     assert!(!h.log().contains(SECRET), "secret in the daemon log");

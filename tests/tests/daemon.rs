@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use sbx_net_tests::daemon::DaemonHarness;
-use sbx_net_tests::{curl, require_root, run_in, tcp_connects, unique_name, NcListener, Pinger, WorldServers, UPLINK_HOST_V4, UPLINK_WORLD_V4};
+use sbx_net_tests::{
+    curl, require_root, run_in, tcp_connects, unique_name, wait_until, NcListener, Pinger, WorldServers, UPLINK_HOST_V4, UPLINK_WORLD_V4,
+};
 
 const PORT: u16 = 8080;
 const A_ALLOWED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 5);
@@ -71,7 +73,7 @@ fn lifecycle_isolation_and_host_ports() {
     // Each sandbox has its own CA for the credential proxy: a real CA
     // certificate for the guest, its key kept root-only on the host.
     let ca = a["ca_cert"].as_str().unwrap().to_string();
-    let text = std::process::Command::new("openssl").args(["x509", "-noout", "-text", "-in", &ca]).output().unwrap();
+    let text = sbx_net_tests::host_command("openssl").args(["x509", "-noout", "-text", "-in", &ca]).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("CA:TRUE") && text.contains(&format!("sandbox {} CA", a["name"].as_str().unwrap())), "{text}");
     let key = Path::new(&ca).with_file_name("ca.key");
@@ -157,15 +159,10 @@ fn lifecycle_isolation_and_host_ports() {
     assert!(h.bpf_dir.join("links").join(&b_name).exists());
     // The tap is unregistered just after the answer (it is fail-closed
     // until then: empty datapath slot, out of the nftables set).
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    loop {
+    wait_until(Duration::from_secs(20), "the tap of the deleted sandbox to go", || {
         let links = run_in(h.topology.host.name(), "ip", &["-o", "link", "show"]);
-        if !String::from_utf8_lossy(&links.stdout).lines().any(|l| l.starts_with(&format!("{a_ifindex}:"))) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "tap of the deleted sandbox still exists");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        !String::from_utf8_lossy(&links.stdout).lines().any(|l| l.starts_with(&format!("{a_ifindex}:")))
+    });
     assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
     assert!(h.cli_err(&["sandbox", "show", &a_name]).contains("no sandbox"));
     assert!(!Path::new(&ca).exists(), "the deleted sandbox's CA stays behind");
@@ -218,6 +215,8 @@ fn reload_under_traffic_and_malformed_policies() {
         std::fs::write(h.policy_dir.join("agent.toml"), text).unwrap();
         let out = h.json(&["policy", "reload"]);
         assert_eq!(out["sandboxes_switched"].as_array().unwrap().len(), 1, "{out}");
+        // Pacing, not waiting: spreads the 20 reloads over the pingers'
+        // 4 s, so echoes are in flight across every switch.
         std::thread::sleep(Duration::from_millis(150));
     }
     let (sent, received) = allowed.finish();
@@ -294,9 +293,14 @@ fn kill_9_and_restart_keep_enforcement() {
     let ns = g["netns"].as_str().unwrap().to_string();
     let name = g["name"].as_str().unwrap().to_string();
 
+    let traffic = |verdict: &str| h.json(&["status", "--json"])["sandbox_traffic"][&name][verdict]["packets"].as_u64().unwrap_or(0);
+    let (allowed_before, denied_before) = (traffic("allowed"), traffic("denied"));
     let allowed = Pinger::start(&ns, A_ALLOWED.into(), 300, 10);
     let denied = Pinger::start(&ns, A_DENIED.into(), 300, 10);
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill the daemon with both pingers' echoes flowing through the classifier.
+    wait_until(Duration::from_secs(20), "both pingers' echoes reaching the classifier", || {
+        traffic("allowed") >= allowed_before + 10 && traffic("denied") >= denied_before + 10
+    });
     h.kill_daemon(libc::SIGKILL);
     // The daemon is gone: enforcement is not.
     assert!(tcp_connects(&ns, A_ALLOWED.into(), PORT), "allowed flow broke with the daemon dead");

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use sbx_net_tests::daemon::DaemonHarness;
-use sbx_net_tests::{dig, require_root, tcp_connects, udp_exchange, unique_name, WorldDns, WorldServers};
+use sbx_net_tests::{dig, require_root, tcp_connects, udp_exchange, unique_name, wait_until, WorldDns, WorldServers};
 
 const PORT: u16 = 8080;
 
@@ -179,7 +179,20 @@ fn names_open_exactly_their_answers() {
     // A restarted daemon knows which names its learned addresses came from:
     // a reload after kill -9 still carries x.y.any.test's address.
     assert!(tcp_connects(&ns, ip("198.51.100.13"), PORT));
-    std::thread::sleep(Duration::from_millis(1500)); // the snapshot is written each second
+    // The daemon writes what it learned to its snapshot once a second: kill
+    // it only once the snapshot has the name under the policy generation in
+    // force (the reloads above changed it).
+    let json = |path: std::path::PathBuf| -> serde_json::Value {
+        std::fs::read(path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    };
+    let sandbox_file = h.state_dir.join("sandboxes").join(format!("{}.json", a["name"].as_str().unwrap()));
+    wait_until(Duration::from_secs(15), "x.y.any.test in the learned-address snapshot, current generation", || {
+        let policy_id = json(sandbox_file.clone())["policy_id"].clone();
+        let snapshot = json(h.state_dir.join("learned.json"));
+        snapshot.as_array().is_some_and(|entries| {
+            entries.iter().any(|e| e["policy_id"] == policy_id && e["names"].as_array().is_some_and(|n| n.iter().any(|n| n == "x.y.any.test")))
+        })
+    });
     h.kill_daemon(libc::SIGKILL);
     h.start_daemon();
     std::fs::write(h.policy_dir.join("agent.toml"), POLICY.replace("\"allowed.test\", ", "").replace("\"late.test\", ", "")).unwrap();
@@ -207,10 +220,15 @@ fn learned_addresses_expire_and_survive_a_restart() {
     assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT), "learned address closed with the daemon dead");
     h.start_daemon();
     // After TTL (clamped to 2 s) + grace (1 s) the address closes, even if
-    // nobody re-resolves.
+    // nobody re-resolves. Letting that time pass is what is tested (until
+    // then the address is rightly open), so this sleep stays; the classifier
+    // compares the expiry with the kernel's clock, the wait after it only
+    // allows for the probe's own scheduling.
     let closes_after = Duration::from_secs(3);
-    std::thread::sleep((resolved + closes_after + Duration::from_millis(500)).saturating_duration_since(Instant::now()));
-    assert!(!tcp_connects(&ns, ip("198.51.100.5"), PORT), "learned address still open after TTL + grace");
+    std::thread::sleep((resolved + closes_after).saturating_duration_since(Instant::now()));
+    wait_until(Duration::from_secs(10), "the learned address to close after TTL + grace", || {
+        !tcp_connects(&ns, ip("198.51.100.5"), PORT)
+    });
     assert!(!tcp_connects(&ns, ip("198.51.100.8"), PORT));
     // Re-resolving opens it again.
     assert_eq!(dig(&ns, &["allowed.test"]).0, "NOERROR");
@@ -244,7 +262,7 @@ fn connect_right_after_resolve_never_loses_a_first_syn() {
         NAMES - 1
     );
     let started = Instant::now();
-    let out = sbx_net_tests::run_in(&ns, "sh", &["-c", &script]);
+    let out = sbx_net_tests::shell_in(&ns, &["seq", "dig", "nc"], &script);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("failed=0"), "{text}");
     assert_eq!(drops(&h) - before, 0, "a first SYN (or another packet) was dropped in {NAMES} resolve-then-connect attempts");
@@ -278,13 +296,14 @@ fn per_name_cap_forgets_old_addresses_but_not_live_flows() {
     };
     resolve_as(addrs[0]);
     // A long-lived connection to the first address.
-    let mut flow = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "nc", "-n", addrs[0], "9000"])
+    let mut flow = sbx_net_tests::netns_command(&ns, "nc")
+        .args(["-n", addrs[0], "9000"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let long_lived = std::net::SocketAddr::new(ip(addrs[0]), 9000);
+    wait_until(Duration::from_secs(20), "the long-lived connection to port 9000", || sbx_net_tests::tcp_established_to(&ns, long_lived));
     resolve_as(addrs[1]);
     resolve_as(addrs[2]);
     // Cap 1: .6 (older, idle) is forgotten; .5 keeps its live flow; .7 is new.
@@ -306,7 +325,7 @@ impl TlsServer {
         let dir = std::env::temp_dir().join(unique_name("tls"));
         std::fs::create_dir_all(&dir).unwrap();
         let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
-        let made = std::process::Command::new("openssl")
+        let made = sbx_net_tests::host_command("openssl")
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj"])
             .arg(format!("/CN={name}"))
             .arg("-keyout")
@@ -316,8 +335,8 @@ impl TlsServer {
             .output()
             .unwrap();
         assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", world, "openssl", "s_server", "-quiet", "-www", "-accept"])
+        let child = sbx_net_tests::netns_command(world, "openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
             .arg(format!("{addr}:443"))
             .arg("-cert")
             .arg(&cert)
@@ -328,8 +347,13 @@ impl TlsServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        TlsServer { _child: sbx_net_tests::Background(child), dir }
+        let mut child = sbx_net_tests::Background(child);
+        let listen = std::net::SocketAddr::new(ip(addr), 443);
+        wait_until(Duration::from_secs(20), &format!("openssl s_server listening on {listen}"), || {
+            child.assert_running("openssl s_server");
+            sbx_net_tests::tcp_listening_on(world, listen)
+        });
+        TlsServer { _child: child, dir }
     }
 }
 

@@ -3,14 +3,14 @@
 //! the guest. Each test builds and tears down its own namespaces.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sbx_net::datapath::{Datapath, DatapathOptions, EventReader};
 use sbx_net::flow::{compact, from_event};
 use sbx_net::policy::Policy;
 use sbx_net::sandbox::{AddressPools, HostSandbox, SandboxSpec};
 use sbx_net_common::{FlowEvent, Reason};
-use sbx_net_tests::{curl, ping, require_root, run_in, tcp_connects, udp_exchange, unique_name, Topology, WorldServers};
+use sbx_net_tests::{curl, ping, require_root, run_in, tcp_connects, try_wait_for, udp_exchange, unique_name, Topology, WorldServers};
 
 const PORT: u16 = 8080;
 const ALLOWED_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 5);
@@ -51,6 +51,10 @@ impl Setup {
         require_root();
         let topology = Topology::new(tag);
         topology.enter_host();
+        // No daemon here: prepare the uplink as the daemon does at start
+        // (the taps get theirs when HostSandbox creates them).
+        let uplink = sbx_net::host::uplink_settings(&["uplink".to_string()], &sbx_net::host::read_sysctl);
+        sbx_net::host::apply(&uplink, false).expect("uplink forwarding");
         let world: Vec<IpAddr> = vec![
             ALLOWED_V4.into(),
             NESTED_DENY_V4.into(),
@@ -82,13 +86,13 @@ impl Setup {
 
     /// Drop events until `pred` matches one (or the deadline passes).
     fn wait_for_event(&mut self, what: &str, pred: impl Fn(&FlowEvent) -> bool) -> FlowEvent {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
+        let found = try_wait_for(Duration::from_secs(20), || {
             self.pending.extend(self.events.drain());
-            if let Some(i) = self.pending.iter().position(&pred) {
-                return self.pending.remove(i);
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            let i = self.pending.iter().position(&pred)?;
+            Some(self.pending.remove(i))
+        });
+        if let Some(event) = found {
+            return event;
         }
         let seen: Vec<String> =
             self.pending.iter().map(|ev| compact(&from_event(ev, "e2e", Some(&self.sandbox().policy), vec![], 0), false)).collect();

@@ -3,15 +3,15 @@
 //! scraped by a real Prometheus server, and lost-event accounting under a
 //! deliberately tiny ring buffer. Real dig/curl/nc/ping in a netns guest.
 
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sbx_net::flow::{FlowRecord, Verdict};
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{HttpsEcho, TestCa};
-use sbx_net_tests::{dig, require_root, run_in, tcp_connects, unique_name, Background, WorldDns};
+use sbx_net_tests::{dig, require_root, run_in, tcp_connects, try_wait_for, unique_name, wait_for, Background, WorldDns};
 
 const SECRET: &str = "ghp_sbxObservabilitySecret42";
 
@@ -37,6 +37,12 @@ fn show(records: &[FlowRecord]) -> String {
     records.iter().map(|r| sbx_net::flow::compact(r, false)).collect::<Vec<_>>().join("\n")
 }
 
+/// The ring buffer's count in inspect's "lost events" line.
+fn lost_ring_buffer(stderr: &str) -> Option<u64> {
+    let line = stderr.lines().find(|l| l.contains("lost events"))?;
+    line.split("ring buffer ").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
 fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
@@ -59,8 +65,7 @@ impl PrometheusServer {
         )
         .unwrap();
         let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns, "prometheus"])
+        let child = sbx_net_tests::netns_command(ns, "prometheus")
             .arg(format!("--config.file={}", config.display()))
             .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
             .arg(format!("--web.listen-address={}", Self::WEB))
@@ -68,7 +73,7 @@ impl PrometheusServer {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
-            .expect("prometheus (apt package prometheus; cargo xtask bootstrap installs it)");
+            .expect("spawn prometheus");
         PrometheusServer { _child: Background(child), ns: ns.to_string() }
     }
 
@@ -80,17 +85,15 @@ impl PrometheusServer {
         v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
     }
 
-    /// Waits (≤ 30 s) until `promql` yields a value satisfying `ok`.
+    /// Waits (≤ 60 s: the server starts, then scrapes each second) until
+    /// `promql` yields a value satisfying `ok`.
     fn wait_for(&self, promql: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = self.query(promql);
-            if let Some(v) = v.filter(|v| ok(*v)) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "prometheus: {promql} = {v:?} after 30 s");
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        let mut last = None;
+        try_wait_for(Duration::from_secs(60), || {
+            last = self.query(promql);
+            last.filter(|v| ok(*v))
+        })
+        .unwrap_or_else(|| panic!("prometheus: {promql} = {last:?} after 60 s"))
     }
 }
 
@@ -132,9 +135,26 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     run_in(&ns, "ping", &["-c", "8", "-i", "0.3", "-W", "1", "203.0.113.7"]);
     let (status, _) = dig(&ns, &["evil.test"]);
     assert_eq!(status, "NXDOMAIN");
-    std::thread::sleep(Duration::from_millis(500));
 
-    let (records, _) = inspect(&h, &["--sandbox", &name]);
+    // The proxies record their decisions at once, the datapath's arrive
+    // through the ring buffer a little later: wait until a record of each
+    // decision above is there (if one never comes, the checks below say
+    // which).
+    let seen: [fn(&FlowRecord) -> bool; 7] = [
+        |r| r.dns.as_ref().is_some_and(|d| d.query == "api.test" && d.qtype == "A"),
+        |r| r.dns.as_ref().is_some_and(|d| d.query == "evil.test"),
+        |r| r.http.as_ref().is_some_and(|h| h.path == "/v1/user"),
+        |r| r.source == "datapath" && r.dst_port == 443 && r.dst_ip == Some(ip("198.51.100.40")),
+        |r| r.source == "datapath" && r.dst_port == 9 && r.dst_ip == Some(ip("198.51.100.40")),
+        |r| r.dst_ip == Some(ip("198.51.100.130")) && r.protocol == "tcp",
+        |r| r.dst_ip == Some(ip("203.0.113.7")) && r.event == "drop_repeat",
+    ];
+    let history = || inspect(&h, &["--sandbox", &name]).0;
+    let records = try_wait_for(Duration::from_secs(20), || {
+        let records = history();
+        seen.iter().all(|seen| records.iter().any(seen)).then_some(records)
+    })
+    .unwrap_or_else(history);
     let all = show(&records);
     let find = |what: &str, pred: &dyn Fn(&FlowRecord) -> bool| -> FlowRecord {
         records.iter().find(|r| pred(r)).cloned().unwrap_or_else(|| panic!("no record for {what} in:\n{all}"))
@@ -236,10 +256,16 @@ fn inspect_attributes_every_decision_and_metrics_move() {
             let _ = tx.send(line);
         }
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Nothing in the history matches the follower's filter, so whatever it
+    // prints is live.
+    assert!(inspect(&h, &["--verdict", "denied", "--port", "7777"]).0.is_empty(), "nothing matched yet");
     assert!(rx.try_recv().is_err(), "nothing matched yet");
-    assert!(!tcp_connects(&ns, ip("198.51.100.130"), 7777));
-    let line = rx.recv_timeout(Duration::from_secs(5)).expect("the follower saw the new denied flow");
+    // The follower subscribes a moment after it starts and nothing tells
+    // when: open a new denied flow until it shows one.
+    let line = wait_for(Duration::from_secs(30), "the follower to print a new denied flow", || {
+        assert!(!tcp_connects(&ns, ip("198.51.100.130"), 7777));
+        rx.recv_timeout(Duration::from_secs(1)).ok()
+    });
     let _ = follower.kill();
     let _ = follower.wait();
     let live: FlowRecord = serde_json::from_str(&line).unwrap();
@@ -257,10 +283,15 @@ fn inspect_attributes_every_decision_and_metrics_move() {
 
     // /metrics: promtool accepts it; the counters say what happened.
     let text = h.metrics();
-    let checked = Command::new("ip")
-        .args(["netns", "exec", h.topology.host.name(), "sh", "-c", "curl -sf http://127.0.0.1:9464/metrics | promtool check metrics"])
-        .output()
-        .expect("promtool (apt package prometheus)");
+    let mut promtool = sbx_net_tests::host_command("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn promtool");
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
     assert!(checked.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
     let series = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("no {s} in /metrics:\n{text}"));
     assert!(series(&format!("sbx_net_flows_total{{sandbox=\"{name}\",verdict=\"denied\"}}")) >= 3.0);
@@ -305,9 +336,25 @@ fn lost_events_are_counted_never_silent() {
             }
         })
         .unwrap();
-    // The daemon reads the kernel's lost counter at least once a second.
-    std::thread::sleep(Duration::from_millis(1500));
-    let (records, stderr) = inspect(&h, &[]);
+    // Every event is accounted for once the pump has delivered the burst,
+    // the daemon has drained the ring buffer and read the kernel's lost
+    // counter (at least once a second): wait for that, then check it (if it
+    // never happens, the checks below say what is off).
+    let snapshot = || {
+        let (records, stderr) = inspect(&h, &[]);
+        (records, stderr, h.json(&["status", "--json"]), h.metrics())
+    };
+    let accounted = |(records, stderr, status, text): &(Vec<FlowRecord>, String, serde_json::Value, String)| {
+        let Some(ring) = lost_ring_buffer(stderr) else { return false };
+        let delivered = records.last().map_or(0, |r| r.seq);
+        let denied = status["sandbox_traffic"][&name]["denied"]["packets"].as_u64().unwrap_or(0);
+        ring > 0
+            && denied >= 1000
+            && status["events_lost"].as_u64() == Some(ring)
+            && metric(text, "sbx_net_events_lost_total") == Some(ring as f64)
+            && (delivered + ring) as f64 >= 0.99 * denied as f64
+    };
+    let (records, stderr, status, text) = try_wait_for(Duration::from_secs(30), || Some(snapshot()).filter(&accounted)).unwrap_or_else(snapshot);
     assert!(records.len() <= 64, "history is bounded: {}", records.len());
     let lost_line = stderr.lines().find(|l| l.contains("lost events")).unwrap_or_else(|| panic!("no lost-event line: {stderr}"));
     let numbers: Vec<u64> = lost_line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
@@ -317,7 +364,6 @@ fn lost_events_are_counted_never_silent() {
     // Every event is accounted for: delivered to the history (kept or
     // evicted) or counted lost by the kernel. Each datagram that reached
     // the classifier was a new denied flow, i.e. one event.
-    let status = h.json(&["status", "--json"]);
     assert_eq!(status["events_lost"].as_u64().unwrap(), ring, "status and inspect agree");
     let delivered = records.last().map(|r| r.seq).unwrap_or(0);
     let denied_packets = status["sandbox_traffic"][&name]["denied"]["packets"].as_u64().unwrap();
@@ -326,7 +372,6 @@ fn lost_events_are_counted_never_silent() {
         (delivered + ring) as f64 >= 0.99 * denied_packets as f64 && delivered + ring <= denied_packets + 64,
         "delivered {delivered} + lost {ring} vs {denied_packets} denied packets"
     );
-    let text = h.metrics();
     assert_eq!(metric(&text, "sbx_net_events_lost_total"), Some(ring as f64), "{text}");
     // Not quiet when nothing is lost: a fresh filter prints the same line.
     let out = h.cli(&["inspect", "--last", "1"]);

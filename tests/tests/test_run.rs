@@ -347,6 +347,9 @@ fn flow_table_reports_new_flows_once() {
     for _ in 0..9 {
         assert!(h.run(&denied).1.is_empty(), "retries within a second are counted, not reported");
     }
+    // The rate limit under test is a second of the kernel's monotonic clock,
+    // the one Instant and sleep use: letting it pass is the test, so this is
+    // a sleep (BPF_PROG_TEST_RUN is synchronous; there is nothing to wait on).
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let (_, events) = h.run(&denied);
     assert_eq!(events.len(), 1);

@@ -3,6 +3,14 @@
 //! Every command but `bootstrap` runs the bootstrap first; it is idempotent
 //! and says what each step does.
 
+// The one list of external programs, shared with the tests.
+#[path = "../../tests/src/tools.rs"]
+#[allow(dead_code)] // the tests use more of it than xtask does
+mod tools;
+
+mod scan;
+mod stress;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -18,15 +26,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what the project needs: apt packages, nightly rust-src,
-    /// bpf-linker built against the nightly's LLVM; mount bpffs.
+    /// Install what the project needs: apt packages (every program in
+    /// tests/src/tools.rs), nightly rust-src, bpf-linker built against the
+    /// nightly's LLVM; mount bpffs.
     Bootstrap,
     /// Build the release binary at target/release/sbx-net.
     Build,
     /// Run the whole test suite (unit, BPF_PROG_TEST_RUN, end-to-end).
     Test {
+        /// Run it with every CPU kept busy by a background load.
+        #[arg(long)]
+        stress: bool,
         /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// The self-contained demo on the embedded default policy.
@@ -38,22 +50,12 @@ enum Task {
     },
 }
 
-/// Packages the project, its tests, demo and benchmarks use.
-const APT_PACKAGES: &[&str] = &[
-    "pkg-config",
-    "libnftnl-dev",
-    "libmnl-dev",
-    "iproute2",
-    "iputils-ping",
-    "netcat-openbsd",
-    "curl",
-    "bind9-dnsutils",
-    "dnsmasq-base",
-    "openssl",
-    "tcpdump",
-    // promtool checks /metrics; the server scrapes it in a test (never as a service).
-    "prometheus",
-];
+/// Packages the build needs that provide no program (libraries, the
+/// pkg-config the nftables crate builds with); the programs and their
+/// packages are in tests/src/tools.rs.
+const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev"];
+/// The directories whose Rust sources may run programs.
+const SOURCE_DIRS: &[&str] = &["tests", "xtask", "userspace", "vmm"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where bpf-linker finds the nightly's libLLVM (outside the repository).
 const LLVM_PREFIX: &str = "/opt/sbx-net/rust-llvm";
@@ -68,9 +70,10 @@ fn main() -> Result<()> {
             bootstrap()?;
             build_release(&root)
         }
-        Task::Test { args } => {
+        Task::Test { stress, args } => {
+            check_sources_use_listed_tools(&root)?;
             bootstrap()?;
-            test(&root, &args)
+            test(&root, stress, &args)
         }
         Task::Demo => {
             bootstrap()?;
@@ -121,12 +124,25 @@ fn bootstrap() -> Result<()> {
     nightly_rust_src()?;
     bpf_linker()?;
     bpffs()?;
+    tools_on_path()?;
     step("ready");
     Ok(())
 }
 
+/// The build's packages and the Debian package of every listed program.
+fn apt_package_list() -> Vec<&'static str> {
+    let mut packages: Vec<&str> = BUILD_PACKAGES.to_vec();
+    for tool in tools::TOOLS.iter().filter(|t| t.source == tools::Source::Apt) {
+        if !packages.contains(&tool.package) {
+            packages.push(tool.package);
+        }
+    }
+    packages
+}
+
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    let packages = apt_package_list();
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -135,7 +151,7 @@ fn apt_packages() -> Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step(&format!("apt packages present: {}", APT_PACKAGES.join(" ")));
+        step(&format!("apt packages present: {}", packages.join(" ")));
         return Ok(());
     }
     step(&format!("installing apt packages: {}", missing.join(" ")));
@@ -158,6 +174,61 @@ fn apt_packages() -> Result<()> {
         let _ = std::fs::remove_file(policy_rc);
     }
     installed.with_context(|| format!("could not install {}; install them with apt-get", missing.join(" ")))
+}
+
+/// Every listed program can be run now (mitmdump excepted: it lives in
+/// its own venv, which `bench proxy` makes).
+fn tools_on_path() -> Result<()> {
+    let on_path: Vec<&tools::Tool> = tools::TOOLS.iter().filter(|t| t.source != tools::Source::Pip).collect();
+    let missing: Vec<String> = on_path.iter().filter_map(|t| tools::locate(t.program).err()).collect();
+    if !missing.is_empty() {
+        bail!("after bootstrap: {}", missing.join("; "));
+    }
+    step(&format!("every listed program found on PATH ({})", on_path.len()));
+    Ok(())
+}
+
+/// The `.rs` files under `dir`, build output excluded.
+fn rust_files(dir: &Path, into: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != "target") {
+                rust_files(&path, into)?;
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            into.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Fails naming every program the sources run that tests/src/tools.rs does
+/// not list (a fresh machine would lack it; bootstrap installs only the list).
+fn check_sources_use_listed_tools(root: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    for dir in SOURCE_DIRS {
+        rust_files(&root.join(dir), &mut files)?;
+    }
+    let mut used = std::collections::BTreeSet::new();
+    let mut unlisted = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        for (program, line) in scan::programs_used(&text) {
+            if tools::tool(&program).is_none() {
+                unlisted.push(format!("{program} ({}:{line})", file.strip_prefix(root).unwrap_or(file).display()));
+            }
+            used.insert(program);
+        }
+    }
+    if !unlisted.is_empty() {
+        bail!(
+            "programs run by the sources but not in tests/src/tools.rs (add each with its Debian package): {}",
+            unlisted.join(", ")
+        );
+    }
+    eprintln!("[check] every program the sources run is in tests/src/tools.rs: {}", used.into_iter().collect::<Vec<_>>().join(" "));
+    Ok(())
 }
 
 fn nightly_rust_src() -> Result<()> {
@@ -315,11 +386,20 @@ fn leftover_pumps() -> Vec<u32> {
         .collect()
 }
 
-fn test(root: &Path, args: &[String]) -> Result<()> {
+fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     // The daemon tests drive the real binary: build it with the tests' profile.
     run(cargo().args(["build", "-p", "sbx-net", "--bin", "sbx-net"]))?;
+    let sbx_net_bin = target_dir(root).join("debug/sbx-net");
+    // Under stress the load is on while the suite runs, not while it builds.
+    let load = if stress {
+        run(cargo().args(["test", "--no-run"]).args(args).env("SBX_NET_BIN", &sbx_net_bin))?;
+        Some(stress::BusyLoad::start(stress::online_cpus(), stress::LIMIT))
+    } else {
+        None
+    };
     // Default members only: the eBPF crate builds for bpfel-unknown-none alone.
-    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", target_dir(root).join("debug/sbx-net")));
+    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin));
+    drop(load);
     let mut left: Vec<String> = Vec::new();
     for pid in leftover_pumps() {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -337,4 +417,44 @@ fn test(root: &Path, args: &[String]) -> Result<()> {
         bail!("tests left these behind (now removed): {}", left.join(", "));
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The check `cargo xtask test` starts with, on this workspace.
+    #[test]
+    fn workspace_sources_run_only_listed_programs() {
+        check_sources_use_listed_tools(&workspace_root()).unwrap();
+    }
+
+    #[test]
+    fn bootstrap_installs_nftables_and_each_package_once() {
+        let packages = apt_package_list();
+        for wanted in ["nftables", "libnftnl-dev", "iproute2", "prometheus", "procps"] {
+            assert!(packages.contains(&wanted), "{wanted} missing from {packages:?}");
+        }
+        let mut unique = packages.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), packages.len(), "{packages:?}");
+    }
+
+    #[test]
+    fn stress_is_parsed_before_the_cargo_test_arguments() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Task::Test { stress, args } => (stress, args),
+            _ => unreachable!(),
+        };
+        assert_eq!(parse(&["xtask", "test"]), (false, vec![]));
+        assert_eq!(parse(&["xtask", "test", "dns"]), (false, vec!["dns".to_string()]));
+        assert_eq!(parse(&["xtask", "test", "--stress", "--test", "dns"]), (true, vec!["--test".to_string(), "dns".to_string()]));
+        assert_eq!(
+            parse(&["xtask", "test", "--stress", "--", "--nocapture"]),
+            (true, vec!["--nocapture".to_string()])
+        );
+        // After the first cargo test argument, --stress is one of them.
+        assert_eq!(parse(&["xtask", "test", "dns", "--stress"]), (false, vec!["dns".to_string(), "--stress".to_string()]));
+    }
 }

@@ -163,6 +163,7 @@ fn event_rate() -> Result<()> {
             while i < first + rate * 2 && started.elapsed() < Duration::from_secs(4) {
                 let due = started + Duration::from_micros((i - first) * 1_000_000 / rate);
                 if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    // Pacing: the batch's send time.
                     std::thread::sleep(wait);
                 }
                 for _ in 0..per_ms {
@@ -174,8 +175,15 @@ fn event_rate() -> Result<()> {
             }
             Ok(())
         })??;
-        std::thread::sleep(Duration::from_millis(1500));
-        let (seen1, seq1, lost1) = snapshot()?;
+        // Each datagram that reached the classifier is one event: measure
+        // once the daemon has published or counted lost every one (on a
+        // timeout, report what there is).
+        let accounted = |(seen1, seq1, lost1): &(u64, u64, u64)| seq1.saturating_sub(seq0) + (lost1 - lost0) >= seen1 - seen0;
+        let settled = sbx_net_tests::try_wait_for(Duration::from_secs(30), || snapshot().ok().filter(&accounted));
+        let (seen1, seq1, lost1) = match settled {
+            Some(s) => s,
+            None => snapshot()?,
+        };
         let (seen, published, lost) = (seen1 - seen0, seq1.saturating_sub(seq0), lost1 - lost0);
         let lost_pct = 100.0 * lost as f64 / seen.max(1) as f64;
         println!(
@@ -228,6 +236,7 @@ fn synthetic_event_rate(h: &sbx_net_tests::daemon::DaemonHarness, g: &serde_json
         while sent < rate * 2 && started.elapsed() < Duration::from_secs(3) {
             let due = started + Duration::from_micros(sent * 1_000_000 / rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                // Pacing: the batch's run time.
                 std::thread::sleep(wait);
             }
             for _ in 0..100 {
@@ -239,8 +248,14 @@ fn synthetic_event_rate(h: &sbx_net_tests::daemon::DaemonHarness, g: &serde_json
             }
         }
         let seconds = started.elapsed().as_secs_f64();
-        std::thread::sleep(Duration::from_millis(1500));
-        let (seq1, lost1) = stream_position(h)?;
+        // Every run made one event: measure once the daemon has published
+        // or counted lost each (on a timeout, report what there is).
+        let accounted = |(seq1, lost1): &(u64, u64)| seq1.saturating_sub(seq0) + (lost1 - lost0) >= sent;
+        let settled = sbx_net_tests::try_wait_for(Duration::from_secs(30), || stream_position(h).ok().filter(&accounted));
+        let (seq1, lost1) = match settled {
+            Some(s) => s,
+            None => stream_position(h)?,
+        };
         let (published, lost) = (seq1.saturating_sub(seq0), lost1 - lost0);
         println!(
             "| {rate} | {:.0} | {:.0} | {lost} | {:.2} |",
@@ -395,7 +410,8 @@ fn measure_pps(guest: &NetNs, host: &NetNs, dst: SocketAddr, duration: Duration)
         }
         Ok(())
     })??;
-    // Let the pump drain what is queued.
+    // Let the pump drain what is queued: a fixed part of every run (the
+    // rate below takes it out again), not a wait for a condition.
     std::thread::sleep(Duration::from_millis(200));
     let elapsed = started.elapsed().as_secs_f64() - 0.2;
     Ok((uplink_tx_packets(host)? - before) as f64 / elapsed)
@@ -465,6 +481,8 @@ fn fmt_runs(v: &[f64]) -> String {
 }
 
 const LIFECYCLE_SANDBOXES: usize = 1000;
+/// The daemon's default `tap_pool_size`.
+const DEFAULT_TAP_POOL_SIZE: u64 = 8;
 const BASELINE_TAPS: usize = 200;
 const PACED_SANDBOXES: usize = 200;
 const PACE: Duration = Duration::from_millis(25);
@@ -577,13 +595,19 @@ fn lifecycle() -> Result<()> {
     // host: the pre-warmed pool keeps up, so no create waits for a TCX attach.
     let mut paced = Vec::with_capacity(PACED_SANDBOXES);
     let paced_names: Vec<String> = (0..PACED_SANDBOXES).map(|i| format!("paced-{i}")).collect();
-    std::thread::sleep(Duration::from_secs(1));
+    // Start with the pool refilled after the burst.
+    sbx_net_tests::try_wait_for(Duration::from_secs(60), || {
+        let ready = call(&h.socket, &Request::Status, timeout).ok()?["prewarmed_taps"].as_u64()?;
+        (ready >= DEFAULT_TAP_POOL_SIZE).then_some(())
+    })
+    .context("the daemon's pre-warmed tap pool did not refill within 60 s")?;
     for name in &paced_names {
         let next = Instant::now() + PACE;
         let t = Instant::now();
         call(&h.socket, &Request::SandboxCreate { name: name.clone(), policy: "default".into(), tap: None, netns_guest: false }, timeout)
             .with_context(|| format!("creating {name}"))?;
         paced.push(ms(t.elapsed()));
+        // Pacing: one create every PACE.
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
     }
     for name in &paced_names {
@@ -598,14 +622,14 @@ fn lifecycle() -> Result<()> {
     }
     let delete_answered = started.elapsed();
     // Deletes answer before the tap is unregistered: wait for the reaper.
-    let gone_by = Instant::now() + Duration::from_secs(120);
-    while call(&h.socket, &Request::Status, timeout)?["taps_being_removed"].as_u64() != Some(0) {
-        if Instant::now() > gone_by {
-            bail!("taps of deleted sandboxes still being removed after 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    sbx_net_tests::try_wait_for(Duration::from_secs(120), || {
+        (call(&h.socket, &Request::Status, timeout).ok()?["taps_being_removed"].as_u64() == Some(0)).then_some(())
+    })
+    .context("taps of deleted sandboxes still being removed after 120 s")?;
     let delete_total = started.elapsed();
+    // The kernel frees deleted links and maps in deferred work: the memory
+    // reading waits a fixed second for that, as in every earlier run of
+    // this benchmark (there is no signal that it is done).
     std::thread::sleep(Duration::from_secs(1));
     let after = (used_kb(), rss_kb(pid), map_memlock_kb(pid));
 
@@ -928,9 +952,8 @@ fn proxy_bench() -> Result<()> {
     std::fs::create_dir_all(&confdir)?;
     let addon = dir.join("inject.py");
     std::fs::write(&addon, format!("def request(flow):\n    flow.request.headers[\"Authorization\"] = \"Bearer {secret}\"\n"))?;
-    let mut mitm_child = std::process::Command::new("ip")
-        .args(["netns", "exec", h.topology.world.name()])
-        .arg(&mitmdump)
+    sbx_net_tests::tools::locate(&mitmdump).map_err(anyhow::Error::msg)?;
+    let mut mitm_child = sbx_net_tests::netns_command(h.topology.world.name(), &mitmdump)
         .args(["-q", "--mode", &format!("reverse:https://{server}:8443"), "--listen-host", &mitm.to_string(), "--listen-port", "9443"])
         .args(["--set", &format!("confdir={}", confdir.display())])
         .args(["--set", &format!("ssl_verify_upstream_trusted_ca={}", ca.pem_path.display())])
@@ -942,13 +965,12 @@ fn proxy_bench() -> Result<()> {
         .spawn()
         .with_context(|| format!("starting {mitmdump} (cargo xtask bench proxy installs it)"))?;
     let mitm_ca = confdir.join("mitmproxy-ca-cert.pem");
-    let ready_by = Instant::now() + Duration::from_secs(30);
-    while !(mitm_ca.exists() && sbx_net_tests::tcp_connects(h.topology.world.name(), mitm, 9443)) {
-        if Instant::now() > ready_by {
-            let _ = mitm_child.kill();
-            bail!("mitmproxy did not start");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    let started = sbx_net_tests::try_wait_for(Duration::from_secs(30), || {
+        (mitm_ca.exists() && sbx_net_tests::tcp_listening_on(h.topology.world.name(), SocketAddr::new(mitm, 9443))).then_some(())
+    });
+    if started.is_none() {
+        let _ = mitm_child.kill();
+        bail!("mitmproxy did not start");
     }
 
     let g = h.create_guest("bench", "bench");

@@ -8,16 +8,48 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use sbx_net::flow::FlowRecord;
 use sbx_net::policy::Policy;
 use sbx_net_tests::daemon::DaemonHarness;
-use sbx_net_tests::{curl, ping, tcp_connects, WorldServers};
+use sbx_net_tests::{curl, ping, run_in, tcp_connects, try_wait_for, WorldServers};
+
+/// Every program the demo runs: a missing one stops it before it starts,
+/// naming its package, instead of showing an empty section later.
+const PROGRAMS: &[&str] = &["ip", "nft", "curl", "ping", "nc", "dig", "dnsmasq"];
 
 fn show(what: &str, ok: bool) {
     println!("   {:<56} {}", what, if ok { "ALLOWED" } else { "blocked" });
 }
 
+/// `nft list table inet sbx_net` in the daemon's namespace; an error
+/// unless it printed the table.
+fn nft_table(h: &DaemonHarness) -> Result<String> {
+    let out = run_in(h.topology.host.name(), "nft", &["list", "table", "inet", "sbx_net"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!("nft list table inet sbx_net failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    if table.trim().is_empty() {
+        bail!("nft list table inet sbx_net printed nothing");
+    }
+    Ok(table)
+}
+
+/// How many records the daemon's history has of `sandbox` to `dst:port`.
+fn records_to(h: &DaemonHarness, sandbox: &str, dst: IpAddr, port: u16) -> usize {
+    let out = h.cli(&["inspect", "--sandbox", sandbox, "-o", "json"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<FlowRecord>(l).ok())
+        .filter(|r| r.dst_ip == Some(dst) && r.dst_port == port)
+        .count()
+}
+
 fn main() -> Result<()> {
+    for program in PROGRAMS {
+        sbx_net_tests::tools::locate(program).map_err(anyhow::Error::msg)?;
+    }
     let policy = Policy::embedded_default();
     println!("== sbx-net demo: embedded policy {:?} (default {})", policy.name, policy.default.as_str());
     for rule in policy.cidr_rules() {
@@ -90,7 +122,11 @@ fn main() -> Result<()> {
     }
     show(&format!("nc -z {anthropic} 22  (after: the answer's address, for its TTL)"), tcp_connects(&guest, anthropic, 22));
 
-    std::thread::sleep(Duration::from_millis(300));
+    // Datapath decisions reach the history through the ring buffer a
+    // moment later: show it once both connections to {anthropic}:22 above
+    // (two flows, whatever their verdicts) are in it.
+    try_wait_for(Duration::from_secs(20), || (records_to(&h, "demo", anthropic, 22) >= 2).then_some(()))
+        .context("the daemon's history does not show the last connections after 20 s")?;
     println!("\n$ sbx-net inspect --sandbox demo --not --protocol icmpv6 --last 40   (every decision, with the rule that made it)");
     print!("{}", h.cli_ok(&["inspect", "--sandbox", "demo", "--not", "--protocol", "icmpv6", "--last", "40", "--no-color"]));
     println!("\n$ sbx-net inspect --verdict denied --not --protocol dns -o json --last 1");
@@ -106,7 +142,7 @@ fn main() -> Result<()> {
     println!("\n$ sbx-net status");
     print!("{}", h.cli_ok(&["status"]));
     println!("\n$ nft list table inet sbx_net   (in the host namespace)");
-    print!("{}", h.nft_table());
+    print!("{}", nft_table(&h)?);
 
     println!("\n== kill -9 the daemon: enforcement stays in the kernel");
     h.kill_daemon(libc::SIGKILL);

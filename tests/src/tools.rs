@@ -1,0 +1,116 @@
+//! Every external program that sbx-net's product, tests, demo, benchmarks
+//! and xtask run, with what provides it: one list. `cargo xtask bootstrap`
+//! installs the Debian packages of this list and then checks every program
+//! is on PATH; `cargo xtask test` first checks that the sources run no
+//! program missing here; the test helpers name the package when a program
+//! is absent instead of failing later with empty output.
+//!
+//! xtask includes this file with `#[path]`, so it uses std only.
+
+use std::path::{Path, PathBuf};
+
+/// Where a program comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A Debian package; bootstrap installs it with apt-get.
+    Apt,
+    /// The Rust toolchain (rustup), needed before anything can be built.
+    Rustup,
+    /// Built by bootstrap with `cargo install` (into ~/.cargo/bin).
+    CargoInstall,
+    /// From PyPI into its own venv, only for `cargo xtask bench proxy`
+    /// (which installs it); not on PATH.
+    Pip,
+}
+
+/// A program and the package that provides it.
+#[derive(Clone, Copy, Debug)]
+pub struct Tool {
+    pub program: &'static str,
+    pub package: &'static str,
+    pub source: Source,
+}
+
+const fn apt(program: &'static str, package: &'static str) -> Tool {
+    Tool { program, package, source: Source::Apt }
+}
+
+pub const TOOLS: &[Tool] = &[
+    // Namespaces, links and routes in tests; leftover cleanup in xtask.
+    apt("ip", "iproute2"),
+    // The daemon tests, nft test and demo read the nftables table with it.
+    apt("nft", "nftables"),
+    apt("ping", "iputils-ping"),
+    apt("nc", "netcat-openbsd"),
+    apt("curl", "curl"),
+    apt("dig", "bind9-dnsutils"),
+    // The world's authoritative DNS server in tests, demo and benchmarks.
+    apt("dnsmasq", "dnsmasq-base"),
+    apt("openssl", "openssl"),
+    apt("tcpdump", "tcpdump"),
+    // promtool checks /metrics; the server scrapes it in a test (never as a service).
+    apt("promtool", "prometheus"),
+    apt("prometheus", "prometheus"),
+    // The host test runs the daemon with /proc/sys read-only in a mount
+    // namespace of its own (`unshare … sh -c "mount …; exec nsenter …"`).
+    apt("unshare", "util-linux"),
+    apt("nsenter", "util-linux"),
+    // Shell scripts: guest-side loops (dns tests), the host test's wrapper.
+    apt("sh", "dash"),
+    apt("seq", "coreutils"),
+    // xtask: root check, leftover pumps, bpffs (and the host test's
+    // read-only /proc/sys), apt itself.
+    apt("id", "coreutils"),
+    apt("kill", "procps"),
+    apt("mount", "mount"),
+    apt("dpkg-query", "dpkg"),
+    apt("apt-get", "apt"),
+    // The venv of `bench proxy`'s mitmproxy (`python3 -m venv`).
+    apt("python3", "python3-venv"),
+    Tool { program: "rustup", package: "rustup", source: Source::Rustup },
+    Tool { program: "rustc", package: "rustup", source: Source::Rustup },
+    Tool { program: "cargo", package: "rustup", source: Source::Rustup },
+    Tool { program: "bpf-linker", package: "bpf-linker", source: Source::CargoInstall },
+    Tool { program: "mitmdump", package: "mitmproxy", source: Source::Pip },
+];
+
+/// The tool entry of `program` (a name or a path: looked up by file name).
+pub fn tool(program: &str) -> Option<&'static Tool> {
+    let name = Path::new(program).file_name().and_then(|n| n.to_str()).unwrap_or(program);
+    TOOLS.iter().find(|t| t.program == name)
+}
+
+/// The package that provides `program`.
+pub fn package_of(program: &str) -> Option<&'static str> {
+    tool(program).map(|t| t.package)
+}
+
+/// What to say when `program` cannot be run: "PROGRAM not found (package P)".
+pub fn not_found(program: &str) -> String {
+    match tool(program) {
+        Some(t) if t.source == Source::Apt => {
+            format!("{program} not found (package {}): `cargo xtask bootstrap` installs it", t.package)
+        }
+        Some(t) => format!("{program} not found (package {}, {:?})", t.package, t.source),
+        None => format!("{program} not found (package unknown: it is not listed in tests/src/tools.rs)"),
+    }
+}
+
+/// Where `program` is: a path (containing `/`) is checked as given, a
+/// name is searched on PATH. Err is the [`not_found`] message.
+pub fn locate(program: &str) -> Result<PathBuf, String> {
+    if program.contains('/') {
+        let path = PathBuf::from(program);
+        return if is_executable(&path) { Ok(path) } else { Err(not_found(program)) };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| not_found(program))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
