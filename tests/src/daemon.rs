@@ -130,12 +130,13 @@ impl DaemonHarness {
         }
     }
 
-    /// Runs another `sbx-net daemon` in the host namespace with this
+    /// Runs another `sbx-net daemon` in network namespace `netns` with this
     /// harness's flags, each `(flag, value)` of `overrides` replacing or
     /// adding one, and waits for it to exit (at most `timeout`; one still
     /// running then is killed and the test fails: it should have refused).
-    pub fn run_other_daemon(&self, overrides: &[(&str, &str)], timeout: Duration) -> Output {
+    pub fn run_other_daemon(&self, netns: &str, overrides: &[(&str, &str)], timeout: Duration) -> Output {
         let mut args = self.daemon_args();
+        args[2] = netns.to_string();
         for (flag, value) in overrides {
             match args.iter().position(|a| a == flag) {
                 Some(i) => args[i + 1] = value.to_string(),

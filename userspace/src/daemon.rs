@@ -225,6 +225,7 @@ impl Daemon {
         new: &CompiledPolicy,
         old_policy_id: u32,
         old: &CompiledPolicy,
+        restore: Option<&HashMap<IpAddr, LearnedAddr>>,
     ) -> Result<(), DaemonError> {
         let dns_state = self.dns_state.clone();
         let mut guard = dns_state.blocking_lock();
@@ -232,11 +233,18 @@ impl Daemon {
         let table = learned.by_sandbox.entry(sandbox.to_string()).or_default();
         let mut switch = LearnedSwitch::default();
         let mut carried = Vec::new();
+        // A rollback also carries what the sandbox had learned before the
+        // failed switch (the new policy may have dropped some of it); what
+        // was learned since wins.
+        let mut sources: HashMap<IpAddr, &LearnedAddr> = restore.map(|r| r.iter().map(|(ip, e)| (*ip, e)).collect()).unwrap_or_default();
         for (ip, entry) in table.iter() {
             switch.old.push(*ip);
-            if let Some((value, names)) = carry_learned(new, *ip, entry) {
-                switch.carried.push((*ip, value));
-                carried.push((*ip, LearnedAddr { policy_id: config.policy_id, value, names, answered_ns: entry.answered_ns }));
+            sources.insert(*ip, entry);
+        }
+        for (ip, entry) in sources {
+            if let Some((value, names)) = carry_learned(new, ip, entry) {
+                switch.carried.push((ip, value));
+                carried.push((ip, LearnedAddr { policy_id: config.policy_id, value, names, answered_ns: entry.answered_ns }));
             }
         }
         // Old learned keys at an address the old policy also has an entry
@@ -351,7 +359,7 @@ impl Daemon {
                 let new = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
                 let policy_id = self.state.take_policy_id();
                 let cfg = spec.datapath_config(&new, policy_id, self.flags(), &self.config.proxied_ports);
-                self.switch_generation(name, ifindex, &cfg, &new, record.policy_id, &current)?;
+                self.switch_generation(name, ifindex, &cfg, &new, record.policy_id, &current, None)?;
                 self.state.policy_generation += 1;
                 let r = self.state.sandboxes.get_mut(name).expect("present");
                 r.policy_id = policy_id;
@@ -785,24 +793,29 @@ impl Daemon {
         let generation = self.state.policy_generation + 1;
         // Each switched sandbox with what it had, to put back if a later
         // one fails: a policy set is in force everywhere or nowhere.
-        let mut switched: Vec<(SandboxRecord, Arc<CompiledPolicy>)> = Vec::new();
+        let mut switched: Vec<Switched> = Vec::new();
         for (name, spec, compiled, hash, entry) in plans {
-            let before = self.state.sandboxes[&name].clone();
-            let old = self.in_force[&name].clone();
-            if let Err(e) = self.switch_sandbox(&name, &spec, Arc::new(compiled), generation) {
+            let before = Switched {
+                record: self.state.sandboxes[&name].clone(),
+                policy: self.in_force[&name].clone(),
+                learned: self.dns_state.blocking_lock().1.by_sandbox.get(&name).cloned().unwrap_or_default(),
+            };
+            if let Err(e) = self.switch_sandbox(&name, &spec, Arc::new(compiled), generation, None) {
                 let rolled_back = switched.len();
                 let failed_rollbacks = self.roll_back(switched);
                 self.state.prune_texts();
-                // The records carry the policy ids now in the maps.
+                // The records carry the policy ids now in the maps, and the
+                // DNS proxy must learn under those.
+                self.publish_routes();
                 self.state.save(&self.config.state_dir)?;
                 return Err(DaemonError::RolledBack { sandbox: name, source: Box::new(e), rolled_back, failed_rollbacks });
             }
             let r = self.state.sandboxes.get_mut(&name).expect("present");
             r.policy_hash = hash.clone();
             self.state.policy_texts.insert(hash, PolicyText { source: entry.source.clone(), text: entry.text.clone() });
-            switched.push((before, old));
+            switched.push(before);
         }
-        let switched: Vec<String> = switched.into_iter().map(|(r, _)| r.name).collect();
+        let switched: Vec<String> = switched.into_iter().map(|s| s.record.name).collect();
         self.state.policy_generation = generation;
         self.policies = new;
         // Secrets are re-read on every apply and reload.
@@ -815,13 +828,20 @@ impl Daemon {
 
     /// One sandbox to `compiled` under a fresh policy id (map writes first,
     /// then the record and the in-force policy).
-    fn switch_sandbox(&mut self, name: &str, spec: &SandboxSpec, compiled: Arc<CompiledPolicy>, generation: u64) -> Result<(), DaemonError> {
+    fn switch_sandbox(
+        &mut self,
+        name: &str,
+        spec: &SandboxSpec,
+        compiled: Arc<CompiledPolicy>,
+        generation: u64,
+        restore: Option<&HashMap<IpAddr, LearnedAddr>>,
+    ) -> Result<(), DaemonError> {
         let record = self.state.sandboxes[name].clone();
         let ifindex = self.netlink.link_index(&record.tap)?;
         let policy_id = self.state.take_policy_id();
         let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
         let old = self.in_force[name].clone();
-        self.switch_generation(name, ifindex, &cfg, &compiled, record.policy_id, &old)?;
+        self.switch_generation(name, ifindex, &cfg, &compiled, record.policy_id, &old, restore)?;
         let r = self.state.sandboxes.get_mut(name).expect("present");
         r.policy_id = policy_id;
         r.policy_generation = generation;
@@ -831,11 +851,11 @@ impl Daemon {
 
     /// Puts sandboxes back on the policy they had (newest first), each under
     /// a fresh id as any switch is; returns the ones that could not be.
-    fn roll_back(&mut self, switched: Vec<(SandboxRecord, Arc<CompiledPolicy>)>) -> Vec<String> {
+    fn roll_back(&mut self, switched: Vec<Switched>) -> Vec<String> {
         let mut failed = Vec::new();
-        for (before, old) in switched.into_iter().rev() {
+        for Switched { record: before, policy: old, learned } in switched.into_iter().rev() {
             let name = before.name.clone();
-            let result = self.spec(&before).and_then(|spec| self.switch_sandbox(&name, &spec, old, before.policy_generation));
+            let result = self.spec(&before).and_then(|spec| self.switch_sandbox(&name, &spec, old, before.policy_generation, Some(&learned)));
             match result {
                 Ok(()) => {
                     let r = self.state.sandboxes.get_mut(&name).expect("present");
@@ -1002,11 +1022,13 @@ fn prepare_host(config: &DaemonConfig) -> Result<Vec<crate::host::HostCheck>, Da
         });
     }
     let settings = host::uplink_settings(&uplinks, &host::read_sysctl);
-    checks.extend(host::apply(&settings, true)?);
+    // Recorded before anything changes: a start that fails half way still
+    // lets `--cleanup` put back what it did change.
     let mut originals = HostOriginals::load(&config.state_dir);
-    if originals.record(&checks) {
+    if originals.record(&settings, &host::read_sysctl) {
         originals.save(&config.state_dir)?;
     }
+    checks.extend(host::apply(&settings, true)?);
     checks.push(host::raise_nofile_limit()?);
     let made = sbx_vmm::netns::prepare_run_dir()?;
     if made {
@@ -1111,6 +1133,13 @@ fn ifindex_of(name: &str) -> Option<u32> {
     // SAFETY: if_nametoindex reads a NUL-terminated string we own.
     let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (index != 0).then_some(index)
+}
+
+/// A sandbox a policy change switched, with what it had before (to roll back to).
+struct Switched {
+    record: SandboxRecord,
+    policy: Arc<CompiledPolicy>,
+    learned: HashMap<IpAddr, LearnedAddr>,
 }
 
 /// A deleted sandbox's tap, to unregister after the delete is answered.
@@ -1221,10 +1250,11 @@ fn teardown(netlink: &Netlink, nft: &Nftables, config: &DaemonConfig, record: &S
             left.push(format!("tap {} ({e})", record.tap));
         }
     }
-    if !record.adopted_tap && ifindex_of(&record.tap).is_some() {
+    // Verified, unless an error above already named it.
+    if !record.adopted_tap && ifindex_of(&record.tap).is_some() && !left.iter().any(|l| l.starts_with(&format!("tap {}", record.tap))) {
         left.push(format!("tap {}", record.tap));
     }
-    if pin.exists() {
+    if pin.exists() && !left.iter().any(|l| l.starts_with("pinned link")) {
         left.push(format!("pinned link {}", pin.display()));
     }
     left

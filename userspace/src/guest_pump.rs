@@ -139,11 +139,15 @@ pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpEr
     match rx.recv_timeout(Duration::from_secs(15)) {
         Ok(line) if line.trim() == READY => Ok(pid),
         Ok(_) => {
-            let _ = stop_pump(pid, &spec.sandbox, &spec.netns);
+            if let Err(e) = stop_pump(pid, &spec.sandbox, &spec.netns) {
+                tracing::error!("{e}");
+            }
             Err(err(format!("it exited before the guest was up; see {}", log.display())))
         }
         Err(_) => {
-            let _ = stop_pump(pid, &spec.sandbox, &spec.netns);
+            if let Err(e) = stop_pump(pid, &spec.sandbox, &spec.netns) {
+                tracing::error!("{e}");
+            }
             Err(err(format!("no guest after 15 s; see {}", log.display())))
         }
     }

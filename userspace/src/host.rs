@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use sbx_vmm::netlink::sysctl_path;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,19 +99,6 @@ pub fn tap_settings(tap: &str, ipv6_per_interface: bool) -> Vec<Setting> {
         out.push(Setting::new(format!("net.ipv6.conf.{tap}.force_forwarding"), "1", WHY_V6));
     }
     out
-}
-
-fn sysctl_path(key: &str) -> PathBuf {
-    // Interface names may hold dots; they are the one key part that can.
-    // Keys here are built as net.<family>.conf.<ifname>.<leaf>.
-    let parts: Vec<&str> = key.splitn(4, '.').collect();
-    match parts.as_slice() {
-        [net, family, conf, rest] if *conf == "conf" => {
-            let (ifname, leaf) = rest.rsplit_once('.').unwrap_or((rest, ""));
-            Path::new("/proc/sys").join(net).join(family).join(conf).join(ifname).join(leaf)
-        }
-        _ => Path::new("/proc/sys").join(key.replace('.', "/")),
-    }
 }
 
 /// Reads a sysctl of the calling thread's network namespace.
@@ -224,13 +212,20 @@ pub fn raise_nofile_limit() -> Result<HostCheck, HostError> {
 
 const WHY_NOFILE: &str = "open files for proxied connections (two sockets each)";
 
-/// The original values of the settings a daemon changed, kept in the state
-/// dir so `--cleanup` can put the host back as it found it. An entry is
+/// A host setting the daemon changed: what it found, what it set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub original: String,
+    pub set: String,
+}
+
+/// The settings a daemon changed, kept in the state dir before it changes
+/// them, so `--cleanup` can put the host back as it found it. An entry is
 /// written once: a restarted daemon finds its own values and must not take
 /// them for the host's.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostOriginals {
-    pub sysctls: BTreeMap<String, String>,
+    pub sysctls: BTreeMap<String, Change>,
 }
 
 impl HostOriginals {
@@ -242,16 +237,15 @@ impl HostOriginals {
         std::fs::read(Self::path(state_dir)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 
-    /// Records the first-seen value of each changed sysctl (not those of
-    /// taps: they go with the tap).
-    pub fn record(&mut self, checks: &[HostCheck]) -> bool {
+    /// Records the settings about to change (`sysctl` reads the current
+    /// value); returns whether anything new was recorded.
+    pub fn record(&mut self, settings: &[Setting], sysctl: &dyn Fn(&str) -> Option<String>) -> bool {
         let mut added = false;
-        for c in checks.iter().filter(|c| c.changed && !c.name.starts_with("RLIMIT")) {
-            if let Some(found) = &c.found {
-                if !self.sysctls.contains_key(&c.name) {
-                    self.sysctls.insert(c.name.clone(), found.clone());
-                    added = true;
-                }
+        for s in settings {
+            let Some(found) = sysctl(&s.key) else { continue };
+            if found != s.value && !self.sysctls.contains_key(&s.key) {
+                self.sysctls.insert(s.key.clone(), Change { original: found, set: s.value.to_string() });
+                added = true;
             }
         }
         added
@@ -263,12 +257,22 @@ impl HostOriginals {
         crate::state::write_atomic(&path, &body).map_err(|source| HostError::Io { path: path.display().to_string(), source })
     }
 
-    /// Puts every recorded sysctl back (best effort: an uplink may be gone);
-    /// returns what was restored.
+    /// The settings to put back: those still at the value the daemon set
+    /// (one changed since belongs to whoever changed it — Docker, say).
+    pub fn to_restore(&self, sysctl: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
+        self.sysctls
+            .iter()
+            .filter(|(key, c)| sysctl(key).as_deref() == Some(c.set.as_str()))
+            .map(|(key, c)| (key.clone(), c.original.clone()))
+            .collect()
+    }
+
+    /// Puts back what [`HostOriginals::to_restore`] selects (best effort:
+    /// an uplink may be gone); returns what was restored.
     pub fn restore(&self) -> Vec<String> {
         let mut done = Vec::new();
-        for (key, value) in &self.sysctls {
-            match std::fs::write(sysctl_path(key), value) {
+        for (key, value) in self.to_restore(&read_sysctl) {
+            match std::fs::write(sysctl_path(&key), &value) {
                 Ok(()) => done.push(format!("{key} = {value}")),
                 Err(e) => tracing::warn!(%key, "not restored: {e}"),
             }
@@ -310,13 +314,6 @@ mod tests {
     }
 
     #[test]
-    fn sysctl_paths_keep_dotted_interface_names() {
-        assert_eq!(sysctl_path("net.ipv4.conf.eth0.100.forwarding"), Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding"));
-        assert_eq!(sysctl_path("net.ipv6.conf.all.forwarding"), Path::new("/proc/sys/net/ipv6/conf/all/forwarding"));
-        assert_eq!(sysctl_path("net.ipv4.ip_forward"), Path::new("/proc/sys/net/ipv4/ip_forward"));
-    }
-
-    #[test]
     fn default_routes_from_proc() {
         let v4 = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
                   eth0\t00000000\t0102000A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
@@ -332,12 +329,15 @@ mod tests {
     }
 
     #[test]
-    fn originals_are_recorded_once() {
-        let check = |name: &str, found: &str| HostCheck { name: name.into(), found: Some(found.into()), value: "1".into(), changed: true, why: String::new() };
+    fn originals_are_recorded_once_and_restored_only_if_still_ours() {
+        let setting = Setting::new("net.ipv4.conf.eth0.forwarding".into(), "1", WHY_V4);
         let mut o = HostOriginals::default();
-        assert!(o.record(&[check("net.ipv4.conf.eth0.forwarding", "0")]));
+        assert!(o.record(std::slice::from_ref(&setting), &kernel(&[("net.ipv4.conf.eth0.forwarding", "0")])));
         // A restarted daemon finds its own value: not the host's original.
-        assert!(!o.record(&[check("net.ipv4.conf.eth0.forwarding", "1")]));
-        assert_eq!(o.sysctls["net.ipv4.conf.eth0.forwarding"], "0");
+        assert!(!o.record(std::slice::from_ref(&setting), &kernel(&[("net.ipv4.conf.eth0.forwarding", "1")])));
+        assert_eq!(o.sysctls["net.ipv4.conf.eth0.forwarding"], Change { original: "0".into(), set: "1".into() });
+        assert_eq!(o.to_restore(&kernel(&[("net.ipv4.conf.eth0.forwarding", "1")])), vec![("net.ipv4.conf.eth0.forwarding".to_string(), "0".to_string())]);
+        // Someone changed it since: theirs now.
+        assert!(o.to_restore(&kernel(&[("net.ipv4.conf.eth0.forwarding", "0")])).is_empty());
     }
 }

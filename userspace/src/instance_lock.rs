@@ -1,7 +1,10 @@
-//! One daemon per host data path: an exclusive `flock` on the pin directory
-//! and on the state directory, held for the daemon's life. A second daemon
-//! (a typo, a second unit, a test left running) would otherwise adopt and
-//! delete the first one's pre-warmed taps and write into its maps.
+//! One daemon per host data path: an exclusive `flock` on a lock file for
+//! its network namespace (the `inet sbx_net` table, the proxy ports and the
+//! forwarding settings are per namespace), on the pin directory and on the
+//! state directory, held for the daemon's life. A second daemon (a typo, a
+//! second unit, a test left running) would otherwise replace the first one's
+//! nftables table, adopt and delete its pre-warmed taps and write into its
+//! maps.
 //!
 //! The lock is the kernel's (it goes with the process, never stale); the
 //! holder is named from /proc/locks (its pid) and that pid's listening Unix
@@ -18,7 +21,7 @@ pub const EXIT_LOCKED: u8 = 75;
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error(
-        "another sbx-net daemon ({}) holds {path}: one daemon per host data path; stop it, or give this one its own --bpf-dir and --state-dir",
+        "another sbx-net daemon ({}) holds {path}: one daemon per network namespace, pin directory and state directory; stop it first",
         describe(pid, sockets)
     )]
     Held { path: String, pid: Option<u32>, sockets: Vec<PathBuf> },
@@ -41,14 +44,20 @@ pub struct InstanceLock {
 }
 
 impl InstanceLock {
-    /// Locks each directory (they must exist) without waiting.
-    pub fn acquire(dirs: &[&Path]) -> Result<InstanceLock, LockError> {
+    /// Locks each path without waiting: directories (they must exist) as
+    /// they are, other paths as lock files (created if missing).
+    pub fn acquire(paths: &[&Path]) -> Result<InstanceLock, LockError> {
         let mut held = Vec::new();
-        for dir in dirs {
+        for dir in paths {
             let io = |source| LockError::Io { path: dir.display().to_string(), source };
             // std opens with O_CLOEXEC: pumps the daemon spawns do not
             // inherit (and so do not keep) the lock.
-            let file = File::open(dir).map_err(io)?;
+            let file = if dir.is_dir() {
+                File::open(dir)
+            } else {
+                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir)
+            }
+            .map_err(io)?;
             // SAFETY: flock on an fd we own; no memory is involved.
             if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
                 let e = std::io::Error::last_os_error();
@@ -64,6 +73,14 @@ impl InstanceLock {
         }
         Ok(InstanceLock { _dirs: held })
     }
+}
+
+/// The lock file of the calling thread's network namespace (its inode
+/// number names it), under `dir`.
+pub fn netns_lock_path(dir: &Path) -> Result<std::path::PathBuf, LockError> {
+    let ns = Path::new("/proc/thread-self/ns/net");
+    let meta = std::fs::metadata(ns).map_err(|source| LockError::Io { path: ns.display().to_string(), source })?;
+    Ok(dir.join(format!("netns-{}.lock", meta.ino())))
 }
 
 /// The pid holding an exclusive FLOCK on (dev, inode), from /proc/locks

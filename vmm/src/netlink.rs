@@ -198,6 +198,34 @@ impl Netlink {
 /// Writes a sysctl of the calling thread's network namespace (paths under
 /// /proc/sys/net are per namespace for the thread that opens them).
 pub fn write_sysctl(ns: &NetNs, key: &str, value: &str) -> Result<(), NetlinkError> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    ns.run(|| std::fs::write(&path, value))?.map_err(|source| NetlinkError::Sysctl { path, source })
+    let path = sysctl_path(key);
+    ns.run(|| std::fs::write(&path, value))?
+        .map_err(|source| NetlinkError::Sysctl { path: path.display().to_string(), source })
+}
+
+/// The /proc/sys file of a sysctl key. Interface names may hold dots (VLANs:
+/// `eth0.100`); they are the one part of a `net.<family>.conf.<ifname>.<leaf>`
+/// key that can, so only the dots around them separate.
+pub fn sysctl_path(key: &str) -> std::path::PathBuf {
+    let root = std::path::Path::new("/proc/sys");
+    match key.splitn(4, '.').collect::<Vec<_>>().as_slice() {
+        [net, family, "conf", rest] => {
+            let (ifname, leaf) = rest.rsplit_once('.').unwrap_or((rest, ""));
+            root.join(net).join(family).join("conf").join(ifname).join(leaf)
+        }
+        _ => root.join(key.replace('.', "/")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn sysctl_paths_keep_dotted_interface_names() {
+        assert_eq!(sysctl_path("net.ipv4.conf.eth0.100.forwarding"), Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding"));
+        assert_eq!(sysctl_path("net.ipv6.conf.all.forwarding"), Path::new("/proc/sys/net/ipv6/conf/all/forwarding"));
+        assert_eq!(sysctl_path("net.ipv4.ip_forward"), Path::new("/proc/sys/net/ipv4/ip_forward"));
+    }
 }

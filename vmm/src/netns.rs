@@ -25,7 +25,9 @@ pub enum NetNsError {
 }
 
 /// Serialises our own preparation of /run/netns (two threads both finding
-/// it unmounted would stack two bind mounts).
+/// it unmounted would stack two bind mounts); flock does not serialise
+/// threads sharing one open file, but each call opens its own, so this is
+/// belt and braces for callers in one process.
 static RUN_DIR_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Makes /run/netns a shared mount point exactly as iproute2's `ip netns
@@ -41,6 +43,11 @@ static RUN_DIR_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 pub fn prepare_run_dir() -> Result<bool, NetNsError> {
     let _serial = RUN_DIR_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     fs::create_dir_all(NETNS_RUN_DIR).map_err(NetNsError::RunDir)?;
+    // Across processes: newer iproute2 holds an flock on the directory for
+    // the same steps; holding it too keeps the two from stacking mounts.
+    let dir_file = File::open(NETNS_RUN_DIR).map_err(NetNsError::RunDir)?;
+    // SAFETY: flock on an fd we own; released when dir_file is dropped.
+    cvt(unsafe { libc::flock(dir_file.as_raw_fd(), libc::LOCK_EX) }).map_err(NetNsError::RunDir)?;
     let dir = c"/run/netns";
     let mut made_mount_point = false;
     loop {
