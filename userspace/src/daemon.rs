@@ -223,8 +223,7 @@ impl Daemon {
         ifindex: u32,
         config: &sbx_net_common::SandboxConfig,
         new: &CompiledPolicy,
-        old_policy_id: u32,
-        old: &CompiledPolicy,
+        (old_policy_id, old): (u32, &CompiledPolicy),
         restore: Option<&HashMap<IpAddr, LearnedAddr>>,
     ) -> Result<(), DaemonError> {
         let dns_state = self.dns_state.clone();
@@ -359,7 +358,7 @@ impl Daemon {
                 let new = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
                 let policy_id = self.state.take_policy_id();
                 let cfg = spec.datapath_config(&new, policy_id, self.flags(), &self.config.proxied_ports);
-                self.switch_generation(name, ifindex, &cfg, &new, record.policy_id, &current, None)?;
+                self.switch_generation(name, ifindex, &cfg, &new, (record.policy_id, &current), None)?;
                 self.state.policy_generation += 1;
                 let r = self.state.sandboxes.get_mut(name).expect("present");
                 r.policy_id = policy_id;
@@ -841,7 +840,7 @@ impl Daemon {
         let policy_id = self.state.take_policy_id();
         let cfg = spec.datapath_config(&compiled, policy_id, self.flags(), &self.config.proxied_ports);
         let old = self.in_force[name].clone();
-        self.switch_generation(name, ifindex, &cfg, &compiled, record.policy_id, &old, restore)?;
+        self.switch_generation(name, ifindex, &cfg, &compiled, (record.policy_id, &old), restore)?;
         let r = self.state.sandboxes.get_mut(name).expect("present");
         r.policy_id = policy_id;
         r.policy_generation = generation;
