@@ -1,14 +1,15 @@
-//! One daemon per host data path: an exclusive `flock` on a lock file for
-//! its network namespace (the `inet sbx_net` table, the proxy ports and the
-//! forwarding settings are per namespace), on the pin directory and on the
-//! state directory, held for the daemon's life. A second daemon (a typo, a
+//! One daemon per host data path, held for the daemon's life: its network
+//! namespace (the `inet sbx_net` table, the proxy ports and the forwarding
+//! settings are per namespace) is claimed by binding an abstract Unix
+//! socket, which exists per namespace and leaves no file; the pin directory
+//! and the state directory each get an exclusive `flock`. A second daemon (a typo, a
 //! second unit, a test left running) would otherwise replace the first one's
 //! nftables table, adopt and delete its pre-warmed taps and write into its
 //! maps.
 //!
-//! The lock is the kernel's (it goes with the process, never stale); the
-//! holder is named from /proc/locks (its pid) and that pid's listening Unix
-//! sockets, so the refusal says which daemon to stop.
+//! Both are the kernel's (they go with the process, never stale). The holder
+//! is named from /proc/locks or from the socket's owner (its pid) and that
+//! pid's listening Unix sockets, so the refusal says which daemon to stop.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -37,50 +38,88 @@ fn describe(pid: &Option<u32>, sockets: &[PathBuf]) -> String {
     }
 }
 
+/// The abstract socket that claims a network namespace for one daemon.
+pub const NETNS_CLAIM: &str = "sbx-net/daemon";
+
 /// Held locks; released when dropped (or when the process ends).
 #[derive(Debug)]
 pub struct InstanceLock {
+    _netns: Option<std::os::unix::net::UnixListener>,
     _dirs: Vec<File>,
 }
 
 impl InstanceLock {
-    /// Locks each path without waiting: directories (they must exist) as
-    /// they are, other paths as lock files (created if missing).
-    pub fn acquire(paths: &[&Path]) -> Result<InstanceLock, LockError> {
-        let mut held = Vec::new();
-        for dir in paths {
-            let io = |source| LockError::Io { path: dir.display().to_string(), source };
-            // std opens with O_CLOEXEC: pumps the daemon spawns do not
-            // inherit (and so do not keep) the lock.
-            let file = if dir.is_dir() {
-                File::open(dir)
-            } else {
-                std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(dir)
-            }
-            .map_err(io)?;
-            // SAFETY: flock on an fd we own; no memory is involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                    return Err(io(e));
-                }
-                let meta = file.metadata().map_err(io)?;
-                let pid = std::fs::read_to_string("/proc/locks").ok().and_then(|l| flock_holder(&l, meta.dev(), meta.ino()));
-                let sockets = pid.map(listening_unix_sockets).unwrap_or_default();
-                return Err(LockError::Held { path: dir.display().to_string(), pid, sockets });
-            }
-            held.push(file);
-        }
-        Ok(InstanceLock { _dirs: held })
+    /// Claims the calling thread's network namespace, then locks each
+    /// directory (they must exist), without waiting.
+    pub fn acquire(dirs: &[&Path]) -> Result<InstanceLock, LockError> {
+        Ok(InstanceLock { _netns: Some(claim_netns()?), _dirs: lock_dirs(dirs)? })
+    }
+
+    /// Only the directories (tests of the flock part).
+    pub fn acquire_dirs(dirs: &[&Path]) -> Result<InstanceLock, LockError> {
+        Ok(InstanceLock { _netns: None, _dirs: lock_dirs(dirs)? })
     }
 }
 
-/// The lock file of the calling thread's network namespace (its inode
-/// number names it), under `dir`.
-pub fn netns_lock_path(dir: &Path) -> Result<std::path::PathBuf, LockError> {
-    let ns = Path::new("/proc/thread-self/ns/net");
-    let meta = std::fs::metadata(ns).map_err(|source| LockError::Io { path: ns.display().to_string(), source })?;
-    Ok(dir.join(format!("netns-{}.lock", meta.ino())))
+/// Binds the namespace's claim socket; EADDRINUSE means another daemon
+/// holds it. std binds with SOCK_CLOEXEC, so spawned pumps do not keep it.
+fn claim_netns() -> Result<std::os::unix::net::UnixListener, LockError> {
+    use std::os::linux::net::SocketAddrExt;
+    let what = format!("this network namespace (abstract socket @{NETNS_CLAIM})");
+    let io = |source| LockError::Io { path: what.clone(), source };
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(NETNS_CLAIM).map_err(io)?;
+    match std::os::unix::net::UnixListener::bind_addr(&addr) {
+        Ok(l) => Ok(l),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {
+            let table = std::fs::read_to_string("/proc/self/net/unix").unwrap_or_default();
+            let pid = abstract_socket_inode(&table, NETNS_CLAIM).and_then(socket_owner);
+            let sockets = pid.map(listening_unix_sockets).unwrap_or_default();
+            Err(LockError::Held { path: what, pid, sockets })
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// The inode of the abstract socket `@name` in a `/proc/net/unix` table.
+fn abstract_socket_inode(table: &str, name: &str) -> Option<u64> {
+    let wanted = format!("@{name}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(7) == Some(&wanted.as_str())).then(|| f.get(6)?.parse().ok()).flatten()
+    })
+}
+
+/// The process holding socket `inode` (a walk of /proc/*/fd: only on refusal).
+fn socket_owner(inode: u64) -> Option<u32> {
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        fds.filter_map(|f| f.ok()).any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())).then_some(pid)
+    })
+}
+
+fn lock_dirs(dirs: &[&Path]) -> Result<Vec<File>, LockError> {
+    let mut held = Vec::new();
+    for dir in dirs {
+        let io = |source| LockError::Io { path: dir.display().to_string(), source };
+        // std opens with O_CLOEXEC: pumps the daemon spawns do not
+        // inherit (and so do not keep) the lock.
+        let file = File::open(dir).map_err(io)?;
+        // SAFETY: flock on an fd we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io(e));
+            }
+            let meta = file.metadata().map_err(io)?;
+            let pid = std::fs::read_to_string("/proc/locks").ok().and_then(|l| flock_holder(&l, meta.dev(), meta.ino()));
+            let sockets = pid.map(listening_unix_sockets).unwrap_or_default();
+            return Err(LockError::Held { path: dir.display().to_string(), pid, sockets });
+        }
+        held.push(file);
+    }
+    Ok(held)
 }
 
 /// The pid holding an exclusive FLOCK on (dev, inode), from /proc/locks
@@ -144,6 +183,15 @@ mod tests {
     }
 
     #[test]
+    fn abstract_socket_by_name() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
+                     0000000000000000: 00000002 00000000 00010000 0001 01 777 @sbx-net/daemon\n\
+                     0000000000000000: 00000002 00000000 00010000 0001 01 778 @sbx-net/daemonx\n";
+        assert_eq!(abstract_socket_inode(table, NETNS_CLAIM), Some(777));
+        assert_eq!(abstract_socket_inode(table, "other"), None);
+    }
+
+    #[test]
     fn listening_sockets_by_inode() {
         let table = "Num       RefCount Protocol Flags    Type St Inode Path\n\
                      0000000000000000: 00000002 00000000 00010000 0001 01 4242 /tmp/a/sbx-net.sock\n\
@@ -156,15 +204,15 @@ mod tests {
     fn a_second_lock_is_refused_and_names_the_holder() {
         let dir = std::env::temp_dir().join(format!("sbx-lock-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let first = InstanceLock::acquire(&[&dir]).unwrap();
+        let first = InstanceLock::acquire_dirs(&[&dir]).unwrap();
         // flock locks belong to the open file: a second open conflicts even
         // in the same process.
-        match InstanceLock::acquire(&[&dir]) {
+        match InstanceLock::acquire_dirs(&[&dir]) {
             Err(LockError::Held { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
             other => panic!("expected Held, got {other:?}"),
         }
         drop(first);
-        InstanceLock::acquire(&[&dir]).unwrap();
+        InstanceLock::acquire_dirs(&[&dir]).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -297,10 +297,6 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         for removed in sbx_net::daemon::cleanup(&config)? {
             println!("removed {removed}");
         }
-        // This namespace's lock file, removed while we hold it.
-        if let Ok(path) = sbx_net::instance_lock::netns_lock_path(Path::new(sbx_net::server::LOCK_DIR)) {
-            let _ = std::fs::remove_file(path);
-        }
         return Ok(());
     }
     sbx_net::server::run(config)?;

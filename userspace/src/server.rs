@@ -33,19 +33,14 @@ pub enum ServerError {
     Locked(#[from] crate::instance_lock::LockError),
 }
 
-/// Where the per-network-namespace lock files live.
-pub const LOCK_DIR: &str = "/run/sbx-net";
-
 /// Takes the one-daemon-per-data-path lock on this network namespace, the
 /// pin directory and the state directory (created if missing); held until
 /// the process ends.
 pub fn lock_instance(config: &DaemonConfig) -> Result<crate::instance_lock::InstanceLock, ServerError> {
-    let lock_dir = Path::new(LOCK_DIR);
-    for dir in [lock_dir, &config.bpf_dir, &config.state_dir] {
+    for dir in [&config.bpf_dir, &config.state_dir] {
         std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     }
-    let netns = crate::instance_lock::netns_lock_path(lock_dir)?;
-    Ok(crate::instance_lock::InstanceLock::acquire(&[&netns, &config.bpf_dir, &config.state_dir])?)
+    Ok(crate::instance_lock::InstanceLock::acquire(&[&config.bpf_dir, &config.state_dir])?)
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServerError {
