@@ -78,6 +78,7 @@ pub enum Match {
     TcpDport(u16),
     Icmpv6Type(u8),
     CtEstablishedOrRelated,
+    CtInvalid,
     SourceV4(Ipv4Network),
     SourceV6(Ipv6Network),
 }
@@ -144,6 +145,18 @@ pub fn ruleset(config: &NftConfig) -> Vec<RuleSpec> {
     rules.push(rule(Input, vec![Tcp, TcpDport(dns)], Drop, "the DNS proxy serves sandboxes only"));
     rules.push(rule(Input, vec![Tcp, TcpDport(proxy)], Drop, "the credential proxy serves sandboxes only"));
     rules.push(rule(Forward, vec![InputIsTap, OutputIsTap], Drop, "sandboxes never reach each other"));
+    // The classifier lets the redirected ports through for nftables to
+    // redirect, but conntrack redirects only what it tracks: a TCP segment it
+    // calls invalid (FIN or RST first, SYN+FIN, no flags) or a UDP datagram
+    // with a bad checksum is not redirected and would be forwarded as it is,
+    // to any address. Nothing on those ports may be forwarded from a tap,
+    // and nothing conntrack could not make sense of.
+    rules.push(rule(Forward, vec![InputIsTap, CtInvalid], Drop, "sandbox packets conntrack calls invalid"));
+    rules.push(rule(Forward, vec![InputIsTap, Udp, UdpDport(53)], Drop, "sandbox DNS that escaped the redirect"));
+    rules.push(rule(Forward, vec![InputIsTap, Tcp, TcpDport(53)], Drop, "sandbox DNS over TCP that escaped the redirect"));
+    for &port in &config.proxied_ports {
+        rules.push(rule(Forward, vec![InputIsTap, Tcp, TcpDport(port)], Drop, format!("sandbox TCP {port} that escaped the redirect")));
+    }
     match &config.uplink {
         Some(uplink) => {
             rules.push(rule(Forward, vec![InputIsTap, OutputIs(uplink.clone())], Accept, "sandbox to the uplink (judged by eBPF)"));
@@ -279,6 +292,11 @@ fn add_rule_exprs(r: &mut Rule<'_>, spec: &RuleSpec, taps: &Set<'_, IfName>) -> 
                 let bits = (nftnl::expr::ct::States::ESTABLISHED | nftnl::expr::ct::States::RELATED).bits();
                 r.add_expr(&nft_expr!(ct state));
                 r.add_expr(&nft_expr!(bitwise mask bits, xor 0u32));
+                r.add_expr(&nft_expr!(cmp != 0u32));
+            }
+            Match::CtInvalid => {
+                r.add_expr(&nft_expr!(ct state));
+                r.add_expr(&nft_expr!(bitwise mask nftnl::expr::ct::States::INVALID.bits(), xor 0u32));
                 r.add_expr(&nft_expr!(cmp != 0u32));
             }
             Match::SourceV4(net) => {
@@ -485,6 +503,11 @@ mod tests {
             forward,
             vec![
                 (vec![Match::InputIsTap, Match::OutputIsTap], Action::Drop),
+                (vec![Match::InputIsTap, Match::CtInvalid], Action::Drop),
+                (vec![Match::InputIsTap, Match::Udp, Match::UdpDport(53)], Action::Drop),
+                (vec![Match::InputIsTap, Match::Tcp, Match::TcpDport(53)], Action::Drop),
+                (vec![Match::InputIsTap, Match::Tcp, Match::TcpDport(80)], Action::Drop),
+                (vec![Match::InputIsTap, Match::Tcp, Match::TcpDport(443)], Action::Drop),
                 (vec![Match::InputIsTap, Match::OutputIs("eth0".into())], Action::Accept),
                 (vec![Match::InputIsTap], Action::Drop),
                 (vec![Match::OutputIsTap, Match::CtEstablishedOrRelated], Action::Accept),
