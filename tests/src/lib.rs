@@ -261,16 +261,18 @@ pub fn tcp_connects(ns: &str, dst: IpAddr, port: u16) -> bool {
 /// Sends one UDP datagram with real `nc -u` and returns what came back
 /// within the timeout (the world's UDP echo answers with the same bytes).
 pub fn udp_exchange(ns: &str, dst: IpAddr, port: u16, payload: &str) -> String {
-    let mut child = netns_command(ns, "nc")
-        .args(["-u", "-n", "-w", "2", &dst.to_string(), &port.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nc -u");
-    child.stdin.take().unwrap().write_all(payload.as_bytes()).unwrap();
-    let out = child.wait_with_output().expect("nc -u");
+    let mut nc = netns_command(ns, "nc");
+    nc.args(["-u", "-n", "-w", "2", &dst.to_string(), &port.to_string()]).stderr(Stdio::null());
+    let out = output_with_stdin(&mut nc, payload.as_bytes());
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `command` with `input` on its stdin; its stdout (and stderr, unless
+/// the caller redirected it) captured.
+pub fn output_with_stdin(command: &mut Command, input: &[u8]) -> Output {
+    let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
+    child.stdin.take().expect("stdin is piped").write_all(input).unwrap_or_else(|e| panic!("writing to {command:?}: {e}"));
+    child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {command:?}: {e}"))
 }
 
 /// An HTTP GET with real curl; the body on success.

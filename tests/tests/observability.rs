@@ -3,7 +3,7 @@
 //! scraped by a real Prometheus server, and lost-event accounting under a
 //! deliberately tiny ring buffer. Real dig/curl/nc/ping in a netns guest.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -283,15 +283,9 @@ fn inspect_attributes_every_decision_and_metrics_move() {
 
     // /metrics: promtool accepts it; the counters say what happened.
     let text = h.metrics();
-    let mut promtool = sbx_net_tests::host_command("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn promtool");
-    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let checked = promtool.wait_with_output().unwrap();
+    let mut promtool = sbx_net_tests::host_command("promtool");
+    promtool.args(["check", "metrics"]).stderr(Stdio::piped());
+    let checked = sbx_net_tests::output_with_stdin(&mut promtool, text.as_bytes());
     assert!(checked.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
     let series = |s: &str| metric(&text, s).unwrap_or_else(|| panic!("no {s} in /metrics:\n{text}"));
     assert!(series(&format!("sbx_net_flows_total{{sandbox=\"{name}\",verdict=\"denied\"}}")) >= 3.0);
