@@ -78,6 +78,12 @@ pub struct DaemonConfig {
     pub audit_max_bytes: u64,
     /// ...keeping this many rotated files (audit.log.1 is the newest).
     pub audit_keep: usize,
+    /// Concurrent connections one sandbox may hold through the HTTP(S)
+    /// proxy (0: no cap): one guest cannot take the proxy from the others.
+    pub proxy_connections_per_sandbox: usize,
+    /// A guest's first bytes (ClientHello, request head) must arrive within
+    /// this many milliseconds of connecting, however slowly they trickle.
+    pub proxy_first_bytes_timeout_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -110,6 +116,8 @@ impl Default for DaemonConfig {
             policy_map_entries: sbx_net_common::MAX_POLICY_ENTRIES,
             audit_max_bytes: 16 * 1024 * 1024,
             audit_keep: 4,
+            proxy_connections_per_sandbox: 256,
+            proxy_first_bytes_timeout_ms: 10_000,
         }
     }
 }
@@ -154,6 +162,9 @@ impl DaemonConfig {
         }
         if self.flow_table_size == 0 || self.flow_history == 0 || self.policy_map_entries == 0 {
             return Err("flow_table_size, flow_history and policy_map_entries must be at least 1".into());
+        }
+        if self.proxy_first_bytes_timeout_ms == 0 {
+            return Err("proxy_first_bytes_timeout_ms must be at least 1".into());
         }
         if self.ipv4_pool.prefix() > 29 {
             return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));

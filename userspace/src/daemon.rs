@@ -108,7 +108,6 @@ pub struct Daemon {
     /// Credential secrets of the policies in force.
     secrets: SecretStore,
     /// Addresses of the host's interfaces (outside the pools), at start.
-    host_ips: Vec<IpAddr>,
     /// The DNS proxy's learned addresses and its handles on the tries.
     dns_state: SharedLearned,
     /// Taps handed to the reaper and not yet gone.
@@ -155,7 +154,6 @@ impl Daemon {
             }
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
-        let host_ips = host_interface_addresses(&config.ipv4_pool, &config.ipv6_pool);
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let maps = LearnedMaps::open(&config.bpf_dir)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
@@ -178,7 +176,6 @@ impl Daemon {
             dns_stats: Arc::default(),
             cas: HashMap::new(),
             secrets: SecretStore::default(),
-            host_ips,
             pool,
             exe,
             started: Instant::now(),
@@ -278,10 +275,14 @@ impl Daemon {
     /// The host's own addresses a sandbox must not reach, compiled in as
     /// built-in denies (so DNS answers pointing there are stripped too): its
     /// gateway addresses, and every address of the host's interfaces outside
-    /// the sandbox pools (those are private ranges, denied anyway).
+    /// the sandbox pools (those are private ranges, denied anyway). Read at
+    /// every compile: an address added since the daemon started is the
+    /// host's too. (Between compiles the kernel still keeps guests off host
+    /// addresses: local delivery meets the input chain's drop, and the
+    /// proxies never connect to a local address.)
     fn denied_host_addresses(&self, spec: &SandboxSpec) -> Vec<IpAddr> {
         let mut out = spec.host_addresses();
-        for ip in &self.host_ips {
+        for ip in &host_interface_addresses(&self.config.ipv4_pool, &self.config.ipv6_pool) {
             if !out.contains(ip) {
                 out.push(*ip);
             }

@@ -8,6 +8,7 @@ pub mod api;
 pub mod ca;
 pub mod compile;
 pub mod config;
+pub mod conn_limit;
 pub mod credential_proxy;
 pub mod daemon;
 pub mod decide;

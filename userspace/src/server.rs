@@ -198,8 +198,9 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
     runtime.block_on(async move {
+        let proxy_limits = proxy::ProxyLimits::from_config(&config);
         for l in proxy_listeners {
-            tokio::spawn(proxy::serve(l, dns.clone()));
+            tokio::spawn(proxy::serve(l, dns.clone(), proxy_limits.clone()));
         }
         for u in dns_udp {
             tokio::spawn(dns_proxy::serve_udp(u, dns.clone()));
