@@ -501,3 +501,41 @@ fn hostile_frames_are_dropped_attributed_and_hold_while_the_daemon_is_down() {
     run_corpus(&h.topology.world, "daemon killed");
     h.start_daemon();
 }
+
+/// A flood of denied packets from one guest cannot rotate every tenant's
+/// evidence out of the shared audit log: past its budget its lines are
+/// counted, not written, another sandbox's denial is still written, and the
+/// log says how many were suppressed.
+#[test]
+fn a_flood_of_denials_keeps_other_tenants_in_the_audit_log() {
+    use frames::*;
+    require_root();
+    let config = "audit_lines_per_second = 5\naudit_burst = 20\n";
+    let h = DaemonHarness::with_args("auditflood", &[("p.toml", POLICY)], Some(config), &[]);
+    let flood_name = unique_name("flood");
+    let flooder = h.create_guest(&flood_name, "p");
+    let quiet_name = unique_name("quiet");
+    let quiet = h.create_guest(&quiet_name, "p");
+    let flood_ns = NetNs::open(flooder["netns"].as_str().unwrap()).unwrap();
+    let me4: Ipv4Addr = flooder["guest_ipv4"].as_str().unwrap().parse().unwrap();
+    let (mac, gw_mac) = (parse_mac(flooder["guest_mac"].as_str().unwrap()), parse_mac(flooder["gateway_mac"].as_str().unwrap()));
+    // 500 new denied flows (one per destination port), bounded in count.
+    let flood: Vec<Vec<u8>> = (0..500u16).map(|i| ethernet(gw_mac, mac, ETH_P_IP, &ipv4_checked(me4, DENIED, 17, &[], 0, &udp(40000, 1000 + i, b"flood")))).collect();
+    let eth0 = flood_ns.run(|| sbx_vmm::Netlink::new().and_then(|nl| nl.link_index("eth0"))).unwrap().unwrap();
+    let started = Instant::now();
+    flood_ns.run(|| send_frames(eth0, &flood.iter().map(Vec::as_slice).collect::<Vec<_>>())).unwrap();
+    // The quiet sandbox's one denial, after the flood.
+    assert!(!sbx_net_tests::tcp_connects(quiet["netns"].as_str().unwrap(), DENIED.into(), 22));
+    let audit_path = h.state_dir.join("audit.log");
+    let lines_of = |sandbox: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&audit_path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|r| r["sandbox"] == sandbox).collect()
+    };
+    sbx_net_tests::wait_until(Duration::from_secs(15), "the quiet sandbox's denial in the audit log", || !lines_of(&quiet_name).is_empty());
+    sbx_net_tests::wait_until(Duration::from_secs(15), "the flood counted as suppressed", || {
+        h.metrics().lines().any(|l| l.starts_with("sbx_net_audit_suppressed_total ") && !l.ends_with(" 0"))
+    });
+    let written = lines_of(&flood_name).iter().filter(|r| r["event"] != "audit_suppressed").count();
+    let budget = 20 + 5 * (started.elapsed().as_secs() as usize + 1);
+    assert!(written <= budget, "the flooding sandbox wrote {written} audit lines (budget {budget})");
+    assert!(written >= 20, "its first {written} denials (the burst) are written");
+}

@@ -78,6 +78,11 @@ pub struct DaemonConfig {
     pub audit_max_bytes: u64,
     /// ...keeping this many rotated files (audit.log.1 is the newest).
     pub audit_keep: usize,
+    /// Audit lines per second one sandbox may write on average (0: no
+    /// limit), and in a burst; lines past them are counted
+    /// (`sbx_net_audit_suppressed_total`) and summarised in the log.
+    pub audit_lines_per_second: u32,
+    pub audit_burst: u32,
     /// Concurrent connections one sandbox may hold through the HTTP(S)
     /// proxy (0: no cap): one guest cannot take the proxy from the others.
     pub proxy_connections_per_sandbox: usize,
@@ -116,6 +121,8 @@ impl Default for DaemonConfig {
             policy_map_entries: sbx_net_common::MAX_POLICY_ENTRIES,
             audit_max_bytes: 16 * 1024 * 1024,
             audit_keep: 4,
+            audit_lines_per_second: 50,
+            audit_burst: 1000,
             proxy_connections_per_sandbox: 256,
             proxy_first_bytes_timeout_ms: 10_000,
         }
@@ -229,6 +236,8 @@ impl DaemonConfig {
             audit_path: self.state_dir.join("audit.log"),
             audit_max_bytes: self.audit_max_bytes,
             audit_keep: self.audit_keep,
+            audit_lines_per_second: self.audit_lines_per_second,
+            audit_burst: self.audit_burst,
         }
     }
 
