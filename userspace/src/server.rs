@@ -184,7 +184,24 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("socket".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            let mut backoff = crate::conn_limit::AcceptBackoff::default();
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => {
+                        backoff.succeeded();
+                        stream
+                    }
+                    Err(e) => {
+                        // Out of descriptors: wait for some to close
+                        // rather than spin on accept.
+                        let (wait, first) = backoff.failed(&e);
+                        if first {
+                            tracing::warn!("control socket: accept failed ({e}); backing off");
+                        }
+                        std::thread::sleep(wait);
+                        continue;
+                    }
+                };
                 let (tx, flows, bpf_dir) = (tx.clone(), inspect_flows.clone(), bpf_dir.clone());
                 std::thread::spawn(move || serve_client(stream, tx, &flows, &bpf_dir));
             }
