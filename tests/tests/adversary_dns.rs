@@ -77,6 +77,7 @@ const CNAMES: &[&str] = &[
     "hop.allowed.test,mid.wild.test",
     "mid.wild.test,denied.test",
     "ok-alias.allowed.test,cdn.wild.test",
+    "cmeta.allowed.test,r-meta.allowed.test",
 ];
 
 /// What the relay answers itself.
@@ -285,6 +286,7 @@ fn attacks() -> Vec<Row> {
     rows.push(stripped("r-loop6.allowed.test", "AAAA", "::1"));
     rows.push(stripped("r-host6.allowed.test", "AAAA", "2001:db8:ffff::1 (the host's IPv6 uplink)"));
     rows.push(stripped("r-ll6.allowed.test", "AAAA", "fe80::1 (link-local)"));
+    rows.push(row(g, "CNAME to an allowed name answered with metadata", dig_args(&["cmeta.allowed.test"])).replies(&["NOERROR"]).stripped(1).record(allowed("allow *.allowed.test", "NOERROR")));
     rows.push(row(g, "A public and metadata together: only the public one", dig_args(&["r-mixed.allowed.test"])).replies(&["NOERROR"]).addresses(&["198.51.100.9"]).stripped(1).record(allowed("allow *.allowed.test", "NOERROR")));
 
     // Opcodes other than QUERY: answered NOTIMP by the proxy, never passed on.
