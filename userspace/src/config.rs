@@ -61,6 +61,14 @@ pub struct DaemonConfig {
     pub dns_refuse_denied: bool,
     /// Learned addresses kept per name (0: unlimited).
     pub dns_max_addresses_per_name: usize,
+    /// DNS-over-TCP connections one sandbox may hold open at once.
+    pub dns_tcp_connections_per_sandbox: usize,
+    /// A DNS-over-TCP connection is closed when no query starts within
+    /// this many ms...
+    pub dns_tcp_idle_timeout_ms: u64,
+    /// ...or when one takes longer than this many ms from its first byte to
+    /// its last (however the bytes trickle in).
+    pub dns_tcp_query_timeout_ms: u64,
     /// Flow records kept in memory for `inspect --last` (older ones are
     /// counted as evicted).
     pub flow_history: usize,
@@ -115,6 +123,9 @@ impl Default for DaemonConfig {
             dns_grace: 30,
             dns_refuse_denied: false,
             dns_max_addresses_per_name: 32,
+            dns_tcp_connections_per_sandbox: 32,
+            dns_tcp_idle_timeout_ms: 10_000,
+            dns_tcp_query_timeout_ms: 5_000,
             flow_history: 10_000,
             events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
             flow_table_size: sbx_net_common::MAX_FLOWS,
@@ -163,6 +174,9 @@ impl DaemonConfig {
         }
         if self.dns_min_ttl > self.dns_max_ttl {
             return Err(format!("dns_min_ttl ({}) exceeds dns_max_ttl ({})", self.dns_min_ttl, self.dns_max_ttl));
+        }
+        if self.dns_tcp_connections_per_sandbox == 0 || self.dns_tcp_idle_timeout_ms == 0 || self.dns_tcp_query_timeout_ms == 0 {
+            return Err("dns_tcp_connections_per_sandbox, dns_tcp_idle_timeout_ms and dns_tcp_query_timeout_ms must be at least 1".into());
         }
         if !self.events_ring_bytes.is_power_of_two() || self.events_ring_bytes < 4096 {
             return Err(format!("events_ring_bytes ({}) must be a power of two of at least 4096", self.events_ring_bytes));
@@ -228,6 +242,15 @@ impl DaemonConfig {
     /// A sandbox's CA certificate (`ca.pem`) and key (`ca.key`, 0600).
     pub fn sandbox_ca_dir(&self, sandbox: &str) -> PathBuf {
         self.state_dir.join("ca").join(sandbox)
+    }
+
+    /// The DNS proxy's limits for DNS over TCP.
+    pub fn dns_tcp_limits(&self) -> crate::dns_proxy::DnsTcpLimits {
+        crate::dns_proxy::DnsTcpLimits {
+            max_connections_per_sandbox: self.dns_tcp_connections_per_sandbox,
+            idle_timeout: std::time::Duration::from_millis(self.dns_tcp_idle_timeout_ms),
+            query_timeout: std::time::Duration::from_millis(self.dns_tcp_query_timeout_ms),
+        }
     }
 
     pub fn flow_log(&self) -> crate::flow_log::FlowLogSettings {

@@ -158,12 +158,15 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             upstream_timeout: std::time::Duration::from_secs(3),
             max_addresses_per_name: config.dns_max_addresses_per_name,
             hold_timeout: std::time::Duration::from_millis(500),
+            max_upstream_per_sandbox: dns_proxy::DEFAULT_MAX_UPSTREAM_PER_SANDBOX,
+            tcp: config.dns_tcp_limits(),
         },
         routes: routes.clone(),
         state: daemon.dns_state(),
         stats: daemon.dns_stats(),
         upstream: Default::default(),
         flows: flows.clone(),
+        slots: Default::default(),
         upstream_tls: crate::credential_proxy::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
     });
     let listener = bind_socket(&config)?;
