@@ -192,9 +192,15 @@ pub fn udp_exchange(guest: &NetNs, server: SocketAddr, message: &[u8], wait: Dur
 /// A TCP connection from `guest` to `server` (made in the guest's
 /// namespace; usable from any thread).
 pub fn tcp_connect(guest: &NetNs, server: SocketAddr) -> TcpStream {
-    let stream = guest.run(|| TcpStream::connect_timeout(&server, Duration::from_secs(3))).expect("enter guest").expect("connect over TCP");
-    stream.set_nodelay(true).unwrap();
-    stream
+    try_tcp_connect(guest, server).expect("connect over TCP")
+}
+
+/// [`tcp_connect`] that may fail: a server refusing connections past a cap
+/// may reset one before connect() returns.
+pub fn try_tcp_connect(guest: &NetNs, server: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = guest.run(|| TcpStream::connect_timeout(&server, Duration::from_secs(3))).expect("enter guest")?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// Writes `chunks` (each its own write: the caller decides the framing and

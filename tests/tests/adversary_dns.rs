@@ -107,7 +107,7 @@ fn script(name: &str, qtype: u16) -> Option<Vec<Rr>> {
 
 /// Addresses no row may open.
 const NEVER_OPEN: &[&str] = &[
-    "198.51.100.7", "198.51.100.12", "198.51.100.20", "198.51.100.21", "198.51.100.22", "169.254.169.254", "127.0.0.1", "192.0.2.1", "10.1.2.3", "198.51.100.200",
+    "198.51.100.7", "198.51.100.12", "198.51.100.20", "198.51.100.22", "169.254.169.254", "127.0.0.1", "192.0.2.1", "10.1.2.3", "198.51.100.200",
     "0.0.0.0", "224.0.0.1", "::ffff:169.254.169.254", "::ffff:198.51.100.200", "64:ff9b::a9fe:a9fe", "::a9fe:a9fe", "2002:a9fe:a9fe::1", "::1", "2001:db8:ffff::1", "fe80::1",
 ];
 
@@ -253,7 +253,9 @@ fn attacks() -> Vec<Row> {
     rows.push(row(g, "CNAME to an explicitly denied name", dig_args(&["pivot.allowed.test"])).replies(&[nx]).record(refused("alias_denied", Some("deny denied.test"), nx)));
     rows.push(row(g, "the same over TCP", dig_args(&["+tcp", "pivot.allowed.test"])).replies(&[nx]).record(refused("alias_denied", Some("deny denied.test"), nx)));
     rows.push(row(g, "AAAA through the same CNAME", dig_args(&["AAAA", "pivot.allowed.test"])).replies(&[nx]).record(refused("alias_denied", Some("deny denied.test"), nx)));
-    rows.push(row(g, "CNAME to a default-denied name", dig_args(&["pivot2.allowed.test"])).replies(&[nx]).record(refused("alias_denied", Some("default deny"), nx)));
+    // An alias the policy does not list is not refused (CDN names): its
+    // address is learned for the allowed name only.
+    rows.push(row(g, "control: CNAME to an unlisted (CDN-like) name", dig_args(&["pivot2.allowed.test"])).replies(&["NOERROR"]).addresses(&["198.51.100.21"]).record(allowed("allow *.allowed.test", "NOERROR")));
     rows.push(row(g, "two hops, the second denied", dig_args(&["hop.allowed.test"])).replies(&[nx]).record(refused("alias_denied", Some("deny denied.test"), nx)));
     rows.push(row(g, "DNAME into a denied subtree", dig_args(&["x.dn.wild.test"])).replies(&[nx]).record(refused("alias_denied", Some("deny **.denied.test"), nx)));
     rows.push(row(g, "DNAME without the synthesized CNAME", dig_args(&["y.dn.wild.test"])).replies(&[nx]).record(refused("alias_denied", Some("deny **.denied.test"), nx)));
@@ -642,7 +644,7 @@ fn dns_attacks_from_a_guest_are_refused_and_recorded() {
         }
     }
     // And the datapath agrees: real connections, all at once.
-    let probes: Vec<(&str, bool)> = vec![("198.51.100.20", false), ("198.51.100.21", false), ("198.51.100.22", false), ("198.51.100.12", false), ("198.51.100.10", true), ("198.51.100.6", true)];
+    let probes: Vec<(&str, bool)> = vec![("198.51.100.20", false), ("198.51.100.21", true), ("198.51.100.22", false), ("198.51.100.12", false), ("198.51.100.10", true), ("198.51.100.6", true)];
     let results: Vec<(&str, bool, bool)> = std::thread::scope(|s| {
         let handles: Vec<_> = probes.iter().map(|(a, want)| (*a, *want, s.spawn(|| tcp_connects(guest.name(), ip(a), PORT)))).collect();
         handles.into_iter().map(|(a, want, t)| (a, want, t.join().unwrap())).collect()
@@ -683,8 +685,9 @@ fn dns_over_tcp_is_capped_per_sandbox_and_deadlined() {
 
     // A: CAP + 3 idle connections. The daemon keeps CAP and resets the rest.
     let opened = Instant::now();
-    let mut held: Vec<std::net::TcpStream> = (0..CAP + 3).map(|_| tcp_connect(&guest_a, server_a)).collect();
-    wait_until(Duration::from_secs(5), "the connections past the cap to be reset", || held.iter().filter(|c| closed_by_peer(c)).count() == 3);
+    // (One past the cap may be reset before connect() even returns.)
+    let mut held: Vec<std::net::TcpStream> = (0..CAP + 3).filter_map(|_| try_tcp_connect(&guest_a, server_a).ok()).collect();
+    wait_until(Duration::from_secs(5), "the connections past the cap to be reset", || held.iter().filter(|c| !closed_by_peer(c)).count() == CAP);
     held.retain(|c| !closed_by_peer(c));
     assert_eq!(held.len(), CAP);
     assert_eq!(dns_stat("tcp_connections_refused"), 3);

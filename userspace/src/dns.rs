@@ -485,10 +485,16 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
 
 /// Plans an answer to `qname` (a checked name): its alias chain (CNAME and
 /// DNAME records from the question on; records of other owners are never
-/// learned), every name on the chain judged like a query for it — one
-/// denied name (by a rule or by the default) refuses the whole answer —
-/// then the chain's A/AAAA records kept and learned unless their address
-/// must not be seen ([`denied_address`]).
+/// learned), the question judged like a query and every alias on the chain
+/// against the deny rules — one denied name refuses the whole answer as a
+/// query for it would be — then the chain's A/AAAA records kept and learned
+/// unless their address must not be seen ([`denied_address`]).
+///
+/// An alias the policy merely does not list (the default) does not refuse:
+/// allowed names routinely alias into CDN names no policy lists, and
+/// whoever serves an allowed zone can answer any address directly anyway.
+/// A deny rule is a statement about a name, so it holds wherever the name
+/// appears.
 pub fn plan_answer(policy: &CompiledPolicy, qname: &str, records: &[AnswerRecord]) -> AnswerPlan {
     let qname = normalise_query_name(qname);
     let refuse = |chain: Vec<String>, verdict: ChainVerdict| {
@@ -505,8 +511,9 @@ pub fn plan_answer(policy: &CompiledPolicy, qname: &str, records: &[AnswerRecord
     };
     let mut credited = None;
     let mut port: Option<u16> = None;
-    for name in &chain {
+    for (position, name) in chain.iter().enumerate() {
         match name_verdict(policy, name) {
+            NameVerdict::Denied { rule_id } if position > 0 && rule_id == rule_id::DEFAULT => {}
             NameVerdict::Denied { rule_id } => {
                 let verdict = ChainVerdict::Denied { name: name.clone(), rule_id };
                 return refuse(chain, verdict);
@@ -779,12 +786,15 @@ deny = ["bad.any.test", "10.0.0.0/8"]
         assert_eq!(p.describe_rule(7), "deny bad.any.test");
         assert!(plan.learn.is_empty());
         assert_eq!(stripped(&plan), vec![0, 1]);
-        // The default on the chain (deny here), however deep, and with any
-        // letter case.
+        // An alias only the default denies (a CDN name) is followed, however
+        // deep and in any letter case; its address is learned for the question.
         let records = vec![cname("pivot.one.test.", "x.y.any.test."), cname("X.Y.ANY.TEST.", "unlisted.test."), addr("unlisted.test.", "198.51.100.20")];
         let plan = plan_answer(&p, "pivot.one.test", &records);
-        assert_eq!(plan.verdict, ChainVerdict::Denied { name: "unlisted.test".into(), rule_id: rule_id::DEFAULT });
-        assert!(plan.learn.is_empty());
+        assert!(matches!(plan.verdict, ChainVerdict::Allowed { .. }), "{:?}", plan.verdict);
+        assert_eq!(plan.learn.len(), 1);
+        // ...but a deny rule holds wherever on the chain its name appears.
+        let records = vec![cname("pivot.one.test.", "unlisted.test."), cname("UNLISTED.test.", "bad.any.test."), addr("bad.any.test.", "198.51.100.15")];
+        assert_eq!(plan_answer(&p, "pivot.one.test", &records).verdict, ChainVerdict::Denied { name: "bad.any.test".into(), rule_id: 7 });
         // A DNAME: the subtree of an allowed name aliased into a denied one.
         let dname = |owner: &str, target: &str| AnswerRecord::Dname { owner: n(owner), target: n(target) };
         let records = vec![dname("dn.any.test.", "any.test."), cname("bad.dn.any.test.", "bad.any.test."), addr("bad.any.test.", "198.51.100.15")];

@@ -146,6 +146,11 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
             Plan::Deny { rule }
         };
     };
+    if name.is_empty() || !crate::dns::is_plain_name(name) {
+        // Escapes, spaces, `*`, raw UTF-8: a resolver or a server could
+        // read such a name as another one; no rule names it.
+        return Plan::Deny { rule: "malformed name".into() };
+    }
     match crate::dns::name_verdict(policy, name) {
         crate::dns::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
         crate::dns::NameVerdict::Allowed { rule_id, port } => {
@@ -459,6 +464,11 @@ mod tests {
             Plan::Resolve { name: "api.test".into(), port: 443, rule: "allow api.test".into() }
         );
         assert!(matches!(plan(&p, Some("git.test"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
+        // A name no rule can stand for is refused even under default allow.
+        let open = compile(&Policy::parse("o.toml", "name = \"o\"\n[network]\ndefault = \"allow\"\n").unwrap(), &[]).unwrap();
+        for odd in ["x\\.api.test", "a b.test", "*.test", "caf\u{e9}.test"] {
+            assert_eq!(plan(&open, Some(odd), dst("203.0.113.9:443"), learned), Plan::Deny { rule: "malformed name".into() }, "{odd}");
+        }
         // v4-mapped destinations are the same address.
         assert!(matches!(plan(&p, None, dst("[::ffff:198.51.100.5]:80"), none), Plan::Connect { .. }));
         assert_eq!(guest_facing_rule("builtin deny 10.250.0.1/32 (host address)"), "builtin deny (host address)");
