@@ -588,7 +588,16 @@ struct ScrubBody<B> {
     /// Trailers that wait for the held-back bytes to go first.
     trailers: Option<HeaderMap>,
     ended: bool,
+    /// While bytes are held back and the upstream is silent: when they go
+    /// out anyway ([`Scrubber::release_after`]).
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
     report: RedactionReport,
+}
+
+impl<B> ScrubBody<B> {
+    fn new(inner: B, patterns: &Patterns, report: RedactionReport) -> ScrubBody<B> {
+        ScrubBody { inner, scrubber: patterns.scrubber(), patterns: patterns.clone(), trailers: None, ended: false, idle: None, report }
+    }
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
@@ -605,11 +614,20 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
                 return Poll::Ready(None);
             }
             let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    let Some(after) = this.scrubber.release_after() else { return Poll::Pending };
+                    let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                    if std::future::Future::poll(idle.as_mut(), cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.idle = None;
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(this.scrubber.release())))));
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => Some(frame),
                 Poll::Ready(None) => None,
             };
+            this.idle = None;
             let out = match frame.map(Frame::into_data) {
                 Some(Ok(data)) => match this.scrubber.push(&data) {
                     Cow::Borrowed(_) => data,
@@ -681,7 +699,7 @@ fn respond(resp: Response<Incoming>, flow: &FlowContext, method: &Method, host: 
         counted: in_head,
         body: 0,
     };
-    let body = ScrubBody { inner: body, scrubber: binding.scrub.scrubber(), patterns: binding.scrub.clone(), trailers: None, ended: false, report };
+    let body = ScrubBody::new(body, &binding.scrub, report);
     Response::from_parts(parts, body.boxed())
 }
 
@@ -935,12 +953,24 @@ async fn upgrade(
 async fn pump_scrubbed(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, mut scrubber: Scrubber) -> u64 {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
+        let idle = scrubber.release_after();
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            () = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
+                // The upstream went quiet with bytes held back.
+                let out = scrubber.release();
+                if to.write_all(&out).await.and(to.flush().await).is_err() {
+                    return scrubber.redactions();
+                }
+                continue;
+            }
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         let out = scrubber.push(&buf[..n]);
-        if to.write_all(&out).await.is_err() {
+        if to.write_all(&out).await.and(to.flush().await).is_err() {
             return scrubber.redactions();
         }
     }
@@ -1148,12 +1178,12 @@ mod tests {
             trailers.insert("x-t", HeaderValue::from_str(SECRET).unwrap());
             let frames = [Frame::data(Bytes::copy_from_slice(&echo.as_bytes()[..cut])), Frame::data(Bytes::copy_from_slice(&echo.as_bytes()[cut..])), Frame::trailers(trailers)];
             let report = RedactionReport { flow: flow.clone(), method: "GET".into(), host: "api.test".into(), path: "/echo".into(), status: 200, credential: "gh".into(), counted: 0, body: 0 };
-            let body = ScrubBody { inner: Frames(frames.into()), scrubber: b.scrub.scrubber(), patterns: b.scrub.clone(), trailers: None, ended: false, report };
+            let body = ScrubBody::new(Frames(frames.into()), &b.scrub, report);
             let collected = futures_lite_block_on(body.collect()).unwrap();
             let trailers = collected.trailers().cloned().unwrap();
             let bytes = collected.to_bytes();
             assert_eq!(bytes.len(), echo.len(), "split at {cut}");
-            assert!(!String::from_utf8_lossy(&bytes).contains("tok123") && bytes.starts_with(b"authorization: Bearer [REDACTED]"), "split at {cut}");
+            assert!(!String::from_utf8_lossy(&bytes).contains("tok") && bytes.starts_with(b"authorization: Bearer [REDACTED]"), "split at {cut}");
             assert!(trailers.get("x-t").unwrap().to_str().unwrap().starts_with("[REDACTED]"));
         }
         let (records, _) = hub.history();
@@ -1162,6 +1192,47 @@ mod tests {
         assert_eq!((r.event.as_ref(), r.verdict, r.credential.as_ref().unwrap().redactions), ("secret_redacted", crate::flow::Verdict::Denied, 2));
         assert_eq!(hub.metrics.secret_redactions.get(), 2 * (echo.len() as u64 - 1));
         assert_eq!(hub.metrics.credentials_injected.get(), 0, "counted by the request's own record");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A body fed by the test as it goes.
+    struct Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>);
+
+    impl Body for Channel {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|f| f.map(Ok))
+        }
+    }
+
+    #[test]
+    fn held_bytes_go_out_when_the_upstream_goes_quiet() {
+        let b = binding();
+        let dir = std::env::temp_dir().join(format!("sbx-cred-idle-{}", std::process::id()));
+        let hub = Arc::new(crate::flow_log::FlowHub::new(&crate::flow_log::FlowLogSettings { history: 16, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1 }));
+        let flow = FlowContext { hub, sandbox: "s".into(), src: "10.0.0.2:1000".parse().unwrap(), dst: "198.51.100.1:443".parse().unwrap(), rule: String::new() };
+        let report = RedactionReport { flow, method: "GET".into(), host: "api.test".into(), path: "/".into(), status: 200, credential: "gh".into(), counted: 0, body: 0 };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut body = ScrubBody::new(Channel(rx), &b.scrub, report);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            // A message ending in a byte the secret starts with: it is held,
+            // then released once the upstream has been quiet a moment.
+            tx.send(Frame::data(Bytes::from_static(b"typing: ab t"))).await.unwrap();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&first[..], b"typing: ab ");
+            let started = std::time::Instant::now();
+            let released = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&released[..], b"t");
+            assert!(started.elapsed() >= crate::scrub::SHORT_WAIT / 2, "released after a pause, not at once");
+            // A secret split across two frames sent back to back is caught.
+            tx.send(Frame::data(Bytes::from(format!("\nBearer {}", &SECRET[..12])))).await.unwrap();
+            tx.send(Frame::data(Bytes::from(SECRET[12..].to_string()))).await.unwrap();
+            drop(tx);
+            let rest = body.collect().await.unwrap().to_bytes();
+            assert!(rest.starts_with(b"\nBearer [REDACTED]") && !String::from_utf8_lossy(&rest).contains("tok"), "{}", String::from_utf8_lossy(&rest));
+        });
         let _ = std::fs::remove_dir_all(&dir);
     }
 

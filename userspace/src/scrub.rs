@@ -26,12 +26,17 @@
 //! keeps the longest pattern at 16 bytes, which bounds what a stream holds
 //! back.
 //!
-//! Streaming: a chunk is emitted at once except for its longest suffix that
-//! could still become a match (a proper prefix of some pattern, at most 15
-//! bytes), which waits for the next chunk or the end. Normal text rarely
-//! ends in the first bytes of the secret, so a server-sent event stream is
-//! not delayed; a secret split across two chunks (or frames) is still
-//! caught; memory per stream is that suffix.
+//! Streaming: a chunk is emitted at once except for its longest suffix
+//! that could still become a match (a prefix of some pattern, at most 15
+//! bytes), which waits for the next chunk or the end; the last 15 bytes
+//! sent stay as context for matches across the next boundary. So a secret
+//! split across two chunks (or frames) is caught, and memory per stream is
+//! 15 bytes. Some window of some form starts with almost any character, so
+//! many chunks end in a possible start: held bytes also go out once the
+//! upstream has been silent for a while ([`Scrubber::release_after`]), or
+//! an interactive stream (an upgraded connection, a stream of events not
+//! ending in a newline) would wait for its next message. A secret the
+//! upstream pauses in the middle of writing is missed up to that pause.
 //!
 //! What this does not stop: an upstream that means to leak the secret (it
 //! has it; it can XOR it, compress it, split it across pauses), encodings
@@ -61,6 +66,15 @@ pub const MARKER: &[u8] = b"[REDACTED]";
 /// Forms of at least this many bytes are matched by their windows of this
 /// length (see the module documentation).
 pub const WINDOW: usize = 16;
+
+/// Held-back bytes go out after the upstream has been silent this long
+/// (fewer than [`LIKELY`] of them: they are held at the end of many an
+/// ordinary chunk)...
+pub const SHORT_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// ... or this long ([`LIKELY`] or more: they look like the secret).
+pub const LONG_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A held suffix this long is probably the secret being written.
+pub const LIKELY: usize = 8;
 
 /// Derived forms shorter than this are not matched (a 2-character base64
 /// core of a tiny secret would redact half of every body). The raw roots
@@ -121,19 +135,19 @@ impl Patterns {
             }
         }
         let matcher = AhoCorasickBuilder::new().match_kind(MatchKind::Standard).build(patterns.iter().map(|p| p.as_slice()))?;
+        let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(1);
         let mut prefixes = HashSet::new();
         for p in &patterns {
             for len in 1..p.len() {
                 prefixes.insert(Box::from(&p[..len]));
             }
         }
-        let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(1);
         Ok(Patterns { inner: Arc::new(Compiled { matcher, prefixes, longest }) })
     }
 
     /// A fresh stream.
     pub fn scrubber(&self) -> Scrubber {
-        Scrubber { patterns: self.clone(), held: Vec::new(), held_mask: Vec::new(), last_masked: false, run: 0, redactions: 0 }
+        Scrubber { patterns: self.clone(), tail: Vec::new(), tail_mask: Vec::new(), sent: 0, run: 0, redactions: 0 }
     }
 
     /// `data` in one piece (a header value): the scrubbed bytes, and how
@@ -163,15 +177,14 @@ impl Compiled {
     }
 }
 
-/// One stream's state: the held-back suffix (and which of its bytes are
-/// already known to be part of a match), and the running counts.
+/// One stream's state: the last bytes it saw (the context a match across
+/// the next chunk boundary needs), of which the first `sent` went out and
+/// the rest are held back, and which of them are part of a match.
 pub struct Scrubber {
     patterns: Patterns,
-    held: Vec<u8>,
-    held_mask: Vec<bool>,
-    /// Whether the last emitted byte was redacted (a match that continues
-    /// it is the same redaction).
-    last_masked: bool,
+    tail: Vec<u8>,
+    tail_mask: Vec<bool>,
+    sent: usize,
     /// Position in [`MARKER`] of the next redacted byte.
     run: usize,
     redactions: u64,
@@ -181,43 +194,56 @@ impl Scrubber {
     /// Takes the next chunk; returns what can be sent now (the chunk
     /// itself, not copied, when nothing in it is or may become a match).
     pub fn push<'a>(&mut self, chunk: &'a [u8]) -> Cow<'a, [u8]> {
-        let compiled = &self.patterns.inner;
-        if self.held.is_empty() && !chunk.is_empty() && !compiled.matcher.is_match(chunk) && compiled.hold(chunk) == 0 {
-            self.last_masked = false;
-            self.run = 0;
-            return Cow::Borrowed(chunk);
+        let compiled = self.patterns.inner.clone();
+        let keep = compiled.longest.saturating_sub(1);
+        if self.sent == self.tail.len() && !chunk.is_empty() {
+            // Nothing held: the chunk goes as it is unless a match is in
+            // it, crosses into it, or may start at its end.
+            let edge = [&self.tail[..], &chunk[..chunk.len().min(keep)]].concat();
+            let end = if chunk.len() >= keep { chunk } else { &edge[..] };
+            if !compiled.matcher.is_match(&edge[..]) && !compiled.matcher.is_match(chunk) && compiled.hold(end) == 0 {
+                self.remember(chunk);
+                self.run = 0;
+                return Cow::Borrowed(chunk);
+            }
         }
-        let old = self.held.len();
-        let mut buf = std::mem::take(&mut self.held);
+        let seen = self.tail.len();
+        let mut buf = std::mem::take(&mut self.tail);
         buf.extend_from_slice(chunk);
-        let mut mask = std::mem::take(&mut self.held_mask);
+        let mut mask = std::mem::take(&mut self.tail_mask);
         mask.resize(buf.len(), false);
         for m in compiled.matcher.find_overlapping_iter(&buf[..]) {
-            if m.end() <= old {
-                // Wholly inside what was held: seen by the previous push.
+            if m.end() <= seen {
+                // Wholly inside the tail: found by an earlier push.
                 continue;
             }
             let (start, end) = (m.start(), m.end());
-            let before = if start > 0 { mask[start - 1] } else { self.last_masked };
-            if !before && !mask[start..end].iter().any(|b| *b) {
+            let continues = start > 0 && mask[start - 1];
+            if !continues && !mask[start..end].iter().any(|b| *b) {
                 self.redactions += 1;
             }
             mask[start..end].fill(true);
         }
-        // Hold back the longest suffix that could still grow into a match.
-        let emit = buf.len() - compiled.hold(&buf);
-        let out = self.render(&buf[..emit], &mask[..emit]);
-        self.held = buf.split_off(emit);
-        self.held_mask = mask.split_off(emit);
+        // Hold back the longest suffix that could still grow into a match
+        // (of what is not sent yet).
+        let hold = compiled.hold(&buf).min(buf.len() - self.sent);
+        let emit = buf.len() - hold;
+        let out = self.render(&buf[self.sent..emit], &mask[self.sent..emit]);
+        let from = buf.len().saturating_sub(keep.max(hold));
+        self.sent = emit - from;
+        self.tail = buf.split_off(from);
+        self.tail_mask = mask.split_off(from);
         Cow::Owned(out)
     }
 
     /// The end of the stream: the held-back bytes (no longer a possible
     /// match start).
     pub fn finish(&mut self) -> Vec<u8> {
-        let held = std::mem::take(&mut self.held);
-        let mask = std::mem::take(&mut self.held_mask);
-        self.render(&held, &mask)
+        let tail = std::mem::take(&mut self.tail);
+        let mask = std::mem::take(&mut self.tail_mask);
+        let out = self.render(&tail[self.sent..], &mask[self.sent..]);
+        self.sent = 0;
+        out
     }
 
     /// Redactions so far (a run of overlapping or adjacent matches is one).
@@ -227,7 +253,38 @@ impl Scrubber {
 
     /// Bytes held back (for a body's size hint).
     pub fn held(&self) -> usize {
-        self.held.len()
+        self.tail.len() - self.sent
+    }
+
+    /// How long the upstream may stay silent before the held-back bytes
+    /// go out anyway ([`Scrubber::release`]); None when none are held.
+    pub fn release_after(&self) -> Option<std::time::Duration> {
+        match self.held() {
+            0 => None,
+            n if n < LIKELY => Some(SHORT_WAIT),
+            _ => Some(LONG_WAIT),
+        }
+    }
+
+    /// Sends the held-back bytes now (the stream carries on: they stay
+    /// as context, a match through them redacts what follows).
+    pub fn release(&mut self) -> Vec<u8> {
+        let (tail, mask) = (std::mem::take(&mut self.tail), std::mem::take(&mut self.tail_mask));
+        let out = self.render(&tail[self.sent..], &mask[self.sent..]);
+        (self.tail, self.tail_mask) = (tail, mask);
+        self.sent = self.tail.len();
+        out
+    }
+
+    /// Keeps the last bytes of `chunk` (all sent, none matched) as context.
+    fn remember(&mut self, chunk: &[u8]) {
+        let keep = self.patterns.inner.longest.saturating_sub(1);
+        self.tail.extend_from_slice(chunk);
+        self.tail_mask.resize(self.tail.len(), false);
+        let from = self.tail.len().saturating_sub(keep);
+        self.tail.drain(..from);
+        self.tail_mask.drain(..from);
+        self.sent = self.tail.len();
     }
 
     fn render(&mut self, bytes: &[u8], mask: &[bool]) -> Vec<u8> {
@@ -240,7 +297,6 @@ impl Scrubber {
                 out.push(*b);
                 self.run = 0;
             }
-            self.last_masked = *masked;
         }
         out
     }
@@ -519,12 +575,23 @@ mod tests {
         let out = s.push(&[b"event: x\n".as_slice(), &SECRET[..10]].concat()).into_owned();
         assert_eq!(out, b"event: x\n");
         assert_eq!(s.held(), 10);
+        assert_eq!(s.release_after(), Some(LONG_WAIT));
         let out = s.push(&SECRET[10..]).into_owned();
         let rest = s.finish();
         let all = [out, rest].concat();
         assert_eq!(all.len(), SECRET.len());
         assert!(all.iter().all(|b| MARKER.contains(b)));
         assert_eq!(s.redactions(), 1);
+        // A byte some window starts with waits briefly: released (the
+        // upstream went quiet), it goes out as it is, and stays context.
+        let mut s = p.scrubber();
+        assert_eq!(&*s.push(b"ab s"), b"ab ");
+        assert_eq!(s.release_after(), Some(SHORT_WAIT));
+        assert_eq!(s.release(), b"s");
+        assert_eq!((s.held(), s.release_after()), (0, None));
+        let rest = [s.push(&SECRET[1..]).into_owned(), s.finish()].concat();
+        assert_eq!(rest.len(), SECRET.len() - 1);
+        assert!(rest.iter().all(|b| MARKER.contains(b)) && s.redactions() == 1, "{}", String::from_utf8_lossy(&rest));
         // Held bytes that turn out not to be the secret come out unchanged.
         let mut s = p.scrubber();
         let out = s.push(&SECRET[..10]).into_owned();
