@@ -96,7 +96,7 @@ impl CredentialBinding {
         let formatted = zeroize::Zeroizing::new(format.replace("{secret}", secret.expose()));
         let mut value = HeaderValue::from_str(&formatted).map_err(|_| CredentialProxyError::HeaderValue { name: name.to_string() })?;
         value.set_sensitive(true);
-        let scrub = Patterns::for_secret(secret.expose().as_bytes(), formatted.as_bytes()).map_err(|source| CredentialProxyError::Scrub { name: name.to_string(), source })?;
+        let scrub = secret.scrub_patterns(formatted.as_bytes()).map_err(|source| CredentialProxyError::Scrub { name: name.to_string(), source })?;
         Ok(CredentialBinding {
             name: name.to_string(),
             hosts: hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),

@@ -162,6 +162,11 @@ impl Patterns {
         (out, s.redactions())
     }
 
+    /// Whether both are the same compiled patterns (not a copy).
+    pub fn shares(&self, other: &Patterns) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// Whether `data` holds a complete match.
     pub fn is_match(&self, data: &[u8]) -> bool {
         self.inner.matcher.is_match(data)
@@ -364,7 +369,10 @@ pub fn base64_core(data: &[u8], alignment: usize, alphabet: &base64::engine::Gen
     // The first group's characters that mix in the bytes before `data`.
     let skip = [0, 2, 3][alignment];
     // The last character of a partial group mixes in the bytes after it.
-    let end = if shifted.len() % 3 == 0 { encoded.len() } else { encoded.len().saturating_sub(1) };
+    let end = match shifted.len() % 3 {
+        0 => encoded.len(),
+        _ => encoded.len().saturating_sub(1),
+    };
     Zeroizing::new(if skip < end { encoded[skip..end].to_vec() } else { Vec::new() })
 }
 
