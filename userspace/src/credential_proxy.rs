@@ -17,13 +17,17 @@
 //! reflection into pieces too short to recognise); a response that still
 //! comes compressed is refused with 502, since it cannot be checked.
 //!
-//! Ambiguous request heads are refused before anything is forwarded, with
-//! a status, an `X-Sbx-Net-Denied` header naming the reason and a flow
-//! record: two Host headers, a request target (absolute-form URI or h2
-//! `:authority`) naming another host than Host, Content-Length together
-//! with Transfer-Encoding, CONNECT. hyper itself answers 400 to heads it
-//! cannot parse (obs-folded lines among them); those get a record when the
-//! connection ends.
+//! Ambiguous request heads are refused before anything is forwarded, here
+//! and on the plain-HTTP path ([`serve_plain`]), with a status, an
+//! `X-Sbx-Net-Denied` header naming the reason and a flow record: two Host
+//! headers, a request target (absolute-form URI or h2 `:authority`) naming
+//! another host than Host, Content-Length together with Transfer-Encoding
+//! (seen on the wire: [`FramingWatch`]), CONNECT. Two kinds never reach
+//! this code: heads hyper cannot parse (obs-folded lines among them), which
+//! hyper answers 400 itself — they get a `malformed_request` record when
+//! the connection ends, but no `X-Sbx-Net-Denied`; and an HTTP/2 extended
+//! CONNECT (`:protocol`), which the h2 layer resets (PROTOCOL_ERROR) as the
+//! proxy does not advertise it.
 
 use crate::flow::CredentialDetail;
 use crate::flow_log::FlowContext;
