@@ -77,6 +77,8 @@ pub struct FlowMetrics {
     pub proxy_requests: Family<Labels, Counter>,
     pub credentials_injected: Counter,
     pub credential_failures: Counter,
+    /// Secrets (or encodings of them) cut out of responses to guests.
+    pub secret_redactions: Counter,
     pub audit_records: Counter,
     pub audit_write_failures: Counter,
     /// Audit lines not written because their sandbox was over its budget.
@@ -142,7 +144,10 @@ impl FlowHub {
             *flows.entry((record.sandbox.clone(), record.verdict.as_str())).or_default() += 1;
         }
         if let Some(c) = &record.credential {
-            if c.injected {
+            if record.event == "secret_redacted" {
+                // The request's own record counted the injection.
+                self.metrics.secret_redactions.inc_by(c.redactions);
+            } else if c.injected {
                 self.metrics.credentials_injected.inc();
             } else if c.failure.is_some() {
                 self.metrics.credential_failures.inc();
@@ -321,13 +326,28 @@ impl FlowContext {
     /// Publishes one HTTP request the proxy terminated or forwarded.
     /// `status`: what the guest got back; `credential`: injected or not (and why).
     pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &'static str, credential: Option<crate::flow::CredentialDetail>) {
-        let verdict = if reason == "misdirected" { Verdict::Denied } else { Verdict::Allowed };
+        // Anything but a forwarded request (or one the upstream failed) is
+        // the proxy refusing it: misdirected, bad_request, connect_refused,
+        // compressed_response, malformed_request.
+        let verdict = if matches!(reason, "allowed" | "upstream_failed") { Verdict::Allowed } else { Verdict::Denied };
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
         r.rule = Some(self.rule.clone());
         r.domains = vec![host.to_string()];
         r.http = Some(crate::flow::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
         r.credential = credential;
         self.hub.count_proxy(reason);
+        self.hub.publish(r);
+    }
+
+    /// Publishes that `count` occurrences of `credential`'s secret were cut
+    /// out of the response to a request (once the response has ended).
+    /// Denied, so it is audited and `inspect --verdict denied` shows it.
+    pub fn secret_redacted(&self, method: &str, host: &str, path: &str, status: Option<u16>, credential: &str, count: u64) {
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "secret_redacted", "tcp", Verdict::Denied, "secret_redacted").with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = Some(self.rule.clone());
+        r.domains = vec![host.to_string()];
+        r.http = Some(crate::flow::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
+        r.credential = Some(crate::flow::CredentialDetail { name: credential.to_string(), injected: true, failure: None, redactions: count });
         self.hub.publish(r);
     }
 }

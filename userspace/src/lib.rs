@@ -28,6 +28,7 @@ pub mod peek;
 pub mod policy_store;
 pub mod proxy;
 pub mod sandbox;
+pub mod scrub;
 pub mod secrets;
 pub mod server;
 pub mod state;

@@ -92,6 +92,7 @@ pub fn render(status: &serde_json::Value, live: &Live) -> String {
     registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", flows);
     registry.register("proxy_requests", "Proxy decisions (connections and HTTP requests) by outcome", live.flows.proxy_requests.clone());
     registry.register("credentials_injected", "Requests a credential was injected into", live.flows.credentials_injected.clone());
+    registry.register("secret_redactions", "Secrets (or encodings of them) cut out of responses from credential hosts", live.flows.secret_redactions.clone());
     registry.register("credential_failures", "Requests to a credential host sent without the credential (secret unavailable)", live.flows.credential_failures.clone());
     registry.register("audit_records", "Records written to the audit log", live.flows.audit_records.clone());
     registry.register("audit_write_failures", "Audit records that could not be written", live.flows.audit_write_failures.clone());
