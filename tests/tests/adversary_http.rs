@@ -198,7 +198,11 @@ fn rows() -> Vec<Row> {
             Want { statuses: &[400], denied: Some("another host than Host"), lacks: &["<injected>"], record: BAD, upstream_never: &["GET /absolute", "GET https://other.test/absolute"], ..W }),
         row("heads", "CONNECT (HTTP/1.1 over TLS)", Sent::Tls("api.test", "CONNECT other.test:443 HTTP/1.1\r\nHost: api.test\r\n\r\n"),
             Want { statuses: &[405], denied: Some("CONNECT"), record: Some(("http_request", "connect_refused")), upstream_never: &["CONNECT"], ..W }),
-        row("heads", "CONNECT (plain HTTP)", Sent::Plain("api.test", "CONNECT other.test:80 HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+        // Over plain HTTP the proxy's first look already sees a tunnel to
+        // another host than Host: ambiguous, 400, before any forwarding.
+        row("heads", "CONNECT to another host (plain HTTP)", Sent::Plain("api.test", "CONNECT other.test:80 HTTP/1.1\r\nHost: api.test\r\n\r\n"),
+            Want { statuses: &[400], denied: Some("ambiguous request"), record: Some(("connection", "ambiguous_request")), upstream_never: &["CONNECT"], ..W }),
+        row("heads", "CONNECT to the Host itself (plain HTTP)", Sent::Plain("api.test", "CONNECT api.test:80 HTTP/1.1\r\nHost: api.test\r\n\r\n"),
             Want { statuses: &[405], denied: Some("CONNECT"), record: Some(("http_request", "connect_refused")), upstream_never: &["CONNECT"], ..W }),
         row("heads", "CONNECT (HTTP/2)", Sent::H2 { sni: "api.test", method: "CONNECT", uri: "other.test:443", headers: &[] },
             Want { statuses: &[405], denied: Some("CONNECT"), record: Some(("http_request", "connect_refused")), upstream_never: &["CONNECT"], ..W }),

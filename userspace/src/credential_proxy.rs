@@ -823,7 +823,7 @@ pub async fn serve_plain(
             if guard.as_ref().is_none_or(|s| s.is_closed()) {
                 let mut connected = None;
                 for addr in &upstream {
-                    if let Ok(Ok(tcp)) = tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr)).await {
+                    if let Ok(tcp) = crate::proxy::connect_remote(*addr).await {
                         if let Ok((s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
                             tokio::spawn(async move {
                                 let _ = conn.await;
@@ -987,14 +987,10 @@ async fn pump_scrubbed(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite
 async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, String> {
     let mut last = String::from("no address");
     for addr in addrs {
-        let tcp = match tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(addr)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
+        let tcp = match crate::proxy::connect_remote(*addr).await {
+            Ok(t) => t,
+            Err(e) => {
                 last = e.to_string();
-                continue;
-            }
-            Err(_) => {
-                last = "connect timed out".into();
                 continue;
             }
         };
@@ -1168,7 +1164,7 @@ mod tests {
     fn responses_are_scrubbed_as_they_stream_and_recorded() {
         let b = binding();
         let dir = std::env::temp_dir().join(format!("sbx-cred-scrub-{}", std::process::id()));
-        let hub = Arc::new(crate::flow_log::FlowHub::new(&crate::flow_log::FlowLogSettings { history: 1024, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1 }));
+        let hub = Arc::new(crate::flow_log::FlowHub::new(&crate::flow_log::FlowLogSettings { history: 1024, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 }));
         let flow = FlowContext { hub: hub.clone(), sandbox: "s".into(), src: "10.0.0.2:1000".parse().unwrap(), dst: "198.51.100.1:443".parse().unwrap(), rule: "allow api.test".into() };
         let echo = format!("authorization: Bearer {SECRET}\nx: 1\n");
         let mut head = HeaderMap::new();
@@ -1214,7 +1210,7 @@ mod tests {
     fn held_bytes_go_out_when_the_upstream_goes_quiet() {
         let b = binding();
         let dir = std::env::temp_dir().join(format!("sbx-cred-idle-{}", std::process::id()));
-        let hub = Arc::new(crate::flow_log::FlowHub::new(&crate::flow_log::FlowLogSettings { history: 16, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1 }));
+        let hub = Arc::new(crate::flow_log::FlowHub::new(&crate::flow_log::FlowLogSettings { history: 16, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 }));
         let flow = FlowContext { hub, sandbox: "s".into(), src: "10.0.0.2:1000".parse().unwrap(), dst: "198.51.100.1:443".parse().unwrap(), rule: String::new() };
         let report = RedactionReport { flow, method: "GET".into(), host: "api.test".into(), path: "/".into(), status: 200, credential: "gh".into(), counted: 0, body: 0 };
         let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -258,14 +258,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
     flow.rule = rule.clone();
     let mut upstream = None;
     for addr in &targets {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
-            if is_local_connection(&s) {
-                // The policy was compiled before this address was the
-                // host's: never hand a guest a host service.
-                tracing::warn!(sandbox = %route.sandbox, %addr, "proxy: destination is this host; refused");
-                reset(&s);
-                continue;
-            }
+        if let Ok(s) = connect_remote(*addr).await {
             upstream = Some((s, *addr));
             break;
         }
@@ -377,6 +370,21 @@ pub fn guest_facing_rule(rule: &str) -> String {
         },
         None => rule.to_string(),
     }
+}
+
+/// Connects to `addr` for a guest (10 s at most), refusing a connection
+/// that ends on this host: an address may have become the host's since the
+/// sandbox's policy was compiled, and a guest is never handed a host service.
+pub async fn connect_remote(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    if is_local_connection(&stream) {
+        tracing::warn!(%addr, "proxy: destination is this host; refused");
+        reset(&stream);
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{addr} is this host")));
+    }
+    Ok(stream)
 }
 
 /// Whether a connection ended on this host: the kernel picks a local
