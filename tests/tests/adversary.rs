@@ -538,4 +538,5 @@ fn a_flood_of_denials_keeps_other_tenants_in_the_audit_log() {
     let budget = 20 + 5 * (started.elapsed().as_secs() as usize + 1);
     assert!(written <= budget, "the flooding sandbox wrote {written} audit lines (budget {budget})");
     assert!(written >= 20, "its first {written} denials (the burst) are written");
+    assert!(lines_of(&flood_name).iter().any(|r| r["event"] == "audit_suppressed"), "the log says that the flood's records are being suppressed");
 }

@@ -725,6 +725,7 @@ pub async fn serve(
     ca: Arc<Mutex<SandboxCa>>,
     upstream_tls: Arc<rustls::ClientConfig>,
     flow: FlowContext,
+    permit: Arc<crate::conn_limit::ConnPermit>,
 ) -> Result<(), CredentialProxyError> {
     let leaf = ca.lock().unwrap_or_else(|p| p.into_inner()).leaf(&host)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -740,8 +741,8 @@ pub async fn serve(
     let sender: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (host, upstream, binding, upstream_tls, sender, flow, tripped) =
-            (service_host.clone(), upstream.clone(), service_binding.clone(), upstream_tls.clone(), sender.clone(), service_flow.clone(), tripped.clone());
+        let (host, upstream, binding, upstream_tls, sender, flow, tripped, permit) =
+            (service_host.clone(), upstream.clone(), service_binding.clone(), upstream_tls.clone(), sender.clone(), service_flow.clone(), tripped.clone(), permit.clone());
         async move {
             let sandbox = &flow.sandbox;
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
@@ -753,7 +754,7 @@ pub async fn serve(
             if req.headers().contains_key(UPGRADE) {
                 // WebSocket (or another upgrade): its own HTTP/1.1 upstream
                 // connection, the credential already injected, then bytes.
-                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &flow, &binding).await);
+                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &flow, &binding, permit).await);
             }
             let mut guard = sender.lock().await;
             if guard.as_ref().is_none_or(|s| s.is_closed()) {
@@ -884,6 +885,7 @@ async fn upgrade(
     tls: Arc<rustls::ClientConfig>,
     flow: &FlowContext,
     binding: &CredentialBinding,
+    permit: Arc<crate::conn_limit::ConnPermit>,
 ) -> Response<ProxyBody> {
     let sandbox = &flow.sandbox;
     let credential = binding.name.as_str();
@@ -935,6 +937,9 @@ async fn upgrade(
     let upstream_side = hyper::upgrade::on(&mut resp);
     let scrubber = binding.scrub.scrubber();
     tokio::spawn(async move {
+        // The tunnel outlives the HTTP connection that made it: it holds
+        // the guest's connection permit until it ends.
+        let _permit = permit;
         // The whole report moves here (not just the field written below):
         // it is published when the tunnel ends.
         let mut report = report;

@@ -178,22 +178,22 @@ impl FlowHub {
     fn audit(&self, record: &FlowRecord) {
         let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
         let (log, budgets) = &mut *guard;
-        let suppressed_before = match budgets.admit(&record.sandbox, crate::dns_proxy::boot_time_ns()) {
-            Admit::Write { suppressed_before } => suppressed_before,
+        // What a credential did is never dropped for what a guest flooded.
+        let budgeted = !(record.credential_injected() || record.event == "secret_redacted");
+        let admit = if budgeted { budgets.admit(&record.sandbox, crate::dns_proxy::boot_time_ns()) } else { Admit::Write { suppressed_before: 0 } };
+        let (notice, record) = match admit {
+            Admit::Write { suppressed_before: 0 } => (None, Some(record)),
+            Admit::Write { suppressed_before } => (Some(suppression_record(record, suppressed_before, false)), Some(record)),
+            Admit::SuppressFirst => {
+                self.metrics.audit_suppressed.inc();
+                (Some(suppression_record(record, 0, true)), None)
+            }
             Admit::Suppress => {
                 self.metrics.audit_suppressed.inc();
                 return;
             }
         };
-        let summary = (suppressed_before > 0).then(|| {
-            let mut s = FlowRecord::new(&record.sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
-            s.time_unix_ns = record.time_unix_ns;
-            s.time = record.time.clone();
-            s.packets = suppressed_before;
-            s.rule = Some(format!("{suppressed_before} audit records of this sandbox were over its budget and not written"));
-            s
-        });
-        for r in summary.iter().chain(std::iter::once(record)) {
+        for r in notice.iter().chain(record) {
             match log.append(r) {
                 Ok(()) => {
                     self.metrics.audit_records.inc();
@@ -224,8 +224,22 @@ impl FlowHub {
         (h.records.iter().cloned().collect(), lost)
     }
 
-    /// Drops a deleted sandbox's per-sandbox counts (its metric series).
+    /// Drops a deleted sandbox's per-sandbox counts (its metric series),
+    /// writing how many of its audit records went unwritten, if any.
     pub fn forget_sandbox(&self, sandbox: &str) {
+        {
+            let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+            let (log, budgets) = &mut *guard;
+            if let Some(suppressed) = budgets.forget(sandbox).filter(|n| *n > 0) {
+                let mut last = FlowRecord::new(sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
+                last.time_unix_ns = unix_now_ns();
+                last.time = crate::flow::rfc3339(last.time_unix_ns);
+                let last = suppression_record(&last, suppressed, false);
+                if let Err(e) = log.append(&last) {
+                    tracing::warn!("audit log: {e}");
+                }
+            }
+        }
         self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner()).retain(|(name, _), _| name != sandbox);
     }
 
@@ -370,7 +384,25 @@ pub enum Admit {
     /// Write it; first say how many of this sandbox's lines were suppressed
     /// since its last written one.
     Write { suppressed_before: u64 },
+    /// The first line over budget: not written, but say that suppression
+    /// starts (the flood may end, or the sandbox go, before any summary).
+    SuppressFirst,
     Suppress,
+}
+
+/// The audit record announcing (`starting`) or summing up a suppression
+/// for `like`'s sandbox; `packets` carries the count.
+fn suppression_record(like: &FlowRecord, suppressed: u64, starting: bool) -> FlowRecord {
+    let mut s = FlowRecord::new(&like.sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
+    s.time_unix_ns = like.time_unix_ns;
+    s.time = like.time.clone();
+    s.packets = suppressed;
+    s.rule = Some(if starting {
+        "this sandbox is over its audit budget: its records are counted, not written, until it has budget again".to_string()
+    } else {
+        format!("{suppressed} audit records of this sandbox were over its budget and not written")
+    });
+    s
 }
 
 /// A token bucket per sandbox (pure: the clock is passed in).
@@ -397,6 +429,11 @@ impl AuditBudgets {
         AuditBudgets { per_second: f64::from(per_second), burst: f64::from(burst.max(1)), by_sandbox: Default::default() }
     }
 
+    /// Forgets a deleted sandbox; what it had suppressed and not yet reported.
+    pub fn forget(&mut self, sandbox: &str) -> Option<u64> {
+        self.by_sandbox.remove(sandbox).map(|b| b.suppressed)
+    }
+
     pub fn admit(&mut self, sandbox: &str, now_ns: u64) -> Admit {
         if self.per_second == 0.0 {
             return Admit::Write { suppressed_before: 0 };
@@ -412,7 +449,7 @@ impl AuditBudgets {
         budget.last_ns = now_ns;
         if budget.tokens < 1.0 {
             budget.suppressed += 1;
-            return Admit::Suppress;
+            return if budget.suppressed == 1 { Admit::SuppressFirst } else { Admit::Suppress };
         }
         budget.tokens -= 1.0;
         Admit::Write { suppressed_before: std::mem::take(&mut budget.suppressed) }
@@ -712,19 +749,22 @@ mod tests {
         for i in 0..20 {
             assert_eq!(b.admit("flood", t0), Admit::Write { suppressed_before: 0 }, "burst line {i}");
         }
-        for _ in 0..100 {
+        assert_eq!(b.admit("flood", t0), Admit::SuppressFirst);
+        for _ in 1..100 {
             assert_eq!(b.admit("flood", t0), Admit::Suppress);
         }
         // Another sandbox is untouched by the flood.
         assert_eq!(b.admit("quiet", t0), Admit::Write { suppressed_before: 0 });
         // A tenth of a second later one more token: the line says 100 went.
         assert_eq!(b.admit("flood", t0 + second / 10), Admit::Write { suppressed_before: 100 });
-        assert_eq!(b.admit("flood", t0 + second / 10), Admit::Suppress);
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::SuppressFirst);
+        assert_eq!(b.forget("flood"), Some(1), "deleting the sandbox reports what is pending");
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::Write { suppressed_before: 0 }, "a new sandbox of that name starts full");
         // Refills up to the burst only.
         for _ in 0..20 {
             assert!(matches!(b.admit("flood", t0 + 100 * second), Admit::Write { .. }));
         }
-        assert_eq!(b.admit("flood", t0 + 100 * second), Admit::Suppress);
+        assert_eq!(b.admit("flood", t0 + 100 * second), Admit::SuppressFirst);
         let mut off = AuditBudgets::new(0, 0);
         for _ in 0..10_000 {
             assert_eq!(off.admit("x", t0), Admit::Write { suppressed_before: 0 });

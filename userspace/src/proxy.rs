@@ -189,7 +189,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
         rule: String::new(),
     };
     // Held until the connection ends, whichever path it takes.
-    let Some(_permit) = limits.connections.try_acquire(&route.sandbox) else {
+    let Some(permit) = limits.connections.try_acquire(&route.sandbox) else {
         tracing::debug!(sandbox = %route.sandbox, dst = %original, "proxy: connection cap reached");
         flow.connection(Verdict::Denied, "connection_limit", Some(format!("at most {} proxied connections per sandbox", limits.connections.cap())), None);
         reset(&guest);
@@ -283,6 +283,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
                 ca.clone(),
                 ctx.upstream_tls.clone(),
                 flow,
+                Arc::new(permit),
             )
             .await
             {
