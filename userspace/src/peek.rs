@@ -174,19 +174,22 @@ fn host_name(raw: &[u8]) -> Option<String> {
 /// which a server prefers to Host (RFC 9112 3.2.2). Heads that name two
 /// hosts are ambiguous.
 fn http_host(buf: &[u8]) -> FirstBytes {
-    let Some(end) = find(buf, b"\r\n\r\n") else {
+    // A first line that is not a request line says enough (a banner of
+    // another protocol need not wait for a blank line that never comes).
+    if let Some(first_end) = buf.iter().position(|b| *b == b'\n') {
+        if request_line(&buf[..first_end]).is_none() {
+            return FirstBytes::Other;
+        }
+    }
+    let Some(end) = head_end(buf, 0) else {
         return need_more(buf);
     };
     let Ok(head) = std::str::from_utf8(&buf[..end]) else { return FirstBytes::Other };
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    // Lines end with CRLF or, as servers also accept, a bare LF.
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let Some((method, target)) = lines.next().and_then(|l| request_line(l.as_bytes())) else {
         return FirstBytes::Other;
     };
-    if version != "HTTP/1.1" && version != "HTTP/1.0" {
-        return FirstBytes::Other;
-    }
     let mut host_header = None;
     for line in lines {
         if line.starts_with([' ', '\t']) {
@@ -244,8 +247,118 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// `METHOD TARGET HTTP/1.x` (CR stripped): the method and target.
+fn request_line(line: &[u8]) -> Option<(&str, &str)> {
+    let line = std::str::from_utf8(line.strip_suffix(b"\r").unwrap_or(line)).ok()?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    (matches!(version, "HTTP/1.1" | "HTTP/1.0") && !method.is_empty() && !target.is_empty()).then_some((method, target))
+}
+
+/// Where the head ends (the index of the newline that ends its last
+/// line): the first empty line (`\n\n` or `\n\r\n`) at or after `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(2);
+    let tail = buf.get(start..)?;
+    tail.iter().enumerate().find_map(|(i, b)| {
+        if *b != b'\n' {
+            return None;
+        }
+        match (tail.get(i + 1), tail.get(i + 2)) {
+            (Some(b'\n'), _) | (Some(b'\r'), Some(b'\n')) => Some(start + i),
+            _ => None,
+        }
+    })
+}
+
+/// Reads a connection's first bytes incrementally: each pushed chunk costs
+/// work in proportion to its own size (a head or hello trickled a byte at a
+/// time must not be re-parsed from its start at every byte); the whole
+/// buffer is parsed once, when it can be complete.
+#[derive(Debug, Default)]
+pub struct Peeker {
+    buf: Vec<u8>,
+    /// HTTP: the terminator was searched for up to here.
+    scanned: usize,
+    /// TLS: the end of the last complete record, and the handshake bytes
+    /// those records carried.
+    records_end: usize,
+    handshake_len: usize,
+}
+
+impl Peeker {
+    pub fn push(&mut self, bytes: &[u8]) -> FirstBytes {
+        let before = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        let verdict = match self.buf.first() {
+            None => FirstBytes::NeedMore,
+            Some(&TLS_HANDSHAKE) => self.tls_ready(),
+            Some(b) if b.is_ascii_uppercase() => self.http_ready(before),
+            Some(_) => FirstBytes::Other,
+        };
+        if verdict == FirstBytes::NeedMore && self.buf.len() >= PEEK_LIMIT {
+            return FirstBytes::Other;
+        }
+        verdict
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
+    }
+
+    fn http_ready(&mut self, before: usize) -> FirstBytes {
+        let new = &self.buf[before..];
+        let first_line_ends_now = new.contains(&b'\n') && !self.buf[..before].contains(&b'\n');
+        let complete = head_end(&self.buf, self.scanned).is_some();
+        self.scanned = self.buf.len();
+        if first_line_ends_now || complete { classify(&self.buf) } else { FirstBytes::NeedMore }
+    }
+
+    fn tls_ready(&mut self) -> FirstBytes {
+        while let Some(header) = self.buf.get(self.records_end..self.records_end + TLS_RECORD_HEADER) {
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if header[0] != TLS_HANDSHAKE || header[1] != 3 || len == 0 {
+                return classify(&self.buf);
+            }
+            if self.buf.len() < self.records_end + TLS_RECORD_HEADER + len {
+                break;
+            }
+            self.records_end += TLS_RECORD_HEADER + len;
+            self.handshake_len += len;
+        }
+        let complete = match self.handshake_header() {
+            Some(message_len) => self.handshake_len >= HANDSHAKE_HEADER + message_len || HANDSHAKE_HEADER + message_len > PEEK_LIMIT,
+            None => false,
+        };
+        if complete { classify(&self.buf) } else { FirstBytes::NeedMore }
+    }
+
+    /// The handshake message's length, once its 4-byte header is in.
+    fn handshake_header(&self) -> Option<usize> {
+        if self.handshake_len < HANDSHAKE_HEADER {
+            return None;
+        }
+        let mut header = [0u8; HANDSHAKE_HEADER];
+        let (mut got, mut pos) = (0, 0);
+        while got < HANDSHAKE_HEADER {
+            let len = usize::from(u16::from_be_bytes([self.buf[pos + 3], self.buf[pos + 4]]));
+            for b in &self.buf[pos + TLS_RECORD_HEADER..pos + TLS_RECORD_HEADER + len] {
+                if got == HANDSHAKE_HEADER {
+                    break;
+                }
+                header[got] = *b;
+                got += 1;
+            }
+            pos += TLS_RECORD_HEADER + len;
+        }
+        Some((usize::from(header[1]) << 16) | (usize::from(header[2]) << 8) | usize::from(header[3]))
+    }
 }
 
 #[cfg(test)]
@@ -392,5 +505,50 @@ mod tests {
         assert_eq!(classify(&with_extensions(&[sni(b"a test")])), FirstBytes::Other);
         assert_eq!(classify(&with_extensions(&[sni("\u{e9}.test".as_bytes())])), FirstBytes::Other);
         assert_eq!(classify(&with_extensions(&[sni(b".")])), FirstBytes::Other);
+    }
+
+    /// The incremental reader agrees with `classify` on every prefix, byte
+    /// by byte, for hellos and heads of every shape.
+    #[test]
+    fn peeker_agrees_with_classify_byte_by_byte() {
+        let whole = hello(Some("other.test"));
+        let message = whole[5..].to_vec();
+        let mut split = Vec::new();
+        for chunk in message.chunks(3) {
+            split.extend_from_slice(&[0x16, 0x03, 0x01]);
+            split.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            split.extend_from_slice(chunk);
+        }
+        let inputs: Vec<Vec<u8>> = vec![
+            whole,
+            split,
+            hello(None),
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nX: y\r\n\r\nbody".to_vec(),
+            b"GET / HTTP/1.1\nHost: a.test\n\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n".to_vec(),
+            b"SSH-2.0-OpenSSH_9.6\r\n".to_vec(),
+            b"GET / HTTP/1.1\r\nHost: a.t\xffst\r\n\r\n".to_vec(),
+            vec![0x17, 0x03, 0x03, 0, 1, 0],
+            vec![0x16, 0x03, 0x01, 0, 0],
+        ];
+        for input in inputs {
+            let mut peeker = Peeker::default();
+            let mut last = FirstBytes::NeedMore;
+            for (i, b) in input.iter().enumerate() {
+                last = peeker.push(&[*b]);
+                let reference = classify(&input[..=i]);
+                if last != FirstBytes::NeedMore {
+                    assert_eq!(last, reference, "{input:?} at {i}");
+                    break;
+                }
+                assert!(reference == FirstBytes::NeedMore || matches!(reference, FirstBytes::Other), "{input:?} at {i}: peeker waits, classify says {reference:?}");
+            }
+            assert_eq!(last, classify(&input), "{input:?}: whole");
+        }
+        // A banner of another protocol is decided at its first line end.
+        let mut p = Peeker::default();
+        assert_eq!(p.push(b"SSH-2.0-OpenSSH"), FirstBytes::NeedMore);
+        assert_eq!(p.push(b"\r\n"), FirstBytes::Other);
+        assert_eq!(classify(b"GET / HTTP/1.1\nHost: a.test\n\n"), FirstBytes::Http { host: Some("a.test".into()) });
     }
 }

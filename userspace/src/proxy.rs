@@ -197,21 +197,21 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
     };
     // Read the first bytes: the TLS ClientHello's SNI or the HTTP Host, all
     // of them within one deadline (a byte at a time does not extend it).
-    let mut first = Vec::with_capacity(2048);
+    let mut peeker = crate::peek::Peeker::default();
     let deadline = tokio::time::Instant::now() + limits.first_bytes_timeout;
     let kind = loop {
-        let k = crate::peek::classify(&first);
-        if k != crate::peek::FirstBytes::NeedMore || first.len() >= crate::peek::PEEK_LIMIT {
-            break k;
-        }
         let mut buf = [0u8; 4096];
-        let room = crate::peek::PEEK_LIMIT - first.len();
-        match tokio::time::timeout_at(deadline, guest.read(&mut buf[..room.min(4096)])).await {
-            Ok(Ok(n)) if n > 0 => first.extend_from_slice(&buf[..n]),
+        let room = crate::peek::PEEK_LIMIT.saturating_sub(peeker.bytes().len()).clamp(1, buf.len());
+        let k = match tokio::time::timeout_at(deadline, guest.read(&mut buf[..room])).await {
+            Ok(Ok(n)) if n > 0 => peeker.push(&buf[..n]),
             // Silent, slow or closed: decide without a name.
             _ => break crate::peek::FirstBytes::Other,
+        };
+        if k != crate::peek::FirstBytes::NeedMore {
+            break k;
         }
     };
+    let first = peeker.into_bytes();
     if let crate::peek::FirstBytes::AmbiguousHttp { reason } = kind {
         tracing::info!(sandbox = %route.sandbox, dst = %original, reason, "proxy: ambiguous request head");
         flow.connection(Verdict::Denied, "ambiguous_request", Some(reason.to_string()), None);
