@@ -58,58 +58,7 @@ struct ProxyAttack {
     reason: Option<&'static str>,
 }
 
-/// A TLS ClientHello with the given extensions, as one handshake message.
-fn hello_message(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
-    let mut ext = Vec::new();
-    for (kind, data) in extensions {
-        ext.extend_from_slice(&kind.to_be_bytes());
-        ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
-        ext.extend_from_slice(data);
-    }
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7u8; 32]);
-    body.extend_from_slice(&[0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
-    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-    body.extend(ext);
-    let mut message = vec![0x01];
-    message.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-    message.extend(body);
-    message
-}
-
-/// The message in TLS handshake records of at most `record` bytes.
-fn records(message: &[u8], record: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    for chunk in message.chunks(record) {
-        out.extend_from_slice(&[0x16, 0x03, 0x01]);
-        out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
-}
-
-fn server_name(names: &[&[u8]]) -> (u16, Vec<u8>) {
-    let mut list = Vec::new();
-    for n in names {
-        list.push(0u8);
-        list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-        list.extend_from_slice(n);
-    }
-    let mut data = (list.len() as u16).to_be_bytes().to_vec();
-    data.extend(list);
-    (0, data)
-}
-
-fn alpn(protocols: &[&[u8]]) -> (u16, Vec<u8>) {
-    let mut list = Vec::new();
-    for p in protocols {
-        list.push(p.len() as u8);
-        list.extend_from_slice(p);
-    }
-    let mut data = (list.len() as u16).to_be_bytes().to_vec();
-    data.extend(list);
-    (16, data)
-}
+use sbx_net::peek::hello::{alpn, message as hello_message, records, server_name};
 
 fn corpus(gateway: Ipv4Addr) -> Vec<ProxyAttack> {
     use Outcome::*;

@@ -361,25 +361,18 @@ impl Peeker {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A minimal TLS 1.2-style ClientHello with an optional SNI.
-    fn hello(sni: Option<&str>) -> Vec<u8> {
+/// Builds ClientHellos for tests, fuzz seeds and the adversary corpus (the
+/// parser's own idea of the format, kept next to it).
+pub mod hello {
+    /// A ClientHello handshake message (TLS 1.2 layout, one suite) with
+    /// these extensions (type, data).
+    pub fn message(extensions: &[(u16, Vec<u8>)]) -> Vec<u8> {
         let mut ext = Vec::new();
-        if let Some(name) = sni {
-            let mut list = vec![0u8];
-            list.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            list.extend_from_slice(name.as_bytes());
-            let mut data = (list.len() as u16).to_be_bytes().to_vec();
-            data.extend(list);
-            ext.extend_from_slice(&0u16.to_be_bytes());
+        for (kind, data) in extensions {
+            ext.extend_from_slice(&kind.to_be_bytes());
             ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
-            ext.extend(data);
+            ext.extend_from_slice(data);
         }
-        // An unrelated extension first would also be skipped; add one after.
-        ext.extend_from_slice(&[0x00, 0x0b, 0x00, 0x02, 0x01, 0x00]);
         let mut body = vec![0x03, 0x03];
         body.extend_from_slice(&[7u8; 32]);
         body.push(0); // session id
@@ -387,13 +380,60 @@ mod tests {
         body.extend_from_slice(&[0x01, 0x00]); // null compression
         body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
         body.extend(ext);
-        let mut hs = vec![0x01];
-        hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-        hs.extend(body);
-        let mut rec = vec![0x16, 0x03, 0x01];
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend(hs);
-        rec
+        let mut message = vec![0x01];
+        message.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        message.extend(body);
+        message
+    }
+
+    /// `message` in handshake records of at most `record` bytes each.
+    pub fn records(message: &[u8], record: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in message.chunks(record.max(1)) {
+            out.extend_from_slice(&[0x16, 0x03, 0x01]);
+            out.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    /// A server_name extension listing `names` (host_name type).
+    pub fn server_name(names: &[&[u8]]) -> (u16, Vec<u8>) {
+        let mut list = Vec::new();
+        for n in names {
+            list.push(0u8);
+            list.extend_from_slice(&(n.len() as u16).to_be_bytes());
+            list.extend_from_slice(n);
+        }
+        let mut data = (list.len() as u16).to_be_bytes().to_vec();
+        data.extend(list);
+        (0, data)
+    }
+
+    /// An ALPN extension offering `protocols`.
+    pub fn alpn(protocols: &[&[u8]]) -> (u16, Vec<u8>) {
+        let mut list = Vec::new();
+        for p in protocols {
+            list.push(p.len() as u8);
+            list.extend_from_slice(p);
+        }
+        let mut data = (list.len() as u16).to_be_bytes().to_vec();
+        data.extend(list);
+        (16, data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ClientHello in one record with an optional SNI (and an
+    /// unrelated extension after it, which is skipped).
+    fn hello(sni: Option<&str>) -> Vec<u8> {
+        let mut extensions: Vec<(u16, Vec<u8>)> = sni.map(|n| super::hello::server_name(&[n.as_bytes()])).into_iter().collect();
+        extensions.push((0x000b, vec![0x01, 0x00]));
+        let message = super::hello::message(&extensions);
+        super::hello::records(&message, message.len())
     }
 
     #[test]
@@ -463,43 +503,17 @@ mod tests {
     /// Hellos whose SNI is not where the connection goes, or is unreadable.
     #[test]
     fn client_hellos_that_name_nothing_trustworthy() {
+        use super::hello::server_name;
         let with_extensions = |extensions: &[(u16, Vec<u8>)]| {
-            let mut ext = Vec::new();
-            for (kind, data) in extensions {
-                ext.extend_from_slice(&kind.to_be_bytes());
-                ext.extend_from_slice(&(data.len() as u16).to_be_bytes());
-                ext.extend_from_slice(data);
-            }
-            let mut body = vec![0x03, 0x03];
-            body.extend_from_slice(&[7u8; 32]);
-            body.extend_from_slice(&[0, 0x00, 0x02, 0x13, 0x01, 0x01, 0x00]);
-            body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-            body.extend(ext);
-            let mut hs = vec![0x01];
-            hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
-            hs.extend(body);
-            let mut rec = vec![0x16, 0x03, 0x01];
-            rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-            rec.extend(hs);
-            rec
+            let message = super::hello::message(extensions);
+            super::hello::records(&message, message.len())
         };
-        let server_name = |names: &[&[u8]]| {
-            let mut list = Vec::new();
-            for n in names {
-                list.push(0u8);
-                list.extend_from_slice(&(n.len() as u16).to_be_bytes());
-                list.extend_from_slice(n);
-            }
-            let mut data = (list.len() as u16).to_be_bytes().to_vec();
-            data.extend(list);
-            data
-        };
-        let sni = |n: &[u8]| (0u16, server_name(&[n]));
+        let sni = |n: &[u8]| server_name(&[n]);
         assert_eq!(classify(&with_extensions(&[sni(b"a.test")])), FirstBytes::Tls { sni: Some("a.test".into()) });
         // ECH (or Chromium's GREASE ECH): judged by the outer name.
         assert_eq!(classify(&with_extensions(&[sni(b"public.test"), (0xfe0d, vec![0; 40])])), FirstBytes::Tls { sni: Some("public.test".into()) });
         // Two names, two extensions, bytes a server may read otherwise.
-        assert_eq!(classify(&with_extensions(&[(0, server_name(&[b"a.test", b"b.test"]))])), FirstBytes::Other);
+        assert_eq!(classify(&with_extensions(&[server_name(&[b"a.test", b"b.test"])])), FirstBytes::Other);
         assert_eq!(classify(&with_extensions(&[sni(b"a.test"), sni(b"b.test")])), FirstBytes::Other);
         assert_eq!(classify(&with_extensions(&[sni(b"a.test\0.evil")])), FirstBytes::Other);
         assert_eq!(classify(&with_extensions(&[sni(b"a test")])), FirstBytes::Other);
