@@ -320,7 +320,9 @@ fn rcode_name(code: ResponseCode) -> crate::flow::Text {
     }
 }
 
-fn reply(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
+/// A response with `code` and the query's id, opcode and question: what
+/// the proxy answers itself (denied, refused, malformed, upstream failure).
+pub(crate) fn reply(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
     let mut m = Message::new();
     m.set_id(query.id())
         .set_message_type(MessageType::Response)
@@ -455,14 +457,7 @@ async fn answer(ctx: &DnsContext, peer_addr: std::net::SocketAddr, bytes: &[u8],
     }
     let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
     if stripped > 0 {
-        let kept: Vec<Record> = message
-            .take_answers()
-            .into_iter()
-            .zip(&plan.fates)
-            .filter(|(_, f)| **f == RecordFate::Keep)
-            .map(|(r, _)| r)
-            .collect();
-        message.insert_answers(kept);
+        strip_answers(&mut message, &plan.fates);
         tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding)");
     }
     ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
@@ -478,19 +473,37 @@ async fn answer(ctx: &DnsContext, peer_addr: std::net::SocketAddr, bytes: &[u8],
     };
     if out.len() > limit {
         // Too big for the guest's UDP: tell it to retry over TCP.
-        let mut truncated = Message::new();
-        truncated
-            .set_id(message.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(message.op_code())
-            .set_recursion_desired(message.recursion_desired())
-            .set_recursion_available(message.recursion_available())
-            .set_response_code(message.response_code())
-            .set_truncated(true);
-        truncated.add_queries(message.queries().to_vec());
-        return truncated.to_vec().ok();
+        return truncated(&message);
     }
     Some(out)
+}
+
+/// Removes from the answer section the records `fates` (one per answer, in
+/// order) strip; the rest stay in their order.
+pub(crate) fn strip_answers(message: &mut Message, fates: &[RecordFate]) {
+    let kept: Vec<Record> = message
+        .take_answers()
+        .into_iter()
+        .zip(fates)
+        .filter(|(_, f)| **f == RecordFate::Keep)
+        .map(|(r, _)| r)
+        .collect();
+    message.insert_answers(kept);
+}
+
+/// The empty, truncated (TC) form of `message`: the guest retries over TCP.
+pub(crate) fn truncated(message: &Message) -> Option<Vec<u8>> {
+    let mut truncated = Message::new();
+    truncated
+        .set_id(message.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(message.op_code())
+        .set_recursion_desired(message.recursion_desired())
+        .set_recursion_available(message.recursion_available())
+        .set_response_code(message.response_code())
+        .set_truncated(true);
+    truncated.add_queries(message.queries().to_vec());
+    truncated.to_vec().ok()
 }
 
 pub fn answer_record(r: &Record) -> AnswerRecord {
