@@ -81,10 +81,17 @@ pub fn udp(src_port: u16, dst_port: u16, payload: &[u8]) -> Vec<u8> {
 
 /// A TCP SYN (20-byte header).
 pub fn tcp_syn(src_port: u16, dst_port: u16) -> Vec<u8> {
+    tcp_segment(src_port, dst_port, 0x02, &[])
+}
+
+/// A TCP segment (20-byte header, checksum not computed) with `flags` and
+/// `payload`.
+pub fn tcp_segment(src_port: u16, dst_port: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut h = Vec::new();
     h.extend_from_slice(&src_port.to_be_bytes());
     h.extend_from_slice(&dst_port.to_be_bytes());
-    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    h.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    h.extend_from_slice(payload);
     h
 }
 

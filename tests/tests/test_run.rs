@@ -311,6 +311,49 @@ fn kernel_agrees_with_compiled_policy() {
     }
 }
 
+/// On a redirected port the classifier passes only what conntrack will
+/// track and nftables redirect: a connection start or a segment of a
+/// connection. Every other flag combination (FIN alone, SYN+FIN, SYN+ACK,
+/// none…) is dropped whatever the destination, over IPv4 and IPv6, with and
+/// without headers of variable length before the TCP header.
+#[test]
+fn redirected_ports_pass_only_trackable_tcp_flags() {
+    use sbx_net_common::{sandbox_flags, tcp_flag::*};
+    let mut h = Harness::new();
+    let cfg = h.spec.datapath_config(&h.policy, h.spec.id, sandbox_flags::REDIRECTS, &[80, 443]);
+    h.datapath.write_config(LO_IFINDEX, &cfg).unwrap();
+    let metadata = Ipv4Addr::new(169, 254, 169, 254);
+    let v6_dst: Ipv6Addr = "2001:db8:999::1".parse().unwrap();
+    let nop_option = [1u8, 1, 1, 0]; // NOP NOP NOP EOL: ihl 6, read with bpf_skb_load_bytes
+    let passing = [SYN, SYN | PSH, ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, ACK | URG];
+    let invalid = [0, FIN, SYN | FIN, SYN | ACK, SYN | RST, FIN | RST, PSH, FIN | PSH | URG, SYN | FIN | RST | ACK | PSH | URG];
+    for port in [80u16, 443, 53] {
+        for dst in [UNLISTED_V4, metadata, NESTED_DENY_V4] {
+            for options in [&[][..], &nop_option[..]] {
+                for flags in passing {
+                    h.passes(&format!("{flags:#04x} to {dst}:{port} options {options:?}"), &h.v4(dst, 6, options, 0, &tcp_segment(4000, port, flags, b"x")));
+                }
+                for flags in invalid {
+                    h.drops(&format!("{flags:#04x} to {dst}:{port} options {options:?}"), &h.v4(dst, 6, options, 0, &tcp_segment(4000, port, flags, b"payload")), Reason::InvalidTcpFlags);
+                }
+            }
+        }
+        for flags in invalid {
+            let plain = h.v6(h.spec.guest_ipv6, v6_dst, 6, &tcp_segment(4000, port, flags, b"p"));
+            h.drops(&format!("v6 {flags:#04x} :{port}"), &plain, Reason::InvalidTcpFlags);
+            let mut chained = ipv6_ext(6);
+            chained.extend(tcp_segment(4000, port, flags, b"p"));
+            h.drops(&format!("v6 dstopts {flags:#04x} :{port}"), &h.v6(h.spec.guest_ipv6, v6_dst, 60, &chained), Reason::InvalidTcpFlags);
+        }
+        h.passes(&format!("v6 SYN :{port}"), &h.v6(h.spec.guest_ipv6, v6_dst, 6, &tcp_segment(4000, port, SYN, b"")));
+    }
+    // Not a redirected port: the policy decides, flags or not.
+    h.drops("FIN to an unlisted address on 22", &h.v4(UNLISTED_V4, 6, &[], 0, &tcp_segment(4000, 22, FIN, b"")), Reason::DefaultDeny);
+    h.passes("FIN to an allowed address on 22", &h.v4(ALLOWED_V4, 6, &[], 0, &tcp_segment(4000, 22, FIN, b"")));
+    // UDP to 53 carries no flags: redirected as before.
+    h.passes("udp 53", &h.v4(UNLISTED_V4, 17, &[], 0, &udp(4000, 53, b"q")));
+}
+
 /// With flow tracking (as the daemon runs sandboxes): one event per new
 /// flow whatever its verdict, none for the flow's later packets, a denied
 /// flow re-reported at most once a second with the packets since, a

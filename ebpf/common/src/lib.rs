@@ -121,9 +121,14 @@ pub enum Reason {
     /// DNS (port 53) or a proxied TCP port: passed to nftables, which
     /// redirects it to the host's DNS or credential proxy.
     Redirected = 13,
+    /// A TCP segment on a redirected port whose flags no connection can
+    /// carry (SYN+FIN, SYN+ACK as a first packet, FIN alone, none…):
+    /// conntrack calls it invalid, so nftables would not redirect it, and it
+    /// must not pass on the strength of the port alone.
+    InvalidTcpFlags = 14,
 }
 
-pub const COUNTER_SLOTS: u32 = 14;
+pub const COUNTER_SLOTS: u32 = 15;
 /// Extra counter slot: drop events that did not fit in the ring buffer.
 pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS;
 /// Length of the per-CPU counter array.
@@ -145,6 +150,7 @@ impl Reason {
         Reason::UnknownProtocol,
         Reason::UnknownSandbox,
         Reason::Redirected,
+        Reason::InvalidTcpFlags,
     ];
 
     pub fn from_u8(value: u8) -> Option<Reason> {
@@ -172,8 +178,31 @@ impl Reason {
             Reason::UnknownProtocol => "unknown_protocol",
             Reason::UnknownSandbox => "unknown_sandbox",
             Reason::Redirected => "redirected",
+            Reason::InvalidTcpFlags => "invalid_tcp_flags",
         }
     }
+}
+
+/// TCP header flag bits (byte 13 of the header).
+pub mod tcp_flag {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
+/// Whether a guest's TCP segment to a redirected port may pass to nftables:
+/// its flags must be a connection start (which the redirect catches) or a
+/// segment of a connection (whose conntrack entry carries the redirect).
+/// This is Linux conntrack's `tcp_valid_flags` (PSH, ECE and CWR ignored)
+/// without SYN+ACK: a guest never answers a connection on a redirected port.
+#[inline(always)]
+pub const fn tcp_flags_may_redirect(flags: u8) -> bool {
+    use tcp_flag::*;
+    let f = flags & (FIN | SYN | RST | ACK | URG);
+    f == SYN || f == SYN | URG || f == RST || f == RST | ACK || f == FIN | ACK || f == FIN | ACK | URG || f == ACK || f == ACK | URG
 }
 
 /// An action and the rule that chose it.
@@ -417,5 +446,18 @@ mod tests {
             assert_eq!(Reason::from_u8(reason as u8), Some(reason));
         }
         assert_eq!(Reason::from_u8(COUNTER_SLOTS as u8), None);
+    }
+
+    #[test]
+    fn redirectable_tcp_flags_are_conntracks_valid_set_without_syn_ack() {
+        use tcp_flag::*;
+        for ok in [SYN, SYN | PSH, SYN | URG, ACK, ACK | PSH, ACK | URG, FIN | ACK, FIN | ACK | PSH, RST, RST | ACK, ACK | 0x40 | 0x80] {
+            assert!(tcp_flags_may_redirect(ok), "{ok:#04x}");
+        }
+        for bad in [0, FIN, SYN | FIN, SYN | ACK, SYN | RST, FIN | RST, FIN | RST | ACK, PSH, URG, FIN | PSH | URG, SYN | FIN | RST | ACK | PSH | URG] {
+            assert!(!tcp_flags_may_redirect(bad), "{bad:#04x}");
+        }
+        // Exactly the 8 combinations of FIN/SYN/RST/ACK/URG pass.
+        assert_eq!((0u8..=255).filter(|f| f & !(FIN | SYN | RST | ACK | URG) == 0 && tcp_flags_may_redirect(*f)).count(), 8);
     }
 }

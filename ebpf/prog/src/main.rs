@@ -21,7 +21,7 @@ use aya_log_ebpf::debug;
 use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use sbx_net_common::{
-    action, event_kind, rule_id, sandbox_flags, verdict_class, Counter, FlowEvent, FlowKey, FlowKeyV4, FlowStats, KeyV4,
+    action, event_kind, rule_id, sandbox_flags, tcp_flags_may_redirect, verdict_class, Counter, FlowEvent, FlowKey, FlowKeyV4, FlowStats, KeyV4,
     KeyV6, PolicyValue, Reason, SandboxConfig, Verdict, COUNTER_ARRAY_LEN, DROP_REPORT_INTERVAL_NS,
     EVENTS_LOST_SLOT, EVENTS_RING_BYTES, MAX_FLOWS, MAX_POLICY_ENTRIES, MAX_PORT_VERDICTS, MAX_PROXIED_PORTS,
     MAX_SANDBOXES, SANDBOX_COUNTER_SLOTS, SANDBOX_ID_BITS, SANDBOX_SLOTS, VERDICT_CLASSES,
@@ -106,7 +106,15 @@ pub fn sbx_egress(ctx: TcContext) -> i32 {
     let mut packet = Packet::empty();
     let (reason, rule) = match net::parse(&ctx, &cfg, &mut packet) {
         Ok(net::Parsed::NeighbourDiscovery) => (Reason::NeighbourDiscovery, rule_id::NONE),
-        Ok(net::Parsed::Ip) if redirected(&cfg, &packet) => (Reason::Redirected, rule_id::NONE),
+        Ok(net::Parsed::Ip) if redirected(&cfg, &packet) => {
+            // The port alone lets a packet through to nftables; only what
+            // conntrack will track (and so redirect) may use it.
+            if packet.protocol == IPPROTO_TCP && !tcp_flags_may_redirect(packet.tcp_flags) {
+                (Reason::InvalidTcpFlags, rule_id::NONE)
+            } else {
+                (Reason::Redirected, rule_id::NONE)
+            }
+        }
         Ok(net::Parsed::Ip) => decide(&cfg, &packet),
         Err(ParseError(reason)) => (reason, rule_id::NONE),
     };

@@ -37,6 +37,9 @@ const ICMPV6_MLD_REPORT: u8 = 131;
 const ICMPV6_MLD_DONE: u8 = 132;
 const ICMPV6_MLD2_REPORT: u8 = 143;
 
+/// Where the flags byte sits in a TCP header.
+const TCP_FLAGS_OFFSET: usize = 13;
+
 /// IPv6 extension headers we walk before giving up (fail closed).
 const MAX_IPV6_EXT_HEADERS: usize = 6;
 /// IPv4 options occupy at most 40 bytes.
@@ -65,6 +68,8 @@ pub struct Packet {
     pub port_unknown: bool,
     pub src_port: u16,
     pub dst_port: u16,
+    /// TCP header flags (0 for other protocols).
+    pub tcp_flags: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
 }
@@ -80,6 +85,7 @@ impl Packet {
             port_unknown: false,
             src_port: 0,
             dst_port: 0,
+            tcp_flags: 0,
             src: [0; 16],
             dst: [0; 16],
         }
@@ -232,13 +238,16 @@ fn parse_ipv4(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
             // tiny-fragment games with the TCP flags or ports).
             let need = if protocol == IPPROTO_TCP { 20 } else { 8 };
             let l4 = ETH_HLEN + ihl;
-            let ports: [u8; 4] = if ihl == 20 {
+            let (ports, flags): ([u8; 4], u8) = if ihl == 20 {
                 let _: [u8; 1] = read(ctx, ETH_HLEN + 20 + need - 1)?;
-                read(ctx, ETH_HLEN + 20)?
+                let flags: u8 = if protocol == IPPROTO_TCP { read(ctx, ETH_HLEN + 20 + TCP_FLAGS_OFFSET)? } else { 0 };
+                (read(ctx, ETH_HLEN + 20)?, flags)
             } else {
                 let _: u8 = load(ctx, l4 + need - 1)?;
-                load(ctx, l4)?
+                let flags: u8 = if protocol == IPPROTO_TCP { load(ctx, l4 + TCP_FLAGS_OFFSET)? } else { 0 };
+                (load(ctx, l4)?, flags)
             };
+            packet.tcp_flags = flags;
             packet.has_ports = true;
             packet.src_port = be16([ports[0], ports[1]]);
             packet.dst_port = be16([ports[2], ports[3]]);
@@ -347,13 +356,16 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
                 return Ok(Parsed::Ip);
             }
             let need = if next == IPPROTO_TCP { 20 } else { 8 };
-            let ports: [u8; 4] = if simple {
+            let (ports, flags): ([u8; 4], u8) = if simple {
                 let _: [u8; 1] = read(ctx, ETH_HLEN + 40 + need - 1)?;
-                read(ctx, ETH_HLEN + 40)?
+                let flags: u8 = if next == IPPROTO_TCP { read(ctx, ETH_HLEN + 40 + TCP_FLAGS_OFFSET)? } else { 0 };
+                (read(ctx, ETH_HLEN + 40)?, flags)
             } else {
                 let _: u8 = load(ctx, off + need - 1)?;
-                load(ctx, off)?
+                let flags: u8 = if next == IPPROTO_TCP { load(ctx, off + TCP_FLAGS_OFFSET)? } else { 0 };
+                (load(ctx, off)?, flags)
             };
+            packet.tcp_flags = flags;
             packet.has_ports = true;
             packet.src_port = be16([ports[0], ports[1]]);
             packet.dst_port = be16([ports[2], ports[3]]);
