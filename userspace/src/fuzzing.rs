@@ -1,0 +1,746 @@
+//! Fuzz entry points: the body of every cargo-fuzz target in `fuzz/`, one
+//! `pub fn <target>(data: &[u8])` each. They live in the library so the
+//! targets stay three lines, and so `cargo test` replays every corpus
+//! (`userspace/tests/fuzz_replay.rs`) with no nightly and no cargo-fuzz.
+//!
+//! Each function parses or decides with the product's own code and then
+//! checks invariants: a violated invariant panics, which is what libFuzzer
+//! reports as a crash. Inputs that do not parse are fine (that is most of
+//! them); a panic inside the product's code is a crash like any other. The
+//! invariants are documented on each function.
+//!
+//! [`frames`] needs root: it runs the real classifier (BPF_PROG_TEST_RUN)
+//! against [`crate::model`].
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, PROXY_AUTHORIZATION};
+use ipnetwork::IpNetwork;
+use sbx_net_common::{action, program_names, rule_id, Reason, SandboxConfig, MAX_PORT_VERDICTS};
+
+use crate::compile::{brute_force_verdict, compile, entry_verdict, CompiledPolicy, PortInfo};
+use crate::credential_proxy::{rewrite_headers, sentinel, strip_sentinels, CredentialBinding};
+use crate::datapath::{Datapath, DatapathOptions, EventReader};
+use crate::dns::{learned_value, name_verdict, normalise_query_name, plan_answer, AnswerRecord, NameVerdict, RecordFate};
+use crate::peek::{classify, FirstBytes, PEEK_LIMIT};
+use crate::policy::{builtin_deny_rules, Policy, Rule, Target};
+
+/// Every target: its name (the directory of its corpus and the cargo-fuzz
+/// target) and its body.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("policy", policy),
+    ("dns", dns),
+    ("peek", peek),
+    ("headers", headers),
+    ("api", api),
+    ("inspect", inspect),
+    ("frames", frames),
+];
+
+/// Targets that need root (the rest are pure).
+pub const PRIVILEGED_TARGETS: &[&str] = &["frames"];
+
+/// The host addresses the fuzzed policies are compiled with (denied like
+/// the built-in list).
+fn host_addresses() -> [IpAddr; 2] {
+    [IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1)), IpAddr::V6(Ipv6Addr::new(0xfd73, 0x6278, 0, 0, 0, 0, 0, 1))]
+}
+
+/// A small deterministic generator, seeded from the input (libFuzzer
+/// needs the same input to do the same thing).
+struct Rng(u64);
+
+impl Rng {
+    fn from(data: &[u8]) -> Rng {
+        // FNV-1a: any change of the input changes the stream.
+        Rng(data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// Policy text → parse → compile, against the brute-force reader.
+///
+/// Invariants:
+/// - a rejected policy names a line of the text (or 0) and a reason;
+/// - a compiled policy's rule table is the policy's rules, then the built-in
+///   list, then the host addresses (so ids mean what `describe_rule` says);
+/// - every trie entry is a canonical prefix, keys are unique, both families
+///   have a /0 entry (the trie never misses), an entry carries at most
+///   MAX_PORT_VERDICTS distinct port verdicts, no learned overlay;
+/// - for sampled addresses (each CIDR rule's first and last address and its
+///   neighbours outside, addresses inside, fixed probes such as the cloud
+///   metadata address) and ports (every rule's port, others, none, a later
+///   fragment), the compiled lookup — the datapath's one LPM lookup — gives
+///   exactly the verdict and rule id of [`brute_force_verdict`].
+pub fn policy(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let policy = match Policy::parse("fuzz.toml", text) {
+        Ok(p) => p,
+        Err(e) => {
+            assert!(e.line <= text.lines().count() + 1, "error line {} past the end of a {}-line text: {e}", e.line, text.lines().count());
+            assert!(!e.reason.is_empty(), "an error without a reason");
+            return;
+        }
+    };
+    let hosts = host_addresses();
+    let Ok(compiled) = compile(&policy, &hosts) else { return };
+    let mut rules = policy.rules.clone();
+    rules.extend(builtin_deny_rules());
+    rules.extend(hosts.iter().map(|a| Rule::builtin_deny(IpNetwork::from(*a), "host address")));
+    assert_eq!(compiled.rules, rules, "the rule table is the policy's rules, the built-ins, the host addresses");
+    check_entries(&compiled);
+
+    let mut rng = Rng::from(data);
+    let mut addresses: Vec<IpAddr> = ["169.254.169.254", "8.8.8.8", "10.200.0.1", "127.0.0.1", "::1", "2001:db8::1", "::ffff:127.0.0.1", "fe80::1"]
+        .iter()
+        .map(|a| a.parse().expect("valid probe"))
+        .collect();
+    for rule in rules.iter().take(64) {
+        let Target::Cidr(net) = rule.target else { continue };
+        match net {
+            IpNetwork::V4(n) => {
+                let (first, last) = (u32::from(n.network()), u32::from(n.broadcast()));
+                let inside = first | (rng.next() as u32 & !u32::from(n.mask()));
+                for a in [first, last, first.wrapping_sub(1), last.wrapping_add(1), inside] {
+                    addresses.push(IpAddr::V4(a.into()));
+                }
+            }
+            IpNetwork::V6(n) => {
+                let host_bits = if n.prefix() == 0 { u128::MAX } else { (1u128 << (128 - n.prefix())).wrapping_sub(1) };
+                let first = u128::from(n.network());
+                let last = first | host_bits;
+                let inside = first | ((u128::from(rng.next()) << 64 | u128::from(rng.next())) & host_bits);
+                for a in [first, last, first.wrapping_sub(1), last.wrapping_add(1), inside] {
+                    addresses.push(IpAddr::V6(a.into()));
+                }
+            }
+        }
+    }
+    let mut ports: BTreeSet<u16> = rules.iter().filter_map(|r| r.port).take(16).collect();
+    ports.extend([1, 443, (rng.next() as u16).max(1)]);
+    let port_infos: Vec<PortInfo> =
+        ports.into_iter().map(PortInfo::Port).chain([PortInfo::None, PortInfo::NonFirstFragment]).collect();
+    for ip in addresses {
+        for &port in &port_infos {
+            let got = compiled.lookup(ip, port);
+            let want = brute_force_verdict(&rules, policy.default, ip, port);
+            assert_eq!(
+                got,
+                want,
+                "{ip} {port:?}: compiled {} ({}), rules say {} ({})",
+                got.action,
+                compiled.describe_rule(got.rule_id),
+                want.action,
+                compiled.describe_rule(want.rule_id)
+            );
+        }
+    }
+}
+
+fn check_entries(c: &CompiledPolicy) {
+    let mut keys = BTreeSet::new();
+    let entries = c
+        .v4
+        .iter()
+        .map(|(a, len, v)| (IpNetwork::new(IpAddr::V4(*a), *len), v))
+        .chain(c.v6.iter().map(|(a, len, v)| (IpNetwork::new(IpAddr::V6(*a), *len), v)));
+    for (net, value) in entries {
+        let net = net.expect("an entry's prefix length fits its family");
+        assert_eq!(net.network(), net.ip(), "entry {net} has host bits set");
+        assert!(keys.insert(net), "two entries for {net}");
+        assert!(matches!(value.any_port.action, action::ALLOW | action::DENY), "{net}: action {}", value.any_port.action);
+        let count = usize::from(value.port_count);
+        assert!(count <= MAX_PORT_VERDICTS, "{net}: {count} port verdicts");
+        let ports: BTreeSet<u16> = value.ports[..count].iter().map(|p| p.port).collect();
+        assert_eq!(ports.len(), count, "{net}: a port twice");
+        assert!(!ports.contains(&0), "{net}: port 0");
+        assert_eq!((value.learned_until_ns, value.learned_rule_id, value.learned_port), (0, 0, 0), "{net}: a compiled entry with a learned overlay");
+    }
+    assert!(keys.contains(&"0.0.0.0/0".parse().expect("valid")) && keys.contains(&"::/0".parse().expect("valid")), "no /0 entry");
+}
+
+/// The policy the DNS target answers for: names allowed, denied and
+/// port-limited, CIDR allows and denies, the built-ins and a host address.
+const DNS_POLICY: &str = r#"
+name = "fuzz-dns"
+[network]
+allow = ["allowed.test", "*.one.test", "**.any.test", "git.test:22", "cname.test", "203.0.113.128/25", "10.1.0.0/16", "172.16.5.0/24", "[2001:db8:1::/48]:443"]
+deny = ["bad.any.test", "10.0.0.0/8", "198.51.100.0/24", "203.0.113.200:25"]
+"#;
+
+fn dns_policy() -> &'static CompiledPolicy {
+    static POLICY: OnceLock<CompiledPolicy> = OnceLock::new();
+    POLICY.get_or_init(|| {
+        let policy = Policy::parse("fuzz-dns.toml", DNS_POLICY).expect("the DNS fuzz policy is valid");
+        compile(&policy, &host_addresses()).expect("the DNS fuzz policy compiles")
+    })
+}
+
+/// A DNS message, as the guest's query and as the upstream's answer.
+///
+/// Invariants:
+/// - as a query: every message the proxy parses can be answered (its
+///   REFUSED/NXDOMAIN/FORMERR reply and its truncated form encode), with
+///   the query's id;
+/// - as an answer: the plan has one fate per record and strips addresses
+///   only; it learns each address once, only from a kept A/AAAA record on
+///   the queried name's CNAME chain (computed here independently), never an
+///   address a policy rule or the built-in list denies — read rule by rule
+///   with [`brute_force_verdict`], not from the trie the plan used;
+/// - a learned address's trie value keeps what its covering entry says for
+///   any port, keeps every port deny (a learned allow never beats it), and
+///   once expired says exactly what the covering entry says;
+/// - the re-encoded answer the guest gets holds exactly the kept records.
+pub fn dns(data: &[u8]) {
+    let Ok(message) = Message::from_vec(data) else { return };
+    let policy = dns_policy();
+
+    // The guest's side: what the proxy answers by itself.
+    for code in [ResponseCode::FormErr, ResponseCode::Refused, ResponseCode::NXDomain, ResponseCode::ServFail] {
+        let bytes = crate::dns_proxy::reply(&message, code).unwrap_or_else(|| panic!("no {code} reply to a query the proxy parsed: {message:?}"));
+        let back = Message::from_vec(&bytes).unwrap_or_else(|e| panic!("our own {code} reply does not parse: {e}"));
+        assert_eq!((back.id(), back.message_type(), back.response_code()), (message.id(), MessageType::Response, code));
+    }
+    let truncated = crate::dns_proxy::truncated(&message).unwrap_or_else(|| panic!("no truncated form of a parsed message: {message:?}"));
+    let back = Message::from_vec(&truncated).expect("the truncated form parses");
+    assert!(back.truncated() && back.answers().is_empty() && back.id() == message.id());
+
+    // The upstream's side: the plan for its answer.
+    let qname = message.queries().first().map(|q| normalise_query_name(&q.name().to_ascii())).unwrap_or_else(|| "allowed.test".into());
+    let records: Vec<AnswerRecord> = message.answers().iter().map(crate::dns_proxy::answer_record).collect();
+    let plan = plan_answer(policy, &qname, &records);
+    assert_eq!(plan.fates.len(), records.len(), "one fate per record");
+
+    let mut chain = BTreeSet::from([qname.clone()]);
+    loop {
+        let before = chain.len();
+        for r in &records {
+            if let AnswerRecord::Cname { owner, target } = r {
+                if chain.contains(&normalise_query_name(owner)) {
+                    chain.insert(normalise_query_name(target));
+                }
+            }
+        }
+        if chain.len() == before {
+            break;
+        }
+    }
+    let mut kept_addresses = BTreeSet::new();
+    for (record, fate) in records.iter().zip(&plan.fates) {
+        match (record, fate) {
+            (AnswerRecord::Address { ip, .. }, RecordFate::Keep) => {
+                kept_addresses.insert(*ip);
+            }
+            (AnswerRecord::Address { .. }, RecordFate::Strip { .. }) => {}
+            (other, RecordFate::Strip { reason }) => panic!("stripped a record that is not an address: {other:?} ({reason})"),
+            (_, RecordFate::Keep) => {}
+        }
+    }
+    let learned: BTreeSet<IpAddr> = plan.learn.iter().map(|(ip, _)| *ip).collect();
+    assert_eq!(learned.len(), plan.learn.len(), "an address learned twice: {:?}", plan.learn);
+    assert_eq!(learned, kept_addresses, "learned and kept addresses differ");
+    for (ip, ttl) in &plan.learn {
+        let from_chain = records.iter().any(|r| matches!(r, AnswerRecord::Address { owner, ip: a, ttl: t } if a == ip && t == ttl && chain.contains(&normalise_query_name(owner))));
+        assert!(from_chain, "{ip} (ttl {ttl}) learned from no record on the CNAME chain of {qname}");
+        let by_rules = brute_force_verdict(&policy.rules, policy.default_action, *ip, PortInfo::None);
+        assert!(
+            !(by_rules.action == action::DENY && by_rules.rule_id != rule_id::DEFAULT),
+            "{ip} learned although {} denies it",
+            policy.describe_rule(by_rules.rule_id)
+        );
+        check_learned_value(policy, *ip, &qname);
+    }
+
+    // What the guest receives when records were stripped.
+    if plan.fates.iter().any(|f| *f != RecordFate::Keep) {
+        let mut stripped = message.clone();
+        crate::dns_proxy::strip_answers(&mut stripped, &plan.fates);
+        if let Ok(bytes) = stripped.to_vec() {
+            let back = Message::from_vec(&bytes).expect("our stripped answer parses");
+            let got: Vec<AnswerRecord> = back.answers().iter().map(crate::dns_proxy::answer_record).collect();
+            let want: Vec<AnswerRecord> = records.iter().zip(&plan.fates).filter(|(_, f)| **f == RecordFate::Keep).map(|(r, _)| r.clone()).collect();
+            assert_eq!(got, want, "the guest's answer is not the kept records");
+        }
+    }
+}
+
+fn check_learned_value(policy: &CompiledPolicy, ip: IpAddr, qname: &str) {
+    let (rule, port) = match name_verdict(policy, qname) {
+        NameVerdict::Allowed { rule_id, port } => (rule_id, port),
+        NameVerdict::Denied { .. } => (1, None),
+    };
+    const UNTIL: u64 = 1_000;
+    let value = learned_value(policy, ip, None, rule, port, UNTIL);
+    let base = policy.entry_for(ip).copied().unwrap_or_default();
+    assert_eq!(value.any_port, base.any_port, "{ip}: the learned value changed the any-port verdict");
+    assert_eq!(value.ports, base.ports, "{ip}: the learned value changed the port verdicts");
+    let mut probe_ports: Vec<u16> = base.ports[..usize::from(base.port_count)].iter().map(|p| p.port).collect();
+    probe_ports.extend([22, 25, 443, 853]);
+    for p in probe_ports {
+        let live = entry_verdict(&value, PortInfo::Port(p), UNTIL - 1);
+        let expired = entry_verdict(&value, PortInfo::Port(p), UNTIL);
+        let covering = entry_verdict(&base, PortInfo::Port(p), 0);
+        let port_denied = base.ports[..usize::from(base.port_count)].iter().any(|pv| pv.port == p && pv.action == action::DENY);
+        if port_denied {
+            assert_eq!(live.action, action::DENY, "{ip}:{p}: a learned allow beat a port deny");
+        }
+        assert_eq!(expired, covering, "{ip}:{p}: expired, the entry must say what its covering entry says");
+    }
+}
+
+/// The first bytes of a proxied connection: TLS ClientHello SNI or HTTP Host.
+///
+/// Invariants:
+/// - classify never panics and never reads out of bounds;
+/// - a name it returns has no ASCII upper case and no trailing dot (the
+///   form the policy matches);
+/// - a decision is final: for every prefix shorter than PEEK_LIMIT (the
+///   proxy stops reading there), classify is NeedMore or says exactly what
+///   it says for the whole input, so the name the proxy decides on is the
+///   name the upstream will see;
+/// - the empty input needs more.
+pub fn peek(data: &[u8]) {
+    assert_eq!(classify(&[]), FirstBytes::NeedMore);
+    let whole = classify(data);
+    let name = match &whole {
+        FirstBytes::Tls { sni } => sni.as_deref(),
+        FirstBytes::Http { host } => host.as_deref(),
+        _ => None,
+    };
+    if let Some(n) = name {
+        assert!(!n.bytes().any(|b| b.is_ascii_uppercase()), "name {n:?} has upper case");
+        assert!(!n.ends_with('.'), "name {n:?} ends with a dot");
+    }
+    // Every cut for short inputs, a sample of cuts for long ones.
+    let cuts: Vec<usize> = if data.len() <= 512 {
+        (0..data.len()).collect()
+    } else {
+        let mut rng = Rng::from(data);
+        (0..64).map(|_| rng.next() as usize % data.len()).collect()
+    };
+    for cut in cuts.into_iter().filter(|&c| c < PEEK_LIMIT) {
+        let early = classify(&data[..cut]);
+        assert!(early == FirstBytes::NeedMore || early == whole, "{cut} bytes say {early:?}, all {} say {whole:?}", data.len());
+    }
+}
+
+/// A secret no input is likely to contain by chance, from a file like a
+/// real deployment's (the only way to make a [`crate::secrets::Secret`]).
+const FUZZ_SECRET: &str = "fz-S3cr3t-7c1e9a";
+
+fn bindings() -> &'static [CredentialBinding] {
+    static BINDINGS: OnceLock<Vec<CredentialBinding>> = OnceLock::new();
+    BINDINGS.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("sbx-net-fuzz-secret-{}", std::process::id()));
+        std::fs::write(&path, format!("{FUZZ_SECRET}\n")).expect("writing the fuzz secret");
+        let secret = crate::secrets::load_secret(&crate::policy::CredentialSource::File(path.display().to_string()));
+        let _ = std::fs::remove_file(&path);
+        let secret = Arc::new(secret.expect("loading the fuzz secret"));
+        [("gh", "Authorization", "Bearer {secret}"), ("key", "X-Api-Key", "{secret}"), ("cookie", "Cookie", "session={secret}; theme=dark"), ("proxy", "Proxy-Authorization", "Basic {secret}")]
+            .iter()
+            .map(|(name, header, format)| CredentialBinding::new(name, &["api.test".into()], header, format, secret.clone(), false).expect("valid binding"))
+            .collect()
+    })
+}
+
+/// The guest's request headers (`name: value` lines; the first byte picks
+/// the credential and the path), through the credential proxy's rewrite
+/// (a bound host) or its sentinel strip (any other host).
+///
+/// Invariants, after `rewrite_headers`:
+/// - the binding's header carries exactly one value, the configured one;
+/// - no other Authorization or Proxy-Authorization value survives;
+/// - no value still carries the binding's sentinel `sbx-cred:<name>`;
+/// - the secret appears only in the binding's header and where the guest
+///   put the binding's sentinel (or, absurdly, the secret itself);
+/// - headers with neither credential role nor sentinel pass unchanged.
+///
+/// After `strip_sentinels`: no value carries `sbx-cred:`, no value gains the
+/// secret, and headers without a sentinel pass unchanged.
+pub fn headers(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else { return };
+    let mut original = HeaderMap::new();
+    for line in rest.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        let value = &value[value.iter().position(|b| *b != b' ' && *b != b'\t').unwrap_or(value.len())..];
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+            original.append(name, value);
+        }
+    }
+    let binding = &bindings()[usize::from(selector & 3) % bindings().len()];
+    let marker = sentinel(&binding.name);
+    let contains = |v: &HeaderValue, needle: &str| v.as_bytes().windows(needle.len()).any(|w| w == needle.as_bytes());
+    let values = |h: &HeaderMap, n: &HeaderName| -> Vec<HeaderValue> { h.get_all(n).iter().cloned().collect() };
+
+    if selector & 4 == 0 {
+        let mut h = original.clone();
+        rewrite_headers(&mut h, binding);
+        assert_eq!(values(&h, &binding.header), vec![binding.value.clone()], "the binding's header must hold exactly its value");
+        for role in [AUTHORIZATION, PROXY_AUTHORIZATION] {
+            if role != binding.header {
+                assert!(h.get(&role).is_none(), "a guest's {role} survived the rewrite");
+            }
+        }
+        for (name, value) in &h {
+            assert!(!contains(value, &marker), "{name} still carries the sentinel {marker}");
+            if contains(value, FUZZ_SECRET) && *name != binding.header {
+                let placed = original.get_all(name).iter().any(|v| contains(v, &marker) || contains(v, FUZZ_SECRET));
+                assert!(placed, "the secret reached {name}, where the guest put no sentinel");
+            }
+        }
+        for name in original.keys() {
+            let role = *name == binding.header || *name == AUTHORIZATION || *name == PROXY_AUTHORIZATION;
+            if !role && !original.get_all(name).iter().any(|v| contains(v, &marker)) {
+                assert_eq!(values(&h, name), values(&original, name), "{name} changed without a sentinel");
+            }
+        }
+    } else {
+        let mut h = original.clone();
+        strip_sentinels(&mut h);
+        for (name, value) in &h {
+            assert!(!contains(value, "sbx-cred:"), "{name} still carries a sentinel after the strip");
+            assert!(!contains(value, FUZZ_SECRET) || original.get_all(name).iter().any(|v| contains(v, FUZZ_SECRET)), "the strip put the secret in {name}");
+        }
+        for name in original.keys() {
+            if !original.get_all(name).iter().any(|v| contains(v, "sbx-cred:")) {
+                assert_eq!(values(&h, name), values(&original, name), "{name} changed without a sentinel");
+            }
+        }
+    }
+
+    // SCRUBBER: the streaming secret scrubber (userspace/src/scrub.rs, being
+    // written) goes here once it lands: feed `rest` through it in chunks
+    // whose sizes come from the input (so a secret split across chunks is
+    // exercised), with FUZZ_SECRET registered, and assert that its output
+    // never contains FUZZ_SECRET and equals the input wherever the input
+    // did not contain it.
+}
+
+/// One line of the control socket, as the daemon's server reads it.
+///
+/// Invariants:
+/// - a request line the server accepts serializes and parses back to the
+///   same request (what the CLI sends is what the daemon reads);
+/// - the server's answer to a bad line is one line of JSON (the protocol
+///   is line-delimited) that the client reads back as that error;
+/// - the request's free-form parts go through their parsers without a
+///   panic: a `policy test` destination (a name comes back normalised) and
+///   a `policy apply` text (its errors name the CLI's source path);
+/// - a response line the client accepts round-trips as well.
+pub fn api(data: &[u8]) {
+    let Ok(line) = std::str::from_utf8(data) else { return };
+    match crate::server::parse_request(line) {
+        Ok(request) => {
+            let wire = serde_json::to_string(&request).expect("requests serialize");
+            assert!(!wire.contains('\n'), "a request serialized over two lines");
+            assert_eq!(crate::server::parse_request(&wire).ok(), Some(request.clone()), "a request does not round-trip: {wire}");
+            match &request {
+                crate::api::Request::PolicyTest { destination, .. } => {
+                    if let Ok((crate::decide::Destination::Name(name), _)) = crate::decide::parse_destination(destination) {
+                        assert_eq!(crate::policy::normalise_name(&name).as_deref(), Ok(name.as_str()), "destination name not normalised");
+                    }
+                }
+                crate::api::Request::PolicyApply { source, text } => {
+                    if let Err(e) = Policy::parse(source, text) {
+                        assert_eq!(&e.file, source, "a policy error names another file");
+                    }
+                }
+                _ => {}
+            }
+        }
+        Err(response) => {
+            let wire = serde_json::to_string(&response).expect("responses serialize");
+            assert!(!wire.contains('\n'), "an error response over two lines");
+            let back: crate::api::Response = serde_json::from_str(&wire).expect("the client reads our error response");
+            assert_eq!(back, response);
+        }
+    }
+    if let Ok(response) = serde_json::from_str::<crate::api::Response>(line) {
+        let wire = serde_json::to_string(&response).expect("responses serialize");
+        let back: crate::api::Response = serde_json::from_str(&wire).expect("a response round-trips");
+        // JSON numbers may lose precision (f64) once; a second trip is stable.
+        let again: crate::api::Response = serde_json::from_str(&serde_json::to_string(&back).expect("serializes")).expect("round-trips");
+        assert_eq!(again, back);
+    }
+}
+
+/// Lines of an `inspect --input` file (the audit log, `-o json` output, a
+/// saved daemon stream).
+///
+/// Invariants, per line the parser accepts as a record:
+/// - the compact renderer (with and without colour) and the JSON renderer
+///   never panic, and the compact line is one line;
+/// - the JSON rendering parses back to the same record (what `-o json`
+///   prints, `--input` reads);
+/// - every filter criterion, built from the record's own fields (names as
+///   globs, addresses, ports, protocol), evaluates without a panic, and a
+///   record matches a filter on its own sandbox, verdict and ports.
+pub fn inspect(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(crate::inspect::InputLine::Record(record)) = crate::inspect::parse_input_line(line) else { continue };
+        for color in [false, true] {
+            let shown = crate::flow::compact(&record, color);
+            assert!(!shown.contains('\n') || record_has_newline(&record), "a compact line broke over lines: {shown:?}");
+        }
+        let json = serde_json::to_string(&record).expect("records serialize");
+        let back = crate::inspect::parse_input_line(&json).unwrap_or_else(|e| panic!("-o json output does not read back: {e}: {json}"));
+        assert_eq!(back, crate::inspect::InputLine::Record(record.clone()), "a record does not round-trip through -o json");
+
+        use crate::flow::{Criterion, Filter};
+        let mut own = vec![(false, Criterion::Sandbox(record.sandbox.clone())), (false, Criterion::Verdict(record.verdict))];
+        if record.dst_port != 0 {
+            own.push((false, Criterion::Port(record.dst_port)));
+        }
+        assert!(Filter { criteria: own, since_unix_ns: None }.matches(&record), "a record does not match its own sandbox, verdict and port");
+        let mut criteria: Vec<(bool, Criterion)> = record.names().map(|n| (false, Criterion::Domain(n.to_string()))).collect();
+        criteria.extend(record.src_ip.iter().chain(record.dst_ip.iter()).map(|ip| (true, Criterion::Ip(IpNetwork::from(*ip)))));
+        criteria.push((false, Criterion::Protocol(record.protocol.to_string())));
+        criteria.push((true, Criterion::Protocol("dns".into())));
+        let _ = Filter { criteria, since_unix_ns: Some(record.time_unix_ns) }.matches(&record);
+    }
+}
+
+/// Free text (names, rules, paths) may hold a newline; the compact line then
+/// shows it as given.
+fn record_has_newline(r: &crate::flow::FlowRecord) -> bool {
+    serde_json::to_string(r).unwrap_or_default().contains("\\n")
+}
+
+/// BPF_PROG_TEST_RUN's `lo`: a test run without a device runs on it.
+const LO_IFINDEX: u32 = 1;
+/// Longest frame fed to the kernel (BPF_PROG_TEST_RUN takes about a page).
+pub const MAX_FRAME: usize = 2048;
+
+/// Selector bits: the first byte of a `frames` input, the frame follows.
+pub mod frame_selector {
+    /// The sandbox has nftables redirects (DNS and proxied TCP ports).
+    pub const REDIRECTS: u8 = 1;
+    /// The default-allow policy instead of the default-deny one.
+    pub const POLICY_B: u8 = 2;
+    /// Keep the frame's source MAC and IP as given (else they are set to
+    /// the guest's, so most mutations get past anti-spoofing).
+    pub const RAW_SOURCE: u8 = 4;
+    /// No sandbox on the tap.
+    pub const NO_SANDBOX: u8 = 8;
+}
+
+/// The default-deny policy of the frame fuzzer: nested allows and denies in
+/// both families, port rules, an explicit allow into a built-in range.
+pub const FRAME_POLICY_A: &str = r#"
+name = "frames-a"
+[network]
+default = "deny"
+allow = ["198.51.100.0/24", "203.0.113.7:443", "203.0.113.7:53", "203.0.113.8:80", "2001:db8:100::/48", "[2001:db8:200::7]:443", "10.1.0.0/16"]
+deny = ["198.51.100.16/28", "198.51.100.9:25", "2001:db8:100:10::/64"]
+"#;
+
+/// The default-allow policy: denies carve out of it.
+pub const FRAME_POLICY_B: &str = r#"
+name = "frames-b"
+[network]
+default = "allow"
+allow = ["[2001:db8:300::/48]:22", "169.254.169.0/24:8080"]
+deny = ["192.0.2.0/24", "2001:db8:400::/48", "203.0.113.9:443", "198.51.100.0/24:53"]
+"#;
+
+/// Ports the frame fuzzer's sandbox has redirected to the credential proxy.
+pub const FRAME_PROXIED_PORTS: [u16; 3] = [80, 443, 8080];
+
+/// What one frame did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameOutcome {
+    /// Kernel and model agree on this reason.
+    Agreed(Reason),
+    /// BPF_PROG_TEST_RUN refused the frame (too short for its IP header,
+    /// too long): nothing to compare.
+    Refused,
+}
+
+/// The kernel and the model disagree about a frame.
+#[derive(Debug)]
+pub struct Disagreement {
+    pub input: Vec<u8>,
+    pub frame: Vec<u8>,
+    pub model: (Reason, u32),
+    pub kernel_code: i32,
+    pub kernel_reason: Option<Reason>,
+    pub kernel_event: Option<(Option<Reason>, u32)>,
+    pub what: String,
+}
+
+impl fmt::Display for Disagreement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        write!(
+            f,
+            "kernel and model disagree ({}): selector {:#04x}, frame {}\n  model: {:?} rule {}\n  kernel: return {}, counted as {:?}, drop event {:?}",
+            self.what,
+            self.input.first().copied().unwrap_or(0),
+            hex(&self.frame),
+            self.model.0,
+            self.model.1,
+            self.kernel_code,
+            self.kernel_reason,
+            self.kernel_event
+        )
+    }
+}
+
+/// The real classifier, loaded in a network namespace of its own, with one
+/// sandbox on `lo` and two policy generations, next to the model.
+pub struct FrameHarness {
+    datapath: Datapath,
+    events: EventReader,
+    pub spec: crate::sandbox::SandboxSpec,
+    policies: [CompiledPolicy; 2],
+    installed: Option<SandboxConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("entering a network namespace of our own: {0} (the frame fuzzer needs root)")]
+    Netns(std::io::Error),
+    #[error(transparent)]
+    Datapath(#[from] crate::datapath::DatapathError),
+    #[error("frame fuzzer setup: {0}")]
+    Setup(String),
+}
+
+impl FrameHarness {
+    /// Moves the calling thread into a new, unnamed network namespace (it
+    /// goes away with the thread's process: nothing to clean up, even when
+    /// libFuzzer exits on a crash) and loads the datapath there.
+    pub fn new() -> Result<FrameHarness, HarnessError> {
+        // SAFETY: unshare(CLONE_NEWNET) takes no pointers; it changes only
+        // the calling thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(HarnessError::Netns(std::io::Error::last_os_error()));
+        }
+        let mut datapath = Datapath::load(&DatapathOptions { policy_capacity: 4096, flow_capacity: 1024, ..Default::default() })?;
+        let events = datapath.take_events()?;
+        let spec = crate::sandbox::SandboxSpec::new(7, "fuzz", &crate::sandbox::AddressPools::default()).map_err(|e| HarnessError::Setup(e.to_string()))?;
+        let hosts = spec.host_addresses();
+        let compile_text = |name: &str, text: &str| -> Result<CompiledPolicy, HarnessError> {
+            let policy = Policy::parse(name, text).map_err(|e| HarnessError::Setup(e.to_string()))?;
+            compile(&policy, &hosts).map_err(|e| HarnessError::Setup(e.to_string()))
+        };
+        let policies = [compile_text("frames-a.toml", FRAME_POLICY_A)?, compile_text("frames-b.toml", FRAME_POLICY_B)?];
+        for (i, p) in policies.iter().enumerate() {
+            datapath.write_policy(i as u32 + 1, p)?;
+        }
+        Ok(FrameHarness { datapath, events, spec, policies, installed: None })
+    }
+
+    /// The config the selector asks for (None: no sandbox on the tap) and
+    /// the policy its generation holds.
+    fn config(&self, selector: u8) -> (Option<SandboxConfig>, &CompiledPolicy) {
+        use frame_selector::*;
+        let which = usize::from(selector & POLICY_B != 0);
+        let policy = &self.policies[which];
+        if selector & NO_SANDBOX != 0 {
+            return (None, policy);
+        }
+        let flags = if selector & REDIRECTS != 0 { sbx_net_common::sandbox_flags::REDIRECTS } else { 0 };
+        (Some(self.spec.datapath_config(policy, which as u32 + 1, flags, &FRAME_PROXIED_PORTS)), policy)
+    }
+
+    /// The frame a `frames` input stands for: the bytes after the selector,
+    /// at most MAX_FRAME of them, with the guest's source MAC and IP unless
+    /// the selector keeps them (an IPv6 source that is the guest's
+    /// link-local or unspecified address is kept too).
+    pub fn frame_of(&self, input: &[u8]) -> Vec<u8> {
+        let Some((&selector, rest)) = input.split_first() else { return Vec::new() };
+        let mut frame = rest[..rest.len().min(MAX_FRAME)].to_vec();
+        if selector & frame_selector::RAW_SOURCE == 0 && frame.len() >= 14 {
+            frame[6..12].copy_from_slice(&self.spec.guest_mac);
+            match [frame[12], frame[13]] {
+                [0x08, 0x00] if frame.len() >= 30 => frame[26..30].copy_from_slice(&self.spec.guest_ipv4.octets()),
+                [0x86, 0xdd] if frame.len() >= 38 => {
+                    let ll = crate::sandbox::eui64_link_local(self.spec.guest_mac).octets();
+                    if frame[22..38] != ll && frame[22..38] != [0; 16] {
+                        frame[22..38].copy_from_slice(&self.spec.guest_ipv6.octets());
+                    }
+                }
+                _ => {}
+            }
+        }
+        frame
+    }
+
+    /// Runs one input (selector byte, then the frame) through the kernel
+    /// and the model and compares: the return code, the reason the kernel
+    /// counted, and for a drop the reason and rule of its drop event.
+    pub fn check(&mut self, input: &[u8]) -> Result<FrameOutcome, Box<Disagreement>> {
+        let Some(&selector) = input.first() else { return Ok(FrameOutcome::Refused) };
+        let frame = self.frame_of(input);
+        let (cfg, _) = self.config(selector);
+        let want = cfg.unwrap_or_default();
+        if self.installed != Some(want) {
+            self.datapath.write_config(LO_IFINDEX, &want).unwrap_or_else(|e| panic!("writing the sandbox config: {e}"));
+            self.installed = Some(want);
+        }
+        let (cfg, policy) = self.config(selector);
+        let model = crate::model::classify(&frame, cfg.as_ref(), policy);
+
+        let before = self.datapath.counters().unwrap_or_else(|e| panic!("reading counters: {e}"));
+        let Ok((code, _)) = self.datapath.test_run(program_names::EGRESS, &frame, LO_IFINDEX, 1) else {
+            self.events.drain();
+            return Ok(FrameOutcome::Refused);
+        };
+        let after = self.datapath.counters().unwrap_or_else(|e| panic!("reading counters: {e}"));
+        let counted: Vec<usize> = (0..Reason::ALL.len()).filter(|&i| after[i].packets != before[i].packets).collect();
+        let kernel_reason = match counted.as_slice() {
+            [one] => Reason::from_u8(*one as u8),
+            _ => None,
+        };
+        let events = self.events.drain();
+        let kernel_event = events.first().map(|e| (Reason::from_u8(e.reason), e.rule_id));
+        let disagree = |what: String| {
+            Err(Box::new(Disagreement { input: input.to_vec(), frame: frame.clone(), model, kernel_code: code, kernel_reason, kernel_event, what }))
+        };
+        let passes = model.0.passes();
+        if code != if passes { 0 } else { 2 } {
+            return disagree("verdict".into());
+        }
+        if kernel_reason != Some(model.0) {
+            return disagree(format!("counted reason (slots {counted:?})"));
+        }
+        match (passes, events.len()) {
+            (true, 0) => {}
+            (false, 1) if kernel_event == Some((Some(model.0), model.1)) => {}
+            (false, 1) => return disagree("drop event reason or rule".into()),
+            (_, n) => return disagree(format!("{n} events")),
+        }
+        Ok(FrameOutcome::Agreed(model.0))
+    }
+}
+
+/// A frame (after a selector byte, see [`frame_selector`]) through the real
+/// classifier and through [`crate::model`]. Needs root (it loads the eBPF
+/// object into a network namespace of its own, once per process).
+///
+/// Invariant: the kernel's verdict, the reason it counts, and for a drop
+/// the reason and rule id of its drop event are the model's.
+pub fn frames(data: &[u8]) {
+    static HARNESS: OnceLock<Mutex<FrameHarness>> = OnceLock::new();
+    let harness = HARNESS.get_or_init(|| Mutex::new(FrameHarness::new().unwrap_or_else(|e| panic!("{e}"))));
+    let mut harness = harness.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(d) = harness.check(data) {
+        panic!("{d}");
+    }
+}
