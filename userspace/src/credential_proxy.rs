@@ -79,19 +79,39 @@ pub fn rewrite_headers(headers: &mut HeaderMap, binding: &CredentialBinding) {
     let names: Vec<HeaderName> = headers.keys().cloned().collect();
     for name in names {
         let values: Vec<HeaderValue> = headers.get_all(&name).iter().cloned().collect();
-        if !values.iter().any(|v| v.to_str().is_ok_and(|s| s.contains(&marker))) {
+        // Bytes, not text: a value may carry obs-text (bytes ≥ 0x80), which
+        // HTTP/1.1 parsers accept and `to_str` refuses (the header fuzz
+        // target found sentinels left in such values).
+        if !values.iter().any(|v| contains(v.as_bytes(), marker.as_bytes())) {
             continue;
         }
         headers.remove(&name);
         for v in values {
-            let replaced = v.to_str().map(|s| s.replace(&marker, binding.secret.expose())).unwrap_or_default();
-            if let Ok(mut nv) = HeaderValue::from_str(&replaced) {
+            let replaced = replace_all(v.as_bytes(), marker.as_bytes(), binding.secret.expose().as_bytes());
+            if let Ok(mut nv) = HeaderValue::from_bytes(&replaced) {
                 nv.set_sensitive(true);
                 headers.append(name.clone(), nv);
             }
         }
     }
     headers.insert(binding.header.clone(), binding.value.clone());
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// `haystack` with every `needle` replaced by `with`.
+fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(haystack.len());
+    let mut rest = haystack;
+    while let Some(at) = rest.windows(needle.len()).position(|w| w == needle) {
+        out.extend_from_slice(&rest[..at]);
+        out.extend_from_slice(with);
+        rest = &rest[at + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
 }
 
 /// The host a request names (Host header, else the URI authority), without
@@ -316,11 +336,7 @@ fn not_injected(name: &str, why: &str) -> CredentialDetail {
 /// Removes every header value carrying a credential sentinel: outside its
 /// credential's hosts a sentinel is replaced by nothing.
 pub fn strip_sentinels(headers: &mut HeaderMap) {
-    let names: Vec<HeaderName> = headers
-        .iter()
-        .filter(|(_, v)| v.to_str().is_ok_and(|s| s.contains("sbx-cred:")))
-        .map(|(k, _)| k.clone())
-        .collect();
+    let names: Vec<HeaderName> = headers.iter().filter(|(_, v)| contains(v.as_bytes(), b"sbx-cred:")).map(|(k, _)| k.clone()).collect();
     for name in names {
         headers.remove(name);
     }
@@ -532,6 +548,16 @@ mod tests {
         elsewhere.insert("accept", HeaderValue::from_static("*/*"));
         strip_sentinels(&mut elsewhere);
         assert!(elsewhere.get("x-api-key").is_none() && elsewhere.get("accept").is_some());
+        // Values with obs-text bytes (not valid `to_str`) are rewritten and
+        // stripped too.
+        let mut h = HeaderMap::new();
+        h.insert("x-api-key", HeaderValue::from_bytes(b"\xa1 sbx-cred:gh").unwrap());
+        rewrite_headers(&mut h, &b);
+        assert_eq!(h.get("x-api-key").unwrap().as_bytes(), b"\xa1 tok123");
+        let mut elsewhere = HeaderMap::new();
+        elsewhere.insert("x-api-key", HeaderValue::from_bytes(b"\xa1 sbx-cred:gh").unwrap());
+        strip_sentinels(&mut elsewhere);
+        assert!(elsewhere.get("x-api-key").is_none());
     }
 
     #[test]

@@ -30,9 +30,18 @@ struct Run {
 fn cargo_nightly(root: &Path) -> Command {
     let mut cmd = Command::new("cargo");
     cmd.arg("+nightly").current_dir(root);
-    // The fuzz crate has its own target dir (sanitizer flags must not mix
-    // with the workspace's builds).
-    cmd.env_remove("CARGO_TARGET_DIR");
+    // `cargo xtask` runs us with cargo's variables for the xtask package
+    // (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...). Build scripts that watch them
+    // (ring's does) would then rebuild on every switch between `cargo fuzz`
+    // from a shell and from here, so the nested cargo gets none of them —
+    // nor CARGO_TARGET_DIR: the fuzz crate has its own target dir, where
+    // sanitizer flags do not mix with the workspace's builds.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key == "CARGO" || key.starts_with("CARGO_") || key == "RUSTUP_TOOLCHAIN") && key != "CARGO_HOME" {
+            cmd.env_remove(key.as_ref());
+        }
+    }
     cmd
 }
 
@@ -111,9 +120,20 @@ fn run_target(root: &Path, target_dir: &Path, target: &str, seconds: u64) -> Res
     cmd.args(["--", &format!("-max_total_time={seconds}"), "-print_final_stats=1"]);
     let output = cmd.stdout(Stdio::inherit()).stderr(Stdio::piped()).output().with_context(|| format!("running cargo fuzz run {target}"))?;
     let log = String::from_utf8_lossy(&output.stderr);
-    // Show libFuzzer's summary lines, not its progress lines.
-    for line in log.lines().filter(|l| !l.starts_with('#') || l.contains("DONE")) {
-        eprintln!("  {line}");
+    // libFuzzer's verdict, not its progress: the panic or sanitizer report
+    // (up to its backtrace), where the input went, the final counts.
+    let mut in_report = false;
+    for line in log.lines() {
+        if line.contains("panicked at") || line.contains("ERROR: AddressSanitizer") || line.contains("ERROR: libFuzzer") {
+            in_report = true;
+        }
+        if in_report && (line.contains("stack backtrace:") || line.starts_with("SUMMARY")) {
+            in_report = false;
+        }
+        let summary = line.starts_with("Done ") || line.starts_with("stat::") || line.contains("Test unit written to");
+        if in_report || summary {
+            eprintln!("  {line}");
+        }
     }
     let executions = log
         .lines()
