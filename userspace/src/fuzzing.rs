@@ -497,6 +497,12 @@ pub fn inspect(data: &[u8]) {
             let shown = crate::flow::compact(&record, color);
             assert!(!shown.contains('\n') || record_has_newline(&record), "a compact line broke over lines: {shown:?}");
         }
+        // The renderer slices the time text: give it the line itself too,
+        // arbitrary text of arbitrary length (a record with a non-ASCII time
+        // once panicked `inspect --input`; see fuzz/regressions/inspect/).
+        let mut odd = (*record).clone();
+        odd.time = line.to_string();
+        let _ = crate::flow::compact(&odd, false);
         let json = serde_json::to_string(&record).expect("records serialize");
         let back = crate::inspect::parse_input_line(&json).unwrap_or_else(|e| panic!("-o json output does not read back: {e}: {json}"));
         assert_eq!(back, crate::inspect::InputLine::Record(record.clone()), "a record does not round-trip through -o json");
