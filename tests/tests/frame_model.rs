@@ -241,7 +241,7 @@ fn kernel_agrees_with_model_on_frames() {
     for (name, input) in &seeds {
         run(&mut harness, name, input, &mut disagreements);
     }
-    let mut rng = Rng(0x5eed_f4a3_e5u64);
+    let mut rng = Rng(0x5eed_f4a3_e5c1_0001);
     let started = Instant::now();
     let mut mutated = 0;
     while mutated < MUTATED_FRAMES && started.elapsed() < MUTATION_BUDGET {

@@ -29,9 +29,12 @@ use crate::dns::{learned_value, name_verdict, normalise_query_name, plan_answer,
 use crate::peek::{classify, FirstBytes, PEEK_LIMIT};
 use crate::policy::{builtin_deny_rules, Policy, Rule, Target};
 
+/// A target's body.
+pub type FuzzBody = fn(&[u8]);
+
 /// Every target: its name (the directory of its corpus and the cargo-fuzz
 /// target) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("policy", policy),
     ("dns", dns),
     ("peek", peek),
