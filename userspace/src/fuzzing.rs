@@ -472,9 +472,28 @@ pub fn api(data: &[u8]) {
     if let Ok(response) = serde_json::from_str::<crate::api::Response>(line) {
         let wire = serde_json::to_string(&response).expect("responses serialize");
         let back: crate::api::Response = serde_json::from_str(&wire).expect("a response round-trips");
-        // JSON numbers may lose precision (f64) once; a second trip is stable.
-        let again: crate::api::Response = serde_json::from_str(&serde_json::to_string(&back).expect("serializes")).expect("round-trips");
-        assert_eq!(again, back);
+        let same = match (&response, &back) {
+            (crate::api::Response::Ok(a), crate::api::Response::Ok(b)) => json_close(a, b),
+            (a, b) => a == b,
+        };
+        assert!(same, "a response does not round-trip: {response:?} came back as {back:?}");
+    }
+}
+
+/// Equal JSON, numbers within 1e-12 relative: serde_json (without its
+/// `float_roundtrip` feature) may read a float one ulp off what it wrote,
+/// which the `api` target found (`fuzz/regressions/api/`); a status value
+/// shown that far off is not a bug.
+fn json_close(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap_or(f64::NAN), y.as_f64().unwrap_or(f64::NAN));
+            x == y || (x - y).abs() <= 1e-12 * x.abs().max(y.abs())
+        }
+        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(x, y)| json_close(x, y)),
+        (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| json_close(v, w))),
+        _ => a == b,
     }
 }
 
