@@ -3,13 +3,29 @@
 //! header carrying `secret` is reported as `<injected>`, so the test can
 //! see the credential arrived without the secret ever travelling back to
 //! the guest.
+//!
+//! Under `/reflect/<mode>` it is the upstream the proxy must not trust
+//! with the secret: it reflects the request's headers as they came
+//! (Authorization and all) in a response header, a body (whole, in small
+//! chunks, base64, percent-encoded, JSON, HTML, truncated, gzip), a
+//! trailer, an HTTP/1 reason phrase or an upgraded stream; see
+//! [`reflect`]. Every request it receives is logged ([`HttpsEcho::seen`]).
+//!
+//! Guest-side clients for adversarial tests are here too: raw HTTP/1
+//! bytes over TLS or TCP ([`exchange`]) with a response parser
+//! ([`parse_responses`]), HTTP/2 through hyper ([`h2_request`]) and raw
+//! HTTP/2 frames ([`RawH2`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use http_body_util::Full;
-use hyper::body::Bytes;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Frame};
 use hyper_util::rt::TokioIo;
 use sbx_vmm::NetNs;
 
@@ -53,22 +69,39 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 pub struct HttpsEcho {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    seen: Arc<Mutex<Vec<String>>>,
 }
 
 impl HttpsEcho {
     pub fn start(ns: &NetNs, addr: SocketAddr, names: &[&str], ca: &TestCa, secret: &str) -> HttpsEcho {
-        Self::start_with(ns, addr, names, ca, secret, true)
+        Self::start_with(ns, addr, names, ca, secret, Some(&[b"h2", b"http/1.1"]))
+    }
+
+    /// The same server over TLS offering HTTP/1.1 only (an HTTP/1
+    /// upstream: chunked bodies, reason phrases).
+    pub fn start_h1_only(ns: &NetNs, addr: SocketAddr, names: &[&str], ca: &TestCa, secret: &str) -> HttpsEcho {
+        Self::start_with(ns, addr, names, ca, secret, Some(&[b"http/1.1"]))
     }
 
     /// The same server over plain HTTP.
     pub fn start_plain(ns: &NetNs, addr: SocketAddr, ca: &TestCa, secret: &str) -> HttpsEcho {
-        Self::start_with(ns, addr, &["plain"], ca, secret, false)
+        Self::start_with(ns, addr, &["plain"], ca, secret, None)
     }
 
-    fn start_with(ns: &NetNs, addr: SocketAddr, names: &[&str], ca: &TestCa, secret: &str, tls: bool) -> HttpsEcho {
+    /// `METHOD path?query` of every request received so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// `alpn`: the protocols offered over TLS; None: plain HTTP.
+    fn start_with(ns: &NetNs, addr: SocketAddr, names: &[&str], ca: &TestCa, secret: &str, alpn: Option<&[&[u8]]>) -> HttpsEcho {
         let (cert, key) = ca.leaf(names);
         let ns = NetNs::open(ns.name()).expect("open namespace");
         let secret = secret.to_string();
+        let tls = alpn.is_some();
+        let alpn: Vec<Vec<u8>> = alpn.unwrap_or_default().iter().map(|p| p.to_vec()).collect();
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = seen.clone();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -85,7 +118,7 @@ impl HttpsEcho {
                         rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(key)),
                     )
                     .unwrap();
-                config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+                config.alpn_protocols = alpn;
                 let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
                 let listener = tokio::net::TcpListener::bind(addr).await.expect("bind https echo");
                 ready_tx.send(()).unwrap();
@@ -94,7 +127,7 @@ impl HttpsEcho {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
-                            let (acceptor, secret) = (acceptor.clone(), secret.clone());
+                            let (acceptor, secret, log) = (acceptor.clone(), secret.clone(), log.clone());
                             tokio::spawn(async move {
                                 let io: Box<dyn Io> = if tls {
                                     let Ok(t) = acceptor.accept(tcp).await else { return };
@@ -103,49 +136,11 @@ impl HttpsEcho {
                                     Box::new(tcp)
                                 };
                                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                                    let secret = secret.clone();
+                                    let (secret, log) = (secret.clone(), log.clone());
                                     async move {
-                                        let mut body = format!("path: {}\nversion: {:?}\n", req.uri().path(), req.version());
-                                        for (k, v) in req.headers() {
-                                            let v = v.to_str().unwrap_or("<binary>");
-                                            let shown = if !secret.is_empty() && v.contains(&secret) { "<injected>" } else { v };
-                                            body.push_str(&format!("{k}: {shown}\n"));
-                                        }
-                                        if req.headers().contains_key("upgrade") {
-                                            // Echo whatever comes after the upgrade.
-                                            let saw = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(|v| if !secret.is_empty() && v.contains(&secret) { "<injected>".to_string() } else { v.to_string() }).unwrap_or_default();
-                                            let mut req = req;
-                                            let on = hyper::upgrade::on(&mut req);
-                                            tokio::spawn(async move {
-                                                if let Ok(up) = on.await {
-                                                    let mut io = TokioIo::new(up);
-                                                    let mut buf = [0u8; 1024];
-                                                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                                                    while let Ok(n) = io.read(&mut buf).await {
-                                                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                                            break;
-                                                        }
-                                                    }
-                                                }
-                                            });
-                                            let r = hyper::Response::builder()
-                                                .status(101)
-                                                .header("connection", "upgrade")
-                                                .header("upgrade", "echo")
-                                                .header("x-saw-authorization", saw)
-                                                .body(Full::new(Bytes::new()))
-                                                .unwrap();
-                                            return Ok::<_, std::convert::Infallible>(r);
-                                        }
-                                        if req.uri().path() == "/redirect" {
-                                            let r = hyper::Response::builder()
-                                                .status(302)
-                                                .header("location", "https://elsewhere.test/")
-                                                .body(Full::new(Bytes::from(body)))
-                                                .unwrap();
-                                            return Ok::<_, std::convert::Infallible>(r);
-                                        }
-                                        Ok(hyper::Response::new(Full::new(Bytes::from(body))))
+                                        let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                                        log.lock().unwrap().push(format!("{} {target}", req.method()));
+                                        Ok::<_, std::convert::Infallible>(answer(req, &secret).await)
                                     }
                                 });
                                 let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -158,8 +153,226 @@ impl HttpsEcho {
             });
         });
         ready_rx.recv_timeout(std::time::Duration::from_secs(5)).expect("https echo ready");
-        HttpsEcho { stop: Some(stop_tx), thread: Some(thread) }
+        HttpsEcho { stop: Some(stop_tx), thread: Some(thread), seen }
     }
+}
+
+/// A response body of the given frames (data and trailers), sent as they
+/// are: over HTTP/1 each data frame is a chunk, over HTTP/2 a DATA frame.
+pub struct Frames(pub VecDeque<Frame<Bytes>>);
+
+impl Frames {
+    pub fn full(data: impl Into<Bytes>) -> Frames {
+        Frames(VecDeque::from([Frame::data(data.into())]))
+    }
+}
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The echo's answer to one request.
+async fn answer(req: hyper::Request<hyper::body::Incoming>, secret: &str) -> hyper::Response<Frames> {
+    let mask = |v: &str| if !secret.is_empty() && v.contains(secret) { "<injected>".to_string() } else { v.to_string() };
+    let mut body = format!("path: {}\nversion: {:?}\n", mask(req.uri().path()), req.version());
+    if let Some(q) = req.uri().query() {
+        body.push_str(&format!("query: {}\n", mask(q)));
+    }
+    for (k, v) in req.headers() {
+        let v = v.to_str().unwrap_or("<binary>");
+        body.push_str(&format!("{k}: {}\n", mask(v)));
+    }
+    if req.headers().contains_key("upgrade") {
+        // Echo whatever comes after the upgrade (after the request's own
+        // Authorization when reflecting).
+        let reflecting = req.uri().path() == "/reflect/upgrade";
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let saw = mask(&auth);
+        let mut req = req;
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut io = TokioIo::new(up);
+                if reflecting {
+                    let _ = io.write_all(format!("you sent: {auth}\n").as_bytes()).await;
+                    let _ = io.shutdown().await;
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        return hyper::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "echo")
+            .header("x-saw-authorization", saw)
+            .body(Frames(VecDeque::new()))
+            .unwrap();
+    }
+    if let Some(mode) = req.uri().path().strip_prefix("/reflect/") {
+        return reflect(mode.to_string(), req).await;
+    }
+    // The request's body is read (its trailers shown).
+    let (parts, incoming) = req.into_parts();
+    if let Ok(collected) = incoming.collect().await {
+        if let Some(trailers) = collected.trailers() {
+            for (k, v) in trailers {
+                body.push_str(&format!("trailer {k}: {}\n", mask(v.to_str().unwrap_or("<binary>"))));
+            }
+        }
+    }
+    if parts.uri.path() == "/redirect" {
+        return hyper::Response::builder().status(302).header("location", "https://elsewhere.test/").body(Frames::full(body)).unwrap();
+    }
+    hyper::Response::new(Frames::full(body))
+}
+
+/// The request's headers as they came, one `name: value` line each.
+fn header_dump(headers: &hyper::HeaderMap) -> String {
+    headers.iter().map(|(k, v)| format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()))).collect()
+}
+
+/// A hostile (or merely careless) upstream, by `mode` (`name[/arg]`):
+/// `header`, `body`, `chunked` (7-byte chunks), `base64/N` and
+/// `base64url/N` (N bytes of padding first: the three alignments),
+/// `percent`, `json`, `html`, `truncated` (the first 24 bytes of the
+/// Authorization value), `gzip` (whatever was asked), `negotiate` (gzip
+/// only when asked for), `range` (honours `Range`), `trailer`, `reason`,
+/// `redirect` (to other.test), `count`.
+pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Frames> {
+    let headers = req.headers().clone();
+    let dump = header_dump(&headers);
+    let auth = headers.get("authorization").map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+    let _ = req.into_body().collect().await;
+    let (name, arg) = mode.split_once('/').unwrap_or((mode.as_str(), ""));
+    let pad = "x".repeat(arg.parse().unwrap_or(0));
+    let ok = hyper::Response::builder().header("content-type", "text/plain");
+    match name {
+        "header" => {
+            let mut r = ok;
+            for (k, v) in &headers {
+                r = r.header(format!("x-echo-{k}"), v.clone());
+            }
+            r.body(Frames::full("reflected in the headers\n")).unwrap()
+        }
+        "body" => ok.body(Frames::full(dump)).unwrap(),
+        "chunked" => ok.body(Frames(dump.as_bytes().chunks(7).map(|c| Frame::data(Bytes::copy_from_slice(c))).collect())).unwrap(),
+        "base64" => ok.body(Frames::full(base64::engine::general_purpose::STANDARD.encode(format!("{pad}{dump}")))).unwrap(),
+        "base64url" => ok.body(Frames::full(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{pad}{dump}")))).unwrap(),
+        "percent" => ok.body(Frames::full(percent_encode(dump.as_bytes()))).unwrap(),
+        "json" => {
+            let map: serde_json::Map<String, serde_json::Value> =
+                headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned().into())).collect();
+            ok.header("content-type", "application/json").body(Frames::full(serde_json::to_vec(&map).unwrap())).unwrap()
+        }
+        "html" => {
+            let escaped = dump.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&#39;");
+            hyper::Response::builder().status(400).header("content-type", "text/html").body(Frames::full(format!("<html><pre>Bad request:\n{escaped}</pre></html>"))).unwrap()
+        }
+        "truncated" => ok.body(Frames::full([b"authorization: ".as_slice(), &auth[..auth.len().min(24)], b"...\n"].concat())).unwrap(),
+        "gzip" => ok.header("content-encoding", "gzip").body(Frames::full(gzip(dump.as_bytes()))).unwrap(),
+        "negotiate" => {
+            let wants = headers.get("accept-encoding").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("gzip"));
+            if wants {
+                ok.header("content-encoding", "gzip").body(Frames::full(gzip(dump.as_bytes()))).unwrap()
+            } else {
+                ok.body(Frames::full(dump)).unwrap()
+            }
+        }
+        "range" => {
+            let range = headers.get("range").and_then(|v| v.to_str().ok()).and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.split_once('-'));
+            match range.and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))) {
+                Some((a, b)) if a <= b && b < dump.len() => {
+                    hyper::Response::builder().status(206).header("x-saw-range", "yes").body(Frames::full(dump.as_bytes()[a..=b].to_vec())).unwrap()
+                }
+                _ => ok.header("x-saw-range", "no").body(Frames::full(dump)).unwrap(),
+            }
+        }
+        "trailer" => {
+            let mut trailers = hyper::HeaderMap::new();
+            if let Ok(v) = hyper::header::HeaderValue::from_bytes(&auth) {
+                trailers.insert("x-echo-authorization", v);
+            }
+            ok.header("trailer", "x-echo-authorization").body(Frames(VecDeque::from([Frame::data(Bytes::from("see the trailers\n")), Frame::trailers(trailers)]))).unwrap()
+        }
+        "reason" => {
+            let mut r = ok.body(Frames::full("see the reason phrase\n")).unwrap();
+            if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(auth) {
+                r.extensions_mut().insert(reason);
+            }
+            r
+        }
+        "redirect" => hyper::Response::builder().status(302).header("location", "https://other.test/reflect/body").body(Frames::full("moved\n")).unwrap(),
+        _ => ok.body(Frames::full("ok\n")).unwrap(),
+    }
+}
+
+/// Every byte but unreserved ones as `%XX`.
+pub fn percent_encode(data: &[u8]) -> String {
+    data.iter()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(b) { (*b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// A real gzip member (fixed-Huffman DEFLATE, literals only): the data is
+/// not readable in it as it is.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u32,
+        n: u32,
+    }
+    impl Bits {
+        fn put(&mut self, value: u32, bits: u32) {
+            self.acc |= value << self.n;
+            self.n += bits;
+            while self.n >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.n -= 8;
+            }
+        }
+        /// A Huffman code, most significant bit first.
+        fn code(&mut self, code: u32, bits: u32) {
+            self.put(code.reverse_bits() >> (32 - bits), bits);
+        }
+    }
+    let mut w = Bits { out: vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff], acc: 0, n: 0 };
+    w.put(1, 1); // last block
+    w.put(1, 2); // fixed Huffman codes
+    for &b in data {
+        match b {
+            0..=143 => w.code(0x30 + u32::from(b), 8),
+            _ => w.code(0x190 + u32::from(b) - 144, 9),
+        }
+    }
+    w.code(0, 7); // end of block
+    if w.n > 0 {
+        w.out.push(w.acc as u8);
+    }
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    w.out.extend_from_slice(&(!crc).to_le_bytes());
+    w.out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    w.out
 }
 
 impl Drop for HttpsEcho {
@@ -247,5 +460,260 @@ impl KeepAlive {
         let status = resp.status().as_u16();
         resp.into_body().collect().await.map_err(std::io::Error::other)?;
         Ok(status)
+    }
+}
+
+/// A TLS client configuration trusting the certificates of every file in
+/// `ca_pems`, offering `alpn`.
+pub fn client_config_with(ca_pems: &[&Path], alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for path in ca_pems {
+        let pem = std::fs::read(path).unwrap();
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// From the calling thread's namespace: `raw` sent to `addr` (over TLS
+/// with SNI `sni` when given, else plain TCP), then everything read until
+/// the peer closes or `quiet` passes without a byte.
+pub fn exchange(addr: SocketAddr, sni: Option<&str>, config: Arc<rustls::ClientConfig>, raw: &[u8], quiet: std::time::Duration) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    tcp.set_read_timeout(Some(quiet)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    let mut read_all = |s: &mut dyn Read| loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    };
+    match sni {
+        Some(name) => {
+            let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+            let conn = rustls::ClientConnection::new(config, server).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            if tls.write_all(raw).and_then(|()| tls.flush()).is_ok() {
+                read_all(&mut tls);
+            }
+        }
+        None => {
+            let mut tcp = tcp;
+            if tcp.write_all(raw).is_ok() {
+                read_all(&mut tcp);
+            }
+        }
+    }
+    out
+}
+
+/// One HTTP/1 response as the guest received it.
+#[derive(Debug, Default, Clone)]
+pub struct Received {
+    pub status: u16,
+    /// Status line and header lines.
+    pub head: String,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+    /// Trailer lines of a chunked body.
+    pub trailers: String,
+}
+
+impl Received {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()))
+    }
+}
+
+/// The HTTP/1 responses in `raw`, in order (a last one cut short is kept
+/// as far as it came).
+pub fn parse_responses(raw: &[u8]) -> Vec<Received> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while let Some(end) = rest.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&rest[..end]).into_owned();
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut r = Received { status, head, ..Default::default() };
+        rest = &rest[end + 4..];
+        let chunked = r.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        if (100..200).contains(&status) || status == 204 || status == 304 {
+            if status == 101 {
+                r.body = rest.to_vec();
+                rest = &[];
+            }
+        } else if chunked {
+            loop {
+                let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    rest = &[];
+                    break;
+                };
+                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..line_end]).split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+                rest = &rest[line_end + 2..];
+                if size == 0 {
+                    let t_end = rest.windows(2).position(|w| w == b"\r\n").unwrap_or(rest.len());
+                    let t_end = if t_end == 0 { 0 } else { rest.windows(4).position(|w| w == b"\r\n\r\n").map_or(rest.len(), |p| p + 2) };
+                    r.trailers = String::from_utf8_lossy(&rest[..t_end]).into_owned();
+                    rest = rest.get(t_end + 2..).unwrap_or(&[]);
+                    break;
+                }
+                let take = size.min(rest.len());
+                r.body.extend_from_slice(&rest[..take]);
+                rest = rest.get(take + 2..).unwrap_or(&[]);
+            }
+        } else if let Some(len) = r.header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            let take = len.min(rest.len());
+            r.body = rest[..take].to_vec();
+            rest = &rest[take..];
+        } else {
+            r.body = rest.to_vec();
+            rest = &[];
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// One HTTP/2 exchange through hyper from the calling thread's namespace:
+/// TLS with SNI `sni` (ALPN h2) to `addr`, then `req`; the response with
+/// its body and trailers, or why there was none.
+pub fn h2_request(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>, req: hyper::Request<Full<Bytes>>) -> Result<(hyper::http::response::Parts, Bytes, Option<hyper::HeaderMap>), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let exchange = async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = rustls::pki_types::ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.map_err(|e| e.to_string())?;
+        let trailers = collected.trailers().cloned();
+        Ok((parts, collected.to_bytes(), trailers))
+    };
+    rt.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(10), exchange).await }).unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// A raw HTTP/2 connection over TLS (ALPN h2), for frames hyper's client
+/// will not send: requests are HPACK literals without indexing.
+pub struct RawH2 {
+    tls: rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>,
+}
+
+/// A frame read back: (type, flags, stream id, payload).
+pub type H2Frame = (u8, u8, u32, Vec<u8>);
+
+pub const H2_HEADERS: u8 = 1;
+pub const H2_RST_STREAM: u8 = 3;
+pub const H2_SETTINGS: u8 = 4;
+pub const H2_GOAWAY: u8 = 7;
+
+impl RawH2 {
+    /// Connects, sends the preface and an empty SETTINGS.
+    pub fn connect(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>) -> RawH2 {
+        let tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5)).unwrap();
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(3))).unwrap();
+        let server = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+        let conn = rustls::ClientConnection::new(config, server).unwrap();
+        let mut h2 = RawH2 { tls: rustls::StreamOwned::new(conn, tcp) };
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(Self::frame(H2_SETTINGS, 0, 0, &[]));
+        h2.send(&hello);
+        h2
+    }
+
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A HEADERS frame (END_HEADERS, and END_STREAM when `end`) of
+    /// `fields` as HPACK literals.
+    pub fn headers(stream: u32, fields: &[(&str, &str)], end: bool) -> Vec<u8> {
+        let mut block = Vec::new();
+        for (name, value) in fields {
+            assert!(name.len() < 127 && value.len() < 127, "short strings only (one-byte HPACK lengths)");
+            block.push(0x00);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        Self::frame(H2_HEADERS, 0x4 | if end { 0x1 } else { 0 }, stream, &block)
+    }
+
+    pub fn rst_stream(stream: u32, code: u32) -> Vec<u8> {
+        Self::frame(H2_RST_STREAM, 0, stream, &code.to_be_bytes())
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> bool {
+        use std::io::Write;
+        self.tls.write_all(bytes).and_then(|()| self.tls.flush()).is_ok()
+    }
+
+    /// Frames until `done` says so, the peer closes, or reading stalls.
+    pub fn read_until(&mut self, mut done: impl FnMut(&H2Frame) -> bool) -> Vec<H2Frame> {
+        use std::io::Read;
+        let mut frames = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            if self.tls.read_exact(&mut head).is_err() {
+                return frames;
+            }
+            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if self.tls.read_exact(&mut payload).is_err() {
+                return frames;
+            }
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let frame = (head[3], head[4], stream, payload);
+            if frame.0 == H2_SETTINGS && frame.1 & 1 == 0 {
+                // Acknowledge the server's settings, as a client must.
+                self.send(&Self::frame(H2_SETTINGS, 1, 0, &[]));
+            }
+            let stop = done(&frame);
+            frames.push(frame);
+            if stop {
+                return frames;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn gzip_is_real_gzip() {
+        // zlib (fixed Huffman, nothing to match) produced the same DEFLATE.
+        let z = super::gzip(b"hello, world\xff");
+        assert_eq!(&z[..10], &[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff]);
+        let hex: String = z[10..].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "cb48cdc9c9d75128cf2fca49f90f00c072f3390d000000");
+    }
+
+    #[test]
+    fn responses_parse() {
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\nHTTP/1.1 421 Misdirected Request\r\ncontent-length: 2\r\n\r\nnoHTTP/1.1 400 Bad Request\r\n\r\n";
+        let r = super::parse_responses(raw);
+        assert_eq!(r.iter().map(|r| r.status).collect::<Vec<_>>(), vec![200, 421, 400]);
+        assert_eq!(r[0].body, b"abcde");
+        assert_eq!(r[0].trailers.trim(), "x-t: 1");
+        assert_eq!(r[1].body, b"no");
+        assert_eq!(r[1].header("Content-Length"), Some("2"));
     }
 }

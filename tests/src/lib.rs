@@ -6,6 +6,7 @@
 //! on drop, also when a test panics.
 
 pub mod daemon;
+pub mod dns_attack;
 pub mod frames;
 pub mod https;
 pub mod tools;

@@ -79,9 +79,16 @@ fn secrets_reach_only_their_hosts() {
     let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "Authorization: Bearer guest-made", "https://api.test/"]);
     assert_eq!(body.matches("authorization:").count(), 1, "{body}");
     assert!(body.contains("authorization: <injected>") && !body.contains("guest-made"), "{body}");
-    // A sentinel in another header becomes the secret only here.
-    let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "X-Api-Key: sbx-cred:gh", "https://api.test/"]);
-    assert!(body.contains("x-api-key: <injected>"), "{body}");
+    // A sentinel in another header is removed, never replaced: the secret
+    // goes only into the credential's own header (an upstream that echoes
+    // X-Api-Key, Origin or Cookie back must have nothing to echo).
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "-H", "X-Api-Key: sbx-cred:gh", "-H", "Cookie: t=sbx-cred:gh", "https://api.test/?q=sbx-cred:gh"]);
+    assert!(body.contains("authorization: <injected>") && body.matches("<injected>").count() == 1, "{body}");
+    assert!(!body.contains("x-api-key") && !body.contains("cookie") && !body.contains("sbx-cred"), "{body}");
+    // The proxy asks credential hosts for an identity body (the only kind
+    // it can scrub), whatever the guest asked for.
+    let (_, body) = curl(&["--cacert", &sandbox_ca, "--compressed", "https://api.test/"]);
+    assert!(body.contains("accept-encoding: identity"), "{body}");
     // Host differing from SNI: refused, nothing injected.
     let (_, body) = curl(&["--http1.1", "--cacert", &sandbox_ca, "-H", "Host: plain.test", "https://api.test/"]);
     assert!(body.starts_with("HTTP/1.1 421"), "{body}");

@@ -140,10 +140,17 @@ pub fn entry_verdict(value: &PolicyValue, port: PortInfo, now_ns: u64) -> Verdic
 /// Compiles `policy` for a sandbox whose host-side addresses are
 /// `host_addresses` (denied like the built-in list).
 pub fn compile(policy: &Policy, host_addresses: &[IpAddr]) -> Result<CompiledPolicy, CompileError> {
+    let host: Vec<(IpNetwork, &str)> = host_addresses.iter().map(|a| (IpNetwork::from(*a), "host address")).collect();
+    compile_with_denies(policy, &host)
+}
+
+/// [`compile`] with any extra built-in denies (network, purpose): the
+/// host's addresses, the sandbox pools.
+pub fn compile_with_denies(policy: &Policy, extra: &[(IpNetwork, &str)]) -> Result<CompiledPolicy, CompileError> {
     let mut rules = policy.rules.clone();
     rules.extend(builtin_deny_rules());
-    for addr in host_addresses {
-        rules.push(Rule::builtin_deny(IpNetwork::from(*addr), "host address"));
+    for (network, purpose) in extra {
+        rules.push(Rule::builtin_deny(*network, purpose));
     }
     compile_rules(&policy.name, policy.default, rules)
 }

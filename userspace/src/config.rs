@@ -61,6 +61,14 @@ pub struct DaemonConfig {
     pub dns_refuse_denied: bool,
     /// Learned addresses kept per name (0: unlimited).
     pub dns_max_addresses_per_name: usize,
+    /// DNS-over-TCP connections one sandbox may hold open at once.
+    pub dns_tcp_connections_per_sandbox: usize,
+    /// A DNS-over-TCP connection is closed when no query starts within
+    /// this many ms...
+    pub dns_tcp_idle_timeout_ms: u64,
+    /// ...or when one takes longer than this many ms from its first byte to
+    /// its last (however the bytes trickle in).
+    pub dns_tcp_query_timeout_ms: u64,
     /// Flow records kept in memory for `inspect --last` (older ones are
     /// counted as evicted).
     pub flow_history: usize,
@@ -78,6 +86,17 @@ pub struct DaemonConfig {
     pub audit_max_bytes: u64,
     /// ...keeping this many rotated files (audit.log.1 is the newest).
     pub audit_keep: usize,
+    /// Audit lines per second one sandbox may write on average (0: no
+    /// limit), and in a burst; lines past them are counted
+    /// (`sbx_net_audit_suppressed_total`) and summarised in the log.
+    pub audit_lines_per_second: u32,
+    pub audit_burst: u32,
+    /// Concurrent connections one sandbox may hold through the HTTP(S)
+    /// proxy (0: no cap): one guest cannot take the proxy from the others.
+    pub proxy_connections_per_sandbox: usize,
+    /// A guest's first bytes (ClientHello, request head) must arrive within
+    /// this many milliseconds of connecting, however slowly they trickle.
+    pub proxy_first_bytes_timeout_ms: u64,
 }
 
 impl Default for DaemonConfig {
@@ -104,12 +123,19 @@ impl Default for DaemonConfig {
             dns_grace: 30,
             dns_refuse_denied: false,
             dns_max_addresses_per_name: 32,
+            dns_tcp_connections_per_sandbox: 32,
+            dns_tcp_idle_timeout_ms: 10_000,
+            dns_tcp_query_timeout_ms: 5_000,
             flow_history: 10_000,
             events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
             flow_table_size: sbx_net_common::MAX_FLOWS,
             policy_map_entries: sbx_net_common::MAX_POLICY_ENTRIES,
             audit_max_bytes: 16 * 1024 * 1024,
             audit_keep: 4,
+            audit_lines_per_second: 50,
+            audit_burst: 1000,
+            proxy_connections_per_sandbox: 256,
+            proxy_first_bytes_timeout_ms: 10_000,
         }
     }
 }
@@ -149,11 +175,17 @@ impl DaemonConfig {
         if self.dns_min_ttl > self.dns_max_ttl {
             return Err(format!("dns_min_ttl ({}) exceeds dns_max_ttl ({})", self.dns_min_ttl, self.dns_max_ttl));
         }
+        if self.dns_tcp_connections_per_sandbox == 0 || self.dns_tcp_idle_timeout_ms == 0 || self.dns_tcp_query_timeout_ms == 0 {
+            return Err("dns_tcp_connections_per_sandbox, dns_tcp_idle_timeout_ms and dns_tcp_query_timeout_ms must be at least 1".into());
+        }
         if !self.events_ring_bytes.is_power_of_two() || self.events_ring_bytes < 4096 {
             return Err(format!("events_ring_bytes ({}) must be a power of two of at least 4096", self.events_ring_bytes));
         }
         if self.flow_table_size == 0 || self.flow_history == 0 || self.policy_map_entries == 0 {
             return Err("flow_table_size, flow_history and policy_map_entries must be at least 1".into());
+        }
+        if self.proxy_first_bytes_timeout_ms == 0 {
+            return Err("proxy_first_bytes_timeout_ms must be at least 1".into());
         }
         if self.ipv4_pool.prefix() > 29 {
             return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));
@@ -212,12 +244,23 @@ impl DaemonConfig {
         self.state_dir.join("ca").join(sandbox)
     }
 
+    /// The DNS proxy's limits for DNS over TCP.
+    pub fn dns_tcp_limits(&self) -> crate::dns_proxy::DnsTcpLimits {
+        crate::dns_proxy::DnsTcpLimits {
+            max_connections_per_sandbox: self.dns_tcp_connections_per_sandbox,
+            idle_timeout: std::time::Duration::from_millis(self.dns_tcp_idle_timeout_ms),
+            query_timeout: std::time::Duration::from_millis(self.dns_tcp_query_timeout_ms),
+        }
+    }
+
     pub fn flow_log(&self) -> crate::flow_log::FlowLogSettings {
         crate::flow_log::FlowLogSettings {
             history: self.flow_history,
             audit_path: self.state_dir.join("audit.log"),
             audit_max_bytes: self.audit_max_bytes,
             audit_keep: self.audit_keep,
+            audit_lines_per_second: self.audit_lines_per_second,
+            audit_burst: self.audit_burst,
         }
     }
 

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::api::{format_mac, Request, Response, SandboxInfo};
 use crate::ca::SandboxCa;
 use crate::secrets::SecretStore;
-use crate::compile::{compile, CompileError, CompiledPolicy};
+use crate::compile::{CompileError, CompiledPolicy};
 use crate::config::DaemonConfig;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
 use crate::decide::{parse_destination, test_destination, Redirects};
@@ -108,7 +108,6 @@ pub struct Daemon {
     /// Credential secrets of the policies in force.
     secrets: SecretStore,
     /// Addresses of the host's interfaces (outside the pools), at start.
-    host_ips: Vec<IpAddr>,
     /// The DNS proxy's learned addresses and its handles on the tries.
     dns_state: SharedLearned,
     /// Taps handed to the reaper and not yet gone.
@@ -155,7 +154,6 @@ impl Daemon {
             }
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
-        let host_ips = host_interface_addresses(&config.ipv4_pool, &config.ipv6_pool);
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let maps = LearnedMaps::open(&config.bpf_dir)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
@@ -178,7 +176,6 @@ impl Daemon {
             dns_stats: Arc::default(),
             cas: HashMap::new(),
             secrets: SecretStore::default(),
-            host_ips,
             pool,
             exe,
             started: Instant::now(),
@@ -278,15 +275,31 @@ impl Daemon {
     /// The host's own addresses a sandbox must not reach, compiled in as
     /// built-in denies (so DNS answers pointing there are stripped too): its
     /// gateway addresses, and every address of the host's interfaces outside
-    /// the sandbox pools (those are private ranges, denied anyway).
+    /// the sandbox pools (those are private ranges, denied anyway). Read at
+    /// every compile: an address added since the daemon started is the
+    /// host's too. (Between compiles the kernel still keeps guests off host
+    /// addresses: local delivery meets the input chain's drop, and the
+    /// proxies never connect to a local address.)
     fn denied_host_addresses(&self, spec: &SandboxSpec) -> Vec<IpAddr> {
         let mut out = spec.host_addresses();
-        for ip in &self.host_ips {
+        for ip in &host_interface_addresses(&self.config.ipv4_pool, &self.config.ipv6_pool) {
             if !out.contains(ip) {
                 out.push(*ip);
             }
         }
         out
+    }
+
+    /// `policy` compiled for one sandbox: the built-in denies plus the
+    /// host's addresses and the sandbox pools (another sandbox is never a
+    /// destination: the forward chain drops tap to tap, and this keeps the
+    /// proxies from connecting there when a wide CIDR like 10.0.0.0/8 is
+    /// allowed).
+    fn compile_for(&self, policy: &Policy, spec: &SandboxSpec) -> Result<CompiledPolicy, CompileError> {
+        let mut denies: Vec<(ipnetwork::IpNetwork, &str)> = self.denied_host_addresses(spec).into_iter().map(|a| (a.into(), "host address")).collect();
+        denies.push((self.config.ipv4_pool.into(), "sandbox pool"));
+        denies.push((self.config.ipv6_pool.into(), "sandbox pool"));
+        crate::compile::compile_with_denies(policy, &denies)
     }
 
     fn flags(&self) -> u32 {
@@ -343,7 +356,7 @@ impl Daemon {
             .get(&record.policy_hash)
             .cloned()
             .ok_or_else(|| DaemonError::Invalid(format!("no policy text recorded for {name}")))?;
-        let old = compile(&Policy::parse(&old_text.source, &old_text.text)?, &self.denied_host_addresses(&spec))?;
+        let old = self.compile_for(&Policy::parse(&old_text.source, &old_text.text)?, &spec)?;
         let ifindex = self.netlink.link_index(&record.tap)?;
         let pin = self.config.link_pin(name);
         if pin.exists() {
@@ -355,7 +368,7 @@ impl Daemon {
         if let Some(entry) = self.policies.get(&record.policy).cloned() {
             let hash = text_hash(&entry.source, &entry.text);
             if hash != record.policy_hash {
-                let new = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
+                let new = self.compile_for(&entry.policy, &spec)?;
                 let policy_id = self.state.take_policy_id();
                 let cfg = spec.datapath_config(&new, policy_id, self.flags(), &self.config.proxied_ports);
                 self.switch_generation(name, ifindex, &cfg, &new, (record.policy_id, &current), None)?;
@@ -625,7 +638,7 @@ impl Daemon {
             return Err(DaemonError::Invalid(format!("interface {} already exists (not ours)", spec.tap)));
         }
         let tc = Instant::now();
-        let compiled = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
+        let compiled = self.compile_for(&entry.policy, &spec)?;
         tracing::debug!(elapsed_us = tc.elapsed().as_micros() as u64, "create: compiled");
         let policy_id = self.state.take_policy_id();
         let pin = self.config.link_pin(name);
@@ -786,7 +799,7 @@ impl Daemon {
                 continue;
             }
             let spec = self.spec(record)?;
-            let compiled = compile(&entry.policy, &self.denied_host_addresses(&spec))?;
+            let compiled = self.compile_for(&entry.policy, &spec)?;
             plans.push((name.clone(), spec, compiled, hash, entry.clone()));
         }
         let generation = self.state.policy_generation + 1;
@@ -880,7 +893,7 @@ impl Daemon {
         new.insert(entry.policy.name.clone(), entry.clone());
         // Validate everything before anything changes.
         for record in self.state.sandboxes.values().filter(|r| r.policy == entry.policy.name) {
-            compile(&entry.policy, &self.denied_host_addresses(&self.spec(record)?))?;
+            self.compile_for(&entry.policy, &self.spec(record)?)?;
         }
         let previous = std::fs::read(&stored).ok();
         crate::state::write_atomic(&stored, text.as_bytes()).map_err(io_err(&stored))?;

@@ -122,6 +122,9 @@ impl Datapath {
             None => Vec::new(),
         };
         for (name, path) in &pin_paths {
+            if *name == map_names::COUNTERS {
+                drop_stale_counters(path);
+            }
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| DatapathError::Load(Box::new(e)))?;
@@ -520,6 +523,20 @@ pub fn key_v6(sandbox_id: u32, addr: [u8; 16], prefix_len: u8) -> Key<KeyV6> {
     data[..4].copy_from_slice(&sandbox_id.to_be_bytes());
     data[4..].copy_from_slice(&addr);
     Key::new(SANDBOX_ID_BITS + prefix_len as u32, data)
+}
+
+/// A counters map pinned by an older build has one slot per reason *it*
+/// knew; aya reuses a pinned map whatever its size, so the new program's
+/// later reasons would count nowhere and reading them would fail. Counters
+/// are statistics, not enforcement state: a map of the wrong size is
+/// unpinned and made afresh (programs still attached keep the old one
+/// until they are replaced).
+fn drop_stale_counters(path: &Path) {
+    let Ok(info) = aya::maps::MapInfo::from_pin(path) else { return };
+    if info.max_entries() != sbx_net_common::COUNTER_ARRAY_LEN {
+        log::warn!("{}: {} slots pinned by another build, {} expected; counting afresh", path.display(), info.max_entries(), sbx_net_common::COUNTER_ARRAY_LEN);
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// A map a daemon pinned in `pin_dir`, opened by path as `T`; `kind` is the

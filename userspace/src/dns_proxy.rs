@@ -1,9 +1,12 @@
 //! The DNS proxy every guest reaches through nftables' redirect of port 53
-//! (UDP and TCP, to any address). It decides each query by the sandbox's
-//! domain rules, forwards allowed ones upstream (UDP, TCP on truncation;
-//! the query's EDNS0 passes through), writes the answer's addresses into
-//! the sandbox's trie entries with their expiry, and only then releases the
-//! answer. The decisions are in [`crate::dns`]; this is the I/O.
+//! (UDP and TCP, to any address). It screens each message (only standard
+//! queries it parsed go on), decides the name by the sandbox's domain
+//! rules, forwards allowed ones upstream re-encoded (UDP, TCP on
+//! truncation), judges the answer's alias chain, writes the answer's
+//! addresses into the sandbox's trie entries with their expiry, and only
+//! then releases the answer. Queries in flight upstream and DNS-over-TCP
+//! connections are capped per sandbox, so one guest cannot starve the
+//! others. The decisions are in [`crate::dns`]; this is the I/O.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -15,14 +18,17 @@ use std::time::Duration;
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Map, MapData};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::{RData, Record};
+use hickory_proto::rr::{RData, Record, RecordType};
 use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::compile::CompiledPolicy;
 use crate::datapath::{key_v4, key_v6};
-use crate::dns::{learned_value, over_cap, LearnedAddr, name_verdict, normalise_query_name, plan_answer, AnswerRecord, LearnTiming, NameVerdict, RecordFate};
+use crate::dns::{
+    answers_query, checked, checked_name, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict, LearnTiming,
+    LearnedAddr, NameVerdict, RecordFate, Screened,
+};
 use crate::flow::{DnsDetail, FlowRecord, Verdict};
 use crate::proxy::Routes;
 
@@ -32,6 +38,12 @@ pub enum DnsError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("DNS proxy: opening pinned map {name}: {reason}")]
     Map { name: &'static str, reason: String },
+    #[error("DNS upstream: {0}")]
+    Upstream(#[source] std::io::Error),
+    #[error("DNS upstream: no answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("DNS upstream: {pending} queries already in flight (the cap)")]
+    UpstreamBusy { pending: usize },
 }
 
 /// The proxy's settings, as plain data.
@@ -48,6 +60,34 @@ pub struct DnsSettings {
     /// At most this many learned addresses per name (older ones without a
     /// live flow are forgotten first); 0: no cap.
     pub max_addresses_per_name: usize,
+    /// Queries of one sandbox waiting for the upstream at once; past it,
+    /// SERVFAIL (the shared pending table must not be one guest's).
+    pub max_upstream_per_sandbox: usize,
+    pub tcp: DnsTcpLimits,
+}
+
+/// Default of [`DnsSettings::max_upstream_per_sandbox`].
+pub const DEFAULT_MAX_UPSTREAM_PER_SANDBOX: usize = 256;
+
+/// DNS over TCP, per connection and per sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsTcpLimits {
+    /// Connections one sandbox may hold open at once; more are closed at
+    /// once (with a reset).
+    pub max_connections_per_sandbox: usize,
+    /// How long a connection may wait for its next query to start (also
+    /// the first one).
+    pub idle_timeout: Duration,
+    /// From a query's first byte to its last, and for writing its answer:
+    /// one deadline, not renewed by each byte (a guest trickling bytes
+    /// holds a connection no longer than this).
+    pub query_timeout: Duration,
+}
+
+impl Default for DnsTcpLimits {
+    fn default() -> Self {
+        DnsTcpLimits { max_connections_per_sandbox: 32, idle_timeout: Duration::from_secs(10), query_timeout: Duration::from_secs(5) }
+    }
 }
 
 /// Boot-time nanoseconds, the clock the classifier compares expiries with
@@ -163,6 +203,20 @@ pub struct DnsStats {
     pub upstream_failures: AtomicU64,
     pub stripped: AtomicU64,
     pub hold_timeouts: AtomicU64,
+    /// Messages answered (or dropped) by the proxy itself without asking
+    /// upstream: other opcodes, malformed messages, names no rule can judge,
+    /// meta types (also counted in `denied`).
+    pub refused: AtomicU64,
+    /// Answers refused because their alias chain reached a denied name
+    /// (also counted in `denied`).
+    pub alias_denied: AtomicU64,
+    /// SERVFAILs because the sandbox's or the shared pending table was full
+    /// (also counted in `upstream_failures`).
+    pub upstream_busy: AtomicU64,
+    /// DNS-over-TCP connections closed at once: the sandbox held its cap.
+    pub tcp_refused: AtomicU64,
+    /// DNS-over-TCP connections closed by the idle or query deadline.
+    pub tcp_timeouts: AtomicU64,
     /// Longest wait for the map write, µs.
     pub hold_max_us: AtomicU64,
     /// How long answers were held for their map writes (seconds).
@@ -185,6 +239,11 @@ impl Default for DnsStats {
             upstream_failures: AtomicU64::new(0),
             stripped: AtomicU64::new(0),
             hold_timeouts: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            alias_denied: AtomicU64::new(0),
+            upstream_busy: AtomicU64::new(0),
+            tcp_refused: AtomicU64::new(0),
+            tcp_timeouts: AtomicU64::new(0),
             hold_max_us: AtomicU64::new(0),
             hold_seconds: hold_histogram(),
         }
@@ -204,6 +263,11 @@ impl DnsStats {
             "upstream_failures": self.upstream_failures.load(Ordering::Relaxed),
             "records_stripped": self.stripped.load(Ordering::Relaxed),
             "hold_timeouts": self.hold_timeouts.load(Ordering::Relaxed),
+            "queries_refused": self.refused.load(Ordering::Relaxed),
+            "answers_alias_denied": self.alias_denied.load(Ordering::Relaxed),
+            "upstream_busy": self.upstream_busy.load(Ordering::Relaxed),
+            "tcp_connections_refused": self.tcp_refused.load(Ordering::Relaxed),
+            "tcp_connections_timed_out": self.tcp_timeouts.load(Ordering::Relaxed),
             "hold_max_us": self.hold_max_us.load(Ordering::Relaxed),
         })
     }
@@ -227,6 +291,73 @@ pub struct DnsContext {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     /// The flow stream both proxies report their decisions to.
     pub flows: Arc<crate::flow_log::FlowHub>,
+    /// What each sandbox holds of the shared resources.
+    pub slots: DnsSlots,
+}
+
+/// Per-sandbox counts of the proxy's shared resources.
+#[derive(Default)]
+pub struct DnsSlots {
+    /// Open DNS-over-TCP connections.
+    pub tcp: SandboxSlots,
+    /// Queries waiting for the upstream.
+    pub upstream: SandboxSlots,
+}
+
+/// How many of something each sandbox holds, with a cap checked and taken
+/// under one lock.
+#[derive(Default)]
+pub struct SandboxSlots {
+    held: Mutex<HashMap<String, SlotCount>>,
+}
+
+#[derive(Default)]
+struct SlotCount {
+    held: usize,
+    /// Refused since the sandbox last got a slot (log once per burst).
+    refusing: bool,
+}
+
+/// One slot, given back on drop.
+pub struct Slot<'a> {
+    slots: &'a SandboxSlots,
+    sandbox: String,
+}
+
+impl SandboxSlots {
+    /// A slot for `sandbox` if it holds fewer than `cap`; otherwise Err,
+    /// true for the first refusal of a burst.
+    pub fn acquire(&self, sandbox: &str, cap: usize) -> Result<Slot<'_>, bool> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(sandbox.to_string()).or_default();
+        if count.held >= cap {
+            let first = !count.refusing;
+            count.refusing = true;
+            return Err(first);
+        }
+        count.held += 1;
+        count.refusing = false;
+        Ok(Slot { slots: self, sandbox: sandbox.to_string() })
+    }
+
+    /// Slots `sandbox` holds now.
+    pub fn held(&self, sandbox: &str) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox).map_or(0, |c| c.held)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = held.get_mut(&self.sandbox) {
+            count.held -= 1;
+            if count.held == 0 {
+                // Nothing held, nothing refused since: the next refusal can
+                // only come after `cap` new slots, which start a new burst.
+                held.remove(&self.sandbox);
+            }
+        }
+    }
 }
 
 /// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected
@@ -263,6 +394,42 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
     }
 }
 
+/// Pauses between failing accepts: from 10 ms doubling to 1 s while they
+/// keep failing (EMFILE/ENFILE last until something closes; retrying at once
+/// would spin), back to none on the next success. Reports the first failure
+/// of a burst, so it is logged once.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u64,
+    pause: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// After a failed accept: how long to pause, and whether this failure
+    /// starts a burst.
+    pub fn failed(&mut self) -> (Duration, bool) {
+        self.failures += 1;
+        self.pause = if self.failures == 1 { Self::FIRST } else { (self.pause * 2).min(Self::MAX) };
+        (self.pause, self.failures == 1)
+    }
+
+    /// After a successful accept: the failures of the burst that ended, if
+    /// one did.
+    pub fn succeeded(&mut self) -> Option<u64> {
+        let failures = std::mem::take(&mut self.failures);
+        self.pause = Duration::ZERO;
+        (failures > 0).then_some(failures)
+    }
+}
+
+/// Whether an accept failed for want of file descriptors.
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
 pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -271,18 +438,85 @@ pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
             return;
         }
     };
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let Ok((mut stream, peer)) = listener.accept().await else { continue };
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            // Several queries may come on one connection; each is framed.
-            while let Ok(Ok(query)) = tokio::time::timeout(Duration::from_secs(10), read_framed(&mut stream)).await {
-                let Some(response) = answer(&ctx, peer, &query, Transport::Tcp).await else { break };
-                if write_framed(&mut stream, &response).await.is_err() {
-                    break;
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if let Some(failures) = backoff.succeeded() {
+                    tracing::info!(failures, "DNS TCP: accepting again after failed accepts");
                 }
+                let ctx = ctx.clone();
+                tokio::spawn(async move { serve_tcp_connection(stream, peer, &ctx).await });
             }
-        });
+            Err(e) => {
+                let (pause, first) = backoff.failed();
+                if first {
+                    tracing::warn!(out_of_fds = out_of_fds(&e), "DNS TCP accept failed: {e}; pausing up to {:?} between retries until one succeeds", AcceptBackoff::MAX);
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// One DNS-over-TCP connection: several framed queries may come on it,
+/// pipelined; each is answered in turn. Closed when the sandbox already
+/// holds its cap of connections, when no query starts within the idle
+/// timeout, or when one does not complete (or its answer is not taken)
+/// within the query timeout.
+async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &DnsContext) {
+    let limits = ctx.settings.tcp;
+    let ip = crate::proxy::canonical(peer.ip());
+    let sandbox = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&ip).map(|r| r.sandbox.clone());
+    // From no sandbox's address: nothing it asks would be answered.
+    let Some(sandbox) = sandbox else { return };
+    let _slot = match ctx.slots.tcp.acquire(&sandbox, limits.max_connections_per_sandbox) {
+        Ok(slot) => slot,
+        Err(first) => {
+            ctx.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+            if first {
+                tracing::warn!(%sandbox, cap = limits.max_connections_per_sandbox, "DNS TCP: the sandbox holds its cap of connections; closing new ones until one ends");
+            }
+            // A reset: the guest learns at once, and no FIN_WAIT is left here
+            // (a zero linger never blocks the close).
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+    };
+    loop {
+        let first = match tokio::time::timeout(limits.idle_timeout, stream.read_u8()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let rest = tokio::time::timeout(limits.query_timeout, async {
+            let second = stream.read_u8().await?;
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes([first, second]))];
+            stream.read_exact(&mut query).await?;
+            Ok::<_, std::io::Error>(query)
+        })
+        .await;
+        let query = match rest {
+            Ok(Ok(query)) => query,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%sandbox, %peer, "DNS TCP: a query did not arrive within {:?}; closing", limits.query_timeout);
+                return;
+            }
+        };
+        let Some(response) = answer(ctx, peer, &query, Transport::Tcp).await else { return };
+        match tokio::time::timeout(limits.query_timeout, write_framed(&mut stream, &response)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
     }
 }
 
@@ -316,225 +550,327 @@ fn rcode_name(code: ResponseCode) -> crate::flow::Text {
         ResponseCode::NXDomain => "NXDOMAIN".into(),
         ResponseCode::NotImp => "NOTIMP".into(),
         ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::BADVERS => "BADVERS".into(),
         other => format!("RCODE{}", u16::from(other)).into(),
     }
 }
 
-/// A response with `code` and the query's id, opcode and question: what
-/// the proxy answers itself (denied, refused, malformed, upstream failure).
-pub(crate) fn reply(query: &Message, code: ResponseCode) -> Option<Vec<u8>> {
-    let mut m = Message::new();
-    m.set_id(query.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(query.op_code())
-        .set_recursion_desired(query.recursion_desired())
-        .set_recursion_available(true)
-        .set_response_code(code);
-    m.add_queries(query.queries().to_vec());
-    m.to_vec().ok()
+/// The flow record of one query, completed on every way out.
+struct QueryLog<'a> {
+    ctx: &'a DnsContext,
+    sandbox: &'a str,
+    peer: SocketAddr,
+    transport: Transport,
+    query: String,
+    qtype: crate::flow::Text,
 }
 
-/// The whole life of one query; `None` sends nothing (unparseable input).
-async fn answer(ctx: &DnsContext, peer_addr: std::net::SocketAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
-    let query = Message::from_vec(bytes).ok()?;
-    if query.message_type() != MessageType::Query || query.queries().len() != 1 {
-        return reply(&query, ResponseCode::FormErr);
+impl QueryLog<'_> {
+    fn record(&self, verdict: Verdict, reason: &'static str, rule: Option<String>, rcode: crate::flow::Text, answers: Vec<IpAddr>, stripped: usize) {
+        let protocol = if self.transport == Transport::Udp { "udp" } else { "tcp" };
+        let mut r = FlowRecord::new(self.sandbox, "dns", "dns_query", protocol, verdict, reason).with_endpoints(Some(self.peer), None);
+        r.dst_port = 53;
+        r.rule = rule;
+        r.dns = Some(DnsDetail { query: self.query.clone(), qtype: self.qtype.clone(), rcode, answers, stripped });
+        self.ctx.flows.publish(r);
     }
+}
+
+/// The whole life of one message; `None` sends nothing.
+async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    let screened = screen_query(bytes);
     let peer = crate::proxy::canonical(peer_addr.ip());
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
     let Some(route) = route else {
         tracing::info!(%peer, "DNS query from no sandbox's address: refused");
-        return reply(&query, ResponseCode::Refused);
+        return match screened {
+            Screened::Query(q) => refusal(&q, ResponseCode::Refused),
+            Screened::Refused { reply, .. } => reply,
+        };
     };
-    let qname = normalise_query_name(&query.queries()[0].name().to_ascii());
-    let qtype = query.queries()[0].query_type();
-    // The flow record of this query, completed on every way out.
-    let record = |verdict: Verdict, reason: &'static str, rule: Option<String>, rcode: ResponseCode, answers: Vec<IpAddr>, stripped: usize| {
-        let mut r = FlowRecord::new(&route.sandbox, "dns", "dns_query", if transport == Transport::Udp { "udp" } else { "tcp" }, verdict, reason)
-            .with_endpoints(Some(peer_addr), None);
-        r.dst_port = 53;
-        r.rule = rule;
-        r.dns = Some(DnsDetail { query: qname.clone(), qtype: <&'static str>::from(qtype).into(), rcode: rcode_name(rcode), answers, stripped });
-        ctx.flows.publish(r);
+    let q = match screened {
+        Screened::Query(q) => q,
+        Screened::Refused { reply, rcode, reason, query, qtype } => {
+            // Never forwarded: the proxy passes on only what it parsed.
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(sandbox = %route.sandbox, name = %query, %qtype, reason, "DNS: message refused without asking upstream");
+            let log = QueryLog { ctx, sandbox: &route.sandbox, peer: peer_addr, transport, query, qtype: qtype.into() };
+            log.record(Verdict::Denied, reason, None, rcode.map_or("NOREPLY".into(), rcode_name), Vec::new(), 0);
+            return reply;
+        }
     };
-    let (rule, port) = match name_verdict(&route.policy, &qname) {
+    let qname = q.rule_name.clone();
+    let qtype = q.qtype;
+    let log = QueryLog { ctx, sandbox: &route.sandbox, peer: peer_addr, transport, query: qname.clone(), qtype: <&'static str>::from(qtype).into() };
+    let denied_code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
+    let rule = match name_verdict(&route.policy, &qname) {
         NameVerdict::Denied { rule_id } => {
             let rule = route.policy.describe_rule(rule_id);
             tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, %rule, "DNS: denied");
             ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
-            let code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
-            record(Verdict::Denied, "policy", Some(rule), code, Vec::new(), 0);
-            return reply(&query, code);
+            log.record(Verdict::Denied, "policy", Some(rule), rcode_name(denied_code), Vec::new(), 0);
+            return refusal(&q, denied_code);
         }
-        NameVerdict::Allowed { rule_id, port } => (rule_id, port),
+        NameVerdict::Allowed { rule_id, .. } => rule_id,
     };
     let rule_text = route.policy.describe_rule(rule);
+    let servfail = |reason: &'static str| {
+        log.record(Verdict::Allowed, reason, Some(rule_text.clone()), rcode_name(ResponseCode::ServFail), Vec::new(), 0);
+        refusal(&q, ResponseCode::ServFail)
+    };
     let Some(upstream) = ctx.settings.upstream else {
         ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-        record(Verdict::Allowed, "no_upstream", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
-        return reply(&query, ResponseCode::ServFail);
+        return servfail("no_upstream");
     };
-    let response = match ctx.upstream.forward(upstream, bytes, ctx.settings.upstream_timeout).await {
+    let Some(upstream_query) = reencode(&q) else { return servfail("reencode_failed") };
+    let slot = match ctx.slots.upstream.acquire(&route.sandbox, ctx.settings.max_upstream_per_sandbox) {
+        Ok(slot) => slot,
+        Err(first) => {
+            ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
+            if first {
+                tracing::warn!(sandbox = %route.sandbox, cap = ctx.settings.max_upstream_per_sandbox, "DNS: the sandbox has its cap of queries upstream; SERVFAIL until one ends");
+            }
+            return servfail("upstream_busy");
+        }
+    };
+    let forwarded = ctx.upstream.forward(upstream, &upstream_query, ctx.settings.upstream_timeout).await;
+    drop(slot);
+    let response = match forwarded {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "DNS upstream: {e}");
             ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-            record(Verdict::Allowed, "upstream_failed", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
-            return reply(&query, ResponseCode::ServFail);
+            if let DnsError::UpstreamBusy { .. } = e {
+                ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
+                return servfail("upstream_busy");
+            }
+            tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "{e}");
+            return servfail("upstream_failed");
         }
     };
-    let mut message = Message::from_vec(&response).ok()?;
+    let Ok(mut message) = Message::from_vec(&response) else {
+        ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        return servfail("upstream_malformed");
+    };
+    if !answers_query(&q, &message) {
+        ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS upstream answered another question; SERVFAIL");
+        return servfail("upstream_mismatch");
+    }
     let records: Vec<AnswerRecord> = message.answers().iter().map(answer_record).collect();
     let plan = plan_answer(&route.policy, &qname, &records);
+    let port = match &plan.verdict {
+        ChainVerdict::Allowed { port, .. } => *port,
+        ChainVerdict::Denied { name, rule_id } => {
+            // As the guest would have been answered asking for that name.
+            let rule = route.policy.describe_rule(*rule_id);
+            tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, %rule, "DNS: the answer's alias chain reaches a denied name; refused");
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.alias_denied.fetch_add(1, Ordering::Relaxed);
+            log.record(Verdict::Denied, "alias_denied", Some(rule), rcode_name(denied_code), Vec::new(), 0);
+            return refusal(&q, denied_code);
+        }
+        ChainVerdict::Invalid { name, reason } => {
+            tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, reason, "DNS: the answer's alias chain cannot be judged; refused");
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.alias_denied.fetch_add(1, Ordering::Relaxed);
+            log.record(Verdict::Denied, "alias_invalid", None, rcode_name(ResponseCode::Refused), Vec::new(), 0);
+            return refusal(&q, ResponseCode::Refused);
+        }
+    };
     // Open the addresses before the guest can use them.
     if !plan.learn.is_empty() {
-        let now = boot_time_ns();
-        let held_since = std::time::Instant::now();
-        let Ok(mut guard) = tokio::time::timeout(ctx.settings.hold_timeout, ctx.state.lock()).await else {
-            // Never release an answer whose addresses are not open yet.
-            ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
-            record(Verdict::Allowed, "hold_timeout", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
-            return reply(&query, ResponseCode::ServFail);
-        };
-        let (maps, learned) = &mut *guard;
-        let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
-        for (ip, ttl) in &plan.learn {
-            let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
-            let existing = table.get(ip).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
-            let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
-            // Expiry moves in whole seconds: skip the syscall when the entry
-            // already says the same to within one.
-            let unchanged = existing.is_some_and(|e| {
-                e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns
-            });
-            if !unchanged {
-                if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
-                    tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
-                    record(Verdict::Allowed, "map_write_failed", Some(rule_text), ResponseCode::ServFail, Vec::new(), 0);
-                    return reply(&query, ResponseCode::ServFail);
-                }
-            }
-            let value = if unchanged { existing.unwrap_or(value) } else { value };
-            let entry = table
-                .entry(*ip)
-                .or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new(), answered_ns: now });
-            entry.policy_id = route.policy_id;
-            entry.value = value;
-            entry.answered_ns = now;
-            entry.names.insert(qname.clone());
+        if let Err(reason) = learn(ctx, &route, &qname, &plan.learn, rule, port).await {
+            return servfail(reason);
         }
-        if ctx.settings.max_addresses_per_name > 0 {
-            let current: Vec<IpAddr> = plan.learn.iter().map(|(ip, _)| *ip).collect();
-            let guests = guest_addresses(&ctx.routes, &route.sandbox);
-            let mut flows: Option<BTreeSet<(IpAddr, IpAddr)>> = None;
-            let live = |ip: IpAddr| {
-                let pairs = flows.get_or_insert_with(|| {
-                    crate::dns::conntrack_pairs(&std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default())
-                });
-                guests.iter().any(|g| pairs.contains(&(*g, ip)))
-            };
-            let live = std::cell::RefCell::new(live);
-            let evict = over_cap(table, &qname, &current, ctx.settings.max_addresses_per_name, |ip| (live.borrow_mut())(ip));
-            for ip in evict {
-                let Some(entry) = table.get_mut(&ip) else { continue };
-                entry.names.remove(&qname);
-                if entry.names.is_empty() {
-                    let policy_id = entry.policy_id;
-                    table.remove(&ip);
-                    match static_exact(&route.policy, ip) {
-                        Some(v) => {
-                            let _ = maps.insert(policy_id, ip, &v);
-                        }
-                        None => maps.remove(policy_id, ip),
-                    }
-                    tracing::info!(sandbox = %route.sandbox, name = %qname, %ip, "DNS: address evicted (per-name cap)");
-                }
-            }
-        }
-        learned.version += 1;
-        ctx.stats.record_hold(held_since.elapsed());
     }
     let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
     if stripped > 0 {
-        strip_answers(&mut message, &plan.fates);
-        tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding)");
+        let kept: Vec<Record> = message
+            .take_answers()
+            .into_iter()
+            .zip(&plan.fates)
+            .filter(|(_, f)| **f == RecordFate::Keep)
+            .map(|(r, _)| r)
+            .collect();
+        message.insert_answers(kept);
+        tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding, or not on the alias chain)");
     }
     ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
     ctx.stats.stripped.fetch_add(stripped as u64, Ordering::Relaxed);
     let answers: Vec<IpAddr> = records.iter().zip(&plan.fates).filter(|(_, f)| **f == RecordFate::Keep).filter_map(|(r, _)| match r { AnswerRecord::Address { ip, .. } => Some(*ip), _ => None }).collect();
-    record(Verdict::Allowed, "policy", Some(rule_text), message.response_code(), answers, stripped);
+    log.record(Verdict::Allowed, "policy", Some(rule_text.clone()), rcode_name(message.response_code()), answers, stripped);
     tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
-    // Unchanged answers go back as the upstream sent them (id restored).
+    // Unchanged answers go back as the upstream sent them (with the guest's
+    // id: the query sent upstream carried it).
     let out = if stripped == 0 { response } else { message.to_vec().ok()? };
     let limit = match transport {
         Transport::Tcp => usize::from(u16::MAX),
-        Transport::Udp => query.extensions().as_ref().map_or(512, |e| usize::from(e.max_payload().max(512))),
+        Transport::Udp => q.edns.map_or(512, |e| usize::from(e.max_payload.max(512))),
     };
     if out.len() > limit {
         // Too big for the guest's UDP: tell it to retry over TCP.
-        return truncated(&message);
+        let mut truncated = Message::new();
+        truncated
+            .set_id(q.id)
+            .set_message_type(MessageType::Response)
+            .set_op_code(message.op_code())
+            .set_recursion_desired(message.recursion_desired())
+            .set_recursion_available(message.recursion_available())
+            .set_response_code(message.response_code())
+            .set_truncated(true);
+        truncated.add_queries(message.queries().to_vec());
+        return truncated.to_vec().ok();
     }
     Some(out)
 }
 
-/// Removes from the answer section the records `fates` (one per answer, in
-/// order) strip; the rest stay in their order.
-pub(crate) fn strip_answers(message: &mut Message, fates: &[RecordFate]) {
-    let kept: Vec<Record> = message
-        .take_answers()
-        .into_iter()
-        .zip(fates)
-        .filter(|(_, f)| **f == RecordFate::Keep)
-        .map(|(r, _)| r)
-        .collect();
-    message.insert_answers(kept);
+/// Writes an allowed answer's addresses into the sandbox's trie entries
+/// (and the learned table) under the shared lock; Err is the flow record's
+/// reason when the answer must not be released.
+async fn learn(ctx: &DnsContext, route: &crate::proxy::Route, qname: &str, addresses: &[(IpAddr, u32)], rule: u32, port: Option<u16>) -> Result<(), &'static str> {
+    let now = boot_time_ns();
+    let held_since = std::time::Instant::now();
+    let Ok(mut guard) = tokio::time::timeout(ctx.settings.hold_timeout, ctx.state.lock()).await else {
+        // Never release an answer whose addresses are not open yet.
+        ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
+        return Err("hold_timeout");
+    };
+    let (maps, learned) = &mut *guard;
+    let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
+    for (ip, ttl) in addresses {
+        let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
+        let existing = table.get(ip).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
+        let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
+        // Expiry moves in whole seconds: skip the syscall when the entry
+        // already says the same to within one.
+        let unchanged = existing.is_some_and(|e| e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns);
+        if !unchanged {
+            if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
+                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
+                return Err("map_write_failed");
+            }
+        }
+        let value = if unchanged { existing.unwrap_or(value) } else { value };
+        let entry = table.entry(*ip).or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new(), answered_ns: now });
+        entry.policy_id = route.policy_id;
+        entry.value = value;
+        entry.answered_ns = now;
+        entry.names.insert(qname.to_string());
+    }
+    if ctx.settings.max_addresses_per_name > 0 {
+        let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
+        let guests = guest_addresses(&ctx.routes, &route.sandbox);
+        let mut flows: Option<BTreeSet<(IpAddr, IpAddr)>> = None;
+        let live = |ip: IpAddr| {
+            let pairs = flows.get_or_insert_with(|| crate::dns::conntrack_pairs(&std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default()));
+            guests.iter().any(|g| pairs.contains(&(*g, ip)))
+        };
+        let live = std::cell::RefCell::new(live);
+        let evict = over_cap(table, qname, &current, ctx.settings.max_addresses_per_name, |ip| (live.borrow_mut())(ip));
+        for ip in evict {
+            let Some(entry) = table.get_mut(&ip) else { continue };
+            entry.names.remove(qname);
+            if entry.names.is_empty() {
+                let policy_id = entry.policy_id;
+                table.remove(&ip);
+                match static_exact(&route.policy, ip) {
+                    Some(v) => {
+                        let _ = maps.insert(policy_id, ip, &v);
+                    }
+                    None => maps.remove(policy_id, ip),
+                }
+                tracing::info!(sandbox = %route.sandbox, name = %qname, %ip, "DNS: address evicted (per-name cap)");
+            }
+        }
+    }
+    learned.version += 1;
+    ctx.stats.record_hold(held_since.elapsed());
+    Ok(())
 }
 
-/// The empty, truncated (TC) form of `message`: the guest retries over TCP.
-pub(crate) fn truncated(message: &Message) -> Option<Vec<u8>> {
-    let mut truncated = Message::new();
-    truncated
-        .set_id(message.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(message.op_code())
-        .set_recursion_desired(message.recursion_desired())
-        .set_recursion_available(message.recursion_available())
-        .set_response_code(message.response_code())
-        .set_truncated(true);
-    truncated.add_queries(message.queries().to_vec());
-    truncated.to_vec().ok()
-}
+/// The DNAME record type (RFC 6672), which the DNS library reads as
+/// unknown data.
+const DNAME: u16 = 39;
 
 pub fn answer_record(r: &Record) -> AnswerRecord {
-    let owner = r.name().to_ascii();
+    let owner = checked(r.name());
     match r.data() {
         RData::A(a) => AnswerRecord::Address { owner, ip: IpAddr::V4(a.0), ttl: r.ttl() },
         RData::AAAA(a) => AnswerRecord::Address { owner, ip: IpAddr::V6(a.0), ttl: r.ttl() },
-        RData::CNAME(c) => AnswerRecord::Cname { owner, target: c.0.to_ascii() },
+        RData::CNAME(c) => AnswerRecord::Cname { owner, target: checked(&c.0) },
+        RData::Unknown { code, rdata } if *code == RecordType::Unknown(DNAME) => {
+            AnswerRecord::Dname { owner, target: dname_target(rdata.anything()) }
+        }
         _ => AnswerRecord::Other,
     }
 }
 
+/// A DNAME's target from its RDATA, which must not be compressed (RFC 6672
+/// §2.5); anything else is a name no rule can judge.
+fn dname_target(rdata: &[u8]) -> crate::dns::CheckedName {
+    let mut labels: Vec<&[u8]> = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(&len) = rdata.get(at) else { return Err(format!("DNAME target cut short ({} bytes)", rdata.len())) };
+        if len == 0 {
+            break;
+        }
+        let label = (len <= 63).then(|| rdata.get(at + 1..at + 1 + usize::from(len))).flatten();
+        let Some(label) = label else { return Err("DNAME target compressed or cut short".to_string()) };
+        labels.push(label);
+        at += 1 + usize::from(len);
+    }
+    checked_name(labels)
+}
+
 /// One UDP socket per upstream family for all queries, with our own query
-/// ids (guests' ids may collide), and TCP on truncation.
+/// ids (guests' ids may collide) from a bounded pending table, and TCP on
+/// truncation.
 pub struct UpstreamClient {
     sockets: tokio::sync::OnceCell<UpstreamSocket>,
+    /// Queries in flight at most: past it, [`DnsError::UpstreamBusy`].
+    pending_cap: usize,
 }
+
+/// Default of the pending table's cap: a sixteenth of the id space, so a
+/// probe from a random id meets a free one within a few steps.
+pub const MAX_PENDING_UPSTREAM: usize = 4096;
+
+type Pending = Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>;
 
 struct UpstreamSocket {
     socket: Arc<UdpSocket>,
-    pending: Arc<Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>>,
-    next_id: std::sync::atomic::AtomicU16,
+    pending: Arc<Pending>,
 }
 
 impl Default for UpstreamClient {
     fn default() -> Self {
-        UpstreamClient { sockets: tokio::sync::OnceCell::new() }
+        UpstreamClient::with_pending_cap(MAX_PENDING_UPSTREAM)
+    }
+}
+
+/// A pending-table entry, removed when the query ends however it ends
+/// (answered, timed out, or its future dropped).
+struct PendingEntry<'a> {
+    pending: &'a Pending,
+    id: u16,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
     }
 }
 
 impl UpstreamClient {
+    /// A client with at most `cap` queries in flight (1..=65535).
+    pub fn with_pending_cap(cap: usize) -> Self {
+        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)) }
+    }
+
     async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
         self.sockets
             .get_or_try_init(|| async move {
@@ -542,7 +878,7 @@ impl UpstreamClient {
                     if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
                 let socket = Arc::new(UdpSocket::bind(bind).await?);
                 socket.connect(upstream).await?;
-                let pending: Arc<Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>> = Arc::default();
+                let pending: Arc<Pending> = Arc::default();
                 let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65535];
@@ -558,37 +894,46 @@ impl UpstreamClient {
                         }
                     }
                 });
-                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending, next_id: std::sync::atomic::AtomicU16::new(rand_id()) })
+                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending })
             })
             .await
     }
 
-    /// Forwards `query` (the guest's bytes; the answer comes back with the
-    /// guest's id); on a truncated UDP answer, asks again over TCP.
-    pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> std::io::Result<Vec<u8>> {
+    /// Takes a free id for a query: Err when `pending_cap` queries are in
+    /// flight. At most `cap - 1` ids are taken then, so one of any `cap`
+    /// consecutive ids is free: a bounded probe from a random start, never
+    /// a spin under the lock.
+    fn take_id<'a>(&self, pending: &'a Pending, tx: tokio::sync::oneshot::Sender<Vec<u8>>) -> Result<PendingEntry<'a>, DnsError> {
+        let start = random_id();
+        let mut table = pending.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= self.pending_cap {
+            return Err(DnsError::UpstreamBusy { pending: table.len() });
+        }
+        let id = (0..=self.pending_cap as u16).map(|i| start.wrapping_add(i)).find(|id| !table.contains_key(id));
+        let Some(id) = id else { return Err(DnsError::UpstreamBusy { pending: table.len() }) };
+        table.insert(id, tx);
+        Ok(PendingEntry { pending, id })
+    }
+
+    /// Forwards `query` (a message the proxy encoded itself; the answer
+    /// comes back with its id); on a truncated UDP answer, asks again over
+    /// TCP.
+    pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, DnsError> {
         if query.len() < 12 {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query"));
+            return Err(DnsError::Upstream(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
         }
-        let guest_id = [query[0], query[1]];
-        let s = self.socket(upstream).await?;
+        let query_id = [query[0], query[1]];
+        let s = self.socket(upstream).await.map_err(DnsError::Upstream)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        // An id not in flight (65536 ids; a full table waits for the timeout).
-        let mut id = s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        {
-            let mut pending = s.pending.lock().unwrap_or_else(|p| p.into_inner());
-            while pending.contains_key(&id) {
-                id = s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            pending.insert(id, tx);
-        }
+        let entry = self.take_id(&s.pending, tx)?;
         let mut ours = query.to_vec();
-        ours[..2].copy_from_slice(&id.to_be_bytes());
-        s.socket.send(&ours).await?;
+        ours[..2].copy_from_slice(&entry.id.to_be_bytes());
+        s.socket.send(&ours).await.map_err(DnsError::Upstream)?;
         let answered = tokio::time::timeout(timeout, rx).await;
-        s.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        drop(entry);
         let mut response = match answered {
             Ok(Ok(r)) => r,
-            _ => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over UDP")),
+            _ => return Err(DnsError::UpstreamTimeout(timeout)),
         };
         // TC bit: byte 2, bit 1.
         if response[2] & 0x02 != 0 {
@@ -598,16 +943,30 @@ impl UpstreamClient {
                 read_framed(&mut stream).await
             })
             .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer over TCP"))??;
+            .map_err(|_| DnsError::UpstreamTimeout(timeout))?
+            .map_err(DnsError::Upstream)?;
+            if response.len() < 12 {
+                return Err(DnsError::Upstream(std::io::Error::new(std::io::ErrorKind::InvalidData, "short answer over TCP")));
+            }
         }
-        response[..2].copy_from_slice(&guest_id);
+        response[..2].copy_from_slice(&query_id);
         Ok(response)
     }
 }
 
-/// A start for upstream query ids that is not predictable across restarts.
-fn rand_id() -> u16 {
-    (boot_time_ns() ^ u64::from(std::process::id()).rotate_left(17)) as u16
+/// A query id nobody off the path can predict.
+fn random_id() -> u16 {
+    let mut bytes = [0u8; 2];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
+    // which we own for the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == 2 {
+        u16::from_ne_bytes(bytes)
+    } else {
+        // getrandom cannot fail for 2 bytes once the pool is initialised;
+        // still never block a query on it.
+        (boot_time_ns() ^ u64::from(std::process::id()).rotate_left(17)) as u16
+    }
 }
 
 /// Removes expired learned addresses from the tries (the classifier already
@@ -666,5 +1025,123 @@ fn static_exact(policy: &CompiledPolicy, ip: IpAddr) -> Option<PolicyValue> {
     match ip {
         IpAddr::V4(a) => policy.v4.iter().find(|(n, len, _)| *len == 32 && *n == a).map(|(_, _, v)| *v),
         IpAddr::V6(a) => policy.v6.iter().find(|(n, len, _)| *len == 128 && *n == a).map(|(_, _, v)| *v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_grows_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let pauses: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
+        assert_eq!(pauses[0], (Duration::from_millis(10), true), "the first failure of a burst is the one logged");
+        assert!(pauses[1..].iter().all(|(_, first)| !first));
+        assert_eq!(pauses[1].0, Duration::from_millis(20));
+        assert_eq!(pauses[7].0, Duration::from_secs(1));
+        assert_eq!(pauses[9].0, Duration::from_secs(1), "never longer than a second");
+        assert!(pauses.iter().all(|(p, _)| *p > Duration::ZERO), "never a retry without a pause");
+        assert_eq!(b.succeeded(), Some(10));
+        assert_eq!(b.succeeded(), None);
+        assert_eq!(b.failed(), (Duration::from_millis(10), true), "a new burst is logged again");
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(out_of_fds(&emfile) && out_of_fds(&std::io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!out_of_fds(&std::io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+
+    #[test]
+    fn sandbox_slots_cap_each_sandbox_alone() {
+        let slots = SandboxSlots::default();
+        let mut held: Vec<Slot<'_>> = (0..3).map(|_| slots.acquire("a", 3).unwrap()).collect();
+        assert_eq!(slots.acquire("a", 3).err(), Some(true), "the first refusal of a burst");
+        assert_eq!(slots.acquire("a", 3).err(), Some(false));
+        let b = slots.acquire("b", 3).expect("another sandbox is not affected");
+        held.pop();
+        let again = slots.acquire("a", 3).expect("a slot given back is free again");
+        assert_eq!((slots.held("a"), slots.held("b")), (3, 1));
+        drop((again, b));
+        assert_eq!(slots.held("b"), 0);
+    }
+
+    #[test]
+    fn dname_records_are_read_and_their_targets_checked() {
+        let name = |labels: &[&[u8]]| -> Vec<u8> { labels.iter().flat_map(|l| [&[l.len() as u8][..], l].concat()).chain([0]).collect() };
+        assert_eq!(dname_target(&name(&[b"Denied", b"TEST"])), Ok("denied.test".into()));
+        assert!(dname_target(&name(&[b"x.y", b"test"])).is_err());
+        assert!(dname_target(&[0xc0, 12]).is_err(), "compressed");
+        assert!(dname_target(&[5, b'a']).is_err(), "cut short");
+        // A whole answer: DNAME, as the library reads it.
+        let mut m = Message::new();
+        m.set_message_type(MessageType::Response);
+        let rdata = hickory_proto::rr::rdata::NULL::with(name(&[b"denied", b"test"]));
+        let record = Record::from_rdata(hickory_proto::rr::Name::from_ascii("dn.allowed.test.").unwrap(), 60, RData::Unknown { code: RecordType::Unknown(DNAME), rdata });
+        m.add_answer(record);
+        let parsed = Message::from_vec(&m.to_vec().unwrap()).unwrap();
+        assert_eq!(answer_record(&parsed.answers()[0]), AnswerRecord::Dname { owner: Ok("dn.allowed.test".into()), target: Ok("denied.test".into()) });
+    }
+
+    fn entries(table: &Pending) -> usize {
+        table.lock().unwrap().len()
+    }
+
+    /// Issue 12: with 65 536 queries pending, picking an id looped forever
+    /// while holding the table's lock.
+    #[test]
+    fn a_full_pending_table_is_busy_at_once_never_a_spin() {
+        let client = UpstreamClient::with_pending_cap(usize::MAX);
+        assert_eq!(client.pending_cap, 65535, "the cap leaves an id free");
+        // 65 534 queries in flight: two ids free, 40 000 and 65 535.
+        let table: Pending = Mutex::default();
+        let mut receivers = Vec::new();
+        for id in (0..u16::MAX).filter(|id| *id != 40_000) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            receivers.push(rx);
+            table.lock().unwrap().insert(id, tx);
+        }
+        assert_eq!(entries(&table), 65534);
+        // A free id is found within the bounded probe, wherever the probe
+        // starts.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let last = client.take_id(&table, tx).expect("a free id below the cap");
+        assert!(last.id == 40_000 || last.id == u16::MAX, "{}", last.id);
+        assert_eq!(entries(&table), 65535);
+        let started = std::time::Instant::now();
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        assert!(matches!(client.take_id(&table, tx), Err(DnsError::UpstreamBusy { pending: 65535 })));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // An entry goes with its query.
+        drop(last);
+        assert_eq!(entries(&table), 65534);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn queries_past_the_pending_cap_fail_fast_and_cancelled_ones_free_their_ids() {
+        // An upstream that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = silent.local_addr().unwrap();
+        let client = Arc::new(UpstreamClient::with_pending_cap(64));
+        let query: Vec<u8> = [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], &[1, b'a', 0, 0, 1, 0, 1]].concat();
+        let waiting: Vec<_> = (0..64)
+            .map(|_| {
+                let (client, query) = (client.clone(), query.clone());
+                tokio::spawn(async move { client.forward(upstream, &query, Duration::from_secs(60)).await })
+            })
+            .collect();
+        let pending = || client.sockets.get().map_or(0, |s| entries(&s.pending));
+        while pending() < 64 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let busy = client.forward(upstream, &query, Duration::from_secs(60)).await;
+        assert!(matches!(busy, Err(DnsError::UpstreamBusy { pending: 64 })), "{busy:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for task in &waiting {
+            task.abort();
+        }
+        for task in waiting {
+            let _ = task.await;
+        }
+        assert_eq!(pending(), 0, "a dropped query leaves no entry behind");
     }
 }

@@ -80,6 +80,14 @@ pub struct CredentialDetail {
     /// Why it was not injected, when it was not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// `secret_redacted` records: how many times the secret (or an
+    /// encoding of it) was cut out of the response sent to the guest.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub redactions: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One record of the flow stream. Field names are stable (documented in
@@ -98,7 +106,7 @@ pub struct FlowRecord {
     /// Who reported it: "datapath", "dns" or "proxy".
     pub source: Text,
     /// "new_flow", "verdict_changed", "drop", "drop_repeat" (datapath),
-    /// "dns_query" (dns), "connection", "http_request" (proxy).
+    /// "dns_query" (dns), "connection", "http_request", "secret_redacted" (proxy).
     pub event: Text,
     /// "egress": from the sandbox (the only direction a sandbox starts flows).
     pub direction: Text,
@@ -659,6 +667,9 @@ pub fn compact(r: &FlowRecord, color: bool) -> String {
                 let _ = write!(line, " credential={} not injected", c.name);
             }
         }
+        if c.redactions > 0 {
+            let _ = write!(line, " redactions={}", c.redactions);
+        }
     }
     if r.source == "datapath" && !(r.event == "new_flow" && r.packets <= 1) {
         let _ = write!(line, " {} pkts {} B", r.packets, r.bytes);
@@ -805,7 +816,7 @@ mod tests {
     fn records_round_trip_through_json() {
         let mut r = record("a", Verdict::Allowed, "198.51.100.7", 443, &["api.test"]);
         r.http = Some(HttpDetail { method: "GET".into(), host: "api.test".into(), path: "/v1".into(), status: Some(200) });
-        r.credential = Some(CredentialDetail { name: "gh".into(), injected: true, failure: None });
+        r.credential = Some(CredentialDetail { name: "gh".into(), injected: true, failure: None, redactions: 0 });
         let text = serde_json::to_string(&r).unwrap();
         assert!(!text.contains("\"dns\""), "absent detail is omitted: {text}");
         assert_eq!(serde_json::from_str::<FlowRecord>(&text).unwrap(), r);

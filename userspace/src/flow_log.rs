@@ -30,6 +30,11 @@ pub struct FlowLogSettings {
     pub audit_max_bytes: u64,
     /// Rotated files kept besides the live one.
     pub audit_keep: usize,
+    /// Audit lines one sandbox may write per second on average, and in a
+    /// burst: past them its lines are counted, not written, so a flood from
+    /// one guest cannot rotate every tenant's evidence out of the log.
+    pub audit_lines_per_second: u32,
+    pub audit_burst: u32,
 }
 
 /// Loss counters, sent to `inspect` clients.
@@ -72,8 +77,12 @@ pub struct FlowMetrics {
     pub proxy_requests: Family<Labels, Counter>,
     pub credentials_injected: Counter,
     pub credential_failures: Counter,
+    /// Secrets (or encodings of them) cut out of responses to guests.
+    pub secret_redactions: Counter,
     pub audit_records: Counter,
     pub audit_write_failures: Counter,
+    /// Audit lines not written because their sandbox was over its budget.
+    pub audit_suppressed: Counter,
 }
 
 /// A stored record, with the flow-table key of a datapath flow (to show the
@@ -90,7 +99,7 @@ struct History {
 pub struct FlowHub {
     history: Mutex<History>,
     live: broadcast::Sender<Arc<FlowRecord>>,
-    audit: Mutex<AuditLog>,
+    audit: Mutex<(AuditLog, AuditBudgets)>,
     /// The kernel's lost-event counter, as last read by the ring reader.
     pub ring_lost: AtomicU64,
     pub metrics: FlowMetrics,
@@ -107,7 +116,10 @@ impl FlowHub {
         FlowHub {
             history: Mutex::new(History { records: VecDeque::new(), capacity: settings.history.max(1), next_seq: 1, evicted: 0 }),
             live: broadcast::channel(FOLLOWER_BUFFER).0,
-            audit: Mutex::new(AuditLog::new(&settings.audit_path, settings.audit_max_bytes, settings.audit_keep)),
+            audit: Mutex::new((
+                AuditLog::new(&settings.audit_path, settings.audit_max_bytes, settings.audit_keep),
+                AuditBudgets::new(settings.audit_lines_per_second, settings.audit_burst),
+            )),
             ring_lost: AtomicU64::new(0),
             metrics: FlowMetrics::default(),
         }
@@ -132,7 +144,10 @@ impl FlowHub {
             *flows.entry((record.sandbox.clone(), record.verdict.as_str())).or_default() += 1;
         }
         if let Some(c) = &record.credential {
-            if c.injected {
+            if record.event == "secret_redacted" {
+                // The request's own record counted the injection.
+                self.metrics.secret_redactions.inc_by(c.redactions);
+            } else if c.injected {
                 self.metrics.credentials_injected.inc();
             } else if c.failure.is_some() {
                 self.metrics.credential_failures.inc();
@@ -151,8 +166,35 @@ impl FlowHub {
             record
         };
         if record.verdict == Verdict::Denied || record.credential_injected() {
-            let written = self.audit.lock().unwrap_or_else(|p| p.into_inner()).append(&record);
-            match written {
+            self.audit(&record);
+        }
+        // No follower is fine.
+        let _ = self.live.send(record);
+    }
+
+    /// Writes `record` to the audit log within its sandbox's budget; the
+    /// first line admitted after a suppression is preceded by a record
+    /// saying how many were suppressed.
+    fn audit(&self, record: &FlowRecord) {
+        let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let (log, budgets) = &mut *guard;
+        // What a credential did is never dropped for what a guest flooded.
+        let budgeted = !(record.credential_injected() || record.event == "secret_redacted");
+        let admit = if budgeted { budgets.admit(&record.sandbox, crate::dns_proxy::boot_time_ns()) } else { Admit::Write { suppressed_before: 0 } };
+        let (notice, record) = match admit {
+            Admit::Write { suppressed_before: 0 } => (None, Some(record)),
+            Admit::Write { suppressed_before } => (Some(suppression_record(record, suppressed_before, false)), Some(record)),
+            Admit::SuppressFirst => {
+                self.metrics.audit_suppressed.inc();
+                (Some(suppression_record(record, 0, true)), None)
+            }
+            Admit::Suppress => {
+                self.metrics.audit_suppressed.inc();
+                return;
+            }
+        };
+        for r in notice.iter().chain(record) {
+            match log.append(r) {
                 Ok(()) => {
                     self.metrics.audit_records.inc();
                 }
@@ -160,10 +202,8 @@ impl FlowHub {
                     self.metrics.audit_write_failures.inc();
                     tracing::warn!("audit log: {e}");
                 }
-            };
+            }
         }
-        // No follower is fine.
-        let _ = self.live.send(record);
     }
 
     /// A follower's receiver; take it before [`FlowHub::history`] and skip
@@ -184,8 +224,22 @@ impl FlowHub {
         (h.records.iter().cloned().collect(), lost)
     }
 
-    /// Drops a deleted sandbox's per-sandbox counts (its metric series).
+    /// Drops a deleted sandbox's per-sandbox counts (its metric series),
+    /// writing how many of its audit records went unwritten, if any.
     pub fn forget_sandbox(&self, sandbox: &str) {
+        {
+            let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+            let (log, budgets) = &mut *guard;
+            if let Some(suppressed) = budgets.forget(sandbox).filter(|n| *n > 0) {
+                let mut last = FlowRecord::new(sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
+                last.time_unix_ns = unix_now_ns();
+                last.time = crate::flow::rfc3339(last.time_unix_ns);
+                let last = suppression_record(&last, suppressed, false);
+                if let Err(e) = log.append(&last) {
+                    tracing::warn!("audit log: {e}");
+                }
+            }
+        }
         self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner()).retain(|(name, _), _| name != sandbox);
     }
 
@@ -286,13 +340,28 @@ impl FlowContext {
     /// Publishes one HTTP request the proxy terminated or forwarded.
     /// `status`: what the guest got back; `credential`: injected or not (and why).
     pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &'static str, credential: Option<crate::flow::CredentialDetail>) {
-        let verdict = if reason == "misdirected" { Verdict::Denied } else { Verdict::Allowed };
+        // Anything but a forwarded request (or one the upstream failed) is
+        // the proxy refusing it: misdirected, bad_request, connect_refused,
+        // compressed_response, malformed_request.
+        let verdict = if matches!(reason, "allowed" | "upstream_failed") { Verdict::Allowed } else { Verdict::Denied };
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
         r.rule = Some(self.rule.clone());
         r.domains = vec![host.to_string()];
         r.http = Some(crate::flow::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
         r.credential = credential;
         self.hub.count_proxy(reason);
+        self.hub.publish(r);
+    }
+
+    /// Publishes that `count` occurrences of `credential`'s secret were cut
+    /// out of the response to a request (once the response has ended).
+    /// Denied, so it is audited and `inspect --verdict denied` shows it.
+    pub fn secret_redacted(&self, method: &str, host: &str, path: &str, status: Option<u16>, credential: &str, count: u64) {
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "secret_redacted", "tcp", Verdict::Denied, "secret_redacted").with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = Some(self.rule.clone());
+        r.domains = vec![host.to_string()];
+        r.http = Some(crate::flow::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
+        r.credential = Some(crate::flow::CredentialDetail { name: credential.to_string(), injected: true, failure: None, redactions: count });
         self.hub.publish(r);
     }
 }
@@ -309,6 +378,84 @@ pub enum AuditError {
 
 /// Append-only JSONL with size-based rotation: past `max_bytes` the file
 /// becomes `.1` (`.1` becomes `.2`, ...; the oldest beyond `keep` goes).
+/// Whether an audit line is written.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Write it; first say how many of this sandbox's lines were suppressed
+    /// since its last written one.
+    Write { suppressed_before: u64 },
+    /// The first line over budget: not written, but say that suppression
+    /// starts (the flood may end, or the sandbox go, before any summary).
+    SuppressFirst,
+    Suppress,
+}
+
+/// The audit record announcing (`starting`) or summing up a suppression
+/// for `like`'s sandbox; `packets` carries the count.
+fn suppression_record(like: &FlowRecord, suppressed: u64, starting: bool) -> FlowRecord {
+    let mut s = FlowRecord::new(&like.sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
+    s.time_unix_ns = like.time_unix_ns;
+    s.time = like.time.clone();
+    s.packets = suppressed;
+    s.rule = Some(if starting {
+        "this sandbox is over its audit budget: its records are counted, not written, until it has budget again".to_string()
+    } else {
+        format!("{suppressed} audit records of this sandbox were over its budget and not written")
+    });
+    s
+}
+
+/// A token bucket per sandbox (pure: the clock is passed in).
+#[derive(Debug)]
+pub struct AuditBudgets {
+    per_second: f64,
+    burst: f64,
+    by_sandbox: std::collections::HashMap<String, AuditBudget>,
+}
+
+#[derive(Debug)]
+struct AuditBudget {
+    tokens: f64,
+    last_ns: u64,
+    suppressed: u64,
+}
+
+/// Sandboxes whose buckets are kept; past it, full (idle) buckets go.
+const AUDIT_BUDGETS_KEPT: usize = 4096;
+
+impl AuditBudgets {
+    /// `per_second` 0 turns the budget off.
+    pub fn new(per_second: u32, burst: u32) -> AuditBudgets {
+        AuditBudgets { per_second: f64::from(per_second), burst: f64::from(burst.max(1)), by_sandbox: Default::default() }
+    }
+
+    /// Forgets a deleted sandbox; what it had suppressed and not yet reported.
+    pub fn forget(&mut self, sandbox: &str) -> Option<u64> {
+        self.by_sandbox.remove(sandbox).map(|b| b.suppressed)
+    }
+
+    pub fn admit(&mut self, sandbox: &str, now_ns: u64) -> Admit {
+        if self.per_second == 0.0 {
+            return Admit::Write { suppressed_before: 0 };
+        }
+        if self.by_sandbox.len() >= AUDIT_BUDGETS_KEPT && !self.by_sandbox.contains_key(sandbox) {
+            let (rate, burst) = (self.per_second, self.burst);
+            self.by_sandbox.retain(|_, b| b.suppressed > 0 || b.tokens + (now_ns.saturating_sub(b.last_ns) as f64 / 1e9) * rate < burst);
+        }
+        let burst = self.burst;
+        let budget = self.by_sandbox.entry(sandbox.to_string()).or_insert(AuditBudget { tokens: burst, last_ns: now_ns, suppressed: 0 });
+        let elapsed = now_ns.saturating_sub(budget.last_ns) as f64 / 1e9;
+        budget.tokens = (budget.tokens + elapsed * self.per_second).min(self.burst);
+        budget.last_ns = now_ns;
+        if budget.tokens < 1.0 {
+            budget.suppressed += 1;
+            return if budget.suppressed == 1 { Admit::SuppressFirst } else { Admit::Suppress };
+        }
+        budget.tokens -= 1.0;
+        Admit::Write { suppressed_before: std::mem::take(&mut budget.suppressed) }
+    }
+}
+
 pub struct AuditLog {
     path: PathBuf,
     max_bytes: u64,
@@ -489,7 +636,7 @@ mod tests {
     #[test]
     fn history_is_bounded_and_counts_what_it_forgets() {
         let dir = std::env::temp_dir().join(format!("sbx-net-hub-{}", std::process::id()));
-        let hub = FlowHub::new(&FlowLogSettings { history: 3, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 });
+        let hub = FlowHub::new(&FlowLogSettings { history: 3, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 });
         for n in 0..5 {
             hub.publish(rec(n, Verdict::Allowed));
         }
@@ -510,7 +657,7 @@ mod tests {
     #[test]
     fn flow_counts_go_with_their_sandbox() {
         let dir = std::env::temp_dir().join(format!("sbx-net-counts-{}", std::process::id()));
-        let hub = FlowHub::new(&FlowLogSettings { history: 4, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 });
+        let hub = FlowHub::new(&FlowLogSettings { history: 4, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 });
         for sandbox in ["a", "b", "a"] {
             let mut r = rec(1, Verdict::Allowed);
             r.sandbox = sandbox.into();
@@ -526,7 +673,7 @@ mod tests {
     fn a_slow_follower_is_told_what_it_missed() {
         use std::io::BufRead;
         let dir = std::env::temp_dir().join(format!("sbx-net-follow-{}", std::process::id()));
-        let hub = Arc::new(FlowHub::new(&FlowLogSettings { history: 10, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1 }));
+        let hub = Arc::new(FlowHub::new(&FlowLogSettings { history: 10, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 }));
         let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
         let serving = hub.clone();
         let follower = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None, || false));
@@ -592,5 +739,35 @@ mod tests {
         again.append(&rec(1010, Verdict::Denied)).unwrap();
         assert_eq!(read(&path), [1009, 1010]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn audit_budget_is_per_sandbox_and_reports_what_it_suppressed() {
+        let second = 1_000_000_000u64;
+        let mut b = AuditBudgets::new(10, 20);
+        let t0 = 5 * second;
+        for i in 0..20 {
+            assert_eq!(b.admit("flood", t0), Admit::Write { suppressed_before: 0 }, "burst line {i}");
+        }
+        assert_eq!(b.admit("flood", t0), Admit::SuppressFirst);
+        for _ in 1..100 {
+            assert_eq!(b.admit("flood", t0), Admit::Suppress);
+        }
+        // Another sandbox is untouched by the flood.
+        assert_eq!(b.admit("quiet", t0), Admit::Write { suppressed_before: 0 });
+        // A tenth of a second later one more token: the line says 100 went.
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::Write { suppressed_before: 100 });
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::SuppressFirst);
+        assert_eq!(b.forget("flood"), Some(1), "deleting the sandbox reports what is pending");
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::Write { suppressed_before: 0 }, "a new sandbox of that name starts full");
+        // Refills up to the burst only.
+        for _ in 0..20 {
+            assert!(matches!(b.admit("flood", t0 + 100 * second), Admit::Write { .. }));
+        }
+        assert_eq!(b.admit("flood", t0 + 100 * second), Admit::SuppressFirst);
+        let mut off = AuditBudgets::new(0, 0);
+        for _ in 0..10_000 {
+            assert_eq!(off.admit("x", t0), Admit::Write { suppressed_before: 0 });
+        }
     }
 }

@@ -23,7 +23,7 @@ use ipnetwork::IpNetwork;
 use sbx_net_common::{action, program_names, rule_id, Reason, SandboxConfig, MAX_PORT_VERDICTS};
 
 use crate::compile::{brute_force_verdict, compile, entry_verdict, CompiledPolicy, PortInfo};
-use crate::credential_proxy::{rewrite_headers, sentinel, strip_sentinels, CredentialBinding};
+use crate::credential_proxy::{rewrite_headers, strip_sentinels, CredentialBinding};
 use crate::datapath::{Datapath, DatapathOptions, EventReader};
 use crate::dns::{learned_value, name_verdict, normalise_query_name, plan_answer, AnswerRecord, NameVerdict, RecordFate};
 use crate::peek::{classify, FirstBytes, PEEK_LIMIT};
@@ -190,51 +190,76 @@ fn dns_policy() -> &'static CompiledPolicy {
 
 /// A DNS message, as the guest's query and as the upstream's answer.
 ///
-/// Invariants:
-/// - as a query: every message the proxy parses can be answered (its
-///   REFUSED/NXDOMAIN/FORMERR reply and its truncated form encode), with
-///   the query's id;
-/// - as an answer: the plan has one fate per record and strips addresses
-///   only; it learns each address once, only from a kept A/AAAA record on
-///   the queried name's CNAME chain (computed here independently), never an
-///   address a policy rule or the built-in list denies — read rule by rule
-///   with [`brute_force_verdict`], not from the trie the plan used;
+/// Invariants, as a query ([`crate::dns::screen_query`]):
+/// - an understood query has a normalised rule name; the query the proxy
+///   sends upstream for it parses, asks exactly that question with the
+///   guest's id, and screens as the same query; its refusals (REFUSED,
+///   NXDOMAIN, SERVFAIL) encode with the guest's id and that rcode;
+/// - anything else is dropped, or answered with a response (QR set) that
+///   carries the guest's id.
+///
+/// As an answer ([`plan_answer`] of its records for its question):
+/// - one fate per record; only address records are stripped, unless the
+///   whole answer is refused (then every record is, and nothing is learned);
+/// - an allowed answer's alias chain starts at the question, which the
+///   policy allows, and holds no name a deny rule names;
+/// - each address is learned once, only from a kept A/AAAA record whose
+///   owner is on the chain; never an address a policy rule or the built-in
+///   list denies — read rule by rule with [`brute_force_verdict`], not from
+///   the trie the plan used — nor an IPv4-compatible address, nor an
+///   IPv4-mapped one whose IPv4 address is denied;
 /// - a learned address's trie value keeps what its covering entry says for
 ///   any port, keeps every port deny (a learned allow never beats it), and
 ///   once expired says exactly what the covering entry says;
-/// - the re-encoded answer the guest gets holds exactly the kept records.
+/// - the answer re-encoded without the stripped records holds exactly the
+///   kept ones.
 pub fn dns(data: &[u8]) {
-    let Ok(message) = Message::from_vec(data) else { return };
+    use crate::dns::{refusal, reencode, screen_query, ChainVerdict, Screened};
     let policy = dns_policy();
 
-    // The guest's side: what the proxy answers by itself.
-    for code in [ResponseCode::FormErr, ResponseCode::Refused, ResponseCode::NXDomain, ResponseCode::ServFail] {
-        let bytes = crate::dns_proxy::reply(&message, code).unwrap_or_else(|| panic!("no {code} reply to a query the proxy parsed: {message:?}"));
-        let back = Message::from_vec(&bytes).unwrap_or_else(|e| panic!("our own {code} reply does not parse: {e}"));
-        assert_eq!((back.id(), back.message_type(), back.response_code()), (message.id(), MessageType::Response, code));
+    // The guest's side.
+    match screen_query(data) {
+        Screened::Query(q) => {
+            assert_eq!(q.rule_name, normalise_query_name(&q.rule_name), "a rule name that is not normalised");
+            let upstream = reencode(&q).unwrap_or_else(|| panic!("no upstream query for an understood query: {q:?}"));
+            let m = Message::from_vec(&upstream).unwrap_or_else(|e| panic!("our upstream query does not parse: {e}"));
+            assert_eq!((m.id(), m.message_type(), m.queries().len(), m.answers().len()), (q.id, MessageType::Query, 1, 0), "the upstream query");
+            match screen_query(&upstream) {
+                Screened::Query(again) => assert_eq!((again.id, &again.rule_name, again.qtype), (q.id, &q.rule_name, q.qtype), "the upstream query screens differently"),
+                other => panic!("our own upstream query is refused: {other:?}"),
+            }
+            for code in [ResponseCode::Refused, ResponseCode::NXDomain, ResponseCode::ServFail] {
+                let bytes = refusal(&q, code).unwrap_or_else(|| panic!("no {code} reply to {q:?}"));
+                let back = Message::from_vec(&bytes).unwrap_or_else(|e| panic!("our {code} reply does not parse: {e}"));
+                assert_eq!((back.id(), back.message_type(), back.response_code()), (q.id, MessageType::Response, code));
+            }
+        }
+        Screened::Refused { reply: Some(reply), .. } => {
+            assert!(reply.len() >= 12 && reply[..2] == data[..2], "a reply without the guest's id");
+            assert!(reply[2] & 0x80 != 0, "a reply that is not a response");
+        }
+        Screened::Refused { reply: None, .. } => {}
     }
-    let truncated = crate::dns_proxy::truncated(&message).unwrap_or_else(|| panic!("no truncated form of a parsed message: {message:?}"));
-    let back = Message::from_vec(&truncated).expect("the truncated form parses");
-    assert!(back.truncated() && back.answers().is_empty() && back.id() == message.id());
 
-    // The upstream's side: the plan for its answer.
-    let qname = message.queries().first().map(|q| normalise_query_name(&q.name().to_ascii())).unwrap_or_else(|| "allowed.test".into());
+    // The upstream's side.
+    let Ok(message) = Message::from_vec(data) else { return };
+    let qname = message.queries().first().and_then(|q| crate::dns::checked(q.name()).ok()).unwrap_or_else(|| "allowed.test".into());
     let records: Vec<AnswerRecord> = message.answers().iter().map(crate::dns_proxy::answer_record).collect();
     let plan = plan_answer(policy, &qname, &records);
     assert_eq!(plan.fates.len(), records.len(), "one fate per record");
-
-    let mut chain = BTreeSet::from([qname.clone()]);
-    loop {
-        let before = chain.len();
-        for r in &records {
-            if let AnswerRecord::Cname { owner, target } = r {
-                if chain.contains(&normalise_query_name(owner)) {
-                    chain.insert(normalise_query_name(target));
-                }
-            }
+    let (rule, port) = match &plan.verdict {
+        ChainVerdict::Allowed { rule_id, port } => (*rule_id, *port),
+        refused => {
+            assert!(plan.learn.is_empty(), "a refused answer ({refused:?}) learns {:?}", plan.learn);
+            assert!(plan.fates.iter().all(|f| *f != RecordFate::Keep), "a refused answer ({refused:?}) keeps a record");
+            return;
         }
-        if chain.len() == before {
-            break;
+    };
+    assert_eq!(plan.chain.first(), Some(&normalise_query_name(&qname)), "the chain does not start at the question");
+    assert!(matches!(name_verdict(policy, &plan.chain[0]), NameVerdict::Allowed { .. }), "an allowed answer to a question the policy denies");
+    for name in &plan.chain[1..] {
+        if let NameVerdict::Denied { rule_id } = name_verdict(policy, name) {
+            assert_eq!(rule_id, rule_id::DEFAULT, "{name} on the chain is denied by {}", policy.describe_rule(rule_id));
         }
     }
     let mut kept_addresses = BTreeSet::new();
@@ -243,30 +268,39 @@ pub fn dns(data: &[u8]) {
             (AnswerRecord::Address { ip, .. }, RecordFate::Keep) => {
                 kept_addresses.insert(*ip);
             }
-            (AnswerRecord::Address { .. }, RecordFate::Strip { .. }) => {}
+            (AnswerRecord::Address { .. }, RecordFate::Strip { .. }) | (_, RecordFate::Keep) => {}
             (other, RecordFate::Strip { reason }) => panic!("stripped a record that is not an address: {other:?} ({reason})"),
-            (_, RecordFate::Keep) => {}
         }
     }
     let learned: BTreeSet<IpAddr> = plan.learn.iter().map(|(ip, _)| *ip).collect();
     assert_eq!(learned.len(), plan.learn.len(), "an address learned twice: {:?}", plan.learn);
     assert_eq!(learned, kept_addresses, "learned and kept addresses differ");
+    let denied_by_rules = |ip: IpAddr| {
+        let v = brute_force_verdict(&policy.rules, policy.default_action, ip, PortInfo::None);
+        (v.action == action::DENY && v.rule_id != rule_id::DEFAULT).then(|| policy.describe_rule(v.rule_id))
+    };
     for (ip, ttl) in &plan.learn {
-        let from_chain = records.iter().any(|r| matches!(r, AnswerRecord::Address { owner, ip: a, ttl: t } if a == ip && t == ttl && chain.contains(&normalise_query_name(owner))));
-        assert!(from_chain, "{ip} (ttl {ttl}) learned from no record on the CNAME chain of {qname}");
-        let by_rules = brute_force_verdict(&policy.rules, policy.default_action, *ip, PortInfo::None);
-        assert!(
-            !(by_rules.action == action::DENY && by_rules.rule_id != rule_id::DEFAULT),
-            "{ip} learned although {} denies it",
-            policy.describe_rule(by_rules.rule_id)
-        );
-        check_learned_value(policy, *ip, &qname);
+        let from_chain = records.iter().any(|r| matches!(r, AnswerRecord::Address { owner: Ok(owner), ip: a, ttl: t } if a == ip && t == ttl && plan.chain.contains(owner)));
+        assert!(from_chain, "{ip} (ttl {ttl}) learned from no record on the alias chain of {qname}");
+        if let Some(rule) = denied_by_rules(*ip) {
+            panic!("{ip} learned although {rule} denies it");
+        }
+        if let IpAddr::V6(v6) = ip {
+            let bits = u128::from(*v6);
+            assert!(bits >> 32 != 0, "{ip} learned: IPv4-compatible");
+            if bits >> 32 == 0xffff {
+                let v4 = IpAddr::V4(Ipv4Addr::from(bits as u32));
+                assert!(denied_by_rules(v4).is_none(), "{ip} learned although it maps {v4}, which a rule denies");
+            }
+        }
+        check_learned_value(policy, *ip, rule, port);
     }
 
     // What the guest receives when records were stripped.
     if plan.fates.iter().any(|f| *f != RecordFate::Keep) {
         let mut stripped = message.clone();
-        crate::dns_proxy::strip_answers(&mut stripped, &plan.fates);
+        let kept: Vec<_> = stripped.take_answers().into_iter().zip(&plan.fates).filter(|(_, f)| **f == RecordFate::Keep).map(|(r, _)| r).collect();
+        stripped.insert_answers(kept);
         if let Ok(bytes) = stripped.to_vec() {
             let back = Message::from_vec(&bytes).expect("our stripped answer parses");
             let got: Vec<AnswerRecord> = back.answers().iter().map(crate::dns_proxy::answer_record).collect();
@@ -276,11 +310,7 @@ pub fn dns(data: &[u8]) {
     }
 }
 
-fn check_learned_value(policy: &CompiledPolicy, ip: IpAddr, qname: &str) {
-    let (rule, port) = match name_verdict(policy, qname) {
-        NameVerdict::Allowed { rule_id, port } => (rule_id, port),
-        NameVerdict::Denied { .. } => (1, None),
-    };
+fn check_learned_value(policy: &CompiledPolicy, ip: IpAddr, rule: u32, port: Option<u16>) {
     const UNTIL: u64 = 1_000;
     let value = learned_value(policy, ip, None, rule, port, UNTIL);
     let base = policy.entry_for(ip).copied().unwrap_or_default();
@@ -355,21 +385,38 @@ fn bindings() -> &'static [CredentialBinding] {
     })
 }
 
-/// The guest's request headers (`name: value` lines; the first byte picks
-/// the credential and the path), through the credential proxy's rewrite
-/// (a bound host) or its sentinel strip (any other host).
+/// Whether a header value carries a credential sentinel: `sbx-cred:` in
+/// any case, or with its colon percent-encoded (what the proxy documents).
+fn has_sentinel(value: &[u8]) -> bool {
+    [b"sbx-cred:".as_slice(), b"sbx-cred%3a"].iter().any(|p| value.windows(p.len()).any(|w| w.eq_ignore_ascii_case(p)))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The guest's request headers (`name: value` lines after a selector byte
+/// that picks the credential and the path) through the credential proxy's
+/// rewrite (a bound host) or its sentinel strip (any other host); then the
+/// same bytes as a response body through the credential's scrubber.
 ///
 /// Invariants, after `rewrite_headers`:
 /// - the binding's header carries exactly one value, the configured one;
 /// - no other Authorization or Proxy-Authorization value survives;
-/// - no value still carries the binding's sentinel `sbx-cred:<name>`;
-/// - the secret appears only in the binding's header and where the guest
-///   put the binding's sentinel (or, absurdly, the secret itself);
-/// - headers with neither credential role nor sentinel pass unchanged.
+/// - no value carries a sentinel (the secret goes only in its own header);
+/// - the secret appears in no other header unless the guest sent it there;
+/// - Accept-Encoding is `identity` alone, Range and If-Range are gone (the
+///   scrubber can only check an identity body of the whole representation);
+/// - every other header keeps exactly its values without a sentinel, in order.
 ///
-/// After `strip_sentinels`: no value carries `sbx-cred:`, no value gains the
-/// secret, and headers without a sentinel pass unchanged.
+/// After `strip_sentinels`: no value carries a sentinel and every header
+/// keeps exactly its values without one, in order.
+///
+/// The scrubber (fed the bytes in chunks whose sizes come from the input):
+/// the same bytes as scrubbing them in one piece, the same length (a
+/// Content-Length stays true), and no raw secret and no match left.
 pub fn headers(data: &[u8]) {
+    use hyper::header::{ACCEPT_ENCODING, IF_RANGE, RANGE};
     let Some((&selector, rest)) = data.split_first() else { return };
     let mut original = HeaderMap::new();
     for line in rest.split(|b| *b == b'\n') {
@@ -382,12 +429,12 @@ pub fn headers(data: &[u8]) {
         }
     }
     let binding = &bindings()[usize::from(selector & 3) % bindings().len()];
-    let marker = sentinel(&binding.name);
-    let contains = |v: &HeaderValue, needle: &str| v.as_bytes().windows(needle.len()).any(|w| w == needle.as_bytes());
     let values = |h: &HeaderMap, n: &HeaderName| -> Vec<HeaderValue> { h.get_all(n).iter().cloned().collect() };
+    let clean = |n: &HeaderName| -> Vec<HeaderValue> { original.get_all(n).iter().filter(|v| !has_sentinel(v.as_bytes())).cloned().collect() };
+    let secret = FUZZ_SECRET.as_bytes();
 
+    let mut h = original.clone();
     if selector & 4 == 0 {
-        let mut h = original.clone();
         rewrite_headers(&mut h, binding);
         assert_eq!(values(&h, &binding.header), vec![binding.value.clone()], "the binding's header must hold exactly its value");
         for role in [AUTHORIZATION, PROXY_AUTHORIZATION] {
@@ -395,39 +442,45 @@ pub fn headers(data: &[u8]) {
                 assert!(h.get(&role).is_none(), "a guest's {role} survived the rewrite");
             }
         }
+        assert_eq!(values(&h, &ACCEPT_ENCODING), vec![HeaderValue::from_static("identity")], "Accept-Encoding");
+        assert!(h.get(RANGE).is_none() && h.get(IF_RANGE).is_none(), "a range request survived");
         for (name, value) in &h {
-            assert!(!contains(value, &marker), "{name} still carries the sentinel {marker}");
-            if contains(value, FUZZ_SECRET) && *name != binding.header {
-                let placed = original.get_all(name).iter().any(|v| contains(v, &marker) || contains(v, FUZZ_SECRET));
-                assert!(placed, "the secret reached {name}, where the guest put no sentinel");
+            assert!(!has_sentinel(value.as_bytes()), "{name} still carries a sentinel");
+            if contains(value.as_bytes(), secret) && *name != binding.header {
+                assert!(original.get_all(name).iter().any(|v| contains(v.as_bytes(), secret)), "the secret reached {name}");
             }
         }
-        for name in original.keys() {
-            let role = *name == binding.header || *name == AUTHORIZATION || *name == PROXY_AUTHORIZATION;
-            if !role && !original.get_all(name).iter().any(|v| contains(v, &marker)) {
-                assert_eq!(values(&h, name), values(&original, name), "{name} changed without a sentinel");
-            }
+        let managed = [binding.header.clone(), AUTHORIZATION, PROXY_AUTHORIZATION, ACCEPT_ENCODING, RANGE, IF_RANGE];
+        for name in original.keys().filter(|n| !managed.contains(n)) {
+            assert_eq!(values(&h, name), clean(name), "{name}: not exactly its values without a sentinel");
         }
     } else {
-        let mut h = original.clone();
         strip_sentinels(&mut h);
-        for (name, value) in &h {
-            assert!(!contains(value, "sbx-cred:"), "{name} still carries a sentinel after the strip");
-            assert!(!contains(value, FUZZ_SECRET) || original.get_all(name).iter().any(|v| contains(v, FUZZ_SECRET)), "the strip put the secret in {name}");
-        }
+        assert!(h.iter().all(|(_, v)| !has_sentinel(v.as_bytes())), "a sentinel survived the strip");
+        assert_eq!(h.len(), original.iter().filter(|(_, v)| !has_sentinel(v.as_bytes())).count(), "the strip added or lost values");
         for name in original.keys() {
-            if !original.get_all(name).iter().any(|v| contains(v, "sbx-cred:")) {
-                assert_eq!(values(&h, name), values(&original, name), "{name} changed without a sentinel");
-            }
+            assert_eq!(values(&h, name), clean(name), "{name}: not exactly its values without a sentinel");
         }
     }
 
-    // SCRUBBER: the streaming secret scrubber (userspace/src/scrub.rs, being
-    // written) goes here once it lands: feed `rest` through it in chunks
-    // whose sizes come from the input (so a secret split across chunks is
-    // exercised), with FUZZ_SECRET registered, and assert that its output
-    // never contains FUZZ_SECRET and equals the input wherever the input
-    // did not contain it.
+    // The response side: the same bytes from the upstream, through the
+    // streaming scrubber in chunks of 1 to 40 bytes.
+    let patterns = &binding.scrub;
+    let (whole, _) = patterns.scrub(rest);
+    let mut scrubber = patterns.scrubber();
+    let mut streamed = Vec::with_capacity(rest.len());
+    let mut rng = Rng::from(data);
+    let mut at = 0;
+    while at < rest.len() {
+        let end = (at + 1 + rng.next() as usize % 40).min(rest.len());
+        streamed.extend_from_slice(&scrubber.push(&rest[at..end]));
+        at = end;
+    }
+    streamed.extend(scrubber.finish());
+    assert_eq!(streamed.len(), rest.len(), "the scrubber changed the length");
+    assert!(streamed == whole, "scrubbing in chunks and in one piece differ");
+    assert!(!contains(&streamed, secret), "the secret went back to the guest");
+    assert!(!patterns.is_match(&streamed), "a form of the secret went back to the guest");
 }
 
 /// One line of the control socket, as the daemon's server reads it.

@@ -92,9 +92,11 @@ pub fn render(status: &serde_json::Value, live: &Live) -> String {
     registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", flows);
     registry.register("proxy_requests", "Proxy decisions (connections and HTTP requests) by outcome", live.flows.proxy_requests.clone());
     registry.register("credentials_injected", "Requests a credential was injected into", live.flows.credentials_injected.clone());
+    registry.register("secret_redactions", "Secrets (or encodings of them) cut out of responses from credential hosts", live.flows.secret_redactions.clone());
     registry.register("credential_failures", "Requests to a credential host sent without the credential (secret unavailable)", live.flows.credential_failures.clone());
     registry.register("audit_records", "Records written to the audit log", live.flows.audit_records.clone());
     registry.register("audit_write_failures", "Audit records that could not be written", live.flows.audit_write_failures.clone());
+    registry.register("audit_suppressed", "Audit records not written: their sandbox was over its audit budget", live.flows.audit_suppressed.clone());
     registry.register("dns_hold_seconds", "Time an answer was held while its addresses were written to the maps", live.dns_hold.clone());
 
     let entries: Family<Labels, Gauge> = Family::default();

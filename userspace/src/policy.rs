@@ -484,6 +484,7 @@ pub fn builtin_deny_rules() -> Vec<Rule> {
         ("192.168.0.0/16", "private"),
         ("224.0.0.0/4", "multicast"),
         ("240.0.0.0/4", "reserved, broadcast"),
+        ("::/96", "IPv4-compatible, embeds IPv4"),
         ("::/128", "unspecified"),
         ("::1/128", "loopback"),
         ("::ffff:0:0/96", "IPv4-mapped"),
@@ -632,7 +633,7 @@ deny = ["10.0.0.0/8"]
             list.iter().any(|r| matches!(r.target, Target::Cidr(n) if n.contains(ip)))
         };
         for ip in ["169.254.169.254", "127.0.0.1", "10.1.2.3", "172.20.0.1", "192.168.1.1", "100.64.0.1",
-                   "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "ff02::1", "224.0.0.251"] {
+                   "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::a9fe:a9fe", "::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "ff02::1", "224.0.0.251"] {
             assert!(covers(ip), "{ip}");
         }
         for ip in ["140.82.112.3", "8.8.8.8", "2606:50c0::1"] {

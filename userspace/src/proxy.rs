@@ -84,8 +84,25 @@ pub fn bind(port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
         .collect()
 }
 
+/// What bounds one sandbox's use of the proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyLimits {
+    pub connections: Arc<crate::conn_limit::ConnLimits>,
+    /// The whole first-bytes read (not each byte) must finish in this time.
+    pub first_bytes_timeout: Duration,
+}
+
+impl ProxyLimits {
+    pub fn from_config(config: &crate::config::DaemonConfig) -> ProxyLimits {
+        ProxyLimits {
+            connections: crate::conn_limit::ConnLimits::new(config.proxy_connections_per_sandbox),
+            first_bytes_timeout: Duration::from_millis(config.proxy_first_bytes_timeout_ms),
+        }
+    }
+}
+
 /// Accepts forever on `listener`.
-pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns_proxy::DnsContext>) {
+pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns_proxy::DnsContext>, limits: ProxyLimits) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -93,18 +110,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns_proxy::D
             return;
         }
     };
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("proxy accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let ctx = ctx.clone();
-        tokio::spawn(async move { handle(stream, peer, ctx).await });
-    }
+    crate::conn_limit::accept_loop(listener, "proxy", move |stream, peer| handle(stream, peer, ctx.clone(), limits.clone())).await
 }
 
 /// What the proxy does with one connection (pure).
@@ -122,15 +128,13 @@ pub enum Plan {
 
 /// Decides by the name the guest sent (SNI or Host), deny winning, else by
 /// the original destination's IP rules. `learned_for` lists the addresses
-/// the DNS proxy answered this sandbox for a name; `learned_allows` says
-/// whether a learned entry opens the original destination.
-pub fn plan(
-    policy: &CompiledPolicy,
-    name: Option<&str>,
-    original: SocketAddr,
-    learned_for: impl Fn(&str) -> Vec<IpAddr>,
-    learned_allows: bool,
-) -> Plan {
+/// the DNS proxy answered this sandbox for a name.
+///
+/// A connection that names nothing (no SNI, an IP-literal SNI, ECH, HTTP
+/// without Host, another protocol) is decided by the policy's own address
+/// rules only, never by an address learned from DNS: that address was
+/// opened for one name, and on a shared server (a CDN) it carries any other.
+pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, learned_for: impl Fn(&str) -> Vec<IpAddr>) -> Plan {
     let original = canonical_addr(original);
     let name = name.filter(|n| n.parse::<IpAddr>().is_err());
     let Some(name) = name else {
@@ -138,12 +142,15 @@ pub fn plan(
         let rule = policy.describe_rule(v.rule_id);
         return if v.action == action::ALLOW {
             Plan::Connect { addr: original, rule }
-        } else if learned_allows {
-            Plan::Connect { addr: original, rule: "learned from DNS".into() }
         } else {
             Plan::Deny { rule }
         };
     };
+    if name.is_empty() || !crate::dns::is_plain_name(name) {
+        // Escapes, spaces, `*`, raw UTF-8: a resolver or a server could
+        // read such a name as another one; no rule names it.
+        return Plan::Deny { rule: "malformed name".into() };
+    }
     match crate::dns::name_verdict(policy, name) {
         crate::dns::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
         crate::dns::NameVerdict::Allowed { rule_id, port } => {
@@ -160,7 +167,7 @@ pub fn plan(
     }
 }
 
-async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_proxy::DnsContext>) {
+async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_proxy::DnsContext>, limits: ProxyLimits) {
     let original = match original_dst(&guest) {
         Ok(dst) => dst,
         Err(e) => {
@@ -174,39 +181,6 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
         reset(&guest);
         return;
     };
-    // Read the first bytes: the TLS ClientHello's SNI or the HTTP Host.
-    let mut first = Vec::with_capacity(2048);
-    let kind = loop {
-        let k = crate::peek::classify(&first);
-        if k != crate::peek::FirstBytes::NeedMore || first.len() >= crate::peek::PEEK_LIMIT {
-            break k;
-        }
-        let mut buf = [0u8; 4096];
-        match tokio::time::timeout(Duration::from_secs(5), guest.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => first.extend_from_slice(&buf[..n]),
-            // Silent or closed: decide without a name.
-            _ => break crate::peek::FirstBytes::Other,
-        }
-    };
-    let name = match &kind {
-        crate::peek::FirstBytes::Tls { sni } => sni.clone(),
-        crate::peek::FirstBytes::Http { host } => host.clone(),
-        _ => None,
-    };
-    let (for_name, learned_allows) = {
-        let guard = ctx.state.lock().await;
-        let table = guard.1.by_sandbox.get(&route.sandbox);
-        let now = crate::dns_proxy::boot_time_ns();
-        let for_name: Vec<IpAddr> = match (&name, table) {
-            (Some(n), Some(t)) => t.iter().filter(|(_, l)| l.names.contains(n) && l.value.learned_until_ns > now).map(|(ip, _)| *ip).collect(),
-            _ => Vec::new(),
-        };
-        let allows = table.and_then(|t| t.get(&canonical(original.ip()))).is_some_and(|l| {
-            crate::compile::entry_verdict(&l.value, PortInfo::Port(original.port()), now).action == action::ALLOW
-        });
-        (for_name, allows)
-    };
-    let decided = plan(&route.policy, name.as_deref(), original, |_| for_name.clone(), learned_allows);
     let mut flow = crate::flow_log::FlowContext {
         hub: ctx.flows.clone(),
         sandbox: route.sandbox.clone(),
@@ -214,6 +188,54 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
         dst: original,
         rule: String::new(),
     };
+    // Held until the connection ends, whichever path it takes.
+    let Some(permit) = limits.connections.try_acquire(&route.sandbox) else {
+        tracing::debug!(sandbox = %route.sandbox, dst = %original, "proxy: connection cap reached");
+        flow.connection(Verdict::Denied, "connection_limit", Some(format!("at most {} proxied connections per sandbox", limits.connections.cap())), None);
+        reset(&guest);
+        return;
+    };
+    // Read the first bytes: the TLS ClientHello's SNI or the HTTP Host, all
+    // of them within one deadline (a byte at a time does not extend it).
+    let mut peeker = crate::peek::Peeker::default();
+    let deadline = tokio::time::Instant::now() + limits.first_bytes_timeout;
+    let kind = loop {
+        let mut buf = [0u8; 4096];
+        let room = crate::peek::PEEK_LIMIT.saturating_sub(peeker.bytes().len()).clamp(1, buf.len());
+        let k = match tokio::time::timeout_at(deadline, guest.read(&mut buf[..room])).await {
+            Ok(Ok(n)) if n > 0 => peeker.push(&buf[..n]),
+            // Silent, slow or closed: decide without a name.
+            _ => break crate::peek::FirstBytes::Other,
+        };
+        if k != crate::peek::FirstBytes::NeedMore {
+            break k;
+        }
+    };
+    let first = peeker.into_bytes();
+    if let crate::peek::FirstBytes::AmbiguousHttp { reason } = kind {
+        tracing::info!(sandbox = %route.sandbox, dst = %original, reason, "proxy: ambiguous request head");
+        flow.connection(Verdict::Denied, "ambiguous_request", Some(reason.to_string()), None);
+        let _ = guest.write_all(http_error(400, "Bad Request", &format!("ambiguous request ({reason})")).as_bytes()).await;
+        let _ = guest.shutdown().await;
+        return;
+    }
+    let name = match &kind {
+        crate::peek::FirstBytes::Tls { sni } => sni.clone(),
+        crate::peek::FirstBytes::Http { host } => host.clone(),
+        _ => None,
+    };
+    let for_name: Vec<IpAddr> = match &name {
+        Some(n) => {
+            let guard = ctx.state.lock().await;
+            let now = crate::dns_proxy::boot_time_ns();
+            match guard.1.by_sandbox.get(&route.sandbox) {
+                Some(t) => t.iter().filter(|(_, l)| l.names.contains(n) && l.value.learned_until_ns > now).map(|(ip, _)| *ip).collect(),
+                None => Vec::new(),
+            }
+        }
+        None => Vec::new(),
+    };
+    let decided = plan(&route.policy, name.as_deref(), original, |_| for_name.clone());
     let (targets, rule) = match decided {
         Plan::Deny { rule } => {
             tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
@@ -236,7 +258,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
     flow.rule = rule.clone();
     let mut upstream = None;
     for addr in &targets {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr)).await {
+        if let Ok(s) = connect_remote(*addr).await {
             upstream = Some((s, *addr));
             break;
         }
@@ -261,6 +283,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns_prox
                 ca.clone(),
                 ctx.upstream_tls.clone(),
                 flow,
+                Arc::new(permit),
             )
             .await
             {
@@ -315,13 +338,7 @@ async fn resolve(ctx: &crate::dns_proxy::DnsContext, policy: &CompiledPolicy, na
 async fn refuse(guest: &mut TcpStream, kind: &crate::peek::FirstBytes, reason: &str) {
     match kind {
         crate::peek::FirstBytes::Http { .. } => {
-            let body = format!("sbx-net: denied by {reason}\n");
-            let header_reason: String = reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect();
-            let response = format!(
-                "HTTP/1.1 403 Forbidden\r\nX-Sbx-Net-Denied: {header_reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = guest.write_all(response.as_bytes()).await;
+            let _ = guest.write_all(http_error(403, "Forbidden", &guest_facing_rule(reason)).as_bytes()).await;
             let _ = guest.shutdown().await;
         }
         crate::peek::FirstBytes::Tls { .. } => {
@@ -330,6 +347,53 @@ async fn refuse(guest: &mut TcpStream, kind: &crate::peek::FirstBytes, reason: &
             let _ = guest.shutdown().await;
         }
         _ => reset(guest),
+    }
+}
+
+/// A complete HTTP/1.1 error response that closes the connection, the
+/// rule or reason in `X-Sbx-Net-Denied` (printable ASCII only) and in the body.
+fn http_error(status: u16, text: &str, reason: &str) -> String {
+    let header_reason: String = reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect();
+    let body = format!("sbx-net: denied by {reason}\n");
+    format!(
+        "HTTP/1.1 {status} {text}\r\nX-Sbx-Net-Denied: {header_reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The rule as the guest may see it: the host's own addresses are the
+/// operator's business (they stay in logs and `inspect`), not the guest's.
+pub fn guest_facing_rule(rule: &str) -> String {
+    match rule.strip_suffix(" (host address)") {
+        Some(with_addr) => match with_addr.rsplit_once(' ') {
+            Some((head, _addr)) => format!("{head} (host address)"),
+            None => rule.to_string(),
+        },
+        None => rule.to_string(),
+    }
+}
+
+/// Connects to `addr` for a guest (10 s at most), refusing a connection
+/// that ends on this host: an address may have become the host's since the
+/// sandbox's policy was compiled, and a guest is never handed a host service.
+pub async fn connect_remote(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+    if is_local_connection(&stream) {
+        tracing::warn!(%addr, "proxy: destination is this host; refused");
+        reset(&stream);
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{addr} is this host")));
+    }
+    Ok(stream)
+}
+
+/// Whether a connection ended on this host: the kernel picks a local
+/// destination itself as the source address.
+pub fn is_local_connection(stream: &TcpStream) -> bool {
+    match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => canonical(local.ip()) == canonical(peer.ip()) || peer.ip().is_loopback(),
+        _ => true,
     }
 }
 
@@ -391,22 +455,33 @@ mod tests {
         let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
         let none = |_: &str| Vec::new();
         // No name: the IP rules (and learned entries) decide.
-        assert_eq!(plan(&p, None, dst("198.51.100.5:80"), none, false), Plan::Connect { addr: dst("198.51.100.5:80"), rule: "allow 198.51.100.0/24".into() });
-        assert_eq!(plan(&p, None, dst("198.51.100.20:80"), none, false), Plan::Deny { rule: "deny 198.51.100.16/28".into() });
-        assert!(matches!(plan(&p, None, dst("203.0.113.9:443"), none, true), Plan::Connect { .. }));
-        assert!(matches!(plan(&p, Some("203.0.113.9"), dst("203.0.113.9:443"), none, false), Plan::Deny { .. }));
+        assert_eq!(plan(&p, None, dst("198.51.100.5:80"), none), Plan::Connect { addr: dst("198.51.100.5:80"), rule: "allow 198.51.100.0/24".into() });
+        assert_eq!(plan(&p, None, dst("198.51.100.20:80"), none), Plan::Deny { rule: "deny 198.51.100.16/28".into() });
+        // No name, and an address learned from DNS for some name: refused
+        // (the learned address is not consulted at all).
+        let learned_any = |_: &str| vec!["203.0.113.9".parse().unwrap()];
+        assert_eq!(plan(&p, None, dst("203.0.113.9:443"), learned_any), Plan::Deny { rule: "default deny".into() });
+        assert!(matches!(plan(&p, Some("203.0.113.9"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
         // A name: deny wins; an allowed name goes where the DNS proxy sent
         // the guest, or is resolved by the proxy itself.
-        assert_eq!(plan(&p, Some("bad.test"), dst("198.51.100.5:80"), none, false), Plan::Deny { rule: "deny bad.test".into() });
-        assert_eq!(plan(&p, Some("unlisted.test"), dst("198.51.100.5:80"), none, false), Plan::Deny { rule: "default deny".into() });
+        assert_eq!(plan(&p, Some("bad.test"), dst("198.51.100.5:80"), none), Plan::Deny { rule: "deny bad.test".into() });
+        assert_eq!(plan(&p, Some("unlisted.test"), dst("198.51.100.5:80"), none), Plan::Deny { rule: "default deny".into() });
         let learned = |n: &str| if n == "api.test" { vec!["203.0.113.9".parse().unwrap()] } else { Vec::new() };
-        assert_eq!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), learned, false), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "allow api.test".into() });
+        assert_eq!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), learned), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "allow api.test".into() });
         assert_eq!(
-            plan(&p, Some("api.test"), dst("198.51.100.20:443"), learned, false),
+            plan(&p, Some("api.test"), dst("198.51.100.20:443"), learned),
             Plan::Resolve { name: "api.test".into(), port: 443, rule: "allow api.test".into() }
         );
-        assert!(matches!(plan(&p, Some("git.test"), dst("203.0.113.9:443"), none, false), Plan::Deny { .. }));
+        assert!(matches!(plan(&p, Some("git.test"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
+        // A name no rule can stand for is refused even under default allow.
+        let open = compile(&Policy::parse("o.toml", "name = \"o\"\n[network]\ndefault = \"allow\"\n").unwrap(), &[]).unwrap();
+        for odd in ["x\\.api.test", "a b.test", "*.test", "caf\u{e9}.test"] {
+            assert_eq!(plan(&open, Some(odd), dst("203.0.113.9:443"), learned), Plan::Deny { rule: "malformed name".into() }, "{odd}");
+        }
         // v4-mapped destinations are the same address.
-        assert!(matches!(plan(&p, None, dst("[::ffff:198.51.100.5]:80"), none, false), Plan::Connect { .. }));
+        assert!(matches!(plan(&p, None, dst("[::ffff:198.51.100.5]:80"), none), Plan::Connect { .. }));
+        assert_eq!(guest_facing_rule("builtin deny 10.250.0.1/32 (host address)"), "builtin deny (host address)");
+        assert_eq!(guest_facing_rule("builtin deny fd00::1/128 (host address)"), "builtin deny (host address)");
+        assert_eq!(guest_facing_rule("deny 10.0.0.0/8"), "deny 10.0.0.0/8");
     }
 }

@@ -9,12 +9,34 @@ use zeroize::Zeroizing;
 
 use crate::policy::{CredentialSource, Policy};
 
-pub struct Secret(Zeroizing<String>);
+pub struct Secret {
+    value: Zeroizing<String>,
+    /// Its forms for scrubbing responses, made once per loaded secret (the
+    /// matcher is some hundreds of kilobytes; every sandbox of a policy
+    /// shares it).
+    scrub: std::sync::OnceLock<crate::scrub::Patterns>,
+}
 
 impl Secret {
+    fn new(value: Zeroizing<String>) -> Secret {
+        Secret { value, scrub: std::sync::OnceLock::new() }
+    }
+
     /// The value, for the one place that builds the injected header.
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+
+    /// The scrubbing patterns of this secret as injected in
+    /// `injected_value` (one credential, one format: the first call's
+    /// value is the one for every later call).
+    pub fn scrub_patterns(&self, injected_value: &[u8]) -> Result<crate::scrub::Patterns, crate::scrub::ScrubError> {
+        if let Some(p) = self.scrub.get() {
+            return Ok(p.clone());
+        }
+        let p = crate::scrub::Patterns::for_secret(self.value.as_bytes(), injected_value)?;
+        // Two first calls at once build it twice; one is kept.
+        Ok(self.scrub.get_or_init(|| p).clone())
     }
 }
 
@@ -44,7 +66,7 @@ pub fn load_secret(source: &CredentialSource) -> Result<Secret, String> {
         // It goes into an HTTP header: no line breaks.
         return Err("the secret contains a line break or NUL".into());
     }
-    Ok(Secret(value))
+    Ok(Secret::new(value))
 }
 
 /// The secrets of every credential of a set of policies, by (policy,
@@ -97,6 +119,10 @@ mod tests {
         let s = load_secret(&CredentialSource::File(file.display().to_string())).unwrap();
         assert_eq!(s.expose(), "s3cr3t-file-value");
         assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+        // Its scrubbing patterns are made once, whatever asks again.
+        let p = s.scrub_patterns(b"Bearer s3cr3t-file-value").unwrap();
+        assert!(p.shares(&s.scrub_patterns(b"Bearer s3cr3t-file-value").unwrap()));
+        assert!(p.is_match(b"x s3cr3t-file-value") && !format!("{p:?}").contains("s3cr3t"));
         std::fs::write(&file, "a\nb").unwrap();
         assert!(load_secret(&CredentialSource::File(file.display().to_string())).unwrap_err().contains("line break"));
         std::fs::write(&file, "").unwrap();

@@ -158,12 +158,15 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             upstream_timeout: std::time::Duration::from_secs(3),
             max_addresses_per_name: config.dns_max_addresses_per_name,
             hold_timeout: std::time::Duration::from_millis(500),
+            max_upstream_per_sandbox: dns_proxy::DEFAULT_MAX_UPSTREAM_PER_SANDBOX,
+            tcp: config.dns_tcp_limits(),
         },
         routes: routes.clone(),
         state: daemon.dns_state(),
         stats: daemon.dns_stats(),
         upstream: Default::default(),
         flows: flows.clone(),
+        slots: Default::default(),
         upstream_tls: crate::credential_proxy::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
     });
     let listener = bind_socket(&config)?;
@@ -184,7 +187,24 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     std::thread::Builder::new()
         .name("socket".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
+            let mut backoff = crate::conn_limit::AcceptBackoff::default();
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => {
+                        backoff.succeeded();
+                        stream
+                    }
+                    Err(e) => {
+                        // Out of descriptors: wait for some to close
+                        // rather than spin on accept.
+                        let (wait, first) = backoff.failed(&e);
+                        if first {
+                            tracing::warn!("control socket: accept failed ({e}); backing off");
+                        }
+                        std::thread::sleep(wait);
+                        continue;
+                    }
+                };
                 let (tx, flows, bpf_dir) = (tx.clone(), inspect_flows.clone(), bpf_dir.clone());
                 std::thread::spawn(move || serve_client(stream, tx, &flows, &bpf_dir));
             }
@@ -198,8 +218,9 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
     runtime.block_on(async move {
+        let proxy_limits = proxy::ProxyLimits::from_config(&config);
         for l in proxy_listeners {
-            tokio::spawn(proxy::serve(l, dns.clone()));
+            tokio::spawn(proxy::serve(l, dns.clone(), proxy_limits.clone()));
         }
         for u in dns_udp {
             tokio::spawn(dns_proxy::serve_udp(u, dns.clone()));
