@@ -21,6 +21,9 @@ pub enum Source {
     /// From PyPI into its own venv, only for `cargo xtask bench proxy`
     /// (which installs it); not on PATH.
     Pip,
+    /// Built with `cargo install` by the one xtask command that needs it
+    /// (`cargo xtask fuzz` installs cargo-fuzz), not by bootstrap.
+    XtaskInstall,
 }
 
 /// A program and the package that provides it.
@@ -72,6 +75,9 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "cargo", package: "rustup", source: Source::Rustup },
     Tool { program: "bpf-linker", package: "bpf-linker", source: Source::CargoInstall },
     Tool { program: "mitmdump", package: "mitmproxy", source: Source::Pip },
+    // `cargo xtask fuzz` runs it as `cargo +nightly fuzz` (libFuzzer's C++
+    // half builds with g++, one of bootstrap's build packages).
+    Tool { program: "cargo-fuzz", package: "cargo-fuzz", source: Source::XtaskInstall },
 ];
 
 /// The tool entry of `program` (a name or a path: looked up by file name).

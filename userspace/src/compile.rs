@@ -303,6 +303,69 @@ fn resolve(covering: &[&CidrRule<'_>], port: Option<u16>, default: Verdict) -> V
     }
 }
 
+/// The reference reading of a rule list: the semantics in plain words, rule
+/// by rule, with no trie and no precomputation. The compiled trie must agree
+/// with it for every address and port (unit tests, and the `policy` fuzz
+/// target in [`crate::fuzzing`]). `rules` is the full list the ids index
+/// (id `i + 1` is `rules[i]`), built-ins included, as [`compile`] makes it.
+///
+/// A rule applies to `ip` when its prefix contains `ip` and it has no port or
+/// the packet's port. Then: any applicable policy deny denies (the most
+/// specific one, then the earliest, is named); else the most specific
+/// applicable policy allow wins over built-in denies no more specific than
+/// it; else the most specific built-in deny; else the default. A later
+/// fragment (its ports are in another packet) denied for any port passes
+/// when some port on this address is allowed: its first fragment was judged
+/// with ports (the lowest such port names the rule).
+pub fn brute_force_verdict(rules: &[Rule], default: Action, ip: IpAddr, port: PortInfo) -> Verdict {
+    let judge = |packet_port: Option<u16>| -> Verdict {
+        let applicable: Vec<(u32, u8, &Rule)> = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| match r.target {
+                Target::Cidr(net) if net.contains(ip) && (r.port.is_none() || (packet_port.is_some() && r.port == packet_port)) => {
+                    Some((i as u32 + 1, net.prefix(), r))
+                }
+                _ => None,
+            })
+            .collect();
+        let most_specific = |action: Action, origin: Origin| {
+            applicable
+                .iter()
+                .filter(|(_, _, r)| r.action == action && r.origin == origin)
+                .min_by_key(|(id, len, _)| (std::cmp::Reverse(*len), *id))
+                .map(|(id, len, _)| (*id, *len))
+        };
+        if let Some((id, _)) = most_specific(Action::Deny, Origin::Policy) {
+            return Verdict::new(action::DENY, id);
+        }
+        match (most_specific(Action::Allow, Origin::Policy), most_specific(Action::Deny, Origin::Builtin)) {
+            (Some((allow, allow_len)), Some((_, builtin_len))) if allow_len >= builtin_len => Verdict::new(action::ALLOW, allow),
+            (_, Some((builtin, _))) => Verdict::new(action::DENY, builtin),
+            (Some((allow, _)), None) => Verdict::new(action::ALLOW, allow),
+            (None, None) => Verdict::new(action_code(default), rule_id::DEFAULT),
+        }
+    };
+    match port {
+        PortInfo::Port(p) => judge(Some(p)),
+        PortInfo::None => judge(None),
+        PortInfo::NonFirstFragment => {
+            let any = judge(None);
+            if any.action == action::ALLOW {
+                return any;
+            }
+            let mut ports: Vec<u16> = rules
+                .iter()
+                .filter(|r| matches!(r.target, Target::Cidr(net) if net.contains(ip)))
+                .filter_map(|r| r.port)
+                .collect();
+            ports.sort_unstable();
+            ports.dedup();
+            ports.into_iter().map(|p| judge(Some(p))).find(|v| v.action == action::ALLOW).unwrap_or(any)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,41 +519,12 @@ mod tests {
             let c = compile_rules("r", default, rules.clone()).unwrap();
             for _ in 0..200 {
                 let ip = Ipv4Addr::from(0xc633_0000u32 | (rand() as u32 & 0xffff));
-                for port in [PortInfo::Port(22), PortInfo::Port(23), PortInfo::Port(80), PortInfo::None] {
-                    let got = c.lookup(IpAddr::V4(ip), port).action;
-                    let want = brute_force(&rules, default, ip, port);
+                for port in [PortInfo::Port(22), PortInfo::Port(23), PortInfo::Port(80), PortInfo::None, PortInfo::NonFirstFragment] {
+                    let got = c.lookup(IpAddr::V4(ip), port);
+                    let want = brute_force_verdict(&rules, default, IpAddr::V4(ip), port);
                     assert_eq!(got, want, "{ip} {port:?} rules={rules:#?}");
                 }
             }
-        }
-    }
-
-    /// The semantics in plain words: any applicable policy deny → deny; the
-    /// most specific applicable policy allow wins over built-ins no more
-    /// specific than it; otherwise a built-in deny; otherwise the default.
-    fn brute_force(rules: &[Rule], default: Action, ip: Ipv4Addr, port: PortInfo) -> u8 {
-        let applicable: Vec<(&Rule, u8)> = rules
-            .iter()
-            .filter_map(|r| match r.target {
-                Target::Cidr(IpNetwork::V4(n)) if n.contains(ip) => Some((r, n.prefix())),
-                _ => None,
-            })
-            .filter(|(r, _)| match (r.port, port) {
-                (None, _) => true,
-                (Some(p), PortInfo::Port(q)) => p == q,
-                _ => false,
-            })
-            .collect();
-        if applicable.iter().any(|(r, _)| r.action == Action::Deny && r.origin == Origin::Policy) {
-            return D;
-        }
-        let allow = applicable.iter().filter(|(r, _)| r.action == Action::Allow).map(|(_, l)| *l).max();
-        let builtin = applicable.iter().filter(|(r, _)| r.origin == Origin::Builtin).map(|(_, l)| *l).max();
-        match (allow, builtin) {
-            (Some(a), Some(b)) if a >= b => A,
-            (_, Some(_)) => D,
-            (Some(_), None) => A,
-            (None, None) => action_code(default),
         }
     }
 }

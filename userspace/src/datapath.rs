@@ -146,6 +146,21 @@ impl Datapath {
         Ok(Datapath { ebpf, logger, pin_dir: options.pin_dir.clone() })
     }
 
+    /// Instructions the verifier processed for each program of the object
+    /// (`bpf_prog_info.verified_insns`, the kernel's `insn_processed`: the
+    /// "processed N insns" of the verifier log, against its 1 M limit).
+    /// aya 0.14 reads the verifier log only when a load fails, so this is
+    /// how a loaded program's count is known. `None`: a kernel before 5.16.
+    pub fn verified_instruction_counts(&self) -> Result<Vec<(&'static str, Option<u32>)>, DatapathError> {
+        [program_names::EGRESS, program_names::BENCH_EMPTY, program_names::BENCH_ONE_LOOKUP]
+            .into_iter()
+            .map(|name| {
+                let info = self.program(name)?.info().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
+                Ok((name, info.verified_instruction_count()))
+            })
+            .collect()
+    }
+
     /// A clone of the classifier's fd, for attaching from other threads.
     pub fn egress_program_fd(&self) -> Result<aya::programs::ProgramFd, DatapathError> {
         let name = program_names::EGRESS;

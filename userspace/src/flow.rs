@@ -625,7 +625,9 @@ pub fn compact(r: &FlowRecord, color: bool) -> String {
     };
     let mut line = format!(
         "{} {} {verdict} {} {} -> {}",
-        if r.time.len() >= 26 { &r.time[11..26] } else { r.time.as_str() },
+        // The time of day of an RFC 3339 time; any other text (an `--input`
+        // file may hold anything) as given, never sliced inside a character.
+        r.time.get(11..26).unwrap_or(r.time.as_str()),
         if r.sandbox.is_empty() { "-" } else { r.sandbox.as_str() },
         r.protocol,
         endpoint(r.src_ip, r.src_port),

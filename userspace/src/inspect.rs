@@ -48,6 +48,28 @@ impl<W: Write, E: Write> Printer<'_, W, E> {
     }
 }
 
+/// One non-empty line of an `--input` file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum InputLine {
+    Record(Box<FlowRecord>),
+    Lost(Lost),
+    EndOfHistory,
+}
+
+/// Reads one line of an `--input` file: a flow record (the audit log, `-o
+/// json`), or a line of a saved daemon stream. Err is why it is neither.
+pub fn parse_input_line(line: &str) -> Result<InputLine, String> {
+    match serde_json::from_str::<FlowRecord>(line) {
+        Ok(r) => Ok(InputLine::Record(Box::new(r))),
+        Err(e) => match serde_json::from_str::<StreamLine>(line) {
+            Ok(StreamLine::Flow(r)) => Ok(InputLine::Record(r)),
+            Ok(StreamLine::Lost(lost)) => Ok(InputLine::Lost(lost)),
+            Ok(StreamLine::EndOfHistory) => Ok(InputLine::EndOfHistory),
+            Err(_) => Err(e.to_string()),
+        },
+    }
+}
+
 /// Runs `inspect` with parsed arguments. A closed stdout (`| head`) ends it quietly.
 pub fn run(socket: &Path, args: &InspectArgs, out: &mut impl Write, err: &mut impl Write, color: bool) -> Result<(), InspectError> {
     let mut printer = Printer { out, err, output: args.output, color };
@@ -77,20 +99,12 @@ fn run_inner<W: Write, E: Write>(socket: &Path, args: &InspectArgs, printer: &mu
             if line.trim().is_empty() {
                 continue;
             }
-            let record = match serde_json::from_str::<FlowRecord>(&line) {
-                Ok(r) => r,
-                // A saved daemon stream works too.
-                Err(e) => match serde_json::from_str::<StreamLine>(&line) {
-                    Ok(StreamLine::Flow(r)) => *r,
-                    Ok(StreamLine::Lost(lost)) => {
-                        printer.lost(&lost);
-                        continue;
-                    }
-                    Ok(StreamLine::EndOfHistory) => continue,
-                    Err(_) => return Err(InspectError::BadRecord { path: shown, line: n + 1, reason: e.to_string() }),
-                },
-            };
-            push(record, &mut history);
+            match parse_input_line(&line) {
+                Ok(InputLine::Record(record)) => push(*record, &mut history),
+                Ok(InputLine::Lost(lost)) => printer.lost(&lost),
+                Ok(InputLine::EndOfHistory) => {}
+                Err(reason) => return Err(InspectError::BadRecord { path: shown, line: n + 1, reason }),
+            }
         }
         for r in &history {
             printer.record(r)?;

@@ -17,11 +17,16 @@ pub mod dns_proxy;
 pub mod datapath;
 pub mod flow;
 pub mod flow_log;
+/// Fuzz entry points: the body of every cargo-fuzz target in `fuzz/`, with
+/// the invariants each checks (replayed by `cargo test` from `fuzz/corpus`).
+pub mod fuzzing;
 pub mod guest_pump;
 pub mod host;
 pub mod inspect;
 pub mod instance_lock;
 pub mod metrics;
+/// A userspace model of the eBPF classifier, for the frame fuzzer.
+pub mod model;
 pub mod nft;
 pub mod policy;
 pub mod peek;

@@ -181,8 +181,13 @@ impl Policy {
             line: span.map(|s| lines.line_of(s.start)).unwrap_or(0),
             reason,
         };
-        let raw: RawPolicy =
-            toml::from_str(text).map_err(|e| err(e.span(), e.message().trim().to_string()))?;
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| {
+            let reason = match e.message().trim() {
+                "" => unexplained_toml_error(text, e.span()),
+                message => message.to_string(),
+            };
+            err(e.span(), reason)
+        })?;
 
         let name = raw.name.get_ref().trim().to_string();
         if name.is_empty()
@@ -266,6 +271,16 @@ impl Policy {
         }
 
         Ok(Policy { name, source: file.to_string(), default, rules, credentials })
+    }
+}
+
+/// toml reports some syntax errors (a control character in a comment, for
+/// one) with a position and no message; name the character found there so
+/// the error still says what is wrong (found by the `policy` fuzz target).
+fn unexplained_toml_error(text: &str, span: Option<Range<usize>>) -> String {
+    match span.and_then(|s| text.get(s.start..)).and_then(|rest| rest.chars().next()) {
+        Some(c) => format!("invalid TOML: unexpected character {c:?}"),
+        None => "invalid TOML".to_string(),
     }
 }
 
@@ -564,6 +579,8 @@ deny = ["10.0.0.0/8"]
             ("name = \"t\"\n[network\n", 2, ""),
             ("[network]\nallow = []\n", 1, "missing field `name`"),
             ("name = \"t\"\n[network]\nallow = [\"[2001:db8::1]22\"]\n", 3, "after ']'"),
+            // toml gives no message for this one (the policy fuzz target found it).
+            ("name = \"t\"\n# a comment with a \u{1} in it\n", 2, "unexpected character '\\u{1}'"),
         ];
         for (text, line, needle) in cases {
             let e = parse(text).expect_err(text);

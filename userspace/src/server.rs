@@ -277,7 +277,7 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
     let mut writer = stream;
     let mut line = String::new();
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-        let response = match serde_json::from_str::<Request>(&line) {
+        let response = match parse_request(&line) {
             Ok(Request::Inspect { follow }) => {
                 // The stream ends the connection (a follower's when it goes away).
                 let table = crate::datapath::PinnedFlows::open(bpf_dir).ok();
@@ -292,7 +292,7 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
                 }
                 reply_rx.recv().unwrap_or(Response::Error("the daemon's control thread stopped".into()))
             }
-            Err(e) => Response::Error(format!("bad request: {e}")),
+            Err(bad) => bad,
         };
         let mut out = serde_json::to_string(&response).expect("responses serialize");
         out.push('\n');
@@ -301,6 +301,12 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
         }
         line.clear();
     }
+}
+
+/// One request line of the control socket, or the error response that
+/// answers it. Pure, so the `api` fuzz target runs exactly this.
+pub fn parse_request(line: &str) -> Result<Request, Response> {
+    serde_json::from_str::<Request>(line).map_err(|e| Response::Error(format!("bad request: {e}")))
 }
 
 /// Whether the peer of a connected socket hung up (poll(2) without waiting).

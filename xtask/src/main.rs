@@ -1,4 +1,4 @@
-//! Orchestration: `cargo xtask bootstrap | build | test | demo | bench`.
+//! Orchestration: `cargo xtask bootstrap | build | test | demo | bench | fuzz`.
 //!
 //! Every command but `bootstrap` runs the bootstrap first; it is idempotent
 //! and says what each step does.
@@ -8,6 +8,7 @@
 #[allow(dead_code)] // the tests use more of it than xtask does
 mod tools;
 
+mod fuzz;
 mod scan;
 mod stress;
 
@@ -48,12 +49,22 @@ enum Task {
         #[arg(default_value = "datapath")]
         suite: String,
     },
+    /// Run the cargo-fuzz targets of fuzz/ (nightly; installs cargo-fuzz
+    /// if missing), each for N seconds; fails on a crash.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// One target only (default: all).
+        target: Option<String>,
+    },
 }
 
 /// Packages the build needs that provide no program (libraries, the
 /// pkg-config the nftables crate builds with); the programs and their
 /// packages are in tests/src/tools.rs.
-const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev"];
+/// g++ builds libFuzzer's C++ half for `cargo xtask fuzz`.
+const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev", "g++"];
 /// The directories whose Rust sources may run programs.
 const SOURCE_DIRS: &[&str] = &["tests", "xtask", "userspace", "vmm"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -87,6 +98,10 @@ fn main() -> Result<()> {
             }
             build_release(&root)?;
             run_release_bin(&root, "sbx-net-bench", &[suite.as_str()])
+        }
+        Task::Fuzz { seconds, target } => {
+            bootstrap()?;
+            fuzz::fuzz(&root, seconds, target.as_deref())
         }
     }
 }
@@ -177,9 +192,11 @@ fn apt_packages() -> Result<()> {
 }
 
 /// Every listed program can be run now (mitmdump excepted: it lives in
-/// its own venv, which `bench proxy` makes).
+/// its own venv, which `bench proxy` makes; and what the one xtask command
+/// that needs it installs, cargo-fuzz).
 fn tools_on_path() -> Result<()> {
-    let on_path: Vec<&tools::Tool> = tools::TOOLS.iter().filter(|t| t.source != tools::Source::Pip).collect();
+    let on_path: Vec<&tools::Tool> =
+        tools::TOOLS.iter().filter(|t| !matches!(t.source, tools::Source::Pip | tools::Source::XtaskInstall)).collect();
     let missing: Vec<String> = on_path.iter().filter_map(|t| tools::locate(t.program).err()).collect();
     if !missing.is_empty() {
         bail!("after bootstrap: {}", missing.join("; "));

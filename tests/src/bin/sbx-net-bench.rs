@@ -52,10 +52,28 @@ fn main() -> Result<()> {
     }
     println!("## Datapath (`cargo xtask bench datapath`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
+    verifier_counts()?;
     per_packet_cost()?;
     flow_table_cost()?;
     tap_throughput()?;
     event_rate()?;
+    Ok(())
+}
+
+/// Instructions the verifier processed per program (the "processed N
+/// insns" of its log; the kernel's limit is 1 M, the test budget 25 %).
+fn verifier_counts() -> Result<()> {
+    let dp = Datapath::load(&DatapathOptions::default())?;
+    println!("### Verifier (instructions processed, limit 1 000 000)\n");
+    println!("| program | processed | of the limit |");
+    println!("|---|---:|---:|");
+    for (name, count) in dp.verified_instruction_counts()? {
+        match count {
+            Some(n) => println!("| {name} | {n} | {:.1} % |", f64::from(n) / 10_000.0),
+            None => println!("| {name} | (kernel does not report it) | |"),
+        }
+    }
+    println!();
     Ok(())
 }
 
