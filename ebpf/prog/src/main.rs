@@ -118,8 +118,40 @@ pub fn sbx_egress(ctx: TcContext) -> i32 {
         Ok(net::Parsed::Ip) => decide(&cfg, &packet),
         Err(ParseError(reason)) => (reason, rule_id::NONE),
     };
-    finish(&ctx, Some(&cfg), &packet, reason, rule)
+    // Every parse path ends here with its own constants (protocol, ports
+    // known or not, the reason): passed on as they are, the verifier would
+    // walk the flow tracking and reporting below once per path. Read back
+    // from a map value they are plain unknowns, and the paths join.
+    let Some(slot) = SBX_VERDICT_SCRATCH.get_ptr_mut(0) else {
+        return TC_ACT_SHOT;
+    };
+    // SAFETY: this CPU's scratch slot, ours until the program returns. The
+    // stores are volatile so that the compiler does not hand the stored
+    // values on to the reads below: they must come from the map.
+    let (verdicted, reason, rule) = unsafe {
+        core::ptr::write_volatile(&raw mut (*slot).packet, packet);
+        core::ptr::write_volatile(&raw mut (*slot).reason, reason as u8);
+        core::ptr::write_volatile(&raw mut (*slot).rule, rule);
+        (&*slot, core::ptr::read_volatile(&raw const (*slot).reason), core::ptr::read_volatile(&raw const (*slot).rule))
+    };
+    let Some(reason) = Reason::from_u8(reason) else {
+        return TC_ACT_SHOT;
+    };
+    finish(&ctx, Some(&cfg), &verdicted.packet, reason, rule)
 }
+
+/// A parsed packet and its verdict, passed through [`SBX_VERDICT_SCRATCH`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Verdicted {
+    packet: Packet,
+    reason: u8,
+    _pad: [u8; 3],
+    rule: u32,
+}
+
+#[map]
+static SBX_VERDICT_SCRATCH: PerCpuArray<Verdicted> = PerCpuArray::with_max_entries(1, 0);
 
 /// Step 3 of the verdict order: DNS to any address and TCP to the proxied
 /// ports go to the host's proxies (nftables redirects them there).

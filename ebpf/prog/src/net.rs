@@ -58,6 +58,8 @@ pub enum Parsed {
 }
 
 /// What the parser learned, for the verdict and the drop event.
+#[repr(C)]
+#[derive(Clone, Copy)]
 pub struct Packet {
     pub ethertype: u16,
     pub ip_version: u8,
