@@ -377,6 +377,10 @@ pub fn guest_facing_rule(rule: &str) -> String {
 /// that ends on this host: an address may have become the host's since the
 /// sandbox's policy was compiled, and a guest is never handed a host service.
 pub async fn connect_remote(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    if is_local_address(addr.ip()) {
+        tracing::warn!(%addr, "proxy: destination is this host; refused");
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{addr} is this host")));
+    }
     let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
@@ -386,6 +390,23 @@ pub async fn connect_remote(addr: SocketAddr) -> std::io::Result<TcpStream> {
         return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{addr} is this host")));
     }
     Ok(stream)
+}
+
+/// Whether `ip` is one of this host's addresses, asked of the routing table
+/// without sending a packet: a UDP socket "connected" to a local address
+/// gets that address as its source.
+pub fn is_local_address(ip: IpAddr) -> bool {
+    let ip = canonical(ip);
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let probe = || -> std::io::Result<bool> {
+        let socket = std::net::UdpSocket::bind(SocketAddr::new(if ip.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() }, 0))?;
+        socket.connect(SocketAddr::new(ip, 9))?;
+        Ok(socket.local_addr()?.ip() == ip)
+    };
+    // No route, or a broadcast address: not ours (and the connect fails).
+    probe().unwrap_or(false)
 }
 
 /// Whether a connection ended on this host: the kernel picks a local
