@@ -354,7 +354,11 @@ fn lost_events_are_counted_never_silent() {
     let numbers: Vec<u64> = lost_line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
     let (ring, evicted) = (numbers[0], numbers[1]);
     assert!(ring > 0, "a burst of 4000 events into a 4 KiB ring must lose some: {lost_line}");
-    assert!(evicted > 0, "{lost_line}");
+    // The bounded history kept the newest and counted the rest (how many
+    // were delivered at all depends on how fast the daemon drained the
+    // ring: on a loaded machine, fewer than the history holds).
+    let delivered_so_far = records.last().map(|r| r.seq).unwrap_or(0);
+    assert_eq!(evicted, delivered_so_far.saturating_sub(records.len() as u64), "{lost_line}");
     // Every event is accounted for: delivered to the history (kept or
     // evicted) or counted lost by the kernel. Each datagram that reached
     // the classifier was a new denied flow, i.e. one event.
