@@ -4,9 +4,9 @@
 //! deterministic mutator over valid seed frames, bounded in count and time.
 //! A disagreement is a bug in one of the two; the failure prints the frame.
 //!
-//! The seeds here are also the committed corpus: `cargo test -p
-//! sbx-net-tests --test frame_model -- --ignored write_frame_seeds`
-//! rewrites `fuzz/corpus/frames/` from them.
+//! The seeds here are also the committed corpus (checked to be equal;
+//! `SBX_NET_WRITE_FRAME_SEEDS=1 cargo test -p sbx-net-tests --test
+//! frame_model committed_frame_seeds` rewrites `fuzz/corpus/frames/`).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -264,14 +264,21 @@ fn kernel_agrees_with_model_on_frames() {
     );
 }
 
-/// Rewrites `fuzz/corpus/frames/` from [`seeds`] (run by hand; the files
-/// are committed).
+/// The committed `fuzz/corpus/frames/` holds exactly [`seeds`]: a change to
+/// the seeds without the corpus (or the other way) fails here. With
+/// `SBX_NET_WRITE_FRAME_SEEDS=1` it rewrites the corpus from them instead.
 #[test]
-#[ignore]
-fn write_frame_seeds() {
+fn committed_frame_seeds_are_the_generated_ones() {
     let dir = fuzz_dir().join("corpus/frames");
-    std::fs::create_dir_all(&dir).unwrap();
+    if std::env::var_os("SBX_NET_WRITE_FRAME_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, input) in seeds() {
+            std::fs::write(dir.join(name), input).unwrap();
+        }
+        return;
+    }
     for (name, input) in seeds() {
-        std::fs::write(dir.join(name), input).unwrap();
+        let committed = std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e} (SBX_NET_WRITE_FRAME_SEEDS=1 writes the corpus)"));
+        assert_eq!(committed, input, "{name}: the committed seed differs from the generated one (SBX_NET_WRITE_FRAME_SEEDS=1 rewrites the corpus)");
     }
 }
