@@ -411,21 +411,10 @@ pub fn upgrade_round_trip(addr: SocketAddr, name: &str, ca_pem: &Path, payload: 
     (String::from_utf8_lossy(&head).into_owned(), echoed)
 }
 
-/// A TLS client configuration trusting only the certificates in `ca_pem`.
+/// A TLS client configuration trusting only the certificates in `ca_pem`,
+/// offering HTTP/1.1.
 pub fn client_config(ca_pem: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let pem = std::fs::read(ca_pem).unwrap();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
+    client_config_with(&[ca_pem], &[b"http/1.1"])
 }
 
 /// A kept-alive HTTPS/1.1 connection for load generation.

@@ -36,10 +36,7 @@ default = "deny"
 allow = ["198.51.100.0/24"]
 "#;
 
-const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
+use sbx_net_common::tcp_flag::{ACK, FIN, RST, SYN};
 
 /// The Internet checksum of `parts` concatenated.
 fn checksum(parts: &[&[u8]]) -> u16 {
