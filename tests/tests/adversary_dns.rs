@@ -15,7 +15,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use sbx_net::flow::{FlowRecord, Verdict};
+use sbx_net::observe::record::{FlowRecord, Verdict};
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::dns_attack::*;
 use sbx_net_tests::{dig, require_root, tcp_connects, unique_name, wait_for, wait_until, WorldDns, WorldServers};
@@ -469,7 +469,7 @@ fn dns_records(h: &DaemonHarness, sandbox: &str) -> Vec<FlowRecord> {
 }
 
 fn show(r: &FlowRecord) -> String {
-    sbx_net::flow::compact(r, false)
+    sbx_net::observe::record::compact(r, false)
 }
 
 /// What the guest got: the rcode of each reply, their addresses, the raw

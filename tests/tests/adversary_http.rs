@@ -17,7 +17,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use http_body_util::Full;
 use hyper::body::Bytes;
-use sbx_net::flow::FlowRecord;
+use sbx_net::observe::record::FlowRecord;
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{self, HttpsEcho, RawH2, Received, TestCa};
 use sbx_net_tests::{require_root, unique_name, wait_for, PacketCapture, WorldDns};
@@ -443,7 +443,7 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
                     records(&h, &sandbox).into_iter().find(|r| r.seq > before && r.event == event && r.reason == reason)
                 });
                 let refused = !matches!(reason, "allowed" | "upstream_failed");
-                assert_eq!(r.verdict == sbx_net::flow::Verdict::Denied, refused, "[{}] {}: {r:?}", row.group, row.name);
+                assert_eq!(r.verdict == sbx_net::observe::record::Verdict::Denied, refused, "[{}] {}: {r:?}", row.group, row.name);
                 noted.push(format!("{event}/{reason} ({:?})", r.verdict));
             }
             if row.want.redacted {
@@ -451,7 +451,7 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
                     records(&h, &sandbox).into_iter().find(|r| r.seq > before && r.event == "secret_redacted")
                 });
                 redacted = r.credential.as_ref().map_or(0, |c| c.redactions);
-                assert!(redacted >= 1 && r.verdict == sbx_net::flow::Verdict::Denied, "[{}] {}: {r:?}", row.group, row.name);
+                assert!(redacted >= 1 && r.verdict == sbx_net::observe::record::Verdict::Denied, "[{}] {}: {r:?}", row.group, row.name);
                 noted.push(format!("secret_redacted x{redacted}"));
             }
             (format!("{:<12} {:<55} {:<12} {} {}", row.group, row.name, format!("{:?}", row.want.statuses), noted.join(", "), got.note), redacted)

@@ -58,7 +58,7 @@ struct ProxyAttack {
     reason: Option<&'static str>,
 }
 
-use sbx_net::peek::hello::{alpn, message as hello_message, records, server_name};
+use sbx_net::proxy::peek::hello::{alpn, message as hello_message, records, server_name};
 
 fn corpus(gateway: Ipv4Addr) -> Vec<ProxyAttack> {
     use Outcome::*;

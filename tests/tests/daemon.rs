@@ -346,7 +346,7 @@ fn adopts_an_external_vmm_tap() {
     let tap = h.topology.host.run(|| sbx_vmm::Tap::open("fc-tap0")).unwrap().expect("open the adopted tap");
     let guest_ns = format!("{}-g", unique_name("vm"));
     let guest = sbx_vmm::NetnsGuest::start(&guest_ns, tap, &spec.guest_network()).expect("guest");
-    assert_eq!(vm["guest_mac"], sbx_net::api::format_mac(spec.guest_mac));
+    assert_eq!(vm["guest_mac"], sbx_net::control::api::format_mac(spec.guest_mac));
     assert!(tcp_connects(&guest_ns, A_ALLOWED.into(), PORT));
     assert!(!tcp_connects(&guest_ns, A_DENIED.into(), PORT));
     // Delete: the tap stays (it is the VMM's) but is down, so it carries

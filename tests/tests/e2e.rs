@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use sbx_net::datapath::{Datapath, DatapathOptions, EventReader};
-use sbx_net::flow::{compact, from_event};
+use sbx_net::observe::record::{compact, from_event};
 use sbx_net::policy::Policy;
 use sbx_net::sandbox::{AddressPools, HostSandbox, SandboxSpec};
 use sbx_net_common::{FlowEvent, Reason};
@@ -53,8 +53,8 @@ impl Setup {
         topology.enter_host();
         // No daemon here: prepare the uplink as the daemon does at start
         // (the taps get theirs when HostSandbox creates them).
-        let uplink = sbx_net::host::uplink_settings(&["uplink".to_string()], &sbx_net::host::read_sysctl);
-        sbx_net::host::apply(&uplink, false).expect("uplink forwarding");
+        let uplink = sbx_net::sandbox::host::uplink_settings(&["uplink".to_string()], &sbx_net::sandbox::host::read_sysctl);
+        sbx_net::sandbox::host::apply(&uplink, false).expect("uplink forwarding");
         let world: Vec<IpAddr> = vec![
             ALLOWED_V4.into(),
             NESTED_DENY_V4.into(),

@@ -1,5 +1,5 @@
 //! The frame fuzzer as a test: the real classifier (BPF_PROG_TEST_RUN)
-//! against its userspace model (`sbx_net::model`), on (a) every file of
+//! against its userspace model (`sbx_net::fuzzing::model`), on (a) every file of
 //! `fuzz/corpus/frames/` and `fuzz/regressions/frames/` and (b) frames from a
 //! deterministic mutator over valid seed frames, bounded in count and time.
 //! A disagreement is a bug in one of the two; the failure prints the frame.

@@ -25,7 +25,7 @@ allow = ["198.51.100.0/24", "2001:db8:100::/48"]
 
 /// Whether this kernel forwards IPv6 per interface (`force_forwarding`, 6.17+).
 fn per_interface_v6() -> bool {
-    sbx_net::host::ipv6_per_interface_forwarding(&sbx_net::host::read_sysctl)
+    sbx_net::sandbox::host::ipv6_per_interface_forwarding(&sbx_net::sandbox::host::read_sysctl)
 }
 
 /// `sbx-*` links of the host namespace with their indexes.
@@ -129,7 +129,7 @@ fn a_setting_the_daemon_cannot_make_is_a_start_error_naming_it() {
         .expect("unshare (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "the daemon started without forwarding: {stderr}");
-    // The first setting the daemon makes (see sbx_net::host::uplink_settings).
+    // The first setting the daemon makes (see sbx_net::sandbox::host::uplink_settings).
     let first = if per_interface_v6() { "net.ipv4.conf.uplink.forwarding" } else { "net.ipv6.conf.all.forwarding" };
     assert!(stderr.contains(&format!("cannot set {first} = 1")), "the error names the sysctl: {stderr}");
     assert!(!h.socket.exists(), "a daemon that refused must not leave a socket");

@@ -1,7 +1,7 @@
 //! The `inet sbx_net` table committed through netlink in a private namespace,
 //! read back with the real `nft` tool.
 
-use sbx_net::nft::{NftConfig, Nftables};
+use sbx_net::datapath::nft::{NftConfig, Nftables};
 use sbx_net_tests::{require_root, run_in, unique_name};
 use sbx_vmm::NetNs;
 

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use sbx_net::flow::{FlowRecord, Verdict};
+use sbx_net::observe::record::{FlowRecord, Verdict};
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{HttpsEcho, TestCa};
 use sbx_net_tests::{dig, require_root, run_in, tcp_connects, try_wait_for, unique_name, wait_for, Background, WorldDns};
@@ -34,7 +34,7 @@ fn inspect(h: &DaemonHarness, args: &[&str]) -> (Vec<FlowRecord>, String) {
 }
 
 fn show(records: &[FlowRecord]) -> String {
-    records.iter().map(|r| sbx_net::flow::compact(r, false)).collect::<Vec<_>>().join("\n")
+    records.iter().map(|r| sbx_net::observe::record::compact(r, false)).collect::<Vec<_>>().join("\n")
 }
 
 /// The ring buffer's count in inspect's "lost events" line.
@@ -278,7 +278,7 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     assert!(audited.iter().all(|r| r.verdict == Verdict::Denied || r.credential_injected()));
     assert!(audited.iter().any(|r| r.credential_injected() && r.http.as_ref().is_some_and(|h| h.path == "/v1/user")));
     for denied in &denied {
-        assert!(audited.iter().any(|a| a.seq == denied.seq), "denied record {} not audited", sbx_net::flow::compact(denied, false));
+        assert!(audited.iter().any(|a| a.seq == denied.seq), "denied record {} not audited", sbx_net::observe::record::compact(denied, false));
     }
 
     // /metrics: promtool accepts it; the counters say what happened.

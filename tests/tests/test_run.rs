@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use sbx_net::compile::{compile, CompiledPolicy, PortInfo};
+use sbx_net::policy::compile::{compile, CompiledPolicy, PortInfo};
 use sbx_net::datapath::{Datapath, DatapathOptions, EventReader};
 use sbx_net::policy::Policy;
 use sbx_net::sandbox::{eui64_link_local, AddressPools, SandboxSpec};

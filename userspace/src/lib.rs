@@ -1,45 +1,45 @@
 //! sbx-net: host-side network enforcement for AI-agent sandboxes.
 //!
-//! Pure decisions (policy parsing and compilation, verdicts, addressing) are
-//! in [`policy`], [`compile`] and [`sandbox::SandboxSpec`]; everything that
-//! touches the kernel is in [`datapath`] and [`sandbox::HostSandbox`].
+//! One folder per path of the data, in layers: a module may use the
+//! modules of its own layer and of the layers before it, never one after
+//! (`cargo xtask lint` checks it; the order is in `LAYERS` below and in the
+//! README). Pure decisions (policy parsing and compilation, verdicts, DNS
+//! answer plans, request checks) sit beside the I/O that applies them and
+//! are unit-tested without privileges.
 
-pub mod api;
-pub mod ca;
-pub mod compile;
-pub mod config;
-pub mod conn_limit;
-pub mod credential_proxy;
-pub mod daemon;
-pub mod decide;
-pub mod dns;
-pub mod dns_proxy;
-pub mod datapath;
-pub mod flow;
-pub mod flow_log;
-/// Fuzz entry points: the body of every cargo-fuzz target in `fuzz/`, with
-/// the invariants each checks (replayed by `cargo test` from `fuzz/corpus`).
-pub mod fuzzing;
-pub mod guest_pump;
-pub mod host;
-pub mod inspect;
-pub mod instance_lock;
-pub mod metrics;
-/// A userspace model of the eBPF classifier, for the frame fuzzer.
-pub mod model;
-pub mod nft;
+/// Clocks, files, sockets, connection limits: no knowledge of policies.
+pub mod util;
+/// Policies: the model, the compiler, explanations, the policy directory. Pure.
 pub mod policy;
-pub mod peek;
-pub mod policy_store;
-pub mod proxy;
+/// Secrets, credential bindings, response scrubbing, the per-sandbox CA.
+pub mod credentials;
+/// The packet path: the eBPF maps and their keys, TCX attachment, flow
+/// events, nftables.
+pub mod datapath;
+/// A sandbox on the host: addressing, host set-up, taps, guest pumps, the
+/// route table.
 pub mod sandbox;
-pub mod scrub;
-pub mod secrets;
-pub mod server;
-pub mod state;
-pub mod tap_pool;
-pub mod tcx;
+/// Flow records, their hub and filters, the audit log, datapath-event ingest.
+pub mod observe;
+/// The DNS path: decisions on queries and answers, the learned store, the
+/// upstream client, the server.
+pub mod dns;
+/// The HTTP(S) path: first-bytes peek, plan, splice, TLS termination and
+/// credential injection.
+pub mod proxy;
+/// The daemon: control API, server, configuration, state, metrics.
+pub mod control;
+/// The command line's clients.
+pub mod cli;
+/// Fuzz entry points: the body of every cargo-fuzz target in `fuzz/`, with
+/// the invariants each checks (replayed by `cargo test` from `fuzz/corpus`),
+/// and a userspace model of the classifier for the frame fuzzer.
+pub mod fuzzing;
 
-pub use compile::{compile, CompiledPolicy};
+/// The layers, lowest first: `cargo xtask lint` fails when a module uses
+/// one later in this list than its own.
+pub const LAYERS: &[&str] = &["util", "policy", "credentials", "datapath", "sandbox", "observe", "dns", "proxy", "control", "cli", "fuzzing"];
+
 pub use datapath::{Datapath, DatapathOptions};
+pub use policy::compile::{compile, CompiledPolicy};
 pub use policy::Policy;

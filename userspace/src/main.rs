@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sbx_net::api::{call, Request};
-use sbx_net::config::{DaemonConfig, DEFAULT_SOCKET};
+use sbx_net::control::api::{call, Request};
+use sbx_net::control::config::{DaemonConfig, DEFAULT_SOCKET};
 use sbx_net::policy::Policy;
 
 #[derive(Parser)]
@@ -43,7 +43,7 @@ enum Command {
     },
     /// Live and recent flows with the rule that decided each (see
     /// `sbx-net inspect --help`).
-    #[command(disable_help_flag = true, after_help = sbx_net::flow::INSPECT_USAGE)]
+    #[command(disable_help_flag = true, after_help = sbx_net::observe::record::INSPECT_USAGE)]
     Inspect {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<String>,
@@ -127,12 +127,12 @@ fn main() -> ExitCode {
             // Another daemon holds this data path: EX_TEMPFAIL, so a unit
             // or script can tell "already running" from a broken start.
             let locked = e.chain().any(|c| {
-                c.downcast_ref::<sbx_net::instance_lock::LockError>().is_some_and(|l| matches!(l, sbx_net::instance_lock::LockError::Held { .. }))
-                    || c.downcast_ref::<sbx_net::server::ServerError>()
-                        .is_some_and(|s| matches!(s, sbx_net::server::ServerError::Locked(sbx_net::instance_lock::LockError::Held { .. })))
+                c.downcast_ref::<sbx_net::control::instance_lock::LockError>().is_some_and(|l| matches!(l, sbx_net::control::instance_lock::LockError::Held { .. }))
+                    || c.downcast_ref::<sbx_net::control::server::ServerError>()
+                        .is_some_and(|s| matches!(s, sbx_net::control::server::ServerError::Locked(sbx_net::control::instance_lock::LockError::Held { .. })))
             });
             if locked {
-                ExitCode::from(sbx_net::instance_lock::EXIT_LOCKED)
+                ExitCode::from(sbx_net::control::instance_lock::EXIT_LOCKED)
             } else {
                 ExitCode::FAILURE
             }
@@ -144,7 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     match cli.command {
         Command::Daemon(args) => daemon(args, cli.socket),
-        Command::GuestPump { spec } => sbx_net::guest_pump::run_pump(&spec).map_err(anyhow::Error::msg),
+        Command::GuestPump { spec } => sbx_net::sandbox::guest_pump::run_pump(&spec).map_err(anyhow::Error::msg),
         Command::Policy { command: PolicyCommand::Check { file } } => {
             println!("{}", check(&file)?);
             Ok(())
@@ -168,7 +168,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Sandbox { command } => sandbox(&socket, command),
         Command::Inspect { args } => {
-            let parsed = match sbx_net::flow::parse_inspect_args(&args, sbx_net::flow_log::unix_now_ns()) {
+            let parsed = match sbx_net::observe::record::parse_inspect_args(&args, sbx_net::util::clock::unix_now_ns()) {
                 Ok(p) => p,
                 Err(usage) if args.iter().any(|a| a == "-h" || a == "--help") => {
                     println!("{usage}");
@@ -178,7 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             use std::io::IsTerminal;
             let color = parsed.color.unwrap_or_else(|| std::io::stdout().is_terminal());
-            sbx_net::inspect::run(&socket, &parsed, &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
+            sbx_net::cli::inspect::run(&socket, &parsed, &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
             Ok(())
         }
         Command::Status { json } => {
@@ -288,18 +288,18 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
     }
     config.validate().map_err(anyhow::Error::msg)?;
     if args.cleanup {
-        sbx_net::server::prepare(&mut config)?;
+        sbx_net::control::server::prepare(&mut config)?;
         if call(&config.socket, &Request::Status, Duration::from_secs(5)).is_ok() {
             anyhow::bail!("a daemon answers on {}; stop it before --cleanup", config.socket.display());
         }
         // Held through the cleanup: no daemon may start on what we remove.
-        let _lock = sbx_net::server::lock_instance(&config)?;
-        for removed in sbx_net::daemon::cleanup(&config)? {
+        let _lock = sbx_net::control::server::lock_instance(&config)?;
+        for removed in sbx_net::control::daemon::cleanup(&config)? {
             println!("removed {removed}");
         }
         return Ok(());
     }
-    sbx_net::server::run(config)?;
+    sbx_net::control::server::run(config)?;
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ipnetwork::IpNetwork;
-use sbx_net::compile::compile_rules;
+use sbx_net::policy::compile::compile_rules;
 use sbx_net::datapath::{Datapath, DatapathOptions};
 use sbx_net::policy::{builtin_deny_rules, Action, Origin, Policy, Rule, Target};
 use sbx_net::sandbox::{open_host_tap, AddressPools, SandboxSpec};
@@ -563,7 +563,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn lifecycle() -> Result<()> {
-    use sbx_net::api::{call, Request};
+    use sbx_net::control::api::{call, Request};
     use sbx_net_tests::daemon::DaemonHarness;
 
     println!("## Sandbox lifecycle (`cargo xtask bench lifecycle`)\n");

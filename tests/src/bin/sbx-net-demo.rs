@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use sbx_net::flow::FlowRecord;
+use sbx_net::observe::record::FlowRecord;
 use sbx_net::policy::Policy;
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::{curl, ping, run_in, tcp_connects, try_wait_for, WorldServers};

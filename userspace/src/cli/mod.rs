@@ -1,0 +1,3 @@
+//! The command line's clients of the daemon.
+
+pub mod inspect;

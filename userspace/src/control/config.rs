@@ -1,0 +1,292 @@
+//! The daemon's configuration: plain data, read from `--config FILE` (TOML)
+//! and overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Serialize};
+
+use crate::datapath::nft::NftConfig;
+use crate::sandbox::AddressPools;
+
+pub const DEFAULT_SOCKET: &str = "/run/sbx-net/sbx-net.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sbx-net";
+pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/sbx-net";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: {reason}")]
+    Invalid { file: String, reason: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// Policy files (`*.toml`), in addition to the embedded default.
+    pub policy_dir: Option<PathBuf>,
+    /// Sandbox state, applied policies, guest logs.
+    pub state_dir: PathBuf,
+    /// The control socket (root-only, mode `socket_mode`).
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    /// Where maps and TCX links are pinned (bpffs).
+    pub bpf_dir: PathBuf,
+    /// Prometheus endpoint.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The resolver the DNS proxy forwards to.
+    pub upstream_dns: Option<SocketAddr>,
+    /// Extra trusted roots (PEM) for upstream TLS.
+    pub upstream_ca: Option<PathBuf>,
+    /// The interface sandbox traffic leaves by (masqueraded).
+    pub uplink: Option<String>,
+    /// Host ports the redirects lead to.
+    pub dns_port: u16,
+    pub proxy_port: u16,
+    /// Guest TCP destination ports redirected to the credential proxy.
+    pub proxied_ports: Vec<u16>,
+    pub ipv4_pool: Ipv4Network,
+    pub ipv6_pool: Ipv6Network,
+    /// Taps kept ready (created, classifier attached) for the next sandboxes;
+    /// 0 turns the pool off.
+    pub tap_pool_size: usize,
+    /// Threads filling the pool (attaches run concurrently).
+    pub tap_pool_workers: usize,
+    /// Learned addresses stay open for their TTL clamped to
+    /// [dns_min_ttl, dns_max_ttl] seconds, plus dns_grace seconds.
+    pub dns_min_ttl: u32,
+    pub dns_max_ttl: u32,
+    pub dns_grace: u32,
+    /// Answer denied names REFUSED instead of NXDOMAIN.
+    pub dns_refuse_denied: bool,
+    /// Learned addresses kept per name (0: unlimited).
+    pub dns_max_addresses_per_name: usize,
+    /// DNS-over-TCP connections one sandbox may hold open at once.
+    pub dns_tcp_connections_per_sandbox: usize,
+    /// A DNS-over-TCP connection is closed when no query starts within
+    /// this many ms...
+    pub dns_tcp_idle_timeout_ms: u64,
+    /// ...or when one takes longer than this many ms from its first byte to
+    /// its last (however the bytes trickle in).
+    pub dns_tcp_query_timeout_ms: u64,
+    /// Flow records kept in memory for `inspect --last` (older ones are
+    /// counted as evicted).
+    pub flow_history: usize,
+    /// Bytes of the datapath's event ring buffer (a power of two, ≥ 4096;
+    /// takes effect when the maps are first created).
+    pub events_ring_bytes: u32,
+    /// Capacity of the datapath's LRU flow table.
+    pub flow_table_size: u32,
+    /// Capacity of each policy trie (IPv4, IPv6), shared by all sandboxes;
+    /// a reload needs room for the old and the new generation of the
+    /// sandboxes it switches, one at a time (takes effect when the maps are
+    /// first created).
+    pub policy_map_entries: u32,
+    /// The audit log (JSONL in the state dir) is rotated past this size...
+    pub audit_max_bytes: u64,
+    /// ...keeping this many rotated files (audit.log.1 is the newest).
+    pub audit_keep: usize,
+    /// Audit lines per second one sandbox may write on average (0: no
+    /// limit), and in a burst; lines past them are counted
+    /// (`sbx_net_audit_suppressed_total`) and summarised in the log.
+    pub audit_lines_per_second: u32,
+    pub audit_burst: u32,
+    /// Concurrent connections one sandbox may hold through the HTTP(S)
+    /// proxy (0: no cap): one guest cannot take the proxy from the others.
+    pub proxy_connections_per_sandbox: usize,
+    /// A guest's first bytes (ClientHello, request head) must arrive within
+    /// this many milliseconds of connecting, however slowly they trickle.
+    pub proxy_first_bytes_timeout_ms: u64,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            policy_dir: None,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            socket: PathBuf::from(DEFAULT_SOCKET),
+            socket_mode: 0o600,
+            bpf_dir: PathBuf::from(DEFAULT_BPF_DIR),
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            upstream_dns: None,
+            upstream_ca: None,
+            uplink: None,
+            dns_port: 1053,
+            proxy_port: 15001,
+            proxied_ports: vec![80, 443],
+            ipv4_pool: "10.200.0.0/16".parse().expect("valid"),
+            ipv6_pool: "fd73:6278::/48".parse().expect("valid"),
+            tap_pool_size: 8,
+            tap_pool_workers: 4,
+            dns_min_ttl: 5,
+            dns_max_ttl: 3600,
+            dns_grace: 30,
+            dns_refuse_denied: false,
+            dns_max_addresses_per_name: 32,
+            dns_tcp_connections_per_sandbox: 32,
+            dns_tcp_idle_timeout_ms: 10_000,
+            dns_tcp_query_timeout_ms: 5_000,
+            flow_history: 10_000,
+            events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
+            flow_table_size: sbx_net_common::MAX_FLOWS,
+            policy_map_entries: sbx_net_common::MAX_POLICY_ENTRIES,
+            audit_max_bytes: 16 * 1024 * 1024,
+            audit_keep: 4,
+            audit_lines_per_second: 50,
+            audit_burst: 1000,
+            proxy_connections_per_sandbox: 256,
+            proxy_first_bytes_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::Invalid { file: file.clone(), reason: format!("cannot read: {e}") })?;
+        Self::parse(&file, &text)
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<DaemonConfig, ConfigError> {
+        let config: DaemonConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| text[..s.start].matches('\n').count() + 1).unwrap_or(0);
+            ConfigError::Invalid { file: format!("{file}:{line}"), reason: e.message().to_string() }
+        })?;
+        config.validate().map_err(|reason| ConfigError::Invalid { file: file.to_string(), reason })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: port sets, pool sizes.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.proxied_ports.len() > sbx_net_common::MAX_PROXIED_PORTS {
+            return Err(format!(
+                "proxied_ports: at most {} ports (got {})",
+                sbx_net_common::MAX_PROXIED_PORTS,
+                self.proxied_ports.len()
+            ));
+        }
+        if self.proxied_ports.iter().any(|&p| p == 0 || p == 53) {
+            return Err("proxied_ports: ports must be 1-65535 and not 53 (DNS is always redirected)".into());
+        }
+        if self.dns_port == 0 || self.proxy_port == 0 || self.dns_port == self.proxy_port {
+            return Err("dns_port and proxy_port must be distinct non-zero ports".into());
+        }
+        if self.dns_min_ttl > self.dns_max_ttl {
+            return Err(format!("dns_min_ttl ({}) exceeds dns_max_ttl ({})", self.dns_min_ttl, self.dns_max_ttl));
+        }
+        if self.dns_tcp_connections_per_sandbox == 0 || self.dns_tcp_idle_timeout_ms == 0 || self.dns_tcp_query_timeout_ms == 0 {
+            return Err("dns_tcp_connections_per_sandbox, dns_tcp_idle_timeout_ms and dns_tcp_query_timeout_ms must be at least 1".into());
+        }
+        if !self.events_ring_bytes.is_power_of_two() || self.events_ring_bytes < 4096 {
+            return Err(format!("events_ring_bytes ({}) must be a power of two of at least 4096", self.events_ring_bytes));
+        }
+        if self.flow_table_size == 0 || self.flow_history == 0 || self.policy_map_entries == 0 {
+            return Err("flow_table_size, flow_history and policy_map_entries must be at least 1".into());
+        }
+        if self.proxy_first_bytes_timeout_ms == 0 {
+            return Err("proxy_first_bytes_timeout_ms must be at least 1".into());
+        }
+        if self.ipv4_pool.prefix() > 29 {
+            return Err(format!("ipv4_pool {} is too small (a sandbox takes a /30)", self.ipv4_pool));
+        }
+        if self.ipv6_pool.prefix() > 63 {
+            return Err(format!("ipv6_pool {} is too small (a sandbox takes a /64)", self.ipv6_pool));
+        }
+        Ok(())
+    }
+
+    pub fn pools(&self) -> AddressPools {
+        AddressPools {
+            ipv4: self.ipv4_pool.network(),
+            ipv4_prefix_len: self.ipv4_pool.prefix(),
+            ipv6: self.ipv6_pool.network(),
+            ipv6_prefix_len: self.ipv6_pool.prefix(),
+        }
+    }
+
+    pub fn nft(&self) -> NftConfig {
+        NftConfig {
+            dns_port: self.dns_port,
+            proxy_port: self.proxy_port,
+            proxied_ports: self.proxied_ports.clone(),
+            uplink: self.uplink.clone(),
+            pool_v4: self.ipv4_pool,
+            pool_v6: self.ipv6_pool,
+        }
+    }
+
+    /// Policies applied with `policy apply` (kept across restarts).
+    pub fn applied_policy_dir(&self) -> PathBuf {
+        self.state_dir.join("applied-policies")
+    }
+
+    /// The resolver allowed queries go to: `upstream_dns`, else the first
+    /// nameserver of the host's /etc/resolv.conf.
+    pub fn upstream_resolver(&self) -> Option<SocketAddr> {
+        self.upstream_dns.or_else(|| {
+            let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+            text.lines()
+                .filter_map(|l| l.trim().strip_prefix("nameserver"))
+                .find_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
+    }
+
+    /// Names behind the DNS-learned addresses (the addresses themselves
+    /// live in the pinned tries).
+    pub fn learned_snapshot(&self) -> PathBuf {
+        self.state_dir.join("learned.json")
+    }
+
+    /// A sandbox's CA certificate (`ca.pem`) and key (`ca.key`, 0600).
+    pub fn sandbox_ca_dir(&self, sandbox: &str) -> PathBuf {
+        self.state_dir.join("ca").join(sandbox)
+    }
+
+    /// The DNS proxy's limits for DNS over TCP.
+    pub fn dns_tcp_limits(&self) -> crate::dns::server::DnsTcpLimits {
+        crate::dns::server::DnsTcpLimits {
+            max_connections_per_sandbox: self.dns_tcp_connections_per_sandbox,
+            idle_timeout: std::time::Duration::from_millis(self.dns_tcp_idle_timeout_ms),
+            query_timeout: std::time::Duration::from_millis(self.dns_tcp_query_timeout_ms),
+        }
+    }
+
+    pub fn flow_log(&self) -> crate::observe::hub::FlowLogSettings {
+        crate::observe::hub::FlowLogSettings {
+            history: self.flow_history,
+            audit_path: self.state_dir.join("audit.log"),
+            audit_max_bytes: self.audit_max_bytes,
+            audit_keep: self.audit_keep,
+            audit_lines_per_second: self.audit_lines_per_second,
+            audit_burst: self.audit_burst,
+        }
+    }
+
+    pub fn link_pin(&self, sandbox: &str) -> PathBuf {
+        self.bpf_dir.join("links").join(sandbox)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_with_location() {
+        let c = DaemonConfig::parse("c.toml", "uplink = \"eth0\"\nproxied_ports = [80, 443, 8443]\n").unwrap();
+        assert_eq!(c.uplink.as_deref(), Some("eth0"));
+        assert_eq!(c.proxied_ports, vec![80, 443, 8443]);
+        assert_eq!(c.dns_port, 1053);
+        let e = DaemonConfig::parse("c.toml", "uplink = \"eth0\"\nbogus = 1\n").unwrap_err().to_string();
+        assert!(e.starts_with("c.toml:2:"), "{e}");
+        assert!(e.contains("bogus"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "proxied_ports = [53]\n").unwrap_err().to_string();
+        assert!(e.contains("not 53"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "ipv4_pool = \"10.0.0.0/30\"\n").unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "events_ring_bytes = 5000\n").unwrap_err().to_string();
+        assert!(e.contains("power of two"), "{e}");
+    }
+}

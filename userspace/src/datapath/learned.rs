@@ -1,0 +1,62 @@
+//! The learned entries of the pinned policy tries: the /32 and /128
+//! entries the DNS proxy writes for the addresses an allowed name resolved
+//! to, keyed by the sandbox's policy generation.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use aya::maps::lpm_trie::LpmTrie;
+use aya::maps::{Map, MapData};
+use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue};
+
+use super::{key_v4, key_v6};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnedMapsError {
+    #[error("pinned map {name}: {reason}")]
+    Map { name: &'static str, reason: String },
+}
+
+/// The pinned policy tries, opened by this component.
+pub struct LearnedMaps {
+    v4: LpmTrie<MapData, KeyV4, PolicyValue>,
+    v6: LpmTrie<MapData, KeyV6, PolicyValue>,
+}
+
+impl LearnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<LearnedMaps, LearnedMapsError> {
+        let open = |name: &'static str| -> Result<MapData, LearnedMapsError> {
+            MapData::from_pin(pin_dir.join(name)).map_err(|e| LearnedMapsError::Map { name, reason: e.to_string() })
+        };
+        let v4 = LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V4)?))
+            .map_err(|e| LearnedMapsError::Map { name: map_names::POLICY_V4, reason: e.to_string() })?;
+        let v6 = LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V6)?))
+            .map_err(|e| LearnedMapsError::Map { name: map_names::POLICY_V6, reason: e.to_string() })?;
+        Ok(LearnedMaps { v4, v6 })
+    }
+
+    pub fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(&key_v4(policy_id, a.octets(), 32), value, 0),
+            IpAddr::V6(a) => self.v6.insert(&key_v6(policy_id, a.octets(), 128), value, 0),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// The entry the trie holds for exactly this address (the longest match
+    /// of a full-length key is the exact entry when there is one).
+    pub fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(&key_v4(policy_id, a.octets(), 32), 0).ok(),
+            IpAddr::V6(a) => self.v6.get(&key_v6(policy_id, a.octets(), 128), 0).ok(),
+        }
+    }
+
+    pub fn remove(&mut self, policy_id: u32, ip: IpAddr) {
+        let _ = match ip {
+            IpAddr::V4(a) => self.v4.remove(&key_v4(policy_id, a.octets(), 32)),
+            IpAddr::V6(a) => self.v6.remove(&key_v6(policy_id, a.octets(), 128)),
+        };
+    }
+}
+

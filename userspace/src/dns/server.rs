@@ -1,0 +1,1106 @@
+//! The DNS proxy every guest reaches through nftables' redirect of port 53
+//! (UDP and TCP, to any address). It screens each message (only standard
+//! queries it parsed go on), decides the name by the sandbox's domain
+//! rules, forwards allowed ones upstream re-encoded (UDP, TCP on
+//! truncation), judges the answer's alias chain, writes the answer's
+//! addresses into the sandbox's trie entries with their expiry, and only
+//! then releases the answer. Queries in flight upstream and DNS-over-TCP
+//! connections are capped per sandbox, so one guest cannot starve the
+//! others. The decisions are in [`crate::dns`]; this is the I/O.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::{RData, Record, RecordType};
+use sbx_net_common::PolicyValue;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::datapath::learned::LearnedMaps;
+use crate::policy::compile::CompiledPolicy;
+use crate::util::clock::boot_time_ns;
+use crate::dns::decide::{
+    answers_query, checked, checked_name, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict, LearnTiming,
+    LearnedAddr, NameVerdict, RecordFate, Screened,
+};
+use crate::observe::record::{DnsDetail, FlowRecord, Verdict};
+use crate::sandbox::route::Routes;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("DNS proxy: binding {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("DNS proxy: {0}")]
+    Maps(#[from] crate::datapath::learned::LearnedMapsError),
+    #[error("DNS upstream: {0}")]
+    Upstream(#[source] std::io::Error),
+    #[error("DNS upstream: no answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    #[error("DNS upstream: {pending} queries already in flight (the cap)")]
+    UpstreamBusy { pending: usize },
+}
+
+/// The proxy's settings, as plain data.
+#[derive(Clone, Debug)]
+pub struct DnsSettings {
+    /// Where allowed queries go; `None`: answer SERVFAIL.
+    pub upstream: Option<SocketAddr>,
+    pub timing: LearnTiming,
+    /// Answer denied names REFUSED instead of NXDOMAIN.
+    pub refuse_denied: bool,
+    pub upstream_timeout: Duration,
+    /// How long an answer may wait for its map write before SERVFAIL.
+    pub hold_timeout: Duration,
+    /// At most this many learned addresses per name (older ones without a
+    /// live flow are forgotten first); 0: no cap.
+    pub max_addresses_per_name: usize,
+    /// Queries of one sandbox waiting for the upstream at once; past it,
+    /// SERVFAIL (the shared pending table must not be one guest's).
+    pub max_upstream_per_sandbox: usize,
+    pub tcp: DnsTcpLimits,
+}
+
+/// Default of [`DnsSettings::max_upstream_per_sandbox`].
+pub const DEFAULT_MAX_UPSTREAM_PER_SANDBOX: usize = 256;
+
+/// DNS over TCP, per connection and per sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsTcpLimits {
+    /// Connections one sandbox may hold open at once; more are closed at
+    /// once (with a reset).
+    pub max_connections_per_sandbox: usize,
+    /// How long a connection may wait for its next query to start (also
+    /// the first one).
+    pub idle_timeout: Duration,
+    /// From a query's first byte to its last, and for writing its answer:
+    /// one deadline, not renewed by each byte (a guest trickling bytes
+    /// holds a connection no longer than this).
+    pub query_timeout: Duration,
+}
+
+impl Default for DnsTcpLimits {
+    fn default() -> Self {
+        DnsTcpLimits { max_connections_per_sandbox: 32, idle_timeout: Duration::from_secs(10), query_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// Learned addresses per sandbox (what the tries hold beyond the compiled
+/// policy), for expiry and for carrying them across policy generations.
+#[derive(Default)]
+pub struct Learned {
+    pub by_sandbox: HashMap<String, HashMap<IpAddr, LearnedAddr>>,
+    /// Bumped on every change, so the snapshot is rewritten only then.
+    pub version: u64,
+}
+
+/// One line of the snapshot: what a restarted daemon needs besides the
+/// trie entry itself (which survives in the pinned map).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotEntry {
+    sandbox: String,
+    ip: IpAddr,
+    policy_id: u32,
+    names: BTreeSet<String>,
+}
+
+impl Learned {
+    /// Writes the name↔address knowledge to `path` (atomically).
+    pub fn write_snapshot(&self, path: &Path) -> std::io::Result<()> {
+        let entries: Vec<SnapshotEntry> = self
+            .by_sandbox
+            .iter()
+            .flat_map(|(sandbox, t)| {
+                t.iter().map(|(ip, l)| SnapshotEntry { sandbox: sandbox.clone(), ip: *ip, policy_id: l.policy_id, names: l.names.clone() })
+            })
+            .collect();
+        crate::util::fs::write_atomic(path, &serde_json::to_vec(&entries).map_err(std::io::Error::other)?)
+    }
+
+    /// Restores the table from the snapshot and the tries: an entry is back
+    /// only if the trie still holds a live learned value for it.
+    pub fn restore(path: &Path, maps: &LearnedMaps) -> Learned {
+        let mut learned = Learned::default();
+        let Ok(bytes) = std::fs::read(path) else { return learned };
+        let Ok(entries) = serde_json::from_slice::<Vec<SnapshotEntry>>(&bytes) else {
+            tracing::warn!(path = %path.display(), "unreadable learned-address snapshot; starting empty");
+            return learned;
+        };
+        let now = boot_time_ns();
+        for e in entries {
+            let Some(value) = maps.get(e.policy_id, e.ip) else { continue };
+            if value.learned_until_ns > now {
+                learned.by_sandbox.entry(e.sandbox).or_default().insert(e.ip, LearnedAddr { policy_id: e.policy_id, value, names: e.names, answered_ns: now });
+            }
+        }
+        learned
+    }
+}
+
+/// Counters the daemon reports in `status` and `/metrics`.
+#[derive(Debug)]
+pub struct DnsStats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub upstream_failures: AtomicU64,
+    pub stripped: AtomicU64,
+    pub hold_timeouts: AtomicU64,
+    /// Messages answered (or dropped) by the proxy itself without asking
+    /// upstream: other opcodes, malformed messages, names no rule can judge,
+    /// meta types (also counted in `denied`).
+    pub refused: AtomicU64,
+    /// Answers refused because their alias chain reached a denied name
+    /// (also counted in `denied`).
+    pub alias_denied: AtomicU64,
+    /// SERVFAILs because the sandbox's or the shared pending table was full
+    /// (also counted in `upstream_failures`).
+    pub upstream_busy: AtomicU64,
+    /// DNS-over-TCP connections closed at once: the sandbox held its cap.
+    pub tcp_refused: AtomicU64,
+    /// DNS-over-TCP connections closed by the idle or query deadline.
+    pub tcp_timeouts: AtomicU64,
+    /// Longest wait for the map write, µs.
+    pub hold_max_us: AtomicU64,
+    /// How long answers were held for their map writes (seconds).
+    pub hold_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Hold-time buckets: 10 µs .. 500 ms (the hold timeout).
+pub const HOLD_BUCKETS: [f64; 12] = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.1, 0.5];
+
+/// A fresh hold-time histogram with [`HOLD_BUCKETS`].
+pub fn hold_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(HOLD_BUCKETS)
+}
+
+impl Default for DnsStats {
+    fn default() -> Self {
+        DnsStats {
+            allowed: AtomicU64::new(0),
+            denied: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            stripped: AtomicU64::new(0),
+            hold_timeouts: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            alias_denied: AtomicU64::new(0),
+            upstream_busy: AtomicU64::new(0),
+            tcp_refused: AtomicU64::new(0),
+            tcp_timeouts: AtomicU64::new(0),
+            hold_max_us: AtomicU64::new(0),
+            hold_seconds: hold_histogram(),
+        }
+    }
+}
+
+impl DnsStats {
+    fn record_hold(&self, waited: Duration) {
+        self.hold_max_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
+        self.hold_seconds.observe(waited.as_secs_f64());
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "queries_allowed": self.allowed.load(Ordering::Relaxed),
+            "queries_denied": self.denied.load(Ordering::Relaxed),
+            "upstream_failures": self.upstream_failures.load(Ordering::Relaxed),
+            "records_stripped": self.stripped.load(Ordering::Relaxed),
+            "hold_timeouts": self.hold_timeouts.load(Ordering::Relaxed),
+            "queries_refused": self.refused.load(Ordering::Relaxed),
+            "answers_alias_denied": self.alias_denied.load(Ordering::Relaxed),
+            "upstream_busy": self.upstream_busy.load(Ordering::Relaxed),
+            "tcp_connections_refused": self.tcp_refused.load(Ordering::Relaxed),
+            "tcp_connections_timed_out": self.tcp_timeouts.load(Ordering::Relaxed),
+            "hold_max_us": self.hold_max_us.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The tries' handles and the learned table, under one async-aware lock
+/// (the daemon's control thread takes it with `blocking_lock`).
+pub type SharedLearned = Arc<tokio::sync::Mutex<(LearnedMaps, Learned)>>;
+
+impl crate::observe::ingest::DestinationNames for SharedLearned {
+    async fn names(&self, queries: &[(Option<&str>, Option<IpAddr>)]) -> Vec<Vec<String>> {
+        let guard = self.lock().await;
+        queries
+            .iter()
+            .map(|(sandbox, ip)| match (sandbox, ip) {
+                (Some(sandbox), Some(ip)) => guard.1.by_sandbox.get(*sandbox).and_then(|t| t.get(ip)).map(|l| l.names.iter().cloned().collect()).unwrap_or_default(),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// Everything the serving tasks share.
+pub struct DnsContext {
+    pub settings: DnsSettings,
+    pub stats: Arc<DnsStats>,
+    pub routes: Routes,
+    /// The maps and the learned table move together under one lock, which
+    /// the daemon also takes while it switches a policy generation.
+    pub state: SharedLearned,
+    /// The shared upstream socket and the queries in flight on it.
+    pub upstream: UpstreamClient,
+    /// TLS to upstreams for the credential proxy.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// The flow stream both proxies report their decisions to.
+    pub flows: Arc<crate::observe::hub::FlowHub>,
+    /// What each sandbox holds of the shared resources.
+    pub slots: DnsSlots,
+}
+
+/// Per-sandbox counts of the proxy's shared resources.
+#[derive(Default)]
+pub struct DnsSlots {
+    /// Open DNS-over-TCP connections.
+    pub tcp: SandboxSlots,
+    /// Queries waiting for the upstream.
+    pub upstream: SandboxSlots,
+}
+
+/// How many of something each sandbox holds, with a cap checked and taken
+/// under one lock.
+#[derive(Default)]
+pub struct SandboxSlots {
+    held: Mutex<HashMap<String, SlotCount>>,
+}
+
+#[derive(Default)]
+struct SlotCount {
+    held: usize,
+    /// Refused since the sandbox last got a slot (log once per burst).
+    refusing: bool,
+}
+
+/// One slot, given back on drop.
+pub struct Slot<'a> {
+    slots: &'a SandboxSlots,
+    sandbox: String,
+}
+
+impl SandboxSlots {
+    /// A slot for `sandbox` if it holds fewer than `cap`; otherwise Err,
+    /// true for the first refusal of a burst.
+    pub fn acquire(&self, sandbox: &str, cap: usize) -> Result<Slot<'_>, bool> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let count = held.entry(sandbox.to_string()).or_default();
+        if count.held >= cap {
+            let first = !count.refusing;
+            count.refusing = true;
+            return Err(first);
+        }
+        count.held += 1;
+        count.refusing = false;
+        Ok(Slot { slots: self, sandbox: sandbox.to_string() })
+    }
+
+    /// Slots `sandbox` holds now.
+    pub fn held(&self, sandbox: &str) -> usize {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox).map_or(0, |c| c.held)
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = held.get_mut(&self.sandbox) {
+            count.held -= 1;
+            if count.held == 0 {
+                // Nothing held, nothing refused since: the next refusal can
+                // only come after `cap` new slots, which start a new burst.
+                held.remove(&self.sandbox);
+            }
+        }
+    }
+}
+
+/// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected
+/// traffic arrives per family).
+pub fn bind(port: u16) -> Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>), DnsError> {
+    let mut udp = Vec::new();
+    let mut tcp = Vec::new();
+    for addr in crate::util::net::wildcard_addrs(port) {
+        let err = |source| DnsError::Bind { addr, source };
+        udp.push(crate::util::net::bound_socket(addr, socket2::Type::DGRAM).map_err(err)?.into());
+        tcp.push(crate::util::net::bound_socket(addr, socket2::Type::STREAM).map_err(err)?.into());
+    }
+    Ok((udp, tcp))
+}
+
+pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!("DNS UDP socket: {e}");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
+        let query = buf[..n].to_vec();
+        let (socket, ctx) = (socket.clone(), ctx.clone());
+        tokio::spawn(async move {
+            if let Some(response) = answer(&ctx, peer, &query, Transport::Udp).await {
+                let _ = socket.send_to(&response, peer).await;
+            }
+        });
+    }
+}
+
+/// Pauses between failing accepts: from 10 ms doubling to 1 s while they
+/// keep failing (EMFILE/ENFILE last until something closes; retrying at once
+/// would spin), back to none on the next success. Reports the first failure
+/// of a burst, so it is logged once.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u64,
+    pause: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// After a failed accept: how long to pause, and whether this failure
+    /// starts a burst.
+    pub fn failed(&mut self) -> (Duration, bool) {
+        self.failures += 1;
+        self.pause = if self.failures == 1 { Self::FIRST } else { (self.pause * 2).min(Self::MAX) };
+        (self.pause, self.failures == 1)
+    }
+
+    /// After a successful accept: the failures of the burst that ended, if
+    /// one did.
+    pub fn succeeded(&mut self) -> Option<u64> {
+        let failures = std::mem::take(&mut self.failures);
+        self.pause = Duration::ZERO;
+        (failures > 0).then_some(failures)
+    }
+}
+
+/// Whether an accept failed for want of file descriptors.
+fn out_of_fds(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("DNS TCP listener: {e}");
+            return;
+        }
+    };
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if let Some(failures) = backoff.succeeded() {
+                    tracing::info!(failures, "DNS TCP: accepting again after failed accepts");
+                }
+                let ctx = ctx.clone();
+                tokio::spawn(async move { serve_tcp_connection(stream, peer, &ctx).await });
+            }
+            Err(e) => {
+                let (pause, first) = backoff.failed();
+                if first {
+                    tracing::warn!(out_of_fds = out_of_fds(&e), "DNS TCP accept failed: {e}; pausing up to {:?} between retries until one succeeds", AcceptBackoff::MAX);
+                }
+                tokio::time::sleep(pause).await;
+            }
+        }
+    }
+}
+
+/// One DNS-over-TCP connection: several framed queries may come on it,
+/// pipelined; each is answered in turn. Closed when the sandbox already
+/// holds its cap of connections, when no query starts within the idle
+/// timeout, or when one does not complete (or its answer is not taken)
+/// within the query timeout.
+async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &DnsContext) {
+    let limits = ctx.settings.tcp;
+    let ip = crate::util::net::canonical(peer.ip());
+    let sandbox = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&ip).map(|r| r.sandbox.clone());
+    // From no sandbox's address: nothing it asks would be answered.
+    let Some(sandbox) = sandbox else { return };
+    let _slot = match ctx.slots.tcp.acquire(&sandbox, limits.max_connections_per_sandbox) {
+        Ok(slot) => slot,
+        Err(first) => {
+            ctx.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
+            if first {
+                tracing::warn!(%sandbox, cap = limits.max_connections_per_sandbox, "DNS TCP: the sandbox holds its cap of connections; closing new ones until one ends");
+            }
+            // A reset: the guest learns at once, and no FIN_WAIT is left here
+            // (a zero linger never blocks the close).
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            return;
+        }
+    };
+    loop {
+        let first = match tokio::time::timeout(limits.idle_timeout, stream.read_u8()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let rest = tokio::time::timeout(limits.query_timeout, async {
+            let second = stream.read_u8().await?;
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes([first, second]))];
+            stream.read_exact(&mut query).await?;
+            Ok::<_, std::io::Error>(query)
+        })
+        .await;
+        let query = match rest {
+            Ok(Ok(query)) => query,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%sandbox, %peer, "DNS TCP: a query did not arrive within {:?}; closing", limits.query_timeout);
+                return;
+            }
+        };
+        let Some(response) = answer(ctx, peer, &query, Transport::Tcp).await else { return };
+        match tokio::time::timeout(limits.query_timeout, write_framed(&mut stream, &response)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+}
+
+async fn read_framed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = stream.read_u16().await? as usize;
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("DNS message over 64 KiB"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+/// The mnemonic dig prints (RFC 6895 names).
+fn rcode_name(code: ResponseCode) -> crate::observe::record::Text {
+    match code {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        ResponseCode::BADVERS => "BADVERS".into(),
+        other => format!("RCODE{}", u16::from(other)).into(),
+    }
+}
+
+/// The flow record of one query, completed on every way out.
+struct QueryLog<'a> {
+    ctx: &'a DnsContext,
+    sandbox: &'a str,
+    peer: SocketAddr,
+    transport: Transport,
+    query: String,
+    qtype: crate::observe::record::Text,
+}
+
+impl QueryLog<'_> {
+    fn record(&self, verdict: Verdict, reason: &'static str, rule: Option<String>, rcode: crate::observe::record::Text, answers: Vec<IpAddr>, stripped: usize) {
+        let protocol = if self.transport == Transport::Udp { "udp" } else { "tcp" };
+        let mut r = FlowRecord::new(self.sandbox, "dns", "dns_query", protocol, verdict, reason).with_endpoints(Some(self.peer), None);
+        r.dst_port = 53;
+        r.rule = rule;
+        r.dns = Some(DnsDetail { query: self.query.clone(), qtype: self.qtype.clone(), rcode, answers, stripped });
+        self.ctx.flows.publish(r);
+    }
+}
+
+/// The whole life of one message; `None` sends nothing.
+async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    let screened = screen_query(bytes);
+    let peer = crate::util::net::canonical(peer_addr.ip());
+    let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
+    let Some(route) = route else {
+        tracing::info!(%peer, "DNS query from no sandbox's address: refused");
+        return match screened {
+            Screened::Query(q) => refusal(&q, ResponseCode::Refused),
+            Screened::Refused { reply, .. } => reply,
+        };
+    };
+    let q = match screened {
+        Screened::Query(q) => q,
+        Screened::Refused { reply, rcode, reason, query, qtype } => {
+            // Never forwarded: the proxy passes on only what it parsed.
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(sandbox = %route.sandbox, name = %query, %qtype, reason, "DNS: message refused without asking upstream");
+            let log = QueryLog { ctx, sandbox: &route.sandbox, peer: peer_addr, transport, query, qtype: qtype.into() };
+            log.record(Verdict::Denied, reason, None, rcode.map_or("NOREPLY".into(), rcode_name), Vec::new(), 0);
+            return reply;
+        }
+    };
+    let qname = q.rule_name.clone();
+    let qtype = q.qtype;
+    let log = QueryLog { ctx, sandbox: &route.sandbox, peer: peer_addr, transport, query: qname.clone(), qtype: <&'static str>::from(qtype).into() };
+    let denied_code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
+    let rule = match name_verdict(&route.policy, &qname) {
+        NameVerdict::Denied { rule_id } => {
+            let rule = route.policy.describe_rule(rule_id);
+            tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, %rule, "DNS: denied");
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            log.record(Verdict::Denied, "policy", Some(rule), rcode_name(denied_code), Vec::new(), 0);
+            return refusal(&q, denied_code);
+        }
+        NameVerdict::Allowed { rule_id, .. } => rule_id,
+    };
+    let rule_text = route.policy.describe_rule(rule);
+    let servfail = |reason: &'static str| {
+        log.record(Verdict::Allowed, reason, Some(rule_text.clone()), rcode_name(ResponseCode::ServFail), Vec::new(), 0);
+        refusal(&q, ResponseCode::ServFail)
+    };
+    let Some(upstream) = ctx.settings.upstream else {
+        ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        return servfail("no_upstream");
+    };
+    let Some(upstream_query) = reencode(&q) else { return servfail("reencode_failed") };
+    let slot = match ctx.slots.upstream.acquire(&route.sandbox, ctx.settings.max_upstream_per_sandbox) {
+        Ok(slot) => slot,
+        Err(first) => {
+            ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
+            if first {
+                tracing::warn!(sandbox = %route.sandbox, cap = ctx.settings.max_upstream_per_sandbox, "DNS: the sandbox has its cap of queries upstream; SERVFAIL until one ends");
+            }
+            return servfail("upstream_busy");
+        }
+    };
+    let forwarded = ctx.upstream.forward(upstream, &upstream_query, ctx.settings.upstream_timeout).await;
+    drop(slot);
+    let response = match forwarded {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+            if let DnsError::UpstreamBusy { .. } = e {
+                ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
+                return servfail("upstream_busy");
+            }
+            tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "{e}");
+            return servfail("upstream_failed");
+        }
+    };
+    let Ok(mut message) = Message::from_vec(&response) else {
+        ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        return servfail("upstream_malformed");
+    };
+    if !answers_query(&q, &message) {
+        ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS upstream answered another question; SERVFAIL");
+        return servfail("upstream_mismatch");
+    }
+    let records: Vec<AnswerRecord> = message.answers().iter().map(answer_record).collect();
+    let plan = plan_answer(&route.policy, &qname, &records);
+    let port = match &plan.verdict {
+        ChainVerdict::Allowed { port, .. } => *port,
+        ChainVerdict::Denied { name, rule_id } => {
+            // As the guest would have been answered asking for that name.
+            let rule = route.policy.describe_rule(*rule_id);
+            tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, %rule, "DNS: the answer's alias chain reaches a denied name; refused");
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.alias_denied.fetch_add(1, Ordering::Relaxed);
+            log.record(Verdict::Denied, "alias_denied", Some(rule), rcode_name(denied_code), Vec::new(), 0);
+            return refusal(&q, denied_code);
+        }
+        ChainVerdict::Invalid { name, reason } => {
+            tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, reason, "DNS: the answer's alias chain cannot be judged; refused");
+            ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.alias_denied.fetch_add(1, Ordering::Relaxed);
+            log.record(Verdict::Denied, "alias_invalid", None, rcode_name(ResponseCode::Refused), Vec::new(), 0);
+            return refusal(&q, ResponseCode::Refused);
+        }
+    };
+    // Open the addresses before the guest can use them.
+    if !plan.learn.is_empty() {
+        if let Err(reason) = learn(ctx, &route, &qname, &plan.learn, rule, port).await {
+            return servfail(reason);
+        }
+    }
+    let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
+    if stripped > 0 {
+        let kept: Vec<Record> = message
+            .take_answers()
+            .into_iter()
+            .zip(&plan.fates)
+            .filter(|(_, f)| **f == RecordFate::Keep)
+            .map(|(r, _)| r)
+            .collect();
+        message.insert_answers(kept);
+        tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding, or not on the alias chain)");
+    }
+    ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
+    ctx.stats.stripped.fetch_add(stripped as u64, Ordering::Relaxed);
+    let answers: Vec<IpAddr> = records.iter().zip(&plan.fates).filter(|(_, f)| **f == RecordFate::Keep).filter_map(|(r, _)| match r { AnswerRecord::Address { ip, .. } => Some(*ip), _ => None }).collect();
+    log.record(Verdict::Allowed, "policy", Some(rule_text.clone()), rcode_name(message.response_code()), answers, stripped);
+    tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
+    // Unchanged answers go back as the upstream sent them (with the guest's
+    // id: the query sent upstream carried it).
+    let out = if stripped == 0 { response } else { message.to_vec().ok()? };
+    let limit = match transport {
+        Transport::Tcp => usize::from(u16::MAX),
+        Transport::Udp => q.edns.map_or(512, |e| usize::from(e.max_payload.max(512))),
+    };
+    if out.len() > limit {
+        // Too big for the guest's UDP: tell it to retry over TCP.
+        let mut truncated = Message::new();
+        truncated
+            .set_id(q.id)
+            .set_message_type(MessageType::Response)
+            .set_op_code(message.op_code())
+            .set_recursion_desired(message.recursion_desired())
+            .set_recursion_available(message.recursion_available())
+            .set_response_code(message.response_code())
+            .set_truncated(true);
+        truncated.add_queries(message.queries().to_vec());
+        return truncated.to_vec().ok();
+    }
+    Some(out)
+}
+
+/// Writes an allowed answer's addresses into the sandbox's trie entries
+/// (and the learned table) under the shared lock; Err is the flow record's
+/// reason when the answer must not be released.
+async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &str, addresses: &[(IpAddr, u32)], rule: u32, port: Option<u16>) -> Result<(), &'static str> {
+    let now = boot_time_ns();
+    let held_since = std::time::Instant::now();
+    let Ok(mut guard) = tokio::time::timeout(ctx.settings.hold_timeout, ctx.state.lock()).await else {
+        // Never release an answer whose addresses are not open yet.
+        ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
+        return Err("hold_timeout");
+    };
+    let (maps, learned) = &mut *guard;
+    let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
+    for (ip, ttl) in addresses {
+        let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
+        let existing = table.get(ip).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
+        let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
+        // Expiry moves in whole seconds: skip the syscall when the entry
+        // already says the same to within one.
+        let unchanged = existing.is_some_and(|e| e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns);
+        if !unchanged {
+            if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
+                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
+                return Err("map_write_failed");
+            }
+        }
+        let value = if unchanged { existing.unwrap_or(value) } else { value };
+        let entry = table.entry(*ip).or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new(), answered_ns: now });
+        entry.policy_id = route.policy_id;
+        entry.value = value;
+        entry.answered_ns = now;
+        entry.names.insert(qname.to_string());
+    }
+    if ctx.settings.max_addresses_per_name > 0 {
+        let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
+        let guests = guest_addresses(&ctx.routes, &route.sandbox);
+        let mut flows: Option<BTreeSet<(IpAddr, IpAddr)>> = None;
+        let live = |ip: IpAddr| {
+            let pairs = flows.get_or_insert_with(|| crate::dns::decide::conntrack_pairs(&std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default()));
+            guests.iter().any(|g| pairs.contains(&(*g, ip)))
+        };
+        let live = std::cell::RefCell::new(live);
+        let evict = over_cap(table, qname, &current, ctx.settings.max_addresses_per_name, |ip| (live.borrow_mut())(ip));
+        for ip in evict {
+            let Some(entry) = table.get_mut(&ip) else { continue };
+            entry.names.remove(qname);
+            if entry.names.is_empty() {
+                let policy_id = entry.policy_id;
+                table.remove(&ip);
+                match static_exact(&route.policy, ip) {
+                    Some(v) => {
+                        let _ = maps.insert(policy_id, ip, &v);
+                    }
+                    None => maps.remove(policy_id, ip),
+                }
+                tracing::info!(sandbox = %route.sandbox, name = %qname, %ip, "DNS: address evicted (per-name cap)");
+            }
+        }
+    }
+    learned.version += 1;
+    ctx.stats.record_hold(held_since.elapsed());
+    Ok(())
+}
+
+/// The DNAME record type (RFC 6672), which the DNS library reads as
+/// unknown data.
+const DNAME: u16 = 39;
+
+pub fn answer_record(r: &Record) -> AnswerRecord {
+    let owner = checked(r.name());
+    match r.data() {
+        RData::A(a) => AnswerRecord::Address { owner, ip: IpAddr::V4(a.0), ttl: r.ttl() },
+        RData::AAAA(a) => AnswerRecord::Address { owner, ip: IpAddr::V6(a.0), ttl: r.ttl() },
+        RData::CNAME(c) => AnswerRecord::Cname { owner, target: checked(&c.0) },
+        RData::Unknown { code, rdata } if *code == RecordType::Unknown(DNAME) => {
+            AnswerRecord::Dname { owner, target: dname_target(rdata.anything()) }
+        }
+        _ => AnswerRecord::Other,
+    }
+}
+
+/// A DNAME's target from its RDATA, which must not be compressed (RFC 6672
+/// §2.5); anything else is a name no rule can judge.
+fn dname_target(rdata: &[u8]) -> crate::dns::decide::CheckedName {
+    let mut labels: Vec<&[u8]> = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(&len) = rdata.get(at) else { return Err(format!("DNAME target cut short ({} bytes)", rdata.len())) };
+        if len == 0 {
+            break;
+        }
+        let label = (len <= 63).then(|| rdata.get(at + 1..at + 1 + usize::from(len))).flatten();
+        let Some(label) = label else { return Err("DNAME target compressed or cut short".to_string()) };
+        labels.push(label);
+        at += 1 + usize::from(len);
+    }
+    checked_name(labels)
+}
+
+/// One UDP socket per upstream family for all queries, with our own query
+/// ids (guests' ids may collide) from a bounded pending table, and TCP on
+/// truncation.
+pub struct UpstreamClient {
+    sockets: tokio::sync::OnceCell<UpstreamSocket>,
+    /// Queries in flight at most: past it, [`DnsError::UpstreamBusy`].
+    pending_cap: usize,
+}
+
+/// Default of the pending table's cap: a sixteenth of the id space, so a
+/// probe from a random id meets a free one within a few steps.
+pub const MAX_PENDING_UPSTREAM: usize = 4096;
+
+type Pending = Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>;
+
+struct UpstreamSocket {
+    socket: Arc<UdpSocket>,
+    pending: Arc<Pending>,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        UpstreamClient::with_pending_cap(MAX_PENDING_UPSTREAM)
+    }
+}
+
+/// A pending-table entry, removed when the query ends however it ends
+/// (answered, timed out, or its future dropped).
+struct PendingEntry<'a> {
+    pending: &'a Pending,
+    id: u16,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl UpstreamClient {
+    /// A client with at most `cap` queries in flight (1..=65535).
+    pub fn with_pending_cap(cap: usize) -> Self {
+        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)) }
+    }
+
+    async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
+        self.sockets
+            .get_or_try_init(|| async move {
+                let bind: SocketAddr =
+                    if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+                let socket = Arc::new(UdpSocket::bind(bind).await?);
+                socket.connect(upstream).await?;
+                let pending: Arc<Pending> = Arc::default();
+                let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65535];
+                    loop {
+                        let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
+                        if n < 12 {
+                            continue;
+                        }
+                        let id = u16::from_be_bytes([buf[0], buf[1]]);
+                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(buf[..n].to_vec());
+                        }
+                    }
+                });
+                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending })
+            })
+            .await
+    }
+
+    /// Takes a free id for a query: Err when `pending_cap` queries are in
+    /// flight. At most `cap - 1` ids are taken then, so one of any `cap`
+    /// consecutive ids is free: a bounded probe from a random start, never
+    /// a spin under the lock.
+    fn take_id<'a>(&self, pending: &'a Pending, tx: tokio::sync::oneshot::Sender<Vec<u8>>) -> Result<PendingEntry<'a>, DnsError> {
+        let start = random_id();
+        let mut table = pending.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= self.pending_cap {
+            return Err(DnsError::UpstreamBusy { pending: table.len() });
+        }
+        let id = (0..=self.pending_cap as u16).map(|i| start.wrapping_add(i)).find(|id| !table.contains_key(id));
+        let Some(id) = id else { return Err(DnsError::UpstreamBusy { pending: table.len() }) };
+        table.insert(id, tx);
+        Ok(PendingEntry { pending, id })
+    }
+
+    /// Forwards `query` (a message the proxy encoded itself; the answer
+    /// comes back with its id); on a truncated UDP answer, asks again over
+    /// TCP.
+    pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, DnsError> {
+        if query.len() < 12 {
+            return Err(DnsError::Upstream(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
+        }
+        let query_id = [query[0], query[1]];
+        let s = self.socket(upstream).await.map_err(DnsError::Upstream)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let entry = self.take_id(&s.pending, tx)?;
+        let mut ours = query.to_vec();
+        ours[..2].copy_from_slice(&entry.id.to_be_bytes());
+        s.socket.send(&ours).await.map_err(DnsError::Upstream)?;
+        let answered = tokio::time::timeout(timeout, rx).await;
+        drop(entry);
+        let mut response = match answered {
+            Ok(Ok(r)) => r,
+            _ => return Err(DnsError::UpstreamTimeout(timeout)),
+        };
+        // TC bit: byte 2, bit 1.
+        if response[2] & 0x02 != 0 {
+            response = tokio::time::timeout(timeout, async {
+                let mut stream = TcpStream::connect(upstream).await?;
+                write_framed(&mut stream, query).await?;
+                read_framed(&mut stream).await
+            })
+            .await
+            .map_err(|_| DnsError::UpstreamTimeout(timeout))?
+            .map_err(DnsError::Upstream)?;
+            if response.len() < 12 {
+                return Err(DnsError::Upstream(std::io::Error::new(std::io::ErrorKind::InvalidData, "short answer over TCP")));
+            }
+        }
+        response[..2].copy_from_slice(&query_id);
+        Ok(response)
+    }
+}
+
+/// A query id nobody off the path can predict.
+fn random_id() -> u16 {
+    let mut bytes = [0u8; 2];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
+    // which we own for the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == 2 {
+        u16::from_ne_bytes(bytes)
+    } else {
+        // getrandom cannot fail for 2 bytes once the pool is initialised;
+        // still never block a query on it.
+        (boot_time_ns() ^ u64::from(std::process::id()).rotate_left(17)) as u16
+    }
+}
+
+/// Removes expired learned addresses from the tries (the classifier already
+/// ignores them; this frees the entries), once a second.
+pub async fn collect_expired(
+    state: SharedLearned,
+    snapshot: std::path::PathBuf,
+    policies: impl Fn(&str) -> Option<Arc<CompiledPolicy>> + Send + 'static,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut written = u64::MAX;
+    loop {
+        tick.tick().await;
+        let now = boot_time_ns();
+        let mut guard = state.lock().await;
+        let (maps, learned) = &mut *guard;
+        let mut changed = false;
+        for (sandbox, table) in learned.by_sandbox.iter_mut() {
+            let policy = policies(sandbox);
+            table.retain(|ip, l| {
+                if l.value.learned_until_ns > now {
+                    return true;
+                }
+                // Put back what the policy itself says at this exact
+                // address, if it has an entry there; else drop the key.
+                let exact = policy.as_ref().and_then(|p| static_exact(p, *ip));
+                match exact {
+                    Some(v) => {
+                        let _ = maps.insert(l.policy_id, *ip, &v);
+                    }
+                    None => maps.remove(l.policy_id, *ip),
+                }
+                changed = true;
+                false
+            });
+        }
+        learned.by_sandbox.retain(|_, t| !t.is_empty());
+        if changed {
+            learned.version += 1;
+        }
+        if learned.version != written {
+            match learned.write_snapshot(&snapshot) {
+                Ok(()) => written = learned.version,
+                Err(e) => tracing::warn!(path = %snapshot.display(), "writing the learned-address snapshot: {e}"),
+            }
+        }
+    }
+}
+
+/// The sandbox's guest addresses (both families) from the routing table.
+fn guest_addresses(routes: &Routes, sandbox: &str) -> Vec<IpAddr> {
+    routes.read().unwrap_or_else(|p| p.into_inner()).iter().filter(|(_, r)| r.sandbox == sandbox).map(|(ip, _)| *ip).collect()
+}
+
+fn static_exact(policy: &CompiledPolicy, ip: IpAddr) -> Option<PolicyValue> {
+    match ip {
+        IpAddr::V4(a) => policy.v4.iter().find(|(n, len, _)| *len == 32 && *n == a).map(|(_, _, v)| *v),
+        IpAddr::V6(a) => policy.v6.iter().find(|(n, len, _)| *len == 128 && *n == a).map(|(_, _, v)| *v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_backoff_grows_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let pauses: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
+        assert_eq!(pauses[0], (Duration::from_millis(10), true), "the first failure of a burst is the one logged");
+        assert!(pauses[1..].iter().all(|(_, first)| !first));
+        assert_eq!(pauses[1].0, Duration::from_millis(20));
+        assert_eq!(pauses[7].0, Duration::from_secs(1));
+        assert_eq!(pauses[9].0, Duration::from_secs(1), "never longer than a second");
+        assert!(pauses.iter().all(|(p, _)| *p > Duration::ZERO), "never a retry without a pause");
+        assert_eq!(b.succeeded(), Some(10));
+        assert_eq!(b.succeeded(), None);
+        assert_eq!(b.failed(), (Duration::from_millis(10), true), "a new burst is logged again");
+        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
+        assert!(out_of_fds(&emfile) && out_of_fds(&std::io::Error::from_raw_os_error(libc::ENFILE)));
+        assert!(!out_of_fds(&std::io::Error::from_raw_os_error(libc::ECONNABORTED)));
+    }
+
+    #[test]
+    fn sandbox_slots_cap_each_sandbox_alone() {
+        let slots = SandboxSlots::default();
+        let mut held: Vec<Slot<'_>> = (0..3).map(|_| slots.acquire("a", 3).unwrap()).collect();
+        assert_eq!(slots.acquire("a", 3).err(), Some(true), "the first refusal of a burst");
+        assert_eq!(slots.acquire("a", 3).err(), Some(false));
+        let b = slots.acquire("b", 3).expect("another sandbox is not affected");
+        held.pop();
+        let again = slots.acquire("a", 3).expect("a slot given back is free again");
+        assert_eq!((slots.held("a"), slots.held("b")), (3, 1));
+        drop((again, b));
+        assert_eq!(slots.held("b"), 0);
+    }
+
+    #[test]
+    fn dname_records_are_read_and_their_targets_checked() {
+        let name = |labels: &[&[u8]]| -> Vec<u8> { labels.iter().flat_map(|l| [&[l.len() as u8][..], l].concat()).chain([0]).collect() };
+        assert_eq!(dname_target(&name(&[b"Denied", b"TEST"])), Ok("denied.test".into()));
+        assert!(dname_target(&name(&[b"x.y", b"test"])).is_err());
+        assert!(dname_target(&[0xc0, 12]).is_err(), "compressed");
+        assert!(dname_target(&[5, b'a']).is_err(), "cut short");
+        // A whole answer: DNAME, as the library reads it.
+        let mut m = Message::new();
+        m.set_message_type(MessageType::Response);
+        let rdata = hickory_proto::rr::rdata::NULL::with(name(&[b"denied", b"test"]));
+        let record = Record::from_rdata(hickory_proto::rr::Name::from_ascii("dn.allowed.test.").unwrap(), 60, RData::Unknown { code: RecordType::Unknown(DNAME), rdata });
+        m.add_answer(record);
+        let parsed = Message::from_vec(&m.to_vec().unwrap()).unwrap();
+        assert_eq!(answer_record(&parsed.answers()[0]), AnswerRecord::Dname { owner: Ok("dn.allowed.test".into()), target: Ok("denied.test".into()) });
+    }
+
+    fn entries(table: &Pending) -> usize {
+        table.lock().unwrap().len()
+    }
+
+    /// Issue 12: with 65 536 queries pending, picking an id looped forever
+    /// while holding the table's lock.
+    #[test]
+    fn a_full_pending_table_is_busy_at_once_never_a_spin() {
+        let client = UpstreamClient::with_pending_cap(usize::MAX);
+        assert_eq!(client.pending_cap, 65535, "the cap leaves an id free");
+        // 65 534 queries in flight: two ids free, 40 000 and 65 535.
+        let table: Pending = Mutex::default();
+        let mut receivers = Vec::new();
+        for id in (0..u16::MAX).filter(|id| *id != 40_000) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            receivers.push(rx);
+            table.lock().unwrap().insert(id, tx);
+        }
+        assert_eq!(entries(&table), 65534);
+        // A free id is found within the bounded probe, wherever the probe
+        // starts.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let last = client.take_id(&table, tx).expect("a free id below the cap");
+        assert!(last.id == 40_000 || last.id == u16::MAX, "{}", last.id);
+        assert_eq!(entries(&table), 65535);
+        let started = std::time::Instant::now();
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        assert!(matches!(client.take_id(&table, tx), Err(DnsError::UpstreamBusy { pending: 65535 })));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // An entry goes with its query.
+        drop(last);
+        assert_eq!(entries(&table), 65534);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn queries_past_the_pending_cap_fail_fast_and_cancelled_ones_free_their_ids() {
+        // An upstream that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = silent.local_addr().unwrap();
+        let client = Arc::new(UpstreamClient::with_pending_cap(64));
+        let query: Vec<u8> = [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], &[1, b'a', 0, 0, 1, 0, 1]].concat();
+        let waiting: Vec<_> = (0..64)
+            .map(|_| {
+                let (client, query) = (client.clone(), query.clone());
+                tokio::spawn(async move { client.forward(upstream, &query, Duration::from_secs(60)).await })
+            })
+            .collect();
+        let pending = || client.sockets.get().map_or(0, |s| entries(&s.pending));
+        while pending() < 64 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let busy = client.forward(upstream, &query, Duration::from_secs(60)).await;
+        assert!(matches!(busy, Err(DnsError::UpstreamBusy { pending: 64 })), "{busy:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for task in &waiting {
+            task.abort();
+        }
+        for task in waiting {
+            let _ = task.await;
+        }
+        assert_eq!(pending(), 0, "a dropped query leaves no entry behind");
+    }
+}

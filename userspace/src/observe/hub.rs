@@ -1,0 +1,520 @@
+//! The daemon's flow stream: one hub merging the datapath's ring-buffer
+//! events with the DNS and proxy decisions, a bounded history, live
+//! followers, the audit log (every deny and every credential injection),
+//! and the counters `/metrics` exports. Nothing is dropped silently: events
+//! the ring buffer could not take, records that fell out of the history and
+//! records a slow follower missed are all counted.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::datapath::events::AnyFlowKey;
+use crate::util::clock::unix_now_ns;
+
+use super::audit::{suppression_record, Admit, AuditBudgets, AuditLog};
+use super::record::{FlowRecord, Verdict};
+
+type Labels = Vec<(String, String)>;
+
+/// Where and how much to keep, as plain data.
+#[derive(Clone, Debug)]
+pub struct FlowLogSettings {
+    /// Records kept in memory for `inspect --last`.
+    pub history: usize,
+    /// The audit log (JSONL); rotated to `.1`, `.2`, ... past `audit_max_bytes`.
+    pub audit_path: PathBuf,
+    pub audit_max_bytes: u64,
+    /// Rotated files kept besides the live one.
+    pub audit_keep: usize,
+    /// Audit lines one sandbox may write per second on average, and in a
+    /// burst: past them its lines are counted, not written, so a flood from
+    /// one guest cannot rotate every tenant's evidence out of the log.
+    pub audit_lines_per_second: u32,
+    pub audit_burst: u32,
+}
+
+/// Loss counters, sent to `inspect` clients.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    /// Datapath events the ring buffer had no room for (kernel counter).
+    pub ring_buffer: u64,
+    /// Records that fell out of the bounded history.
+    pub history_evicted: u64,
+    /// Live records this follower was too slow to receive.
+    #[serde(default)]
+    pub follower_lagged: u64,
+}
+
+impl Lost {
+    pub fn any(&self) -> bool {
+        self.ring_buffer + self.history_evicted + self.follower_lagged > 0
+    }
+}
+
+/// One line of the `inspect` stream from the daemon.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamLine {
+    Flow(Box<FlowRecord>),
+    Lost(Lost),
+    /// The history has been sent (a follower then gets live records).
+    EndOfHistory,
+}
+
+/// Counters of the flow stream for `/metrics` (shared handles; a scrape
+/// registers clones).
+#[derive(Clone, Default)]
+pub struct FlowMetrics {
+    /// Datapath flows started, by sandbox and verdict. Plain counts, turned
+    /// into a metric family at scrape time, so a deleted sandbox's series
+    /// go with it ([`FlowHub::forget_sandbox`]).
+    pub flows: Arc<Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+    /// Proxy decisions by outcome (allowed, denied, misdirected, upstream_failed).
+    pub proxy_requests: Family<Labels, Counter>,
+    pub credentials_injected: Counter,
+    pub credential_failures: Counter,
+    /// Secrets (or encodings of them) cut out of responses to guests.
+    pub secret_redactions: Counter,
+    pub audit_records: Counter,
+    pub audit_write_failures: Counter,
+    /// Audit lines not written because their sandbox was over its budget.
+    pub audit_suppressed: Counter,
+}
+
+/// A stored record, with the flow-table key of a datapath flow (to show the
+/// flow's totals so far when the history is read).
+type Stored = (Arc<FlowRecord>, Option<AnyFlowKey>);
+
+struct History {
+    records: VecDeque<Stored>,
+    capacity: usize,
+    next_seq: u64,
+    evicted: u64,
+}
+
+pub struct FlowHub {
+    history: Mutex<History>,
+    live: broadcast::Sender<Arc<FlowRecord>>,
+    audit: Mutex<(AuditLog, AuditBudgets)>,
+    /// The kernel's lost-event counter, as last read by the ring reader.
+    pub ring_lost: AtomicU64,
+    pub metrics: FlowMetrics,
+}
+
+/// Buffer of live records per follower before it counts as lagging.
+const FOLLOWER_BUFFER: usize = 8192;
+/// How often an idle follower looks for new records (and whether its
+/// client is still there): the latency `inspect --follow` adds at most.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl FlowHub {
+    pub fn new(settings: &FlowLogSettings) -> FlowHub {
+        FlowHub {
+            history: Mutex::new(History { records: VecDeque::new(), capacity: settings.history.max(1), next_seq: 1, evicted: 0 }),
+            live: broadcast::channel(FOLLOWER_BUFFER).0,
+            audit: Mutex::new((
+                AuditLog::new(&settings.audit_path, settings.audit_max_bytes, settings.audit_keep),
+                AuditBudgets::new(settings.audit_lines_per_second, settings.audit_burst),
+            )),
+            ring_lost: AtomicU64::new(0),
+            metrics: FlowMetrics::default(),
+        }
+    }
+
+    /// Stamps (time, seq), counts, audits and stores a record.
+    pub fn publish(&self, record: FlowRecord) {
+        self.publish_flow(record, None);
+    }
+
+    /// [`FlowHub::publish`] for a datapath record whose flow is in the
+    /// flow table under `key`.
+    pub fn publish_flow(&self, mut record: FlowRecord, key: Option<AnyFlowKey>) {
+        if record.time_unix_ns == 0 {
+            record.time_unix_ns = unix_now_ns();
+        }
+        if record.time.is_empty() {
+            record.time = crate::observe::record::rfc3339(record.time_unix_ns);
+        }
+        if record.source == "datapath" && record.event == "new_flow" {
+            let mut flows = self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner());
+            *flows.entry((record.sandbox.clone(), record.verdict.as_str())).or_default() += 1;
+        }
+        if let Some(c) = &record.credential {
+            if record.event == "secret_redacted" {
+                // The request's own record counted the injection.
+                self.metrics.secret_redactions.inc_by(c.redactions);
+            } else if c.injected {
+                self.metrics.credentials_injected.inc();
+            } else if c.failure.is_some() {
+                self.metrics.credential_failures.inc();
+            }
+        }
+        let record = {
+            let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            record.seq = h.next_seq;
+            h.next_seq += 1;
+            let record = Arc::new(record);
+            if h.records.len() == h.capacity {
+                h.records.pop_front();
+                h.evicted += 1;
+            }
+            h.records.push_back((record.clone(), key));
+            record
+        };
+        if record.verdict == Verdict::Denied || record.credential_injected() {
+            self.audit(&record);
+        }
+        // No follower is fine.
+        let _ = self.live.send(record);
+    }
+
+    /// Writes `record` to the audit log within its sandbox's budget; the
+    /// first line admitted after a suppression is preceded by a record
+    /// saying how many were suppressed.
+    fn audit(&self, record: &FlowRecord) {
+        let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+        let (log, budgets) = &mut *guard;
+        // What a credential did is never dropped for what a guest flooded.
+        let budgeted = !(record.credential_injected() || record.event == "secret_redacted");
+        let admit = if budgeted { budgets.admit(&record.sandbox, crate::util::clock::boot_time_ns()) } else { Admit::Write { suppressed_before: 0 } };
+        let (notice, record) = match admit {
+            Admit::Write { suppressed_before: 0 } => (None, Some(record)),
+            Admit::Write { suppressed_before } => (Some(suppression_record(record, suppressed_before, false)), Some(record)),
+            Admit::SuppressFirst => {
+                self.metrics.audit_suppressed.inc();
+                (Some(suppression_record(record, 0, true)), None)
+            }
+            Admit::Suppress => {
+                self.metrics.audit_suppressed.inc();
+                return;
+            }
+        };
+        for r in notice.iter().chain(record) {
+            match log.append(r) {
+                Ok(()) => {
+                    self.metrics.audit_records.inc();
+                }
+                Err(e) => {
+                    self.metrics.audit_write_failures.inc();
+                    tracing::warn!("audit log: {e}");
+                }
+            }
+        }
+    }
+
+    /// A follower's receiver; take it before [`FlowHub::history`] and skip
+    /// live records at or below the history's last seq.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<FlowRecord>> {
+        self.live.subscribe()
+    }
+
+    /// The history, oldest first, and what is lost so far.
+    pub fn history(&self) -> (Vec<Arc<FlowRecord>>, Lost) {
+        let (records, lost) = self.history_with_keys();
+        (records.into_iter().map(|(r, _)| r).collect(), lost)
+    }
+
+    fn history_with_keys(&self) -> (Vec<Stored>, Lost) {
+        let h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let lost = Lost { ring_buffer: self.ring_lost.load(Ordering::Relaxed), history_evicted: h.evicted, follower_lagged: 0 };
+        (h.records.iter().cloned().collect(), lost)
+    }
+
+    /// Drops a deleted sandbox's per-sandbox counts (its metric series),
+    /// writing how many of its audit records went unwritten, if any.
+    pub fn forget_sandbox(&self, sandbox: &str) {
+        {
+            let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
+            let (log, budgets) = &mut *guard;
+            if let Some(suppressed) = budgets.forget(sandbox).filter(|n| *n > 0) {
+                let mut last = FlowRecord::new(sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
+                last.time_unix_ns = unix_now_ns();
+                last.time = crate::observe::record::rfc3339(last.time_unix_ns);
+                let last = suppression_record(&last, suppressed, false);
+                if let Err(e) = log.append(&last) {
+                    tracing::warn!("audit log: {e}");
+                }
+            }
+        }
+        self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner()).retain(|(name, _), _| name != sandbox);
+    }
+
+    pub fn count_proxy(&self, outcome: &str) {
+        self.metrics.proxy_requests.get_or_create(&vec![("outcome".into(), outcome.into())]).inc();
+    }
+
+    /// Writes the stream for one `inspect` client: the loss counters, the
+    /// history, an end-of-history marker, then (with `follow`) live records
+    /// until the client goes away. Blocking (runs on a client thread).
+    /// With `flows`, a flow's `new_flow` / `verdict_changed` record shows
+    /// the flow's packets and bytes so far (while the table holds it).
+    /// `client_gone` is asked while no record comes, so a follower whose
+    /// client went away ends without waiting for the next record.
+    pub fn serve_inspect(
+        &self,
+        out: &mut impl std::io::Write,
+        follow: bool,
+        flows: Option<&crate::datapath::PinnedFlows>,
+        client_gone: impl Fn() -> bool,
+    ) -> std::io::Result<()> {
+        let mut live = self.subscribe();
+        let (records, lost) = self.history_with_keys();
+        let last_seq = records.last().map_or(0, |(r, _)| r.seq);
+        let line = |out: &mut dyn std::io::Write, l: &StreamLine| -> std::io::Result<()> {
+            let mut text = serde_json::to_string(l).expect("stream lines serialize");
+            text.push('\n');
+            out.write_all(text.as_bytes())
+        };
+        line(out, &StreamLine::Lost(lost))?;
+        for (r, key) in records {
+            let mut r = (*r).clone();
+            if let (Some(flows), Some(key)) = (flows, key) {
+                if r.event == "new_flow" || r.event == "verdict_changed" {
+                    if let Some(stats) = flows.get(&key) {
+                        r.packets = stats.packets;
+                        r.bytes = stats.bytes;
+                    }
+                }
+            }
+            line(out, &StreamLine::Flow(Box::new(r)))?;
+        }
+        line(out, &StreamLine::EndOfHistory)?;
+        out.flush()?;
+        if !follow {
+            return Ok(());
+        }
+        let mut lagged = 0;
+        loop {
+            match live.try_recv() {
+                Ok(r) if r.seq <= last_seq => continue,
+                Ok(r) => line(out, &StreamLine::Flow(Box::new((*r).clone())))?,
+                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                    lagged += n;
+                    let mut lost = self.history().1;
+                    lost.follower_lagged = lagged;
+                    line(out, &StreamLine::Lost(lost))?;
+                }
+                Err(broadcast::error::TryRecvError::Empty) => {
+                    out.flush()?;
+                    if client_gone() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(FOLLOW_POLL);
+                    continue;
+                }
+                Err(broadcast::error::TryRecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// One proxied connection's identity, for the records of its requests.
+#[derive(Clone)]
+pub struct FlowContext {
+    pub hub: Arc<FlowHub>,
+    pub sandbox: String,
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    /// The rule that allowed the connection.
+    pub rule: String,
+}
+
+impl FlowContext {
+    /// Publishes a connection-level decision (before any HTTP is read).
+    pub fn connection(&self, verdict: Verdict, reason: &'static str, rule: Option<String>, server_name: Option<&str>) {
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "connection", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = rule;
+        r.server_name = server_name.map(str::to_string);
+        self.hub.count_proxy(match verdict {
+            Verdict::Denied => "denied",
+            _ if reason == "upstream_failed" => "upstream_failed",
+            _ => "allowed",
+        });
+        self.hub.publish(r);
+    }
+
+    /// Publishes one HTTP request the proxy terminated or forwarded.
+    /// `status`: what the guest got back; `credential`: injected or not (and why).
+    pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &'static str, credential: Option<crate::observe::record::CredentialDetail>) {
+        // Anything but a forwarded request (or one the upstream failed) is
+        // the proxy refusing it: misdirected, bad_request, connect_refused,
+        // compressed_response, malformed_request.
+        let verdict = if matches!(reason, "allowed" | "upstream_failed") { Verdict::Allowed } else { Verdict::Denied };
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = Some(self.rule.clone());
+        r.domains = vec![host.to_string()];
+        r.http = Some(crate::observe::record::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
+        r.credential = credential;
+        self.hub.count_proxy(reason);
+        self.hub.publish(r);
+    }
+
+    /// Publishes that `count` occurrences of `credential`'s secret were cut
+    /// out of the response to a request (once the response has ended).
+    /// Denied, so it is audited and `inspect --verdict denied` shows it.
+    pub fn secret_redacted(&self, method: &str, host: &str, path: &str, status: Option<u16>, credential: &str, count: u64) {
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "secret_redacted", "tcp", Verdict::Denied, "secret_redacted").with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = Some(self.rule.clone());
+        r.domains = vec![host.to_string()];
+        r.http = Some(crate::observe::record::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
+        r.credential = Some(crate::observe::record::CredentialDetail { name: credential.to_string(), injected: true, failure: None, redactions: count });
+        self.hub.publish(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn rec(n: u16, verdict: Verdict) -> FlowRecord {
+        let mut r = FlowRecord::new("a", "datapath", "new_flow", "tcp", verdict, "x");
+        r.dst_port = n;
+        r
+    }
+
+    #[test]
+    fn history_is_bounded_and_counts_what_it_forgets() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-hub-{}", std::process::id()));
+        let hub = FlowHub::new(&FlowLogSettings { history: 3, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 });
+        for n in 0..5 {
+            hub.publish(rec(n, Verdict::Allowed));
+        }
+        let (records, lost) = hub.history();
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        assert_eq!(lost.history_evicted, 2);
+        let mut out = Vec::new();
+        hub.serve_inspect(&mut out, false, None, || false).unwrap();
+        let lines: Vec<StreamLine> = String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(matches!(lines[0], StreamLine::Lost(Lost { history_evicted: 2, .. })));
+        assert!(matches!(lines.last(), Some(StreamLine::EndOfHistory)));
+        assert_eq!(lines.len(), 5);
+        // Allowed records are not audited.
+        assert!(!dir.join("audit.log").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn flow_counts_go_with_their_sandbox() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-counts-{}", std::process::id()));
+        let hub = FlowHub::new(&FlowLogSettings { history: 4, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 });
+        for sandbox in ["a", "b", "a"] {
+            let mut r = rec(1, Verdict::Allowed);
+            r.sandbox = sandbox.into();
+            hub.publish(r);
+        }
+        let counts = |hub: &FlowHub| hub.metrics.flows.lock().unwrap().clone().into_iter().collect::<Vec<_>>();
+        assert_eq!(counts(&hub), [(("a".to_string(), "allowed"), 2), (("b".to_string(), "allowed"), 1)]);
+        hub.forget_sandbox("a");
+        assert_eq!(counts(&hub), [(("b".to_string(), "allowed"), 1)]);
+    }
+
+    #[test]
+    fn a_slow_follower_is_told_what_it_missed() {
+        use std::io::BufRead;
+        let dir = std::env::temp_dir().join(format!("sbx-net-follow-{}", std::process::id()));
+        let hub = Arc::new(FlowHub::new(&FlowLogSettings { history: 10, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 }));
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let serving = hub.clone();
+        let follower = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None, || false));
+        let mut lines = std::io::BufReader::new(reader).lines();
+        while !lines.next().unwrap().unwrap().contains("end_of_history") {}
+        // The client reads nothing while 20 000 records are published: its
+        // socket fills, the follower blocks, the live channel overflows.
+        const SENT: u64 = 20_000;
+        for n in 0..SENT {
+            hub.publish(rec(n as u16, Verdict::Allowed));
+        }
+        let (mut received, mut lagged) = (0u64, 0u64);
+        for line in lines.by_ref() {
+            match serde_json::from_str::<StreamLine>(&line.unwrap()).unwrap() {
+                StreamLine::Lost(l) => lagged = l.follower_lagged,
+                StreamLine::Flow(r) => {
+                    received += 1;
+                    if r.seq == SENT {
+                        break;
+                    }
+                }
+                StreamLine::EndOfHistory => {}
+            }
+        }
+        assert!(lagged > 0, "the overflow is reported");
+        assert_eq!(received + lagged, SENT, "every record is received or counted as missed");
+        drop(lines);
+        hub.publish(rec(1, Verdict::Allowed));
+        assert!(follower.join().unwrap().is_err(), "the follower ends when its client goes");
+        // An idle follower notices its client left without a new record.
+        let (reader, mut writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let serving = hub.clone();
+        let gone = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = gone.clone();
+        let idle = std::thread::spawn(move || serving.serve_inspect(&mut writer, true, None, || seen.load(Ordering::Relaxed)));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(reader);
+        gone.store(true, Ordering::Relaxed);
+        assert!(idle.join().unwrap().is_ok());
+    }
+
+    #[test]
+    fn audit_log_rotates_by_size_and_keeps_whole_lines() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.log");
+        let line_len = serde_json::to_string(&rec(1000, Verdict::Denied)).unwrap().len() as u64 + 1;
+        let mut log = AuditLog::new(&path, line_len * 3, 2);
+        for n in 1000..1010 {
+            log.append(&rec(n, Verdict::Denied)).unwrap();
+        }
+        let read = |p: &Path| -> Vec<u16> {
+            std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str::<FlowRecord>(l).unwrap().dst_port).collect()
+        };
+        assert_eq!(read(&path), [1009]);
+        assert_eq!(read(&dir.join("audit.log.1")), [1006, 1007, 1008]);
+        assert_eq!(read(&dir.join("audit.log.2")), [1003, 1004, 1005]);
+        assert!(!dir.join("audit.log.3").exists(), "only `keep` rotated files");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A new writer continues the file it finds.
+        let mut again = AuditLog::new(&path, line_len * 3, 2);
+        again.append(&rec(1010, Verdict::Denied)).unwrap();
+        assert_eq!(read(&path), [1009, 1010]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn audit_budget_is_per_sandbox_and_reports_what_it_suppressed() {
+        let second = 1_000_000_000u64;
+        let mut b = AuditBudgets::new(10, 20);
+        let t0 = 5 * second;
+        for i in 0..20 {
+            assert_eq!(b.admit("flood", t0), Admit::Write { suppressed_before: 0 }, "burst line {i}");
+        }
+        assert_eq!(b.admit("flood", t0), Admit::SuppressFirst);
+        for _ in 1..100 {
+            assert_eq!(b.admit("flood", t0), Admit::Suppress);
+        }
+        // Another sandbox is untouched by the flood.
+        assert_eq!(b.admit("quiet", t0), Admit::Write { suppressed_before: 0 });
+        // A tenth of a second later one more token: the line says 100 went.
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::Write { suppressed_before: 100 });
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::SuppressFirst);
+        assert_eq!(b.forget("flood"), Some(1), "deleting the sandbox reports what is pending");
+        assert_eq!(b.admit("flood", t0 + second / 10), Admit::Write { suppressed_before: 0 }, "a new sandbox of that name starts full");
+        // Refills up to the burst only.
+        for _ in 0..20 {
+            assert!(matches!(b.admit("flood", t0 + 100 * second), Admit::Write { .. }));
+        }
+        assert_eq!(b.admit("flood", t0 + 100 * second), Admit::SuppressFirst);
+        let mut off = AuditBudgets::new(0, 0);
+        for _ in 0..10_000 {
+            assert_eq!(off.admit("x", t0), Admit::Write { suppressed_before: 0 });
+        }
+    }
+}

@@ -1,0 +1,647 @@
+//! Policy files: TOML, one policy per file. Parsing and validation only —
+//! no syscalls — so every rule is unit-tested without privileges.
+//!
+//! Errors name the file, the line and the reason; a policy that fails any
+//! check is rejected whole.
+
+pub mod compile;
+pub mod explain;
+pub mod store;
+
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The embedded default policy (`policies/default.toml`).
+pub const DEFAULT_POLICY_TOML: &str = include_str!("../../../policies/default.toml");
+pub const DEFAULT_POLICY_SOURCE: &str = "<embedded>/policies/default.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {reason}")]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub reason: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// How a domain pattern matches names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum DomainPattern {
+    /// `name`: exactly that name.
+    Exact(String),
+    /// `*.name`: exactly one label under name (not name itself).
+    OneLabel(String),
+    /// `**.name`: any depth under name (not name itself).
+    AnyDepth(String),
+}
+
+impl DomainPattern {
+    /// Whether `name` (already normalised) matches.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            DomainPattern::Exact(base) => name == base,
+            DomainPattern::OneLabel(base) => name
+                .strip_suffix(base.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+            DomainPattern::AnyDepth(base) => name
+                .strip_suffix(base.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|labels| !labels.is_empty()),
+        }
+    }
+}
+
+/// What a rule matches.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Cidr(IpNetwork),
+    Domain(DomainPattern),
+}
+
+/// Where a rule comes from; decides how it ranks against others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// Written in the policy file.
+    Policy,
+    /// The built-in deny list, or the host's own addresses. Yields only to
+    /// an allow that is at least as specific.
+    Builtin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub action: Action,
+    pub target: Target,
+    /// `:port` narrows the rule to one TCP/UDP destination port.
+    pub port: Option<u16>,
+    pub origin: Origin,
+    /// The rule as written (`140.82.112.0/20`, `github.com:22`), or the
+    /// built-in entry with its purpose.
+    pub text: String,
+    /// Line in the policy file (0 for built-ins).
+    pub line: usize,
+}
+
+impl Rule {
+    /// How the rule is shown wherever a verdict is attributed to it.
+    pub fn describe(&self) -> String {
+        match self.origin {
+            Origin::Policy => format!("{} {}", self.action.as_str(), self.text),
+            Origin::Builtin => format!("builtin {} {}", self.action.as_str(), self.text),
+        }
+    }
+
+    pub fn builtin_deny(network: IpNetwork, purpose: &str) -> Rule {
+        Rule {
+            action: Action::Deny,
+            target: Target::Cidr(network),
+            port: None,
+            origin: Origin::Builtin,
+            text: format!("{network} ({purpose})"),
+            line: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    Env(String),
+    File(String),
+}
+
+/// `[[credentials]]`: validated here, used by the credential proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credential {
+    pub name: String,
+    pub hosts: Vec<String>,
+    pub header: String,
+    pub format: String,
+    pub source: CredentialSource,
+    /// Inject into plain HTTP too (off by default: the secret would cross
+    /// the network in clear).
+    pub allow_plaintext: bool,
+    pub line: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: String,
+    /// The file it came from, for error messages and `policy list`.
+    pub source: String,
+    pub default: Action,
+    /// `[network]` allow then deny rules, in file order.
+    pub rules: Vec<Rule>,
+    pub credentials: Vec<Credential>,
+}
+
+impl Policy {
+    pub fn embedded_default() -> Policy {
+        Policy::parse(DEFAULT_POLICY_SOURCE, DEFAULT_POLICY_TOML)
+            .expect("the embedded default policy is valid (unit-tested)")
+    }
+
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError { file: file.clone(), line: 0, reason: format!("cannot read: {e}") })?;
+        Policy::parse(&file, &text)
+    }
+
+    /// IP/CIDR rules only (domain rules are enforced through DNS).
+    pub fn cidr_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().filter(|r| matches!(r.target, Target::Cidr(_)))
+    }
+
+    /// Domain rules, kept for the DNS proxy; they never allow an address by
+    /// themselves.
+    pub fn domain_rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().filter(|r| matches!(r.target, Target::Domain(_)))
+    }
+
+    pub fn parse(file: &str, text: &str) -> Result<Policy, PolicyError> {
+        let lines = LineIndex::new(text);
+        let err = |span: Option<Range<usize>>, reason: String| PolicyError {
+            file: file.to_string(),
+            line: span.map(|s| lines.line_of(s.start)).unwrap_or(0),
+            reason,
+        };
+        let raw: RawPolicy = toml::from_str(text).map_err(|e| {
+            let reason = match e.message().trim() {
+                "" => unexplained_toml_error(text, e.span()),
+                message => message.to_string(),
+            };
+            err(e.span(), reason)
+        })?;
+
+        let name = raw.name.get_ref().trim().to_string();
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(err(
+                Some(raw.name.span()),
+                format!("policy name {name:?} must be non-empty and use only letters, digits, '-', '_', '.'"),
+            ));
+        }
+
+        let network = raw.network.unwrap_or_default();
+        let default = match network.default.as_ref().map(|d| (d.get_ref().as_str(), d.span())) {
+            None => Action::Deny,
+            Some(("deny", _)) => Action::Deny,
+            Some(("allow", _)) => Action::Allow,
+            Some((other, span)) => {
+                return Err(err(Some(span), format!("default must be \"allow\" or \"deny\", not {other:?}")))
+            }
+        };
+
+        let mut rules = Vec::new();
+        for (action, list) in [(Action::Allow, &network.allow), (Action::Deny, &network.deny)] {
+            for entry in list {
+                let (target, port) = parse_rule(entry.get_ref())
+                    .map_err(|reason| err(Some(entry.span()), format!("{} rule {:?}: {reason}", action.as_str(), entry.get_ref())))?;
+                rules.push(Rule {
+                    action,
+                    target,
+                    port,
+                    origin: Origin::Policy,
+                    text: entry.get_ref().trim().to_string(),
+                    line: lines.line_of(entry.span().start),
+                });
+            }
+        }
+
+        let mut credentials = Vec::new();
+        for cred in &raw.credentials {
+            let span = cred.span();
+            let c = cred.get_ref();
+            let line = lines.line_of(span.start);
+            let source = match (&c.source.env, &c.source.file) {
+                (Some(var), None) => CredentialSource::Env(var.clone()),
+                (None, Some(path)) => CredentialSource::File(path.clone()),
+                _ => {
+                    return Err(err(
+                        Some(span),
+                        format!("credential {:?}: source must be exactly one of {{ env = … }} or {{ file = … }}", c.name),
+                    ))
+                }
+            };
+            if !c.format.contains("{secret}") {
+                return Err(err(Some(span), format!("credential {:?}: format must contain {{secret}}", c.name)));
+            }
+            if c.header.is_empty() || !c.header.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return Err(err(Some(span), format!("credential {:?}: header {:?} is not a valid header name", c.name, c.header)));
+            }
+            if c.hosts.is_empty() {
+                return Err(err(Some(span), format!("credential {:?}: hosts must not be empty", c.name)));
+            }
+            for host in &c.hosts {
+                let normalised = normalise_name(host)
+                    .map_err(|reason| err(Some(span.clone()), format!("credential {:?}: host {host:?}: {reason}", c.name)))?;
+                if !domain_allowed(&rules, &normalised) {
+                    return Err(err(
+                        Some(span),
+                        format!("credential {:?}: host {host:?} is not covered by network.allow (or is denied)", c.name),
+                    ));
+                }
+            }
+            credentials.push(Credential {
+                name: c.name.clone(),
+                hosts: c.hosts.iter().map(|h| normalise_name(h).expect("validated above")).collect(),
+                header: c.header.clone(),
+                format: c.format.clone(),
+                source,
+                allow_plaintext: c.allow_plaintext,
+                line,
+            });
+        }
+
+        Ok(Policy { name, source: file.to_string(), default, rules, credentials })
+    }
+}
+
+/// toml reports some syntax errors (a control character in a comment, for
+/// one) with a position and no message; name the character found there so
+/// the error still says what is wrong (found by the `policy` fuzz target).
+fn unexplained_toml_error(text: &str, span: Option<Range<usize>>) -> String {
+    match span.and_then(|s| text.get(s.start..)).and_then(|rest| rest.chars().next()) {
+        Some(c) => format!("invalid TOML: unexpected character {c:?}"),
+        None => "invalid TOML".to_string(),
+    }
+}
+
+/// Whether a normalised name is allowed by the domain rules (deny wins).
+fn domain_allowed(rules: &[Rule], name: &str) -> bool {
+    let matching = |action| {
+        rules.iter().any(|r| {
+            r.action == action && r.port.is_none() && matches!(&r.target, Target::Domain(p) if p.matches(name))
+        })
+    };
+    matching(Action::Allow) && !matching(Action::Deny)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    #[serde(default)]
+    network: Option<RawNetwork>,
+    #[serde(default)]
+    credentials: Vec<Spanned<RawCredential>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    default: Option<Spanned<String>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredential {
+    name: String,
+    hosts: Vec<String>,
+    header: String,
+    format: String,
+    source: RawSource,
+    #[serde(default)]
+    allow_plaintext: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    env: Option<String>,
+    file: Option<String>,
+}
+
+struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    fn new(text: &str) -> LineIndex {
+        let mut starts = vec![0];
+        starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
+        LineIndex { starts }
+    }
+
+    fn line_of(&self, offset: usize) -> usize {
+        match self.starts.binary_search(&offset) {
+            Ok(i) => i + 1,
+            Err(i) => i,
+        }
+    }
+}
+
+/// Parses one `allow`/`deny` entry: a CIDR or address (v4, v6; v6 with a
+/// port in brackets: `[2001:db8::/32]:443`) or a domain pattern, with an
+/// optional `:port`.
+pub fn parse_rule(entry: &str) -> Result<(Target, Option<u16>), String> {
+    let s = entry.trim();
+    if s.is_empty() {
+        return Err("empty rule".into());
+    }
+    let (host, port) = split_port(s)?;
+    let port = port.map(parse_port).transpose()?;
+    if let Some(net) = parse_cidr(host)? {
+        return Ok((Target::Cidr(net), port));
+    }
+    Ok((Target::Domain(parse_domain_pattern(host)?), port))
+}
+
+fn split_port(s: &str) -> Result<(&str, Option<&str>), String> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']').ok_or("'[' without a closing ']'")?;
+        return match after {
+            "" => Ok((inside, None)),
+            _ => match after.strip_prefix(':') {
+                Some(port) => Ok((inside, Some(port))),
+                None => Err(format!("unexpected {after:?} after ']' (write [address/len]:port)")),
+            },
+        };
+    }
+    match s.matches(':').count() {
+        0 => Ok((s, None)),
+        1 => {
+            let (host, port) = s.split_once(':').expect("one colon");
+            Ok((host, Some(port)))
+        }
+        // A bare IPv6 address or prefix; a port needs brackets.
+        _ => Ok((s, None)),
+    }
+}
+
+fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("invalid port {p:?} (1-65535)")),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// `Ok(None)` when `s` is not an address at all (so maybe a domain).
+fn parse_cidr(s: &str) -> Result<Option<IpNetwork>, String> {
+    let looks_like_ip = s.contains('/') || s.parse::<IpAddr>().is_ok() || s.contains(':');
+    if !looks_like_ip {
+        // Dotted digits that failed to parse as an address are a bad IP,
+        // not a domain.
+        if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.') {
+            return Err(format!("invalid IP address {s:?}"));
+        }
+        return Ok(None);
+    }
+    let net: IpNetwork = s.parse().map_err(|e| format!("invalid CIDR {s:?}: {e}"))?;
+    if net.network() != net.ip() {
+        return Err(format!(
+            "{s} has host bits set; did you mean {}/{}?",
+            net.network(),
+            net.prefix()
+        ));
+    }
+    Ok(Some(net))
+}
+
+fn parse_domain_pattern(s: &str) -> Result<DomainPattern, String> {
+    if s == "*" || s == "**" {
+        return Err("a bare wildcard would allow everything; use `default = \"allow\"` instead".into());
+    }
+    let (make, base): (fn(String) -> DomainPattern, &str) = if let Some(base) = s.strip_prefix("**.") {
+        (DomainPattern::AnyDepth, base)
+    } else if let Some(base) = s.strip_prefix("*.") {
+        (DomainPattern::OneLabel, base)
+    } else {
+        (DomainPattern::Exact, s)
+    };
+    if base.contains('*') {
+        return Err("wildcards are only allowed as a whole leading label (`*.name` or `**.name`)".into());
+    }
+    let base = normalise_name(base)?;
+    if base.is_empty() {
+        return Err("empty domain name".into());
+    }
+    Ok(make(base))
+}
+
+/// Lower-cases, drops the trailing dot and validates a DNS name.
+pub fn normalise_name(name: &str) -> Result<String, String> {
+    let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+    if name.is_empty() {
+        return Err("empty domain name".into());
+    }
+    // Internationalised names become their A-labels (punycode), the form
+    // they take on the wire (UTS #46 processing, as browsers do).
+    let name = if name.is_ascii() {
+        name
+    } else {
+        idna::domain_to_ascii(&name).map_err(|_| format!("{name:?} is not a valid internationalised domain name"))?
+    };
+    if name.len() > 253 {
+        return Err("domain name longer than 253 characters".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("{name:?}: labels must be 1-63 characters"));
+        }
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return Err(format!("{name:?}: label {label:?} may only contain letters, digits, '-' and '_'"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("{name:?}: label {label:?} may not start or end with '-'"));
+        }
+    }
+    Ok(name)
+}
+
+/// The built-in deny list: addresses a sandbox never reaches unless a
+/// policy allows that CIDR explicitly (an allow at least as specific).
+pub fn builtin_deny_rules() -> Vec<Rule> {
+    const LIST: &[(&str, &str)] = &[
+        ("0.0.0.0/8", "this network"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "CGNAT"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local, cloud metadata"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("192.168.0.0/16", "private"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved, broadcast"),
+        ("::/96", "IPv4-compatible, embeds IPv4"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::ffff:0:0/96", "IPv4-mapped"),
+        ("64:ff9b::/96", "NAT64, embeds IPv4"),
+        ("64:ff9b:1::/48", "local NAT64, embeds IPv4"),
+        ("2001::/32", "Teredo, embeds IPv4"),
+        ("2002::/16", "6to4, embeds IPv4"),
+        ("fc00::/7", "unique local, private"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),
+        ("ff00::/8", "multicast"),
+    ];
+    LIST.iter()
+        .map(|(net, purpose)| Rule::builtin_deny(net.parse().expect("valid built-in CIDR"), purpose))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse("test.toml", text)
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let p = Policy::embedded_default();
+        assert_eq!(p.name, "default");
+        assert_eq!(p.default, Action::Deny);
+        assert!(p.cidr_rules().count() > 0);
+    }
+
+    #[test]
+    fn shipped_policies_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let policy = Policy::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                crate::policy::compile::compile(&policy, &[]).unwrap_or_else(|e| panic!("{e}"));
+                checked += 1;
+            }
+        }
+        assert!(checked >= 3);
+    }
+
+    #[test]
+    fn parses_cidrs_ports_and_domains() {
+        let p = parse(
+            r#"
+name = "t"
+[network]
+default = "deny"
+allow = ["140.82.112.0/20", "2606:50c0::/32", "1.2.3.4", "1.2.3.5:443",
+         "[2001:db8::1]:22", "[2001:db8::/48]:443", "2001:db8::2",
+         "api.anthropic.com", "*.githubusercontent.com", "**.pypi.org", "github.com:22"]
+deny = ["10.0.0.0/8"]
+"#,
+        )
+        .unwrap();
+        let shown: Vec<_> = p.rules.iter().map(|r| (r.describe(), r.port, r.line)).collect();
+        assert_eq!(shown[0], ("allow 140.82.112.0/20".into(), None, 5));
+        assert_eq!(p.rules[3].port, Some(443));
+        assert_eq!(p.rules[4].target, Target::Cidr("2001:db8::1/128".parse().unwrap()));
+        assert_eq!(p.rules[4].port, Some(22));
+        assert_eq!(p.rules[5].target, Target::Cidr("2001:db8::/48".parse().unwrap()));
+        assert_eq!(p.rules[6].target, Target::Cidr("2001:db8::2/128".parse().unwrap()));
+        assert_eq!(p.rules[8].target, Target::Domain(DomainPattern::OneLabel("githubusercontent.com".into())));
+        assert_eq!(p.rules[9].target, Target::Domain(DomainPattern::AnyDepth("pypi.org".into())));
+        assert_eq!(p.rules[10].port, Some(22));
+        assert_eq!(p.rules[11].action, Action::Deny);
+        assert_eq!(p.rules[11].line, 8);
+        assert_eq!(p.cidr_rules().count(), 8);
+        assert_eq!(p.domain_rules().count(), 4);
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        let cases: &[(&str, usize, &str)] = &[
+            ("name = \"t\"\n[network]\nallow = [\"10.0.0.0/33\"]\n", 3, "invalid CIDR"),
+            ("name = \"t\"\n[network]\nallow = [\n  \"ok.com\",\n  \"10.0.0.1/8\"]\n", 5, "host bits set; did you mean 10.0.0.0/8"),
+            ("name = \"t\"\n[network]\nallow = [\"*\"]\n", 3, "bare wildcard"),
+            ("name = \"t\"\n[network]\nallow = [\"a*.com\"]\n", 3, "whole leading label"),
+            ("name = \"t\"\n[network]\nallow = [\"x.com:0\"]\n", 3, "invalid port"),
+            ("name = \"t\"\n[network]\nallow = [\"x.com:99999\"]\n", 3, "invalid port"),
+            ("name = \"t\"\n[network]\nallow = [\"300.1.1.1\"]\n", 3, "invalid"),
+            ("name = \"t\"\n[network]\ndefault = \"maybe\"\n", 3, "default must be"),
+            ("name = \"t\"\n[network]\nalow = []\n", 3, "unknown field `alow`"),
+            ("name = \"t\"\nbogus = 1\n", 2, "unknown field `bogus`"),
+            ("name = \"t\"\n[network\n", 2, ""),
+            ("[network]\nallow = []\n", 1, "missing field `name`"),
+            ("name = \"t\"\n[network]\nallow = [\"[2001:db8::1]22\"]\n", 3, "after ']'"),
+            // toml gives no message for this one (the policy fuzz target found it).
+            ("name = \"t\"\n# a comment with a \u{1} in it\n", 2, "unexpected character '\\u{1}'"),
+        ];
+        for (text, line, needle) in cases {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.file, "test.toml");
+            assert_eq!(e.line, *line, "{text:?} → {e}");
+            assert!(e.reason.contains(needle), "{text:?} → {e}");
+            assert!(e.to_string().starts_with(&format!("test.toml:{line}: ")));
+        }
+    }
+
+    #[test]
+    fn credentials_must_be_covered_by_allow() {
+        let base = "name = \"t\"\n[network]\nallow = [\"api.github.com\", \"**.example.com\"]\ndeny = [\"bad.example.com\"]\n";
+        let cred = |host: &str| {
+            format!("{base}[[credentials]]\nname = \"gh\"\nhosts = [\"{host}\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ env = \"GITHUB_TOKEN\" }}\n")
+        };
+        assert!(parse(&cred("api.github.com")).is_ok());
+        assert!(parse(&cred("API.GitHub.com.")).is_ok());
+        assert!(parse(&cred("x.y.example.com")).is_ok());
+        let e = parse(&cred("evil.com")).unwrap_err();
+        assert!(e.reason.contains("not covered"), "{e}");
+        assert_eq!(e.line, 5);
+        assert!(parse(&cred("bad.example.com")).is_err());
+        assert!(parse(&cred("example.com")).is_err(), "** does not match the apex");
+    }
+
+    #[test]
+    fn domain_patterns() {
+        let one = DomainPattern::OneLabel("example.com".into());
+        assert!(one.matches("a.example.com"));
+        assert!(!one.matches("a.b.example.com"));
+        assert!(!one.matches("example.com"));
+        assert!(!one.matches("aexample.com"));
+        let any = DomainPattern::AnyDepth("example.com".into());
+        assert!(any.matches("a.example.com"));
+        assert!(any.matches("a.b.example.com"));
+        assert!(!any.matches("example.com"));
+        assert!(!any.matches("badexample.com"));
+        assert_eq!(normalise_name("WWW.Example.COM.").unwrap(), "www.example.com");
+        assert_eq!(normalise_name("Bücher.DE.").unwrap(), "xn--bcher-kva.de");
+        assert_eq!(normalise_name("*.bücher.de").map_err(|_| ()), Err(()));
+        assert!(normalise_name("a b.de").is_err());
+    }
+
+    #[test]
+    fn builtin_list_covers_metadata_and_embedded_v4() {
+        let list = builtin_deny_rules();
+        let covers = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            list.iter().any(|r| matches!(r.target, Target::Cidr(n) if n.contains(ip)))
+        };
+        for ip in ["169.254.169.254", "127.0.0.1", "10.1.2.3", "172.20.0.1", "192.168.1.1", "100.64.0.1",
+                   "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::a9fe:a9fe", "::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "ff02::1", "224.0.0.251"] {
+            assert!(covers(ip), "{ip}");
+        }
+        for ip in ["140.82.112.3", "8.8.8.8", "2606:50c0::1"] {
+            assert!(!covers(ip), "{ip}");
+        }
+    }
+}

@@ -1,0 +1,1211 @@
+//! Credential injection for hosts a credential is bound to: the proxy
+//! terminates the guest's TLS with a leaf from the sandbox's CA, checks that
+//! every request names the host the handshake named (SNI = Host =
+//! :authority) and nothing else, removes every credential-bearing header
+//! the guest sent, sets the configured one, and forwards over TLS verified
+//! against the system roots plus `--upstream-ca`, to the address the proxy
+//! checked. Redirects are passed back, never followed. Bodies stream.
+//!
+//! The secret goes only into its own header: a `sbx-cred:<name>` sentinel
+//! anywhere else (another header, the path, the query, a trailer) is
+//! removed, never replaced, so an upstream that reflects the request cannot
+//! be made to reflect the secret from an unexpected place. And whatever it
+//! reflects comes back through [`crate::credentials::scrub`]: every response header,
+//! body and trailer from a credential host is scrubbed of the secret and
+//! its encodings, as it streams. The proxy asks credential hosts for
+//! `Accept-Encoding: identity` (and drops `Range`, which could cut a
+//! reflection into pieces too short to recognise); a response that still
+//! comes compressed is refused with 502, since it cannot be checked.
+//!
+//! Ambiguous request heads are refused before anything is forwarded, here
+//! and on the plain-HTTP path ([`serve_plain`]), with a status, an
+//! `X-Sbx-Net-Denied` header naming the reason and a flow record: two Host
+//! headers, a request target (absolute-form URI or h2 `:authority`) naming
+//! another host than Host, Content-Length together with Transfer-Encoding
+//! (seen on the wire: [`FramingWatch`]), CONNECT. Two kinds never reach
+//! this code: heads hyper cannot parse (obs-folded lines among them), which
+//! hyper answers 400 itself — they get a `malformed_request` record when
+//! the connection ends, but no `X-Sbx-Net-Denied`; and an HTTP/2 extended
+//! CONNECT (`:protocol`), which the h2 layer resets (PROTOCOL_ERROR) as the
+//! proxy does not advertise it.
+
+use crate::observe::record::CredentialDetail;
+use crate::observe::hub::FlowContext;
+use std::borrow::Cow;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{
+    HeaderMap, HeaderName, HeaderValue, ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, HOST, IF_RANGE, PROXY_AUTHORIZATION, RANGE,
+    TRANSFER_ENCODING, UPGRADE,
+};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::credentials::ca::SandboxCa;
+use crate::credentials::scrub::{Patterns, Scrubber};
+use crate::credentials::CredentialBinding;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialProxyError {
+    #[error("credential {name}: {header:?} is not a header name")]
+    HeaderName { name: String, header: String },
+    #[error("credential {name}: the formatted value is not a valid header value")]
+    HeaderValue { name: String },
+    #[error("credential {name}: {source}")]
+    Scrub { name: String, source: crate::credentials::scrub::ScrubError },
+    #[error("{0}")]
+    Leaf(#[from] crate::credentials::ca::CaError),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] rustls::Error),
+    #[error("guest TLS: {0}")]
+    GuestTls(std::io::Error),
+    #[error("guest HTTP: {0}")]
+    GuestHttp(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// The sentinel a guest may send where the secret is expected (in the
+/// credential's own header, which the proxy sets anyway).
+pub fn sentinel(name: &str) -> String {
+    format!("sbx-cred:{name}")
+}
+
+/// Where the next sentinel starts at or after `from`, and the length of its
+/// prefix: `sbx-cred:` in any case, or with the colon percent-encoded.
+fn find_sentinel(bytes: &[u8], from: usize) -> Option<(usize, usize)> {
+    const PREFIXES: [&[u8]; 2] = [b"sbx-cred:", b"sbx-cred%3a"];
+    (from..bytes.len()).find_map(|i| PREFIXES.iter().find(|p| bytes[i..].get(..p.len()).is_some_and(|b| b.eq_ignore_ascii_case(p))).map(|p| (i, p.len())))
+}
+
+/// `text` without its sentinels (prefix and credential name), or None when
+/// it has none.
+pub fn strip_sentinel_tokens(text: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut at = 0;
+    let mut found = false;
+    while let Some((start, prefix)) = find_sentinel(text, at) {
+        found = true;
+        out.extend_from_slice(&text[at..start]);
+        at = start + prefix;
+        while text.get(at).is_some_and(|b| b.is_ascii_alphanumeric() || b"-_.".contains(b)) {
+            at += 1;
+        }
+    }
+    found.then(|| {
+        out.extend_from_slice(&text[at..]);
+        out
+    })
+}
+
+/// The URI with the sentinels of its path and query removed, or None when
+/// it has none.
+fn strip_uri_sentinels(uri: &Uri) -> Option<Uri> {
+    let stripped = strip_sentinel_tokens(uri.path_and_query()?.as_str().as_bytes())?;
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(hyper::http::uri::PathAndQuery::try_from(stripped.as_slice()).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+/// Removes every header value carrying a sentinel (any credential's): the
+/// secret is set only in its own header, by [`rewrite_headers`].
+pub fn strip_sentinels(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers.iter().filter(|(_, v)| find_sentinel(v.as_bytes(), 0).is_some()).map(|(k, _)| k.clone()).collect();
+    for name in names {
+        let kept: Vec<HeaderValue> = headers.get_all(&name).iter().filter(|v| find_sentinel(v.as_bytes(), 0).is_none()).cloned().collect();
+        headers.remove(&name);
+        for v in kept {
+            headers.append(name.clone(), v);
+        }
+    }
+}
+
+/// Removes every credential-bearing header the guest sent (the configured
+/// one, Authorization, Proxy-Authorization) and every sentinel, asks for
+/// an identity body of the whole representation (the only kind the
+/// response scrubbing can check), and sets the credential.
+pub fn rewrite_headers(headers: &mut HeaderMap, binding: &CredentialBinding) {
+    headers.remove(&binding.header);
+    headers.remove(AUTHORIZATION);
+    headers.remove(PROXY_AUTHORIZATION);
+    strip_sentinels(headers);
+    headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    headers.remove(RANGE);
+    headers.remove(IF_RANGE);
+    headers.insert(binding.header.clone(), binding.value.clone());
+}
+
+/// A host as compared: without a port or trailing dot, lower-case.
+fn normalize_host(raw: &str) -> String {
+    let host = match raw.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => raw,
+    };
+    host.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// The host a request names (Host header, else the URI authority), without
+/// a port, lower-case.
+pub fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req.headers().get(HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))?;
+    Some(normalize_host(&raw))
+}
+
+/// Why a request is refused before it is forwarded.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    /// For the guest (`X-Sbx-Net-Denied` and the body).
+    pub reason: &'static str,
+    /// The flow record's reason.
+    pub record: &'static str,
+    /// The host the request named, if any.
+    pub named: Option<String>,
+}
+
+/// Whether a request may go to the upstream checked for `expected` (pure).
+/// `framing_ambiguous`: the connection's bytes showed a head with both
+/// Content-Length and Transfer-Encoding (hyper keeps only the latter, so
+/// the request alone no longer shows it; see [`FramingWatch`]).
+/// `misdirected`: what to tell the guest when the request names another host.
+pub fn check_head<B>(req: &Request<B>, expected: &str, framing_ambiguous: bool, misdirected: &'static str) -> Result<(), Refusal> {
+    let named = request_host(req);
+    let refuse = |status, reason, record| Err(Refusal { status, reason, record, named: named.clone() });
+    if req.method() == Method::CONNECT {
+        // h1 CONNECT and h2 (extended) CONNECT alike: a tunnel from here
+        // would reach whatever the guest names, with no request to check.
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not allowed here", "connect_refused");
+    }
+    if framing_ambiguous || (req.headers().contains_key(CONTENT_LENGTH) && req.headers().contains_key(TRANSFER_ENCODING)) {
+        return refuse(StatusCode::BAD_REQUEST, "both Content-Length and Transfer-Encoding", "bad_request");
+    }
+    if req.headers().get_all(HOST).iter().nth(1).is_some() {
+        return refuse(StatusCode::BAD_REQUEST, "more than one Host header", "bad_request");
+    }
+    if let (Some(authority), Some(host)) = (req.uri().authority(), req.headers().get(HOST)) {
+        if host.to_str().map(normalize_host).ok().as_deref() != Some(normalize_host(authority.as_str()).as_str()) {
+            return refuse(StatusCode::BAD_REQUEST, "the request target names another host than Host", "bad_request");
+        }
+    }
+    if named.as_deref() != Some(expected) {
+        return refuse(StatusCode::MISDIRECTED_REQUEST, misdirected, "misdirected");
+    }
+    Ok(())
+}
+
+/// Why a response from a credential host cannot be passed on (pure): a
+/// content or transfer coding other than identity (and chunked) would hide
+/// a reflected secret from the scrubbing. A response without a body is fine.
+pub fn unscrubbable(method: &Method, status: StatusCode, headers: &HeaderMap) -> Option<&'static str> {
+    if method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return None;
+    }
+    let codings = |name: HeaderName, allowed: &'static [&'static str]| {
+        headers.get_all(name).iter().any(|v| v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii).any(|c| !c.is_empty() && !allowed.iter().any(|a| c.eq_ignore_ascii_case(a.as_bytes()))))
+    };
+    if codings(CONTENT_ENCODING, &["identity"]) || codings(TRANSFER_ENCODING, &["chunked", "identity"]) {
+        return Some("the credential host sent a compressed response, which cannot be checked for the secret");
+    }
+    None
+}
+
+/// Scrubs the names and values of `headers`; a header whose name matched
+/// is removed. The number of redactions.
+pub fn scrub_headers(headers: &mut HeaderMap, patterns: &Patterns) -> u64 {
+    let mut total = 0;
+    let names: Vec<HeaderName> = headers.keys().filter(|k| patterns.is_match(k.as_str().as_bytes())).cloned().collect();
+    for name in names {
+        total += 1;
+        headers.remove(name);
+    }
+    for value in headers.values_mut() {
+        if patterns.is_match(value.as_bytes()) {
+            let (out, n) = patterns.scrub(value.as_bytes());
+            total += n;
+            *value = HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static("[REDACTED]"));
+        }
+    }
+    total
+}
+
+/// Watches the bytes of an HTTP/1 connection for a head with both
+/// Content-Length and Transfer-Encoding lines (pure). hyper reads such a
+/// request safely (Transfer-Encoding wins, Content-Length is dropped and
+/// the connection closes after the response), but the request it hands
+/// over no longer shows the ambiguity, so the proxy could not refuse it.
+/// The watch is by lines between blank lines, without following message
+/// framing: a body that contains such a block too trips it, and the
+/// connection's next request is refused (fail closed).
+#[derive(Debug, Default)]
+pub struct FramingWatch {
+    line: [u8; 18],
+    /// Bytes of the current line so far (only the first 18 are kept).
+    line_len: usize,
+    content_length: bool,
+    transfer_encoding: bool,
+    tripped: bool,
+}
+
+impl FramingWatch {
+    /// Takes the next bytes; whether a head has shown both (sticky).
+    pub fn feed(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if b != b'\n' {
+                if self.line_len < self.line.len() {
+                    self.line[self.line_len] = b;
+                }
+                self.line_len += 1;
+                continue;
+            }
+            let kept = &self.line[..self.line_len.min(self.line.len())];
+            if self.line_len == 0 || (self.line_len == 1 && kept == b"\r") {
+                self.content_length = false;
+                self.transfer_encoding = false;
+            } else if kept.len() >= 15 && kept[..15].eq_ignore_ascii_case(b"content-length:") {
+                self.content_length = true;
+            } else if kept.len() >= 18 && kept[..18].eq_ignore_ascii_case(b"transfer-encoding:") {
+                self.transfer_encoding = true;
+            }
+            self.tripped |= self.content_length && self.transfer_encoding;
+            self.line_len = 0;
+        }
+        self.tripped
+    }
+}
+
+/// A guest stream whose incoming bytes go through a [`FramingWatch`]
+/// (HTTP/1 only: `enabled` false passes bytes unwatched).
+struct Watched<S> {
+    inner: S,
+    watch: FramingWatch,
+    enabled: bool,
+    tripped: Arc<AtomicBool>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if self.enabled && buf.filled().len() > before {
+            let this = &mut *self;
+            if this.watch.feed(&buf.filled()[before..]) {
+                this.tripped.store(true, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The guest's first bytes (already read for the SNI) replayed ahead of
+/// the rest of the stream.
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    offset: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(prefix: Vec<u8>, inner: S) -> Prefixed<S> {
+        Prefixed { prefix, offset: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<std::io::Result<()>> {
+        if self.offset < self.prefix.len() {
+            let n = (self.prefix.len() - self.offset).min(buf.remaining());
+            let start = self.offset;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.offset += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// TLS to upstreams: the system's web roots plus the PEM certificates of
+/// `extra_ca` (for private or test CAs).
+pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path).map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+            roots.add(cert).map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Request and response bodies as the proxy passes them on.
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// The upstream connection, HTTP/2 or HTTP/1.1 as its ALPN chose.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<ProxyBody>),
+    H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
+}
+
+/// Hop-by-hop headers belong to the guest's connection, not ours.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"] {
+        headers.remove(h);
+    }
+}
+
+/// `uri` in origin-form (`/path?query`), for an HTTP/1.1 upstream.
+fn origin_form(uri: &Uri) -> Uri {
+    uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").parse().unwrap_or_default()
+}
+
+impl Upstream {
+    fn is_closed(&self) -> bool {
+        match self {
+            Upstream::H1(s) => s.is_closed(),
+            Upstream::H2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(&mut self, mut req: Request<ProxyBody>, host: &str) -> Result<Response<Incoming>, hyper::Error> {
+        remove_hop_by_hop(req.headers_mut());
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        match self {
+            Upstream::H1(s) => {
+                s.ready().await?;
+                *req.version_mut() = Version::HTTP_11;
+                *req.uri_mut() = origin_form(req.uri());
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    req.headers_mut().insert(HOST, v);
+                }
+                s.send_request(req).await
+            }
+            Upstream::H2(s) => {
+                s.ready().await?;
+                *req.version_mut() = Version::HTTP_2;
+                req.headers_mut().remove(HOST);
+                *req.uri_mut() = format!("https://{host}{path}").parse().unwrap_or_default();
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, reason: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("sbx-net: {reason}\n"))).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        r.headers_mut().insert("x-sbx-net-denied", v);
+    }
+    r
+}
+
+/// Records a refused request and answers it. An HTTP/1 connection is
+/// closed after anything but 421 (whose client may carry on with the
+/// host the connection is for): after an ambiguous head, nothing that
+/// follows on it can be trusted to be framed as the guest meant.
+fn refuse<B>(flow: &FlowContext, req: &Request<B>, host: &str, refusal: Refusal, credential: Option<&str>) -> Response<ProxyBody> {
+    let sandbox = &flow.sandbox;
+    let named = refusal.named.as_deref();
+    tracing::info!(%sandbox, %host, named = named.unwrap_or("-"), method = %req.method(), reason = refusal.reason, "proxy: request refused");
+    let recorded_host = if refusal.record == "misdirected" { named.unwrap_or("") } else { named.unwrap_or(host) };
+    let credential = credential.map(|name| not_injected(name, refusal.reason));
+    flow.http(req.method().as_str(), recorded_host, req.uri().path(), Some(refusal.status.as_u16()), refusal.record, credential);
+    let mut response = text(refusal.status, refusal.reason);
+    if req.version() <= Version::HTTP_11 && refusal.status != StatusCode::MISDIRECTED_REQUEST {
+        response.headers_mut().insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn injected(name: &str) -> CredentialDetail {
+    CredentialDetail { name: name.to_string(), injected: true, failure: None, redactions: 0 }
+}
+
+fn not_injected(name: &str, why: &str) -> CredentialDetail {
+    CredentialDetail { name: name.to_string(), injected: false, failure: Some(why.to_string()), redactions: 0 }
+}
+
+/// The guest's request as it goes upstream: sentinels out of the path and
+/// query, headers rewritten for `binding` (or only stripped of sentinels
+/// without one), and trailers cleaned the same way as the body streams.
+fn guest_request(req: Request<Incoming>, binding: Option<&CredentialBinding>) -> Request<ProxyBody> {
+    let (mut parts, body) = req.into_parts();
+    if let Some(uri) = strip_uri_sentinels(&parts.uri) {
+        parts.uri = uri;
+    }
+    match binding {
+        Some(b) => rewrite_headers(&mut parts.headers, b),
+        None => strip_sentinels(&mut parts.headers),
+    }
+    let header = binding.map(|b| b.header.clone());
+    Request::from_parts(parts, GuestBody { inner: body, credential_header: header }.boxed())
+}
+
+/// A request body whose trailers lose sentinels and credential headers.
+struct GuestBody<B> {
+    inner: B,
+    credential_header: Option<HeaderName>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for GuestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let Poll::Ready(Some(Ok(mut frame))) = polled else { return polled };
+        if let Some(trailers) = frame.trailers_mut() {
+            strip_sentinels(trailers);
+            trailers.remove(AUTHORIZATION);
+            trailers.remove(PROXY_AUTHORIZATION);
+            if let Some(h) = &self.credential_header {
+                trailers.remove(h);
+            }
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Publishes a `secret_redacted` record, when there were redactions, once
+/// the response it belongs to is done (dropped).
+struct RedactionReport {
+    flow: FlowContext,
+    method: String,
+    host: String,
+    path: String,
+    status: u16,
+    credential: String,
+    /// In the head (and for upgrades, the stream), counted as found.
+    counted: u64,
+    /// In the body and trailers so far.
+    body: u64,
+}
+
+impl Drop for RedactionReport {
+    fn drop(&mut self) {
+        let count = self.counted + self.body;
+        if count > 0 {
+            tracing::warn!(sandbox = %self.flow.sandbox, host = %self.host, path = %self.path, credential = %self.credential, count, "credential proxy: the secret was cut out of a response");
+            self.flow.secret_redacted(&self.method, &self.host, &self.path, Some(self.status), &self.credential, count);
+        }
+    }
+}
+
+/// A response body from a credential host, scrubbed as it streams (data
+/// and trailers).
+struct ScrubBody<B> {
+    inner: B,
+    scrubber: Scrubber,
+    patterns: Patterns,
+    /// Trailers that wait for the held-back bytes to go first.
+    trailers: Option<HeaderMap>,
+    ended: bool,
+    /// While bytes are held back and the upstream is silent: when they go
+    /// out anyway ([`Scrubber::release_after`]).
+    idle: Option<Pin<Box<tokio::time::Sleep>>>,
+    report: RedactionReport,
+}
+
+impl<B> ScrubBody<B> {
+    fn new(inner: B, patterns: &Patterns, report: RedactionReport) -> ScrubBody<B> {
+        ScrubBody { inner, scrubber: patterns.scrubber(), patterns: patterns.clone(), trailers: None, ended: false, idle: None, report }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(t) = this.trailers.take() {
+                return Poll::Ready(Some(Ok(Frame::trailers(t))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    let Some(after) = this.scrubber.release_after() else { return Poll::Pending };
+                    let idle = this.idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(after)));
+                    if std::future::Future::poll(idle.as_mut(), cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    this.idle = None;
+                    return Poll::Ready(Some(Ok(Frame::data(Bytes::from(this.scrubber.release())))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(Some(Ok(frame))) => Some(frame),
+                Poll::Ready(None) => None,
+            };
+            this.idle = None;
+            let out = match frame.map(Frame::into_data) {
+                Some(Ok(data)) => match this.scrubber.push(&data) {
+                    Cow::Borrowed(_) => data,
+                    Cow::Owned(v) => Bytes::from(v),
+                },
+                Some(Err(frame)) => {
+                    let Ok(mut trailers) = frame.into_trailers() else { continue };
+                    this.report.counted += scrub_headers(&mut trailers, &this.patterns);
+                    this.trailers = Some(trailers);
+                    this.ended = true;
+                    Bytes::from(this.scrubber.finish())
+                }
+                None => {
+                    this.ended = true;
+                    Bytes::from(this.scrubber.finish())
+                }
+            };
+            this.report.body = this.scrubber.redactions();
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // Redaction keeps lengths; held-back bytes are still to come.
+        if self.ended {
+            return SizeHint::with_exact(0);
+        }
+        let inner = self.inner.size_hint();
+        let held = self.scrubber.held() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + held);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint
+    }
+}
+
+/// What the guest gets for `resp` from a credential host: refused when it
+/// cannot be checked, else with its head scrubbed and its body scrubbing
+/// as it streams; recorded either way.
+fn respond(resp: Response<Incoming>, flow: &FlowContext, method: &Method, host: &str, path: &str, binding: &CredentialBinding) -> Response<ProxyBody> {
+    let status = resp.status().as_u16();
+    if let Some(why) = unscrubbable(method, resp.status(), resp.headers()) {
+        tracing::info!(sandbox = %flow.sandbox, %host, %path, status, "credential proxy: compressed response refused");
+        flow.http(method.as_str(), host, path, Some(502), "compressed_response", Some(injected(&binding.name)));
+        return text(StatusCode::BAD_GATEWAY, why);
+    }
+    tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, status, credential = %binding.name, "credential proxy: injected");
+    flow.http(method.as_str(), host, path, Some(status), "allowed", Some(injected(&binding.name)));
+    let (mut parts, body) = resp.into_parts();
+    // An HTTP/1 upstream's own reason phrase would be written back as it
+    // came: the canonical one carries nothing.
+    parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+    let in_head = scrub_headers(&mut parts.headers, &binding.scrub);
+    let report = RedactionReport {
+        flow: flow.clone(),
+        method: method.to_string(),
+        host: host.to_string(),
+        path: path.to_string(),
+        status,
+        credential: binding.name.clone(),
+        counted: in_head,
+        body: 0,
+    };
+    let body = ScrubBody::new(body, &binding.scrub, report);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Whether a connection error is hyper refusing a head it could not parse
+/// (it has answered 400 or 431 itself).
+fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse)
+}
+
+/// Serves one guest connection to a credential host: TLS with the
+/// sandbox CA's leaf for `host`, HTTP/1.1 or HTTP/2 requests checked,
+/// injected and forwarded to `upstream` (checked for `host`), one upstream
+/// connection reused, responses scrubbed.
+pub async fn serve(
+    guest: Prefixed<TcpStream>,
+    host: String,
+    upstream: Vec<std::net::SocketAddr>,
+    binding: Arc<CredentialBinding>,
+    ca: Arc<Mutex<SandboxCa>>,
+    upstream_tls: Arc<rustls::ClientConfig>,
+    flow: FlowContext,
+    permit: Arc<crate::util::conn_limit::ConnPermit>,
+) -> Result<(), CredentialProxyError> {
+    let leaf = ca.lock().unwrap_or_else(|p| p.into_inner()).leaf(&host)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(vec![CertificateDer::from(leaf.cert_der)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der)))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let tripped = Arc::new(AtomicBool::new(false));
+    let io = Watched { inner: tls, watch: FramingWatch::default(), enabled: !h2, tripped: tripped.clone() };
+    let sender: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
+    let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (host, upstream, binding, upstream_tls, sender, flow, tripped, permit) =
+            (service_host.clone(), upstream.clone(), service_binding.clone(), upstream_tls.clone(), sender.clone(), service_flow.clone(), tripped.clone(), permit.clone());
+        async move {
+            let sandbox = &flow.sandbox;
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let framing = req.version() <= Version::HTTP_11 && tripped.load(Ordering::Relaxed);
+            if let Err(refusal) = check_head(&req, &host, framing, "Host must equal the TLS server name") {
+                return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, Some(&binding.name)));
+            }
+            let req = guest_request(req, Some(&binding));
+            if req.headers().contains_key(UPGRADE) {
+                // WebSocket (or another upgrade): its own HTTP/1.1 upstream
+                // connection, the credential already injected, then bytes.
+                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &flow, &binding, permit).await);
+            }
+            let mut guard = sender.lock().await;
+            if guard.as_ref().is_none_or(|s| s.is_closed()) {
+                match connect_upstream(&upstream, &host, upstream_tls).await {
+                    Ok(s) => *guard = Some(s),
+                    Err(e) => {
+                        tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
+                        flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream unreachable")));
+                        return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
+                    }
+                }
+            }
+            let s = guard.as_mut().expect("connected above");
+            match s.send(req, &host).await {
+                Ok(resp) => Ok(respond(resp, &flow, &method, &host, &path, &binding)),
+                Err(e) => {
+                    *guard = None;
+                    tracing::info!(%sandbox, %host, "credential proxy: upstream request: {e}");
+                    flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream request failed")));
+                    Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
+                }
+            }
+        }
+    });
+    // HTTP/1.1 or HTTP/2, whichever the guest speaks (ALPN offered both).
+    // Extended CONNECT stays off: not advertising it keeps WebSocket
+    // clients on HTTP/1.1 upgrades, and h2 refuses `:protocol` itself.
+    let served = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(io), service).await;
+    served.map_err(|e| {
+        if is_parse_error(&*e) {
+            flow.http("", &host, "", Some(400), "malformed_request", Some(not_injected(&binding.name, "malformed request head")));
+        }
+        CredentialProxyError::GuestHttp(e)
+    })
+}
+
+/// Serves plain HTTP/1.1 for the guest, forwarded over plain TCP to the
+/// checked address: with `binding` (a credential that allows plaintext)
+/// the same checks, rewriting and scrubbing as over TLS; without, the same
+/// checks, sentinels are stripped and nothing is injected.
+pub async fn serve_plain(
+    guest: Prefixed<TcpStream>,
+    host: String,
+    upstream: Vec<std::net::SocketAddr>,
+    binding: Option<Arc<CredentialBinding>>,
+    flow: FlowContext,
+) -> Result<(), CredentialProxyError> {
+    let tripped = Arc::new(AtomicBool::new(false));
+    let io = Watched { inner: guest, watch: FramingWatch::default(), enabled: true, tripped: tripped.clone() };
+    let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>> = Arc::default();
+    let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (host, upstream, binding, sender, flow, tripped) = (service_host.clone(), upstream.clone(), service_binding.clone(), sender.clone(), service_flow.clone(), tripped.clone());
+        async move {
+            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            if let Err(refusal) = check_head(&req, &host, tripped.load(Ordering::Relaxed), "Host changed on the connection") {
+                return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, binding.as_ref().map(|b| b.name.as_str())));
+            }
+            let failed = |why: &str| {
+                let credential = binding.as_ref().map(|b| not_injected(&b.name, why));
+                flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", credential);
+            };
+            let mut req = guest_request(req, binding.as_deref());
+            remove_hop_by_hop(req.headers_mut());
+            *req.uri_mut() = origin_form(req.uri());
+            let mut guard = sender.lock().await;
+            if guard.as_ref().is_none_or(|s| s.is_closed()) {
+                let mut connected = None;
+                for addr in &upstream {
+                    if let Ok(tcp) = crate::util::net::connect_remote(*addr).await {
+                        if let Ok((s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                            tokio::spawn(async move {
+                                let _ = conn.await;
+                            });
+                            connected = Some(s);
+                            break;
+                        }
+                    }
+                }
+                match connected {
+                    Some(s) => *guard = Some(s),
+                    None => {
+                        failed("upstream unreachable");
+                        return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
+                    }
+                }
+            }
+            let s = guard.as_mut().expect("connected above");
+            if s.ready().await.is_err() {
+                *guard = None;
+                failed("upstream connection closed");
+                return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
+            }
+            match s.send_request(req).await {
+                Ok(resp) => match &binding {
+                    Some(b) => Ok(respond(resp, &flow, &method, &host, &path, b)),
+                    None => {
+                        flow.http(method.as_str(), &host, &path, Some(resp.status().as_u16()), "allowed", None);
+                        Ok(resp.map(|b| b.boxed()))
+                    }
+                },
+                Err(_) => {
+                    *guard = None;
+                    failed("upstream request failed");
+                    Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
+                }
+            }
+        }
+    });
+    let served = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service).await;
+    served.map_err(|e| {
+        if e.is_parse() {
+            let credential = binding.as_ref().map(|b| not_injected(&b.name, "malformed request head"));
+            flow.http("", &host, "", Some(400), "malformed_request", credential);
+        }
+        CredentialProxyError::GuestHttp(Box::new(e))
+    })
+}
+
+/// Forwards an upgrade request (after injection) on a fresh HTTP/1.1
+/// upstream connection; on `101` joins the two upgraded streams, the
+/// upstream's side scrubbed on its way to the guest. Other answers are
+/// passed back like any response.
+async fn upgrade(
+    mut req: Request<ProxyBody>,
+    upstream: &[std::net::SocketAddr],
+    host: &str,
+    tls: Arc<rustls::ClientConfig>,
+    flow: &FlowContext,
+    binding: &CredentialBinding,
+    permit: Arc<crate::util::conn_limit::ConnPermit>,
+) -> Response<ProxyBody> {
+    let sandbox = &flow.sandbox;
+    let credential = binding.name.as_str();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut h1_only = (*tls).clone();
+    h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut sender = match connect_upstream(upstream, host, Arc::new(h1_only)).await {
+        Ok(Upstream::H1(s)) => s,
+        Ok(Upstream::H2(_)) => return text(StatusCode::BAD_GATEWAY, "upstream chose HTTP/2 for an upgrade"),
+        Err(e) => {
+            tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
+            flow.http(method.as_str(), host, &path, Some(502), "upstream_failed", Some(not_injected(credential, "upstream unreachable")));
+            return text(StatusCode::BAD_GATEWAY, "upstream unreachable");
+        }
+    };
+    let guest_side = hyper::upgrade::on(&mut req);
+    *req.uri_mut() = origin_form(req.uri());
+    *req.version_mut() = Version::HTTP_11;
+    if let Ok(v) = HeaderValue::from_str(host) {
+        req.headers_mut().insert(HOST, v);
+    }
+    // A compressed WebSocket (permessage-deflate) could not be scrubbed.
+    req.headers_mut().remove("sec-websocket-extensions");
+    let mut resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::info!(%sandbox, %host, "credential proxy: upgrade request: {e}");
+            flow.http(method.as_str(), host, &path, Some(502), "upstream_failed", Some(not_injected(credential, "upstream request failed")));
+            return text(StatusCode::BAD_GATEWAY, "upstream request failed");
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return respond(resp, flow, &method, host, &path, binding);
+    }
+    tracing::info!(%sandbox, %host, %credential, "credential proxy: injected (upgrade)");
+    flow.http(method.as_str(), host, &path, Some(101), "allowed", Some(injected(credential)));
+    resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
+    let report = RedactionReport {
+        flow: flow.clone(),
+        method: method.to_string(),
+        host: host.to_string(),
+        path: path.clone(),
+        status: 101,
+        credential: credential.to_string(),
+        counted: scrub_headers(resp.headers_mut(), &binding.scrub),
+        body: 0,
+    };
+    let upstream_side = hyper::upgrade::on(&mut resp);
+    let scrubber = binding.scrub.scrubber();
+    tokio::spawn(async move {
+        // The tunnel outlives the HTTP connection that made it: it holds
+        // the guest's connection permit until it ends.
+        let _permit = permit;
+        // The whole report moves here (not just the field written below):
+        // it is published when the tunnel ends.
+        let mut report = report;
+        if let (Ok(g), Ok(u)) = (guest_side.await, upstream_side.await) {
+            let (mut guest_read, guest_write) = tokio::io::split(TokioIo::new(g));
+            let (upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(u));
+            let up = async move {
+                let _ = tokio::io::copy(&mut guest_read, &mut upstream_write).await;
+                let _ = upstream_write.shutdown().await;
+            };
+            let ((), redacted) = tokio::join!(up, pump_scrubbed(upstream_read, guest_write, scrubber));
+            report.body = redacted;
+        }
+    });
+    resp.map(|b| b.boxed())
+}
+
+/// Copies `from` to `to` through `scrubber` until either ends; the
+/// number of redactions.
+async fn pump_scrubbed(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin, mut scrubber: Scrubber) -> u64 {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let idle = scrubber.release_after();
+        let read = tokio::select! {
+            read = from.read(&mut buf) => read,
+            () = tokio::time::sleep(idle.unwrap_or_default()), if idle.is_some() => {
+                // The upstream went quiet with bytes held back.
+                let out = scrubber.release();
+                if to.write_all(&out).await.and(to.flush().await).is_err() {
+                    return scrubber.redactions();
+                }
+                continue;
+            }
+        };
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let out = scrubber.push(&buf[..n]);
+        if to.write_all(&out).await.and(to.flush().await).is_err() {
+            return scrubber.redactions();
+        }
+    }
+    let rest = scrubber.finish();
+    let _ = to.write_all(&rest).await;
+    let _ = to.shutdown().await;
+    scrubber.redactions()
+}
+
+async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, String> {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        let tcp = match crate::util::net::connect_remote(*addr).await {
+            Ok(t) => t,
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+        let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| format!("upstream TLS: {e}"))?;
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Upstream::H2(sender));
+        }
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        return Ok(Upstream::H1(sender));
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::CredentialSource;
+    use crate::credentials::secrets::load_secret;
+
+    fn binding() -> CredentialBinding {
+        let dir = std::env::temp_dir().join(format!("sbx-cred-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("t");
+        std::fs::write(&f, "tok123-not-a-real-secret-0042").unwrap();
+        let secret = Arc::new(load_secret(&CredentialSource::File(f.display().to_string())).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+        CredentialBinding::new("gh", &["API.test".into()], "Authorization", "Bearer {secret}", secret, false).unwrap()
+    }
+
+    const SECRET: &str = "tok123-not-a-real-secret-0042";
+
+    #[test]
+    fn the_secret_goes_only_into_its_own_header() {
+        let b = binding();
+        assert!(b.covers("api.test") && !b.covers("other.test"));
+        assert!(format!("{b:?}").contains("gh") && !format!("{b:?}").contains("tok123"));
+        let mut h = HeaderMap::new();
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer guest-made"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Basic second"));
+        h.insert(PROXY_AUTHORIZATION, HeaderValue::from_static("x"));
+        h.insert("x-api-key", HeaderValue::from_static("sbx-cred:gh"));
+        h.insert("x-other", HeaderValue::from_static("sbx-cred:someone-else"));
+        h.insert("origin", HeaderValue::from_static("https://SBX-CRED:gh.example"));
+        h.insert("cookie", HeaderValue::from_static("a=1; t=sbx-cred%3Agh"));
+        h.append("x-list", HeaderValue::from_static("keep"));
+        h.append("x-list", HeaderValue::from_static("drop sbx-cred:gh"));
+        h.insert("accept-encoding", HeaderValue::from_static("gzip, br"));
+        h.insert("range", HeaderValue::from_static("bytes=10-20"));
+        rewrite_headers(&mut h, &b);
+        let auth: Vec<_> = h.get_all(AUTHORIZATION).iter().collect();
+        assert_eq!(auth, vec![format!("Bearer {SECRET}").as_str()], "replaced, not duplicated");
+        assert!(h.get(AUTHORIZATION).unwrap().is_sensitive());
+        assert!(h.get(PROXY_AUTHORIZATION).is_none());
+        for gone in ["x-api-key", "x-other", "origin", "cookie", "range"] {
+            assert!(h.get(gone).is_none(), "{gone} carried a sentinel (or a range): removed, not replaced");
+        }
+        assert_eq!(h.get_all("x-list").iter().collect::<Vec<_>>(), vec!["keep"]);
+        assert_eq!(h.get("accept-encoding").unwrap(), "identity");
+        assert!(!h.values().any(|v| v.as_bytes().windows(6).any(|w| w == b"tok123") && v != h.get(AUTHORIZATION).unwrap()));
+        let mut elsewhere = HeaderMap::new();
+        elsewhere.insert("x-api-key", HeaderValue::from_static("sbx-cred:gh"));
+        elsewhere.insert("accept", HeaderValue::from_static("*/*"));
+        strip_sentinels(&mut elsewhere);
+        assert!(elsewhere.get("x-api-key").is_none() && elsewhere.get("accept").is_some());
+    }
+
+    #[test]
+    fn sentinels_leave_paths_and_queries() {
+        let stripped = |u: &str| strip_uri_sentinels(&u.parse().unwrap()).map(|u| u.to_string());
+        assert_eq!(stripped("/v1/sbx-cred:gh/x?token=sbx-cred:gh&a=1").as_deref(), Some("/v1//x?token=&a=1"));
+        assert_eq!(stripped("/x?t=SBX-CRED%3agh.v2").as_deref(), Some("/x?t="));
+        assert_eq!(stripped("https://api.test/sbx-cred:gh").as_deref(), Some("https://api.test/"));
+        assert_eq!(stripped("/plain?q=1"), None);
+        assert_eq!(strip_sentinel_tokens(b"a sbx-cred:gh b"), Some(b"a  b".to_vec()));
+    }
+
+    fn req(method: &str, uri: &str, version: Version, hosts: &[&str]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(uri).version(version);
+        for h in hosts {
+            b = b.header(HOST, *h);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn ambiguous_heads_are_refused() {
+        let check = |r: &Request<()>, framing: bool| check_head(r, "api.test", framing, "misdirected").map_err(|e| (e.status.as_u16(), e.record));
+        let h1 = Version::HTTP_11;
+        assert_eq!(check(&req("GET", "/x", h1, &["api.test"]), false), Ok(()));
+        assert_eq!(check(&req("GET", "/x", h1, &["API.test.:443"]), false), Ok(()));
+        assert_eq!(check(&req("GET", "https://api.test/x", h1, &["api.test"]), false), Ok(()));
+        assert_eq!(check(&req("GET", "/x", h1, &["api.test", "api.test"]), false), Err((400, "bad_request")));
+        assert_eq!(check(&req("GET", "/x", h1, &["api.test", "other.test"]), false), Err((400, "bad_request")));
+        assert_eq!(check(&req("GET", "http://other.test/x", h1, &["api.test"]), false), Err((400, "bad_request")));
+        assert_eq!(check(&req("GET", "http://user@api.test/x", h1, &["api.test"]), false), Err((400, "bad_request")));
+        assert_eq!(check(&req("GET", "/x", h1, &["other.test"]), false), Err((421, "misdirected")));
+        assert_eq!(check(&req("GET", "/x", h1, &[]), false), Err((421, "misdirected")));
+        assert_eq!(check(&req("POST", "/x", h1, &["api.test"]), true), Err((400, "bad_request")));
+        let mut both = req("POST", "/x", h1, &["api.test"]);
+        both.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from_static("5"));
+        both.headers_mut().insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert_eq!(check(&both, false), Err((400, "bad_request")));
+        assert_eq!(check(&req("CONNECT", "other.test:443", h1, &["api.test"]), false), Err((405, "connect_refused")));
+        // HTTP/2: :authority is the URI's; a Host beside it must agree.
+        let h2 = Version::HTTP_2;
+        assert_eq!(check(&req("GET", "https://api.test/x", h2, &[]), false), Ok(()));
+        assert_eq!(check(&req("GET", "https://other.test/x", h2, &[]), false), Err((421, "misdirected")));
+        assert_eq!(check(&req("GET", "https://api.test/x", h2, &["other.test"]), false), Err((400, "bad_request")));
+        assert_eq!(check(&req("GET", "https://other.test/x", h2, &["api.test"]), false), Err((400, "bad_request")));
+        assert_eq!(check(&req("CONNECT", "api.test:443", h2, &[]), false), Err((405, "connect_refused")));
+    }
+
+    #[test]
+    fn framing_watch_sees_content_length_with_transfer_encoding() {
+        let trips = |chunks: &[&[u8]]| {
+            let mut w = FramingWatch::default();
+            chunks.iter().fold(false, |_, c| w.feed(c))
+        };
+        let head = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_slice();
+        assert!(trips(&[head]));
+        for cut in 0..head.len() {
+            assert!(trips(&[&head[..cut], &head[cut..]]), "split at {cut}");
+        }
+        assert!(trips(&[b"POST / HTTP/1.1\ntransfer-encoding: chunked\nCONTENT-LENGTH: 5\n\n"]));
+        // One per head, on separate requests: fine.
+        assert!(!trips(&[b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhiPOST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"]));
+        assert!(!trips(&[b"GET / HTTP/1.1\r\nX-Content-Length: 5\r\nContent-Transfer-Encoding: chunked\r\n\r\n"]));
+    }
+
+    #[test]
+    fn compressed_responses_cannot_be_checked() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let ok = StatusCode::OK;
+        assert!(unscrubbable(&Method::GET, ok, &headers(&[])).is_none());
+        assert!(unscrubbable(&Method::GET, ok, &headers(&[("content-encoding", "identity"), ("transfer-encoding", "chunked")])).is_none());
+        assert!(unscrubbable(&Method::GET, ok, &headers(&[("content-encoding", "gzip")])).is_some());
+        assert!(unscrubbable(&Method::GET, ok, &headers(&[("content-encoding", "identity, br")])).is_some());
+        assert!(unscrubbable(&Method::GET, ok, &headers(&[("transfer-encoding", "gzip, chunked")])).is_some());
+        assert!(unscrubbable(&Method::HEAD, ok, &headers(&[("content-encoding", "gzip")])).is_none());
+        assert!(unscrubbable(&Method::GET, StatusCode::NOT_MODIFIED, &headers(&[("content-encoding", "gzip")])).is_none());
+    }
+
+    /// A body of the given frames.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    #[test]
+    fn responses_are_scrubbed_as_they_stream_and_recorded() {
+        let b = binding();
+        let dir = std::env::temp_dir().join(format!("sbx-cred-scrub-{}", std::process::id()));
+        let hub = Arc::new(crate::observe::hub::FlowHub::new(&crate::observe::hub::FlowLogSettings { history: 1024, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 }));
+        let flow = FlowContext { hub: hub.clone(), sandbox: "s".into(), src: "10.0.0.2:1000".parse().unwrap(), dst: "198.51.100.1:443".parse().unwrap(), rule: "allow api.test".into() };
+        let echo = format!("authorization: Bearer {SECRET}\nx: 1\n");
+        let mut head = HeaderMap::new();
+        head.insert("x-echo-authorization", HeaderValue::from_str(&format!("Bearer {SECRET}")).unwrap());
+        head.insert("content-type", HeaderValue::from_static("text/plain"));
+        assert_eq!(scrub_headers(&mut head, &b.scrub), 1);
+        assert!(head.get("x-echo-authorization").unwrap().to_str().unwrap().starts_with("Bearer [REDACTED]"));
+        // The secret straddles every frame boundary in turn.
+        for cut in 1..echo.len() {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("x-t", HeaderValue::from_str(SECRET).unwrap());
+            let frames = [Frame::data(Bytes::copy_from_slice(&echo.as_bytes()[..cut])), Frame::data(Bytes::copy_from_slice(&echo.as_bytes()[cut..])), Frame::trailers(trailers)];
+            let report = RedactionReport { flow: flow.clone(), method: "GET".into(), host: "api.test".into(), path: "/echo".into(), status: 200, credential: "gh".into(), counted: 0, body: 0 };
+            let body = ScrubBody::new(Frames(frames.into()), &b.scrub, report);
+            let collected = futures_lite_block_on(body.collect()).unwrap();
+            let trailers = collected.trailers().cloned().unwrap();
+            let bytes = collected.to_bytes();
+            assert_eq!(bytes.len(), echo.len(), "split at {cut}");
+            assert!(!String::from_utf8_lossy(&bytes).contains("tok") && bytes.starts_with(b"authorization: Bearer [REDACTED]"), "split at {cut}");
+            assert!(trailers.get("x-t").unwrap().to_str().unwrap().starts_with("[REDACTED]"));
+        }
+        let (records, _) = hub.history();
+        assert_eq!(records.len(), echo.len() - 1, "one record per response");
+        let r = &records[0];
+        assert_eq!((r.event.as_ref(), r.verdict, r.credential.as_ref().unwrap().redactions), ("secret_redacted", crate::observe::record::Verdict::Denied, 2));
+        assert_eq!(hub.metrics.secret_redactions.get(), 2 * (echo.len() as u64 - 1));
+        assert_eq!(hub.metrics.credentials_injected.get(), 0, "counted by the request's own record");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A body fed by the test as it goes.
+    struct Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>);
+
+    impl Body for Channel {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            self.0.poll_recv(cx).map(|f| f.map(Ok))
+        }
+    }
+
+    #[test]
+    fn held_bytes_go_out_when_the_upstream_goes_quiet() {
+        let b = binding();
+        let dir = std::env::temp_dir().join(format!("sbx-cred-idle-{}", std::process::id()));
+        let hub = Arc::new(crate::observe::hub::FlowHub::new(&crate::observe::hub::FlowLogSettings { history: 16, audit_path: dir.join("audit.jsonl"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 }));
+        let flow = FlowContext { hub, sandbox: "s".into(), src: "10.0.0.2:1000".parse().unwrap(), dst: "198.51.100.1:443".parse().unwrap(), rule: String::new() };
+        let report = RedactionReport { flow, method: "GET".into(), host: "api.test".into(), path: "/".into(), status: 200, credential: "gh".into(), counted: 0, body: 0 };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut body = ScrubBody::new(Channel(rx), &b.scrub, report);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async {
+            // A message ending in a byte the secret starts with: it is held,
+            // then released once the upstream has been quiet a moment.
+            tx.send(Frame::data(Bytes::from_static(b"typing: ab t"))).await.unwrap();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&first[..], b"typing: ab ");
+            let started = std::time::Instant::now();
+            let released = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&released[..], b"t");
+            assert!(started.elapsed() >= crate::credentials::scrub::SHORT_WAIT / 2, "released after a pause, not at once");
+            // A secret split across two frames sent back to back is caught.
+            tx.send(Frame::data(Bytes::from(format!("\nBearer {}", &SECRET[..12])))).await.unwrap();
+            tx.send(Frame::data(Bytes::from(SECRET[12..].to_string()))).await.unwrap();
+            drop(tx);
+            let rest = body.collect().await.unwrap().to_bytes();
+            assert!(rest.starts_with(b"\nBearer [REDACTED]") && !String::from_utf8_lossy(&rest).contains("tok"), "{}", String::from_utf8_lossy(&rest));
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Runs a future that never waits on I/O (in-memory bodies).
+    fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn request_hosts() {
+        let r = Request::builder().uri("/x").header(HOST, "API.test:443").body(()).unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("api.test"));
+        let r = Request::builder().uri("https://api.test/x").body(()).unwrap();
+        assert_eq!(request_host(&r).as_deref(), Some("api.test"));
+    }
+}

@@ -1,0 +1,372 @@
+//! The transparent TCP proxy that nftables redirects the guests' proxied
+//! ports (80, 443 by default) to. It finds the sandbox by source address
+//! (anti-spoof in eBPF makes that safe), the original destination with
+//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices.
+//! The credential proxy (SNI/Host checks, TLS termination, injection) grows
+//! from here.
+
+pub mod inject;
+pub mod peek;
+
+use crate::observe::record::Verdict;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sbx_net_common::action;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::policy::compile::{CompiledPolicy, PortInfo};
+use crate::util::net::{bound_socket, canonical, canonical_addr, connect_remote, original_dst, reset, wildcard_addrs};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("binding the proxy on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+}
+
+/// Binds the IPv4 and IPv6 listeners.
+pub fn bind(port: u16) -> Result<Vec<std::net::TcpListener>, ProxyError> {
+    wildcard_addrs(port)
+        .into_iter()
+        .map(|addr| bound_socket(addr, socket2::Type::STREAM).map(Into::into).map_err(|source| ProxyError::Bind { addr, source }))
+        .collect()
+}
+
+/// What bounds one sandbox's use of the proxy.
+#[derive(Clone, Debug)]
+pub struct ProxyLimits {
+    pub connections: Arc<crate::util::conn_limit::ConnLimits>,
+    /// The whole first-bytes read (not each byte) must finish in this time.
+    pub first_bytes_timeout: Duration,
+}
+
+impl ProxyLimits {
+    pub fn from_config(config: &crate::control::config::DaemonConfig) -> ProxyLimits {
+        ProxyLimits {
+            connections: crate::util::conn_limit::ConnLimits::new(config.proxy_connections_per_sandbox),
+            first_bytes_timeout: Duration::from_millis(config.proxy_first_bytes_timeout_ms),
+        }
+    }
+}
+
+/// Accepts forever on `listener`.
+pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns::server::DnsContext>, limits: ProxyLimits) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("proxy listener: {e}");
+            return;
+        }
+    };
+    crate::util::conn_limit::accept_loop(listener, "proxy", move |stream, peer| handle(stream, peer, ctx.clone(), limits.clone())).await
+}
+
+/// What the proxy does with one connection (pure).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Plan {
+    /// Connect here: the guest's destination, checked for the name it asked
+    /// for (an address the DNS proxy gave it for that name) or allowed by
+    /// the IP rules when it named none.
+    Connect { addr: SocketAddr, rule: String },
+    /// Resolve the name ourselves and connect to an address we checked: the
+    /// guest's destination was not one we answered for that name.
+    Resolve { name: String, port: u16, rule: String },
+    Deny { rule: String },
+}
+
+/// Decides by the name the guest sent (SNI or Host), deny winning, else by
+/// the original destination's IP rules. `learned_for` lists the addresses
+/// the DNS proxy answered this sandbox for a name.
+///
+/// A connection that names nothing (no SNI, an IP-literal SNI, ECH, HTTP
+/// without Host, another protocol) is decided by the policy's own address
+/// rules only, never by an address learned from DNS: that address was
+/// opened for one name, and on a shared server (a CDN) it carries any other.
+pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, learned_for: impl Fn(&str) -> Vec<IpAddr>) -> Plan {
+    let original = canonical_addr(original);
+    let name = name.filter(|n| n.parse::<IpAddr>().is_err());
+    let Some(name) = name else {
+        let v = policy.lookup(original.ip(), PortInfo::Port(original.port()));
+        let rule = policy.describe_rule(v.rule_id);
+        return if v.action == action::ALLOW {
+            Plan::Connect { addr: original, rule }
+        } else {
+            Plan::Deny { rule }
+        };
+    };
+    if name.is_empty() || !crate::dns::decide::is_plain_name(name) {
+        // Escapes, spaces, `*`, raw UTF-8: a resolver or a server could
+        // read such a name as another one; no rule names it.
+        return Plan::Deny { rule: "malformed name".into() };
+    }
+    match crate::dns::decide::name_verdict(policy, name) {
+        crate::dns::decide::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
+        crate::dns::decide::NameVerdict::Allowed { rule_id, port } => {
+            let rule = policy.describe_rule(rule_id);
+            if let Some(p) = port.filter(|p| *p != original.port()) {
+                return Plan::Deny { rule: format!("{rule} (port {p} only)") };
+            }
+            if learned_for(name).contains(&original.ip()) {
+                Plan::Connect { addr: original, rule }
+            } else {
+                Plan::Resolve { name: name.to_string(), port: original.port(), rule }
+            }
+        }
+    }
+}
+
+async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::server::DnsContext>, limits: ProxyLimits) {
+    let original = match original_dst(&guest) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(%peer, "no original destination (not redirected?): {e}");
+            return;
+        }
+    };
+    let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&canonical(peer.ip())).cloned();
+    let Some(route) = route else {
+        tracing::info!(%peer, dst = %original, "proxy: not a sandbox address; refused");
+        reset(&guest);
+        return;
+    };
+    let mut flow = crate::observe::hub::FlowContext {
+        hub: ctx.flows.clone(),
+        sandbox: route.sandbox.clone(),
+        src: peer,
+        dst: original,
+        rule: String::new(),
+    };
+    // Held until the connection ends, whichever path it takes.
+    let Some(permit) = limits.connections.try_acquire(&route.sandbox) else {
+        tracing::debug!(sandbox = %route.sandbox, dst = %original, "proxy: connection cap reached");
+        flow.connection(Verdict::Denied, "connection_limit", Some(format!("at most {} proxied connections per sandbox", limits.connections.cap())), None);
+        reset(&guest);
+        return;
+    };
+    // Read the first bytes: the TLS ClientHello's SNI or the HTTP Host, all
+    // of them within one deadline (a byte at a time does not extend it).
+    let mut peeker = crate::proxy::peek::Peeker::default();
+    let deadline = tokio::time::Instant::now() + limits.first_bytes_timeout;
+    let kind = loop {
+        let mut buf = [0u8; 4096];
+        let room = crate::proxy::peek::PEEK_LIMIT.saturating_sub(peeker.bytes().len()).clamp(1, buf.len());
+        let k = match tokio::time::timeout_at(deadline, guest.read(&mut buf[..room])).await {
+            Ok(Ok(n)) if n > 0 => peeker.push(&buf[..n]),
+            // Silent, slow or closed: decide without a name.
+            _ => break crate::proxy::peek::FirstBytes::Other,
+        };
+        if k != crate::proxy::peek::FirstBytes::NeedMore {
+            break k;
+        }
+    };
+    let first = peeker.into_bytes();
+    if let crate::proxy::peek::FirstBytes::AmbiguousHttp { reason } = kind {
+        tracing::info!(sandbox = %route.sandbox, dst = %original, reason, "proxy: ambiguous request head");
+        flow.connection(Verdict::Denied, "ambiguous_request", Some(reason.to_string()), None);
+        let _ = guest.write_all(http_error(400, "Bad Request", &format!("ambiguous request ({reason})")).as_bytes()).await;
+        let _ = guest.shutdown().await;
+        return;
+    }
+    let name = match &kind {
+        crate::proxy::peek::FirstBytes::Tls { sni } => sni.clone(),
+        crate::proxy::peek::FirstBytes::Http { host } => host.clone(),
+        _ => None,
+    };
+    let for_name: Vec<IpAddr> = match &name {
+        Some(n) => {
+            let guard = ctx.state.lock().await;
+            let now = crate::util::clock::boot_time_ns();
+            match guard.1.by_sandbox.get(&route.sandbox) {
+                Some(t) => t.iter().filter(|(_, l)| l.names.contains(n) && l.value.learned_until_ns > now).map(|(ip, _)| *ip).collect(),
+                None => Vec::new(),
+            }
+        }
+        None => Vec::new(),
+    };
+    let decided = plan(&route.policy, name.as_deref(), original, |_| for_name.clone());
+    let (targets, rule) = match decided {
+        Plan::Deny { rule } => {
+            tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
+            flow.connection(Verdict::Denied, "policy", Some(rule.clone()), name.as_deref());
+            refuse(&mut guest, &kind, &rule).await;
+            return;
+        }
+        Plan::Connect { addr, rule } => (vec![addr], rule),
+        Plan::Resolve { name, port, rule } => match resolve(&ctx, &route.policy, &name).await {
+            Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule),
+            _ => {
+                tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
+                let why = format!("{name} has no allowed address");
+                flow.connection(Verdict::Denied, "no_allowed_address", Some(why.clone()), Some(&name));
+                refuse(&mut guest, &kind, &why).await;
+                return;
+            }
+        },
+    };
+    flow.rule = rule.clone();
+    let mut upstream = None;
+    for addr in &targets {
+        if let Ok(s) = connect_remote(*addr).await {
+            upstream = Some((s, *addr));
+            break;
+        }
+    }
+    let Some((mut upstream, addr)) = upstream else {
+        tracing::info!(sandbox = %route.sandbox, dst = %original, "proxy: upstream connect failed");
+        flow.connection(Verdict::Allowed, "upstream_failed", Some(rule.clone()), name.as_deref());
+        reset(&guest);
+        return;
+    };
+    flow.dst = addr;
+    // A credential host over TLS: terminate and inject instead of splicing.
+    if let (crate::proxy::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
+        if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
+            drop(upstream);
+            let guest = crate::proxy::inject::Prefixed::new(first, guest);
+            if let Err(e) = crate::proxy::inject::serve(
+                guest,
+                host.clone(),
+                targets.clone(),
+                binding.clone(),
+                ca.clone(),
+                ctx.upstream_tls.clone(),
+                flow,
+                Arc::new(permit),
+            )
+            .await
+            {
+                tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+            }
+            return;
+        }
+    }
+    // Plain HTTP by name goes through the HTTP forwarder: injected only for
+    // a credential that allows plaintext; elsewhere sentinels are stripped.
+    if let crate::proxy::peek::FirstBytes::Http { host: Some(host) } = &kind {
+        if host.parse::<IpAddr>().is_err() {
+            let binding = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext).cloned();
+            drop(upstream);
+            let guest = crate::proxy::inject::Prefixed::new(first, guest);
+            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), targets.clone(), binding, flow).await {
+                tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
+            }
+            return;
+        }
+    }
+    tracing::debug!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: spliced");
+    flow.connection(Verdict::Allowed, "allowed", Some(rule.clone()), name.as_deref());
+    if upstream.write_all(&first).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+}
+
+/// A's then AAAA's of `name` from the upstream resolver, keeping only
+/// addresses the sandbox's policy does not deny (the rebinding rule).
+async fn resolve(ctx: &crate::dns::server::DnsContext, policy: &CompiledPolicy, name: &str) -> Option<Vec<IpAddr>> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let upstream = ctx.settings.upstream?;
+    let mut out = Vec::new();
+    for rtype in [RecordType::A, RecordType::AAAA] {
+        let mut q = Message::new();
+        q.set_id(0).set_recursion_desired(true);
+        q.add_query(Query::query(Name::from_ascii(name).ok()?, rtype));
+        let bytes = q.to_vec().ok()?;
+        let Ok(answer) = ctx.upstream.forward(upstream, &bytes, ctx.settings.upstream_timeout).await else { continue };
+        let Ok(message) = Message::from_vec(&answer) else { continue };
+        let records: Vec<crate::dns::decide::AnswerRecord> = message.answers().iter().map(crate::dns::server::answer_record).collect();
+        out.extend(crate::dns::decide::plan_answer(policy, name, &records).learn.into_iter().map(|(ip, _)| ip));
+    }
+    Some(out)
+}
+
+/// Refuses in the protocol the guest spoke: HTTP 403 with the reason, a TLS
+/// `access_denied` alert, or a reset.
+async fn refuse(guest: &mut TcpStream, kind: &crate::proxy::peek::FirstBytes, reason: &str) {
+    match kind {
+        crate::proxy::peek::FirstBytes::Http { .. } => {
+            let _ = guest.write_all(http_error(403, "Forbidden", &guest_facing_rule(reason)).as_bytes()).await;
+            let _ = guest.shutdown().await;
+        }
+        crate::proxy::peek::FirstBytes::Tls { .. } => {
+            // TLS alert record: fatal (2), access_denied (49).
+            let _ = guest.write_all(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49]).await;
+            let _ = guest.shutdown().await;
+        }
+        _ => reset(guest),
+    }
+}
+
+/// A complete HTTP/1.1 error response that closes the connection, the
+/// rule or reason in `X-Sbx-Net-Denied` (printable ASCII only) and in the body.
+fn http_error(status: u16, text: &str, reason: &str) -> String {
+    let header_reason: String = reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect();
+    let body = format!("sbx-net: denied by {reason}\n");
+    format!(
+        "HTTP/1.1 {status} {text}\r\nX-Sbx-Net-Denied: {header_reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// The rule as the guest may see it: the host's own addresses are the
+/// operator's business (they stay in logs and `inspect`), not the guest's.
+pub fn guest_facing_rule(rule: &str) -> String {
+    match rule.strip_suffix(" (host address)") {
+        Some(with_addr) => match with_addr.rsplit_once(' ') {
+            Some((head, _addr)) => format!("{head} (host address)"),
+            None => rule.to_string(),
+        },
+        None => rule.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::compile;
+    use crate::policy::Policy;
+
+    #[test]
+    fn plans_by_name_then_by_address() {
+        let policy = Policy::parse(
+            "t.toml",
+            "name = \"t\"\n[network]\nallow = [\"198.51.100.0/24\", \"api.test\", \"git.test:22\"]\ndeny = [\"198.51.100.16/28\", \"bad.test\"]\n",
+        )
+        .unwrap();
+        let p = compile(&policy, &[]).unwrap();
+        let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let none = |_: &str| Vec::new();
+        // No name: the IP rules (and learned entries) decide.
+        assert_eq!(plan(&p, None, dst("198.51.100.5:80"), none), Plan::Connect { addr: dst("198.51.100.5:80"), rule: "allow 198.51.100.0/24".into() });
+        assert_eq!(plan(&p, None, dst("198.51.100.20:80"), none), Plan::Deny { rule: "deny 198.51.100.16/28".into() });
+        // No name, and an address learned from DNS for some name: refused
+        // (the learned address is not consulted at all).
+        let learned_any = |_: &str| vec!["203.0.113.9".parse().unwrap()];
+        assert_eq!(plan(&p, None, dst("203.0.113.9:443"), learned_any), Plan::Deny { rule: "default deny".into() });
+        assert!(matches!(plan(&p, Some("203.0.113.9"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
+        // A name: deny wins; an allowed name goes where the DNS proxy sent
+        // the guest, or is resolved by the proxy itself.
+        assert_eq!(plan(&p, Some("bad.test"), dst("198.51.100.5:80"), none), Plan::Deny { rule: "deny bad.test".into() });
+        assert_eq!(plan(&p, Some("unlisted.test"), dst("198.51.100.5:80"), none), Plan::Deny { rule: "default deny".into() });
+        let learned = |n: &str| if n == "api.test" { vec!["203.0.113.9".parse().unwrap()] } else { Vec::new() };
+        assert_eq!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), learned), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "allow api.test".into() });
+        assert_eq!(
+            plan(&p, Some("api.test"), dst("198.51.100.20:443"), learned),
+            Plan::Resolve { name: "api.test".into(), port: 443, rule: "allow api.test".into() }
+        );
+        assert!(matches!(plan(&p, Some("git.test"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
+        // A name no rule can stand for is refused even under default allow.
+        let open = compile(&Policy::parse("o.toml", "name = \"o\"\n[network]\ndefault = \"allow\"\n").unwrap(), &[]).unwrap();
+        for odd in ["x\\.api.test", "a b.test", "*.test", "caf\u{e9}.test"] {
+            assert_eq!(plan(&open, Some(odd), dst("203.0.113.9:443"), learned), Plan::Deny { rule: "malformed name".into() }, "{odd}");
+        }
+        // v4-mapped destinations are the same address.
+        assert!(matches!(plan(&p, None, dst("[::ffff:198.51.100.5]:80"), none), Plan::Connect { .. }));
+        assert_eq!(guest_facing_rule("builtin deny 10.250.0.1/32 (host address)"), "builtin deny (host address)");
+        assert_eq!(guest_facing_rule("builtin deny fd00::1/128 (host address)"), "builtin deny (host address)");
+        assert_eq!(guest_facing_rule("deny 10.0.0.0/8"), "deny 10.0.0.0/8");
+    }
+}

@@ -1,0 +1,7 @@
+//! Helpers every layer may use: clocks, files, sockets, connection limits.
+//! Nothing here knows about policies or sandboxes.
+
+pub mod clock;
+pub mod conn_limit;
+pub mod fs;
+pub mod net;
