@@ -1,4 +1,4 @@
-//! Orchestration: `cargo xtask bootstrap | build | test | demo | bench | fuzz`.
+//! Orchestration: `cargo xtask bootstrap | build | lint | test | demo | bench | fuzz`.
 //!
 //! Every command but `bootstrap` runs the bootstrap first; it is idempotent
 //! and says what each step does.
@@ -9,6 +9,7 @@
 mod tools;
 
 mod fuzz;
+mod lint;
 mod scan;
 mod stress;
 
@@ -33,7 +34,10 @@ enum Task {
     Bootstrap,
     /// Build the release binary at target/release/sbx-net.
     Build,
-    /// Run the whole test suite (unit, BPF_PROG_TEST_RUN, end-to-end).
+    /// Check the layering of userspace/src: no module uses one in a later
+    /// layer (the order is `LAYERS` in userspace/src/lib.rs), no circle.
+    Lint,
+    /// Run the whole test suite (lint, unit, BPF_PROG_TEST_RUN, end-to-end).
     Test {
         /// Run it with every CPU kept busy by a background load.
         #[arg(long)]
@@ -81,8 +85,10 @@ fn main() -> Result<()> {
             bootstrap()?;
             build_release(&root)
         }
+        Task::Lint => lint::lint(&root),
         Task::Test { stress, args } => {
             check_sources_use_listed_tools(&root)?;
+            lint::lint(&root)?;
             bootstrap()?;
             test(&root, stress, &args)
         }

@@ -244,6 +244,14 @@ impl DaemonConfig {
         self.state_dir.join("ca").join(sandbox)
     }
 
+    /// The HTTP(S) proxy's per-sandbox connection cap and first-bytes deadline.
+    pub fn proxy_limits(&self) -> crate::proxy::ProxyLimits {
+        crate::proxy::ProxyLimits {
+            connections: crate::util::conn_limit::ConnLimits::new(self.proxy_connections_per_sandbox),
+            first_bytes_timeout: std::time::Duration::from_millis(self.proxy_first_bytes_timeout_ms),
+        }
+    }
+
     /// The DNS proxy's limits for DNS over TCP.
     pub fn dns_tcp_limits(&self) -> crate::dns::server::DnsTcpLimits {
         crate::dns::server::DnsTcpLimits {

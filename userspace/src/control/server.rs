@@ -219,7 +219,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
     runtime.block_on(async move {
-        let proxy_limits = proxy::ProxyLimits::from_config(&config);
+        let proxy_limits = config.proxy_limits();
         for l in proxy_listeners {
             tokio::spawn(proxy::serve(l, dns.clone(), proxy_limits.clone()));
         }

@@ -42,15 +42,6 @@ pub struct ProxyLimits {
     pub first_bytes_timeout: Duration,
 }
 
-impl ProxyLimits {
-    pub fn from_config(config: &crate::control::config::DaemonConfig) -> ProxyLimits {
-        ProxyLimits {
-            connections: crate::util::conn_limit::ConnLimits::new(config.proxy_connections_per_sandbox),
-            first_bytes_timeout: Duration::from_millis(config.proxy_first_bytes_timeout_ms),
-        }
-    }
-}
-
 /// Accepts forever on `listener`.
 pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns::server::DnsContext>, limits: ProxyLimits) {
     let listener = match TcpListener::from_std(listener) {
