@@ -145,6 +145,13 @@ pub fn crate_paths(text: &str) -> Vec<(usize, String, Option<String>)> {
     out
 }
 
+/// Every `super::name` path in `text` (outside comments), with its line; a
+/// `super::{a, b}` group yields each member.
+pub fn super_paths(text: &str) -> Vec<(usize, String)> {
+    let renamed = text.replace("super::super", "_climb_");
+    crate_paths(&renamed.replace("super::", "crate::")).into_iter().map(|(line, first, _)| (line, first)).collect()
+}
+
 /// Brace depth of a group body that starts just inside its `{`: -1 once
 /// it is closed.
 fn depth(body: &str) -> i32 {
@@ -224,6 +231,15 @@ pub fn check(layers: &[String], sources: &[(String, String)]) -> Vec<Violation> 
                     line,
                     message: format!("`crate::{first}` is not a layer; import through the layer that owns it"),
                 }),
+            }
+        }
+        // `super::sibling` from a file directly in a layer's folder is the
+        // same edge as `crate::layer::sibling`.
+        if let (Some(from), 1) = (sibling_of(rel), rel.matches('/').count()) {
+            for (line, to) in super_paths(text) {
+                if to != from && sources.iter().any(|(r, _)| layer_of(r) == Some(own) && sibling_of(r) == Some(to.as_str())) {
+                    edges.entry(own.to_string()).or_default().entry(from.to_string()).or_default().insert((to, line));
+                }
             }
         }
         // `super::super::` from a file in a folder climbs out of its layer.
@@ -325,6 +341,18 @@ mod tests {
         let v = check(&layers(), &s);
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].message.contains("circle"), "{}", v[0].message);
+    }
+
+    #[test]
+    fn a_circle_through_super_paths_fails() {
+        let s = src(&[
+            ("dns/server.rs", "use super::upstream::{read_framed, UpstreamClient};\n"),
+            ("dns/upstream.rs", "use super::server::DnsError;\n"),
+            ("dns/mod.rs", "pub mod server;\npub mod upstream;\n"),
+        ]);
+        let v = check(&layers(), &s);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("server → upstream → server") || v[0].message.contains("upstream → server → upstream"), "{}", v[0].message);
     }
 
     #[test]

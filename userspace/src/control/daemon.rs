@@ -25,7 +25,7 @@ use crate::policy::explain::{parse_destination, test_destination, Redirects};
 use crate::datapath::LearnedSwitch;
 use crate::dns::decide::{carry_learned, LearnedAddr};
 use crate::datapath::learned::LearnedMaps;
-use crate::dns::server::{Learned, SharedLearned};
+use crate::dns::learned::{Learned, SharedLearned};
 use crate::sandbox::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpError, PumpSpec};
 use crate::datapath::nft::{NftError, Nftables};
 use crate::policy::{Policy, PolicyError};
@@ -103,7 +103,7 @@ pub struct Daemon {
     routes: Routes,
     pool: TapPool,
     reaper: std::sync::mpsc::Sender<ReapJob>,
-    dns_stats: Arc<crate::dns::server::DnsStats>,
+    dns_stats: Arc<crate::dns::stats::DnsStats>,
     /// Each sandbox's CA (credential proxy).
     cas: HashMap<String, Arc<std::sync::Mutex<SandboxCa>>>,
     /// Credential secrets of the policies in force.
@@ -264,7 +264,7 @@ impl Daemon {
         }
     }
 
-    pub fn dns_stats(&self) -> Arc<crate::dns::server::DnsStats> {
+    pub fn dns_stats(&self) -> Arc<crate::dns::stats::DnsStats> {
         self.dns_stats.clone()
     }
 

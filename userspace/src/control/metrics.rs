@@ -23,7 +23,7 @@ impl Default for Live {
     fn default() -> Self {
         Live {
             flows: Default::default(),
-            dns_hold: crate::dns::server::hold_histogram(),
+            dns_hold: crate::dns::stats::hold_histogram(),
         }
     }
 }

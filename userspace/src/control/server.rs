@@ -231,7 +231,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         }
         tokio::spawn(crate::observe::ingest::read_datapath_events(config.bpf_dir.clone(), flows.clone(), routes.clone(), dns.state.clone()));
         let gc_routes = routes.clone();
-        tokio::spawn(dns_proxy::collect_expired(dns.state.clone(), config.learned_snapshot(), move |sandbox| {
+        tokio::spawn(crate::dns::learned::collect_expired(dns.state.clone(), config.learned_snapshot(), move |sandbox| {
             let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         }));

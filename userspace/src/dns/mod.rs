@@ -3,4 +3,7 @@
 //! I/O around them (sockets, upstream, learned entries, flow records).
 
 pub mod decide;
+pub mod learned;
 pub mod server;
+pub mod stats;
+pub mod upstream;

@@ -9,20 +9,19 @@
 //! others. The decisions are in [`crate::dns`]; this is the I/O.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::{RData, Record, RecordType};
-use sbx_net_common::PolicyValue;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use crate::datapath::learned::LearnedMaps;
-use crate::policy::compile::CompiledPolicy;
+use super::learned::{guest_addresses, static_exact, SharedLearned};
+use super::stats::DnsStats;
+use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
 use crate::dns::decide::{
     answers_query, checked, checked_name, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict, LearnTiming,
@@ -37,12 +36,8 @@ pub enum DnsError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("DNS proxy: {0}")]
     Maps(#[from] crate::datapath::learned::LearnedMapsError),
-    #[error("DNS upstream: {0}")]
-    Upstream(#[source] std::io::Error),
-    #[error("DNS upstream: no answer within {0:?}")]
-    UpstreamTimeout(Duration),
-    #[error("DNS upstream: {pending} queries already in flight (the cap)")]
-    UpstreamBusy { pending: usize },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
 }
 
 /// The proxy's settings, as plain data.
@@ -86,153 +81,6 @@ pub struct DnsTcpLimits {
 impl Default for DnsTcpLimits {
     fn default() -> Self {
         DnsTcpLimits { max_connections_per_sandbox: 32, idle_timeout: Duration::from_secs(10), query_timeout: Duration::from_secs(5) }
-    }
-}
-
-/// Learned addresses per sandbox (what the tries hold beyond the compiled
-/// policy), for expiry and for carrying them across policy generations.
-#[derive(Default)]
-pub struct Learned {
-    pub by_sandbox: HashMap<String, HashMap<IpAddr, LearnedAddr>>,
-    /// Bumped on every change, so the snapshot is rewritten only then.
-    pub version: u64,
-}
-
-/// One line of the snapshot: what a restarted daemon needs besides the
-/// trie entry itself (which survives in the pinned map).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SnapshotEntry {
-    sandbox: String,
-    ip: IpAddr,
-    policy_id: u32,
-    names: BTreeSet<String>,
-}
-
-impl Learned {
-    /// Writes the name↔address knowledge to `path` (atomically).
-    pub fn write_snapshot(&self, path: &Path) -> std::io::Result<()> {
-        let entries: Vec<SnapshotEntry> = self
-            .by_sandbox
-            .iter()
-            .flat_map(|(sandbox, t)| {
-                t.iter().map(|(ip, l)| SnapshotEntry { sandbox: sandbox.clone(), ip: *ip, policy_id: l.policy_id, names: l.names.clone() })
-            })
-            .collect();
-        crate::util::fs::write_atomic(path, &serde_json::to_vec(&entries).map_err(std::io::Error::other)?)
-    }
-
-    /// Restores the table from the snapshot and the tries: an entry is back
-    /// only if the trie still holds a live learned value for it.
-    pub fn restore(path: &Path, maps: &LearnedMaps) -> Learned {
-        let mut learned = Learned::default();
-        let Ok(bytes) = std::fs::read(path) else { return learned };
-        let Ok(entries) = serde_json::from_slice::<Vec<SnapshotEntry>>(&bytes) else {
-            tracing::warn!(path = %path.display(), "unreadable learned-address snapshot; starting empty");
-            return learned;
-        };
-        let now = boot_time_ns();
-        for e in entries {
-            let Some(value) = maps.get(e.policy_id, e.ip) else { continue };
-            if value.learned_until_ns > now {
-                learned.by_sandbox.entry(e.sandbox).or_default().insert(e.ip, LearnedAddr { policy_id: e.policy_id, value, names: e.names, answered_ns: now });
-            }
-        }
-        learned
-    }
-}
-
-/// Counters the daemon reports in `status` and `/metrics`.
-#[derive(Debug)]
-pub struct DnsStats {
-    pub allowed: AtomicU64,
-    pub denied: AtomicU64,
-    pub upstream_failures: AtomicU64,
-    pub stripped: AtomicU64,
-    pub hold_timeouts: AtomicU64,
-    /// Messages answered (or dropped) by the proxy itself without asking
-    /// upstream: other opcodes, malformed messages, names no rule can judge,
-    /// meta types (also counted in `denied`).
-    pub refused: AtomicU64,
-    /// Answers refused because their alias chain reached a denied name
-    /// (also counted in `denied`).
-    pub alias_denied: AtomicU64,
-    /// SERVFAILs because the sandbox's or the shared pending table was full
-    /// (also counted in `upstream_failures`).
-    pub upstream_busy: AtomicU64,
-    /// DNS-over-TCP connections closed at once: the sandbox held its cap.
-    pub tcp_refused: AtomicU64,
-    /// DNS-over-TCP connections closed by the idle or query deadline.
-    pub tcp_timeouts: AtomicU64,
-    /// Longest wait for the map write, µs.
-    pub hold_max_us: AtomicU64,
-    /// How long answers were held for their map writes (seconds).
-    pub hold_seconds: prometheus_client::metrics::histogram::Histogram,
-}
-
-/// Hold-time buckets: 10 µs .. 500 ms (the hold timeout).
-pub const HOLD_BUCKETS: [f64; 12] = [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05, 0.1, 0.5];
-
-/// A fresh hold-time histogram with [`HOLD_BUCKETS`].
-pub fn hold_histogram() -> prometheus_client::metrics::histogram::Histogram {
-    prometheus_client::metrics::histogram::Histogram::new(HOLD_BUCKETS)
-}
-
-impl Default for DnsStats {
-    fn default() -> Self {
-        DnsStats {
-            allowed: AtomicU64::new(0),
-            denied: AtomicU64::new(0),
-            upstream_failures: AtomicU64::new(0),
-            stripped: AtomicU64::new(0),
-            hold_timeouts: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            alias_denied: AtomicU64::new(0),
-            upstream_busy: AtomicU64::new(0),
-            tcp_refused: AtomicU64::new(0),
-            tcp_timeouts: AtomicU64::new(0),
-            hold_max_us: AtomicU64::new(0),
-            hold_seconds: hold_histogram(),
-        }
-    }
-}
-
-impl DnsStats {
-    fn record_hold(&self, waited: Duration) {
-        self.hold_max_us.fetch_max(waited.as_micros() as u64, Ordering::Relaxed);
-        self.hold_seconds.observe(waited.as_secs_f64());
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "queries_allowed": self.allowed.load(Ordering::Relaxed),
-            "queries_denied": self.denied.load(Ordering::Relaxed),
-            "upstream_failures": self.upstream_failures.load(Ordering::Relaxed),
-            "records_stripped": self.stripped.load(Ordering::Relaxed),
-            "hold_timeouts": self.hold_timeouts.load(Ordering::Relaxed),
-            "queries_refused": self.refused.load(Ordering::Relaxed),
-            "answers_alias_denied": self.alias_denied.load(Ordering::Relaxed),
-            "upstream_busy": self.upstream_busy.load(Ordering::Relaxed),
-            "tcp_connections_refused": self.tcp_refused.load(Ordering::Relaxed),
-            "tcp_connections_timed_out": self.tcp_timeouts.load(Ordering::Relaxed),
-            "hold_max_us": self.hold_max_us.load(Ordering::Relaxed),
-        })
-    }
-}
-
-/// The tries' handles and the learned table, under one async-aware lock
-/// (the daemon's control thread takes it with `blocking_lock`).
-pub type SharedLearned = Arc<tokio::sync::Mutex<(LearnedMaps, Learned)>>;
-
-impl crate::observe::ingest::DestinationNames for SharedLearned {
-    async fn names(&self, queries: &[(Option<&str>, Option<IpAddr>)]) -> Vec<Vec<String>> {
-        let guard = self.lock().await;
-        queries
-            .iter()
-            .map(|(sandbox, ip)| match (sandbox, ip) {
-                (Some(sandbox), Some(ip)) => guard.1.by_sandbox.get(*sandbox).and_then(|t| t.get(ip)).map(|l| l.names.iter().cloned().collect()).unwrap_or_default(),
-                _ => Vec::new(),
-            })
-            .collect()
     }
 }
 
@@ -479,21 +327,6 @@ async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &Dns
     }
 }
 
-async fn read_framed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let len = stream.read_u16().await? as usize;
-    let mut buf = vec![0u8; len];
-    stream.read_exact(&mut buf).await?;
-    Ok(buf)
-}
-
-async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("DNS message over 64 KiB"))?;
-    let mut out = Vec::with_capacity(msg.len() + 2);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(msg);
-    stream.write_all(&out).await
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Transport {
     Udp,
@@ -600,7 +433,7 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         Ok(r) => r,
         Err(e) => {
             ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-            if let DnsError::UpstreamBusy { .. } = e {
+            if let UpstreamError::Busy { .. } = e {
                 ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
                 return servfail("upstream_busy");
             }
@@ -785,208 +618,6 @@ fn dname_target(rdata: &[u8]) -> crate::dns::decide::CheckedName {
     checked_name(labels)
 }
 
-/// One UDP socket per upstream family for all queries, with our own query
-/// ids (guests' ids may collide) from a bounded pending table, and TCP on
-/// truncation.
-pub struct UpstreamClient {
-    sockets: tokio::sync::OnceCell<UpstreamSocket>,
-    /// Queries in flight at most: past it, [`DnsError::UpstreamBusy`].
-    pending_cap: usize,
-}
-
-/// Default of the pending table's cap: a sixteenth of the id space, so a
-/// probe from a random id meets a free one within a few steps.
-pub const MAX_PENDING_UPSTREAM: usize = 4096;
-
-type Pending = Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>;
-
-struct UpstreamSocket {
-    socket: Arc<UdpSocket>,
-    pending: Arc<Pending>,
-}
-
-impl Default for UpstreamClient {
-    fn default() -> Self {
-        UpstreamClient::with_pending_cap(MAX_PENDING_UPSTREAM)
-    }
-}
-
-/// A pending-table entry, removed when the query ends however it ends
-/// (answered, timed out, or its future dropped).
-struct PendingEntry<'a> {
-    pending: &'a Pending,
-    id: u16,
-}
-
-impl Drop for PendingEntry<'_> {
-    fn drop(&mut self) {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
-    }
-}
-
-impl UpstreamClient {
-    /// A client with at most `cap` queries in flight (1..=65535).
-    pub fn with_pending_cap(cap: usize) -> Self {
-        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)) }
-    }
-
-    async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
-        self.sockets
-            .get_or_try_init(|| async move {
-                let bind: SocketAddr =
-                    if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-                let socket = Arc::new(UdpSocket::bind(bind).await?);
-                socket.connect(upstream).await?;
-                let pending: Arc<Pending> = Arc::default();
-                let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65535];
-                    loop {
-                        let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
-                        if n < 12 {
-                            continue;
-                        }
-                        let id = u16::from_be_bytes([buf[0], buf[1]]);
-                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(buf[..n].to_vec());
-                        }
-                    }
-                });
-                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending })
-            })
-            .await
-    }
-
-    /// Takes a free id for a query: Err when `pending_cap` queries are in
-    /// flight. At most `cap - 1` ids are taken then, so one of any `cap`
-    /// consecutive ids is free: a bounded probe from a random start, never
-    /// a spin under the lock.
-    fn take_id<'a>(&self, pending: &'a Pending, tx: tokio::sync::oneshot::Sender<Vec<u8>>) -> Result<PendingEntry<'a>, DnsError> {
-        let start = random_id();
-        let mut table = pending.lock().unwrap_or_else(|p| p.into_inner());
-        if table.len() >= self.pending_cap {
-            return Err(DnsError::UpstreamBusy { pending: table.len() });
-        }
-        let id = (0..=self.pending_cap as u16).map(|i| start.wrapping_add(i)).find(|id| !table.contains_key(id));
-        let Some(id) = id else { return Err(DnsError::UpstreamBusy { pending: table.len() }) };
-        table.insert(id, tx);
-        Ok(PendingEntry { pending, id })
-    }
-
-    /// Forwards `query` (a message the proxy encoded itself; the answer
-    /// comes back with its id); on a truncated UDP answer, asks again over
-    /// TCP.
-    pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, DnsError> {
-        if query.len() < 12 {
-            return Err(DnsError::Upstream(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
-        }
-        let query_id = [query[0], query[1]];
-        let s = self.socket(upstream).await.map_err(DnsError::Upstream)?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let entry = self.take_id(&s.pending, tx)?;
-        let mut ours = query.to_vec();
-        ours[..2].copy_from_slice(&entry.id.to_be_bytes());
-        s.socket.send(&ours).await.map_err(DnsError::Upstream)?;
-        let answered = tokio::time::timeout(timeout, rx).await;
-        drop(entry);
-        let mut response = match answered {
-            Ok(Ok(r)) => r,
-            _ => return Err(DnsError::UpstreamTimeout(timeout)),
-        };
-        // TC bit: byte 2, bit 1.
-        if response[2] & 0x02 != 0 {
-            response = tokio::time::timeout(timeout, async {
-                let mut stream = TcpStream::connect(upstream).await?;
-                write_framed(&mut stream, query).await?;
-                read_framed(&mut stream).await
-            })
-            .await
-            .map_err(|_| DnsError::UpstreamTimeout(timeout))?
-            .map_err(DnsError::Upstream)?;
-            if response.len() < 12 {
-                return Err(DnsError::Upstream(std::io::Error::new(std::io::ErrorKind::InvalidData, "short answer over TCP")));
-            }
-        }
-        response[..2].copy_from_slice(&query_id);
-        Ok(response)
-    }
-}
-
-/// A query id nobody off the path can predict.
-fn random_id() -> u16 {
-    let mut bytes = [0u8; 2];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
-    // which we own for the call.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n == 2 {
-        u16::from_ne_bytes(bytes)
-    } else {
-        // getrandom cannot fail for 2 bytes once the pool is initialised;
-        // still never block a query on it.
-        (boot_time_ns() ^ u64::from(std::process::id()).rotate_left(17)) as u16
-    }
-}
-
-/// Removes expired learned addresses from the tries (the classifier already
-/// ignores them; this frees the entries), once a second.
-pub async fn collect_expired(
-    state: SharedLearned,
-    snapshot: std::path::PathBuf,
-    policies: impl Fn(&str) -> Option<Arc<CompiledPolicy>> + Send + 'static,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut written = u64::MAX;
-    loop {
-        tick.tick().await;
-        let now = boot_time_ns();
-        let mut guard = state.lock().await;
-        let (maps, learned) = &mut *guard;
-        let mut changed = false;
-        for (sandbox, table) in learned.by_sandbox.iter_mut() {
-            let policy = policies(sandbox);
-            table.retain(|ip, l| {
-                if l.value.learned_until_ns > now {
-                    return true;
-                }
-                // Put back what the policy itself says at this exact
-                // address, if it has an entry there; else drop the key.
-                let exact = policy.as_ref().and_then(|p| static_exact(p, *ip));
-                match exact {
-                    Some(v) => {
-                        let _ = maps.insert(l.policy_id, *ip, &v);
-                    }
-                    None => maps.remove(l.policy_id, *ip),
-                }
-                changed = true;
-                false
-            });
-        }
-        learned.by_sandbox.retain(|_, t| !t.is_empty());
-        if changed {
-            learned.version += 1;
-        }
-        if learned.version != written {
-            match learned.write_snapshot(&snapshot) {
-                Ok(()) => written = learned.version,
-                Err(e) => tracing::warn!(path = %snapshot.display(), "writing the learned-address snapshot: {e}"),
-            }
-        }
-    }
-}
-
-/// The sandbox's guest addresses (both families) from the routing table.
-fn guest_addresses(routes: &Routes, sandbox: &str) -> Vec<IpAddr> {
-    routes.read().unwrap_or_else(|p| p.into_inner()).iter().filter(|(_, r)| r.sandbox == sandbox).map(|(ip, _)| *ip).collect()
-}
-
-fn static_exact(policy: &CompiledPolicy, ip: IpAddr) -> Option<PolicyValue> {
-    match ip {
-        IpAddr::V4(a) => policy.v4.iter().find(|(n, len, _)| *len == 32 && *n == a).map(|(_, _, v)| *v),
-        IpAddr::V6(a) => policy.v6.iter().find(|(n, len, _)| *len == 128 && *n == a).map(|(_, _, v)| *v),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1038,69 +669,5 @@ mod tests {
         m.add_answer(record);
         let parsed = Message::from_vec(&m.to_vec().unwrap()).unwrap();
         assert_eq!(answer_record(&parsed.answers()[0]), AnswerRecord::Dname { owner: Ok("dn.allowed.test".into()), target: Ok("denied.test".into()) });
-    }
-
-    fn entries(table: &Pending) -> usize {
-        table.lock().unwrap().len()
-    }
-
-    /// Issue 12: with 65 536 queries pending, picking an id looped forever
-    /// while holding the table's lock.
-    #[test]
-    fn a_full_pending_table_is_busy_at_once_never_a_spin() {
-        let client = UpstreamClient::with_pending_cap(usize::MAX);
-        assert_eq!(client.pending_cap, 65535, "the cap leaves an id free");
-        // 65 534 queries in flight: two ids free, 40 000 and 65 535.
-        let table: Pending = Mutex::default();
-        let mut receivers = Vec::new();
-        for id in (0..u16::MAX).filter(|id| *id != 40_000) {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            receivers.push(rx);
-            table.lock().unwrap().insert(id, tx);
-        }
-        assert_eq!(entries(&table), 65534);
-        // A free id is found within the bounded probe, wherever the probe
-        // starts.
-        let (tx, _rx) = tokio::sync::oneshot::channel();
-        let last = client.take_id(&table, tx).expect("a free id below the cap");
-        assert!(last.id == 40_000 || last.id == u16::MAX, "{}", last.id);
-        assert_eq!(entries(&table), 65535);
-        let started = std::time::Instant::now();
-        let (tx, _rx) = tokio::sync::oneshot::channel();
-        assert!(matches!(client.take_id(&table, tx), Err(DnsError::UpstreamBusy { pending: 65535 })));
-        assert!(started.elapsed() < Duration::from_secs(1));
-        // An entry goes with its query.
-        drop(last);
-        assert_eq!(entries(&table), 65534);
-    }
-
-    #[tokio::test(flavor = "current_thread")]
-    async fn queries_past_the_pending_cap_fail_fast_and_cancelled_ones_free_their_ids() {
-        // An upstream that never answers.
-        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let upstream = silent.local_addr().unwrap();
-        let client = Arc::new(UpstreamClient::with_pending_cap(64));
-        let query: Vec<u8> = [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], &[1, b'a', 0, 0, 1, 0, 1]].concat();
-        let waiting: Vec<_> = (0..64)
-            .map(|_| {
-                let (client, query) = (client.clone(), query.clone());
-                tokio::spawn(async move { client.forward(upstream, &query, Duration::from_secs(60)).await })
-            })
-            .collect();
-        let pending = || client.sockets.get().map_or(0, |s| entries(&s.pending));
-        while pending() < 64 {
-            tokio::task::yield_now().await;
-        }
-        let started = std::time::Instant::now();
-        let busy = client.forward(upstream, &query, Duration::from_secs(60)).await;
-        assert!(matches!(busy, Err(DnsError::UpstreamBusy { pending: 64 })), "{busy:?}");
-        assert!(started.elapsed() < Duration::from_secs(1));
-        for task in &waiting {
-            task.abort();
-        }
-        for task in waiting {
-            let _ = task.await;
-        }
-        assert_eq!(pending(), 0, "a dropped query leaves no entry behind");
     }
 }

@@ -1,0 +1,252 @@
+//! The upstream DNS client shared by every sandbox's queries.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+use crate::util::clock::boot_time_ns;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("DNS upstream: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("DNS upstream: no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("DNS upstream: {pending} queries already in flight (the cap)")]
+    Busy { pending: usize },
+}
+
+
+/// One UDP socket per upstream family for all queries, with our own query
+/// ids (guests' ids may collide) from a bounded pending table, and TCP on
+/// truncation.
+pub struct UpstreamClient {
+    sockets: tokio::sync::OnceCell<UpstreamSocket>,
+    /// Queries in flight at most: past it, [`UpstreamError::Busy`].
+    pending_cap: usize,
+}
+
+/// Default of the pending table's cap: a sixteenth of the id space, so a
+/// probe from a random id meets a free one within a few steps.
+pub const MAX_PENDING_UPSTREAM: usize = 4096;
+
+type Pending = Mutex<HashMap<u16, tokio::sync::oneshot::Sender<Vec<u8>>>>;
+
+struct UpstreamSocket {
+    socket: Arc<UdpSocket>,
+    pending: Arc<Pending>,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        UpstreamClient::with_pending_cap(MAX_PENDING_UPSTREAM)
+    }
+}
+
+/// A pending-table entry, removed when the query ends however it ends
+/// (answered, timed out, or its future dropped).
+struct PendingEntry<'a> {
+    pending: &'a Pending,
+    id: u16,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl UpstreamClient {
+    /// A client with at most `cap` queries in flight (1..=65535).
+    pub fn with_pending_cap(cap: usize) -> Self {
+        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)) }
+    }
+
+    async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
+        self.sockets
+            .get_or_try_init(|| async move {
+                let bind: SocketAddr =
+                    if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+                let socket = Arc::new(UdpSocket::bind(bind).await?);
+                socket.connect(upstream).await?;
+                let pending: Arc<Pending> = Arc::default();
+                let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65535];
+                    loop {
+                        let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
+                        if n < 12 {
+                            continue;
+                        }
+                        let id = u16::from_be_bytes([buf[0], buf[1]]);
+                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(buf[..n].to_vec());
+                        }
+                    }
+                });
+                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending })
+            })
+            .await
+    }
+
+    /// Takes a free id for a query: Err when `pending_cap` queries are in
+    /// flight. At most `cap - 1` ids are taken then, so one of any `cap`
+    /// consecutive ids is free: a bounded probe from a random start, never
+    /// a spin under the lock.
+    fn take_id<'a>(&self, pending: &'a Pending, tx: tokio::sync::oneshot::Sender<Vec<u8>>) -> Result<PendingEntry<'a>, UpstreamError> {
+        let start = random_id();
+        let mut table = pending.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= self.pending_cap {
+            return Err(UpstreamError::Busy { pending: table.len() });
+        }
+        let id = (0..=self.pending_cap as u16).map(|i| start.wrapping_add(i)).find(|id| !table.contains_key(id));
+        let Some(id) = id else { return Err(UpstreamError::Busy { pending: table.len() }) };
+        table.insert(id, tx);
+        Ok(PendingEntry { pending, id })
+    }
+
+    /// Forwards `query` (a message the proxy encoded itself; the answer
+    /// comes back with its id); on a truncated UDP answer, asks again over
+    /// TCP.
+    pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
+        if query.len() < 12 {
+            return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
+        }
+        let query_id = [query[0], query[1]];
+        let s = self.socket(upstream).await.map_err(UpstreamError::Io)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let entry = self.take_id(&s.pending, tx)?;
+        let mut ours = query.to_vec();
+        ours[..2].copy_from_slice(&entry.id.to_be_bytes());
+        s.socket.send(&ours).await.map_err(UpstreamError::Io)?;
+        let answered = tokio::time::timeout(timeout, rx).await;
+        drop(entry);
+        let mut response = match answered {
+            Ok(Ok(r)) => r,
+            _ => return Err(UpstreamError::Timeout(timeout)),
+        };
+        // TC bit: byte 2, bit 1.
+        if response[2] & 0x02 != 0 {
+            response = tokio::time::timeout(timeout, async {
+                let mut stream = TcpStream::connect(upstream).await?;
+                write_framed(&mut stream, query).await?;
+                read_framed(&mut stream).await
+            })
+            .await
+            .map_err(|_| UpstreamError::Timeout(timeout))?
+            .map_err(UpstreamError::Io)?;
+            if response.len() < 12 {
+                return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "short answer over TCP")));
+            }
+        }
+        response[..2].copy_from_slice(&query_id);
+        Ok(response)
+    }
+}
+
+/// A query id nobody off the path can predict.
+fn random_id() -> u16 {
+    let mut bytes = [0u8; 2];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`,
+    // which we own for the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == 2 {
+        u16::from_ne_bytes(bytes)
+    } else {
+        // getrandom cannot fail for 2 bytes once the pool is initialised;
+        // still never block a query on it.
+        (boot_time_ns() ^ u64::from(std::process::id()).rotate_left(17)) as u16
+    }
+}
+
+
+/// DNS over TCP framing: a two-byte length, then the message.
+pub(crate) async fn read_framed(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let len = stream.read_u16().await? as usize;
+    let mut buf = vec![0u8; len];
+    stream.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+pub(crate) async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("DNS message over 64 KiB"))?;
+    let mut out = Vec::with_capacity(msg.len() + 2);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(table: &Pending) -> usize {
+        table.lock().unwrap().len()
+    }
+
+    /// Issue 12: with 65 536 queries pending, picking an id looped forever
+    /// while holding the table's lock.
+    #[test]
+    fn a_full_pending_table_is_busy_at_once_never_a_spin() {
+        let client = UpstreamClient::with_pending_cap(usize::MAX);
+        assert_eq!(client.pending_cap, 65535, "the cap leaves an id free");
+        // 65 534 queries in flight: two ids free, 40 000 and 65 535.
+        let table: Pending = Mutex::default();
+        let mut receivers = Vec::new();
+        for id in (0..u16::MAX).filter(|id| *id != 40_000) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            receivers.push(rx);
+            table.lock().unwrap().insert(id, tx);
+        }
+        assert_eq!(entries(&table), 65534);
+        // A free id is found within the bounded probe, wherever the probe
+        // starts.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let last = client.take_id(&table, tx).expect("a free id below the cap");
+        assert!(last.id == 40_000 || last.id == u16::MAX, "{}", last.id);
+        assert_eq!(entries(&table), 65535);
+        let started = std::time::Instant::now();
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        assert!(matches!(client.take_id(&table, tx), Err(UpstreamError::Busy { pending: 65535 })));
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // An entry goes with its query.
+        drop(last);
+        assert_eq!(entries(&table), 65534);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn queries_past_the_pending_cap_fail_fast_and_cancelled_ones_free_their_ids() {
+        // An upstream that never answers.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream = silent.local_addr().unwrap();
+        let client = Arc::new(UpstreamClient::with_pending_cap(64));
+        let query: Vec<u8> = [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], &[1, b'a', 0, 0, 1, 0, 1]].concat();
+        let waiting: Vec<_> = (0..64)
+            .map(|_| {
+                let (client, query) = (client.clone(), query.clone());
+                tokio::spawn(async move { client.forward(upstream, &query, Duration::from_secs(60)).await })
+            })
+            .collect();
+        let pending = || client.sockets.get().map_or(0, |s| entries(&s.pending));
+        while pending() < 64 {
+            tokio::task::yield_now().await;
+        }
+        let started = std::time::Instant::now();
+        let busy = client.forward(upstream, &query, Duration::from_secs(60)).await;
+        assert!(matches!(busy, Err(UpstreamError::Busy { pending: 64 })), "{busy:?}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        for task in &waiting {
+            task.abort();
+        }
+        for task in waiting {
+            let _ = task.await;
+        }
+        assert_eq!(pending(), 0, "a dropped query leaves no entry behind");
+    }
+}
