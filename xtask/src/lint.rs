@@ -8,6 +8,10 @@
 //! the files (other than `mod.rs`, the layer's own front) must not form a
 //! circle either.
 //!
+//! The `policy` layer is pure: its files name no `aya`, `tokio` or `libc`
+//! and hold no `unsafe`, so the compiler and every decision it makes stay
+//! testable without privileges.
+//!
 //! The check reads source text: every `crate::name` path, and every name
 //! in a `crate::{…}` group, outside comments. It is deliberately simple;
 //! its unit tests show what it catches.
@@ -72,6 +76,21 @@ pub fn declared_layers(lib: &str) -> Option<Vec<String>> {
     let list = &rest[open..close];
     let names: Vec<String> = list.split('"').skip(1).step_by(2).map(str::to_string).collect();
     (!names.is_empty()).then_some(names)
+}
+
+/// Layers that must stay free of syscalls and async runtimes.
+const PURE_LAYERS: &[&str] = &["policy"];
+/// What a pure layer may not name.
+const IMPURE: &[&str] = &["aya", "tokio", "libc", "unsafe"];
+
+/// Whether `word` appears in `text` as a whole identifier.
+fn contains_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().last();
+        let after = text[i + word.len()..].chars().next();
+        let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !ident(before) && !ident(after)
+    })
 }
 
 /// The layer (top-level module) a file under src belongs to: its folder,
@@ -242,6 +261,14 @@ pub fn check(layers: &[String], sources: &[(String, String)]) -> Vec<Violation> 
                 }
             }
         }
+        if PURE_LAYERS.contains(&own) {
+            for (n, l) in text.lines().enumerate() {
+                let c = code(l);
+                if let Some(word) = IMPURE.iter().find(|w| contains_word(c, w)) {
+                    out.push(Violation { file: rel.clone(), line: n + 1, message: format!("`{own}` is pure: no `{word}` here (move the I/O to a later layer)") });
+                }
+            }
+        }
         // `super::super::` from a file in a folder climbs out of its layer.
         for (n, l) in text.lines().enumerate() {
             if code(l).contains("super::super::super") || (rel.matches('/').count() == 1 && code(l).contains("super::super")) {
@@ -359,6 +386,15 @@ mod tests {
     fn a_root_re_export_or_unknown_module_fails_outside_lib() {
         let s = src(&[("dns/server.rs", "use crate::Policy;\n")]);
         assert_eq!(check(&layers(), &s).len(), 1);
+    }
+
+    #[test]
+    fn the_policy_layer_stays_pure() {
+        let s = src(&[("policy/compile.rs", "use std::fs;\nfn f() { let _ = tokio::spawn(async {}); }\n// unsafe in a comment is fine\nlet unsafety = 1;\n")]);
+        let v = check(&layers(), &s);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].line, 2);
+        assert!(v[0].message.contains("tokio"));
     }
 
     #[test]
