@@ -123,6 +123,8 @@ pub struct Daemon {
     reap_failures: Arc<std::sync::Mutex<Vec<String>>>,
     reload_failures: u64,
     last_reload_error: Option<String>,
+    /// The numbers `/metrics` shows of the daemon, published on change.
+    metrics: crate::control::metrics::DaemonMetrics,
 }
 
 impl Daemon {
@@ -156,7 +158,8 @@ impl Daemon {
         };
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let maps = LearnedMaps::open(&config.bpf_dir).map_err(crate::dns::server::DnsError::from)?;
+        let datapath_write_failures = datapath.map_write_failures();
+        let maps = LearnedMaps::open(&config.bpf_dir, datapath_write_failures.clone()).map_err(crate::dns::server::DnsError::from)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
         let dns_state = Arc::new(tokio::sync::Mutex::new((maps, learned)));
         let reap_failures = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -184,10 +187,12 @@ impl Daemon {
             reap_failures,
             reload_failures: u64::from(last_reload_error.is_some()),
             last_reload_error,
+            metrics: crate::control::metrics::DaemonMetrics::new(datapath_write_failures),
         };
         daemon.secrets = SecretStore::load(daemon.policies.values().map(|e| &e.policy));
         daemon.adopt_all()?;
         daemon.start_pool()?;
+        daemon.metrics.publish(&daemon.state, daemon.reload_failures, &daemon.secrets);
         Ok(daemon)
     }
 
@@ -262,6 +267,10 @@ impl Daemon {
             self.datapath.remove_learned(policy_id, table.keys().copied());
             learned.version += 1;
         }
+    }
+
+    pub fn metrics(&self) -> &crate::control::metrics::DaemonMetrics {
+        &self.metrics
     }
 
     pub fn dns_stats(&self) -> Arc<crate::dns::stats::DnsStats> {
@@ -485,6 +494,8 @@ impl Daemon {
         let started = Instant::now();
         let op = serde_json::to_value(&request).ok().and_then(|v| v["op"].as_str().map(str::to_string)).unwrap_or_default();
         let response = self.handle_inner(request);
+        // Only requests change what the daemon publishes.
+        self.metrics.publish(&self.state, self.reload_failures, &self.secrets);
         tracing::debug!(%op, elapsed_us = started.elapsed().as_micros() as u64, "request handled");
         response
     }
@@ -686,7 +697,7 @@ impl Daemon {
             tracing::debug!(elapsed_us = t0.elapsed().as_micros() as u64, "create: maps written");
             let c = compiled.clone();
             undo.push(Box::new(move |d: &mut Daemon| {
-                let _ = d.datapath.remove_sandbox(ifindex, policy_id, &c);
+                d.datapath.map_write_failures().count(sbx_net_common::map_names::SANDBOXES, d.datapath.remove_sandbox(ifindex, policy_id, &c));
             }));
             if pooled_ifindex.is_some() && tap.is_none() {
                 let pool_pin = self.config.link_pin(&pool_pin_name(id));

@@ -170,12 +170,12 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         slots: Default::default(),
         upstream_tls: crate::proxy::inject::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
     });
+    let metrics = Arc::new(register_metrics(&config, &daemon, &flows, &dns, &routes));
     let listener = bind_socket(&config)?;
     let inspect_flows = flows.clone();
     let bpf_dir = config.bpf_dir.clone();
 
     let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
-    let metrics_control = tx.clone();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -236,12 +236,15 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         }));
         tracing::info!(dns_port = config.dns_port, upstream = ?dns.settings.upstream, "DNS proxy ready");
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let mut metrics_server = None;
         if let Some(addr) = config.metrics_addr {
             match tokio::net::TcpListener::bind(addr).await {
                 Ok(listener) => {
                     tracing::info!(%addr, "metrics at /metrics");
-                    let live = crate::control::metrics::Live { flows: flows.metrics.clone(), dns_hold: dns.stats.hold_seconds.clone() };
-                    tokio::spawn(serve_metrics(listener, metrics_control, live));
+                    metrics_server = Some(tokio::spawn(crate::observe::metrics::serve(listener, metrics, async move {
+                        let _ = metrics_stopped.await;
+                    })));
                 }
                 Err(e) => tracing::error!(%addr, "metrics endpoint not started: {e}"),
             }
@@ -254,6 +257,11 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         }
         tracing::info!("stopping; sandboxes stay enforced by the kernel (pinned programs, maps and nftables)");
         let _ = std::fs::remove_file(&socket_path);
+        // Scrapes in flight get their answer (the server bounds the wait).
+        let _ = stop_metrics.send(());
+        if let Some(server) = metrics_server {
+            let _ = server.await;
+        }
         Ok::<(), ServerError>(())
     })?;
     // Do not wait for client threads or the runtime's tasks.
@@ -318,54 +326,23 @@ fn peer_closed(fd: std::os::fd::RawFd) -> bool {
     n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
-/// `GET /metrics` (Prometheus / OpenMetrics text), rendered from the
-/// control thread's status.
-async fn serve_metrics(listener: tokio::net::TcpListener, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, live: crate::control::metrics::Live) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
-        let (control, live) = (control.clone(), live.clone());
-        tokio::spawn(async move {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf)).await {
-                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
-                    _ => return,
-                }
-            }
-            let response = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
-                let status = tokio::task::spawn_blocking(move || {
-                    let (reply_tx, reply_rx) = mpsc::channel();
-                    control.send((Request::Status, reply_tx)).ok()?;
-                    reply_rx.recv().ok()
-                })
-                .await
-                .ok()
-                .flatten();
-                match status {
-                    Some(Response::Ok(v)) => {
-                        // OpenMetrics for those who ask (Prometheus does), the
-                        // classic text format otherwise.
-                        let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
-                        let openmetrics = head.lines().any(|l| l.starts_with("accept:") && l.contains("application/openmetrics-text"));
-                        let body = crate::control::metrics::render(&v, &live);
-                        let (body, content_type) = if openmetrics {
-                            (body, "application/openmetrics-text; version=1.0.0; charset=utf-8")
-                        } else {
-                            (crate::control::metrics::to_prometheus_text(&body), "text/plain; version=0.0.4; charset=utf-8")
-                        };
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        )
-                    }
-                    _ => "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string(),
-                }
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
-            };
-            let _ = stream.write_all(response.as_bytes()).await;
-        });
+/// The `/metrics` registry, each component registering its own families:
+/// the daemon's numbers, the flow stream's (and the proxies' and audit
+/// log's) counters, the DNS proxy's, and the datapath's pinned maps.
+fn register_metrics(
+    config: &DaemonConfig,
+    daemon: &Daemon,
+    flows: &crate::observe::hub::FlowHub,
+    dns: &dns_proxy::DnsContext,
+    routes: &crate::sandbox::route::Routes,
+) -> crate::observe::metrics::Metrics {
+    let mut metrics = crate::observe::metrics::Metrics::default();
+    daemon.metrics().register(metrics.registry());
+    flows.metrics.register(metrics.registry());
+    dns.stats.register(dns.state.clone(), metrics.registry());
+    match crate::datapath::PinnedStats::open(&config.bpf_dir) {
+        Ok(maps) => metrics.registry().register_collector(Box::new(crate::observe::datapath_metrics::DatapathCollector::new(maps, routes.clone()))),
+        Err(e) => tracing::error!("/metrics: the datapath's maps are unreadable; their families are left out: {e}"),
     }
+    metrics
 }

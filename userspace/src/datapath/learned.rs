@@ -9,6 +9,7 @@ use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Map, MapData};
 use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue};
 
+use super::write_failures::MapWriteFailures;
 use super::{key_v4, key_v6};
 
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +22,12 @@ pub enum LearnedMapsError {
 pub struct LearnedMaps {
     v4: LpmTrie<MapData, KeyV4, PolicyValue>,
     v6: LpmTrie<MapData, KeyV6, PolicyValue>,
+    /// Where writes nobody acts on failing are counted (the datapath's).
+    write_failures: MapWriteFailures,
 }
 
 impl LearnedMaps {
-    pub fn open(pin_dir: &Path) -> Result<LearnedMaps, LearnedMapsError> {
+    pub fn open(pin_dir: &Path, write_failures: MapWriteFailures) -> Result<LearnedMaps, LearnedMapsError> {
         let open = |name: &'static str| -> Result<MapData, LearnedMapsError> {
             MapData::from_pin(pin_dir.join(name)).map_err(|e| LearnedMapsError::Map { name, reason: e.to_string() })
         };
@@ -32,7 +35,7 @@ impl LearnedMaps {
             .map_err(|e| LearnedMapsError::Map { name: map_names::POLICY_V4, reason: e.to_string() })?;
         let v6 = LpmTrie::try_from(Map::LpmTrie(open(map_names::POLICY_V6)?))
             .map_err(|e| LearnedMapsError::Map { name: map_names::POLICY_V6, reason: e.to_string() })?;
-        Ok(LearnedMaps { v4, v6 })
+        Ok(LearnedMaps { v4, v6, write_failures })
     }
 
     pub fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
@@ -52,11 +55,28 @@ impl LearnedMaps {
         }
     }
 
+    /// [`LearnedMaps::insert`] for callers that carry on past a failure
+    /// (putting a policy's own entry back): the failure is counted.
+    pub fn insert_or_count_failure(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) {
+        let result = self.insert(policy_id, ip, value);
+        self.write_failures.count(trie_of(ip), result);
+    }
+
+    /// Removes the exact entry; an absent one is fine, a failure is counted.
     pub fn remove(&mut self, policy_id: u32, ip: IpAddr) {
-        let _ = match ip {
+        let result = match ip {
             IpAddr::V4(a) => self.v4.remove(&key_v4(policy_id, a.octets(), 32)),
             IpAddr::V6(a) => self.v6.remove(&key_v6(policy_id, a.octets(), 128)),
         };
+        self.write_failures.count(trie_of(ip), result);
+    }
+}
+
+/// The policy trie holding `ip`'s family.
+fn trie_of(ip: IpAddr) -> &'static str {
+    match ip {
+        IpAddr::V4(_) => map_names::POLICY_V4,
+        IpAddr::V6(_) => map_names::POLICY_V6,
     }
 }
 

@@ -5,6 +5,7 @@ pub mod events;
 pub mod learned;
 pub mod nft;
 pub mod tcx;
+pub mod write_failures;
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,6 +26,7 @@ use sbx_net_common::{
 };
 
 use crate::policy::compile::CompiledPolicy;
+use write_failures::{FailedWrite, MapWriteFailures};
 
 /// The object built by build.rs from ebpf/prog.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sbx-net-ebpf"));
@@ -51,6 +53,19 @@ pub enum DatapathError {
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source: Box::new(source) }
+}
+
+impl FailedWrite for DatapathError {
+    fn map(&self) -> Option<&'static str> {
+        match self {
+            DatapathError::Map { name, .. } | DatapathError::Missing { name, .. } => Some(name),
+            _ => None,
+        }
+    }
+
+    fn entry_was_absent(&self) -> bool {
+        matches!(self, DatapathError::Map { source, .. } if source.entry_was_absent())
+    }
 }
 
 /// DNS-learned entries moving to a new policy generation: those recomputed
@@ -107,6 +122,8 @@ pub struct Datapath {
     ebpf: Ebpf,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pin_dir: Option<PathBuf>,
+    /// Removes nobody can act on failing (undo, cleanup), counted.
+    write_failures: MapWriteFailures,
 }
 
 impl Datapath {
@@ -148,7 +165,13 @@ impl Datapath {
                 .map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
             program.load().map_err(|e| DatapathError::Program { name, source: Box::new(e) })?;
         }
-        Ok(Datapath { ebpf, logger, pin_dir: options.pin_dir.clone() })
+        Ok(Datapath { ebpf, logger, pin_dir: options.pin_dir.clone(), write_failures: MapWriteFailures::default() })
+    }
+
+    /// The counts of map writes whose failure was not returned (removes
+    /// during undo and cleanup); share it with other writers of the maps.
+    pub fn map_write_failures(&self) -> MapWriteFailures {
+        self.write_failures.clone()
     }
 
     /// Instructions the verifier processed for each program of the object
@@ -338,16 +361,17 @@ impl Datapath {
     /// compiled policy has its own entry at such an address, the caller
     /// removes or rewrites it as part of that policy.
     pub fn remove_learned(&mut self, policy_id: u32, ips: impl Iterator<Item = IpAddr>) {
+        let failures = self.write_failures.clone();
         for ip in ips {
             match ip {
                 IpAddr::V4(a) => {
                     if let Ok(mut v4) = self.map_mut(map_names::POLICY_V4).and_then(|m| LpmTrie::<_, KeyV4, PolicyValue>::try_from(m).map_err(map_err(map_names::POLICY_V4))) {
-                        let _ = v4.remove(&key_v4(policy_id, a.octets(), 32));
+                        failures.count(map_names::POLICY_V4, v4.remove(&key_v4(policy_id, a.octets(), 32)));
                     }
                 }
                 IpAddr::V6(a) => {
                     if let Ok(mut v6) = self.map_mut(map_names::POLICY_V6).and_then(|m| LpmTrie::<_, KeyV6, PolicyValue>::try_from(m).map_err(map_err(map_names::POLICY_V6))) {
-                        let _ = v6.remove(&key_v6(policy_id, a.octets(), 128));
+                        failures.count(map_names::POLICY_V6, v6.remove(&key_v6(policy_id, a.octets(), 128)));
                     }
                 }
             }
@@ -403,17 +427,18 @@ impl Datapath {
     /// Removes the entries of `policy` under `policy_id` (missing ones are
     /// fine: removal is also the undo of a partial write).
     pub fn remove_policy(&mut self, policy_id: u32, policy: &CompiledPolicy) {
+        let failures = self.write_failures.clone();
         if let Ok(map) = self.map_mut(map_names::POLICY_V4) {
             if let Ok(mut v4) = LpmTrie::<_, KeyV4, PolicyValue>::try_from(map) {
                 for (addr, len, _) in &policy.v4 {
-                    let _ = v4.remove(&key_v4(policy_id, addr.octets(), *len));
+                    failures.count(map_names::POLICY_V4, v4.remove(&key_v4(policy_id, addr.octets(), *len)));
                 }
             }
         }
         if let Ok(map) = self.map_mut(map_names::POLICY_V6) {
             if let Ok(mut v6) = LpmTrie::<_, KeyV6, PolicyValue>::try_from(map) {
                 for (addr, len, _) in &policy.v6 {
-                    let _ = v6.remove(&key_v6(policy_id, addr.octets(), *len));
+                    failures.count(map_names::POLICY_V6, v6.remove(&key_v6(policy_id, addr.octets(), *len)));
                 }
             }
         }
@@ -436,16 +461,7 @@ impl Datapath {
     pub fn counters(&self) -> Result<Vec<Counter>, DatapathError> {
         let name = map_names::COUNTERS;
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-        let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(map_err(name))?;
-        (0..COUNTER_ARRAY_LEN)
-            .map(|i| {
-                let per_cpu = array.get(&i, 0).map_err(map_err(name))?;
-                Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                }))
-            })
-            .collect()
+        read_counters(&PerCpuArray::try_from(map).map_err(map_err(name))?)
     }
 
     /// Packets and bytes of one sandbox by verdict class
@@ -453,13 +469,7 @@ impl Datapath {
     pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
         let name = map_names::SANDBOX_COUNTERS;
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
-        let array: Array<_, Counter> = Array::try_from(map).map_err(map_err(name))?;
-        let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
-        let mut out = [Counter::default(); 3];
-        for (class, slot) in out.iter_mut().enumerate() {
-            *slot = array.get(&(base + class as u32), 0).map_err(map_err(name))?;
-        }
-        Ok(out)
+        read_sandbox_counters(&Array::try_from(map).map_err(map_err(name))?, sandbox_id)
     }
 
     /// Zeroes a sandbox id's counters (a new sandbox may reuse the id).
@@ -505,6 +515,27 @@ impl Datapath {
             .map_err(|e| DatapathError::Program { name: program, source: Box::new(e) })?;
         Ok((result.return_value as i32, result.duration))
     }
+}
+
+/// Every slot of the counter array ([`sbx_net_common::Reason`] order, then
+/// the lost-events slot), summed over CPUs.
+fn read_counters<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, Counter>) -> Result<Vec<Counter>, DatapathError> {
+    (0..COUNTER_ARRAY_LEN)
+        .map(|i| {
+            let per_cpu = array.get(&i, 0).map_err(map_err(map_names::COUNTERS))?;
+            Ok(per_cpu.iter().fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes }))
+        })
+        .collect()
+}
+
+/// One sandbox id's counters, by verdict class.
+fn read_sandbox_counters<T: std::borrow::Borrow<MapData>>(array: &Array<T, Counter>, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
+    let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
+    let mut out = [Counter::default(); 3];
+    for (class, slot) in out.iter_mut().enumerate() {
+        *slot = array.get(&(base + class as u32), 0).map_err(map_err(map_names::SANDBOX_COUNTERS))?;
+    }
+    Ok(out)
 }
 
 /// A `struct __sk_buff` for BPF_PROG_TEST_RUN's ctx_in with only `ifindex`
@@ -601,6 +632,74 @@ impl PinnedCounters {
     /// Events the ring buffer had no room for, summed over CPUs.
     pub fn events_lost(&self) -> u64 {
         self.array.get(&EVENTS_LOST_SLOT, 0).map_or(0, |per_cpu| per_cpu.iter().map(|c| c.packets).sum())
+    }
+}
+
+/// The pinned maps `/metrics` reads at scrape time, opened by path: the
+/// kernel's own numbers, whichever process loaded the maps.
+pub struct PinnedStats {
+    counters: PerCpuArray<MapData, Counter>,
+    sandbox_counters: Array<MapData, Counter>,
+    policy_v4: LpmTrie<MapData, KeyV4, PolicyValue>,
+    policy_v6: LpmTrie<MapData, KeyV6, PolicyValue>,
+    flows_v4: HashMap<MapData, FlowKeyV4, FlowStats>,
+    flows_v6: HashMap<MapData, FlowKey, FlowStats>,
+    /// Capacity of each policy trie and of each flow table (the kernel's
+    /// `max_entries`: a reused pinned map keeps the size it was made with).
+    policy_capacity: u32,
+    flow_capacity: u32,
+}
+
+impl std::fmt::Debug for PinnedStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PinnedStats").field("policy_capacity", &self.policy_capacity).field("flow_capacity", &self.flow_capacity).finish_non_exhaustive()
+    }
+}
+
+impl PinnedStats {
+    pub fn open(pin_dir: &Path) -> Result<PinnedStats, DatapathError> {
+        let capacity = |name: &'static str| -> Result<u32, DatapathError> {
+            Ok(aya::maps::MapInfo::from_pin(pin_dir.join(name)).map_err(map_err(name))?.max_entries())
+        };
+        Ok(PinnedStats {
+            counters: open_pinned(pin_dir, map_names::COUNTERS, aya::maps::Map::PerCpuArray)?,
+            sandbox_counters: open_pinned(pin_dir, map_names::SANDBOX_COUNTERS, aya::maps::Map::Array)?,
+            policy_v4: open_pinned(pin_dir, map_names::POLICY_V4, aya::maps::Map::LpmTrie)?,
+            policy_v6: open_pinned(pin_dir, map_names::POLICY_V6, aya::maps::Map::LpmTrie)?,
+            flows_v4: open_pinned(pin_dir, map_names::FLOWS_V4, aya::maps::Map::LruHashMap)?,
+            flows_v6: open_pinned(pin_dir, map_names::FLOWS, aya::maps::Map::LruHashMap)?,
+            policy_capacity: capacity(map_names::POLICY_V4)?,
+            flow_capacity: capacity(map_names::FLOWS_V4)?,
+        })
+    }
+
+    /// Counters by [`sbx_net_common::Reason`], then the lost-events slot
+    /// ([`EVENTS_LOST_SLOT`]), summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<Counter>, DatapathError> {
+        read_counters(&self.counters)
+    }
+
+    /// Packets and bytes of one sandbox id by verdict class.
+    pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
+        read_sandbox_counters(&self.sandbox_counters, sandbox_id)
+    }
+
+    /// Entries in the IPv4 and IPv6 policy tries (walks them).
+    pub fn policy_entry_counts(&self) -> (usize, usize) {
+        (self.policy_v4.keys().count(), self.policy_v6.keys().count())
+    }
+
+    /// Flows in the IPv4 and IPv6 flow tables together (walks them).
+    pub fn flow_count(&self) -> usize {
+        self.flows_v4.keys().count() + self.flows_v6.keys().count()
+    }
+
+    pub fn policy_capacity(&self) -> u32 {
+        self.policy_capacity
+    }
+
+    pub fn flow_capacity(&self) -> u32 {
+        self.flow_capacity
     }
 }
 

@@ -111,9 +111,7 @@ pub async fn collect_expired(
                 // address, if it has an entry there; else drop the key.
                 let exact = policy.as_ref().and_then(|p| static_exact(p, *ip));
                 match exact {
-                    Some(v) => {
-                        let _ = maps.insert(l.policy_id, *ip, &v);
-                    }
+                    Some(v) => maps.insert_or_count_failure(l.policy_id, *ip, &v),
                     None => maps.remove(l.policy_id, *ip),
                 }
                 changed = true;

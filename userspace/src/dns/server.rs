@@ -569,9 +569,7 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
                 let policy_id = entry.policy_id;
                 table.remove(&ip);
                 match static_exact(&route.policy, ip) {
-                    Some(v) => {
-                        let _ = maps.insert(policy_id, ip, &v);
-                    }
+                    Some(v) => maps.insert_or_count_failure(policy_id, ip, &v),
                     None => maps.remove(policy_id, ip),
                 }
                 tracing::info!(sandbox = %route.sandbox, name = %qname, %ip, "DNS: address evicted (per-name cap)");

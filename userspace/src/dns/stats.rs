@@ -1,9 +1,19 @@
-//! The DNS proxy's counters and its hold-time histogram.
+//! The DNS proxy's counters and its hold-time histogram, and the families
+//! it registers for `/metrics`: read from these counters and from the
+//! learned store at scrape time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// Counters the daemon reports in `status` and `/metrics`.
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+
+use crate::dns::learned::SharedLearned;
+use crate::observe::metrics::{encode_counter, encode_counters, encode_gauge, CollectWith};
+
+/// Counters the daemon reports in `status` and the proxy registers for
+/// `/metrics` ([`DnsStats::register`]).
 #[derive(Debug)]
 pub struct DnsStats {
     pub allowed: AtomicU64,
@@ -81,3 +91,65 @@ impl DnsStats {
     }
 }
 
+
+impl DnsStats {
+    /// Registers the DNS proxy's families: its counters and hold-time
+    /// histogram, and the learned addresses in force (counted in `learned`
+    /// at scrape time).
+    pub fn register(self: &Arc<Self>, learned: SharedLearned, registry: &mut Registry) {
+        registry.register("dns_hold_seconds", "Time an answer was held while its addresses were written to the maps", self.hold_seconds.clone());
+        let stats = self.clone();
+        registry.register_collector(Box::new(CollectWith("dns", move |encoder: &mut DescriptorEncoder| {
+            // The endpoint renders off the async workers, so waiting for
+            // the store's lock here is fine.
+            let learned = learned.blocking_lock().1.by_sandbox.values().map(|t| t.len()).sum::<usize>();
+            stats.encode(encoder, learned)
+        })));
+    }
+
+    /// The counter families, and the learned-address gauge at `learned`.
+    fn encode(&self, encoder: &mut DescriptorEncoder, learned: usize) -> Result<(), std::fmt::Error> {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let queries = [("allowed", &self.allowed), ("denied", &self.denied), ("upstream_failure", &self.upstream_failures)];
+        encode_counters(encoder, "dns_queries", "DNS queries by outcome", queries.map(|(outcome, c)| ([("outcome", outcome)], load(c))))?;
+        encode_counter(encoder, "dns_records_stripped", "Answer records stripped (rebinding)", load(&self.stripped))?;
+        encode_counter(encoder, "dns_hold_timeouts", "Answers not released because the map write took too long", load(&self.hold_timeouts))?;
+        encode_gauge(encoder, "learned_addresses", "DNS-learned addresses in force", learned as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_exported_as_they_count() {
+        let stats = Arc::new(DnsStats::default());
+        stats.allowed.fetch_add(7, Ordering::Relaxed);
+        stats.denied.fetch_add(3, Ordering::Relaxed);
+        stats.stripped.fetch_add(1, Ordering::Relaxed);
+        stats.record_hold(Duration::from_micros(200));
+        let read = stats.clone();
+        let text = crate::observe::metrics::collected_text(move |e| read.encode(e, 4));
+        for line in [
+            "sbx_net_dns_queries_total{outcome=\"allowed\"} 7",
+            "sbx_net_dns_queries_total{outcome=\"denied\"} 3",
+            "sbx_net_dns_queries_total{outcome=\"upstream_failure\"} 0",
+            "sbx_net_dns_records_stripped_total 1",
+            "sbx_net_dns_hold_timeouts_total 0",
+            "# TYPE sbx_net_learned_addresses gauge",
+            "sbx_net_learned_addresses 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        // A later scrape sees later counts: nothing is copied at registration.
+        stats.denied.fetch_add(1, Ordering::Relaxed);
+        let read = stats.clone();
+        assert!(crate::observe::metrics::collected_text(move |e| read.encode(e, 0)).contains("sbx_net_dns_queries_total{outcome=\"denied\"} 4"));
+        let mut registry = prometheus_client::registry::Registry::with_prefix("sbx_net");
+        registry.register("dns_hold_seconds", "Held", stats.hold_seconds.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("sbx_net_dns_hold_seconds_bucket{le=\"0.00025\"} 1"), "{text}");
+    }
+}

@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -68,14 +70,20 @@ pub enum StreamLine {
     EndOfHistory,
 }
 
-/// Counters of the flow stream for `/metrics` (shared handles; a scrape
-/// registers clones).
+/// Labels of [`FlowMetrics::flows`].
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    pub sandbox: String,
+    pub verdict: &'static str,
+}
+
+/// Counters of the flow stream for `/metrics` (shared handles: the hub
+/// and the proxies count, the registry reads).
 #[derive(Clone, Default)]
 pub struct FlowMetrics {
-    /// Datapath flows started, by sandbox and verdict. Plain counts, turned
-    /// into a metric family at scrape time, so a deleted sandbox's series
-    /// go with it ([`FlowHub::forget_sandbox`]).
-    pub flows: Arc<Mutex<std::collections::BTreeMap<(String, &'static str), u64>>>,
+    /// Datapath flows started, by sandbox and verdict; a deleted sandbox's
+    /// series go with it ([`FlowHub::forget_sandbox`]).
+    pub flows: Family<FlowLabels, Counter>,
     /// Proxy decisions by outcome (allowed, denied, misdirected, upstream_failed).
     pub proxy_requests: Family<Labels, Counter>,
     pub credentials_injected: Counter,
@@ -86,6 +94,20 @@ pub struct FlowMetrics {
     pub audit_write_failures: Counter,
     /// Audit lines not written because their sandbox was over its budget.
     pub audit_suppressed: Counter,
+}
+
+impl FlowMetrics {
+    /// Registers the flow stream's, the proxies' and the audit log's families.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", self.flows.clone());
+        registry.register("proxy_requests", "Proxy decisions (connections and HTTP requests) by outcome", self.proxy_requests.clone());
+        registry.register("credentials_injected", "Requests a credential was injected into", self.credentials_injected.clone());
+        registry.register("secret_redactions", "Secrets (or encodings of them) cut out of responses from credential hosts", self.secret_redactions.clone());
+        registry.register("credential_failures", "Requests to a credential host sent without the credential (secret unavailable)", self.credential_failures.clone());
+        registry.register("audit_records", "Records written to the audit log", self.audit_records.clone());
+        registry.register("audit_write_failures", "Audit records that could not be written", self.audit_write_failures.clone());
+        registry.register("audit_suppressed", "Audit records not written: their sandbox was over its audit budget", self.audit_suppressed.clone());
+    }
 }
 
 /// A stored record, with the flow-table key of a datapath flow (to show the
@@ -143,8 +165,7 @@ impl FlowHub {
             record.time = crate::observe::record::rfc3339(record.time_unix_ns);
         }
         if record.source == "datapath" && record.event == "new_flow" {
-            let mut flows = self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner());
-            *flows.entry((record.sandbox.clone(), record.verdict.as_str())).or_default() += 1;
+            self.metrics.flows.get_or_create(&FlowLabels { sandbox: record.sandbox.clone(), verdict: record.verdict.as_str() }).inc();
         }
         if let Some(c) = &record.credential {
             if record.event == "secret_redacted" {
@@ -243,7 +264,9 @@ impl FlowHub {
                 }
             }
         }
-        self.metrics.flows.lock().unwrap_or_else(|p| p.into_inner()).retain(|(name, _), _| name != sandbox);
+        for verdict in Verdict::ALL {
+            self.metrics.flows.remove(&FlowLabels { sandbox: sandbox.to_string(), verdict: verdict.as_str() });
+        }
     }
 
     pub fn count_proxy(&self, outcome: &str) {
@@ -410,10 +433,10 @@ mod tests {
             r.sandbox = sandbox.into();
             hub.publish(r);
         }
-        let counts = |hub: &FlowHub| hub.metrics.flows.lock().unwrap().clone().into_iter().collect::<Vec<_>>();
-        assert_eq!(counts(&hub), [(("a".to_string(), "allowed"), 2), (("b".to_string(), "allowed"), 1)]);
+        let count = |hub: &FlowHub, sandbox: &str| hub.metrics.flows.get(&FlowLabels { sandbox: sandbox.into(), verdict: "allowed" }).map(|c| c.get());
+        assert_eq!((count(&hub, "a"), count(&hub, "b")), (Some(2), Some(1)));
         hub.forget_sandbox("a");
-        assert_eq!(counts(&hub), [(("b".to_string(), "allowed"), 1)]);
+        assert_eq!((count(&hub, "a"), count(&hub, "b")), (None, Some(1)));
     }
 
     #[test]

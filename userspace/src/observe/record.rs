@@ -28,6 +28,8 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    pub const ALL: [Verdict; 3] = [Verdict::Allowed, Verdict::Denied, Verdict::Redirected];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allowed => "allowed",
