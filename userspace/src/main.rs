@@ -41,13 +41,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Live and recent flows with the rule that decided each (see
-    /// `sbx-net inspect --help`).
-    #[command(disable_help_flag = true, after_help = sbx_net::observe::record::INSPECT_USAGE)]
-    Inspect {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
-        args: Vec<String>,
-    },
+    /// Live and recent flows with the rule that decided each.
+    Inspect(sbx_net::cli::inspect::InspectArgs),
     /// Internal: the frame pump of a netns guest (started by the daemon).
     #[command(name = "__guest-pump", hide = true)]
     GuestPump { spec: String },
@@ -167,18 +162,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sandbox { command } => sandbox(&socket, command),
-        Command::Inspect { args } => {
-            let parsed = match sbx_net::observe::record::parse_inspect_args(&args, sbx_net::util::clock::unix_now_ns()) {
-                Ok(p) => p,
-                Err(usage) if args.iter().any(|a| a == "-h" || a == "--help") => {
-                    println!("{usage}");
-                    return Ok(());
-                }
-                Err(e) => anyhow::bail!(e),
-            };
+        Command::Inspect(args) => {
             use std::io::IsTerminal;
-            let color = parsed.color.unwrap_or_else(|| std::io::stdout().is_terminal());
-            sbx_net::cli::inspect::run(&socket, &parsed, &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
+            let color = args.color(std::io::stdout().is_terminal());
+            sbx_net::cli::inspect::run(&socket, &args, sbx_net::util::clock::unix_now_ns(), &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
             Ok(())
         }
         Command::Status { json } => {

@@ -585,7 +585,7 @@ pub fn inspect(data: &[u8]) {
         let back = crate::cli::inspect::parse_input_line(&json).unwrap_or_else(|e| panic!("-o json output does not read back: {e}: {json}"));
         assert_eq!(back, crate::cli::inspect::InputLine::Record(record.clone()), "a record does not round-trip through -o json");
 
-        use crate::observe::record::{Criterion, Filter};
+        use crate::observe::filter::{Criterion, Filter};
         let mut own = vec![(false, Criterion::Sandbox(record.sandbox.clone())), (false, Criterion::Verdict(record.verdict))];
         if record.dst_port != 0 {
             own.push((false, Criterion::Port(record.dst_port)));

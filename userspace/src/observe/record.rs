@@ -1,12 +1,13 @@
 //! Flow records: what `sbx-net inspect` shows and the audit log keeps.
-//! Pure: decoding datapath events, filters, time formatting and the compact
-//! line format. The daemon side (history, ring-buffer reader, audit file)
-//! is in [`crate::observe::hub`].
+//! Pure: decoding datapath events, time formatting and the compact line
+//! format (a record's one-line reading, as JSON is its machine one; used by
+//! `inspect`, the tests and the fuzz targets). `inspect`'s filters are in
+//! [`crate::observe::filter`]; the daemon side (history, ring-buffer
+//! reader, audit file) is in [`crate::observe::hub`].
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use ipnetwork::IpNetwork;
 use sbx_net_common::{event_kind, FlowEvent, Reason};
 use serde::{Deserialize, Serialize};
 
@@ -294,7 +295,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y.rem_euclid(400);
@@ -302,256 +304,6 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
-}
-
-/// `--since`: a duration back from `now_unix_ns` ("90s", "5m", "2h", "1d")
-/// or an RFC 3339 UTC time ("2026-11-28T12:00:00Z", fractions allowed).
-pub fn parse_since(text: &str, now_unix_ns: u64) -> Result<u64, String> {
-    let bad = || format!("--since {text:?}: expected a duration (30s, 5m, 2h, 1d) or an RFC 3339 UTC time (2026-11-28T12:00:00Z)");
-    if let Some(unit) = text.chars().last().filter(|c| c.is_ascii_alphabetic()) {
-        if let Ok(n) = text[..text.len() - 1].parse::<u64>() {
-            let secs = match unit {
-                's' => n,
-                'm' => n * 60,
-                'h' => n * 3600,
-                'd' => n * 86_400,
-                _ => return Err(bad()),
-            };
-            return Ok(now_unix_ns.saturating_sub(secs.saturating_mul(1_000_000_000)));
-        }
-    }
-    let t = text.strip_suffix('Z').ok_or_else(bad)?;
-    let (date, time) = t.split_once('T').ok_or_else(bad)?;
-    let num = |s: &str| s.parse::<u32>().map_err(|_| bad());
-    let mut date = date.split('-');
-    let (y, mo, d) = (
-        date.next().ok_or_else(bad)?.parse::<i64>().map_err(|_| bad())?,
-        num(date.next().ok_or_else(bad)?)?,
-        num(date.next().ok_or_else(bad)?)?,
-    );
-    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut hms = hms.split(':');
-    let (h, mi, s) = (num(hms.next().ok_or_else(bad)?)?, num(hms.next().ok_or_else(bad)?)?, num(hms.next().ok_or_else(bad)?)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 || date.next().is_some() {
-        return Err(bad());
-    }
-    let frac_ns = if frac.is_empty() {
-        0
-    } else {
-        let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-        digits.parse::<u64>().map_err(|_| bad())?
-    };
-    let days = days_from_civil(y, mo, d);
-    let secs = days * 86_400 + i64::from(h * 3600 + mi * 60 + s);
-    u64::try_from(secs).map(|s| s * 1_000_000_000 + frac_ns).map_err(|_| bad())
-}
-
-/// One condition of an `inspect` filter.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Criterion {
-    Sandbox(String),
-    Verdict(Verdict),
-    /// Shell-style glob (`*`, `?`), case-insensitive, on any of the names.
-    Domain(String),
-    /// Source or destination inside the network.
-    Ip(IpNetwork),
-    /// Source or destination port.
-    Port(u16),
-    Protocol(String),
-}
-
-impl Criterion {
-    fn kind(&self) -> u8 {
-        match self {
-            Criterion::Sandbox(_) => 0,
-            Criterion::Verdict(_) => 1,
-            Criterion::Domain(_) => 2,
-            Criterion::Ip(_) => 3,
-            Criterion::Port(_) => 4,
-            Criterion::Protocol(_) => 5,
-        }
-    }
-
-    pub fn matches(&self, r: &FlowRecord) -> bool {
-        match self {
-            Criterion::Sandbox(s) => &r.sandbox == s,
-            Criterion::Verdict(v) => r.verdict == *v,
-            Criterion::Domain(g) => r.names().any(|n| glob_match(g, n)),
-            Criterion::Ip(net) => [r.src_ip, r.dst_ip].into_iter().flatten().any(|ip| net.contains(ip)),
-            Criterion::Port(p) => r.src_port == *p || r.dst_port == *p,
-            Criterion::Protocol(p) => {
-                r.protocol.eq_ignore_ascii_case(p)
-                    || (p.eq_ignore_ascii_case("dns") && r.dns.is_some())
-                    || (p.eq_ignore_ascii_case("http") && r.http.is_some())
-            }
-        }
-    }
-}
-
-/// Filters of `inspect`: criteria of one kind are alternatives (any may
-/// match), kinds must all match, and a negated criterion must not match.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Filter {
-    pub criteria: Vec<(bool, Criterion)>,
-    /// Only records at or after this time.
-    pub since_unix_ns: Option<u64>,
-}
-
-impl Filter {
-    pub fn matches(&self, r: &FlowRecord) -> bool {
-        if self.since_unix_ns.is_some_and(|t| r.time_unix_ns < t) {
-            return false;
-        }
-        let mut kinds: Vec<u8> = self.criteria.iter().filter(|(neg, _)| !neg).map(|(_, c)| c.kind()).collect();
-        kinds.dedup();
-        let positive_ok = kinds
-            .iter()
-            .all(|k| self.criteria.iter().any(|(neg, c)| !neg && c.kind() == *k && c.matches(r)));
-        positive_ok && self.criteria.iter().filter(|(neg, _)| *neg).all(|(_, c)| !c.matches(r))
-    }
-}
-
-/// Case-insensitive glob with `*` (any run, dots included) and `?`.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.to_ascii_lowercase().chars().collect();
-    let t: Vec<char> = text.to_ascii_lowercase().chars().collect();
-    let (mut pi, mut ti, mut star, mut mark) = (0, 0, None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
-}
-
-/// Output format of `inspect`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Output {
-    Compact,
-    Json,
-}
-
-/// The parsed `inspect` command line.
-#[derive(Clone, Debug, PartialEq)]
-pub struct InspectArgs {
-    pub follow: bool,
-    pub last: Option<usize>,
-    pub output: Output,
-    pub input: Option<std::path::PathBuf>,
-    pub filter: Filter,
-    /// Force colour on or off (default: on when stdout is a terminal).
-    pub color: Option<bool>,
-}
-
-pub const INSPECT_USAGE: &str = "\
-usage: sbx-net inspect [--follow|-f] [--last N] [--since DURATION|TIME] [-o compact|json]
-                       [--input FILE] [--color|--no-color] [FILTER...]
-filters (a kind given twice matches either; --not negates the next filter):
-  --sandbox NAME   --verdict allowed|denied|redirected   --domain GLOB
-  --ip CIDR        --port N   --protocol tcp|udp|icmp|icmpv6|arp|dns|http
-examples:
-  sbx-net inspect --last 20 --sandbox agent-1 --verdict denied
-  sbx-net inspect -f --domain '*.github.com' --not --port 443 -o json";
-
-/// Parses `inspect`'s arguments (after the subcommand). `now_unix_ns`
-/// anchors relative `--since` values.
-pub fn parse_inspect_args(args: &[String], now_unix_ns: u64) -> Result<InspectArgs, String> {
-    let mut out = InspectArgs { follow: false, last: None, output: Output::Compact, input: None, filter: Filter::default(), color: None };
-    let mut negate = false;
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| format!("{name} needs a value\n{INSPECT_USAGE}"))
-        };
-        let criterion = match flag {
-            "--follow" | "-f" => {
-                out.follow = true;
-                None
-            }
-            "--last" | "-n" => {
-                let v = value(flag)?;
-                out.last = Some(v.parse().map_err(|_| format!("--last {v:?}: expected a count"))?);
-                None
-            }
-            "--since" => {
-                out.filter.since_unix_ns = Some(parse_since(&value(flag)?, now_unix_ns)?);
-                None
-            }
-            "-o" | "--output" => {
-                let v = value(flag)?;
-                out.output = match v.as_str() {
-                    "compact" => Output::Compact,
-                    "json" | "jsonpb" => Output::Json,
-                    _ => return Err(format!("-o {v:?}: expected compact or json")),
-                };
-                None
-            }
-            "--input" => {
-                out.input = Some(value(flag)?.into());
-                None
-            }
-            "--color" => {
-                out.color = Some(true);
-                None
-            }
-            "--no-color" => {
-                out.color = Some(false);
-                None
-            }
-            "--not" => {
-                if negate {
-                    return Err("--not --not: negate a filter once".into());
-                }
-                negate = true;
-                continue;
-            }
-            "--sandbox" => Some(Criterion::Sandbox(value(flag)?)),
-            "--verdict" => {
-                let v = value(flag)?;
-                Some(Criterion::Verdict(Verdict::parse(&v).ok_or_else(|| format!("--verdict {v:?}: expected allowed, denied or redirected"))?))
-            }
-            "--domain" => Some(Criterion::Domain(value(flag)?.trim_end_matches('.').to_string())),
-            "--ip" => {
-                let v = value(flag)?;
-                let net = v.parse::<IpNetwork>().map_err(|_| format!("--ip {v:?}: expected an address or CIDR"))?;
-                Some(Criterion::Ip(net))
-            }
-            "--port" => {
-                let v = value(flag)?;
-                Some(Criterion::Port(v.parse().map_err(|_| format!("--port {v:?}: expected a port number"))?))
-            }
-            "--protocol" => Some(Criterion::Protocol(value(flag)?.to_ascii_lowercase())),
-            "-h" | "--help" => return Err(INSPECT_USAGE.to_string()),
-            other => return Err(format!("unknown inspect argument {other:?}\n{INSPECT_USAGE}")),
-        };
-        match criterion {
-            Some(c) => out.filter.criteria.push((std::mem::take(&mut negate), c)),
-            None if negate => return Err(format!("--not must precede a filter, not {flag}")),
-            None => {}
-        }
-    }
-    if negate {
-        return Err("--not at the end: it negates the filter after it".into());
-    }
-    if out.follow && out.input.is_some() {
-        return Err("--follow and --input exclude each other".into());
-    }
-    Ok(out)
 }
 
 fn endpoint(addr: Option<IpAddr>, port: u16) -> String {
@@ -647,10 +399,6 @@ mod tests {
     use crate::policy::compile::compile;
     use crate::policy::Policy;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
-    }
-
     fn record(sandbox: &str, verdict: Verdict, dst: &str, port: u16, domains: &[&str]) -> FlowRecord {
         let mut r = FlowRecord::new(sandbox, "datapath", "new_flow", "tcp", verdict, "allowed");
         r.dst_ip = Some(dst.parse().unwrap());
@@ -684,74 +432,6 @@ mod tests {
             compact(&r, false),
             "12:00:00.123456 agent DENIED     udp 10.200.0.14:40000 -> 203.0.113.7:9 new_flow rule=\"default deny\""
         );
-    }
-
-    #[test]
-    fn times_round_trip() {
-        for t in [0u64, 951_782_400_000_000_000, 1_764_331_200_123_456_000, 4_102_444_800_000_000_000] {
-            assert_eq!(parse_since(&rfc3339(t), 0).unwrap(), t, "{}", rfc3339(t));
-        }
-        assert_eq!(rfc3339(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
-        let now = 10_000 * 1_000_000_000;
-        assert_eq!(parse_since("90s", now).unwrap(), now - 90_000_000_000);
-        assert_eq!(parse_since("2h", now).unwrap(), 10_000_000_000_000 - 7_200_000_000_000);
-        assert!(parse_since("yesterday", now).is_err());
-        assert!(parse_since("2026-13-01T00:00:00Z", now).is_err());
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*.github.com", "api.github.com"));
-        assert!(glob_match("*.github.com", "a.b.github.com"));
-        assert!(!glob_match("*.github.com", "github.com"));
-        assert!(glob_match("API.test", "api.test"));
-        assert!(glob_match("a?i.*", "api.test"));
-        assert!(!glob_match("api", "api.test"));
-        assert!(glob_match("*", ""));
-    }
-
-    #[test]
-    fn filters_combine_kinds_and_negate() {
-        let a = record("a", Verdict::Allowed, "198.51.100.7", 443, &["api.test"]);
-        let b = record("b", Verdict::Denied, "203.0.113.9", 22, &[]);
-        let c = record("a", Verdict::Denied, "198.51.100.200", 80, &["bad.test"]);
-        let pick = |s: &str| -> Vec<String> {
-            let f = parse_inspect_args(&args(s), 0).unwrap().filter;
-            [&a, &b, &c].iter().filter(|r| f.matches(r)).map(|r| format!("{}:{}", r.sandbox, r.dst_port)).collect()
-        };
-        assert_eq!(pick(""), ["a:443", "b:22", "a:80"]);
-        assert_eq!(pick("--sandbox a"), ["a:443", "a:80"]);
-        assert_eq!(pick("--sandbox a --sandbox b --verdict denied"), ["b:22", "a:80"]);
-        assert_eq!(pick("--not --sandbox a"), ["b:22"]);
-        assert_eq!(pick("--sandbox a --not --verdict allowed"), ["a:80"]);
-        assert_eq!(pick("--domain *.test"), ["a:443", "a:80"]);
-        assert_eq!(pick("--not --domain bad.*"), ["a:443", "b:22"]);
-        assert_eq!(pick("--ip 198.51.100.0/25"), ["a:443"]);
-        assert_eq!(pick("--ip 10.200.0.5 --port 22"), ["b:22"]);
-        assert_eq!(pick("--protocol udp"), Vec::<String>::new());
-        assert_eq!(pick("--protocol TCP --not --port 443 --not --port 80"), ["b:22"]);
-    }
-
-    #[test]
-    fn bad_inspect_arguments_are_explained() {
-        for (line, want) in [
-            ("--not", "--not at the end"),
-            ("--not --follow", "--not must precede a filter"),
-            ("--verdict maybe", "expected allowed, denied or redirected"),
-            ("--ip 300.1.1.1", "expected an address or CIDR"),
-            ("--port", "--port needs a value"),
-            ("-o yaml", "expected compact or json"),
-            ("--frobnicate", "unknown inspect argument"),
-            ("-f --input x.jsonl", "exclude each other"),
-        ] {
-            let err = parse_inspect_args(&args(line), 0).unwrap_err();
-            assert!(err.contains(want), "{line}: {err}");
-        }
-        let ok = parse_inspect_args(&args("-f --last=5 -o json --since 5m"), 600_000_000_000).unwrap();
-        assert!(ok.follow);
-        assert_eq!(ok.last, Some(5));
-        assert_eq!(ok.output, Output::Json);
-        assert_eq!(ok.filter.since_unix_ns, Some(300_000_000_000));
     }
 
     #[test]
