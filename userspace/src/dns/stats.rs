@@ -89,10 +89,7 @@ impl DnsStats {
             "hold_max_us": self.hold_max_us.load(Ordering::Relaxed),
         })
     }
-}
 
-
-impl DnsStats {
     /// Registers the DNS proxy's families: its counters and hold-time
     /// histogram, and the learned addresses in force (counted in `learned`
     /// at scrape time).
