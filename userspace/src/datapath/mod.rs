@@ -389,8 +389,11 @@ impl Datapath {
         let mut sandboxes: HashMap<_, u32, SandboxConfig> =
             HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
         if config.sandbox_id == 0 {
+            // A config already gone is what removing it wanted (aya reports
+            // a missing key as the syscall's ENOENT, not KeyNotFound).
             return match sandboxes.remove(&ifindex) {
-                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Ok(()) => Ok(()),
+                Err(e) if write_failures::FailedWrite::entry_was_absent(&e) => Ok(()),
                 Err(e) => Err(map_err(name)(e)),
             };
         }
