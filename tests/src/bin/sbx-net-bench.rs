@@ -31,7 +31,7 @@ use sbx_net::sandbox::{open_host_tap, AddressPools, SandboxSpec};
 use sbx_net_common::{program_names, sandbox_flags};
 use sbx_net_tests::frames::*;
 use sbx_net_tests::{unique_name, Topology};
-use sbx_vmm::{NetNs, NetnsGuest};
+use sbx_vmm::NetNs;
 
 const RULE_COUNTS: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
 const REPEAT: u32 = 200_000;
@@ -435,7 +435,13 @@ fn measure_pps(guest: &NetNs, host: &NetNs, dst: SocketAddr, duration: Duration)
     Ok((uplink_tx_packets(host)? - before) as f64 / elapsed)
 }
 
+/// The sandbox is put on the host by the daemon's installer (tap, nftables
+/// table and element, pinned TCX link, the netns guest's pump process), so
+/// every configuration includes the nftables path the daemon's sandboxes
+/// take; the classifier is detached and re-attached through its pin.
 fn tap_throughput() -> Result<()> {
+    use sbx_net::sandbox::install::{HostSettings, InstallRequest, SandboxHost, TapSource, SANDBOX_FLAGS};
+
     let topology = Topology::new("benchpps");
     topology.enter_host();
     let sink = Ipv4Addr::new(198, 51, 100, 5);
@@ -444,46 +450,54 @@ fn tap_throughput() -> Result<()> {
     // A bound socket so the world does not answer with ICMP unreachables.
     let _sink = topology.world.run(move || UdpSocket::bind(dst))??;
 
-    let mut dp = Datapath::load(&DatapathOptions::default())?;
-    let spec = SandboxSpec::new(1, &unique_name("p"), &AddressPools::default())?;
+    let name = unique_name("p");
+    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
+    let logs = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&logs)?;
+    let config = sbx_net::control::config::DaemonConfig { uplink: Some("uplink".into()), ..Default::default() };
+    let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_tests::daemon::sbx_net_bin(), log_dir: logs.clone() };
+    let mut host = SandboxHost::new(Datapath::load(&DatapathOptions::default())?, settings)?;
+    host.install_table(&[])?;
     let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
-    let compiled = sbx_net::compile(&policy, &spec.host_addresses())?;
-    // The sandbox's host side without attaching: the benchmark attaches and
-    // detaches the program itself.
-    let (tap, ifindex) = open_host_tap(&topology.host_netlink, &spec)?;
-    dp.install_sandbox(ifindex, &spec.datapath_config(&compiled, spec.id, 0, &[]), &compiled)?;
-    let guest = NetnsGuest::start(&spec.netns, tap, &spec.guest_network())?;
+    let spec = SandboxSpec::new(1, &name, &config.pools())?;
+    let sandbox = host.install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest: true })?;
+    let (spec, ifindex, pin) = (&sandbox.spec, sandbox.ifindex, host.settings.link_pin(&sandbox.spec.name));
+    let guest = NetNs::open(&spec.netns)?;
+    // Start without the program: the runs below attach it as they need it.
+    Datapath::unpin_link(&pin)?;
 
     let duration = Duration::from_secs(2);
     // Warm up neighbour resolution.
-    measure_pps(guest.netns(), &topology.host, dst, Duration::from_millis(300))?;
+    measure_pps(&guest, &topology.host, dst, Duration::from_millis(300))?;
     let mut with = Vec::new();
     let mut without = Vec::new();
     let mut with_flows = Vec::new();
-    let plain = spec.datapath_config(&compiled, spec.id, 0, &[]);
-    let tracked = spec.datapath_config(&compiled, spec.id, sandbox_flags::FLOWS, &[]);
+    let plain = spec.datapath_config(&sandbox.policy, sandbox.policy_id, 0, &[]);
+    let as_installed = host.datapath_config(spec, &sandbox.policy, sandbox.policy_id);
+    assert_eq!(as_installed.flags, SANDBOX_FLAGS);
     // Rotate the order each round so drift favours none.
     for round in 0..RUNS {
         for k in 0..3 {
             match (round + k) % 3 {
                 0 => {
-                    dp.write_config(ifindex, &plain)?;
-                    let link = dp.attach(program_names::EGRESS, &spec.tap)?;
-                    with.push(measure_pps(guest.netns(), &topology.host, dst, duration)?);
-                    dp.detach(program_names::EGRESS, link)?;
+                    host.datapath.write_config(ifindex, &plain)?;
+                    host.datapath.attach_pinned(&spec.tap, &pin)?;
+                    with.push(measure_pps(&guest, &topology.host, dst, duration)?);
+                    Datapath::unpin_link(&pin)?;
                 }
                 1 => {
-                    dp.write_config(ifindex, &tracked)?;
-                    let link = dp.attach(program_names::EGRESS, &spec.tap)?;
-                    with_flows.push(measure_pps(guest.netns(), &topology.host, dst, duration)?);
-                    dp.detach(program_names::EGRESS, link)?;
+                    host.datapath.write_config(ifindex, &as_installed)?;
+                    host.datapath.attach_pinned(&spec.tap, &pin)?;
+                    with_flows.push(measure_pps(&guest, &topology.host, dst, duration)?);
+                    Datapath::unpin_link(&pin)?;
                 }
-                _ => without.push(measure_pps(guest.netns(), &topology.host, dst, duration)?),
+                _ => without.push(measure_pps(&guest, &topology.host, dst, duration)?),
             }
         }
     }
     let (w, wo, wf) = (median(with.clone()), median(without.clone()), median(with_flows.clone()));
     println!("### Small UDP packets from a netns guest through the tap (packets/s out of the uplink, median of {RUNS} × {}s, alternating)\n", duration.as_secs());
+    println!("The sandbox is installed as the daemon installs it (nftables table, guest pump process); only the classifier comes and goes.\n");
     println!("| configuration | packets/s | runs |");
     println!("|---|---:|---|");
     println!("| no program on the tap | {wo:.0} | {} |", fmt_runs(&without));
@@ -491,6 +505,12 @@ fn tap_throughput() -> Result<()> {
     println!("| sbx_egress + flow table (as the daemon runs it) | {wf:.0} | {} |", fmt_runs(&with_flows));
     println!("\nWith / without: **{:.1} %**; with the flow table: **{:.1} %**.\n", 100.0 * w / wo, 100.0 * wf / wo);
     drop(guest);
+    let left = host.uninstall(&sandbox);
+    let _ = std::fs::remove_dir_all(&pins);
+    let _ = std::fs::remove_dir_all(&logs);
+    if !left.is_empty() {
+        bail!("removing the benchmark's sandbox left: {}", left.join("; "));
+    }
     Ok(())
 }
 
