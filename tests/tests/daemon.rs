@@ -1,6 +1,9 @@
-//! End to end through the real daemon and CLI: sandbox lifecycle, isolation,
-//! nftables redirects and input isolation, atomic reload under traffic,
-//! malformed policies, kill -9 and restart, and adoption of an external tap.
+//! End to end through the real daemon and CLI: sandbox creation and the
+//! refusals (with their exit codes), per-sandbox policy, isolation from the
+//! host, from other sandboxes and from inbound connections, what list /
+//! show / status / metrics / nftables say, delete, atomic reload under
+//! traffic, malformed policies, kill -9 and restart, and adoption of an
+//! external tap.
 //! Real ping / nc / curl run in netns guests; the world namespace serves.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -43,35 +46,62 @@ fn ip(v: &serde_json::Value, key: &str) -> IpAddr {
     v[key].as_str().unwrap_or_else(|| panic!("{key} missing in {v}")).parse().unwrap()
 }
 
-#[test]
-fn lifecycle_isolation_and_host_ports() {
-    require_root();
-    let h = DaemonHarness::new("life", &[("a.toml", POLICY_A), ("b.toml", POLICY_B)]);
-    for addr in [A_ALLOWED, A_DENIED, B_ALLOWED] {
-        h.topology.add_world_address(addr.into());
-    }
-    h.topology.add_world_address(a_allowed_v6().into());
-    let world_addrs: Vec<IpAddr> = vec![A_ALLOWED.into(), A_DENIED.into(), B_ALLOWED.into(), a_allowed_v6().into(), UPLINK_WORLD_V4.into()];
-    let _web = WorldServers::start(&h.topology.world, &world_addrs, PORT);
-    let _http = WorldServers::start(&h.topology.world, &world_addrs, 80);
-    // A host service on the uplink address, and a UDP echo standing in for
-    // the DNS proxy on the daemon's DNS port.
-    let _host_service = WorldServers::start(&h.topology.host, &[IpAddr::from(Ipv4Addr::UNSPECIFIED)], 2222);
+/// A daemon with the team-a and team-b policies, a world serving A's and
+/// B's addresses (and the world's uplink address) on PORT and on 80, a host
+/// service on port 2222, and one netns-guest sandbox per team.
+struct TwoTeams {
+    h: DaemonHarness,
+    a_name: String,
+    b_name: String,
+    /// `sandbox create` output of each.
+    a: serde_json::Value,
+    b: serde_json::Value,
+    a_ns: String,
+    b_ns: String,
+    _servers: [WorldServers; 3],
+}
 
+impl TwoTeams {
+    fn start(tag: &str) -> TwoTeams {
+        require_root();
+        let h = DaemonHarness::new(tag, &[("a.toml", POLICY_A), ("b.toml", POLICY_B)]);
+        for addr in [A_ALLOWED, A_DENIED, B_ALLOWED] {
+            h.topology.add_world_address(addr.into());
+        }
+        h.topology.add_world_address(a_allowed_v6().into());
+        let world_addrs: Vec<IpAddr> = vec![A_ALLOWED.into(), A_DENIED.into(), B_ALLOWED.into(), a_allowed_v6().into(), UPLINK_WORLD_V4.into()];
+        let web = WorldServers::start(&h.topology.world, &world_addrs, PORT);
+        let http = WorldServers::start(&h.topology.world, &world_addrs, 80);
+        // A host service on every host address (the uplink's, the gateways').
+        let host_service = WorldServers::start(&h.topology.host, &[IpAddr::from(Ipv4Addr::UNSPECIFIED)], 2222);
+        let (a_name, b_name) = (unique_name("a"), unique_name("b"));
+        let a = h.create_guest(&a_name, "team-a");
+        let b = h.create_guest(&b_name, "team-b");
+        let (a_ns, b_ns) = (a["netns"].as_str().unwrap().to_string(), b["netns"].as_str().unwrap().to_string());
+        TwoTeams { h, a_name, b_name, a, b, a_ns, b_ns, _servers: [web, http, host_service] }
+    }
+}
+
+#[test]
+fn control_socket_is_root_only() {
+    require_root();
+    let h = DaemonHarness::new("sock", &[]);
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&h.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the control socket must be root-only");
+}
 
-    let a_name = unique_name("a");
-    let b_name = unique_name("b");
-    let a = h.create_guest(&a_name, "team-a");
-    let b = h.create_guest(&b_name, "team-b");
+#[test]
+fn create_prints_the_sandbox_network_and_a_ca_of_its_own() {
+    let t = TwoTeams::start("create");
+    let (a, b) = (&t.a, &t.b);
     for key in ["name", "tap", "netns", "guest_ipv4", "guest_ipv6", "guest_mac", "gateway_ipv4", "gateway_ipv6", "dns", "ca_cert"] {
         assert!(a.get(key).is_some(), "create output lacks {key}: {a}");
     }
     assert!(a["tap"].as_str().unwrap().len() <= 15);
     // Each sandbox has its own CA for the credential proxy: a real CA
     // certificate for the guest, its key kept root-only on the host.
+    use std::os::unix::fs::PermissionsExt;
     let ca = a["ca_cert"].as_str().unwrap().to_string();
     let text = sbx_net_tests::host_command("openssl").args(["x509", "-noout", "-text", "-in", &ca]).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
@@ -81,56 +111,81 @@ fn lifecycle_isolation_and_host_ports() {
     assert_ne!(std::fs::read_to_string(&ca).unwrap(), std::fs::read_to_string(b["ca_cert"].as_str().unwrap()).unwrap());
     assert_ne!(a["guest_ipv4"], b["guest_ipv4"]);
     assert_ne!(a["guest_mac"], b["guest_mac"]);
-    let (a_ns, b_ns) = (a["netns"].as_str().unwrap().to_string(), b["netns"].as_str().unwrap().to_string());
-    let resolv = std::fs::read_to_string(Path::new("/etc/netns").join(&a_ns).join("resolv.conf")).unwrap();
+    let resolv = std::fs::read_to_string(Path::new("/etc/netns").join(&t.a_ns).join("resolv.conf")).unwrap();
     assert!(resolv.contains(a["dns"].as_str().unwrap()), "{resolv}");
+}
+
+#[test]
+fn duplicate_names_unknown_policies_and_missing_sandboxes_are_refused() {
+    require_root();
+    let h = DaemonHarness::new("refuse", &[("a.toml", POLICY_A)]);
+    let a_name = unique_name("a");
+    h.create_guest(&a_name, "team-a");
     // Duplicate names and unknown policies are refused.
     assert!(h.cli_err(&["sandbox", "create", &a_name, "--policy", "team-a"]).contains("already exists"));
     assert!(h.cli_err(&["sandbox", "create", "x", "--policy", "nope"]).contains("no policy named"));
+    // Each with the exit status its kind has (README "Exit codes").
+    let exit = |args: &[&str]| h.cli(args).status.code();
+    assert_eq!(exit(&["sandbox", "create", &a_name, "--policy", "team-a"]), Some(73), "a duplicate name: EX_CANTCREAT");
+    assert_eq!(exit(&["sandbox", "show", "NOSUCH"]), Some(66), "no such sandbox: EX_NOINPUT");
+    assert_eq!(exit(&["sandbox", "create", "x", "--policy", "nope"]), Some(66), "no such policy: EX_NOINPUT");
+}
 
-    // Each sandbox reaches what its own policy allows, and only that.
-    assert!(tcp_connects(&a_ns, A_ALLOWED.into(), PORT));
-    assert!(tcp_connects(&a_ns, a_allowed_v6().into(), PORT));
-    assert!(!tcp_connects(&a_ns, A_DENIED.into(), PORT));
-    assert!(!tcp_connects(&a_ns, B_ALLOWED.into(), PORT));
-    assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
-    assert!(!tcp_connects(&b_ns, A_ALLOWED.into(), PORT));
+#[test]
+fn each_sandbox_reaches_what_its_policy_allows_and_only_that() {
+    let t = TwoTeams::start("reach");
+    let (a_ns, b_ns) = (&t.a_ns, &t.b_ns);
+    assert!(tcp_connects(a_ns, A_ALLOWED.into(), PORT));
+    assert!(tcp_connects(a_ns, a_allowed_v6().into(), PORT));
+    assert!(!tcp_connects(a_ns, A_DENIED.into(), PORT));
+    assert!(!tcp_connects(a_ns, B_ALLOWED.into(), PORT));
+    assert!(tcp_connects(b_ns, B_ALLOWED.into(), PORT));
+    assert!(!tcp_connects(b_ns, A_ALLOWED.into(), PORT));
 
     // Port 80 goes through the daemon's transparent proxy, which applies the
     // same policy: allowed works end to end, denied is refused.
-    assert_eq!(curl(&a_ns, &format!("http://{A_ALLOWED}/")).as_deref(), Some(format!("hello from {A_ALLOWED}\n").as_str()));
-    assert_eq!(curl(&a_ns, &format!("http://{A_DENIED}/")), None);
-    assert_eq!(curl(&b_ns, &format!("http://{A_ALLOWED}/")), None);
+    assert_eq!(curl(a_ns, &format!("http://{A_ALLOWED}/")).as_deref(), Some(format!("hello from {A_ALLOWED}\n").as_str()));
+    assert_eq!(curl(a_ns, &format!("http://{A_DENIED}/")), None);
+    assert_eq!(curl(b_ns, &format!("http://{A_ALLOWED}/")), None);
 
+    // policy test names the deciding rule.
+    let out = t.h.cli_ok(&["policy", "test", &t.a_name, "198.51.100.20:443"]);
+    assert!(out.contains("denied") && out.contains("deny 198.51.100.16/28"), "{out}");
+    let out = t.h.cli_ok(&["policy", "test", &t.b_name, "198.51.100.5"]);
+    assert!(out.contains("denied") && out.contains("default deny"), "{out}");
+}
+
+#[test]
+fn host_services_other_sandboxes_and_inbound_connections_are_unreachable() {
+    let t = TwoTeams::start("isolate");
+    let (h, a_ns, b_ns) = (&t.h, &t.a_ns, &t.b_ns);
     // Host ports: the uplink /24 is allowed by A's policy, yet the host's own
     // service is not reachable (nftables input), while the world's is.
-    assert!(tcp_connects(&a_ns, UPLINK_WORLD_V4.into(), PORT));
-    assert!(!tcp_connects(&a_ns, UPLINK_HOST_V4.into(), 2222));
-    assert!(!tcp_connects(&a_ns, ip(&a, "gateway_ipv4"), 2222));
+    assert!(tcp_connects(a_ns, UPLINK_WORLD_V4.into(), PORT));
+    assert!(!tcp_connects(a_ns, UPLINK_HOST_V4.into(), 2222));
+    assert!(!tcp_connects(a_ns, ip(&t.a, "gateway_ipv4"), 2222));
     // DNS to a hard-coded resolver lands on the daemon's DNS proxy, which
     // answers by A's policy (no rule names this one).
-    let (status, _) = sbx_net_tests::dig(&a_ns, &["@203.0.113.99", "unlisted.example"]);
+    let (status, _) = sbx_net_tests::dig(a_ns, &["@203.0.113.99", "unlisted.example"]);
     assert_eq!(status, "NXDOMAIN");
 
     // Tap to tap: allowed by A's policy (10.200.0.0/16), dropped by nftables.
-    let _b_listener = NcListener::start(&b_ns, 9000);
-    assert!(!tcp_connects(&a_ns, ip(&b, "guest_ipv4"), 9000));
+    let _b_listener = NcListener::start(b_ns, 9000);
+    assert!(!tcp_connects(a_ns, ip(&t.b, "guest_ipv4"), 9000));
     // The proxy trusts source addresses, so only taps may reach it: a
     // connection from the world to the host's proxy port goes nowhere.
     assert!(!tcp_connects(h.topology.world.name(), UPLINK_HOST_V4.into(), 15001));
     // Inbound: the world cannot open a connection to a guest.
-    assert!(!tcp_connects(h.topology.world.name(), ip(&b, "guest_ipv4"), 9000));
+    assert!(!tcp_connects(h.topology.world.name(), ip(&t.b, "guest_ipv4"), 9000));
+}
 
-    // policy test names the deciding rule.
-    let out = h.cli_ok(&["policy", "test", &a_name, "198.51.100.20:443"]);
-    assert!(out.contains("denied") && out.contains("deny 198.51.100.16/28"), "{out}");
-    let out = h.cli_ok(&["policy", "test", &b_name, "198.51.100.5"]);
-    assert!(out.contains("denied") && out.contains("default deny"), "{out}");
-
-    // list / show / status / nft.
+#[test]
+fn list_show_status_metrics_and_nftables_agree() {
+    let t = TwoTeams::start("agree");
+    let h = &t.h;
     let list = h.json(&["sandbox", "list", "--json"]);
     assert_eq!(list.as_array().unwrap().len(), 2);
-    assert_eq!(h.json(&["sandbox", "show", &b_name])["policy"], "team-b");
+    assert_eq!(h.json(&["sandbox", "show", &t.b_name])["policy"], "team-b");
     let status = h.json(&["status", "--json"]);
     assert_eq!(status["sandboxes"], 2);
     // Prometheus scrapes the same numbers on the host namespace's loopback.
@@ -143,28 +198,34 @@ fn lifecycle_isolation_and_host_ports() {
     assert!(!metrics.contains("10.200."), "no addresses in metric labels");
     assert!(status["maps"]["policy_v4_entries"].as_u64().unwrap() > 0);
     let table = h.nft_table();
-    for tap in [&a["tap"], &b["tap"]] {
+    for tap in [&t.a["tap"], &t.b["tap"]] {
         assert!(table.contains(&format!("\"{}\"", tap.as_str().unwrap())), "{table}");
     }
+}
 
+#[test]
+fn delete_removes_exactly_the_sandboxs_own_pieces() {
+    let t = TwoTeams::start("delete");
+    let (h, a, b) = (&t.h, &t.a, &t.b);
+    let ca = a["ca_cert"].as_str().unwrap().to_string();
     // Delete A: exactly its pieces go; B keeps working. (The pool may
     // pre-warm a new tap under the freed name: compare interface indexes.)
     let a_ifindex = h.topology.host_netlink.link_index(a["tap"].as_str().unwrap()).unwrap();
-    h.cli_ok(&["sandbox", "delete", &a_name]);
+    h.cli_ok(&["sandbox", "delete", &t.a_name]);
     let table = h.nft_table();
     assert!(!table.contains(&format!("\"{}\"", a["tap"].as_str().unwrap())), "{table}");
     assert!(table.contains(&format!("\"{}\"", b["tap"].as_str().unwrap())), "{table}");
-    assert!(!Path::new("/run/netns").join(&a_ns).exists());
-    assert!(!h.bpf_dir.join("links").join(&a_name).exists());
-    assert!(h.bpf_dir.join("links").join(&b_name).exists());
+    assert!(!Path::new("/run/netns").join(&t.a_ns).exists());
+    assert!(!h.bpf_dir.join("links").join(&t.a_name).exists());
+    assert!(h.bpf_dir.join("links").join(&t.b_name).exists());
     // The tap is unregistered just after the answer (it is fail-closed
     // until then: empty datapath slot, out of the nftables set).
     wait_until(Duration::from_secs(20), "the tap of the deleted sandbox to go", || {
         let links = run_in(h.topology.host.name(), "ip", &["-o", "link", "show"]);
         !String::from_utf8_lossy(&links.stdout).lines().any(|l| l.starts_with(&format!("{a_ifindex}:")))
     });
-    assert!(tcp_connects(&b_ns, B_ALLOWED.into(), PORT));
-    assert!(h.cli_err(&["sandbox", "show", &a_name]).contains("no sandbox"));
+    assert!(tcp_connects(&t.b_ns, B_ALLOWED.into(), PORT));
+    assert!(h.cli_err(&["sandbox", "show", &t.a_name]).contains("no sandbox"));
     assert!(!Path::new(&ca).exists(), "the deleted sandbox's CA stays behind");
 }
 

@@ -1,10 +1,12 @@
-//! Observability end to end: `sbx-net inspect` (history, filters, --follow,
-//! --input replay), the audit log, `/metrics` checked by promtool and
-//! scraped by a real Prometheus server, and lost-event accounting under a
-//! deliberately tiny ring buffer. Real dig/curl/nc/ping in a netns guest.
+//! Observability end to end: `sbx-net inspect` (the rule behind each
+//! decision, filters, --input replay, --follow), the audit log, `/metrics`
+//! checked by promtool and scraped by a real Prometheus server, and
+//! lost-event accounting under a deliberately tiny ring buffer. Real
+//! dig/curl/nc/ping in a netns guest.
 
 use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -97,64 +99,102 @@ impl PrometheusServer {
     }
 }
 
-#[test]
-fn inspect_attributes_every_decision_and_metrics_move() {
-    require_root();
-    let dir = std::env::temp_dir().join(unique_name("obs"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = TestCa::new(&dir);
-    let secret_file = dir.join("token");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    let policy = format!(
-        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"198.51.100.0/24\"]\ndeny = [\"198.51.100.128/28\", \"evil.test\"]\n\
-         [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
-        secret_file.display()
-    );
-    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
-    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let h = DaemonHarness::with_args("obs", &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
-    for a in ["198.51.100.40", "198.51.100.130"] {
-        h.topology.add_world_address(ip(a));
+/// A daemon whose `agent` policy allows api.test (with a credential bound
+/// to it) and 198.51.100.0/24, and denies 198.51.100.128/28 and evil.test; a
+/// world whose DNS answers api.test and whose HTTPS server plays it; one
+/// netns guest. Its directory (CA, secret) goes on drop.
+struct Observed {
+    h: DaemonHarness,
+    dir: PathBuf,
+    /// The sandbox and its guest namespace.
+    name: String,
+    ns: String,
+    _dns: WorldDns,
+    _api: HttpsEcho,
+}
+
+impl Observed {
+    fn start(tag: &str) -> Observed {
+        require_root();
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = TestCa::new(&dir);
+        let secret_file = dir.join("token");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        let policy = format!(
+            "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"198.51.100.0/24\"]\ndeny = [\"198.51.100.128/28\", \"evil.test\"]\n\
+             [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+            secret_file.display()
+        );
+        let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+        let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+        let h = DaemonHarness::with_args(tag, &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+        for a in ["198.51.100.40", "198.51.100.130"] {
+            h.topology.add_world_address(ip(a));
+        }
+        let dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into()], &[]);
+        let api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
+        let name = unique_name("g");
+        let g = h.create_guest(&name, "agent");
+        let ns = g["netns"].as_str().unwrap().to_string();
+        Observed { h, dir, name, ns, _dns: dns, _api: api }
     }
-    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into()], &[]);
-    let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
-    let name = unique_name("g");
-    let g = h.create_guest(&name, "agent");
-    let ns = g["netns"].as_str().unwrap().to_string();
 
-    // Traffic: an allowed name and its HTTPS (credential injected), an
-    // allowed TCP flow to that address, a rule deny, a default deny
-    // retried for two seconds, a denied name.
-    let (status, answers) = dig(&ns, &["api.test"]);
-    assert_eq!(status, "NOERROR", "{answers:?}");
-    let (code, body) = sbx_net_tests::curl_head(&ns, &["https://api.test/v1/user"]);
-    assert_eq!(code, Some(0), "{body}");
-    assert!(body.contains("authorization: <injected>"), "{body}");
-    tcp_connects(&ns, ip("198.51.100.40"), 9);
-    assert!(!tcp_connects(&ns, ip("198.51.100.130"), 9), "a denied address");
-    run_in(&ns, "ping", &["-c", "8", "-i", "0.3", "-W", "1", "203.0.113.7"]);
-    let (status, _) = dig(&ns, &["evil.test"]);
-    assert_eq!(status, "NXDOMAIN");
+    /// Traffic of every kind of decision: an allowed name and its HTTPS
+    /// (credential injected), an allowed TCP flow to that address, a rule
+    /// deny, a default deny retried for two seconds, a denied name. Returns
+    /// the sandbox's history once a record of each is there.
+    fn every_decision(&self) -> Vec<FlowRecord> {
+        let ns = &self.ns;
+        let (status, answers) = dig(ns, &["api.test"]);
+        assert_eq!(status, "NOERROR", "{answers:?}");
+        let (code, body) = sbx_net_tests::curl_head(ns, &["https://api.test/v1/user"]);
+        assert_eq!(code, Some(0), "{body}");
+        assert!(body.contains("authorization: <injected>"), "{body}");
+        tcp_connects(ns, ip("198.51.100.40"), 9);
+        assert!(!tcp_connects(ns, ip("198.51.100.130"), 9), "a denied address");
+        run_in(ns, "ping", &["-c", "8", "-i", "0.3", "-W", "1", "203.0.113.7"]);
+        let (status, _) = dig(ns, &["evil.test"]);
+        assert_eq!(status, "NXDOMAIN");
 
-    // The proxies record their decisions at once, the datapath's arrive
-    // through the ring buffer a little later: wait until a record of each
-    // decision above is there (if one never comes, the checks below say
-    // which).
-    let seen: [fn(&FlowRecord) -> bool; 7] = [
-        |r| r.dns.as_ref().is_some_and(|d| d.query == "api.test" && d.qtype == "A"),
-        |r| r.dns.as_ref().is_some_and(|d| d.query == "evil.test"),
-        |r| r.http.as_ref().is_some_and(|h| h.path == "/v1/user"),
-        |r| r.source == "datapath" && r.dst_port == 443 && r.dst_ip == Some(ip("198.51.100.40")),
-        |r| r.source == "datapath" && r.dst_port == 9 && r.dst_ip == Some(ip("198.51.100.40")),
-        |r| r.dst_ip == Some(ip("198.51.100.130")) && r.protocol == "tcp",
-        |r| r.dst_ip == Some(ip("203.0.113.7")) && r.event == "drop_repeat",
-    ];
-    let history = || inspect(&h, &["--sandbox", &name]).0;
-    let records = try_wait_for(Duration::from_secs(20), || {
-        let records = history();
-        seen.iter().all(|seen| records.iter().any(seen)).then_some(records)
-    })
-    .unwrap_or_else(history);
+        // The proxies record their decisions at once, the datapath's arrive
+        // through the ring buffer a little later: wait until a record of each
+        // decision above is there (if one never comes, the checks that
+        // follow say which).
+        let seen: [fn(&FlowRecord) -> bool; 7] = [
+            |r| r.dns.as_ref().is_some_and(|d| d.query == "api.test" && d.qtype == "A"),
+            |r| r.dns.as_ref().is_some_and(|d| d.query == "evil.test"),
+            |r| r.http.as_ref().is_some_and(|h| h.path == "/v1/user"),
+            |r| r.source == "datapath" && r.dst_port == 443 && r.dst_ip == Some(ip("198.51.100.40")),
+            |r| r.source == "datapath" && r.dst_port == 9 && r.dst_ip == Some(ip("198.51.100.40")),
+            |r| r.dst_ip == Some(ip("198.51.100.130")) && r.protocol == "tcp",
+            |r| r.dst_ip == Some(ip("203.0.113.7")) && r.event == "drop_repeat",
+        ];
+        let history = || inspect(&self.h, &["--sandbox", &self.name]).0;
+        try_wait_for(Duration::from_secs(20), || {
+            let records = history();
+            seen.iter().all(|seen| records.iter().any(seen)).then_some(records)
+        })
+        .unwrap_or_else(history)
+    }
+
+    /// `inspect` of this sandbox's history with more arguments.
+    fn pick(&self, args: &[&str]) -> Vec<FlowRecord> {
+        inspect(&self.h, &[&["--sandbox", self.name.as_str()], args].concat()).0
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn inspect_names_the_rule_behind_every_decision() {
+    let o = Observed::start("obs-rule");
+    let (h, name) = (&o.h, &o.name);
+    let records = o.every_decision();
     let all = show(&records);
     let find = |what: &str, pred: &dyn Fn(&FlowRecord) -> bool| -> FlowRecord {
         records.iter().find(|r| pred(r)).cloned().unwrap_or_else(|| panic!("no record for {what} in:\n{all}"))
@@ -195,14 +235,20 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     assert!(pings.iter().any(|r| r.event == "drop_repeat" && r.packets >= 2), "{all}");
 
     // The compact line says it all.
-    let out = h.cli_ok(&["inspect", "--sandbox", &name, "--ip", "198.51.100.130", "--no-color"]);
+    let out = h.cli_ok(&["inspect", "--sandbox", name, "--ip", "198.51.100.130", "--no-color"]);
     assert!(out.contains("DENIED") && out.contains("rule=\"deny 198.51.100.128/28\""), "{out}");
-    eprintln!("{}", h.cli_ok(&["inspect", "--sandbox", &name, "--last", "12", "--no-color"]));
-    let out = h.cli_ok(&["inspect", "--sandbox", &name, "--protocol", "http", "--color"]);
+    eprintln!("{}", h.cli_ok(&["inspect", "--sandbox", name, "--last", "12", "--no-color"]));
+    let out = h.cli_ok(&["inspect", "--sandbox", name, "--protocol", "http", "--color"]);
     assert!(out.contains("\x1b[32mALLOWED") && out.contains("http GET api.test/v1/user 200 credential=gh injected"), "{out}");
+}
 
+#[test]
+fn inspect_filters_and_replay_select_exactly() {
+    let o = Observed::start("obs-filter");
+    let (h, name) = (&o.h, &o.name);
+    let records = o.every_decision();
     // Filters, --not and --last select exactly.
-    let pick = |args: &[&str]| inspect(&h, &[&["--sandbox", name.as_str()], args].concat()).0;
+    let pick = |args: &[&str]| o.pick(args);
     let denied = pick(&["--verdict", "denied"]);
     assert!(!denied.is_empty() && denied.iter().all(|r| r.verdict == Verdict::Denied));
     let not_denied = pick(&["--not", "--verdict", "denied"]);
@@ -221,7 +267,7 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     assert!(!dns_only.is_empty() && dns_only.iter().all(|r| r.dns.is_some() && r.verdict == Verdict::Denied), "{}", show(&dns_only));
     let last2 = pick(&["--last", "2"]);
     assert_eq!(last2, records[records.len() - 2..].to_vec());
-    assert!(inspect(&h, &["--sandbox", "nobody"]).0.is_empty());
+    assert!(inspect(h, &["--sandbox", "nobody"]).0.is_empty());
     assert_eq!(pick(&["--since", "1h"]).len(), records.len());
     assert!(pick(&["--since", "2099-01-01T00:00:00Z"]).is_empty());
     let midpoint = records[records.len() / 2].time.clone();
@@ -230,16 +276,21 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     assert!(err.contains("expected allowed, denied or redirected"), "{err}");
 
     // JSON round-trips through --input (and the filters apply to it).
-    let saved = dir.join("flows.jsonl");
-    std::fs::write(&saved, h.cli_ok(&["inspect", "-o", "json", "--sandbox", &name])).unwrap();
-    let (replayed, _) = inspect(&h, &["--input", saved.to_str().unwrap()]);
+    let saved = o.dir.join("flows.jsonl");
+    std::fs::write(&saved, h.cli_ok(&["inspect", "-o", "json", "--sandbox", name])).unwrap();
+    let (replayed, _) = inspect(h, &["--input", saved.to_str().unwrap()]);
     assert_eq!(replayed, records);
-    let (replayed, _) = inspect(&h, &["--input", saved.to_str().unwrap(), "--verdict", "denied"]);
+    let (replayed, _) = inspect(h, &["--input", saved.to_str().unwrap(), "--verdict", "denied"]);
     assert_eq!(replayed, denied);
-    std::fs::write(dir.join("bad.jsonl"), "{\"not\": \"a record\"}\n").unwrap();
-    let err = h.cli_err(&["inspect", "--input", dir.join("bad.jsonl").to_str().unwrap()]);
+    std::fs::write(o.dir.join("bad.jsonl"), "{\"not\": \"a record\"}\n").unwrap();
+    let err = h.cli_err(&["inspect", "--input", o.dir.join("bad.jsonl").to_str().unwrap()]);
     assert!(err.contains("bad.jsonl:1: not a flow record"), "{err}");
+}
 
+#[test]
+fn inspect_follow_streams_new_matching_records() {
+    let o = Observed::start("obs-follow");
+    let (h, ns) = (&o.h, &o.ns);
     // --follow streams new matching records as they happen.
     let mut follower = Command::new(sbx_net_tests::daemon::sbx_net_bin())
         .arg("--socket")
@@ -258,19 +309,30 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     });
     // Nothing in the history matches the follower's filter, so whatever it
     // prints is live.
-    assert!(inspect(&h, &["--verdict", "denied", "--port", "7777"]).0.is_empty(), "nothing matched yet");
+    assert!(inspect(h, &["--verdict", "denied", "--port", "7777"]).0.is_empty(), "nothing matched yet");
     assert!(rx.try_recv().is_err(), "nothing matched yet");
     // The follower subscribes a moment after it starts and nothing tells
     // when: open a new denied flow until it shows one.
     let line = wait_for(Duration::from_secs(30), "the follower to print a new denied flow", || {
-        assert!(!tcp_connects(&ns, ip("198.51.100.130"), 7777));
+        assert!(!tcp_connects(ns, ip("198.51.100.130"), 7777));
         rx.recv_timeout(Duration::from_secs(1)).ok()
     });
     let _ = follower.kill();
     let _ = follower.wait();
     let live: FlowRecord = serde_json::from_str(&line).unwrap();
     assert_eq!((live.dst_port, live.verdict, live.rule.as_deref()), (7777, Verdict::Denied, Some("deny 198.51.100.128/28")));
+}
 
+#[test]
+fn audit_log_and_metrics_record_what_happened_but_never_the_secret() {
+    let o = Observed::start("obs-audit");
+    let (h, name, ns) = (&o.h, &o.name, &o.ns);
+    o.every_decision();
+    // And a third denied flow (as `inspect --follow` gets to see), in the
+    // history before the counters are read.
+    assert!(!tcp_connects(ns, ip("198.51.100.130"), 7777));
+    wait_for(Duration::from_secs(20), "the denied flow to port 7777 in the history", || o.pick(&["--port", "7777"]).into_iter().next());
+    let denied = o.pick(&["--verdict", "denied"]);
     // The audit log: every deny and the injection, never the secret.
     let audit = std::fs::read_to_string(h.state_dir.join("audit.log")).unwrap();
     assert!(!audit.contains(SECRET), "the audit log must not hold the secret");
@@ -296,19 +358,32 @@ fn inspect_attributes_every_decision_and_metrics_move() {
     assert!(series("sbx_net_proxy_requests_total{outcome=\"allowed\"}") >= 1.0);
     assert!(series("sbx_net_dns_queries_total{outcome=\"denied\"}") >= 1.0);
     assert!(!text.contains("198.51.100") && !text.contains("api.test"), "no addresses or names in labels");
+}
 
+#[test]
+fn prometheus_scrapes_counters_that_move() {
+    let o = Observed::start("obs-prom");
+    let (h, name, ns) = (&o.h, &o.name, &o.ns);
+    // Three new denied flows (one datagram each) for the first scrape.
+    let guest = sbx_vmm::NetNs::open(ns).unwrap();
+    guest
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for port in 7000..7003u16 {
+                let _ = socket.send_to(b"x", ("203.0.113.7", port));
+            }
+        })
+        .unwrap();
     // A real Prometheus server scrapes the endpoint and sees counters move.
-    let prometheus = PrometheusServer::start(h.topology.host.name(), &dir);
+    let prometheus = PrometheusServer::start(h.topology.host.name(), &o.dir);
     let query = format!("sbx_net_flows_total{{sandbox=\"{name}\",verdict=\"denied\"}}");
     let before = prometheus.wait_for(&query, |v| v >= 3.0);
     for port in 8000..8005 {
-        tcp_connects(&ns, ip("203.0.113.7"), port);
+        tcp_connects(ns, ip("203.0.113.7"), port);
     }
     let after = prometheus.wait_for(&query, |v| v >= before + 5.0);
     assert!(after >= before + 5.0);
     prometheus.wait_for("sbx_net_build_info", |v| v == 1.0);
-    drop(prometheus);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

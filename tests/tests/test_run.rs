@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use sbx_net::policy::compile::{compile, CompiledPolicy, PortInfo};
+use sbx_net::sandbox::denies::compile_for_sandbox;
 use sbx_net::datapath::{Datapath, DatapathOptions, EventReader};
 use sbx_net::policy::Policy;
 use sbx_net::sandbox::{eui64_link_local, AddressPools, SandboxSpec};
@@ -42,7 +43,10 @@ impl Harness {
         let mut datapath = Datapath::load(&DatapathOptions::default()).expect("load eBPF");
         let events = datapath.take_events().expect("events");
         let spec = SandboxSpec::new(7, "tr", &AddressPools::default()).unwrap();
-        let policy = compile(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec.host_addresses()).unwrap();
+        // Compiled as the daemon compiles it for a sandbox (a namespace of
+        // our own has no host addresses but loopback). The classifier runs
+        // on loopback, no tap: the flags are each test's own.
+        let policy = compile_for_sandbox(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec, &[], &AddressPools::default()).unwrap();
         datapath
             .install_sandbox(LO_IFINDEX, &spec.datapath_config(&policy, spec.id, 0, &[]), &policy)
             .expect("install sandbox");
@@ -434,7 +438,7 @@ fn purged_flows_are_new_again() {
     let mut datapath = Datapath::load(&DatapathOptions { pin_dir: Some(pins.clone()), ..Default::default() }).expect("load eBPF");
     let mut events = datapath.take_events().unwrap();
     let spec = SandboxSpec::new(7, "trp", &AddressPools::default()).unwrap();
-    let policy = compile(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec.host_addresses()).unwrap();
+    let policy = compile_for_sandbox(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec, &[], &AddressPools::default()).unwrap();
     datapath.install_sandbox(LO_IFINDEX, &spec.datapath_config(&policy, spec.id, sandbox_flags::FLOWS, &[]), &policy).unwrap();
     let frames: Vec<Vec<u8>> = [ALLOWED_V4, UNLISTED_V4]
         .iter()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sbx_net::control::api::{call, Request};
+use sbx_net::control::api::{call, exit_code, ClientError, Request};
 use sbx_net::control::config::{DaemonConfig, DEFAULT_SOCKET};
 use sbx_net::policy::Policy;
 
@@ -99,7 +99,7 @@ enum SandboxCommand {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate a policy file (exit 1 with file:line: reason if invalid).
+    /// Validate a policy file (exit 65 with file:line: reason if invalid).
     Check { file: PathBuf },
     /// Validate and apply a policy file to the running daemon.
     Apply { file: PathBuf },
@@ -114,32 +114,51 @@ enum PolicyCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are answers, not errors.
+            return if e.use_stderr() { ExitCode::from(exit_code::USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("sbx-net: {e:#}");
-            // Another daemon holds this data path: EX_TEMPFAIL, so a unit
-            // or script can tell "already running" from a broken start.
-            let locked = e.chain().any(|c| {
-                c.downcast_ref::<sbx_net::control::instance_lock::LockError>().is_some_and(|l| matches!(l, sbx_net::control::instance_lock::LockError::Held { .. }))
-                    || c.downcast_ref::<sbx_net::control::server::ServerError>()
-                        .is_some_and(|s| matches!(s, sbx_net::control::server::ServerError::Locked(sbx_net::control::instance_lock::LockError::Held { .. })))
-            });
-            if locked {
-                ExitCode::from(sbx_net::control::instance_lock::EXIT_LOCKED)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit_status(&e))
         }
     }
+}
+
+/// The exit status for a failure (README "Exit codes"): by the kind the
+/// daemon gave it, EX_UNAVAILABLE when the daemon cannot be reached,
+/// EX_TEMPFAIL when another daemon holds this data path (so a unit or
+/// script can tell "already running" from a broken start), EX_DATAERR for
+/// a policy `policy check` rejects, 1 for anything else.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    use sbx_net::control::instance_lock::{LockError, EXIT_LOCKED};
+    use sbx_net::control::server::ServerError;
+    for cause in e.chain() {
+        if let Some(client) = cause.downcast_ref::<ClientError>() {
+            return client.exit_code();
+        }
+        let held = |l: &LockError| matches!(l, LockError::Held { .. });
+        if cause.downcast_ref::<LockError>().is_some_and(held) || cause.downcast_ref::<ServerError>().is_some_and(|s| matches!(s, ServerError::Locked(l) if held(l))) {
+            return EXIT_LOCKED;
+        }
+        if cause.is::<sbx_net::policy::PolicyError>() || cause.is::<sbx_net::policy::compile::CompileError>() {
+            return exit_code::DATAERR;
+        }
+    }
+    exit_code::FAILURE
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
     match cli.command {
         Command::Daemon(args) => daemon(args, cli.socket),
-        Command::GuestPump { spec } => sbx_net::sandbox::guest_pump::run_pump(&spec).map_err(anyhow::Error::msg),
+        Command::GuestPump { spec } => Ok(sbx_net::sandbox::guest_pump::run_pump(&spec)?),
         Command::Policy { command: PolicyCommand::Check { file } } => {
             println!("{}", check(&file)?);
             Ok(())

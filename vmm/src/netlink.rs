@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -28,6 +28,34 @@ pub enum NetlinkError {
     Sysctl { path: String, source: std::io::Error },
     #[error("{op}: {source}")]
     Request { op: String, source: rtnetlink::Error },
+}
+
+/// One address of an interface, as the kernel lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterfaceAddress {
+    /// The interface's index.
+    pub index: u32,
+    pub address: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl InterfaceAddress {
+    /// The address an RTM_NEWADDR message gives its interface: IFA_LOCAL
+    /// when present (on a point-to-point link IFA_ADDRESS is the peer's),
+    /// else IFA_ADDRESS, as getifaddrs(3) reads it.
+    fn from_message(message: &AddressMessage) -> Option<InterfaceAddress> {
+        let local = message.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let address = local.or_else(|| {
+            message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        })?;
+        Some(InterfaceAddress { index: message.header.index, address, prefix_len: message.header.prefix_len })
+    }
 }
 
 /// A route-netlink connection with its own single-threaded runtime.
@@ -152,6 +180,15 @@ impl Netlink {
         self.request(|| format!("adding {address}/{prefix_len} to link {index}"), req.execute())
     }
 
+    /// Every address of every interface in the socket's namespace (one
+    /// RTM_GETADDR dump).
+    pub fn addresses(&self) -> Result<Vec<InterfaceAddress>, NetlinkError> {
+        let handle = self.handle.clone();
+        let messages: Vec<AddressMessage> =
+            self.request(|| "listing addresses".to_string(), async move { handle.address().get().execute().try_collect().await })?;
+        Ok(messages.iter().filter_map(InterfaceAddress::from_message).collect())
+    }
+
     /// Adds an IPv4 route to `dst/prefix_len`, via `gateway` if given, out of
     /// `oif`. Gateways are always on-link (the sandbox links are point to point).
     pub fn add_route_v4(
@@ -221,6 +258,26 @@ pub fn sysctl_path(key: &str) -> std::path::PathBuf {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    fn message(index: u32, prefix_len: u8, attributes: Vec<AddressAttribute>) -> AddressMessage {
+        let mut m = AddressMessage::default();
+        m.header.index = index;
+        m.header.prefix_len = prefix_len;
+        m.attributes = attributes;
+        m
+    }
+
+    #[test]
+    fn an_interface_address_is_the_local_one_else_the_address() {
+        let own: IpAddr = "192.0.2.1".parse().unwrap();
+        let peer: IpAddr = "192.0.2.2".parse().unwrap();
+        let p2p = message(3, 32, vec![AddressAttribute::Address(peer), AddressAttribute::Local(own)]);
+        assert_eq!(InterfaceAddress::from_message(&p2p), Some(InterfaceAddress { index: 3, address: own, prefix_len: 32 }));
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let plain = message(4, 64, vec![AddressAttribute::Address(v6)]);
+        assert_eq!(InterfaceAddress::from_message(&plain), Some(InterfaceAddress { index: 4, address: v6, prefix_len: 64 }));
+        assert_eq!(InterfaceAddress::from_message(&message(5, 8, vec![AddressAttribute::Label("lo".into())])), None);
+    }
 
     #[test]
     fn sysctl_paths_keep_dotted_interface_names() {

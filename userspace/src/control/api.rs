@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -26,11 +27,140 @@ pub enum Request {
     Inspect { follow: bool },
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// The answer to a request: `{"ok": VALUE}` or `{"error": MESSAGE,
+/// "kind": KIND}`. `error` stays the message, as it always was; `kind`
+/// was added beside it, and a response without one (an older daemon) reads
+/// as [`ErrorKind::Internal`].
+#[derive(Clone, Debug, PartialEq)]
 pub enum Response {
-    Ok(serde_json::Value),
-    Error(String),
+    Ok(Value),
+    Error(ErrorReply),
+}
+
+impl Response {
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error(ErrorReply { kind, message: message.into() })
+    }
+}
+
+/// A refused or failed request: what went wrong, and its kind, which
+/// scripts (and the CLI's exit status) act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+/// What kind of failure a request met.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// What the request names does not exist (a sandbox, a policy).
+    NotFound,
+    /// What the request would create exists already.
+    AlreadyExists,
+    /// The request collides with what is there now: the address pools are
+    /// full, the tap belongs to another sandbox, a policy is in use.
+    Conflict,
+    /// The daemon cannot serve requests now.
+    Unavailable,
+    /// The request itself is wrong (a bad name, flags that exclude each other).
+    Invalid,
+    /// The policy given is not valid.
+    InvalidPolicy,
+    /// Anything else: the message says what.
+    Internal,
+}
+
+impl ErrorKind {
+    const NAMES: [(ErrorKind, &'static str); 7] = [
+        (ErrorKind::NotFound, "not_found"),
+        (ErrorKind::AlreadyExists, "already_exists"),
+        (ErrorKind::Conflict, "conflict"),
+        (ErrorKind::Unavailable, "unavailable"),
+        (ErrorKind::Invalid, "invalid"),
+        (ErrorKind::InvalidPolicy, "invalid_policy"),
+        (ErrorKind::Internal, "internal"),
+    ];
+
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        Self::NAMES.iter().find(|(k, _)| *k == self).map(|(_, n)| *n).expect("every kind is named")
+    }
+
+    /// A kind from its wire name; one this build does not know (a newer
+    /// daemon's) is [`ErrorKind::Internal`].
+    pub fn from_name(name: &str) -> ErrorKind {
+        Self::NAMES.iter().find(|(_, n)| *n == name).map_or(ErrorKind::Internal, |(k, _)| *k)
+    }
+
+    /// The CLI's exit status for this kind (sysexits(3), see [`exit_code`]).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::NotFound => exit_code::NOINPUT,
+            ErrorKind::AlreadyExists => exit_code::CANTCREAT,
+            ErrorKind::Conflict => exit_code::TEMPFAIL,
+            ErrorKind::Unavailable => exit_code::UNAVAILABLE,
+            ErrorKind::Invalid => exit_code::USAGE,
+            ErrorKind::InvalidPolicy => exit_code::DATAERR,
+            ErrorKind::Internal => exit_code::FAILURE,
+        }
+    }
+}
+
+/// The CLI's exit statuses: sysexits(3) where one fits, 1 otherwise.
+pub mod exit_code {
+    /// Any failure without a more specific status.
+    pub const FAILURE: u8 = 1;
+    /// EX_USAGE: the command was given wrongly (arguments, flags, a name).
+    pub const USAGE: u8 = 64;
+    /// EX_DATAERR: a policy is not valid.
+    pub const DATAERR: u8 = 65;
+    /// EX_NOINPUT: what the command names does not exist.
+    pub const NOINPUT: u8 = 66;
+    /// EX_UNAVAILABLE: the daemon cannot be reached (or stopped answering).
+    pub const UNAVAILABLE: u8 = 69;
+    /// EX_CANTCREAT: what the command would create exists already.
+    pub const CANTCREAT: u8 = 73;
+    /// EX_TEMPFAIL: busy or in conflict (the pools are full; another daemon
+    /// holds the data path): try again later.
+    pub const TEMPFAIL: u8 = 75;
+    /// EX_PROTOCOL: the daemon's answer could not be read.
+    pub const PROTOCOL: u8 = 76;
+}
+
+impl Serialize for Response {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            Response::Ok(value) => {
+                let mut map = serializer.serialize_map(Some(1))?;
+                map.serialize_entry("ok", value)?;
+                map.end()
+            }
+            Response::Error(reply) => {
+                let mut map = serializer.serialize_map(Some(2))?;
+                map.serialize_entry("error", &reply.message)?;
+                map.serialize_entry("kind", reply.kind.as_str())?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let mut map = serde_json::Map::<String, Value>::deserialize(deserializer)?;
+        if let Some(value) = map.remove("ok") {
+            return Ok(Response::Ok(value));
+        }
+        match map.remove("error") {
+            Some(Value::String(message)) => {
+                let kind = map.get("kind").and_then(Value::as_str).map_or(ErrorKind::Internal, ErrorKind::from_name);
+                Ok(Response::Error(ErrorReply { kind, message }))
+            }
+            _ => Err(serde::de::Error::custom("expected {\"ok\": …} or {\"error\": \"…\"}")),
+        }
+    }
 }
 
 /// What `sandbox create` and `sandbox show` print (stable field names).
@@ -68,8 +198,25 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("the daemon sent an unreadable response: {0}")]
     Protocol(String),
-    #[error("{0}")]
-    Daemon(String),
+    #[error("{message}")]
+    Daemon { kind: ErrorKind, message: String },
+}
+
+impl ClientError {
+    /// The CLI's exit status for this failure.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Connect { .. } | ClientError::Io(_) => exit_code::UNAVAILABLE,
+            ClientError::Protocol(_) => exit_code::PROTOCOL,
+            ClientError::Daemon { kind, .. } => kind.exit_code(),
+        }
+    }
+}
+
+impl From<ErrorReply> for ClientError {
+    fn from(reply: ErrorReply) -> ClientError {
+        ClientError::Daemon { kind: reply.kind, message: reply.message }
+    }
 }
 
 /// Sends one request and waits (up to `timeout`) for its response.
@@ -85,7 +232,7 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<serde
     reader.read_line(&mut response)?;
     match serde_json::from_str::<Response>(&response) {
         Ok(Response::Ok(value)) => Ok(value),
-        Ok(Response::Error(message)) => Err(ClientError::Daemon(message)),
+        Ok(Response::Error(reply)) => Err(reply.into()),
         Err(e) => Err(ClientError::Protocol(format!("{e}: {:?}", response.trim_end()))),
     }
 }
@@ -99,8 +246,8 @@ pub fn inspect_stream(socket: &Path, follow: bool) -> Result<impl Iterator<Item 
     stream.write_all(line.as_bytes())?;
     Ok(BufReader::new(stream).lines().map(|line| {
         let line = line?;
-        if let Ok(Response::Error(message)) = serde_json::from_str::<Response>(&line) {
-            return Err(ClientError::Daemon(message));
+        if let Ok(Response::Error(reply)) = serde_json::from_str::<Response>(&line) {
+            return Err(reply.into());
         }
         serde_json::from_str(&line).map_err(|e| ClientError::Protocol(format!("{e}: {line:?}")))
     }))
@@ -121,7 +268,44 @@ mod tests {
             serde_json::to_string(&r).unwrap(),
             r#"{"op":"sandbox_create","name":"a","policy":"default","tap":null,"netns_guest":true}"#
         );
-        assert_eq!(serde_json::to_string(&Response::Error("x".into())).unwrap(), r#"{"error":"x"}"#);
+        assert_eq!(serde_json::to_string(&Response::error(ErrorKind::NotFound, "x")).unwrap(), r#"{"error":"x","kind":"not_found"}"#);
+        assert_eq!(serde_json::to_string(&Response::Ok(serde_json::json!([1]))).unwrap(), r#"{"ok":[1]}"#);
         assert_eq!(format_mac([2, 0x5b, 0, 0, 0, 1]), "02:5b:00:00:00:01");
+    }
+
+    #[test]
+    fn an_error_without_a_kind_still_reads() {
+        // What daemons answered before errors had kinds.
+        let old: Response = serde_json::from_str(r#"{"error":"no sandbox named \"a\""}"#).unwrap();
+        assert_eq!(old, Response::error(ErrorKind::Internal, "no sandbox named \"a\""));
+        let newer: Response = serde_json::from_str(r#"{"error":"x","kind":"quota_exceeded"}"#).unwrap();
+        assert_eq!(newer, Response::error(ErrorKind::Internal, "x"), "a kind this build does not know");
+        assert!(serde_json::from_str::<Response>(r#"{"neither":1}"#).is_err());
+        assert!(serde_json::from_str::<Response>(r#"{"error":5}"#).is_err());
+    }
+
+    #[test]
+    fn every_kind_round_trips_by_name() {
+        for (kind, name) in ErrorKind::NAMES {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(ErrorKind::from_name(name), kind);
+            let wire = serde_json::to_string(&Response::error(kind, "m")).unwrap();
+            assert_eq!(serde_json::from_str::<Response>(&wire).unwrap(), Response::error(kind, "m"));
+        }
+    }
+
+    #[test]
+    fn each_kind_exits_with_its_sysexits_code() {
+        let codes: Vec<(&str, u8)> = ErrorKind::NAMES.iter().map(|(k, n)| (*n, k.exit_code())).collect();
+        assert_eq!(
+            codes,
+            [("not_found", 66), ("already_exists", 73), ("conflict", 75), ("unavailable", 69), ("invalid", 64), ("invalid_policy", 65), ("internal", 1)]
+        );
+        let unreachable = ClientError::Connect { path: "/run/x.sock".into(), source: std::io::ErrorKind::NotFound.into() };
+        assert_eq!(unreachable.exit_code(), 69);
+        assert_eq!(ClientError::Protocol("garbage".into()).exit_code(), 76);
+        let busy: ClientError = ErrorReply { kind: ErrorKind::Conflict, message: "the address pools are full".into() }.into();
+        assert_eq!((busy.exit_code(), busy.to_string().as_str()), (75, "the address pools are full"));
+        assert_eq!(crate::control::instance_lock::EXIT_LOCKED, exit_code::TEMPFAIL, "a held data path is busy too");
     }
 }

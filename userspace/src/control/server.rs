@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 
-use crate::control::api::{Request, Response};
+use crate::control::api::{ErrorKind, Request, Response};
 use crate::control::config::DaemonConfig;
 use crate::control::daemon::{Daemon, DaemonError};
 use crate::dns::server as dns_proxy;
@@ -299,7 +299,7 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
                 if control.send((request, reply_tx)).is_err() {
                     return;
                 }
-                reply_rx.recv().unwrap_or(Response::Error("the daemon's control thread stopped".into()))
+                reply_rx.recv().unwrap_or(Response::error(ErrorKind::Unavailable, "the daemon's control thread stopped"))
             }
             Err(bad) => bad,
         };
@@ -315,7 +315,7 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
 /// One request line of the control socket, or the error response that
 /// answers it. Pure, so the `api` fuzz target runs exactly this.
 pub fn parse_request(line: &str) -> Result<Request, Response> {
-    serde_json::from_str::<Request>(line).map_err(|e| Response::Error(format!("bad request: {e}")))
+    serde_json::from_str::<Request>(line).map_err(|e| Response::error(ErrorKind::Invalid, format!("bad request: {e}")))
 }
 
 /// Whether the peer of a connected socket hung up (poll(2) without waiting).

@@ -9,16 +9,40 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use sbx_vmm::guest::GuestError;
+use sbx_vmm::netns::NetNsError;
+use sbx_vmm::tap::TapError;
 use sbx_vmm::{GuestNetwork, NetNs, NetnsGuest, Tap};
 
 use crate::sandbox::SandboxSpec;
 
+/// How long the daemon waits for a new pump's guest to come up.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
-    #[error("starting the guest pump for {name}: {reason}")]
-    Start { name: String, reason: String },
+    // The daemon's side: starting and stopping a pump.
+    #[error("starting the guest pump for {name}: opening {log}: {source}")]
+    Log { name: String, log: String, source: std::io::Error },
+    #[error("starting the guest pump for {name}: spawning {exe}: {source}")]
+    Spawn { name: String, exe: String, source: std::io::Error },
+    #[error("starting the guest pump for {name}: it exited before the guest was up; see {log}")]
+    ExitedEarly { name: String, log: String },
+    #[error("starting the guest pump for {name}: no guest after {} s; see {log}", READY_TIMEOUT.as_secs())]
+    NotReady { name: String, log: String },
     #[error("stopping the guest of {name}: {left} is left")]
     Left { name: String, left: String },
+    // The pump process's side.
+    #[error("bad pump spec: {0}")]
+    BadSpec(#[source] serde_json::Error),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    NetNs(#[from] NetNsError),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("telling the daemon the guest is up: {0}")]
+    Ready(#[source] std::io::Error),
 }
 
 /// Everything the pump process needs, passed as one JSON argument.
@@ -74,8 +98,8 @@ const PUMP_ARG: &str = "__guest-pump";
 /// The pump process: opens the (persistent) host tap, creates the guest
 /// namespace, prints `ready`, then pumps until SIGTERM/SIGINT, when it
 /// removes the namespace.
-pub fn run_pump(spec_json: &str) -> Result<(), String> {
-    let spec: PumpSpec = serde_json::from_str(spec_json).map_err(|e| format!("bad pump spec: {e}"))?;
+pub fn run_pump(spec_json: &str) -> Result<(), PumpError> {
+    let spec: PumpSpec = serde_json::from_str(spec_json).map_err(PumpError::BadSpec)?;
     // Block the stop signals in every thread (the pump threads inherit the
     // mask) and wait for them synchronously below.
     // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
@@ -88,28 +112,28 @@ pub fn run_pump(spec_json: &str) -> Result<(), String> {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
-    let tap = Tap::open(&spec.tap).map_err(|e| e.to_string())?;
+    let tap = Tap::open(&spec.tap)?;
     // A namespace left by a pump that was SIGKILLed: replace it.
-    NetNs::delete(&spec.netns).map_err(|e| e.to_string())?;
-    let guest = NetnsGuest::start(&spec.netns, tap, &spec.network()).map_err(|e| e.to_string())?;
+    NetNs::delete(&spec.netns)?;
+    let guest = NetnsGuest::start(&spec.netns, tap, &spec.network())?;
     println!("{READY}");
-    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    std::io::stdout().flush().map_err(PumpError::Ready)?;
     let mut signal: libc::c_int = 0;
     // SAFETY: set is the initialised signal set from above.
     unsafe { libc::sigwait(&set, &mut signal) };
     eprintln!("guest pump {}: signal {signal}, removing {}", spec.sandbox, spec.netns);
-    guest.stop().map_err(|e| e.to_string())
+    Ok(guest.stop()?)
 }
 
 /// Starts the pump for `spec` (detached, in its own session) and waits until
 /// the guest is up. Its stderr goes to `log`.
 pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpError> {
-    let err = |reason: String| PumpError::Start { name: spec.sandbox.clone(), reason };
+    let name = spec.sandbox.clone();
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
-        .map_err(|e| err(format!("opening {}: {e}", log.display())))?;
+        .map_err(|source| PumpError::Log { name: name.clone(), log: log.display().to_string(), source })?;
     let mut command = Command::new(exe);
     command
         .arg(PUMP_ARG)
@@ -127,7 +151,7 @@ pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpEr
             Ok(())
         });
     }
-    let mut child = command.spawn().map_err(|e| err(format!("spawning {}: {e}", exe.display())))?;
+    let mut child = command.spawn().map_err(|source| PumpError::Spawn { name: name.clone(), exe: exe.display().to_string(), source })?;
     let pid = child.id();
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -136,21 +160,18 @@ pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpEr
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(line) if line.trim() == READY => Ok(pid),
-        Ok(_) => {
-            if let Err(e) = stop_pump(pid, &spec.sandbox, &spec.netns) {
-                tracing::error!("{e}");
-            }
-            Err(err(format!("it exited before the guest was up; see {}", log.display())))
-        }
-        Err(_) => {
-            if let Err(e) = stop_pump(pid, &spec.sandbox, &spec.netns) {
-                tracing::error!("{e}");
-            }
-            Err(err(format!("no guest after 15 s; see {}", log.display())))
-        }
+    let answer = rx.recv_timeout(READY_TIMEOUT);
+    if matches!(&answer, Ok(line) if line.trim() == READY) {
+        return Ok(pid);
     }
+    if let Err(e) = stop_pump(pid, &spec.sandbox, &spec.netns) {
+        tracing::error!("{e}");
+    }
+    let log = log.display().to_string();
+    Err(match answer {
+        Ok(_) => PumpError::ExitedEarly { name, log },
+        Err(_) => PumpError::NotReady { name, log },
+    })
 }
 
 /// Whether `pid` is the pump of `sandbox` (a pid alone may have been reused).

@@ -1,24 +1,24 @@
 //! Sandboxes: their addressing (pure, derived from the sandbox id and the
 //! address pools) and their host side (tap, addresses, eBPF config, TCX
-//! link, optional netns guest).
+//! link, nftables membership, optional netns guest), put on the host by
+//! [`install::SandboxHost`].
 
+pub mod denies;
 pub mod guest_pump;
 pub mod host;
+pub mod install;
 pub mod route;
 pub mod tap_pool;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use aya::programs::tc::SchedClassifierLinkId;
-use sbx_net_common::{program_names, SandboxConfig, MAX_PROXIED_PORTS};
-use sbx_vmm::guest::GuestError;
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use sbx_net_common::{SandboxConfig, MAX_PROXIED_PORTS};
 use sbx_vmm::netlink::NetlinkError;
 use sbx_vmm::tap::TapError;
-use sbx_vmm::{GuestNetwork, NetnsGuest, Netlink, Tap};
+use sbx_vmm::{GuestNetwork, Netlink, Tap};
 
-use crate::policy::compile::{compile, CompileError, CompiledPolicy};
-use crate::datapath::{Datapath, DatapathError};
-use crate::policy::Policy;
+use crate::policy::compile::CompiledPolicy;
 
 /// Address pools sandboxes are carved from, as plain data. Each sandbox gets
 /// a /30 (gateway .1, guest .2) and a /64 (gateway ::1, guest ::2).
@@ -48,6 +48,14 @@ impl AddressPools {
         let v6 = 1u64 << (64 - self.ipv6_prefix_len.min(64)).min(32);
         v4.min(v6)
     }
+
+    pub fn ipv4_network(&self) -> Ipv4Network {
+        Ipv4Network::new(self.ipv4, self.ipv4_prefix_len.min(32)).expect("a prefix of at most 32 is valid")
+    }
+
+    pub fn ipv6_network(&self) -> Ipv6Network {
+        Ipv6Network::new(self.ipv6, self.ipv6_prefix_len.min(128)).expect("a prefix of at most 128 is valid")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,12 +72,6 @@ pub enum SandboxError {
     Host(#[from] crate::sandbox::host::HostError),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    #[error(transparent)]
-    Compile(#[from] CompileError),
-    #[error(transparent)]
-    Datapath(#[from] DatapathError),
-    #[error(transparent)]
-    Guest(#[from] GuestError),
 }
 
 /// Everything about a sandbox's addressing, derived deterministically.
@@ -210,60 +212,14 @@ pub fn configure_host_side(netlink: &Netlink, spec: &SandboxSpec, ifindex: u32) 
     Ok(())
 }
 
-/// A sandbox's host side, in the calling thread's network namespace.
-pub struct HostSandbox {
-    pub spec: SandboxSpec,
-    pub ifindex: u32,
-    pub policy: CompiledPolicy,
-    link: Option<SchedClassifierLinkId>,
-    /// Held when there is no netns guest, so the (non-persistent) tap lives.
-    tap: Option<Tap>,
-    guest: Option<NetnsGuest>,
-}
-
-impl HostSandbox {
-    /// Creates the tap, addresses it, installs the compiled policy and
-    /// config, attaches the classifier, and (if asked) starts a netns guest
-    /// on it. The caller's thread must be in the host namespace.
-    pub fn create(
-        datapath: &mut Datapath,
-        netlink: &Netlink,
-        spec: SandboxSpec,
-        policy: &Policy,
-        netns_guest: bool,
-        flags: u32,
-    ) -> Result<HostSandbox, SandboxError> {
-        let compiled = compile(policy, &spec.host_addresses())?;
-        let (tap, ifindex) = open_host_tap(netlink, &spec)?;
-        let mut sandbox = HostSandbox { spec, ifindex, policy: compiled, link: None, tap: None, guest: None };
-        let config = sandbox.spec.datapath_config(&sandbox.policy, sandbox.spec.id, flags, &[]);
-        datapath.install_sandbox(ifindex, &config, &sandbox.policy)?;
-        sandbox.link = Some(datapath.attach(program_names::EGRESS, &sandbox.spec.tap)?);
-        if netns_guest {
-            let network = sandbox.spec.guest_network();
-            sandbox.guest = Some(NetnsGuest::start(&sandbox.spec.netns, tap, &network)?);
-        } else {
-            sandbox.tap = Some(tap);
-        }
-        Ok(sandbox)
-    }
-
-    pub fn guest(&self) -> Option<&NetnsGuest> {
-        self.guest.as_ref()
-    }
-
-    /// Removes the guest, the link, the map entries and the tap.
-    pub fn delete(mut self, datapath: &mut Datapath) -> Result<(), SandboxError> {
-        self.guest.take();
-        self.tap.take();
-        if let Some(link) = self.link.take() {
-            // The tap is gone with its last fd, which detaches the link too;
-            // detaching an already-detached link is not an error worth failing on.
-            let _ = datapath.detach(program_names::EGRESS, link);
-        }
-        datapath.remove_sandbox(self.ifindex, self.spec.id, &self.policy)?;
-        Ok(())
-    }
+/// The interface index of `name` in the calling thread's namespace (no
+/// rtnl lock, unlike a netlink request, so it never waits behind a TCX
+/// attach).
+pub fn ifindex_of(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string we own.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
 }
 
 #[cfg(test)]

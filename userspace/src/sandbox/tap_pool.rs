@@ -16,8 +16,19 @@ use std::time::Duration;
 use aya::programs::ProgramFd;
 use sbx_vmm::Netlink;
 
-use crate::sandbox::{open_host_tap, AddressPools, SandboxSpec};
-use crate::datapath::tcx::attach_ingress_pinned;
+use crate::datapath::tcx::{attach_ingress_pinned, TcxError};
+use crate::sandbox::{open_host_tap, AddressPools, SandboxError, SandboxSpec};
+
+/// Why a tap could not be pre-warmed (the worker logs it and tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum PrewarmError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("making the tap persistent: {0}")]
+    Persist(#[from] sbx_vmm::tap::TapError),
+    #[error(transparent)]
+    Attach(#[from] TcxError),
+}
 
 /// Pin name of a pooled tap's link (renamed to the sandbox's on use).
 pub fn pool_pin_name(id: u32) -> String {
@@ -172,13 +183,13 @@ impl TapPool {
     }
 }
 
-fn prepare(netlink: &Netlink, settings: &PoolSettings, program: &ProgramFd, id: u32) -> Result<u32, String> {
+fn prepare(netlink: &Netlink, settings: &PoolSettings, program: &ProgramFd, id: u32) -> Result<u32, PrewarmError> {
     use std::os::fd::AsFd;
-    let spec = SandboxSpec::new(id, "pool", &settings.pools).map_err(|e| e.to_string())?;
-    let (tap, ifindex) = open_host_tap(netlink, &spec).map_err(|e| e.to_string())?;
-    let made = (|| {
-        tap.set_persist(true).map_err(|e| e.to_string())?;
-        attach_ingress_pinned(program.as_fd(), ifindex, &settings.links_dir.join(pool_pin_name(id))).map_err(|e| e.to_string())
+    let spec = SandboxSpec::new(id, "pool", &settings.pools)?;
+    let (tap, ifindex) = open_host_tap(netlink, &spec)?;
+    let made = (|| -> Result<(), PrewarmError> {
+        tap.set_persist(true)?;
+        Ok(attach_ingress_pinned(program.as_fd(), ifindex, &settings.links_dir.join(pool_pin_name(id)))?)
     })();
     drop(tap);
     if let Err(e) = made {

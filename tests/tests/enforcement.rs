@@ -1,15 +1,23 @@
-//! End to end: a sandbox with a netns guest on a real tap carrying the real
-//! classifier, a world namespace with servers, and real ping / nc / curl in
-//! the guest. Each test builds and tears down its own namespaces.
+//! Enforcement on a real tap, without the daemon around it: a sandbox put
+//! on the host by the daemon's own installer (tap, classifier on a pinned
+//! TCX link, nftables table, netns guest behind the pump process), a world
+//! namespace with servers, and real ping / nc / curl in the guest: allowed
+//! CIDRs are reachable over IPv4 and IPv6, nested denies and unlisted
+//! addresses are dropped with a drop event naming the rule, and spoofed
+//! sources cannot send. Each test builds and tears down its own namespaces.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use sbx_net::control::config::DaemonConfig;
 use sbx_net::datapath::{Datapath, DatapathOptions, EventReader};
 use sbx_net::observe::record::{compact, from_event};
 use sbx_net::policy::Policy;
-use sbx_net::sandbox::{AddressPools, HostSandbox, SandboxSpec};
+use sbx_net::sandbox::install::{HostSettings, InstallRequest, InstalledSandbox, SandboxHost, TapSource};
+use sbx_net::sandbox::SandboxSpec;
 use sbx_net_common::{FlowEvent, Reason};
+use sbx_net_tests::daemon::sbx_net_bin;
 use sbx_net_tests::{curl, ping, require_root, run_in, tcp_connects, try_wait_for, udp_exchange, unique_name, Topology, WorldServers};
 
 const PORT: u16 = 8080;
@@ -38,9 +46,13 @@ deny = ["198.51.100.16/28", "2001:db8:100:10::/64"]
 struct Setup {
     /// Events drained but not yet matched by a wait.
     pending: Vec<FlowEvent>,
-    sandbox: Option<HostSandbox>,
-    datapath: Datapath,
+    sandbox: Option<InstalledSandbox>,
+    host: SandboxHost,
     events: EventReader,
+    /// The bpffs directory of the sandbox's pinned link.
+    pins: PathBuf,
+    /// The guest pump's log.
+    logs: PathBuf,
     _servers: WorldServers,
     /// Held so the namespaces live as long as the sandbox.
     _topology: Topology,
@@ -52,7 +64,7 @@ impl Setup {
         let topology = Topology::new(tag);
         topology.enter_host();
         // No daemon here: prepare the uplink as the daemon does at start
-        // (the taps get theirs when HostSandbox creates them).
+        // (the taps get theirs when the installer makes them).
         let uplink = sbx_net::sandbox::host::uplink_settings(&["uplink".to_string()], &sbx_net::sandbox::host::read_sysctl);
         sbx_net::sandbox::host::apply(&uplink, false).expect("uplink forwarding");
         let world: Vec<IpAddr> = vec![
@@ -69,14 +81,24 @@ impl Setup {
         let servers = WorldServers::start(&topology.world, &world, PORT);
         let mut datapath = Datapath::load(&DatapathOptions::default()).expect("load eBPF");
         let events = datapath.take_events().unwrap();
-        let spec = SandboxSpec::new(1, &unique_name("g"), &AddressPools::default()).unwrap();
+        let name = unique_name("g");
+        let pins = PathBuf::from("/sys/fs/bpf").join(&name);
+        let logs = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&logs).expect("log dir");
+        // The daemon's defaults: its pools, nftables table and proxied ports.
+        let config = DaemonConfig { uplink: Some("uplink".into()), ..DaemonConfig::default() };
+        let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_bin(), log_dir: logs.clone() };
+        let mut host = SandboxHost::new(datapath, settings).expect("netlink in the host namespace");
+        host.install_table(&[]).expect("nftables table");
+        let spec = SandboxSpec::new(1, &name, &config.pools()).unwrap();
         let policy = Policy::parse("e2e.toml", POLICY).unwrap();
-        let sandbox = HostSandbox::create(&mut datapath, &topology.host_netlink, spec, &policy, true, 0)
-            .expect("create sandbox with netns guest");
-        Setup { pending: Vec::new(), sandbox: Some(sandbox), datapath, events, _servers: servers, _topology: topology }
+        let sandbox = host
+            .install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest: true })
+            .expect("install a sandbox with a netns guest");
+        Setup { pending: Vec::new(), sandbox: Some(sandbox), host, events, pins, logs, _servers: servers, _topology: topology }
     }
 
-    fn sandbox(&self) -> &HostSandbox {
+    fn sandbox(&self) -> &InstalledSandbox {
         self.sandbox.as_ref().unwrap()
     }
 
@@ -100,15 +122,20 @@ impl Setup {
     }
 
     fn counter(&self, reason: Reason) -> u64 {
-        self.datapath.counters().unwrap()[reason as usize].packets
+        self.host.datapath.counters().unwrap()[reason as usize].packets
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
         if let Some(sandbox) = self.sandbox.take() {
-            let _ = sandbox.delete(&mut self.datapath);
+            let left = self.host.uninstall(&sandbox);
+            if !left.is_empty() {
+                eprintln!("uninstalling {} left: {}", sandbox.spec.name, left.join("; "));
+            }
         }
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.logs);
     }
 }
 

@@ -1,0 +1,227 @@
+//! Creating and deleting sandboxes: the request checks, the id and tap, the
+//! install through [`SandboxHost`](crate::sandbox::install::SandboxHost),
+//! the sandbox's CA, the record; and the delete that leaves the tap
+//! fail-closed until the reaper unregisters it.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::control::api::SandboxInfo;
+use crate::control::state::{text_hash, PolicyText, SandboxRecord};
+use crate::credentials::ca::SandboxCa;
+use crate::policy::store::PolicyEntry;
+use crate::sandbox::guest_pump::stop_pump;
+use crate::sandbox::install::{remove_from_host, InstallRequest, InstalledSandbox, TapSource};
+use crate::sandbox::tap_pool::reap_pin_name;
+use crate::sandbox::{ifindex_of, SandboxSpec};
+
+use super::reaper::{purge_flows, ReapJob};
+use super::{io_err, now_unix, Daemon, DaemonError};
+
+/// What `sandbox create` asks for.
+struct CreateRequest<'a> {
+    name: &'a str,
+    policy: &'a str,
+    /// The external VMM's tap to adopt.
+    tap: Option<&'a str>,
+    netns_guest: bool,
+}
+
+impl Daemon {
+    pub(super) fn create(&mut self, name: &str, policy: &str, tap: Option<&str>, netns_guest: bool) -> Result<SandboxInfo, DaemonError> {
+        let request = CreateRequest { name, policy, tap, netns_guest };
+        let entry = self.check_create(&request)?;
+        let (id, source) = self.claim_id(&request)?;
+        let installed = self.install(id, source, &request, &entry).inspect_err(|_| self.pool.release(id))?;
+        self.give_ca(&request, &installed.spec);
+        let started = Instant::now();
+        let record = self.record_created(&request, &entry, &installed)?;
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: state saved after kernel work");
+        self.publish_route(name, &installed.spec);
+        tracing::info!(sandbox = %name, tap = %installed.spec.tap, policy = %policy, "sandbox created");
+        self.info(&record)
+    }
+
+    /// Refuses what cannot be created; returns the policy to enforce.
+    fn check_create(&self, request: &CreateRequest<'_>) -> Result<PolicyEntry, DaemonError> {
+        if self.state.sandboxes.contains_key(request.name) {
+            return Err(DaemonError::SandboxExists(request.name.to_string()));
+        }
+        if request.tap.is_some() && request.netns_guest {
+            return Err(DaemonError::TapWithNetnsGuest);
+        }
+        let entry = self.policies.set.get(request.policy).cloned().ok_or_else(|| DaemonError::NoSuchPolicy {
+            name: request.policy.to_string(),
+            known: self.policies.set.keys().cloned().collect::<Vec<_>>().join(", "),
+        })?;
+        if let Some(tap) = request.tap {
+            sbx_vmm::tap::validate_ifname(tap).map_err(DaemonError::BadTapName)?;
+            if self.state.sandboxes.values().any(|s| s.tap == tap) {
+                return Err(DaemonError::TapTaken(tap.to_string()));
+            }
+        }
+        Ok(entry)
+    }
+
+    /// The new sandbox's id, with a pre-warmed tap (attached already) when
+    /// one is ready and no tap is adopted.
+    fn claim_id(&self, request: &CreateRequest<'_>) -> Result<(u32, TapSource), DaemonError> {
+        if request.tap.is_none() {
+            if let Some((id, ifindex)) = self.pool.take() {
+                return Ok((id, TapSource::Pooled { ifindex }));
+            }
+        }
+        let id = self.pool.allocate().ok_or(DaemonError::PoolFull)?;
+        Ok((id, if request.tap.is_some() { TapSource::Adopted } else { TapSource::New }))
+    }
+
+    /// The kernel side: tap, maps, pinned link, nftables element, pump.
+    fn install(&mut self, id: u32, tap: TapSource, request: &CreateRequest<'_>, entry: &PolicyEntry) -> Result<InstalledSandbox, DaemonError> {
+        let mut spec = SandboxSpec::new(id, request.name, &self.config.pools())?;
+        if let Some(adopted) = request.tap {
+            spec.tap = adopted.to_string();
+        }
+        let policy_id = self.state.take_policy_id();
+        Ok(self.host.install(InstallRequest { spec, policy: &entry.policy, policy_id, tap, netns_guest: request.netns_guest })?)
+    }
+
+    /// The sandbox's own CA for the credential proxy: the guest is told
+    /// where its certificate is (`ca_cert`), the key stays in the state dir.
+    fn give_ca(&mut self, request: &CreateRequest<'_>, spec: &SandboxSpec) {
+        let name = request.name;
+        match SandboxCa::generate(name).and_then(|ca| ca.save(&self.config.sandbox_ca_dir(name)).map(|_| ca)) {
+            Ok(ca) => {
+                if request.netns_guest {
+                    if let Err(e) = trust_in_guest(&spec.netns, &ca.cert_pem) {
+                        tracing::warn!(sandbox = %name, "guest trust store: {e}");
+                    }
+                }
+                self.in_force.cas.insert(name.to_string(), Arc::new(Mutex::new(ca)));
+            }
+            Err(e) => tracing::warn!(sandbox = %name, "no CA for the credential proxy: {e}"),
+        }
+    }
+
+    /// Records the installed sandbox (state file, policy in force).
+    fn record_created(&mut self, request: &CreateRequest<'_>, entry: &PolicyEntry, installed: &InstalledSandbox) -> Result<SandboxRecord, DaemonError> {
+        let hash = text_hash(&entry.source, &entry.text);
+        self.state.policy_texts.insert(hash.clone(), PolicyText { source: entry.source.clone(), text: entry.text.clone() });
+        let record = SandboxRecord {
+            id: installed.spec.id,
+            name: request.name.to_string(),
+            policy: request.policy.to_string(),
+            tap: installed.spec.tap.clone(),
+            adopted_tap: installed.adopted_tap,
+            netns_guest: request.netns_guest,
+            pump_pid: installed.pump_pid,
+            policy_id: installed.policy_id,
+            policy_hash: hash,
+            policy_generation: self.state.policy_generation,
+            created_unix: now_unix(),
+        };
+        self.state.sandboxes.insert(request.name.to_string(), record.clone());
+        self.in_force.policies.insert(request.name.to_string(), Arc::new(installed.policy.clone()));
+        self.state.save(&self.config.state_dir)?;
+        Ok(record)
+    }
+
+    pub(super) fn delete(&mut self, name: &str) -> Result<(), DaemonError> {
+        let record = self.state.sandboxes.get(name).cloned().ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))?;
+        let spec = self.spec(&record)?;
+        // Clear the tap's datapath slot while its ifindex still names it:
+        // from here on the classifier drops the tap's frames.
+        let ifindex = ifindex_of(&record.tap);
+        if let Some(policy) = self.in_force.policies.remove(name) {
+            match ifindex {
+                Some(i) => self.host.datapath.remove_sandbox(i, record.policy_id, &policy)?,
+                None => self.host.datapath.remove_policy(record.policy_id, &policy),
+            }
+        }
+        self.forget_learned(name, record.policy_id);
+        let left = match (record.adopted_tap, ifindex) {
+            (false, Some(ifindex)) => self.hand_to_reaper(&record, &spec, ifindex)?,
+            _ => {
+                let left = remove_from_host(&self.host.netlink, &self.host.nft, &self.host.settings.link_pin(name), &spec, record.pump_pid, record.adopted_tap);
+                purge_flows(&self.config.bpf_dir, &BTreeSet::from([record.id]));
+                self.pool.release(record.id);
+                left
+            }
+        };
+        self.unpublish_routes(&spec);
+        self.shared.flows.forget_sandbox(name);
+        self.in_force.cas.remove(name);
+        let _ = std::fs::remove_dir_all(self.config.sandbox_ca_dir(name));
+        self.state.sandboxes.remove(name);
+        self.state.prune_texts();
+        self.state.save(&self.config.state_dir)?;
+        if !left.is_empty() {
+            tracing::error!(sandbox = %name, "deleted, but left: {}", left.join("; "));
+            return Err(DaemonError::Left { name: name.to_string(), left });
+        }
+        tracing::info!(sandbox = %name, "sandbox deleted");
+        Ok(())
+    }
+
+    /// Unregistering a netdev waits for RCU several times (~35 ms here); the
+    /// reaper does it after we answer. Until then the tap stays
+    /// fail-closed: classifier attached (its pin is renamed, not removed),
+    /// slot empty, out of the nftables set. Returns what is left.
+    fn hand_to_reaper(&mut self, record: &SandboxRecord, spec: &SandboxSpec, ifindex: u32) -> Result<Vec<String>, DaemonError> {
+        let mut left = Vec::new();
+        if let Some(pid) = record.pump_pid {
+            if let Err(e) = stop_pump(pid, &record.name, &spec.netns) {
+                left.push(e.to_string());
+            }
+        }
+        if let Err(e) = self.host.nft.remove_tap(&record.tap) {
+            left.push(format!("nftables element {} ({e})", record.tap));
+        }
+        let reap_pin = self.host.settings.link_pin(&reap_pin_name(record.id));
+        std::fs::rename(self.host.settings.link_pin(&record.name), &reap_pin).map_err(io_err(&reap_pin))?;
+        let job = ReapJob { id: record.id, tap: record.tap.clone(), ifindex, pin: reap_pin };
+        left.extend(self.reaper.reap(job, &self.host.netlink, &self.config.bpf_dir));
+        Ok(left)
+    }
+}
+
+/// Makes a netns guest trust its sandbox's CA: `ip netns exec` shows
+/// /etc/netns/NETNS/ssl as the guest's /etc/ssl, so that becomes a copy of
+/// the host's with the CA appended to the bundle (curl, openssl, Python's
+/// ssl read it). Removed with the guest's namespace.
+pub(super) fn trust_in_guest(netns: &str, ca_pem: &str) -> std::io::Result<()> {
+    let target = Path::new("/etc/netns").join(netns).join("ssl");
+    copy_tree(Path::new("/etc/ssl"), &target)?;
+    let bundle = target.join("certs/ca-certificates.crt");
+    let mut text = std::fs::read_to_string(&bundle).unwrap_or_default();
+    if !text.ends_with('\n') && !text.is_empty() {
+        text.push('\n');
+    }
+    text.push_str(ca_pem);
+    // Replace (not append through) a symlink into the host's store.
+    let _ = std::fs::remove_file(&bundle);
+    std::fs::write(&bundle, text)
+}
+
+/// Copies a directory tree, keeping symlinks as symlinks.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            let _ = std::fs::remove_file(&dst);
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+        } else if kind.is_dir() {
+            // Unreadable directories (private keys) are left out.
+            if std::fs::read_dir(&src).is_ok() {
+                copy_tree(&src, &dst)?;
+            }
+        } else {
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
