@@ -218,6 +218,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .build()
         .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
+    let audited = flows.clone();
     runtime.block_on(async move {
         let proxy_limits = config.proxy_limits();
         for l in proxy_listeners {
@@ -256,7 +257,9 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         let _ = std::fs::remove_file(&socket_path);
         Ok::<(), ServerError>(())
     })?;
-    // Do not wait for client threads or the runtime's tasks.
+    // Audit lines queued before the signal reach the disk; nothing else is
+    // waited for (client threads, the runtime's tasks).
+    audited.sync_audit();
     std::process::exit(0);
 }
 
