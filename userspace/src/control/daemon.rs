@@ -25,7 +25,7 @@ use crate::policy::explain::{parse_destination, test_destination, Redirects};
 use crate::datapath::LearnedSwitch;
 use crate::dns::decide::{carry_learned, LearnedAddr};
 use crate::datapath::learned::LearnedMaps;
-use crate::dns::learned::{Learned, SharedLearned};
+use crate::dns::learned::{Learned, LearnedStore};
 use crate::sandbox::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpError, PumpSpec};
 use crate::datapath::nft::{NftError, Nftables};
 use crate::policy::{Policy, PolicyError};
@@ -110,7 +110,7 @@ pub struct Daemon {
     secrets: SecretStore,
     /// Addresses of the host's interfaces (outside the pools), at start.
     /// The DNS proxy's learned addresses and its handles on the tries.
-    dns_state: SharedLearned,
+    dns_state: Arc<LearnedStore>,
     /// Taps handed to the reaper and not yet gone.
     reaping: Arc<std::sync::atomic::AtomicUsize>,
     /// The flow stream (a deleted sandbox's metric series go with it).
@@ -158,7 +158,7 @@ impl Daemon {
         let reaping = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let maps = LearnedMaps::open(&config.bpf_dir).map_err(crate::dns::server::DnsError::from)?;
         let learned = Learned::restore(&config.learned_snapshot(), &maps);
-        let dns_state = Arc::new(tokio::sync::Mutex::new((maps, learned)));
+        let dns_state = Arc::new(LearnedStore::new(maps, learned));
         let reap_failures = Arc::new(std::sync::Mutex::new(Vec::new()));
         let reaper = start_reaper(pool.clone(), reaping.clone(), config.bpf_dir.clone(), reap_failures.clone())?;
         let mut daemon = Daemon {
@@ -213,8 +213,8 @@ impl Daemon {
 
     /// Switches a sandbox to a new policy generation, carrying its
     /// DNS-learned addresses (recomputed under the new policy) into it. The
-    /// DNS proxy's lock is held throughout, so no answer is learned into the
-    /// generation being left.
+    /// learned store's writer lock is held throughout, so no answer is
+    /// learned into the generation being left.
     fn switch_generation(
         &mut self,
         sandbox: &str,
@@ -225,9 +225,8 @@ impl Daemon {
         restore: Option<&HashMap<IpAddr, LearnedAddr>>,
     ) -> Result<(), DaemonError> {
         let dns_state = self.dns_state.clone();
-        let mut guard = dns_state.blocking_lock();
-        let (_, learned) = &mut *guard;
-        let table = learned.by_sandbox.entry(sandbox.to_string()).or_default();
+        let mut change = dns_state.blocking_change();
+        let table = change.sandbox(sandbox);
         let mut switch = LearnedSwitch::default();
         let mut carried = Vec::new();
         // A rollback also carries what the sandbox had learned before the
@@ -247,20 +246,16 @@ impl Daemon {
         // Old learned keys at an address the old policy also has an entry
         // for are removed with the old policy; the rest are removed here.
         self.datapath.switch_policy(ifindex, config, new, old_policy_id, old, &switch)?;
-        table.clear();
-        table.extend(carried);
-        learned.version += 1;
+        change.replace_sandbox(sandbox, carried.into_iter().collect());
         Ok(())
     }
 
     /// Removes a sandbox's learned addresses from the tries and the table.
     fn forget_learned(&mut self, sandbox: &str, policy_id: u32) {
         let dns_state = self.dns_state.clone();
-        let mut guard = dns_state.blocking_lock();
-        let (_, learned) = &mut *guard;
-        if let Some(table) = learned.by_sandbox.remove(sandbox) {
+        let mut change = dns_state.blocking_change();
+        if let Some(table) = change.remove_sandbox(sandbox) {
             self.datapath.remove_learned(policy_id, table.keys().copied());
-            learned.version += 1;
         }
     }
 
@@ -269,7 +264,7 @@ impl Daemon {
     }
 
     /// The DNS proxy's shared state (learned addresses, trie handles).
-    pub fn dns_state(&self) -> SharedLearned {
+    pub fn dns_state(&self) -> Arc<LearnedStore> {
         self.dns_state.clone()
     }
 
@@ -811,7 +806,7 @@ impl Daemon {
             let before = Switched {
                 record: self.state.sandboxes[&name].clone(),
                 policy: self.in_force[&name].clone(),
-                learned: self.dns_state.blocking_lock().1.by_sandbox.get(&name).cloned().unwrap_or_default(),
+                learned: self.dns_state.sandbox_table(&name),
             };
             if let Err(e) = self.switch_sandbox(&name, &spec, Arc::new(compiled), generation, None) {
                 let rolled_back = switched.len();
@@ -992,7 +987,7 @@ impl Daemon {
             "credentials": self.secrets.report(),
             "taps_being_removed": self.reaping.load(std::sync::atomic::Ordering::SeqCst),
             "dns": self.dns_stats.to_json(),
-            "learned_addresses": self.dns_state.blocking_lock().1.by_sandbox.values().map(|t| t.len()).sum::<usize>(),
+            "learned_addresses": self.dns_state.count(),
             "last_reload_error": self.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,

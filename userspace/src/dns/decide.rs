@@ -635,15 +635,27 @@ pub fn over_cap(
     cap: usize,
     live: impl Fn(IpAddr) -> bool,
 ) -> Vec<IpAddr> {
-    let mut older: Vec<(&IpAddr, &LearnedAddr)> =
-        table.iter().filter(|(ip, l)| l.names.contains(name) && !current.contains(ip)).collect();
-    let total = older.len() + current.len();
-    let excess = total.saturating_sub(cap.max(current.len()));
+    let (mut older, excess) = older_over_cap(table, name, current, cap);
     if excess == 0 {
         return Vec::new();
     }
     older.sort_by_key(|(ip, l)| (l.answered_ns, **ip));
     older.into_iter().map(|(ip, _)| *ip).filter(|ip| !live(*ip)).take(excess).collect()
+}
+
+/// Whether [`over_cap`] would forget any of `name`'s addresses, and so ask
+/// which of them have live flows (worth reading conntrack for).
+pub fn exceeds_cap(table: &std::collections::HashMap<IpAddr, LearnedAddr>, name: &str, current: &[IpAddr], cap: usize) -> bool {
+    older_over_cap(table, name, current, cap).1 > 0
+}
+
+/// `name`'s addresses other than `current`, and how many of them are
+/// beyond the cap.
+fn older_over_cap<'a>(table: &'a std::collections::HashMap<IpAddr, LearnedAddr>, name: &str, current: &[IpAddr], cap: usize) -> (Vec<(&'a IpAddr, &'a LearnedAddr)>, usize) {
+    let older: Vec<(&IpAddr, &LearnedAddr)> = table.iter().filter(|(ip, l)| l.names.contains(name) && !current.contains(ip)).collect();
+    let total = older.len() + current.len();
+    let excess = total.saturating_sub(cap.max(current.len()));
+    (older, excess)
 }
 
 /// (source, destination) of every connection in `/proc/net/nf_conntrack`
@@ -1078,6 +1090,7 @@ deny = ["bad.any.test", "10.0.0.0/8"]
         t.insert(ip("198.51.100.9"), entry(&["other.test"], 0));
         let current = [ip("198.51.100.4")];
         assert_eq!(over_cap(&t, "cdn.test", &current, 2, |_| false), vec![ip("198.51.100.1"), ip("198.51.100.2")]);
+        assert!(exceeds_cap(&t, "cdn.test", &current, 2) && !exceeds_cap(&t, "cdn.test", &current, 4) && !exceeds_cap(&t, "other.test", &current, 3));
         // A live flow protects the oldest; the next oldest goes instead.
         assert_eq!(over_cap(&t, "cdn.test", &current, 2, |a| a == ip("198.51.100.1")), vec![ip("198.51.100.2"), ip("198.51.100.3")]);
         assert!(over_cap(&t, "cdn.test", &current, 4, |_| false).is_empty());
