@@ -251,7 +251,8 @@ fn header_dump(headers: &hyper::HeaderMap) -> String {
 /// `percent`, `json`, `html`, `truncated` (the first 24 bytes of the
 /// Authorization value), `gzip` (whatever was asked), `negotiate` (gzip
 /// only when asked for), `range` (honours `Range`), `trailer`, `reason`,
-/// `redirect` (to other.test), `count`.
+/// `redirect` (to other.test), `count`, `delay/N` (a plain answer after N
+/// ms: an upstream that takes its time, for benchmarks).
 pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Frames> {
     let headers = req.headers().clone();
     let dump = header_dump(&headers);
@@ -316,6 +317,10 @@ pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -
             r
         }
         "redirect" => hyper::Response::builder().status(302).header("location", "https://other.test/reflect/body").body(Frames::full("moved\n")).unwrap(),
+        "delay" => {
+            tokio::time::sleep(std::time::Duration::from_millis(arg.parse().unwrap_or(0))).await;
+            ok.body(Frames::full("ok\n")).unwrap()
+        }
         _ => ok.body(Frames::full("ok\n")).unwrap(),
     }
 }
