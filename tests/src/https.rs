@@ -127,6 +127,9 @@ impl HttpsEcho {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
+                            // As real HTTP servers do: responses to concurrent
+                            // HTTP/2 streams must not wait for ACKs.
+                            let _ = tcp.set_nodelay(true);
                             let (acceptor, secret, log) = (acceptor.clone(), secret.clone(), log.clone());
                             tokio::spawn(async move {
                                 let io: Box<dyn Io> = if tls {

@@ -102,14 +102,14 @@ impl GuestTlsConfigs {
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         entries.clock += 1;
         let used = entries.clock;
+        // On every miss (rare: once per sandbox and host a day), whatever no
+        // longer holds goes: a deleted sandbox's leaf keys are not kept
+        // until the cache fills. Then, when still full, the least recently used.
+        entries.by_key.retain(|_, e| e.ca.strong_count() > 0 && e.fresh(now));
         if !entries.by_key.contains_key(&key) && entries.by_key.len() >= self.capacity {
-            // Whatever no longer holds goes first; then the least recently used.
-            entries.by_key.retain(|_, e| e.ca.strong_count() > 0 && e.fresh(now));
-            if entries.by_key.len() >= self.capacity {
-                let oldest = entries.by_key.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone());
-                if let Some(oldest) = oldest {
-                    entries.by_key.remove(&oldest);
-                }
+            let oldest = entries.by_key.iter().min_by_key(|(_, e)| e.used).map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                entries.by_key.remove(&oldest);
             }
         }
         entries.by_key.insert(key, Entry { ca: Arc::downgrade(ca), config: config.clone(), not_after: leaf.not_after, used });
@@ -145,15 +145,17 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &cache.get("a", "other.test", &a).unwrap()), "another host, another leaf");
         assert!(!Arc::ptr_eq(&first, &cache.get("b", "api.test", &b).unwrap()), "another sandbox, another CA");
         assert_eq!(cache.len(), 3);
-        // Near the leaf's expiry (as the CA renews its own cache): rebuilt.
-        let late = SystemTime::now() + LEAF_LIFETIME - RENEW_BEFORE + Duration::from_secs(60);
-        assert!(!Arc::ptr_eq(&first, &cache.get_at("a", "api.test", &a, late).unwrap()));
         // The sandbox re-created under its name has a new CA: rebuilt, and
         // the config trusted by the old CA's guests is not served to it.
         let again = ca("a");
         let renewed = cache.get("a", "api.test", &again).unwrap();
         assert!(!Arc::ptr_eq(&first, &renewed) && Arc::ptr_eq(&renewed, &cache.get("a", "api.test", &again).unwrap()));
         assert_eq!(cache.len(), 3, "replaced, not added");
+        // Near the leaves' expiry (as the CA renews its own cache): rebuilt,
+        // and the others, as old, go with that miss.
+        let late = SystemTime::now() + LEAF_LIFETIME - RENEW_BEFORE + Duration::from_secs(60);
+        assert!(!Arc::ptr_eq(&renewed, &cache.get_at("a", "api.test", &again, late).unwrap()));
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]
@@ -176,5 +178,12 @@ mod tests {
         let d = ca("d");
         cache.get("d", "api.test", &d).unwrap();
         assert_eq!(entries(), ["a".to_string(), "d".to_string()].into());
+        // And goes at the next miss, full or not.
+        let big = GuestTlsConfigs::with_capacity(8);
+        let (e, f) = (ca("e"), ca("f"));
+        big.get("e", "api.test", &e).unwrap();
+        drop(e);
+        big.get("f", "api.test", &f).unwrap();
+        assert_eq!(big.len(), 1);
     }
 }

@@ -847,6 +847,7 @@ pub async fn serve_plain(
                 let mut connected = None;
                 for addr in &upstream {
                     if let Ok(tcp) = crate::util::net::connect_remote(*addr).await {
+                        let _ = tcp.set_nodelay(true);
                         if let Ok((s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
                             tokio::spawn(async move {
                                 let _ = conn.await;
@@ -1023,6 +1024,8 @@ async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<r
                 continue;
             }
         };
+        // Requests of several streams at once must not wait for ACKs (Nagle).
+        let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(host.to_string()).map_err(|e| CredentialProxyError::UpstreamName(host.to_string(), e))?;
         let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(CredentialProxyError::UpstreamTls)?;
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {

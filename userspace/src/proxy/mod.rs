@@ -242,6 +242,10 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
                     return;
                 }
             };
+            // The proxy speaks HTTP to the guest from here: small writes go
+            // out at once (with several HTTP/2 streams in flight, Nagle's
+            // algorithm would hold a response behind the guest's delayed ACK).
+            let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
             if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), tls, upstream, binding.clone(), flow, Arc::new(permit)).await {
@@ -256,6 +260,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         if host.parse::<IpAddr>().is_err() {
             let binding = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext).cloned();
             drop(upstream);
+            let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), targets.clone(), binding, flow).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
