@@ -34,6 +34,26 @@ pub enum LearnedError {
     SnapshotTask { path: String, source: tokio::task::JoinError },
 }
 
+/// The learned entries of the policy tries as the store changes them: the
+/// pinned maps ([`LearnedMaps`]), or a test's table.
+pub trait LearnedTries: Send + 'static {
+    fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String>;
+    fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue>;
+    fn remove(&mut self, policy_id: u32, ip: IpAddr);
+}
+
+impl LearnedTries for LearnedMaps {
+    fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+        LearnedMaps::insert(self, policy_id, ip, value)
+    }
+    fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue> {
+        LearnedMaps::get(self, policy_id, ip)
+    }
+    fn remove(&mut self, policy_id: u32, ip: IpAddr) {
+        LearnedMaps::remove(self, policy_id, ip)
+    }
+}
+
 /// Learned addresses per sandbox (what the tries hold beyond the compiled
 /// policy), for expiry and for carrying them across policy generations.
 #[derive(Default)]
@@ -65,7 +85,7 @@ impl Learned {
 
     /// Restores the table from the snapshot and the tries: an entry is back
     /// only if the trie still holds a live learned value for it.
-    pub fn restore(path: &Path, maps: &LearnedMaps) -> Learned {
+    pub fn restore(path: &Path, maps: &impl LearnedTries) -> Learned {
         let mut learned = Learned::default();
         let Ok(bytes) = std::fs::read(path) else { return learned };
         let Ok(entries) = serde_json::from_slice::<Vec<SnapshotEntry>>(&bytes) else {
@@ -93,35 +113,35 @@ fn write_snapshot(path: &Path, entries: &[SnapshotEntry]) -> Result<(), LearnedE
 
 /// The tries' handles and the learned table (see the module's comment for
 /// who takes which lock).
-pub struct LearnedStore {
+pub struct LearnedStore<T = LearnedMaps> {
     /// The writer lock: held across every change, by one writer at a time
     /// (async-aware, as answers wait for it within their hold timeout; the
     /// daemon's control thread takes it with [`LearnedStore::blocking_change`]).
-    maps: tokio::sync::Mutex<LearnedMaps>,
+    maps: tokio::sync::Mutex<T>,
     /// Written only by the holder of `maps`, briefly and never across an
     /// await; read by anyone.
     table: RwLock<Learned>,
 }
 
 /// A change in progress: the writer lock, and the table to read or write.
-pub struct LearnedChange<'a> {
-    maps: tokio::sync::MutexGuard<'a, LearnedMaps>,
+pub struct LearnedChange<'a, T = LearnedMaps> {
+    maps: tokio::sync::MutexGuard<'a, T>,
     table: &'a RwLock<Learned>,
 }
 
-impl LearnedStore {
-    pub fn new(maps: LearnedMaps, learned: Learned) -> LearnedStore {
+impl<T: LearnedTries> LearnedStore<T> {
+    pub fn new(maps: T, learned: Learned) -> LearnedStore<T> {
         LearnedStore { maps: tokio::sync::Mutex::new(maps), table: RwLock::new(learned) }
     }
 
     /// Starts a change (waits for the one in progress).
-    pub async fn change(&self) -> LearnedChange<'_> {
+    pub async fn change(&self) -> LearnedChange<'_, T> {
         LearnedChange { maps: self.maps.lock().await, table: &self.table }
     }
 
     /// [`LearnedStore::change`] for a thread outside the async runtime
     /// (the daemon's control thread switching a policy generation).
-    pub fn blocking_change(&self) -> LearnedChange<'_> {
+    pub fn blocking_change(&self) -> LearnedChange<'_, T> {
         LearnedChange { maps: self.maps.blocking_lock(), table: &self.table }
     }
 
@@ -203,8 +223,8 @@ impl LearnedStore {
     }
 }
 
-impl LearnedChange<'_> {
-    pub fn maps(&mut self) -> &mut LearnedMaps {
+impl<T: LearnedTries> LearnedChange<'_, T> {
+    pub fn maps(&mut self) -> &mut T {
         &mut self.maps
     }
 
@@ -220,7 +240,7 @@ impl LearnedChange<'_> {
     }
 
     /// The tries and the table for writing together.
-    pub fn parts(&mut self) -> (&mut LearnedMaps, RwLockWriteGuard<'_, Learned>) {
+    pub fn parts(&mut self) -> (&mut T, RwLockWriteGuard<'_, Learned>) {
         (&mut self.maps, self.table.write().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -251,7 +271,7 @@ impl LearnedChange<'_> {
     }
 }
 
-impl crate::observe::ingest::DestinationNames for LearnedStore {
+impl<T: LearnedTries> crate::observe::ingest::DestinationNames for LearnedStore<T> {
     async fn names(&self, queries: &[(Option<&str>, Option<IpAddr>)]) -> Vec<Vec<String>> {
         let learned = self.read();
         queries
@@ -264,7 +284,7 @@ impl crate::observe::ingest::DestinationNames for LearnedStore {
     }
 }
 
-impl crate::observe::ingest::DestinationNames for Arc<LearnedStore> {
+impl<T: LearnedTries> crate::observe::ingest::DestinationNames for Arc<LearnedStore<T>> {
     async fn names(&self, queries: &[(Option<&str>, Option<IpAddr>)]) -> Vec<Vec<String>> {
         self.as_ref().names(queries).await
     }
@@ -301,3 +321,107 @@ pub(super) fn static_exact(policy: &CompiledPolicy, ip: IpAddr) -> Option<Policy
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::decide::learned_value;
+    use crate::observe::ingest::DestinationNames;
+    use crate::policy::compile::compile;
+    use crate::policy::Policy;
+
+    /// The tries as a map (the pinned ones need privileges).
+    #[derive(Default)]
+    struct Tries(HashMap<(u32, IpAddr), PolicyValue>);
+
+    impl LearnedTries for Tries {
+        fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+            self.0.insert((policy_id, ip), *value);
+            Ok(())
+        }
+        fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue> {
+            self.0.get(&(policy_id, ip)).copied()
+        }
+        fn remove(&mut self, policy_id: u32, ip: IpAddr) {
+            self.0.remove(&(policy_id, ip));
+        }
+    }
+
+    fn policy() -> Arc<CompiledPolicy> {
+        Arc::new(compile(&Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"api.test\", \"198.51.100.7/32\"]\n").unwrap(), &[]).unwrap())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// The store with `entries` (address, expiry) learned by sandbox "s"
+    /// for api.test, in the table and in the tries.
+    fn store(entries: &[(&str, u64)]) -> LearnedStore<Tries> {
+        let p = policy();
+        let mut tries = Tries::default();
+        let mut learned = Learned::default();
+        for (addr, until) in entries {
+            let value = learned_value(&p, ip(addr), None, 1, None, *until);
+            tries.insert(7, ip(addr), &value).unwrap();
+            let names = ["api.test".to_string()].into();
+            learned.by_sandbox.entry("s".into()).or_default().insert(ip(addr), LearnedAddr { policy_id: 7, value, names, answered_ns: 0 });
+        }
+        LearnedStore::new(tries, learned)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+    }
+
+    #[test]
+    fn reads_never_wait_for_a_change_in_progress_and_changes_wait_for_each_other() {
+        let later = boot_time_ns() + 3_600_000_000_000;
+        let store = Arc::new(store(&[("203.0.113.5", later)]));
+        let rt = runtime();
+        let change = rt.block_on(store.change());
+        let reader = store.clone();
+        let (done, read) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let names = runtime().block_on(reader.names(&[(Some("s"), Some(ip("203.0.113.5"))), (Some("t"), Some(ip("203.0.113.5")))]));
+            let _ = done.send((reader.addresses_for("s", "api.test", 0), reader.addresses_for("s", "api.test", u64::MAX), reader.count(), reader.sandbox_table("s").len(), names));
+        });
+        let got = read.recv_timeout(Duration::from_secs(5)).expect("lookups go on while a change holds the writer lock");
+        assert_eq!(got, (vec![ip("203.0.113.5")], vec![], 1, 1, vec![vec!["api.test".to_string()], vec![]]), "expired addresses are not offered");
+        let change_within = |wait| rt.block_on(async { tokio::time::timeout(wait, store.change()).await.is_ok() });
+        assert!(!change_within(Duration::from_millis(50)), "a second writer waits");
+        drop(change);
+        assert!(change_within(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_sweep_clears_expired_entries_from_tries_then_table_and_the_snapshot_follows() {
+        let later = boot_time_ns() + 3_600_000_000_000;
+        let store = store(&[("198.51.100.7", 10), ("203.0.113.5", 10), ("203.0.113.6", later)]);
+        let (version, entries) = store.snapshot_since(None).expect("never written");
+        assert_eq!(entries.len(), 3);
+        assert!(store.snapshot_since(Some(version)).is_none(), "unchanged: not rewritten");
+        let p = policy();
+        runtime().block_on(store.sweep(100, &|sandbox: &str| (sandbox == "s").then(|| p.clone())));
+        let tries = &runtime().block_on(store.change()).maps().0.clone();
+        // The policy's own entry at an expired address is put back; another
+        // expired address leaves the trie; a live one stays as it was.
+        assert_eq!(tries.get(&(7, ip("198.51.100.7"))), static_exact(&p, ip("198.51.100.7")).as_ref());
+        assert!(tries.get(&(7, ip("198.51.100.7"))).is_some_and(|v| v.learned_until_ns == 0));
+        assert!(!tries.contains_key(&(7, ip("203.0.113.5"))));
+        assert_eq!(tries.get(&(7, ip("203.0.113.6"))).map(|v| v.learned_until_ns), Some(later));
+        assert_eq!(store.sandbox_table("s").into_keys().collect::<Vec<_>>(), [ip("203.0.113.6")]);
+        let (swept, entries) = store.snapshot_since(Some(version)).expect("changed: rewritten");
+        assert!(swept > version);
+        // Written and read back: what the tries still hold live comes back.
+        let path = std::env::temp_dir().join(format!("sbx-net-learned-{}.json", std::process::id()));
+        write_snapshot(&path, &entries).unwrap();
+        let restored = Learned::restore(&path, &Tries(tries.clone()));
+        let _ = std::fs::remove_file(&path);
+        let back: Vec<(&String, Vec<&IpAddr>)> = restored.by_sandbox.iter().map(|(s, t)| (s, t.keys().collect())).collect();
+        assert_eq!(back, [(&"s".to_string(), vec![&ip("203.0.113.6")])]);
+        // Later the last one expires too.
+        runtime().block_on(store.sweep(later + 1, &|_: &str| None));
+        assert!(store.snapshot_since(Some(swept)).is_some_and(|(v, e)| v > swept && e.is_empty()), "the last one expired and its sandbox went");
+    }
+}
