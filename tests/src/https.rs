@@ -127,6 +127,9 @@ impl HttpsEcho {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
+                            // As real HTTP servers do: responses to concurrent
+                            // HTTP/2 streams must not wait for ACKs.
+                            let _ = tcp.set_nodelay(true);
                             let (acceptor, secret, log) = (acceptor.clone(), secret.clone(), log.clone());
                             tokio::spawn(async move {
                                 let io: Box<dyn Io> = if tls {
@@ -251,7 +254,8 @@ fn header_dump(headers: &hyper::HeaderMap) -> String {
 /// `percent`, `json`, `html`, `truncated` (the first 24 bytes of the
 /// Authorization value), `gzip` (whatever was asked), `negotiate` (gzip
 /// only when asked for), `range` (honours `Range`), `trailer`, `reason`,
-/// `redirect` (to other.test), `count`.
+/// `redirect` (to other.test), `count`, `delay/N` (a plain answer after N
+/// ms: an upstream that takes its time, for benchmarks).
 pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Frames> {
     let headers = req.headers().clone();
     let dump = header_dump(&headers);
@@ -316,6 +320,10 @@ pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -
             r
         }
         "redirect" => hyper::Response::builder().status(302).header("location", "https://other.test/reflect/body").body(Frames::full("moved\n")).unwrap(),
+        "delay" => {
+            tokio::time::sleep(std::time::Duration::from_millis(arg.parse().unwrap_or(0))).await;
+            ok.body(Frames::full("ok\n")).unwrap()
+        }
         _ => ok.body(Frames::full("ok\n")).unwrap(),
     }
 }

@@ -17,7 +17,10 @@
 //! `cargo xtask bench proxy`: HTTPS requests with credential injection on
 //! kept-alive connections from a netns guest, through sbx-net's credential
 //! proxy and through mitmproxy doing the same injection, against the same
-//! server reached directly.
+//! server reached directly; and 8 HTTP/2 streams at once on one guest
+//! connection, sent upstream concurrently (now) and one at a time (before,
+//! measured in the same run by restarting the daemon with the
+//! `bench_serial_upstream_requests` baseline key).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -1000,6 +1003,66 @@ fn proxy_throughput(addr: SocketAddr, sni: &str, ca: &std::path::Path, seconds: 
     })
 }
 
+/// Requests in flight at once on the one HTTP/2 connection.
+const H2_STREAMS: usize = 8;
+
+/// H2_STREAMS requests at a time for `path`, on one HTTP/2 connection for
+/// `seconds` after a warm-up: requests/s, and the median time of one.
+fn h2_streams(addr: SocketAddr, sni: &str, ca: &std::path::Path, path: &str, seconds: u64) -> Result<(f64, f64)> {
+    use http_body_util::BodyExt;
+    let config = sbx_net_tests::https::client_config_with(&[ca], &[b"h2"]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let uri = format!("https://{sni}{path}");
+    let sni = sni.to_string();
+    rt.block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(sni)?;
+        let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+            bail!("{addr} did not choose HTTP/2");
+        }
+        let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let get = |mut sender: hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>, uri: String| async move {
+            let req = hyper::Request::get(uri).body(http_body_util::Empty::new())?;
+            let resp = sender.send_request(req).await?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            if status != 200 {
+                bail!("status {status}");
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        for _ in 0..H2_STREAMS {
+            get(sender.clone(), uri.clone()).await?;
+        }
+        let start = Instant::now();
+        let end = start + Duration::from_secs(seconds);
+        let mut tasks = Vec::new();
+        for _ in 0..H2_STREAMS {
+            let (sender, uri) = (sender.clone(), uri.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut times = Vec::new();
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    get(sender.clone(), uri.clone()).await?;
+                    times.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok::<_, anyhow::Error>(times)
+            }));
+        }
+        let mut times = Vec::new();
+        for t in tasks {
+            times.extend(t.await??);
+        }
+        let rps = times.len() as f64 / start.elapsed().as_secs_f64();
+        Ok((rps, median(times)))
+    })
+}
+
 fn proxy_bench() -> Result<()> {
     use sbx_net_tests::daemon::DaemonHarness;
     use sbx_net_tests::https::{HttpsEcho, TestCa};
@@ -1022,7 +1085,8 @@ fn proxy_bench() -> Result<()> {
     );
     let upstream = format!("--upstream-dns={}:53", sbx_net_tests::UPLINK_WORLD_V4);
     let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let h = DaemonHarness::with_args("bench-proxy", &[("bench.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    // A config file (empty: the defaults) the HTTP/2 baseline rewrites.
+    let mut h = DaemonHarness::with_args("bench-proxy", &[("bench.toml", policy.as_str())], Some(""), &[upstream.as_str(), upstream_ca.as_str()]);
     h.topology.add_world_address(server);
     h.topology.add_world_address(mitm);
     let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,300".into()], &[]);
@@ -1076,6 +1140,28 @@ fn proxy_bench() -> Result<()> {
     }
     let _ = mitm_child.kill();
     let _ = mitm_child.wait();
+
+    // 8 HTTP/2 streams at once on one guest connection, to an upstream that
+    // answers at once and to one that takes 5 ms (as a real API does): as
+    // the proxy sends them now (concurrent streams upstream), then with the
+    // daemon restarted on the baseline key (one request at a time, as
+    // before). The sandbox, its CA and what DNS taught it survive the
+    // restart, so only that key differs.
+    let h2_paths = [("answers at once", "/bench"), ("answers after 5 ms", "/reflect/delay/5")];
+    let proxy = SocketAddr::new(server, 443);
+    let sandbox_ca = &targets[1].2;
+    let mut concurrent = Vec::new();
+    for (_, path) in &h2_paths {
+        concurrent.push(guest.run(|| h2_streams(proxy, "api.test", sandbox_ca, path, PROXY_SECONDS))??);
+    }
+    h.kill_daemon(libc::SIGTERM);
+    std::fs::write(h.dir.join("daemon.toml"), "bench_serial_upstream_requests = true\n")?;
+    h.start_daemon();
+    sbx_net_tests::dig(guest.name(), &["api.test"]);
+    let mut serial = Vec::new();
+    for (_, path) in &h2_paths {
+        serial.push(guest.run(|| h2_streams(proxy, "api.test", sandbox_ca, path, PROXY_SECONDS))??);
+    }
     let (b50, b99) = (rows[0].1, rows[0].2);
     println!("### HTTPS GETs on kept-alive connections from a netns guest ({PROXY_SECONDS} s each; requests/s with {PROXY_CONNECTIONS} connections)\n");
     println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | sequential requests | requests/s |");
@@ -1087,6 +1173,13 @@ fn proxy_bench() -> Result<()> {
         "\nsbx-net / mitmproxy requests/s: **{:.1}×**. Targets: added p50 ≤ 300 µs; ≥ 10× mitmproxy's requests/s.",
         rows[1].4 / rows[2].4
     );
+    println!("\n### {H2_STREAMS} HTTP/2 streams at once on one guest connection to a credential host ({PROXY_SECONDS} s each)\n");
+    println!("Before: the daemon restarted with `bench_serial_upstream_requests = true`, which sends the connection's requests upstream one at a time as the proxy did before (the upstream sender's lock held across each send); its bound is one request per upstream round trip, whatever the number of streams. After: each stream its own upstream stream.\n");
+    println!("| upstream | before: requests/s | before: p50 µs | after: requests/s | after: p50 µs | after / before |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (((what, _), (before_rps, before_p50)), (after_rps, after_p50)) in h2_paths.iter().zip(&serial).zip(&concurrent) {
+        println!("| {what} | {before_rps:.0} | {before_p50:.0} | {after_rps:.0} | {after_p50:.0} | **{:.1}×** |", after_rps / before_rps);
+    }
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

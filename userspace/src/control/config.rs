@@ -97,6 +97,11 @@ pub struct DaemonConfig {
     /// A guest's first bytes (ClientHello, request head) must arrive within
     /// this many milliseconds of connecting, however slowly they trickle.
     pub proxy_first_bytes_timeout_ms: u64,
+    /// A benchmark's baseline, not a setting: send a guest connection's
+    /// requests to a credential host one at a time even over HTTP/2, as the
+    /// proxy did before its streams shared the upstream connection
+    /// (`cargo xtask bench proxy` measures both).
+    pub bench_serial_upstream_requests: bool,
 }
 
 impl Default for DaemonConfig {
@@ -136,6 +141,7 @@ impl Default for DaemonConfig {
             audit_burst: 1000,
             proxy_connections_per_sandbox: 256,
             proxy_first_bytes_timeout_ms: 10_000,
+            bench_serial_upstream_requests: false,
         }
     }
 }
@@ -249,6 +255,16 @@ impl DaemonConfig {
         crate::proxy::ProxyLimits {
             connections: crate::util::conn_limit::ConnLimits::new(self.proxy_connections_per_sandbox),
             first_bytes_timeout: std::time::Duration::from_millis(self.proxy_first_bytes_timeout_ms),
+        }
+    }
+
+    /// How a guest connection's requests to a credential host share the
+    /// upstream connection.
+    pub fn upstream_requests(&self) -> crate::proxy::inject::UpstreamRequests {
+        if self.bench_serial_upstream_requests {
+            crate::proxy::inject::UpstreamRequests::Serial
+        } else {
+            crate::proxy::inject::UpstreamRequests::Concurrent
         }
     }
 

@@ -26,6 +26,8 @@ pub enum ServerError {
     Proxy(#[from] proxy::ProxyError),
     #[error(transparent)]
     Dns(#[from] dns_proxy::DnsError),
+    #[error(transparent)]
+    CredentialProxy(#[from] proxy::inject::CredentialProxyError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("a daemon already answers on {0}; stop it first")]
@@ -151,6 +153,8 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let daemon = Daemon::start(config.clone(), routes.clone(), flows.clone())?;
     let proxy_listeners = proxy::bind(config.proxy_port)?;
     let (dns_udp, dns_tcp) = dns_proxy::bind(config.dns_port)?;
+    let learned = daemon.dns_state();
+    let upstream_dns = Arc::new(crate::dns::upstream::UpstreamClient::default());
     let dns = Arc::new(dns_proxy::DnsContext {
         settings: dns_proxy::DnsSettings {
             upstream: config.upstream_resolver(),
@@ -163,12 +167,21 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             tcp: config.dns_tcp_limits(),
         },
         routes: routes.clone(),
-        state: daemon.dns_state(),
+        learned: learned.clone(),
         stats: daemon.dns_stats(),
-        upstream: Default::default(),
+        upstream: upstream_dns.clone(),
         flows: flows.clone(),
         slots: Default::default(),
-        upstream_tls: crate::proxy::inject::upstream_tls(config.upstream_ca.as_deref()).map_err(|e| io(e)(std::io::Error::other("upstream TLS roots")))?,
+    });
+    let proxy = Arc::new(proxy::ProxyContext {
+        routes: routes.clone(),
+        flows: flows.clone(),
+        learned: learned.clone(),
+        resolver: proxy::ProxyResolver { client: upstream_dns, upstream: dns.settings.upstream, timeout: dns.settings.upstream_timeout },
+        upstream_tls: proxy::inject::upstream_tls(config.upstream_ca.as_deref())?,
+        guest_tls: Default::default(),
+        limits: config.proxy_limits(),
+        upstream_requests: config.upstream_requests(),
     });
     let metrics = Arc::new(register_metrics(&config, &daemon, &flows, &dns, &routes));
     let listener = bind_socket(&config)?;
@@ -218,10 +231,10 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         .build()
         .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
+    let audited = flows.clone();
     runtime.block_on(async move {
-        let proxy_limits = config.proxy_limits();
         for l in proxy_listeners {
-            tokio::spawn(proxy::serve(l, dns.clone(), proxy_limits.clone()));
+            tokio::spawn(proxy::serve(l, proxy.clone()));
         }
         for u in dns_udp {
             tokio::spawn(dns_proxy::serve_udp(u, dns.clone()));
@@ -229,9 +242,9 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         for t in dns_tcp {
             tokio::spawn(dns_proxy::serve_tcp(t, dns.clone()));
         }
-        tokio::spawn(crate::observe::ingest::read_datapath_events(config.bpf_dir.clone(), flows.clone(), routes.clone(), dns.state.clone()));
+        tokio::spawn(crate::observe::ingest::read_datapath_events(config.bpf_dir.clone(), flows.clone(), routes.clone(), learned.clone()));
         let gc_routes = routes.clone();
-        tokio::spawn(crate::dns::learned::collect_expired(dns.state.clone(), config.learned_snapshot(), move |sandbox| {
+        tokio::spawn(crate::dns::learned::collect_expired(learned, config.learned_snapshot(), move |sandbox| {
             let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         }));
@@ -264,7 +277,9 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         }
         Ok::<(), ServerError>(())
     })?;
-    // Do not wait for client threads or the runtime's tasks.
+    // Audit lines queued before the signal reach the disk; nothing else is
+    // waited for (client threads, the runtime's tasks).
+    audited.sync_audit();
     std::process::exit(0);
 }
 
@@ -339,7 +354,7 @@ fn register_metrics(
     let mut metrics = crate::observe::metrics::Metrics::default();
     daemon.metrics().register(metrics.registry());
     flows.metrics.register(metrics.registry());
-    dns.stats.register(dns.state.clone(), metrics.registry());
+    dns.stats.register(dns.learned.clone(), metrics.registry());
     match crate::datapath::PinnedStats::open(&config.bpf_dir) {
         Ok(maps) => metrics.registry().register_collector(Box::new(crate::observe::datapath_metrics::DatapathCollector::new(maps, routes.clone()))),
         Err(e) => tracing::error!("/metrics: the datapath's maps are unreadable; their families are left out: {e}"),

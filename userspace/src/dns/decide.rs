@@ -7,8 +7,9 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{DNSClass, Name, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
 use sbx_net_common::{action, rule_id, PolicyValue};
 
 use crate::policy::compile::{CompiledPolicy, PortInfo};
@@ -173,18 +174,19 @@ pub enum Screened {
 /// no fragmentation on common paths).
 pub const UPSTREAM_UDP_PAYLOAD: u16 = 1232;
 
-const HEADER_LEN: usize = 12;
-
-/// A reply made of the query's header alone: same id, opcode and RD, no
-/// sections (for messages the proxy does not parse further).
-fn header_reply(bytes: &[u8], rcode: ResponseCode) -> Vec<u8> {
-    let mut out = vec![0u8; HEADER_LEN];
-    out[..2].copy_from_slice(&bytes[..2]);
-    // QR, the opcode bits and RD of the query.
-    out[2] = 0x80 | (bytes[2] & 0x79);
-    // RA, and the rcode (4 bits).
-    out[3] = 0x80 | (rcode.low() & 0x0f);
-    out
+/// A reply made of the query's header alone: same id, opcode and RD, RA
+/// set, no sections (for messages the proxy does not parse further: only
+/// their header is read, which any 12 bytes are).
+fn header_reply(query: &Header, rcode: ResponseCode) -> Option<Vec<u8>> {
+    let mut reply = Header::new();
+    reply
+        .set_id(query.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(query.op_code())
+        .set_recursion_desired(query.recursion_desired())
+        .set_recursion_available(true)
+        .set_response_code(rcode);
+    reply.to_bytes().ok()
 }
 
 /// A reply echoing `query`'s one question with `rcode`.
@@ -254,25 +256,25 @@ pub fn screen_query(bytes: &[u8]) -> Screened {
         qtype,
     };
     let none = || String::new();
-    if bytes.len() < HEADER_LEN {
+    // The header alone first: it parses from any 12 bytes, so even a
+    // message whose sections are garbage is answered by its opcode and
+    // counts, with its id.
+    let Ok(header) = Header::from_bytes(bytes) else {
         return refused(None, None, "malformed", none(), none());
-    }
-    if bytes[2] & 0x80 != 0 {
+    };
+    if header.message_type() == MessageType::Response {
         // A response sent as a query: answering it could make two servers
         // answer each other forever.
         return refused(None, None, "malformed", none(), none());
     }
-    let opcode = (bytes[2] >> 3) & 0x0f;
-    if opcode != 0 {
+    if header.op_code() != OpCode::Query {
         // Recorded with the zone (or name) it names, when that parses.
         let zone = Message::from_vec(bytes).ok().and_then(|m| m.queries().first().map(|q| presentation(q.name().iter()))).unwrap_or_default();
-        let reply = header_reply(bytes, ResponseCode::NotImp);
-        return refused(Some(reply), Some(ResponseCode::NotImp), "opcode", zone, opcode_name(opcode));
+        let reply = header_reply(&header, ResponseCode::NotImp);
+        return refused(reply, Some(ResponseCode::NotImp), "opcode", zone, opcode_name(u8::from(header.op_code())));
     }
-    let count = |at: usize| u16::from_be_bytes([bytes[at], bytes[at + 1]]);
-    let (qd, an, ns) = (count(4), count(6), count(8));
-    let formerr = || refused(Some(header_reply(bytes, ResponseCode::FormErr)), Some(ResponseCode::FormErr), "malformed", String::new(), String::new());
-    if qd != 1 || an != 0 || ns != 0 {
+    let formerr = || refused(header_reply(&header, ResponseCode::FormErr), Some(ResponseCode::FormErr), "malformed", String::new(), String::new());
+    if header.query_count() != 1 || header.answer_count() != 0 || header.name_server_count() != 0 {
         return formerr();
     }
     let Ok(message) = Message::from_vec(bytes) else { return formerr() };
@@ -633,15 +635,27 @@ pub fn over_cap(
     cap: usize,
     live: impl Fn(IpAddr) -> bool,
 ) -> Vec<IpAddr> {
-    let mut older: Vec<(&IpAddr, &LearnedAddr)> =
-        table.iter().filter(|(ip, l)| l.names.contains(name) && !current.contains(ip)).collect();
-    let total = older.len() + current.len();
-    let excess = total.saturating_sub(cap.max(current.len()));
+    let (mut older, excess) = older_over_cap(table, name, current, cap);
     if excess == 0 {
         return Vec::new();
     }
     older.sort_by_key(|(ip, l)| (l.answered_ns, **ip));
     older.into_iter().map(|(ip, _)| *ip).filter(|ip| !live(*ip)).take(excess).collect()
+}
+
+/// Whether [`over_cap`] would forget any of `name`'s addresses, and so ask
+/// which of them have live flows (worth reading conntrack for).
+pub fn exceeds_cap(table: &std::collections::HashMap<IpAddr, LearnedAddr>, name: &str, current: &[IpAddr], cap: usize) -> bool {
+    older_over_cap(table, name, current, cap).1 > 0
+}
+
+/// `name`'s addresses other than `current`, and how many of them are
+/// beyond the cap.
+fn older_over_cap<'a>(table: &'a std::collections::HashMap<IpAddr, LearnedAddr>, name: &str, current: &[IpAddr], cap: usize) -> (Vec<(&'a IpAddr, &'a LearnedAddr)>, usize) {
+    let older: Vec<(&IpAddr, &LearnedAddr)> = table.iter().filter(|(ip, l)| l.names.contains(name) && !current.contains(ip)).collect();
+    let total = older.len() + current.len();
+    let excess = total.saturating_sub(cap.max(current.len()));
+    (older, excess)
 }
 
 /// (source, destination) of every connection in `/proc/net/nf_conntrack`
@@ -956,6 +970,15 @@ deny = ["bad.any.test", "10.0.0.0/8"]
             };
             assert_eq!((reply[2] >> 3) & 0x0f, opcode as u8, "the reply keeps the opcode");
         }
+        // The reply is the query's header alone: its id, opcode and RD, with
+        // QR and RA; the query's other bits (AA, TC, Z, CD) and counts are not echoed.
+        let odd = [0x12, 0x34, 5 << 3 | 0x04 | 0x02 | 0x01, 0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        match screen_query(&odd) {
+            Screened::Refused { reply: Some(reply), rcode: Some(ResponseCode::NotImp), .. } => {
+                assert_eq!(reply, [0x12, 0x34, 0x80 | 5 << 3 | 0x01, 0x80 | 4, 0, 0, 0, 0, 0, 0, 0, 0]);
+            }
+            other => panic!("{other:?}"),
+        }
         // UPDATE with prerequisite and update sections.
         let update = [header(5 << 11, [1, 1, 1, 0]), question(ALLOWED, 6, IN), vec![0xc0, 12, 0, 1, 0, 255, 0, 0, 0, 0, 0, 0], vec![0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 10, 0, 0, 1]].concat();
         assert_eq!(refused(&update), (Some(ResponseCode::NotImp), "opcode"));
@@ -1067,6 +1090,7 @@ deny = ["bad.any.test", "10.0.0.0/8"]
         t.insert(ip("198.51.100.9"), entry(&["other.test"], 0));
         let current = [ip("198.51.100.4")];
         assert_eq!(over_cap(&t, "cdn.test", &current, 2, |_| false), vec![ip("198.51.100.1"), ip("198.51.100.2")]);
+        assert!(exceeds_cap(&t, "cdn.test", &current, 2) && !exceeds_cap(&t, "cdn.test", &current, 4) && !exceeds_cap(&t, "other.test", &current, 3));
         // A live flow protects the oldest; the next oldest goes instead.
         assert_eq!(over_cap(&t, "cdn.test", &current, 2, |a| a == ip("198.51.100.1")), vec![ip("198.51.100.2"), ip("198.51.100.3")]);
         assert!(over_cap(&t, "cdn.test", &current, 4, |_| false).is_empty());

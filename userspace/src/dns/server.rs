@@ -19,13 +19,13 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::learned::{guest_addresses, static_exact, SharedLearned};
+use super::learned::{guest_addresses, static_exact, LearnedStore};
 use super::stats::DnsStats;
 use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
 use crate::dns::decide::{
-    answers_query, checked, checked_name, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict, LearnTiming,
-    LearnedAddr, NameVerdict, RecordFate, Screened,
+    answers_query, checked, checked_name, conntrack_pairs, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict,
+    LearnTiming, LearnedAddr, NameVerdict, RecordFate, Screened,
 };
 use crate::observe::record::{DnsDetail, FlowRecord, Verdict};
 use crate::sandbox::route::Routes;
@@ -38,6 +38,23 @@ pub enum DnsError {
     Maps(#[from] crate::datapath::learned::LearnedMapsError),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// An answer's addresses were not open within the hold timeout: the
+    /// answer is not released.
+    #[error("DNS proxy: the answer's map write did not finish within {0:?}")]
+    HoldTimeout(Duration),
+    #[error("DNS proxy: learning {ip}: {reason}")]
+    MapWrite { ip: IpAddr, reason: String },
+}
+
+impl DnsError {
+    /// The flow record's reason for an answer this error held back.
+    fn record_reason(&self) -> &'static str {
+        match self {
+            DnsError::HoldTimeout(_) => "hold_timeout",
+            DnsError::MapWrite { .. } => "map_write_failed",
+            DnsError::Bind { .. } | DnsError::Maps(_) | DnsError::Upstream(_) => "internal_error",
+        }
+    }
 }
 
 /// The proxy's settings, as plain data.
@@ -89,13 +106,12 @@ pub struct DnsContext {
     pub settings: DnsSettings,
     pub stats: Arc<DnsStats>,
     pub routes: Routes,
-    /// The maps and the learned table move together under one lock, which
-    /// the daemon also takes while it switches a policy generation.
-    pub state: SharedLearned,
-    /// The shared upstream socket and the queries in flight on it.
-    pub upstream: UpstreamClient,
-    /// TLS to upstreams for the credential proxy.
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// The tries and the learned table, changed together (the daemon also
+    /// changes them while it switches a policy generation).
+    pub learned: Arc<LearnedStore>,
+    /// The shared upstream socket and the queries in flight on it (the
+    /// HTTP(S) proxy resolves through it too).
+    pub upstream: Arc<UpstreamClient>,
     /// The flow stream both proxies report their decisions to.
     pub flows: Arc<crate::observe::hub::FlowHub>,
     /// What each sandbox holds of the shared resources.
@@ -473,8 +489,8 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     };
     // Open the addresses before the guest can use them.
     if !plan.learn.is_empty() {
-        if let Err(reason) = learn(ctx, &route, &qname, &plan.learn, rule, port).await {
-            return servfail(reason);
+        if let Err(e) = learn(ctx, &route, &qname, &plan.learn, rule, port).await {
+            return servfail(e.record_reason());
         }
     }
     let stripped = plan.fates.iter().filter(|f| **f != RecordFate::Keep).count();
@@ -519,55 +535,95 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
 }
 
 /// Writes an allowed answer's addresses into the sandbox's trie entries
-/// (and the learned table) under the shared lock; Err is the flow record's
-/// reason when the answer must not be released.
-async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &str, addresses: &[(IpAddr, u32)], rule: u32, port: Option<u16>) -> Result<(), &'static str> {
+/// (and the learned table) under the store's writer lock; Err when the
+/// answer must not be released. When the answer puts the name over its
+/// cap, conntrack is read first, on a blocking thread and before the lock;
+/// the whole wait (conntrack, lock) is bounded by the hold timeout.
+async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &str, addresses: &[(IpAddr, u32)], rule: u32, port: Option<u16>) -> Result<(), DnsError> {
     let now = boot_time_ns();
     let held_since = std::time::Instant::now();
-    let Ok(mut guard) = tokio::time::timeout(ctx.settings.hold_timeout, ctx.state.lock()).await else {
+    let deadline = tokio::time::Instant::now() + ctx.settings.hold_timeout;
+    let held_too_long = || {
         // Never release an answer whose addresses are not open yet.
         ctx.stats.hold_timeouts.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
-        return Err("hold_timeout");
+        DnsError::HoldTimeout(ctx.settings.hold_timeout)
     };
-    let (maps, learned) = &mut *guard;
-    let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
-    for (ip, ttl) in addresses {
-        let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
-        let existing = table.get(ip).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
-        let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
-        // Expiry moves in whole seconds: skip the syscall when the entry
-        // already says the same to within one.
-        let unchanged = existing.is_some_and(|e| e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns);
-        if !unchanged {
-            if let Err(e) = maps.insert(route.policy_id, *ip, &value) {
-                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {e}");
-                return Err("map_write_failed");
+    let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
+    let cap = ctx.settings.max_addresses_per_name;
+    let live = if cap > 0 && ctx.learned.exceeds_cap(&route.sandbox, qname, &current, cap) {
+        let guests = guest_addresses(&ctx.routes, &route.sandbox);
+        match tokio::time::timeout_at(deadline, live_destinations(guests)).await {
+            Ok(live) => Some(live),
+            Err(_) => return Err(held_too_long()),
+        }
+    } else {
+        None
+    };
+    let Ok(mut change) = tokio::time::timeout_at(deadline, ctx.learned.change()).await else { return Err(held_too_long()) };
+    // Each address's value, and whether the trie must be written (no other
+    // change runs while the writer lock is held).
+    let planned: Vec<(IpAddr, sbx_net_common::PolicyValue, bool)> = {
+        let learned = change.table();
+        let table = learned.by_sandbox.get(&route.sandbox);
+        addresses
+            .iter()
+            .map(|(ip, ttl)| {
+                let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
+                let existing = table.and_then(|t| t.get(ip)).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
+                let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
+                // Expiry moves in whole seconds: skip the syscall when the
+                // entry already says the same to within one.
+                let unchanged = existing.is_some_and(|e| e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns);
+                match existing {
+                    Some(e) if unchanged => (*ip, e, false),
+                    _ => (*ip, value, true),
+                }
+            })
+            .collect()
+    };
+    // The tries, under the writer lock only (readers go on)...
+    let mut failed = None;
+    let mut written = 0;
+    for (ip, value, write) in &planned {
+        if *write {
+            if let Err(reason) = change.maps().insert(route.policy_id, *ip, value) {
+                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {reason}");
+                failed = Some(DnsError::MapWrite { ip: *ip, reason });
+                break;
             }
         }
-        let value = if unchanged { existing.unwrap_or(value) } else { value };
-        let entry = table.entry(*ip).or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value, names: BTreeSet::new(), answered_ns: now });
+        written += 1;
+    }
+    // ...then the table, for every address whose trie entry is in place
+    // (also when a later one failed: the sweep must find them).
+    let (maps, mut learned) = change.parts();
+    let table = learned.by_sandbox.entry(route.sandbox.clone()).or_default();
+    for (ip, value, _) in &planned[..written] {
+        let entry = table.entry(*ip).or_insert_with(|| LearnedAddr { policy_id: route.policy_id, value: *value, names: BTreeSet::new(), answered_ns: now });
         entry.policy_id = route.policy_id;
-        entry.value = value;
+        entry.value = *value;
         entry.answered_ns = now;
         entry.names.insert(qname.to_string());
     }
-    if ctx.settings.max_addresses_per_name > 0 {
-        let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
-        let guests = guest_addresses(&ctx.routes, &route.sandbox);
-        let mut flows: Option<BTreeSet<(IpAddr, IpAddr)>> = None;
-        let live = |ip: IpAddr| {
-            let pairs = flows.get_or_insert_with(|| crate::dns::decide::conntrack_pairs(&std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default()));
-            guests.iter().any(|g| pairs.contains(&(*g, ip)))
-        };
-        let live = std::cell::RefCell::new(live);
-        let evict = over_cap(table, qname, &current, ctx.settings.max_addresses_per_name, |ip| (live.borrow_mut())(ip));
+    if let Some(e) = failed {
+        learned.version += 1;
+        return Err(e);
+    }
+    if cap > 0 {
+        // Without a conntrack read (the name was within its cap when
+        // checked, and another answer added to it since) every address
+        // counts as live: nothing is forgotten now, the name's next answer
+        // catches up.
+        let evict = over_cap(table, qname, &current, cap, |ip| live.as_ref().is_none_or(|l| l.contains(&ip)));
         for ip in evict {
             let Some(entry) = table.get_mut(&ip) else { continue };
             entry.names.remove(qname);
             if entry.names.is_empty() {
                 let policy_id = entry.policy_id;
                 table.remove(&ip);
+                // Rare (a name past its cap): the trie is written with the
+                // table's write lock held, to keep the two together.
                 match static_exact(&route.policy, ip) {
                     Some(v) => maps.insert_or_count_failure(policy_id, ip, &v),
                     None => maps.remove(policy_id, ip),
@@ -579,6 +635,18 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     learned.version += 1;
     ctx.stats.record_hold(held_since.elapsed());
     Ok(())
+}
+
+/// The destinations `guests` have connections to, from
+/// `/proc/net/nf_conntrack` (read and parsed on a blocking thread: the
+/// table can be large). Unreadable: none.
+async fn live_destinations(guests: Vec<IpAddr>) -> BTreeSet<IpAddr> {
+    tokio::task::spawn_blocking(move || {
+        let text = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default();
+        conntrack_pairs(&text).into_iter().filter(|(src, _)| guests.contains(src)).map(|(_, dst)| dst).collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// The DNAME record type (RFC 6672), which the DNS library reads as

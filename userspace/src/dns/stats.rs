@@ -9,7 +9,7 @@ use std::time::Duration;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::Registry;
 
-use crate::dns::learned::SharedLearned;
+use crate::dns::learned::LearnedStore;
 use crate::observe::metrics::{encode_counter, encode_counters, encode_gauge, CollectWith};
 
 /// Counters the daemon reports in `status` and the proxy registers for
@@ -93,13 +93,13 @@ impl DnsStats {
     /// Registers the DNS proxy's families: its counters and hold-time
     /// histogram, and the learned addresses in force (counted in `learned`
     /// at scrape time).
-    pub fn register(self: &Arc<Self>, learned: SharedLearned, registry: &mut Registry) {
+    pub fn register(self: &Arc<Self>, learned: Arc<LearnedStore>, registry: &mut Registry) {
         registry.register("dns_hold_seconds", "Time an answer was held while its addresses were written to the maps", self.hold_seconds.clone());
         let stats = self.clone();
         registry.register_collector(Box::new(CollectWith("dns", move |encoder: &mut DescriptorEncoder| {
             // The endpoint renders off the async workers, so waiting for
             // the store's lock here is fine.
-            let learned = learned.blocking_lock().1.by_sandbox.values().map(|t| t.len()).sum::<usize>();
+            let learned = learned.count();
             stats.encode(encoder, learned)
         })));
     }

@@ -5,6 +5,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hickory_proto::op::Header;
+use hickory_proto::serialize::binary::BinDecodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -79,11 +81,9 @@ impl UpstreamClient {
                     let mut buf = vec![0u8; 65535];
                     loop {
                         let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
-                        if n < 12 {
-                            continue;
-                        }
-                        let id = u16::from_be_bytes([buf[0], buf[1]]);
-                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        // Shorter than a header: nobody's answer.
+                        let Ok(header) = Header::from_bytes(&buf[..n]) else { continue };
+                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&header.id());
                         if let Some(tx) = waiter {
                             let _ = tx.send(buf[..n].to_vec());
                         }
@@ -114,15 +114,14 @@ impl UpstreamClient {
     /// comes back with its id); on a truncated UDP answer, asks again over
     /// TCP.
     pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
-        if query.len() < 12 {
+        let Ok(query_header) = Header::from_bytes(query) else {
             return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
-        }
-        let query_id = [query[0], query[1]];
+        };
         let s = self.socket(upstream).await.map_err(UpstreamError::Io)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let entry = self.take_id(&s.pending, tx)?;
         let mut ours = query.to_vec();
-        ours[..2].copy_from_slice(&entry.id.to_be_bytes());
+        set_id(&mut ours, entry.id);
         s.socket.send(&ours).await.map_err(UpstreamError::Io)?;
         let answered = tokio::time::timeout(timeout, rx).await;
         drop(entry);
@@ -130,8 +129,9 @@ impl UpstreamClient {
             Ok(Ok(r)) => r,
             _ => return Err(UpstreamError::Timeout(timeout)),
         };
-        // TC bit: byte 2, bit 1.
-        if response[2] & 0x02 != 0 {
+        // The receiver only hands on what has a header.
+        let truncated = Header::from_bytes(&response).is_ok_and(|h| h.truncated());
+        if truncated {
             response = tokio::time::timeout(timeout, async {
                 let mut stream = TcpStream::connect(upstream).await?;
                 write_framed(&mut stream, query).await?;
@@ -140,13 +140,21 @@ impl UpstreamClient {
             .await
             .map_err(|_| UpstreamError::Timeout(timeout))?
             .map_err(UpstreamError::Io)?;
-            if response.len() < 12 {
+            if Header::from_bytes(&response).is_err() {
                 return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, "short answer over TCP")));
             }
         }
-        response[..2].copy_from_slice(&query_id);
+        set_id(&mut response, query_header.id());
         Ok(response)
     }
+}
+
+/// Puts `id` into a message that has a header (checked by the caller), in
+/// place: the answer goes back to the guest byte for byte when nothing in
+/// it is stripped, and decoding and re-encoding it would not keep that
+/// (name compression, record order, unknown data).
+fn set_id(message: &mut [u8], id: u16) {
+    message[..2].copy_from_slice(&id.to_be_bytes());
 }
 
 /// A query id nobody off the path can predict.

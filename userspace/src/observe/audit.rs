@@ -1,8 +1,14 @@
 //! The audit log: one JSON line per record, rotated by size, with a
-//! per-sandbox budget so one sandbox cannot flood it.
+//! per-sandbox budget so one sandbox cannot flood it, written by a thread
+//! of its own so no DNS answer or proxied request waits for the disk.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::record::{FlowRecord, Verdict};
 
@@ -12,8 +18,6 @@ pub enum AuditError {
     Io { path: String, source: std::io::Error },
 }
 
-/// Append-only JSONL with size-based rotation: past `max_bytes` the file
-/// becomes `.1` (`.1` becomes `.2`, ...; the oldest beyond `keep` goes).
 /// Whether an audit line is written.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admit {
@@ -92,6 +96,8 @@ impl AuditBudgets {
     }
 }
 
+/// Append-only JSONL with size-based rotation: past `max_bytes` the file
+/// becomes `.1` (`.1` becomes `.2`, ...; the oldest beyond `keep` goes).
 pub struct AuditLog {
     path: PathBuf,
     max_bytes: u64,
@@ -155,6 +161,152 @@ impl AuditLog {
     }
 }
 
+impl AuditSink for AuditLog {
+    fn append(&mut self, record: &FlowRecord) -> Result<(), AuditError> {
+        AuditLog::append(self, record)
+    }
+}
+
+/// Where the writer thread puts audit lines: the log file, or a test's
+/// recorder.
+pub trait AuditSink: Send + 'static {
+    fn append(&mut self, record: &FlowRecord) -> Result<(), AuditError>;
+}
+
+/// The audit path's counters (shared handles: the hub's metrics see them).
+#[derive(Clone, Default)]
+pub struct AuditCounters {
+    /// Lines written.
+    pub written: Counter,
+    /// Lines the sink failed to write, or that found no writer.
+    pub write_failures: Counter,
+    /// Lines not queued because the writer's queue was full.
+    pub dropped: Counter,
+}
+
+/// Lines for the writer, written together and in order.
+struct AuditJob {
+    records: Vec<Arc<FlowRecord>>,
+    /// Lines the full queue turned away since the last job that got in:
+    /// said in the log before this job's lines.
+    dropped_before: u64,
+}
+
+/// What publishers share about the queue, under one lock so that the
+/// count of queued jobs is exactly the jobs in the queue's order.
+struct QueueState {
+    jobs: SyncSender<AuditJob>,
+    /// Jobs accepted so far.
+    queued: u64,
+    /// Lines turned away since the last accepted job.
+    dropped: u64,
+}
+
+/// The audit log on a dedicated thread fed by a bounded queue. Publishers
+/// (DNS answers, proxy requests, the datapath reader) only ever try to
+/// queue: a full queue drops the line and counts it, and the next line
+/// that gets in is preceded by an `audit_dropped` record saying how many
+/// went. [`AuditWriter::sync`] waits until what was queued is written.
+pub struct AuditWriter {
+    queue: Mutex<QueueState>,
+    /// Jobs the thread has finished, and its signal that it finished one.
+    done: Arc<(Mutex<u64>, Condvar)>,
+    counters: AuditCounters,
+}
+
+impl AuditWriter {
+    /// Starts the writer thread with `capacity` jobs of queue. If the
+    /// thread cannot start, every line counts as a write failure.
+    pub fn start(sink: impl AuditSink, capacity: usize, counters: AuditCounters) -> AuditWriter {
+        let (jobs, queued_jobs) = sync_channel(capacity.max(1));
+        let done: Arc<(Mutex<u64>, Condvar)> = Arc::default();
+        let (thread_done, thread_counters) = (done.clone(), counters.clone());
+        let started = std::thread::Builder::new().name("audit".into()).spawn(move || write_jobs(sink, queued_jobs, &thread_done, &thread_counters));
+        if let Err(e) = started {
+            // The receiver went with the closure: queueing finds no writer.
+            tracing::error!("audit log: no writer thread ({e}); audit lines are counted as failures");
+        }
+        AuditWriter { queue: Mutex::new(QueueState { jobs, queued: 0, dropped: 0 }), done, counters }
+    }
+
+    /// Queues `records` for writing without ever waiting: when the queue is
+    /// full they are dropped and counted (false).
+    pub fn submit(&self, records: Vec<Arc<FlowRecord>>) -> bool {
+        if records.is_empty() {
+            return true;
+        }
+        let lines = records.len() as u64;
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let job = AuditJob { records, dropped_before: q.dropped };
+        match q.jobs.try_send(job) {
+            Ok(()) => {
+                q.queued += 1;
+                q.dropped = 0;
+                true
+            }
+            Err(TrySendError::Full(_)) => {
+                q.dropped += lines;
+                self.counters.dropped.inc_by(lines);
+                false
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.counters.write_failures.inc_by(lines);
+                false
+            }
+        }
+    }
+
+    /// Blocks until every job queued before the call is written, or
+    /// `timeout` passes (false). For threads off the async runtime: the
+    /// control thread deleting a sandbox, an `inspect` client, shutdown.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let target = self.queue.lock().unwrap_or_else(|p| p.into_inner()).queued;
+        let (finished, signal) = &*self.done;
+        let finished = finished.lock().unwrap_or_else(|p| p.into_inner());
+        let (finished, _) = signal.wait_timeout_while(finished, timeout, |n| *n < target).unwrap_or_else(|p| p.into_inner());
+        let caught_up = *finished >= target;
+        if !caught_up {
+            tracing::warn!(behind = target - *finished, "audit log: the writer did not catch up within {timeout:?}");
+        }
+        caught_up
+    }
+}
+
+/// The writer thread: until every sender is gone.
+fn write_jobs(mut sink: impl AuditSink, jobs: Receiver<AuditJob>, done: &(Mutex<u64>, Condvar), counters: &AuditCounters) {
+    let mut write = |record: &FlowRecord| match sink.append(record) {
+        Ok(()) => {
+            counters.written.inc();
+        }
+        Err(e) => {
+            counters.write_failures.inc();
+            tracing::warn!("audit log: {e}");
+        }
+    };
+    for job in jobs {
+        if job.dropped_before > 0 {
+            write(&dropped_record(job.dropped_before));
+        }
+        for record in &job.records {
+            write(record);
+        }
+        let (finished, signal) = done;
+        *finished.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        signal.notify_all();
+    }
+}
+
+/// The audit record saying that `dropped` lines found the queue full. No
+/// sandbox's: the queue is everyone's.
+fn dropped_record(dropped: u64) -> FlowRecord {
+    let mut r = FlowRecord::new("", "audit", "audit_dropped", "other", Verdict::Denied, "queue_full");
+    r.time_unix_ns = crate::util::clock::unix_now_ns();
+    r.time = super::record::rfc3339(r.time_unix_ns);
+    r.packets = dropped;
+    r.rule = Some(format!("{dropped} audit records were not written: the audit writer's queue was full"));
+    r
+}
+
 fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
     if e.kind() == std::io::ErrorKind::NotFound {
         Ok(())
@@ -163,3 +315,69 @@ fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A sink that blocks each line until the test opens its gate, and
+    /// says when it is blocked.
+    struct Gated {
+        entered: mpsc::Sender<()>,
+        gate: Arc<(Mutex<bool>, Condvar)>,
+        lines: Arc<Mutex<Vec<FlowRecord>>>,
+    }
+
+    impl AuditSink for Gated {
+        fn append(&mut self, record: &FlowRecord) -> Result<(), AuditError> {
+            let _ = self.entered.send(());
+            let (open, signal) = &*self.gate;
+            drop(signal.wait_while(open.lock().unwrap(), |open| !*open).unwrap());
+            self.lines.lock().unwrap().push(record.clone());
+            Ok(())
+        }
+    }
+
+    fn line(port: u16) -> Arc<FlowRecord> {
+        let mut r = FlowRecord::new("a", "datapath", "new_flow", "tcp", Verdict::Denied, "x");
+        r.dst_port = port;
+        Arc::new(r)
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_never_waits_and_the_log_says_so() {
+        let (entered, blocked) = mpsc::channel();
+        let gate: Arc<(Mutex<bool>, Condvar)> = Arc::default();
+        let lines: Arc<Mutex<Vec<FlowRecord>>> = Arc::default();
+        let counters = AuditCounters::default();
+        let writer = Arc::new(AuditWriter::start(Gated { entered, gate: gate.clone(), lines: lines.clone() }, 2, counters.clone()));
+        // The writer takes the first job and blocks on the (slow) disk...
+        assert!(writer.submit(vec![line(1)]));
+        blocked.recv_timeout(Duration::from_secs(5)).expect("the writer took the first job");
+        // ...two more fill the queue, the next ones are turned away at once.
+        assert!(writer.submit(vec![line(2)]) && writer.submit(vec![line(3)]));
+        let turned_away = {
+            let writer = writer.clone();
+            let (done, finished) = mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = done.send((writer.submit(vec![line(4)]), writer.submit(vec![line(5), line(6)])));
+            });
+            finished.recv_timeout(Duration::from_secs(5)).expect("a full queue never makes the publisher wait")
+        };
+        assert_eq!(turned_away, (false, false));
+        assert_eq!(counters.dropped.get(), 3, "counted by line");
+        assert!(!writer.sync(Duration::from_millis(50)), "the writer is behind while the disk is stuck");
+        let (open, signal) = &*gate;
+        *open.lock().unwrap() = true;
+        signal.notify_all();
+        assert!(writer.sync(Duration::from_secs(5)));
+        // The next line that gets in is preceded by the count of those that did not.
+        assert!(writer.submit(vec![line(7)]));
+        assert!(writer.sync(Duration::from_secs(5)));
+        let written: Vec<(String, u16, u64)> = lines.lock().unwrap().iter().map(|r| (r.event.to_string(), r.dst_port, r.packets)).collect();
+        let flow = |port| ("new_flow".to_string(), port, 0);
+        assert_eq!(written, [flow(1), flow(2), flow(3), ("audit_dropped".to_string(), 0, 3), flow(7)]);
+        assert_eq!((counters.written.get(), counters.write_failures.get()), (5, 0));
+    }
+}

@@ -20,7 +20,7 @@ use tokio::sync::broadcast;
 use crate::datapath::events::AnyFlowKey;
 use crate::util::clock::unix_now_ns;
 
-use super::audit::{suppression_record, Admit, AuditBudgets, AuditLog};
+use super::audit::{suppression_record, Admit, AuditBudgets, AuditCounters, AuditLog, AuditWriter};
 use super::record::{FlowRecord, Verdict};
 
 type Labels = Vec<(String, String)>;
@@ -94,6 +94,9 @@ pub struct FlowMetrics {
     pub audit_write_failures: Counter,
     /// Audit lines not written because their sandbox was over its budget.
     pub audit_suppressed: Counter,
+    /// Audit lines not written because the writer's queue was full (a
+    /// publisher never waits for the disk).
+    pub audit_dropped: Counter,
 }
 
 impl FlowMetrics {
@@ -107,6 +110,7 @@ impl FlowMetrics {
         registry.register("audit_records", "Records written to the audit log", self.audit_records.clone());
         registry.register("audit_write_failures", "Audit records that could not be written", self.audit_write_failures.clone());
         registry.register("audit_suppressed", "Audit records not written: their sandbox was over its audit budget", self.audit_suppressed.clone());
+        registry.register("audit_dropped", "Audit records not written: the audit writer's queue was full", self.audit_dropped.clone());
     }
 }
 
@@ -124,7 +128,11 @@ struct History {
 pub struct FlowHub {
     history: Mutex<History>,
     live: broadcast::Sender<Arc<FlowRecord>>,
-    audit: Mutex<(AuditLog, AuditBudgets)>,
+    /// Each sandbox's audit budget, checked by the publisher: a flood is
+    /// suppressed before it reaches the writer's queue.
+    audit_budgets: Mutex<AuditBudgets>,
+    /// The audit log's writer thread and its bounded queue.
+    audit: AuditWriter,
     /// The kernel's lost-event counter, as last read by the ring reader.
     pub ring_lost: AtomicU64,
     pub metrics: FlowMetrics,
@@ -135,18 +143,28 @@ const FOLLOWER_BUFFER: usize = 8192;
 /// How often an idle follower looks for new records (and whether its
 /// client is still there): the latency `inspect --follow` adds at most.
 const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Audit jobs (a record, with its suppression notice) waiting for the
+/// writer thread at most: a burst of that many denials is absorbed while
+/// the disk is slow; past it lines are dropped and counted.
+const AUDIT_QUEUE_JOBS: usize = 16_384;
+/// How long a caller waits for the audit writer to catch up (a slow or
+/// hung disk must not hold the control thread or a client forever).
+const AUDIT_SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl FlowHub {
+    /// A hub whose audit log is written by a thread of its own (started
+    /// here, ended when the hub goes).
     pub fn new(settings: &FlowLogSettings) -> FlowHub {
+        let metrics = FlowMetrics::default();
+        let counters = AuditCounters { written: metrics.audit_records.clone(), write_failures: metrics.audit_write_failures.clone(), dropped: metrics.audit_dropped.clone() };
+        let log = AuditLog::new(&settings.audit_path, settings.audit_max_bytes, settings.audit_keep);
         FlowHub {
             history: Mutex::new(History { records: VecDeque::new(), capacity: settings.history.max(1), next_seq: 1, evicted: 0 }),
             live: broadcast::channel(FOLLOWER_BUFFER).0,
-            audit: Mutex::new((
-                AuditLog::new(&settings.audit_path, settings.audit_max_bytes, settings.audit_keep),
-                AuditBudgets::new(settings.audit_lines_per_second, settings.audit_burst),
-            )),
+            audit_budgets: Mutex::new(AuditBudgets::new(settings.audit_lines_per_second, settings.audit_burst)),
+            audit: AuditWriter::start(log, AUDIT_QUEUE_JOBS, counters),
             ring_lost: AtomicU64::new(0),
-            metrics: FlowMetrics::default(),
+            metrics,
         }
     }
 
@@ -187,47 +205,49 @@ impl FlowHub {
                 h.evicted += 1;
             }
             h.records.push_back((record.clone(), key));
+            // Queued while the history lock is held: a record `inspect` can
+            // see is already queued for the audit log, so the sync in
+            // `serve_inspect` covers it.
+            if record.verdict == Verdict::Denied || record.credential_injected() {
+                self.audit(&record);
+            }
             record
         };
-        if record.verdict == Verdict::Denied || record.credential_injected() {
-            self.audit(&record);
-        }
         // No follower is fine.
         let _ = self.live.send(record);
     }
 
-    /// Writes `record` to the audit log within its sandbox's budget; the
+    /// Queues `record` for the audit log within its sandbox's budget; the
     /// first line admitted after a suppression is preceded by a record
-    /// saying how many were suppressed.
-    fn audit(&self, record: &FlowRecord) {
-        let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
-        let (log, budgets) = &mut *guard;
+    /// saying how many were suppressed. Never waits for the writer.
+    fn audit(&self, record: &Arc<FlowRecord>) {
         // What a credential did is never dropped for what a guest flooded.
         let budgeted = !(record.credential_injected() || record.event == "secret_redacted");
-        let admit = if budgeted { budgets.admit(&record.sandbox, crate::util::clock::boot_time_ns()) } else { Admit::Write { suppressed_before: 0 } };
-        let (notice, record) = match admit {
-            Admit::Write { suppressed_before: 0 } => (None, Some(record)),
-            Admit::Write { suppressed_before } => (Some(suppression_record(record, suppressed_before, false)), Some(record)),
+        let admit = if budgeted {
+            self.audit_budgets.lock().unwrap_or_else(|p| p.into_inner()).admit(&record.sandbox, crate::util::clock::boot_time_ns())
+        } else {
+            Admit::Write { suppressed_before: 0 }
+        };
+        let lines = match admit {
+            Admit::Write { suppressed_before: 0 } => vec![record.clone()],
+            Admit::Write { suppressed_before } => vec![Arc::new(suppression_record(record, suppressed_before, false)), record.clone()],
             Admit::SuppressFirst => {
                 self.metrics.audit_suppressed.inc();
-                (Some(suppression_record(record, 0, true)), None)
+                vec![Arc::new(suppression_record(record, 0, true))]
             }
             Admit::Suppress => {
                 self.metrics.audit_suppressed.inc();
                 return;
             }
         };
-        for r in notice.iter().chain(record) {
-            match log.append(r) {
-                Ok(()) => {
-                    self.metrics.audit_records.inc();
-                }
-                Err(e) => {
-                    self.metrics.audit_write_failures.inc();
-                    tracing::warn!("audit log: {e}");
-                }
-            }
-        }
+        self.audit.submit(lines);
+    }
+
+    /// Waits (blocking, bounded) until every audit line queued so far is
+    /// written; false when the writer did not catch up in time. For the
+    /// control thread, `inspect` clients and shutdown, never a proxy task.
+    pub fn sync_audit(&self) -> bool {
+        self.audit.sync(AUDIT_SYNC_TIMEOUT)
     }
 
     /// A follower's receiver; take it before [`FlowHub::history`] and skip
@@ -249,21 +269,18 @@ impl FlowHub {
     }
 
     /// Drops a deleted sandbox's per-sandbox counts (its metric series),
-    /// writing how many of its audit records went unwritten, if any.
+    /// writing how many of its audit records went unwritten, if any, and
+    /// waits until its audit lines are on disk. Blocking (the control
+    /// thread calls it).
     pub fn forget_sandbox(&self, sandbox: &str) {
-        {
-            let mut guard = self.audit.lock().unwrap_or_else(|p| p.into_inner());
-            let (log, budgets) = &mut *guard;
-            if let Some(suppressed) = budgets.forget(sandbox).filter(|n| *n > 0) {
-                let mut last = FlowRecord::new(sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
-                last.time_unix_ns = unix_now_ns();
-                last.time = crate::observe::record::rfc3339(last.time_unix_ns);
-                let last = suppression_record(&last, suppressed, false);
-                if let Err(e) = log.append(&last) {
-                    tracing::warn!("audit log: {e}");
-                }
-            }
+        let suppressed = self.audit_budgets.lock().unwrap_or_else(|p| p.into_inner()).forget(sandbox).filter(|n| *n > 0);
+        if let Some(suppressed) = suppressed {
+            let mut last = FlowRecord::new(sandbox, "audit", "audit_suppressed", "other", Verdict::Denied, "rate_limit");
+            last.time_unix_ns = unix_now_ns();
+            last.time = crate::observe::record::rfc3339(last.time_unix_ns);
+            self.audit.submit(vec![Arc::new(suppression_record(&last, suppressed, false))]);
         }
+        self.sync_audit();
         for verdict in Verdict::ALL {
             self.metrics.flows.remove(&FlowLabels { sandbox: sandbox.to_string(), verdict: verdict.as_str() });
         }
@@ -289,6 +306,9 @@ impl FlowHub {
     ) -> std::io::Result<()> {
         let mut live = self.subscribe();
         let (records, lost) = self.history_with_keys();
+        // Whatever this client is shown is in the audit log by now (each
+        // record was queued before it entered the history).
+        self.sync_audit();
         let last_seq = records.last().map_or(0, |(r, _)| r.seq);
         let line = |out: &mut dyn std::io::Write, l: &StreamLine| -> std::io::Result<()> {
             let mut text = serde_json::to_string(l).expect("stream lines serialize");
@@ -508,6 +528,38 @@ mod tests {
         let mut again = AuditLog::new(&path, line_len * 3, 2);
         again.append(&rec(1010, Verdict::Denied)).unwrap();
         assert_eq!(read(&path), [1009, 1010]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn audited_records_are_on_disk_once_the_hub_syncs_and_after_forget() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-hub-audit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("audit.log");
+        // A budget of 2 lines in a burst, refilled far slower than the test runs.
+        let hub = FlowHub::new(&FlowLogSettings { history: 100, audit_path: path.clone(), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 1, audit_burst: 2 });
+        for n in 0..5 {
+            hub.publish(rec(n, Verdict::Denied));
+        }
+        let mut injected = FlowRecord::new("a", "proxy", "http_request", "tcp", Verdict::Allowed, "allowed");
+        injected.credential = Some(crate::observe::record::CredentialDetail { name: "gh".into(), injected: true, failure: None, redactions: 0 });
+        hub.publish(injected);
+        hub.publish(rec(9, Verdict::Allowed));
+        assert!(hub.sync_audit());
+        let read = || -> Vec<FlowRecord> { std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect() };
+        let events = |records: &[FlowRecord]| records.iter().map(|r| (r.event.to_string(), r.dst_port, r.packets)).collect::<Vec<_>>();
+        let written = read();
+        assert_eq!(
+            events(&written),
+            [("new_flow".into(), 0, 0), ("new_flow".into(), 1, 0), ("audit_suppressed".into(), 0, 0), ("http_request".into(), 0, 0)],
+            "two within the budget, the notice that suppression starts, the credential's record (never budgeted); the allowed flow is not audited"
+        );
+        assert_eq!(written.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 0, 6], "audited records carry the stream's seq (a notice is not in the stream)");
+        // Deleting the sandbox writes what is pending, and returns only once it is on disk.
+        hub.forget_sandbox("a");
+        let after = read();
+        assert_eq!(events(&after[4..]), [("audit_suppressed".into(), 0, 3)]);
+        assert_eq!((hub.metrics.audit_records.get(), hub.metrics.audit_suppressed.get(), hub.metrics.audit_dropped.get()), (5, 3, 0));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -34,7 +34,7 @@ use crate::observe::hub::FlowContext;
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http_body_util::combinators::BoxBody;
@@ -46,30 +46,35 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::credentials::ca::SandboxCa;
 use crate::credentials::scrub::{Patterns, Scrubber};
 use crate::credentials::CredentialBinding;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialProxyError {
-    #[error("credential {name}: {header:?} is not a header name")]
-    HeaderName { name: String, header: String },
-    #[error("credential {name}: the formatted value is not a valid header value")]
-    HeaderValue { name: String },
-    #[error("credential {name}: {source}")]
-    Scrub { name: String, source: crate::credentials::scrub::ScrubError },
-    #[error("{0}")]
-    Leaf(#[from] crate::credentials::ca::CaError),
     #[error("TLS configuration: {0}")]
     TlsConfig(#[from] rustls::Error),
+    #[error("--upstream-ca {path}: {source}")]
+    UpstreamCaRead { path: String, source: std::io::Error },
+    #[error("--upstream-ca {path}: {source}")]
+    UpstreamCaCert { path: String, source: rustls::Error },
     #[error("guest TLS: {0}")]
     GuestTls(std::io::Error),
     #[error("guest HTTP: {0}")]
     GuestHttp(Box<dyn std::error::Error + Send + Sync>),
+    #[error("no upstream address")]
+    NoUpstreamAddress,
+    #[error("connecting upstream: {0}")]
+    UpstreamConnect(std::io::Error),
+    #[error("{0:?} is not a server name: {1}")]
+    UpstreamName(String, rustls::pki_types::InvalidDnsNameError),
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(std::io::Error),
+    #[error("upstream HTTP handshake: {0}")]
+    UpstreamHandshake(hyper::Error),
 }
 
 /// The sentinel a guest may send where the secret is expected (in the
@@ -356,22 +361,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 /// TLS to upstreams: the system's web roots plus the PEM certificates of
 /// `extra_ca` (for private or test CAs).
-pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, CredentialProxyError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
-        let pem = std::fs::read(path).map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+        let shown = || path.display().to_string();
+        let pem = std::fs::read(path).map_err(|source| CredentialProxyError::UpstreamCaRead { path: shown(), source })?;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            let cert = cert.map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
-            roots.add(cert).map_err(|e| format!("--upstream-ca {}: {e}", path.display()))?;
+            let cert = cert.map_err(|source| CredentialProxyError::UpstreamCaRead { path: shown(), source })?;
+            roots.add(cert).map_err(|source| CredentialProxyError::UpstreamCaCert { path: shown(), source })?;
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -405,28 +407,68 @@ impl Upstream {
         }
     }
 
-    async fn send(&mut self, mut req: Request<ProxyBody>, host: &str) -> Result<Response<Incoming>, hyper::Error> {
-        remove_hop_by_hop(req.headers_mut());
-        let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    async fn send(&mut self, req: Request<ProxyBody>, host: &str) -> Result<Response<Incoming>, hyper::Error> {
         match self {
             Upstream::H1(s) => {
                 s.ready().await?;
-                *req.version_mut() = Version::HTTP_11;
-                *req.uri_mut() = origin_form(req.uri());
-                if let Ok(v) = HeaderValue::from_str(host) {
-                    req.headers_mut().insert(HOST, v);
-                }
-                s.send_request(req).await
+                s.send_request(for_h1(req, host)).await
             }
-            Upstream::H2(s) => {
-                s.ready().await?;
-                *req.version_mut() = Version::HTTP_2;
-                req.headers_mut().remove(HOST);
-                *req.uri_mut() = format!("https://{host}{path}").parse().unwrap_or_default();
-                s.send_request(req).await
-            }
+            Upstream::H2(s) => send_h2(s, req, host).await,
         }
     }
+}
+
+/// `req` as it goes to an HTTP/1.1 upstream: origin-form, Host set.
+fn for_h1(mut req: Request<ProxyBody>, host: &str) -> Request<ProxyBody> {
+    remove_hop_by_hop(req.headers_mut());
+    *req.version_mut() = Version::HTTP_11;
+    *req.uri_mut() = origin_form(req.uri());
+    if let Ok(v) = HeaderValue::from_str(host) {
+        req.headers_mut().insert(HOST, v);
+    }
+    req
+}
+
+/// Sends `req` on an HTTP/2 connection (a stream of its own; any number of
+/// these run at once on one connection).
+async fn send_h2(s: &mut hyper::client::conn::http2::SendRequest<ProxyBody>, mut req: Request<ProxyBody>, host: &str) -> Result<Response<Incoming>, hyper::Error> {
+    remove_hop_by_hop(req.headers_mut());
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    *req.version_mut() = Version::HTTP_2;
+    req.headers_mut().remove(HOST);
+    *req.uri_mut() = format!("https://{host}{path}").parse().unwrap_or_default();
+    s.ready().await?;
+    s.send_request(req).await
+}
+
+/// How the requests of one guest connection share its upstream connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamRequests {
+    /// HTTP/2 upstream: each request is a stream of its own, sent as soon
+    /// as it comes (an HTTP/1.1 upstream is always one at a time).
+    Concurrent,
+    /// One request at a time whatever the protocol, as the proxy did before
+    /// it shared HTTP/2 connections: kept only as the baseline of `cargo
+    /// xtask bench proxy`.
+    Serial,
+}
+
+/// Where a credential host's requests go: the addresses the proxy checked
+/// for its name, over TLS verified with `tls`.
+pub struct CredentialUpstream {
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub requests: UpstreamRequests,
+}
+
+/// A guest connection's upstream connection, made on its first request
+/// (again after a failure), shared by the rest.
+#[derive(Default)]
+struct UpstreamSlot {
+    upstream: Option<Upstream>,
+    /// Connections made so far: a failed request drops the connection it
+    /// used, not one made since by another request.
+    made: u64,
 }
 
 fn text(status: StatusCode, reason: &str) -> Response<ProxyBody> {
@@ -668,36 +710,30 @@ fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
     e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse)
 }
 
-/// Serves one guest connection to a credential host: TLS with the
-/// sandbox CA's leaf for `host`, HTTP/1.1 or HTTP/2 requests checked,
-/// injected and forwarded to `upstream` (checked for `host`), one upstream
-/// connection reused, responses scrubbed.
+/// Serves one guest connection to a credential host: TLS with `tls` (the
+/// sandbox CA's leaf for `host`), HTTP/1.1 or HTTP/2 requests checked,
+/// injected and forwarded to the upstream (checked for `host`), one
+/// upstream connection reused — over HTTP/2 by all the guest's streams at
+/// once — responses scrubbed.
 pub async fn serve(
     guest: Prefixed<TcpStream>,
     host: String,
-    upstream: Vec<std::net::SocketAddr>,
+    tls: Arc<rustls::ServerConfig>,
+    upstream: CredentialUpstream,
     binding: Arc<CredentialBinding>,
-    ca: Arc<Mutex<SandboxCa>>,
-    upstream_tls: Arc<rustls::ClientConfig>,
     flow: FlowContext,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
 ) -> Result<(), CredentialProxyError> {
-    let leaf = ca.lock().unwrap_or_else(|p| p.into_inner()).leaf(&host)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![CertificateDer::from(leaf.cert_der)], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf.key_der)))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(config)).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
+    let tls = tokio_rustls::TlsAcceptor::from(tls).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: tls, watch: FramingWatch::default(), enabled: !h2, tripped: tripped.clone() };
-    let sender: Arc<tokio::sync::Mutex<Option<Upstream>>> = Arc::default();
+    let slot: Arc<tokio::sync::Mutex<UpstreamSlot>> = Arc::default();
+    let upstream = Arc::new(upstream);
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (host, upstream, binding, upstream_tls, sender, flow, tripped, permit) =
-            (service_host.clone(), upstream.clone(), service_binding.clone(), upstream_tls.clone(), sender.clone(), service_flow.clone(), tripped.clone(), permit.clone());
+        let (host, upstream, binding, slot, flow, tripped, permit) =
+            (service_host.clone(), upstream.clone(), service_binding.clone(), slot.clone(), service_flow.clone(), tripped.clone(), permit.clone());
         async move {
             let sandbox = &flow.sandbox;
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
@@ -709,12 +745,15 @@ pub async fn serve(
             if req.headers().contains_key(UPGRADE) {
                 // WebSocket (or another upgrade): its own HTTP/1.1 upstream
                 // connection, the credential already injected, then bytes.
-                return Ok(upgrade(req, &upstream, &host, upstream_tls.clone(), &flow, &binding, permit).await);
+                return Ok(upgrade(req, &upstream.addrs, &host, upstream.tls.clone(), &flow, &binding, permit).await);
             }
-            let mut guard = sender.lock().await;
-            if guard.as_ref().is_none_or(|s| s.is_closed()) {
-                match connect_upstream(&upstream, &host, upstream_tls).await {
-                    Ok(s) => *guard = Some(s),
+            let mut held = slot.lock().await;
+            if held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
+                match connect_upstream(&upstream.addrs, &host, upstream.tls.clone()).await {
+                    Ok(s) => {
+                        held.upstream = Some(s);
+                        held.made += 1;
+                    }
                     Err(e) => {
                         tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
                         flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream unreachable")));
@@ -722,11 +761,39 @@ pub async fn serve(
                     }
                 }
             }
-            let s = guard.as_mut().expect("connected above");
-            match s.send(req, &host).await {
+            let made = held.made;
+            let shared = match &held.upstream {
+                Some(Upstream::H2(s)) if upstream.requests == UpstreamRequests::Concurrent => Some(s.clone()),
+                _ => None,
+            };
+            let sent = match shared {
+                // HTTP/2: the request goes on its own handle to the
+                // connection, without the lock, so the guest's streams are
+                // upstream at the same time.
+                Some(mut s) => {
+                    drop(held);
+                    let sent = send_h2(&mut s, req, &host).await;
+                    if sent.is_err() {
+                        let mut held = slot.lock().await;
+                        if held.made == made {
+                            held.upstream = None;
+                        }
+                    }
+                    sent
+                }
+                // An HTTP/1.1 connection carries one request at a time: the
+                // lock is held until the response's head is in.
+                None => {
+                    let sent = held.upstream.as_mut().expect("connected above").send(req, &host).await;
+                    if sent.is_err() {
+                        held.upstream = None;
+                    }
+                    sent
+                }
+            };
+            match sent {
                 Ok(resp) => Ok(respond(resp, &flow, &method, &host, &path, &binding)),
                 Err(e) => {
-                    *guard = None;
                     tracing::info!(%sandbox, %host, "credential proxy: upstream request: {e}");
                     flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream request failed")));
                     Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
@@ -780,6 +847,7 @@ pub async fn serve_plain(
                 let mut connected = None;
                 for addr in &upstream {
                     if let Ok(tcp) = crate::util::net::connect_remote(*addr).await {
+                        let _ = tcp.set_nodelay(true);
                         if let Ok((s, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
                             tokio::spawn(async move {
                                 let _ = conn.await;
@@ -944,28 +1012,32 @@ async fn pump_scrubbed(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite
     scrubber.redactions()
 }
 
-async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, String> {
-    let mut last = String::from("no address");
+/// A TLS connection to the first of `addrs` that accepts, HTTP/2 or
+/// HTTP/1.1 as its ALPN chose.
+async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, CredentialProxyError> {
+    let mut last = CredentialProxyError::NoUpstreamAddress;
     for addr in addrs {
         let tcp = match crate::util::net::connect_remote(*addr).await {
             Ok(t) => t,
             Err(e) => {
-                last = e.to_string();
+                last = CredentialProxyError::UpstreamConnect(e);
                 continue;
             }
         };
-        let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-        let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(|e| format!("upstream TLS: {e}"))?;
+        // Requests of several streams at once must not wait for ACKs (Nagle).
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(host.to_string()).map_err(|e| CredentialProxyError::UpstreamName(host.to_string(), e))?;
+        let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(CredentialProxyError::UpstreamTls)?;
         if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
             let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(CredentialProxyError::UpstreamHandshake)?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
             return Ok(Upstream::H2(sender));
         }
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(CredentialProxyError::UpstreamHandshake)?;
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });

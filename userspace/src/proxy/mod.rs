@@ -5,6 +5,7 @@
 //! The credential proxy (SNI/Host checks, TLS termination, injection) grows
 //! from here.
 
+pub mod guest_tls;
 pub mod inject;
 pub mod peek;
 
@@ -42,8 +43,36 @@ pub struct ProxyLimits {
     pub first_bytes_timeout: Duration,
 }
 
+/// How the proxy resolves a name itself (when the guest's destination is
+/// not one DNS answered it for that name): through the DNS proxy's
+/// upstream client, to its upstream.
+pub struct ProxyResolver {
+    pub client: Arc<crate::dns::upstream::UpstreamClient>,
+    /// `None`: nothing resolves.
+    pub upstream: Option<SocketAddr>,
+    pub timeout: Duration,
+}
+
+/// Everything the proxy's connections share.
+pub struct ProxyContext {
+    pub routes: crate::sandbox::route::Routes,
+    /// The flow stream the proxy reports its decisions to.
+    pub flows: Arc<crate::observe::hub::FlowHub>,
+    /// What DNS answered each sandbox (read only).
+    pub learned: Arc<crate::dns::learned::LearnedStore>,
+    pub resolver: ProxyResolver,
+    /// TLS to upstreams: the system's roots plus `--upstream-ca`.
+    pub upstream_tls: Arc<rustls::ClientConfig>,
+    /// The TLS configurations guests' connections to credential hosts are
+    /// terminated with.
+    pub guest_tls: guest_tls::GuestTlsConfigs,
+    pub limits: ProxyLimits,
+    /// How a guest connection's requests share the upstream connection.
+    pub upstream_requests: inject::UpstreamRequests,
+}
+
 /// Accepts forever on `listener`.
-pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns::server::DnsContext>, limits: ProxyLimits) {
+pub async fn serve(listener: std::net::TcpListener, ctx: Arc<ProxyContext>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -51,7 +80,7 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<crate::dns::server:
             return;
         }
     };
-    crate::util::conn_limit::accept_loop(listener, "proxy", move |stream, peer| handle(stream, peer, ctx.clone(), limits.clone())).await
+    crate::util::conn_limit::accept_loop(listener, "proxy", move |stream, peer| handle(stream, peer, ctx.clone())).await
 }
 
 /// What the proxy does with one connection (pure).
@@ -108,7 +137,8 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
     }
 }
 
-async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::server::DnsContext>, limits: ProxyLimits) {
+async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) {
+    let limits = &ctx.limits;
     let original = match original_dst(&guest) {
         Ok(dst) => dst,
         Err(e) => {
@@ -165,18 +195,8 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::ser
         crate::proxy::peek::FirstBytes::Http { host } => host.clone(),
         _ => None,
     };
-    let for_name: Vec<IpAddr> = match &name {
-        Some(n) => {
-            let guard = ctx.state.lock().await;
-            let now = crate::util::clock::boot_time_ns();
-            match guard.1.by_sandbox.get(&route.sandbox) {
-                Some(t) => t.iter().filter(|(_, l)| l.names.contains(n) && l.value.learned_until_ns > now).map(|(ip, _)| *ip).collect(),
-                None => Vec::new(),
-            }
-        }
-        None => Vec::new(),
-    };
-    let decided = plan(&route.policy, name.as_deref(), original, |_| for_name.clone());
+    let now = crate::util::clock::boot_time_ns();
+    let decided = plan(&route.policy, name.as_deref(), original, |n| ctx.learned.addresses_for(&route.sandbox, n, now));
     let (targets, rule) = match decided {
         Plan::Deny { rule } => {
             tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
@@ -185,7 +205,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::ser
             return;
         }
         Plan::Connect { addr, rule } => (vec![addr], rule),
-        Plan::Resolve { name, port, rule } => match resolve(&ctx, &route.policy, &name).await {
+        Plan::Resolve { name, port, rule } => match resolve(&ctx.resolver, &route.policy, &name).await {
             Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule),
             _ => {
                 tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
@@ -215,19 +235,20 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::ser
     if let (crate::proxy::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
         if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
             drop(upstream);
+            let tls = match ctx.guest_tls.get(&route.sandbox, host, ca) {
+                Ok(tls) => tls,
+                Err(e) => {
+                    tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+                    return;
+                }
+            };
+            // The proxy speaks HTTP to the guest from here: small writes go
+            // out at once (with several HTTP/2 streams in flight, Nagle's
+            // algorithm would hold a response behind the guest's delayed ACK).
+            let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            if let Err(e) = crate::proxy::inject::serve(
-                guest,
-                host.clone(),
-                targets.clone(),
-                binding.clone(),
-                ca.clone(),
-                ctx.upstream_tls.clone(),
-                flow,
-                Arc::new(permit),
-            )
-            .await
-            {
+            let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
+            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), tls, upstream, binding.clone(), flow, Arc::new(permit)).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
             return;
@@ -239,6 +260,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::ser
         if host.parse::<IpAddr>().is_err() {
             let binding = route.credentials.iter().find(|b| b.covers(host) && b.allow_plaintext).cloned();
             drop(upstream);
+            let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), targets.clone(), binding, flow).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
@@ -256,17 +278,17 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<crate::dns::ser
 
 /// A's then AAAA's of `name` from the upstream resolver, keeping only
 /// addresses the sandbox's policy does not deny (the rebinding rule).
-async fn resolve(ctx: &crate::dns::server::DnsContext, policy: &CompiledPolicy, name: &str) -> Option<Vec<IpAddr>> {
+async fn resolve(resolver: &ProxyResolver, policy: &CompiledPolicy, name: &str) -> Option<Vec<IpAddr>> {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::{Name, RecordType};
-    let upstream = ctx.settings.upstream?;
+    let upstream = resolver.upstream?;
     let mut out = Vec::new();
     for rtype in [RecordType::A, RecordType::AAAA] {
         let mut q = Message::new();
         q.set_id(0).set_recursion_desired(true);
         q.add_query(Query::query(Name::from_ascii(name).ok()?, rtype));
         let bytes = q.to_vec().ok()?;
-        let Ok(answer) = ctx.upstream.forward(upstream, &bytes, ctx.settings.upstream_timeout).await else { continue };
+        let Ok(answer) = resolver.client.forward(upstream, &bytes, resolver.timeout).await else { continue };
         let Ok(message) = Message::from_vec(&answer) else { continue };
         let records: Vec<crate::dns::decide::AnswerRecord> = message.answers().iter().map(crate::dns::server::answer_record).collect();
         out.extend(crate::dns::decide::plan_answer(policy, name, &records).learn.into_iter().map(|(ip, _)| ip));

@@ -36,7 +36,7 @@ use crate::credentials::secrets::SecretStore;
 use crate::datapath::learned::LearnedMaps;
 use crate::datapath::nft::NftError;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
-use crate::dns::learned::{Learned, SharedLearned};
+use crate::dns::learned::{Learned, LearnedStore};
 use crate::policy::compile::CompiledPolicy;
 use crate::policy::store::{load_policies, PolicyEntry, PolicySet};
 use crate::policy::PolicyError;
@@ -203,7 +203,7 @@ struct InForce {
 struct Shared {
     routes: Routes,
     /// The DNS proxy's learned addresses and its handles on the tries.
-    learned: SharedLearned,
+    learned: Arc<LearnedStore>,
     dns_stats: Arc<crate::dns::stats::DnsStats>,
     /// The flow stream (a deleted sandbox's metric series go with it).
     flows: Arc<crate::observe::hub::FlowHub>,
@@ -269,7 +269,7 @@ impl Daemon {
             in_force: InForce::default(),
             shared: Shared {
                 routes,
-                learned: Arc::new(tokio::sync::Mutex::new((maps, learned))),
+                learned: Arc::new(LearnedStore::new(maps, learned)),
                 dns_stats: Arc::default(),
                 flows,
             },
@@ -298,7 +298,7 @@ impl Daemon {
     }
 
     /// The DNS proxy's shared state (learned addresses, trie handles).
-    pub fn dns_state(&self) -> SharedLearned {
+    pub fn dns_state(&self) -> Arc<LearnedStore> {
         self.shared.learned.clone()
     }
 

@@ -36,8 +36,8 @@ struct Plan {
 impl Daemon {
     /// Switches a sandbox to a new policy generation, carrying its
     /// DNS-learned addresses (recomputed under the new policy) into it. The
-    /// DNS proxy's lock is held throughout, so no answer is learned into the
-    /// generation being left.
+    /// learned store's writer lock is held throughout, so no answer is
+    /// learned into the generation being left.
     pub(super) fn switch_generation(
         &mut self,
         sandbox: &str,
@@ -48,9 +48,8 @@ impl Daemon {
         restore: Option<&HashMap<IpAddr, LearnedAddr>>,
     ) -> Result<(), DaemonError> {
         let learned_state = self.shared.learned.clone();
-        let mut guard = learned_state.blocking_lock();
-        let (_, learned) = &mut *guard;
-        let table = learned.by_sandbox.entry(sandbox.to_string()).or_default();
+        let mut change = learned_state.blocking_change();
+        let table = change.sandbox(sandbox);
         let mut switch = LearnedSwitch::default();
         let mut carried = Vec::new();
         // A rollback also carries what the sandbox had learned before the
@@ -70,20 +69,16 @@ impl Daemon {
         // Old learned keys at an address the old policy also has an entry
         // for are removed with the old policy; the rest are removed here.
         self.host.datapath.switch_policy(ifindex, config, new, old_policy_id, old, &switch)?;
-        table.clear();
-        table.extend(carried);
-        learned.version += 1;
+        change.replace_sandbox(sandbox, carried.into_iter().collect());
         Ok(())
     }
 
     /// Removes a sandbox's learned addresses from the tries and the table.
     pub(super) fn forget_learned(&mut self, sandbox: &str, policy_id: u32) {
         let learned_state = self.shared.learned.clone();
-        let mut guard = learned_state.blocking_lock();
-        let (_, learned) = &mut *guard;
-        if let Some(table) = learned.by_sandbox.remove(sandbox) {
+        let mut change = learned_state.blocking_change();
+        if let Some(table) = change.remove_sandbox(sandbox) {
             self.host.datapath.remove_learned(policy_id, table.keys().copied());
-            learned.version += 1;
         }
     }
 
@@ -109,7 +104,7 @@ impl Daemon {
             let before = Switched {
                 record: self.state.sandboxes[&name].clone(),
                 policy: self.in_force.policies[&name].clone(),
-                learned: self.shared.learned.blocking_lock().1.by_sandbox.get(&name).cloned().unwrap_or_default(),
+                learned: self.shared.learned.sandbox_table(&name),
             };
             if let Err(e) = self.switch_sandbox(&name, &spec, Arc::new(compiled), generation, None) {
                 let rolled_back = switched.len();

@@ -102,7 +102,7 @@ impl Daemon {
             "credentials": self.policies.secrets.report(),
             "taps_being_removed": self.reaper.in_flight(),
             "dns": self.shared.dns_stats.to_json(),
-            "learned_addresses": self.shared.learned.blocking_lock().1.by_sandbox.values().map(|t| t.len()).sum::<usize>(),
+            "learned_addresses": self.shared.learned.count(),
             "last_reload_error": self.policies.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,
