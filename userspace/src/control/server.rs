@@ -155,8 +155,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let (dns_udp, dns_tcp) = dns_proxy::bind(config.dns_port)?;
     let learned = daemon.dns_state();
     let upstream_dns = Arc::new(crate::dns::upstream::UpstreamClient::default());
-    let dns = Arc::new(dns_proxy::DnsContext {
-        settings: dns_proxy::DnsSettings {
+    let dns_settings = dns_proxy::DnsSettings {
             upstream: config.upstream_resolver(),
             timing: crate::dns::decide::LearnTiming { min_ttl: config.dns_min_ttl, max_ttl: config.dns_max_ttl, grace: config.dns_grace },
             refuse_denied: config.dns_refuse_denied,
@@ -165,13 +164,15 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             hold_timeout: std::time::Duration::from_millis(500),
             max_upstream_per_sandbox: dns_proxy::DEFAULT_MAX_UPSTREAM_PER_SANDBOX,
             tcp: config.dns_tcp_limits(),
-        },
+    };
+    let dns = Arc::new(dns_proxy::DnsContext {
+        slots: dns_proxy::DnsSlots::new(&dns_settings),
+        settings: dns_settings,
         routes: routes.clone(),
         learned: learned.clone(),
         stats: daemon.dns_stats(),
         upstream: upstream_dns.clone(),
         flows: flows.clone(),
-        slots: Default::default(),
     });
     let proxy = Arc::new(proxy::ProxyContext {
         routes: routes.clone(),

@@ -8,10 +8,10 @@
 //! connections are capped per sandbox, so one guest cannot starve the
 //! others. The decisions are in [`crate::dns`]; this is the I/O.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
@@ -23,6 +23,7 @@ use super::learned::{guest_addresses, static_exact, LearnedStore};
 use super::stats::DnsStats;
 use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
+use crate::util::conn_limit::{AtCap, ConnLimits};
 use crate::dns::decide::{
     answers_query, checked, checked_name, conntrack_pairs, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict,
     LearnTiming, LearnedAddr, NameVerdict, RecordFate, Screened,
@@ -119,66 +120,19 @@ pub struct DnsContext {
 }
 
 /// Per-sandbox counts of the proxy's shared resources.
-#[derive(Default)]
 pub struct DnsSlots {
     /// Open DNS-over-TCP connections.
-    pub tcp: SandboxSlots,
+    pub tcp: Arc<ConnLimits>,
     /// Queries waiting for the upstream.
-    pub upstream: SandboxSlots,
+    pub upstream: Arc<ConnLimits>,
 }
 
-/// How many of something each sandbox holds, with a cap checked and taken
-/// under one lock.
-#[derive(Default)]
-pub struct SandboxSlots {
-    held: Mutex<HashMap<String, SlotCount>>,
-}
-
-#[derive(Default)]
-struct SlotCount {
-    held: usize,
-    /// Refused since the sandbox last got a slot (log once per burst).
-    refusing: bool,
-}
-
-/// One slot, given back on drop.
-pub struct Slot<'a> {
-    slots: &'a SandboxSlots,
-    sandbox: String,
-}
-
-impl SandboxSlots {
-    /// A slot for `sandbox` if it holds fewer than `cap`; otherwise Err,
-    /// true for the first refusal of a burst.
-    pub fn acquire(&self, sandbox: &str, cap: usize) -> Result<Slot<'_>, bool> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let count = held.entry(sandbox.to_string()).or_default();
-        if count.held >= cap {
-            let first = !count.refusing;
-            count.refusing = true;
-            return Err(first);
-        }
-        count.held += 1;
-        count.refusing = false;
-        Ok(Slot { slots: self, sandbox: sandbox.to_string() })
-    }
-
-    /// Slots `sandbox` holds now.
-    pub fn held(&self, sandbox: &str) -> usize {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox).map_or(0, |c| c.held)
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = held.get_mut(&self.sandbox) {
-            count.held -= 1;
-            if count.held == 0 {
-                // Nothing held, nothing refused since: the next refusal can
-                // only come after `cap` new slots, which start a new burst.
-                held.remove(&self.sandbox);
-            }
+impl DnsSlots {
+    /// The caps of `settings` (each at least 1: a cap of 0 would mean none).
+    pub fn new(settings: &DnsSettings) -> DnsSlots {
+        DnsSlots {
+            tcp: ConnLimits::new(settings.tcp.max_connections_per_sandbox.max(1)),
+            upstream: ConnLimits::new(settings.max_upstream_per_sandbox.max(1)),
         }
     }
 }
@@ -217,42 +171,6 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
     }
 }
 
-/// Pauses between failing accepts: from 10 ms doubling to 1 s while they
-/// keep failing (EMFILE/ENFILE last until something closes; retrying at once
-/// would spin), back to none on the next success. Reports the first failure
-/// of a burst, so it is logged once.
-#[derive(Debug, Default)]
-pub struct AcceptBackoff {
-    failures: u64,
-    pause: Duration,
-}
-
-impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const MAX: Duration = Duration::from_secs(1);
-
-    /// After a failed accept: how long to pause, and whether this failure
-    /// starts a burst.
-    pub fn failed(&mut self) -> (Duration, bool) {
-        self.failures += 1;
-        self.pause = if self.failures == 1 { Self::FIRST } else { (self.pause * 2).min(Self::MAX) };
-        (self.pause, self.failures == 1)
-    }
-
-    /// After a successful accept: the failures of the burst that ended, if
-    /// one did.
-    pub fn succeeded(&mut self) -> Option<u64> {
-        let failures = std::mem::take(&mut self.failures);
-        self.pause = Duration::ZERO;
-        (failures > 0).then_some(failures)
-    }
-}
-
-/// Whether an accept failed for want of file descriptors.
-fn out_of_fds(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-}
-
 pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -261,25 +179,11 @@ pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
             return;
         }
     };
-    let mut backoff = AcceptBackoff::default();
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                if let Some(failures) = backoff.succeeded() {
-                    tracing::info!(failures, "DNS TCP: accepting again after failed accepts");
-                }
-                let ctx = ctx.clone();
-                tokio::spawn(async move { serve_tcp_connection(stream, peer, &ctx).await });
-            }
-            Err(e) => {
-                let (pause, first) = backoff.failed();
-                if first {
-                    tracing::warn!(out_of_fds = out_of_fds(&e), "DNS TCP accept failed: {e}; pausing up to {:?} between retries until one succeeds", AcceptBackoff::MAX);
-                }
-                tokio::time::sleep(pause).await;
-            }
-        }
-    }
+    crate::util::conn_limit::accept_loop(listener, "DNS TCP", move |stream, peer| {
+        let ctx = ctx.clone();
+        async move { serve_tcp_connection(stream, peer, &ctx).await }
+    })
+    .await
 }
 
 /// One DNS-over-TCP connection: several framed queries may come on it,
@@ -293,9 +197,9 @@ async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &Dns
     let sandbox = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&ip).map(|r| r.sandbox.clone());
     // From no sandbox's address: nothing it asks would be answered.
     let Some(sandbox) = sandbox else { return };
-    let _slot = match ctx.slots.tcp.acquire(&sandbox, limits.max_connections_per_sandbox) {
-        Ok(slot) => slot,
-        Err(first) => {
+    let _permit = match ctx.slots.tcp.try_acquire(&sandbox) {
+        Ok(permit) => permit,
+        Err(AtCap { first_of_burst: first }) => {
             ctx.stats.tcp_refused.fetch_add(1, Ordering::Relaxed);
             if first {
                 tracing::warn!(%sandbox, cap = limits.max_connections_per_sandbox, "DNS TCP: the sandbox holds its cap of connections; closing new ones until one ends");
@@ -432,9 +336,9 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         return servfail("no_upstream");
     };
     let Some(upstream_query) = reencode(&q) else { return servfail("reencode_failed") };
-    let slot = match ctx.slots.upstream.acquire(&route.sandbox, ctx.settings.max_upstream_per_sandbox) {
-        Ok(slot) => slot,
-        Err(first) => {
+    let permit = match ctx.slots.upstream.try_acquire(&route.sandbox) {
+        Ok(permit) => permit,
+        Err(AtCap { first_of_burst: first }) => {
             ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
             ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
             if first {
@@ -444,7 +348,7 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         }
     };
     let forwarded = ctx.upstream.forward(upstream, &upstream_query, ctx.settings.upstream_timeout).await;
-    drop(slot);
+    drop(permit);
     let response = match forwarded {
         Ok(r) => r,
         Err(e) => {
@@ -687,38 +591,6 @@ fn dname_target(rdata: &[u8]) -> crate::dns::decide::CheckedName {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn accept_backoff_grows_to_a_second_and_resets() {
-        let mut b = AcceptBackoff::default();
-        let pauses: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
-        assert_eq!(pauses[0], (Duration::from_millis(10), true), "the first failure of a burst is the one logged");
-        assert!(pauses[1..].iter().all(|(_, first)| !first));
-        assert_eq!(pauses[1].0, Duration::from_millis(20));
-        assert_eq!(pauses[7].0, Duration::from_secs(1));
-        assert_eq!(pauses[9].0, Duration::from_secs(1), "never longer than a second");
-        assert!(pauses.iter().all(|(p, _)| *p > Duration::ZERO), "never a retry without a pause");
-        assert_eq!(b.succeeded(), Some(10));
-        assert_eq!(b.succeeded(), None);
-        assert_eq!(b.failed(), (Duration::from_millis(10), true), "a new burst is logged again");
-        let emfile = std::io::Error::from_raw_os_error(libc::EMFILE);
-        assert!(out_of_fds(&emfile) && out_of_fds(&std::io::Error::from_raw_os_error(libc::ENFILE)));
-        assert!(!out_of_fds(&std::io::Error::from_raw_os_error(libc::ECONNABORTED)));
-    }
-
-    #[test]
-    fn sandbox_slots_cap_each_sandbox_alone() {
-        let slots = SandboxSlots::default();
-        let mut held: Vec<Slot<'_>> = (0..3).map(|_| slots.acquire("a", 3).unwrap()).collect();
-        assert_eq!(slots.acquire("a", 3).err(), Some(true), "the first refusal of a burst");
-        assert_eq!(slots.acquire("a", 3).err(), Some(false));
-        let b = slots.acquire("b", 3).expect("another sandbox is not affected");
-        held.pop();
-        let again = slots.acquire("a", 3).expect("a slot given back is free again");
-        assert_eq!((slots.held("a"), slots.held("b")), (3, 1));
-        drop((again, b));
-        assert_eq!(slots.held("b"), 0);
-    }
 
     #[test]
     fn dname_records_are_read_and_their_targets_checked() {

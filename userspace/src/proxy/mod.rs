@@ -160,7 +160,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         rule: String::new(),
     };
     // Held until the connection ends, whichever path it takes.
-    let Some(permit) = limits.connections.try_acquire(&route.sandbox) else {
+    let Ok(permit) = limits.connections.try_acquire(&route.sandbox) else {
         tracing::debug!(sandbox = %route.sandbox, dst = %original, "proxy: connection cap reached");
         flow.connection(Verdict::Denied, "connection_limit", Some(format!("at most {} proxied connections per sandbox", limits.connections.cap())), None);
         reset(&guest);

@@ -1,16 +1,33 @@
 //! What keeps one guest from taking a proxy down for every tenant: a cap on
-//! each sandbox's concurrent connections, and an accept loop that backs off
-//! when the process runs out of file descriptors instead of spinning.
+//! what each sandbox holds at once (proxied connections, DNS-over-TCP
+//! connections, DNS queries waiting upstream), and an accept loop that backs
+//! off when the process runs out of file descriptors instead of spinning.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Concurrent connections per sandbox, with a cap.
+/// How many of something each sandbox holds at once, with a cap checked and
+/// taken under one lock.
 #[derive(Debug)]
 pub struct ConnLimits {
     cap: usize,
-    open: Mutex<HashMap<String, usize>>,
+    open: Mutex<HashMap<String, Held>>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    count: usize,
+    /// Refused since the sandbox last got a permit: only the first refusal
+    /// of a burst is worth a log line.
+    refusing: bool,
+}
+
+/// A refusal at the cap.
+#[derive(Debug, PartialEq, Eq)]
+pub struct AtCap {
+    /// The first refusal since the sandbox last got a permit.
+    pub first_of_burst: bool,
 }
 
 /// One counted connection; the count drops with it.
@@ -26,15 +43,18 @@ impl ConnLimits {
         Arc::new(ConnLimits { cap, open: Mutex::new(HashMap::new()) })
     }
 
-    /// A permit for one more connection of `sandbox`, or None at the cap.
-    pub fn try_acquire(self: &Arc<Self>, sandbox: &str) -> Option<ConnPermit> {
+    /// A permit for one more of `sandbox`'s, or the refusal at the cap.
+    pub fn try_acquire(self: &Arc<Self>, sandbox: &str) -> Result<ConnPermit, AtCap> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let count = open.entry(sandbox.to_string()).or_insert(0);
-        if self.cap != 0 && *count >= self.cap {
-            return None;
+        let held = open.entry(sandbox.to_string()).or_default();
+        if self.cap != 0 && held.count >= self.cap {
+            let first_of_burst = !held.refusing;
+            held.refusing = true;
+            return Err(AtCap { first_of_burst });
         }
-        *count += 1;
-        Some(ConnPermit { limits: self.clone(), sandbox: sandbox.to_string() })
+        held.count += 1;
+        held.refusing = false;
+        Ok(ConnPermit { limits: self.clone(), sandbox: sandbox.to_string() })
     }
 
     pub fn cap(&self) -> usize {
@@ -43,16 +63,18 @@ impl ConnLimits {
 
     /// Connections `sandbox` holds now.
     pub fn open(&self, sandbox: &str) -> usize {
-        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox).copied().unwrap_or(0)
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(sandbox).map_or(0, |h| h.count)
     }
 }
 
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = open.get_mut(&self.sandbox) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(held) = open.get_mut(&self.sandbox) {
+            held.count -= 1;
+            if held.count == 0 {
+                // Nothing held, nothing refused since: the next refusal can
+                // only come after `cap` new permits, which start a new burst.
                 open.remove(&self.sandbox);
             }
         }
@@ -126,11 +148,13 @@ mod tests {
         let limits = ConnLimits::new(2);
         let a1 = limits.try_acquire("a").unwrap();
         let _a2 = limits.try_acquire("a").unwrap();
-        assert!(limits.try_acquire("a").is_none(), "a is at its cap");
+        assert_eq!(limits.try_acquire("a").err(), Some(AtCap { first_of_burst: true }), "a is at its cap");
+        assert_eq!(limits.try_acquire("a").err(), Some(AtCap { first_of_burst: false }), "the burst goes on");
         let _b = limits.try_acquire("b").expect("b has its own cap");
         drop(a1);
         assert_eq!(limits.open("a"), 1);
-        assert!(limits.try_acquire("a").is_some());
+        let _a3 = limits.try_acquire("a").expect("a permit given back is free again");
+        assert_eq!(limits.try_acquire("a").err(), Some(AtCap { first_of_burst: true }), "a refusal after a permit starts a new burst");
         let unlimited = ConnLimits::new(0);
         let held: Vec<_> = (0..1000).map(|_| unlimited.try_acquire("a").unwrap()).collect();
         assert_eq!(unlimited.open("a"), 1000);
