@@ -167,6 +167,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     };
     let dns = Arc::new(dns_proxy::DnsContext {
         slots: dns_proxy::DnsSlots::new(&dns_settings),
+        conntrack: Default::default(),
         settings: dns_settings,
         routes: routes.clone(),
         learned: learned.clone(),

@@ -117,6 +117,51 @@ pub struct DnsContext {
     pub flows: Arc<crate::observe::hub::FlowHub>,
     /// What each sandbox holds of the shared resources.
     pub slots: DnsSlots,
+    /// The host's conntrack table, read once for all the answers that need it.
+    pub conntrack: ConntrackReader,
+}
+
+/// How old a conntrack read may be and still serve an answer's eviction
+/// check: a connection opened in the last quarter second may be missed,
+/// and its address evicted; the guest then resolves the name again.
+const CONNTRACK_MAX_AGE: Duration = Duration::from_millis(250);
+
+type ConntrackPairs = Arc<BTreeSet<(IpAddr, IpAddr)>>;
+
+/// Reads `/proc/net/nf_conntrack` for the answers over their per-name cap:
+/// at most one read at a time, shared by every answer that asks within
+/// [`CONNTRACK_MAX_AGE`]. The table can be large, and a guest whose name's
+/// answers rotate would otherwise start a full read with every answer.
+pub struct ConntrackReader {
+    last: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, ConntrackPairs)>>>,
+    /// The table's text (the proc file; another source in tests).
+    source: fn() -> String,
+}
+
+impl Default for ConntrackReader {
+    fn default() -> Self {
+        ConntrackReader { last: Arc::default(), source: || std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default() }
+    }
+}
+
+impl ConntrackReader {
+    /// The (source, destination) pairs of the host's tracked connections.
+    pub async fn pairs(&self) -> ConntrackPairs {
+        let mut last = self.last.clone().lock_owned().await;
+        if let Some((_, pairs)) = last.as_ref().filter(|(at, _)| at.elapsed() < CONNTRACK_MAX_AGE) {
+            return pairs.clone();
+        }
+        // The read runs in a task of its own that keeps the lock until the
+        // result is stored: an answer that gives up waiting (hold timeout)
+        // does not free the way for a second read of the same table.
+        let source = self.source;
+        let read = tokio::spawn(async move {
+            let pairs: ConntrackPairs = Arc::new(tokio::task::spawn_blocking(move || conntrack_pairs(&source())).await.unwrap_or_default());
+            *last = Some((tokio::time::Instant::now(), pairs.clone()));
+            pairs
+        });
+        read.await.unwrap_or_default()
+    }
 }
 
 /// Per-sandbox counts of the proxy's shared resources.
@@ -457,7 +502,7 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     let cap = ctx.settings.max_addresses_per_name;
     let live = if cap > 0 && ctx.learned.exceeds_cap(&route.sandbox, qname, &current, cap) {
         let guests = guest_addresses(&ctx.routes, &route.sandbox);
-        match tokio::time::timeout_at(deadline, live_destinations(guests)).await {
+        match tokio::time::timeout_at(deadline, live_destinations(&ctx.conntrack, &guests)).await {
             Ok(live) => Some(live),
             Err(_) => return Err(held_too_long()),
         }
@@ -541,16 +586,10 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     Ok(())
 }
 
-/// The destinations `guests` have connections to, from
-/// `/proc/net/nf_conntrack` (read and parsed on a blocking thread: the
-/// table can be large). Unreadable: none.
-async fn live_destinations(guests: Vec<IpAddr>) -> BTreeSet<IpAddr> {
-    tokio::task::spawn_blocking(move || {
-        let text = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap_or_default();
-        conntrack_pairs(&text).into_iter().filter(|(src, _)| guests.contains(src)).map(|(_, dst)| dst).collect()
-    })
-    .await
-    .unwrap_or_default()
+/// The destinations `guests` have connections to, from the host's
+/// conntrack table (unreadable: none).
+async fn live_destinations(conntrack: &ConntrackReader, guests: &[IpAddr]) -> BTreeSet<IpAddr> {
+    conntrack.pairs().await.iter().filter(|(src, _)| guests.contains(src)).map(|(_, dst)| *dst).collect()
 }
 
 /// The DNAME record type (RFC 6672), which the DNS library reads as
@@ -591,6 +630,30 @@ fn dname_target(rdata: &[u8]) -> crate::dns::decide::CheckedName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    static CONNTRACK_READS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    fn slow_conntrack() -> String {
+        CONNTRACK_READS.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(50));
+        "ipv4     2 tcp      6 431999 ESTABLISHED src=10.200.0.2 dst=198.51.100.7 sport=40000 dport=443 src=198.51.100.7 dst=10.200.0.2 sport=443 dport=40000 [ASSURED] mark=0 zone=0 use=2\n".into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn conntrack_is_read_once_for_answers_that_ask_together_even_when_they_give_up() {
+        let reader = Arc::new(ConntrackReader { last: Arc::default(), source: slow_conntrack });
+        // The first asker gives up at once; the read goes on and is shared.
+        let gave_up = tokio::time::timeout(Duration::from_millis(1), reader.pairs()).await;
+        assert!(gave_up.is_err());
+        let askers: Vec<_> = (0..16).map(|_| { let r = reader.clone(); tokio::spawn(async move { r.pairs().await }) }).collect();
+        for asker in askers {
+            let pairs = asker.await.unwrap();
+            assert!(pairs.contains(&("10.200.0.2".parse().unwrap(), "198.51.100.7".parse().unwrap())), "{pairs:?}");
+        }
+        assert_eq!(CONNTRACK_READS.load(Ordering::SeqCst), 1, "one read served every answer that asked within its age");
+        let live = live_destinations(&reader, &["10.200.0.2".parse().unwrap()]).await;
+        assert_eq!(live.into_iter().collect::<Vec<_>>(), ["198.51.100.7".parse::<IpAddr>().unwrap()]);
+    }
 
     #[test]
     fn dname_records_are_read_and_their_targets_checked() {
