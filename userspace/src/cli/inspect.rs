@@ -139,7 +139,11 @@ impl clap::FromArgMatches for FilterArgs {
             }
         }
         given.extend(matches.indices_of("not").into_iter().flatten().map(|at| (at, Given::Not)));
-        for id in matches.ids().map(|id| id.as_str()) {
+        // Only inspect's own flags: a global one (`--socket`) given before
+        // the subcommand carries its index in the parent's command line,
+        // which says nothing about its place among the filters.
+        let own: Vec<String> = <InspectArgs as clap::Args>::augment_args(Command::new("inspect")).get_arguments().map(|a| a.get_id().as_str().to_string()).collect();
+        for id in matches.ids().map(|id| id.as_str()).filter(|id| own.iter().any(|o| o == id)) {
             let filter = id == "not" || FILTER_KINDS.iter().any(|(kind, ..)| *kind == id);
             if !filter && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
                 given.extend(matches.indices_of(id).into_iter().flatten().map(|at| (at, Given::Other(id.replace('_', "-")))));
@@ -356,6 +360,30 @@ mod tests {
         // Positions, not spelling, put --not with its filter.
         assert_eq!(pick("--not --port=443 -n 5 --not --port=80 --protocol tcp"), ["b:22"]);
         assert_eq!(pick("-f --not --sandbox=a"), ["b:22"]);
+    }
+
+    /// The CLI's shape: a global flag before the subcommand.
+    #[derive(Parser, Debug)]
+    struct WithGlobal {
+        #[arg(long, global = true)]
+        socket: Option<String>,
+        #[command(subcommand)]
+        command: Sub,
+    }
+
+    #[derive(clap::Subcommand, Debug)]
+    enum Sub {
+        Inspect(InspectArgs),
+    }
+
+    #[test]
+    fn a_global_flag_before_the_subcommand_does_not_take_a_place_among_the_filters() {
+        for line in ["sbx-net --socket /x inspect --not --sandbox a", "sbx-net inspect --not --sandbox a --socket /x"] {
+            let parsed = WithGlobal::try_parse_from(line.split_whitespace()).unwrap_or_else(|e| panic!("{line}: {e}"));
+            let Sub::Inspect(args) = parsed.command;
+            assert_eq!(args.filters.criteria, [(true, Criterion::Sandbox("a".into()))], "{line}");
+            assert_eq!(parsed.socket.as_deref(), Some("/x"));
+        }
     }
 
     #[test]
