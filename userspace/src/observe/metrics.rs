@@ -29,11 +29,15 @@ use crate::util::conn_limit::AcceptBackoff;
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// One rendering at a time: each walks the pinned maps key by key, so
+    /// scrapes arriving together wait their turn (asynchronously) instead
+    /// of each taking a blocking thread for the same walk.
+    rendering: tokio::sync::Semaphore,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { registry: Registry::with_prefix("sbx_net") }
+        Metrics { registry: Registry::with_prefix("sbx_net"), rendering: tokio::sync::Semaphore::new(1) }
     }
 }
 
@@ -184,7 +188,11 @@ async fn respond(request: Request<Incoming>, metrics: Arc<Metrics>) -> Result<Re
     }
     // Collectors read the pinned maps and take the DNS proxy's lock: off
     // the async workers, which carry the proxies.
-    let Ok(openmetrics) = tokio::task::spawn_blocking(move || metrics.openmetrics()).await else {
+    let Ok(_turn) = metrics.rendering.acquire().await else {
+        return Ok(empty(StatusCode::SERVICE_UNAVAILABLE));
+    };
+    let renderer = metrics.clone();
+    let Ok(openmetrics) = tokio::task::spawn_blocking(move || renderer.openmetrics()).await else {
         tracing::error!("rendering /metrics failed");
         return Ok(empty(StatusCode::SERVICE_UNAVAILABLE));
     };
