@@ -111,23 +111,61 @@ fn sibling_of(rel: &str) -> Option<&str> {
     (name != "mod").then_some(name)
 }
 
-/// The code of a line: without a `//` comment (strings holding `//` are
-/// rare enough in import-bearing lines to ignore).
-fn code(line: &str) -> &str {
-    match line.find("//") {
-        Some(i) => &line[..i],
-        None => line,
+/// The code of a line: string and char literals blanked (a `"http://x"`
+/// is not a comment, a `"crate::x"` not a path), then without its `//`
+/// comment, and `crate :: x` written `crate::x`.
+fn code(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        if in_string {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => {
+                    in_string = false;
+                    out.push('"');
+                }
+                _ => out.push(' '),
+            }
+            continue;
+        }
+        match c {
+            // A char literal of a quote (`'"'`, `'\\"'`) opens no string.
+            '\'' if chars.peek() == Some(&'"') || chars.peek() == Some(&'\\') => {
+                let rest: String = chars.clone().take(3).collect();
+                let len = if rest.starts_with("\"'") { 2 } else if rest.starts_with("\\\"'") { 3 } else { 0 };
+                out.push('\'');
+                for _ in 0..len {
+                    chars.next();
+                    out.push(' ');
+                }
+            }
+            '"' => {
+                in_string = true;
+                out.push('"');
+            }
+            '/' if chars.peek() == Some(&'/') => break,
+            _ => out.push(c),
+        }
     }
+    let mut squeezed = out.replace("crate ::", "crate::");
+    while squeezed.contains(":: ") {
+        squeezed = squeezed.replace(":: ", "::");
+    }
+    squeezed
 }
 
 /// Every `crate::` path in `text` as (line, first segment, second segment).
 /// A `crate::{a, b::c}` group (possibly spanning lines) yields each member.
 pub fn crate_paths(text: &str) -> Vec<(usize, String, Option<String>)> {
     let mut out = Vec::new();
-    let lines: Vec<&str> = text.lines().map(code).collect();
+    let lines: Vec<String> = text.lines().map(code).collect();
     let ident = |s: &str| -> String { s.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect() };
     for (n, line) in lines.iter().enumerate() {
-        let mut rest = *line;
+        let mut rest = line.as_str();
         while let Some(i) = rest.find("crate::") {
             // `sbx_net_crate::` or `my_crate::` are other paths.
             let before = rest[..i].chars().last();
@@ -142,7 +180,7 @@ pub fn crate_paths(text: &str) -> Vec<(usize, String, Option<String>)> {
                 while depth(&body) > -1 && m + 1 < lines.len() {
                     m += 1;
                     body.push(' ');
-                    body.push_str(lines[m]);
+                    body.push_str(&lines[m]);
                 }
                 for member in top_level_members(&body) {
                     let mut parts = member.split("::").map(str::trim);
@@ -264,9 +302,15 @@ pub fn check(layers: &[String], sources: &[(String, String)]) -> Vec<Violation> 
         if PURE_LAYERS.contains(&own) {
             for (n, l) in text.lines().enumerate() {
                 let c = code(l);
-                if let Some(word) = IMPURE.iter().find(|w| contains_word(c, w)) {
+                if let Some(word) = IMPURE.iter().find(|w| contains_word(&c, w)) {
                     out.push(Violation { file: rel.clone(), line: n + 1, message: format!("`{own}` is pure: no `{word}` here (move the I/O to a later layer)") });
                 }
+            }
+        }
+        // `use crate as x;` would hide every later path from this check.
+        for (n, l) in text.lines().enumerate() {
+            if code(l).contains("crate as ") {
+                out.push(Violation { file: rel.clone(), line: n + 1, message: "`crate as …` hides paths from the layering check; write `crate::` paths".into() });
             }
         }
         // `super::super::` from a file in a folder climbs out of its layer.
@@ -356,6 +400,20 @@ mod tests {
     fn comments_and_other_crates_paths_are_not_imports() {
         let s = src(&[("util/net.rs", "// see crate::proxy::serve\n/// [`crate::dns`]\nuse sbx_net_crate::proxy;\n")]);
         assert_eq!(check(&layers(), &s), []);
+    }
+
+    #[test]
+    fn strings_are_not_comments_and_spacing_or_renames_do_not_hide_a_path() {
+        let s = src(&[
+            ("util/a.rs", "let u = \"http://x\"; crate::proxy::serve();\n"),
+            ("util/b.rs", "fn f() { crate :: proxy :: serve(); }\n"),
+            ("util/c.rs", "use crate as root;\n"),
+            ("util/d.rs", "let s = \"crate::proxy is only text\"; // crate::proxy\n"),
+            ("util/e.rs", "let q = '\"'; crate::proxy::serve();\n"),
+        ]);
+        let v = check(&layers(), &s);
+        let files: Vec<&str> = v.iter().map(|v| v.file.as_str()).collect();
+        assert_eq!(files, ["util/a.rs", "util/b.rs", "util/c.rs", "util/e.rs"], "{v:?}");
     }
 
     #[test]
