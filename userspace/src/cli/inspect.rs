@@ -142,7 +142,7 @@ impl clap::FromArgMatches for FilterArgs {
         // Only inspect's own flags: a global one (`--socket`) given before
         // the subcommand carries its index in the parent's command line,
         // which says nothing about its place among the filters.
-        let own: Vec<String> = <InspectArgs as clap::Args>::augment_args(Command::new("inspect")).get_arguments().map(|a| a.get_id().as_str().to_string()).collect();
+        let own: Vec<String> = <InspectArgs as clap::Args>::augment_args(Command::default()).get_arguments().map(|a| a.get_id().as_str().to_string()).collect();
         for id in matches.ids().map(|id| id.as_str()).filter(|id| own.iter().any(|o| o == id)) {
             let filter = id == "not" || FILTER_KINDS.iter().any(|(kind, ..)| *kind == id);
             if !filter && matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
