@@ -89,7 +89,8 @@ mod tests {
         secrets.secrets.insert(("p".into(), "gh".into()), Err("no such file".into()));
         metrics.publish(&state, 1, &secrets);
         metrics.publish(&state, 1, &secrets);
-        failures.count("SBX_POLICY_V4", Err("no space".to_string()));
+        let no_space = aya::sys::SyscallError { call: "bpf_map_update_elem", io_error: std::io::Error::from_raw_os_error(libc::E2BIG) };
+        failures.count("SBX_POLICY_V4", Err(aya::maps::MapError::SyscallError(no_space)));
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         let build = format!("sbx_net_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));

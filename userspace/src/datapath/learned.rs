@@ -9,13 +9,28 @@ use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Map, MapData};
 use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue};
 
-use super::write_failures::MapWriteFailures;
+use super::write_failures::{FailedWrite, MapWriteFailures};
 use super::{key_v4, key_v6};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LearnedMapsError {
     #[error("pinned map {name}: {reason}")]
     Map { name: &'static str, reason: String },
+    #[error("writing {map}: {source}")]
+    Write { map: &'static str, source: aya::maps::MapError },
+}
+
+impl FailedWrite for LearnedMapsError {
+    fn map(&self) -> Option<&'static str> {
+        match self {
+            LearnedMapsError::Map { name, .. } => Some(name),
+            LearnedMapsError::Write { map, .. } => Some(map),
+        }
+    }
+
+    fn entry_was_absent(&self) -> bool {
+        matches!(self, LearnedMapsError::Write { source, .. } if source.entry_was_absent())
+    }
 }
 
 /// The pinned policy tries, opened by this component.
@@ -38,12 +53,12 @@ impl LearnedMaps {
         Ok(LearnedMaps { v4, v6, write_failures })
     }
 
-    pub fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+    pub fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), LearnedMapsError> {
         match ip {
             IpAddr::V4(a) => self.v4.insert(&key_v4(policy_id, a.octets(), 32), value, 0),
             IpAddr::V6(a) => self.v6.insert(&key_v6(policy_id, a.octets(), 128), value, 0),
         }
-        .map_err(|e| e.to_string())
+        .map_err(|source| LearnedMapsError::Write { map: trie_of(ip), source })
     }
 
     /// The entry the trie holds for exactly this address (the longest match

@@ -38,8 +38,6 @@ impl FailedWrite for aya::maps::MapError {
     }
 }
 
-/// [`crate::datapath::learned::LearnedMaps::insert`]'s error text.
-impl FailedWrite for String {}
 
 /// Counts failed map writes by map. Clones share the counts: the datapath,
 /// the learned-address maps and `/metrics` hold the same family.
@@ -92,7 +90,8 @@ mod tests {
         assert!(!failures.count("SBX_POLICY_V4", Err(MapError::KeyNotFound)));
         assert!(failures.count("SBX_POLICY_V4", Err(syscall(libc::EPERM))));
         assert!(failures.count("SBX_POLICY_V6", Err(syscall(libc::ENOMEM))));
-        assert!(failures.count("SBX_POLICY_V6", Err("no space left".to_string())));
+        let learned = crate::datapath::learned::LearnedMapsError::Write { map: "SBX_POLICY_V6", source: syscall(libc::E2BIG) };
+        assert!(failures.count("SBX_POLICY_V4", Err(learned)), "a learned write names its trie");
         assert_eq!((shared.get("SBX_POLICY_V4"), shared.get("SBX_POLICY_V6"), shared.get("SBX_SANDBOXES")), (1, 2, 0), "clones share the counts");
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sbx_net_common::PolicyValue;
 
-use crate::datapath::learned::LearnedMaps;
+use crate::datapath::learned::{LearnedMaps, LearnedMapsError};
 use crate::dns::decide::{exceeds_cap, LearnedAddr};
 use crate::policy::compile::CompiledPolicy;
 use crate::sandbox::route::Routes;
@@ -37,7 +37,7 @@ pub enum LearnedError {
 /// The learned entries of the policy tries as the store changes them: the
 /// pinned maps ([`LearnedMaps`]), or a test's table.
 pub trait LearnedTries: Send + 'static {
-    fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String>;
+    fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), LearnedMapsError>;
     fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue>;
     /// Puts an entry back where nothing can act on a failure (expiry,
     /// undo): a failure is counted, not returned.
@@ -46,7 +46,7 @@ pub trait LearnedTries: Send + 'static {
 }
 
 impl LearnedTries for LearnedMaps {
-    fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+    fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), LearnedMapsError> {
         LearnedMaps::insert(self, policy_id, ip, value)
     }
     fn get(&self, policy_id: u32, ip: IpAddr) -> Option<PolicyValue> {
@@ -341,7 +341,7 @@ mod tests {
     struct Tries(HashMap<(u32, IpAddr), PolicyValue>);
 
     impl LearnedTries for Tries {
-        fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), String> {
+        fn insert(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) -> Result<(), LearnedMapsError> {
             self.0.insert((policy_id, ip), *value);
             Ok(())
         }

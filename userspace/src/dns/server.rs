@@ -43,8 +43,8 @@ pub enum DnsError {
     /// answer is not released.
     #[error("DNS proxy: the answer's map write did not finish within {0:?}")]
     HoldTimeout(Duration),
-    #[error("DNS proxy: learning {ip}: {reason}")]
-    MapWrite { ip: IpAddr, reason: String },
+    #[error("DNS proxy: learning {ip}: {source}")]
+    MapWrite { ip: IpAddr, source: crate::datapath::learned::LearnedMapsError },
 }
 
 impl DnsError {
@@ -536,9 +536,9 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     let mut written = 0;
     for (ip, value, write) in &planned {
         if *write {
-            if let Err(reason) = change.maps().insert(route.policy_id, *ip, value) {
-                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {reason}");
-                failed = Some(DnsError::MapWrite { ip: *ip, reason });
+            if let Err(source) = change.maps().insert(route.policy_id, *ip, value) {
+                tracing::warn!(sandbox = %route.sandbox, %ip, "learning an address: {source}");
+                failed = Some(DnsError::MapWrite { ip: *ip, source });
                 break;
             }
         }
