@@ -500,16 +500,28 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     };
     let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
     let cap = ctx.settings.max_addresses_per_name;
-    let live = if cap > 0 && ctx.learned.exceeds_cap(&route.sandbox, qname, &current, cap) {
+    let live_now = || async {
         let guests = guest_addresses(&ctx.routes, &route.sandbox);
-        match tokio::time::timeout_at(deadline, live_destinations(&ctx.conntrack, &guests)).await {
-            Ok(live) => Some(live),
-            Err(_) => return Err(held_too_long()),
-        }
-    } else {
-        None
+        tokio::time::timeout_at(deadline, live_destinations(&ctx.conntrack, &guests)).await.map_err(|_| held_too_long())
     };
-    let Ok(mut change) = tokio::time::timeout_at(deadline, ctx.learned.change()).await else { return Err(held_too_long()) };
+    // conntrack is read outside the writer lock, when the name looks over
+    // its cap on the read lock...
+    let mut live = if cap > 0 && ctx.learned.exceeds_cap(&route.sandbox, qname, &current, cap) { Some(live_now().await?) } else { None };
+    let mut change = loop {
+        let Ok(change) = tokio::time::timeout_at(deadline, ctx.learned.change()).await else { return Err(held_too_long()) };
+        if cap == 0 || live.is_some() {
+            break change;
+        }
+        let over = change.table().by_sandbox.get(&route.sandbox).is_some_and(|t| crate::dns::decide::exceeds_cap(t, qname, &current, cap));
+        if !over {
+            break change;
+        }
+        // ...and again when another answer took the name past its cap
+        // between that look and the writer lock (at most once: `live` is
+        // then known), so the cap holds with every answer.
+        drop(change);
+        live = Some(live_now().await?);
+    };
     // Each address's value, and whether the trie must be written (no other
     // change runs while the writer lock is held).
     let planned: Vec<(IpAddr, sbx_net_common::PolicyValue, bool)> = {
@@ -560,10 +572,8 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
         return Err(e);
     }
     if cap > 0 {
-        // Without a conntrack read (the name was within its cap when
-        // checked, and another answer added to it since) every address
-        // counts as live: nothing is forgotten now, the name's next answer
-        // catches up.
+        // Without a conntrack read the name is within its cap (checked
+        // under the writer lock above): nothing is over it to forget.
         let evict = over_cap(table, qname, &current, cap, |ip| live.as_ref().is_none_or(|l| l.contains(&ip)));
         for ip in evict {
             let Some(entry) = table.get_mut(&ip) else { continue };
