@@ -327,15 +327,7 @@ mod tests {
         Inspect::try_parse_from(std::iter::once("inspect").chain(line.split_whitespace())).map(|i| i.args).map_err(|e| e.to_string())
     }
 
-    fn record(sandbox: &str, verdict: Verdict, dst: &str, port: u16, domains: &[&str]) -> FlowRecord {
-        let mut r = FlowRecord::new(sandbox, "datapath", "new_flow", "tcp", verdict, "allowed");
-        r.dst_ip = Some(dst.parse().unwrap());
-        r.dst_port = port;
-        r.src_ip = Some("10.200.0.5".parse().unwrap());
-        r.src_port = 40000;
-        r.domains = domains.iter().map(|d| d.to_string()).collect();
-        r
-    }
+    use crate::observe::record::test_record as record;
 
     #[test]
     fn filters_combine_kinds_and_negate() {

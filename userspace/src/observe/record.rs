@@ -393,23 +393,28 @@ pub fn compact(r: &FlowRecord, color: bool) -> String {
     line
 }
 
+/// A datapath record for tests (here and in `inspect`'s): TCP from
+/// 10.200.0.5:40000 to `dst`:`port` at 2025-11-28T12:00:00Z.
+#[cfg(test)]
+pub(crate) fn test_record(sandbox: &str, verdict: Verdict, dst: &str, port: u16, domains: &[&str]) -> FlowRecord {
+    let mut r = FlowRecord::new(sandbox, "datapath", "new_flow", "tcp", verdict, "allowed");
+    r.dst_ip = Some(dst.parse().unwrap());
+    r.dst_port = port;
+    r.src_ip = Some("10.200.0.5".parse().unwrap());
+    r.src_port = 40000;
+    r.domains = domains.iter().map(|d| d.to_string()).collect();
+    r.time_unix_ns = 1_764_331_200_000_000_000;
+    r.time = rfc3339(r.time_unix_ns);
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::compile::compile;
     use crate::policy::Policy;
 
-    fn record(sandbox: &str, verdict: Verdict, dst: &str, port: u16, domains: &[&str]) -> FlowRecord {
-        let mut r = FlowRecord::new(sandbox, "datapath", "new_flow", "tcp", verdict, "allowed");
-        r.dst_ip = Some(dst.parse().unwrap());
-        r.dst_port = port;
-        r.src_ip = Some("10.200.0.5".parse().unwrap());
-        r.src_port = 40000;
-        r.domains = domains.iter().map(|d| d.to_string()).collect();
-        r.time_unix_ns = 1_764_331_200_000_000_000;
-        r.time = rfc3339(r.time_unix_ns);
-        r
-    }
+    use super::test_record as record;
 
     #[test]
     fn a_default_deny_event_reads_well() {
