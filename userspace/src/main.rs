@@ -43,6 +43,13 @@ enum Command {
     },
     /// Live and recent flows with the rule that decided each.
     Inspect(sbx_net::cli::inspect::InspectArgs),
+    /// Hand the proxies' listening sockets to a new data plane (this
+    /// daemon's executable); the old one finishes its connections and exits.
+    Upgrade,
+    /// The data plane process: DNS and HTTP(S) proxies (started and
+    /// supervised by the daemon, never by hand).
+    #[command(hide = true)]
+    Dataplane,
     /// Internal: the frame pump of a netns guest (started by the daemon).
     #[command(name = "__guest-pump", hide = true)]
     GuestPump { spec: String },
@@ -159,6 +166,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon(args, cli.socket),
         Command::GuestPump { spec } => Ok(sbx_net::sandbox::guest_pump::run_pump(&spec)?),
+        Command::Dataplane => dataplane(),
+        Command::Upgrade => {
+            let v = call(&socket, &Request::Upgrade, Duration::from_secs(120))?;
+            println!("data plane {} ({}) took over from {} ({}) in {} ms; the old one drains",
+                v["new"]["pid"], v["new"]["build"].as_str().unwrap_or("?"), v["old"]["pid"], v["old"]["build"].as_str().unwrap_or("?"), v["switched_ms"]);
+            Ok(())
+        }
         Command::Policy { command: PolicyCommand::Check { file } } => {
             println!("{}", check(&file)?);
             Ok(())
@@ -306,6 +320,16 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         return Ok(());
     }
     sbx_net::control::server::run(config)?;
+    Ok(())
+}
+
+fn dataplane() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let (config, listeners) = sbx_net::control::dataplane::process::inherited(std::io::stdin().lock())?;
+    sbx_net::control::dataplane::process::run(config, listeners, std::io::stdout())?;
     Ok(())
 }
 

@@ -208,6 +208,7 @@ pub const fn tcp_flags_may_redirect(flags: u8) -> bool {
 /// An action and the rule that chose it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct Verdict {
     pub rule_id: u32,
     pub action: u8,
@@ -224,6 +225,7 @@ impl Verdict {
 /// any-port verdict.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PortVerdict {
     pub rule_id: u32,
     pub port: u16,
@@ -240,6 +242,7 @@ pub const MAX_PORT_VERDICTS: usize = 8;
 /// every covering rule says (deny wins), including the default.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PolicyValue {
     /// Verdict for any port (and for ICMP and non-first fragments).
     pub any_port: Verdict,
@@ -267,6 +270,7 @@ pub const SANDBOX_ID_BITS: u32 = 32;
 /// Per-tap configuration, keyed by the tap's ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct SandboxConfig {
     pub sandbox_id: u32,
     /// What a trie miss means (the policy default) and its rule id.

@@ -25,6 +25,9 @@ pub enum Request {
     /// Streams [`crate::observe::hub::StreamLine`]s: the history, then (with
     /// `follow`) live records until the client disconnects.
     Inspect { follow: bool },
+    /// Hand the listeners to a new data plane (the daemon's executable)
+    /// and let the old one drain.
+    Upgrade,
 }
 
 /// The answer to a request: `{"ok": VALUE}` or `{"error": MESSAGE,

@@ -102,6 +102,10 @@ pub struct DaemonConfig {
     /// proxy did before its streams shared the upstream connection
     /// (`cargo xtask bench proxy` measures both).
     pub bench_serial_upstream_requests: bool,
+    /// At an upgrade, the old data plane finishes its proxied connections
+    /// for at most this many seconds, then closes what is left (counted in
+    /// the log and `sbx_net_dataplane_drain_closed_total`).
+    pub dataplane_drain_seconds: u64,
 }
 
 impl Default for DaemonConfig {
@@ -142,6 +146,7 @@ impl Default for DaemonConfig {
             proxy_connections_per_sandbox: 256,
             proxy_first_bytes_timeout_ms: 10_000,
             bench_serial_upstream_requests: false,
+            dataplane_drain_seconds: 30,
         }
     }
 }
@@ -241,6 +246,12 @@ impl DaemonConfig {
 
     /// Names behind the DNS-learned addresses (the addresses themselves
     /// live in the pinned tries).
+    /// The data plane's local socket (root-only), where the daemon pushes
+    /// its snapshots and a new data plane asks for the listeners.
+    pub fn dataplane_socket(&self) -> PathBuf {
+        self.state_dir.join("dataplane.sock")
+    }
+
     pub fn learned_snapshot(&self) -> PathBuf {
         self.state_dir.join("learned.json")
     }

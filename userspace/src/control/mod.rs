@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod daemon;
+pub mod dataplane;
 pub mod instance_lock;
 pub mod metrics;
 pub mod server;

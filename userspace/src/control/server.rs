@@ -13,8 +13,6 @@ use std::sync::{Arc, RwLock};
 use crate::control::api::{ErrorKind, Request, Response};
 use crate::control::config::DaemonConfig;
 use crate::control::daemon::{Daemon, DaemonError};
-use crate::dns::server as dns_proxy;
-use crate::proxy;
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -22,12 +20,6 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 pub enum ServerError {
     #[error(transparent)]
     Daemon(#[from] DaemonError),
-    #[error(transparent)]
-    Proxy(#[from] proxy::ProxyError),
-    #[error(transparent)]
-    Dns(#[from] dns_proxy::DnsError),
-    #[error(transparent)]
-    CredentialProxy(#[from] proxy::inject::CredentialProxyError),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("a daemon already answers on {0}; stop it first")]
@@ -138,57 +130,22 @@ pub fn prepare(config: &mut DaemonConfig) -> Result<(), ServerError> {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Exiting leaves every sandbox
-/// enforced (pinned links and maps, nftables, pumps).
+/// enforced (pinned links and maps, nftables, pumps) and the data plane
+/// serving (a restarted daemon adopts it).
 pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     prepare(&mut config)?;
     let _lock = lock_instance(&config)?;
-    // Pumps we spawn are reaped by the kernel (we never wait for them).
+    // Pumps and data planes we spawn are reaped by the kernel (we never
+    // wait for them).
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
     if UnixStream::connect(&config.socket).is_ok() {
         return Err(ServerError::AlreadyRunning(config.socket.display().to_string()));
     }
     let routes: crate::sandbox::route::Routes = Arc::new(RwLock::new(Default::default()));
-    let flows = Arc::new(crate::observe::hub::FlowHub::new(&config.flow_log()));
-    let daemon = Daemon::start(config.clone(), routes.clone(), flows.clone())?;
-    let proxy_listeners = proxy::bind(config.proxy_port)?;
-    let (dns_udp, dns_tcp) = dns_proxy::bind(config.dns_port)?;
-    let learned = daemon.dns_state();
-    let upstream_dns = Arc::new(crate::dns::upstream::UpstreamClient::default());
-    let dns_settings = dns_proxy::DnsSettings {
-            upstream: config.upstream_resolver(),
-            timing: crate::dns::decide::LearnTiming { min_ttl: config.dns_min_ttl, max_ttl: config.dns_max_ttl, grace: config.dns_grace },
-            refuse_denied: config.dns_refuse_denied,
-            upstream_timeout: std::time::Duration::from_secs(3),
-            max_addresses_per_name: config.dns_max_addresses_per_name,
-            hold_timeout: std::time::Duration::from_millis(500),
-            max_upstream_per_sandbox: dns_proxy::DEFAULT_MAX_UPSTREAM_PER_SANDBOX,
-            tcp: config.dns_tcp_limits(),
-    };
-    let dns = Arc::new(dns_proxy::DnsContext {
-        slots: dns_proxy::DnsSlots::new(&dns_settings),
-        conntrack: Default::default(),
-        settings: dns_settings,
-        routes: routes.clone(),
-        learned: learned.clone(),
-        stats: daemon.dns_stats(),
-        upstream: upstream_dns.clone(),
-        flows: flows.clone(),
-    });
-    let proxy = Arc::new(proxy::ProxyContext {
-        routes: routes.clone(),
-        flows: flows.clone(),
-        learned: learned.clone(),
-        resolver: proxy::ProxyResolver { client: upstream_dns, upstream: dns.settings.upstream, timeout: dns.settings.upstream_timeout },
-        upstream_tls: proxy::inject::upstream_tls(config.upstream_ca.as_deref())?,
-        guest_tls: Default::default(),
-        limits: config.proxy_limits(),
-        upstream_requests: config.upstream_requests(),
-    });
-    let metrics = Arc::new(register_metrics(&config, &daemon, &flows, &dns, &routes));
+    let daemon = Daemon::start(config.clone(), routes.clone())?;
+    let metrics = Arc::new(register_metrics(&config, &daemon, &routes));
     let listener = bind_socket(&config)?;
-    let inspect_flows = flows.clone();
-    let bpf_dir = config.bpf_dir.clone();
 
     let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
     std::thread::Builder::new()
@@ -200,6 +157,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             }
         })
         .map_err(io("spawning the control thread"))?;
+    let client_config = Arc::new(config.clone());
     std::thread::Builder::new()
         .name("socket".into())
         .spawn(move || {
@@ -221,36 +179,19 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
                         continue;
                     }
                 };
-                let (tx, flows, bpf_dir) = (tx.clone(), inspect_flows.clone(), bpf_dir.clone());
-                std::thread::spawn(move || serve_client(stream, tx, &flows, &bpf_dir));
+                let (tx, config) = (tx.clone(), client_config.clone());
+                std::thread::spawn(move || serve_client(stream, tx, &config));
             }
         })
         .map_err(io("spawning the socket thread"))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .build()
         .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
-    let audited = flows.clone();
     runtime.block_on(async move {
-        for l in proxy_listeners {
-            tokio::spawn(proxy::serve(l, proxy.clone()));
-        }
-        for u in dns_udp {
-            tokio::spawn(dns_proxy::serve_udp(u, dns.clone()));
-        }
-        for t in dns_tcp {
-            tokio::spawn(dns_proxy::serve_tcp(t, dns.clone()));
-        }
-        tokio::spawn(crate::observe::ingest::read_datapath_events(config.bpf_dir.clone(), flows.clone(), routes.clone(), learned.clone()));
-        let gc_routes = routes.clone();
-        tokio::spawn(crate::dns::learned::collect_expired(learned, config.learned_snapshot(), move |sandbox| {
-            let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
-            table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
-        }));
-        tracing::info!(dns_port = config.dns_port, upstream = ?dns.settings.upstream, "DNS proxy ready");
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let mut metrics_server = None;
         if let Some(addr) = config.metrics_addr {
@@ -264,13 +205,13 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
                 Err(e) => tracing::error!(%addr, "metrics endpoint not started: {e}"),
             }
         }
-        tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, "sbx-net daemon ready");
+        tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, dns_port = config.dns_port, "sbx-net daemon ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        tracing::info!("stopping; sandboxes stay enforced by the kernel (pinned programs, maps and nftables)");
+        tracing::info!("stopping; sandboxes stay enforced by the kernel (pinned programs, maps and nftables) and the data plane serves on");
         let _ = std::fs::remove_file(&socket_path);
         // Scrapes in flight get their answer (the server bounds the wait).
         let _ = stop_metrics.send(());
@@ -279,9 +220,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         }
         Ok::<(), ServerError>(())
     })?;
-    // Audit lines queued before the signal reach the disk; nothing else is
-    // waited for (client threads, the runtime's tasks).
-    audited.sync_audit();
+    // Nothing else is waited for (client threads, the runtime's tasks).
     std::process::exit(0);
 }
 
@@ -297,7 +236,7 @@ fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, flows: &crate::observe::hub::FlowHub, bpf_dir: &Path) {
+fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, config: &DaemonConfig) {
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
@@ -305,10 +244,15 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
     while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
         let response = match parse_request(&line) {
             Ok(Request::Inspect { follow }) => {
-                // The stream ends the connection (a follower's when it goes away).
-                let table = crate::datapath::PinnedFlows::open(bpf_dir).ok();
-                let fd = writer.as_raw_fd();
-                let _ = flows.serve_inspect(&mut std::io::BufWriter::new(writer), follow, table.as_ref(), || peer_closed(fd));
+                // The flow stream is the data plane's: relayed until either
+                // side goes away.
+                match crate::control::dataplane::link::DataplaneLink::inspect(config, follow) {
+                    Ok(plane) => relay(plane.into_reader().into_inner(), writer),
+                    Err(e) => {
+                        let response = Response::error(ErrorKind::Unavailable, format!("the flow stream is unavailable: {e}"));
+                        let _ = writeln!(writer, "{}", serde_json::to_string(&response).expect("responses serialize"));
+                    }
+                }
                 return;
             }
             Ok(request) => {
@@ -329,37 +273,56 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
     }
 }
 
+/// Copies `from` to `to` until `from` ends or `to`'s reader hangs up
+/// (watched while nothing comes, so a follower that left is noticed).
+fn relay(mut from: UnixStream, mut to: UnixStream) {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut fds = [
+            libc::pollfd { fd: from.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: to.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 },
+        ];
+        // SAFETY: two pollfds we own, for descriptors open for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+        if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One request line of the control socket, or the error response that
 /// answers it. Pure, so the `api` fuzz target runs exactly this.
 pub fn parse_request(line: &str) -> Result<Request, Response> {
     serde_json::from_str::<Request>(line).map_err(|e| Response::error(ErrorKind::Invalid, format!("bad request: {e}")))
 }
 
-/// Whether the peer of a connected socket hung up (poll(2) without waiting).
-fn peer_closed(fd: std::os::fd::RawFd) -> bool {
-    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
-    // SAFETY: one pollfd we own, for an fd the caller keeps open; no wait.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
-}
-
 /// The `/metrics` registry, each component registering its own families:
-/// the daemon's numbers, the flow stream's (and the proxies' and audit
-/// log's) counters, the DNS proxy's, and the datapath's pinned maps.
-fn register_metrics(
-    config: &DaemonConfig,
-    daemon: &Daemon,
-    flows: &crate::observe::hub::FlowHub,
-    dns: &dns_proxy::DnsContext,
-    routes: &crate::sandbox::route::Routes,
-) -> crate::observe::metrics::Metrics {
+/// the daemon's numbers and its data plane's, the datapath's pinned maps;
+/// the data plane's own families (flows, proxies, DNS, audit) are fetched
+/// from it at scrape time and appended.
+fn register_metrics(config: &DaemonConfig, daemon: &Daemon, routes: &crate::sandbox::route::Routes) -> crate::observe::metrics::Metrics {
     let mut metrics = crate::observe::metrics::Metrics::default();
     daemon.metrics().register(metrics.registry());
-    flows.metrics.register(metrics.registry());
-    dns.stats.register(dns.learned.clone(), metrics.registry());
+    daemon.link().metrics.register(metrics.registry());
     match crate::datapath::PinnedStats::open(&config.bpf_dir) {
         Ok(maps) => metrics.registry().register_collector(Box::new(crate::observe::datapath_metrics::DatapathCollector::new(maps, routes.clone()))),
         Err(e) => tracing::error!("/metrics: the datapath's maps are unreadable; their families are left out: {e}"),
     }
+    let link = daemon.link().clone();
+    metrics.append_from(move || link.metrics_text());
     metrics
 }

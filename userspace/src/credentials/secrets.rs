@@ -22,6 +22,11 @@ impl Secret {
         Secret { value, scrub: std::sync::OnceLock::new() }
     }
 
+    /// A secret the daemon read and handed to the data plane.
+    pub fn from_value(value: String) -> Secret {
+        Secret::new(Zeroizing::new(value))
+    }
+
     /// The value, for the one place that builds the injected header.
     pub fn expose(&self) -> &str {
         &self.value

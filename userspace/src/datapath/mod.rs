@@ -383,21 +383,11 @@ impl Datapath {
         if ifindex < SANDBOX_SLOTS {
             let name = map_names::SANDBOX_SLOTS;
             let mut slots: Array<_, SandboxConfig> = Array::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-            return slots.set(ifindex, config, 0).map_err(map_err(name));
+            return write_slot_config(&mut slots, ifindex, config);
         }
         let name = map_names::SANDBOXES;
-        let mut sandboxes: HashMap<_, u32, SandboxConfig> =
-            HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
-        if config.sandbox_id == 0 {
-            // A config already gone is what removing it wanted (aya reports
-            // a missing key as the syscall's ENOENT, not KeyNotFound).
-            return match sandboxes.remove(&ifindex) {
-                Ok(()) => Ok(()),
-                Err(e) if write_failures::FailedWrite::entry_was_absent(&e) => Ok(()),
-                Err(e) => Err(map_err(name)(e)),
-            };
-        }
-        sandboxes.insert(ifindex, config, 0).map_err(map_err(name))
+        let mut sandboxes: HashMap<_, u32, SandboxConfig> = HashMap::try_from(self.map_mut(name)?).map_err(map_err(name))?;
+        write_hashed_config(&mut sandboxes, ifindex, config)
     }
 
     /// Writes every entry of `policy` under `policy_id`.
@@ -586,6 +576,51 @@ where
 {
     let data = MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))?;
     T::try_from(kind(data)).map_err(map_err(name))
+}
+
+/// A tap's config in the slot array (ifindex below [`SANDBOX_SLOTS`]).
+fn write_slot_config<T: std::borrow::BorrowMut<MapData>>(slots: &mut Array<T, SandboxConfig>, ifindex: u32, config: &SandboxConfig) -> Result<(), DatapathError> {
+    slots.set(ifindex, config, 0).map_err(map_err(map_names::SANDBOX_SLOTS))
+}
+
+/// A tap's config in the hash (larger ifindexes); a zero sandbox id removes it.
+fn write_hashed_config<T: std::borrow::BorrowMut<MapData>>(sandboxes: &mut HashMap<T, u32, SandboxConfig>, ifindex: u32, config: &SandboxConfig) -> Result<(), DatapathError> {
+    let name = map_names::SANDBOXES;
+    if config.sandbox_id == 0 {
+        // A config already gone is what removing it wanted (aya reports
+        // a missing key as the syscall's ENOENT, not KeyNotFound).
+        return match sandboxes.remove(&ifindex) {
+            Ok(()) => Ok(()),
+            Err(e) if write_failures::FailedWrite::entry_was_absent(&e) => Ok(()),
+            Err(e) => Err(map_err(name)(e)),
+        };
+    }
+    sandboxes.insert(ifindex, config, 0).map_err(map_err(name))
+}
+
+/// The per-tap config maps, opened by path: the data plane flips a
+/// sandbox's policy id there when it switches the sandbox's generation
+/// (with its learned addresses carried under the same lock).
+pub struct PinnedConfigs {
+    slots: Array<MapData, SandboxConfig>,
+    sandboxes: HashMap<MapData, u32, SandboxConfig>,
+}
+
+impl PinnedConfigs {
+    pub fn open(pin_dir: &Path) -> Result<PinnedConfigs, DatapathError> {
+        Ok(PinnedConfigs {
+            slots: open_pinned(pin_dir, map_names::SANDBOX_SLOTS, aya::maps::Map::Array)?,
+            sandboxes: open_pinned(pin_dir, map_names::SANDBOXES, aya::maps::Map::HashMap)?,
+        })
+    }
+
+    /// What [`Datapath::write_config`] writes, through the pins.
+    pub fn write(&mut self, ifindex: u32, config: &SandboxConfig) -> Result<(), DatapathError> {
+        if ifindex < SANDBOX_SLOTS {
+            return write_slot_config(&mut self.slots, ifindex, config);
+        }
+        write_hashed_config(&mut self.sandboxes, ifindex, config)
+    }
 }
 
 /// The pinned flow tables, opened by path (the reaper's view).

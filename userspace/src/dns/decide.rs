@@ -615,7 +615,7 @@ pub fn learned_value(
 }
 
 /// One learned address of one sandbox.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LearnedAddr {
     pub policy_id: u32,
     pub value: PolicyValue,

@@ -221,6 +221,13 @@ impl<T: LearnedTries> LearnedStore<T> {
         learned.version += 1;
     }
 
+    /// Writes the snapshot now (a draining data plane, before the next one
+    /// restores it). Blocking.
+    pub fn save_snapshot(&self, path: &Path) -> Result<(), LearnedError> {
+        let entries = self.read().snapshot();
+        write_snapshot(path, &entries)
+    }
+
     /// The snapshot's entries and the version they are of, when the table
     /// changed since `written`.
     fn snapshot_since(&self, written: Option<u64>) -> Option<(u64, Vec<SnapshotEntry>)> {

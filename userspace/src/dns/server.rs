@@ -107,8 +107,8 @@ pub struct DnsContext {
     pub settings: DnsSettings,
     pub stats: Arc<DnsStats>,
     pub routes: Routes,
-    /// The tries and the learned table, changed together (the daemon also
-    /// changes them while it switches a policy generation).
+    /// The tries and the learned table, changed together (the data plane
+    /// also changes them while it switches a policy generation).
     pub learned: Arc<LearnedStore>,
     /// The shared upstream socket and the queries in flight on it (the
     /// HTTP(S) proxy resolves through it too).
@@ -119,6 +119,10 @@ pub struct DnsContext {
     pub slots: DnsSlots,
     /// The host's conntrack table, read once for all the answers that need it.
     pub conntrack: ConntrackReader,
+    /// Queries and DNS-over-TCP connections being served.
+    pub in_flight: crate::util::conn_limit::InFlight,
+    /// Set when the data plane drains: TCP connections close between queries.
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 /// How old a conntrack read may be and still serve an answer's eviction
@@ -207,8 +211,9 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
     loop {
         let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
         let query = buf[..n].to_vec();
-        let (socket, ctx) = (socket.clone(), ctx.clone());
+        let (socket, ctx, guard) = (socket.clone(), ctx.clone(), ctx.in_flight.enter());
         tokio::spawn(async move {
+            let _in_flight = guard;
             if let Some(response) = answer(&ctx, peer, &query, Transport::Udp).await {
                 let _ = socket.send_to(&response, peer).await;
             }
@@ -225,8 +230,11 @@ pub async fn serve_tcp(listener: std::net::TcpListener, ctx: Arc<DnsContext>) {
         }
     };
     crate::util::conn_limit::accept_loop(listener, "DNS TCP", move |stream, peer| {
-        let ctx = ctx.clone();
-        async move { serve_tcp_connection(stream, peer, &ctx).await }
+        let (ctx, guard) = (ctx.clone(), ctx.in_flight.enter());
+        async move {
+            let _in_flight = guard;
+            serve_tcp_connection(stream, peer, &ctx).await
+        }
     })
     .await
 }
@@ -255,14 +263,21 @@ async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &Dns
             return;
         }
     };
+    let mut draining = ctx.draining.subscribe();
     loop {
-        let first = match tokio::time::timeout(limits.idle_timeout, stream.read_u8()).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(_)) => return,
-            Err(_) => {
-                ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        // A draining data plane closes idle connections between queries
+        // (RFC 7766 lets a server close; the guest's next query opens a new
+        // connection, which the new data plane accepts).
+        let first = tokio::select! {
+            read = tokio::time::timeout(limits.idle_timeout, stream.read_u8()) => match read {
+                Ok(Ok(b)) => b,
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            _ = draining.wait_for(|d| *d) => return,
         };
         let rest = tokio::time::timeout(limits.query_timeout, async {
             let second = stream.read_u8().await?;

@@ -25,19 +25,26 @@ use prometheus_client::registry::Registry;
 
 use crate::util::conn_limit::AcceptBackoff;
 
-/// The daemon's metric registry.
-#[derive(Debug)]
+/// A process's metric registry.
 pub struct Metrics {
     registry: Registry,
     /// One rendering at a time: each walks the pinned maps key by key, so
     /// scrapes arriving together wait their turn (asynchronously) instead
     /// of each taking a blocking thread for the same walk.
     rendering: tokio::sync::Semaphore,
+    /// Families another process renders (the data plane's), appended.
+    appended: Option<Box<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").field("appended", &self.appended.is_some()).finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { registry: Registry::with_prefix("sbx_net"), rendering: tokio::sync::Semaphore::new(1) }
+        Metrics { registry: Registry::with_prefix("sbx_net"), rendering: tokio::sync::Semaphore::new(1), appended: None }
     }
 }
 
@@ -53,7 +60,23 @@ impl Metrics {
     pub fn openmetrics(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        if let Some(more) = self.appended.as_ref().map(|f| f()).filter(|t| !t.is_empty()) {
+            // One document: one `# EOF`, at the end.
+            if let Some(body) = out.strip_suffix("# EOF\n") {
+                out.truncate(body.len());
+            }
+            out.push_str(&more);
+            if !out.ends_with("# EOF\n") {
+                out.push_str("# EOF\n");
+            }
+        }
         out
+    }
+
+    /// Appends the OpenMetrics text `render` gives (its own `# EOF` or not)
+    /// to every rendering: another process's families.
+    pub fn append_from(&mut self, render: impl Fn() -> String + Send + Sync + 'static) {
+        self.appended = Some(Box::new(render));
     }
 }
 

@@ -33,7 +33,7 @@ pub enum CompileError {
 
 /// A compiled policy for one sandbox: trie entries (without the sandbox id,
 /// which the datapath prefixes) and the table that explains rule ids.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CompiledPolicy {
     pub policy_name: String,
     pub default_action: Action,

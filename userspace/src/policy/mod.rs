@@ -28,7 +28,7 @@ pub struct PolicyError {
     pub reason: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     Allow,
     Deny,
@@ -44,7 +44,7 @@ impl Action {
 }
 
 /// How a domain pattern matches names.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DomainPattern {
     /// `name`: exactly that name.
     Exact(String),
@@ -72,14 +72,14 @@ impl DomainPattern {
 }
 
 /// What a rule matches.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Target {
     Cidr(IpNetwork),
     Domain(DomainPattern),
 }
 
 /// Where a rule comes from; decides how it ranks against others.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Origin {
     /// Written in the policy file.
     Policy,
@@ -88,7 +88,7 @@ pub enum Origin {
     Builtin,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rule {
     pub action: Action,
     pub target: Target,

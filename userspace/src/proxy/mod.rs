@@ -69,6 +69,8 @@ pub struct ProxyContext {
     pub limits: ProxyLimits,
     /// How a guest connection's requests share the upstream connection.
     pub upstream_requests: inject::UpstreamRequests,
+    /// Guest connections being served (a draining data plane waits for them).
+    pub in_flight: crate::util::conn_limit::InFlight,
 }
 
 /// Accepts forever on `listener`.
@@ -80,7 +82,14 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<ProxyContext>) {
             return;
         }
     };
-    crate::util::conn_limit::accept_loop(listener, "proxy", move |stream, peer| handle(stream, peer, ctx.clone())).await
+    crate::util::conn_limit::accept_loop(listener, "proxy", move |stream, peer| {
+        let (guard, ctx) = (ctx.in_flight.enter(), ctx.clone());
+        async move {
+            let _in_flight = guard;
+            handle(stream, peer, ctx).await
+        }
+    })
+    .await
 }
 
 /// What the proxy does with one connection (pure).

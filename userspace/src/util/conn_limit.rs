@@ -81,6 +81,32 @@ impl Drop for ConnPermit {
     }
 }
 
+/// How many queries or connections are being served right now (a guard
+/// per one): what a draining data plane waits on before it exits.
+#[derive(Clone, Debug, Default)]
+pub struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+/// One query or connection in flight; the count drops with it.
+#[derive(Debug)]
+pub struct InFlightGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn enter(&self) -> InFlightGuard {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlightGuard(self.0.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The wait after a failed accept: EMFILE/ENFILE/ENOBUFS/ENOMEM persist
 /// until connections close, so the wait doubles (10 ms … 1 s) while they
 /// last; anything else (a connection reset before accept) is retried at once.
@@ -160,6 +186,18 @@ mod tests {
         assert_eq!(unlimited.open("a"), 1000);
         drop(held);
         assert_eq!(unlimited.open("a"), 0);
+    }
+
+    #[test]
+    fn in_flight_counts_live_guards() {
+        let in_flight = InFlight::default();
+        let a = in_flight.enter();
+        let b = in_flight.clone().enter();
+        assert_eq!(in_flight.count(), 2);
+        drop(a);
+        assert_eq!(in_flight.count(), 1);
+        drop(b);
+        assert_eq!(in_flight.count(), 0);
     }
 
     #[test]

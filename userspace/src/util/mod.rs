@@ -1,7 +1,9 @@
-//! Helpers every layer may use: clocks, files, sockets, connection limits.
+//! Helpers every layer may use: clocks, files, sockets, connection limits,
+//! descriptor passing.
 //! Nothing here knows about policies or sandboxes.
 
 pub mod clock;
 pub mod conn_limit;
+pub mod fd_pass;
 pub mod fs;
 pub mod net;

@@ -102,3 +102,11 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let addr = if stream.local_addr()?.is_ipv4() { socket.original_dst_v4()? } else { socket.original_dst_v6()? };
     addr.as_socket().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "SO_ORIGINAL_DST is not an IP address"))
 }
+
+/// Whether the peer of a connected socket hung up (poll(2) without waiting).
+pub fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one pollfd we own, for an fd the caller keeps open; no wait.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}

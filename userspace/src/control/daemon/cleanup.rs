@@ -16,11 +16,12 @@ use crate::sandbox::SandboxSpec;
 
 use super::{io_err, DaemonError};
 
-/// Removes taps, pumps and guest namespaces, links, the nftables table,
+/// Stops the data plane, removes taps, pumps and guest namespaces, links, the nftables table,
 /// pinned maps, the host settings the daemon changed and the state; returns
 /// what it removed.
 pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
-    let mut done = Vec::new();
+    // The data plane first: it holds the listeners and writes the maps.
+    let mut done = crate::control::dataplane::link::stop_all(config);
     let state = State::load(&config.state_dir)?;
     let netlink = Netlink::new()?;
     let nft = Nftables::new();

@@ -139,7 +139,6 @@ impl Daemon {
                 None => self.host.datapath.remove_policy(record.policy_id, &policy),
             }
         }
-        self.forget_learned(name, record.policy_id);
         let left = match (record.adopted_tap, ifindex) {
             (false, Some(ifindex)) => self.hand_to_reaper(&record, &spec, ifindex)?,
             _ => {
@@ -149,8 +148,8 @@ impl Daemon {
                 left
             }
         };
+        // The data plane forgets its learned addresses and flow series too.
         self.unpublish_routes(&spec);
-        self.shared.flows.forget_sandbox(name);
         self.in_force.cas.remove(name);
         let _ = std::fs::remove_dir_all(self.config.sandbox_ca_dir(name));
         self.state.sandboxes.remove(name);

@@ -33,10 +33,9 @@ use crate::control::config::DaemonConfig;
 use crate::control::state::{SandboxRecord, State, StateError};
 use crate::credentials::ca::SandboxCa;
 use crate::credentials::secrets::SecretStore;
-use crate::datapath::learned::LearnedMaps;
 use crate::datapath::nft::NftError;
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
-use crate::dns::learned::{Learned, LearnedStore};
+use crate::control::dataplane::link::DataplaneLink;
 use crate::policy::compile::CompiledPolicy;
 use crate::policy::store::{load_policies, PolicyEntry, PolicySet};
 use crate::policy::PolicyError;
@@ -97,6 +96,8 @@ pub enum DaemonError {
     Host(#[from] crate::sandbox::host::HostError),
     #[error(transparent)]
     NetNs(#[from] sbx_vmm::netns::NetNsError),
+    #[error(transparent)]
+    Plane(#[from] crate::control::dataplane::PlaneError),
     /// The sandbox is deleted (no longer enforced, out of the state), but
     /// these pieces of it could not be removed.
     #[error("sandbox {name} deleted, but not everything went: {}", left.join("; "))]
@@ -190,23 +191,21 @@ impl Policies {
     }
 }
 
-/// Per running sandbox, what the proxies need beyond the state.
+/// Per running sandbox, what the daemon keeps beyond the state.
 #[derive(Default)]
 struct InForce {
     /// The compiled policy in force (what the maps hold).
     policies: HashMap<String, Arc<CompiledPolicy>>,
-    /// The sandbox's CA (credential proxy).
+    /// The sandbox's CA (its certificate goes into netns guests).
     cas: HashMap<String, Arc<Mutex<SandboxCa>>>,
 }
 
-/// What the control thread shares with the proxies and the event reader.
+/// Where the control thread publishes what it decides.
 struct Shared {
+    /// The daemon's copy of the route table (`/metrics` names sandboxes by it).
     routes: Routes,
-    /// The DNS proxy's learned addresses and its handles on the tries.
-    learned: Arc<LearnedStore>,
-    dns_stats: Arc<crate::dns::stats::DnsStats>,
-    /// The flow stream (a deleted sandbox's metric series go with it).
-    flows: Arc<crate::observe::hub::FlowHub>,
+    /// The data plane: the proxies, the learned addresses, the flow stream.
+    link: DataplaneLink,
 }
 
 pub struct Daemon {
@@ -242,7 +241,7 @@ fn host_settings(config: &DaemonConfig, exe: PathBuf) -> HostSettings {
 impl Daemon {
     /// Loads the datapath (re-using pinned maps), the state and the policies,
     /// re-adopts every recorded sandbox and installs the nftables table.
-    pub fn start(config: DaemonConfig, routes: Routes, flows: Arc<crate::observe::hub::FlowHub>) -> Result<Daemon, DaemonError> {
+    pub fn start(config: DaemonConfig, routes: Routes) -> Result<Daemon, DaemonError> {
         std::fs::create_dir_all(&config.state_dir).map_err(io_err(&config.state_dir))?;
         let host_checks = adopt::prepare_host(&config)?;
         let datapath = Datapath::load(&DatapathOptions {
@@ -257,8 +256,9 @@ impl Daemon {
         let policies = Policies::load(&config, &state);
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
         let datapath_write_failures = datapath.map_write_failures();
-        let maps = LearnedMaps::open(&config.bpf_dir, datapath_write_failures.clone()).map_err(crate::dns::server::DnsError::from)?;
-        let learned = Learned::restore(&config.learned_snapshot(), &maps);
+        // After the maps are pinned (the data plane opens them by path),
+        // before the sandboxes are re-adopted (their switches go through it).
+        let link = DataplaneLink::open(&config, exe.clone())?;
         let reaper = Reaper::start(pool.clone(), config.bpf_dir.clone())?;
         let host = SandboxHost::new(datapath, host_settings(&config, exe))?;
         let mut daemon = Daemon {
@@ -267,12 +267,7 @@ impl Daemon {
             state,
             policies,
             in_force: InForce::default(),
-            shared: Shared {
-                routes,
-                learned: Arc::new(LearnedStore::new(maps, learned)),
-                dns_stats: Arc::default(),
-                flows,
-            },
+            shared: Shared { routes, link },
             pool,
             reaper,
             started: Instant::now(),
@@ -281,6 +276,14 @@ impl Daemon {
         };
         daemon.adopt_all()?;
         daemon.start_pool()?;
+        // A data plane of another build (the daemon was upgraded) hands its
+        // listeners to one of ours; failing that, it serves on (`status`
+        // shows the mismatch).
+        match daemon.shared.link.upgrade_if_other_build() {
+            Ok(Some(report)) => tracing::info!(%report, "data plane upgraded to the daemon's build"),
+            Ok(None) => {}
+            Err(e) => tracing::error!("upgrading the data plane failed; the old build serves on: {e}"),
+        }
         daemon.publish_metrics();
         Ok(daemon)
     }
@@ -293,13 +296,9 @@ impl Daemon {
         self.metrics.publish(&self.state, self.policies.reload_failures, &self.policies.secrets);
     }
 
-    pub fn dns_stats(&self) -> Arc<crate::dns::stats::DnsStats> {
-        self.shared.dns_stats.clone()
-    }
-
-    /// The DNS proxy's shared state (learned addresses, trie handles).
-    pub fn dns_state(&self) -> Arc<LearnedStore> {
-        self.shared.learned.clone()
+    /// The daemon's side of the data plane.
+    pub fn link(&self) -> &DataplaneLink {
+        &self.shared.link
     }
 
     /// A recorded sandbox's addressing.
@@ -337,6 +336,7 @@ impl Daemon {
             Request::PolicyReload => self.reload(),
             Request::PolicyTest { sandbox, destination } => self.policy_test(&sandbox, &destination),
             Request::Status => self.status(),
+            Request::Upgrade => Ok(self.shared.link.upgrade()?),
             // Streams are served by the client's socket thread, not here.
             Request::Inspect { .. } => Err(DaemonError::StreamRequest),
         }

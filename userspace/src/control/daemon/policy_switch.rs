@@ -9,8 +9,8 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::control::state::{text_hash, PolicyText, SandboxRecord};
-use crate::datapath::LearnedSwitch;
-use crate::dns::decide::{carry_learned, LearnedAddr};
+use crate::control::dataplane::SwitchRequest;
+use crate::dns::decide::LearnedAddr;
 use crate::policy::compile::CompiledPolicy;
 use crate::policy::store::{load_policies, PolicyEntry, PolicySet};
 use crate::sandbox::SandboxSpec;
@@ -34,10 +34,11 @@ struct Plan {
 }
 
 impl Daemon {
-    /// Switches a sandbox to a new policy generation, carrying its
-    /// DNS-learned addresses (recomputed under the new policy) into it. The
-    /// learned store's writer lock is held throughout, so no answer is
-    /// learned into the generation being left.
+    /// Switches a sandbox to a new policy generation: its static entries
+    /// are written here under the new id; the data plane carries its
+    /// DNS-learned addresses (recomputed under the new policy) into it and
+    /// flips the tap's config, under its learned-store lock, so no answer is
+    /// learned into the generation being left. Then the old entries go.
     pub(super) fn switch_generation(
         &mut self,
         sandbox: &str,
@@ -47,39 +48,21 @@ impl Daemon {
         (old_policy_id, old): (u32, &CompiledPolicy),
         restore: Option<&HashMap<IpAddr, LearnedAddr>>,
     ) -> Result<(), DaemonError> {
-        let learned_state = self.shared.learned.clone();
-        let mut change = learned_state.blocking_change();
-        let table = change.sandbox(sandbox);
-        let mut switch = LearnedSwitch::default();
-        let mut carried = Vec::new();
-        // A rollback also carries what the sandbox had learned before the
-        // failed switch (the new policy may have dropped some of it); what
-        // was learned since wins.
-        let mut sources: HashMap<IpAddr, &LearnedAddr> = restore.map(|r| r.iter().map(|(ip, e)| (*ip, e)).collect()).unwrap_or_default();
-        for (ip, entry) in table.iter() {
-            switch.old.push(*ip);
-            sources.insert(*ip, entry);
+        self.host.datapath.write_policy(config.policy_id, new)?;
+        let entry = self.plane_entry(sandbox, new, config.policy_id)?;
+        let switch = SwitchRequest {
+            sandbox: entry,
+            ifindex,
+            config: *config,
+            old_policy_id,
+            restore: restore.map(|r| r.iter().map(|(ip, l)| (*ip, l.clone())).collect()),
+        };
+        if let Err(e) = self.shared.link.switch(switch) {
+            self.host.datapath.remove_policy(config.policy_id, new);
+            return Err(e.into());
         }
-        for (ip, entry) in sources {
-            if let Some((value, names)) = carry_learned(new, ip, entry) {
-                switch.carried.push((ip, value));
-                carried.push((ip, LearnedAddr { policy_id: config.policy_id, value, names, answered_ns: entry.answered_ns }));
-            }
-        }
-        // Old learned keys at an address the old policy also has an entry
-        // for are removed with the old policy; the rest are removed here.
-        self.host.datapath.switch_policy(ifindex, config, new, old_policy_id, old, &switch)?;
-        change.replace_sandbox(sandbox, carried.into_iter().collect());
+        self.host.datapath.remove_policy(old_policy_id, old);
         Ok(())
-    }
-
-    /// Removes a sandbox's learned addresses from the tries and the table.
-    pub(super) fn forget_learned(&mut self, sandbox: &str, policy_id: u32) {
-        let learned_state = self.shared.learned.clone();
-        let mut change = learned_state.blocking_change();
-        if let Some(table) = change.remove_sandbox(sandbox) {
-            self.host.datapath.remove_learned(policy_id, table.keys().copied());
-        }
     }
 
     /// Switches every sandbox to `new` (already validated as a whole):
@@ -104,7 +87,7 @@ impl Daemon {
             let before = Switched {
                 record: self.state.sandboxes[&name].clone(),
                 policy: self.in_force.policies[&name].clone(),
-                learned: self.shared.learned.sandbox_table(&name),
+                learned: self.shared.link.learned_table(&name).into_iter().collect(),
             };
             if let Err(e) = self.switch_sandbox(&name, &spec, Arc::new(compiled), generation, None) {
                 let rolled_back = switched.len();

@@ -1,42 +1,59 @@
 //! The table the proxies and the event reader look sandboxes up in (guest
-//! address → route), kept current by the control thread.
+//! address → route), kept current by the control thread: the daemon's own
+//! copy (its `/metrics` collector names sandboxes with it) and the data
+//! plane's, pushed over its socket.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::credentials::CredentialBinding;
+use crate::control::dataplane::{CredentialEntry, SandboxEntry};
+use crate::policy::compile::CompiledPolicy;
 use crate::sandbox::route::Route;
 use crate::sandbox::SandboxSpec;
 
-use super::Daemon;
+use super::{Daemon, DaemonError};
 
 impl Daemon {
     /// Replaces the whole table from the state.
     pub(super) fn publish_routes(&self) {
         let mut table = HashMap::new();
+        let mut entries = Vec::new();
         for (name, record) in &self.state.sandboxes {
             let (Ok(spec), Some(route)) = (self.spec(record), self.route(name)) else { continue };
             table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
-            table.insert(IpAddr::V6(spec.guest_ipv6), route);
+            table.insert(IpAddr::V6(spec.guest_ipv6), route.clone());
+            if let Ok(entry) = self.plane_entry(name, &route.policy, route.policy_id) {
+                entries.push(entry);
+            }
         }
         *self.shared.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
+        self.shared.link.apply(entries);
     }
 
     pub(super) fn publish_route(&self, name: &str, spec: &SandboxSpec) {
         let Some(route) = self.route(name) else { return };
-        let mut table = self.shared.routes.write().unwrap_or_else(|p| p.into_inner());
-        table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
-        table.insert(IpAddr::V6(spec.guest_ipv6), route);
+        {
+            let mut table = self.shared.routes.write().unwrap_or_else(|p| p.into_inner());
+            table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
+            table.insert(IpAddr::V6(spec.guest_ipv6), route.clone());
+        }
+        if let Ok(entry) = self.plane_entry(name, &route.policy, route.policy_id) {
+            self.shared.link.upsert(entry);
+        }
     }
 
     pub(super) fn unpublish_routes(&self, spec: &SandboxSpec) {
-        let mut table = self.shared.routes.write().unwrap_or_else(|p| p.into_inner());
-        table.remove(&IpAddr::V4(spec.guest_ipv4));
-        table.remove(&IpAddr::V6(spec.guest_ipv6));
+        {
+            let mut table = self.shared.routes.write().unwrap_or_else(|p| p.into_inner());
+            table.remove(&IpAddr::V4(spec.guest_ipv4));
+            table.remove(&IpAddr::V6(spec.guest_ipv6));
+        }
+        self.shared.link.remove(&spec.name);
     }
 
-    /// What the proxies need to know about a sandbox's traffic.
+    /// The daemon's copy of a sandbox's route: the proxies run in the data
+    /// plane, so its credentials and CA are only in the data plane's.
     fn route(&self, name: &str) -> Option<Arc<Route>> {
         let record = self.state.sandboxes.get(name)?;
         Some(Arc::new(Route {
@@ -44,27 +61,45 @@ impl Daemon {
             id: record.id,
             policy: self.in_force.policies.get(name)?.clone(),
             policy_id: record.policy_id,
-            credentials: self.bindings(&record.policy),
-            ca: self.in_force.cas.get(name).cloned(),
+            credentials: Vec::new(),
+            ca: None,
         }))
     }
 
-    /// The credentials of `policy` whose secrets are loaded, ready to inject.
-    fn bindings(&self, policy: &str) -> Vec<Arc<CredentialBinding>> {
+    /// The sandbox as the data plane gets it, under `policy` and `policy_id`.
+    pub(super) fn plane_entry(&self, name: &str, policy: &CompiledPolicy, policy_id: u32) -> Result<SandboxEntry, DaemonError> {
+        let record = self.state.sandboxes.get(name).ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))?;
+        let spec = self.spec(record)?;
+        let ca_dir = self.config.sandbox_ca_dir(name);
+        Ok(SandboxEntry {
+            name: name.to_string(),
+            id: record.id,
+            guest_ipv4: spec.guest_ipv4,
+            guest_ipv6: spec.guest_ipv6,
+            policy_id,
+            policy: policy.clone(),
+            credentials: self.credential_entries(&record.policy),
+            ca_dir: ca_dir.join("ca.key").exists().then_some(ca_dir),
+        })
+    }
+
+    /// The credentials of `policy` with their loaded secrets.
+    fn credential_entries(&self, policy: &str) -> Vec<CredentialEntry> {
         let Some(entry) = self.policies.set.get(policy) else { return Vec::new() };
         entry
             .policy
             .credentials
             .iter()
             .filter_map(|c| {
-                let secret = self.policies.secrets.secrets.get(&(policy.to_string(), c.name.clone()))?.as_ref().ok()?.clone();
-                match CredentialBinding::new(&c.name, &c.hosts, &c.header, &c.format, secret, c.allow_plaintext) {
-                    Ok(b) => Some(Arc::new(b)),
-                    Err(e) => {
-                        tracing::warn!(policy, "{e}");
-                        None
-                    }
-                }
+                let secret = self.policies.secrets.secrets.get(&(policy.to_string(), c.name.clone()))?.as_ref().ok()?;
+                Some(CredentialEntry {
+                    name: c.name.clone(),
+                    hosts: c.hosts.clone(),
+                    header: c.header.clone(),
+                    format: c.format.clone(),
+                    secret: secret.expose().to_string(),
+                    allow_plaintext: c.allow_plaintext,
+                })
             })
             .collect()
     }

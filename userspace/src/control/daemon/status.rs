@@ -86,6 +86,7 @@ impl Daemon {
             let c = counters[reason as usize];
             by_reason.insert(reason.name().to_string(), json!({ "packets": c.packets, "bytes": c.bytes }));
         }
+        let dataplane = self.shared.link.status();
         Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -101,8 +102,10 @@ impl Daemon {
             "prewarmed_taps": self.pool.ready_count(),
             "credentials": self.policies.secrets.report(),
             "taps_being_removed": self.reaper.in_flight(),
-            "dns": self.shared.dns_stats.to_json(),
-            "learned_addresses": self.shared.learned.count(),
+            "build": crate::control::dataplane::build_id(),
+            "dns": dataplane["stats"]["dns"].clone(),
+            "learned_addresses": dataplane["stats"]["learned_addresses"].clone(),
+            "dataplane": dataplane,
             "last_reload_error": self.policies.last_reload_error,
             "maps": {
                 "policy_v4_entries": v4,

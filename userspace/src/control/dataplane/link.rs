@@ -1,0 +1,414 @@
+//! The daemon's side of the data plane: finds the running one (or starts
+//! one), keeps copies of the listening sockets, pushes the routing state,
+//! restarts a data plane that dies, and hands the listeners to a new build
+//! at an upgrade while the old one drains.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+use super::{build_id, Listeners, PlaneConnection, PlaneError, PlaneRequest, SandboxEntry, SwitchRequest, INHERITED_FDS_ENV};
+use crate::control::config::DaemonConfig;
+use crate::dns::decide::LearnedAddr;
+
+/// How long a starting data plane may take to answer.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one request may take (a switch writes map entries).
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The daemon's numbers about its data plane (`/metrics`).
+#[derive(Clone, Debug, Default)]
+pub struct PlaneMetrics {
+    /// Data planes started again after one died.
+    pub restarts: Counter,
+    /// Upgrades (listeners handed to a data plane of another build).
+    pub upgrades: Counter,
+    /// Connections a draining data plane still had at its drain deadline.
+    pub drain_closed: Counter,
+    /// 1 while a data plane serves with the daemon's build.
+    pub current: Gauge,
+}
+
+impl PlaneMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("dataplane_restarts", "Data planes the daemon started again after one died", self.restarts.clone());
+        registry.register("dataplane_upgrades", "Listening sockets handed to a data plane of another build", self.upgrades.clone());
+        registry.register("dataplane_drain_closed", "Connections a draining data plane still held at its drain deadline (closed)", self.drain_closed.clone());
+        registry.register("dataplane_build_current", "1 while the data plane serving runs the daemon's build", self.current.clone());
+    }
+}
+
+/// The data plane serving now.
+struct Current {
+    conn: PlaneConnection,
+    /// A second connection nothing is sent on: it ends when the process does.
+    watch: UnixStream,
+    pid: u32,
+    build: String,
+}
+
+struct LinkState {
+    /// Copies of the listening sockets (kept while data planes come and go).
+    listeners: Listeners,
+    current: Option<Current>,
+    /// What the data plane must know: pushed again to a new one.
+    entries: BTreeMap<String, SandboxEntry>,
+    version: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct DataplaneLink {
+    config: Arc<DaemonConfig>,
+    exe: Arc<PathBuf>,
+    state: Arc<Mutex<LinkState>>,
+    pub metrics: PlaneMetrics,
+}
+
+impl DataplaneLink {
+    /// Adopts the data plane serving for this state dir (any build: an
+    /// upgrade to ours is [`DataplaneLink::upgrade_if_other_build`]), or binds the
+    /// listeners and starts one. Either way a data plane serves on return.
+    pub fn open(config: &DaemonConfig, exe: PathBuf) -> Result<DataplaneLink, PlaneError> {
+        let link_of = |listeners, current| DataplaneLink {
+            config: Arc::new(config.clone()),
+            exe: Arc::new(exe.clone()),
+            state: Arc::new(Mutex::new(LinkState { listeners, current, entries: BTreeMap::new(), version: 0, last_error: None })),
+            metrics: PlaneMetrics::default(),
+        };
+        let link = match adopt(config) {
+            Ok((current, listeners)) => {
+                tracing::info!(pid = current.pid, build = %current.build, "adopted the running data plane (its listeners stay open throughout)");
+                link_of(listeners, Some(current))
+            }
+            Err(why) => {
+                tracing::info!("starting a data plane ({why})");
+                let listeners = Listeners::bind(config)?;
+                let link = link_of(listeners, None);
+                {
+                    let mut state = link.lock();
+                    let mut current = link.spawn(&state)?;
+                    current.conn.call(&PlaneRequest::Start)?;
+                    state.current = Some(current);
+                }
+                link
+            }
+        };
+        link.publish_build();
+        link.supervise();
+        Ok(link)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish_build(&self) {
+        let current = self.lock().current.as_ref().is_some_and(|c| c.build == build_id());
+        self.metrics.current.set(i64::from(current));
+    }
+
+    /// Starts a data plane of our executable on our listeners and gives it
+    /// the state (it does not serve until told to start).
+    fn spawn(&self, state: &LinkState) -> Result<Current, PlaneError> {
+        let (kinds, fds) = state.listeners.described();
+        let mut command = Command::new(self.exe.as_path());
+        command.arg("dataplane").env(INHERITED_FDS_ENV, kinds.join(",")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let _kept_until_spawned = crate::util::fd_pass::pass_to_child(&mut command, &fds)?;
+        // SAFETY: setsid is async-signal-safe; a session of its own keeps the
+        // data plane out of the daemon's process group (and its signals).
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
+        let config = serde_json::to_vec(self.config.as_ref()).map_err(|e| PlaneError::Spawn(e.to_string()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(&config)?;
+        drop(stdin);
+        let stdout = child.stdout.take().expect("piped");
+        let pid = child.id();
+        // The first line says where it listens; nothing else comes on stdout.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(SPAWN_TIMEOUT).map_err(|_| PlaneError::Spawn(format!("data plane {pid} did not come up within {SPAWN_TIMEOUT:?}")))?;
+        let path = line.trim().strip_prefix("ready ").ok_or_else(|| PlaneError::Spawn(format!("data plane {pid} exited before it was ready (see its log above)")))?;
+        let mut conn = PlaneConnection::connect(Path::new(path), CALL_TIMEOUT)?;
+        let watch = UnixStream::connect(path).map_err(|source| PlaneError::Connect { path: path.to_string(), source })?;
+        conn.call(&PlaneRequest::Apply { version: state.version, sandboxes: state.entries.values().cloned().collect() })?;
+        tracing::info!(pid, "data plane started");
+        Ok(Current { conn, watch, pid, build: build_id().to_string() })
+    }
+
+    /// Restarts the data plane whenever it dies unplanned, on the same
+    /// listeners and with the same state (so new connections and queries,
+    /// held in the kernel meanwhile, are served by the new one).
+    fn supervise(&self) {
+        let link = self.clone();
+        let _ = std::thread::Builder::new().name("plane-watch".into()).spawn(move || loop {
+            let watched = {
+                let state = link.lock();
+                state.current.as_ref().and_then(|c| c.watch.try_clone().ok().map(|w| (c.pid, w)))
+            };
+            let Some((pid, mut watch)) = watched else {
+                std::thread::sleep(Duration::from_millis(20));
+                if link.lock().current.is_none() {
+                    link.restart(None);
+                }
+                continue;
+            };
+            let mut byte = [0u8; 1];
+            // Blocks until the process ends (nothing is ever sent here).
+            while matches!(watch.read(&mut byte), Ok(n) if n > 0) {}
+            link.restart(Some(pid));
+        });
+    }
+
+    /// Starts a new data plane if `died` is still the current one.
+    fn restart(&self, died: Option<u32>) {
+        let mut state = self.lock();
+        if died.is_some() && state.current.as_ref().map(|c| c.pid) != died {
+            return; // replaced on purpose (an upgrade): nothing died
+        }
+        let started = Instant::now();
+        if let Some(pid) = died {
+            tracing::error!(pid, "the data plane died; starting another on the same listeners");
+        }
+        state.current = None;
+        match self.spawn(&state).and_then(|mut c| c.conn.call(&PlaneRequest::Start).map(|_| c)) {
+            Ok(current) => {
+                tracing::info!(pid = current.pid, elapsed_ms = started.elapsed().as_millis() as u64, "data plane restarted");
+                state.current = Some(current);
+                state.last_error = None;
+                self.metrics.restarts.inc();
+            }
+            Err(e) => {
+                tracing::error!("restarting the data plane failed: {e}; retrying");
+                state.last_error = Some(e.to_string());
+                drop(state);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        drop(self.lock());
+        self.publish_build();
+    }
+
+    /// Hands the listeners to a new data plane of our build while the old
+    /// one drains (see [`DataplaneLink::upgrade`]) when the one serving is
+    /// of another build.
+    pub fn upgrade_if_other_build(&self) -> Result<Option<serde_json::Value>, PlaneError> {
+        let other = self.lock().current.as_ref().is_some_and(|c| c.build != build_id());
+        if other {
+            return self.upgrade().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The switch: a new data plane gets the listeners and the state; the
+    /// old one stops reading the listeners, answers the DNS queries it took
+    /// and saves the learned addresses; then the new one restores them and
+    /// serves. Nothing queued on a listener is lost (the sockets stay open
+    /// throughout); the old one finishes its connections in the background.
+    pub fn upgrade(&self) -> Result<serde_json::Value, PlaneError> {
+        let mut state = self.lock();
+        let started = Instant::now();
+        let mut new = self.spawn(&state)?;
+        let Some(mut old) = state.current.take() else {
+            new.conn.call(&PlaneRequest::Start)?;
+            state.current = Some(new);
+            return Ok(json!({ "upgraded": false, "started": true }));
+        };
+        let (old_pid, old_build) = (old.pid, old.build.clone());
+        let drained = old.conn.call(&PlaneRequest::Drain { seconds: self.config.dataplane_drain_seconds });
+        if let Err(e) = &drained {
+            tracing::warn!(pid = old_pid, "the old data plane did not drain cleanly: {e}");
+        }
+        let gap = started.elapsed();
+        let start = new.conn.call(&PlaneRequest::Start);
+        let switched_ms = started.elapsed().as_millis() as u64;
+        state.current = Some(new);
+        if let Err(e) = start {
+            // The supervisor starts another on the same listeners.
+            let _ = state.current.as_mut().map(|c| c.conn.call(&PlaneRequest::Stop));
+            return Err(e);
+        }
+        let new_pid = state.current.as_ref().map(|c| c.pid);
+        drop(state);
+        self.metrics.upgrades.inc();
+        self.publish_build();
+        // The old one's last line: how many connections its drain cut.
+        let metrics = self.metrics.clone();
+        let wait = Duration::from_secs(self.config.dataplane_drain_seconds + 30);
+        std::thread::spawn(move || {
+            let _ = old.conn.set_timeout(Some(wait));
+            match old.conn.receive() {
+                Ok(v) => {
+                    let closed = v["exited"]["closed"].as_u64().unwrap_or(0);
+                    metrics.drain_closed.inc_by(closed);
+                    tracing::info!(pid = old_pid, closed, "the old data plane drained and exited");
+                }
+                Err(e) => tracing::warn!(pid = old_pid, "the old data plane ended without its drain report: {e}"),
+            }
+        });
+        tracing::info!(old_pid, %old_build, ?new_pid, listeners_unread_ms = gap.as_millis() as u64, switched_ms, "data plane upgraded");
+        Ok(json!({
+            "old": { "pid": old_pid, "build": old_build, "drain": drained.unwrap_or_else(|e| json!({ "error": e.to_string() })) },
+            "new": { "pid": new_pid, "build": build_id() },
+            "switched_ms": switched_ms,
+        }))
+    }
+
+    /// Calls the current data plane; a failure is remembered for `status`.
+    fn call(&self, state: &mut LinkState, request: &PlaneRequest) -> Result<serde_json::Value, PlaneError> {
+        let Some(current) = state.current.as_mut() else {
+            return Err(PlaneError::Refused(state.last_error.clone().unwrap_or_else(|| "no data plane is running".into())));
+        };
+        let result = current.conn.call(request);
+        if let Err(e) = &result {
+            state.last_error = Some(e.to_string());
+        }
+        result
+    }
+
+    /// The whole state (after re-adopting sandboxes at start).
+    pub fn apply(&self, entries: Vec<SandboxEntry>) {
+        let mut state = self.lock();
+        state.entries = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+        state.version += 1;
+        let request = PlaneRequest::Apply { version: state.version, sandboxes: state.entries.values().cloned().collect() };
+        if let Err(e) = self.call(&mut state, &request) {
+            tracing::error!("pushing the state to the data plane: {e} (pushed again when it restarts)");
+        }
+    }
+
+    /// One sandbox added or changed. A data plane that is down gets it
+    /// when it restarts; until then the sandbox's DNS and proxied
+    /// connections are refused (no route), never let through.
+    pub fn upsert(&self, entry: SandboxEntry) {
+        let mut state = self.lock();
+        state.version += 1;
+        state.entries.insert(entry.name.clone(), entry.clone());
+        let request = PlaneRequest::Upsert { version: state.version, sandbox: entry };
+        if let Err(e) = self.call(&mut state, &request) {
+            tracing::error!("pushing a sandbox to the data plane: {e} (pushed again when it restarts)");
+        }
+    }
+
+    pub fn remove(&self, sandbox: &str) {
+        let mut state = self.lock();
+        state.version += 1;
+        state.entries.remove(sandbox);
+        let request = PlaneRequest::Remove { version: state.version, sandbox: sandbox.to_string() };
+        if let Err(e) = self.call(&mut state, &request) {
+            tracing::error!("removing a sandbox from the data plane: {e}");
+        }
+    }
+
+    /// A generation switch, done by the data plane under its learned-store
+    /// lock; an error leaves the tap on its old generation.
+    pub fn switch(&self, switch: SwitchRequest) -> Result<(), PlaneError> {
+        let mut state = self.lock();
+        let version = state.version + 1;
+        let entry = switch.sandbox.clone();
+        self.call(&mut state, &PlaneRequest::Switch { version, switch: Box::new(switch) })?;
+        state.version = version;
+        state.entries.insert(entry.name.clone(), entry);
+        Ok(())
+    }
+
+    /// A sandbox's learned addresses (empty when the data plane is down).
+    pub fn learned_table(&self, sandbox: &str) -> Vec<(std::net::IpAddr, LearnedAddr)> {
+        let mut state = self.lock();
+        self.call(&mut state, &PlaneRequest::LearnedTable { sandbox: sandbox.to_string() })
+            .ok()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    }
+
+    /// What `status` shows of the data plane.
+    pub fn status(&self) -> serde_json::Value {
+        let mut state = self.lock();
+        let (pid, build) = state.current.as_ref().map(|c| (Some(c.pid), Some(c.build.clone()))).unwrap_or_default();
+        let stats = self.call(&mut state, &PlaneRequest::Stats);
+        let matches = build.as_deref() == Some(build_id());
+        json!({
+            "pid": pid,
+            "build": build,
+            "daemon_build": build_id(),
+            "build_matches_daemon": matches,
+            "running": stats.is_ok(),
+            "stats": stats.as_ref().ok(),
+            "error": stats.as_ref().err().map(|e| e.to_string()).or(state.last_error.clone()),
+            "snapshot_version": state.version,
+            "restarts": self.metrics.restarts.get(),
+            "upgrades": self.metrics.upgrades.get(),
+        })
+    }
+
+    /// The data plane's `/metrics` families (empty when it is down).
+    pub fn metrics_text(&self) -> String {
+        let mut state = self.lock();
+        self.call(&mut state, &PlaneRequest::Metrics).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    }
+
+    /// A connection for an `inspect` stream.
+    pub fn inspect(config: &DaemonConfig, follow: bool) -> Result<PlaneConnection, PlaneError> {
+        let mut conn = PlaneConnection::connect(&config.dataplane_socket(), CALL_TIMEOUT)?;
+        conn.set_timeout(None)?;
+        conn.send(&PlaneRequest::Inspect { follow })?;
+        Ok(conn)
+    }
+}
+
+/// The running data plane of this state dir and copies of its listeners.
+fn adopt(config: &DaemonConfig) -> Result<(Current, Listeners), String> {
+    let path = config.dataplane_socket();
+    let mut conn = PlaneConnection::connect(&path, CALL_TIMEOUT).map_err(|e| format!("none answers: {e}"))?;
+    let hello = conn.call(&PlaneRequest::Hello).map_err(|e| format!("{}: {e}", path.display()))?;
+    let listeners = PlaneConnection::listeners(&path, config, CALL_TIMEOUT).map_err(|e| format!("its listeners: {e}"))?;
+    let watch = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let pid = hello["pid"].as_u64().unwrap_or(0) as u32;
+    let build = hello["build"].as_str().unwrap_or("unknown").to_string();
+    Ok((Current { conn, watch, pid, build }, listeners))
+}
+
+/// Stops the data planes of this state dir (`daemon --cleanup`): each one
+/// answering on a socket there is told to stop and waited for.
+pub fn stop_all(config: &DaemonConfig) -> Vec<String> {
+    let mut stopped = Vec::new();
+    let Ok(dir) = std::fs::read_dir(&config.state_dir) else { return stopped };
+    for entry in dir.flatten() {
+        let path = entry.path();
+        if !super::process::is_plane_socket(&path) {
+            continue;
+        }
+        if let Ok(mut conn) = PlaneConnection::connect(&path, Duration::from_secs(5)) {
+            if let Ok(v) = conn.call(&PlaneRequest::Stop) {
+                let pid = v["stopping"].as_u64().unwrap_or(0);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid != 0 && Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                stopped.push(format!("data plane {pid}"));
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    stopped
+}
