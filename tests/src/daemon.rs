@@ -162,6 +162,11 @@ impl DaemonHarness {
         child.wait_with_output().expect("second daemon output")
     }
 
+    /// Runs this binary from now on (the daemon and the CLI): an upgrade.
+    pub fn use_binary(&mut self, bin: PathBuf) {
+        self.bin = bin;
+    }
+
     /// Kills the daemon with `signal` and reaps it.
     pub fn kill_daemon(&mut self, signal: i32) {
         if let Some(mut child) = self.child.take() {

@@ -162,22 +162,46 @@ impl HttpsEcho {
 
 /// A response body of the given frames (data and trailers), sent as they
 /// are: over HTTP/1 each data frame is a chunk, over HTTP/2 a DATA frame.
-pub struct Frames(pub VecDeque<Frame<Bytes>>);
+pub struct Frames {
+    pub frames: VecDeque<Frame<Bytes>>,
+    /// With a pace, each frame after the first waits this long (a stream
+    /// such as server-sent events).
+    pace: Option<(std::time::Duration, Option<std::pin::Pin<Box<tokio::time::Sleep>>>)>,
+}
 
 impl Frames {
+    pub fn of(frames: VecDeque<Frame<Bytes>>) -> Frames {
+        Frames { frames, pace: None }
+    }
+
     pub fn full(data: impl Into<Bytes>) -> Frames {
-        Frames(VecDeque::from([Frame::data(data.into())]))
+        Frames::of(VecDeque::from([Frame::data(data.into())]))
+    }
+
+    /// `frames`, one every `every`.
+    pub fn paced(frames: VecDeque<Frame<Bytes>>, every: std::time::Duration) -> Frames {
+        Frames { frames, pace: Some((every, None)) }
     }
 }
 
 impl hyper::body::Body for Frames {
     type Data = Bytes;
     type Error = std::convert::Infallible;
-    fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let Some((every, sleep)) = this.pace.as_mut() {
+            if let Some(s) = sleep.as_mut() {
+                if s.as_mut().poll(cx).is_pending() {
+                    return std::task::Poll::Pending;
+                }
+            }
+            *sleep = Some(Box::pin(tokio::time::sleep(*every)));
+        }
+        std::task::Poll::Ready(this.frames.pop_front().map(Ok))
     }
     fn is_end_stream(&self) -> bool {
-        self.0.is_empty()
+        self.frames.is_empty()
     }
 }
 
@@ -222,7 +246,7 @@ async fn answer(req: hyper::Request<hyper::body::Incoming>, secret: &str) -> hyp
             .header("connection", "upgrade")
             .header("upgrade", "echo")
             .header("x-saw-authorization", saw)
-            .body(Frames(VecDeque::new()))
+            .body(Frames::of(VecDeque::new()))
             .unwrap();
     }
     if let Some(mode) = req.uri().path().strip_prefix("/reflect/") {
@@ -254,7 +278,7 @@ fn header_dump(headers: &hyper::HeaderMap) -> String {
 /// `percent`, `json`, `html`, `truncated` (the first 24 bytes of the
 /// Authorization value), `gzip` (whatever was asked), `negotiate` (gzip
 /// only when asked for), `range` (honours `Range`), `trailer`, `reason`,
-/// `redirect` (to other.test), `count`, `delay/N` (a plain answer after N
+/// `redirect` (to other.test), `count`, `sse/N` (N events 100 ms apart), `delay/N` (a plain answer after N
 /// ms: an upstream that takes its time, for benchmarks).
 pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Frames> {
     let headers = req.headers().clone();
@@ -273,7 +297,7 @@ pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -
             r.body(Frames::full("reflected in the headers\n")).unwrap()
         }
         "body" => ok.body(Frames::full(dump)).unwrap(),
-        "chunked" => ok.body(Frames(dump.as_bytes().chunks(7).map(|c| Frame::data(Bytes::copy_from_slice(c))).collect())).unwrap(),
+        "chunked" => ok.body(Frames::of(dump.as_bytes().chunks(7).map(|c| Frame::data(Bytes::copy_from_slice(c))).collect())).unwrap(),
         "base64" => ok.body(Frames::full(base64::engine::general_purpose::STANDARD.encode(format!("{pad}{dump}")))).unwrap(),
         "base64url" => ok.body(Frames::full(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{pad}{dump}")))).unwrap(),
         "percent" => ok.body(Frames::full(percent_encode(dump.as_bytes()))).unwrap(),
@@ -310,7 +334,7 @@ pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -
             if let Ok(v) = hyper::header::HeaderValue::from_bytes(&auth) {
                 trailers.insert("x-echo-authorization", v);
             }
-            ok.header("trailer", "x-echo-authorization").body(Frames(VecDeque::from([Frame::data(Bytes::from("see the trailers\n")), Frame::trailers(trailers)]))).unwrap()
+            ok.header("trailer", "x-echo-authorization").body(Frames::of(VecDeque::from([Frame::data(Bytes::from("see the trailers\n")), Frame::trailers(trailers)]))).unwrap()
         }
         "reason" => {
             let mut r = ok.body(Frames::full("see the reason phrase\n")).unwrap();
@@ -320,6 +344,12 @@ pub async fn reflect(mode: String, req: hyper::Request<hyper::body::Incoming>) -
             r
         }
         "redirect" => hyper::Response::builder().status(302).header("location", "https://other.test/reflect/body").body(Frames::full("moved\n")).unwrap(),
+        // Server-sent events: N events, one every 100 ms (a long streamed
+        // response, as an LLM API gives).
+        "sse" => {
+            let events: VecDeque<Frame<Bytes>> = (0..arg.parse::<u32>().unwrap_or(10)).map(|i| Frame::data(Bytes::from(format!("data: event {i}\n\n")))).collect();
+            ok.header("content-type", "text/event-stream").body(Frames::paced(events, std::time::Duration::from_millis(100))).unwrap()
+        }
         "delay" => {
             tokio::time::sleep(std::time::Duration::from_millis(arg.parse().unwrap_or(0))).await;
             ok.body(Frames::full("ok\n")).unwrap()

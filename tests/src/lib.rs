@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dns_attack;
 pub mod frames;
 pub mod https;
+pub mod live_load;
 pub mod tools;
 
 use std::io::{BufRead, Read, Write};

@@ -48,8 +48,18 @@ impl Daemon {
         (old_policy_id, old): (u32, &CompiledPolicy),
         restore: Option<&HashMap<IpAddr, LearnedAddr>>,
     ) -> Result<(), DaemonError> {
-        self.host.datapath.write_policy(config.policy_id, new)?;
-        let entry = self.plane_entry(sandbox, new, config.policy_id)?;
+        // What a failure half way wrote under the new id is taken out again.
+        if let Err(e) = self.host.datapath.write_policy(config.policy_id, new) {
+            self.host.datapath.remove_policy(config.policy_id, new);
+            return Err(e.into());
+        }
+        let entry = match self.plane_entry(sandbox, new, config.policy_id) {
+            Ok(entry) => entry,
+            Err(e) => {
+                self.host.datapath.remove_policy(config.policy_id, new);
+                return Err(e);
+            }
+        };
         let switch = SwitchRequest {
             sandbox: entry,
             ifindex,
