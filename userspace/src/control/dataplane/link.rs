@@ -191,7 +191,9 @@ impl DataplaneLink {
             tracing::error!(pid, "the data plane died; starting another on the same listeners");
         }
         state.current = None;
-        match self.spawn(&state).and_then(|mut c| c.conn.call(&PlaneRequest::Start).map(|_| c)) {
+        let restarted = self.spawn(&state).and_then(|mut c| c.conn.call(&PlaneRequest::Start).map(|_| c));
+        let failed = restarted.is_err();
+        match restarted {
             Ok(current) => {
                 tracing::info!(pid = current.pid, elapsed_ms = started.elapsed().as_millis() as u64, "data plane restarted");
                 state.current = Some(current);
@@ -201,12 +203,13 @@ impl DataplaneLink {
             Err(e) => {
                 tracing::error!("restarting the data plane failed: {e}; retrying");
                 state.last_error = Some(e.to_string());
-                drop(state);
-                std::thread::sleep(Duration::from_millis(200));
             }
         }
-        drop(self.lock());
+        drop(state);
         self.publish_build();
+        if failed {
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Hands the listeners to a new data plane of our build while the old

@@ -125,18 +125,21 @@ pub struct SwitchRequest {
     pub restore: Option<Vec<(IpAddr, LearnedAddr)>>,
 }
 
-/// The build of this executable: version and a hash of the file, so a
-/// rebuilt binary of the same version is a different build.
+/// The build of this executable: the version and the file's size and
+/// modification time, so a rebuilt or replaced binary of the same version
+/// is another build (a stat, not a read: a debug binary is large, and a
+/// data plane must start fast).
 pub fn build_id() -> &'static str {
     static BUILD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     BUILD.get_or_init(|| {
-        use std::hash::Hasher;
-        let mut hasher = std::hash::DefaultHasher::new();
-        match std::fs::read("/proc/self/exe") {
-            Ok(bytes) => hasher.write(&bytes),
-            Err(e) => tracing::warn!("hashing our executable: {e}; builds are told apart by version only"),
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata("/proc/self/exe") {
+            Ok(m) => format!("{}+{:x}.{:x}", env!("CARGO_PKG_VERSION"), m.size(), m.mtime() as u64 * 1_000_000_000 + m.mtime_nsec() as u64),
+            Err(e) => {
+                tracing::warn!("reading our executable's metadata: {e}; builds are told apart by version only");
+                env!("CARGO_PKG_VERSION").to_string()
+            }
         }
-        format!("{}+{:016x}", env!("CARGO_PKG_VERSION"), hasher.finish())
     })
 }
 
