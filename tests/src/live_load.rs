@@ -55,6 +55,7 @@ struct Tally {
 }
 
 pub struct LiveLoad {
+    started: Instant,
     stop: Arc<AtomicBool>,
     tallies: Arc<BTreeMap<&'static str, Tally>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -69,12 +70,18 @@ impl LiveLoad {
         let tallies: Arc<BTreeMap<&'static str, Tally>> = Arc::new(STREAMS.iter().map(|s| (*s, Tally::default())).collect());
         let ns = NetNs::open(guest).expect("open the guest namespace");
         let (stop2, tallies2) = (stop.clone(), tallies.clone());
+        let started = Instant::now();
         let thread = std::thread::spawn(move || {
             ns.enter_current_thread().expect("enter the guest namespace");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(run_streams(targets, stop2, tallies2));
+            rt.block_on(run_streams(targets, started, stop2, tallies2));
         });
-        LiveLoad { stop, tallies, thread: Some(thread) }
+        LiveLoad { started, stop, tallies, thread: Some(thread) }
+    }
+
+    /// Milliseconds since the start (the clock errors are stamped with).
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     /// Successes of `stream` so far.
@@ -122,8 +129,7 @@ impl Drop for LiveLoad {
     }
 }
 
-async fn run_streams(t: LoadTargets, stop: Arc<AtomicBool>, tallies: Arc<BTreeMap<&'static str, Tally>>) {
-    let started = Instant::now();
+async fn run_streams(t: LoadTargets, started: Instant, stop: Arc<AtomicBool>, tallies: Arc<BTreeMap<&'static str, Tally>>) {
     let record = {
         let tallies = tallies.clone();
         move |stream: &'static str, result: Result<(), String>| match result {

@@ -16,6 +16,8 @@ use sbx_net_tests::https::{HttpsEcho, TestCa};
 use sbx_net_tests::live_load::{LineEcho, LiveLoad, LoadTargets};
 use sbx_net_tests::{require_root, unique_name, wait_until, WorldDns};
 
+const KEEP: &str = "198.51.100.64";
+
 const SECRET: &str = "sbx-upgrade-secret-5d1e";
 const SPLICED: &str = "198.51.100.60";
 const CREDENTIAL: &str = "198.51.100.61";
@@ -27,8 +29,12 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn policy(secret_file: &std::path::Path, extra_allow: &str) -> String {
+    policy_allowing(secret_file, &format!("\"spliced.test\", \"api.test\", \"keep.test\", \"{DIRECT}\"{extra_allow}"))
+}
+
+fn policy_allowing(secret_file: &std::path::Path, allow: &str) -> String {
     format!(
-        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"spliced.test\", \"api.test\", \"{DIRECT}\"{extra_allow}]\n\
+        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [{allow}]\n\
          [[credentials]]\nname = \"api\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
         secret_file.display()
     )
@@ -64,7 +70,7 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     for a in [SPLICED, CREDENTIAL, DIRECT, DENIED] {
         h.topology.add_world_address(ip(a));
     }
-    let _dns = WorldDns::start(&h.topology.world, &[format!("spliced.test,{SPLICED},300"), format!("api.test,{CREDENTIAL},300"), format!("denied.test,{DENIED},300")], &[]);
+    let _dns = WorldDns::start(&h.topology.world, &[format!("spliced.test,{SPLICED},300"), format!("api.test,{CREDENTIAL},300"), format!("denied.test,{DENIED},300"), format!("keep.test,{KEEP},300")], &[]);
     let _spliced = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(SPLICED), 443), &["spliced.test"], &ca, "");
     let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(CREDENTIAL), 443), &["api.test"], &ca, SECRET);
     let _denied = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(DENIED), 443), &["denied.test"], &ca, "");
@@ -83,7 +89,7 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
         world_ca: ca.pem_path.clone(),
         sandbox_ca: PathBuf::from(g["ca_cert"].as_str().unwrap()),
         dns: SocketAddr::new(gateway, 53),
-        dns_name: "spliced.test".into(),
+        dns_name: "keep.test".into(),
         sse_events: 250,
         every: Duration::from_millis(50),
     };
@@ -153,4 +159,87 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     assert_eq!(restarted["restarts"], 1, "{restarted}");
     println!("data plane killed: a new HTTPS request (DNS + TLS + credential) answered {} ms after the kill", answered.as_millis());
     assert!(answered < Duration::from_secs(2), "served again only after {answered:?}");
+}
+
+/// (3) A reload keeps what the new policy still allows and cuts what it
+/// does not: spliced connections to a name the new policy drops are
+/// closed (recorded as `policy_changed`), kept-alive requests to a
+/// credential host it drops are refused per request with the rule, and
+/// every other stream carries on without an error.
+#[test]
+fn a_reload_cuts_only_what_the_new_policy_no_longer_allows() {
+    require_root();
+    let dir = std::env::temp_dir().join(unique_name("cut"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new(&dir);
+    let secret_file = dir.join("token");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+    let text = policy(&secret_file, "");
+    let h = DaemonHarness::with_args("cut", &[("agent.toml", text.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    for a in [SPLICED, CREDENTIAL, DIRECT, KEEP] {
+        h.topology.add_world_address(ip(a));
+    }
+    let _dns = WorldDns::start(&h.topology.world, &[format!("spliced.test,{SPLICED},300"), format!("api.test,{CREDENTIAL},300"), format!("keep.test,{KEEP},300")], &[]);
+    let _spliced = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(SPLICED), 443), &["spliced.test"], &ca, "");
+    let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(CREDENTIAL), 443), &["api.test"], &ca, SECRET);
+    let _echo = LineEcho::start(&h.topology.world, SocketAddr::new(ip(DIRECT), 7000));
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    let name = g["name"].as_str().unwrap().to_string();
+    let gateway: IpAddr = g["gateway_ipv4"].as_str().unwrap().parse().unwrap();
+    let load = LiveLoad::start(
+        &ns,
+        LoadTargets {
+            direct: SocketAddr::new(ip(DIRECT), 7000),
+            spliced: ("spliced.test".into(), SocketAddr::new(ip(SPLICED), 443)),
+            credential: ("api.test".into(), SocketAddr::new(ip(CREDENTIAL), 443)),
+            world_ca: ca.pem_path.clone(),
+            sandbox_ca: PathBuf::from(g["ca_cert"].as_str().unwrap()),
+            dns: SocketAddr::new(gateway, 53),
+            dns_name: "keep.test".into(),
+            sse_events: 20,
+            every: Duration::from_millis(50),
+        },
+    );
+    load.wait_for_progress(&Default::default(), 20, Duration::from_secs(30));
+
+    // spliced.test leaves the policy: its open connections are cut.
+    let cut_spliced = load.elapsed_ms();
+    let without_spliced = policy_allowing(&secret_file, &format!("\"api.test\", \"keep.test\", \"{DIRECT}\""));
+    std::fs::write(h.policy_dir.join("agent.toml"), &without_spliced).unwrap();
+    h.json(&["policy", "reload"]);
+    wait_until(Duration::from_secs(10), "the spliced streams see their connections cut", || {
+        let errors = load.errors();
+        errors.contains_key("h1-spliced") && errors.contains_key("h2-spliced")
+    });
+    let records = h.cli_ok(&["inspect", "-o", "json", "--sandbox", &name]);
+    assert!(records.lines().any(|l| l.contains("\"policy_changed\"") && l.contains("spliced.test")), "no policy_changed record: {records}");
+
+    // api.test leaves it too: the next request on the kept-alive
+    // connections is refused with the rule.
+    let cut_credential = load.elapsed_ms();
+    // (A credential must be for an allowed host: it goes with it.)
+    let without_api = format!("name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"keep.test\", \"{DIRECT}\"]\n");
+    std::fs::write(h.policy_dir.join("agent.toml"), &without_api).unwrap();
+    h.json(&["policy", "reload"]);
+    wait_until(Duration::from_secs(10), "the credential streams see 403", || {
+        let errors = load.errors();
+        ["h1-credential", "h2-credential"].iter().all(|s| errors.get(s).is_some_and(|e| e.iter().any(|(_, why)| why.contains("403"))))
+    });
+    let before = load.oks();
+    let kept = ["direct-tcp", "dns-udp", "dns-tcp"];
+    let since: std::collections::BTreeMap<&'static str, u64> = before.iter().map(|(k, v)| (*k, if kept.contains(k) { *v } else { 0 })).collect();
+    load.wait_for_progress(&since, 10, Duration::from_secs(20));
+    let report = load.finish();
+    for stream in kept {
+        assert!(report[stream].errors.is_empty(), "{stream} broke across reloads that keep it allowed: {:?}", report[stream].errors);
+    }
+    for stream in ["h1-spliced", "h2-spliced"] {
+        assert!(report[stream].errors.iter().all(|(at, _)| *at >= cut_spliced), "{stream} failed before its name left the policy: {:?}", report[stream].errors);
+    }
+    for stream in ["h1-credential", "h2-credential"] {
+        assert!(report[stream].errors.iter().all(|(at, _)| *at >= cut_credential), "{stream} failed before its host left the policy: {:?}", report[stream].errors);
+    }
 }

@@ -715,6 +715,21 @@ fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
 /// injected and forwarded to the upstream (checked for `host`), one
 /// upstream connection reused — over HTTP/2 by all the guest's streams at
 /// once — responses scrubbed.
+/// What the policy in force says about a host now (asked per request, so a
+/// reload reaches kept-alive connections): the credential bound to it, if
+/// any, or the rule that no longer allows it.
+pub type Recheck = Arc<dyn Fn(&str) -> Result<Option<Arc<CredentialBinding>>, String> + Send + Sync>;
+
+/// A request on a connection the policy in force no longer allows (or
+/// whose host no longer has a credential): refused with the rule, recorded
+/// under that rule; HTTP/1 connections close after it.
+fn refuse_changed<B>(flow: &FlowContext, req: &Request<B>, host: &str, rule: String, credential: Option<&str>) -> Response<ProxyBody> {
+    let flow = FlowContext { rule, ..flow.clone() };
+    let refusal = Refusal { status: StatusCode::FORBIDDEN, reason: "the policy in force no longer allows this", record: "policy_changed", named: None };
+    refuse(&flow, req, host, refusal, credential)
+}
+
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     guest: Prefixed<TcpStream>,
     host: String,
@@ -723,6 +738,7 @@ pub async fn serve(
     binding: Arc<CredentialBinding>,
     flow: FlowContext,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
+    recheck: Recheck,
 ) -> Result<(), CredentialProxyError> {
     let tls = tokio_rustls::TlsAcceptor::from(tls).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -732,10 +748,17 @@ pub async fn serve(
     let upstream = Arc::new(upstream);
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (host, upstream, binding, slot, flow, tripped, permit) =
-            (service_host.clone(), upstream.clone(), service_binding.clone(), slot.clone(), service_flow.clone(), tripped.clone(), permit.clone());
+        let (host, upstream, binding, slot, flow, tripped, permit, recheck) =
+            (service_host.clone(), upstream.clone(), service_binding.clone(), slot.clone(), service_flow.clone(), tripped.clone(), permit.clone(), recheck.clone());
         async move {
             let sandbox = &flow.sandbox;
+            // The credential as the policy in force binds it now (a reload
+            // may have rotated, rebound or removed it, or denied the host).
+            let binding = match recheck(&host) {
+                Ok(Some(now)) => now,
+                Ok(None) => return Ok::<_, hyper::Error>(refuse_changed(&flow, &req, &host, format!("no credential is bound to {host} any more"), Some(&binding.name))),
+                Err(rule) => return Ok(refuse_changed(&flow, &req, &host, rule, Some(&binding.name))),
+            };
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             let framing = req.version() <= Version::HTTP_11 && tripped.load(Ordering::Relaxed);
             if let Err(refusal) = check_head(&req, &host, framing, "Host must equal the TLS server name") {
@@ -823,14 +846,22 @@ pub async fn serve_plain(
     upstream: Vec<std::net::SocketAddr>,
     binding: Option<Arc<CredentialBinding>>,
     flow: FlowContext,
+    recheck: Recheck,
 ) -> Result<(), CredentialProxyError> {
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: guest, watch: FramingWatch::default(), enabled: true, tripped: tripped.clone() };
     let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>> = Arc::default();
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (host, upstream, binding, sender, flow, tripped) = (service_host.clone(), upstream.clone(), service_binding.clone(), sender.clone(), service_flow.clone(), tripped.clone());
+        let (host, upstream, binding, sender, flow, tripped, recheck) =
+            (service_host.clone(), upstream.clone(), service_binding.clone(), sender.clone(), service_flow.clone(), tripped.clone(), recheck.clone());
         async move {
+            // Per request: the policy in force decides (a reload reaches
+            // kept-alive connections), and so does the plaintext binding.
+            let binding = match recheck(&host) {
+                Ok(now) => now.filter(|b| b.allow_plaintext),
+                Err(rule) => return Ok::<_, hyper::Error>(refuse_changed(&flow, &req, &host, rule, binding.as_ref().map(|b| b.name.as_str()))),
+            };
             let (method, path) = (req.method().clone(), req.uri().path().to_string());
             if let Err(refusal) = check_head(&req, &host, tripped.load(Ordering::Relaxed), "Host changed on the connection") {
                 return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, binding.as_ref().map(|b| b.name.as_str())));

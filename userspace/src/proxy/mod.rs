@@ -71,6 +71,9 @@ pub struct ProxyContext {
     pub upstream_requests: inject::UpstreamRequests,
     /// Guest connections being served (a draining data plane waits for them).
     pub in_flight: crate::util::conn_limit::InFlight,
+    /// Bumped whenever the route table changes: spliced connections look
+    /// again at whether the policy in force still allows them.
+    pub policy_changes: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Accepts forever on `listener`.
@@ -240,6 +243,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         return;
     };
     flow.dst = addr;
+    let recheck = recheck_for(&ctx, peer, original);
     // A credential host over TLS: terminate and inject instead of splicing.
     if let (crate::proxy::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
         if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
@@ -257,7 +261,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
-            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), tls, upstream, binding.clone(), flow, Arc::new(permit)).await {
+            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), tls, upstream, binding.clone(), flow, Arc::new(permit), recheck).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
             return;
@@ -271,7 +275,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             drop(upstream);
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), targets.clone(), binding, flow).await {
+            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), targets.clone(), binding, flow, recheck).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
@@ -282,7 +286,50 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     if upstream.write_all(&first).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+    // Spliced until either side closes, or until a policy change denies it.
+    let mut changes = ctx.policy_changes.clone();
+    let denied_now = async {
+        loop {
+            if changes.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            let host = name.clone().unwrap_or_default();
+            if let Err(rule) = recheck_allowed(&ctx, peer, original, &host) {
+                return rule;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => {}
+        rule = denied_now => {
+            tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: closed a connection the policy in force no longer allows");
+            flow.rule = rule.clone();
+            flow.connection(Verdict::Denied, "policy_changed", Some(rule), name.as_deref());
+            reset(&guest);
+        }
+    }
+}
+
+/// Whether the policy in force now still allows what a connection from
+/// `peer` to `original` (for `host`, empty when it named none) was allowed
+/// for; the denying rule when it does not.
+fn recheck_allowed(ctx: &ProxyContext, peer: SocketAddr, original: SocketAddr, host: &str) -> Result<Arc<crate::sandbox::route::Route>, String> {
+    let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&canonical(peer.ip())).cloned().ok_or("the sandbox is gone")?;
+    let now = crate::util::clock::boot_time_ns();
+    let name = (!host.is_empty()).then_some(host);
+    match plan(&route.policy, name, original, |n| ctx.learned.addresses_for(&route.sandbox, n, now)) {
+        Plan::Deny { rule } => Err(rule),
+        _ => Ok(route),
+    }
+}
+
+/// [`recheck_allowed`] with the credential bound to the host now.
+fn recheck_for(ctx: &Arc<ProxyContext>, peer: SocketAddr, original: SocketAddr) -> crate::proxy::inject::Recheck {
+    let ctx = ctx.clone();
+    Arc::new(move |host: &str| {
+        let route = recheck_allowed(&ctx, peer, original, host)?;
+        Ok(route.credentials.iter().find(|b| b.covers(host)).cloned())
+    })
 }
 
 /// A's then AAAA's of `name` from the upstream resolver, keeping only

@@ -87,6 +87,8 @@ struct Plane {
     own_socket: PathBuf,
     exit: mpsc::Sender<()>,
     started_at: Instant,
+    /// Bumped with every route change (proxied connections look again).
+    policy_changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// Runs the data plane until it drains or is stopped. `ready` gets one
@@ -111,6 +113,7 @@ pub fn run(config: DaemonConfig, listeners: Listeners, mut ready: impl Write) ->
         own_socket,
         exit,
         started_at: Instant::now(),
+        policy_changes: tokio::sync::watch::Sender::new(0),
         runtime: runtime.handle().clone(),
         config,
     });
@@ -319,6 +322,7 @@ impl Plane {
             }
             table.version = version;
         }
+        self.policy_changes.send_replace(version);
         for (name, policy_id) in forgotten {
             table.cas.remove(&name);
             self.forget(&name, policy_id);
@@ -412,6 +416,7 @@ impl Plane {
             limits: config.proxy_limits(),
             upstream_requests: config.upstream_requests(),
             in_flight: Default::default(),
+            policy_changes: self.policy_changes.subscribe(),
         });
         let mut metrics = crate::observe::metrics::Metrics::default();
         self.flows.metrics.register(metrics.registry());
