@@ -341,3 +341,54 @@ fn an_address_the_host_gains_later_is_never_a_destination() {
         assert!(matches!(service.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "{which}: a guest's connection reached the host's service");
     }
 }
+
+/// A guest that never lets go cannot keep an old data plane alive: at an
+/// upgrade, connections it holds open without a byte (proxy and DNS over
+/// TCP) are closed — idle DNS-over-TCP ones at once, the proxy's at the
+/// drain deadline, counted — and the old process exits; the new one serves
+/// the guest's next connection meanwhile.
+#[test]
+fn a_guest_cannot_pin_an_old_data_plane() {
+    require_root();
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let h = DaemonHarness::with_args("pin", &[("agent.toml", POLICY)], Some("dataplane_drain_seconds = 2\n"), &[upstream.as_str()]);
+    h.topology.add_world_address(LEARNED.into());
+    let _dns = WorldDns::start(&h.topology.world, &["allowed.test,198.51.100.5,60".to_string()], &[]);
+    let _servers = WorldServers::start(&h.topology.world, &[LEARNED.into()], 80);
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let ns = NetNs::open(g["netns"].as_str().unwrap()).unwrap();
+    let gateway: Ipv4Addr = g["gateway_ipv4"].as_str().unwrap().parse().unwrap();
+    let old = h.json(&["status", "--json"])["dataplane"]["pid"].as_u64().unwrap();
+    const HELD: usize = 6;
+    let (proxied, dns): (Vec<TcpStream>, Vec<TcpStream>) = ns
+        .run(|| {
+            let proxied = (0..HELD).map(|_| TcpStream::connect_timeout(&SocketAddr::new(LEARNED.into(), 80), Duration::from_secs(5)).unwrap()).collect();
+            let dns = (0..HELD).map(|_| TcpStream::connect_timeout(&SocketAddr::new(gateway.into(), 53), Duration::from_secs(5)).unwrap()).collect();
+            (proxied, dns)
+        })
+        .unwrap();
+    sbx_net_tests::wait_until(Duration::from_secs(10), "the old data plane holds the guest's connections", || {
+        h.json(&["status", "--json"])["dataplane"]["stats"]["in_flight"]["proxy"].as_u64().unwrap_or(0) >= HELD as u64
+    });
+    h.cli_ok(&["upgrade"]);
+    // The DNS-over-TCP connections are closed at once (between queries).
+    for mut c in dns {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(matches!(c.read(&mut byte), Ok(0) | Err(_)), "an idle DNS-over-TCP connection kept the old data plane");
+    }
+    // The new data plane serves the guest meanwhile.
+    let (code, body) = sbx_net_tests::curl_head(ns.name(), &["--max-time", "5", "http://allowed.test/"]);
+    assert_eq!(code, Some(0), "{body}");
+    // The proxy's held connections are cut at the deadline and counted;
+    // the old process is gone.
+    sbx_net_tests::wait_until(Duration::from_secs(20), "the old data plane exits at its drain deadline", || !std::path::Path::new(&format!("/proc/{old}")).exists());
+    for mut c in proxied {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)), "a held connection outlived the drain");
+    }
+    sbx_net_tests::wait_until(Duration::from_secs(10), "the drain's count reaches /metrics", || {
+        h.metrics().lines().any(|l| l.strip_prefix("sbx_net_dataplane_drain_closed_total ").and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= HELD as f64))
+    });
+}

@@ -49,7 +49,12 @@ enum Command {
     /// The data plane process: DNS and HTTP(S) proxies (started and
     /// supervised by the daemon, never by hand).
     #[command(hide = true)]
-    Dataplane,
+    Dataplane {
+        /// The daemon's state dir (the configuration comes on stdin; this
+        /// names the data plane in `ps` and is checked against it).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Internal: the frame pump of a netns guest (started by the daemon).
     #[command(name = "__guest-pump", hide = true)]
     GuestPump { spec: String },
@@ -166,7 +171,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon(args, cli.socket),
         Command::GuestPump { spec } => Ok(sbx_net::sandbox::guest_pump::run_pump(&spec)?),
-        Command::Dataplane => dataplane(),
+        Command::Dataplane { state_dir } => dataplane(state_dir),
         Command::Upgrade => {
             let v = call(&socket, &Request::Upgrade, Duration::from_secs(120))?;
             println!("data plane {} ({}) took over from {} ({}) in {} ms; the old one drains",
@@ -323,12 +328,15 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn dataplane() -> anyhow::Result<()> {
+fn dataplane(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let (config, listeners) = sbx_net::control::dataplane::process::inherited(std::io::stdin().lock())?;
+    if let Some(dir) = state_dir.filter(|d| *d != config.state_dir) {
+        anyhow::bail!("--state-dir {} is not the configuration's {}", dir.display(), config.state_dir.display());
+    }
     sbx_net::control::dataplane::process::run(config, listeners, std::io::stdout())?;
     Ok(())
 }

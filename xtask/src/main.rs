@@ -393,7 +393,7 @@ fn leftover_pins() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Guest pump processes of test sandboxes.
+/// Guest pump and data plane processes of test daemons.
 fn leftover_pumps() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok())
@@ -402,7 +402,7 @@ fn leftover_pumps() -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
                     let c = String::from_utf8_lossy(&c);
-                    c.contains("__guest-pump") && c.contains("sbxt")
+                    (c.contains("__guest-pump") || c.contains("dataplane")) && c.contains("sbxt")
                 })
                 .unwrap_or(false)
         })
@@ -426,7 +426,7 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     let mut left: Vec<String> = Vec::new();
     for pid in leftover_pumps() {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        left.push(format!("guest pump pid {pid}"));
+        left.push(format!("guest pump or data plane pid {pid}"));
     }
     for n in leftover_namespaces() {
         let _ = Command::new("ip").args(["netns", "delete", &n]).status();

@@ -127,6 +127,10 @@ pub struct LearnedStore<T = LearnedMaps> {
     /// Written only by the holder of `maps`, briefly and never across an
     /// await; read by anyone.
     table: RwLock<Learned>,
+    /// Held across every snapshot write; true once a draining data plane
+    /// wrote the last one (its successor restores that one: a periodic
+    /// write still in flight must not replace it).
+    snapshot_sealed: std::sync::Mutex<bool>,
 }
 
 /// A change in progress: the writer lock, and the table to read or write.
@@ -137,7 +141,7 @@ pub struct LearnedChange<'a, T = LearnedMaps> {
 
 impl<T: LearnedTries> LearnedStore<T> {
     pub fn new(maps: T, learned: Learned) -> LearnedStore<T> {
-        LearnedStore { maps: tokio::sync::Mutex::new(maps), table: RwLock::new(learned) }
+        LearnedStore { maps: tokio::sync::Mutex::new(maps), table: RwLock::new(learned), snapshot_sealed: std::sync::Mutex::new(false) }
     }
 
     /// Starts a change (waits for the one in progress).
@@ -224,8 +228,19 @@ impl<T: LearnedTries> LearnedStore<T> {
     /// Writes the snapshot now (a draining data plane, before the next one
     /// restores it). Blocking.
     pub fn save_snapshot(&self, path: &Path) -> Result<(), LearnedError> {
+        let mut sealed = self.snapshot_sealed.lock().unwrap_or_else(|p| p.into_inner());
+        *sealed = true;
         let entries = self.read().snapshot();
         write_snapshot(path, &entries)
+    }
+
+    /// A periodic snapshot write, unless the snapshot is sealed.
+    fn write_periodic(&self, path: &Path, entries: &[SnapshotEntry]) -> Result<(), LearnedError> {
+        let sealed = self.snapshot_sealed.lock().unwrap_or_else(|p| p.into_inner());
+        if *sealed {
+            return Ok(());
+        }
+        write_snapshot(path, entries)
     }
 
     /// The snapshot's entries and the version they are of, when the table
@@ -313,8 +328,8 @@ pub async fn collect_expired(store: Arc<LearnedStore>, snapshot: PathBuf, polici
         tick.tick().await;
         store.sweep(boot_time_ns(), &policies).await;
         let Some((version, entries)) = store.snapshot_since(written) else { continue };
-        let path = snapshot.clone();
-        let wrote = tokio::task::spawn_blocking(move || write_snapshot(&path, &entries)).await;
+        let (path, writer) = (snapshot.clone(), store.clone());
+        let wrote = tokio::task::spawn_blocking(move || writer.write_periodic(&path, &entries)).await;
         match wrote.unwrap_or_else(|source| Err(LearnedError::SnapshotTask { path: snapshot.display().to_string(), source })) {
             Ok(()) => written = Some(version),
             Err(e) => tracing::warn!("writing the learned-address snapshot: {e}"),

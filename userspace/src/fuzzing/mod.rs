@@ -496,9 +496,17 @@ pub fn headers(data: &[u8]) {
 /// - the request's free-form parts go through their parsers without a
 ///   panic: a `policy test` destination (a name comes back normalised) and
 ///   a `policy apply` text (its errors name the CLI's source path);
-/// - a response line the client accepts round-trips as well.
+/// - a response line the client accepts round-trips as well, and so does a
+///   request of the data plane's protocol.
 pub fn api(data: &[u8]) {
     let Ok(line) = std::str::from_utf8(data) else { return };
+    // The data plane's requests (a root-only socket, but still a parser):
+    // what parses goes back on one line and parses again.
+    if let Ok(request) = serde_json::from_str::<crate::control::dataplane::PlaneRequest>(line) {
+        let wire = serde_json::to_string(&request).expect("data plane requests serialize");
+        assert!(!wire.contains('\n'), "a data plane request serialized over two lines");
+        assert!(serde_json::from_str::<crate::control::dataplane::PlaneRequest>(&wire).is_ok(), "a data plane request does not round-trip: {wire}");
+    }
     match crate::control::server::parse_request(line) {
         Ok(request) => {
             let wire = serde_json::to_string(&request).expect("requests serialize");

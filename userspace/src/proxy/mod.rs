@@ -243,7 +243,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         return;
     };
     flow.dst = addr;
-    let recheck = recheck_for(&ctx, peer, original);
+    let recheck = recheck_for(&ctx, peer, original, addr);
     // A credential host over TLS: terminate and inject instead of splicing.
     if let (crate::proxy::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
         if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
@@ -294,7 +294,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
                 std::future::pending::<()>().await;
             }
             let host = name.clone().unwrap_or_default();
-            if let Err(rule) = recheck_allowed(&ctx, peer, original, &host) {
+            if let Err(rule) = recheck_allowed(&ctx, peer, original, addr, &host) {
                 return rule;
             }
         }
@@ -311,23 +311,33 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
 }
 
 /// Whether the policy in force now still allows what a connection from
-/// `peer` to `original` (for `host`, empty when it named none) was allowed
-/// for; the denying rule when it does not.
-fn recheck_allowed(ctx: &ProxyContext, peer: SocketAddr, original: SocketAddr, host: &str) -> Result<Arc<crate::sandbox::route::Route>, String> {
+/// `peer` to `original` (for `host`, empty when it named none), made to
+/// `connected`, was allowed for; the denying rule when it does not. The
+/// same decision a new connection would get: by the name and the guest's
+/// destination, and — when the proxy resolved the name itself — the
+/// address it connected to must still pass the answer filter.
+fn recheck_allowed(ctx: &ProxyContext, peer: SocketAddr, original: SocketAddr, connected: SocketAddr, host: &str) -> Result<Arc<crate::sandbox::route::Route>, String> {
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&canonical(peer.ip())).cloned().ok_or("the sandbox is gone")?;
     let now = crate::util::clock::boot_time_ns();
     let name = (!host.is_empty()).then_some(host);
     match plan(&route.policy, name, original, |n| ctx.learned.addresses_for(&route.sandbox, n, now)) {
         Plan::Deny { rule } => Err(rule),
-        _ => Ok(route),
+        Plan::Connect { .. } => Ok(route),
+        Plan::Resolve { name, .. } => {
+            let record = crate::dns::decide::AnswerRecord::Address { owner: Ok(name.clone()), ip: connected.ip(), ttl: 60 };
+            if crate::dns::decide::plan_answer(&route.policy, &name, &[record]).learn.is_empty() {
+                return Err(format!("{} is not an allowed address of {name}", connected.ip()));
+            }
+            Ok(route)
+        }
     }
 }
 
 /// [`recheck_allowed`] with the credential bound to the host now.
-fn recheck_for(ctx: &Arc<ProxyContext>, peer: SocketAddr, original: SocketAddr) -> crate::proxy::inject::Recheck {
+fn recheck_for(ctx: &Arc<ProxyContext>, peer: SocketAddr, original: SocketAddr, connected: SocketAddr) -> crate::proxy::inject::Recheck {
     let ctx = ctx.clone();
     Arc::new(move |host: &str| {
-        let route = recheck_allowed(&ctx, peer, original, host)?;
+        let route = recheck_allowed(&ctx, peer, original, connected, host)?;
         Ok(route.credentials.iter().find(|b| b.covers(host)).cloned())
     })
 }

@@ -22,7 +22,8 @@ pub fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -
     let payload_len = std::mem::size_of_val(raw.as_slice()) as u32;
     // SAFETY: CMSG_SPACE is pure arithmetic.
     let space = unsafe { libc::CMSG_SPACE(payload_len) } as usize;
-    let mut control = vec![0u8; space.max(1)];
+    // u64s: the control buffer holds cmsghdrs, which need their alignment.
+    let mut control = vec![0u64; space.div_ceil(8).max(1)];
     let mut sent = 0;
     while sent < data.len() {
         let mut iov = libc::iovec { iov_base: data[sent..].as_ptr() as *mut libc::c_void, iov_len: data.len() - sent };
@@ -63,7 +64,8 @@ pub fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -
 pub fn recv_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
     // SAFETY: CMSG_SPACE is pure arithmetic.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
-    let mut control = vec![0u8; space];
+    // u64s: the control buffer holds cmsghdrs, which need their alignment.
+    let mut control = vec![0u64; space.div_ceil(8)];
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
     // SAFETY: plain data; the pointers set below outlive the call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };

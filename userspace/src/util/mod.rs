@@ -7,3 +7,4 @@ pub mod conn_limit;
 pub mod fd_pass;
 pub mod fs;
 pub mod net;
+pub mod pidfd;

@@ -28,7 +28,7 @@ impl Daemon {
             }
         }
         *self.shared.routes.write().unwrap_or_else(|p| p.into_inner()) = table;
-        self.shared.link.apply(entries);
+        self.shared.link.apply(entries, self.state.sandboxes.keys().cloned().collect());
     }
 
     pub(super) fn publish_route(&self, name: &str, spec: &SandboxSpec) {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
-use super::{build_id, Listeners, PlaneConnection, PlaneError, PlaneRequest, SandboxEntry, SwitchRequest, INHERITED_FDS_ENV};
+use super::{build_id, config_hash, Listeners, PlaneConnection, PlaneError, PlaneRequest, SandboxEntry, SwitchRequest, INHERITED_FDS_ENV};
+use crate::util::pidfd::Pidfd;
 use crate::control::config::DaemonConfig;
 use crate::dns::decide::LearnedAddr;
 
@@ -51,20 +53,35 @@ impl PlaneMetrics {
 /// The data plane serving now.
 struct Current {
     conn: PlaneConnection,
-    /// A second connection nothing is sent on: it ends when the process does.
-    watch: UnixStream,
-    pid: u32,
+    /// Its process: signalled and waited on by this handle only.
+    process: Pidfd,
     build: String,
+    /// The hash of the configuration it was started with.
+    config: String,
+}
+
+impl Current {
+    fn pid(&self) -> u32 {
+        self.process.pid()
+    }
 }
 
 struct LinkState {
     /// Copies of the listening sockets (kept while data planes come and go).
     listeners: Listeners,
     current: Option<Current>,
+    /// Old data planes finishing their connections: they get the route
+    /// changes too (never a switch: the serving one writes the maps).
+    draining: Vec<PlaneConnection>,
     /// What the data plane must know: pushed again to a new one.
     entries: BTreeMap<String, SandboxEntry>,
+    /// Every sandbox the daemon has (the data plane forgets the rest).
+    recorded: Option<Vec<String>>,
     version: u64,
     last_error: Option<String>,
+    /// Written to whenever `current` is replaced, so the supervisor stops
+    /// waiting on the old process.
+    wake: UnixStream,
 }
 
 #[derive(Clone)]
@@ -80,15 +97,25 @@ impl DataplaneLink {
     /// upgrade to ours is [`DataplaneLink::upgrade_if_other_build`]), or binds the
     /// listeners and starts one. Either way a data plane serves on return.
     pub fn open(config: &DaemonConfig, exe: PathBuf) -> Result<DataplaneLink, PlaneError> {
+        let (wake, woken) = UnixStream::pair()?;
         let link_of = |listeners, current| DataplaneLink {
             config: Arc::new(config.clone()),
             exe: Arc::new(exe.clone()),
-            state: Arc::new(Mutex::new(LinkState { listeners, current, entries: BTreeMap::new(), version: 0, last_error: None })),
+            state: Arc::new(Mutex::new(LinkState {
+                listeners,
+                current,
+                draining: Vec::new(),
+                entries: BTreeMap::new(),
+                recorded: None,
+                version: 0,
+                last_error: None,
+                wake,
+            })),
             metrics: PlaneMetrics::default(),
         };
         let link = match adopt(config) {
             Ok((current, listeners)) => {
-                tracing::info!(pid = current.pid, build = %current.build, "adopted the running data plane (its listeners stay open throughout)");
+                tracing::info!(pid = current.pid(), build = %current.build, "adopted the running data plane (its listeners stay open throughout)");
                 link_of(listeners, Some(current))
             }
             Err(why) => {
@@ -97,15 +124,14 @@ impl DataplaneLink {
                 let link = link_of(listeners, None);
                 {
                     let mut state = link.lock();
-                    let mut current = link.spawn(&state)?;
-                    current.conn.call(&PlaneRequest::Start)?;
+                    let current = link.spawn_started(&state)?;
                     state.current = Some(current);
                 }
                 link
             }
         };
         link.publish_build();
-        link.supervise();
+        link.supervise(woken);
         Ok(link)
     }
 
@@ -119,11 +145,19 @@ impl DataplaneLink {
     }
 
     /// Starts a data plane of our executable on our listeners and gives it
-    /// the state (it does not serve until told to start).
+    /// the state (it does not serve until told to start). A data plane that
+    /// does not come up is killed, never left holding the listeners.
     fn spawn(&self, state: &LinkState) -> Result<Current, PlaneError> {
         let (kinds, fds) = state.listeners.described();
         let mut command = Command::new(self.exe.as_path());
-        command.arg("dataplane").env(INHERITED_FDS_ENV, kinds.join(",")).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        command
+            .arg("dataplane")
+            .arg("--state-dir")
+            .arg(&self.config.state_dir)
+            .env(INHERITED_FDS_ENV, kinds.join(","))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let _kept_until_spawned = crate::util::fd_pass::pass_to_child(&mut command, &fds)?;
         // SAFETY: setsid is async-signal-safe; a session of its own keeps the
         // data plane out of the daemon's process group (and its signals).
@@ -134,69 +168,113 @@ impl DataplaneLink {
             });
         }
         let mut child = command.spawn().map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
-        let config = serde_json::to_vec(self.config.as_ref()).map_err(|e| PlaneError::Spawn(e.to_string()))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        stdin.write_all(&config)?;
-        drop(stdin);
-        let stdout = child.stdout.take().expect("piped");
-        let pid = child.id();
-        // The first line says where it listens; nothing else comes on stdout.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(SPAWN_TIMEOUT).map_err(|_| PlaneError::Spawn(format!("data plane {pid} did not come up within {SPAWN_TIMEOUT:?}")))?;
-        let path = line.trim().strip_prefix("ready ").ok_or_else(|| PlaneError::Spawn(format!("data plane {pid} exited before it was ready (see its log above)")))?;
-        let mut conn = PlaneConnection::connect(Path::new(path), CALL_TIMEOUT)?;
-        let watch = UnixStream::connect(path).map_err(|source| PlaneError::Connect { path: path.to_string(), source })?;
-        conn.call(&PlaneRequest::Apply { version: state.version, sandboxes: state.entries.values().cloned().collect() })?;
-        tracing::info!(pid, "data plane started");
-        Ok(Current { conn, watch, pid, build: build_id().to_string() })
+        let process = match Pidfd::open(child.id()) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.kill();
+                return Err(PlaneError::Spawn(format!("pidfd of {}: {e}", child.id())));
+            }
+        };
+        let result = (|| {
+            let config = serde_json::to_vec(self.config.as_ref()).map_err(|e| PlaneError::Spawn(e.to_string()))?;
+            let mut stdin = child.stdin.take().expect("piped");
+            stdin.write_all(&config)?;
+            drop(stdin);
+            let stdout = child.stdout.take().expect("piped");
+            let pid = child.id();
+            // The first line says where it listens; nothing else comes on stdout.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                let _ = BufReader::new(stdout).read_line(&mut line);
+                let _ = tx.send(line);
+            });
+            let line = rx.recv_timeout(SPAWN_TIMEOUT).map_err(|_| PlaneError::Spawn(format!("data plane {pid} did not come up within {SPAWN_TIMEOUT:?}")))?;
+            let path = line.trim().strip_prefix("ready ").ok_or_else(|| PlaneError::Spawn(format!("data plane {pid} exited before it was ready (see its log above)")))?;
+            let mut conn = PlaneConnection::connect(Path::new(path), CALL_TIMEOUT)?;
+            conn.call(&PlaneRequest::Apply { version: state.version, sandboxes: state.entries.values().cloned().collect(), recorded: state.recorded.clone() })?;
+            tracing::info!(pid, "data plane started");
+            Ok(conn)
+        })();
+        match result {
+            Ok(conn) => Ok(Current { conn, process, build: build_id().to_string(), config: config_hash(&self.config) }),
+            Err(e) => {
+                process.kill_and_wait(Duration::from_secs(5));
+                Err(e)
+            }
+        }
     }
 
-    /// Restarts the data plane whenever it dies unplanned, on the same
-    /// listeners and with the same state (so new connections and queries,
-    /// held in the kernel meanwhile, are served by the new one).
-    fn supervise(&self) {
+    /// [`DataplaneLink::spawn`], then serving.
+    fn spawn_started(&self, state: &LinkState) -> Result<Current, PlaneError> {
+        let mut current = self.spawn(state)?;
+        if let Err(e) = current.conn.call(&PlaneRequest::Start) {
+            current.process.kill_and_wait(Duration::from_secs(5));
+            return Err(e);
+        }
+        Ok(current)
+    }
+
+    /// Replaces the current data plane (the supervisor then waits on the
+    /// new one).
+    fn replace(&self, state: &mut LinkState, current: Option<Current>) -> Option<Current> {
+        let old = std::mem::replace(&mut state.current, current);
+        let _ = (&state.wake).write_all(&[1]);
+        old
+    }
+
+    /// Restarts the data plane whenever its process exits unplanned, on
+    /// the same listeners and with the same state (so new connections and
+    /// queries, held in the kernel meanwhile, are served by the new one).
+    fn supervise(&self, woken: UnixStream) {
         let link = self.clone();
         let _ = std::thread::Builder::new().name("plane-watch".into()).spawn(move || loop {
             let watched = {
                 let state = link.lock();
-                state.current.as_ref().and_then(|c| c.watch.try_clone().ok().map(|w| (c.pid, w)))
+                state.current.as_ref().and_then(|c| c.process.try_clone().ok())
             };
-            let Some((pid, mut watch)) = watched else {
-                std::thread::sleep(Duration::from_millis(20));
-                if link.lock().current.is_none() {
-                    link.restart(None);
-                }
+            let Some(process) = watched else {
+                // None serves (a restart failed): try again shortly.
+                std::thread::sleep(Duration::from_millis(200));
+                link.restart(None);
                 continue;
             };
-            let mut byte = [0u8; 1];
-            // Blocks until the process ends (nothing is ever sent here).
-            while matches!(watch.read(&mut byte), Ok(n) if n > 0) {}
-            link.restart(Some(pid));
+            let mut fds = [
+                libc::pollfd { fd: process.as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: woken.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two pollfds for descriptors we hold open across the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n <= 0 {
+                continue;
+            }
+            if fds[1].revents != 0 {
+                let mut buf = [0u8; 64];
+                let _ = (&woken).read(&mut buf);
+            }
+            if fds[0].revents != 0 {
+                link.restart(Some(process.pid()));
+            }
         });
     }
 
     /// Starts a new data plane if `died` is still the current one.
     fn restart(&self, died: Option<u32>) {
         let mut state = self.lock();
-        if died.is_some() && state.current.as_ref().map(|c| c.pid) != died {
-            return; // replaced on purpose (an upgrade): nothing died
+        match (died, state.current.as_ref().map(Current::pid)) {
+            (Some(pid), Some(current)) if pid != current => return, // replaced on purpose
+            (None, Some(_)) => return,
+            _ => {}
         }
         let started = Instant::now();
         if let Some(pid) = died {
             tracing::error!(pid, "the data plane died; starting another on the same listeners");
         }
-        state.current = None;
-        let restarted = self.spawn(&state).and_then(|mut c| c.conn.call(&PlaneRequest::Start).map(|_| c));
-        let failed = restarted.is_err();
-        match restarted {
+        self.replace(&mut state, None);
+        match self.spawn_started(&state) {
             Ok(current) => {
-                tracing::info!(pid = current.pid, elapsed_ms = started.elapsed().as_millis() as u64, "data plane restarted");
-                state.current = Some(current);
+                tracing::info!(pid = current.pid(), elapsed_ms = started.elapsed().as_millis() as u64, "data plane restarted");
+                self.replace(&mut state, Some(current));
                 state.last_error = None;
                 self.metrics.restarts.inc();
             }
@@ -207,69 +285,89 @@ impl DataplaneLink {
         }
         drop(state);
         self.publish_build();
-        if failed {
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 
     /// Hands the listeners to a new data plane of our build while the old
     /// one drains (see [`DataplaneLink::upgrade`]) when the one serving is
-    /// of another build.
+    /// of another build or was started with another configuration.
     pub fn upgrade_if_other_build(&self) -> Result<Option<serde_json::Value>, PlaneError> {
-        let other = self.lock().current.as_ref().is_some_and(|c| c.build != build_id());
-        if other {
-            return self.upgrade().map(Some);
+        let stale = self.lock().current.as_ref().map(|c| (c.build != build_id(), c.config != config_hash(&self.config)));
+        match stale {
+            Some((true, _)) => self.upgrade().map(Some),
+            Some((false, true)) => {
+                tracing::info!("the data plane runs with another configuration; handing over to one with ours");
+                self.upgrade().map(Some)
+            }
+            _ => Ok(None),
         }
-        Ok(None)
     }
 
     /// The switch: a new data plane gets the listeners and the state; the
     /// old one stops reading the listeners, answers the DNS queries it took
     /// and saves the learned addresses; then the new one restores them and
     /// serves. Nothing queued on a listener is lost (the sockets stay open
-    /// throughout); the old one finishes its connections in the background.
+    /// throughout); the old one finishes its connections in the background,
+    /// getting route changes meanwhile. An old one that cannot drain is
+    /// killed: two never read the listeners at once.
     pub fn upgrade(&self) -> Result<serde_json::Value, PlaneError> {
         let mut state = self.lock();
         let started = Instant::now();
         let mut new = self.spawn(&state)?;
-        let Some(mut old) = state.current.take() else {
-            new.conn.call(&PlaneRequest::Start)?;
-            state.current = Some(new);
+        let Some(mut old) = self.replace(&mut state, None) else {
+            if let Err(e) = new.conn.call(&PlaneRequest::Start) {
+                new.process.kill_and_wait(Duration::from_secs(5));
+                return Err(e);
+            }
+            self.replace(&mut state, Some(new));
             return Ok(json!({ "upgraded": false, "started": true }));
         };
-        let (old_pid, old_build) = (old.pid, old.build.clone());
+        let (old_pid, old_build) = (old.pid(), old.build.clone());
+        // A second connection, for the route changes while it drains.
+        let updates = PlaneConnection::connect(&self.config.dataplane_socket(), CALL_TIMEOUT).ok();
         let drained = old.conn.call(&PlaneRequest::Drain { seconds: self.config.dataplane_drain_seconds });
         if let Err(e) = &drained {
-            tracing::warn!(pid = old_pid, "the old data plane did not drain cleanly: {e}");
+            tracing::error!(pid = old_pid, "the old data plane did not drain ({e}); killing it so that only the new one reads the listeners");
+            old.process.kill_and_wait(Duration::from_secs(5));
         }
         let gap = started.elapsed();
-        let start = new.conn.call(&PlaneRequest::Start);
-        let switched_ms = started.elapsed().as_millis() as u64;
-        state.current = Some(new);
-        if let Err(e) = start {
+        if let Err(e) = new.conn.call(&PlaneRequest::Start) {
             // The supervisor starts another on the same listeners.
-            let _ = state.current.as_mut().map(|c| c.conn.call(&PlaneRequest::Stop));
+            new.process.kill_and_wait(Duration::from_secs(5));
+            if drained.is_ok() {
+                old.process.kill_and_wait(Duration::from_secs(5));
+            }
             return Err(e);
         }
-        let new_pid = state.current.as_ref().map(|c| c.pid);
+        let switched_ms = started.elapsed().as_millis() as u64;
+        let new_pid = new.pid();
+        self.replace(&mut state, Some(new));
+        if drained.is_ok() {
+            state.draining.extend(updates);
+        }
         drop(state);
         self.metrics.upgrades.inc();
         self.publish_build();
         // The old one's last line: how many connections its drain cut.
-        let metrics = self.metrics.clone();
-        let wait = Duration::from_secs(self.config.dataplane_drain_seconds + 30);
-        std::thread::spawn(move || {
-            let _ = old.conn.set_timeout(Some(wait));
-            match old.conn.receive() {
-                Ok(v) => {
-                    let closed = v["exited"]["closed"].as_u64().unwrap_or(0);
-                    metrics.drain_closed.inc_by(closed);
-                    tracing::info!(pid = old_pid, closed, "the old data plane drained and exited");
+        if drained.is_ok() {
+            let metrics = self.metrics.clone();
+            let wait = Duration::from_secs(self.config.dataplane_drain_seconds + 30);
+            std::thread::spawn(move || {
+                let _ = old.conn.set_timeout(Some(wait));
+                match old.conn.receive() {
+                    Ok(v) => {
+                        let closed = v["exited"]["closed"].as_u64().unwrap_or(0);
+                        metrics.drain_closed.inc_by(closed);
+                        tracing::info!(pid = old_pid, closed, "the old data plane drained and exited");
+                    }
+                    Err(e) => tracing::warn!(pid = old_pid, "the old data plane ended without its drain report: {e}"),
                 }
-                Err(e) => tracing::warn!(pid = old_pid, "the old data plane ended without its drain report: {e}"),
-            }
-        });
-        tracing::info!(old_pid, %old_build, ?new_pid, listeners_unread_ms = gap.as_millis() as u64, switched_ms, "data plane upgraded");
+                // Whatever happened, it is gone after its drain time.
+                if !old.process.exited_within(Duration::from_secs(5)) {
+                    old.process.kill_and_wait(Duration::from_secs(5));
+                }
+            });
+        }
+        tracing::info!(old_pid, %old_build, new_pid, listeners_unread_ms = gap.as_millis() as u64, switched_ms, "data plane upgraded");
         Ok(json!({
             "old": { "pid": old_pid, "build": old_build, "drain": drained.unwrap_or_else(|e| json!({ "error": e.to_string() })) },
             "new": { "pid": new_pid, "build": build_id() },
@@ -278,23 +376,41 @@ impl DataplaneLink {
     }
 
     /// Calls the current data plane; a failure is remembered for `status`.
+    /// A reply that never came (or came garbled) leaves the connection out
+    /// of step, so it is replaced by a fresh one.
     fn call(&self, state: &mut LinkState, request: &PlaneRequest) -> Result<serde_json::Value, PlaneError> {
         let Some(current) = state.current.as_mut() else {
             return Err(PlaneError::Refused(state.last_error.clone().unwrap_or_else(|| "no data plane is running".into())));
         };
         let result = current.conn.call(request);
         if let Err(e) = &result {
+            if matches!(e, PlaneError::Io(_) | PlaneError::BadReply(_)) {
+                tracing::warn!(pid = current.pid(), "the data plane's answer went wrong ({e}); reconnecting");
+                if let Ok(fresh) = PlaneConnection::connect(&self.config.dataplane_socket(), CALL_TIMEOUT) {
+                    current.conn = fresh;
+                }
+            }
             state.last_error = Some(e.to_string());
         }
         result
     }
 
+    /// Route changes to the data planes still draining (best effort: one
+    /// that has gone is dropped).
+    fn tell_draining(state: &mut LinkState, request: &PlaneRequest) {
+        state.draining.retain_mut(|conn| conn.call(request).is_ok());
+    }
+
     /// The whole state (after re-adopting sandboxes at start).
-    pub fn apply(&self, entries: Vec<SandboxEntry>) {
+    /// `recorded`: every sandbox the daemon has, including any whose entry
+    /// could not be made (the data plane forgets only the others).
+    pub fn apply(&self, entries: Vec<SandboxEntry>, recorded: Vec<String>) {
         let mut state = self.lock();
         state.entries = entries.into_iter().map(|e| (e.name.clone(), e)).collect();
+        state.recorded = Some(recorded);
         state.version += 1;
-        let request = PlaneRequest::Apply { version: state.version, sandboxes: state.entries.values().cloned().collect() };
+        let request = PlaneRequest::Apply { version: state.version, sandboxes: state.entries.values().cloned().collect(), recorded: state.recorded.clone() };
+        Self::tell_draining(&mut state, &request);
         if let Err(e) = self.call(&mut state, &request) {
             tracing::error!("pushing the state to the data plane: {e} (pushed again when it restarts)");
         }
@@ -307,7 +423,11 @@ impl DataplaneLink {
         let mut state = self.lock();
         state.version += 1;
         state.entries.insert(entry.name.clone(), entry.clone());
+        if let Some(recorded) = state.recorded.as_mut().filter(|r| !r.contains(&entry.name)) {
+            recorded.push(entry.name.clone());
+        }
         let request = PlaneRequest::Upsert { version: state.version, sandbox: entry };
+        Self::tell_draining(&mut state, &request);
         if let Err(e) = self.call(&mut state, &request) {
             tracing::error!("pushing a sandbox to the data plane: {e} (pushed again when it restarts)");
         }
@@ -317,7 +437,11 @@ impl DataplaneLink {
         let mut state = self.lock();
         state.version += 1;
         state.entries.remove(sandbox);
+        if let Some(recorded) = state.recorded.as_mut() {
+            recorded.retain(|r| r != sandbox);
+        }
         let request = PlaneRequest::Remove { version: state.version, sandbox: sandbox.to_string() };
+        Self::tell_draining(&mut state, &request);
         if let Err(e) = self.call(&mut state, &request) {
             tracing::error!("removing a sandbox from the data plane: {e}");
         }
@@ -331,7 +455,9 @@ impl DataplaneLink {
         let entry = switch.sandbox.clone();
         self.call(&mut state, &PlaneRequest::Switch { version, switch: Box::new(switch) })?;
         state.version = version;
-        state.entries.insert(entry.name.clone(), entry);
+        state.entries.insert(entry.name.clone(), entry.clone());
+        // A draining one only needs the route (the maps are switched).
+        Self::tell_draining(&mut state, &PlaneRequest::Upsert { version, sandbox: entry });
         Ok(())
     }
 
@@ -347,7 +473,7 @@ impl DataplaneLink {
     /// What `status` shows of the data plane.
     pub fn status(&self) -> serde_json::Value {
         let mut state = self.lock();
-        let (pid, build) = state.current.as_ref().map(|c| (Some(c.pid), Some(c.build.clone()))).unwrap_or_default();
+        let (pid, build) = state.current.as_ref().map(|c| (Some(c.pid()), Some(c.build.clone()))).unwrap_or_default();
         let stats = self.call(&mut state, &PlaneRequest::Stats);
         let matches = build.as_deref() == Some(build_id());
         json!({
@@ -361,6 +487,7 @@ impl DataplaneLink {
             "snapshot_version": state.version,
             "restarts": self.metrics.restarts.get(),
             "upgrades": self.metrics.upgrades.get(),
+            "draining": state.draining.len(),
         })
     }
 
@@ -380,15 +507,26 @@ impl DataplaneLink {
 }
 
 /// The running data plane of this state dir and copies of its listeners.
+/// One that answers but whose listeners are not ours (other ports) is
+/// stopped: a new one takes its place.
 fn adopt(config: &DaemonConfig) -> Result<(Current, Listeners), String> {
     let path = config.dataplane_socket();
     let mut conn = PlaneConnection::connect(&path, CALL_TIMEOUT).map_err(|e| format!("none answers: {e}"))?;
     let hello = conn.call(&PlaneRequest::Hello).map_err(|e| format!("{}: {e}", path.display()))?;
-    let listeners = PlaneConnection::listeners(&path, config, CALL_TIMEOUT).map_err(|e| format!("its listeners: {e}"))?;
-    let watch = UnixStream::connect(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let pid = hello["pid"].as_u64().unwrap_or(0) as u32;
+    let process = Pidfd::open(pid).map_err(|e| format!("data plane {pid}: {e}"))?;
+    let listeners = match PlaneConnection::listeners(&path, config, CALL_TIMEOUT) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(pid, "the running data plane's listeners are not this configuration's ({e}); stopping it");
+            process.kill_and_wait(Duration::from_secs(5));
+            let _ = std::fs::remove_file(&path);
+            return Err(format!("its listeners: {e}"));
+        }
+    };
     let build = hello["build"].as_str().unwrap_or("unknown").to_string();
-    Ok((Current { conn, watch, pid, build }, listeners))
+    let config = hello["config"].as_str().unwrap_or("unknown").to_string();
+    Ok((Current { conn, process, build, config }, listeners))
 }
 
 /// Stops the data planes of this state dir (`daemon --cleanup`): each one

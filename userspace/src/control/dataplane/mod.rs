@@ -55,7 +55,9 @@ pub enum PlaneRequest {
     /// Copies of the listening sockets, attached to the answer (SCM_RIGHTS).
     Listeners,
     /// The whole routing state, replacing what the data plane had.
-    Apply { version: u64, sandboxes: Vec<SandboxEntry> },
+    /// `recorded`: every sandbox the daemon has (some may lack an entry);
+    /// learned addresses and flow series of any other are forgotten.
+    Apply { version: u64, sandboxes: Vec<SandboxEntry>, recorded: Option<Vec<String>> },
     /// One sandbox added or changed.
     Upsert { version: u64, sandbox: SandboxEntry },
     /// One sandbox gone: its route, learned addresses and flow series.
@@ -141,6 +143,15 @@ pub fn build_id() -> &'static str {
             }
         }
     })
+}
+
+/// The hash of a configuration: a data plane started with another one is
+/// replaced, as one of another build is.
+pub fn config_hash(config: &DaemonConfig) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_string(config).unwrap_or_default().hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 /// The sockets the redirects lead to, in a fixed order: the proxy's, the

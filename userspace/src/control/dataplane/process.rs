@@ -21,6 +21,10 @@ use serde_json::json;
 use tokio::task::JoinHandle;
 
 use super::{build_id, Listeners, PlaneError, PlaneRequest, SandboxEntry, SwitchRequest};
+
+/// Lock order, everywhere: the learned store's writer lock before the
+/// table's (a switch holds the first while it publishes the route), never
+/// the other way (forgetting happens after the table is released).
 use crate::control::config::DaemonConfig;
 use crate::credentials::ca::SandboxCa;
 use crate::credentials::secrets::Secret;
@@ -54,8 +58,10 @@ struct Table {
     /// CAs by sandbox, loaded once (their leaf caches are kept).
     cas: HashMap<String, (PathBuf, Arc<Mutex<SandboxCa>>)>,
     /// Secrets by (credential, value hash): one per value, so a policy's
-    /// sandboxes share its scrubbing patterns.
+    /// sandboxes share its scrubbing patterns (rebuilt by every `apply`).
     secrets: HashMap<(String, u64), Arc<Secret>>,
+    /// The daemon's sandboxes as of the last `apply` (None before one).
+    recorded: Option<Vec<String>>,
 }
 
 /// What serving needs beyond the table (made at `start`).
@@ -198,7 +204,7 @@ impl Plane {
     fn answer(&self, request: PlaneRequest) -> Result<serde_json::Value, String> {
         match request {
             PlaneRequest::Hello => Ok(self.hello()),
-            PlaneRequest::Apply { version, sandboxes } => self.apply(version, sandboxes),
+            PlaneRequest::Apply { version, sandboxes, recorded } => self.apply(version, sandboxes, recorded),
             PlaneRequest::Upsert { version, sandbox } => {
                 let mut table = self.lock_table();
                 let route = self.route(&mut table, &sandbox);
@@ -206,8 +212,13 @@ impl Plane {
                 Ok(json!({ "version": version }))
             }
             PlaneRequest::Remove { version, sandbox } => {
-                let mut table = self.lock_table();
-                self.publish(&mut table, version, Vec::new(), &[sandbox]);
+                let forgotten = {
+                    let mut table = self.lock_table();
+                    self.publish(&mut table, version, Vec::new(), std::slice::from_ref(&sandbox))
+                };
+                for (name, policy_id) in forgotten {
+                    self.forget(&name, Some(policy_id));
+                }
                 Ok(json!({ "version": version }))
             }
             PlaneRequest::Switch { version, switch } => self.switch(version, *switch),
@@ -238,6 +249,7 @@ impl Plane {
             "snapshot_version": self.lock_table().version,
             "serving": self.serving().is_some(),
             "uptime_seconds": self.started_at.elapsed().as_secs(),
+            "config": super::config_hash(&self.config),
         })
     }
 
@@ -296,8 +308,10 @@ impl Plane {
     }
 
     /// Puts `upserts` in and takes `removals` out, in one write of the
-    /// route table (the version moves with it).
-    fn publish(&self, table: &mut Table, version: u64, upserts: Vec<(SandboxEntry, Arc<Route>)>, removals: &[String]) {
+    /// route table (the version moves with it); returns the removed
+    /// sandboxes with their policy ids, for [`Plane::forget`] once the
+    /// table is released.
+    fn publish(&self, table: &mut Table, version: u64, upserts: Vec<(SandboxEntry, Arc<Route>)>, removals: &[String]) -> Vec<(String, u32)> {
         let mut forgotten = Vec::new();
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
@@ -323,34 +337,58 @@ impl Plane {
             table.version = version;
         }
         self.policy_changes.send_replace(version);
-        for (name, policy_id) in forgotten {
-            table.cas.remove(&name);
-            self.forget(&name, policy_id);
+        for (name, _) in &forgotten {
+            table.cas.remove(name);
         }
+        forgotten
     }
 
-    /// A deleted sandbox's learned addresses (tries and table) and flow series.
-    fn forget(&self, sandbox: &str, policy_id: u32) {
+    /// A deleted sandbox's learned addresses (tries and table) and flow
+    /// series. Call without the table lock (see the lock order above).
+    fn forget(&self, sandbox: &str, policy_id: Option<u32>) {
         if let Some(serving) = self.serving() {
             let mut change = serving.learned.blocking_change();
             if let Some(table) = change.remove_sandbox(sandbox) {
-                for ip in table.keys() {
-                    change.maps().remove(policy_id, *ip);
+                for (ip, learned) in table {
+                    change.maps().remove(policy_id.unwrap_or(learned.policy_id), ip);
                 }
             }
         }
         self.flows.forget_sandbox(sandbox);
     }
 
-    fn apply(&self, version: u64, sandboxes: Vec<SandboxEntry>) -> Result<serde_json::Value, String> {
-        let mut table = self.lock_table();
-        let gone: Vec<String> = table.known.keys().filter(|k| !sandboxes.iter().any(|s| &s.name == *k)).cloned().collect();
-        let upserts: Vec<_> = sandboxes.into_iter().map(|s| {
-            let route = self.route(&mut table, &s);
-            (s, route)
-        }).collect();
-        let count = upserts.len();
-        self.publish(&mut table, version, upserts, &gone);
+    /// The learned addresses of sandboxes the daemon no longer has.
+    fn forget_unrecorded(&self) {
+        let Some(recorded) = self.lock_table().recorded.clone() else { return };
+        let Some(serving) = self.serving() else { return };
+        let stale: Vec<String> = serving.learned.blocking_change().table().by_sandbox.keys().filter(|n| !recorded.contains(n)).cloned().collect();
+        for name in stale {
+            tracing::info!(sandbox = %name, "forgetting the learned addresses of a sandbox the daemon no longer has");
+            self.forget(&name, None);
+        }
+    }
+
+    fn apply(&self, version: u64, sandboxes: Vec<SandboxEntry>, recorded: Option<Vec<String>>) -> Result<serde_json::Value, String> {
+        let count = sandboxes.len();
+        {
+            let mut table = self.lock_table();
+            // A sandbox left out is only unrouted (refused); what it learned
+            // goes only when the daemon no longer records it.
+            let gone: Vec<String> = table.known.keys().filter(|k| !sandboxes.iter().any(|s| &s.name == *k)).cloned().collect();
+            table.secrets.clear();
+            let upserts: Vec<_> = sandboxes
+                .into_iter()
+                .map(|s| {
+                    let route = self.route(&mut table, &s);
+                    (s, route)
+                })
+                .collect();
+            self.publish(&mut table, version, upserts, &gone);
+            if recorded.is_some() {
+                table.recorded = recorded;
+            }
+        }
+        self.forget_unrecorded();
         Ok(json!({ "version": version, "sandboxes": count }))
     }
 
@@ -364,24 +402,6 @@ impl Plane {
         let maps = LearnedMaps::open(&config.bpf_dir, self.write_failures.clone()).map_err(|e| e.to_string())?;
         let restored = Learned::restore(&config.learned_snapshot(), &maps);
         let learned = Arc::new(LearnedStore::new(maps, restored));
-        // Sandboxes deleted while no data plane served keep nothing learned.
-        {
-            let table = self.lock_table();
-            let mut change = learned.blocking_change();
-            let stale: Vec<(String, Vec<(IpAddr, u32)>)> = change
-                .table()
-                .by_sandbox
-                .iter()
-                .filter(|(name, _)| !table.known.contains_key(*name))
-                .map(|(name, t)| (name.clone(), t.iter().map(|(ip, l)| (*ip, l.policy_id)).collect()))
-                .collect();
-            for (name, ips) in stale {
-                change.remove_sandbox(&name);
-                for (ip, policy_id) in ips {
-                    change.maps().remove(policy_id, ip);
-                }
-            }
-        }
         let configs = PinnedConfigs::open(&config.bpf_dir).map_err(|e| e.to_string())?;
         let upstream = Arc::new(crate::dns::upstream::UpstreamClient::default());
         let settings = dns_proxy::DnsSettings {
@@ -424,6 +444,9 @@ impl Plane {
         metrics.registry().register("dataplane_map_write_failures", "Learned-address map writes and removes of the data plane that failed where no caller could act on it, by map", self.write_failures.family());
         *self.metrics.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(metrics));
 
+        // The well-known name first: a data plane that serves is always the
+        // one `sbx-net` and a restarted daemon find.
+        std::fs::rename(&self.own_socket, self.config.dataplane_socket()).map_err(|e| format!("taking {}: {e}", self.config.dataplane_socket().display()))?;
         let _entered = self.runtime.enter();
         let mut loops = Vec::new();
         for l in listeners.proxy {
@@ -442,8 +465,8 @@ impl Plane {
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         })));
         *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Serving { learned, configs: Mutex::new(configs), dns, proxy, loops }));
-        // From now on `sbx-net` and a restarted daemon find this process.
-        std::fs::rename(&self.own_socket, self.config.dataplane_socket()).map_err(|e| format!("taking {}: {e}", self.config.dataplane_socket().display()))?;
+        // Sandboxes deleted while no data plane served keep nothing learned.
+        self.forget_unrecorded();
         tracing::info!(version = self.lock_table().version, "data plane serving");
         Ok(json!({ "started": true }))
     }
@@ -520,6 +543,7 @@ impl Plane {
         if dns_left > 0 {
             tracing::warn!(dns_left, "DNS queries still in flight at the drain limit: what they learn is not handed over");
         }
+        // Sealed: a periodic write still in flight cannot overwrite it.
         serving.learned.save_snapshot(&self.config.learned_snapshot()).map_err(|e| e.to_string())?;
         let proxied = serving.proxy.in_flight.count();
         tracing::info!(proxied, "data plane draining: listeners handed over, learned addresses saved");
