@@ -530,26 +530,45 @@ fn adopt(config: &DaemonConfig) -> Result<(Current, Listeners), String> {
 }
 
 /// Stops the data planes of this state dir (`daemon --cleanup`): each one
-/// answering on a socket there is told to stop and waited for.
+/// answering on a socket there is told to stop, and any other still running
+/// for it (one draining after an upgrade has given up its socket name) is
+/// killed; each is waited for.
 pub fn stop_all(config: &DaemonConfig) -> Vec<String> {
     let mut stopped = Vec::new();
-    let Ok(dir) = std::fs::read_dir(&config.state_dir) else { return stopped };
-    for entry in dir.flatten() {
-        let path = entry.path();
-        if !super::process::is_plane_socket(&path) {
-            continue;
-        }
-        if let Ok(mut conn) = PlaneConnection::connect(&path, Duration::from_secs(5)) {
-            if let Ok(v) = conn.call(&PlaneRequest::Stop) {
-                let pid = v["stopping"].as_u64().unwrap_or(0);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while pid != 0 && Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                stopped.push(format!("data plane {pid}"));
+    if let Ok(dir) = std::fs::read_dir(&config.state_dir) {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            if !super::process::is_plane_socket(&path) {
+                continue;
             }
+            if let Ok(mut conn) = PlaneConnection::connect(&path, Duration::from_secs(5)) {
+                if let Ok(v) = conn.call(&PlaneRequest::Stop) {
+                    let pid = v["stopping"].as_u64().unwrap_or(0) as u32;
+                    if let Ok(process) = Pidfd::open(pid) {
+                        process.exited_within(Duration::from_secs(5));
+                    }
+                    stopped.push(format!("data plane {pid}"));
+                }
+            }
+            let _ = std::fs::remove_file(&path);
         }
-        let _ = std::fs::remove_file(&path);
+    }
+    for pid in planes_of(&config.state_dir) {
+        if let Ok(process) = Pidfd::open(pid) {
+            process.kill_and_wait(Duration::from_secs(5));
+            stopped.push(format!("data plane {pid} (killed)"));
+        }
     }
     stopped
+}
+
+/// The processes running `sbx-net dataplane --state-dir STATE_DIR`.
+fn planes_of(state_dir: &Path) -> Vec<u32> {
+    let Ok(proc) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let wanted: Vec<u8> = [b"dataplane\0--state-dir\0".as_slice(), state_dir.as_os_str().as_encoded_bytes(), b"\0"].concat();
+    proc.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| *pid != std::process::id())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.windows(wanted.len()).any(|w| w == wanted.as_slice())))
+        .collect()
 }
