@@ -55,44 +55,74 @@ fn other_build(h: &DaemonHarness) -> PathBuf {
     copy
 }
 
+/// A daemon with the `agent` policy, the world's servers (spliced.test,
+/// api.test with a credential, denied.test, a line echo, DNS for them and
+/// keep.test) and a netns guest.
+struct World {
+    h: DaemonHarness,
+    ca: TestCa,
+    secret_file: PathBuf,
+    guest: serde_json::Value,
+    _servers: (WorldDns, [HttpsEcho; 3], LineEcho),
+}
+
+impl World {
+    fn start(tag: &str) -> World {
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = TestCa::new(&dir);
+        let secret_file = dir.join("token");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+        let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+        let text = policy(&secret_file, "");
+        let h = DaemonHarness::with_args(tag, &[("agent.toml", text.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+        for a in [SPLICED, CREDENTIAL, DIRECT, DENIED] {
+            h.topology.add_world_address(ip(a));
+        }
+        let records = [format!("spliced.test,{SPLICED},300"), format!("api.test,{CREDENTIAL},300"), format!("denied.test,{DENIED},300"), format!("keep.test,{KEEP},300")];
+        let dns = WorldDns::start(&h.topology.world, &records, &[]);
+        let https = [
+            HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(SPLICED), 443), &["spliced.test"], &ca, ""),
+            HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(CREDENTIAL), 443), &["api.test"], &ca, SECRET),
+            HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(DENIED), 443), &["denied.test"], &ca, ""),
+        ];
+        let echo = LineEcho::start(&h.topology.world, SocketAddr::new(ip(DIRECT), 7000));
+        let guest = h.create_guest(&unique_name("g"), "agent");
+        World { h, ca, secret_file, guest, _servers: (dns, https, echo) }
+    }
+
+    fn netns(&self) -> String {
+        self.guest["netns"].as_str().unwrap().to_string()
+    }
+
+    /// The live load's targets, with an SSE stream of `sse_events`.
+    fn targets(&self, sse_events: u32) -> LoadTargets {
+        let gateway: IpAddr = self.guest["gateway_ipv4"].as_str().unwrap().parse().unwrap();
+        LoadTargets {
+            direct: SocketAddr::new(ip(DIRECT), 7000),
+            spliced: ("spliced.test".into(), SocketAddr::new(ip(SPLICED), 443)),
+            credential: ("api.test".into(), SocketAddr::new(ip(CREDENTIAL), 443)),
+            world_ca: self.ca.pem_path.clone(),
+            sandbox_ca: PathBuf::from(self.guest["ca_cert"].as_str().unwrap()),
+            dns: SocketAddr::new(gateway, 53),
+            dns_name: "keep.test".into(),
+            sse_events,
+            every: Duration::from_millis(50),
+        }
+    }
+}
+
 #[test]
 fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash() {
     require_root();
-    let dir = std::env::temp_dir().join(unique_name("upg"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = TestCa::new(&dir);
-    let secret_file = dir.join("token");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
-    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let text = policy(&secret_file, "");
-    let mut h = DaemonHarness::with_args("upg", &[("agent.toml", text.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
-    for a in [SPLICED, CREDENTIAL, DIRECT, DENIED] {
-        h.topology.add_world_address(ip(a));
-    }
-    let _dns = WorldDns::start(&h.topology.world, &[format!("spliced.test,{SPLICED},300"), format!("api.test,{CREDENTIAL},300"), format!("denied.test,{DENIED},300"), format!("keep.test,{KEEP},300")], &[]);
-    let _spliced = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(SPLICED), 443), &["spliced.test"], &ca, "");
-    let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(CREDENTIAL), 443), &["api.test"], &ca, SECRET);
-    let _denied = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(DENIED), 443), &["denied.test"], &ca, "");
-    let _echo = LineEcho::start(&h.topology.world, SocketAddr::new(ip(DIRECT), 7000));
-    let g = h.create_guest(&unique_name("g"), "agent");
-    let ns = g["netns"].as_str().unwrap().to_string();
-    let gateway: IpAddr = g["gateway_ipv4"].as_str().unwrap().parse().unwrap();
-    let first = plane(&h);
+    let mut w = World::start("upg");
+    let ns = w.netns();
+    let first = plane(&w.h);
     assert_eq!(first["build_matches_daemon"], true, "{first}");
     let first_pid = first["pid"].as_u64().unwrap();
-
-    let targets = LoadTargets {
-        direct: SocketAddr::new(ip(DIRECT), 7000),
-        spliced: ("spliced.test".into(), SocketAddr::new(ip(SPLICED), 443)),
-        credential: ("api.test".into(), SocketAddr::new(ip(CREDENTIAL), 443)),
-        world_ca: ca.pem_path.clone(),
-        sandbox_ca: PathBuf::from(g["ca_cert"].as_str().unwrap()),
-        dns: SocketAddr::new(gateway, 53),
-        dns_name: "keep.test".into(),
-        sse_events: 250,
-        every: Duration::from_millis(50),
-    };
+    let targets = w.targets(250);
+    let (h, secret_file, g) = (&mut w.h, &w.secret_file, &w.guest);
     let load = LiveLoad::start(&ns, targets);
     load.wait_for_progress(&Default::default(), 5, Duration::from_secs(30));
 
@@ -102,7 +132,7 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     h.kill_daemon(libc::SIGKILL);
     load.wait_for_progress(&before, 10, Duration::from_secs(20));
     h.start_daemon();
-    let adopted = plane(&h);
+    let adopted = plane(h);
     assert_eq!(adopted["pid"].as_u64(), Some(first_pid), "the restarted daemon adopted the running data plane: {adopted}");
     load.wait_for_progress(&before, 30, Duration::from_secs(20));
 
@@ -119,9 +149,9 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     // data plane of its own build while the old one drains.
     let before = load.oks();
     h.kill_daemon(libc::SIGTERM);
-    h.use_binary(other_build(&h));
+    h.use_binary(other_build(h));
     h.start_daemon();
-    let upgraded = plane(&h);
+    let upgraded = plane(h);
     assert_eq!(upgraded["build_matches_daemon"], true, "{upgraded}");
     assert_ne!(upgraded["pid"].as_u64(), Some(first_pid), "a new data plane serves: {upgraded}");
     assert_ne!(upgraded["build"], first["build"], "{upgraded}");
@@ -154,7 +184,7 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     assert!(body.contains("authorization: <injected>"), "{body}");
     let (code, body) = sbx_net_tests::curl_head(&ns, &["--max-time", "10", "-k", "--resolve", &format!("denied.test:443:{DENIED}"), "https://denied.test/"]);
     assert_ne!(code, Some(0), "a denied host was reached across the crash: {body}");
-    let restarted = plane(&h);
+    let restarted = plane(h);
     assert_ne!(restarted["pid"].as_u64(), Some(victim as u64), "{restarted}");
     assert_eq!(restarted["restarts"], 1, "{restarted}");
     println!("data plane killed: a new HTTPS request (DNS + TLS + credential) answered {} ms after the kill", answered.as_millis());
@@ -169,45 +199,15 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
 #[test]
 fn a_reload_cuts_only_what_the_new_policy_no_longer_allows() {
     require_root();
-    let dir = std::env::temp_dir().join(unique_name("cut"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = TestCa::new(&dir);
-    let secret_file = dir.join("token");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
-    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let text = policy(&secret_file, "");
-    let h = DaemonHarness::with_args("cut", &[("agent.toml", text.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
-    for a in [SPLICED, CREDENTIAL, DIRECT, KEEP] {
-        h.topology.add_world_address(ip(a));
-    }
-    let _dns = WorldDns::start(&h.topology.world, &[format!("spliced.test,{SPLICED},300"), format!("api.test,{CREDENTIAL},300"), format!("keep.test,{KEEP},300")], &[]);
-    let _spliced = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(SPLICED), 443), &["spliced.test"], &ca, "");
-    let _api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(CREDENTIAL), 443), &["api.test"], &ca, SECRET);
-    let _echo = LineEcho::start(&h.topology.world, SocketAddr::new(ip(DIRECT), 7000));
-    let g = h.create_guest(&unique_name("g"), "agent");
-    let ns = g["netns"].as_str().unwrap().to_string();
-    let name = g["name"].as_str().unwrap().to_string();
-    let gateway: IpAddr = g["gateway_ipv4"].as_str().unwrap().parse().unwrap();
-    let load = LiveLoad::start(
-        &ns,
-        LoadTargets {
-            direct: SocketAddr::new(ip(DIRECT), 7000),
-            spliced: ("spliced.test".into(), SocketAddr::new(ip(SPLICED), 443)),
-            credential: ("api.test".into(), SocketAddr::new(ip(CREDENTIAL), 443)),
-            world_ca: ca.pem_path.clone(),
-            sandbox_ca: PathBuf::from(g["ca_cert"].as_str().unwrap()),
-            dns: SocketAddr::new(gateway, 53),
-            dns_name: "keep.test".into(),
-            sse_events: 20,
-            every: Duration::from_millis(50),
-        },
-    );
+    let w = World::start("cut");
+    let (h, secret_file) = (&w.h, &w.secret_file);
+    let name = w.guest["name"].as_str().unwrap().to_string();
+    let load = LiveLoad::start(&w.netns(), w.targets(20));
     load.wait_for_progress(&Default::default(), 20, Duration::from_secs(30));
 
     // spliced.test leaves the policy: its open connections are cut.
     let cut_spliced = load.elapsed_ms();
-    let without_spliced = policy_allowing(&secret_file, &format!("\"api.test\", \"keep.test\", \"{DIRECT}\""));
+    let without_spliced = policy_allowing(secret_file, &format!("\"api.test\", \"keep.test\", \"{DIRECT}\""));
     std::fs::write(h.policy_dir.join("agent.toml"), &without_spliced).unwrap();
     h.json(&["policy", "reload"]);
     wait_until(Duration::from_secs(10), "the spliced streams see their connections cut", || {
