@@ -170,10 +170,27 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     wait_until(Duration::from_secs(40), "the old data plane exits after its drain", || !std::path::Path::new(&format!("/proc/{first_pid}")).exists());
     assert!(h.log().contains("drained"), "{}", h.log());
 
-    // (d) kill -9 of the data plane: the daemon starts another on the same
-    // listeners (held open meanwhile), so a new connection and a query made
-    // right after the kill are answered; a denied destination stays denied.
-    let victim = upgraded["pid"].as_u64().unwrap() as i32;
+    // (d) kill -9 of the data plane. First, one whose last learned-address
+    // snapshot is gone (as if it learned everything after writing it): the
+    // next one finds the learned entries in the maps and takes them in, so
+    // they expire as they should.
+    let learned_before = plane(h)["stats"]["learned_addresses"].as_u64().unwrap();
+    assert!(learned_before >= 1, "the guest resolved keep.test: {learned_before}");
+    let _ = std::fs::remove_file(h.state_dir.join("learned.json"));
+    let crashed = upgraded["pid"].as_u64().unwrap();
+    // SAFETY: kill on the data plane's pid, read from the daemon's status.
+    unsafe { libc::kill(crashed as i32, libc::SIGKILL) };
+    wait_until(Duration::from_secs(10), "a new data plane serves", || {
+        let p = plane(h);
+        p["pid"].as_u64().is_some_and(|pid| pid != crashed) && p["running"] == true
+    });
+    assert_eq!(plane(h)["stats"]["learned_addresses"].as_u64(), Some(learned_before), "learned entries the snapshot lacked were not taken in");
+    assert!(h.log().contains("not in the snapshot (learned after it): taken in"), "found through the snapshot, not the maps: {}", h.log());
+
+    // Then: a new connection and a query made right after the kill are
+    // answered (the listeners were held open meanwhile); a denied
+    // destination stays denied.
+    let victim = plane(h)["pid"].as_u64().unwrap() as i32;
     let sandbox_ca = g["ca_cert"].as_str().unwrap().to_string();
     // SAFETY: kill on the data plane's pid, read from the daemon's status.
     unsafe { libc::kill(victim, libc::SIGKILL) };
@@ -186,7 +203,7 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
     assert_ne!(code, Some(0), "a denied host was reached across the crash: {body}");
     let restarted = plane(h);
     assert_ne!(restarted["pid"].as_u64(), Some(victim as u64), "{restarted}");
-    assert_eq!(restarted["restarts"], 1, "{restarted}");
+    assert_eq!(restarted["restarts"], 2, "{restarted}");
     println!("data plane killed: a new HTTPS request (DNS + TLS + credential) answered {} ms after the kill", answered.as_millis());
     assert!(answered < Duration::from_secs(2), "served again only after {answered:?}");
 }

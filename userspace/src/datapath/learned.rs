@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Map, MapData};
-use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue};
+use sbx_net_common::{map_names, KeyV4, KeyV6, PolicyValue, SANDBOX_ID_BITS};
 
 use super::write_failures::{FailedWrite, MapWriteFailures};
 use super::{key_v4, key_v6};
@@ -75,6 +75,31 @@ impl LearnedMaps {
     pub fn insert_or_count_failure(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue) {
         let result = self.insert(policy_id, ip, value);
         self.write_failures.count(trie_of(ip), result);
+    }
+
+    /// Every full-length entry (/32, /128) that carries a learned overlay,
+    /// with its policy id: one walk of each trie.
+    pub fn learned_entries(&self) -> Vec<(u32, IpAddr, PolicyValue)> {
+        let mut out = Vec::new();
+        for item in self.v4.iter().flatten() {
+            let (key, value) = item;
+            let data = key.data();
+            if key.prefix_len() == SANDBOX_ID_BITS + 32 && value.learned_until_ns != 0 {
+                let policy_id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                out.push((policy_id, IpAddr::from([data[4], data[5], data[6], data[7]]), value));
+            }
+        }
+        for item in self.v6.iter().flatten() {
+            let (key, value) = item;
+            let data = key.data();
+            if key.prefix_len() == SANDBOX_ID_BITS + 128 && value.learned_until_ns != 0 {
+                let policy_id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                let mut addr = [0u8; 16];
+                addr.copy_from_slice(&data[4..20]);
+                out.push((policy_id, IpAddr::from(addr), value));
+            }
+        }
+        out
     }
 
     /// Removes the exact entry; an absent one is fine, a failure is counted.

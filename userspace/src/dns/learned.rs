@@ -43,6 +43,8 @@ pub trait LearnedTries: Send + 'static {
     /// undo): a failure is counted, not returned.
     fn insert_or_count_failure(&mut self, policy_id: u32, ip: IpAddr, value: &PolicyValue);
     fn remove(&mut self, policy_id: u32, ip: IpAddr);
+    /// Every full-length entry with a learned overlay: (policy id, address, value).
+    fn learned_entries(&self) -> Vec<(u32, IpAddr, PolicyValue)>;
 }
 
 impl LearnedTries for LearnedMaps {
@@ -57,6 +59,9 @@ impl LearnedTries for LearnedMaps {
     }
     fn remove(&mut self, policy_id: u32, ip: IpAddr) {
         LearnedMaps::remove(self, policy_id, ip)
+    }
+    fn learned_entries(&self) -> Vec<(u32, IpAddr, PolicyValue)> {
+        LearnedMaps::learned_entries(self)
     }
 }
 
@@ -225,6 +230,33 @@ impl<T: LearnedTries> LearnedStore<T> {
         learned.version += 1;
     }
 
+    /// Takes into the table the live learned entries of the tries that it
+    /// does not know (a data plane that crashed learned them after its last
+    /// snapshot), for each `(sandbox, policy id)` in force, so that they
+    /// expire and are carried like any other. Their names are unknown.
+    /// Blocking; one walk of the tries. Returns how many were taken.
+    pub fn adopt_untracked(&self, sandboxes: &[(String, u32)], now_ns: u64) -> usize {
+        let mut change = self.blocking_change();
+        let entries = change.maps().learned_entries();
+        let (_, mut learned) = change.parts();
+        let mut taken = 0;
+        for (policy_id, ip, value) in entries {
+            if value.learned_until_ns <= now_ns {
+                continue;
+            }
+            let Some((sandbox, _)) = sandboxes.iter().find(|(_, id)| *id == policy_id) else { continue };
+            if learned.by_sandbox.get(sandbox).is_some_and(|t| t.contains_key(&ip)) {
+                continue;
+            }
+            learned.by_sandbox.entry(sandbox.clone()).or_default().insert(ip, LearnedAddr { policy_id, value, names: BTreeSet::new(), answered_ns: now_ns });
+            taken += 1;
+        }
+        if taken > 0 {
+            learned.version += 1;
+        }
+        taken
+    }
+
     /// Writes the snapshot now (a draining data plane, before the next one
     /// restores it). Blocking.
     pub fn save_snapshot(&self, path: &Path) -> Result<(), LearnedError> {
@@ -376,6 +408,35 @@ mod tests {
         fn remove(&mut self, policy_id: u32, ip: IpAddr) {
             self.0.remove(&(policy_id, ip));
         }
+        fn learned_entries(&self) -> Vec<(u32, IpAddr, PolicyValue)> {
+            self.0.iter().filter(|(_, v)| v.learned_until_ns != 0).map(|((id, ip), v)| (*id, *ip, *v)).collect()
+        }
+    }
+
+    #[test]
+    fn live_learned_entries_the_table_does_not_know_are_taken_in_and_expire() {
+        // A data plane died after learning 203.0.113.9 and before its
+        // snapshot: the entry is in the trie, not in the restored table.
+        let later = boot_time_ns() + 3_600_000_000_000;
+        let store = store(&[("203.0.113.5", later)]);
+        let p = policy();
+        let untracked = learned_value(&p, ip("203.0.113.9"), None, 1, None, later);
+        let expired = learned_value(&p, ip("203.0.113.10"), None, 1, None, 10);
+        let other_generation = learned_value(&p, ip("203.0.113.11"), None, 1, None, later);
+        {
+            let rt = runtime();
+            let mut change = rt.block_on(store.change());
+            change.maps().insert(7, ip("203.0.113.9"), &untracked).unwrap();
+            change.maps().insert(7, ip("203.0.113.10"), &expired).unwrap();
+            change.maps().insert(99, ip("203.0.113.11"), &other_generation).unwrap();
+        }
+        let taken = store.adopt_untracked(&[("s".to_string(), 7)], 100);
+        assert_eq!(taken, 1, "the live untracked entry of the sandbox's generation, not the expired one nor another generation's");
+        let table = store.sandbox_table("s");
+        assert_eq!(table.len(), 2);
+        assert!(table[&ip("203.0.113.9")].names.is_empty(), "its names are unknown");
+        assert_eq!(table[&ip("203.0.113.9")].value.learned_until_ns, later, "it expires when the kernel's entry does");
+        assert_eq!(store.adopt_untracked(&[("s".to_string(), 7)], 100), 0, "taken once");
     }
 
     fn policy() -> Arc<CompiledPolicy> {

@@ -95,6 +95,9 @@ struct Plane {
     started_at: Instant,
     /// Bumped with every route change (proxied connections look again).
     policy_changes: tokio::sync::watch::Sender<u64>,
+    /// Whether the tries were searched for learned entries the restored
+    /// snapshot lacked (once, when both serving and the state are in).
+    untracked_taken: std::sync::atomic::AtomicBool,
 }
 
 /// Runs the data plane until it drains or is stopped. `ready` gets one
@@ -120,6 +123,7 @@ pub fn run(config: DaemonConfig, listeners: Listeners, mut ready: impl Write) ->
         exit,
         started_at: Instant::now(),
         policy_changes: tokio::sync::watch::Sender::new(0),
+        untracked_taken: Default::default(),
         runtime: runtime.handle().clone(),
         config,
     });
@@ -368,6 +372,28 @@ impl Plane {
         }
     }
 
+    /// Once serving with the daemon's state: takes in the live learned
+    /// entries of the tries the restored snapshot lacked (a crashed data
+    /// plane learned them after its last snapshot), so they expire.
+    fn take_untracked(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(serving) = self.serving() else { return };
+        let sandboxes: Vec<(String, u32)> = {
+            let table = self.lock_table();
+            if table.recorded.is_none() {
+                return;
+            }
+            table.known.iter().map(|(name, k)| (name.clone(), k.policy_id)).collect()
+        };
+        if self.untracked_taken.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let taken = serving.learned.adopt_untracked(&sandboxes, crate::util::clock::boot_time_ns());
+        if taken > 0 {
+            tracing::info!(taken, "learned addresses in the maps but not in the snapshot (learned after it): taken in, to expire with the kernel's entries");
+        }
+    }
+
     fn apply(&self, version: u64, sandboxes: Vec<SandboxEntry>, recorded: Option<Vec<String>>) -> Result<serde_json::Value, String> {
         let count = sandboxes.len();
         {
@@ -389,6 +415,7 @@ impl Plane {
             }
         }
         self.forget_unrecorded();
+        self.take_untracked();
         Ok(json!({ "version": version, "sandboxes": count }))
     }
 
@@ -465,8 +492,10 @@ impl Plane {
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         })));
         *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Serving { learned, configs: Mutex::new(configs), dns, proxy, loops }));
-        // Sandboxes deleted while no data plane served keep nothing learned.
+        // Sandboxes deleted while no data plane served keep nothing learned;
+        // what the running ones learned after the snapshot is taken in.
         self.forget_unrecorded();
+        self.take_untracked();
         tracing::info!(version = self.lock_table().version, "data plane serving");
         Ok(json!({ "started": true }))
     }
