@@ -1,6 +1,6 @@
 //! The VMM side of a sandbox: tap devices, the frame pump that stands in for
-//! a virtio-net backend, netns guests, and the namespace/netlink plumbing
-//! they need.
+//! a virtio-net backend, netns guests, the namespace/netlink plumbing they
+//! need, and the microVM core (`vm`).
 
 pub mod guest;
 pub mod netlink;
@@ -8,6 +8,7 @@ pub mod netns;
 pub mod pump;
 mod sys;
 pub mod tap;
+pub mod vm;
 
 pub use guest::{GuestNetwork, NetnsGuest};
 pub use netlink::Netlink;

@@ -1,0 +1,228 @@
+//! The microVM core: a KVM virtual machine with its guest memory (vm-memory),
+//! one vCPU (kvm-ioctls) and a 16550 serial console (vm-superio) on COM1,
+//! run until the guest halts. The first brick of the monitor; virtio
+//! devices and the event loop come next.
+//!
+//! Exits are decided by pure functions ([`port_device`], [`exit_action`])
+//! that are unit-tested without KVM.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// COM1's eight registers.
+pub const COM1: std::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm: {0}")]
+    Kvm(#[from] kvm_ioctls::Error),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("the guest image ({len} bytes at {addr:#x}) does not fit in {size:#x} bytes of memory")]
+    ImageTooLarge { addr: u64, len: usize, size: usize },
+    #[error("the guest stopped the vCPU: {0}")]
+    Failed(String),
+    #[error("the guest did not halt within {0} exits")]
+    TooManyExits(u64),
+}
+
+/// The device a port I/O exit is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortDevice {
+    /// COM1, at this register offset.
+    Serial(u8),
+    /// Nothing: reads see all ones, writes are dropped (as on real hardware).
+    None,
+}
+
+/// Which device answers `port` (pure).
+pub fn port_device(port: u16) -> PortDevice {
+    if COM1.contains(&port) {
+        PortDevice::Serial((port - COM1.start()) as u8)
+    } else {
+        PortDevice::None
+    }
+}
+
+/// What the run loop does after one exit (pure: the exit's kind only).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitAction {
+    /// Handled (port I/O): run on.
+    Continue,
+    /// The guest halted: the run ends.
+    Halted,
+    /// Triple fault or reset: the run ends.
+    Shutdown,
+    /// Anything this monitor does not serve: the run fails with why.
+    Fail(String),
+}
+
+/// How an exit of this kind ends or continues the run.
+pub fn exit_action(exit: &VcpuExit<'_>) -> ExitAction {
+    match exit {
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => ExitAction::Continue,
+        VcpuExit::Hlt => ExitAction::Halted,
+        VcpuExit::Shutdown => ExitAction::Shutdown,
+        VcpuExit::FailEntry(reason, cpu) => ExitAction::Fail(format!("entry failed (hardware reason {reason:#x}, cpu {cpu})")),
+        VcpuExit::InternalError => ExitAction::Fail("KVM internal error (an instruction it cannot emulate)".into()),
+        other => ExitAction::Fail(format!("unserved exit {other:?}")),
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    Halted,
+    Shutdown,
+}
+
+/// The serial console's interrupt line: not wired yet (no irqchip until
+/// the virtio devices need one), so raising it does nothing.
+struct NoInterrupt;
+
+impl vm_superio::Trigger for NoInterrupt {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+/// What the guest wrote on its console, shared with whoever reads it.
+#[derive(Clone, Default)]
+pub struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Console {
+    pub fn contents(&self) -> Vec<u8> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl std::io::Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A VM, its vCPU and its memory. Field order is drop order: the vCPU and
+/// the VM go before the memory their region points into.
+pub struct MicroVm {
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    _kvm: Kvm,
+    memory: GuestMemoryMmap<()>,
+    memory_size: usize,
+    serial: vm_superio::Serial<NoInterrupt, vm_superio::serial::NoEvents, Console>,
+    console: Console,
+}
+
+impl MicroVm {
+    /// A VM with `memory_size` bytes of guest memory from address 0.
+    pub fn new(memory_size: usize) -> Result<MicroVm, VmError> {
+        let kvm = Kvm::new()?;
+        let vm = kvm.create_vm()?;
+        let memory: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), memory_size)]).map_err(|e| VmError::Memory(e.to_string()))?;
+        let host = memory.get_host_address(GuestAddress(0)).map_err(|e| VmError::Memory(e.to_string()))?;
+        let region = kvm_bindings::kvm_userspace_memory_region { slot: 0, flags: 0, guest_phys_addr: 0, memory_size: memory_size as u64, userspace_addr: host as u64 };
+        // SAFETY: the region is the whole of `memory`, a mapping this VM
+        // owns and unmaps only after the VM and its vCPU are closed (field
+        // order); nothing else is mapped at that guest range.
+        unsafe { vm.set_user_memory_region(region)? };
+        let vcpu = vm.create_vcpu(0)?;
+        let console = Console::default();
+        let serial = vm_superio::Serial::new(NoInterrupt, console.clone());
+        Ok(MicroVm { vcpu, _vm: vm, _kvm: kvm, memory, memory_size, serial, console })
+    }
+
+    /// Copies `image` into guest memory at `addr`.
+    pub fn load(&self, addr: u64, image: &[u8]) -> Result<(), VmError> {
+        if addr as usize + image.len() > self.memory_size {
+            return Err(VmError::ImageTooLarge { addr, len: image.len(), size: self.memory_size });
+        }
+        self.memory.write_slice(image, GuestAddress(addr)).map_err(|e| VmError::Memory(e.to_string()))
+    }
+
+    /// Starts the vCPU in real mode at `entry` (flat: every segment base 0).
+    pub fn start_real_mode(&mut self, entry: u16) -> Result<(), VmError> {
+        let mut sregs = self.vcpu.get_sregs()?;
+        for segment in [&mut sregs.cs, &mut sregs.ds, &mut sregs.es, &mut sregs.ss] {
+            segment.base = 0;
+            segment.selector = 0;
+        }
+        self.vcpu.set_sregs(&sregs)?;
+        let mut regs = self.vcpu.get_regs()?;
+        regs.rip = u64::from(entry);
+        // Bit 1 of RFLAGS is reserved and always set.
+        regs.rflags = 2;
+        regs.rsp = 0x8000;
+        self.vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the guest halts or shuts down, serving port I/O,
+    /// for at most `max_exits` exits.
+    pub fn run(&mut self, max_exits: u64) -> Result<RunEnd, VmError> {
+        for _ in 0..max_exits {
+            let exit = self.vcpu.run()?;
+            match exit_action(&exit) {
+                ExitAction::Continue => {}
+                ExitAction::Halted => return Ok(RunEnd::Halted),
+                ExitAction::Shutdown => return Ok(RunEnd::Shutdown),
+                ExitAction::Fail(why) => return Err(VmError::Failed(why)),
+            }
+            match exit {
+                VcpuExit::IoOut(port, data) => {
+                    if let (PortDevice::Serial(offset), Some(&value)) = (port_device(port), data.first()) {
+                        // The output is our own buffer: it cannot fail.
+                        let _ = self.serial.write(offset, value);
+                    }
+                }
+                VcpuExit::IoIn(port, data) => {
+                    let value = match port_device(port) {
+                        PortDevice::Serial(offset) => self.serial.read(offset),
+                        PortDevice::None => 0xff,
+                    };
+                    data.fill(value);
+                }
+                _ => {}
+            }
+        }
+        Err(VmError::TooManyExits(max_exits))
+    }
+
+    /// What the guest wrote on COM1 so far.
+    pub fn console(&self) -> Vec<u8> {
+        self.console.contents()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_served_by_com1_or_by_nothing() {
+        assert_eq!(port_device(0x3f8), PortDevice::Serial(0));
+        assert_eq!(port_device(0x3fd), PortDevice::Serial(5));
+        assert_eq!(port_device(0x3ff), PortDevice::Serial(7));
+        assert_eq!(port_device(0x3f7), PortDevice::None);
+        assert_eq!(port_device(0x400), PortDevice::None);
+        assert_eq!(port_device(0x2f8), PortDevice::None, "COM2 is not there");
+    }
+
+    #[test]
+    fn halts_and_resets_end_a_run_and_unserved_exits_fail_it() {
+        assert_eq!(exit_action(&VcpuExit::Hlt), ExitAction::Halted);
+        assert_eq!(exit_action(&VcpuExit::Shutdown), ExitAction::Shutdown);
+        assert_eq!(exit_action(&VcpuExit::IoOut(0x3f8, &[b'a'])), ExitAction::Continue);
+        let mut data = [0u8; 1];
+        assert_eq!(exit_action(&VcpuExit::IoIn(0x3fd, &mut data)), ExitAction::Continue);
+        assert!(matches!(exit_action(&VcpuExit::InternalError), ExitAction::Fail(why) if why.contains("cannot emulate")));
+        assert!(matches!(exit_action(&VcpuExit::MmioRead(0xfee0_0000, &mut data)), ExitAction::Fail(why) if why.contains("MmioRead")));
+    }
+}
