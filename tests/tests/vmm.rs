@@ -1,5 +1,5 @@
-//! The microVM core on real KVM: hand-assembled real-mode guests run on a
-//! vCPU, talk to the 16550 console the way a driver does (polling the line
+//! The microVM core on real KVM: hand-assembled guests (real mode, and 64-bit
+//! long mode on the monitor's boot page tables) run on a vCPU, talk to the 16550 console the way a driver does (polling the line
 //! status register), meet an absent device, and are stopped when they never
 //! halt. (Ring-0 guest code is emulated on this kind of machine; these
 //! guests are a few dozen instructions.)
@@ -36,17 +36,17 @@ fn console_writer(msg: &[u8]) -> Vec<u8> {
 
 /// None of these needs privileges beyond /dev/kvm; without it (a kernel
 /// without KVM) they say so and pass.
-fn vm() -> Option<MicroVm> {
+fn vm(memory: usize) -> Option<MicroVm> {
     if !std::path::Path::new("/dev/kvm").exists() {
         eprintln!("skipped: /dev/kvm is absent (no KVM in this kernel)");
         return None;
     }
-    Some(MicroVm::new(1 << 20).expect("a VM with 1 MiB"))
+    Some(MicroVm::new(memory).expect("a VM"))
 }
 
 #[test]
 fn a_guest_writes_its_console_through_the_16550_and_halts() {
-    let Some(mut vm) = vm() else { return };
+    let Some(mut vm) = vm(1 << 20) else { return };
     vm.load(u64::from(LOAD), &console_writer(b"sbx-net guest up\n")).unwrap();
     vm.start_real_mode(LOAD).unwrap();
     assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
@@ -55,7 +55,7 @@ fn a_guest_writes_its_console_through_the_16550_and_halts() {
 
 #[test]
 fn an_absent_device_reads_all_ones_and_takes_writes_silently() {
-    let Some(mut vm) = vm() else { return };
+    let Some(mut vm) = vm(1 << 20) else { return };
     let code = [
         0xBA, 0x80, 0x00, // mov dx, 0x80 (nothing there)
         0xEE, //             out dx, al
@@ -72,10 +72,32 @@ fn an_absent_device_reads_all_ones_and_takes_writes_silently() {
 
 #[test]
 fn a_guest_that_never_halts_is_stopped_at_the_exit_budget() {
-    let Some(mut vm) = vm() else { return };
+    let Some(mut vm) = vm(1 << 20) else { return };
     // loop: out dx, al; jmp loop
     vm.load(u64::from(LOAD), &[0xBA, 0x80, 0x00, 0xEE, 0xEB, 0xFD]).unwrap();
     vm.start_real_mode(LOAD).unwrap();
     assert!(matches!(vm.run(500), Err(VmError::TooManyExits(500))));
     assert!(matches!(vm.load((1 << 20) - 2, &[0; 4]), Err(VmError::ImageTooLarge { .. })), "an image past the end of memory is refused");
+}
+
+#[test]
+fn a_64_bit_guest_runs_on_the_boot_page_tables() {
+    let Some(mut vm) = vm(4 << 20) else { return };
+    // At 0x100000 (above the boot tables): print with RIP-relative data.
+    let mut code = vec![
+        0xBA, 0xF8, 0x03, 0x00, 0x00, //           mov edx, 0x3f8
+        0x48, 0x8D, 0x35, 0x09, 0x00, 0x00, 0x00, // lea rsi, [rip + 9] (msg)
+        0xAC, //                                     next: lodsb
+        0x84, 0xC0, //                               test al, al
+        0x74, 0x03, //                               jz done
+        0xEE, //                                     out dx, al
+        0xEB, 0xF8, //                               jmp next
+        0xF4, //                                     done: hlt
+    ];
+    assert_eq!(code.len(), 21);
+    code.extend_from_slice(b"long mode\n\0");
+    vm.load(0x10_0000, &code).unwrap();
+    vm.start_long_mode(0x10_0000, 0x20_0000).unwrap();
+    assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
+    assert_eq!(vm.console(), b"long mode\n");
 }

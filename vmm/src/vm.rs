@@ -71,6 +71,74 @@ pub fn exit_action(exit: &VcpuExit<'_>) -> ExitAction {
     }
 }
 
+/// What a 64-bit boot needs in guest memory and in the vCPU's registers
+/// (the layout Firecracker uses), as pure data.
+pub mod boot {
+    pub const GDT_ADDR: u64 = 0x500;
+    pub const IDT_ADDR: u64 = 0x520;
+    pub const PML4_ADDR: u64 = 0x9000;
+    pub const PDPT_ADDR: u64 = 0xa000;
+    pub const PD_ADDR: u64 = 0xb000;
+
+    pub const CR0_PE: u64 = 1;
+    pub const CR0_PG: u64 = 1 << 31;
+    pub const CR4_PAE: u64 = 1 << 5;
+    pub const EFER_LME: u64 = 1 << 8;
+    pub const EFER_LMA: u64 = 1 << 10;
+
+    /// A GDT descriptor from its flags (access byte and G/D/L bits as one
+    /// 16-bit word, as Firecracker writes them), base and limit.
+    pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+        ((base as u64 & 0xff00_0000) << (56 - 24))
+            | ((flags as u64 & 0x0000_f0ff) << 40)
+            | ((limit as u64 & 0x000f_0000) << (48 - 16))
+            | ((base as u64 & 0x00ff_ffff) << 16)
+            | (limit as u64 & 0x0000_ffff)
+    }
+
+    /// Null, 64-bit code, data, TSS.
+    pub const GDT: [u64; 4] = [gdt_entry(0, 0, 0), gdt_entry(0xa09b, 0, 0xfffff), gdt_entry(0xc093, 0, 0xfffff), gdt_entry(0x808b, 0, 0xfffff)];
+
+    /// The vCPU's view of GDT entry `index`.
+    pub fn segment(entry: u64, index: u16) -> kvm_bindings::kvm_segment {
+        let bits = |shift: u64, width: u64| ((entry >> shift) & ((1 << width) - 1)) as u8;
+        kvm_bindings::kvm_segment {
+            base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
+            limit: {
+                let raw = ((entry & 0xffff) | (((entry >> 48) & 0xf) << 16)) as u32;
+                // Granularity: 4 KiB units.
+                if bits(55, 1) == 1 { (raw << 12) | 0xfff } else { raw }
+            },
+            selector: index * 8,
+            type_: bits(40, 4),
+            present: bits(47, 1),
+            dpl: bits(45, 2),
+            db: bits(54, 1),
+            s: bits(44, 1),
+            l: bits(53, 1),
+            g: bits(55, 1),
+            avl: bits(52, 1),
+            unusable: u8::from(bits(47, 1) == 0),
+            padding: 0,
+        }
+    }
+
+    /// PML4 → one PDPT → one PD of 512 2 MiB pages: the first GiB, identity.
+    pub fn identity_page_tables() -> [(u64, [u64; 512]); 3] {
+        const PRESENT_WRITABLE: u64 = 0b11;
+        const HUGE: u64 = 1 << 7;
+        let mut pml4 = [0u64; 512];
+        pml4[0] = PDPT_ADDR | PRESENT_WRITABLE;
+        let mut pdpt = [0u64; 512];
+        pdpt[0] = PD_ADDR | PRESENT_WRITABLE;
+        let mut pd = [0u64; 512];
+        for (i, e) in pd.iter_mut().enumerate() {
+            *e = ((i as u64) << 21) | PRESENT_WRITABLE | HUGE;
+        }
+        [(PML4_ADDR, pml4), (PDPT_ADDR, pdpt), (PD_ADDR, pd)]
+    }
+}
+
 /// How a run ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunEnd {
@@ -164,6 +232,40 @@ impl MicroVm {
         Ok(())
     }
 
+    /// Starts the vCPU in 64-bit long mode at `entry` with the stack at
+    /// `stack`: a flat GDT, an empty IDT and identity page tables for the
+    /// first GiB (2 MiB pages) written into guest memory below 0x10000,
+    /// as a boot loader leaves them. The guest's images go above that.
+    pub fn start_long_mode(&mut self, entry: u64, stack: u64) -> Result<(), VmError> {
+        let write = |addr: u64, bytes: &[u8]| self.memory.write_slice(bytes, GuestAddress(addr)).map_err(|e| VmError::Memory(e.to_string()));
+        let gdt: Vec<u8> = boot::GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
+        write(boot::GDT_ADDR, &gdt)?;
+        write(boot::IDT_ADDR, &0u64.to_le_bytes())?;
+        for (addr, table) in boot::identity_page_tables() {
+            let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_le_bytes()).collect();
+            write(addr, &bytes)?;
+        }
+        let mut sregs = self.vcpu.get_sregs()?;
+        sregs.gdt.base = boot::GDT_ADDR;
+        sregs.gdt.limit = (std::mem::size_of_val(&boot::GDT) - 1) as u16;
+        sregs.idt.base = boot::IDT_ADDR;
+        sregs.idt.limit = 7;
+        sregs.cs = boot::segment(boot::GDT[1], 1);
+        let data = boot::segment(boot::GDT[2], 2);
+        (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+        sregs.cr3 = boot::PML4_ADDR;
+        sregs.cr4 |= boot::CR4_PAE;
+        sregs.cr0 |= boot::CR0_PE | boot::CR0_PG;
+        sregs.efer |= boot::EFER_LME | boot::EFER_LMA;
+        self.vcpu.set_sregs(&sregs)?;
+        let mut regs = self.vcpu.get_regs()?;
+        regs.rip = entry;
+        regs.rsp = stack;
+        regs.rflags = 2;
+        self.vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
     /// Runs the vCPU until the guest halts or shuts down, serving port I/O,
     /// for at most `max_exits` exits.
     pub fn run(&mut self, max_exits: u64) -> Result<RunEnd, VmError> {
@@ -204,6 +306,33 @@ impl MicroVm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_boot_gdt_is_the_well_known_flat_one_and_decodes_back() {
+        // The values every x86 boot loader writes.
+        assert_eq!(boot::GDT[1], 0x00af_9b00_0000_ffff, "64-bit code");
+        assert_eq!(boot::GDT[2], 0x00cf_9300_0000_ffff, "data");
+        let code = boot::segment(boot::GDT[1], 1);
+        assert_eq!((code.selector, code.l, code.db, code.present, code.s, code.type_, code.g, code.limit), (8, 1, 0, 1, 1, 0xb, 1, 0xffff_ffff));
+        let data = boot::segment(boot::GDT[2], 2);
+        assert_eq!((data.selector, data.l, data.db, data.type_, data.unusable), (16, 0, 1, 0x3, 0));
+        assert_eq!(boot::segment(boot::GDT[0], 0).unusable, 1, "the null descriptor");
+    }
+
+    #[test]
+    fn the_page_tables_map_the_first_gib_onto_itself() {
+        let [(pml4_at, pml4), (pdpt_at, pdpt), (pd_at, pd)] = boot::identity_page_tables();
+        assert_eq!(pml4[0] & !0xfff, pdpt_at);
+        assert_eq!(pdpt[0] & !0xfff, pd_at);
+        assert_eq!(pml4_at, boot::PML4_ADDR);
+        // A virtual address's PD slot and offset give the same physical one.
+        for va in [0u64, 0x1000, 0x20_0000 + 0x1234, 0x3fff_ffff] {
+            let entry = pd[(va >> 21) as usize];
+            assert!(entry & 0x81 == 0x81, "present and huge");
+            assert_eq!((entry & !0x1f_ffff) | (va & 0x1f_ffff), va);
+        }
+        assert!(boot::PD_ADDR + 4096 <= 0x10000, "the tables stay below the images");
+    }
 
     #[test]
     fn ports_are_served_by_com1_or_by_nothing() {
