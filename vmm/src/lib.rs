@@ -8,6 +8,7 @@ pub mod netns;
 pub mod pump;
 mod sys;
 pub mod tap;
+pub mod virtio;
 pub mod vm;
 
 pub use guest::{GuestNetwork, NetnsGuest};
