@@ -7,7 +7,126 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_HOST_UFO, VIRTIO_NET_F_MAC,
 };
 
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemory};
+
 use super::VirtioDevice;
+
+/// The virtio 1.x net header (`virtio_net_hdr_v1`: flags, GSO type and
+/// sizes, checksum start and offset, number of buffers): the tap is set to
+/// the same size (TUNSETVNETHDRSZ), so headers pass through untouched.
+pub const NET_HDR_LEN: usize = 12;
+/// The largest frame with its header: a 64 KiB GSO packet, its Ethernet
+/// header and the virtio header.
+pub const MAX_FRAME: usize = NET_HDR_LEN + 14 + 65535;
+
+/// The tap side of the device: frames with their virtio-net header.
+pub trait FramePort {
+    /// Sends one frame (guest → host).
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()>;
+    /// Receives one frame into `buf` (host → guest); None: nothing waits.
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("virtqueue: {0}")]
+    Queue(#[from] virtio_queue::Error),
+    #[error("tap: {0}")]
+    Port(#[from] std::io::Error),
+}
+
+/// What one pass over a queue did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Moved {
+    pub frames: u64,
+    /// Chains the guest got back unused: malformed (a device-writable
+    /// buffer on tx, a device-readable one on rx, an address outside its
+    /// memory), too large, or too small for the frame.
+    pub dropped: u64,
+}
+
+/// Sends every frame the guest queued on its transmit queue to the tap;
+/// each chain goes back to the guest on the used ring.
+pub fn process_tx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl FramePort) -> Result<Moved, NetError> {
+    let mut moved = Moved::default();
+    let mut frame = Vec::with_capacity(MAX_FRAME);
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        frame.clear();
+        let mut ok = true;
+        for desc in chain {
+            let len = desc.len() as usize;
+            if desc.is_write_only() || frame.len() + len > MAX_FRAME {
+                ok = false;
+                break;
+            }
+            let start = frame.len();
+            frame.resize(start + len, 0);
+            if mem.read_slice(&mut frame[start..], desc.addr()).is_err() {
+                ok = false;
+                break;
+            }
+        }
+        if ok && frame.len() > NET_HDR_LEN {
+            port.send(&frame)?;
+            moved.frames += 1;
+        } else {
+            moved.dropped += 1;
+        }
+        queue.add_used(mem, head, 0)?;
+    }
+    Ok(moved)
+}
+
+/// Delivers frames waiting at the tap into the guest's receive buffers,
+/// one frame per chain (mergeable buffers are not offered), until either
+/// runs out. A frame larger than its chain is dropped (the chain is used
+/// for the next one).
+pub fn process_rx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl FramePort, buf: &mut [u8]) -> Result<Moved, NetError> {
+    let mut moved = Moved::default();
+    loop {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+        let head = chain.head_index();
+        let buffers: Vec<_> = chain.collect();
+        if buffers.iter().any(|d| !d.is_write_only()) {
+            moved.dropped += 1;
+            queue.add_used(mem, head, 0)?;
+            continue;
+        }
+        let room: usize = buffers.iter().map(|d| d.len() as usize).sum();
+        let Some(len) = port.recv(buf)? else {
+            // Nothing to deliver: the chain stays the guest's, for later.
+            queue.go_to_previous_position();
+            break;
+        };
+        if len < NET_HDR_LEN || len > room {
+            moved.dropped += 1;
+            queue.go_to_previous_position();
+            continue;
+        }
+        // One buffer holds the frame (no mergeable buffers).
+        buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+        let mut written = 0;
+        for d in &buffers {
+            let n = (d.len() as usize).min(len - written);
+            if n == 0 {
+                break;
+            }
+            if mem.write_slice(&buf[written..written + n], d.addr()).is_err() {
+                break;
+            }
+            written += n;
+        }
+        if written == len {
+            moved.frames += 1;
+        } else {
+            moved.dropped += 1;
+        }
+        queue.add_used(mem, head, written as u32)?;
+    }
+    Ok(moved)
+}
 
 /// TUNSETOFFLOAD flags (linux/if_tun.h).
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -81,6 +200,95 @@ pub fn tap_offloads(negotiated: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    /// Frames in and out, as the tap would take and give them.
+    #[derive(Default)]
+    struct Port {
+        sent: Vec<Vec<u8>>,
+        waiting: std::collections::VecDeque<Vec<u8>>,
+    }
+
+    impl FramePort for Port {
+        fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+            self.sent.push(frame.to_vec());
+            Ok(())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+            Ok(self.waiting.pop_front().map(|f| {
+                buf[..f.len()].copy_from_slice(&f);
+                f.len()
+            }))
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+    }
+
+    fn frame(n: usize, fill: u8) -> Vec<u8> {
+        let mut f = vec![0u8; NET_HDR_LEN];
+        f.extend(std::iter::repeat_n(fill, n));
+        f
+    }
+
+    #[test]
+    fn transmitted_chains_reach_the_tap_whole_and_malformed_ones_do_not() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let f = frame(60, 0xab);
+        // A frame split over two buffers, then one with a device-writable
+        // buffer, then one pointing outside guest memory.
+        mem.write_slice(&f[..20], GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&f[20..], GuestAddress(0x20_0000)).unwrap();
+        vq.add_desc_chains(
+            &[
+                desc(0x10_0000, 20, VRING_DESC_F_NEXT, 1),
+                desc(0x20_0000, (f.len() - 20) as u32, 0, 0),
+                desc(0x10_0000, 20, VRING_DESC_F_WRITE, 0),
+                desc(0x4000_0000, 100, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut port = Port::default();
+        let moved = process_tx(&mut q, &mem, &mut port).unwrap();
+        assert_eq!(moved, Moved { frames: 1, dropped: 2 });
+        assert_eq!(port.sent, vec![f]);
+        assert_eq!(vq.used().idx().load(), 3, "every chain goes back to the guest");
+    }
+
+    #[test]
+    fn received_frames_fill_the_guests_buffers_or_wait_for_them() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x10_0000, 1514 + 12, VRING_DESC_F_WRITE, 0), desc(0x20_0000, 30, VRING_DESC_F_WRITE, 0)], 0).unwrap();
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut port = Port::default();
+        let first = frame(100, 0x11);
+        port.waiting.push_back(first.clone());
+        port.waiting.push_back(frame(100, 0x22)); // too large for the 30-byte chain
+        let mut buf = vec![0u8; MAX_FRAME];
+        let moved = process_rx(&mut q, &mem, &mut port, &mut buf).unwrap();
+        assert_eq!(moved, Moved { frames: 1, dropped: 1 });
+        let mut got = vec![0u8; first.len()];
+        mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(&got[NET_HDR_LEN..], &first[NET_HDR_LEN..]);
+        assert_eq!(&got[10..12], &1u16.to_le_bytes(), "num_buffers is 1");
+        assert_eq!(vq.used().idx().load(), 1, "the small chain waits for a frame that fits");
+        // No frame waiting: the chain stays available.
+        let moved = process_rx(&mut q, &mem, &mut port, &mut buf).unwrap();
+        assert_eq!(moved, Moved::default());
+        assert_eq!(vq.used().idx().load(), 1);
+    }
 
     #[test]
     fn offloads_follow_what_the_guest_accepted() {
