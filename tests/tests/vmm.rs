@@ -101,3 +101,34 @@ fn a_64_bit_guest_runs_on_the_boot_page_tables() {
     assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
     assert_eq!(vm.console(), b"long mode\n");
 }
+
+#[test]
+fn a_64_bit_guest_finds_the_virtio_net_device_over_mmio() {
+    let Some(mut vm) = vm(4 << 20) else { return };
+    let base = vm.add_virtio(&sbx_vmm::virtio::net::NetDevice::new([2, 0x5b, 0, 0, 0, 1]));
+    assert_eq!(base, sbx_vmm::vm::MMIO_BASE);
+    let mut code = vec![0x48, 0xBB];
+    code.extend_from_slice(&base.to_le_bytes()); //  mov rbx, base
+    code.extend_from_slice(&[
+        0x66, 0xBA, 0xF8, 0x03, //                     mov dx, 0x3f8
+        0x8B, 0x03, //                                 mov eax, [rbx]        (magic)
+        0xEE, 0xC1, 0xE8, 0x08, //                     out dx, al; shr eax, 8
+        0xEE, 0xC1, 0xE8, 0x08, //
+        0xEE, 0xC1, 0xE8, 0x08, //
+        0xEE, //                                       "virt"
+        0x8B, 0x43, 0x04, 0x04, 0x30, 0xEE, //         version + '0'
+        0x8B, 0x43, 0x08, 0x04, 0x30, 0xEE, //         device id + '0'
+        0xC7, 0x43, 0x70, 0x01, 0x00, 0x00, 0x00, //   status = ACKNOWLEDGE
+        0x8B, 0x43, 0x70, 0x04, 0x30, 0xEE, //         status + '0'
+        0x8B, 0x83, 0x00, 0x01, 0x00, 0x00, //         mov eax, [rbx + 0x100] (MAC bytes 0..4)
+        0xC1, 0xE8, 0x08, 0x04, 0x00, 0xEE, //         second MAC byte (0x5b = '[')
+        0x48, 0x8B, 0x9B, 0x00, 0x00, 0x01, 0x00, //   mov rbx, [rbx + 0x10000] (nothing there)
+        0x88, 0xD8, 0xEE, //                           mov al, bl; out dx, al (0xff)
+        0xF4, //                                       hlt
+    ]);
+    vm.load(0x10_0000, &code).unwrap();
+    vm.start_long_mode(0x10_0000, 0x20_0000).unwrap();
+    assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
+    assert_eq!(vm.console(), b"virt211[\xff", "magic, version 2, device type 1 (net), ACKNOWLEDGE read back, the MAC, an empty window");
+    assert_eq!(vm.device(0).unwrap().0.status, 1);
+}

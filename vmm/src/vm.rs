@@ -1,6 +1,6 @@
 //! The microVM core: a KVM virtual machine with its guest memory (vm-memory),
-//! one vCPU (kvm-ioctls) and a 16550 serial console (vm-superio) on COM1,
-//! run until the guest halts. The first brick of the monitor; virtio
+//! one vCPU (kvm-ioctls), a 16550 serial console (vm-superio) on COM1 and
+//! virtio-mmio device windows, run until the guest halts. The first brick of the monitor; virtio
 //! devices and the event loop come next.
 //!
 //! Exits are decided by pure functions ([`port_device`], [`exit_action`])
@@ -13,6 +13,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// COM1's eight registers.
 pub const COM1: std::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
+
+/// Where virtio-mmio devices sit: one 4 KiB window each from here, above
+/// any guest memory this monitor gives (at most 768 MiB) and inside the
+/// boot page tables' first GiB.
+pub const MMIO_BASE: u64 = 0x3000_0000;
+pub const MMIO_WINDOW: u64 = 0x1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -62,7 +68,7 @@ pub enum ExitAction {
 /// How an exit of this kind ends or continues the run.
 pub fn exit_action(exit: &VcpuExit<'_>) -> ExitAction {
     match exit {
-        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => ExitAction::Continue,
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => ExitAction::Continue,
         VcpuExit::Hlt => ExitAction::Halted,
         VcpuExit::Shutdown => ExitAction::Shutdown,
         VcpuExit::FailEntry(reason, cpu) => ExitAction::Fail(format!("entry failed (hardware reason {reason:#x}, cpu {cpu})")),
@@ -180,6 +186,9 @@ impl std::io::Write for Console {
 /// A VM, its vCPU and its memory. Field order is drop order: the vCPU and
 /// the VM go before the memory their region points into.
 pub struct MicroVm {
+    /// virtio-mmio devices, in the order added (window i at
+    /// `MMIO_BASE + i * MMIO_WINDOW`), with what their drivers asked.
+    devices: Vec<(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)>,
     vcpu: VcpuFd,
     _vm: VmFd,
     _kvm: Kvm,
@@ -204,7 +213,28 @@ impl MicroVm {
         let vcpu = vm.create_vcpu(0)?;
         let console = Console::default();
         let serial = vm_superio::Serial::new(NoInterrupt, console.clone());
-        Ok(MicroVm { vcpu, _vm: vm, _kvm: kvm, memory, memory_size, serial, console })
+        if memory_size as u64 > MMIO_BASE {
+            return Err(VmError::Memory(format!("{memory_size:#x} bytes would overlap the device windows at {MMIO_BASE:#x}")));
+        }
+        Ok(MicroVm { devices: Vec::new(), vcpu, _vm: vm, _kvm: kvm, memory, memory_size, serial, console })
+    }
+
+    /// Adds a virtio-mmio device; returns its window's address.
+    pub fn add_virtio(&mut self, device: &impl crate::virtio::VirtioDevice) -> u64 {
+        self.devices.push((crate::virtio::mmio::MmioTransport::new(device), Vec::new()));
+        MMIO_BASE + (self.devices.len() as u64 - 1) * MMIO_WINDOW
+    }
+
+    /// Device `index`'s transport and what its driver asked so far.
+    pub fn device(&self, index: usize) -> Option<&(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)> {
+        self.devices.get(index)
+    }
+
+    /// The device and the offset in its window of an MMIO address.
+    fn device_at(devices: &mut [(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)], addr: u64) -> Option<(&mut (crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>), u64)> {
+        let index = addr.checked_sub(MMIO_BASE)? / MMIO_WINDOW;
+        let device = devices.get_mut(index as usize)?;
+        Some((device, (addr - MMIO_BASE) % MMIO_WINDOW))
     }
 
     /// Copies `image` into guest memory at `addr`.
@@ -284,6 +314,19 @@ impl MicroVm {
                         let _ = self.serial.write(offset, value);
                     }
                 }
+                VcpuExit::MmioRead(addr, data) => match Self::device_at(&mut self.devices, addr) {
+                    Some(((transport, _), offset)) => transport.read(offset, data),
+                    // Nothing there: all ones, as on a bus with no device.
+                    None => data.fill(0xff),
+                },
+                VcpuExit::MmioWrite(addr, data) => {
+                    if let Some(((transport, events), offset)) = Self::device_at(&mut self.devices, addr) {
+                        let event = transport.write(offset, data);
+                        if event != crate::virtio::mmio::MmioEvent::None {
+                            events.push(event);
+                        }
+                    }
+                }
                 VcpuExit::IoIn(port, data) => {
                     let value = match port_device(port) {
                         PortDevice::Serial(offset) => self.serial.read(offset),
@@ -352,6 +395,7 @@ mod tests {
         let mut data = [0u8; 1];
         assert_eq!(exit_action(&VcpuExit::IoIn(0x3fd, &mut data)), ExitAction::Continue);
         assert!(matches!(exit_action(&VcpuExit::InternalError), ExitAction::Fail(why) if why.contains("cannot emulate")));
-        assert!(matches!(exit_action(&VcpuExit::MmioRead(0xfee0_0000, &mut data)), ExitAction::Fail(why) if why.contains("MmioRead")));
+        assert_eq!(exit_action(&VcpuExit::MmioRead(0x3000_0000, &mut data)), ExitAction::Continue);
+        assert!(matches!(exit_action(&VcpuExit::Debug(Default::default())), ExitAction::Fail(why) if why.contains("Debug")));
     }
 }
