@@ -133,6 +133,15 @@ impl Tap {
         Ok(tap)
     }
 
+    /// The vnet header length every frame carries (10: `virtio_net_hdr`;
+    /// 12: virtio 1.x's `virtio_net_hdr_v1`, what a virtio-net device uses).
+    pub fn set_vnet_hdr_len(&self, len: usize) -> Result<(), TapError> {
+        let hdr_len = len as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
+        // points at a live local.
+        unsafe { ioctl_with_ptr(self.file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) }.map_err(|source| self.ioctl_error("TUNSETVNETHDRSZ", source))
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -1,6 +1,7 @@
-//! virtio-net: the features the device offers and what the negotiated ones
-//! turn on at the sandbox tap (TUNSETOFFLOAD), so that the guest's
-//! checksum and segmentation offloads and the tap's agree. Pure.
+//! virtio-net: the features the device offers, what the negotiated ones
+//! turn on at the sandbox tap (TUNSETOFFLOAD), so that the guest's checksum
+//! and segmentation offloads and the tap's agree, and the transmit and
+//! receive paths between the virtqueues in guest memory and the tap.
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
@@ -128,12 +129,6 @@ pub fn process_rx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl Fr
     Ok(moved)
 }
 
-/// TUNSETOFFLOAD flags (linux/if_tun.h).
-pub const TUN_F_CSUM: u32 = 0x01;
-pub const TUN_F_TSO4: u32 = 0x02;
-pub const TUN_F_TSO6: u32 = 0x04;
-pub const TUN_F_UFO: u32 = 0x10;
-
 /// The receive and transmit queues.
 pub const QUEUE_SIZES: [u16; 2] = [256, 256];
 
@@ -176,25 +171,33 @@ impl VirtioDevice for NetDevice {
     }
 }
 
-/// The tap offloads for what the driver accepted: what the *guest* can
-/// receive (GUEST_*) is what the tap may hand it unfinished. Segmentation
-/// offloads need checksum offload (the kernel refuses TSO without CSUM).
-pub fn tap_offloads(negotiated: u64) -> u32 {
+/// What the driver accepted, as the tap's offloads see it: what the
+/// *guest* can receive (GUEST_*) is what the tap may hand it unfinished
+/// ([`crate::tap::offload_flags`] turns it into TUNSETOFFLOAD flags).
+pub fn guest_offloads(negotiated: u64) -> crate::tap::GuestOffloads {
     let has = |b: u32| negotiated & (1u64 << b) != 0;
-    if !has(VIRTIO_NET_F_GUEST_CSUM) {
-        return 0;
+    crate::tap::GuestOffloads {
+        csum: has(VIRTIO_NET_F_GUEST_CSUM),
+        tso4: has(VIRTIO_NET_F_GUEST_TSO4),
+        tso6: has(VIRTIO_NET_F_GUEST_TSO6),
+        tso_ecn: false,
+        ufo: has(VIRTIO_NET_F_GUEST_UFO),
     }
-    let mut flags = TUN_F_CSUM;
-    if has(VIRTIO_NET_F_GUEST_TSO4) {
-        flags |= TUN_F_TSO4;
+}
+
+/// The sandbox tap as the device's frame port, with the virtio 1.x header
+/// (call [`crate::tap::Tap::set_vnet_hdr_len`] with [`NET_HDR_LEN`] first).
+impl FramePort for crate::tap::Tap {
+    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        self.write_frame(frame).map(|_| ())
     }
-    if has(VIRTIO_NET_F_GUEST_TSO6) {
-        flags |= TUN_F_TSO6;
+    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        match self.read_frame(buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
     }
-    if has(VIRTIO_NET_F_GUEST_UFO) {
-        flags |= TUN_F_UFO;
-    }
-    flags
 }
 
 #[cfg(test)]
@@ -292,13 +295,15 @@ mod tests {
 
     #[test]
     fn offloads_follow_what_the_guest_accepted() {
+        use crate::tap::{offload, offload_flags};
         let bit = |b: u32| 1u64 << b;
-        assert_eq!(tap_offloads(0), 0, "a driver with no offloads gets finished packets");
-        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0, "TSO without checksum offload is not possible");
-        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM)), TUN_F_CSUM);
+        let flags = |n| offload_flags(guest_offloads(n));
+        assert_eq!(flags(0), 0, "a driver with no offloads gets finished packets");
+        assert_eq!(flags(bit(VIRTIO_NET_F_GUEST_TSO4)), 0, "TSO without checksum offload is not possible");
+        assert_eq!(flags(bit(VIRTIO_NET_F_GUEST_CSUM)), offload::CSUM);
         let all = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6) | bit(VIRTIO_NET_F_GUEST_UFO);
-        assert_eq!(tap_offloads(all), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_UFO);
-        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_CSUM)), 0, "what the host may receive is not the tap's to offload");
+        assert_eq!(flags(all), offload::CSUM | offload::TSO4 | offload::TSO6 | offload::UFO);
+        assert_eq!(flags(bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_CSUM)), 0, "what the host may receive is not the tap's to offload");
     }
 
     #[test]
