@@ -193,3 +193,43 @@ fn virtio_net_carries_frames_between_guest_memory_and_a_real_tap() {
     assert_eq!(&arp[14..18], &host_ip.octets(), "the host answers for its address");
     assert_eq!(&arp[24..28], &guest_ip.octets());
 }
+
+/// The child half of the next test (runs only when its parent asks).
+#[test]
+fn seccomp_child_runs_a_guest_then_tries_a_socket() {
+    if std::env::var_os("SBX_VMM_SECCOMP_CHILD").is_none() {
+        return;
+    }
+    let mut vm = MicroVm::new(1 << 20).unwrap();
+    vm.load(u64::from(LOAD), &console_writer(b"filtered guest\n")).unwrap();
+    vm.start_real_mode(LOAD).unwrap();
+    sbx_vmm::seccomp::install_on_this_thread().unwrap();
+    // Running the VM and writing out are allowed...
+    assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
+    let console = vm.console();
+    // SAFETY: write(2) of a live buffer to stdout.
+    unsafe { libc::write(1, console.as_ptr().cast(), console.len()) };
+    // ...a socket is not: the process dies here.
+    // SAFETY: a plain socket(2) call; the filter kills the process first.
+    unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    // SAFETY: write(2) of a static buffer.
+    unsafe { libc::write(1, b"SURVIVED\n".as_ptr().cast(), 9) };
+}
+
+#[test]
+fn the_vmm_filter_lets_a_guest_run_and_kills_the_process_at_a_forbidden_call() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "seccomp_child_runs_a_guest_then_tries_a_socket", "--nocapture", "--test-threads=1"])
+        .env("SBX_VMM_SECCOMP_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "killed by the filter: {:?}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("filtered guest"), "the guest ran under the filter: {stdout}");
+    assert!(!stdout.contains("SURVIVED"), "{stdout}");
+}

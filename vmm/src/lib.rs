@@ -6,6 +6,7 @@ pub mod guest;
 pub mod netlink;
 pub mod netns;
 pub mod pump;
+pub mod seccomp;
 mod sys;
 pub mod tap;
 pub mod virtio;
