@@ -233,3 +233,22 @@ fn the_vmm_filter_lets_a_guest_run_and_kills_the_process_at_a_forbidden_call() {
     assert!(stdout.contains("filtered guest"), "the guest ran under the filter: {stdout}");
     assert!(!stdout.contains("SURVIVED"), "{stdout}");
 }
+
+#[test]
+fn a_spinning_guest_is_stopped_from_another_thread() {
+    let Some(mut vm) = vm(1 << 20) else { return };
+    // jmp $: no exit ever (ring-0 code, emulated here, stays in the kernel).
+    vm.load(u64::from(LOAD), &[0xEB, 0xFE]).unwrap();
+    vm.start_real_mode(LOAD).unwrap();
+    let kicker = vm.kicker();
+    let stopper = std::thread::spawn(move || {
+        // Pacing, not waiting: lets the vCPU enter KVM_RUN and spin, so the
+        // stop has to interrupt it (a stop before the run is seen at once).
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        kicker.stop(std::time::Duration::from_secs(10))
+    });
+    let started = std::time::Instant::now();
+    assert_eq!(vm.run(1_000_000).unwrap(), RunEnd::Stopped);
+    assert!(stopper.join().unwrap(), "the kicker saw the run stop");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -150,6 +150,59 @@ pub mod boot {
 pub enum RunEnd {
     Halted,
     Shutdown,
+    /// A [`Kicker`] stopped it (`sandbox delete`, SIGTERM).
+    Stopped,
+}
+
+/// The signal that interrupts a vCPU in KVM_RUN (its handler does nothing:
+/// the interruption is the point).
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 2
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a handler that does nothing
+        // (async-signal-safe), no SA_RESTART (KVM_RUN must return EINTR).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_kick as *const () as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(kick_signal(), &action, std::ptr::null_mut());
+        }
+    });
+}
+
+/// Stops a VM's run from another thread: sets the stop flag and signals
+/// the vCPU thread (again every 10 ms, until the run loop has seen it: a
+/// signal that lands just before KVM_RUN is not lost).
+#[derive(Clone, Debug)]
+pub struct Kicker {
+    thread: libc::pthread_t,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Kicker {
+    /// Asks the run to stop; whether it did within `wait`.
+    pub fn stop(&self, wait: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + wait;
+        while !self.stopped.load(Ordering::SeqCst) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            // SAFETY: signalling a thread of this process that `kicker`
+            // recorded; the run loop's thread outlives its VM's run.
+            unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
 }
 
 /// The serial console's interrupt line: not wired yet (no irqchip until
@@ -186,6 +239,9 @@ impl std::io::Write for Console {
 /// A VM, its vCPU and its memory. Field order is drop order: the vCPU and
 /// the VM go before the memory their region points into.
 pub struct MicroVm {
+    /// Set by a [`Kicker`]; the run loop's answer in `stopped`.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    stopped: Arc<std::sync::atomic::AtomicBool>,
     /// virtio-mmio devices, in the order added (window i at
     /// `MMIO_BASE + i * MMIO_WINDOW`), with what their drivers asked.
     devices: Vec<(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)>,
@@ -216,7 +272,15 @@ impl MicroVm {
         if memory_size as u64 > MMIO_BASE {
             return Err(VmError::Memory(format!("{memory_size:#x} bytes would overlap the device windows at {MMIO_BASE:#x}")));
         }
-        Ok(MicroVm { devices: Vec::new(), vcpu, _vm: vm, _kvm: kvm, memory, memory_size, serial, console })
+        Ok(MicroVm { stop: Arc::default(), stopped: Arc::default(), devices: Vec::new(), vcpu, _vm: vm, _kvm: kvm, memory, memory_size, serial, console })
+    }
+
+    /// A handle that stops this VM's run; call it on the thread that will
+    /// run the VM.
+    pub fn kicker(&self) -> Kicker {
+        install_kick_handler();
+        // SAFETY: pthread_self has no preconditions.
+        Kicker { thread: unsafe { libc::pthread_self() }, stop: self.stop.clone(), stopped: self.stopped.clone() }
     }
 
     /// Adds a virtio-mmio device; returns its window's address.
@@ -299,8 +363,18 @@ impl MicroVm {
     /// Runs the vCPU until the guest halts or shuts down, serving port I/O,
     /// for at most `max_exits` exits.
     pub fn run(&mut self, max_exits: u64) -> Result<RunEnd, VmError> {
+        use std::sync::atomic::Ordering;
         for _ in 0..max_exits {
-            let exit = self.vcpu.run()?;
+            if self.stop.load(Ordering::SeqCst) {
+                self.stopped.store(true, Ordering::SeqCst);
+                return Ok(RunEnd::Stopped);
+            }
+            let exit = match self.vcpu.run() {
+                Ok(exit) => exit,
+                // Kicked: look at the stop flag.
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => continue,
+                Err(e) => return Err(e.into()),
+            };
             match exit_action(&exit) {
                 ExitAction::Continue => {}
                 ExitAction::Halted => return Ok(RunEnd::Halted),
