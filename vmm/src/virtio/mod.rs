@@ -1,9 +1,10 @@
 //! Virtio devices for the microVM, over the virtio-mmio transport (version
 //! 2, "modern"): the transport's register file and status machine
-//! (`mmio`), and what virtio-net negotiates and how that maps onto the
-//! sandbox tap's offloads (`net`). Pure: the event loop and the data paths
+//! (`mmio`), virtio-net (`net`: features, tap offloads, the transmit and
+//! receive paths) and virtio-blk on an image file (`blk`). Pure: the event loop and the data paths
 //! over guest memory build on these.
 
+pub mod blk;
 pub mod mmio;
 pub mod net;
 
