@@ -105,7 +105,8 @@ fn a_64_bit_guest_runs_on_the_boot_page_tables() {
 #[test]
 fn a_64_bit_guest_finds_the_virtio_net_device_over_mmio() {
     let Some(mut vm) = vm(4 << 20) else { return };
-    let base = vm.add_virtio(&sbx_vmm::virtio::net::NetDevice::new([2, 0x5b, 0, 0, 0, 1]));
+    let transport = sbx_vmm::virtio::mmio::MmioTransport::new(&sbx_vmm::virtio::net::NetDevice::new([2, 0x5b, 0, 0, 0, 1]));
+    let base = vm.add_device(Box::new(transport));
     assert_eq!(base, sbx_vmm::vm::MMIO_BASE);
     let mut code = vec![0x48, 0xBB];
     code.extend_from_slice(&base.to_le_bytes()); //  mov rbx, base
@@ -130,7 +131,7 @@ fn a_64_bit_guest_finds_the_virtio_net_device_over_mmio() {
     vm.start_long_mode(0x10_0000, 0x20_0000).unwrap();
     assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
     assert_eq!(vm.console(), b"virt211[\xff", "magic, version 2, device type 1 (net), ACKNOWLEDGE read back, the MAC, an empty window");
-    assert_eq!(vm.device(0).unwrap().0.status, 1);
+    assert_eq!(vm.device(0).unwrap().status, 1);
 }
 
 /// virtio-net's transmit and receive paths against a real tap: an ARP
@@ -251,4 +252,94 @@ fn a_spinning_guest_is_stopped_from_another_thread() {
     assert_eq!(vm.run(1_000_000).unwrap(), RunEnd::Stopped);
     assert!(stopper.join().unwrap(), "the kicker saw the run stop");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
+
+/// `mov dword [rbx + offset], value`: one register write of a driver.
+fn mmio_write(offset: u32, value: u32) -> Vec<u8> {
+    let mut code = vec![0xC7, 0x83];
+    code.extend_from_slice(&offset.to_le_bytes());
+    code.extend_from_slice(&value.to_le_bytes());
+    code
+}
+
+/// The whole path on real KVM: a 64-bit guest drives the virtio-net device
+/// the way a driver does (status, features, both queues, DRIVER_OK, a
+/// notification) with an ARP request already in its transmit queue; the
+/// monitor moves it through the tap to the host's stack, which learns the
+/// guest's address from it.
+#[test]
+fn a_guest_driver_sends_a_frame_through_virtio_net_and_the_tap() {
+    use sbx_net_tests::frames::{arp_request, ethernet, ETH_P_ARP};
+    use std::net::Ipv4Addr;
+    use virtio_bindings::virtio_mmio::*;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    sbx_net_tests::require_root();
+    let Some(mut vm) = vm(4 << 20) else { return };
+    let topology = sbx_net_tests::Topology::new("vdrv");
+    let tap = topology.host.run(|| sbx_vmm::Tap::open("vdrv0")).unwrap().unwrap();
+    let index = topology.host_netlink.link_index("vdrv0").unwrap();
+    let (host_ip, guest_ip) = (Ipv4Addr::new(10, 77, 1, 1), Ipv4Addr::new(10, 77, 1, 2));
+    topology.host_netlink.add_address(index, host_ip.into(), 24).unwrap();
+    topology.host_netlink.set_up(index).unwrap();
+    let guest_mac = [2, 0x5b, 0, 0, 0, 0x2a];
+    let base = vm.add_device(Box::new(sbx_vmm::virtio::net::NetMmio::new(guest_mac, tap).unwrap()));
+
+    // What the driver has in memory before it starts: the request in a
+    // transmit buffer, eight receive buffers.
+    let mut request = vec![0u8; sbx_vmm::virtio::net::NET_HDR_LEN];
+    request.extend(ethernet([0xff; 6], guest_mac, ETH_P_ARP, &arp_request(guest_mac, guest_ip, host_ip)));
+    let mem = vm.memory();
+    mem.write_slice(&request, GuestAddress(0x31_0000)).unwrap();
+    let desc = |addr: u64, len: u32, flags: u32| RawDescriptor::from(Descriptor::new(addr, len, flags as u16, 0));
+    let rx = MockSplitQueue::create(mem, GuestAddress(0x30_0000), 16);
+    let rx_buffers: Vec<RawDescriptor> = (0..8).map(|i| desc(0x32_0000 + i * 0x1000, 2048, VRING_DESC_F_WRITE)).collect();
+    rx.add_desc_chains(&rx_buffers, 0).unwrap();
+    let tx = MockSplitQueue::create(mem, GuestAddress(0x30_8000), 16);
+    tx.add_desc_chains(&[desc(0x31_0000, request.len() as u32, 0)], 0).unwrap();
+    let rings = [(rx.desc_table_addr().0, rx.avail_addr().0, rx.used_addr().0), (tx.desc_table_addr().0, tx.avail_addr().0, tx.used_addr().0)];
+    let tx_used = tx.used_addr();
+
+    let mut code = vec![0x48, 0xBB];
+    code.extend_from_slice(&base.to_le_bytes()); // mov rbx, base
+    for (offset, value) in [
+        (VIRTIO_MMIO_STATUS, 1),
+        (VIRTIO_MMIO_STATUS, 3),
+        (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1),
+        (VIRTIO_MMIO_DRIVER_FEATURES, 1), // VERSION_1
+        (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0),
+        (VIRTIO_MMIO_DRIVER_FEATURES, 0),
+        (VIRTIO_MMIO_STATUS, 0xb),
+    ] {
+        code.extend(mmio_write(offset, value));
+    }
+    for (queue, (desc_table, avail, used)) in rings.iter().enumerate() {
+        for (offset, value) in [
+            (VIRTIO_MMIO_QUEUE_SEL, queue as u32),
+            (VIRTIO_MMIO_QUEUE_NUM, 16),
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, *desc_table as u32),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, *avail as u32),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, *used as u32),
+            (VIRTIO_MMIO_QUEUE_READY, 1),
+        ] {
+            code.extend(mmio_write(offset, value));
+        }
+    }
+    code.extend(mmio_write(VIRTIO_MMIO_STATUS, 0xf));
+    code.extend(mmio_write(VIRTIO_MMIO_QUEUE_NOTIFY, 1));
+    code.push(0xF4); // hlt
+    vm.load(0x10_0000, &code).unwrap();
+    vm.start_long_mode(0x10_0000, 0x20_0000).unwrap();
+    assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
+    assert_eq!(vm.device(0).unwrap().status, 0xf, "activated, not failed");
+    let used_idx: u16 = vm.memory().read_obj(GuestAddress(tx_used.0 + 2)).unwrap();
+    assert_eq!(used_idx, 1, "the transmit buffer went back to the guest");
+    sbx_net_tests::wait_until(std::time::Duration::from_secs(10), "the host learns the guest's address from its ARP request", || {
+        let out = sbx_net_tests::run_in(topology.host.name(), "ip", &["-4", "neigh", "show", "dev", "vdrv0"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.contains(&guest_ip.to_string()) && text.contains("02:5b:00:00:00:2a")
+    });
 }

@@ -244,7 +244,7 @@ pub struct MicroVm {
     stopped: Arc<std::sync::atomic::AtomicBool>,
     /// virtio-mmio devices, in the order added (window i at
     /// `MMIO_BASE + i * MMIO_WINDOW`), with what their drivers asked.
-    devices: Vec<(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)>,
+    devices: Vec<Box<dyn crate::virtio::MmioDevice>>,
     vcpu: VcpuFd,
     _vm: VmFd,
     _kvm: Kvm,
@@ -284,18 +284,18 @@ impl MicroVm {
     }
 
     /// Adds a virtio-mmio device; returns its window's address.
-    pub fn add_virtio(&mut self, device: &impl crate::virtio::VirtioDevice) -> u64 {
-        self.devices.push((crate::virtio::mmio::MmioTransport::new(device), Vec::new()));
+    pub fn add_device(&mut self, device: Box<dyn crate::virtio::MmioDevice>) -> u64 {
+        self.devices.push(device);
         MMIO_BASE + (self.devices.len() as u64 - 1) * MMIO_WINDOW
     }
 
-    /// Device `index`'s transport and what its driver asked so far.
-    pub fn device(&self, index: usize) -> Option<&(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)> {
-        self.devices.get(index)
+    /// Device `index`'s transport.
+    pub fn device(&self, index: usize) -> Option<&crate::virtio::mmio::MmioTransport> {
+        self.devices.get(index).map(|d| d.transport())
     }
 
     /// The device and the offset in its window of an MMIO address.
-    fn device_at(devices: &mut [(crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>)], addr: u64) -> Option<(&mut (crate::virtio::mmio::MmioTransport, Vec<crate::virtio::mmio::MmioEvent>), u64)> {
+    fn device_at(devices: &mut [Box<dyn crate::virtio::MmioDevice>], addr: u64) -> Option<(&mut Box<dyn crate::virtio::MmioDevice>, u64)> {
         let index = addr.checked_sub(MMIO_BASE)? / MMIO_WINDOW;
         let device = devices.get_mut(index as usize)?;
         Some((device, (addr - MMIO_BASE) % MMIO_WINDOW))
@@ -389,16 +389,13 @@ impl MicroVm {
                     }
                 }
                 VcpuExit::MmioRead(addr, data) => match Self::device_at(&mut self.devices, addr) {
-                    Some(((transport, _), offset)) => transport.read(offset, data),
+                    Some((device, offset)) => device.read(offset, data),
                     // Nothing there: all ones, as on a bus with no device.
                     None => data.fill(0xff),
                 },
                 VcpuExit::MmioWrite(addr, data) => {
-                    if let Some(((transport, events), offset)) = Self::device_at(&mut self.devices, addr) {
-                        let event = transport.write(offset, data);
-                        if event != crate::virtio::mmio::MmioEvent::None {
-                            events.push(event);
-                        }
+                    if let Some((device, offset)) = Self::device_at(&mut self.devices, addr) {
+                        device.write(offset, data, &self.memory);
                     }
                 }
                 VcpuExit::IoIn(port, data) => {
@@ -412,6 +409,11 @@ impl MicroVm {
             }
         }
         Err(VmError::TooManyExits(max_exits))
+    }
+
+    /// The guest's memory (a loader writes into it; tests lay out queues).
+    pub fn memory(&self) -> &GuestMemoryMmap<()> {
+        &self.memory
     }
 
     /// What the guest wrote on COM1 so far.

@@ -84,7 +84,8 @@ impl MmioTransport {
         self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_FAILED == 0
     }
 
-    fn fail(&mut self) {
+    /// Marks the device failed (the driver must reset it).
+    pub fn fail(&mut self) {
         self.status |= VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET;
     }
 

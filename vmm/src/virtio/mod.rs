@@ -8,6 +8,50 @@ pub mod blk;
 pub mod mmio;
 pub mod net;
 
+/// A device in an MMIO window, as the vCPU's exits reach it.
+pub trait MmioDevice: Send {
+    /// A read at `offset` in the window.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// A write at `offset`; the device may act on guest memory (a queue
+    /// notification is served here, on the vCPU thread).
+    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>);
+    /// The transport's state (for `status` and tests).
+    fn transport(&self) -> &mmio::MmioTransport;
+}
+
+/// A transport with no data path: a driver can find and set it up, nothing
+/// moves (a device under test, or one whose backend is not there).
+impl MmioDevice for mmio::MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        mmio::MmioTransport::read(self, offset, data)
+    }
+    fn write(&mut self, offset: u64, data: &[u8], _memory: &vm_memory::GuestMemoryMmap<()>) {
+        mmio::MmioTransport::write(self, offset, data);
+    }
+    fn transport(&self) -> &mmio::MmioTransport {
+        self
+    }
+}
+
+/// The queues of an activated device, as virtio-queue serves them: each
+/// configured one checked against guest memory.
+pub fn activate_queues(transport: &mmio::MmioTransport, memory: &vm_memory::GuestMemoryMmap<()>) -> Option<Vec<virtio_queue::Queue>> {
+    use virtio_queue::QueueT;
+    transport
+        .queues
+        .iter()
+        .map(|q| {
+            let mut queue = virtio_queue::Queue::new(q.max_size).ok()?;
+            queue.set_size(q.size);
+            queue.set_desc_table_address(Some(q.desc_table as u32), Some((q.desc_table >> 32) as u32));
+            queue.set_avail_ring_address(Some(q.avail_ring as u32), Some((q.avail_ring >> 32) as u32));
+            queue.set_used_ring_address(Some(q.used_ring as u32), Some((q.used_ring >> 32) as u32));
+            queue.set_ready(q.ready);
+            (!q.ready || queue.is_valid(memory)).then_some(queue)
+        })
+        .collect()
+}
+
 /// What a device offers its driver through the transport.
 pub trait VirtioDevice {
     /// The virtio device type (1 = network, 2 = block).

@@ -171,6 +171,82 @@ impl VirtioDevice for NetDevice {
     }
 }
 
+/// virtio-net on the sandbox's tap, in an MMIO window: the transport, and
+/// once the driver activates it, its queues and the data paths. A queue
+/// notification is served on the vCPU thread: the transmit queue's frames
+/// go to the tap, and frames waiting at the tap go into the receive
+/// queue's buffers (a device thread for frames that arrive between
+/// notifications comes with the event loop).
+pub struct NetMmio {
+    transport: super::mmio::MmioTransport,
+    tap: crate::tap::Tap,
+    queues: Option<Vec<Queue>>,
+    rx_buf: Vec<u8>,
+    pub transmitted: Moved,
+    pub received: Moved,
+}
+
+/// The receive queue's index, and the transmit queue's.
+pub const RX: usize = 0;
+pub const TX: usize = 1;
+
+impl NetMmio {
+    pub fn new(mac: [u8; 6], tap: crate::tap::Tap) -> Result<NetMmio, crate::tap::TapError> {
+        tap.set_vnet_hdr_len(NET_HDR_LEN)?;
+        Ok(NetMmio {
+            transport: super::mmio::MmioTransport::new(&NetDevice::new(mac)),
+            tap,
+            queues: None,
+            rx_buf: vec![0; MAX_FRAME],
+            transmitted: Moved::default(),
+            received: Moved::default(),
+        })
+    }
+
+    fn serve<M: GuestMemory>(&mut self, memory: &M) {
+        let Some(queues) = self.queues.as_mut() else { return };
+        let add = |total: &mut Moved, m: Moved| {
+            total.frames += m.frames;
+            total.dropped += m.dropped;
+        };
+        match process_tx(&mut queues[TX], memory, &mut self.tap) {
+            Ok(m) => add(&mut self.transmitted, m),
+            Err(_) => self.transport.fail(),
+        }
+        match process_rx(&mut queues[RX], memory, &mut self.tap, &mut self.rx_buf) {
+            Ok(m) => add(&mut self.received, m),
+            Err(_) => self.transport.fail(),
+        }
+    }
+}
+
+impl super::MmioDevice for NetMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.transport.read(offset, data)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>) {
+        use super::mmio::MmioEvent;
+        match self.transport.write(offset, data) {
+            MmioEvent::Activate => {
+                let queues = super::activate_queues(&self.transport, memory);
+                match (queues, self.tap.set_offloads(guest_offloads(self.transport.driver_features))) {
+                    (Some(q), Ok(())) if q.len() == 2 => self.queues = Some(q),
+                    // Queues outside guest memory, or offloads the tap refuses.
+                    _ => self.transport.fail(),
+                }
+            }
+            MmioEvent::Notify(_) => self.serve(memory),
+            MmioEvent::Reset => self.queues = None,
+            MmioEvent::None => {}
+        }
+    }
+
+    fn transport(&self) -> &super::mmio::MmioTransport {
+        &self.transport
+    }
+}
+
 /// What the driver accepted, as the tap's offloads see it: what the
 /// *guest* can receive (GUEST_*) is what the tap may hand it unfinished
 /// ([`crate::tap::offload_flags`] turns it into TUNSETOFFLOAD flags).
