@@ -144,15 +144,20 @@ fn main() -> Result<()> {
     println!("\n$ nft list table inet sbx_net   (in the host namespace)");
     print!("{}", nft_table(&h)?);
 
-    println!("\n== kill -9 the daemon: enforcement stays in the kernel");
+    let plane_pid = |h: &DaemonHarness| h.json(&["status", "--json"])["dataplane"]["pid"].clone();
+    let before = plane_pid(&h);
+    println!("\n== kill -9 the daemon: enforcement stays in the kernel, the data plane (pid {before}: DNS and HTTP(S) proxies) serves on");
     h.kill_daemon(libc::SIGKILL);
-    show(&format!("curl http://{github}/  (daemon dead; TCP 80 has no proxy now)"), curl(&guest, &format!("http://{github}/")).is_some());
+    show(&format!("curl http://{github}/  (daemon dead; the data plane proxies)"), curl(&guest, &format!("http://{github}/")).is_some());
     show(&format!("nc -z {github} 22  (daemon dead)"), tcp_connects(&guest, github, 22));
     show(&format!("nc -z {unlisted} 22  (daemon dead)"), tcp_connects(&guest, unlisted, 22));
     h.start_daemon();
-    println!("\n== restarted: the daemon re-adopted the sandbox (pinned link swapped atomically, maps and nftables kept)");
+    println!("\n== restarted: the daemon re-adopted the sandbox (pinned link swapped atomically, maps and nftables kept) and the data plane (pid {})", plane_pid(&h));
     print!("{}", h.cli_ok(&["sandbox", "list"]));
-    show(&format!("curl http://{github}/  (proxy back)"), curl(&guest, &format!("http://{github}/")).is_some());
+    show(&format!("curl http://{github}/  (same data plane)"), curl(&guest, &format!("http://{github}/")).is_some());
+    println!("\n$ sbx-net upgrade   (listening sockets handed to a new data plane; the old one drains)");
+    print!("{}", h.cli_ok(&["upgrade"]));
+    show(&format!("curl http://{github}/  (new data plane)"), curl(&guest, &format!("http://{github}/")).is_some());
 
     println!("\n$ sbx-net sandbox delete demo");
     print!("{}", h.cli_ok(&["sandbox", "delete", "demo"]));
