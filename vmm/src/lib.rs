@@ -3,6 +3,7 @@
 //! need, and the microVM core (`vm`).
 
 pub mod guest;
+pub mod linux;
 pub mod netlink;
 pub mod netns;
 pub mod pump;
