@@ -106,7 +106,7 @@ fn a_64_bit_guest_runs_on_the_boot_page_tables() {
 fn a_64_bit_guest_finds_the_virtio_net_device_over_mmio() {
     let Some(mut vm) = vm(4 << 20) else { return };
     let transport = sbx_vmm::virtio::mmio::MmioTransport::new(&sbx_vmm::virtio::net::NetDevice::new([2, 0x5b, 0, 0, 0, 1]));
-    let base = vm.add_device(Box::new(transport));
+    let base = vm.add_device(Box::new(transport)).unwrap();
     assert_eq!(base, sbx_vmm::vm::MMIO_BASE);
     let mut code = vec![0x48, 0xBB];
     code.extend_from_slice(&base.to_le_bytes()); //  mov rbx, base
@@ -131,7 +131,7 @@ fn a_64_bit_guest_finds_the_virtio_net_device_over_mmio() {
     vm.start_long_mode(0x10_0000, 0x20_0000).unwrap();
     assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
     assert_eq!(vm.console(), b"virt211[\xff", "magic, version 2, device type 1 (net), ACKNOWLEDGE read back, the MAC, an empty window");
-    assert_eq!(vm.device(0).unwrap().status, 1);
+    assert_eq!(vm.device_status(0).unwrap(), 1);
 }
 
 /// virtio-net's transmit and receive paths against a real tap: an ARP
@@ -286,7 +286,7 @@ fn a_guest_driver_sends_a_frame_through_virtio_net_and_the_tap() {
     topology.host_netlink.add_address(index, host_ip.into(), 24).unwrap();
     topology.host_netlink.set_up(index).unwrap();
     let guest_mac = [2, 0x5b, 0, 0, 0, 0x2a];
-    let base = vm.add_device(Box::new(sbx_vmm::virtio::net::NetMmio::new(guest_mac, tap).unwrap()));
+    let base = vm.add_device(Box::new(sbx_vmm::virtio::net::NetMmio::new(guest_mac, tap).unwrap())).unwrap();
 
     // What the driver has in memory before it starts: the request in a
     // transmit buffer, eight receive buffers.
@@ -334,7 +334,7 @@ fn a_guest_driver_sends_a_frame_through_virtio_net_and_the_tap() {
     vm.load(0x10_0000, &code).unwrap();
     vm.start_long_mode(0x10_0000, 0x20_0000).unwrap();
     assert_eq!(vm.run(10_000).unwrap(), RunEnd::Halted);
-    assert_eq!(vm.device(0).unwrap().status, 0xf, "activated, not failed");
+    assert_eq!(vm.device_status(0).unwrap(), 0xf, "activated, not failed");
     let used_idx: u16 = vm.memory().read_obj(GuestAddress(tx_used.0 + 2)).unwrap();
     assert_eq!(used_idx, 1, "the transmit buffer went back to the guest");
     sbx_net_tests::wait_until(std::time::Duration::from_secs(10), "the host learns the guest's address from its ARP request", || {
@@ -342,4 +342,48 @@ fn a_guest_driver_sends_a_frame_through_virtio_net_and_the_tap() {
         let text = String::from_utf8_lossy(&out.stdout);
         text.contains(&guest_ip.to_string()) && text.contains("02:5b:00:00:00:2a")
     });
+}
+
+/// The project's own guest (no_std, ring 3, virtio-drivers and smoltcp)
+/// boots, finds virtio-net on a real tap, and pings the host's address on
+/// the tap: ARP and ICMP through the device thread, the ioeventfd and the
+/// idle port.
+#[test]
+fn the_probe_guest_pings_the_host_through_virtio_net_on_a_tap() {
+    use sbx_vmm::probe::{boot, script, ProbeNetwork};
+    use std::net::Ipv4Addr;
+    sbx_net_tests::require_root();
+    let topology = sbx_net_tests::Topology::new("vpro");
+    let tap = topology.host.run(|| sbx_vmm::Tap::open("vpro0")).unwrap().unwrap();
+    let index = topology.host_netlink.link_index("vpro0").unwrap();
+    let (host_ip, guest_ip) = (Ipv4Addr::new(10, 78, 0, 1), Ipv4Addr::new(10, 78, 0, 2));
+    topology.host_netlink.add_address(index, host_ip.into(), 24).unwrap();
+    topology.host_netlink.set_up(index).unwrap();
+    let Some(mut vm) = vm(64 << 20) else { return };
+    vm.add_device(Box::new(sbx_vmm::virtio::net::NetMmio::new([2, 0x5b, 0, 0, 0, 9], tap).unwrap())).unwrap();
+    let net = ProbeNetwork { ipv4: Some((guest_ip, 24, host_ip)), ipv6: None, dns: vec![] };
+    let text = script(&net, "timeout 5000\nping 10.78.0.1\nping 10.78.0.1\n").unwrap();
+    boot(&mut vm, 64 << 20, &text).unwrap();
+    let end = run_bounded(&mut vm, std::time::Duration::from_secs(15));
+    let console = String::from_utf8_lossy(&vm.console()).into_owned();
+    eprintln!("{console}\n{} device status {:?}", vm.vcpu_state(), vm.device_status(0));
+    assert_eq!(end.unwrap(), RunEnd::Exited(0), "{console}");
+    let pings: Vec<serde_json::Value> = console.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter(|v| v["op"] == "ping").collect();
+    assert_eq!(pings.len(), 2, "{console}");
+    assert!(pings.iter().all(|p| p["ok"] == true), "{console}");
+}
+
+/// Runs `vm` until it ends or `limit` passes (then it is stopped).
+fn run_bounded(vm: &mut MicroVm, limit: std::time::Duration) -> Result<RunEnd, VmError> {
+    let kicker = vm.kicker();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(limit).is_err() {
+            kicker.stop(std::time::Duration::from_secs(5));
+        }
+    });
+    let end = vm.run(u64::MAX);
+    let _ = done_tx.send(());
+    watchdog.join().unwrap();
+    end
 }

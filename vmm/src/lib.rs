@@ -2,10 +2,12 @@
 //! a virtio-net backend, netns guests, the namespace/netlink plumbing they
 //! need, and the microVM core (`vm`).
 
+pub mod devices;
 pub mod guest;
 pub mod linux;
 pub mod netlink;
 pub mod netns;
+pub mod probe;
 pub mod pump;
 pub mod seccomp;
 mod sys;

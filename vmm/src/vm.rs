@@ -1,15 +1,20 @@
 //! The microVM core: a KVM virtual machine with its guest memory (vm-memory),
-//! one vCPU (kvm-ioctls), a 16550 serial console (vm-superio) on COM1 and
-//! virtio-mmio device windows, run until the guest halts. The first brick of the monitor; virtio
-//! devices and the event loop come next.
+//! one vCPU (kvm-ioctls), a 16550 serial console (vm-superio) on COM1,
+//! virtio-mmio device windows served by the device thread (`devices`:
+//! ioeventfd in, irqfd and the `news` eventfd out), and the test guest's
+//! two paravirtual ports (exit, idle), run until the guest halts or exits.
 //!
 //! Exits are decided by pure functions ([`port_device`], [`exit_action`])
 //! that are unit-tested without KVM.
 
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, NoDatamatch, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::{DeviceLoop, DeviceSlot, SharedDevice};
+use crate::probe::abi;
 
 /// COM1's eight registers.
 pub const COM1: std::ops::RangeInclusive<u16> = 0x3f8..=0x3ff;
@@ -32,6 +37,10 @@ pub enum VmError {
     Failed(String),
     #[error("the guest did not halt within {0} exits")]
     TooManyExits(u64),
+    #[error("the device thread: {0}")]
+    Devices(#[source] std::io::Error),
+    #[error("more than {} devices", abi::MAX_DEVICES)]
+    TooManyDevices,
 }
 
 /// The device a port I/O exit is for.
@@ -39,16 +48,18 @@ pub enum VmError {
 pub enum PortDevice {
     /// COM1, at this register offset.
     Serial(u8),
+    /// The test guest's exit port (its ring 0): a write ends the run.
+    Exit,
     /// Nothing: reads see all ones, writes are dropped (as on real hardware).
     None,
 }
 
 /// Which device answers `port` (pure).
 pub fn port_device(port: u16) -> PortDevice {
-    if COM1.contains(&port) {
-        PortDevice::Serial((port - COM1.start()) as u8)
-    } else {
-        PortDevice::None
+    match port {
+        p if COM1.contains(&p) => PortDevice::Serial((p - COM1.start()) as u8),
+        abi::EXIT_PORT => PortDevice::Exit,
+        _ => PortDevice::None,
     }
 }
 
@@ -63,6 +74,53 @@ pub enum ExitAction {
     Shutdown,
     /// Anything this monitor does not serve: the run fails with why.
     Fail(String),
+}
+
+/// A port write's value (little-endian, as wide as the access).
+pub fn port_value(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    let n = data.len().min(4);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(bytes)
+}
+
+/// A write to the test guest's control window (pure).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    ConsoleAddress(u64),
+    /// Print that many bytes from the last address (at most a line's worth).
+    ConsoleLength(u64),
+    Exit(u32),
+    Idle(u32),
+    None,
+}
+
+/// What a write at `offset` in the control window asks.
+pub fn control_write(offset: u64, data: &[u8]) -> Control {
+    let mut bytes = [0u8; 8];
+    let n = data.len().min(8);
+    bytes[..n].copy_from_slice(&data[..n]);
+    let value = u64::from_le_bytes(bytes);
+    match offset {
+        abi::CONTROL_CONSOLE_ADDR => Control::ConsoleAddress(value),
+        abi::CONTROL_CONSOLE_LEN => Control::ConsoleLength(value.min(abi::CONSOLE_LINE_MAX)),
+        abi::CONTROL_EXIT => Control::Exit(value as u32),
+        abi::CONTROL_IDLE => Control::Idle(value.min(u64::from(u32::MAX)) as u32),
+        _ => Control::None,
+    }
+}
+
+/// Waits up to `micros` for the device thread's news (the idle register), or
+/// a kick (the signal interrupts the wait).
+fn idle(news: &EventFd, micros: u32) {
+    let mut fds = [libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(news), events: libc::POLLIN, revents: 0 }];
+    let timeout = libc::timespec { tv_sec: i64::from(micros / 1_000_000), tv_nsec: i64::from(micros % 1_000_000) * 1000 };
+    // SAFETY: one valid pollfd, a valid timespec, no signal mask change.
+    let ready = unsafe { libc::ppoll(fds.as_mut_ptr(), 1, &timeout, std::ptr::null()) };
+    if ready > 0 {
+        // Consumed: the next idle waits for new news.
+        let _ = news.read();
+    }
 }
 
 /// How an exit of this kind ends or continues the run.
@@ -152,6 +210,8 @@ pub enum RunEnd {
     Shutdown,
     /// A [`Kicker`] stopped it (`sandbox delete`, SIGTERM).
     Stopped,
+    /// The guest wrote this status to the exit port.
+    Exited(u32),
 }
 
 /// The signal that interrupts a vCPU in KVM_RUN (its handler does nothing:
@@ -216,19 +276,40 @@ impl vm_superio::Trigger for NoInterrupt {
     }
 }
 
-/// What the guest wrote on its console, shared with whoever reads it.
+/// What the guest wrote on its console, shared with whoever reads it, and
+/// echoed line by line to a sink if one is set.
 #[derive(Clone, Default)]
-pub struct Console(Arc<Mutex<Vec<u8>>>);
+pub struct Console {
+    contents: Arc<Mutex<Vec<u8>>>,
+    echo: Arc<Mutex<Option<Box<dyn std::io::Write + Send>>>>,
+}
+
+/// How much console output a VM keeps (the echo sees all of it).
+const CONSOLE_KEPT: usize = 1 << 20;
 
 impl Console {
     pub fn contents(&self) -> Vec<u8> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.contents.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_echo(&self, sink: Box<dyn std::io::Write + Send>) {
+        *self.echo.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
     }
 }
 
 impl std::io::Write for Console {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        let mut contents = self.contents.lock().unwrap_or_else(|p| p.into_inner());
+        if contents.len() + buf.len() <= CONSOLE_KEPT {
+            contents.extend_from_slice(buf);
+        }
+        if let Some(sink) = self.echo.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            // A reader that went away does not stop the guest.
+            let _ = sink.write_all(buf);
+            if buf.contains(&b'\n') {
+                let _ = sink.flush();
+            }
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -236,17 +317,27 @@ impl std::io::Write for Console {
     }
 }
 
-/// A VM, its vCPU and its memory. Field order is drop order: the vCPU and
-/// the VM go before the memory their region points into.
+/// A VM, its vCPU and its memory. Field order is drop order: the device
+/// thread stops first, then the vCPU and the VM go before the memory their
+/// region points into.
 pub struct MicroVm {
+    device_loop: Option<DeviceLoop>,
     /// Set by a [`Kicker`]; the run loop's answer in `stopped`.
     stop: Arc<std::sync::atomic::AtomicBool>,
     stopped: Arc<std::sync::atomic::AtomicBool>,
     /// virtio-mmio devices, in the order added (window i at
-    /// `MMIO_BASE + i * MMIO_WINDOW`), with what their drivers asked.
-    devices: Vec<Box<dyn crate::virtio::MmioDevice>>,
+    /// `MMIO_BASE + i * MMIO_WINDOW`), shared with the device thread.
+    devices: Vec<SharedDevice>,
+    /// Each device's notification eventfd (registered as an ioeventfd) and
+    /// interrupt line, until the device thread takes them.
+    slots: Vec<(EventFd, EventFd)>,
+    /// Written by the device thread whenever a device used buffers.
+    news: Arc<EventFd>,
+    irqchip: bool,
+    /// The test guest's console line address (control window).
+    console_line: u64,
     vcpu: VcpuFd,
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
     memory: GuestMemoryMmap<()>,
     memory_size: usize,
@@ -254,9 +345,19 @@ pub struct MicroVm {
     console: Console,
 }
 
+/// The first GSI of the virtio devices' interrupt lines (after the legacy
+/// ISA ones a Linux guest expects: COM1 is 4).
+pub const FIRST_DEVICE_GSI: u32 = 5;
+
+/// The QueueNotify register's offset in a virtio-mmio window.
+const QUEUE_NOTIFY: u64 = 0x50;
+
 impl MicroVm {
     /// A VM with `memory_size` bytes of guest memory from address 0.
     pub fn new(memory_size: usize) -> Result<MicroVm, VmError> {
+        if memory_size as u64 > MMIO_BASE {
+            return Err(VmError::Memory(format!("{memory_size:#x} bytes would overlap the device windows at {MMIO_BASE:#x}")));
+        }
         let kvm = Kvm::new()?;
         let vm = kvm.create_vm()?;
         let memory: GuestMemoryMmap<()> = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), memory_size)]).map_err(|e| VmError::Memory(e.to_string()))?;
@@ -269,10 +370,45 @@ impl MicroVm {
         let vcpu = vm.create_vcpu(0)?;
         let console = Console::default();
         let serial = vm_superio::Serial::new(NoInterrupt, console.clone());
-        if memory_size as u64 > MMIO_BASE {
-            return Err(VmError::Memory(format!("{memory_size:#x} bytes would overlap the device windows at {MMIO_BASE:#x}")));
-        }
-        Ok(MicroVm { stop: Arc::default(), stopped: Arc::default(), devices: Vec::new(), vcpu, _vm: vm, _kvm: kvm, memory, memory_size, serial, console })
+        let news = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Devices)?);
+        Ok(MicroVm {
+            device_loop: None,
+            stop: Arc::default(),
+            stopped: Arc::default(),
+            devices: Vec::new(),
+            slots: Vec::new(),
+            news,
+            irqchip: false,
+            console_line: 0,
+            vcpu,
+            vm,
+            _kvm: kvm,
+            memory,
+            memory_size,
+            serial,
+            console,
+        })
+    }
+
+    /// Gives the VM an in-kernel interrupt controller (a Linux guest's
+    /// devices interrupt through it). Before any device is added. The test
+    /// guest runs without one: it polls, and its idle port waits on the
+    /// same news a device interrupt brings.
+    pub fn enable_irqchip(&mut self) -> Result<(), VmError> {
+        self.vm.create_irq_chip()?;
+        self.irqchip = true;
+        Ok(())
+    }
+
+    /// The vCPU's TSC frequency (the test guest's clock), if KVM says.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.vcpu.get_tsc_khz().ok().filter(|k| *k > 0)
+    }
+
+    /// Sends the guest's console output to `sink` as well (the VMM
+    /// process streams it to its stdout).
+    pub fn echo_console(&mut self, sink: Box<dyn std::io::Write + Send>) {
+        self.console.set_echo(sink);
     }
 
     /// A handle that stops this VM's run; call it on the thread that will
@@ -283,22 +419,58 @@ impl MicroVm {
         Kicker { thread: unsafe { libc::pthread_self() }, stop: self.stop.clone(), stopped: self.stopped.clone() }
     }
 
-    /// Adds a virtio-mmio device; returns its window's address.
-    pub fn add_device(&mut self, device: Box<dyn crate::virtio::MmioDevice>) -> u64 {
-        self.devices.push(device);
-        MMIO_BASE + (self.devices.len() as u64 - 1) * MMIO_WINDOW
+    /// Adds a virtio-mmio device; returns its window's address. A queue
+    /// notification (a write to its QueueNotify register) signals an
+    /// ioeventfd in the kernel, for the device thread.
+    pub fn add_device(&mut self, device: Box<dyn crate::virtio::MmioDevice>) -> Result<u64, VmError> {
+        if self.devices.len() >= abi::MAX_DEVICES {
+            return Err(VmError::TooManyDevices);
+        }
+        let base = MMIO_BASE + self.devices.len() as u64 * MMIO_WINDOW;
+        let notify = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Devices)?;
+        self.vm.register_ioevent(&notify, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), NoDatamatch)?;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Devices)?;
+        if self.irqchip {
+            self.vm.register_irqfd(&irq, FIRST_DEVICE_GSI + self.devices.len() as u32)?;
+        }
+        self.devices.push(Arc::new(Mutex::new(device)));
+        self.slots.push((notify, irq));
+        Ok(base)
     }
 
-    /// Device `index`'s transport.
-    pub fn device(&self, index: usize) -> Option<&crate::virtio::mmio::MmioTransport> {
-        self.devices.get(index).map(|d| d.transport())
+    /// The device windows' addresses, in order.
+    pub fn device_windows(&self) -> Vec<u64> {
+        (0..self.devices.len() as u64).map(|i| MMIO_BASE + i * MMIO_WINDOW).collect()
+    }
+
+    /// Device `index`'s transport status register.
+    pub fn device_status(&self, index: usize) -> Option<u32> {
+        self.devices.get(index).map(|d| d.lock().unwrap_or_else(|p| p.into_inner()).transport().status)
+    }
+
+    /// Starts the device thread (before a seccomp filter that forbids
+    /// making threads); [`MicroVm::run`] starts it if it is not running.
+    pub fn start_devices(&mut self) -> Result<(), VmError> {
+        if self.device_loop.is_some() || self.devices.is_empty() {
+            return Ok(());
+        }
+        let mut slots = Vec::with_capacity(self.devices.len());
+        for (device, (notify, irq)) in self.devices.iter().zip(&self.slots) {
+            slots.push(DeviceSlot {
+                device: device.clone(),
+                notify: notify.try_clone().map_err(VmError::Devices)?,
+                irq: irq.try_clone().map_err(VmError::Devices)?,
+            });
+        }
+        self.device_loop = Some(DeviceLoop::start(slots, self.memory.clone(), self.news.clone()).map_err(VmError::Devices)?);
+        Ok(())
     }
 
     /// The device and the offset in its window of an MMIO address.
-    fn device_at(devices: &mut [Box<dyn crate::virtio::MmioDevice>], addr: u64) -> Option<(&mut Box<dyn crate::virtio::MmioDevice>, u64)> {
-        let index = addr.checked_sub(MMIO_BASE)? / MMIO_WINDOW;
-        let device = devices.get_mut(index as usize)?;
-        Some((device, (addr - MMIO_BASE) % MMIO_WINDOW))
+    fn device_at(devices: &[SharedDevice], addr: u64) -> Option<(usize, u64)> {
+        let index = (addr.checked_sub(MMIO_BASE)? / MMIO_WINDOW) as usize;
+        devices.get(index)?;
+        Some((index, (addr - MMIO_BASE) % MMIO_WINDOW))
     }
 
     /// Copies `image` into guest memory at `addr`.
@@ -360,10 +532,11 @@ impl MicroVm {
         Ok(())
     }
 
-    /// Runs the vCPU until the guest halts or shuts down, serving port I/O,
-    /// for at most `max_exits` exits.
+    /// Runs the vCPU until the guest halts, shuts down or exits, serving
+    /// port I/O and device registers, for at most `max_exits` exits.
     pub fn run(&mut self, max_exits: u64) -> Result<RunEnd, VmError> {
         use std::sync::atomic::Ordering;
+        self.start_devices()?;
         for _ in 0..max_exits {
             if self.stop.load(Ordering::SeqCst) {
                 self.stopped.store(true, Ordering::SeqCst);
@@ -382,26 +555,50 @@ impl MicroVm {
                 ExitAction::Fail(why) => return Err(VmError::Failed(why)),
             }
             match exit {
-                VcpuExit::IoOut(port, data) => {
-                    if let (PortDevice::Serial(offset), Some(&value)) = (port_device(port), data.first()) {
-                        // The output is our own buffer: it cannot fail.
-                        let _ = self.serial.write(offset, value);
+                VcpuExit::IoOut(port, data) => match port_device(port) {
+                    PortDevice::Serial(offset) => {
+                        if let Some(&value) = data.first() {
+                            // The output is our own buffer: it cannot fail.
+                            let _ = self.serial.write(offset, value);
+                        }
                     }
-                }
-                VcpuExit::MmioRead(addr, data) => match Self::device_at(&mut self.devices, addr) {
-                    Some((device, offset)) => device.read(offset, data),
+                    PortDevice::Exit => return Ok(RunEnd::Exited(port_value(data))),
+                    PortDevice::None => {}
+                },
+                VcpuExit::MmioRead(addr, data) => match Self::device_at(&self.devices, addr) {
+                    Some((index, offset)) => self.devices[index].lock().unwrap_or_else(|p| p.into_inner()).read(offset, data),
                     // Nothing there: all ones, as on a bus with no device.
                     None => data.fill(0xff),
                 },
+                VcpuExit::MmioWrite(addr, data) if (abi::CONTROL_ADDR..abi::CONTROL_ADDR + MMIO_WINDOW).contains(&addr) => {
+                    match control_write(addr - abi::CONTROL_ADDR, data) {
+                        Control::ConsoleAddress(at) => self.console_line = at,
+                        Control::ConsoleLength(len) => {
+                            let mut line = vec![0u8; len as usize];
+                            // A line outside guest memory is not printed.
+                            if self.memory.read_slice(&mut line, GuestAddress(self.console_line)).is_ok() {
+                                let _ = std::io::Write::write_all(&mut self.console, &line);
+                            }
+                        }
+                        Control::Exit(status) => return Ok(RunEnd::Exited(status)),
+                        Control::Idle(micros) => idle(&self.news, micros),
+                        Control::None => {}
+                    }
+                }
                 VcpuExit::MmioWrite(addr, data) => {
-                    if let Some((device, offset)) = Self::device_at(&mut self.devices, addr) {
-                        device.write(offset, data, &self.memory);
+                    if let Some((index, offset)) = Self::device_at(&self.devices, addr) {
+                        let notified = self.devices[index].lock().unwrap_or_else(|p| p.into_inner()).write(offset, data, &self.memory);
+                        if notified {
+                            // A notification KVM's ioeventfd did not catch
+                            // (a write of another width): pass it on.
+                            let _ = self.slots[index].0.write(1);
+                        }
                     }
                 }
                 VcpuExit::IoIn(port, data) => {
                     let value = match port_device(port) {
                         PortDevice::Serial(offset) => self.serial.read(offset),
-                        PortDevice::None => 0xff,
+                        _ => 0xff,
                     };
                     data.fill(value);
                 }
@@ -414,6 +611,17 @@ impl MicroVm {
     /// The guest's memory (a loader writes into it; tests lay out queues).
     pub fn memory(&self) -> &GuestMemoryMmap<()> {
         &self.memory
+    }
+
+    /// The vCPU's registers, for a report on a guest that shut down.
+    pub fn vcpu_state(&self) -> String {
+        match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cs={:#x}(dpl {}) ss={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} gdt={:#x}/{} idt={:#x}/{} tr={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, s.cs.selector, s.cs.dpl, s.ss.selector, s.cr0, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit, s.tr.selector
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+        }
     }
 
     /// What the guest wrote on COM1 so far.
@@ -450,7 +658,7 @@ mod tests {
             assert!(entry & 0x81 == 0x81, "present and huge");
             assert_eq!((entry & !0x1f_ffff) | (va & 0x1f_ffff), va);
         }
-        assert!(boot::PD_ADDR + 4096 <= 0x10000, "the tables stay below the images");
+        const { assert!(boot::PD_ADDR + 4096 <= 0x10000, "the tables stay below the images") };
     }
 
     #[test]
@@ -461,13 +669,27 @@ mod tests {
         assert_eq!(port_device(0x3f7), PortDevice::None);
         assert_eq!(port_device(0x400), PortDevice::None);
         assert_eq!(port_device(0x2f8), PortDevice::None, "COM2 is not there");
+        assert_eq!(port_device(abi::EXIT_PORT), PortDevice::Exit);
+        assert_eq!(port_value(&[0x34, 0x12, 0, 0]), 0x1234);
+        assert_eq!(port_value(&[7]), 7);
+    }
+
+    #[test]
+    fn the_control_window_decodes_console_exit_and_idle_and_bounds_them() {
+        assert_eq!(control_write(abi::CONTROL_CONSOLE_ADDR, &0x20_0000u64.to_le_bytes()), Control::ConsoleAddress(0x20_0000));
+        assert_eq!(control_write(abi::CONTROL_CONSOLE_LEN, &12u64.to_le_bytes()), Control::ConsoleLength(12));
+        assert_eq!(control_write(abi::CONTROL_CONSOLE_LEN, &u64::MAX.to_le_bytes()), Control::ConsoleLength(abi::CONSOLE_LINE_MAX), "a hostile length is cut");
+        assert_eq!(control_write(abi::CONTROL_EXIT, &[3, 0, 0, 0]), Control::Exit(3));
+        assert_eq!(control_write(abi::CONTROL_IDLE, &u64::MAX.to_le_bytes()), Control::Idle(u32::MAX));
+        assert_eq!(control_write(0x20, &[1]), Control::None);
+        const { assert!(abi::CONTROL_ADDR >= MMIO_BASE + abi::MAX_DEVICES as u64 * MMIO_WINDOW, "after every device window") };
     }
 
     #[test]
     fn halts_and_resets_end_a_run_and_unserved_exits_fail_it() {
         assert_eq!(exit_action(&VcpuExit::Hlt), ExitAction::Halted);
         assert_eq!(exit_action(&VcpuExit::Shutdown), ExitAction::Shutdown);
-        assert_eq!(exit_action(&VcpuExit::IoOut(0x3f8, &[b'a'])), ExitAction::Continue);
+        assert_eq!(exit_action(&VcpuExit::IoOut(0x3f8, b"a")), ExitAction::Continue);
         let mut data = [0u8; 1];
         assert_eq!(exit_action(&VcpuExit::IoIn(0x3fd, &mut data)), ExitAction::Continue);
         assert!(matches!(exit_action(&VcpuExit::InternalError), ExitAction::Fail(why) if why.contains("cannot emulate")));

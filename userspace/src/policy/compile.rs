@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnetwork::IpNetwork;
 use sbx_net_common::{action, rule_id, PolicyValue, PortVerdict, Verdict, MAX_PORT_VERDICTS};
 
-use crate::policy::{builtin_deny_rules, Action, Origin, Policy, Rule, Target};
+use crate::policy::{builtin_deny_rules, Action, Mount, Origin, Policy, Rule, Target};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CompileError {
@@ -43,6 +43,10 @@ pub struct CompiledPolicy {
     pub v6: Vec<(Ipv6Addr, u8, PolicyValue)>,
     /// Rule id `i + 1` is `rules[i]`; id 0 is the default.
     pub rules: Vec<Rule>,
+    /// The policy's `[filesystem]` mounts, for the VM that runs the sandbox
+    /// (absent from forms serialized before mounts existed: none).
+    #[serde(default)]
+    pub filesystem: Vec<Mount>,
 }
 
 impl CompiledPolicy {
@@ -152,7 +156,9 @@ pub fn compile_with_denies(policy: &Policy, extra: &[(IpNetwork, &str)]) -> Resu
     for (network, purpose) in extra {
         rules.push(Rule::builtin_deny(*network, purpose));
     }
-    compile_rules(&policy.name, policy.default, rules)
+    let mut compiled = compile_rules(&policy.name, policy.default, rules)?;
+    compiled.filesystem = policy.filesystem.clone();
+    Ok(compiled)
 }
 
 /// Compiles an explicit rule list (domain rules are carried in the table but
@@ -194,6 +200,7 @@ pub fn compile_rules(policy_name: &str, default: Action, rules: Vec<Rule>) -> Re
         v4,
         v6,
         rules,
+        filesystem: Vec::new(),
     })
 }
 

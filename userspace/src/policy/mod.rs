@@ -10,7 +10,7 @@ pub mod store;
 
 use std::net::IpAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Component, Path, PathBuf};
 
 use ipnetwork::IpNetwork;
 use serde::Deserialize;
@@ -143,6 +143,28 @@ pub struct Credential {
     pub line: usize,
 }
 
+/// Whether the guest may write to a mounted image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum MountMode {
+    #[serde(rename = "ro")]
+    ReadOnly,
+    #[serde(rename = "rw")]
+    ReadWrite,
+}
+
+/// `[filesystem] mounts`: a host image the sandbox's VM sees as a disk
+/// mounted at `guest`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mount {
+    pub host: PathBuf,
+    /// Absolute, without `..`, normalised (`/work/` and `/work/.` are `/work`).
+    pub guest: String,
+    pub mode: MountMode,
+}
+
+/// A VM gets one virtio-blk device per mount.
+pub const MAX_MOUNTS: usize = 16;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
@@ -152,6 +174,8 @@ pub struct Policy {
     /// `[network]` allow then deny rules, in file order.
     pub rules: Vec<Rule>,
     pub credentials: Vec<Credential>,
+    /// `[filesystem]` mounts, in file order (none without the section).
+    pub filesystem: Vec<Mount>,
 }
 
 impl Policy {
@@ -274,7 +298,43 @@ impl Policy {
             });
         }
 
-        Ok(Policy { name, source: file.to_string(), default, rules, credentials })
+        let mut filesystem: Vec<Mount> = Vec::new();
+        for (index, mount) in raw.filesystem.iter().flat_map(|f| &f.mounts).enumerate() {
+            let m = mount.get_ref();
+            if index == MAX_MOUNTS {
+                return Err(err(
+                    Some(mount.span()),
+                    format!("at most {MAX_MOUNTS} mounts (a VM gets one virtio-blk device per mount)"),
+                ));
+            }
+            let host = m.host.get_ref();
+            if !Path::new(host).is_absolute() {
+                return Err(err(Some(m.host.span()), format!("mount host path {host:?} must be absolute")));
+            }
+            let guest = m.guest.get_ref();
+            let guest_path = Path::new(guest);
+            if !guest_path.is_absolute() || guest_path.components().any(|c| c == Component::ParentDir) {
+                return Err(err(Some(m.guest.span()), format!("mount guest path {guest:?} must be an absolute path without \"..\"")));
+            }
+            // Components drop repeated slashes, `.` and a trailing slash, so
+            // two spellings of one mount point compare equal.
+            let guest = guest_path.components().collect::<PathBuf>().display().to_string();
+            if filesystem.iter().any(|earlier| earlier.guest == guest) {
+                return Err(err(Some(m.guest.span()), format!("guest path {guest:?} is mounted twice")));
+            }
+            // Read-only unless the policy says otherwise: a mount that forgot
+            // its mode must not let the sandbox change the image (fail closed).
+            let mode = match m.mode.as_ref().map(|mode| (mode.get_ref().as_str(), mode.span())) {
+                None | Some(("ro", _)) => MountMode::ReadOnly,
+                Some(("rw", _)) => MountMode::ReadWrite,
+                Some((other, span)) => {
+                    return Err(err(Some(span), format!("mode must be \"ro\" or \"rw\", not {other:?}")))
+                }
+            };
+            filesystem.push(Mount { host: PathBuf::from(host), guest, mode });
+        }
+
+        Ok(Policy { name, source: file.to_string(), default, rules, credentials, filesystem })
     }
 }
 
@@ -306,6 +366,23 @@ struct RawPolicy {
     network: Option<RawNetwork>,
     #[serde(default)]
     credentials: Vec<Spanned<RawCredential>>,
+    #[serde(default)]
+    filesystem: Option<RawFilesystem>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilesystem {
+    #[serde(default)]
+    mounts: Vec<Spanned<RawMount>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMount {
+    host: Spanned<String>,
+    guest: Spanned<String>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -643,5 +720,75 @@ deny = ["10.0.0.0/8"]
         for ip in ["140.82.112.3", "8.8.8.8", "2606:50c0::1"] {
             assert!(!covers(ip), "{ip}");
         }
+    }
+
+    const MOUNTS: &str = r#"name = "t"
+[filesystem]
+mounts = [
+  { host = "/var/lib/sbx/images/repo.img", guest = "/work", mode = "rw" },
+  { host = "/var/lib/sbx/images/tools.img", guest = "/opt/tools/", mode = "ro" },
+  { host = "/var/lib/sbx/images/data.img", guest = "/data" },
+]
+"#;
+
+    #[test]
+    fn filesystem_mounts_parse_and_default_to_read_only() {
+        let p = parse(MOUNTS).unwrap();
+        let mount = |host: &str, guest: &str, mode| Mount { host: host.into(), guest: guest.into(), mode };
+        assert_eq!(
+            p.filesystem,
+            [
+                mount("/var/lib/sbx/images/repo.img", "/work", MountMode::ReadWrite),
+                mount("/var/lib/sbx/images/tools.img", "/opt/tools", MountMode::ReadOnly),
+                mount("/var/lib/sbx/images/data.img", "/data", MountMode::ReadOnly),
+            ]
+        );
+        assert!(parse("name = \"t\"\n").unwrap().filesystem.is_empty(), "no [filesystem], no mounts");
+        assert!(parse("name = \"t\"\n[filesystem]\n").unwrap().filesystem.is_empty());
+        assert!(Policy::embedded_default().filesystem.is_empty());
+    }
+
+    #[test]
+    fn filesystem_errors_name_the_line() {
+        let mounts = |lines: &[&str]| format!("name = \"t\"\n[filesystem]\nmounts = [\n{}\n]\n", lines.join(",\n"));
+        let ok = r#"  { host = "/i/a.img", guest = "/a" }"#;
+        let cases: Vec<(String, usize, &str)> = vec![
+            (mounts(&[ok, r#"  { host = "images/b.img", guest = "/b" }"#]), 5, "host path \"images/b.img\" must be absolute"),
+            (mounts(&[r#"  { host = "/i/b.img", guest = "b" }"#]), 4, "must be an absolute path without \"..\""),
+            (mounts(&[ok, r#"  { host = "/i/b.img", guest = "/work/../etc" }"#]), 5, "must be an absolute path without \"..\""),
+            (mounts(&[ok, r#"  { host = "/i/b.img", guest = "/a/" }"#]), 5, "guest path \"/a\" is mounted twice"),
+            (mounts(&[ok, r#"  { host = "/i/b.img", guest = "/b", mode = "rwx" }"#]), 5, "mode must be \"ro\" or \"rw\""),
+            (mounts(&[ok, r#"  { host = "/i/b.img", guest = "/b", mdoe = "rw" }"#]), 5, "unknown field `mdoe`"),
+            (mounts(&[r#"  { guest = "/b" }"#]), 4, "missing field `host`"),
+            ("name = \"t\"\n[filesystem]\nmount = []\n".to_string(), 3, "unknown field `mount`"),
+        ];
+        for (text, line, needle) in &cases {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.line, *line, "{text}\n→ {e}");
+            assert!(e.reason.contains(needle), "{text}\n→ {e}");
+            assert!(e.to_string().starts_with(&format!("test.toml:{line}: ")));
+        }
+
+        let entry = |i: usize| format!("  {{ host = \"/i/{i}.img\", guest = \"/m{i}\" }}");
+        let sixteen: Vec<String> = (0..MAX_MOUNTS).map(entry).collect();
+        let refs = |v: &[String]| v.iter().map(String::as_str).collect::<Vec<_>>().join(",\n");
+        let text = |v: &[String]| format!("name = \"t\"\n[filesystem]\nmounts = [\n{}\n]\n", refs(v));
+        assert_eq!(parse(&text(&sixteen)).unwrap().filesystem.len(), 16);
+        let seventeen: Vec<String> = (0..=MAX_MOUNTS).map(entry).collect();
+        let e = parse(&text(&seventeen)).unwrap_err();
+        assert_eq!(e.line, 4 + MAX_MOUNTS, "the 17th mount's line: {e}");
+        assert!(e.reason.contains("at most 16 mounts (a VM gets one virtio-blk device per mount)"), "{e}");
+    }
+
+    #[test]
+    fn compiled_policies_carry_the_mounts_and_older_forms_still_parse() {
+        let compiled = compile::compile(&parse(MOUNTS).unwrap(), &[]).unwrap();
+        assert_eq!(compiled.filesystem, parse(MOUNTS).unwrap().filesystem);
+        let mut json = serde_json::to_value(&compiled).unwrap();
+        assert_eq!(json["filesystem"][0]["mode"], "rw");
+        json.as_object_mut().unwrap().remove("filesystem");
+        let older: compile::CompiledPolicy = serde_json::from_value(json).unwrap();
+        assert!(older.filesystem.is_empty());
+        assert_eq!(older.v4, compiled.v4);
     }
 }

@@ -133,7 +133,7 @@ fn execute<M: GuestMemory>(mem: &M, disk: &BlockDevice, r: &Request) -> (u32, u3
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let reading = r.kind == VIRTIO_BLK_T_IN;
             // Every data buffer must point the way the request goes.
-            if r.data.iter().any(|(_, _, writable)| *writable != reading) || total > MAX_REQUEST_BYTES || total % SECTOR != 0 {
+            if r.data.iter().any(|(_, _, writable)| *writable != reading) || total > MAX_REQUEST_BYTES || !total.is_multiple_of(SECTOR) {
                 return (VIRTIO_BLK_S_IOERR, 0);
             }
             let in_range = r.sector.checked_mul(SECTOR).and_then(|start| start.checked_add(total)).is_some_and(|end| end <= disk.sectors * SECTOR);
@@ -174,6 +174,70 @@ fn execute<M: GuestMemory>(mem: &M, disk: &BlockDevice, r: &Request) -> (u32, u3
             _ => (VIRTIO_BLK_S_IOERR, 0),
         },
         _ => (VIRTIO_BLK_S_UNSUPP, 0),
+    }
+}
+
+/// virtio-blk on an image, in an MMIO window: the transport and, once the
+/// driver activates it, its request queue, served by the device thread.
+pub struct BlockMmio {
+    transport: super::mmio::MmioTransport,
+    disk: BlockDevice,
+    queue: Option<Queue>,
+    pub served: Served,
+}
+
+impl BlockMmio {
+    pub fn new(disk: BlockDevice) -> BlockMmio {
+        BlockMmio { transport: super::mmio::MmioTransport::new(&disk), disk, queue: None, served: Served::default() }
+    }
+}
+
+impl super::MmioDevice for BlockMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.transport.read(offset, data)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>) -> bool {
+        use super::mmio::MmioEvent;
+        match self.transport.write(offset, data) {
+            MmioEvent::Activate => {
+                match super::activate_queues(&self.transport, memory) {
+                    Some(mut q) if q.len() == 1 => self.queue = q.pop(),
+                    _ => self.transport.fail(),
+                }
+                false
+            }
+            MmioEvent::Notify(_) => true,
+            MmioEvent::Reset | MmioEvent::QueueStopped => {
+                self.queue = None;
+                false
+            }
+            MmioEvent::None => false,
+        }
+    }
+
+    fn transport(&self) -> &super::mmio::MmioTransport {
+        &self.transport
+    }
+
+    fn serve(&mut self, _wake: super::Wake, memory: &vm_memory::GuestMemoryMmap<()>) -> super::Outcome {
+        let Some(queue) = self.queue.as_mut() else { return super::Outcome::default() };
+        match process_requests(queue, memory, &self.disk) {
+            Ok(s) => {
+                self.served.ok += s.ok;
+                self.served.failed += s.failed;
+                self.served.dropped += s.dropped;
+                let used = s.ok + s.failed + s.dropped > 0;
+                if used {
+                    self.transport.signal_used();
+                }
+                super::Outcome { used, backend_wanted: false }
+            }
+            Err(_) => {
+                self.transport.fail();
+                super::Outcome::default()
+            }
+        }
     }
 }
 

@@ -43,6 +43,9 @@ pub enum MmioEvent {
     Activate,
     /// The driver wrote 0 to status: the device stops and forgets everything.
     Reset,
+    /// The driver took a queue of the running device back (QueueReady 0):
+    /// the device stops using its queues.
+    QueueStopped,
 }
 
 /// The transport's state for one device.
@@ -179,8 +182,16 @@ impl MmioTransport {
             }
             VIRTIO_MMIO_QUEUE_READY => {
                 let ok = self.configuring();
+                let running = self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0;
                 match self.selected() {
                     Some(q) if ok && q.size != 0 => q.ready = value == 1,
+                    // A driver taking a queue back from a running device
+                    // (virtio-drivers does on drop, and reads it back until
+                    // it is 0): the device stops using its queues.
+                    Some(q) if running && value == 0 => {
+                        q.ready = false;
+                        return MmioEvent::QueueStopped;
+                    }
                     _ => self.fail(),
                 }
             }
@@ -206,11 +217,7 @@ impl MmioTransport {
                     _ => self.fail(),
                 }
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY => {
-                if self.activated() && (value as usize) < self.queues.len() {
-                    return MmioEvent::Notify(value as u16);
-                }
-            }
+            VIRTIO_MMIO_QUEUE_NOTIFY if self.activated() && (value as usize) < self.queues.len() => return MmioEvent::Notify(value as u16),
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !value,
             VIRTIO_MMIO_STATUS => return self.set_status(value),
             _ => {}
@@ -240,31 +247,42 @@ impl MmioTransport {
             self.fail();
             return MmioEvent::None;
         }
-        let in_order = match added {
-            VIRTIO_CONFIG_S_ACKNOWLEDGE => self.status == 0,
-            VIRTIO_CONFIG_S_DRIVER => self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE,
-            VIRTIO_CONFIG_S_FEATURES_OK => self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0,
-            VIRTIO_CONFIG_S_DRIVER_OK => {
-                self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
-                    && self.queues.iter().all(|q| q.ready || q.size == 0)
-                    && self.queues.iter().any(|q| q.ready)
-            }
-            VIRTIO_CONFIG_S_FAILED => true,
-            _ => false,
-        };
-        if !in_order {
-            // FEATURES_OK refused stays unset (the driver reads it back and
-            // gives up, as the spec says); anything else fails the device.
-            if added != VIRTIO_CONFIG_S_FEATURES_OK {
-                self.fail();
-            }
+        // Several bits may arrive in one write (virtio-drivers writes
+        // ACKNOWLEDGE | DRIVER at once): each is taken in order, as if
+        // written alone.
+        const STEPS: [u32; 5] = [VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED];
+        if added & !STEPS.iter().fold(0, |a, b| a | b) != 0 {
+            self.fail();
             return MmioEvent::None;
         }
-        self.status = value;
-        if added == VIRTIO_CONFIG_S_DRIVER_OK {
-            return MmioEvent::Activate;
+        let mut event = MmioEvent::None;
+        for step in STEPS.into_iter().filter(|s| added & s != 0) {
+            let in_order = match step {
+                VIRTIO_CONFIG_S_ACKNOWLEDGE => self.status == 0,
+                VIRTIO_CONFIG_S_DRIVER => self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE,
+                VIRTIO_CONFIG_S_FEATURES_OK => self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0,
+                VIRTIO_CONFIG_S_DRIVER_OK => {
+                    self.status == VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
+                        && self.queues.iter().all(|q| q.ready || q.size == 0)
+                        && self.queues.iter().any(|q| q.ready)
+                }
+                _ => true,
+            };
+            if !in_order {
+                // FEATURES_OK refused stays unset (the driver reads it back
+                // and gives up, as the spec says); anything else fails the
+                // device.
+                if step != VIRTIO_CONFIG_S_FEATURES_OK {
+                    self.fail();
+                }
+                return MmioEvent::None;
+            }
+            self.status |= step;
+            if step == VIRTIO_CONFIG_S_DRIVER_OK {
+                event = MmioEvent::Activate;
+            }
         }
-        MmioEvent::None
+        event
     }
 
     /// Marks a used-buffer notification pending (the monitor then raises

@@ -8,15 +8,42 @@ pub mod blk;
 pub mod mmio;
 pub mod net;
 
-/// A device in an MMIO window, as the vCPU's exits reach it.
+/// Why the device thread calls a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// The driver notified a queue (its ioeventfd).
+    Notify,
+    /// Input waits at the backend (the tap is readable).
+    Backend,
+}
+
+/// What a pass over a device's queues did, for the device thread.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The driver has used buffers to look at: raise the interrupt.
+    pub used: bool,
+    /// The device can take backend input now (it has receive buffers).
+    pub backend_wanted: bool,
+}
+
+/// A device in an MMIO window, as the vCPU's exits and the device thread
+/// reach it.
 pub trait MmioDevice: Send {
     /// A read at `offset` in the window.
     fn read(&mut self, offset: u64, data: &mut [u8]);
-    /// A write at `offset`; the device may act on guest memory (a queue
-    /// notification is served here, on the vCPU thread).
-    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>);
+    /// A write at `offset` (activation and reset are handled here);
+    /// whether it notified a queue, for the device thread to serve.
+    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>) -> bool;
     /// The transport's state (for `status` and tests).
     fn transport(&self) -> &mmio::MmioTransport;
+    /// The backend's fd the device thread watches for input, if any.
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+    /// Serves the queues (device thread).
+    fn serve(&mut self, _wake: Wake, _memory: &vm_memory::GuestMemoryMmap<()>) -> Outcome {
+        Outcome::default()
+    }
 }
 
 /// A transport with no data path: a driver can find and set it up, nothing
@@ -25,8 +52,8 @@ impl MmioDevice for mmio::MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         mmio::MmioTransport::read(self, offset, data)
     }
-    fn write(&mut self, offset: u64, data: &[u8], _memory: &vm_memory::GuestMemoryMmap<()>) {
-        mmio::MmioTransport::write(self, offset, data);
+    fn write(&mut self, offset: u64, data: &[u8], _memory: &vm_memory::GuestMemoryMmap<()>) -> bool {
+        matches!(mmio::MmioTransport::write(self, offset, data), mmio::MmioEvent::Notify(_))
     }
     fn transport(&self) -> &mmio::MmioTransport {
         self

@@ -45,6 +45,8 @@ pub struct Moved {
     /// buffer on tx, a device-readable one on rx, an address outside its
     /// memory), too large, or too small for the frame.
     pub dropped: u64,
+    /// (rx) The pass ended for want of receive buffers, not of frames.
+    pub starved: bool,
 }
 
 /// Sends every frame the guest queued on its transmit queue to the tap;
@@ -87,7 +89,10 @@ pub fn process_tx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl Fr
 pub fn process_rx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl FramePort, buf: &mut [u8]) -> Result<Moved, NetError> {
     let mut moved = Moved::default();
     loop {
-        let Some(chain) = queue.pop_descriptor_chain(mem) else { break };
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            moved.starved = true;
+            break;
+        };
         let head = chain.head_index();
         let buffers: Vec<_> = chain.collect();
         if buffers.iter().any(|d| !d.is_write_only()) {
@@ -172,11 +177,9 @@ impl VirtioDevice for NetDevice {
 }
 
 /// virtio-net on the sandbox's tap, in an MMIO window: the transport, and
-/// once the driver activates it, its queues and the data paths. A queue
-/// notification is served on the vCPU thread: the transmit queue's frames
-/// go to the tap, and frames waiting at the tap go into the receive
-/// queue's buffers (a device thread for frames that arrive between
-/// notifications comes with the event loop).
+/// once the driver activates it, its queues and the data paths, which the
+/// device thread runs: a notification sends the transmit queue's frames to
+/// the tap and fills receive buffers; a readable tap fills receive buffers.
 pub struct NetMmio {
     transport: super::mmio::MmioTransport,
     tap: crate::tap::Tap,
@@ -202,22 +205,11 @@ impl NetMmio {
             received: Moved::default(),
         })
     }
+}
 
-    fn serve<M: GuestMemory>(&mut self, memory: &M) {
-        let Some(queues) = self.queues.as_mut() else { return };
-        let add = |total: &mut Moved, m: Moved| {
-            total.frames += m.frames;
-            total.dropped += m.dropped;
-        };
-        match process_tx(&mut queues[TX], memory, &mut self.tap) {
-            Ok(m) => add(&mut self.transmitted, m),
-            Err(_) => self.transport.fail(),
-        }
-        match process_rx(&mut queues[RX], memory, &mut self.tap, &mut self.rx_buf) {
-            Ok(m) => add(&mut self.received, m),
-            Err(_) => self.transport.fail(),
-        }
-    }
+fn add(total: &mut Moved, m: Moved) {
+    total.frames += m.frames;
+    total.dropped += m.dropped;
 }
 
 impl super::MmioDevice for NetMmio {
@@ -225,7 +217,7 @@ impl super::MmioDevice for NetMmio {
         self.transport.read(offset, data)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>) {
+    fn write(&mut self, offset: u64, data: &[u8], memory: &vm_memory::GuestMemoryMmap<()>) -> bool {
         use super::mmio::MmioEvent;
         match self.transport.write(offset, data) {
             MmioEvent::Activate => {
@@ -235,15 +227,51 @@ impl super::MmioDevice for NetMmio {
                     // Queues outside guest memory, or offloads the tap refuses.
                     _ => self.transport.fail(),
                 }
+                false
             }
-            MmioEvent::Notify(_) => self.serve(memory),
-            MmioEvent::Reset => self.queues = None,
-            MmioEvent::None => {}
+            MmioEvent::Notify(_) => true,
+            MmioEvent::Reset | MmioEvent::QueueStopped => {
+                self.queues = None;
+                false
+            }
+            MmioEvent::None => false,
         }
     }
 
     fn transport(&self) -> &super::mmio::MmioTransport {
         &self.transport
+    }
+
+    fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::{AsFd, AsRawFd};
+        Some(self.tap.as_fd().as_raw_fd())
+    }
+
+    fn serve(&mut self, wake: super::Wake, memory: &vm_memory::GuestMemoryMmap<()>) -> super::Outcome {
+        let Some(queues) = self.queues.as_mut() else { return super::Outcome::default() };
+        let mut used = false;
+        if wake == super::Wake::Notify {
+            match process_tx(&mut queues[TX], memory, &mut self.tap) {
+                Ok(m) => {
+                    used |= m.frames + m.dropped > 0;
+                    add(&mut self.transmitted, m)
+                }
+                Err(_) => self.transport.fail(),
+            }
+        }
+        let mut starved = false;
+        match process_rx(&mut queues[RX], memory, &mut self.tap, &mut self.rx_buf) {
+            Ok(m) => {
+                used |= m.frames + m.dropped > 0;
+                starved = m.starved;
+                add(&mut self.received, m)
+            }
+            Err(_) => self.transport.fail(),
+        }
+        if used {
+            self.transport.signal_used();
+        }
+        super::Outcome { used, backend_wanted: !starved }
     }
 }
 
@@ -340,7 +368,7 @@ mod tests {
         let mut q: Queue = vq.create_queue().unwrap();
         let mut port = Port::default();
         let moved = process_tx(&mut q, &mem, &mut port).unwrap();
-        assert_eq!(moved, Moved { frames: 1, dropped: 2 });
+        assert_eq!(moved, Moved { frames: 1, dropped: 2, ..Moved::default() });
         assert_eq!(port.sent, vec![f]);
         assert_eq!(vq.used().idx().load(), 3, "every chain goes back to the guest");
     }
@@ -357,7 +385,7 @@ mod tests {
         port.waiting.push_back(frame(100, 0x22)); // too large for the 30-byte chain
         let mut buf = vec![0u8; MAX_FRAME];
         let moved = process_rx(&mut q, &mem, &mut port, &mut buf).unwrap();
-        assert_eq!(moved, Moved { frames: 1, dropped: 1 });
+        assert_eq!(moved, Moved { frames: 1, dropped: 1, ..Moved::default() });
         let mut got = vec![0u8; first.len()];
         mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(&got[NET_HDR_LEN..], &first[NET_HDR_LEN..]);
