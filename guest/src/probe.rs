@@ -18,6 +18,7 @@
 //! udpflood 192.0.2.1:9 COUNT SIZE  as fast as the device takes them
 //! tcpsend 192.0.2.1:5001 BYTES     bulk, timed until every byte is acked
 //! sleep 100
+//! serve                            answer ping and echo UDP port 7, until stopped
 //! ```
 
 use alloc::string::{String, ToString};
@@ -313,6 +314,26 @@ impl Probe {
                 return None;
             }
             "disk" => self.disk(&mut words, rest),
+            "serve" => {
+                let Some(net) = self.net.as_mut() else { return Some(failed("serve", "no network device")) };
+                let buffer = || udp::PacketBuffer::new(vec![udp::PacketMetadata::EMPTY; 16], vec![0; 16 * 1024]);
+                let mut echo = udp::Socket::new(buffer(), buffer());
+                let _ = echo.bind(7);
+                let handle = net.sockets.add(echo);
+                io::line(&Json::op("serve").bool("ok", true).num("udp_echo_port", 7).finish());
+                loop {
+                    // smoltcp answers ARP, neighbour solicitations and echo
+                    // requests itself; datagrams to port 7 go back.
+                    net.wait(u64::MAX, |n| {
+                        let s = n.sockets.get_mut::<udp::Socket>(handle);
+                        while let Ok((data, meta)) = s.recv() {
+                            let (data, to) = (data.to_vec(), meta.endpoint);
+                            let _ = s.send_slice(&data, to);
+                        }
+                        None::<()>
+                    });
+                }
+            }
             _ if self.net.is_none() => failed(command, "no network device"),
             "resolve" | "resolve6" => {
                 let name = words.next().unwrap_or("");

@@ -58,6 +58,26 @@ enum Command {
     /// Internal: the frame pump of a netns guest (started by the daemon).
     #[command(name = "__guest-pump", hide = true)]
     GuestPump { spec: String },
+    /// MicroVMs on sandbox taps.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+    /// Internal: the VMM of a sandbox's microVM (started by the daemon).
+    #[command(name = "__vmm", hide = true)]
+    Vmm {
+        #[arg(long)]
+        sandbox: String,
+        #[arg(long)]
+        spec: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCommand {
+    /// Run a microVM on SANDBOX's tap in the foreground (the console on
+    /// stdout): the test guest with a probe script, or a Linux kernel.
+    Run(sbx_net::cli::vm::VmRunArgs),
 }
 
 #[derive(clap::Args)]
@@ -100,6 +120,16 @@ enum SandboxCommand {
         /// Give the sandbox a network-namespace guest (`ip netns exec sbx-NAME …`).
         #[arg(long)]
         netns_guest: bool,
+        /// Run a microVM (the test guest) on the sandbox's tap; its console
+        /// is in `sandbox show`'s `vm.console`.
+        #[arg(long)]
+        vm: bool,
+        /// The probe script the VM's guest runs (default: it serves).
+        #[arg(long, requires = "vm")]
+        probe: Option<PathBuf>,
+        /// Guest memory of the VM, MiB.
+        #[arg(long, requires = "vm")]
+        mem: Option<u32>,
     },
     List {
         #[arg(long)]
@@ -171,6 +201,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Daemon(args) => daemon(args, cli.socket),
         Command::GuestPump { spec } => Ok(sbx_net::sandbox::guest_pump::run_pump(&spec)?),
+        Command::Vmm { sandbox: _, spec } => {
+            let status = sbx_net::sandbox::vm_process::vmm_main(&spec)?;
+            std::process::exit(status)
+        }
+        Command::Vm { command: VmCommand::Run(args) } => {
+            let status = sbx_net::cli::vm::run(&socket, &args)?;
+            std::process::exit(status)
+        }
         Command::Dataplane { state_dir } => dataplane(state_dir),
         Command::Upgrade => {
             let v = call(&socket, &Request::Upgrade, Duration::from_secs(120))?;
@@ -252,8 +290,15 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 
 fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
     match command {
-        SandboxCommand::Create { name, policy, tap, netns_guest } => {
-            let v = request(socket, Request::SandboxCreate { name, policy, tap, netns_guest })?;
+        SandboxCommand::Create { name, policy, tap, netns_guest, vm, probe, mem } => {
+            let vm = match vm {
+                true => Some(sbx_net::control::api::VmCreate {
+                    probe: probe.map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading the probe script {}", p.display()))).transpose()?,
+                    memory_mib: mem,
+                }),
+                false => None,
+            };
+            let v = request(socket, Request::SandboxCreate { name, policy, tap, netns_guest, vm })?;
             println!("{}", serde_json::to_string(&v)?);
             Ok(())
         }

@@ -71,9 +71,14 @@ impl DeviceLoop {
             backends.push(backend);
         }
         let thread_stop = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("sbx-vmm-devices".into())
-            .spawn(move || serve(epoll, slots, backends, memory, news, thread_stop))?;
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("sbx-vmm-devices".into()).spawn(move || {
+            let _ = started_tx.send(());
+            serve(epoll, slots, backends, memory, news, thread_stop)
+        })?;
+        // The thread has run its start-up system calls (rseq, its name, its
+        // signal stack) before a seccomp filter for every thread comes.
+        let _ = started.recv();
         Ok(DeviceLoop { stop, thread: Some(thread) })
     }
 }

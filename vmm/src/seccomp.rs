@@ -14,11 +14,16 @@ pub enum SeccompError {
     Install(#[from] seccompiler::Error),
 }
 
-/// `_IO(KVMIO, 0x80)`: the one ioctl a running vCPU makes.
+/// `_IO(KVMIO, 0x80)`: the ioctl a running vCPU makes.
 pub const KVM_RUN: u64 = 0xae80;
+/// `_IOW('T', 208, unsigned int)`: virtio-net sets the tap's offloads to
+/// what the driver negotiated when the driver starts it.
+pub const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
-/// The system calls a running VM makes (the run loop, its console and
-/// tap I/O, the allocator, the thread machinery); `ioctl` only for KVM_RUN.
+/// The system calls a running VM makes (the vCPU loop and its idle wait,
+/// the device thread's epoll, eventfds, tap and disk I/O, the console, the
+/// signal thread's wait and kick, the allocator, thread exit); `ioctl`
+/// only for KVM_RUN and TUNSETOFFLOAD.
 pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_read, "read"),
     (libc::SYS_write, "write"),
@@ -43,13 +48,26 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_sigaltstack, "sigaltstack"),
     (libc::SYS_exit, "exit"),
     (libc::SYS_exit_group, "exit_group"),
+    (libc::SYS_ppoll, "ppoll"),
+    (libc::SYS_pread64, "pread64"),
+    (libc::SYS_pwrite64, "pwrite64"),
+    (libc::SYS_fdatasync, "fdatasync"),
+    (libc::SYS_fsync, "fsync"),
+    (libc::SYS_rt_sigtimedwait, "rt_sigtimedwait"),
+    (libc::SYS_tgkill, "tgkill"),
+    (libc::SYS_getpid, "getpid"),
+    (libc::SYS_gettid, "gettid"),
 ];
 
 /// The filter as a BPF program (pure: built, not installed).
 pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
-    let kvm_run = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, KVM_RUN)?;
-    rules.insert(libc::SYS_ioctl, vec![SeccompRule::new(vec![kvm_run])?]);
+    let ioctl = |request: u64| -> Result<SeccompRule, SeccompError> { Ok(SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)?])?) };
+    rules.insert(libc::SYS_ioctl, vec![ioctl(KVM_RUN)?, ioctl(TUNSETOFFLOAD)?]);
+    // std checks that a descriptor it closes is open (F_GETFD, a read of
+    // the descriptor's flags); nothing else of fcntl.
+    let getfd = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::F_GETFD as u64)?;
+    rules.insert(libc::SYS_fcntl, vec![SeccompRule::new(vec![getfd])?]);
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }
@@ -59,6 +77,14 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
 pub fn install_on_this_thread() -> Result<(), SeccompError> {
     let program = vmm_filter()?;
     seccompiler::apply_filter(&program)?;
+    Ok(())
+}
+
+/// Installs the filter on every thread of this process (the VMM process:
+/// the vCPU, device and signal threads all exist by then).
+pub fn install_on_all_threads() -> Result<(), SeccompError> {
+    let program = vmm_filter()?;
+    seccompiler::apply_filter_all_threads(&program)?;
     Ok(())
 }
 

@@ -532,6 +532,16 @@ impl MicroVm {
         Ok(())
     }
 
+    /// Starts the vCPU at a Linux kernel's 64-bit entry: long mode on the
+    /// boot tables, `rsi` at the zero page (the 64-bit boot protocol).
+    pub fn start_linux(&mut self, entry: u64, stack: u64, boot_params: u64) -> Result<(), VmError> {
+        self.start_long_mode(entry, stack)?;
+        let mut regs = self.vcpu.get_regs()?;
+        regs.rsi = boot_params;
+        self.vcpu.set_regs(&regs)?;
+        Ok(())
+    }
+
     /// Runs the vCPU until the guest halts, shuts down or exits, serving
     /// port I/O and device registers, for at most `max_exits` exits.
     pub fn run(&mut self, max_exits: u64) -> Result<RunEnd, VmError> {

@@ -143,6 +143,7 @@ fn bootstrap() -> Result<()> {
     }
     apt_packages()?;
     nightly_rust_src()?;
+    guest_target()?;
     bpf_linker()?;
     bpffs()?;
     tools_on_path()?;
@@ -272,6 +273,18 @@ fn nightly_rust_src() -> Result<()> {
     step("adding rust-src to nightly (needed by -Z build-std=core)");
     run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
         .context("`rustup component add rust-src --toolchain nightly` failed")
+}
+
+/// The microVM's test guest (guest/) builds for x86_64-unknown-none with
+/// the toolchain this build runs on (sbx-vmm's build script builds it).
+fn guest_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"])).unwrap_or_default();
+    if installed.lines().any(|l| l.trim() == "x86_64-unknown-none") {
+        step("x86_64-unknown-none target present");
+        return Ok(());
+    }
+    step("adding the x86_64-unknown-none target (the microVM's test guest)");
+    run(Command::new("rustup").args(["target", "add", "x86_64-unknown-none"])).context("`rustup target add x86_64-unknown-none` failed")
 }
 
 /// The LLVM major version of the nightly rustc (bpf-linker must match it).

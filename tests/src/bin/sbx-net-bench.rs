@@ -671,7 +671,7 @@ fn lifecycle() -> Result<()> {
     let started = Instant::now();
     for (i, name) in names.iter().enumerate() {
         let t = Instant::now();
-        call(&h.socket, &Request::SandboxCreate { name: name.clone(), policy: "default".into(), tap: None, netns_guest: false }, timeout)
+        call(&h.socket, &Request::SandboxCreate { name: name.clone(), policy: "default".into(), tap: None, netns_guest: false, vm: None }, timeout)
             .with_context(|| format!("creating {name}"))?;
         creates.push(ms(t.elapsed()));
         if (i + 1) % (LIFECYCLE_SANDBOXES / 4) == 0 {
@@ -693,7 +693,7 @@ fn lifecycle() -> Result<()> {
     for name in &paced_names {
         let next = Instant::now() + PACE;
         let t = Instant::now();
-        call(&h.socket, &Request::SandboxCreate { name: name.clone(), policy: "default".into(), tap: None, netns_guest: false }, timeout)
+        call(&h.socket, &Request::SandboxCreate { name: name.clone(), policy: "default".into(), tap: None, netns_guest: false, vm: None }, timeout)
             .with_context(|| format!("creating {name}"))?;
         paced.push(ms(t.elapsed()));
         // Pacing: one create every PACE.

@@ -12,7 +12,15 @@ use serde_json::Value;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    SandboxCreate { name: String, policy: String, tap: Option<String>, netns_guest: bool },
+    SandboxCreate {
+        name: String,
+        policy: String,
+        tap: Option<String>,
+        netns_guest: bool,
+        /// Run a microVM on the sandbox's tap (`--vm`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        vm: Option<VmCreate>,
+    },
     SandboxList,
     SandboxShow { name: String },
     SandboxDelete { name: String },
@@ -28,6 +36,24 @@ pub enum Request {
     /// Hand the listeners to a new data plane (the daemon's executable)
     /// and let the old one drain.
     Upgrade,
+}
+
+/// The microVM `sandbox create --vm` starts: the test guest with this
+/// probe script (the CLI sends the file's text; none: it serves).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmCreate {
+    pub probe: Option<String>,
+    pub memory_mib: Option<u32>,
+}
+
+/// A sandbox's microVM, as `sandbox show` reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub pid: u32,
+    /// "running" or "exited".
+    pub state: String,
+    /// The guest's console (JSON lines of the test guest) and the VMM's log.
+    pub console: String,
 }
 
 /// The answer to a request: `{"ok": VALUE}` or `{"error": MESSAGE,
@@ -191,6 +217,12 @@ pub struct SandboxInfo {
     /// proxy terminates TLS).
     pub ca_cert: String,
     pub created_unix: u64,
+    /// The policy's `[filesystem]` mounts: one virtio-blk each in its VM.
+    #[serde(default)]
+    pub mounts: Vec<crate::policy::Mount>,
+    /// The microVM the daemon runs on the tap (`--vm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -266,7 +298,7 @@ mod tests {
 
     #[test]
     fn wire_format_is_stable() {
-        let r = Request::SandboxCreate { name: "a".into(), policy: "default".into(), tap: None, netns_guest: true };
+        let r = Request::SandboxCreate { name: "a".into(), policy: "default".into(), tap: None, netns_guest: true, vm: None };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"op":"sandbox_create","name":"a","policy":"default","tap":null,"netns_guest":true}"#

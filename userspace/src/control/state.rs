@@ -72,6 +72,9 @@ pub struct SandboxRecord {
     pub netns_guest: bool,
     /// The frame pump process of a netns guest.
     pub pump_pid: Option<u32>,
+    /// The VMM process of the sandbox's microVM (`--vm`).
+    #[serde(default)]
+    pub vm_pid: Option<u32>,
     /// Trie key prefix of the entries in force.
     pub policy_id: u32,
     /// Key into `State::policy_texts` of the policy text in force.
@@ -233,6 +236,7 @@ mod tests {
             adopted_tap: false,
             netns_guest: false,
             pump_pid: None,
+            vm_pid: None,
             policy_id: id,
             policy_hash: hash.into(),
             policy_generation: 1,

@@ -79,6 +79,11 @@ impl HostSettings {
         self.links_dir.join(sandbox)
     }
 
+    /// The log of a sandbox's microVM: its console and the VMM's messages.
+    pub fn vm_log(&self, sandbox: &str) -> PathBuf {
+        self.log_dir.join(format!("vm-{sandbox}.log"))
+    }
+
     /// The log of a sandbox's guest pump.
     pub fn pump_log(&self, sandbox: &str) -> PathBuf {
         self.log_dir.join(format!("guest-{sandbox}.log"))

@@ -9,6 +9,7 @@ pub mod host;
 pub mod install;
 pub mod route;
 pub mod tap_pool;
+pub mod vm_process;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -27,6 +27,12 @@ pub fn cleanup(config: &DaemonConfig) -> Result<Vec<String>, DaemonError> {
     let nft = Nftables::new();
     let mut left = Vec::new();
     for record in state.sandboxes.values() {
+        if let Some(pid) = record.vm_pid {
+            match crate::sandbox::vm_process::stop_vm(pid, &record.name) {
+                Ok(()) => done.push(format!("sandbox {}: VMM", record.name)),
+                Err(e) => left.push(e.to_string()),
+            }
+        }
         let mut spec = SandboxSpec::new(record.id, &record.name, &config.pools())?;
         spec.tap = record.tap.clone();
         let sandbox_left = remove_from_host(&netlink, &nft, &config.link_pin(&record.name), &spec, record.pump_pid, record.adopted_tap);

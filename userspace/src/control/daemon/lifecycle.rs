@@ -8,13 +8,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::control::api::SandboxInfo;
+use crate::control::api::{SandboxInfo, VmCreate};
 use crate::control::state::{text_hash, PolicyText, SandboxRecord};
 use crate::credentials::ca::SandboxCa;
 use crate::policy::store::PolicyEntry;
 use crate::sandbox::guest_pump::stop_pump;
 use crate::sandbox::install::{remove_from_host, InstallRequest, InstalledSandbox, TapSource};
 use crate::sandbox::tap_pool::reap_pin_name;
+use crate::sandbox::vm_process::{spawn_vm, stop_vm, VmBoot, VmDisk, VmSpec, SERVE_SCRIPT};
 use crate::sandbox::{ifindex_of, SandboxSpec};
 
 use super::reaper::{purge_flows, ReapJob};
@@ -27,11 +28,15 @@ struct CreateRequest<'a> {
     /// The external VMM's tap to adopt.
     tap: Option<&'a str>,
     netns_guest: bool,
+    vm: Option<VmCreate>,
 }
 
+/// The test guest's memory when `--vm` does not say.
+const DEFAULT_VM_MEMORY_MIB: u32 = 64;
+
 impl Daemon {
-    pub(super) fn create(&mut self, name: &str, policy: &str, tap: Option<&str>, netns_guest: bool) -> Result<SandboxInfo, DaemonError> {
-        let request = CreateRequest { name, policy, tap, netns_guest };
+    pub(super) fn create(&mut self, name: &str, policy: &str, tap: Option<&str>, netns_guest: bool, vm: Option<VmCreate>) -> Result<SandboxInfo, DaemonError> {
+        let request = CreateRequest { name, policy, tap, netns_guest, vm };
         let entry = self.check_create(&request)?;
         let (id, source) = self.claim_id(&request)?;
         let installed = self.install(id, source, &request, &entry).inspect_err(|_| self.pool.release(id))?;
@@ -40,8 +45,54 @@ impl Daemon {
         let record = self.record_created(&request, &entry, &installed)?;
         tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: state saved after kernel work");
         self.publish_route(name, &installed.spec);
+        let record = match &request.vm {
+            Some(vm) => self.start_vm(record, &installed, vm)?,
+            None => record,
+        };
         tracing::info!(sandbox = %name, tap = %installed.spec.tap, policy = %policy, "sandbox created");
         self.info(&record)
+    }
+
+    /// Starts the sandbox's microVM on its tap (the policy's mounts as its
+    /// disks); a VM that does not come up takes the sandbox with it.
+    fn start_vm(&mut self, mut record: SandboxRecord, installed: &InstalledSandbox, vm: &VmCreate) -> Result<SandboxRecord, DaemonError> {
+        let spec = &installed.spec;
+        let vm_spec = VmSpec {
+            sandbox: record.name.clone(),
+            tap: spec.tap.clone(),
+            mac: spec.guest_mac,
+            ipv4: spec.guest_ipv4,
+            ipv4_prefix_len: crate::sandbox::SANDBOX_IPV4_PREFIX_LEN,
+            gateway_ipv4: spec.gateway_ipv4,
+            ipv6: spec.guest_ipv6,
+            ipv6_prefix_len: crate::sandbox::SANDBOX_IPV6_PREFIX_LEN,
+            gateway_ipv6: spec.gateway_ipv6,
+            dns: spec.gateway_ipv4.into(),
+            memory_mib: vm.memory_mib.unwrap_or(DEFAULT_VM_MEMORY_MIB),
+            vcpus: 1,
+            disks: installed.policy.filesystem.iter().map(|m| VmDisk { path: m.host.clone(), read_only: m.mode == crate::policy::MountMode::ReadOnly }).collect(),
+            boot: VmBoot::Probe { script: vm.probe.clone().unwrap_or_else(|| SERVE_SCRIPT.to_string()) },
+            console: Some(self.host.settings.vm_log(&record.name)),
+        };
+        let started = vm_spec.check().map_err(DaemonError::from).and_then(|()| {
+            let log = self.host.settings.vm_log(&record.name);
+            Ok(spawn_vm(&self.host.settings.pump_exe, &vm_spec, &self.config.state_dir.join(format!("vm-{}.json", record.name)), &log)?)
+        });
+        match started {
+            Ok(pid) => {
+                record.vm_pid = Some(pid);
+                self.state.sandboxes.insert(record.name.clone(), record.clone());
+                self.state.save(&self.config.state_dir)?;
+                tracing::info!(sandbox = %record.name, pid, "microVM running");
+                Ok(record)
+            }
+            Err(e) => {
+                if let Err(undo) = self.delete(&record.name) {
+                    tracing::error!(sandbox = %record.name, "undoing a sandbox whose VM did not start: {undo}");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Refuses what cannot be created; returns the policy to enforce.
@@ -51,6 +102,9 @@ impl Daemon {
         }
         if request.tap.is_some() && request.netns_guest {
             return Err(DaemonError::TapWithNetnsGuest);
+        }
+        if request.vm.is_some() && (request.tap.is_some() || request.netns_guest) {
+            return Err(DaemonError::VmWithOtherGuest);
         }
         let entry = self.policies.set.get(request.policy).cloned().ok_or_else(|| DaemonError::NoSuchPolicy {
             name: request.policy.to_string(),
@@ -116,6 +170,7 @@ impl Daemon {
             adopted_tap: installed.adopted_tap,
             netns_guest: request.netns_guest,
             pump_pid: installed.pump_pid,
+            vm_pid: None,
             policy_id: installed.policy_id,
             policy_hash: hash,
             policy_generation: self.state.policy_generation,
@@ -130,6 +185,14 @@ impl Daemon {
     pub(super) fn delete(&mut self, name: &str) -> Result<(), DaemonError> {
         let record = self.state.sandboxes.get(name).cloned().ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))?;
         let spec = self.spec(&record)?;
+        // The VM first: it lets go of the tap, then the tap goes.
+        let mut vm_left = Vec::new();
+        if let Some(pid) = record.vm_pid {
+            if let Err(e) = stop_vm(pid, name) {
+                vm_left.push(e.to_string());
+            }
+            let _ = std::fs::remove_file(self.config.state_dir.join(format!("vm-{name}.json")));
+        }
         // Clear the tap's datapath slot while its ifindex still names it:
         // from here on the classifier drops the tap's frames.
         let ifindex = ifindex_of(&record.tap);
@@ -139,7 +202,8 @@ impl Daemon {
                 None => self.host.datapath.remove_policy(record.policy_id, &policy),
             }
         }
-        let left = match (record.adopted_tap, ifindex) {
+        let mut left = vm_left;
+        left.extend(match (record.adopted_tap, ifindex) {
             (false, Some(ifindex)) => self.hand_to_reaper(&record, &spec, ifindex)?,
             _ => {
                 let left = remove_from_host(&self.host.netlink, &self.host.nft, &self.host.settings.link_pin(name), &spec, record.pump_pid, record.adopted_tap);
@@ -147,7 +211,7 @@ impl Daemon {
                 self.pool.release(record.id);
                 left
             }
-        };
+        });
         // The data plane forgets its learned addresses and flow series too.
         self.unpublish_routes(&spec);
         self.in_force.cas.remove(name);

@@ -60,6 +60,10 @@ pub enum DaemonError {
     TapTaken(String),
     #[error("--tap and --netns-guest exclude each other: an adopted tap's guest is the VMM's")]
     TapWithNetnsGuest,
+    #[error("--vm excludes --tap and --netns-guest: the sandbox's one guest is its microVM, on a tap the daemon makes")]
+    VmWithOtherGuest,
+    #[error(transparent)]
+    Vm(#[from] crate::sandbox::vm_process::VmProcessError),
     #[error(transparent)]
     BadTapName(sbx_vmm::tap::TapError),
     #[error("the address pools are full")]
@@ -121,6 +125,7 @@ impl DaemonError {
             | DaemonError::PolicyInUse { .. }
             | DaemonError::Sandbox(SandboxError::PoolExhausted { .. }) => ErrorKind::Conflict,
             DaemonError::TapWithNetnsGuest
+            | DaemonError::VmWithOtherGuest
             | DaemonError::BadTapName(_)
             | DaemonError::BadDestination(_)
             | DaemonError::StreamRequest
@@ -324,7 +329,7 @@ impl Daemon {
 
     fn answer(&mut self, request: Request) -> Result<serde_json::Value, DaemonError> {
         match request {
-            Request::SandboxCreate { name, policy, tap, netns_guest } => self.create(&name, &policy, tap.as_deref(), netns_guest).map(|info| json!(info)),
+            Request::SandboxCreate { name, policy, tap, netns_guest, vm } => self.create(&name, &policy, tap.as_deref(), netns_guest, vm).map(|info| json!(info)),
             Request::SandboxList => Ok(json!(self.state.sandboxes.values().filter_map(|r| self.info(r).ok()).collect::<Vec<_>>())),
             Request::SandboxShow { name } => match self.state.sandboxes.get(&name) {
                 Some(r) => self.info(r).map(|i| json!(i)),

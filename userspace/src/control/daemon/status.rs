@@ -34,6 +34,12 @@ impl Daemon {
             dns: spec.gateway_ipv4.to_string(),
             ca_cert: if ca_cert.exists() { ca_cert.display().to_string() } else { String::new() },
             created_unix: record.created_unix,
+            mounts: self.in_force.policies.get(&record.name).map(|p| p.filesystem.clone()).unwrap_or_default(),
+            vm: record.vm_pid.map(|pid| crate::control::api::VmInfo {
+                pid,
+                state: if crate::sandbox::vm_process::vm_alive(pid, &record.name) { "running" } else { "exited" }.to_string(),
+                console: self.host.settings.vm_log(&record.name).display().to_string(),
+            }),
         })
     }
 
