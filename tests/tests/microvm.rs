@@ -226,3 +226,75 @@ fn a_vm_on_a_sandbox_tap_meets_the_policy_over_its_own_stack() {
     assert!(records.iter().any(|r| r.verdict == Verdict::Denied && r.dns.as_ref().is_some_and(|d| d.query == "denied.test" && d.rcode == "NXDOMAIN")), "{records:#?}");
     w.h.cli_ok(&["sandbox", "delete", &name]);
 }
+
+/// A field of /proc/PID/status.
+fn proc_status(pid: u64, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_string())).unwrap_or_default()
+}
+
+/// `sandbox create --vm`: the daemon runs the VM in its own hardened
+/// process; another sandbox's VM cannot reach it; a daemon killed with
+/// SIGKILL leaves the VM enforced; `sandbox delete` stops it.
+#[test]
+fn daemon_run_vms_are_hardened_isolated_and_outlive_a_killed_daemon() {
+    if !kvm() {
+        return;
+    }
+    let mut w = World::start("mvd");
+    // A serves: answers ping and echoes UDP port 7 until it is stopped.
+    let a = unique_name("a");
+    let a_info = w.h.json(&["sandbox", "create", &a, "--policy", "vm", "--vm"]);
+    let a_ip = a_info["guest_ipv4"].as_str().unwrap().to_string();
+    let vm = &a_info["vm"];
+    assert_eq!(vm["state"], "running", "{a_info}");
+    let pid = vm["pid"].as_u64().unwrap();
+    let console = PathBuf::from(vm["console"].as_str().unwrap());
+    wait_for(Duration::from_secs(20), "A's guest serving", || std::fs::read_to_string(&console).ok().filter(|c| c.contains(r#""op":"serve","ok":true"#)));
+    // The VMM holds no capability, may not gain any, and runs under the filter.
+    assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
+    assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
+    assert_eq!(proc_status(pid, "Seccomp:"), "2", "filter mode");
+
+    // B, in another sandbox with the same policy: the world yes, A no.
+    let b = unique_name("b");
+    w.h.json(&["sandbox", "create", &b, "--policy", "vm"]);
+    let script = format!("timeout 3000\nping {ALLOWED}\ntimeout 1500\nping {a_ip}\nudp {a_ip}:7 hello-a\n");
+    let (r, out) = w.vm_run(&b, &script, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(nth(&r, "ping", 0)["ok"], true, "{r:#?}");
+    assert_eq!(nth(&r, "ping", 1)["ok"], false, "B reached A: {r:#?}");
+    assert_eq!(nth(&r, "udp", 0)["ok"], false, "B reached A's echo: {r:#?}");
+    let records = wait_for(Duration::from_secs(10), "B's drops toward A", || {
+        let records = w.records(&b);
+        records.iter().any(|r| r.dst_ip == Some(ip(&a_ip)) && r.verdict == Verdict::Denied).then_some(records)
+    });
+    assert!(records.iter().any(|r| r.dst_ip == Some(ip(&a_ip)) && r.rule.as_deref().is_some_and(|rule| rule.contains("(sandbox pool)"))), "{records:#?}");
+
+    // C runs its probe after the daemon is gone (SIGKILL).
+    let c = unique_name("c");
+    let probe = w.dir.join("late.probe");
+    std::fs::write(&probe, format!("sleep 3000\ntimeout 3000\nping {ALLOWED}\ntimeout 1500\nping {UNLISTED}\ntcp {NESTED_DENY}:{PORT} x\n")).unwrap();
+    let c_info = w.h.json(&["sandbox", "create", &c, "--policy", "vm", "--vm", "--probe", probe.to_str().unwrap()]);
+    let c_console = PathBuf::from(c_info["vm"]["console"].as_str().unwrap());
+    w.h.kill_daemon(libc::SIGKILL);
+    let text = wait_for(Duration::from_secs(30), "C's probe done with the daemon dead", || std::fs::read_to_string(&c_console).ok().filter(|c| c.contains(r#""event":"done""#)));
+    let r = results(&text);
+    assert_eq!(nth(&r, "ping", 0)["ok"], true, "{text}");
+    assert_eq!(nth(&r, "ping", 1)["ok"], false, "{text}");
+    assert_eq!(nth(&r, "tcp", 0)["connected"], false, "{text}");
+    assert!(proc_status(pid, "State:").starts_with('S') || proc_status(pid, "State:").starts_with('R'), "A's VM outlived the daemon");
+
+    // A restarted daemon reports both VMs; deleting A stops its VMM with SIGTERM.
+    w.h.start_daemon();
+    let shown = w.h.json(&["sandbox", "show", &a]);
+    assert_eq!(shown["vm"]["state"], "running", "{shown}");
+    assert_eq!(w.h.json(&["sandbox", "show", &c])["vm"]["state"], "exited");
+    w.h.cli_ok(&["sandbox", "delete", &a]);
+    assert!(proc_status(pid, "State:").is_empty() || proc_status(pid, "State:").starts_with('Z'), "A's VMM is gone");
+    let a_log = std::fs::read_to_string(&console).unwrap();
+    assert!(a_log.contains("stopped (SIGTERM)"), "{a_log}");
+    for s in [&b, &c] {
+        w.h.cli_ok(&["sandbox", "delete", s]);
+    }
+}

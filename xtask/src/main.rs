@@ -406,7 +406,7 @@ fn leftover_pins() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// Guest pump and data plane processes of test daemons.
+/// Guest pump, data plane and VMM processes of test daemons.
 fn leftover_pumps() -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok())
@@ -415,7 +415,7 @@ fn leftover_pumps() -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
                     let c = String::from_utf8_lossy(&c);
-                    (c.contains("__guest-pump") || c.contains("dataplane")) && c.contains("sbxt")
+                    (c.contains("__guest-pump") || c.contains("dataplane") || c.contains("__vmm")) && c.contains("sbxt")
                 })
                 .unwrap_or(false)
         })
