@@ -53,7 +53,8 @@ fn main() -> Result<()> {
         "dns" => return dns_bench(),
         "proxy" => return proxy_bench(),
         "upgrade" => return upgrade_bench(),
-        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns, proxy, upgrade)"),
+        "vmm" => return vmm_bench(),
+        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns, proxy, upgrade, vmm)"),
     }
     println!("## Datapath (`cargo xtask bench datapath`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
@@ -1404,4 +1405,208 @@ fn upgrade_load(server: SocketAddr, name: &str, ca: &std::path::Path, resolver: 
         };
         tokio::join!(https, dns)
     })
+}
+
+/// Frames the host received on `tap` (what its VM sent), read in the
+/// host namespace.
+fn tap_rx_packets(host: &NetNs, tap: &str) -> Result<u64> {
+    let dev = host.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))??;
+    let prefix = format!("{tap}:");
+    for line in dev.lines() {
+        if let Some(rest) = line.trim_start().strip_prefix(prefix.as_str()) {
+            let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            return fields.get(1).copied().context("rx_packets field");
+        }
+    }
+    bail!("no {tap} in /proc/net/dev")
+}
+
+/// One run of the test guest on `tap` with `probe`: its result lines, and
+/// the time from the monitor's start (VM creation) to the first frame the
+/// host saw on the tap.
+fn vm_probe_run(host: &NetNs, tap: &str, mac: [u8; 6], net: &sbx_vmm::probe::ProbeNetwork, probe: &str, limit: Duration) -> Result<(Vec<serde_json::Value>, Duration)> {
+    use sbx_vmm::vm::MicroVm;
+    let before = tap_rx_packets(host, tap)?;
+    let started = Instant::now();
+    let memory = 64 << 20;
+    let mut vm = MicroVm::new(memory)?;
+    let tap_fd = sbx_vmm::Tap::open(tap)?;
+    vm.add_device(Box::new(sbx_vmm::virtio::net::NetMmio::new(mac, tap_fd)?))?;
+    sbx_vmm::probe::boot(&mut vm, memory, &sbx_vmm::probe::script(net, probe)?)?;
+    let kicker = vm.kicker();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let host_name = host.name().to_string();
+    let tap_name = tap.to_string();
+    let watcher = std::thread::spawn(move || -> Option<Duration> {
+        // The first frame, watched from another thread while the vCPU runs.
+        let host = NetNs::open(&host_name).ok()?;
+        let mut first = None;
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if first.is_none() && tap_rx_packets(&host, &tap_name).ok()? > before {
+                first = Some(started.elapsed());
+            }
+            if done_rx.try_recv().is_ok() {
+                return first;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        kicker.stop(Duration::from_secs(5));
+        first
+    });
+    let end = vm.run(u64::MAX);
+    let _ = done_tx.send(());
+    let first = watcher.join().map_err(|_| anyhow::anyhow!("watcher panicked"))?;
+    let console = String::from_utf8_lossy(&vm.console()).into_owned();
+    let end = end?;
+    if end != sbx_vmm::vm::RunEnd::Exited(0) {
+        bail!("the guest ended with {end:?}: {console}");
+    }
+    let results = console.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    Ok((results, first.context("no frame on the tap")?))
+}
+
+fn op_result<'a>(results: &'a [serde_json::Value], op: &str) -> Result<&'a serde_json::Value> {
+    results.iter().find(|r| r["op"] == op).with_context(|| format!("no {op} result in {results:?}"))
+}
+
+/// `cargo xtask bench vmm`: the microVM monitor on a sandbox tap installed
+/// as the daemon installs it (classifier, flow table, nftables): start to
+/// first frame; small-UDP packets/s from the guest through virtio-net and
+/// the tap, with and without the classifier, beside the netns frame pump;
+/// TCP bulk from the guest's smoltcp (ring 3) to the world.
+fn vmm_bench() -> Result<()> {
+    use sbx_net::sandbox::install::{HostSettings, InstallRequest, SandboxHost, TapSource};
+    use std::io::Read;
+    if !std::path::Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is absent: the microVM benchmark needs KVM");
+    }
+    const STARTS: usize = 20;
+    const UDP_COUNT: u64 = 100_000;
+    const TCP_BYTES: u64 = 64 << 20;
+
+    let topology = Topology::new("benchvmm");
+    topology.enter_host();
+    let sink = Ipv4Addr::new(198, 51, 100, 5);
+    topology.add_world_address(sink.into());
+    let udp_dst = SocketAddr::new(sink.into(), 9);
+    let _udp_sink = topology.world.run(move || UdpSocket::bind(udp_dst))??;
+    // A TCP sink that reads and drops, one connection at a time, until stopped.
+    let tcp_dst = SocketAddr::new(sink.into(), 5001);
+    let listener = topology.world.run(move || std::net::TcpListener::bind(tcp_dst))??;
+    listener.set_nonblocking(true)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_sink = stop.clone();
+    let tcp_sink = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 20];
+        while !stop_sink.load(std::sync::atomic::Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                    while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+
+    let name = unique_name("v");
+    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
+    let logs = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&logs)?;
+    let config = sbx_net::control::config::DaemonConfig { uplink: Some("uplink".into()), ..Default::default() };
+    let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_tests::daemon::sbx_net_bin(), log_dir: logs.clone() };
+    let mut host = SandboxHost::new(Datapath::load(&DatapathOptions::default())?, settings)?;
+    host.install_table(&[])?;
+    let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
+    let spec = SandboxSpec::new(1, &name, &config.pools())?;
+    let installed = match host.install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest: false }) {
+        Ok(sandbox) => sandbox,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&pins);
+            let _ = std::fs::remove_dir_all(&logs);
+            return Err(e.into());
+        }
+    };
+    let mut bench = BenchSandbox { host, sandbox: installed, pins, logs };
+    let (spec, pin) = (bench.sandbox.spec.clone(), bench.host.settings.link_pin(&bench.sandbox.spec.name));
+    let net = sbx_vmm::probe::ProbeNetwork {
+        ipv4: Some((spec.guest_ipv4, sbx_net::sandbox::SANDBOX_IPV4_PREFIX_LEN, spec.gateway_ipv4)),
+        ipv6: None,
+        dns: vec![],
+    };
+    let host_ns = &topology.host;
+    let run = |probe: &str| vm_probe_run(host_ns, &spec.tap, spec.guest_mac, &net, probe, Duration::from_secs(120));
+
+    // Start to first frame (the guest's first ARP request), as installed.
+    run(&format!("ping {sink}\n"))?;
+    let mut starts = Vec::new();
+    for _ in 0..STARTS {
+        starts.push(run(&format!("ping {sink}\n"))?.1.as_secs_f64() * 1000.0);
+    }
+    starts.sort_by(f64::total_cmp);
+
+    // Packets/s and bulk, alternating with and without the classifier.
+    let udp = format!("timeout 60000\nping {sink}\nudpflood {udp_dst} {UDP_COUNT} 18\n");
+    let tcp = format!("timeout 60000\ntcpsend {tcp_dst} {TCP_BYTES}\n");
+    let (mut udp_with, mut udp_without, mut tcp_with, mut tcp_without) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut out_of_uplink = Vec::new();
+    let datapath = &mut bench.host.datapath;
+    for round in 0..RUNS {
+        for attached in [round % 2 == 0, round % 2 != 0] {
+            if attached {
+                reattach(datapath, &spec.tap, &pin)?;
+            } else {
+                Datapath::unpin_link(&pin)?;
+            }
+            let before = uplink_tx_packets(host_ns)?;
+            let (r, _) = run(&udp)?;
+            let flood = op_result(&r, "udpflood")?;
+            let pps = flood["sent"].as_f64().unwrap_or(0.0) / (flood["micros"].as_f64().unwrap_or(1.0) / 1e6);
+            out_of_uplink.push((uplink_tx_packets(host_ns)? - before) as f64 / UDP_COUNT as f64);
+            let (r, _) = run(&tcp)?;
+            let bulk = op_result(&r, "tcpsend")?;
+            if bulk["ok"] != true {
+                bail!("tcpsend failed: {bulk}");
+            }
+            let mbit = bulk["sent"].as_f64().unwrap_or(0.0) * 8.0 / bulk["micros"].as_f64().unwrap_or(1.0);
+            if attached {
+                udp_with.push(pps);
+                tcp_with.push(mbit);
+            } else {
+                udp_without.push(pps);
+                tcp_without.push(mbit);
+            }
+        }
+    }
+    reattach(datapath, &spec.tap, &pin)?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tcp_sink.join();
+    drop(bench);
+
+    println!("## MicroVM (`cargo xtask bench vmm`)\n");
+    println!("Machine: {} cores, kernel {}; KVM through kvm_pvm: the test guest's ring 0 is emulated, its ring 3 (smoltcp, the virtio driver) native.\n", num_cpus(), kernel());
+    println!("The VM runs on a sandbox tap installed as the daemon installs it (TCX classifier with the flow table, nftables table and element); virtio-net is served in userspace by the device thread (ioeventfd in, tap writes out).\n");
+    println!("### Monitor start to the first frame on the tap ({STARTS} starts)\n");
+    println!("From `MicroVm::new` (KVM VM, memory, vCPU) through loading the guest, its ring-0 set-up, the virtio-net driver's start, to the guest's first ARP request counted on the tap.\n");
+    println!("| median | p90 | max | target |");
+    println!("|---:|---:|---:|---|");
+    println!("| {:.1} ms | {:.1} ms | {:.1} ms | ≤ 20 ms |\n", starts[STARTS / 2], starts[STARTS * 9 / 10], starts[STARTS - 1]);
+    let (uw, uwo) = (median(udp_with.clone()), median(udp_without.clone()));
+    println!("### Small UDP from the guest through virtio-net and the tap (packets/s as the guest sent them, {UDP_COUNT} per run, median of {RUNS}, alternating)\n");
+    println!("| configuration | packets/s | runs |");
+    println!("|---|---:|---|");
+    println!("| no program on the tap | {uwo:.0} | {} |", fmt_runs(&udp_without));
+    println!("| sbx_egress + flow table (as the daemon runs it) | {uw:.0} | {} |", fmt_runs(&udp_with));
+    println!("\nWith / without: **{:.1} %** (target ≥ 95 %). Datagrams out of the uplink per datagram sent: {} (min).\n", 100.0 * uw / uwo, out_of_uplink.iter().cloned().fold(f64::INFINITY, f64::min));
+    let (tw, two) = (median(tcp_with.clone()), median(tcp_without.clone()));
+    println!("### TCP bulk from the guest (smoltcp in ring 3) to the world ({} MiB per run, Mbit/s until every byte is acknowledged, median of {RUNS})\n", TCP_BYTES >> 20);
+    println!("| configuration | Mbit/s | runs |");
+    println!("|---|---:|---|");
+    println!("| no program on the tap | {two:.0} | {} |", fmt_runs(&tcp_without));
+    println!("| sbx_egress + flow table | {tw:.0} | {} |", fmt_runs(&tcp_with));
+    println!("\nWith / without: **{:.1} %**.\n", 100.0 * tw / two);
+    println!("The netns frame pump's figure for the same kind of traffic is `bench pps` (run next by `cargo xtask bench vmm`).\n");
+    tap_throughput()
 }

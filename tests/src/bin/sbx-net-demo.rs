@@ -46,6 +46,55 @@ fn records_to(h: &DaemonHarness, sandbox: &str, dst: IpAddr, port: u16) -> usize
         .count()
 }
 
+/// A microVM on a sandbox tap: the project's test guest under KVM, its own
+/// TCP/IP stack (smoltcp) behind virtio-net, running a probe; each result
+/// line the guest printed on its console, as allowed or blocked.
+fn microvm(h: &DaemonHarness, github: IpAddr, unlisted: IpAddr, metadata: IpAddr, anthropic: IpAddr) -> Result<()> {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        println!("\n== microVM: skipped (no /dev/kvm on this machine)");
+        return Ok(());
+    }
+    let probe = format!(
+        "timeout 3000\nping {github}\ntcp {github}:22 hello\nhttp {github}:80 /\n\
+         timeout 1500\ntcp {unlisted}:22 x\nping {metadata}\ntcp {anthropic}:22 before\n\
+         timeout 3000\nresolve api.anthropic.com\ntcp {anthropic}:22 after\nresolve evil.example.com\nspoof 10.9.9.9 {github}:22 x\n"
+    );
+    let file = std::env::temp_dir().join(sbx_net_tests::unique_name("demo-probe"));
+    std::fs::write(&file, &probe)?;
+    println!("\n$ sbx-net sandbox create vm --policy default --vm --probe demo.probe   (a KVM microVM on the sandbox's tap)");
+    let info = h.json(&["sandbox", "create", "vm", "--policy", "default", "--vm", "--probe", file.to_str().context("probe path")?]);
+    let _ = std::fs::remove_file(&file);
+    println!("   VMM pid {} ({}), console {}", info["vm"]["pid"], info["vm"]["state"].as_str().unwrap_or(""), info["vm"]["console"].as_str().unwrap_or(""));
+    let console = std::path::PathBuf::from(info["vm"]["console"].as_str().context("console")?);
+    let text = try_wait_for(Duration::from_secs(60), || std::fs::read_to_string(&console).ok().filter(|c| c.contains(r#""event":"done""#)))
+        .context("the VM's probe did not finish within 60 s")?;
+    println!("== traffic from the microVM (its own stack: smoltcp in ring 3, virtio-net on the tap; the same classifier and proxies)");
+    for line in text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()) {
+        let op = line["op"].as_str().unwrap_or("");
+        let what = match op {
+            "" => {
+                if line["event"] == "boot" {
+                    println!("   guest up: mac {} ipv4 {} devices {}", line["mac"].as_str().unwrap_or(""), line["ipv4"].as_str().unwrap_or(""), line["devices"]);
+                }
+                continue;
+            }
+            "resolve" => format!("resolve {}  {}", line["name"].as_str().unwrap_or(""), line["addrs"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(" ")).unwrap_or_else(|| line["error"].as_str().unwrap_or("").to_string())),
+            "spoof" => format!("udp from forged {} to {} (sent; dropped on the tap)", line["from"].as_str().unwrap_or(""), line["to"].as_str().unwrap_or("")),
+            "http" => format!("http GET {}{}  -> {}", line["to"].as_str().unwrap_or(""), line["path"].as_str().unwrap_or(""), line["status"]),
+            _ => format!("{op} {}", line["to"].as_str().unwrap_or("")),
+        };
+        let ok = match op {
+            "tcp" => line["connected"] == true,
+            "spoof" => false,
+            _ => line["ok"] == true,
+        };
+        show(&what, ok);
+    }
+    print!("{}", h.cli_ok(&["inspect", "--sandbox", "vm", "--verdict", "denied", "--not", "--protocol", "icmpv6", "--last", "6", "--no-color"]));
+    print!("{}", h.cli_ok(&["sandbox", "delete", "vm"]));
+    Ok(())
+}
+
 fn main() -> Result<()> {
     for program in PROGRAMS {
         sbx_net_tests::tools::locate(program).map_err(anyhow::Error::msg)?;
@@ -158,6 +207,8 @@ fn main() -> Result<()> {
     println!("\n$ sbx-net upgrade   (listening sockets handed to a new data plane; the old one drains)");
     print!("{}", h.cli_ok(&["upgrade"]));
     show(&format!("curl http://{github}/  (new data plane)"), curl(&guest, &format!("http://{github}/")).is_some());
+
+    microvm(&h, github, unlisted, metadata, anthropic)?;
 
     println!("\n$ sbx-net sandbox delete demo");
     print!("{}", h.cli_ok(&["sandbox", "delete", "demo"]));
