@@ -8,6 +8,7 @@
 pub mod daemon;
 pub mod dns_attack;
 pub mod frames;
+pub mod guest_code;
 pub mod https;
 pub mod live_load;
 pub mod tools;

@@ -4,6 +4,7 @@
 //! halt. (Ring-0 guest code is emulated on this kind of machine; these
 //! guests are a few dozen instructions.)
 
+use sbx_net_tests::guest_code::mmio_write;
 use sbx_vmm::vm::{MicroVm, RunEnd, VmError};
 
 const LOAD: u16 = 0x1000;
@@ -252,14 +253,6 @@ fn a_spinning_guest_is_stopped_from_another_thread() {
     assert_eq!(vm.run(1_000_000).unwrap(), RunEnd::Stopped);
     assert!(stopper.join().unwrap(), "the kicker saw the run stop");
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
-}
-
-/// `mov dword [rbx + offset], value`: one register write of a driver.
-fn mmio_write(offset: u32, value: u32) -> Vec<u8> {
-    let mut code = vec![0xC7, 0x83];
-    code.extend_from_slice(&offset.to_le_bytes());
-    code.extend_from_slice(&value.to_le_bytes());
-    code
 }
 
 /// The whole path on real KVM: a 64-bit guest drives the virtio-net device
