@@ -436,8 +436,9 @@ impl Probe {
                 match self.target(target) {
                     Err(why) => failed("tcpsend", why),
                     Ok((addr, port)) => {
-                        let payload = vec![b'x'; bytes];
-                        let o = self.tcp_exchange(addr, port, &payload, 0);
+                        // One 64 KiB chunk, sent over and over.
+                        let chunk = vec![b'x'; 64 * 1024];
+                        let o = self.tcp_exchange_sized(addr, port, &chunk, bytes, 0);
                         let mut j = Json::op("tcpsend");
                         j.str("to", target).bool("ok", o.sent == bytes && o.error.is_none()).num("sent", o.sent as u64).num("micros", o.micros);
                         if let Some(e) = o.error {
@@ -486,6 +487,12 @@ impl Probe {
     /// is quiet for 200 ms after answering) or `max_recv` bytes; with
     /// `max_recv` 0, only sends, and times until every byte is acked.
     fn tcp_exchange(&mut self, addr: IpAddress, port: u16, payload: &[u8], max_recv: usize) -> TcpOutcome {
+        self.tcp_exchange_sized(addr, port, payload, payload.len(), max_recv)
+    }
+
+    /// As [`Probe::tcp_exchange`], sending `total` bytes taken from
+    /// `payload` over and over.
+    fn tcp_exchange_sized(&mut self, addr: IpAddress, port: u16, payload: &[u8], total: usize, max_recv: usize) -> TcpOutcome {
         let deadline = self.deadline();
         let mut out = TcpOutcome { connected: false, sent: 0, received: Vec::new(), error: None, micros: 0 };
         let Some(net) = self.net.as_mut() else {
@@ -518,12 +525,17 @@ impl Probe {
         let mut last_data = 0u64;
         let done = net.wait(deadline, |n| {
             let s = n.sockets.get_mut::<tcp::Socket>(handle);
-            if out.sent < payload.len() && s.can_send() {
-                out.sent += s.send_slice(&payload[out.sent..]).unwrap_or(0);
+            while out.sent < total && s.can_send() && !payload.is_empty() {
+                let at = out.sent % payload.len();
+                let end = payload.len().min(at + (total - out.sent));
+                match s.send_slice(&payload[at..end]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.sent += n,
+                }
             }
             if max_recv == 0 {
                 // Bulk: done when everything is sent and acknowledged.
-                return (out.sent == payload.len() && s.send_queue() == 0).then_some(true);
+                return (out.sent == total && s.send_queue() == 0).then_some(true);
             }
             while s.can_recv() && out.received.len() < max_recv {
                 let _ = s.recv(|data| {
@@ -535,7 +547,7 @@ impl Probe {
             if !s.may_recv() || out.received.len() >= max_recv {
                 return Some(true);
             }
-            (out.sent == payload.len() && last_data > 0 && io::now_micros() - last_data > 200_000).then_some(true)
+            (out.sent == total && last_data > 0 && io::now_micros() - last_data > 200_000).then_some(true)
         });
         out.micros = io::now_micros() - start;
         if done.is_none() {

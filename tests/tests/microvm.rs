@@ -223,6 +223,15 @@ fn a_vm_on_a_sandbox_tap_meets_the_policy_over_its_own_stack() {
         (dropped_with(&records, NESTED_DENY, "deny 198.51.100.16/28") && dropped_with(&records, UNLISTED, "default deny")).then_some(records)
     });
     assert!(records.iter().any(|r| r.reason == "spoofed_ip"), "no spoof drop: {records:#?}");
+    // A Linux kernel cannot boot on kvm_pvm: `vm run --kernel` says so at
+    // once (before opening anything), on a host that has it.
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        let mut command = std::process::Command::new("timeout");
+        command.args(["60", "ip", "netns", "exec", w.h.topology.host.name()]).arg(sbx_net_tests::daemon::sbx_net_bin()).arg("--socket").arg(&w.h.socket);
+        let out = command.args(["vm", "run", &name, "--kernel", "/nonexistent/bzImage"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("kvm_pvm") && stderr.contains("--probe"), "{stderr}");
+    }
     assert!(records.iter().any(|r| r.verdict == Verdict::Denied && r.dns.as_ref().is_some_and(|d| d.query == "denied.test" && d.rcode == "NXDOMAIN")), "{records:#?}");
     w.h.cli_ok(&["sandbox", "delete", &name]);
 }
