@@ -61,6 +61,8 @@ pub const TOOLS: &[Tool] = &[
     // Shell scripts: guest-side loops (dns tests), the host test's wrapper.
     apt("sh", "dash"),
     apt("seq", "coreutils"),
+    // The microVM tests bound `sbx-net vm run` in time.
+    apt("timeout", "coreutils"),
     // xtask: root check, leftover pumps, bpffs (and the host test's
     // read-only /proc/sys), apt itself.
     apt("id", "coreutils"),
