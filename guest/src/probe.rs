@@ -14,7 +14,7 @@
 //! ping 192.0.2.1                   ICMP(v6) echo
 //! http 192.0.2.1:80 /path [HOST]   GET (a name as the target is resolved first)
 //! spoof 10.9.9.9 192.0.2.1:9 text  UDP from a forged source address
-//! disk 0 read 0 | disk 0 write 0 text | disk 0 info
+//! disk 0 read 0 [COUNT] | disk 0 write 0 text | disk 0 info
 //! udpflood 192.0.2.1:9 COUNT SIZE  as fast as the device takes them
 //! tcpsend 192.0.2.1:5001 BYTES     bulk, timed until every byte is acked
 //! sleep 100
@@ -701,11 +701,13 @@ impl Probe {
         match action {
             "info" => j.bool("ok", true).num("sectors", disk.capacity()).bool("read_only", disk.readonly()).finish(),
             "read" => {
-                let mut buf = vec![0u8; SECTOR_SIZE];
+                // One sector, or COUNT of them in one request (at most 1 MiB).
+                let count = words.next().and_then(|w| w.parse::<usize>().ok()).unwrap_or(1).clamp(1, 2048);
+                let mut buf = vec![0u8; SECTOR_SIZE * count];
                 match disk.read_blocks(sector, &mut buf) {
                     Ok(()) => {
-                        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-                        j.bool("ok", true).num("sector", sector as u64).str("data", &shown(&buf[..end])).finish()
+                        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len()).min(SECTOR_SIZE);
+                        j.bool("ok", true).num("sector", sector as u64).num("bytes", buf.len() as u64).str("data", &shown(&buf[..end])).finish()
                     }
                     Err(e) => j.bool("ok", false).str("error", &alloc::format!("{e:?}")).finish(),
                 }

@@ -171,7 +171,10 @@ fn a_vm_on_a_sandbox_tap_meets_the_policy_over_its_own_stack() {
          disk 0 read 0\n\
          disk 0 write 0 overwrite\n\
          disk 1 write 0 written-by-the-guest\n\
-         disk 1 read 0\n"
+         disk 1 read 0\n\
+         disk 1 read 0 2048\n\
+         disk 1 read 0 512\n\
+         disk 0 read 0 2048\n"
     );
     let (r, out) = w.vm_run(&name, &script, &["--mem", "64"]);
     let console = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -216,6 +219,10 @@ fn a_vm_on_a_sandbox_tap_meets_the_policy_over_its_own_stack() {
     assert_eq!(nth(&r, "disk", 3)["ok"], true, "{console}");
     assert_eq!(nth(&r, "disk", 4)["data"], "written-by-the-guest", "{console}");
     assert!(std::fs::read(&w.rw_image).unwrap().starts_with(b"written-by-the-guest"));
+    // Large requests (1 MiB, then 256 KiB) under the VMM's seccomp filter.
+    for (n, bytes) in [(5, 1 << 20), (6, 256 << 10), (7, 1 << 20)] {
+        assert_eq!(nth(&r, "disk", n)["bytes"], bytes, "{console}");
+    }
 
     // The datapath's drops name their rules; DNS records the refusal.
     let records = wait_for(Duration::from_secs(10), "drop records for the VM's denied flows", || {
@@ -264,6 +271,7 @@ fn daemon_run_vms_are_hardened_isolated_and_outlive_a_killed_daemon() {
     assert_eq!(proc_status(pid, "CapEff:"), "0000000000000000");
     assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
     assert_eq!(proc_status(pid, "Seccomp:"), "2", "filter mode");
+    assert!(proc_status(pid, "Uid:").starts_with("65534"), "the VMM runs as nobody");
 
     // B, in another sandbox with the same policy: the world yes, A no.
     let b = unique_name("b");

@@ -383,3 +383,21 @@ fn run_bounded(vm: &mut MicroVm, limit: std::time::Duration) -> Result<RunEnd, V
     watchdog.join().unwrap();
     end
 }
+
+/// A VM for a Linux guest gets its interrupt controller and PIT before
+/// its vCPU (KVM refuses them after), its devices an irqfd each, and the
+/// kernel's registers at entry: rsi at the zero page. (The boot itself
+/// needs VMX or SVM KVM; this host's kvm_pvm runs only PVM kernels.)
+#[test]
+fn a_linux_vm_has_an_irqchip_irqfds_and_the_boot_registers() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: /dev/kvm is absent (no KVM in this kernel)");
+        return;
+    }
+    let mut vm = MicroVm::for_linux(64 << 20).expect("irqchip, PIT and CPUID before the vCPU");
+    let device = sbx_vmm::virtio::mmio::MmioTransport::new(&sbx_vmm::virtio::net::NetDevice::new([2, 0, 0, 0, 0, 1]));
+    vm.add_device(Box::new(device)).expect("a device with its irqfd");
+    vm.start_linux(0x100_0200, 0x8ff0, 0x7000).unwrap();
+    let state = vm.vcpu_state();
+    assert!(state.contains("rip=0x1000200") && state.contains("rsi=0x7000"), "{state}");
+}

@@ -54,13 +54,13 @@ pub const ALLOWED: &[(i64, &str)] = &[
     (libc::SYS_fdatasync, "fdatasync"),
     (libc::SYS_fsync, "fsync"),
     (libc::SYS_rt_sigtimedwait, "rt_sigtimedwait"),
-    (libc::SYS_tgkill, "tgkill"),
     (libc::SYS_getpid, "getpid"),
     (libc::SYS_gettid, "gettid"),
 ];
 
-/// The filter as a BPF program (pure: built, not installed).
-pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
+/// The filter as a BPF program (pure: built, not installed). `pid`: this
+/// process, the only one it may signal (the kick of its own vCPU thread).
+pub fn vmm_filter(pid: u32) -> Result<BpfProgram, SeccompError> {
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> = ALLOWED.iter().map(|(nr, _)| (*nr, Vec::new())).collect();
     let ioctl = |request: u64| -> Result<SeccompRule, SeccompError> { Ok(SeccompRule::new(vec![SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)?])?) };
     rules.insert(libc::SYS_ioctl, vec![ioctl(KVM_RUN)?, ioctl(TUNSETOFFLOAD)?]);
@@ -68,6 +68,12 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
     // the descriptor's flags); nothing else of fcntl.
     let getfd = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, libc::F_GETFD as u64)?;
     rules.insert(libc::SYS_fcntl, vec![SeccompRule::new(vec![getfd])?]);
+    // malloc grows a thread's arena by making pages writable; never
+    // executable.
+    let no_exec = SeccompCondition::new(2, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0)?;
+    rules.insert(libc::SYS_mprotect, vec![SeccompRule::new(vec![no_exec])?]);
+    let own = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, u64::from(pid))?;
+    rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![own])?]);
     let filter = SeccompFilter::new(rules, SeccompAction::KillProcess, SeccompAction::Allow, TargetArch::x86_64)?;
     Ok(filter.try_into()?)
 }
@@ -75,7 +81,7 @@ pub fn vmm_filter() -> Result<BpfProgram, SeccompError> {
 /// Installs the filter on the calling thread (the one that runs the VM);
 /// it cannot be lifted.
 pub fn install_on_this_thread() -> Result<(), SeccompError> {
-    let program = vmm_filter()?;
+    let program = vmm_filter(std::process::id())?;
     seccompiler::apply_filter(&program)?;
     Ok(())
 }
@@ -83,7 +89,7 @@ pub fn install_on_this_thread() -> Result<(), SeccompError> {
 /// Installs the filter on every thread of this process (the VMM process:
 /// the vCPU, device and signal threads all exist by then).
 pub fn install_on_all_threads() -> Result<(), SeccompError> {
-    let program = vmm_filter()?;
+    let program = vmm_filter(std::process::id())?;
     seccompiler::apply_filter_all_threads(&program)?;
     Ok(())
 }
@@ -94,7 +100,7 @@ mod tests {
 
     #[test]
     fn the_filter_builds_and_names_no_syscall_twice() {
-        let program = vmm_filter().unwrap();
+        let program = vmm_filter(1).unwrap();
         assert!(program.len() > ALLOWED.len(), "one check per allowed call at least");
         let mut numbers: Vec<i64> = ALLOWED.iter().map(|(nr, _)| *nr).collect();
         numbers.sort_unstable();

@@ -277,15 +277,24 @@ impl vm_superio::Trigger for NoInterrupt {
 }
 
 /// What the guest wrote on its console, shared with whoever reads it, and
-/// echoed line by line to a sink if one is set.
+/// echoed to a sink if one is set: both bounded, the guest's output being
+/// the guest's to make as large as it likes.
 #[derive(Clone, Default)]
 pub struct Console {
     contents: Arc<Mutex<Vec<u8>>>,
-    echo: Arc<Mutex<Option<Box<dyn std::io::Write + Send>>>>,
+    echo: Arc<Mutex<Option<Echo>>>,
 }
 
-/// How much console output a VM keeps (the echo sees all of it).
+struct Echo {
+    sink: Box<dyn std::io::Write + Send>,
+    written: u64,
+}
+
+/// How much console output a VM keeps in memory.
 const CONSOLE_KEPT: usize = 1 << 20;
+/// How much of it goes to the echo (a log file, stdout): past this, one
+/// last line says the rest was cut.
+pub const CONSOLE_ECHO_MAX: u64 = 64 << 20;
 
 impl Console {
     pub fn contents(&self) -> Vec<u8> {
@@ -293,7 +302,7 @@ impl Console {
     }
 
     fn set_echo(&self, sink: Box<dyn std::io::Write + Send>) {
-        *self.echo.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+        *self.echo.lock().unwrap_or_else(|p| p.into_inner()) = Some(Echo { sink, written: 0 });
     }
 }
 
@@ -303,15 +312,25 @@ impl std::io::Write for Console {
         if contents.len() + buf.len() <= CONSOLE_KEPT {
             contents.extend_from_slice(buf);
         }
-        if let Some(sink) = self.echo.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+        drop(contents);
+        let mut echo = self.echo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = echo.as_mut() {
             // A reader that went away does not stop the guest.
-            let _ = sink.write_all(buf);
-            if buf.contains(&b'\n') {
-                let _ = sink.flush();
+            if e.written + buf.len() as u64 <= CONSOLE_ECHO_MAX {
+                let _ = e.sink.write_all(buf);
+                e.written += buf.len() as u64;
+                if buf.contains(&b'\n') {
+                    let _ = e.sink.flush();
+                }
+            } else if e.written <= CONSOLE_ECHO_MAX {
+                let _ = writeln!(e.sink, "\n{{\"event\":\"console_cut\",\"after_bytes\":{}}}", e.written);
+                let _ = e.sink.flush();
+                e.written = CONSOLE_ECHO_MAX + 1;
             }
         }
         Ok(buf.len())
     }
+
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
@@ -353,8 +372,21 @@ pub const FIRST_DEVICE_GSI: u32 = 5;
 const QUEUE_NOTIFY: u64 = 0x50;
 
 impl MicroVm {
-    /// A VM with `memory_size` bytes of guest memory from address 0.
+    /// A VM with `memory_size` bytes of guest memory from address 0 (the
+    /// test guest's kind: no interrupt controller, it polls).
     pub fn new(memory_size: usize) -> Result<MicroVm, VmError> {
+        Self::build(memory_size, false)
+    }
+
+    /// A VM for a Linux guest: an in-kernel interrupt controller and PIT
+    /// (made before the vCPU, as KVM requires) through which the devices
+    /// interrupt (irqfd), and the vCPU's CPUID set from what KVM supports
+    /// (a kernel checks it for long mode before anything else).
+    pub fn for_linux(memory_size: usize) -> Result<MicroVm, VmError> {
+        Self::build(memory_size, true)
+    }
+
+    fn build(memory_size: usize, irqchip: bool) -> Result<MicroVm, VmError> {
         if memory_size as u64 > MMIO_BASE {
             return Err(VmError::Memory(format!("{memory_size:#x} bytes would overlap the device windows at {MMIO_BASE:#x}")));
         }
@@ -367,7 +399,14 @@ impl MicroVm {
         // owns and unmaps only after the VM and its vCPU are closed (field
         // order); nothing else is mapped at that guest range.
         unsafe { vm.set_user_memory_region(region)? };
+        if irqchip {
+            vm.create_irq_chip()?;
+            vm.create_pit2(kvm_bindings::kvm_pit_config::default())?;
+        }
         let vcpu = vm.create_vcpu(0)?;
+        if irqchip {
+            vcpu.set_cpuid2(&kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)?)?;
+        }
         let console = Console::default();
         let serial = vm_superio::Serial::new(NoInterrupt, console.clone());
         let news = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::Devices)?);
@@ -378,7 +417,7 @@ impl MicroVm {
             devices: Vec::new(),
             slots: Vec::new(),
             news,
-            irqchip: false,
+            irqchip,
             console_line: 0,
             vcpu,
             vm,
@@ -390,15 +429,6 @@ impl MicroVm {
         })
     }
 
-    /// Gives the VM an in-kernel interrupt controller (a Linux guest's
-    /// devices interrupt through it). Before any device is added. The test
-    /// guest runs without one: it polls, and its idle port waits on the
-    /// same news a device interrupt brings.
-    pub fn enable_irqchip(&mut self) -> Result<(), VmError> {
-        self.vm.create_irq_chip()?;
-        self.irqchip = true;
-        Ok(())
-    }
 
     /// The vCPU's TSC frequency (the test guest's clock), if KVM says.
     pub fn tsc_khz(&self) -> Option<u32> {
@@ -627,8 +657,8 @@ impl MicroVm {
     pub fn vcpu_state(&self) -> String {
         match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
             (Ok(r), Ok(s)) => format!(
-                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} cs={:#x}(dpl {}) ss={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} gdt={:#x}/{} idt={:#x}/{} tr={:#x}",
-                r.rip, r.rsp, r.rflags, r.rax, s.cs.selector, s.cs.dpl, s.ss.selector, s.cr0, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit, s.tr.selector
+                "rip={:#x} rsp={:#x} rsi={:#x} rflags={:#x} rax={:#x} cs={:#x}(dpl {}) ss={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} gdt={:#x}/{} idt={:#x}/{} tr={:#x}",
+                r.rip, r.rsp, r.rsi, r.rflags, r.rax, s.cs.selector, s.cs.dpl, s.ss.selector, s.cr0, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit, s.tr.selector
             ),
             (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
         }
@@ -693,6 +723,32 @@ mod tests {
         assert_eq!(control_write(abi::CONTROL_IDLE, &u64::MAX.to_le_bytes()), Control::Idle(u32::MAX));
         assert_eq!(control_write(0x20, &[1]), Control::None);
         const { assert!(abi::CONTROL_ADDR >= MMIO_BASE + abi::MAX_DEVICES as u64 * MMIO_WINDOW, "after every device window") };
+    }
+
+    #[test]
+    fn the_console_keeps_and_echoes_a_bounded_amount() {
+        use std::io::Write;
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<u64>>);
+        impl Write for Sink {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                *self.0.lock().unwrap() += buf.len() as u64;
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let mut console = Console::default();
+        console.set_echo(Box::new(sink.clone()));
+        let line = vec![b'x'; 1 << 16];
+        for _ in 0..(CONSOLE_ECHO_MAX >> 16) + 100 {
+            console.write_all(&line).unwrap();
+        }
+        assert_eq!(console.contents().len(), CONSOLE_KEPT);
+        let echoed = *sink.0.lock().unwrap();
+        assert!(echoed > CONSOLE_ECHO_MAX && echoed < CONSOLE_ECHO_MAX + 100, "{echoed}");
     }
 
     #[test]

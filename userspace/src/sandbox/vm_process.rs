@@ -16,7 +16,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sbx_vmm::probe::{self, ProbeNetwork};
@@ -159,9 +159,9 @@ fn block_stop_signals() -> libc::sigset_t {
     }
 }
 
-/// Drops every capability of the calling thread and sets no_new_privs.
-/// Capabilities are per thread on Linux: call it before the device and
-/// signal threads are made, so they start without any.
+/// Becomes nobody, drops every capability of the calling thread and sets
+/// no_new_privs. Capabilities are per thread on Linux: call it before the
+/// device and signal threads are made, so they start without any.
 fn drop_privileges() -> Result<(), VmProcessError> {
     #[repr(C)]
     struct Header {
@@ -176,6 +176,16 @@ fn drop_privileges() -> Result<(), VmProcessError> {
         inheritable: u32,
     }
     const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    // No supplementary groups, and nobody's uid and gid: a monitor broken
+    // into can signal or read nothing of root's (the descriptors it needs
+    // are open already).
+    const NOBODY: u32 = 65534;
+    // SAFETY: setgroups with an empty list; setresgid/setresuid with
+    // constants. glibc applies them to every thread (there is one).
+    let ids = unsafe { (libc::setgroups(0, std::ptr::null()), libc::setresgid(NOBODY, NOBODY, NOBODY), libc::setresuid(NOBODY, NOBODY, NOBODY)) };
+    if ids != (0, 0, 0) {
+        return Err(VmProcessError::Capabilities(std::io::Error::last_os_error()));
+    }
     let mut header = Header { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
     let data = [Data::default(); 2];
     // SAFETY: capset with a v3 header and two zeroed data words (the ABI's
@@ -202,6 +212,11 @@ pub fn effective_capabilities(pid: u32) -> Option<u64> {
 /// SIGTERM/SIGINT on the calling thread: they stop the VM cleanly.
 pub fn run_vm(spec: &VmSpec, on_running: impl FnOnce()) -> Result<RunEnd, VmProcessError> {
     spec.check()?;
+    // One malloc arena for every thread: a per-thread arena grows and
+    // shrinks with calls the seccomp filter does not allow (its first
+    // shrink opens /proc/sys/vm/overcommit_memory).
+    // SAFETY: mallopt with a constant, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let stop_signals = block_stop_signals();
     if matches!(spec.boot, VmBoot::Linux { .. }) {
         // Before anything is opened: say at once why it cannot run here.
@@ -229,11 +244,10 @@ pub fn run_vm(spec: &VmSpec, on_running: impl FnOnce()) -> Result<RunEnd, VmProc
         None => Box::new(std::io::stdout()),
     };
     let memory = (spec.memory_mib as usize) << 20;
-    let mut vm = MicroVm::new(memory)?;
-    let linux = matches!(spec.boot, VmBoot::Linux { .. });
-    if linux {
-        vm.enable_irqchip()?;
-    }
+    let mut vm = match spec.boot {
+        VmBoot::Linux { .. } => MicroVm::for_linux(memory)?,
+        VmBoot::Probe { .. } => MicroVm::new(memory)?,
+    };
     vm.add_device(Box::new(NetMmio::new(spec.mac, tap).map_err(|source| VmProcessError::Tap { sandbox: spec.sandbox.clone(), tap: spec.tap.clone(), source })?))?;
     for disk in disks {
         vm.add_device(Box::new(BlockMmio::new(disk)))?;
@@ -257,7 +271,12 @@ pub fn run_vm(spec: &VmSpec, on_running: impl FnOnce()) -> Result<RunEnd, VmProc
             let mut signal: libc::c_int = 0;
             // SAFETY: the set blocked above; sigwait only writes `signal`.
             unsafe { libc::sigwait(&stop_signals, &mut signal) };
-            kicker.stop(Duration::from_secs(5));
+            if !kicker.stop(Duration::from_secs(5)) {
+                // The vCPU thread does not come back (blocked writing the
+                // console, or on a device): end the process, not the guest only.
+                // SAFETY: _exit ends the process at once; nothing to unwind.
+                unsafe { libc::_exit(70) };
+            }
         })
         .map_err(|source| VmProcessError::Open { what: "signal thread", path: String::new(), source })?;
     // Its start-up system calls are done before the filter comes.
@@ -372,23 +391,19 @@ pub fn is_vmm_of(cmdline: &[u8], sandbox: &str) -> bool {
 }
 
 /// Stops the VMM (SIGTERM: the guest is stopped and the process exits;
-/// SIGKILL after 5 s); what is left is an error naming it.
+/// SIGKILL after 5 s); what is left is an error naming it. Signals go
+/// through a pidfd opened while the pid was checked to be this sandbox's
+/// VMM, so a reused pid is never signalled.
 pub fn stop_vm(pid: u32, sandbox: &str) -> Result<(), VmProcessError> {
-    for signal in [libc::SIGTERM, libc::SIGKILL] {
-        if !vm_alive(pid, sandbox) {
-            return Ok(());
-        }
-        // SAFETY: kill with a pid we verified is this sandbox's VMM.
-        unsafe { libc::kill(pid as libc::pid_t, signal) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while vm_alive(pid, sandbox) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    let Ok(process) = crate::util::pidfd::Pidfd::open(pid) else { return Ok(()) };
+    if !vm_alive(pid, sandbox) {
+        return Ok(());
     }
-    if vm_alive(pid, sandbox) {
-        return Err(VmProcessError::Left { name: sandbox.to_string(), pid });
+    process.signal(libc::SIGTERM);
+    if process.exited_within(Duration::from_secs(5)) || process.kill_and_wait(Duration::from_secs(5)) {
+        return Ok(());
     }
-    Ok(())
+    Err(VmProcessError::Left { name: sandbox.to_string(), pid })
 }
 
 #[cfg(test)]

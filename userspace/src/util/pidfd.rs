@@ -31,8 +31,13 @@ impl Pidfd {
 
     /// SIGKILL to this process (a process already gone is fine).
     pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// `signal` to this process (a process already gone is fine).
+    pub fn signal(&self, signal: libc::c_int) {
         // SAFETY: pidfd_send_signal on our pidfd, no siginfo, no flags.
-        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, self.fd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0) };
     }
 
     /// Whether the process exited, waiting at most `wait`.

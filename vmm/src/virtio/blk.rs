@@ -234,7 +234,9 @@ impl super::MmioDevice for BlockMmio {
                 super::Outcome { used, backend_wanted: false }
             }
             Err(_) => {
+                // A failed device touches guest memory no more.
                 self.transport.fail();
+                self.queue = None;
                 super::Outcome::default()
             }
         }

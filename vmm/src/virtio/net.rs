@@ -71,8 +71,10 @@ pub fn process_tx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl Fr
                 break;
             }
         }
-        if ok && frame.len() > NET_HDR_LEN {
-            port.send(&frame)?;
+        // A frame the tap refuses (down, a GSO header it rejects, no
+        // buffer) is lost as on a wire; its buffer still goes back, or the
+        // guest's driver would wait for it forever.
+        if ok && frame.len() > NET_HDR_LEN && port.send(&frame).is_ok() {
             moved.frames += 1;
         } else {
             moved.dropped += 1;
@@ -101,10 +103,17 @@ pub fn process_rx<M: GuestMemory>(queue: &mut Queue, mem: &M, port: &mut impl Fr
             continue;
         }
         let room: usize = buffers.iter().map(|d| d.len() as usize).sum();
-        let Some(len) = port.recv(buf)? else {
+        let len = match port.recv(buf) {
+            Ok(Some(len)) => len,
             // Nothing to deliver: the chain stays the guest's, for later.
-            queue.go_to_previous_position();
-            break;
+            Ok(None) => {
+                queue.go_to_previous_position();
+                break;
+            }
+            Err(e) => {
+                queue.go_to_previous_position();
+                return Err(e.into());
+            }
         };
         if len < NET_HDR_LEN || len > room {
             moved.dropped += 1;
@@ -260,16 +269,26 @@ impl super::MmioDevice for NetMmio {
             }
         }
         let mut starved = false;
+        let mut tap_failed = false;
         match process_rx(&mut queues[RX], memory, &mut self.tap, &mut self.rx_buf) {
             Ok(m) => {
                 used |= m.frames + m.dropped > 0;
                 starved = m.starved;
                 add(&mut self.received, m)
             }
+            // The tap itself fails (gone, or in error): it is not watched
+            // again, the device stops.
+            Err(NetError::Port(_)) => tap_failed = true,
             Err(_) => self.transport.fail(),
         }
         if used {
             self.transport.signal_used();
+        }
+        if tap_failed || self.transport.status & virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED != 0 {
+            // A failed device touches guest memory no more.
+            self.transport.fail();
+            self.queues = None;
+            return super::Outcome { used, backend_wanted: false };
         }
         super::Outcome { used, backend_wanted: !starved }
     }

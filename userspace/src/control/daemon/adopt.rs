@@ -52,6 +52,11 @@ impl Daemon {
                 // a reboot, or when a VMM removed its adopted tap, there is
                 // nothing left to enforce on.
                 tracing::warn!(sandbox = %name, tap = %record.tap, "tap is gone; forgetting the sandbox");
+                if let Some(pid) = record.vm_pid {
+                    if let Err(e) = crate::sandbox::vm_process::stop_vm(pid, name) {
+                        tracing::warn!(sandbox = %name, "{e}");
+                    }
+                }
                 if let Some(pid) = record.pump_pid {
                     if let Ok(spec) = self.spec(record) {
                         if let Err(e) = stop_pump(pid, name, &spec.netns) {

@@ -74,10 +74,11 @@ impl Daemon {
             boot: VmBoot::Probe { script: vm.probe.clone().unwrap_or_else(|| SERVE_SCRIPT.to_string()) },
             console: Some(self.host.settings.vm_log(&record.name)),
         };
-        let started = vm_spec.check().map_err(DaemonError::from).and_then(|()| {
-            let log = self.host.settings.vm_log(&record.name);
-            Ok(spawn_vm(&self.host.settings.pump_exe, &vm_spec, &self.config.state_dir.join(format!("vm-{}.json", record.name)), &log)?)
-        });
+        let spec_file = self.config.state_dir.join(format!("vm-{}.json", record.name));
+        let log = self.host.settings.vm_log(&record.name);
+        // A new VM's console starts empty (not after an old one's).
+        let _ = std::fs::remove_file(&log);
+        let started = vm_spec.check().map_err(DaemonError::from).and_then(|()| Ok(spawn_vm(&self.host.settings.pump_exe, &vm_spec, &spec_file, &log)?));
         match started {
             Ok(pid) => {
                 record.vm_pid = Some(pid);
@@ -87,6 +88,7 @@ impl Daemon {
                 Ok(record)
             }
             Err(e) => {
+                let _ = std::fs::remove_file(&spec_file);
                 if let Err(undo) = self.delete(&record.name) {
                     tracing::error!(sandbox = %record.name, "undoing a sandbox whose VM did not start: {undo}");
                 }
