@@ -42,3 +42,30 @@ pub fn repeat(times: u32, body: &[u8]) -> Vec<u8> {
 }
 
 pub const HLT: u8 = 0xF4;
+
+/// A virtio-mmio driver bringing up the device at `base` the way the spec
+/// orders it: ACKNOWLEDGE, DRIVER, VERSION_1 accepted, FEATURES_OK, each
+/// queue of `rings` (descriptor table, available ring, used ring; 16
+/// entries; ready), DRIVER_OK. No notification.
+pub fn virtio_start(base: u64, rings: &[(u64, u64, u64)]) -> Vec<u8> {
+    use virtio_bindings::virtio_mmio::*;
+    let mut code = mov_rbx(base);
+    for (offset, value) in [(VIRTIO_MMIO_STATUS, 1), (VIRTIO_MMIO_STATUS, 3), (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1), (VIRTIO_MMIO_DRIVER_FEATURES, 1), (VIRTIO_MMIO_STATUS, 0xb)] {
+        code.extend(mmio_write(offset, value));
+    }
+    for (queue, (desc_table, avail, used)) in rings.iter().enumerate() {
+        for (offset, value) in [
+            (VIRTIO_MMIO_QUEUE_SEL, queue as u32),
+            (VIRTIO_MMIO_QUEUE_NUM, 16),
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, *desc_table as u32),
+            (VIRTIO_MMIO_QUEUE_DESC_HIGH, (*desc_table >> 32) as u32),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, *avail as u32),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, *used as u32),
+            (VIRTIO_MMIO_QUEUE_READY, 1),
+        ] {
+            code.extend(mmio_write(offset, value));
+        }
+    }
+    code.extend(mmio_write(VIRTIO_MMIO_STATUS, 0xf));
+    code
+}

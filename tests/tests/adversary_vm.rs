@@ -7,7 +7,7 @@
 //! or fails the device; it never crashes, never reads outside the guest,
 //! and the run ends as the guest asked.
 
-use sbx_net_tests::guest_code::{mmio_write, mov_rax, mov_rbx, repeat, store_rax, HLT};
+use sbx_net_tests::guest_code::{mmio_write, mov_rax, mov_rbx, repeat, store_rax, virtio_start, HLT};
 use sbx_vmm::probe::abi;
 use sbx_vmm::vm::{MicroVm, RunEnd};
 
@@ -59,7 +59,7 @@ fn console_addresses_lengths_and_floods_from_the_guest_are_bounded() {
 #[test]
 fn lying_virtio_descriptors_and_queues_fail_safely() {
     use virtio_bindings::virtio_config::VIRTIO_CONFIG_S_FAILED;
-    use virtio_bindings::virtio_mmio::*;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -89,31 +89,10 @@ fn lying_virtio_descriptors_and_queues_fail_safely() {
     let tx_used = tx.used_addr();
     mem.write_slice(&[0xAAu8; 64], GuestAddress(0x31_0000)).unwrap();
 
-    let start = |base: u64, rings: &[(u64, u64, u64)]| {
-        let mut code = mov_rbx(base);
-        for (offset, value) in [(VIRTIO_MMIO_STATUS, 1), (VIRTIO_MMIO_STATUS, 3), (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1), (VIRTIO_MMIO_DRIVER_FEATURES, 1), (VIRTIO_MMIO_STATUS, 0xb)] {
-            code.extend(mmio_write(offset, value));
-        }
-        for (queue, (desc_table, avail, used)) in rings.iter().enumerate() {
-            for (offset, value) in [
-                (VIRTIO_MMIO_QUEUE_SEL, queue as u32),
-                (VIRTIO_MMIO_QUEUE_NUM, 16),
-                (VIRTIO_MMIO_QUEUE_DESC_LOW, *desc_table as u32),
-                (VIRTIO_MMIO_QUEUE_DESC_HIGH, (*desc_table >> 32) as u32),
-                (VIRTIO_MMIO_QUEUE_AVAIL_LOW, *avail as u32),
-                (VIRTIO_MMIO_QUEUE_USED_LOW, *used as u32),
-                (VIRTIO_MMIO_QUEUE_READY, 1),
-            ] {
-                code.extend(mmio_write(offset, value));
-            }
-        }
-        code.extend(mmio_write(VIRTIO_MMIO_STATUS, 0xf));
-        code
-    };
-    let mut code = start(base, &rings);
+    let mut code = virtio_start(base, &rings);
     code.extend(mmio_write(VIRTIO_MMIO_QUEUE_NOTIFY, 1));
     // A disk whose queue is far outside the guest's 4 MiB.
-    code.extend(start(lying, &[(0x7_0000_0000, 0x7_0000_1000, 0x7_0000_2000)]));
+    code.extend(virtio_start(lying, &[(0x7_0000_0000, 0x7_0000_1000, 0x7_0000_2000)]));
     code.push(HLT);
     assert_eq!(run(&mut vm, &code), RunEnd::Halted, "the VM runs on to its halt");
     sbx_net_tests::wait_until(std::time::Duration::from_secs(10), "the three lying chains come back unused", || {

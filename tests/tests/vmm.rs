@@ -264,7 +264,7 @@ fn a_spinning_guest_is_stopped_from_another_thread() {
 fn a_guest_driver_sends_a_frame_through_virtio_net_and_the_tap() {
     use sbx_net_tests::frames::{arp_request, ethernet, ETH_P_ARP};
     use std::net::Ipv4Addr;
-    use virtio_bindings::virtio_mmio::*;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::{split::Descriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -296,32 +296,7 @@ fn a_guest_driver_sends_a_frame_through_virtio_net_and_the_tap() {
     let rings = [(rx.desc_table_addr().0, rx.avail_addr().0, rx.used_addr().0), (tx.desc_table_addr().0, tx.avail_addr().0, tx.used_addr().0)];
     let tx_used = tx.used_addr();
 
-    let mut code = vec![0x48, 0xBB];
-    code.extend_from_slice(&base.to_le_bytes()); // mov rbx, base
-    for (offset, value) in [
-        (VIRTIO_MMIO_STATUS, 1),
-        (VIRTIO_MMIO_STATUS, 3),
-        (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1),
-        (VIRTIO_MMIO_DRIVER_FEATURES, 1), // VERSION_1
-        (VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0),
-        (VIRTIO_MMIO_DRIVER_FEATURES, 0),
-        (VIRTIO_MMIO_STATUS, 0xb),
-    ] {
-        code.extend(mmio_write(offset, value));
-    }
-    for (queue, (desc_table, avail, used)) in rings.iter().enumerate() {
-        for (offset, value) in [
-            (VIRTIO_MMIO_QUEUE_SEL, queue as u32),
-            (VIRTIO_MMIO_QUEUE_NUM, 16),
-            (VIRTIO_MMIO_QUEUE_DESC_LOW, *desc_table as u32),
-            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, *avail as u32),
-            (VIRTIO_MMIO_QUEUE_USED_LOW, *used as u32),
-            (VIRTIO_MMIO_QUEUE_READY, 1),
-        ] {
-            code.extend(mmio_write(offset, value));
-        }
-    }
-    code.extend(mmio_write(VIRTIO_MMIO_STATUS, 0xf));
+    let mut code = sbx_net_tests::guest_code::virtio_start(base, &rings);
     code.extend(mmio_write(VIRTIO_MMIO_QUEUE_NOTIFY, 1));
     code.push(0xF4); // hlt
     vm.load(0x10_0000, &code).unwrap();

@@ -450,6 +450,37 @@ struct BenchSandbox {
     logs: std::path::PathBuf,
 }
 
+impl BenchSandbox {
+    /// Sandbox 1 on a new tap, allowed 198.51.100.0/24, put on the host
+    /// (in the current namespace) by the daemon's installer, with a netns
+    /// guest behind the pump or with the tap free for a VM.
+    fn install(tag: &str, netns_guest: bool) -> Result<BenchSandbox> {
+        use sbx_net::sandbox::install::{HostSettings, InstallRequest, SandboxHost, TapSource};
+        let name = unique_name(tag);
+        let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
+        let logs = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&logs)?;
+        let config = sbx_net::control::config::DaemonConfig { uplink: Some("uplink".into()), ..Default::default() };
+        let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_tests::daemon::sbx_net_bin(), log_dir: logs.clone() };
+        let installed = (|| -> Result<(SandboxHost, sbx_net::sandbox::install::InstalledSandbox)> {
+            let mut host = SandboxHost::new(Datapath::load(&DatapathOptions::default())?, settings)?;
+            host.install_table(&[])?;
+            let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
+            let spec = SandboxSpec::new(1, &name, &config.pools())?;
+            let sandbox = host.install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest })?;
+            Ok((host, sandbox))
+        })();
+        match installed {
+            Ok((host, sandbox)) => Ok(BenchSandbox { host, sandbox, pins, logs }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&pins);
+                let _ = std::fs::remove_dir_all(&logs);
+                Err(e)
+            }
+        }
+    }
+}
+
 impl Drop for BenchSandbox {
     fn drop(&mut self) {
         let left = self.host.uninstall(&self.sandbox);
@@ -487,7 +518,7 @@ fn reattach(dp: &mut Datapath, tap: &str, pin: &std::path::Path) -> Result<Durat
 /// every configuration includes the nftables path the daemon's sandboxes
 /// take; the classifier is detached and re-attached through its pin.
 fn tap_throughput() -> Result<()> {
-    use sbx_net::sandbox::install::{HostSettings, InstallRequest, SandboxHost, TapSource, SANDBOX_FLAGS};
+    use sbx_net::sandbox::install::SANDBOX_FLAGS;
 
     let topology = Topology::new("benchpps");
     topology.enter_host();
@@ -497,26 +528,7 @@ fn tap_throughput() -> Result<()> {
     // A bound socket so the world does not answer with ICMP unreachables.
     let _sink = topology.world.run(move || UdpSocket::bind(dst))??;
 
-    let name = unique_name("p");
-    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
-    let logs = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&logs)?;
-    let config = sbx_net::control::config::DaemonConfig { uplink: Some("uplink".into()), ..Default::default() };
-    let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_tests::daemon::sbx_net_bin(), log_dir: logs.clone() };
-    let mut host = SandboxHost::new(Datapath::load(&DatapathOptions::default())?, settings)?;
-    host.install_table(&[])?;
-    let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
-    let spec = SandboxSpec::new(1, &name, &config.pools())?;
-    let installed = host.install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest: true });
-    let sandbox = match installed {
-        Ok(sandbox) => sandbox,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&pins);
-            let _ = std::fs::remove_dir_all(&logs);
-            return Err(e.into());
-        }
-    };
-    let mut bench = BenchSandbox { host, sandbox, pins, logs };
+    let mut bench = BenchSandbox::install("p", true)?;
     let (spec, ifindex, pin) = (bench.sandbox.spec.clone(), bench.sandbox.ifindex, bench.host.settings.link_pin(&bench.sandbox.spec.name));
     let guest = NetNs::open(&spec.netns)?;
     let plain = spec.datapath_config(&bench.sandbox.policy, bench.sandbox.policy_id, 0, &[]);
@@ -1476,7 +1488,6 @@ fn op_result<'a>(results: &'a [serde_json::Value], op: &str) -> Result<&'a serde
 /// the tap, with and without the classifier, beside the netns frame pump;
 /// TCP bulk from the guest's smoltcp (ring 3) to the world.
 fn vmm_bench() -> Result<()> {
-    use sbx_net::sandbox::install::{HostSettings, InstallRequest, SandboxHost, TapSource};
     use std::io::Read;
     if !std::path::Path::new("/dev/kvm").exists() {
         bail!("/dev/kvm is absent: the microVM benchmark needs KVM");
@@ -1514,25 +1525,7 @@ fn vmm_bench() -> Result<()> {
         }
     });
 
-    let name = unique_name("v");
-    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
-    let logs = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&logs)?;
-    let config = sbx_net::control::config::DaemonConfig { uplink: Some("uplink".into()), ..Default::default() };
-    let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_tests::daemon::sbx_net_bin(), log_dir: logs.clone() };
-    let mut host = SandboxHost::new(Datapath::load(&DatapathOptions::default())?, settings)?;
-    host.install_table(&[])?;
-    let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
-    let spec = SandboxSpec::new(1, &name, &config.pools())?;
-    let installed = match host.install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest: false }) {
-        Ok(sandbox) => sandbox,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&pins);
-            let _ = std::fs::remove_dir_all(&logs);
-            return Err(e.into());
-        }
-    };
-    let mut bench = BenchSandbox { host, sandbox: installed, pins, logs };
+    let mut bench = BenchSandbox::install("v", false)?;
     let (spec, pin) = (bench.sandbox.spec.clone(), bench.host.settings.link_pin(&bench.sandbox.spec.name));
     let net = sbx_vmm::probe::ProbeNetwork {
         ipv4: Some((spec.guest_ipv4, sbx_net::sandbox::SANDBOX_IPV4_PREFIX_LEN, spec.gateway_ipv4)),

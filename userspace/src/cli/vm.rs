@@ -123,7 +123,7 @@ mod tests {
             "guest_ipv4": "10.0.0.2", "guest_ipv6": "fd00::2", "guest_mac": "02:00:00:00:00:01", "gateway_ipv4": "10.0.0.1",
             "gateway_ipv6": "fd00::1", "gateway_mac": "02:00:00:00:00:02", "ipv4_prefix_len": 30, "ipv6_prefix_len": 64,
             "dns": "10.0.0.1", "ca_cert": "", "created_unix": 0,
-            "mounts": [{ "host": "/img/repo.img", "guest": "/work", "mode": "ReadWrite" }]
+            "mounts": [{ "host": "/img/repo.img", "guest": "/work", "mode": "rw" }]
         }))
         .unwrap()
     }

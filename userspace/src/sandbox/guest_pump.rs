@@ -3,9 +3,9 @@
 //! must not cut a guest off — enforcement stays in the kernel, and frames
 //! keep flowing through the pump.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,7 @@ use sbx_vmm::tap::TapError;
 use sbx_vmm::{GuestNetwork, NetNs, NetnsGuest, Tap};
 
 use crate::sandbox::SandboxSpec;
+use crate::util::detached::spawn_ready;
 
 /// How long the daemon waits for a new pump's guest to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -135,33 +136,9 @@ pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpEr
         .open(log)
         .map_err(|source| PumpError::Log { name: name.clone(), log: log.display().to_string(), source })?;
     let mut command = Command::new(exe);
-    command
-        .arg(PUMP_ARG)
-        .arg(serde_json::to_string(spec).expect("spec serializes"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log_file);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().map_err(|source| PumpError::Spawn { name: name.clone(), exe: exe.display().to_string(), source })?;
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let answer = rx.recv_timeout(READY_TIMEOUT);
-    if matches!(&answer, Ok(line) if line.trim() == READY) {
+    command.arg(PUMP_ARG).arg(serde_json::to_string(spec).expect("spec serializes")).stderr(log_file);
+    let (pid, answer) = spawn_ready(&mut command, READY_TIMEOUT).map_err(|source| PumpError::Spawn { name: name.clone(), exe: exe.display().to_string(), source })?;
+    if answer.as_deref().map(str::trim) == Some(READY) {
         return Ok(pid);
     }
     if let Err(e) = stop_pump(pid, &spec.sandbox, &spec.netns) {
@@ -169,8 +146,8 @@ pub fn spawn_pump(exe: &Path, spec: &PumpSpec, log: &Path) -> Result<u32, PumpEr
     }
     let log = log.display().to_string();
     Err(match answer {
-        Ok(_) => PumpError::ExitedEarly { name, log },
-        Err(_) => PumpError::NotReady { name, log },
+        Some(_) => PumpError::ExitedEarly { name, log },
+        None => PumpError::NotReady { name, log },
     })
 }
 

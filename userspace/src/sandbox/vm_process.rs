@@ -12,10 +12,10 @@
 //! the VM running, its enforcement in the kernel.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -24,6 +24,8 @@ use sbx_vmm::virtio::blk::{BlockDevice, BlockMmio};
 use sbx_vmm::virtio::net::NetMmio;
 use sbx_vmm::vm::{MicroVm, RunEnd, MMIO_BASE, MMIO_WINDOW};
 use sbx_vmm::Tap;
+
+use crate::util::detached::spawn_ready;
 
 /// How long the daemon waits for a new VMM to say its VM runs.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -344,28 +346,9 @@ pub fn spawn_vm(exe: &Path, spec: &VmSpec, spec_file: &Path, log: &Path) -> Resu
     std::fs::write(spec_file, serde_json::to_vec(spec).expect("spec serializes")).map_err(|source| VmProcessError::Open { what: "VM spec", path: spec_file.display().to_string(), source })?;
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|_| open("VMM log", log))?;
     let mut command = Command::new(exe);
-    command.arg(VMM_ARG).arg("--sandbox").arg(&name).arg("--spec").arg(spec_file).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log_file);
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        command.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command.spawn().map_err(|source| VmProcessError::Spawn { name: name.clone(), exe: exe.display().to_string(), source })?;
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let answer = rx.recv_timeout(READY_TIMEOUT);
-    if matches!(&answer, Ok(line) if line.trim() == READY) {
+    command.arg(VMM_ARG).arg("--sandbox").arg(&name).arg("--spec").arg(spec_file).stderr(log_file);
+    let (pid, answer) = spawn_ready(&mut command, READY_TIMEOUT).map_err(|source| VmProcessError::Spawn { name: name.clone(), exe: exe.display().to_string(), source })?;
+    if answer.as_deref().map(str::trim) == Some(READY) {
         return Ok(pid);
     }
     if let Err(e) = stop_vm(pid, &name) {
@@ -373,8 +356,8 @@ pub fn spawn_vm(exe: &Path, spec: &VmSpec, spec_file: &Path, log: &Path) -> Resu
     }
     let log = log.display().to_string();
     Err(match answer {
-        Ok(_) => VmProcessError::ExitedEarly { name, log },
-        Err(_) => VmProcessError::NotReady { name, log },
+        Some(_) => VmProcessError::ExitedEarly { name, log },
+        None => VmProcessError::NotReady { name, log },
     })
 }
 

@@ -4,6 +4,7 @@
 
 pub mod clock;
 pub mod conn_limit;
+pub mod detached;
 pub mod fd_pass;
 pub mod fs;
 pub mod net;

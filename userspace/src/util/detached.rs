@@ -1,0 +1,36 @@
+//! Helper processes the daemon starts and does not wait for (a netns
+//! guest's pump, a microVM's VMM): each in its own session, so that killing
+//! or restarting the daemon leaves it running, and each saying on its
+//! first stdout line when it is ready.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Starts `command` (stdin null, stdout piped) in a session of its own and
+/// waits at most `timeout` for its first line on stdout: its pid, and the
+/// line (None: nothing in time; an empty line: it closed stdout, most
+/// likely by exiting).
+pub fn spawn_ready(command: &mut Command, timeout: Duration) -> std::io::Result<(u32, Option<String>)> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    Ok((pid, rx.recv_timeout(timeout).ok()))
+}
