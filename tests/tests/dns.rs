@@ -256,15 +256,17 @@ fn connect_right_after_resolve_never_loses_a_first_syn() {
         s["datapath"]["default_deny"]["packets"].as_u64().unwrap() + s["datapath"]["policy_deny"]["packets"].as_u64().unwrap()
     };
     let before = drops(&h);
-    // Resolve and connect at once, 1000 new names, in the guest.
+    // Resolve and connect at once, 1000 new names, in the guest (a query
+    // the guest's dig gives up on under load is asked again, as a stub
+    // resolver does; what is tested is the connection right after an answer).
     let script = format!(
-        "fail=0; for i in $(seq 0 {}); do a=$(dig +short +time=2 +tries=1 r$i.burst.test); nc -z -n -w 3 \"$a\" {PORT} || fail=$((fail+1)); done; echo failed=$fail",
+        "fail=0; nodns=0; for i in $(seq 0 {}); do a=$(dig +short +time=2 +tries=3 r$i.burst.test); [ -n \"$a\" ] || nodns=$((nodns+1)); nc -z -n -w 3 \"$a\" {PORT} || {{ fail=$((fail+1)); echo \"no connection to r$i ($a)\"; }}; done; echo failed=$fail nodns=$nodns",
         NAMES - 1
     );
     let started = Instant::now();
     let out = sbx_net_tests::shell_in(&ns, &["seq", "dig", "nc"], &script);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("failed=0"), "{text}");
+    assert!(text.contains("failed=0 nodns=0"), "{text} (datapath drops meanwhile: {})", drops(&h) - before);
     assert_eq!(drops(&h) - before, 0, "a first SYN (or another packet) was dropped in {NAMES} resolve-then-connect attempts");
     let dns = &h.json(&["status", "--json"])["dns"];
     assert!(dns["queries_allowed"].as_u64().unwrap() >= NAMES as u64, "{dns}");
