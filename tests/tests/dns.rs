@@ -266,7 +266,10 @@ fn connect_right_after_resolve_never_loses_a_first_syn() {
     let started = Instant::now();
     let out = sbx_net_tests::shell_in(&ns, &["seq", "dig", "nc"], &script);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("failed=0 nodns=0"), "{text} (datapath drops meanwhile: {})", drops(&h) - before);
+    if !text.contains("failed=0 nodns=0") {
+        let denied = h.cli(&["inspect", "--verdict", "denied", "--no-color"]);
+        panic!("{text} (datapath drops meanwhile: {}; denied flows:\n{})", drops(&h) - before, String::from_utf8_lossy(&denied.stdout));
+    }
     assert_eq!(drops(&h) - before, 0, "a first SYN (or another packet) was dropped in {NAMES} resolve-then-connect attempts");
     let dns = &h.json(&["status", "--json"])["dns"];
     assert!(dns["queries_allowed"].as_u64().unwrap() >= NAMES as u64, "{dns}");
