@@ -15,7 +15,7 @@ use sbx_vmm::tap::TapError;
 use sbx_vmm::{GuestNetwork, NetNs, NetnsGuest, Tap};
 
 use crate::sandbox::SandboxSpec;
-use crate::util::detached::spawn_ready;
+use crate::util::detached::{block_stop_signals, spawn_ready};
 
 /// How long the daemon waits for a new pump's guest to come up.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -103,16 +103,7 @@ pub fn run_pump(spec_json: &str) -> Result<(), PumpError> {
     let spec: PumpSpec = serde_json::from_str(spec_json).map_err(PumpError::BadSpec)?;
     // Block the stop signals in every thread (the pump threads inherit the
     // mask) and wait for them synchronously below.
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
-    // only read and write it and the thread's signal mask.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
+    let set = block_stop_signals();
     let tap = Tap::open(&spec.tap)?;
     // A namespace left by a pump that was SIGKILLed: replace it.
     NetNs::delete(&spec.netns)?;

@@ -25,7 +25,7 @@ use sbx_vmm::virtio::net::NetMmio;
 use sbx_vmm::vm::{MicroVm, RunEnd, MMIO_BASE, MMIO_WINDOW};
 use sbx_vmm::Tap;
 
-use crate::util::detached::spawn_ready;
+use crate::util::detached::{block_stop_signals, spawn_ready};
 
 /// How long the daemon waits for a new VMM to say its VM runs.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -147,19 +147,6 @@ impl VmSpec {
 /// The default probe of `sandbox create --vm`: the guest comes up and
 /// serves (answers ARP and ping) until it is stopped.
 pub const SERVE_SCRIPT: &str = "serve\n";
-
-fn block_stop_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
-    // only read and write it and the thread's signal mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
 
 /// Becomes nobody, drops every capability of the calling thread and sets
 /// no_new_privs. Capabilities are per thread on Linux: call it before the

@@ -7,6 +7,22 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+/// Blocks SIGTERM and SIGINT on the calling thread (threads it starts
+/// inherit the mask) and returns the set, for a helper that waits for its
+/// stop signal with `sigwait` instead of dying of it.
+pub fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls
+    // only read and write it and the thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
 /// Starts `command` (stdin null, stdout piped) in a session of its own and
 /// waits at most `timeout` for its first line on stdout: its pid, and the
 /// line (None: nothing in time; an empty line: it closed stdout, most
