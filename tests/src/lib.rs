@@ -7,6 +7,7 @@
 
 pub mod daemon;
 pub mod dns_attack;
+pub mod etcd;
 pub mod frames;
 pub mod guest_code;
 pub mod https;

@@ -70,6 +70,11 @@ pub const TOOLS: &[Tool] = &[
     apt("mount", "mount"),
     apt("dpkg-query", "dpkg"),
     apt("apt-get", "apt"),
+    // The fleet tests and `bench fleet` run a real etcd on loopback in a
+    // namespace of theirs (never the Debian service) and read it back with
+    // etcdctl, an independent client.
+    apt("etcd", "etcd-server"),
+    apt("etcdctl", "etcd-client"),
     // The venv of `bench proxy`'s mitmproxy (`python3 -m venv`).
     apt("python3", "python3-venv"),
     Tool { program: "rustup", package: "rustup", source: Source::Rustup },

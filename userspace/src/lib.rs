@@ -27,6 +27,8 @@ pub mod dns;
 /// The HTTP(S) path: first-bytes peek, plan, splice, TLS termination and
 /// credential injection.
 pub mod proxy;
+/// Fleets: policies from etcd, validated, merged across scopes, watched.
+pub mod fleet;
 /// The daemon: control API, server, configuration, state, metrics.
 pub mod control;
 /// The command line's clients.
@@ -38,7 +40,7 @@ pub mod fuzzing;
 
 /// The layers, lowest first: `cargo xtask lint` fails when a module uses
 /// one later in this list than its own.
-pub const LAYERS: &[&str] = &["util", "policy", "credentials", "datapath", "sandbox", "observe", "dns", "proxy", "control", "cli", "fuzzing"];
+pub const LAYERS: &[&str] = &["util", "policy", "credentials", "datapath", "sandbox", "observe", "dns", "proxy", "fleet", "control", "cli", "fuzzing"];
 
 pub use datapath::{Datapath, DatapathOptions};
 pub use policy::compile::{compile, CompiledPolicy};

@@ -63,6 +63,26 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// A fleet of hosts that take their policies from etcd.
+    Fleet {
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
+    /// Internal: light fleet hosts for `cargo xtask bench fleet` (the
+    /// policy source's code path without a datapath).
+    #[command(name = "__fleet-light-hosts", hide = true)]
+    FleetLightHosts {
+        #[arg(long)]
+        etcd: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value = "light-")]
+        name_prefix: String,
+        #[arg(long)]
+        host_group: Option<String>,
+        #[command(flatten)]
+        options: sbx_net::fleet::EtcdOptions,
+    },
     /// Internal: the VMM of a sandbox's microVM (started by the daemon).
     #[command(name = "__vmm", hide = true)]
     Vmm {
@@ -71,6 +91,13 @@ enum Command {
         #[arg(long)]
         spec: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Every host's applied revision, policy generation and rejections
+    /// (from the hosts' status keys).
+    Status(sbx_net::cli::fleet::StatusArgs),
 }
 
 #[derive(Subcommand)]
@@ -105,6 +132,18 @@ struct DaemonArgs {
     /// Remove everything a daemon with this configuration made, then exit.
     #[arg(long)]
     cleanup: bool,
+    /// Take policies from etcd as well: etcd://HOST:PORT[,HOST:PORT…]/PREFIX
+    /// (etcds:// for TLS); they override the policy dir's by name.
+    #[arg(long, value_name = "URL")]
+    policy_source: Option<String>,
+    /// This host's name in the fleet (default: the hostname).
+    #[arg(long)]
+    host_name: Option<String>,
+    /// This host's group in the fleet (policies under group/GROUP apply).
+    #[arg(long)]
+    host_group: Option<String>,
+    #[command(flatten)]
+    etcd: sbx_net::fleet::EtcdOptions,
 }
 
 #[derive(Subcommand)]
@@ -145,6 +184,9 @@ enum PolicyCommand {
     Check { file: PathBuf },
     /// Validate and apply a policy file to the running daemon.
     Apply { file: PathBuf },
+    /// Validate a policy file locally, then write it to a fleet's etcd
+    /// (every host under the scope applies it); prints the key and revision.
+    Push(sbx_net::cli::fleet::PushArgs),
     /// The policies the daemon knows.
     List,
     /// Re-read the policy directory (all-or-nothing).
@@ -192,6 +234,9 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         if cause.is::<sbx_net::policy::PolicyError>() || cause.is::<sbx_net::policy::compile::CompileError>() {
             return exit_code::DATAERR;
         }
+        if let Some(sbx_net::cli::fleet::FleetCliError::Policy(_) | sbx_net::cli::fleet::FleetCliError::Compile(_)) = cause.downcast_ref() {
+            return exit_code::DATAERR;
+        }
     }
     exit_code::FAILURE
 }
@@ -228,6 +273,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let source = std::path::absolute(&file).unwrap_or(file).display().to_string();
             print_json(&request(&socket, Request::PolicyApply { source, text })?)
+        }
+        Command::Policy { command: PolicyCommand::Push(args) } => print_json(&sbx_net::cli::fleet::push(&args)?),
+        Command::Fleet { command: FleetCommand::Status(args) } => {
+            let (revision, hosts) = sbx_net::cli::fleet::status(&args)?;
+            if args.json {
+                return print_json(&serde_json::json!({ "revision": revision, "hosts": hosts }));
+            }
+            print!("{}", sbx_net::fleet::status::render(revision, &hosts));
+            Ok(())
+        }
+        Command::FleetLightHosts { etcd, count, name_prefix, host_group, options } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+                .with_writer(std::io::stderr)
+                .init();
+            let source = sbx_net::fleet::EtcdSource::parse(&etcd)?;
+            Ok(sbx_net::fleet::light::run(&source, &options, count, &name_prefix, host_group.as_deref())?)
         }
         Command::Policy { command: PolicyCommand::List } => print_json(&request(&socket, Request::PolicyList)?),
         Command::Policy { command: PolicyCommand::Reload } => print_json(&request(&socket, Request::PolicyReload)?),
@@ -355,6 +417,21 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
     }
     if let Some(v) = args.bpf_dir {
         config.bpf_dir = v;
+    }
+    if args.policy_source.is_some() || args.host_name.is_some() || args.host_group.is_some() || args.etcd != Default::default() {
+        let fleet = config.fleet.get_or_insert_with(Default::default);
+        if let Some(v) = args.policy_source {
+            fleet.source = v;
+        }
+        if let Some(v) = args.host_name {
+            fleet.host_name = Some(v);
+        }
+        if let Some(v) = args.host_group {
+            fleet.host_group = Some(v);
+        }
+        if args.etcd != Default::default() {
+            fleet.etcd = args.etcd;
+        }
     }
     config.validate().map_err(anyhow::Error::msg)?;
     if args.cleanup {

@@ -67,8 +67,9 @@ enum Task {
 /// Packages the build needs that provide no program (libraries, the
 /// pkg-config the nftables crate builds with); the programs and their
 /// packages are in tests/src/tools.rs.
-/// g++ builds libFuzzer's C++ half for `cargo xtask fuzz`.
-const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev", "g++"];
+/// g++ builds libFuzzer's C++ half for `cargo xtask fuzz`; protoc is run
+/// by the etcd client's build script (its gRPC stubs are generated).
+const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev", "g++", "protobuf-compiler"];
 /// The directories whose Rust sources may run programs.
 const SOURCE_DIRS: &[&str] = &["tests", "xtask", "userspace", "vmm"];
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -21,6 +21,11 @@
 //! connection, sent upstream concurrently (now) and one at a time (before,
 //! measured in the same run by restarting the daemon with the
 //! `bench_serial_upstream_requests` baseline key).
+//!
+//! `cargo xtask bench fleet`: 100 hosts (10 real daemons, 90 light hosts)
+//! taking a policy from one real etcd: the time from `policy push` to the
+//! new version in force on every host, and the idle fleet's cost in etcd
+//! (bench/fleet.rs).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -35,6 +40,10 @@ use sbx_net_common::{program_names, sandbox_flags};
 use sbx_net_tests::frames::*;
 use sbx_net_tests::{unique_name, Topology};
 use sbx_vmm::NetNs;
+
+// Not a binary of its own: cargo takes only src/bin/*.rs and src/bin/*/main.rs.
+#[path = "bench/fleet.rs"]
+mod fleet;
 
 const RULE_COUNTS: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
 const REPEAT: u32 = 200_000;
@@ -54,7 +63,9 @@ fn main() -> Result<()> {
         "proxy" => return proxy_bench(),
         "upgrade" => return upgrade_bench(),
         "vmm" => return vmm_bench(),
-        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns, proxy, upgrade, vmm)"),
+        "fleet" => return fleet::fleet_bench(),
+        "fleet-selftest" => return fleet::selftest(),
+        _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns, proxy, upgrade, vmm, fleet)"),
     }
     println!("## Datapath (`cargo xtask bench datapath`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());

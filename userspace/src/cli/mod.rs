@@ -1,4 +1,5 @@
 //! The command line's clients of the daemon.
 
+pub mod fleet;
 pub mod inspect;
 pub mod vm;

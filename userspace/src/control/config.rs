@@ -106,6 +106,8 @@ pub struct DaemonConfig {
     /// for at most this many seconds, then closes what is left (counted in
     /// the log and `sbx_net_dataplane_drain_closed_total`).
     pub dataplane_drain_seconds: u64,
+    /// `[fleet]`: policies from etcd (none: the policy dir only).
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -147,6 +149,7 @@ impl Default for DaemonConfig {
             proxy_first_bytes_timeout_ms: 10_000,
             bench_serial_upstream_requests: false,
             dataplane_drain_seconds: 30,
+            fleet: None,
         }
     }
 }
@@ -170,6 +173,10 @@ impl DaemonConfig {
 
     /// Checks what serde cannot: port sets, pool sizes.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(fleet) = &self.fleet {
+            fleet.source().map_err(|e| format!("fleet: {e}"))?;
+            fleet.identity().map_err(|e| format!("fleet: {e}"))?;
+        }
         if self.proxied_ports.len() > sbx_net_common::MAX_PROXIED_PORTS {
             return Err(format!(
                 "proxied_ports: at most {} ports (got {})",

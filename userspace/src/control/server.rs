@@ -143,20 +143,47 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         return Err(ServerError::AlreadyRunning(config.socket.display().to_string()));
     }
     let routes: crate::sandbox::route::Routes = Arc::new(RwLock::new(Default::default()));
-    let daemon = Daemon::start(config.clone(), routes.clone())?;
+    let mut daemon = Daemon::start(config.clone(), routes.clone())?;
     let metrics = Arc::new(register_metrics(&config, &daemon, &routes));
-    let listener = bind_socket(&config)?;
+    let fleet_watcher = match &config.fleet {
+        Some(fleet) => Some(fleet_watcher(&config, fleet, &mut daemon)?),
+        None => None,
+    };
 
-    let (tx, rx) = mpsc::channel::<(Request, mpsc::Sender<Response>)>();
+    let (tx, rx) = mpsc::channel::<Control>();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             let mut daemon = daemon;
-            for (request, reply) in rx {
-                let _ = reply.send(daemon.handle(request));
+            for message in rx {
+                match message {
+                    Control::Client(request, reply) => {
+                        let _ = reply.send(daemon.handle(request));
+                    }
+                    Control::Fleet(entries, reply) => {
+                        let _ = reply.send(daemon.fleet_apply(entries));
+                    }
+                }
             }
         })
         .map_err(io("spawning the control thread"))?;
+    if let (Some((watcher, first_sync)), Some(fleet)) = (fleet_watcher, &config.fleet) {
+        let sink = DaemonSink(tx.clone());
+        std::thread::Builder::new()
+            .name("fleet".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("the fleet thread's runtime");
+                runtime.block_on(watcher.with_sink(sink).run());
+            })
+            .map_err(io("spawning the fleet thread"))?;
+        // Serve once the store has been read (or could not be, within the
+        // wait): a sandbox created at once gets the fleet's policies.
+        let wait = std::time::Duration::from_millis(fleet.initial_sync_ms);
+        if first_sync.recv_timeout(wait).is_err() {
+            tracing::warn!(wait_ms = fleet.initial_sync_ms, "fleet: the store did not answer in time; serving on the cached policies while the watcher retries");
+        }
+    }
+    let listener = bind_socket(&config)?;
     let client_config = Arc::new(config.clone());
     std::thread::Builder::new()
         .name("socket".into())
@@ -236,7 +263,50 @@ fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender<Response>)>, config: &DaemonConfig) {
+/// What the control thread is asked to do: a client's request, or a change
+/// from the fleet's store.
+enum Control {
+    Client(Request, mpsc::Sender<Response>),
+    Fleet(Vec<crate::policy::store::PolicyEntry>, mpsc::Sender<Result<u64, crate::fleet::reconcile::Refusal>>),
+}
+
+/// The fleet watcher's way into the daemon: through the control thread,
+/// like any request, so a fleet change and `sandbox create` never interleave.
+struct DaemonSink(mpsc::Sender<Control>);
+
+impl crate::fleet::watch::PolicySink for DaemonSink {
+    fn apply(&mut self, entries: Vec<crate::policy::store::PolicyEntry>) -> Result<u64, crate::fleet::reconcile::Refusal> {
+        let stopped = || crate::fleet::reconcile::Refusal { policy: None, reason: "the daemon's control thread stopped".into() };
+        let (reply_tx, reply_rx) = mpsc::channel();
+        self.0.send(Control::Fleet(entries, reply_tx)).map_err(|_| stopped())?;
+        reply_rx.recv().unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// The fleet watcher (sink not yet attached) starting from the daemon's
+/// cached set, and the channel it tells its first read of the store on.
+fn fleet_watcher(
+    config: &DaemonConfig,
+    fleet: &crate::fleet::FleetConfig,
+    daemon: &mut Daemon,
+) -> Result<(crate::fleet::watch::PendingWatcher, mpsc::Receiver<()>), ServerError> {
+    let settings = crate::fleet::watch::WatcherSettings {
+        source: fleet.source().map_err(DaemonError::from)?,
+        options: fleet.etcd.clone(),
+        host: fleet.identity().map_err(DaemonError::from)?,
+        cache: Some(crate::fleet::cache::path(&config.state_dir)),
+        status_ttl: 10,
+        light: false,
+    };
+    // Files (CA, keys, password) are read now: a typo fails the start.
+    settings.options.connect_options(&settings.source).map_err(DaemonError::from)?;
+    let (first_tx, first_rx) = mpsc::channel();
+    let pending = crate::fleet::watch::PendingWatcher::new(settings, daemon.take_fleet_cache(), first_tx);
+    daemon.set_fleet_status(pending.status());
+    Ok((pending, first_rx))
+}
+
+fn serve_client(stream: UnixStream, control: mpsc::Sender<Control>, config: &DaemonConfig) {
     let Ok(read_half) = stream.try_clone() else { return };
     let mut reader = BufReader::new(read_half);
     let mut writer = stream;
@@ -257,7 +327,7 @@ fn serve_client(stream: UnixStream, control: mpsc::Sender<(Request, mpsc::Sender
             }
             Ok(request) => {
                 let (reply_tx, reply_rx) = mpsc::channel();
-                if control.send((request, reply_tx)).is_err() {
+                if control.send(Control::Client(request, reply_tx)).is_err() {
                     return;
                 }
                 reply_rx.recv().unwrap_or(Response::error(ErrorKind::Unavailable, "the daemon's control thread stopped"))

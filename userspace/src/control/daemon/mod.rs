@@ -13,6 +13,7 @@
 
 mod adopt;
 mod cleanup;
+mod fleet;
 mod lifecycle;
 mod policy_switch;
 mod reaper;
@@ -112,6 +113,10 @@ pub enum DaemonError {
     RolledBack { sandbox: String, source: Box<DaemonError>, rolled_back: usize, failed_rollbacks: Vec<String> },
     #[error("cleanup left: {}", .0.join("; "))]
     CleanupLeft(Vec<String>),
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    #[error("this host takes its policies from {0}: change them there (`sbx-net policy push FILE --etcd …`)")]
+    FleetManaged(String),
 }
 
 impl DaemonError {
@@ -123,6 +128,7 @@ impl DaemonError {
             DaemonError::TapTaken(_)
             | DaemonError::PoolFull
             | DaemonError::PolicyInUse { .. }
+            | DaemonError::FleetManaged(_)
             | DaemonError::Sandbox(SandboxError::PoolExhausted { .. }) => ErrorKind::Conflict,
             DaemonError::TapWithNetnsGuest
             | DaemonError::VmWithOtherGuest
@@ -166,12 +172,13 @@ impl Policies {
     /// The policy directory and the applied policies; when they do not
     /// load, the embedded default plus the policy texts the sandboxes
     /// enforce (fail closed: every sandbox keeps its policy).
-    fn load(config: &DaemonConfig, state: &State) -> Policies {
+    fn load(config: &DaemonConfig, state: &State, fleet: &[PolicyEntry]) -> Policies {
         let (set, last_reload_error) = match load_policies(config.policy_dir.as_deref(), &config.applied_policy_dir()) {
-            Ok(set) => (set, None),
+            Ok(set) => (fleet::overlay(set, fleet), None),
             Err(e) => {
                 tracing::error!("policies not loaded, keeping the ones in force: {e}");
-                let mut set = load_policies(None, Path::new("/nonexistent")).expect("embedded default loads");
+                let set = load_policies(None, Path::new("/nonexistent")).expect("embedded default loads");
+                let mut set = fleet::overlay(set, fleet);
                 for text in state.policy_texts.values() {
                     if let Ok(entry) = PolicyEntry::parse(&text.source, &text.text) {
                         set.insert(entry.policy.name.clone(), entry);
@@ -230,6 +237,8 @@ pub struct Daemon {
     host_checks: Vec<HostCheck>,
     /// The numbers `/metrics` shows of the daemon, published on change.
     metrics: crate::control::metrics::DaemonMetrics,
+    /// A fleet host's policies from etcd (None: local policies only).
+    fleet: Option<fleet::FleetRole>,
 }
 
 /// The sandbox installer's settings for this configuration.
@@ -258,7 +267,8 @@ impl Daemon {
         })?;
         let state = State::load(&config.state_dir)?;
         let exe = std::env::current_exe().map_err(io_err(Path::new("/proc/self/exe")))?;
-        let policies = Policies::load(&config, &state);
+        let fleet = fleet::FleetRole::load(&config)?;
+        let policies = Policies::load(&config, &state, fleet.as_ref().map_or(&[][..], |f| &f.entries));
         let pool = TapPool::new(state.sandboxes.values().map(|r| r.id), config.pools().capacity());
         let datapath_write_failures = datapath.map_write_failures();
         // After the maps are pinned (the data plane opens them by path),
@@ -278,6 +288,7 @@ impl Daemon {
             started: Instant::now(),
             host_checks,
             metrics: crate::control::metrics::DaemonMetrics::new(datapath_write_failures),
+            fleet,
         };
         daemon.adopt_all()?;
         daemon.start_pool()?;
@@ -336,6 +347,9 @@ impl Daemon {
                 None => Err(DaemonError::NoSuchSandbox(name)),
             },
             Request::SandboxDelete { name } => self.delete(&name).map(|()| json!({ "deleted": name })),
+            Request::PolicyApply { .. } if self.fleet.is_some() => {
+                Err(DaemonError::FleetManaged(self.config.fleet.as_ref().map(|f| f.source.clone()).unwrap_or_default()))
+            }
             Request::PolicyApply { source, text } => self.apply(&source, &text),
             Request::PolicyList => Ok(self.policy_list()),
             Request::PolicyReload => self.reload(),

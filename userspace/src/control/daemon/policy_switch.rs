@@ -12,7 +12,7 @@ use crate::control::state::{text_hash, PolicyText, SandboxRecord};
 use crate::control::dataplane::SwitchRequest;
 use crate::dns::decide::LearnedAddr;
 use crate::policy::compile::CompiledPolicy;
-use crate::policy::store::{load_policies, PolicyEntry, PolicySet};
+use crate::policy::store::{PolicyEntry, PolicySet};
 use crate::sandbox::SandboxSpec;
 
 use super::{io_err, Daemon, DaemonError};
@@ -77,7 +77,7 @@ impl Daemon {
 
     /// Switches every sandbox to `new` (already validated as a whole):
     /// compile all first, then one generation switch per changed sandbox.
-    fn switch_to(&mut self, new: PolicySet) -> Result<serde_json::Value, DaemonError> {
+    pub(super) fn switch_to(&mut self, new: PolicySet) -> Result<serde_json::Value, DaemonError> {
         let mut plans = Vec::new();
         for (name, record) in &self.state.sandboxes {
             let entry = new.get(&record.policy).ok_or_else(|| DaemonError::PolicyInUse { policy: record.policy.clone(), sandbox: name.clone() })?;
@@ -197,10 +197,9 @@ impl Daemon {
     }
 
     pub(super) fn reload(&mut self) -> Result<serde_json::Value, DaemonError> {
-        let loaded = load_policies(self.config.policy_dir.as_deref(), &self.config.applied_policy_dir()).map_err(|e| {
+        let loaded = self.local_and_fleet().inspect_err(|e| {
             self.policies.reload_failures += 1;
             self.policies.last_reload_error = Some(e.to_string());
-            DaemonError::from(e)
         });
         let result = loaded.and_then(|set| self.switch_to(set));
         match &result {

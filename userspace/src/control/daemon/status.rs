@@ -129,6 +129,7 @@ impl Daemon {
             "state_dir": self.config.state_dir,
             "host": self.host_checks,
             "reap_failures": self.reaper.failures(),
+            "fleet": self.fleet_status(),
         }))
     }
 }
