@@ -109,13 +109,17 @@ pub fn push(args: &PushArgs) -> Result<serde_json::Value, FleetCliError> {
     })
 }
 
-/// `fleet status`: the store's revision and every host's status.
+/// `fleet status`: the revision of the latest policy write (a host whose
+/// `revision` is below it has not seen it yet) and every host's status.
 pub fn status(args: &StatusArgs) -> Result<(i64, Vec<HostStatus>), FleetCliError> {
     let source = EtcdSource::parse(&args.etcd)?;
     block_on(async {
         let mut client = args.options.connect(&source, DEADLINE).await?;
+        let policies = bounded("reading the policies", client.get(source.layout.policies(), Some(GetOptions::new().with_prefix().with_keys_only()))).await?;
+        // The newest write of a key still there (a delete leaves nothing to
+        // read, though hosts see it as an event at its own revision).
+        let revision = policies.kvs().iter().map(|kv| kv.mod_revision()).max().unwrap_or(0);
         let response = bounded("reading the statuses", client.get(source.layout.statuses(), Some(GetOptions::new().with_prefix()))).await?;
-        let revision = response.header().map_or(0, |h| h.revision());
         let mut hosts = Vec::new();
         for kv in response.kvs() {
             match serde_json::from_slice::<HostStatus>(kv.value()) {

@@ -36,9 +36,10 @@ pub struct HostStatus {
 }
 
 /// `fleet status`: one line per host, then one per rejection.
-pub fn render(store_revision: i64, hosts: &[HostStatus]) -> String {
+pub fn render(policies_revision: i64, hosts: &[HostStatus]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "store revision {store_revision}, {} host(s)", hosts.len());
+    let behind = hosts.iter().filter(|h| h.revision < policies_revision).count();
+    let _ = writeln!(out, "latest policy write at revision {policies_revision}; {} host(s), {behind} behind it", hosts.len());
     let _ = writeln!(out, "{:<24} {:<12} {:>9} {:>10} {:<10} {:>8}", "HOST", "GROUP", "REVISION", "GENERATION", "STATE", "REJECTED");
     for h in hosts {
         let state = match (h.connected, h.from_cache) {

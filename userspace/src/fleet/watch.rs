@@ -133,6 +133,9 @@ impl<S: PolicySink> Watcher<S> {
     /// Runs forever: a session at a time, reconnecting with a backoff.
     pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
+        // A store that stays away is logged when the failure changes and
+        // at most every half minute, not at every retry.
+        let mut last_logged: Option<(String, std::time::Instant)> = None;
         loop {
             let started = std::time::Instant::now();
             let result = self.session().await;
@@ -144,7 +147,12 @@ impl<S: PolicySink> Watcher<S> {
                 }
             }
             if let Err(e) = result {
-                tracing::warn!(source = %self.settings.source.url, "fleet: {e}; reconnecting");
+                let text = e.to_string();
+                let quiet = last_logged.as_ref().is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(30));
+                if !quiet {
+                    tracing::warn!(source = %self.settings.source.url, "fleet: {text}; reconnecting (the policies in force stay)");
+                    last_logged = Some((text, std::time::Instant::now()));
+                }
             }
             self.tell_first_sync();
             if started.elapsed() > Duration::from_secs(10) {
@@ -280,7 +288,8 @@ impl<S: PolicySink> Watcher<S> {
                 }
             }
         }
-        for r in self.view.rejected.values() {
+        let before = self.status.lock().expect("status lock").rejected.clone();
+        for r in self.view.rejected.values().filter(|r| !before.contains(r)) {
             tracing::warn!(key = %r.key, mod_revision = r.mod_revision, "fleet: rejected: {}", r.reason);
         }
         self.refresh_status();
