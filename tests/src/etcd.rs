@@ -12,9 +12,52 @@ use std::time::Duration;
 
 use crate::{require_tool, try_wait_for, unique_name};
 
+/// Certificates for an etcd that speaks TLS and requires client
+/// certificates (made with openssl by [`TlsFiles::generate`]).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate,
+    /// all under `dir`.
+    pub fn generate(dir: &std::path::Path) -> TlsFiles {
+        std::fs::create_dir_all(dir).expect("tls dir");
+        let f = |name: &str| dir.join(name);
+        let files = TlsFiles {
+            ca: f("ca.pem"),
+            server_cert: f("server.pem"),
+            server_key: f("server-key.pem"),
+            client_cert: f("client.pem"),
+            client_key: f("client-key.pem"),
+        };
+        let openssl = |args: &[&str]| {
+            let out = Command::new(require_tool("openssl")).args(args).current_dir(dir).output().expect("run openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        openssl(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sbx-net test etcd CA"]);
+        std::fs::write(f("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n").expect("ext");
+        std::fs::write(f("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+        for (who, cn) in [("server", "127.0.0.1"), ("client", "sbx-net")] {
+            openssl(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &format!("{who}-key.pem"), "-out", &format!("{who}.csr"), "-subj", &format!("/CN={cn}")]);
+            openssl(&["x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-out", &format!("{who}.pem"), "-days", "2", "-extfile", &format!("{who}.ext")]);
+        }
+        files
+    }
+}
+
 pub struct EtcdServer {
     /// The network namespace it listens in (on 127.0.0.1).
     pub netns: String,
+    /// Set: clients must use TLS with a client certificate of this CA.
+    pub tls: Option<TlsFiles>,
+    /// Set by [`EtcdServer::enable_auth`]: etcdctl logs in as root.
+    root_password: Option<String>,
     pub client_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
@@ -34,6 +77,12 @@ fn next_ports() -> (u16, u16) {
 impl EtcdServer {
     /// Starts etcd in `netns` and waits (at most 30 s) until it answers.
     pub fn start(netns: &str) -> EtcdServer {
+        Self::start_with(netns, None)
+    }
+
+    /// Like [`EtcdServer::start`]; with `tls`, clients must speak TLS and
+    /// present a certificate of its CA.
+    pub fn start_with(netns: &str, tls: Option<TlsFiles>) -> EtcdServer {
         require_tool("etcd");
         let (client_port, peer_port) = next_ports();
         let dir = std::env::temp_dir().join(unique_name("etcd"));
@@ -41,6 +90,8 @@ impl EtcdServer {
         std::fs::create_dir_all(&dir).expect("etcd dir");
         let mut server = EtcdServer {
             netns: netns.to_string(),
+            tls,
+            root_password: None,
             client_port,
             peer_port,
             data_dir: dir.join("data"),
@@ -53,7 +104,8 @@ impl EtcdServer {
 
     /// `etcd://127.0.0.1:PORT/PREFIX`, the daemon's `--policy-source`.
     pub fn url(&self, prefix: &str) -> String {
-        format!("etcd://127.0.0.1:{}/{}", self.client_port, prefix.trim_start_matches('/'))
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}/{}", self.client_port, prefix.trim_start_matches('/'))
     }
 
     /// `127.0.0.1:PORT`, for etcdctl's `--endpoints`.
@@ -65,8 +117,17 @@ impl EtcdServer {
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "etcd is running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("etcd log");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(t) = &self.tls {
+            for (flag, path) in [("--cert-file", &t.server_cert), ("--key-file", &t.server_key), ("--trusted-ca-file", &t.ca)] {
+                tls_args.push(flag.into());
+                tls_args.push(path.display().to_string());
+            }
+            tls_args.push("--client-cert-auth".into());
+        }
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns, "etcd"])
             .args(["--name", "sbx-test", "--data-dir"])
@@ -77,6 +138,7 @@ impl EtcdServer {
             // No metrics or pprof listeners beyond the client port; small
             // snapshots so a test never waits on a big one.
             .args(["--snapshot-count", "10000", "--log-level", "warn", "--logger", "zap"])
+            .args(&tls_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -111,12 +173,36 @@ impl EtcdServer {
 
     /// Runs `etcdctl` (API v3) against this server.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
+        let mut tls_args: Vec<String> = Vec::new();
+        if let Some(t) = &self.tls {
+            for (flag, path) in [("--cacert", &t.ca), ("--cert", &t.client_cert), ("--key", &t.client_key)] {
+                tls_args.push(format!("{flag}={}", path.display()));
+            }
+        }
+        if let Some(password) = &self.root_password {
+            tls_args.push(format!("--user=root:{password}"));
+        }
+        let endpoint = match &self.tls {
+            Some(_) => format!("https://{}", self.endpoint()),
+            None => self.endpoint(),
+        };
         Command::new("ip")
-            .args(["netns", "exec", &self.netns, "etcdctl", "--endpoints", &self.endpoint(), "--command-timeout=5s"])
+            .args(["netns", "exec", &self.netns, "etcdctl", "--endpoints", &endpoint, "--command-timeout=5s"])
+            .args(&tls_args)
             .args(args)
             .env("ETCDCTL_API", "3")
             .output()
             .expect("run etcdctl")
+    }
+
+    /// Turns on etcd's users and roles with a `root` user of `password`
+    /// (etcdctl logs in as root from then on).
+    pub fn enable_auth(&mut self, password: &str) {
+        for args in [vec!["user", "add", "root", &format!("--new-user-password={password}")[..]], vec!["auth", "enable"]] {
+            let out = self.etcdctl(&args);
+            assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        self.root_password = Some(password.to_string());
     }
 
     /// `etcdctl put KEY VALUE`, asserting success (for writing what
