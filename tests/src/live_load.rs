@@ -144,7 +144,7 @@ async fn run_streams(t: LoadTargets, started: Instant, stop: Arc<AtomicBool>, ta
     let sandbox = crate::https::client_config_with(&[t.sandbox_ca.as_path()], &[b"http/1.1"]);
     let sandbox_h2 = crate::https::client_config_with(&[t.sandbox_ca.as_path()], &[b"h2"]);
     let mut tasks = Vec::new();
-    let paced = |name: &'static str, every: Duration, stop: Arc<AtomicBool>, record: Box<dyn Fn(&'static str, Result<(), String>) + Send>, mut step: Box<dyn FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> + Send>| {
+    let paced = |name: &'static str, every: Duration, stop: Arc<AtomicBool>, record: Box<dyn Fn(&'static str, Result<(), String>) + Send>, mut step: Box<dyn FnMut() -> StepFuture + Send>| {
         tokio::task::spawn_local(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -404,3 +404,6 @@ impl Drop for LineEcho {
         }
     }
 }
+
+/// One step of a paced load task.
+type StepFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;

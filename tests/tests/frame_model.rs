@@ -278,7 +278,7 @@ fn committed_frame_seeds_are_the_generated_ones() {
         return;
     }
     for (name, input) in seeds() {
-        let committed = std::fs::read(dir.join(&name)).unwrap_or_else(|e| panic!("{name}: {e} (SBX_NET_WRITE_FRAME_SEEDS=1 writes the corpus)"));
+        let committed = std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e} (SBX_NET_WRITE_FRAME_SEEDS=1 writes the corpus)"));
         assert_eq!(committed, input, "{name}: the committed seed differs from the generated one (SBX_NET_WRITE_FRAME_SEEDS=1 rewrites the corpus)");
     }
 }
