@@ -165,6 +165,35 @@ fn etcd_users_and_roles() {
         .output()
         .expect("run sbx-net");
     assert!(env_password.status.success(), "the password from the environment: {}", text(&env_password));
+
+    // What a host needs (README): read the policies, write its status.
+    for args in [
+        vec!["user", "add", "host", "--new-user-password=h0st"],
+        vec!["role", "add", "fleet-host"],
+        vec!["role", "grant-permission", "fleet-host", "--prefix=true", "read", "/fleet/policies/"],
+        vec!["role", "grant-permission", "fleet-host", "--prefix=true", "readwrite", "/fleet/status/"],
+        vec!["user", "grant-role", "host", "fleet-host"],
+    ] {
+        let out = etcd.etcdctl(&args);
+        assert!(out.status.success(), "etcdctl {args:?}: {}", text(&out));
+    }
+    let host_pw = password_file("host", "h0st");
+    let mut hosts = Background(
+        Command::new("ip")
+            .args(["netns", "exec", ns.name()])
+            .arg(sbx_net_bin())
+            .args(["__fleet-light-hosts", "--etcd", &url, "--count", "1", "--name-prefix", "roled-", "--etcd-user", "host", "--etcd-password-file", &host_pw])
+            .spawn()
+            .expect("light host"),
+    );
+    let status_args = ["fleet", "status", "--json", "--etcd", &url, "--etcd-user", "reader", "--etcd-password-file", &reader_pw];
+    wait_for(Duration::from_secs(20), "a host with the fleet-host role publishing web in force", || {
+        let out = sbx_net(&ns, &status_args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["hosts"].as_array()?.iter().any(|h| h["host"] == "roled-0" && h["in_force"]["/fleet/policies/all/web"].is_i64()).then_some(())
+    });
+    hosts.assert_running("light host");
+    drop(hosts);
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
 }
