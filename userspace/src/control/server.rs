@@ -144,11 +144,15 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     }
     let routes: crate::sandbox::route::Routes = Arc::new(RwLock::new(Default::default()));
     let mut daemon = Daemon::start(config.clone(), routes.clone())?;
-    let metrics = Arc::new(register_metrics(&config, &daemon, &routes));
     let fleet_watcher = match &config.fleet {
         Some(fleet) => Some(fleet_watcher(&config, fleet, &mut daemon)?),
         None => None,
     };
+    let mut metrics = register_metrics(&config, &daemon, &routes);
+    if let Some((watcher, _)) = &fleet_watcher {
+        crate::fleet::status::register_metrics(watcher.status(), metrics.registry());
+    }
+    let metrics = Arc::new(metrics);
 
     let (tx, rx) = mpsc::channel::<Control>();
     std::thread::Builder::new()

@@ -35,6 +35,22 @@ pub struct HostStatus {
     pub light: bool,
 }
 
+/// The host's fleet families for `/metrics`, read from its status at
+/// scrape time: whether the watch is up, the revisions, the keys rejected
+/// (an alert on `sbx_net_fleet_rejected_keys > 0` finds a host that
+/// refused a policy), whether it runs on its cache.
+pub fn register_metrics(status: std::sync::Arc<std::sync::Mutex<HostStatus>>, registry: &mut prometheus_client::registry::Registry) {
+    use crate::observe::metrics::{encode_gauge, CollectWith};
+    registry.register_collector(Box::new(CollectWith("fleet", move |encoder: &mut prometheus_client::encoding::DescriptorEncoder| {
+        let s = status.lock().expect("status lock").clone();
+        encode_gauge(encoder, "fleet_connected", "1 while the host's watch on the fleet's etcd is up", i64::from(s.connected))?;
+        encode_gauge(encoder, "fleet_from_cache", "1 while the policies in force come from the state dir's cache (etcd not reached since start)", i64::from(s.from_cache))?;
+        encode_gauge(encoder, "fleet_revision", "The etcd revision the host has seen every policy change up to", s.revision)?;
+        encode_gauge(encoder, "fleet_applied_revision", "The etcd revision of the last policy change the host put in force", s.applied_revision)?;
+        encode_gauge(encoder, "fleet_rejected_keys", "Policy keys in etcd the host rejects (invalid, or refused for its sandboxes)", s.rejected.len() as i64)
+    })));
+}
+
 /// `fleet status`: one line per host, then one per rejection.
 pub fn render(policies_revision: i64, hosts: &[HostStatus]) -> String {
     let mut out = String::new();
@@ -86,6 +102,15 @@ mod tests {
         let text = render(12, &[h]);
         assert!(text.contains("h1") && text.contains("watching"), "{text}");
         assert!(text.contains("h1 rejected /f/policies/all/web@11: etcd:/f/policies/all/web:3: bad"), "{text}");
+        let shared = std::sync::Arc::new(std::sync::Mutex::new(HostStatus { connected: true, revision: 9, ..Default::default() }));
+        let mut registry = prometheus_client::registry::Registry::with_prefix("sbx_net");
+        register_metrics(shared.clone(), &mut registry);
+        shared.lock().unwrap().rejected.push(Rejection { key: "k".into(), mod_revision: 1, reason: "r".into() });
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in ["sbx_net_fleet_connected 1", "sbx_net_fleet_revision 9", "sbx_net_fleet_rejected_keys 1", "sbx_net_fleet_from_cache 0"] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
         let json = serde_json::to_string(&HostStatus::default()).unwrap();
         assert_eq!(serde_json::from_str::<HostStatus>(&json).unwrap(), HostStatus::default());
     }

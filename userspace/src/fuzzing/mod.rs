@@ -46,6 +46,7 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("inspect", inspect),
     ("frames", frames),
     ("virtio", virtio),
+    ("fleet", fleet),
 ];
 
 /// Targets that need root (the rest are pure).
@@ -927,4 +928,98 @@ fn tempfile_image() -> std::fs::File {
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(4 * 512).expect("size the image");
     file
+}
+
+/// What a fleet host makes of what it reads in etcd: the input is a
+/// sequence of store events (puts with arbitrary text, deletes) on keys of
+/// every scope, some for this host and some not, with the sink accepting or
+/// refusing a plan now and then; and a host status record as `fleet status`
+/// reads it.
+///
+/// Invariants, after every event:
+/// - every policy the plan hands the sink parses back from its own text
+///   and source and compiles, one per name;
+/// - every key in force is either the store's text (valid) or the key's
+///   last accepted text: a rejected key never changes what is in force;
+/// - deny kept: every deny rule of a wider scope's policy in force is a
+///   deny rule of the effective policy of that name, and a wider `default =
+///   "deny"` stays (an org deny cannot be lifted by a narrower allow);
+/// - a key for another host or group never reaches the plan;
+/// - a status record that parses round-trips.
+pub fn fleet(data: &[u8]) {
+    use crate::fleet::layout::{HostIdentity, Layout, Scope};
+    use crate::fleet::reconcile::{FleetView, Refusal};
+    use crate::fleet::status::HostStatus;
+
+    if let Ok(status) = serde_json::from_slice::<HostStatus>(data) {
+        let wire = serde_json::to_string(&status).expect("statuses serialize");
+        assert_eq!(serde_json::from_str::<HostStatus>(&wire).ok(), Some(status), "a host status does not round-trip");
+    }
+    let layout = Layout { prefix: "/f".into() };
+    let me = HostIdentity::new("h1", Some("g1")).expect("valid identity");
+    let scopes = [Scope::All, Scope::Group("g1".into()), Scope::Host("h1".into()), Scope::Group("g2".into()), Scope::Host("h2".into())];
+    let names = ["default", "web", "x"];
+    let mut view = FleetView::new(layout.clone(), me.clone(), Default::default());
+    let mut revision = 1i64;
+    for chunk in data.split(|b| *b == 0).take(64) {
+        let [op, which, text @ ..] = chunk else { continue };
+        let scope = &scopes[usize::from(*which) % scopes.len()];
+        let name = names[usize::from(*which / 8) % names.len()];
+        let key = match which % 31 {
+            // Keys of odd shapes the layout must ignore.
+            30 => format!("/f/policies/zone/{name}"),
+            _ => layout.policy_key(scope, name),
+        };
+        revision += 1;
+        match op % 8 {
+            0 => {
+                view.delete(&key);
+            }
+            1 => {
+                let plan = view.plan();
+                let _ = view.refuse(&plan, &Refusal { policy: Some(name.into()), reason: "fuzz".into() });
+            }
+            _ => {
+                let taken = view.put(&key, String::from_utf8_lossy(text).into_owned(), revision);
+                assert_eq!(taken, layout.parse_policy_key(&key).is_some_and(|(s, _)| me.covered_by(&s)), "{key} taken wrongly");
+            }
+        }
+        let plan = view.plan();
+        let mut seen = BTreeSet::new();
+        for entry in &plan.entries {
+            assert!(seen.insert(entry.policy.name.clone()), "two effective policies named {}", entry.policy.name);
+            let again = crate::policy::store::PolicyEntry::parse(&entry.source, &entry.text).expect("an effective policy parses back");
+            assert_eq!(again.policy.rules, entry.policy.rules, "{} does not parse back the same", entry.source);
+            compile(&entry.policy, &[]).expect("an effective policy compiles");
+        }
+        for (key, stored) in &plan.candidate {
+            let (scope, _) = layout.parse_policy_key(key).expect("only policy keys are in force");
+            assert!(me.covered_by(&scope), "{key} is for another host");
+            assert!(view.store.get(key) == Some(stored) || view.good.get(key) == Some(stored), "{key} in force at a text neither the store's nor the last good one");
+        }
+        for entry in &plan.entries {
+            let mut keys: Vec<(Scope, &String)> = plan
+                .candidate
+                .keys()
+                .filter_map(|k| layout.parse_policy_key(k).filter(|(_, n)| *n == entry.policy.name).map(|(s, _)| (s, k)))
+                .collect();
+            keys.sort();
+            let Some(((_, _), wider)) = keys.split_last() else { panic!("{} has no key in force", entry.policy.name) };
+            for (_, key) in wider {
+                let Ok(wide) = Policy::parse("wide", &plan.candidate[*key].text) else { continue };
+                for rule in wide.rules.iter().filter(|r| r.action == crate::policy::Action::Deny && r.origin == crate::policy::Origin::Policy) {
+                    assert!(
+                        entry.policy.rules.iter().any(|r| r.action == crate::policy::Action::Deny && r.text == rule.text),
+                        "{key}'s deny {} was lifted in {}", rule.text, entry.source
+                    );
+                }
+                if wide.default == crate::policy::Action::Deny && plan.candidate[*key].text.contains("default") {
+                    assert_eq!(entry.policy.default, crate::policy::Action::Deny, "{key}'s default deny was lifted in {}", entry.source);
+                }
+            }
+        }
+        if op % 8 != 1 && op % 3 == 0 {
+            view.accept(plan);
+        }
+    }
 }
