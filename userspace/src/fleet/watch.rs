@@ -211,6 +211,13 @@ impl<S: PolicySink> Watcher<S> {
                         self.resync = true;
                         return Err(FleetError::Closed(format!("the watch (compacted at {}: {})", response.compact_revision(), response.cancel_reason())));
                     }
+                    if response.created() && response.header().is_some_and(|h| h.revision() < self.revision) {
+                        // A store whose history is behind ours (restored
+                        // from an old backup, or a new cluster at the same
+                        // address): what we saw is not its past. Read it.
+                        self.resync = true;
+                        return Err(FleetError::Closed(format!("the watch: the store is at revision {} but this host saw {}", response.header().map_or(0, |h| h.revision()), self.revision)));
+                    }
                     let mut touched = false;
                     let mut last = None;
                     for event in response.events() {

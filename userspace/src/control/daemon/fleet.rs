@@ -107,11 +107,14 @@ impl Daemon {
             None => serde_json::json!({}),
         };
         v["source"] = serde_json::Value::String(source);
+        // The daemon's own generation (a local reload moves it too).
+        v["policy_generation"] = serde_json::json!(self.state.policy_generation);
         v
     }
 
     /// The watcher's status, once it runs.
     pub fn set_fleet_status(&mut self, status: SharedStatus) {
+        status.lock().expect("status lock").policy_generation = self.state.policy_generation;
         if let Some(role) = self.fleet.as_mut() {
             role.status = Some(status);
         }
