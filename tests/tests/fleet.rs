@@ -12,8 +12,12 @@
 //! Every wait is on a condition with a deadline; the daemon, etcd and the
 //! namespaces go away on drop, also when a test panics.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sbx_net_tests::daemon::{sbx_net_bin, DaemonHarness};
@@ -50,9 +54,11 @@ fn connects_within(ns: &str, dst: Ipv4Addr, timeout: Duration) -> bool {
     netns.run(move || TcpStream::connect_timeout(&addr, timeout).is_ok()).unwrap_or_else(|e| panic!("entering {ns}: {e}"))
 }
 
-/// Waits (at most `deadline`) until the guest reaches `dst`.
+/// Waits (at most `deadline`) until the guest reaches `dst`. Each try is a
+/// fresh connection given 300 ms: a SYN dropped before a change would only
+/// be sent again after TCP's 1 s retransmit, hiding how soon it passes.
 fn wait_reaches(ns: &str, dst: Ipv4Addr, deadline: Duration, why: &str) {
-    wait_until(deadline, &format!("{ns} to reach {dst}:{PORT} ({why})"), || connects_within(ns, dst, Duration::from_secs(1)));
+    wait_until(deadline, &format!("{ns} to reach {dst}:{PORT} ({why})"), || connects_within(ns, dst, Duration::from_millis(300)));
 }
 
 /// Asserts that the guest cannot reach `dst`. Called after a connection
@@ -67,13 +73,99 @@ fn text(out: &Output) -> String {
     format!("exit {:?}\nstdout: {}\nstderr: {}", out.status.code(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
+/// A TCP relay in a namespace from an ephemeral port on 127.0.0.1 to
+/// another port there: the daemon's path to etcd, which a test can cut
+/// (every connection reset, new ones refused) while etcd itself stays up
+/// and takes writes. Stopped on drop.
+struct Relay {
+    port: u16,
+    up: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(ns: &str, to_port: u16) -> Relay {
+        let netns = NetNs::open(ns).unwrap_or_else(|e| panic!("opening namespace {ns}: {e}"));
+        let (up, conns, stop) = (Arc::new(AtomicBool::new(true)), Arc::new(Mutex::new(Vec::<TcpStream>::new())), Arc::new(AtomicBool::new(false)));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (up2, conns2, stop2) = (up.clone(), conns.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // This thread, and the copy threads it starts, live in `ns`.
+            netns.enter_current_thread().expect("enter the relay's namespace");
+            let listener = TcpListener::bind("127.0.0.1:0").expect("relay bind");
+            listener.set_nonblocking(true).expect("relay nonblocking");
+            ready_tx.send(listener.local_addr().expect("relay addr").port()).expect("relay ready");
+            while !stop2.load(Ordering::Relaxed) {
+                let inbound = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                    Err(e) => panic!("relay accept: {e}"),
+                };
+                // Down: the connection is closed at once, as by a partition
+                // that resets.
+                if !up2.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", to_port)) else { continue };
+                inbound.set_nonblocking(false).expect("blocking relay socket");
+                let mut guard = conns2.lock().expect("relay conns");
+                // Cut meanwhile: `cut` set `up` before taking the lock.
+                if !up2.load(Ordering::Relaxed) {
+                    continue;
+                }
+                for (from, to) in [(&inbound, &outbound), (&outbound, &inbound)] {
+                    let (mut from, mut to) = (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                        let _ = from.shutdown(Shutdown::Both);
+                    });
+                }
+                guard.extend([inbound, outbound]);
+            }
+        });
+        let port = ready_rx.recv_timeout(Duration::from_secs(10)).expect("the relay to listen");
+        Relay { port, up, conns, stop, thread: Some(thread) }
+    }
+
+    /// Cuts every relayed connection and refuses new ones until [`Relay::set_up`].
+    fn cut(&self) {
+        self.up.store(false, Ordering::Relaxed);
+        for conn in self.conns.lock().expect("relay conns").drain(..) {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn set_up(&self) {
+        self.up.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A world serving A, B and C on PORT, a real etcd in the host namespace,
 /// and the daemon of a [`DaemonHarness`] started with this etcd as its
 /// policy source (and an empty policy dir).
 struct Fleet {
     daemon: Option<Child>,
     etcd: EtcdServer,
+    /// For the CLI (and the daemon, unless it goes through a relay).
     url: String,
+    /// The daemon's path to etcd when it is not direct.
+    relay: Option<Relay>,
     h: DaemonHarness,
     pushes: u32,
     _servers: WorldServers,
@@ -89,14 +181,18 @@ impl Fleet {
         let servers = WorldServers::start(&h.topology.world, &[A.into(), B.into(), C.into()], PORT);
         let etcd = EtcdServer::start(h.topology.host.name());
         let url = etcd.url(PREFIX);
-        Fleet { daemon: None, etcd, url, h, pushes: 0, _servers: servers }
+        Fleet { daemon: None, etcd, url, relay: None, h, pushes: 0, _servers: servers }
     }
 
     /// Starts the daemon with `--policy-source` and waits until it answers.
     fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
         let mut args = self.h.daemon_args();
-        args.extend(["--policy-source".into(), self.url.clone(), "--host-name".into(), HOST.into()]);
+        let source = match &self.relay {
+            Some(relay) => format!("etcd://127.0.0.1:{}/{PREFIX}", relay.port),
+            None => self.url.clone(),
+        };
+        args.extend(["--policy-source".into(), source, "--host-name".into(), HOST.into()]);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.h.dir.join("daemon.log")).expect("daemon log");
         let child = Command::new("ip")
             .args(&args)
@@ -213,6 +309,10 @@ fn a_policy_pushed_before_the_daemon_starts_is_in_force_at_start() {
     f.wait_fleet_status("the host connected at the pushed revision", |h| {
         h["connected"] == true && h["revision"].as_i64() >= Some(rev) && h["in_force"][&key].as_i64() == Some(rev)
     });
+    // …on a lease, so a host that is gone disappears from the fleet.
+    let out = f.etcd.etcdctl(&["get", &format!("/{PREFIX}/status/{HOST}"), "-w", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("etcdctl get -w json ({e}): {}", text(&out)));
+    assert!(v["kvs"][0]["lease"].as_i64().is_some_and(|l| l != 0), "the status key has no lease: {v}");
     // Policies come from etcd here: `policy apply` is refused.
     let file = f.h.dir.join("local.toml");
     std::fs::write(&file, agent(&["198.51.100.0/24"], &[])).unwrap();
@@ -236,10 +336,11 @@ fn a_watched_change_reaches_running_sandboxes() {
     let (key2, rev2) = f.push("all", &agent(&["198.51.100.20/32"], &[]));
     assert_eq!(key2, key);
     assert!(rev2 > rev1, "revisions {rev1} then {rev2}");
-    wait_reaches(&ns, B, PROPAGATION, "allowed by v2, pushed while the sandbox runs");
-    eprintln!("push to enforcement in a running sandbox: {:?}", pushed.elapsed());
-    assert_dropped(&ns, A, "no longer in v2");
     let fleet = f.wait_in_force(&key, rev2);
+    let in_force = pushed.elapsed();
+    wait_reaches(&ns, B, PROPAGATION, "allowed by v2, pushed while the sandbox runs");
+    eprintln!("push to in force: {in_force:?}; push to a connection that v2 opens: {:?}", pushed.elapsed());
+    assert_dropped(&ns, A, "no longer in v2");
     assert!(fleet["policy_generation"].as_u64().unwrap() > generation, "generation did not advance: {generation} then {fleet}");
     assert!(fleet["applied_revision"].as_i64() >= Some(rev2), "{fleet}");
 }
@@ -247,7 +348,10 @@ fn a_watched_change_reaches_running_sandboxes() {
 #[test]
 fn no_change_is_missed_across_an_etcd_restart_or_a_daemon_restart() {
     let mut f = Fleet::new("fl-reconn");
-    let (key, _) = f.push("all", &agent(&["198.51.100.5/32"], &[]));
+    // The daemon reaches etcd through a relay, so it can be kept away
+    // from an etcd that is up and taking writes.
+    f.relay = Some(Relay::start(f.h.topology.host.name(), f.etcd.client_port));
+    let (key, rev1) = f.push("all", &agent(&["198.51.100.5/32"], &[]));
     f.start_daemon();
     let (name, ns) = f.guest("agent");
     wait_reaches(&ns, A, Duration::from_secs(5), "allowed by v1");
@@ -257,10 +361,16 @@ fn no_change_is_missed_across_an_etcd_restart_or_a_daemon_restart() {
     f.etcd.stop();
     wait_until(Duration::from_secs(10), "the daemon to report etcd disconnected", || f.fleet()["connected"] == false);
     wait_reaches(&ns, A, Duration::from_secs(5), "v1 still enforced while etcd is down");
-    // etcd comes back; a change lands at once, before the daemon's reconnect.
+    // etcd comes back, and a change lands at once, while the daemon's path
+    // to it is still cut: only a watch resumed from the daemon's last
+    // revision (or a full read) can see it.
+    f.relay.as_ref().unwrap().cut();
     f.etcd.start_again();
     let (_, rev2) = f.push("all", &agent(&["198.51.100.20/32"], &[]));
-    wait_reaches(&ns, B, Duration::from_secs(10), "v2, pushed right after etcd restarted");
+    let fleet = f.fleet();
+    assert_eq!((fleet["connected"].as_bool(), fleet["in_force"][&key].as_i64()), (Some(false), Some(rev1)), "the daemon reached etcd through a cut relay: {fleet}");
+    f.relay.as_ref().unwrap().set_up();
+    wait_reaches(&ns, B, Duration::from_secs(10), "v2, pushed while the daemon could not reach etcd");
     assert_dropped(&ns, A, "not in v2");
     let fleet = f.wait_in_force(&key, rev2);
     assert_eq!(fleet["connected"], true, "{fleet}");
@@ -324,6 +434,14 @@ fn an_invalid_policy_is_rejected_reported_and_the_last_good_one_stays() {
         table.lines().any(|l| l.starts_with(&format!("{HOST} rejected {key}@")) && l.contains(":4:")),
         "no `{HOST} rejected {key}@REV: REASON` line:\n{table}"
     );
+
+    // A valid policy under another name's key is rejected as well.
+    f.etcd.put(&key, &agent(&["198.51.100.20/32"], &[]).replace("name = \"agent\"", "name = \"other\""));
+    wait_until(PROPAGATION, "the daemon to reject a policy under another name's key", || {
+        let fleet = f.fleet();
+        fleet["rejected"][0]["reason"].as_str().is_some_and(|r| r.contains("\"other\"")) && fleet["in_force"][&key].as_i64() == Some(rev1)
+    });
+    assert_dropped(&ns, B, "the misnamed policy would allow it, were it in force");
 
     // A valid push clears it.
     let (_, rev2) = f.push("all", &agent(&["198.51.100.20/32"], &[]));
