@@ -138,7 +138,7 @@ fn live_connections_survive_daemon_restart_reload_upgrade_and_a_data_plane_crash
 
     // (c) a policy reload that keeps every destination allowed.
     let before = load.oks();
-    let reloaded = policy(&secret_file, ", \"203.0.113.0/24\"");
+    let reloaded = policy(secret_file, ", \"203.0.113.0/24\"");
     std::fs::write(h.policy_dir.join("agent.toml"), &reloaded).unwrap();
     let out = h.json(&["policy", "reload"]);
     assert_eq!(out["sandboxes_switched"].as_array().unwrap().len(), 1, "{out}");

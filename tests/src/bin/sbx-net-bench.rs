@@ -64,7 +64,6 @@ fn main() -> Result<()> {
         "upgrade" => return upgrade_bench(),
         "vmm" => return vmm_bench(),
         "fleet" => return fleet::fleet_bench(),
-        "fleet-selftest" => return fleet::selftest(),
         _ => bail!("unknown benchmark suite {suite:?} (available: datapath, lifecycle, dns, proxy, upgrade, vmm, fleet)"),
     }
     println!("## Datapath (`cargo xtask bench datapath`)\n");

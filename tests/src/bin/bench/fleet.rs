@@ -734,7 +734,7 @@ fn report(samples: &[PushSample], quiet: &Idle, busy: &Idle, daemon_pids: &[u32]
     let all = |s: &PushSample| -> Vec<f64> { s.real_ms.iter().chain(&s.light_ms).copied().collect() };
     println!("### From `policy push` to every host ({PUSHES} pushes, each adding a /24 to the allow list of policy `{POLICY}`)\n");
     println!(
-        "{REAL_HOSTS} real daemons (each in its own host namespace, one sandbox on `{POLICY}`) and {LIGHT_HOSTS} light hosts (one `sbx-net __fleet-light-hosts` process), all watching one etcd over veths. Time from the start of the `sbx-net policy push` process. Real daemon: an address of the new /24 allowed by the sandbox's generation in force in its pinned trie (read back with bpf(2), polled every ms). Light host: its status key shows the policy key in force at the push's revision or later (a watch on the status prefix). {WARMUP_PUSHES} warm-up pushes not counted; p99 of {PUSHES} pushes is their second slowest.\n"
+        "{REAL_HOSTS} real daemons (each in its own host namespace, one sandbox on `{POLICY}`) and {LIGHT_HOSTS} light hosts (one `sbx-net __fleet-light-hosts` process), all watching one etcd over veths. Time from the start of the `sbx-net policy push` process. Real daemon: an address of the new /24 allowed by the sandbox's generation in force in its pinned trie (read back with bpf(2), polled every ms). Light host: its status key shows the policy key in force at the push's revision or later (a watch on the status prefix). {WARMUP_PUSHES} warm-up pushes not counted. Percentiles by nearest rank: of {PUSHES} pushes, p99 is the slowest.\n"
     );
     println!("| hosts | per push | p50 ms | p99 ms | max ms | seed's 300 s / p99 |");
     println!("|---|---|---:|---:|---:|---:|");
@@ -830,41 +830,4 @@ mod tests {
     fn cpu_ticks_reads_this_process() {
         assert!(cpu_ticks(std::process::id()).is_ok());
     }
-}
-
-// TEMPORARY self-test of the bench's plumbing (removed before hand-off).
-pub fn selftest() -> Result<()> {
-    let net = FleetNet::new()?;
-    let dir = TempDir::new("fleet-selftest")?;
-    let etcd = FleetEtcd::start(&net.etcd, &dir.0)?;
-    let policy = policy_text(0);
-    let mut h = DaemonHarness::prepared("fleetst", &[("fleet.toml", policy.as_str())], None, &[]);
-    net.join(h.topology.host.name(), "fr0", real_addr(0))?;
-    h.start_daemon();
-    let out = netns_command(h.topology.host.name(), "etcdctl")
-        .args(["--endpoints", &format!("{ETCD_ADDR}:{ETCD_CLIENT_PORT}"), "--command-timeout=5s", "endpoint", "health"])
-        .env("ETCDCTL_API", "3")
-        .output()?;
-    eprintln!("etcd from host ns: {} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let created = h.json(&["sandbox", "create", "fleet-0", "--policy", POLICY]);
-    eprintln!("created {created}");
-    let tap = created["tap"].as_str().context("tap")?;
-    let ifindex = h.topology.host_netlink.link_index(tap)?;
-    let probe = TrieProbe::open(&h.bpf_dir, ifindex)?;
-    eprintln!("before: allows 198.18.0.1 = {}", probe.allows(push_cidr(0).1)?);
-    std::fs::write(h.policy_dir.join("fleet.toml"), policy_text(1))?;
-    let t = Instant::now();
-    h.cli_ok(&["policy", "reload"]);
-    eprintln!("after reload ({:?}): allows 198.18.0.1 = {}, 198.18.1.1 = {}", t.elapsed(), probe.allows(push_cidr(0).1)?, probe.allows(push_cidr(1).1)?);
-    let light = start_light_hosts(&net, "etcd://x", &dir.0);
-    eprintln!("light spawn ok: {}", light.is_ok());
-    let idle = idle_sample(&[etcd.pid()], Duration::from_secs(2))?;
-    eprintln!("etcd idle {:?} {:?}", idle.cpu_percent, idle.rss_kb);
-    let w = StatusWatcher::start(&net.etcd, "/fleetbench/policies/all/fleet");
-    w.wait_connected(Duration::from_secs(10))?;
-    etcd.etcdctl(&["put", "/fleetbench/status/light-3", r#"{"host":"light-3","in_force":{"/fleetbench/policies/all/fleet":5}}"#])?;
-    std::thread::sleep(Duration::from_millis(300));
-    eprintln!("etcdctl: {:?}", hosts_in_force(&etcd, "/fleetbench/status/", "/fleetbench/policies/all/fleet", 5)?);
-    eprintln!("watch saw light-3@5: {:?}", w.view.lock().unwrap().in_force_at("light-3", 5).map(|t| t.elapsed()));
-    Ok(())
 }
