@@ -429,8 +429,15 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
         if let Some(v) = args.host_group {
             fleet.host_group = Some(v);
         }
-        if args.etcd != Default::default() {
-            fleet.etcd = args.etcd;
+        // Flag by flag over the config file's [fleet.etcd].
+        let (from_flags, etcd) = (args.etcd, &mut fleet.etcd);
+        etcd.etcd_cacert = from_flags.etcd_cacert.or(etcd.etcd_cacert.take());
+        etcd.etcd_cert = from_flags.etcd_cert.or(etcd.etcd_cert.take());
+        etcd.etcd_key = from_flags.etcd_key.or(etcd.etcd_key.take());
+        etcd.etcd_user = from_flags.etcd_user.or(etcd.etcd_user.take());
+        etcd.etcd_password_file = from_flags.etcd_password_file.or(etcd.etcd_password_file.take());
+        if fleet.source.is_empty() {
+            anyhow::bail!("--host-name, --host-group and the --etcd-* options need --policy-source etcd://… (or [fleet] source in the config)");
         }
     }
     config.validate().map_err(anyhow::Error::msg)?;

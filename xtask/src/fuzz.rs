@@ -45,6 +45,18 @@ fn cargo_nightly(root: &Path) -> Command {
     cmd
 }
 
+/// The fuzz build is a nightly build of sbx-net, whose sbx-vmm build
+/// script builds the microVM's test guest with that same toolchain: nightly
+/// needs the x86_64-unknown-none target too (bootstrap adds it to stable).
+fn ensure_nightly_guest_target() -> Result<()> {
+    let listed = Command::new("rustup").args(["+nightly", "target", "list", "--installed"]).output().context("rustup +nightly target list")?;
+    if String::from_utf8_lossy(&listed.stdout).lines().any(|l| l.trim() == "x86_64-unknown-none") {
+        return Ok(());
+    }
+    eprintln!("[fuzz] adding x86_64-unknown-none to nightly (sbx-vmm embeds the test guest)");
+    crate::run(Command::new("rustup").args(["target", "add", "x86_64-unknown-none", "--toolchain", "nightly"]))
+}
+
 fn ensure_cargo_fuzz() -> Result<()> {
     let present = Command::new("cargo").args(["fuzz", "--version"]).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
     if present {
@@ -72,6 +84,7 @@ fn targets(root: &Path) -> Result<Vec<String>> {
 
 pub fn fuzz(root: &Path, seconds: u64, only: Option<&str>) -> Result<()> {
     ensure_cargo_fuzz()?;
+    ensure_nightly_guest_target()?;
     let all = targets(root)?;
     let chosen: Vec<String> = match only {
         Some(t) if all.iter().any(|a| a == t) => vec![t.to_string()],

@@ -68,11 +68,15 @@ async fn bounded<T>(what: &str, f: impl std::future::Future<Output = Result<T, e
     }
 }
 
-/// Validates `file` as `policy check` does and returns its text and name.
+/// Validates `file` as `policy check` does and returns its text (read
+/// once: what is written is what was checked) and name.
 fn validated(file: &Path) -> Result<(String, String), FleetCliError> {
-    let policy = Policy::load(file)?;
+    let source = file.display().to_string();
+    let text = std::fs::read_to_string(file).map_err(|e| PolicyError { file: source.clone(), line: 0, reason: format!("cannot read: {e}") })?;
+    let policy = Policy::parse(&source, &text)?;
     crate::policy::compile::compile(&policy, &[])?;
-    let text = std::fs::read_to_string(file).map_err(|e| PolicyError { file: file.display().to_string(), line: 0, reason: format!("cannot read: {e}") })?;
+    // Hosts ignore a key whose name segment is not a plain name.
+    crate::fleet::layout::check_segment("policy name", &policy.name).map_err(|reason| PolicyError { file: source, line: 1, reason })?;
     Ok((text, policy.name))
 }
 

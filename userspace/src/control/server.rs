@@ -145,7 +145,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     let routes: crate::sandbox::route::Routes = Arc::new(RwLock::new(Default::default()));
     let mut daemon = Daemon::start(config.clone(), routes.clone())?;
     let fleet_watcher = match &config.fleet {
-        Some(fleet) => Some(fleet_watcher(&config, fleet, &mut daemon)?),
+        Some(fleet) => Some(fleet_watcher(fleet, &mut daemon)?),
         None => None,
     };
     let mut metrics = register_metrics(&config, &daemon, &routes);
@@ -164,8 +164,8 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
                     Control::Client(request, reply) => {
                         let _ = reply.send(daemon.handle(request));
                     }
-                    Control::Fleet(entries, reply) => {
-                        let _ = reply.send(daemon.fleet_apply(entries));
+                    Control::Fleet(change, reply) => {
+                        let _ = reply.send(daemon.fleet_apply(*change));
                     }
                 }
             }
@@ -176,7 +176,14 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         std::thread::Builder::new()
             .name("fleet".into())
             .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("the fleet thread's runtime");
+                // Multi-thread: the watcher waits for the control thread in
+                // block_in_place while the status lease is kept alive.
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("fleet")
+                    .enable_all()
+                    .build()
+                    .expect("the fleet thread's runtime");
                 runtime.block_on(watcher.with_sink(sink).run());
             })
             .map_err(io("spawning the fleet thread"))?;
@@ -271,7 +278,7 @@ fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
 /// from the fleet's store.
 enum Control {
     Client(Request, mpsc::Sender<Response>),
-    Fleet(Vec<crate::policy::store::PolicyEntry>, mpsc::Sender<Result<u64, crate::fleet::reconcile::Refusal>>),
+    Fleet(Box<crate::fleet::watch::FleetChange>, mpsc::Sender<Result<u64, crate::fleet::reconcile::Refusal>>),
 }
 
 /// The fleet watcher's way into the daemon: through the control thread,
@@ -279,10 +286,10 @@ enum Control {
 struct DaemonSink(mpsc::Sender<Control>);
 
 impl crate::fleet::watch::PolicySink for DaemonSink {
-    fn apply(&mut self, entries: Vec<crate::policy::store::PolicyEntry>) -> Result<u64, crate::fleet::reconcile::Refusal> {
+    fn apply(&mut self, change: crate::fleet::watch::FleetChange) -> Result<u64, crate::fleet::reconcile::Refusal> {
         let stopped = || crate::fleet::reconcile::Refusal { policy: None, reason: "the daemon's control thread stopped".into() };
         let (reply_tx, reply_rx) = mpsc::channel();
-        self.0.send(Control::Fleet(entries, reply_tx)).map_err(|_| stopped())?;
+        self.0.send(Control::Fleet(Box::new(change), reply_tx)).map_err(|_| stopped())?;
         reply_rx.recv().unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -290,7 +297,6 @@ impl crate::fleet::watch::PolicySink for DaemonSink {
 /// The fleet watcher (sink not yet attached) starting from the daemon's
 /// cached set, and the channel it tells its first read of the store on.
 fn fleet_watcher(
-    config: &DaemonConfig,
     fleet: &crate::fleet::FleetConfig,
     daemon: &mut Daemon,
 ) -> Result<(crate::fleet::watch::PendingWatcher, mpsc::Receiver<()>), ServerError> {
@@ -298,8 +304,6 @@ fn fleet_watcher(
         source: fleet.source().map_err(DaemonError::from)?,
         options: fleet.etcd.clone(),
         host: fleet.identity().map_err(DaemonError::from)?,
-        cache: Some(crate::fleet::cache::path(&config.state_dir)),
-        status_ttl: 10,
         light: false,
     };
     // Files (CA, keys, password) are read now: a typo fails the start.

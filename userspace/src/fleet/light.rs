@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use crate::policy::store::PolicyEntry;
-
 use super::layout::HostIdentity;
 use super::reconcile::Refusal;
 use super::source::{EtcdOptions, EtcdSource};
-use super::watch::{PolicySink, Watcher, WatcherSettings};
+use super::watch::{FleetChange, PolicySink, Watcher, WatcherSettings};
 use super::FleetError;
 
 /// Compiles every policy as a daemon would before writing its maps.
@@ -20,8 +18,8 @@ pub struct CompileOnly {
 }
 
 impl PolicySink for CompileOnly {
-    fn apply(&mut self, entries: Vec<PolicyEntry>) -> Result<u64, Refusal> {
-        for entry in &entries {
+    fn apply(&mut self, change: FleetChange) -> Result<u64, Refusal> {
+        for entry in &change.entries {
             crate::policy::compile::compile(&entry.policy, &[])
                 .map_err(|e| Refusal { policy: Some(entry.policy.name.clone()), reason: e.to_string() })?;
         }
@@ -36,14 +34,14 @@ pub fn run(source: &EtcdSource, options: &EtcdOptions, count: usize, name_prefix
     let mut watchers = Vec::new();
     for i in 0..count {
         let host = HostIdentity::new(&format!("{name_prefix}{i}"), group).map_err(FleetError::BadOptions)?;
-        let settings = WatcherSettings { source: source.clone(), options: options.clone(), host, cache: None, status_ttl: 10, light: true };
+        let settings = WatcherSettings { source: source.clone(), options: options.clone(), host, light: true };
         watchers.push(Watcher::new(settings, CompileOnly::default(), None, None));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| FleetError::BadOptions(format!("starting the runtime: {e}")))?;
+        .map_err(|source| FleetError::Write { what: "starting the runtime".into(), source })?;
     runtime.block_on(async move {
         let mut tasks = Vec::new();
         for (i, watcher) in watchers.into_iter().enumerate() {

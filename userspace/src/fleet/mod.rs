@@ -17,8 +17,6 @@ pub mod source;
 pub mod status;
 pub mod watch;
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 pub use layout::{HostIdentity, Layout, Scope};
@@ -32,14 +30,14 @@ pub enum FleetError {
     BadOptions(String),
     #[error("{path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("{path}: not a fleet cache ({reason})")]
-    BadCache { path: String, reason: String },
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd: {0} timed out")]
     Timeout(String),
-    #[error("etcd closed {0}")]
-    Closed(String),
+    #[error("etcd: {0}")]
+    Session(String),
+    #[error("{what}: {source}")]
+    Write { what: String, source: std::io::Error },
 }
 
 /// The daemon's `[fleet]` configuration (flags override it).
@@ -76,9 +74,6 @@ impl FleetConfig {
         HostIdentity::new(&name, self.host_group.as_deref()).map_err(FleetError::BadOptions)
     }
 
-    pub fn cache_path(&self, state_dir: &std::path::Path) -> PathBuf {
-        cache::path(state_dir)
-    }
 }
 
 /// The kernel's hostname (uname).

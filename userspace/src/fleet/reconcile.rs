@@ -72,11 +72,24 @@ pub struct FleetView {
     refused: BTreeMap<String, Rejection>,
     /// The current rejections (validation and refusals), by key.
     pub rejected: BTreeMap<String, Rejection>,
+    /// The effective entries last accepted, by name (a name whose last good
+    /// keys no longer merge keeps its entry rather than vanish).
+    accepted: BTreeMap<String, PolicyEntry>,
 }
 
 impl FleetView {
     pub fn new(layout: Layout, host: HostIdentity, good: BTreeMap<String, Stored>) -> FleetView {
-        FleetView { layout, host, store: good.clone(), good, refused: BTreeMap::new(), rejected: BTreeMap::new() }
+        let mut view = FleetView { layout, host, store: good.clone(), good, refused: BTreeMap::new(), rejected: BTreeMap::new(), accepted: BTreeMap::new() };
+        view.accepted = view.plan().entries.into_iter().map(|e| (e.policy.name.clone(), e)).collect();
+        view
+    }
+
+    /// Forgets what the sink refused, so the next plan offers it again (its
+    /// cause may be gone: a sandbox deleted, a local policy fixed).
+    pub fn forget_refusals(&mut self) -> bool {
+        let had = !self.refused.is_empty();
+        self.refused.clear();
+        had
     }
 
     /// Whether `key` is a policy key for this host.
@@ -152,10 +165,27 @@ impl FleetView {
                         };
                     }
                     let good_keys: Vec<String> = keys.into_iter().filter(|k| candidate.contains_key(k)).collect();
-                    if !good_keys.is_empty() {
-                        if let Ok(entry) = merge(&name, &good_keys, &candidate) {
-                            entries.push(entry);
-                        }
+                    if good_keys.is_empty() {
+                        continue;
+                    }
+                    match merge(&name, &good_keys, &candidate) {
+                        Ok(entry) => entries.push(entry),
+                        // Not even the last good keys merge (a stricter
+                        // build): the entry last accepted stays in force.
+                        Err(reason) => match self.accepted.get(&name) {
+                            Some(entry) => {
+                                for key in &good_keys {
+                                    let mod_revision = candidate[key].mod_revision;
+                                    rejections.push(Rejection { key: key.clone(), mod_revision, reason: format!("{reason} (the policy last accepted stays)") });
+                                }
+                                entries.push(entry.clone());
+                            }
+                            None => {
+                                for key in &good_keys {
+                                    rejections.push(Rejection { key: key.clone(), mod_revision: candidate[key].mod_revision, reason: reason.clone() });
+                                }
+                            }
+                        },
                     }
                 }
             }
@@ -171,6 +201,7 @@ impl FleetView {
 
     /// The sink put `plan` in force.
     pub fn accept(&mut self, plan: Plan) {
+        self.accepted = plan.entries.iter().map(|e| (e.policy.name.clone(), e.clone())).collect();
         self.good = plan.candidate;
         // A refusal lasts while the store still says what was refused: the
         // same revision of the key, or (a refused removal) still no key.
@@ -186,6 +217,10 @@ impl FleetView {
     /// (all of them when the sink could not say) are refused at their
     /// current revision, so the next plan leaves them out. False when no
     /// key could be blamed (the next plan would be the same).
+    ///
+    /// A refusal naming a policy none of the changed keys is for (a local
+    /// policy that no longer compiles, say) blames nothing: the change is
+    /// not the cause, and is offered again later.
     pub fn refuse(&mut self, plan: &Plan, refusal: &Refusal) -> bool {
         let mut blamed = false;
         for key in &plan.changed {
@@ -258,6 +293,12 @@ fn merge(name: &str, keys: &[String], texts: &BTreeMap<String, Stored>) -> Resul
         return Err(format!("{}: [network] is not a table", source_of(narrowest)));
     };
     for key in wider {
+        // A wider policy's default is what the parser makes of it: no
+        // `default` (or no `[network]`) is deny too, and is kept as such.
+        let wide_policy = crate::policy::Policy::parse(&source_of(key), &texts[key].text).map_err(|e| e.to_string())?;
+        if wide_policy.default == crate::policy::Action::Deny {
+            network.insert("default".into(), toml::Value::String("deny".into()));
+        }
         let wide = parse(key)?;
         let Some(toml::Value::Table(wide_net)) = wide.get("network") else { continue };
         if let Some(toml::Value::Array(denies)) = wide_net.get("deny") {
@@ -271,16 +312,13 @@ fn merge(name: &str, keys: &[String], texts: &BTreeMap<String, Stored>) -> Resul
                 }
             }
         }
-        if wide_net.get("default").and_then(toml::Value::as_str) == Some("deny") {
-            network.insert("default".into(), toml::Value::String("deny".into()));
-        }
     }
     let merged = toml::to_string(&base).map_err(|e| format!("merging {name}: {e}"))?;
     let source = format!("{} (with the deny rules of {})", source_of(narrowest), wider.iter().map(|k| source_of(k)).collect::<Vec<_>>().join(", "));
     PolicyEntry::parse(&source, &merged).map_err(|e: PolicyError| format!("{} merged with wider scopes: {}", source_of(narrowest), e.reason))
 }
 
-/// Names in `a` or `b` (for diffing sets in tests and reports).
+/// The names of `entries`.
 pub fn names_of(entries: &[PolicyEntry]) -> BTreeSet<String> {
     entries.iter().map(|e| e.policy.name.clone()).collect()
 }
@@ -323,6 +361,19 @@ mod tests {
         assert_eq!(compiled.policy_name, "web");
         v.accept(plan);
         assert!(v.plan().changed.is_empty());
+    }
+
+    #[test]
+    fn a_wider_implicit_default_deny_is_kept() {
+        let mut v = view("h1", None);
+        v.put("/f/policies/all/web", "name = \"web\"\n[network]\nallow = [\"192.0.2.0/24\"]\n".into(), 2);
+        v.put("/f/policies/host/h1/web", HOST.into(), 3);
+        let plan = v.plan();
+        assert_eq!(plan.entries[0].policy.default, Action::Deny, "no `default` is deny, and stays deny");
+        let mut v = view("h1", None);
+        v.put("/f/policies/all/web", "name = \"web\"\n".into(), 2);
+        v.put("/f/policies/host/h1/web", HOST.into(), 3);
+        assert_eq!(v.plan().entries[0].policy.default, Action::Deny, "no [network] is deny too");
     }
 
     #[test]

@@ -93,7 +93,9 @@ impl EtcdOptions {
                 Some(path) => Self::read(path)?.trim_end_matches(['\n', '\r']).to_string(),
                 None => std::env::var("SBX_NET_ETCD_PASSWORD").map_err(|_| FleetError::BadOptions("--etcd-user needs --etcd-password-file or SBX_NET_ETCD_PASSWORD".into()))?,
             };
-            options = options.with_user(user.clone(), password);
+            // etcd's simple tokens expire after minutes of quiet: renewed
+            // on demand instead of failing the next request.
+            options = options.with_user(user.clone(), password).with_auto_token_refresh(true);
         }
         let wants_tls = self.etcd_cacert.is_some() || self.etcd_cert.is_some();
         if wants_tls && !source.tls {

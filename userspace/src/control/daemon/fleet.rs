@@ -6,7 +6,7 @@
 use crate::control::config::DaemonConfig;
 use crate::fleet::cache::FleetCache;
 use crate::fleet::reconcile::{FleetView, Refusal};
-use crate::fleet::watch::SharedStatus;
+use crate::fleet::watch::{FleetChange, SharedStatus};
 use crate::fleet::FleetError;
 use crate::policy::store::{load_policies, PolicyEntry, PolicySet};
 
@@ -16,6 +16,12 @@ use super::{Daemon, DaemonError};
 pub(super) struct FleetRole {
     /// The fleet's effective policies in force (all names).
     pub entries: Vec<PolicyEntry>,
+    /// The local policies (embedded default, policy dir) as last loaded:
+    /// a fleet change overlays these, it does not re-read the directory (an
+    /// edit there goes live with `policy reload`, not with a push).
+    pub local: PolicySet,
+    /// Where the last good set is kept (`fleet-cache.json` in the state dir).
+    pub cache_path: std::path::PathBuf,
     /// The last good set read at start (the watcher starts from it).
     pub cache: Option<FleetCache>,
     /// What the watcher publishes (`status` shows it).
@@ -30,6 +36,8 @@ impl FleetRole {
         let host = fleet.identity()?;
         let path = crate::fleet::cache::path(&config.state_dir);
         let cache = FleetCache::load(&path, &source.layout.prefix, &host.name, host.group.as_deref())?;
+        let local = load_policies(config.policy_dir.as_deref(), &config.applied_policy_dir())
+            .unwrap_or_else(|_| load_policies(None, std::path::Path::new("/nonexistent")).expect("the embedded default loads"));
         let entries = match &cache {
             Some(c) => {
                 let view = FleetView::new(source.layout.clone(), host, c.good.clone());
@@ -39,7 +47,7 @@ impl FleetRole {
             }
             None => Vec::new(),
         };
-        Ok(Some(FleetRole { entries, cache, status: None }))
+        Ok(Some(FleetRole { entries, local, cache_path: path, cache, status: None }))
     }
 }
 
@@ -52,22 +60,28 @@ pub(super) fn overlay(mut set: PolicySet, entries: &[PolicyEntry]) -> PolicySet 
 }
 
 impl Daemon {
-    /// The local policies with the fleet's over them.
-    pub(super) fn local_and_fleet(&self) -> Result<PolicySet, DaemonError> {
+    /// The local policies read again, with the fleet's over them; the
+    /// local set is kept once the caller has put it in force.
+    pub(super) fn local_and_fleet(&self) -> Result<(PolicySet, PolicySet), DaemonError> {
         let local = load_policies(self.config.policy_dir.as_deref(), &self.config.applied_policy_dir())?;
-        Ok(match &self.fleet {
-            Some(role) => overlay(local, &role.entries),
-            None => local,
-        })
+        let all = match &self.fleet {
+            Some(role) => overlay(local.clone(), &role.entries),
+            None => local.clone(),
+        };
+        Ok((local, all))
     }
 
     /// A change from the fleet: the whole effective set, switched to all
-    /// or nothing. A refusal names the policy concerned when it can, so the
+    /// or nothing. As `policy apply` does with its file, the new set is
+    /// persisted first (a daemon killed mid-switch restarts on the newer,
+    /// validated set, never on an older one) and put back if the switch
+    /// fails. A refusal names the policy concerned when it can, so the
     /// watcher leaves only that policy's change out.
-    pub fn fleet_apply(&mut self, entries: Vec<PolicyEntry>) -> Result<u64, Refusal> {
+    pub fn fleet_apply(&mut self, change: FleetChange) -> Result<u64, Refusal> {
         let refusal = |policy: Option<String>, e: &dyn std::fmt::Display| Refusal { policy, reason: e.to_string() };
-        let local = load_policies(self.config.policy_dir.as_deref(), &self.config.applied_policy_dir()).map_err(|e| refusal(None, &e))?;
-        let new = overlay(local, &entries);
+        let Some(role) = self.fleet.as_ref() else { return Err(refusal(None, &"this daemon is not a fleet host")) };
+        let new = overlay(role.local.clone(), &change.entries);
+        let cache_path = role.cache_path.clone();
         // Each sandbox's policy must still exist and compile for it; the
         // refusal names that policy.
         for record in self.state.sandboxes.values() {
@@ -79,7 +93,9 @@ impl Daemon {
                 return Err(refusal(Some(record.policy.clone()), &format!("{}: sandbox {}: {e}", entry.source, record.name)));
             }
         }
-        let previous = self.fleet.as_mut().map(|f| std::mem::replace(&mut f.entries, entries));
+        let previous_cache = std::fs::read(&cache_path).ok();
+        change.cache.save(&cache_path).map_err(|e| refusal(None, &e))?;
+        let previous = self.fleet.as_mut().map(|f| std::mem::replace(&mut f.entries, change.entries));
         match self.switch_to(new) {
             Ok(_) => Ok(self.state.policy_generation),
             Err(e) => {
@@ -91,10 +107,24 @@ impl Daemon {
                 if let (Some(role), Some(previous)) = (self.fleet.as_mut(), previous) {
                     role.entries = previous;
                 }
+                let restored = match previous_cache {
+                    Some(bytes) => crate::util::fs::write_atomic(&cache_path, &bytes),
+                    None => std::fs::remove_file(&cache_path),
+                };
+                if let Err(io) = restored {
+                    tracing::error!(path = %cache_path.display(), "fleet: putting the cache back after a refused change: {io}");
+                }
                 self.policies.reload_failures += 1;
                 self.policies.last_reload_error = Some(e.to_string());
                 Err(refusal(policy, &e))
             }
+        }
+    }
+
+    /// The local set a reload put in force.
+    pub(super) fn keep_local(&mut self, local: PolicySet) {
+        if let Some(role) = self.fleet.as_mut() {
+            role.local = local;
         }
     }
 

@@ -201,7 +201,11 @@ impl Daemon {
             self.policies.reload_failures += 1;
             self.policies.last_reload_error = Some(e.to_string());
         });
-        let result = loaded.and_then(|set| self.switch_to(set));
+        let result = loaded.and_then(|(local, all)| {
+            let switched = self.switch_to(all)?;
+            self.keep_local(local);
+            Ok(switched)
+        });
         match &result {
             Ok(_) => self.policies.last_reload_error = None,
             Err(e) => {
