@@ -100,22 +100,29 @@ impl DaemonHarness {
         args
     }
 
-    /// Starts the daemon and waits until it answers (at most 15 s).
-    pub fn start_daemon(&mut self) {
-        assert!(self.child.is_none(), "daemon already running");
+    /// Spawns this harness's daemon with `extra` flags after its own,
+    /// logging to `daemon.log`; the caller waits for it.
+    pub fn spawn_daemon_process(&self, extra: &[String]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))
             .expect("daemon log");
-        let child = Command::new("ip")
+        Command::new("ip")
             .args(self.daemon_args())
+            .args(extra)
             .env("RUST_LOG", std::env::var("SBX_NET_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
-            .expect("spawn sbx-net daemon");
+            .expect("spawn sbx-net daemon")
+    }
+
+    /// Starts the daemon and waits until it answers (at most 15 s).
+    pub fn start_daemon(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let child = self.spawn_daemon_process(&[]);
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {

@@ -14,7 +14,7 @@
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -187,21 +187,11 @@ impl Fleet {
     /// Starts the daemon with `--policy-source` and waits until it answers.
     fn start_daemon(&mut self) {
         assert!(self.daemon.is_none(), "daemon already running");
-        let mut args = self.h.daemon_args();
         let source = match &self.relay {
             Some(relay) => format!("etcd://127.0.0.1:{}/{PREFIX}", relay.port),
             None => self.url.clone(),
         };
-        args.extend(["--policy-source".into(), source, "--host-name".into(), HOST.into()]);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.h.dir.join("daemon.log")).expect("daemon log");
-        let child = Command::new("ip")
-            .args(&args)
-            .env("RUST_LOG", std::env::var("SBX_NET_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn sbx-net daemon");
+        let child = self.h.spawn_daemon_process(&["--policy-source".into(), source, "--host-name".into(), HOST.into()]);
         self.daemon = Some(child);
         // The daemon waits up to ~3 s for its first sync with etcd before it
         // answers on its socket.
