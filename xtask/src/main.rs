@@ -416,7 +416,10 @@ fn leftover_pumps() -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
                     let c = String::from_utf8_lossy(&c);
-                    (c.contains("__guest-pump") || c.contains("dataplane") || c.contains("__vmm")) && c.contains("sbxt")
+                    let ours = (c.contains("__guest-pump") || c.contains("dataplane") || c.contains("__vmm")) && c.contains("sbxt");
+                    // The fleet tests' etcd (its data dir is a test's) and light hosts.
+                    let fleet = (c.starts_with("etcd\0") && c.contains("sbxt")) || c.contains("__fleet-light-hosts");
+                    ours || fleet
                 })
                 .unwrap_or(false)
         })
@@ -440,7 +443,7 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     let mut left: Vec<String> = Vec::new();
     for pid in leftover_pumps() {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        left.push(format!("guest pump or data plane pid {pid}"));
+        left.push(format!("guest pump, data plane, VMM, etcd or light fleet host pid {pid}"));
     }
     for n in leftover_namespaces() {
         let _ = Command::new("ip").args(["netns", "delete", &n]).status();
