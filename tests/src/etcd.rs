@@ -58,6 +58,9 @@ pub struct EtcdServer {
     pub tls: Option<TlsFiles>,
     /// Set by [`EtcdServer::enable_auth`]: etcdctl logs in as root.
     root_password: Option<String>,
+    /// The client address it listens on (127.0.0.1, or 0.0.0.0: every
+    /// address of its namespace).
+    listen: String,
     pub client_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
@@ -83,6 +86,12 @@ impl EtcdServer {
     /// Like [`EtcdServer::start`]; with `tls`, clients must speak TLS and
     /// present a certificate of its CA.
     pub fn start_with(netns: &str, tls: Option<TlsFiles>) -> EtcdServer {
+        Self::start_listening(netns, tls, "127.0.0.1")
+    }
+
+    /// Like [`EtcdServer::start_with`], its client port on `listen` (an
+    /// address of the namespace, or 0.0.0.0); clients still use 127.0.0.1.
+    pub fn start_listening(netns: &str, tls: Option<TlsFiles>, listen: &str) -> EtcdServer {
         require_tool("etcd");
         let (client_port, peer_port) = next_ports();
         let dir = std::env::temp_dir().join(unique_name("etcd"));
@@ -92,6 +101,7 @@ impl EtcdServer {
             netns: netns.to_string(),
             tls,
             root_password: None,
+            listen: listen.to_string(),
             client_port,
             peer_port,
             data_dir: dir.join("data"),
@@ -119,6 +129,7 @@ impl EtcdServer {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("etcd log");
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let client = format!("{scheme}://127.0.0.1:{}", self.client_port);
+        let listen_client = format!("{scheme}://{}:{}", self.listen, self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut tls_args: Vec<String> = Vec::new();
         if let Some(t) = &self.tls {
@@ -132,7 +143,7 @@ impl EtcdServer {
             .args(["netns", "exec", &self.netns, "etcd"])
             .args(["--name", "sbx-test", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-client-urls", &listen_client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("sbx-test={peer}")])
             // No metrics or pprof listeners beyond the client port; small

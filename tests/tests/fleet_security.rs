@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use sbx_net_tests::daemon::sbx_net_bin;
 use sbx_net_tests::etcd::{EtcdServer, TlsFiles};
-use sbx_net_tests::{require_root, unique_name, wait_for, Background};
+use sbx_net_tests::{require_root, tcp_connects, unique_name, wait_for, Background, UPLINK_HOST_V4};
+use sbx_net_tests::daemon::DaemonHarness;
 use sbx_vmm::{NetNs, Netlink};
 
 const WEB: &str = "name = \"web\"\n[network]\nallow = [\"192.0.2.0/24\"]\n";
@@ -196,4 +197,36 @@ fn etcd_users_and_roles() {
     drop(hosts);
     drop(etcd);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Adversary: a guest whose policy allows every address still cannot reach
+/// the fleet's store where its host reaches it (etcd on every address of the
+/// host namespace: the gateway, the uplink), so it can neither read the
+/// fleet's policies nor forge a status or a policy. The host itself can.
+#[test]
+fn a_guest_cannot_reach_the_hosts_etcd() {
+    require_root();
+    let open = "name = \"open\"\n[network]\ndefault = \"allow\"\nallow = [\"0.0.0.0/0\"]\n";
+    let h = DaemonHarness::prepared("eguest", &[("open.toml", open)], None, &[]);
+    let etcd = EtcdServer::start_listening(h.topology.host.name(), None, "0.0.0.0");
+    let mut daemon = Background(h.spawn_daemon_process(&["--policy-source".into(), etcd.url("fleet"), "--host-name".into(), "adv".into()]));
+    wait_for(Duration::from_secs(20), "the fleet daemon to answer", || h.cli(&["status"]).status.success().then_some(()));
+    let guest = h.create_guest(&unique_name("g"), "open");
+    let ns = guest["netns"].as_str().unwrap().to_string();
+    let gateway: std::net::IpAddr = guest["gateway_ipv4"].as_str().unwrap().parse().unwrap();
+    // Control: etcd answers on those addresses from the host's side, and
+    // the guest's policy lets it out to the world.
+    for addr in [gateway, std::net::IpAddr::V4(UPLINK_HOST_V4)] {
+        assert!(tcp_connects(h.topology.host.name(), addr, etcd.client_port), "etcd is not listening on {addr} in the host namespace");
+    }
+    for addr in [gateway, std::net::IpAddr::V4(UPLINK_HOST_V4)] {
+        assert!(!tcp_connects(&ns, addr, etcd.client_port), "the guest reached the host's etcd at {addr}:{}", etcd.client_port);
+    }
+    let denied = h.cli(&["inspect", "--verdict", "denied", "--port", &etcd.client_port.to_string(), "--no-color"]);
+    let denied = String::from_utf8_lossy(&denied.stdout);
+    assert!(denied.contains("host address"), "the attempts are recorded as denied by the host-address rule:\n{denied}");
+    daemon.assert_running("daemon");
+    // The daemon is killed before the harness cleans up after it.
+    drop(daemon);
+    drop(etcd);
 }
