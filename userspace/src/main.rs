@@ -284,10 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::FleetLightHosts { etcd, count, name_prefix, host_group, options } => {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-                .with_writer(std::io::stderr)
-                .init();
+            init_logging("warn");
             let source = sbx_net::fleet::EtcdSource::parse(&etcd)?;
             Ok(sbx_net::fleet::light::run(&source, &options, count, &name_prefix, host_group.as_deref())?)
         }
@@ -341,6 +338,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Logs to stderr at `RUST_LOG`, else at `default_level`.
+fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn request(socket: &Path, request: Request) -> anyhow::Result<serde_json::Value> {
     Ok(call(socket, &request, Duration::from_secs(60))?)
 }
@@ -386,10 +391,7 @@ fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
 }
 
 fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging("info");
     let mut config = match &args.config {
         Some(path) => DaemonConfig::load(path)?,
         None => DaemonConfig::default(),
@@ -458,10 +460,7 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 fn dataplane(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging("info");
     let (config, listeners) = sbx_net::control::dataplane::process::inherited(std::io::stdin().lock())?;
     if let Some(dir) = state_dir.filter(|d| *d != config.state_dir) {
         anyhow::bail!("--state-dir {} is not the configuration's {}", dir.display(), config.state_dir.display());
