@@ -356,6 +356,8 @@ fn bench_rule(net: IpNetwork, i: usize) -> Rule {
         origin: Origin::Policy,
         text: net.to_string(),
         line: 0,
+        except: Vec::new(),
+        mode: sbx_net::policy::Mode::Enforce,
     }
 }
 

@@ -47,6 +47,15 @@ pub struct CompiledPolicy {
     /// (absent from forms serialized before mounts existed: none).
     #[serde(default)]
     pub filesystem: Vec<Mount>,
+    /// The policy's own mode (`audit`: its denies are only recorded).
+    #[serde(default)]
+    pub mode: crate::policy::Mode,
+    /// `[[http]]` rules the credential proxy checks each request against.
+    #[serde(default)]
+    pub http: Vec<crate::policy::HttpRules>,
+    /// `[[mcp]]` servers whose JSON-RPC the proxy checks.
+    #[serde(default)]
+    pub mcp: Vec<crate::policy::McpServer>,
 }
 
 impl CompiledPolicy {
@@ -158,6 +167,9 @@ pub fn compile_with_denies(policy: &Policy, extra: &[(IpNetwork, &str)]) -> Resu
     }
     let mut compiled = compile_rules(&policy.name, policy.default, rules)?;
     compiled.filesystem = policy.filesystem.clone();
+    compiled.mode = policy.mode;
+    compiled.http = policy.http.clone();
+    compiled.mcp = policy.mcp.clone();
     Ok(compiled)
 }
 
@@ -201,6 +213,9 @@ pub fn compile_rules(policy_name: &str, default: Action, rules: Vec<Rule>) -> Re
         v6,
         rules,
         filesystem: Vec::new(),
+        mode: crate::policy::Mode::Enforce,
+        http: Vec::new(),
+        mcp: Vec::new(),
     })
 }
 
@@ -520,6 +535,8 @@ mod tests {
                     origin,
                     text: net.to_string(),
                     line: 0,
+                    except: Vec::new(),
+                    mode: crate::policy::Mode::Enforce,
                 });
             }
             let default = if rand() % 2 == 0 { Action::Deny } else { Action::Allow };

@@ -6,7 +6,12 @@
 
 pub mod compile;
 pub mod explain;
+pub mod http;
+pub mod mcp;
 pub mod store;
+
+pub use http::{HttpRules, Mode};
+pub use mcp::McpServer;
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -100,6 +105,30 @@ pub struct Rule {
     pub text: String,
     /// Line in the policy file (0 for built-ins).
     pub line: usize,
+    /// A deny's exceptions (`{ pattern = …, except = […] }`): what they
+    /// match is not denied by this rule (other rules and the default
+    /// decide it). Always narrower than the rule's own target.
+    #[serde(default)]
+    pub except: Vec<Exception>,
+    /// `mode = "audit"` on a deny (or on the whole policy): what it would
+    /// deny is allowed and recorded with verdict `audit`.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+/// One exception of a deny rule.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Exception {
+    pub target: Target,
+    /// As written.
+    pub text: String,
+}
+
+impl Exception {
+    /// How an exception is named wherever it decided a verdict.
+    pub fn describe(&self, rule: &Rule) -> String {
+        format!("{} except {}", rule.describe(), self.text)
+    }
 }
 
 impl Rule {
@@ -119,7 +148,19 @@ impl Rule {
             origin: Origin::Builtin,
             text: format!("{network} ({purpose})"),
             line: 0,
+            except: Vec::new(),
+            mode: Mode::Enforce,
         }
+    }
+
+    /// The exception of this rule that `target` falls under, if any
+    /// (domain rules: a name; CIDR rules: an address).
+    pub fn exception_for_name(&self, name: &str) -> Option<&Exception> {
+        self.except.iter().find(|e| matches!(&e.target, Target::Domain(p) if p.matches(name)))
+    }
+
+    pub fn exception_for_ip(&self, ip: IpAddr) -> Option<&Exception> {
+        self.except.iter().find(|e| matches!(&e.target, Target::Cidr(net) if net.contains(ip)))
     }
 }
 
@@ -170,12 +211,19 @@ pub struct Policy {
     pub name: String,
     /// The file it came from, for error messages and `policy list`.
     pub source: String,
+    /// `mode = "audit"`: every deny of the policy (its rules and its
+    /// default; never the built-in list) is only recorded.
+    pub mode: Mode,
     pub default: Action,
     /// `[network]` allow then deny rules, in file order.
     pub rules: Vec<Rule>,
     pub credentials: Vec<Credential>,
     /// `[filesystem]` mounts, in file order (none without the section).
     pub filesystem: Vec<Mount>,
+    /// `[[http]]` blocks, in file order.
+    pub http: Vec<HttpRules>,
+    /// `[[mcp]]` servers, in file order.
+    pub mcp: Vec<McpServer>,
 }
 
 impl Policy {
@@ -237,19 +285,18 @@ impl Policy {
             }
         };
 
+        let mode = match &raw.mode {
+            None => Mode::Enforce,
+            Some(m) => Mode::parse(m.get_ref()).map_err(|reason| err(Some(m.span()), reason))?,
+        };
+
         let mut rules = Vec::new();
         for (action, list) in [(Action::Allow, &network.allow), (Action::Deny, &network.deny)] {
             for entry in list {
-                let (target, port) = parse_rule(entry.get_ref())
-                    .map_err(|reason| err(Some(entry.span()), format!("{} rule {:?}: {reason}", action.as_str(), entry.get_ref())))?;
-                rules.push(Rule {
-                    action,
-                    target,
-                    port,
-                    origin: Origin::Policy,
-                    text: entry.get_ref().trim().to_string(),
-                    line: lines.line_of(entry.span().start),
-                });
+                let line = lines.line_of(entry.span().start);
+                let rule = parse_rule_entry(action, entry.get_ref(), line)
+                    .map_err(|reason| err(Some(entry.span()), reason))?;
+                rules.push(rule);
             }
         }
 
@@ -334,7 +381,71 @@ impl Policy {
             filesystem.push(Mount { host: PathBuf::from(host), guest, mode });
         }
 
-        Ok(Policy { name, source: file.to_string(), default, rules, credentials, filesystem })
+        let mut http = Vec::new();
+        for block in &raw.http {
+            let line = lines.line_of(block.span().start);
+            let b = block.get_ref();
+            let at = |reason: String| err(Some(block.span()), format!("[[http]]: {reason}"));
+            if b.hosts.is_empty() {
+                return Err(at("hosts must not be empty".into()));
+            }
+            let mut hosts = Vec::new();
+            for host in &b.hosts {
+                let pattern = parse_domain_pattern(host.trim()).map_err(|e| at(format!("host {host:?}: {e}")))?;
+                hosts.push(pattern);
+            }
+            if b.allow.is_empty() && b.deny.is_empty() {
+                return Err(at("give allow or deny rules".into()));
+            }
+            let matchers = |list: &Vec<Spanned<String>>| -> Result<Vec<http::HttpMatcher>, PolicyError> {
+                list.iter()
+                    .map(|m| {
+                        let line = lines.line_of(m.span().start);
+                        http::HttpMatcher::parse(m.get_ref(), line).map_err(|e| err(Some(m.span()), format!("[[http]] rule {:?}: {e}", m.get_ref())))
+                    })
+                    .collect()
+            };
+            let mode = match &b.mode {
+                None => mode,
+                Some(m) => Mode::parse(m.get_ref()).map_err(|reason| err(Some(m.span()), reason))?,
+            };
+            http.push(HttpRules { hosts, allow: matchers(&b.allow)?, deny: matchers(&b.deny)?, mode, line });
+        }
+
+        let mut mcp = Vec::new();
+        for server in &raw.mcp {
+            let line = lines.line_of(server.span().start);
+            let s = server.get_ref();
+            let at = |reason: String| err(Some(server.span()), format!("[[mcp]] {:?}: {reason}", s.url));
+            let (host, port, tls, path) = McpServer::parse_url(s.url.trim()).map_err(&at)?;
+            if mcp.iter().any(|m: &McpServer| m.host == host && m.port == port) {
+                return Err(at(format!("{host}:{port} is listed twice")));
+            }
+            if !domain_allowed(&rules, &host) {
+                return Err(at(format!("host {host:?} is not covered by network.allow (or is denied)")));
+            }
+            if s.tools.is_empty() {
+                return Err(at("tools must not be empty (write [\"*\"] for every tool)".into()));
+            }
+            let tools = if s.tools.iter().any(|t| t == "*") {
+                if s.tools.len() > 1 {
+                    return Err(at("\"*\" stands alone in tools".into()));
+                }
+                mcp::ToolList::All
+            } else {
+                if let Some(bad) = s.tools.iter().find(|t| t.is_empty() || t.len() > 128 || t.chars().any(|c| c.is_control())) {
+                    return Err(at(format!("invalid tool name {bad:?}")));
+                }
+                mcp::ToolList::Only(s.tools.clone())
+            };
+            let mode = match &s.mode {
+                None => mode,
+                Some(m) => Mode::parse(m.get_ref()).map_err(|reason| err(Some(m.span()), reason))?,
+            };
+            mcp.push(McpServer { url: s.url.trim().to_string(), host, port, tls, path, tools, mode, line });
+        }
+
+        Ok(Policy { name, source: file.to_string(), mode, default, rules, credentials, filesystem, http, mcp })
     }
 }
 
@@ -363,6 +474,12 @@ fn domain_allowed(rules: &[Rule], name: &str) -> bool {
 struct RawPolicy {
     name: Spanned<String>,
     #[serde(default)]
+    mode: Option<Spanned<String>>,
+    #[serde(default)]
+    http: Vec<Spanned<RawHttp>>,
+    #[serde(default)]
+    mcp: Vec<Spanned<RawMcp>>,
+    #[serde(default)]
     network: Option<RawNetwork>,
     #[serde(default)]
     credentials: Vec<Spanned<RawCredential>>,
@@ -390,9 +507,97 @@ struct RawMount {
 struct RawNetwork {
     default: Option<Spanned<String>>,
     #[serde(default)]
+    allow: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    deny: Vec<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    hosts: Vec<String>,
+    #[serde(default)]
     allow: Vec<Spanned<String>>,
     #[serde(default)]
     deny: Vec<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMcp {
+    url: String,
+    tools: Vec<String>,
+    mode: Option<Spanned<String>>,
+}
+
+/// A `[network]` entry: `"pattern"`, or for a deny
+/// `{ pattern = "…", except = ["…"], mode = "audit" }`.
+fn parse_rule_entry(action: Action, value: &toml::Value, line: usize) -> Result<Rule, String> {
+    let verb = action.as_str();
+    let (pattern, except, mode) = match value {
+        toml::Value::String(s) => (s.as_str(), Vec::new(), Mode::Enforce),
+        toml::Value::Table(t) if action == Action::Deny => {
+            if let Some(key) = t.keys().find(|k| !matches!(k.as_str(), "pattern" | "except" | "mode")) {
+                return Err(format!("deny rule: unknown key {key:?} (expected pattern, except, mode)"));
+            }
+            let pattern = match t.get("pattern") {
+                Some(toml::Value::String(p)) => p.as_str(),
+                _ => return Err("deny rule: pattern = \"…\" is required".into()),
+            };
+            let except = match t.get("except") {
+                None => Vec::new(),
+                Some(toml::Value::Array(items)) => items
+                    .iter()
+                    .map(|i| i.as_str().map(str::to_string).ok_or_else(|| format!("deny rule {pattern:?}: except entries are strings")))
+                    .collect::<Result<Vec<_>, _>>()?,
+                Some(_) => return Err(format!("deny rule {pattern:?}: except must be a list of strings")),
+            };
+            let mode = match t.get("mode") {
+                None => Mode::Enforce,
+                Some(toml::Value::String(m)) => Mode::parse(m).map_err(|e| format!("deny rule {pattern:?}: {e}"))?,
+                Some(_) => return Err(format!("deny rule {pattern:?}: mode must be a string")),
+            };
+            (pattern, except, mode)
+        }
+        toml::Value::Table(_) => return Err(format!("{verb} entries are strings (only deny rules take {{ pattern, except, mode }})")),
+        other => return Err(format!("{verb} entries are strings, not {}", other.type_str())),
+    };
+    let (target, port) = parse_rule(pattern).map_err(|reason| format!("{verb} rule {pattern:?}: {reason}"))?;
+    let mut exceptions = Vec::new();
+    for text in except {
+        let (inner, inner_port) = parse_rule(&text).map_err(|reason| format!("deny rule {pattern:?}: exception {text:?}: {reason}"))?;
+        if inner_port.is_some() {
+            return Err(format!("deny rule {pattern:?}: exception {text:?} cannot name a port"));
+        }
+        if !target_covers(&target, &inner) {
+            return Err(format!("deny rule {pattern:?}: exception {text:?} is not inside the pattern it excepts from"));
+        }
+        exceptions.push(Exception { target: inner, text: text.trim().to_string() });
+    }
+    Ok(Rule { action, target, port, origin: Origin::Policy, text: pattern.trim().to_string(), line, except: exceptions, mode })
+}
+
+/// Whether everything `inner` matches, `outer` matches too (and `inner`
+/// is narrower: an exception equal to its rule would undo it).
+fn target_covers(outer: &Target, inner: &Target) -> bool {
+    match (outer, inner) {
+        (Target::Cidr(o), Target::Cidr(i)) => {
+            o.is_ipv4() == i.is_ipv4() && i.prefix() > o.prefix() && o.contains(i.network())
+        }
+        (Target::Domain(o), Target::Domain(i)) => {
+            let under = |base: &str, d: &str| base == d || base.ends_with(&format!(".{d}"));
+            match (o, i) {
+                (_, DomainPattern::Exact(name)) => o.matches(name),
+                (DomainPattern::AnyDepth(d), DomainPattern::OneLabel(b) | DomainPattern::AnyDepth(b)) => {
+                    under(b, d) && !(matches!(i, DomainPattern::AnyDepth(_)) && b == d)
+                }
+                (DomainPattern::OneLabel(_), DomainPattern::OneLabel(_) | DomainPattern::AnyDepth(_)) => false,
+                (DomainPattern::Exact(_), _) => false,
+            }
+        }
+        _ => false,
+    }
 }
 
 #[derive(Deserialize)]
@@ -589,6 +794,63 @@ mod tests {
 
     fn parse(text: &str) -> Result<Policy, PolicyError> {
         Policy::parse("test.toml", text)
+    }
+
+    #[test]
+    fn governance_sections_parse_with_lines() {
+        let p = parse(
+            r#"name = "g"
+mode = "audit"
+[network]
+allow = ["api.test", "mcp.test", "198.51.100.0/24"]
+deny = [
+  { pattern = "**.corp.test", except = ["jira.corp.test", "*.wiki.corp.test"] },
+  { pattern = "198.51.100.0/24", except = ["198.51.100.16/28"], mode = "enforce" },
+  "bad.test",
+]
+[[http]]
+hosts = ["api.test"]
+allow = ["GET /repos/**", "POST /repos/*/issues"]
+deny = ["DELETE /**"]
+mode = "enforce"
+[[mcp]]
+url = "https://mcp.test/mcp"
+tools = ["search", "fetch"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.mode, Mode::Audit);
+        let corp = p.rules.iter().find(|r| r.text == "**.corp.test").unwrap();
+        assert_eq!(corp.line, 6);
+        assert_eq!(corp.except.len(), 2);
+        assert_eq!(corp.exception_for_name("jira.corp.test").map(|e| e.describe(corp)).as_deref(), Some("deny **.corp.test except jira.corp.test"));
+        assert!(corp.exception_for_name("a.wiki.corp.test").is_some());
+        assert!(corp.exception_for_name("git.corp.test").is_none());
+        let net = p.rules.iter().find(|r| r.text == "198.51.100.0/24" && r.action == Action::Deny).unwrap();
+        assert!(net.exception_for_ip("198.51.100.17".parse().unwrap()).is_some());
+        assert_eq!(net.mode, Mode::Enforce);
+        assert_eq!(p.http.len(), 1);
+        assert_eq!(p.http[0].mode, Mode::Enforce);
+        assert_eq!(p.http[0].allow[1].line, 12);
+        assert_eq!(p.mcp[0].host, "mcp.test");
+        assert_eq!(p.mcp[0].mode, Mode::Audit, "the policy's mode is the default of its entries");
+
+        for (text, line, reason) in [
+            ("name = \"x\"\nmode = \"loud\"\n", 2, "mode must be"),
+            ("name = \"x\"\n[network]\ndeny = [{ pattern = \"a.test\", except = [\"b.test\"] }]\n", 3, "is not inside"),
+            ("name = \"x\"\n[network]\ndeny = [{ pattern = \"10.0.0.0/8\", except = [\"10.0.0.0/8\"] }]\n", 3, "is not inside"),
+            ("name = \"x\"\n[network]\ndeny = [{ pattern = \"**.a.test\", except = [\"b.a.test:22\"] }]\n", 3, "port"),
+            ("name = \"x\"\n[network]\nallow = [{ pattern = \"a.test\" }]\n", 3, "only deny rules"),
+            ("name = \"x\"\n[network]\ndeny = [{ pattern = \"a.test\", exept = [] }]\n", 3, "unknown key"),
+            ("name = \"x\"\n\n[[http]]\nhosts = [\"a.test\"]\nallow = [\"GET /a/../b\"]\n", 5, "dot segments"),
+            ("name = \"x\"\n[[http]]\nhosts = []\nallow = [\"GET /\"]\n", 2, "hosts must not be empty"),
+            ("name = \"x\"\n[[mcp]]\nurl = \"https://m.test/mcp\"\ntools = [\"a\"]\n", 2, "not covered by network.allow"),
+            ("name = \"x\"\n[network]\nallow = [\"m.test\"]\n[[mcp]]\nurl = \"https://m.test/mcp\"\ntools = [\"*\", \"a\"]\n", 4, "stands alone"),
+        ] {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, line, "{text}: {e}");
+            assert!(e.reason.contains(reason), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -1,0 +1,349 @@
+//! `[[http]]` rules: methods and path globs per host pattern, and the
+//! request-path normaliser they are matched against. Pure.
+//!
+//! A request is matched (and forwarded) in one canonical form, so that the
+//! path the proxy checked is the path the upstream serves: percent-encoded
+//! unreserved characters decoded, other escapes upper-cased, dot segments
+//! resolved, empty segments (`//`) merged, the method upper-cased. What
+//! cannot be given one meaning is refused instead: an encoded `/`, `\` or
+//! control character (servers disagree on whether it separates segments), a
+//! raw `\`, a malformed escape, a dot segment carrying `;` parameters.
+
+use crate::policy::DomainPattern;
+
+/// Whether a deny is enforced or only recorded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Result<Mode, String> {
+        match text {
+            "enforce" => Ok(Mode::Enforce),
+            "audit" => Ok(Mode::Audit),
+            other => Err(format!("mode must be \"enforce\" or \"audit\", not {other:?}")),
+        }
+    }
+
+    pub fn is_audit(self) -> bool {
+        self == Mode::Audit
+    }
+}
+
+/// One `METHOD[,METHOD…] /path/glob` entry of an `[[http]]` block.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HttpMatcher {
+    /// Upper-case methods; empty = any method (`*`).
+    pub methods: Vec<String>,
+    /// Path segments of the glob (after the leading `/`).
+    pub glob: Vec<String>,
+    /// The entry as written.
+    pub text: String,
+    pub line: usize,
+}
+
+impl HttpMatcher {
+    pub fn parse(entry: &str, line: usize) -> Result<HttpMatcher, String> {
+        let entry = entry.trim();
+        let (methods, path) = match entry.split_once(char::is_whitespace) {
+            Some((m, p)) => (m, p.trim()),
+            None => return Err("write \"METHOD /path\" (METHOD may be *, or several joined by ',')".into()),
+        };
+        let methods = if methods == "*" {
+            Vec::new()
+        } else {
+            methods
+                .split(',')
+                .map(|m| {
+                    let m = m.trim();
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_') {
+                        Err(format!("invalid method {m:?}"))
+                    } else {
+                        Ok(m.to_ascii_uppercase())
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        if !path.starts_with('/') {
+            return Err(format!("path {path:?} must start with '/'"));
+        }
+        if path.contains(['?', '#', '\\', ' ', '%']) {
+            return Err(format!("path {path:?}: write the decoded path, without query, fragment, '%' escapes, '\\' or spaces"));
+        }
+        let glob: Vec<String> = path[1..].split('/').map(str::to_string).collect();
+        for (i, segment) in glob.iter().enumerate() {
+            if segment.is_empty() && i + 1 != glob.len() {
+                return Err(format!("path {path:?}: empty segment (\"//\")"));
+            }
+            if segment == "." || segment == ".." {
+                return Err(format!("path {path:?}: dot segments are resolved before matching; write the path they lead to"));
+            }
+            if segment.contains("**") && segment != "**" {
+                return Err(format!("path {path:?}: `**` must be a whole segment"));
+            }
+        }
+        Ok(HttpMatcher { methods, glob, text: entry.to_string(), line })
+    }
+
+    /// Whether a request (method upper-cased, path normalised) matches.
+    pub fn matches(&self, method: &str, path: &str) -> bool {
+        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
+            return false;
+        }
+        let Some(rest) = path.strip_prefix('/') else { return false };
+        let segments: Vec<&str> = rest.split('/').collect();
+        glob_match(&self.glob, &segments)
+    }
+}
+
+/// `**` matches any number of segments (none included); `*` within a
+/// segment matches any run of characters other than `/`.
+fn glob_match(glob: &[String], segments: &[&str]) -> bool {
+    match glob.split_first() {
+        None => segments.is_empty(),
+        Some((g, rest)) if g == "**" => (0..=segments.len()).any(|skip| glob_match(rest, &segments[skip..])),
+        Some((g, rest)) => match segments.split_first() {
+            Some((s, more)) => segment_match(g.as_bytes(), s.as_bytes()) && glob_match(rest, more),
+            None => false,
+        },
+    }
+}
+
+fn segment_match(glob: &[u8], text: &[u8]) -> bool {
+    match glob.split_first() {
+        None => text.is_empty(),
+        Some((b'*', rest)) => (0..=text.len()).any(|skip| segment_match(rest, &text[skip..])),
+        Some((g, rest)) => text.split_first().is_some_and(|(t, more)| t == g && segment_match(rest, more)),
+    }
+}
+
+/// An `[[http]]` block: rules for the hosts it names.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HttpRules {
+    pub hosts: Vec<DomainPattern>,
+    pub allow: Vec<HttpMatcher>,
+    pub deny: Vec<HttpMatcher>,
+    pub mode: Mode,
+    pub line: usize,
+}
+
+impl HttpRules {
+    pub fn covers(&self, host: &str) -> bool {
+        self.hosts.iter().any(|p| p.matches(host))
+    }
+}
+
+/// What the `[[http]]` rules say about one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HttpVerdict {
+    /// Allowed by this rule text (`http allow GET /repos/**`), or by
+    /// having only deny rules for the host (`None`).
+    Allow { rule: Option<String> },
+    /// Denied by this rule; `audit`: recorded only, the request goes on.
+    Deny { rule: String, audit: bool },
+}
+
+/// Whether any `[[http]]` block covers `host` (the proxy terminates such
+/// hosts' TLS to check every request).
+pub fn has_rules_for(rules: &[HttpRules], host: &str) -> bool {
+    rules.iter().any(|r| r.covers(host))
+}
+
+/// Decides a request to `host` (`None`: no block covers the host). Deny
+/// wins: any block's deny that matches denies; else a matching allow of
+/// any block allows; else, when some covering block lists allows, the
+/// request is denied by that block's default.
+pub fn decide(rules: &[HttpRules], host: &str, method: &str, path: &str) -> Option<HttpVerdict> {
+    let covering: Vec<&HttpRules> = rules.iter().filter(|r| r.covers(host)).collect();
+    if covering.is_empty() {
+        return None;
+    }
+    for block in &covering {
+        if let Some(m) = block.deny.iter().find(|m| m.matches(method, path)) {
+            return Some(HttpVerdict::Deny { rule: format!("http deny {}", m.text), audit: block.mode.is_audit() });
+        }
+    }
+    for block in &covering {
+        if let Some(m) = block.allow.iter().find(|m| m.matches(method, path)) {
+            return Some(HttpVerdict::Allow { rule: Some(format!("http allow {}", m.text)) });
+        }
+    }
+    match covering.iter().find(|b| !b.allow.is_empty()) {
+        Some(block) => Some(HttpVerdict::Deny { rule: format!("http default deny ({host})"), audit: block.mode.is_audit() }),
+        None => Some(HttpVerdict::Allow { rule: None }),
+    }
+}
+
+/// Why a request target cannot be given one meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathRefusal {
+    NotOriginForm,
+    MalformedEscape,
+    EncodedSeparator,
+    Backslash,
+    DotSegmentWithParameters,
+}
+
+impl PathRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            PathRefusal::NotOriginForm => "request path must start with '/'",
+            PathRefusal::MalformedEscape => "malformed percent-encoding in the path",
+            PathRefusal::EncodedSeparator => "encoded '/', '\\' or control character in the path",
+            PathRefusal::Backslash => "'\\' in the path",
+            PathRefusal::DotSegmentWithParameters => "dot segment with ';' parameters in the path",
+        }
+    }
+}
+
+/// The canonical form of a request path (no query): see the module docs.
+pub fn normalise_path(raw: &str) -> Result<String, PathRefusal> {
+    if !raw.starts_with('/') {
+        return Err(PathRefusal::NotOriginForm);
+    }
+    let bytes = raw.as_bytes();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3).ok_or(PathRefusal::MalformedEscape)?;
+                let value = std::str::from_utf8(hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or(PathRefusal::MalformedEscape)?;
+                if value == b'/' || value == b'\\' || value < 0x20 || value == 0x7f {
+                    return Err(PathRefusal::EncodedSeparator);
+                }
+                if value.is_ascii_alphanumeric() || matches!(value, b'-' | b'.' | b'_' | b'~') {
+                    decoded.push(value as char);
+                } else {
+                    decoded.push_str(&format!("%{value:02X}"));
+                }
+                i += 3;
+            }
+            b'\\' => return Err(PathRefusal::Backslash),
+            b => {
+                decoded.push(b as char);
+                i += 1;
+            }
+        }
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded[1..].split('/').collect();
+    let last = segments.len() - 1;
+    let mut trailing_slash = false;
+    for (index, segment) in segments.iter().enumerate() {
+        if let Some((head, _)) = segment.split_once(';') {
+            if head == "." || head == ".." {
+                return Err(PathRefusal::DotSegmentWithParameters);
+            }
+        }
+        match *segment {
+            "" | "." => trailing_slash = index == last,
+            ".." => {
+                out.pop();
+                trailing_slash = index == last;
+            }
+            s => {
+                out.push(s);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut path = format!("/{}", out.join("/"));
+    if trailing_slash && !out.is_empty() {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// The method as matched and forwarded: upper-case ASCII.
+pub fn normalise_method(method: &str) -> String {
+    method.to_ascii_uppercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(hosts: &[&str], allow: &[&str], deny: &[&str], mode: Mode) -> HttpRules {
+        HttpRules {
+            hosts: hosts.iter().map(|h| DomainPattern::Exact(h.to_string())).collect(),
+            allow: allow.iter().map(|a| HttpMatcher::parse(a, 1).unwrap()).collect(),
+            deny: deny.iter().map(|d| HttpMatcher::parse(d, 1).unwrap()).collect(),
+            mode,
+            line: 1,
+        }
+    }
+
+    #[test]
+    fn globs_match_segments() {
+        let m = HttpMatcher::parse("GET /repos/**", 1).unwrap();
+        assert!(m.matches("GET", "/repos"));
+        assert!(m.matches("GET", "/repos/a/b/c"));
+        assert!(!m.matches("POST", "/repos/a"));
+        assert!(!m.matches("GET", "/reposx"));
+        let m = HttpMatcher::parse("POST,put /repos/*/issues", 1).unwrap();
+        assert_eq!(m.methods, ["POST", "PUT"]);
+        assert!(m.matches("PUT", "/repos/x/issues"));
+        assert!(!m.matches("PUT", "/repos/x/y/issues"));
+        let m = HttpMatcher::parse("* /files/*.json", 1).unwrap();
+        assert!(m.matches("DELETE", "/files/a.json"));
+        assert!(!m.matches("GET", "/files/a.jsonx"));
+        for bad in ["GET", "GET repos", "G@T /x", "GET /a/../b", "GET /a//b", "GET /a**/b", "GET /a?x=1", "GET /%2e"] {
+            assert!(HttpMatcher::parse(bad, 1).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deny_wins_and_allows_close_the_host() {
+        let rules = vec![block(&["api.test"], &["GET /repos/**", "POST /repos/*/issues"], &["DELETE /**"], Mode::Enforce)];
+        assert_eq!(decide(&rules, "other.test", "GET", "/"), None);
+        assert_eq!(decide(&rules, "api.test", "GET", "/repos/a"), Some(HttpVerdict::Allow { rule: Some("http allow GET /repos/**".into()) }));
+        assert_eq!(decide(&rules, "api.test", "DELETE", "/repos/a"), Some(HttpVerdict::Deny { rule: "http deny DELETE /**".into(), audit: false }));
+        assert_eq!(decide(&rules, "api.test", "GET", "/admin"), Some(HttpVerdict::Deny { rule: "http default deny (api.test)".into(), audit: false }));
+        let only_deny = vec![block(&["api.test"], &[], &["DELETE /**"], Mode::Audit)];
+        assert_eq!(decide(&only_deny, "api.test", "GET", "/admin"), Some(HttpVerdict::Allow { rule: None }));
+        assert_eq!(decide(&only_deny, "api.test", "DELETE", "/x"), Some(HttpVerdict::Deny { rule: "http deny DELETE /**".into(), audit: true }));
+    }
+
+    #[test]
+    fn paths_are_normalised_or_refused() {
+        for (raw, want) in [
+            ("/", "/"),
+            ("/repos/../admin", "/admin"),
+            ("/repos/%2e%2e/admin", "/admin"),
+            ("/repos/%2E%2E/admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/repos//x/./y/", "/repos/x/y/"),
+            ("/../../etc", "/etc"),
+            ("/a/%7euser", "/a/~user"),
+            ("/a/%41", "/a/A"),
+            ("/a%20b", "/a%20b"),
+            ("/a/%3f", "/a/%3F"),
+            ("/a/b/..", "/a/"),
+            ("/a;x=1/b", "/a;x=1/b"),
+        ] {
+            assert_eq!(normalise_path(raw).as_deref(), Ok(want), "{raw}");
+        }
+        for (raw, why) in [
+            ("*", PathRefusal::NotOriginForm),
+            ("http://x/a", PathRefusal::NotOriginForm),
+            ("/a%2fb", PathRefusal::EncodedSeparator),
+            ("/a%5c..%5cadmin", PathRefusal::EncodedSeparator),
+            ("/a%00", PathRefusal::EncodedSeparator),
+            ("/a%2", PathRefusal::MalformedEscape),
+            ("/a%zz", PathRefusal::MalformedEscape),
+            ("/a\\..\\admin", PathRefusal::Backslash),
+            ("/repos/..;/admin", PathRefusal::DotSegmentWithParameters),
+        ] {
+            assert_eq!(normalise_path(raw), Err(why), "{raw}");
+        }
+        assert_eq!(normalise_method("gEt"), "GET");
+    }
+}
