@@ -73,6 +73,9 @@ pub mod action {
     pub const ALLOW: u8 = 1;
     /// Drop the packet.
     pub const DENY: u8 = 2;
+    /// A deny in audit mode: let the packet through, report it as the
+    /// deny it would have been (same rule id).
+    pub const AUDIT: u8 = 3;
 }
 
 /// Rule ids with a fixed meaning. Every other id indexes the rule table

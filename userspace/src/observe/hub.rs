@@ -383,13 +383,33 @@ impl FlowContext {
         self.hub.publish(r);
     }
 
+    /// Publishes one MCP JSON-RPC message the proxy checked: `verdict`
+    /// allowed, denied (answered with a JSON-RPC error, never forwarded)
+    /// or audit (forwarded, would have been denied); `rule` the `[[mcp]]`
+    /// entry that decided.
+    pub fn mcp(&self, verdict: Verdict, reason: &'static str, rule: &str, detail: crate::observe::record::McpDetail) {
+        let mut r = FlowRecord::new(&self.sandbox, "proxy", "mcp_request", "mcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
+        r.rule = Some(rule.to_string());
+        r.mcp = Some(detail);
+        self.hub.count_proxy(match verdict {
+            Verdict::Denied => "mcp_denied",
+            Verdict::Audit => "audit",
+            _ => "mcp_allowed",
+        });
+        self.hub.publish(r);
+    }
+
     /// Publishes one HTTP request the proxy terminated or forwarded.
     /// `status`: what the guest got back; `credential`: injected or not (and why).
     pub fn http(&self, method: &str, host: &str, path: &str, status: Option<u16>, reason: &'static str, credential: Option<crate::observe::record::CredentialDetail>) {
         // Anything but a forwarded request (or one the upstream failed) is
         // the proxy refusing it: misdirected, bad_request, connect_refused,
         // compressed_response, malformed_request.
-        let verdict = if matches!(reason, "allowed" | "upstream_failed") { Verdict::Allowed } else { Verdict::Denied };
+        let verdict = match reason {
+            "allowed" | "upstream_failed" => Verdict::Allowed,
+            "audit" => Verdict::Audit,
+            _ => Verdict::Denied,
+        };
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
         r.rule = Some(self.rule.clone());
         r.domains = vec![host.to_string()];

@@ -26,16 +26,20 @@ pub enum Verdict {
     /// Passed by the datapath to the host's DNS or credential proxy, which
     /// decides (and reports) on its own.
     Redirected,
+    /// Would have been denied by `rule`, which is in audit mode: let
+    /// through and recorded.
+    Audit,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 3] = [Verdict::Allowed, Verdict::Denied, Verdict::Redirected];
+    pub const ALL: [Verdict; 4] = [Verdict::Allowed, Verdict::Denied, Verdict::Redirected, Verdict::Audit];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Allowed => "allowed",
             Verdict::Denied => "denied",
             Verdict::Redirected => "redirected",
+            Verdict::Audit => "audit",
         }
     }
 
@@ -44,6 +48,7 @@ impl Verdict {
             "allowed" | "allow" | "forwarded" => Some(Verdict::Allowed),
             "denied" | "deny" | "dropped" | "drop" => Some(Verdict::Denied),
             "redirected" | "redirect" => Some(Verdict::Redirected),
+            "audit" | "audited" => Some(Verdict::Audit),
             _ => None,
         }
     }
@@ -74,6 +79,19 @@ pub struct HttpDetail {
     /// Status sent back to the guest (absent when the upstream failed).
     #[serde(default)]
     pub status: Option<u16>,
+}
+
+/// MCP detail of one JSON-RPC message the proxy checked on an `[[mcp]]`
+/// server's endpoint (arguments are never recorded).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct McpDetail {
+    /// The server's URL as the policy lists it.
+    pub server: String,
+    /// JSON-RPC method (`tools/call`, `tools/list`, `initialize`, ...).
+    pub method: String,
+    /// The tool, for `tools/call`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
 }
 
 /// Whether a credential was injected (its name only, never its value).
@@ -153,6 +171,8 @@ pub struct FlowRecord {
     pub server_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<CredentialDetail>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpDetail>,
 }
 
 impl FlowRecord {
@@ -182,6 +202,7 @@ impl FlowRecord {
             http: None,
             server_name: None,
             credential: None,
+            mcp: None,
         }
     }
 
@@ -322,8 +343,9 @@ pub fn compact(r: &FlowRecord, color: bool) -> String {
     let verdict = if color {
         let code = match r.verdict {
             Verdict::Allowed => "32",
-            Verdict::Denied => "31",
             Verdict::Redirected => "33",
+            Verdict::Audit => "35",
+            Verdict::Denied => "31",
         };
         format!("\x1b[{code}m{verdict:<10}\x1b[0m")
     } else {

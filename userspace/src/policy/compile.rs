@@ -71,6 +71,19 @@ impl CompiledPolicy {
         }
     }
 
+    /// Whether a deny by rule `id` is only audited: the policy is in
+    /// audit mode (its rules and its default) or the rule itself is. The
+    /// built-in list is always enforced.
+    pub fn is_audit(&self, id: u32) -> bool {
+        if id == rule_id::DEFAULT {
+            return self.mode.is_audit();
+        }
+        match self.rules.get((id as usize).wrapping_sub(1)) {
+            Some(rule) => rule.origin == Origin::Policy && (self.mode.is_audit() || rule.mode.is_audit()),
+            None => false,
+        }
+    }
+
     pub fn entry_count(&self) -> usize {
         self.v4.len() + self.v6.len()
     }

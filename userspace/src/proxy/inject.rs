@@ -379,7 +379,7 @@ pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::Cl
 }
 
 /// Request and response bodies as the proxy passes them on.
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
 /// The upstream connection, HTTP/2 or HTTP/1.1 as its ALPN chose.
 enum Upstream {

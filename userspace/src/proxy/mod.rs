@@ -7,6 +7,7 @@
 
 pub mod guest_tls;
 pub mod inject;
+pub mod mcp;
 pub mod peek;
 
 use crate::observe::record::Verdict;
