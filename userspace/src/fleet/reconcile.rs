@@ -278,6 +278,45 @@ pub fn source_of(key: &str) -> String {
 }
 
 /// One policy name's effective entry from its keys (widest first).
+/// A deny entry with an explicit mode (kept if it names one).
+fn with_mode(deny: &toml::Value, mode: &str) -> toml::Value {
+    match deny {
+        toml::Value::String(pattern) => {
+            let mut t = toml::Table::new();
+            t.insert("pattern".into(), toml::Value::String(pattern.clone()));
+            t.insert("mode".into(), toml::Value::String(mode.into()));
+            toml::Value::Table(t)
+        }
+        toml::Value::Table(t) => {
+            let mut t = t.clone();
+            t.entry("mode").or_insert_with(|| toml::Value::String(mode.into()));
+            toml::Value::Table(t)
+        }
+        other => other.clone(),
+    }
+}
+
+/// Writes `mode` into every deny, `[[http]]` and `[[mcp]]` entry of
+/// `policy` that names none (before its policy-wide mode changes).
+fn pin_mode(policy: &mut toml::Table, mode: &str) {
+    if let Some(toml::Value::Table(network)) = policy.get_mut("network") {
+        if let Some(toml::Value::Array(denies)) = network.get_mut("deny") {
+            for d in denies.iter_mut() {
+                *d = with_mode(d, mode);
+            }
+        }
+    }
+    for section in ["http", "mcp"] {
+        if let Some(toml::Value::Array(blocks)) = policy.get_mut(section) {
+            for block in blocks.iter_mut() {
+                if let toml::Value::Table(t) = block {
+                    t.entry("mode").or_insert_with(|| toml::Value::String(mode.into()));
+                }
+            }
+        }
+    }
+}
+
 fn merge(name: &str, keys: &[String], texts: &BTreeMap<String, Stored>) -> Result<PolicyEntry, String> {
     let (narrowest, wider) = keys.split_last().expect("a name has a key");
     let text = &texts[narrowest].text;
@@ -288,6 +327,18 @@ fn merge(name: &str, keys: &[String], texts: &BTreeMap<String, Stored>) -> Resul
         texts[key].text.parse::<toml::Table>().map_err(|e| format!("{}: {e}", source_of(key)))
     };
     let mut base = parse(narrowest)?;
+    // Audit mode never lifts a wider scope's deny or default deny: when a
+    // wider policy enforces, the narrow policy's own denies keep its audit
+    // mode rule by rule and the merged policy (its default) enforces.
+    let narrow_mode = crate::policy::Policy::parse(&source_of(narrowest), text).map_err(|e| e.to_string())?.mode;
+    let mut wider_modes = Vec::new();
+    for key in wider {
+        wider_modes.push(crate::policy::Policy::parse(&source_of(key), &texts[key].text).map_err(|e| e.to_string())?.mode);
+    }
+    if narrow_mode.is_audit() && wider_modes.iter().any(|m| !m.is_audit()) {
+        pin_mode(&mut base, "audit");
+        base.insert("mode".into(), toml::Value::String("enforce".into()));
+    }
     let network = base.entry("network").or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let toml::Value::Table(network) = network else {
         return Err(format!("{}: [network] is not a table", source_of(narrowest)));
@@ -306,9 +357,11 @@ fn merge(name: &str, keys: &[String], texts: &BTreeMap<String, Stored>) -> Resul
             let toml::Value::Array(deny) = deny else {
                 return Err(format!("{}: deny is not a list", source_of(narrowest)));
             };
+            let wide_mode = if wide_policy.mode.is_audit() { "audit" } else { "enforce" };
             for d in denies {
-                if !deny.contains(d) {
-                    deny.push(d.clone());
+                let d = with_mode(d, wide_mode);
+                if !deny.contains(&d) {
+                    deny.push(d);
                 }
             }
         }
@@ -361,6 +414,32 @@ mod tests {
         assert_eq!(compiled.policy_name, "web");
         v.accept(plan);
         assert!(v.plan().changed.is_empty());
+    }
+
+    #[test]
+    fn audit_mode_never_lifts_a_wider_deny() {
+        let org = "name = \"web\"\n[network]\ndefault = \"deny\"\ndeny = [\"198.51.100.7\", { pattern = \"**.bad.test\", except = [\"ok.bad.test\"] }]\n";
+        let host = "name = \"web\"\nmode = \"audit\"\n[network]\nallow = [\"192.0.2.0/24\"]\ndeny = [\"192.0.2.9\"]\n[[http]]\nhosts = [\"api.test\"]\ndeny = [\"DELETE /**\"]\n";
+        let mut v = view("h1", None);
+        v.put("/f/policies/all/web", org.into(), 2);
+        v.put("/f/policies/host/h1/web", host.into(), 3);
+        let plan = v.plan();
+        assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
+        let policy = plan.entries[0].policy.clone();
+        assert_eq!(policy.mode, crate::policy::Mode::Enforce, "the org's default deny stays enforced: {}", plan.entries[0].source);
+        let mode_of = |text: &str| policy.rules.iter().find(|r| r.text == text && r.action == Action::Deny).map(|r| r.mode);
+        assert_eq!(mode_of("198.51.100.7"), Some(crate::policy::Mode::Enforce));
+        assert_eq!(mode_of("**.bad.test"), Some(crate::policy::Mode::Enforce));
+        assert_eq!(mode_of("192.0.2.9"), Some(crate::policy::Mode::Audit), "the host's own denies keep its audit mode");
+        assert_eq!(policy.http[0].mode, crate::policy::Mode::Audit);
+        let c = crate::policy::compile::compile(&policy, &[]).unwrap();
+        assert!(!c.is_audit(0));
+        // Both in audit: the merged policy audits.
+        let mut v = view("h1", None);
+        v.put("/f/policies/all/web", format!("mode = \"audit\"\n{org}"), 2);
+        v.put("/f/policies/host/h1/web", host.into(), 3);
+        let policy = v.plan().entries[0].policy.clone();
+        assert_eq!(policy.mode, crate::policy::Mode::Audit);
     }
 
     #[test]

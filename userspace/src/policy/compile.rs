@@ -71,15 +71,15 @@ impl CompiledPolicy {
         }
     }
 
-    /// Whether a deny by rule `id` is only audited: the policy is in
-    /// audit mode (its rules and its default) or the rule itself is. The
-    /// built-in list is always enforced.
+    /// Whether a deny by rule `id` is only audited: the rule is in audit
+    /// mode (its own, or its policy's when it names none), or — for the
+    /// default — the policy is. The built-in list is always enforced.
     pub fn is_audit(&self, id: u32) -> bool {
         if id == rule_id::DEFAULT {
             return self.mode.is_audit();
         }
         match self.rules.get((id as usize).wrapping_sub(1)) {
-            Some(rule) => rule.origin == Origin::Policy && (self.mode.is_audit() || rule.mode.is_audit()),
+            Some(rule) => rule.origin == Origin::Policy && rule.mode.is_audit(),
             None => false,
         }
     }

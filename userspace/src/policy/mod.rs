@@ -110,8 +110,9 @@ pub struct Rule {
     /// decide it). Always narrower than the rule's own target.
     #[serde(default)]
     pub except: Vec<Exception>,
-    /// `mode = "audit"` on a deny (or on the whole policy): what it would
-    /// deny is allowed and recorded with verdict `audit`.
+    /// `mode = "audit"`: what this deny would deny is allowed and recorded
+    /// with verdict `audit`. A rule that names no mode has its policy's
+    /// (an explicit `mode = "enforce"` stays enforced in an audit policy).
     #[serde(default)]
     pub mode: Mode,
 }
@@ -294,7 +295,7 @@ impl Policy {
         for (action, list) in [(Action::Allow, &network.allow), (Action::Deny, &network.deny)] {
             for entry in list {
                 let line = lines.line_of(entry.span().start);
-                let rule = parse_rule_entry(action, entry.get_ref(), line)
+                let rule = parse_rule_entry(action, entry.get_ref(), line, mode)
                     .map_err(|reason| err(Some(entry.span()), reason))?;
                 rules.push(rule);
             }
@@ -533,10 +534,11 @@ struct RawMcp {
 
 /// A `[network]` entry: `"pattern"`, or for a deny
 /// `{ pattern = "…", except = ["…"], mode = "audit" }`.
-fn parse_rule_entry(action: Action, value: &toml::Value, line: usize) -> Result<Rule, String> {
+/// `policy_mode` is the mode of a rule that names none.
+fn parse_rule_entry(action: Action, value: &toml::Value, line: usize, policy_mode: Mode) -> Result<Rule, String> {
     let verb = action.as_str();
     let (pattern, except, mode) = match value {
-        toml::Value::String(s) => (s.as_str(), Vec::new(), Mode::Enforce),
+        toml::Value::String(s) => (s.as_str(), Vec::new(), policy_mode),
         toml::Value::Table(t) if action == Action::Deny => {
             if let Some(key) = t.keys().find(|k| !matches!(k.as_str(), "pattern" | "except" | "mode")) {
                 return Err(format!("deny rule: unknown key {key:?} (expected pattern, except, mode)"));
@@ -554,7 +556,7 @@ fn parse_rule_entry(action: Action, value: &toml::Value, line: usize) -> Result<
                 Some(_) => return Err(format!("deny rule {pattern:?}: except must be a list of strings")),
             };
             let mode = match t.get("mode") {
-                None => Mode::Enforce,
+                None => policy_mode,
                 Some(toml::Value::String(m)) => Mode::parse(m).map_err(|e| format!("deny rule {pattern:?}: {e}"))?,
                 Some(_) => return Err(format!("deny rule {pattern:?}: mode must be a string")),
             };
@@ -828,7 +830,8 @@ tools = ["search", "fetch"]
         assert!(corp.exception_for_name("git.corp.test").is_none());
         let net = p.rules.iter().find(|r| r.text == "198.51.100.0/24" && r.action == Action::Deny).unwrap();
         assert!(net.exception_for_ip("198.51.100.17".parse().unwrap()).is_some());
-        assert_eq!(net.mode, Mode::Enforce);
+        assert_eq!(net.mode, Mode::Enforce, "a rule's own mode wins over the policy's");
+        assert_eq!(corp.mode, Mode::Audit, "a rule without a mode has the policy's");
         assert_eq!(p.http.len(), 1);
         assert_eq!(p.http[0].mode, Mode::Enforce);
         assert_eq!(p.http[0].allow[1].line, 12);
