@@ -47,6 +47,7 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("frames", frames),
     ("virtio", virtio),
     ("fleet", fleet),
+    ("http_rules", http_rules),
 ];
 
 /// Targets that need root (the rest are pure).
@@ -1009,17 +1010,77 @@ pub fn fleet(data: &[u8]) {
                 let Ok(wide) = Policy::parse("wide", &plan.candidate[*key].text) else { continue };
                 for rule in wide.rules.iter().filter(|r| r.action == crate::policy::Action::Deny && r.origin == crate::policy::Origin::Policy) {
                     assert!(
-                        entry.policy.rules.iter().any(|r| r.action == crate::policy::Action::Deny && r.text == rule.text),
-                        "{key}'s deny {} was lifted in {}", rule.text, entry.source
+                        entry.policy.rules.iter().any(|r| r.action == crate::policy::Action::Deny && r.text == rule.text && (rule.mode.is_audit() || !r.mode.is_audit())),
+                        "{key}'s deny {} was lifted (or only audited) in {}", rule.text, entry.source
                     );
                 }
                 if wide.default == crate::policy::Action::Deny {
                     assert_eq!(entry.policy.default, crate::policy::Action::Deny, "{key}'s default deny was lifted in {}", entry.source);
+                    assert!(wide.mode.is_audit() || !entry.policy.mode.is_audit(), "{key}'s default deny is only audited in {}", entry.source);
                 }
             }
         }
         if op % 8 != 1 && op % 3 == 0 {
             view.accept(plan);
         }
+    }
+}
+
+/// `[[http]]` rules and request paths, as the proxy sees them. The input is
+/// `path \0 method \0 rule \0 rule …`.
+///
+/// Invariants:
+/// - a normalised path starts with `/`, has no empty, `.` or `..` segment
+///   (but a trailing `/`), no `%` escape of an unreserved character or a
+///   separator, and normalising it again changes nothing;
+/// - a refused path is refused again after any prefix of `/`s is added
+///   (refusal does not depend on where the path starts);
+/// - deny wins: when a deny rule of a covering block matches, the verdict
+///   is a deny, whatever the allows say;
+/// - a rule that parses matches its own glob's literal form.
+pub fn http_rules(data: &[u8]) {
+    use crate::policy::http::{decide, normalise_path, HttpMatcher, HttpRules, HttpVerdict, Mode};
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.split('\0');
+    let raw = parts.next().unwrap_or("");
+    let method = parts.next().unwrap_or("GET").to_ascii_uppercase();
+    match normalise_path(raw) {
+        Ok(path) => {
+            assert!(path.starts_with('/'), "{raw:?} -> {path:?}");
+            let body = path.trim_end_matches('/');
+            for segment in body.split('/').skip(1) {
+                assert!(!segment.is_empty() && segment != "." && segment != "..", "{raw:?} -> {path:?}");
+            }
+            for escape in path.match_indices('%').map(|(i, _)| &path[i..(i + 3).min(path.len())]) {
+                let value = u8::from_str_radix(&escape[1..], 16).expect("escapes stay well-formed");
+                assert!(!(value.is_ascii_alphanumeric() || b"-._~/\\".contains(&value)), "{raw:?} -> {path:?} keeps {escape}");
+            }
+            assert_eq!(normalise_path(&path).as_deref(), Ok(path.as_str()), "normalising {raw:?} twice differs");
+        }
+        Err(why) => {
+            if raw.starts_with('/') {
+                assert_eq!(normalise_path(&format!("//{raw}")), Err(why), "{raw:?}");
+            }
+        }
+    }
+    let mut allow = Vec::new();
+    let mut deny = Vec::new();
+    for (i, entry) in parts.take(16).enumerate() {
+        if let Ok(m) = HttpMatcher::parse(entry, i) {
+            let literal = format!("/{}", m.glob.iter().map(|g| if g == "**" { "" } else { g.as_str() }).collect::<Vec<_>>().join("/"));
+            let literal_method = m.methods.first().cloned().unwrap_or_else(|| "GET".into());
+            if !m.glob.iter().any(|g| g == "**") {
+                assert!(m.matches(&literal_method, &literal), "{entry:?} does not match {literal:?}");
+            }
+            if i % 2 == 0 { allow.push(m) } else { deny.push(m) }
+        }
+    }
+    let block = HttpRules { hosts: vec![crate::policy::DomainPattern::Exact("h.test".into())], allow, deny, mode: Mode::Enforce, line: 1 };
+    if let Ok(path) = normalise_path(raw) {
+        let verdict = decide(std::slice::from_ref(&block), "h.test", &method, &path).expect("the block covers its host");
+        if block.deny.iter().any(|m| m.matches(&method, &path)) {
+            assert!(matches!(verdict, HttpVerdict::Deny { .. }), "deny lost for {method} {path}");
+        }
+        assert_eq!(decide(std::slice::from_ref(&block), "other.test", &method, &path), None);
     }
 }
