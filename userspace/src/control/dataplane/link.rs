@@ -426,7 +426,7 @@ impl DataplaneLink {
         if let Some(recorded) = state.recorded.as_mut().filter(|r| !r.contains(&entry.name)) {
             recorded.push(entry.name.clone());
         }
-        let request = PlaneRequest::Upsert { version: state.version, sandbox: entry };
+        let request = PlaneRequest::Upsert { version: state.version, sandbox: Box::new(entry) };
         Self::tell_draining(&mut state, &request);
         if let Err(e) = self.call(&mut state, &request) {
             tracing::error!("pushing a sandbox to the data plane: {e} (pushed again when it restarts)");
@@ -457,7 +457,7 @@ impl DataplaneLink {
         state.version = version;
         state.entries.insert(entry.name.clone(), entry.clone());
         // A draining one only needs the route (the maps are switched).
-        Self::tell_draining(&mut state, &PlaneRequest::Upsert { version, sandbox: entry });
+        Self::tell_draining(&mut state, &PlaneRequest::Upsert { version, sandbox: Box::new(entry) });
         Ok(())
     }
 

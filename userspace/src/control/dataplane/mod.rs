@@ -59,7 +59,7 @@ pub enum PlaneRequest {
     /// learned addresses and flow series of any other are forgotten.
     Apply { version: u64, sandboxes: Vec<SandboxEntry>, recorded: Option<Vec<String>> },
     /// One sandbox added or changed.
-    Upsert { version: u64, sandbox: SandboxEntry },
+    Upsert { version: u64, sandbox: Box<SandboxEntry> },
     /// One sandbox gone: its route, learned addresses and flow series.
     Remove { version: u64, sandbox: String },
     /// A sandbox to a new policy generation, learned addresses carried.

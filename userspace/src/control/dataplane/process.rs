@@ -212,7 +212,7 @@ impl Plane {
             PlaneRequest::Upsert { version, sandbox } => {
                 let mut table = self.lock_table();
                 let route = self.route(&mut table, &sandbox);
-                self.publish(&mut table, version, vec![(sandbox, route)], &[]);
+                self.publish(&mut table, version, vec![(*sandbox, route)], &[]);
                 Ok(json!({ "version": version }))
             }
             PlaneRequest::Remove { version, sandbox } => {
