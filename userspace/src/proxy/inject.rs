@@ -1524,6 +1524,81 @@ mod tests {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
     }
 
+    fn compiled(text: &str) -> CompiledPolicy {
+        crate::policy::compile::compile(&crate::policy::Policy::parse("t.toml", text).unwrap(), &[]).unwrap()
+    }
+
+    #[test]
+    fn targets_are_put_in_one_form() {
+        let c = |m: &str, u: &str| canonical_request(&Method::from_bytes(m.as_bytes()).unwrap(), &u.parse().unwrap()).map(|c| (c.method.to_string(), c.uri.to_string(), c.path));
+        let ok = |m: &str, u: &str, p: &str| Ok((m.to_string(), u.to_string(), p.to_string()));
+        assert_eq!(c("dElEtE", "/repos/../admin?x=1"), ok("DELETE", "/admin?x=1", "/admin"));
+        assert_eq!(c("GET", "/repos/%2e%2e/admin"), ok("GET", "/admin", "/admin"));
+        assert_eq!(c("GET", "//admin"), ok("GET", "/admin", "/admin"));
+        assert_eq!(c("GET", "http://api.test/a/./b"), ok("GET", "http://api.test/a/b", "/a/b"));
+        assert_eq!(c("GET", "https://api.test//x?q"), ok("GET", "https://api.test/x?q", "/x"));
+        assert_eq!(c("GET", "/repos/x%2f..%2f..%2fadmin").map_err(|e| e.reason()), Err(PathRefusal::EncodedSeparator.reason()));
+        assert_eq!(c("GET", "/a%5cb"), Err(PathRefusal::EncodedSeparator));
+        // A sentinel cannot hide a dot segment from the match: removing it
+        // from `..sbx-cred:x` would leave `..` behind, resolved again.
+        assert_eq!(c("GET", "/repos/..sbx-cred:x/admin"), ok("GET", "/admin", "/admin"));
+        assert_eq!(c("GET", "/repos/sbx-sbx-cred:xcred:y/admin"), ok("GET", "/repos/sbx-:y/admin", "/repos/sbx-:y/admin"));
+        assert_eq!(c("GET", "/x?t=sbx-cred:gh&a=1"), ok("GET", "/x?t=&a=1", "/x"));
+        // Decoded unreserved characters spelling a sentinel are removed too.
+        assert_eq!(c("GET", "/x/sbx%2dcred%3Agh/y"), ok("GET", "/x/y", "/x/y"));
+    }
+
+    #[test]
+    fn requests_are_decided_by_the_rules_in_force() {
+        let p = compiled(
+            "name = \"t\"\n[network]\nallow = [\"api.test\", \"mcp.test\"]\n\
+             [[http]]\nhosts = [\"api.test\"]\nallow = [\"GET /repos/**\", \"POST /repos/*/issues\"]\ndeny = [\"DELETE /**\"]\n\
+             [[http]]\nhosts = [\"audit.test\"]\ndeny = [\"DELETE /**\"]\nmode = \"audit\"\n\
+             [[mcp]]\nurl = \"https://mcp.test/mcp\"\ntools = [\"search\"]\n",
+        );
+        let d = |host: &str, port: u16, audit: Option<&str>, m: &str, u: &str| decide_request(&p, host, port, audit, &Method::from_bytes(m.as_bytes()).unwrap(), &u.parse().unwrap());
+        let fwd = |m: &str, u: &str, path: &str, reason: &'static str, rule: Option<&str>| Decision::Forward {
+            canonical: Some((Method::from_bytes(m.as_bytes()).unwrap(), u.parse().unwrap())),
+            path: path.into(),
+            reason,
+            rule: rule.map(str::to_string),
+        };
+        let refused = |status: u16, rule: &str, record: &'static str, m: &str, path: &str| Decision::Refuse {
+            status: StatusCode::from_u16(status).unwrap(),
+            denied: rule.into(),
+            record,
+            rule: rule.into(),
+            method: m.into(),
+            path: path.into(),
+        };
+        assert_eq!(d("api.test", 443, None, "GET", "/repos/a?x=1"), fwd("GET", "/repos/a?x=1", "/repos/a", "allowed", Some("http allow GET /repos/**")));
+        assert_eq!(d("api.test", 443, None, "get", "/repos//a"), fwd("GET", "/repos/a", "/repos/a", "allowed", Some("http allow GET /repos/**")));
+        assert_eq!(d("api.test", 443, None, "DELETE", "/repos/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/repos/a"));
+        assert_eq!(d("api.test", 443, None, "dElEtE", "/repos/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/repos/a"));
+        // Path tricks reach the rule in their resolved form.
+        for trick in ["/repos/../admin", "/repos/%2e%2e/admin", "//admin", "/repos/./../admin", "http://api.test/admin"] {
+            assert_eq!(d("api.test", 80, None, "GET", trick), refused(403, "http default deny (api.test)", "http_rule", "GET", "/admin"), "{trick}");
+        }
+        let bad = PathRefusal::EncodedSeparator.reason();
+        assert_eq!(d("api.test", 443, None, "GET", "/repos/x%2f..%2f..%2fadmin"), refused(400, bad, "bad_request", "GET", "/repos/x%2f..%2f..%2fadmin"));
+        // An audit-mode deny is forwarded and recorded as audit, by its rule.
+        assert_eq!(d("audit.test", 443, None, "DELETE", "/x"), fwd("DELETE", "/x", "/x", "audit", Some("http deny DELETE /**")));
+        assert_eq!(d("audit.test", 443, None, "GET", "/x"), fwd("GET", "/x", "/x", "allowed", None));
+        // On a connection let through by an audit-mode network deny, what
+        // is forwarded is audit, under that deny; an enforced rule still
+        // refuses.
+        assert_eq!(d("api.test", 443, Some("deny api.test"), "GET", "/repos/a"), fwd("GET", "/repos/a", "/repos/a", "audit", Some("deny api.test")));
+        assert_eq!(d("api.test", 443, Some("deny api.test"), "DELETE", "/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/a"));
+        // An MCP server's host:port is governed (canonical form), its rules
+        // are the MCP check's; another port of it, or another host, is not.
+        assert_eq!(d("mcp.test", 443, None, "post", "/mcp/../mcp"), fwd("POST", "/mcp", "/mcp", "allowed", None));
+        let as_is = |path: &str, reason: &'static str, rule: Option<&str>| Decision::Forward { canonical: None, path: path.into(), reason, rule: rule.map(str::to_string) };
+        assert_eq!(d("mcp.test", 80, None, "GET", "/a/../b"), as_is("/a/../b", "allowed", None));
+        assert_eq!(d("other.test", 443, None, "GET", "/a%2fb"), as_is("/a%2fb", "allowed", None));
+        assert_eq!(d("other.test", 443, Some("default deny"), "GET", "/"), as_is("/", "audit", Some("default deny")));
+        assert!(governed(&p, "api.test", 1) && governed(&p, "mcp.test", 443) && !governed(&p, "mcp.test", 80) && !governed(&p, "other.test", 443));
+    }
+
     #[test]
     fn request_hosts() {
         let r = Request::builder().uri("/x").header(HOST, "API.test:443").body(()).unwrap();
