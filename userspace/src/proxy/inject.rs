@@ -52,6 +52,9 @@ use tokio::net::TcpStream;
 
 use crate::credentials::scrub::{Patterns, Scrubber};
 use crate::credentials::CredentialBinding;
+use crate::policy::compile::CompiledPolicy;
+use crate::policy::http::{HttpVerdict, PathRefusal};
+use crate::policy::McpServer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialProxyError {
@@ -203,6 +206,101 @@ pub fn check_head<B>(req: &Request<B>, expected: &str, framing_ambiguous: bool, 
         return refuse(StatusCode::MISDIRECTED_REQUEST, misdirected, "misdirected");
     }
     Ok(())
+}
+
+/// A governed request's method and target in the one form that is both
+/// matched against the `[[http]]` rules and forwarded (pure): the method
+/// upper-cased, the path normalised ([`crate::policy::http::normalise_path`])
+/// with the sentinels out of it (again normalised: removing one can leave
+/// a dot segment or another sentinel behind), the query kept without its
+/// sentinels, the scheme and authority (absolute form, HTTP/2) kept.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Canonical {
+    pub method: Method,
+    pub uri: Uri,
+    /// The normalised path (no query), as matched and recorded.
+    pub path: String,
+}
+
+pub fn canonical_request(method: &Method, uri: &Uri) -> Result<Canonical, PathRefusal> {
+    let upper = crate::policy::http::normalise_method(method.as_str());
+    // An upper-cased token is still a token.
+    let method = Method::from_bytes(upper.as_bytes()).map_err(|_| PathRefusal::MalformedEscape)?;
+    let mut path = crate::policy::http::normalise_path(uri.path())?;
+    // Each round removes at least a sentinel's prefix: bounded anyway.
+    let mut rounds = 0;
+    while let Some(stripped) = strip_sentinel_tokens(path.as_bytes()) {
+        rounds += 1;
+        if rounds > 16 {
+            return Err(PathRefusal::MalformedEscape);
+        }
+        let stripped = String::from_utf8(stripped).map_err(|_| PathRefusal::MalformedEscape)?;
+        path = crate::policy::http::normalise_path(&stripped)?;
+    }
+    let query = uri.query().map(|q| strip_sentinel_tokens(q.as_bytes()).map_or_else(|| q.to_string(), |s| String::from_utf8_lossy(&s).into_owned()));
+    let target = match &query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.clone(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(hyper::http::uri::PathAndQuery::try_from(target).map_err(|_| PathRefusal::MalformedEscape)?);
+    let uri = Uri::from_parts(parts).map_err(|_| PathRefusal::MalformedEscape)?;
+    Ok(Canonical { method, uri, path })
+}
+
+/// What becomes of one request on a terminated connection (pure).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Forwarded. `canonical`: the method and target to forward instead
+    /// of the guest's (None: the host is not governed by `[[http]]` or
+    /// `[[mcp]]`, the request goes as it came); `path` as recorded;
+    /// `reason` of the record (`allowed` or `audit`); `rule` for the
+    /// record instead of the connection's (None: the connection's).
+    Forward { canonical: Option<(Method, Uri)>, path: String, reason: &'static str, rule: Option<String> },
+    /// Answered by the proxy with `status`, `denied` in `X-Sbx-Net-Denied`;
+    /// recorded with `record` as the reason and `rule`.
+    Refuse { status: StatusCode, denied: String, record: &'static str, rule: String, method: String, path: String },
+}
+
+/// Decides a request to `host` (port `port`, the guest's destination) by
+/// the policy in force: governed hosts (any `[[http]]` block or an
+/// `[[mcp]]` server) get the canonical form and the `[[http]]` rules;
+/// `audit`: the connection passes a network deny in audit mode only (its
+/// rule), so what it carries is recorded as audit.
+pub fn decide_request(policy: &CompiledPolicy, host: &str, port: u16, audit: Option<&str>, method: &Method, uri: &Uri) -> Decision {
+    let (reason, rule) = match audit {
+        Some(r) => ("audit", Some(r.to_string())),
+        None => ("allowed", None),
+    };
+    let governed = crate::policy::http::has_rules_for(&policy.http, host) || crate::policy::mcp::server_for(&policy.mcp, host, port).is_some();
+    if !governed {
+        return Decision::Forward { canonical: None, path: uri.path().to_string(), reason, rule };
+    }
+    let canonical = match canonical_request(method, uri) {
+        Ok(c) => c,
+        Err(why) => {
+            return Decision::Refuse {
+                status: StatusCode::BAD_REQUEST,
+                denied: why.reason().to_string(),
+                record: "bad_request",
+                rule: why.reason().to_string(),
+                method: crate::policy::http::normalise_method(method.as_str()),
+                path: uri.path().to_string(),
+            }
+        }
+    };
+    let Canonical { method, uri, path } = canonical;
+    let forward = |reason, rule| Decision::Forward { canonical: Some((method.clone(), uri.clone())), path: path.clone(), reason, rule };
+    match crate::policy::http::decide(&policy.http, host, method.as_str(), &path) {
+        None | Some(HttpVerdict::Allow { rule: None }) => forward(reason, rule),
+        // The network deny the connection passes in audit mode is what
+        // would have stopped the request: it names the record.
+        Some(HttpVerdict::Allow { rule: Some(allowed) }) => forward(reason, Some(rule.unwrap_or(allowed))),
+        Some(HttpVerdict::Deny { rule, audit: true }) => forward("audit", Some(rule)),
+        Some(HttpVerdict::Deny { rule, audit: false }) => {
+            Decision::Refuse { status: StatusCode::FORBIDDEN, denied: rule.clone(), record: "http_rule", rule, method: method.to_string(), path }
+        }
+    }
 }
 
 /// Why a response from a credential host cannot be passed on (pure): a
@@ -474,7 +572,9 @@ struct UpstreamSlot {
 fn text(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let mut r = Response::new(Full::new(Bytes::from(format!("sbx-net: {reason}\n"))).map_err(|never| match never {}).boxed());
     *r.status_mut() = status;
-    if let Ok(v) = HeaderValue::from_str(reason) {
+    // Printable ASCII only: a rule may name a non-ASCII path.
+    let shown: String = reason.chars().filter(|c| c.is_ascii_graphic() || *c == ' ').collect();
+    if let Ok(v) = HeaderValue::from_str(&shown) {
         r.headers_mut().insert("x-sbx-net-denied", v);
     }
     r
@@ -673,26 +773,57 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
     }
 }
 
-/// What the guest gets for `resp` from a credential host: refused when it
-/// cannot be checked, else with its head scrubbed and its body scrubbing
-/// as it streams; recorded either way.
-fn respond(resp: Response<Incoming>, flow: &FlowContext, method: &Method, host: &str, path: &str, binding: &CredentialBinding) -> Response<ProxyBody> {
+/// How a forwarded request is recorded: under `flow`'s rule (the rule that
+/// decided it), with `reason` (`allowed`, or `audit` when only an
+/// audit-mode rule would have refused it).
+struct Forwarded {
+    flow: FlowContext,
+    method: Method,
+    host: String,
+    /// As matched (normalised on governed hosts).
+    path: String,
+    reason: &'static str,
+}
+
+impl Forwarded {
+    fn record(&self, status: u16, reason: &'static str, credential: Option<CredentialDetail>) {
+        self.flow.http(self.method.as_str(), &self.host, &self.path, Some(status), reason, credential);
+    }
+}
+
+/// What the guest gets for `resp`: with a credential bound, refused when
+/// it cannot be checked, else with its head scrubbed and its body
+/// scrubbing as it streams; from an `[[mcp]]` server, filtered first;
+/// recorded either way.
+fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&CredentialBinding>, mcp: Option<&McpServer>) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
-    if let Some(why) = unscrubbable(method, resp.status(), resp.headers()) {
+    let (flow, host, path) = (&fwd.flow, fwd.host.as_str(), fwd.path.as_str());
+    if let Some(why) = binding.and_then(|_| unscrubbable(&fwd.method, resp.status(), resp.headers())) {
         tracing::info!(sandbox = %flow.sandbox, %host, %path, status, "credential proxy: compressed response refused");
-        flow.http(method.as_str(), host, path, Some(502), "compressed_response", Some(injected(&binding.name)));
+        fwd.record(502, "compressed_response", binding.map(|b| injected(&b.name)));
         return text(StatusCode::BAD_GATEWAY, why);
     }
-    tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, status, credential = %binding.name, "credential proxy: injected");
-    flow.http(method.as_str(), host, path, Some(status), "allowed", Some(injected(&binding.name)));
+    match binding {
+        Some(b) => tracing::info!(sandbox = %flow.sandbox, %host, method = %fwd.method, %path, status, credential = %b.name, "credential proxy: injected"),
+        None => tracing::debug!(sandbox = %flow.sandbox, %host, method = %fwd.method, %path, status, "proxy: forwarded"),
+    }
+    fwd.record(status, fwd.reason, binding.map(|b| injected(&b.name)));
     let (mut parts, body) = resp.into_parts();
-    // An HTTP/1 upstream's own reason phrase would be written back as it
-    // came: the canonical one carries nothing.
-    parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+    if binding.is_some() {
+        // An HTTP/1 upstream's own reason phrase would be written back as
+        // it came: the canonical one carries nothing.
+        parts.extensions.remove::<hyper::ext::ReasonPhrase>();
+    }
+    let mut resp = Response::from_parts(parts, body.boxed());
+    if let Some(server) = mcp {
+        resp = crate::proxy::mcp::filter_response(resp, server, flow);
+    }
+    let Some(binding) = binding else { return resp };
+    let (mut parts, body) = resp.into_parts();
     let in_head = scrub_headers(&mut parts.headers, &binding.scrub);
     let report = RedactionReport {
         flow: flow.clone(),
-        method: method.to_string(),
+        method: fwd.method.to_string(),
         host: host.to_string(),
         path: path.to_string(),
         status,
@@ -710,15 +841,22 @@ fn is_parse_error(e: &(dyn std::error::Error + 'static)) -> bool {
     e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse)
 }
 
-/// Serves one guest connection to a credential host: TLS with `tls` (the
-/// sandbox CA's leaf for `host`), HTTP/1.1 or HTTP/2 requests checked,
-/// injected and forwarded to the upstream (checked for `host`), one
-/// upstream connection reused — over HTTP/2 by all the guest's streams at
-/// once — responses scrubbed.
-/// What the policy in force says about a host now (asked per request, so a
-/// reload reaches kept-alive connections): the credential bound to it, if
-/// any, or the rule that no longer allows it.
-pub type Recheck = Arc<dyn Fn(&str) -> Result<Option<Arc<CredentialBinding>>, String> + Send + Sync>;
+/// What the policy in force says about a connection's host now (asked per
+/// request, so a reload reaches kept-alive connections).
+#[derive(Clone)]
+pub struct InForce {
+    /// The sandbox's policy now: its `[[http]]` rules and `[[mcp]]` servers.
+    pub policy: Arc<CompiledPolicy>,
+    /// The credential bound to the host now, if any.
+    pub binding: Option<Arc<CredentialBinding>>,
+    /// Set when the connection passes a network deny only because that
+    /// deny is in audit mode: the deny's rule.
+    pub audit: Option<String>,
+}
+
+/// The policy in force for a host (see [`InForce`]), or the rule that no
+/// longer allows the connection.
+pub type Recheck = Arc<dyn Fn(&str) -> Result<InForce, String> + Send + Sync>;
 
 /// A request on a connection the policy in force no longer allows (or
 /// whose host no longer has a credential): refused with the rule, recorded
@@ -729,13 +867,75 @@ fn refuse_changed<B>(flow: &FlowContext, req: &Request<B>, host: &str, rule: Str
     refuse(&flow, req, host, refusal, credential)
 }
 
+/// Whether the proxy checks `host`'s requests itself (`[[http]]` rules or
+/// an `[[mcp]]` server on `port`), credential or not.
+pub fn governed(policy: &CompiledPolicy, host: &str, port: u16) -> bool {
+    crate::policy::http::has_rules_for(&policy.http, host) || crate::policy::mcp::server_for(&policy.mcp, host, port).is_some()
+}
+
+/// A request past the proxy's checks, on its way upstream.
+struct Admitted {
+    req: Request<ProxyBody>,
+    fwd: Forwarded,
+    /// The `[[mcp]]` server the request is for.
+    mcp: Option<McpServer>,
+}
+
+/// The steps every request on a terminated connection takes once its head
+/// passed [`check_head`]: the canonical form and the `[[http]]` rules of
+/// the policy in force ([`decide_request`]), the credential's rewriting
+/// (or only the sentinels' removal), then, for an `[[mcp]]` server, the
+/// MCP check. Err: what the guest gets instead.
+async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, host: &str, port: u16, flow: &FlowContext) -> Result<Admitted, Response<ProxyBody>> {
+    match decide_request(&now.policy, host, port, now.audit.as_deref(), req.method(), req.uri()) {
+        Decision::Refuse { status, denied, record, rule, method, path } => {
+            tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, %rule, "proxy: request refused");
+            let flow = FlowContext { rule, ..flow.clone() };
+            flow.http(&method, host, &path, Some(status.as_u16()), record, binding.map(|b| not_injected(&b.name, &denied)));
+            // Unlike an ambiguous head, this one was framed as the guest
+            // meant: the connection stays usable (no Connection: close).
+            Err(text(status, &denied))
+        }
+        Decision::Forward { canonical, path, reason, rule } => {
+            let mut req = req;
+            if let Some((method, uri)) = canonical {
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+            }
+            let flow = match rule {
+                Some(rule) => FlowContext { rule, ..flow.clone() },
+                None => flow.clone(),
+            };
+            let fwd = Forwarded { flow, method: req.method().clone(), host: host.to_string(), path, reason };
+            let mut req = guest_request(req, binding);
+            let mcp = crate::policy::mcp::server_for(&now.policy.mcp, host, port).cloned();
+            if let Some(server) = &mcp {
+                // The answer is read as JSON (tools/list is filtered): no
+                // compression.
+                req.headers_mut().insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+                req = crate::proxy::mcp::check_request(req, server, &fwd.flow).await?;
+            }
+            Ok(Admitted { req, fwd, mcp })
+        }
+    }
+}
+
+/// Serves one guest connection terminated at the proxy: TLS with `tls`
+/// (the sandbox CA's leaf for `host`), HTTP/1.1 or HTTP/2 requests
+/// checked (head, `[[http]]` rules, MCP), injected when a credential is
+/// bound (`binding`: the one bound when the connection came; per request
+/// the policy in force decides) and forwarded to the upstream (checked for
+/// `host`), one upstream connection reused — over HTTP/2 by all the
+/// guest's streams at once — responses filtered and scrubbed. `port`: the
+/// guest's destination port (which `[[mcp]]` server).
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
     guest: Prefixed<TcpStream>,
     host: String,
+    port: u16,
     tls: Arc<rustls::ServerConfig>,
     upstream: CredentialUpstream,
-    binding: Arc<CredentialBinding>,
+    binding: Option<Arc<CredentialBinding>>,
     flow: FlowContext,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
     recheck: Recheck,
@@ -748,27 +948,37 @@ pub async fn serve(
     let upstream = Arc::new(upstream);
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (host, upstream, binding, slot, flow, tripped, permit, recheck) =
+        let (host, upstream, first_binding, slot, flow, tripped, permit, recheck) =
             (service_host.clone(), upstream.clone(), service_binding.clone(), slot.clone(), service_flow.clone(), tripped.clone(), permit.clone(), recheck.clone());
         async move {
             let sandbox = &flow.sandbox;
-            // The credential as the policy in force binds it now (a reload
-            // may have rotated, rebound or removed it, or denied the host).
-            let binding = match recheck(&host) {
-                Ok(Some(now)) => now,
-                Ok(None) => return Ok::<_, hyper::Error>(refuse_changed(&flow, &req, &host, format!("no credential is bound to {host} any more"), Some(&binding.name))),
-                Err(rule) => return Ok(refuse_changed(&flow, &req, &host, rule, Some(&binding.name))),
+            let first_credential = first_binding.as_ref().map(|b| b.name.as_str());
+            // The policy in force now (a reload may have rotated, rebound
+            // or removed the credential, changed the rules, or denied the
+            // host).
+            let now = match recheck(&host) {
+                Ok(now) => now,
+                Err(rule) => return Ok::<_, hyper::Error>(refuse_changed(&flow, &req, &host, rule, first_credential)),
             };
-            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            if first_binding.is_some() && now.binding.is_none() && !governed(&now.policy, &host, port) {
+                // Terminated only for the credential, which is gone.
+                return Ok(refuse_changed(&flow, &req, &host, format!("no credential is bound to {host} any more"), first_credential));
+            }
+            let binding = now.binding.clone();
+            let credential = binding.as_ref().map(|b| b.name.as_str());
             let framing = req.version() <= Version::HTTP_11 && tripped.load(Ordering::Relaxed);
             if let Err(refusal) = check_head(&req, &host, framing, "Host must equal the TLS server name") {
-                return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, Some(&binding.name)));
+                return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, credential));
             }
-            let req = guest_request(req, Some(&binding));
+            let Admitted { req, fwd, mcp } = match admit(req, &now, binding.as_deref(), &host, port, &flow).await {
+                Ok(admitted) => admitted,
+                Err(answer) => return Ok(answer),
+            };
+            let not_sent = |why: &str| credential.map(|c| not_injected(c, why));
             if req.headers().contains_key(UPGRADE) {
                 // WebSocket (or another upgrade): its own HTTP/1.1 upstream
                 // connection, the credential already injected, then bytes.
-                return Ok(upgrade(req, &upstream.addrs, &host, upstream.tls.clone(), &flow, &binding, permit).await);
+                return Ok(upgrade(req, &upstream.addrs, upstream.tls.clone(), &fwd, binding.as_deref(), permit).await);
             }
             let mut held = slot.lock().await;
             if held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
@@ -779,7 +989,7 @@ pub async fn serve(
                     }
                     Err(e) => {
                         tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
-                        flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream unreachable")));
+                        fwd.record(502, "upstream_failed", not_sent("upstream unreachable"));
                         return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
                     }
                 }
@@ -815,10 +1025,10 @@ pub async fn serve(
                 }
             };
             match sent {
-                Ok(resp) => Ok(respond(resp, &flow, &method, &host, &path, &binding)),
+                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref())),
                 Err(e) => {
                     tracing::info!(%sandbox, %host, "credential proxy: upstream request: {e}");
-                    flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", Some(not_injected(&binding.name, "upstream request failed")));
+                    fwd.record(502, "upstream_failed", not_sent("upstream request failed"));
                     Ok(text(StatusCode::BAD_GATEWAY, "upstream request failed"))
                 }
             }
@@ -830,19 +1040,21 @@ pub async fn serve(
     let served = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(io), service).await;
     served.map_err(|e| {
         if is_parse_error(&*e) {
-            flow.http("", &host, "", Some(400), "malformed_request", Some(not_injected(&binding.name, "malformed request head")));
+            flow.http("", &host, "", Some(400), "malformed_request", binding.as_ref().map(|b| not_injected(&b.name, "malformed request head")));
         }
         CredentialProxyError::GuestHttp(e)
     })
 }
 
 /// Serves plain HTTP/1.1 for the guest, forwarded over plain TCP to the
-/// checked address: with `binding` (a credential that allows plaintext)
-/// the same checks, rewriting and scrubbing as over TLS; without, the same
-/// checks, sentinels are stripped and nothing is injected.
+/// checked address: the same checks as over TLS (head, `[[http]]` rules,
+/// MCP); with a credential that allows plaintext bound, the same
+/// rewriting and scrubbing; without, sentinels are stripped and nothing
+/// is injected. `port`: the guest's destination port.
 pub async fn serve_plain(
     guest: Prefixed<TcpStream>,
     host: String,
+    port: u16,
     upstream: Vec<std::net::SocketAddr>,
     binding: Option<Arc<CredentialBinding>>,
     flow: FlowContext,
@@ -853,24 +1065,25 @@ pub async fn serve_plain(
     let sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<ProxyBody>>>> = Arc::default();
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let (host, upstream, binding, sender, flow, tripped, recheck) =
+        let (host, upstream, first_binding, sender, flow, tripped, recheck) =
             (service_host.clone(), upstream.clone(), service_binding.clone(), sender.clone(), service_flow.clone(), tripped.clone(), recheck.clone());
         async move {
             // Per request: the policy in force decides (a reload reaches
             // kept-alive connections), and so does the plaintext binding.
-            let binding = match recheck(&host) {
-                Ok(now) => now.filter(|b| b.allow_plaintext),
-                Err(rule) => return Ok::<_, hyper::Error>(refuse_changed(&flow, &req, &host, rule, binding.as_ref().map(|b| b.name.as_str()))),
+            let now = match recheck(&host) {
+                Ok(now) => now,
+                Err(rule) => return Ok::<_, hyper::Error>(refuse_changed(&flow, &req, &host, rule, first_binding.as_ref().map(|b| b.name.as_str()))),
             };
-            let (method, path) = (req.method().clone(), req.uri().path().to_string());
+            let binding = now.binding.clone().filter(|b| b.allow_plaintext);
+            let credential = binding.as_ref().map(|b| b.name.as_str());
             if let Err(refusal) = check_head(&req, &host, tripped.load(Ordering::Relaxed), "Host changed on the connection") {
-                return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, binding.as_ref().map(|b| b.name.as_str())));
+                return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, credential));
             }
-            let failed = |why: &str| {
-                let credential = binding.as_ref().map(|b| not_injected(&b.name, why));
-                flow.http(method.as_str(), &host, &path, Some(502), "upstream_failed", credential);
+            let Admitted { mut req, fwd, mcp } = match admit(req, &now, binding.as_deref(), &host, port, &flow).await {
+                Ok(admitted) => admitted,
+                Err(answer) => return Ok(answer),
             };
-            let mut req = guest_request(req, binding.as_deref());
+            let failed = |why: &str| fwd.record(502, "upstream_failed", credential.map(|c| not_injected(c, why)));
             remove_hop_by_hop(req.headers_mut());
             *req.uri_mut() = origin_form(req.uri());
             let mut guard = sender.lock().await;
@@ -903,13 +1116,7 @@ pub async fn serve_plain(
                 return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
             }
             match s.send_request(req).await {
-                Ok(resp) => match &binding {
-                    Some(b) => Ok(respond(resp, &flow, &method, &host, &path, b)),
-                    None => {
-                        flow.http(method.as_str(), &host, &path, Some(resp.status().as_u16()), "allowed", None);
-                        Ok(resp.map(|b| b.boxed()))
-                    }
-                },
+                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref())),
                 Err(_) => {
                     *guard = None;
                     failed("upstream request failed");
@@ -928,23 +1135,22 @@ pub async fn serve_plain(
     })
 }
 
-/// Forwards an upgrade request (after injection) on a fresh HTTP/1.1
-/// upstream connection; on `101` joins the two upgraded streams, the
-/// upstream's side scrubbed on its way to the guest. Other answers are
-/// passed back like any response.
+/// Forwards an upgrade request (after injection, if any) on a fresh
+/// HTTP/1.1 upstream connection; on `101` joins the two upgraded streams,
+/// the upstream's side scrubbed on its way to the guest when a credential
+/// is bound. Other answers are passed back like any response.
 async fn upgrade(
     mut req: Request<ProxyBody>,
     upstream: &[std::net::SocketAddr],
-    host: &str,
     tls: Arc<rustls::ClientConfig>,
-    flow: &FlowContext,
-    binding: &CredentialBinding,
+    fwd: &Forwarded,
+    binding: Option<&CredentialBinding>,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
 ) -> Response<ProxyBody> {
+    let (flow, host) = (&fwd.flow, fwd.host.as_str());
     let sandbox = &flow.sandbox;
-    let credential = binding.name.as_str();
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let credential = binding.map(|b| b.name.as_str());
+    let not_sent = |why: &str| credential.map(|c| not_injected(c, why));
     let mut h1_only = (*tls).clone();
     h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
     let mut sender = match connect_upstream(upstream, host, Arc::new(h1_only)).await {
@@ -952,7 +1158,7 @@ async fn upgrade(
         Ok(Upstream::H2(_)) => return text(StatusCode::BAD_GATEWAY, "upstream chose HTTP/2 for an upgrade"),
         Err(e) => {
             tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
-            flow.http(method.as_str(), host, &path, Some(502), "upstream_failed", Some(not_injected(credential, "upstream unreachable")));
+            fwd.record(502, "upstream_failed", not_sent("upstream unreachable"));
             return text(StatusCode::BAD_GATEWAY, "upstream unreachable");
         }
     };
@@ -963,33 +1169,35 @@ async fn upgrade(
         req.headers_mut().insert(HOST, v);
     }
     // A compressed WebSocket (permessage-deflate) could not be scrubbed.
-    req.headers_mut().remove("sec-websocket-extensions");
+    if binding.is_some() {
+        req.headers_mut().remove("sec-websocket-extensions");
+    }
     let mut resp = match sender.send_request(req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(%sandbox, %host, "credential proxy: upgrade request: {e}");
-            flow.http(method.as_str(), host, &path, Some(502), "upstream_failed", Some(not_injected(credential, "upstream request failed")));
+            fwd.record(502, "upstream_failed", not_sent("upstream request failed"));
             return text(StatusCode::BAD_GATEWAY, "upstream request failed");
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return respond(resp, flow, &method, host, &path, binding);
+        return respond(resp, fwd, binding, None);
     }
-    tracing::info!(%sandbox, %host, %credential, "credential proxy: injected (upgrade)");
-    flow.http(method.as_str(), host, &path, Some(101), "allowed", Some(injected(credential)));
+    tracing::info!(%sandbox, %host, credential = credential.unwrap_or("-"), "proxy: upgraded");
+    fwd.record(101, fwd.reason, binding.map(|b| injected(&b.name)));
     resp.extensions_mut().remove::<hyper::ext::ReasonPhrase>();
-    let report = RedactionReport {
+    let report = binding.map(|b| RedactionReport {
         flow: flow.clone(),
-        method: method.to_string(),
+        method: fwd.method.to_string(),
         host: host.to_string(),
-        path: path.clone(),
+        path: fwd.path.clone(),
         status: 101,
-        credential: credential.to_string(),
-        counted: scrub_headers(resp.headers_mut(), &binding.scrub),
+        credential: b.name.clone(),
+        counted: scrub_headers(resp.headers_mut(), &b.scrub),
         body: 0,
-    };
+    });
     let upstream_side = hyper::upgrade::on(&mut resp);
-    let scrubber = binding.scrub.scrubber();
+    let scrubber = binding.map(|b| b.scrub.scrubber());
     tokio::spawn(async move {
         // The tunnel outlives the HTTP connection that made it: it holds
         // the guest's connection permit until it ends.
@@ -998,14 +1206,26 @@ async fn upgrade(
         // it is published when the tunnel ends.
         let mut report = report;
         if let (Ok(g), Ok(u)) = (guest_side.await, upstream_side.await) {
-            let (mut guest_read, guest_write) = tokio::io::split(TokioIo::new(g));
-            let (upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(u));
+            let (mut guest_read, mut guest_write) = tokio::io::split(TokioIo::new(g));
+            let (mut upstream_read, mut upstream_write) = tokio::io::split(TokioIo::new(u));
             let up = async move {
                 let _ = tokio::io::copy(&mut guest_read, &mut upstream_write).await;
                 let _ = upstream_write.shutdown().await;
             };
-            let ((), redacted) = tokio::join!(up, pump_scrubbed(upstream_read, guest_write, scrubber));
-            report.body = redacted;
+            let down = async move {
+                match scrubber {
+                    Some(scrubber) => pump_scrubbed(upstream_read, guest_write, scrubber).await,
+                    None => {
+                        let _ = tokio::io::copy(&mut upstream_read, &mut guest_write).await;
+                        let _ = guest_write.shutdown().await;
+                        0
+                    }
+                }
+            };
+            let ((), redacted) = tokio::join!(up, down);
+            if let Some(report) = report.as_mut() {
+                report.body = redacted;
+            }
         }
     });
     resp.map(|b| b.boxed())

@@ -102,16 +102,29 @@ pub enum Plan {
     /// Connect here: the guest's destination, checked for the name it asked
     /// for (an address the DNS proxy gave it for that name) or allowed by
     /// the IP rules when it named none.
-    Connect { addr: SocketAddr, rule: String },
+    Connect { addr: SocketAddr, rule: String, audit: bool },
     /// Resolve the name ourselves and connect to an address we checked: the
     /// guest's destination was not one we answered for that name.
-    Resolve { name: String, port: u16, rule: String },
+    Resolve { name: String, port: u16, rule: String, audit: bool },
     Deny { rule: String },
+}
+
+// In `Connect` and `Resolve`, `audit` means the connection is let through
+// only because the deny that decided it is in audit mode: `rule` is that
+// deny's, and the connection is recorded with verdict audit.
+
+/// Whether a verdict of the address rules is a deny in audit mode: the
+/// classifier's `AUDIT`, or (from a policy compiled before audit had its
+/// own action) a `DENY` whose rule is in audit mode. Built-in denies never
+/// are ([`CompiledPolicy::is_audit`]).
+fn audited(policy: &CompiledPolicy, v: &sbx_net_common::Verdict) -> bool {
+    v.action == action::AUDIT || (v.action == action::DENY && policy.is_audit(v.rule_id))
 }
 
 /// Decides by the name the guest sent (SNI or Host), deny winning, else by
 /// the original destination's IP rules. `learned_for` lists the addresses
-/// the DNS proxy answered this sandbox for a name.
+/// the DNS proxy answered this sandbox for a name. A deny in audit mode
+/// lets the connection through as the allow would, flagged `audit`.
 ///
 /// A connection that names nothing (no SNI, an IP-literal SNI, ECH, HTTP
 /// without Host, another protocol) is decided by the policy's own address
@@ -124,28 +137,43 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
         let v = policy.lookup(original.ip(), PortInfo::Port(original.port()));
         let rule = policy.describe_rule(v.rule_id);
         return if v.action == action::ALLOW {
-            Plan::Connect { addr: original, rule }
+            Plan::Connect { addr: original, rule, audit: false }
+        } else if audited(policy, &v) {
+            Plan::Connect { addr: original, rule, audit: true }
         } else {
             Plan::Deny { rule }
         };
     };
     if name.is_empty() || !crate::dns::decide::is_plain_name(name) {
         // Escapes, spaces, `*`, raw UTF-8: a resolver or a server could
-        // read such a name as another one; no rule names it.
+        // read such a name as another one; no rule names it. Never
+        // audited: a hostile name is not a policy choice.
         return Plan::Deny { rule: "malformed name".into() };
     }
+    // Where an allowed (or audited) name goes: where the DNS proxy sent
+    // the guest, or an address the proxy resolves and checks itself (so a
+    // name cannot carry the guest to an address of its choosing).
+    let go = |rule: String, audit: bool| {
+        if learned_for(name).contains(&original.ip()) {
+            Plan::Connect { addr: original, rule, audit }
+        } else {
+            Plan::Resolve { name: name.to_string(), port: original.port(), rule, audit }
+        }
+    };
     match crate::dns::decide::name_verdict(policy, name) {
+        crate::dns::decide::NameVerdict::Denied { rule_id } if policy.is_audit(rule_id) => go(policy.describe_rule(rule_id), true),
         crate::dns::decide::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
         crate::dns::decide::NameVerdict::Allowed { rule_id, port } => {
             let rule = policy.describe_rule(rule_id);
             if let Some(p) = port.filter(|p| *p != original.port()) {
-                return Plan::Deny { rule: format!("{rule} (port {p} only)") };
+                let rule = format!("{rule} (port {p} only)");
+                // The port is the policy's default deny at work.
+                if policy.is_audit(sbx_net_common::rule_id::DEFAULT) {
+                    return go(rule, true);
+                }
+                return Plan::Deny { rule };
             }
-            if learned_for(name).contains(&original.ip()) {
-                Plan::Connect { addr: original, rule }
-            } else {
-                Plan::Resolve { name: name.to_string(), port: original.port(), rule }
-            }
+            go(rule, false)
         }
     }
 }
@@ -210,16 +238,16 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     };
     let now = crate::util::clock::boot_time_ns();
     let decided = plan(&route.policy, name.as_deref(), original, |n| ctx.learned.addresses_for(&route.sandbox, n, now));
-    let (targets, rule) = match decided {
+    let (targets, rule, audit) = match decided {
         Plan::Deny { rule } => {
             tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
             flow.connection(Verdict::Denied, "policy", Some(rule.clone()), name.as_deref());
             refuse(&mut guest, &kind, &rule).await;
             return;
         }
-        Plan::Connect { addr, rule } => (vec![addr], rule),
-        Plan::Resolve { name, port, rule } => match resolve(&ctx.resolver, &route.policy, &name).await {
-            Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule),
+        Plan::Connect { addr, rule, audit } => (vec![addr], rule, audit),
+        Plan::Resolve { name, port, rule, audit } => match resolve(&ctx.resolver, &route.policy, &name, audit).await {
+            Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule, audit),
             _ => {
                 tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
                 let why = format!("{name} has no allowed address");
@@ -244,15 +272,31 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         return;
     };
     flow.dst = addr;
+    if audit {
+        // Let through only because the deny that decided is in audit mode.
+        tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: audit (would have been denied)");
+        flow.connection(Verdict::Audit, "audit", Some(rule.clone()), name.as_deref());
+    }
     let recheck = recheck_for(&ctx, peer, original, addr);
-    // A credential host over TLS: terminate and inject instead of splicing.
-    if let (crate::proxy::peek::FirstBytes::Tls { sni: Some(host) }, Some(ca)) = (&kind, &route.ca) {
-        if let Some(binding) = route.credentials.iter().find(|b| b.covers(host)) {
+    // A host with a credential, `[[http]]` rules or an `[[mcp]]` server,
+    // over TLS: terminated (the sandbox CA) so that every request is
+    // checked (and injected), instead of spliced.
+    if let crate::proxy::peek::FirstBytes::Tls { sni: Some(host) } = &kind {
+        let binding = route.credentials.iter().find(|b| b.covers(host)).cloned();
+        if binding.is_some() || crate::proxy::inject::governed(&route.policy, host, original.port()) {
             drop(upstream);
-            let tls = match ctx.guest_tls.get(&route.sandbox, host, ca) {
-                Ok(tls) => tls,
-                Err(e) => {
-                    tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+            // Without the sandbox CA the requests cannot be checked:
+            // refused, never spliced unchecked.
+            let tls = match route.ca.as_ref().map(|ca| ctx.guest_tls.get(&route.sandbox, host, ca)) {
+                Some(Ok(tls)) => tls,
+                failed => {
+                    let why = match failed {
+                        Some(Err(e)) => format!("no TLS configuration for {host}: {e}"),
+                        _ => format!("{host} is checked at the proxy, and the sandbox has no CA"),
+                    };
+                    tracing::info!(sandbox = %route.sandbox, %host, "proxy: {why}");
+                    flow.connection(Verdict::Denied, "no_sandbox_ca", Some(why.clone()), Some(host));
+                    refuse(&mut guest, &kind, &why).await;
                     return;
                 }
             };
@@ -262,7 +306,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
-            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), tls, upstream, binding.clone(), flow, Arc::new(permit), recheck).await {
+            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
             return;
@@ -276,14 +320,16 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             drop(upstream);
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), targets.clone(), binding, flow, recheck).await {
+            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
         }
     }
     tracing::debug!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: spliced");
-    flow.connection(Verdict::Allowed, "allowed", Some(rule.clone()), name.as_deref());
+    if !audit {
+        flow.connection(Verdict::Allowed, "allowed", Some(rule.clone()), name.as_deref());
+    }
     if upstream.write_all(&first).await.is_err() {
         return;
     }
@@ -316,36 +362,60 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
 /// `connected`, was allowed for; the denying rule when it does not. The
 /// same decision a new connection would get: by the name and the guest's
 /// destination, and — when the proxy resolved the name itself — the
-/// address it connected to must still pass the answer filter.
-fn recheck_allowed(ctx: &ProxyContext, peer: SocketAddr, original: SocketAddr, connected: SocketAddr, host: &str) -> Result<Arc<crate::sandbox::route::Route>, String> {
+/// address it connected to must still pass the answer filter. With the
+/// route, the deny the connection passes in audit mode only, if any.
+fn recheck_allowed(ctx: &ProxyContext, peer: SocketAddr, original: SocketAddr, connected: SocketAddr, host: &str) -> Result<(Arc<crate::sandbox::route::Route>, Option<String>), String> {
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&canonical(peer.ip())).cloned().ok_or("the sandbox is gone")?;
     let now = crate::util::clock::boot_time_ns();
     let name = (!host.is_empty()).then_some(host);
     match plan(&route.policy, name, original, |n| ctx.learned.addresses_for(&route.sandbox, n, now)) {
         Plan::Deny { rule } => Err(rule),
-        Plan::Connect { .. } => Ok(route),
-        Plan::Resolve { name, .. } => {
+        Plan::Connect { rule, audit, .. } => Ok((route, audit.then_some(rule))),
+        Plan::Resolve { name, rule, audit, .. } => {
             let record = crate::dns::decide::AnswerRecord::Address { owner: Ok(name.clone()), ip: connected.ip(), ttl: 60 };
-            if crate::dns::decide::plan_answer(&route.policy, &name, &[record]).learn.is_empty() {
+            if !answer_addresses(&route.policy, &name, &[record], audit).contains(&connected.ip()) {
                 return Err(format!("{} is not an allowed address of {name}", connected.ip()));
             }
-            Ok(route)
+            Ok((route, audit.then_some(rule)))
         }
     }
 }
 
-/// [`recheck_allowed`] with the credential bound to the host now.
+/// [`recheck_allowed`] with what the policy in force says of the host now.
 fn recheck_for(ctx: &Arc<ProxyContext>, peer: SocketAddr, original: SocketAddr, connected: SocketAddr) -> crate::proxy::inject::Recheck {
     let ctx = ctx.clone();
     Arc::new(move |host: &str| {
-        let route = recheck_allowed(&ctx, peer, original, connected, host)?;
-        Ok(route.credentials.iter().find(|b| b.covers(host)).cloned())
+        let (route, audit) = recheck_allowed(&ctx, peer, original, connected, host)?;
+        let binding = route.credentials.iter().find(|b| b.covers(host)).cloned();
+        Ok(crate::proxy::inject::InForce { policy: route.policy.clone(), binding, audit })
     })
+}
+
+/// The addresses of an answer for `name` the proxy may connect to (pure):
+/// those the DNS answer filter would let the guest learn; and, for a name
+/// let through only by an audit-mode deny (`audit`), when that deny keeps
+/// the filter from passing any, its addresses outside enforced denied
+/// ranges (the built-in ones among them).
+fn answer_addresses(policy: &CompiledPolicy, name: &str, records: &[crate::dns::decide::AnswerRecord], audit: bool) -> Vec<IpAddr> {
+    let planned = crate::dns::decide::plan_answer(policy, name, records);
+    if !planned.learn.is_empty() || !audit {
+        return planned.learn.into_iter().map(|(ip, _)| ip).collect();
+    }
+    match planned.verdict {
+        crate::dns::decide::ChainVerdict::Denied { rule_id, .. } if policy.is_audit(rule_id) => records
+            .iter()
+            .filter_map(|r| match r {
+                crate::dns::decide::AnswerRecord::Address { ip, .. } if crate::dns::decide::denied_address(policy, *ip).is_none() => Some(*ip),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// A's then AAAA's of `name` from the upstream resolver, keeping only
 /// addresses the sandbox's policy does not deny (the rebinding rule).
-async fn resolve(resolver: &ProxyResolver, policy: &CompiledPolicy, name: &str) -> Option<Vec<IpAddr>> {
+async fn resolve(resolver: &ProxyResolver, policy: &CompiledPolicy, name: &str, audit: bool) -> Option<Vec<IpAddr>> {
     use hickory_proto::op::{Message, Query};
     use hickory_proto::rr::{Name, RecordType};
     let upstream = resolver.upstream?;
@@ -358,7 +428,7 @@ async fn resolve(resolver: &ProxyResolver, policy: &CompiledPolicy, name: &str) 
         let Ok(answer) = resolver.client.forward(upstream, &bytes, resolver.timeout).await else { continue };
         let Ok(message) = Message::from_vec(&answer) else { continue };
         let records: Vec<crate::dns::decide::AnswerRecord> = message.answers().iter().map(crate::dns::server::answer_record).collect();
-        out.extend(crate::dns::decide::plan_answer(policy, name, &records).learn.into_iter().map(|(ip, _)| ip));
+        out.extend(answer_addresses(policy, name, &records, audit));
     }
     Some(out)
 }
@@ -420,7 +490,7 @@ mod tests {
         let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
         let none = |_: &str| Vec::new();
         // No name: the IP rules (and learned entries) decide.
-        assert_eq!(plan(&p, None, dst("198.51.100.5:80"), none), Plan::Connect { addr: dst("198.51.100.5:80"), rule: "allow 198.51.100.0/24".into() });
+        assert_eq!(plan(&p, None, dst("198.51.100.5:80"), none), Plan::Connect { addr: dst("198.51.100.5:80"), rule: "allow 198.51.100.0/24".into(), audit: false });
         assert_eq!(plan(&p, None, dst("198.51.100.20:80"), none), Plan::Deny { rule: "deny 198.51.100.16/28".into() });
         // No name, and an address learned from DNS for some name: refused
         // (the learned address is not consulted at all).
@@ -432,10 +502,10 @@ mod tests {
         assert_eq!(plan(&p, Some("bad.test"), dst("198.51.100.5:80"), none), Plan::Deny { rule: "deny bad.test".into() });
         assert_eq!(plan(&p, Some("unlisted.test"), dst("198.51.100.5:80"), none), Plan::Deny { rule: "default deny".into() });
         let learned = |n: &str| if n == "api.test" { vec!["203.0.113.9".parse().unwrap()] } else { Vec::new() };
-        assert_eq!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), learned), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "allow api.test".into() });
+        assert_eq!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), learned), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "allow api.test".into(), audit: false });
         assert_eq!(
             plan(&p, Some("api.test"), dst("198.51.100.20:443"), learned),
-            Plan::Resolve { name: "api.test".into(), port: 443, rule: "allow api.test".into() }
+            Plan::Resolve { name: "api.test".into(), port: 443, rule: "allow api.test".into(), audit: false }
         );
         assert!(matches!(plan(&p, Some("git.test"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
         // A name no rule can stand for is refused even under default allow.
