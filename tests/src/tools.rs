@@ -18,8 +18,8 @@ pub enum Source {
     Rustup,
     /// Built by bootstrap with `cargo install` (into ~/.cargo/bin).
     CargoInstall,
-    /// From PyPI into its own venv, only for `cargo xtask bench proxy`
-    /// (which installs it); not on PATH.
+    /// From PyPI into its own venv (mitmproxy by `cargo xtask bench proxy`,
+    /// the MCP SDK by bootstrap); not on PATH.
     Pip,
     /// Built with `cargo install` by the one xtask command that needs it
     /// (`cargo xtask fuzz` installs cargo-fuzz), not by bootstrap.
@@ -82,6 +82,9 @@ pub const TOOLS: &[Tool] = &[
     Tool { program: "cargo", package: "rustup", source: Source::Rustup },
     Tool { program: "bpf-linker", package: "bpf-linker", source: Source::CargoInstall },
     Tool { program: "mitmdump", package: "mitmproxy", source: Source::Pip },
+    // The MCP tests' server and client (tests/mcp/*.py) run on the venv's
+    // python, with the MCP SDK bootstrap installs into it.
+    Tool { program: "python", package: "mcp", source: Source::Pip },
     // `cargo xtask fuzz` runs it as `cargo +nightly fuzz` (libFuzzer's C++
     // half builds with g++, one of bootstrap's build packages).
     Tool { program: "cargo-fuzz", package: "cargo-fuzz", source: Source::XtaskInstall },

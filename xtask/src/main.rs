@@ -148,6 +148,7 @@ fn bootstrap() -> Result<()> {
     bpf_linker()?;
     bpffs()?;
     tools_on_path()?;
+    mcp_venv()?;
     step("ready");
     Ok(())
 }
@@ -393,6 +394,27 @@ fn mitmproxy() -> Result<()> {
     run(Command::new("python3").args(["-m", "venv", MITMPROXY_VENV]))
         .context("python3 -m venv (apt package python3-venv)")?;
     run(Command::new(Path::new(MITMPROXY_VENV).join("bin/pip")).args(["install", "-q", "mitmproxy"]))
+}
+
+/// The MCP tests' server and client (tests/mcp/*.py): the maintained MCP
+/// SDK from PyPI, pinned, in its own venv.
+const MCP_VENV: &str = "/opt/sbx-net/mcp-venv";
+const MCP_SDK: &str = "mcp==2.3.0";
+
+fn mcp_venv() -> Result<()> {
+    // Written once the install has succeeded: a half-made venv (an install
+    // cut short) is made again, and so is one with another pinned version.
+    let stamp = Path::new(MCP_VENV).join(format!(".sbx-net-{MCP_SDK}"));
+    if stamp.exists() {
+        return Ok(());
+    }
+    step(&format!("installing {MCP_SDK} (PyPI) into {MCP_VENV} for the MCP tests"));
+    run(Command::new("python3").args(["-m", "venv", "--clear", MCP_VENV]))
+        .context("python3 -m venv (apt package python3-venv)")?;
+    run(Command::new(Path::new(MCP_VENV).join("bin/pip")).args(["install", "-q", MCP_SDK]))
+        .with_context(|| format!("pip install {MCP_SDK}: PyPI must be reachable"))?;
+    std::fs::write(&stamp, "")?;
+    Ok(())
 }
 
 /// bpffs pin directories of test daemons (`/sys/fs/bpf/sbxt…`).
