@@ -734,12 +734,12 @@ mod tests {
         assert_eq!(entry_verdict(&v, PortInfo::Port(443), 1000), Verdict::new(D, 0));
         v.learned_port = 443;
         assert_eq!(entry_verdict(&v, PortInfo::Port(80), 1), Verdict::new(D, 0));
+        assert_eq!(entry_verdict(&v, PortInfo::None, 1), Verdict::new(D, 0));
         // A port audit is a port deny that passes: a learned allow does
         // not turn it into an allow either.
         v.learned_port = 0;
         v.ports[0].action = action::AUDIT;
         assert_eq!(entry_verdict(&v, PortInfo::Port(25), 999), Verdict::new(action::AUDIT, 7));
-        assert_eq!(entry_verdict(&v, PortInfo::None, 1), Verdict::new(D, 0));
     }
 
     fn parsed(text: &str) -> CompiledPolicy {
