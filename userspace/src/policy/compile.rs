@@ -525,6 +525,129 @@ fn resolve(covering: &[&CidrRule<'_>], port: Option<u16>, at: &Entry, derived: &
     }
 }
 
+// ---- Names: how the domain rules decide a name (the DNS proxy, the
+// HTTP(S) proxy's SNI/Host check and `policy test` all ask here).
+
+/// What the policy says about resolving a name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NameVerdict {
+    /// Resolve; learned addresses open for `port` only when set.
+    Allowed { rule_id: u32, port: Option<u16> },
+    /// NXDOMAIN (or REFUSED): a deny rule, or the default.
+    Denied { rule_id: u32 },
+    /// Denied only by audit-mode rules (or the audit-mode default deny):
+    /// resolved and recorded as audit with `rule_id`, the rule that would
+    /// have denied it. `learn`: the rule (and port) that allows the name
+    /// once the audit-mode rules are set aside — its addresses are learned
+    /// as usual; `None`: it falls to the default, nothing is learned (an
+    /// audit-mode default passes its packets, audited, anyway).
+    Audit { rule_id: u32, learn: Option<(u32, Option<u16>)> },
+}
+
+impl NameVerdict {
+    /// The rule a record names: the one that allows, denies, or would have
+    /// denied.
+    pub fn rule_id(&self) -> u32 {
+        match self {
+            NameVerdict::Allowed { rule_id, .. } | NameVerdict::Denied { rule_id } | NameVerdict::Audit { rule_id, .. } => *rule_id,
+        }
+    }
+
+    /// Whether the name resolves (allowed, or only audited).
+    pub fn resolves(&self) -> bool {
+        !matches!(self, NameVerdict::Denied { .. })
+    }
+
+    /// The rule and port its addresses are learned under, if any.
+    pub fn learn(&self) -> Option<(u32, Option<u16>)> {
+        match self {
+            NameVerdict::Allowed { rule_id, port } => Some((*rule_id, *port)),
+            NameVerdict::Audit { learn, .. } => *learn,
+            NameVerdict::Denied { .. } => None,
+        }
+    }
+}
+
+/// The longest name in text form (255 octets on the wire).
+pub(crate) const MAX_NAME_TEXT: usize = 253;
+
+/// A byte rules can compare: letters, digits, '-' and '_' (SRV-style
+/// labels). A '.' inside a label (`x\.allowed.test`) is not one: joined
+/// with dots, that label would read as two and match `*.allowed.test`,
+/// while upstream it is another name altogether; NUL, spaces and raw
+/// non-ASCII (UTF-8 instead of an A-label) likewise have no rule form.
+pub(crate) fn plain_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+pub(crate) fn plain_label(label: &[u8]) -> bool {
+    !label.is_empty() && label.len() <= 63 && label.iter().all(|b| plain_byte(*b))
+}
+
+/// Whether `name` (text, dotted) is made of plain labels only: the only
+/// names a rule may match.
+pub fn is_plain_name(name: &str) -> bool {
+    name.is_empty() || (name.len() <= MAX_NAME_TEXT && name.split('.').all(|l| plain_label(l.as_bytes())))
+}
+
+/// Deny wins (a `name:port` deny denies the name: fail closed); then an
+/// any-port allow; then a port allow (addresses open for that port only);
+/// then the default — which never opens a name by itself, even when it is
+/// `allow`: addresses are then reachable by the default anyway. A name that
+/// is not plain (see [`is_plain_name`]) matches no rule: only the default
+/// speaks for it.
+///
+/// A deny does not apply to a name one of its exceptions matches
+/// ([`Rule::exception_for_name`]): the allows and the default
+/// decide, and an allow an exception let through is credited to the
+/// compiled entry naming both (`allow … (deny … except …)`). An audit-mode
+/// deny steps aside the same way, but when what then decides would let the
+/// name resolve, the verdict is [`NameVerdict::Audit`] with that deny; an
+/// enforced deny (or an enforced default deny) still denies.
+pub fn name_verdict(policy: &CompiledPolicy, name: &str) -> NameVerdict {
+    let plain = is_plain_name(name);
+    let matching = |wanted: Action| {
+        policy.rules.iter().enumerate().filter(move |(_, r)| {
+            plain && r.origin != Origin::Exception && r.action == wanted && matches!(&r.target, Target::Domain(p) if p.matches(name))
+        })
+    };
+    let id = |i: usize| i as u32 + 1;
+    let mut audited = None;
+    let mut excepted = None;
+    for (i, rule) in matching(Action::Deny) {
+        match rule.exception_for_name(name) {
+            Some(exception) => {
+                excepted.get_or_insert((id(i), exception));
+            }
+            None if policy.is_audit(id(i)) => {
+                audited.get_or_insert(id(i));
+            }
+            None => return NameVerdict::Denied { rule_id: id(i) },
+        }
+    }
+    let credit = |allow: Option<u32>| match excepted {
+        Some((deny, exception)) => policy.excepted_rule_id(allow, deny, exception),
+        None => allow.unwrap_or(rule_id::DEFAULT),
+    };
+    let allows: Vec<(usize, Option<u16>)> = matching(Action::Allow).map(|(i, r)| (i, r.port)).collect();
+    let base = if let Some(&(i, _)) = allows.iter().find(|(_, port)| port.is_none()) {
+        NameVerdict::Allowed { rule_id: credit(Some(id(i))), port: None }
+    } else if let Some(&(i, port)) = allows.first() {
+        NameVerdict::Allowed { rule_id: credit(Some(id(i))), port }
+    } else if policy.default_verdict.action == action::ALLOW {
+        NameVerdict::Allowed { rule_id: credit(None), port: None }
+    } else if policy.default_verdict.action == action::AUDIT {
+        NameVerdict::Audit { rule_id: rule_id::DEFAULT, learn: None }
+    } else {
+        NameVerdict::Denied { rule_id: rule_id::DEFAULT }
+    };
+    match (audited, base) {
+        (Some(deny), NameVerdict::Allowed { rule_id, port }) => NameVerdict::Audit { rule_id: deny, learn: Some((rule_id, port)) },
+        (Some(deny), NameVerdict::Audit { .. }) => NameVerdict::Audit { rule_id: deny, learn: None },
+        (_, base) => base,
+    }
+}
+
 /// The reference reading of a rule list: the semantics in plain words, rule
 /// by rule, with no trie and no precomputation. The compiled trie must agree
 /// with it for every address and port (unit tests, and the `policy` fuzz

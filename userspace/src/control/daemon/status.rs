@@ -74,6 +74,7 @@ impl Daemon {
             "verdict": outcome.verdict,
             "rule": outcome.rule,
             "path": outcome.path,
+            "explanation": outcome.explanation,
         }))
     }
 
