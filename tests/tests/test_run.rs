@@ -36,6 +36,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_policy(POLICY)
+    }
+
+    fn with_policy(text: &str) -> Harness {
         require_root();
         // A private namespace so "loopback" is ours alone.
         let ns = NetNs::create(&unique_name("tr")).expect("netns");
@@ -46,7 +50,7 @@ impl Harness {
         // Compiled as the daemon compiles it for a sandbox (a namespace of
         // our own has no host addresses but loopback). The classifier runs
         // on loopback, no tap: the flags are each test's own.
-        let policy = compile_for_sandbox(&Policy::parse("test-run.toml", POLICY).unwrap(), &spec, &[], &AddressPools::default()).unwrap();
+        let policy = compile_for_sandbox(&Policy::parse("test-run.toml", text).unwrap(), &spec, &[], &AddressPools::default()).unwrap();
         datapath
             .install_sandbox(LO_IFINDEX, &spec.datapath_config(&policy, spec.id, 0, &[]), &policy)
             .expect("install sandbox");
@@ -461,4 +465,56 @@ fn purged_flows_are_new_again() {
     drop(flows);
     datapath.unpin_maps().unwrap();
     let _ = std::fs::remove_dir(&pins);
+}
+
+/// Audit mode: a packet an audit-mode deny (or the audit-mode default)
+/// would drop passes, is counted under its own reason and reported as the
+/// deny with verdict audit; a flow keeps being reported as audited (at
+/// most once a second, like a denied one) and counts in its own class.
+/// The built-in denies still drop.
+#[test]
+fn audit_verdicts_pass_and_are_reported_as_the_deny() {
+    use sbx_net_common::{event_kind, sandbox_flags};
+    let mut h = Harness::with_policy(&format!("mode = \"audit\"\n{POLICY}"));
+    let before = h.datapath.counters().unwrap();
+    let audited = |h: &mut Harness, what: &str, frame: &[u8]| -> FlowEvent {
+        let (code, events) = h.run(frame);
+        assert_eq!(code, TC_ACT_OK, "{what}: an audited packet passes");
+        assert_eq!(events.len(), 1, "{what}: reported like the drop it would be: {events:?}");
+        assert_eq!((Reason::from_u8(events[0].reason), events[0].action), (Some(Reason::Audit), action::AUDIT), "{what}");
+        events[0]
+    };
+    let frame = h.v4(NESTED_DENY_V4, 6, &[], 0, &tcp_syn(40000, 80));
+    let ev = audited(&mut h, "nested deny", &frame);
+    assert_eq!(h.policy.describe_rule(ev.rule_id), "deny 198.51.100.16/28");
+    let frame = h.v4(UNLISTED_V4, 17, &[], 0, &udp(1, 9, b""));
+    let ev = audited(&mut h, "unlisted", &frame);
+    assert_eq!(h.policy.describe_rule(ev.rule_id), "default deny");
+    h.passes("allowed", &h.v4(ALLOWED_V4, 6, &[], 0, &tcp_syn(40000, 80)));
+    let ev = h.drops("metadata", &h.v4(Ipv4Addr::new(169, 254, 169, 254), 6, &[], 0, &tcp_syn(1, 80)), Reason::PolicyDeny);
+    assert_eq!(h.policy.describe_rule(ev.rule_id), "builtin deny 169.254.0.0/16 (link-local, cloud metadata)");
+    h.drops("the gateway", &h.v4(h.spec.gateway_ipv4, 6, &[], 0, &tcp_syn(1, 22)), Reason::PolicyDeny);
+    let after = h.datapath.counters().unwrap();
+    assert_eq!(after[Reason::Audit as usize].packets, before[Reason::Audit as usize].packets + 2, "audit has its own counter");
+    assert_eq!(after[Reason::PolicyDeny as usize].packets, before[Reason::PolicyDeny as usize].packets + 2);
+
+    let tracked = h.spec.datapath_config(&h.policy, h.spec.id, sandbox_flags::FLOWS, &[]);
+    assert_eq!(tracked.default_verdict.action, action::AUDIT, "a trie miss is audited too");
+    h.datapath.write_config(LO_IFINDEX, &tracked).unwrap();
+    h.datapath.reset_sandbox_counters(h.spec.id).unwrap();
+    let flow = h.v4(UNLISTED_V4, 6, &[], 0, &tcp_syn(5000, 443));
+    let ev = audited(&mut h, "new audited flow", &flow);
+    assert_eq!((ev.kind, ev.rule_id), (event_kind::NEW_FLOW, rule_id::DEFAULT));
+    for _ in 0..4 {
+        let (code, events) = h.run(&flow);
+        assert_eq!(code, TC_ACT_OK);
+        assert!(events.is_empty(), "within a second an audited flow is counted, not reported: {events:?}");
+    }
+    // The one-second report interval of the kernel's clock is what is
+    // tested: nothing to wait on but the clock (BPF_PROG_TEST_RUN is synchronous).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let ev = audited(&mut h, "audited flow, a second later", &flow);
+    assert_eq!((ev.kind, ev.packets), (event_kind::DROP_REPEAT, 5), "still audit, never silently allowed");
+    let c = h.datapath.sandbox_counters(h.spec.id).unwrap();
+    assert_eq!((c[0].packets, c[1].packets, c[3].packets), (0, 0, 6), "the audit class counts them");
 }

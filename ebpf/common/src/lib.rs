@@ -50,6 +50,8 @@ pub mod verdict_class {
     pub const ALLOWED: u32 = 0;
     pub const DENIED: u32 = 1;
     pub const REDIRECTED: u32 = 2;
+    /// Passed by an audit-mode deny ([`super::Reason::Audit`]).
+    pub const AUDIT: u32 = 3;
 }
 pub const VERDICT_CLASSES: u32 = 4;
 pub const SANDBOX_COUNTER_SLOTS: u32 = MAX_SANDBOXES * VERDICT_CLASSES;
@@ -63,7 +65,8 @@ pub mod event_kind {
     pub const NEW_FLOW: u8 = 1;
     /// A known flow whose verdict changed (e.g. after a policy change).
     pub const VERDICT_CHANGED: u8 = 2;
-    /// A denied flow still being attempted: the packets since its last report.
+    /// A denied (or audited) flow still being attempted: the packets since
+    /// its last report.
     pub const DROP_REPEAT: u8 = 3;
 }
 
@@ -129,9 +132,12 @@ pub enum Reason {
     /// conntrack calls it invalid, so nftables would not redirect it, and it
     /// must not pass on the strength of the port alone.
     InvalidTcpFlags = 14,
+    /// Would have been denied by a policy rule (or default) in audit mode:
+    /// passed, and reported as that deny.
+    Audit = 15,
 }
 
-pub const COUNTER_SLOTS: u32 = 15;
+pub const COUNTER_SLOTS: u32 = 16;
 /// Extra counter slot: drop events that did not fit in the ring buffer.
 pub const EVENTS_LOST_SLOT: u32 = COUNTER_SLOTS;
 /// Length of the per-CPU counter array.
@@ -154,6 +160,7 @@ impl Reason {
         Reason::UnknownSandbox,
         Reason::Redirected,
         Reason::InvalidTcpFlags,
+        Reason::Audit,
     ];
 
     pub fn from_u8(value: u8) -> Option<Reason> {
@@ -161,7 +168,25 @@ impl Reason {
     }
 
     pub fn passes(self) -> bool {
-        matches!(self, Reason::Allowed | Reason::NeighbourDiscovery | Reason::Redirected)
+        matches!(self, Reason::Allowed | Reason::NeighbourDiscovery | Reason::Redirected | Reason::Audit)
+    }
+
+    /// Whether the packet is reported like a drop (every packet without
+    /// flow tracking, at most once a second per flow with it): the drops
+    /// and the audited passes.
+    pub fn reported_like_a_drop(self) -> bool {
+        !self.passes() || self == Reason::Audit
+    }
+
+    /// The [`action`] an event reports for this reason.
+    pub fn action(self) -> u8 {
+        if self == Reason::Audit {
+            action::AUDIT
+        } else if self.passes() {
+            action::ALLOW
+        } else {
+            action::DENY
+        }
     }
 
     /// Stable snake_case name, used in events, metrics labels and output.
@@ -182,6 +207,7 @@ impl Reason {
             Reason::UnknownSandbox => "unknown_sandbox",
             Reason::Redirected => "redirected",
             Reason::InvalidTcpFlags => "invalid_tcp_flags",
+            Reason::Audit => "audit",
         }
     }
 }

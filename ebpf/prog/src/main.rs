@@ -208,6 +208,9 @@ fn decide(cfg: &SandboxConfig, packet: &Packet) -> (Reason, u32) {
     };
     let reason = if verdict.action == action::ALLOW {
         Reason::Allowed
+    } else if verdict.action == action::AUDIT {
+        // A deny in audit mode: passes, reported as the deny (same rule).
+        Reason::Audit
     } else if verdict.rule_id == rule_id::DEFAULT {
         Reason::DefaultDeny
     } else {
@@ -216,9 +219,9 @@ fn decide(cfg: &SandboxConfig, packet: &Packet) -> (Reason, u32) {
     (reason, verdict.rule_id)
 }
 
-/// What one resolved trie entry says for this packet. A port deny beats a
-/// learned allow; a learned allow beats the static verdict (it is never
-/// written over a policy deny).
+/// What one resolved trie entry says for this packet. A port deny (or
+/// audit) beats a learned allow; a learned allow beats the static verdict
+/// (it is never written over a policy deny or audit).
 #[inline(always)]
 fn entry_verdict(value: &PolicyValue, packet: &Packet) -> Verdict {
     // Most entries (every /0 default among them) carry neither port
@@ -241,7 +244,7 @@ fn entry_verdict(value: &PolicyValue, packet: &Packet) -> Verdict {
         }
     }
     if let Some(v) = port_verdict {
-        if v.action == action::DENY {
+        if v.action != action::ALLOW {
             return v;
         }
     }
@@ -297,7 +300,7 @@ fn finish(
     // One report call site: every inlined copy of it costs stack.
     let event = match cfg {
         Some(cfg) if cfg.flags & sandbox_flags::FLOWS != 0 => track_flow(cfg, packet, reason, rule, len),
-        _ if verdict == TC_ACT_SHOT => Some((event_kind::DROP, 1, len as u64)),
+        _ if reason.reported_like_a_drop() => Some((event_kind::DROP, 1, len as u64)),
         _ => None,
     };
     if let Some((kind, packets, bytes)) = event {
@@ -341,6 +344,7 @@ fn track_flow(cfg: &SandboxConfig, packet: &Packet, reason: Reason, rule: u32, l
     let class = match reason {
         Reason::Allowed | Reason::NeighbourDiscovery => verdict_class::ALLOWED,
         Reason::Redirected => verdict_class::REDIRECTED,
+        Reason::Audit => verdict_class::AUDIT,
         _ => verdict_class::DENIED,
     };
     let slot = (cfg.sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES + class;
@@ -406,7 +410,9 @@ fn update_flow<K>(
             atomic_add(&raw mut (*stats).bytes, len as u64);
             (*stats).last_seen_jiffies = tick;
             let changed = (*stats).reason != reason as u8 || (*stats).rule_id != rule;
-            if !changed && reason.passes() {
+            // An audited flow is reported like the denied flow it would
+            // be (repeats at most once a second), never silently passed.
+            if !changed && !reason.reported_like_a_drop() {
                 return None;
             }
             // Tick resolution is enough for the one-second report interval.
@@ -476,7 +482,7 @@ fn report(ctx: &TcContext, sandbox_id: u32, packet: &Packet, reason: Reason, rul
         (*e).src_port = packet.src_port;
         (*e).dst_port = packet.dst_port;
         (*e).reason = reason as u8;
-        (*e).action = if reason.passes() { action::ALLOW } else { action::DENY };
+        (*e).action = reason.action();
         (*e).protocol = packet.protocol;
         (*e).ip_version = packet.ip_version;
         (*e).kind = kind;

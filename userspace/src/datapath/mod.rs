@@ -459,7 +459,7 @@ impl Datapath {
 
     /// Packets and bytes of one sandbox by verdict class
     /// ([`sbx_net_common::verdict_class`]).
-    pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
+    pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; SANDBOX_VERDICT_CLASSES], DatapathError> {
         let name = map_names::SANDBOX_COUNTERS;
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing { kind: "map", name })?;
         read_sandbox_counters(&Array::try_from(map).map_err(map_err(name))?, sandbox_id)
@@ -510,6 +510,11 @@ impl Datapath {
     }
 }
 
+/// Verdict classes the per-sandbox counters use: allowed, denied,
+/// redirected, audit ([`sbx_net_common::verdict_class`]).
+pub const SANDBOX_VERDICT_CLASSES: usize = 4;
+const _: () = assert!(SANDBOX_VERDICT_CLASSES as u32 <= VERDICT_CLASSES && sbx_net_common::verdict_class::AUDIT as usize == SANDBOX_VERDICT_CLASSES - 1);
+
 /// Every slot of the counter array ([`sbx_net_common::Reason`] order, then
 /// the lost-events slot), summed over CPUs.
 fn read_counters<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, Counter>) -> Result<Vec<Counter>, DatapathError> {
@@ -522,9 +527,9 @@ fn read_counters<T: std::borrow::Borrow<MapData>>(array: &PerCpuArray<T, Counter
 }
 
 /// One sandbox id's counters, by verdict class.
-fn read_sandbox_counters<T: std::borrow::Borrow<MapData>>(array: &Array<T, Counter>, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
+fn read_sandbox_counters<T: std::borrow::Borrow<MapData>>(array: &Array<T, Counter>, sandbox_id: u32) -> Result<[Counter; SANDBOX_VERDICT_CLASSES], DatapathError> {
     let base = (sandbox_id % MAX_SANDBOXES) * VERDICT_CLASSES;
-    let mut out = [Counter::default(); 3];
+    let mut out = [Counter::default(); SANDBOX_VERDICT_CLASSES];
     for (class, slot) in out.iter_mut().enumerate() {
         *slot = array.get(&(base + class as u32), 0).map_err(map_err(map_names::SANDBOX_COUNTERS))?;
     }
@@ -718,7 +723,7 @@ impl PinnedStats {
     }
 
     /// Packets and bytes of one sandbox id by verdict class.
-    pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; 3], DatapathError> {
+    pub fn sandbox_counters(&self, sandbox_id: u32) -> Result<[Counter; SANDBOX_VERDICT_CLASSES], DatapathError> {
         read_sandbox_counters(&self.sandbox_counters, sandbox_id)
     }
 

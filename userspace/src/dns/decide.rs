@@ -13,16 +13,10 @@ use hickory_proto::serialize::binary::{BinDecodable, BinEncodable};
 use sbx_net_common::{action, rule_id, PolicyValue};
 
 use crate::policy::compile::{CompiledPolicy, PortInfo};
-use crate::policy::{Action, Target};
-
-/// What the policy says about resolving a name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NameVerdict {
-    /// Resolve; learned addresses open for `port` only when set.
-    Allowed { rule_id: u32, port: Option<u16> },
-    /// NXDOMAIN (or REFUSED): a deny rule, or the default.
-    Denied { rule_id: u32 },
-}
+// Name decisions are the policy's (`policy test` explains them too); the
+// DNS proxy's callers find them here as before.
+pub use crate::policy::compile::{is_plain_name, name_verdict, NameVerdict};
+use crate::policy::compile::{plain_byte, plain_label, MAX_NAME_TEXT};
 
 /// Lower-case, no trailing dot: how a name already in text form (SNI, Host,
 /// tests) is compared with rules. Names from the wire go through
@@ -35,28 +29,6 @@ pub fn normalise_query_name(name: &str) -> String {
 /// (every label plain, see [`checked_name`]); `Err` is a presentation form
 /// with escapes, for logs only, of a name no rule may judge.
 pub type CheckedName = Result<String, String>;
-
-/// The longest name in text form (255 octets on the wire).
-const MAX_NAME_TEXT: usize = 253;
-
-/// A byte rules can compare: letters, digits, '-' and '_' (SRV-style
-/// labels). A '.' inside a label (`x\.allowed.test`) is not one: joined
-/// with dots, that label would read as two and match `*.allowed.test`,
-/// while upstream it is another name altogether; NUL, spaces and raw
-/// non-ASCII (UTF-8 instead of an A-label) likewise have no rule form.
-fn plain_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
-}
-
-fn plain_label(label: &[u8]) -> bool {
-    !label.is_empty() && label.len() <= 63 && label.iter().all(|b| plain_byte(*b))
-}
-
-/// Whether `name` (text, dotted) is made of plain labels only: the only
-/// names a rule may match.
-pub fn is_plain_name(name: &str) -> bool {
-    name.is_empty() || (name.len() <= MAX_NAME_TEXT && name.split('.').all(|l| plain_label(l.as_bytes())))
-}
 
 /// An `xn--` label must be a valid A-label: it decodes, and the decoded
 /// name encodes back to exactly this label (rules hold A-labels made by
@@ -107,36 +79,6 @@ pub fn checked_name<'a>(labels: impl IntoIterator<Item = &'a [u8]>) -> CheckedNa
 /// [`checked_name`] of a parsed name.
 pub fn checked(name: &Name) -> CheckedName {
     checked_name(name.iter())
-}
-
-/// Deny wins (a `name:port` deny denies the name: fail closed); then an
-/// any-port allow; then a port allow (addresses open for that port only);
-/// then the default — which never opens a name by itself, even when it is
-/// `allow`: addresses are then reachable by the default anyway. A name that
-/// is not plain (see [`is_plain_name`]) matches no rule: only the default
-/// speaks for it.
-pub fn name_verdict(policy: &CompiledPolicy, name: &str) -> NameVerdict {
-    let plain = is_plain_name(name);
-    let matching = |wanted: Action| {
-        policy.rules.iter().enumerate().filter(move |(_, r)| {
-            plain && r.action == wanted && matches!(&r.target, Target::Domain(p) if p.matches(name))
-        })
-    };
-    if let Some((i, _)) = matching(Action::Deny).next() {
-        return NameVerdict::Denied { rule_id: i as u32 + 1 };
-    }
-    let allows: Vec<(usize, Option<u16>)> = matching(Action::Allow).map(|(i, r)| (i, r.port)).collect();
-    if let Some(&(i, _)) = allows.iter().find(|(_, port)| port.is_none()) {
-        return NameVerdict::Allowed { rule_id: i as u32 + 1, port: None };
-    }
-    if let Some(&(i, port)) = allows.first() {
-        return NameVerdict::Allowed { rule_id: i as u32 + 1, port };
-    }
-    if policy.default_verdict.action == action::ALLOW {
-        NameVerdict::Allowed { rule_id: rule_id::DEFAULT, port: None }
-    } else {
-        NameVerdict::Denied { rule_id: rule_id::DEFAULT }
-    }
 }
 
 /// The EDNS a guest asked with, as far as it is passed on.
@@ -371,6 +313,11 @@ pub enum ChainVerdict {
     /// A name on the alias chain is denied (`rule_id`): the answer is
     /// refused as a query for that name would be.
     Denied { name: String, rule_id: u32 },
+    /// Released and recorded as audit: `name` (on the chain, or an address
+    /// of the answer) would have been denied by `rule_id`, in audit mode.
+    /// Addresses are learned under `learn` (the rule and port that allow
+    /// the question once audit-mode rules are set aside); `None`: none are.
+    Audit { name: String, rule_id: u32, learn: Option<(u32, Option<u16>)> },
     /// The chain cannot be judged (a name no rule can match, too long, port
     /// rules that leave no port): refused.
     Invalid { name: String, reason: &'static str },
@@ -383,7 +330,7 @@ pub struct AnswerPlan {
     pub chain: Vec<String>,
     pub fates: Vec<RecordFate>,
     /// Addresses to open, with their TTL as answered (empty unless the
-    /// verdict is `Allowed`).
+    /// verdict is `Allowed`, or `Audit` with something to learn under).
     pub learn: Vec<(IpAddr, u32)>,
 }
 
@@ -463,6 +410,20 @@ pub fn denied_address(policy: &CompiledPolicy, ip: IpAddr) -> Option<String> {
     denied_by(IpAddr::V4(v4)).map(|rule| format!("{ip} embeds {v4}, in a denied range: {rule}"))
 }
 
+/// The audit-mode deny rule that would strip `ip` (see [`denied_address`]):
+/// the answer keeps it, its address is not learned (the trie's audit entry
+/// passes and reports its packets), and the answer is recorded as audit.
+pub fn audited_address(policy: &CompiledPolicy, ip: IpAddr) -> Option<u32> {
+    let audited_by = |ip: IpAddr| {
+        let v = policy.lookup(ip, PortInfo::None);
+        (v.action == action::AUDIT && v.rule_id != rule_id::DEFAULT).then_some(v.rule_id)
+    };
+    audited_by(ip).or_else(|| match ip {
+        IpAddr::V6(v6) => embedded_v4(v6).and_then(|v4| audited_by(IpAddr::V4(v4))),
+        IpAddr::V4(_) => None,
+    })
+}
+
 /// The IPv4 address an IPv6 address carries by a well-known embedding.
 fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     let bits = u128::from(ip);
@@ -503,7 +464,7 @@ pub fn plan_answer(policy: &CompiledPolicy, qname: &str, records: &[AnswerRecord
         let reason = match &verdict {
             ChainVerdict::Denied { name, rule_id } => format!("{name} on the alias chain is denied: {}", policy.describe_rule(*rule_id)),
             ChainVerdict::Invalid { name, reason } => format!("{name}: {reason}"),
-            ChainVerdict::Allowed { .. } => String::new(),
+            ChainVerdict::Allowed { .. } | ChainVerdict::Audit { .. } => String::new(),
         };
         AnswerPlan { verdict, chain, fates: vec![RecordFate::Strip { reason }; records.len()], learn: Vec::new() }
     };
@@ -513,24 +474,41 @@ pub fn plan_answer(policy: &CompiledPolicy, qname: &str, records: &[AnswerRecord
     };
     let mut credited = None;
     let mut port: Option<u16> = None;
+    // The first name (or address) only an audit-mode rule would deny, and
+    // whether the question falls to the default with nothing to learn.
+    let mut audit: Option<(String, u32)> = None;
+    let mut learn_nothing = false;
     for (position, name) in chain.iter().enumerate() {
-        match name_verdict(policy, name) {
-            NameVerdict::Denied { rule_id } if position > 0 && rule_id == rule_id::DEFAULT => {}
+        let (credit, p) = match name_verdict(policy, name) {
+            NameVerdict::Denied { rule_id } if position > 0 && rule_id == rule_id::DEFAULT => continue,
             NameVerdict::Denied { rule_id } => {
                 let verdict = ChainVerdict::Denied { name: name.clone(), rule_id };
                 return refuse(chain, verdict);
             }
-            NameVerdict::Allowed { rule_id, port: p } => {
-                credited.get_or_insert(rule_id);
-                match (port, p) {
-                    (_, None) => {}
-                    (None, Some(p)) => port = Some(p),
-                    (Some(a), Some(b)) if a == b => {}
-                    (Some(_), Some(_)) => {
-                        let verdict = ChainVerdict::Invalid { name: name.clone(), reason: "port rules on the alias chain leave no port" };
-                        return refuse(chain, verdict);
+            NameVerdict::Audit { rule_id, learn } => {
+                // An alias only the default would deny does not refuse (see
+                // above), so it is no audit either.
+                if position == 0 || rule_id != rule_id::DEFAULT {
+                    audit.get_or_insert((name.clone(), rule_id));
+                }
+                match learn {
+                    Some(l) => l,
+                    None => {
+                        learn_nothing |= position == 0;
+                        continue;
                     }
                 }
+            }
+            NameVerdict::Allowed { rule_id, port } => (rule_id, port),
+        };
+        credited.get_or_insert(credit);
+        match (port, p) {
+            (_, None) => {}
+            (None, Some(p)) => port = Some(p),
+            (Some(a), Some(b)) if a == b => {}
+            (Some(_), Some(_)) => {
+                let verdict = ChainVerdict::Invalid { name: name.clone(), reason: "port rules on the alias chain leave no port" };
+                return refuse(chain, verdict);
             }
         }
     }
@@ -542,7 +520,9 @@ pub fn plan_answer(policy: &CompiledPolicy, qname: &str, records: &[AnswerRecord
                 Ok(o) if chain.contains(o) => match denied_address(policy, *ip) {
                     Some(reason) => RecordFate::Strip { reason },
                     None => {
-                        if !learn.iter().any(|(a, _)| a == ip) {
+                        if let Some(rule) = audited_address(policy, *ip) {
+                            audit.get_or_insert((ip.to_string(), rule));
+                        } else if !learn_nothing && !learn.iter().any(|(a, _)| a == ip) {
                             learn.push((*ip, *ttl));
                         }
                         RecordFate::Keep
@@ -556,7 +536,11 @@ pub fn plan_answer(policy: &CompiledPolicy, qname: &str, records: &[AnswerRecord
         fates.push(fate);
     }
     let rule_id = credited.unwrap_or(rule_id::DEFAULT);
-    AnswerPlan { verdict: ChainVerdict::Allowed { rule_id, port }, chain, fates, learn }
+    let verdict = match audit {
+        Some((name, audit_rule)) => ChainVerdict::Audit { name, rule_id: audit_rule, learn: (!learn_nothing).then_some((rule_id, port)) },
+        None => ChainVerdict::Allowed { rule_id, port },
+    };
+    AnswerPlan { verdict, chain, fates, learn }
 }
 
 /// How long a learned address stays open, as plain data.
@@ -682,17 +666,20 @@ pub fn conntrack_pairs(text: &str) -> BTreeSet<(IpAddr, IpAddr)> {
 }
 
 /// A learned address under a new policy: kept for the names the new policy
-/// still allows (their rule and port decide), dropped when none is, or when
-/// the address now falls in a denied range. Expiry is unchanged.
+/// still allows (their rule and port decide; a name only audited counts
+/// when it has a rule to learn under), dropped when none is, or when the
+/// address now falls in a denied (or audited) range. Expiry is unchanged.
 pub fn carry_learned(new: &CompiledPolicy, ip: IpAddr, old: &LearnedAddr) -> Option<(PolicyValue, BTreeSet<String>)> {
     let v = new.lookup(ip, PortInfo::None);
-    if v.action == action::DENY && v.rule_id != rule_id::DEFAULT {
+    // Never over a policy deny, nor over an audited one (the audit entry
+    // must keep reporting its packets as audit).
+    if v.action != action::ALLOW && v.rule_id != rule_id::DEFAULT {
         return None;
     }
     let mut value: Option<PolicyValue> = None;
     let mut names = BTreeSet::new();
     for name in &old.names {
-        if let NameVerdict::Allowed { rule_id, port } = name_verdict(new, name) {
+        if let Some((rule_id, port)) = name_verdict(new, name).learn() {
             value = Some(learned_value(new, ip, value.as_ref(), rule_id, port, old.value.learned_until_ns));
             names.insert(name.clone());
         }
@@ -718,9 +705,102 @@ deny = ["bad.any.test", "10.0.0.0/8"]
     }
 
     fn rule_text(p: &CompiledPolicy, v: &NameVerdict) -> String {
-        match v {
-            NameVerdict::Allowed { rule_id, .. } | NameVerdict::Denied { rule_id } => p.describe_rule(*rule_id),
-        }
+        p.describe_rule(v.rule_id())
+    }
+
+    fn parsed(text: &str) -> CompiledPolicy {
+        compile(&Policy::parse("t.toml", text).unwrap(), &["10.200.0.5".parse().unwrap()]).unwrap()
+    }
+
+    #[test]
+    fn name_exceptions_lift_their_deny_and_are_named() {
+        let p = parsed(
+            r#"name = "t"
+[network]
+allow = ["**.corp.test", "wiki.other.test"]
+deny = [{ pattern = "**.corp.test", except = ["jira.corp.test"] }, { pattern = "**.other.test", except = ["wiki.other.test"] }, "bad.test"]
+"#,
+        );
+        let jira = name_verdict(&p, "jira.corp.test");
+        assert!(matches!(jira, NameVerdict::Allowed { port: None, .. }), "{jira:?}");
+        assert_eq!(rule_text(&p, &jira), "allow **.corp.test (deny **.corp.test except jira.corp.test)");
+        assert_eq!(rule_text(&p, &name_verdict(&p, "git.corp.test")), "deny **.corp.test");
+        assert!(matches!(name_verdict(&p, "git.corp.test"), NameVerdict::Denied { .. }));
+        assert_eq!(rule_text(&p, &name_verdict(&p, "wiki.other.test")), "allow wiki.other.test (deny **.other.test except wiki.other.test)");
+        // An exception under a default allow names the default.
+        let d = parsed("name = \"t\"\n[network]\ndefault = \"allow\"\ndeny = [{ pattern = \"**.corp.test\", except = [\"*.wiki.corp.test\"] }]\n");
+        assert_eq!(rule_text(&d, &name_verdict(&d, "a.wiki.corp.test")), "default allow (deny **.corp.test except *.wiki.corp.test)");
+        assert_eq!(rule_text(&d, &name_verdict(&d, "a.b.wiki.corp.test")), "deny **.corp.test");
+        // Under a default deny with no allow, the exception opens nothing.
+        let n = parsed("name = \"t\"\n[network]\ndeny = [{ pattern = \"**.corp.test\", except = [\"jira.corp.test\"] }]\n");
+        assert_eq!(name_verdict(&n, "jira.corp.test"), NameVerdict::Denied { rule_id: rule_id::DEFAULT });
+    }
+
+    #[test]
+    fn audit_mode_names_resolve_recorded_and_learn_only_what_an_allow_opens() {
+        let p = parsed(
+            r#"name = "t"
+mode = "audit"
+[network]
+allow = ["**.corp.test", "git.test:22"]
+deny = ["bad.corp.test", { pattern = "worse.corp.test", mode = "enforce" }]
+"#,
+        );
+        // A deny in audit mode over an allow: audited, learned under the allow.
+        let bad = name_verdict(&p, "bad.corp.test");
+        assert_eq!(rule_text(&p, &bad), "deny bad.corp.test");
+        let NameVerdict::Audit { learn: Some((allow, None)), .. } = bad else { panic!("{bad:?}") };
+        assert_eq!(p.describe_rule(allow), "allow **.corp.test");
+        // The audit-mode default: audited, nothing learned.
+        assert_eq!(name_verdict(&p, "unlisted.test"), NameVerdict::Audit { rule_id: rule_id::DEFAULT, learn: None });
+        assert!(matches!(name_verdict(&p, "git.test"), NameVerdict::Allowed { port: Some(22), .. }));
+        // The policy's audit covers its rules whatever they say themselves
+        // (CompiledPolicy::is_audit); a rule-level audit under an enforced
+        // policy: an enforced deny or default still denies.
+        let r = parsed(
+            r#"name = "t"
+[network]
+allow = ["**.corp.test"]
+deny = [{ pattern = "bad.corp.test", mode = "audit" }, { pattern = "**.x.test", mode = "audit" }, "worse.corp.test"]
+"#,
+        );
+        let bad = name_verdict(&r, "bad.corp.test");
+        assert!(matches!(bad, NameVerdict::Audit { learn: Some(_), .. }), "{bad:?}");
+        assert_eq!(rule_text(&r, &name_verdict(&r, "worse.corp.test")), "deny worse.corp.test");
+        assert_eq!(name_verdict(&r, "a.x.test"), NameVerdict::Denied { rule_id: rule_id::DEFAULT }, "without the audited deny, the enforced default denies");
+    }
+
+    #[test]
+    fn audit_mode_answers_are_released_and_audited_addresses_not_learned() {
+        let p = parsed(
+            r#"name = "t"
+mode = "audit"
+[network]
+allow = ["allowed.test", "cname.test"]
+deny = ["198.51.100.0/24", "denied.test"]
+"#,
+        );
+        let addr = |owner: &str, ip: &str| AnswerRecord::Address { owner: Ok(owner.into()), ip: ip.parse().unwrap(), ttl: 60 };
+        // An allowed name answering into an audit-mode deny: kept, not learned, audit.
+        let plan = plan_answer(&p, "allowed.test", &[addr("allowed.test", "198.51.100.5"), addr("allowed.test", "203.0.113.5"), addr("allowed.test", "10.0.0.1")]);
+        assert_eq!(plan.fates[0], RecordFate::Keep);
+        assert!(matches!(plan.fates[2], RecordFate::Strip { .. }), "a built-in deny is still stripped");
+        assert_eq!(plan.learn, vec![("203.0.113.5".parse().unwrap(), 60)]);
+        let ChainVerdict::Audit { name, rule_id, learn: Some(_) } = &plan.verdict else { panic!("{:?}", plan.verdict) };
+        assert_eq!((name.as_str(), p.describe_rule(*rule_id).as_str()), ("198.51.100.5", "deny 198.51.100.0/24"));
+        // A name only the audit default denies: released, nothing learned.
+        let plan = plan_answer(&p, "unlisted.test", &[addr("unlisted.test", "203.0.113.9")]);
+        assert!(plan.learn.is_empty());
+        assert!(matches!(plan.verdict, ChainVerdict::Audit { rule_id: 0, learn: None, .. }), "{:?}", plan.verdict);
+        // An alias into an audit-mode denied name: released, audited, the question's addresses learned.
+        let plan = plan_answer(&p, "cname.test", &[AnswerRecord::Cname { owner: Ok("cname.test".into()), target: Ok("denied.test".into()) }, addr("denied.test", "203.0.113.7")]);
+        let ChainVerdict::Audit { name, rule_id, learn: Some((credit, None)) } = &plan.verdict else { panic!("{:?}", plan.verdict) };
+        assert_eq!((name.as_str(), p.describe_rule(*rule_id).as_str(), p.describe_rule(*credit).as_str()), ("denied.test", "deny denied.test", "allow cname.test"));
+        assert_eq!(plan.learn.len(), 1);
+        // Learned addresses are never carried over an audited range.
+        let learned = LearnedAddr { answered_ns: 0, policy_id: 1, value: learned_value(&p, "198.51.100.5".parse().unwrap(), None, 1, None, 10), names: ["allowed.test".to_string()].into() };
+        assert!(carry_learned(&p, "198.51.100.5".parse().unwrap(), &learned).is_none());
+        assert!(carry_learned(&p, "203.0.113.5".parse().unwrap(), &learned).is_some());
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::dns::decide::{
     LearnTiming, LearnedAddr, NameVerdict, RecordFate, Screened,
 };
 use crate::observe::record::{DnsDetail, FlowRecord, Verdict};
+use sbx_net_common::rule_id;
 use crate::sandbox::route::Routes;
 
 #[derive(Debug, thiserror::Error)]
@@ -376,7 +377,7 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     let qtype = q.qtype;
     let log = QueryLog { ctx, sandbox: &route.sandbox, peer: peer_addr, transport, query: qname.clone(), qtype: <&'static str>::from(qtype).into() };
     let denied_code = if ctx.settings.refuse_denied { ResponseCode::Refused } else { ResponseCode::NXDomain };
-    let rule = match name_verdict(&route.policy, &qname) {
+    let (rule, audited) = match name_verdict(&route.policy, &qname) {
         NameVerdict::Denied { rule_id } => {
             let rule = route.policy.describe_rule(rule_id);
             tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, %rule, "DNS: denied");
@@ -384,11 +385,18 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
             log.record(Verdict::Denied, "policy", Some(rule), rcode_name(denied_code), Vec::new(), 0);
             return refusal(&q, denied_code);
         }
-        NameVerdict::Allowed { rule_id, .. } => rule_id,
+        NameVerdict::Allowed { rule_id, .. } => (rule_id, None),
+        // Only audit-mode rules deny it: resolved and recorded as audit.
+        NameVerdict::Audit { rule_id, learn } => (learn.map_or(rule_id::DEFAULT, |(r, _)| r), Some(rule_id)),
     };
     let rule_text = route.policy.describe_rule(rule);
+    // What the query's record says when no answer comes back.
+    let (query_verdict, query_rule) = match audited {
+        Some(id) => (Verdict::Audit, route.policy.describe_rule(id)),
+        None => (Verdict::Allowed, rule_text.clone()),
+    };
     let servfail = |reason: &'static str| {
-        log.record(Verdict::Allowed, reason, Some(rule_text.clone()), rcode_name(ResponseCode::ServFail), Vec::new(), 0);
+        log.record(query_verdict, reason, Some(query_rule.clone()), rcode_name(ResponseCode::ServFail), Vec::new(), 0);
         refusal(&q, ResponseCode::ServFail)
     };
     let Some(upstream) = ctx.settings.upstream else {
@@ -432,8 +440,15 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     }
     let records: Vec<AnswerRecord> = message.answers().iter().map(answer_record).collect();
     let plan = plan_answer(&route.policy, &qname, &records);
-    let port = match &plan.verdict {
-        ChainVerdict::Allowed { port, .. } => *port,
+    // The rule and port addresses are learned under, and the record.
+    let (learn_rule, port, verdict, reason, record_rule) = match &plan.verdict {
+        ChainVerdict::Allowed { port, .. } => (rule, *port, Verdict::Allowed, "policy", rule_text.clone()),
+        ChainVerdict::Audit { name, rule_id, learn } => {
+            let would_deny = route.policy.describe_rule(*rule_id);
+            tracing::info!(sandbox = %route.sandbox, name = %qname, denied = %name, rule = %would_deny, "DNS: audit mode, released what would be denied");
+            let (learn_rule, port) = learn.unwrap_or((rule_id::DEFAULT, None));
+            (learn_rule, port, Verdict::Audit, "audit", would_deny)
+        }
         ChainVerdict::Denied { name, rule_id } => {
             // As the guest would have been answered asking for that name.
             let rule = route.policy.describe_rule(*rule_id);
@@ -453,7 +468,7 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     };
     // Open the addresses before the guest can use them.
     if !plan.learn.is_empty() {
-        if let Err(e) = learn(ctx, &route, &qname, &plan.learn, rule, port).await {
+        if let Err(e) = learn(ctx, &route, &qname, &plan.learn, learn_rule, port).await {
             return servfail(e.record_reason());
         }
     }
@@ -469,10 +484,14 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         message.insert_answers(kept);
         tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding, or not on the alias chain)");
     }
-    ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
+    if verdict == Verdict::Audit {
+        ctx.stats.audit.fetch_add(1, Ordering::Relaxed);
+    } else {
+        ctx.stats.allowed.fetch_add(1, Ordering::Relaxed);
+    }
     ctx.stats.stripped.fetch_add(stripped as u64, Ordering::Relaxed);
     let answers: Vec<IpAddr> = records.iter().zip(&plan.fates).filter(|(_, f)| **f == RecordFate::Keep).filter_map(|(r, _)| match r { AnswerRecord::Address { ip, .. } => Some(*ip), _ => None }).collect();
-    log.record(Verdict::Allowed, "policy", Some(rule_text.clone()), rcode_name(message.response_code()), answers, stripped);
+    log.record(verdict, reason, Some(record_rule), rcode_name(message.response_code()), answers, stripped);
     tracing::debug!(sandbox = %route.sandbox, name = %qname, %qtype, learned = plan.learn.len(), "DNS: answered");
     // Unchanged answers go back as the upstream sent them (with the guest's
     // id: the query sent upstream carried it).

@@ -18,6 +18,9 @@ use crate::observe::metrics::{encode_counter, encode_counters, encode_gauge, Col
 pub struct DnsStats {
     pub allowed: AtomicU64,
     pub denied: AtomicU64,
+    /// Queries only audit-mode rules would deny: answered, recorded as
+    /// audit (not counted in `allowed`).
+    pub audit: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub stripped: AtomicU64,
     pub hold_timeouts: AtomicU64,
@@ -54,6 +57,7 @@ impl Default for DnsStats {
         DnsStats {
             allowed: AtomicU64::new(0),
             denied: AtomicU64::new(0),
+            audit: AtomicU64::new(0),
             upstream_failures: AtomicU64::new(0),
             stripped: AtomicU64::new(0),
             hold_timeouts: AtomicU64::new(0),
@@ -78,6 +82,7 @@ impl DnsStats {
         serde_json::json!({
             "queries_allowed": self.allowed.load(Ordering::Relaxed),
             "queries_denied": self.denied.load(Ordering::Relaxed),
+            "queries_audit": self.audit.load(Ordering::Relaxed),
             "upstream_failures": self.upstream_failures.load(Ordering::Relaxed),
             "records_stripped": self.stripped.load(Ordering::Relaxed),
             "hold_timeouts": self.hold_timeouts.load(Ordering::Relaxed),
@@ -107,7 +112,7 @@ impl DnsStats {
     /// The counter families, and the learned-address gauge at `learned`.
     fn encode(&self, encoder: &mut DescriptorEncoder, learned: usize) -> Result<(), std::fmt::Error> {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let queries = [("allowed", &self.allowed), ("denied", &self.denied), ("upstream_failure", &self.upstream_failures)];
+        let queries = [("allowed", &self.allowed), ("denied", &self.denied), ("audit", &self.audit), ("upstream_failure", &self.upstream_failures)];
         encode_counters(encoder, "dns_queries", "DNS queries by outcome", queries.map(|(outcome, c)| ([("outcome", outcome)], load(c))))?;
         encode_counter(encoder, "dns_records_stripped", "Answer records stripped (rebinding)", load(&self.stripped))?;
         encode_counter(encoder, "dns_hold_timeouts", "Answers not released because the map write took too long", load(&self.hold_timeouts))?;
@@ -124,6 +129,7 @@ mod tests {
         let stats = Arc::new(DnsStats::default());
         stats.allowed.fetch_add(7, Ordering::Relaxed);
         stats.denied.fetch_add(3, Ordering::Relaxed);
+        stats.audit.fetch_add(2, Ordering::Relaxed);
         stats.stripped.fetch_add(1, Ordering::Relaxed);
         stats.record_hold(Duration::from_micros(200));
         let read = stats.clone();
@@ -131,6 +137,7 @@ mod tests {
         for line in [
             "sbx_net_dns_queries_total{outcome=\"allowed\"} 7",
             "sbx_net_dns_queries_total{outcome=\"denied\"} 3",
+            "sbx_net_dns_queries_total{outcome=\"audit\"} 2",
             "sbx_net_dns_queries_total{outcome=\"upstream_failure\"} 0",
             "sbx_net_dns_records_stripped_total 1",
             "sbx_net_dns_hold_timeouts_total 0",

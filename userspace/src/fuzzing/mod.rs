@@ -105,7 +105,8 @@ pub fn policy(data: &[u8]) {
     let mut rules = policy.rules.clone();
     rules.extend(builtin_deny_rules());
     rules.extend(hosts.iter().map(|a| Rule::builtin_deny(IpNetwork::from(*a), "host address")));
-    assert_eq!(compiled.rules, rules, "the rule table is the policy's rules, the built-ins, the host addresses");
+    assert_eq!(compiled.rules[..rules.len().min(compiled.rules.len())], rules[..], "the rule table is the policy's rules, the built-ins, the host addresses");
+    assert!(compiled.rules[rules.len()..].iter().all(|r| r.origin == crate::policy::Origin::Exception), "then only derived exception entries");
     check_entries(&compiled);
 
     let mut rng = Rng::from(data);
@@ -141,7 +142,7 @@ pub fn policy(data: &[u8]) {
     for ip in addresses {
         for &port in &port_infos {
             let got = compiled.lookup(ip, port);
-            let want = brute_force_verdict(&rules, policy.default, ip, port);
+            let want = brute_force_verdict(&compiled.rules, policy.default, policy.mode, ip, port);
             assert_eq!(
                 got,
                 want,
@@ -166,7 +167,7 @@ fn check_entries(c: &CompiledPolicy) {
         let net = net.expect("an entry's prefix length fits its family");
         assert_eq!(net.network(), net.ip(), "entry {net} has host bits set");
         assert!(keys.insert(net), "two entries for {net}");
-        assert!(matches!(value.any_port.action, action::ALLOW | action::DENY), "{net}: action {}", value.any_port.action);
+        assert!(matches!(value.any_port.action, action::ALLOW | action::DENY | action::AUDIT), "{net}: action {}", value.any_port.action);
         let count = usize::from(value.port_count);
         assert!(count <= MAX_PORT_VERDICTS, "{net}: {count} port verdicts");
         let ports: BTreeSet<u16> = value.ports[..count].iter().map(|p| p.port).collect();
@@ -282,7 +283,7 @@ pub fn dns(data: &[u8]) {
     assert_eq!(learned.len(), plan.learn.len(), "an address learned twice: {:?}", plan.learn);
     assert_eq!(learned, kept_addresses, "learned and kept addresses differ");
     let denied_by_rules = |ip: IpAddr| {
-        let v = brute_force_verdict(&policy.rules, policy.default_action, ip, PortInfo::None);
+        let v = brute_force_verdict(&policy.rules, policy.default_action, policy.mode, ip, PortInfo::None);
         (v.action == action::DENY && v.rule_id != rule_id::DEFAULT).then(|| policy.describe_rule(v.rule_id))
     };
     for (ip, ttl) in &plan.learn {

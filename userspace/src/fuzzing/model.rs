@@ -111,6 +111,8 @@ fn decide(cfg: &SandboxConfig, policy: &CompiledPolicy, ip: &ParsedIp) -> (Reaso
     };
     let reason = if verdict.action == action::ALLOW {
         Reason::Allowed
+    } else if verdict.action == action::AUDIT {
+        Reason::Audit
     } else if verdict.rule_id == rule_id::DEFAULT {
         Reason::DefaultDeny
     } else {

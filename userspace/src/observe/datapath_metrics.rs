@@ -8,14 +8,14 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use sbx_net_common::{Counter, Reason, EVENTS_LOST_SLOT};
 
-use crate::datapath::PinnedStats;
+use crate::datapath::{PinnedStats, SANDBOX_VERDICT_CLASSES};
 use crate::sandbox::route::Routes;
 
 use super::metrics::{encode_counter, encode_counters, encode_gauge, encode_gauges};
 
 /// Verdict classes of the per-sandbox counters, in their slot order
 /// ([`sbx_net_common::verdict_class`]).
-const VERDICT_CLASSES: [&str; 3] = ["allowed", "denied", "redirected"];
+const VERDICT_CLASSES: [&str; SANDBOX_VERDICT_CLASSES] = ["allowed", "denied", "redirected", "audit"];
 
 /// Reads the pinned maps on every scrape; sandbox ids are named from the
 /// route table (the sandboxes the daemon enforces).
@@ -53,7 +53,7 @@ pub fn encode_reason_counters(encoder: &mut DescriptorEncoder, counters: &[Count
 }
 
 /// The per-sandbox families: packets and bytes by sandbox and verdict.
-pub fn encode_sandbox_counters(encoder: &mut DescriptorEncoder, sandboxes: &[(String, [Counter; 3])]) -> Result<(), std::fmt::Error> {
+pub fn encode_sandbox_counters(encoder: &mut DescriptorEncoder, sandboxes: &[(String, [Counter; SANDBOX_VERDICT_CLASSES])]) -> Result<(), std::fmt::Error> {
     let series = || sandboxes.iter().flat_map(|(name, classes)| VERDICT_CLASSES.iter().zip(classes).map(move |(v, c)| ([("sandbox", name.as_str()), ("verdict", *v)], c)));
     encode_counters(encoder, "sandbox_packets", "Frames from each sandbox by verdict", series().map(|(l, c)| (l, c.packets)))?;
     encode_counters(encoder, "sandbox_bytes", "Bytes from each sandbox by verdict", series().map(|(l, c)| (l, c.bytes)))
@@ -67,7 +67,7 @@ impl Collector for DatapathCollector {
             Ok(counters) => encode_reason_counters(&mut encoder, &counters)?,
             Err(e) => tracing::warn!("/metrics: datapath counters unreadable: {e}"),
         }
-        let sandboxes: Result<Vec<(String, [Counter; 3])>, _> =
+        let sandboxes: Result<Vec<(String, [Counter; SANDBOX_VERDICT_CLASSES])>, _> =
             self.sandboxes().into_iter().map(|(id, name)| self.maps.sandbox_counters(id).map(|c| (name, c))).collect();
         match sandboxes {
             Ok(sandboxes) => encode_sandbox_counters(&mut encoder, &sandboxes)?,
@@ -92,6 +92,7 @@ mod tests {
         let mut counters = vec![Counter::default(); sbx_net_common::COUNTER_ARRAY_LEN as usize];
         counters[Reason::Allowed as usize] = Counter { packets: 10, bytes: 1000 };
         counters[Reason::DefaultDeny as usize] = Counter { packets: 2, bytes: 120 };
+        counters[Reason::Audit as usize] = Counter { packets: 5, bytes: 300 };
         counters[EVENTS_LOST_SLOT as usize] = Counter { packets: 7, bytes: 0 };
         let text = rendered(move |e| encode_reason_counters(e, &counters));
         for line in [
@@ -99,17 +100,19 @@ mod tests {
             "sbx_net_datapath_packets_total{reason=\"allowed\"} 10",
             "sbx_net_datapath_bytes_total{reason=\"default_deny\"} 120",
             "sbx_net_datapath_packets_total{reason=\"policy_deny\"} 0",
+            "sbx_net_datapath_packets_total{reason=\"audit\"} 5",
             "sbx_net_events_lost_total 7",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
         assert_eq!(text.lines().filter(|l| l.starts_with("sbx_net_datapath_packets_total")).count(), Reason::ALL.len(), "one series per reason");
-        let sandboxes = vec![("a".to_string(), [Counter { packets: 3, bytes: 300 }, Counter { packets: 1, bytes: 60 }, Counter { packets: 4, bytes: 400 }])];
+        let sandboxes = vec![("a".to_string(), [Counter { packets: 3, bytes: 300 }, Counter { packets: 1, bytes: 60 }, Counter { packets: 4, bytes: 400 }, Counter { packets: 2, bytes: 120 }])];
         let text = rendered(move |e| encode_sandbox_counters(e, &sandboxes));
         for line in [
             "sbx_net_sandbox_packets_total{sandbox=\"a\",verdict=\"allowed\"} 3",
             "sbx_net_sandbox_packets_total{sandbox=\"a\",verdict=\"redirected\"} 4",
             "sbx_net_sandbox_bytes_total{sandbox=\"a\",verdict=\"denied\"} 60",
+            "sbx_net_sandbox_packets_total{sandbox=\"a\",verdict=\"audit\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

@@ -246,11 +246,15 @@ pub fn protocol_name(ethertype: u16, protocol: u8) -> &'static str {
     }
 }
 
-fn event_name(kind: u8) -> &'static str {
+fn event_name(kind: u8, reason: Option<Reason>) -> &'static str {
+    // An audited packet passed: its per-packet and repeat reports are not drops.
+    let audit = reason == Some(Reason::Audit);
     match kind {
         event_kind::NEW_FLOW => "new_flow",
         event_kind::VERDICT_CHANGED => "verdict_changed",
+        event_kind::DROP_REPEAT if audit => "audit_repeat",
         event_kind::DROP_REPEAT => "drop_repeat",
+        _ if audit => "audit",
         _ => "drop",
     }
 }
@@ -262,19 +266,20 @@ pub fn from_event(event: &FlowEvent, sandbox: &str, policy: Option<&CompiledPoli
     let reason = Reason::from_u8(event.reason);
     let verdict = match reason {
         Some(Reason::Redirected) => Verdict::Redirected,
+        Some(Reason::Audit) => Verdict::Audit,
         Some(r) if r.passes() => Verdict::Allowed,
         _ => Verdict::Denied,
     };
     let rule = match (reason, policy) {
-        (Some(Reason::Allowed | Reason::PolicyDeny | Reason::DefaultDeny), Some(p)) => Some(p.describe_rule(event.rule_id)),
-        (Some(Reason::Allowed | Reason::PolicyDeny | Reason::DefaultDeny), None) => Some(format!("rule #{}", event.rule_id)),
+        (Some(Reason::Allowed | Reason::PolicyDeny | Reason::DefaultDeny | Reason::Audit), Some(p)) => Some(p.describe_rule(event.rule_id)),
+        (Some(Reason::Allowed | Reason::PolicyDeny | Reason::DefaultDeny | Reason::Audit), None) => Some(format!("rule #{}", event.rule_id)),
         _ => None,
     };
     let (src_ip, dst_ip) = event_addrs(event);
     let mut record = FlowRecord::new(
         sandbox,
         "datapath",
-        event_name(event.kind),
+        event_name(event.kind, reason),
         protocol_name(event.ethertype, event.protocol),
         verdict,
         reason.map(Reason::name).unwrap_or("unknown"),
@@ -459,6 +464,21 @@ mod tests {
             compact(&r, false),
             "12:00:00.123456 agent DENIED     udp 10.200.0.14:40000 -> 203.0.113.7:9 new_flow rule=\"default deny\""
         );
+    }
+
+    #[test]
+    fn an_audit_event_is_an_audit_record_with_the_rule() {
+        let policy = Policy::parse("t", "name = \"t\"\nmode = \"audit\"\n[network]\nallow = [\"198.51.100.0/24\"]\n").unwrap();
+        let compiled = compile(&policy, &[]).unwrap();
+        let mut ev = FlowEvent { sandbox_id: 3, ethertype: 0x0800, protocol: 6, ip_version: 4, kind: event_kind::NEW_FLOW, ..Default::default() };
+        ev.reason = Reason::Audit as u8;
+        ev.action = sbx_net_common::action::AUDIT;
+        let r = from_event(&ev, "agent", Some(&compiled), vec![], 1_764_331_200_000_000_000);
+        assert_eq!((r.verdict, r.reason.as_ref(), r.rule.as_deref(), r.event.as_ref()), (Verdict::Audit, "audit", Some("default deny"), "new_flow"));
+        ev.kind = event_kind::DROP_REPEAT;
+        assert_eq!(from_event(&ev, "agent", Some(&compiled), vec![], 1).event, "audit_repeat");
+        ev.kind = event_kind::DROP;
+        assert_eq!(from_event(&ev, "agent", Some(&compiled), vec![], 1).event, "audit");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use serde::Serialize;
 use sbx_net_common::action;
 
-use crate::policy::compile::{CompiledPolicy, PortInfo};
-use crate::policy::{normalise_name, Action, Target};
+use crate::policy::compile::{name_verdict, CompiledPolicy, NameVerdict, PortInfo};
+use crate::policy::{normalise_name, Origin};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Destination {
@@ -45,18 +45,47 @@ pub fn parse_destination(text: &str) -> Result<(Destination, Option<u16>), Strin
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct TestOutcome {
-    /// `allowed` or `denied`.
+    /// `allowed`, `denied` or `audit` (would be denied; audit mode lets it
+    /// through and records it).
     pub verdict: &'static str,
-    /// The deciding rule as written (`deny 10.0.0.0/8`, `default deny`).
+    /// The deciding rule as written (`deny 10.0.0.0/8`, `default deny`;
+    /// for an audit, the rule that would deny; where an exception let it
+    /// through, the allow and the exception).
     pub rule: String,
-    /// Where the connection goes and who decides it.
+    /// Where the connection goes and who decides it (with the explanation
+    /// first, when there is one).
     pub path: String,
+    /// Why, when the rule alone does not say: an audit, an exception.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<String>,
 }
 
 /// Redirects in force (from the daemon config).
 #[derive(Clone, Debug)]
 pub struct Redirects<'a> {
     pub proxied_ports: &'a [u16],
+}
+
+/// What a rule id means beyond its text: an audit (`would be denied by …`)
+/// or an exception (`… does not apply …`).
+fn explain(policy: &CompiledPolicy, action: u8, rule_id: u32) -> Option<String> {
+    let rule = policy.describe_rule(rule_id);
+    if action == action::AUDIT {
+        return Some(format!("would be denied by `{rule}`; audit mode: allowed and recorded"));
+    }
+    let derived = policy.rules.get((rule_id as usize).wrapping_sub(1)).filter(|r| r.origin == Origin::Exception)?;
+    // Derived text: `ALLOW (DENY except EXCEPTION)`; an allow's text has no " (".
+    let (allow, excepted) = derived.text.split_once(" (")?;
+    let excepted = excepted.strip_suffix(')').unwrap_or(excepted);
+    Some(format!("`{excepted}`: the exception lifts the deny here, and `{allow}` decides"))
+}
+
+fn outcome(verdict: &'static str, rule: String, explanation: Option<String>, path: String) -> TestOutcome {
+    let path = match &explanation {
+        Some(e) => format!("{e}; {path}"),
+        None => path,
+    };
+    TestOutcome { verdict, rule, path, explanation }
 }
 
 pub fn test_destination(policy: &CompiledPolicy, dest: &Destination, port: Option<u16>, redirects: &Redirects<'_>) -> TestOutcome {
@@ -71,42 +100,50 @@ pub fn test_destination(policy: &CompiledPolicy, dest: &Destination, port: Optio
         Destination::Ip(ip) => {
             let info = port.map_or(PortInfo::None, PortInfo::Port);
             let v = policy.lookup(*ip, info);
-            TestOutcome { verdict: verdict_name(v.action), rule: policy.describe_rule(v.rule_id), path }
+            outcome(verdict_name(v.action), policy.describe_rule(v.rule_id), explain(policy, v.action, v.rule_id), path)
         }
-        Destination::Name(name) => {
-            let applies = |action: Action| {
-                policy.rules.iter().find(|r| {
-                    r.action == action
-                        && matches!(&r.target, Target::Domain(p) if p.matches(name))
-                        && (r.port.is_none() || r.port == port)
-                })
-            };
-            if let Some(rule) = applies(Action::Deny) {
-                return TestOutcome { verdict: "denied", rule: rule.describe(), path: format!("{path}; the DNS proxy answers NXDOMAIN") };
+        // Decided as the DNS proxy decides it.
+        Destination::Name(name) => match name_verdict(policy, name) {
+            NameVerdict::Denied { rule_id } if rule_id == sbx_net_common::rule_id::DEFAULT => outcome(
+                "denied",
+                policy.describe_rule(rule_id),
+                None,
+                format!("{path}; no rule allows it, so the DNS proxy answers NXDOMAIN and no address opens"),
+            ),
+            NameVerdict::Denied { rule_id } => {
+                outcome("denied", policy.describe_rule(rule_id), None, format!("{path}; the DNS proxy answers NXDOMAIN"))
             }
-            if let Some(rule) = applies(Action::Allow) {
-                return TestOutcome {
-                    verdict: "allowed",
-                    rule: rule.describe(),
-                    path: format!("{path}; only the addresses of its DNS answers open, for their TTL"),
+            NameVerdict::Allowed { rule_id, port: Some(only) } if port.is_some_and(|p| p != only) => outcome(
+                "denied",
+                policy.describe_rule(rule_id),
+                explain(policy, action::ALLOW, rule_id),
+                format!("{path}; the name resolves but its addresses open for port {only} only"),
+            ),
+            NameVerdict::Allowed { rule_id, .. } if rule_id == sbx_net_common::rule_id::DEFAULT => {
+                outcome(verdict_name(policy.default_verdict.action), policy.describe_rule(rule_id), None, path)
+            }
+            NameVerdict::Allowed { rule_id, .. } => outcome(
+                "allowed",
+                policy.describe_rule(rule_id),
+                explain(policy, action::ALLOW, rule_id),
+                format!("{path}; only the addresses of its DNS answers open, for their TTL"),
+            ),
+            NameVerdict::Audit { rule_id, learn } => {
+                let opens = match learn {
+                    Some((allow, _)) => format!("its answers' addresses open as `{}` allows them", policy.describe_rule(allow)),
+                    None => "no address opens for it; the default passes its packets, audited".to_string(),
                 };
+                outcome("audit", policy.describe_rule(rule_id), explain(policy, action::AUDIT, rule_id), format!("{path}; the DNS proxy answers it and records it as audit; {opens}"))
             }
-            let verdict = verdict_name(policy.default_verdict.action);
-            let path = if verdict == "denied" {
-                format!("{path}; no rule names it, so the DNS proxy answers NXDOMAIN and no address opens")
-            } else {
-                path
-            };
-            TestOutcome { verdict, rule: policy.describe_rule(0), path }
-        }
+        },
     }
 }
 
 fn verdict_name(a: u8) -> &'static str {
-    if a == action::ALLOW {
-        "allowed"
-    } else {
-        "denied"
+    match a {
+        action::ALLOW => "allowed",
+        action::AUDIT => "audit",
+        _ => "denied",
     }
 }
 
@@ -155,5 +192,39 @@ deny = ["198.51.100.16/28", "bad.example.com"]
         assert_eq!(t("git.example.org:22").verdict, "allowed");
         assert_eq!(t("git.example.org:443").verdict, "denied");
         assert!(t("x.example.com:53").path.contains("DNS proxy"));
+    }
+
+    #[test]
+    fn explains_audits_and_exceptions() {
+        let text = r#"name = "t"
+mode = "audit"
+[network]
+default = "deny"
+allow = ["**.corp.test", "198.51.0.0/16"]
+deny = [{ pattern = "**.corp.test", except = ["jira.corp.test"] }, { pattern = "198.51.100.0/24", except = ["198.51.100.128/25"] }, "bad.test"]
+"#;
+        let compiled = compile(&Policy::parse("t.toml", text).unwrap(), &[]).unwrap();
+        let r = Redirects { proxied_ports: &[443] };
+        let t = |s: &str| {
+            let (d, p) = parse_destination(s).unwrap();
+            test_destination(&compiled, &d, p, &r)
+        };
+        let jira = t("jira.corp.test");
+        assert_eq!((jira.verdict, jira.rule.as_str()), ("allowed", "allow **.corp.test (deny **.corp.test except jira.corp.test)"));
+        assert!(jira.path.starts_with("`deny **.corp.test except jira.corp.test`: the exception lifts the deny here, and `allow **.corp.test` decides; "), "{}", jira.path);
+        let git = t("git.corp.test");
+        assert_eq!((git.verdict, git.rule.as_str()), ("audit", "deny **.corp.test"));
+        assert_eq!(git.explanation.as_deref(), Some("would be denied by `deny **.corp.test`; audit mode: allowed and recorded"));
+        assert!(git.path.contains("as `allow **.corp.test` allows them"), "{}", git.path);
+        let unlisted = t("unlisted.test");
+        assert_eq!((unlisted.verdict, unlisted.rule.as_str()), ("audit", "default deny"));
+        assert!(unlisted.path.contains("no address opens"), "{}", unlisted.path);
+        let ip = t("198.51.100.200:80");
+        assert_eq!((ip.verdict, ip.rule.as_str()), ("allowed", "allow 198.51.0.0/16 (deny 198.51.100.0/24 except 198.51.100.128/25)"));
+        let ip = t("198.51.100.1:80");
+        assert_eq!((ip.verdict, ip.rule.as_str()), ("audit", "deny 198.51.100.0/24"));
+        assert!(ip.path.starts_with("would be denied by `deny 198.51.100.0/24`; audit mode: allowed and recorded; direct"), "{}", ip.path);
+        assert_eq!(t("169.254.169.254").verdict, "denied", "built-ins are never audited");
+        assert_eq!(t("192.0.2.1").verdict, "audit");
     }
 }

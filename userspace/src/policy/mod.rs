@@ -91,6 +91,11 @@ pub enum Origin {
     /// The built-in deny list, or the host's own addresses. Yields only to
     /// an allow that is at least as specific.
     Builtin,
+    /// Made by the compiler, never written: the verdict an exception let
+    /// through (the allow or default that decided, and the deny it was
+    /// excepted from), so records name both. Matches nothing by itself;
+    /// `text` is the whole attribution.
+    Exception,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -138,6 +143,7 @@ impl Rule {
         match self.origin {
             Origin::Policy => format!("{} {}", self.action.as_str(), self.text),
             Origin::Builtin => format!("builtin {} {}", self.action.as_str(), self.text),
+            Origin::Exception => self.text.clone(),
         }
     }
 

@@ -184,8 +184,12 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
     match crate::dns::decide::name_verdict(policy, name) {
         crate::dns::decide::NameVerdict::Denied { rule_id } if policy.is_audit(rule_id) => go(policy.describe_rule(rule_id), true),
         crate::dns::decide::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
-        crate::dns::decide::NameVerdict::Allowed { rule_id, port } => {
-            let rule = policy.describe_rule(rule_id);
+        // Audit mode: passes like an allowed name, named by the rule that
+        // would have denied it (the proxy's own audit record is the HTTP
+        // side's to make).
+        verdict @ (crate::dns::decide::NameVerdict::Allowed { .. } | crate::dns::decide::NameVerdict::Audit { .. }) => {
+            let rule = policy.describe_rule(verdict.rule_id());
+            let port = verdict.learn().and_then(|(_, port)| port);
             if let Some(p) = port.filter(|p| *p != original.port()) {
                 let rule = format!("{rule} (port {p} only)");
                 // The port is the policy's default deny at work.

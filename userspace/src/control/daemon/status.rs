@@ -74,6 +74,7 @@ impl Daemon {
             "verdict": outcome.verdict,
             "rule": outcome.rule,
             "path": outcome.path,
+            "explanation": outcome.explanation,
         }))
     }
 
@@ -85,7 +86,7 @@ impl Daemon {
         for record in self.state.sandboxes.values() {
             let c = datapath.sandbox_counters(record.id)?;
             let class = |c: sbx_net_common::Counter| json!({ "packets": c.packets, "bytes": c.bytes });
-            traffic.insert(record.name.clone(), json!({ "allowed": class(c[0]), "denied": class(c[1]), "redirected": class(c[2]) }));
+            traffic.insert(record.name.clone(), json!({ "allowed": class(c[0]), "denied": class(c[1]), "redirected": class(c[2]), "audit": class(c[3]) }));
         }
         let mut by_reason = serde_json::Map::new();
         for reason in Reason::ALL {
