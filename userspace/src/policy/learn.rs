@@ -785,3 +785,128 @@ fn render(l: &Learned, options: &LearnOptions) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(second: u64) -> At {
+        At { unix_ns: second * 1_000_000_000, rfc3339: format!("t{second}") }
+    }
+
+    fn used(second: u64, seen: Seen) -> Observation {
+        Observation { at: at(second), outcome: Outcome::Used, seen }
+    }
+
+    fn flow(addr: &str, port: u16, names: &[&str]) -> Seen {
+        Seen::Flow { protocol: "tcp".into(), addr: Some(addr.parse().unwrap()), port, names: names.iter().map(|n| n.to_string()).collect(), by_address: false }
+    }
+
+    fn options() -> LearnOptions {
+        LearnOptions { sandbox: "s".into(), name: "s-learned".into(), ..LearnOptions::default() }
+    }
+
+    fn globs(paths: &[&str]) -> BTreeMap<Vec<String>, PathUse> {
+        paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut u = PathUse::default();
+                u.uses.add(&at(i as u64));
+                (path_glob(p).unwrap().0, u)
+            })
+            .collect()
+    }
+
+    fn shown(g: &BTreeMap<Vec<String>, PathUse>) -> Vec<String> {
+        g.keys().map(|k| format!("/{}", k.join("/"))).collect()
+    }
+
+    #[test]
+    fn uses_keep_count_first_and_last_in_any_order() {
+        let mut u = Uses::default();
+        for s in [5, 1, 9, 3] {
+            u.add(&at(s));
+        }
+        assert_eq!((u.count, u.first.as_str(), u.last.as_str()), (4, "t1", "t9"));
+        let mut other = Uses::default();
+        other.add(&at(0));
+        u.merge(&other);
+        assert_eq!((u.count, u.first.as_str(), u.last.as_str()), (5, "t0", "t9"));
+        assert_eq!(u.describe("call"), "5 calls, first t0, last t9");
+    }
+
+    #[test]
+    fn sibling_paths_collapse_one_segment_at_a_time() {
+        assert_eq!(shown(&collapse_paths(globs(&["/items/1", "/items/2", "/items/3"]))), ["/items/*"]);
+        assert_eq!(shown(&collapse_paths(globs(&["/items/1"]))), ["/items/1"], "one path is not a sibling group");
+        assert_eq!(shown(&collapse_paths(globs(&["/a/1/x", "/b/2/y"]))), ["/a/1/x", "/b/2/y"], "two segments differ");
+        // Groups merge, then the merged globs merge again.
+        assert_eq!(shown(&collapse_paths(globs(&["/r/a/issues", "/r/b/issues", "/r/a/pulls", "/r/b/pulls"]))), ["/r/*/*"]);
+        // Different depths never merge, and nothing becomes `**`.
+        assert_eq!(shown(&collapse_paths(globs(&["/x", "/x/y"]))), ["/x", "/x/y"]);
+        let used: u64 = collapse_paths(globs(&["/items/1", "/items/2", "/items/3"])).values().map(|u| u.uses.count).sum();
+        assert_eq!(used, 3, "merging keeps every use");
+    }
+
+    #[test]
+    fn request_paths_become_globs_that_match_them() {
+        for (raw, want) in [("/a/b", "/a/b"), ("/a/./b/../c", "/a/c"), ("/a//b", "/a/b"), ("/%7Euser", "/~user"), ("/a?x=1", "/a"), ("/a%20b/c", "/*/c"), ("/**/x", "/*/x"), ("/", "/"), ("/dir/", "/dir/")] {
+            let (glob, _) = path_glob(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            let text = format!("/{}", glob.join("/"));
+            assert_eq!(text, want, "{raw}");
+            let matcher = crate::policy::http::HttpMatcher::parse(&format!("GET {text}"), 1).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert!(matcher.matches("GET", &normalise_path(raw.split('?').next().unwrap()).unwrap()), "{raw} is matched by {text}");
+        }
+        assert!(path_glob("/%2F").is_err() && path_glob("x").is_err());
+    }
+
+    #[test]
+    fn wildcards_need_siblings_a_deep_parent_and_no_denied_name_under_them() {
+        let dest = || {
+            let mut d = DestUse::default();
+            d.add(443, &at(1));
+            d
+        };
+        let names: BTreeMap<String, DestUse> = ["a.cdn.test", "b.cdn.test", "a.test", "b.test", "x.y.test"].iter().map(|n| (n.to_string(), dest())).collect();
+        let patterns: Vec<String> = generalise_names(names.clone(), &BTreeSet::new()).into_iter().map(|(p, ..)| p).collect();
+        assert_eq!(patterns, ["*.cdn.test", "a.test", "b.test", "x.y.test"]);
+        let denied: BTreeSet<String> = ["evil.cdn.test".to_string()].into();
+        let patterns: Vec<String> = generalise_names(names, &denied).into_iter().map(|(p, ..)| p).collect();
+        assert_eq!(patterns, ["a.cdn.test", "a.test", "b.cdn.test", "b.test", "x.y.test"]);
+    }
+
+    #[test]
+    fn observations_make_a_checked_policy() {
+        let observations = [
+            used(1, Seen::Resolved { name: "API.test.".into(), answers: vec!["198.51.100.7".parse().unwrap()] }),
+            used(2, flow("198.51.100.7", 443, &[])),
+            used(3, Seen::Http { host: "api.test:443".into(), addr: None, port: 443, method: "get".into(), path: "/v1/user".into(), credential: None }),
+            used(4, Seen::Mcp { server: "https://mcp.test/mcp".into(), method: "tools/call".into(), tool: Some("search".into()) }),
+            Observation { at: at(5), outcome: Outcome::Denied { rule: Some("default deny".into()) }, seen: flow("203.0.113.9", 22, &[]) },
+        ];
+        let l = learn(&observations, &options()).unwrap();
+        assert_eq!(l.network.iter().map(|e| e.rule.as_str()).collect::<Vec<_>>(), ["api.test:443", "mcp.test"]);
+        assert_eq!(l.network[0].uses.count, 2, "the flow and the request");
+        assert_eq!(l.http[0].allow[0].rule, "GET /v1/user");
+        assert_eq!(l.denied, [Listed { what: "tcp 203.0.113.9:22".into(), rule: Some("default deny".into()), uses: { let mut u = Uses::default(); u.add(&at(5)); u } }]);
+        let p = Policy::parse("x", &l.toml).unwrap();
+        assert_eq!((p.name.as_str(), p.default, p.http.len(), p.mcp.len()), ("s-learned", crate::policy::Action::Deny, 1, 1));
+    }
+
+    #[test]
+    fn a_name_the_policy_rejects_fails_the_self_check_clearly() {
+        let bad = LearnOptions { name: "no spaces allowed".into(), ..options() };
+        let err = learn(&[], &bad).unwrap_err().to_string();
+        assert!(err.starts_with("the learned policy does not parse"), "{err}");
+        assert!(err.contains("--- learned policy ---"), "{err}");
+        assert_eq!(default_name(""), "sandbox-learned");
+    }
+
+    #[test]
+    fn text_from_the_guest_is_quoted_and_kept_to_one_line() {
+        assert_eq!(quoted("a\"b\\c\nd"), "\"a\\\"b\\\\c\\u000Ad\"");
+        assert_eq!(comment_text("x\ny\u{7}"), "x?y?");
+        assert_eq!(comment_text(&"z".repeat(500)).chars().count(), MAX_COMMENT_TEXT + 1);
+    }
+}
