@@ -195,6 +195,11 @@ enum PolicyCommand {
     Test { sandbox: String, destination: String },
     /// Print the embedded default policy.
     Default,
+    /// Write the smallest policy that would have allowed what SANDBOX did
+    /// (from the daemon's flow history): names from DNS, wildcards only
+    /// where siblings were used, the HTTP requests and MCP tools seen;
+    /// counts and first/last use in comments, denials listed.
+    Learn(sbx_net::cli::learn::LearnArgs),
 }
 
 fn main() -> ExitCode {
@@ -230,6 +235,9 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         let held = |l: &LockError| matches!(l, LockError::Held { .. });
         if cause.downcast_ref::<LockError>().is_some_and(held) || cause.downcast_ref::<ServerError>().is_some_and(|s| matches!(s, ServerError::Locked(l) if held(l))) {
             return EXIT_LOCKED;
+        }
+        if let Some(sbx_net::cli::learn::LearnCliError::Client(client)) = cause.downcast_ref() {
+            return client.exit_code();
         }
         if cause.is::<sbx_net::policy::PolicyError>() || cause.is::<sbx_net::policy::compile::CompileError>() {
             return exit_code::DATAERR;
@@ -273,6 +281,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
             let source = std::path::absolute(&file).unwrap_or(file).display().to_string();
             print_json(&request(&socket, Request::PolicyApply { source, text })?)
+        }
+        Command::Policy { command: PolicyCommand::Learn(args) } => {
+            sbx_net::cli::learn::run(&socket, &args, sbx_net::util::clock::unix_now_ns(), &mut std::io::stdout().lock(), &mut std::io::stderr())?;
+            Ok(())
         }
         Command::Policy { command: PolicyCommand::Push(args) } => print_json(&sbx_net::cli::fleet::push(&args)?),
         Command::Fleet { command: FleetCommand::Status(args) } => {

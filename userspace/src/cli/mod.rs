@@ -2,4 +2,5 @@
 
 pub mod fleet;
 pub mod inspect;
+pub mod learn;
 pub mod vm;

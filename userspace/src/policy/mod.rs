@@ -7,6 +7,7 @@
 pub mod compile;
 pub mod explain;
 pub mod http;
+pub mod learn;
 pub mod mcp;
 pub mod store;
 
