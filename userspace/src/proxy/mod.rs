@@ -96,6 +96,12 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<ProxyContext>) {
     .await
 }
 
+/// `[[mcp]]` servers' requests and answers go through [`mcp`].
+static MCP_HOOKS: inject::McpHooks = inject::McpHooks {
+    check: |req, server, flow| Box::pin(async move { mcp::check_request(req, &server, &flow).await }),
+    filter: mcp::filter_response,
+};
+
 /// What the proxy does with one connection (pure).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Plan {
@@ -327,7 +333,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
-            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck).await {
+            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
             return;
@@ -341,7 +347,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             drop(upstream);
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck).await {
+            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
