@@ -1,3 +1,14 @@
+//! The terminating HTTP proxy: for hosts a credential is bound to, hosts
+//! with `[[http]]` rules and `[[mcp]]` servers, the proxy terminates the
+//! guest's TLS with a leaf from the sandbox's CA (plain HTTP is served the
+//! same way, [`serve_plain`]) and checks every request. On a host with
+//! rules (or an MCP server) each request is put in one canonical form —
+//! method upper-cased, path normalised, sentinels out — that is both
+//! matched ([`decide_request`], by the policy in force at that request)
+//! and forwarded, so the upstream serves the path that was checked; a
+//! refusal is a 403 naming the rule and the connection carries on. Without
+//! a credential nothing is injected or scrubbed, sentinels still go.
+//!
 //! Credential injection for hosts a credential is bound to: the proxy
 //! terminates the guest's TLS with a leaf from the sandbox's CA, checks that
 //! every request names the host the handshake named (SNI = Host =

@@ -1,9 +1,10 @@
 //! The transparent TCP proxy that nftables redirects the guests' proxied
 //! ports (80, 443 by default) to. It finds the sandbox by source address
 //! (anti-spoof in eBPF makes that safe), the original destination with
-//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices.
-//! The credential proxy (SNI/Host checks, TLS termination, injection) grows
-//! from here.
+//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices
+//! — or, for a host with a credential, `[[http]]` rules or an `[[mcp]]`
+//! server, terminates it and checks every request ([`inject`]). A deny in
+//! audit mode connects anyway, recorded with verdict audit and the rule.
 
 pub mod guest_tls;
 pub mod inject;
