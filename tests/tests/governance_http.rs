@@ -242,3 +242,55 @@ fn audit_mode_lets_denied_connections_through_and_records_them() {
     drop(h);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_reload_reaches_kept_alive_connections() {
+    require_root();
+    let dir = std::env::temp_dir().join(unique_name("govreload"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new(&dir);
+    let v1 = "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n[[http]]\nhosts = [\"api.test\"]\nallow = [\"GET /repos/**\"]\n";
+    let v2 = "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n[[http]]\nhosts = [\"api.test\"]\nallow = [\"GET /repos/**\"]\ndeny = [\"GET /repos/secret/**\"]\n";
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+    let h = DaemonHarness::with_args("govreload", &[("agent.toml", v1)], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    h.topology.add_world_address(ip(API));
+    let _dns = WorldDns::start(&h.topology.world, &[format!("api.test,{API},60")], &[]);
+    let api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip(API), 443), &["api.test"], &ca, "");
+    let sandbox = unique_name("g");
+    let g = h.create_guest(&sandbox, "agent");
+    let guest = sbx_vmm::NetNs::open(g["netns"].as_str().unwrap()).unwrap();
+    let config = sbx_net_tests::https::client_config(std::path::Path::new(g["ca_cert"].as_str().unwrap()));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let (reloaded_tx, reloaded_rx) = std::sync::mpsc::channel::<()>();
+    // One kept-alive connection: a request before the reload, two after
+    // (the client does not reconnect: a closed connection fails it).
+    let statuses = std::thread::scope(|s| {
+        let client = s.spawn(|| {
+            guest.run(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    let mut c = sbx_net_tests::https::KeepAlive::connect(SocketAddr::new(ip(API), 443), "api.test", config).await.expect("connect");
+                    let before = c.get("/repos/secret/x").await.expect("before the reload");
+                    ready_tx.send(()).unwrap();
+                    reloaded_rx.recv_timeout(Duration::from_secs(30)).expect("the reload");
+                    let denied = c.get("/repos/secret/x").await.expect("after the reload, on the same connection");
+                    let allowed = c.get("/repos/open").await.expect("after the refusal, on the same connection");
+                    [before, denied, allowed]
+                })
+            })
+        });
+        ready_rx.recv_timeout(Duration::from_secs(30)).expect("the client's first request");
+        std::fs::write(h.policy_dir.join("agent.toml"), v2).unwrap();
+        h.cli_ok(&["policy", "reload"]);
+        reloaded_tx.send(()).unwrap();
+        client.join().unwrap().unwrap()
+    });
+    assert_eq!(statuses, [200, 403, 200], "the rules in force decide each request of a kept-alive connection");
+    let seen = api.seen();
+    assert_eq!(seen.iter().filter(|s| s.as_str() == "GET /repos/secret/x").count(), 1, "{seen:?}");
+    let r = record_after(&h, &sandbox, 0, "the refusal's record", |r| r.event == "http_request" && r.reason == "http_rule");
+    assert_eq!((http_of(&r), r.rule.as_deref()), (("GET", "api.test", "/repos/secret/x", Some(403)), Some("http deny GET /repos/secret/**")), "{r:?}");
+    drop(h);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,3 +1,14 @@
+//! The terminating HTTP proxy: for hosts a credential is bound to, hosts
+//! with `[[http]]` rules and `[[mcp]]` servers, the proxy terminates the
+//! guest's TLS with a leaf from the sandbox's CA (plain HTTP is served the
+//! same way, [`serve_plain`]) and checks every request. On a host with
+//! rules (or an MCP server) each request is put in one canonical form —
+//! method upper-cased, path normalised, sentinels out — that is both
+//! matched ([`decide_request`], by the policy in force at that request)
+//! and forwarded, so the upstream serves the path that was checked; a
+//! refusal is a 403 naming the rule and the connection carries on. Without
+//! a credential nothing is injected or scrubbed, sentinels still go.
+//!
 //! Credential injection for hosts a credential is bound to: the proxy
 //! terminates the guest's TLS with a leaf from the sandbox's CA, checks that
 //! every request names the host the handshake named (SNI = Host =
@@ -773,6 +784,16 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
     }
 }
 
+/// The MCP check of `[[mcp]]` servers' traffic (`proxy::mcp`), handed in
+/// by the proxy's front (`proxy/mod.rs`): that module builds on this one's
+/// bodies, so this one does not name it.
+pub struct McpHooks {
+    /// The request to forward, or the answer the guest gets instead.
+    pub check: fn(Request<ProxyBody>, McpServer, FlowContext) -> Pin<Box<dyn std::future::Future<Output = Result<Request<ProxyBody>, Response<ProxyBody>>> + Send>>,
+    /// The upstream's answer as the guest gets it.
+    pub filter: fn(Response<ProxyBody>, &McpServer, &FlowContext) -> Response<ProxyBody>,
+}
+
 /// How a forwarded request is recorded: under `flow`'s rule (the rule that
 /// decided it), with `reason` (`allowed`, or `audit` when only an
 /// audit-mode rule would have refused it).
@@ -795,7 +816,7 @@ impl Forwarded {
 /// it cannot be checked, else with its head scrubbed and its body
 /// scrubbing as it streams; from an `[[mcp]]` server, filtered first;
 /// recorded either way.
-fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&CredentialBinding>, mcp: Option<&McpServer>) -> Response<ProxyBody> {
+fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&CredentialBinding>, mcp: Option<(&McpServer, &McpHooks)>) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     let (flow, host, path) = (&fwd.flow, fwd.host.as_str(), fwd.path.as_str());
     if let Some(why) = binding.and_then(|_| unscrubbable(&fwd.method, resp.status(), resp.headers())) {
@@ -815,8 +836,8 @@ fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&Credentia
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
     }
     let mut resp = Response::from_parts(parts, body.boxed());
-    if let Some(server) = mcp {
-        resp = crate::proxy::mcp::filter_response(resp, server, flow);
+    if let Some((server, hooks)) = mcp {
+        resp = (hooks.filter)(resp, server, flow);
     }
     let Some(binding) = binding else { return resp };
     let (mut parts, body) = resp.into_parts();
@@ -886,7 +907,7 @@ struct Admitted {
 /// the policy in force ([`decide_request`]), the credential's rewriting
 /// (or only the sentinels' removal), then, for an `[[mcp]]` server, the
 /// MCP check. Err: what the guest gets instead.
-async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, host: &str, port: u16, flow: &FlowContext) -> Result<Admitted, Response<ProxyBody>> {
+async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, (host, port): (&str, u16), flow: &FlowContext, hooks: &McpHooks) -> Result<Admitted, Response<ProxyBody>> {
     match decide_request(&now.policy, host, port, now.audit.as_deref(), req.method(), req.uri()) {
         Decision::Refuse { status, denied, record, rule, method, path } => {
             tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, %rule, "proxy: request refused");
@@ -913,7 +934,7 @@ async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&Credentia
                 // The answer is read as JSON (tools/list is filtered): no
                 // compression.
                 req.headers_mut().insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-                req = crate::proxy::mcp::check_request(req, server, &fwd.flow).await?;
+                req = (hooks.check)(req, server.clone(), fwd.flow.clone()).await?;
             }
             Ok(Admitted { req, fwd, mcp })
         }
@@ -939,6 +960,7 @@ pub async fn serve(
     flow: FlowContext,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
     recheck: Recheck,
+    mcp_hooks: &'static McpHooks,
 ) -> Result<(), CredentialProxyError> {
     let tls = tokio_rustls::TlsAcceptor::from(tls).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -970,7 +992,7 @@ pub async fn serve(
             if let Err(refusal) = check_head(&req, &host, framing, "Host must equal the TLS server name") {
                 return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, credential));
             }
-            let Admitted { req, fwd, mcp } = match admit(req, &now, binding.as_deref(), &host, port, &flow).await {
+            let Admitted { req, fwd, mcp } = match admit(req, &now, binding.as_deref(), (&host, port), &flow, mcp_hooks).await {
                 Ok(admitted) => admitted,
                 Err(answer) => return Ok(answer),
             };
@@ -1025,7 +1047,7 @@ pub async fn serve(
                 }
             };
             match sent {
-                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref())),
+                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref().map(|s| (s, mcp_hooks)))),
                 Err(e) => {
                     tracing::info!(%sandbox, %host, "credential proxy: upstream request: {e}");
                     fwd.record(502, "upstream_failed", not_sent("upstream request failed"));
@@ -1051,6 +1073,7 @@ pub async fn serve(
 /// MCP); with a credential that allows plaintext bound, the same
 /// rewriting and scrubbing; without, sentinels are stripped and nothing
 /// is injected. `port`: the guest's destination port.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_plain(
     guest: Prefixed<TcpStream>,
     host: String,
@@ -1059,6 +1082,7 @@ pub async fn serve_plain(
     binding: Option<Arc<CredentialBinding>>,
     flow: FlowContext,
     recheck: Recheck,
+    mcp_hooks: &'static McpHooks,
 ) -> Result<(), CredentialProxyError> {
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: guest, watch: FramingWatch::default(), enabled: true, tripped: tripped.clone() };
@@ -1079,7 +1103,7 @@ pub async fn serve_plain(
             if let Err(refusal) = check_head(&req, &host, tripped.load(Ordering::Relaxed), "Host changed on the connection") {
                 return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, credential));
             }
-            let Admitted { mut req, fwd, mcp } = match admit(req, &now, binding.as_deref(), &host, port, &flow).await {
+            let Admitted { mut req, fwd, mcp } = match admit(req, &now, binding.as_deref(), (&host, port), &flow, mcp_hooks).await {
                 Ok(admitted) => admitted,
                 Err(answer) => return Ok(answer),
             };
@@ -1116,7 +1140,7 @@ pub async fn serve_plain(
                 return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
             }
             match s.send_request(req).await {
-                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref())),
+                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref().map(|s| (s, mcp_hooks)))),
                 Err(_) => {
                     *guard = None;
                     failed("upstream request failed");

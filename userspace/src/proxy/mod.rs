@@ -1,9 +1,10 @@
 //! The transparent TCP proxy that nftables redirects the guests' proxied
 //! ports (80, 443 by default) to. It finds the sandbox by source address
 //! (anti-spoof in eBPF makes that safe), the original destination with
-//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices.
-//! The credential proxy (SNI/Host checks, TLS termination, injection) grows
-//! from here.
+//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices
+//! — or, for a host with a credential, `[[http]]` rules or an `[[mcp]]`
+//! server, terminates it and checks every request ([`inject`]). A deny in
+//! audit mode connects anyway, recorded with verdict audit and the rule.
 
 pub mod guest_tls;
 pub mod inject;
@@ -95,6 +96,12 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<ProxyContext>) {
     })
     .await
 }
+
+/// `[[mcp]]` servers' requests and answers go through [`mcp`].
+static MCP_HOOKS: inject::McpHooks = inject::McpHooks {
+    check: |req, server, flow| Box::pin(async move { mcp::check_request(req, &server, &flow).await }),
+    filter: mcp::filter_response,
+};
 
 /// What the proxy does with one connection (pure).
 #[derive(Debug, PartialEq, Eq)]
@@ -331,7 +338,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
-            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck).await {
+            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
             return;
@@ -345,7 +352,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             drop(upstream);
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck).await {
+            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
