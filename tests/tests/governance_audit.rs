@@ -83,11 +83,11 @@ fn show(records: &[FlowRecord]) -> String {
 fn wait_for_records(h: &DaemonHarness, sandbox: &str, wanted: &[(&str, &dyn Fn(&FlowRecord) -> bool)]) -> Vec<FlowRecord> {
     let found = try_wait_for(Duration::from_secs(20), || {
         let records = inspect(h, sandbox);
-        wanted.iter().all(|(_, pred)| records.iter().any(|r| pred(r))).then_some(records)
+        wanted.iter().all(|(_, pred)| records.iter().any(pred)).then_some(records)
     });
     found.unwrap_or_else(|| {
         let records = inspect(h, sandbox);
-        let missing: Vec<&str> = wanted.iter().filter(|(_, pred)| !records.iter().any(|r| pred(r))).map(|(what, _)| *what).collect();
+        let missing: Vec<&str> = wanted.iter().filter(|(_, pred)| !records.iter().any(pred)).map(|(what, _)| *what).collect();
         panic!("no record for {missing:?} in:\n{}", show(&records))
     })
 }
