@@ -208,7 +208,9 @@ impl FlowHub {
             // Queued while the history lock is held: a record `inspect` can
             // see is already queued for the audit log, so the sync in
             // `serve_inspect` covers it.
-            if record.verdict == Verdict::Denied || record.credential_injected() {
+            // Audit verdicts are denials in waiting: the audit log keeps
+            // them as it keeps denials, for review before enforcing.
+            if matches!(record.verdict, Verdict::Denied | Verdict::Audit) || record.credential_injected() {
                 self.audit(&record);
             }
             record

@@ -300,10 +300,13 @@ fn default_verdict(default: Action, mode: Mode) -> Verdict {
     }
 }
 
-/// Whether a deny by `rule` is only audited under a policy in `mode` (see
-/// [`CompiledPolicy::is_audit`]).
-fn rule_is_audit(mode: Mode, rule: &Rule) -> bool {
-    rule.origin == Origin::Policy && (mode.is_audit() || rule.mode.is_audit())
+/// Whether a deny by `rule` is only audited (see
+/// [`CompiledPolicy::is_audit`]): a rule carries its own mode, its
+/// policy's when it names none (resolved when the policy is parsed), so an
+/// explicit `mode = "enforce"` stays enforced in an audit policy. `_mode`,
+/// the policy's, decides only the default.
+fn rule_is_audit(_mode: Mode, rule: &Rule) -> bool {
+    rule.origin == Origin::Policy && rule.mode.is_audit()
 }
 
 /// How a verdict an exception let through is attributed: the allow that
