@@ -19,7 +19,8 @@ const AUDITED: &str = r#"name = "audited"
 mode = "audit"
 [network]
 default = "deny"
-allow = ["allowed.test"]
+allow = ["allowed.test", "watched.test"]
+deny = ["watched.test"]
 "#;
 
 const CORP: &str = r#"name = "corp"
@@ -39,14 +40,14 @@ fn ip(s: &str) -> IpAddr {
 }
 
 fn records() -> Vec<String> {
-    ["allowed.test,198.51.100.5,60", "unlisted.test,198.51.100.21,60", "jira.corp.test,203.0.113.10,60", "git.corp.test,203.0.113.11,60"]
+    ["allowed.test,198.51.100.5,60", "unlisted.test,198.51.100.21,60", "jira.corp.test,203.0.113.10,60", "git.corp.test,203.0.113.11,60", "watched.test,198.51.100.22,60"]
         .iter()
         .map(|s| s.to_string())
         .collect()
 }
 
 fn world_addrs() -> Vec<IpAddr> {
-    ["198.51.100.5", "198.51.100.20", "198.51.100.21", "198.51.100.33", "198.51.100.41", "203.0.113.10", "203.0.113.11", METADATA].iter().map(|s| ip(s)).collect()
+    ["198.51.100.5", "198.51.100.20", "198.51.100.21", "198.51.100.22", "198.51.100.33", "198.51.100.41", "203.0.113.10", "203.0.113.11", METADATA].iter().map(|s| ip(s)).collect()
 }
 
 /// The daemon with both policies, the world's DNS and a server on PORT at
@@ -83,11 +84,11 @@ fn show(records: &[FlowRecord]) -> String {
 fn wait_for_records(h: &DaemonHarness, sandbox: &str, wanted: &[(&str, &dyn Fn(&FlowRecord) -> bool)]) -> Vec<FlowRecord> {
     let found = try_wait_for(Duration::from_secs(20), || {
         let records = inspect(h, sandbox);
-        wanted.iter().all(|(_, pred)| records.iter().any(|r| pred(r))).then_some(records)
+        wanted.iter().all(|(_, pred)| records.iter().any(pred)).then_some(records)
     });
     found.unwrap_or_else(|| {
         let records = inspect(h, sandbox);
-        let missing: Vec<&str> = wanted.iter().filter(|(_, pred)| !records.iter().any(|r| pred(r))).map(|(what, _)| *what).collect();
+        let missing: Vec<&str> = wanted.iter().filter(|(_, pred)| !records.iter().any(pred)).map(|(what, _)| *what).collect();
         panic!("no record for {missing:?} in:\n{}", show(&records))
     })
 }
@@ -119,6 +120,11 @@ fn audit_mode_lets_through_and_records_what_it_would_deny_until_enforced() {
     assert!(tcp_connects(&ns, ip("198.51.100.21"), PORT), "its answer's address passes (audited by the default)");
     // An allowed name stays simply allowed.
     assert_eq!(dig(&ns, &["allowed.test"]).0, "NOERROR");
+    // A name an (audited) deny covers but an allow would let through:
+    // resolved, recorded as audit, its address learned under the allow
+    // (its flow is then the allow's, not the audited default's).
+    assert_eq!(dig(&ns, &["watched.test"]).0, "NOERROR");
+    assert!(tcp_connects(&ns, ip("198.51.100.22"), PORT), "the audited name's learned address");
     // (b) The built-in denies are enforced in every mode.
     assert!(!tcp_connects(&ns, ip(METADATA), PORT), "audit mode must not open the metadata address");
 
@@ -130,6 +136,8 @@ fn audit_mode_lets_through_and_records_what_it_would_deny_until_enforced() {
             ("audited flow to 198.51.100.21", &|r| datapath_to(r, "198.51.100.21") && r.verdict == Verdict::Audit),
             ("audited query", &|r| dns_for(r, "unlisted.test")),
             ("allowed query", &|r| dns_for(r, "allowed.test")),
+            ("audited query of watched.test", &|r| dns_for(r, "watched.test")),
+            ("flow to watched.test", &|r| datapath_to(r, "198.51.100.22")),
             ("metadata", &|r| datapath_to(r, METADATA)),
         ],
     );
@@ -142,6 +150,10 @@ fn audit_mode_lets_through_and_records_what_it_would_deny_until_enforced() {
     assert_eq!(query.dns.as_ref().unwrap().answers, vec![ip("198.51.100.21")]);
     let allowed = find(&|r| dns_for(r, "allowed.test"));
     assert_eq!((allowed.verdict, allowed.rule.as_deref()), (Verdict::Allowed, Some("allow allowed.test")), "{all}");
+    let watched = find(&|r| dns_for(r, "watched.test"));
+    assert_eq!((watched.verdict, watched.reason.as_ref(), watched.rule.as_deref()), (Verdict::Audit, "audit", Some("deny watched.test")), "{all}");
+    let flow = find(&|r| datapath_to(r, "198.51.100.22"));
+    assert_eq!((flow.verdict, flow.rule.as_deref()), (Verdict::Allowed, Some("allow watched.test")), "learned as usual: {all}");
     for r in records.iter().filter(|r| datapath_to(r, METADATA)) {
         assert_eq!((r.verdict, r.rule.as_deref()), (Verdict::Denied, Some("builtin deny 169.254.0.0/16 (link-local, cloud metadata)")), "{all}");
     }
@@ -151,7 +163,7 @@ fn audit_mode_lets_through_and_records_what_it_would_deny_until_enforced() {
     assert!(metric(&text, "sbx_net_datapath_packets_total{reason=\"audit\"}") >= 2.0, "{text}");
     assert!(metric(&text, &format!("sbx_net_sandbox_packets_total{{sandbox=\"{name}\",verdict=\"audit\"}}")) >= 2.0);
     assert!(metric(&text, &format!("sbx_net_flows_total{{sandbox=\"{name}\",verdict=\"audit\"}}")) >= 2.0);
-    assert!(metric(&text, "sbx_net_dns_queries_total{outcome=\"audit\"}") >= 1.0);
+    assert!(metric(&text, "sbx_net_dns_queries_total{outcome=\"audit\"}") >= 2.0);
     assert!(metric(&text, "sbx_net_datapath_packets_total{reason=\"policy_deny\"}") >= 1.0, "the metadata drop");
 
     // policy test explains the audit.
@@ -165,6 +177,8 @@ fn audit_mode_lets_through_and_records_what_it_would_deny_until_enforced() {
     assert!(!tcp_connects(&ns, ip("198.51.100.20"), PORT), "enforced: the unlisted address is denied");
     assert!(!tcp_connects(&ns, ip("198.51.100.21"), PORT), "enforced: the audited answer's address is denied");
     assert_eq!(dig(&ns, &["unlisted.test"]).0, "NXDOMAIN", "enforced: the unlisted name is denied");
+    assert_eq!(dig(&ns, &["watched.test"]).0, "NXDOMAIN", "enforced: the deny denies");
+    assert!(!tcp_connects(&ns, ip("198.51.100.22"), PORT), "enforced: its learned address closes with the reload");
     assert_eq!(dig(&ns, &["allowed.test"]).0, "NOERROR");
     assert!(!tcp_connects(&ns, ip(METADATA), PORT));
     let records = wait_for_records(

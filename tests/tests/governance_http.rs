@@ -198,8 +198,10 @@ fn audit_mode_lets_denied_connections_through_and_records_them() {
     let dir = std::env::temp_dir().join(unique_name("govaudit"));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = TestCa::new(&dir);
-    // The policy enforces, except one deny in audit mode.
-    let policy = "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n\
+    // The policy enforces, except one deny in audit mode (over an allow:
+    // with nothing allowing the name, the enforced default would deny it
+    // whatever the audit-mode rule says).
+    let policy = "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"watched.test\"]\n\
          deny = [{ pattern = \"watched.test\", mode = \"audit\" }, \"blocked.test\"]\n";
     // The whole policy in audit mode.
     let trial = "name = \"trial\"\nmode = \"audit\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n";

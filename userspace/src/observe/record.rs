@@ -127,7 +127,8 @@ pub struct FlowRecord {
     pub sandbox: String,
     /// Who reported it: "datapath", "dns" or "proxy".
     pub source: Text,
-    /// "new_flow", "verdict_changed", "drop", "drop_repeat" (datapath),
+    /// "new_flow", "verdict_changed", "drop", "drop_repeat", "audit",
+    /// "audit_repeat" (datapath; the last two: an audited packet passed),
     /// "dns_query" (dns), "connection", "http_request", "secret_redacted" (proxy).
     pub event: Text,
     /// "egress": from the sandbox (the only direction a sandbox starts flows).

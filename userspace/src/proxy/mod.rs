@@ -188,13 +188,13 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
             Plan::Resolve { name: name.to_string(), port: original.port(), rule, audit }
         }
     };
+    // `name_verdict` already sets audit-mode denies aside: `Audit` is a
+    // name only they (or the audit-mode default) would deny; `Denied` is
+    // an enforced rule or default.
     match crate::dns::decide::name_verdict(policy, name) {
-        crate::dns::decide::NameVerdict::Denied { rule_id } if policy.is_audit(rule_id) => go(policy.describe_rule(rule_id), true),
         crate::dns::decide::NameVerdict::Denied { rule_id } => Plan::Deny { rule: policy.describe_rule(rule_id) },
-        // Audit mode: passes like an allowed name, named by the rule that
-        // would have denied it (the proxy's own audit record is the HTTP
-        // side's to make).
-        verdict @ (crate::dns::decide::NameVerdict::Allowed { .. } | crate::dns::decide::NameVerdict::Audit { .. }) => {
+        verdict => {
+            let audit = matches!(verdict, crate::dns::decide::NameVerdict::Audit { .. });
             let rule = policy.describe_rule(verdict.rule_id());
             let port = verdict.learn().and_then(|(_, port)| port);
             if let Some(p) = port.filter(|p| *p != original.port()) {
@@ -205,7 +205,7 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
                 }
                 return Plan::Deny { rule };
             }
-            go(rule, false)
+            go(rule, audit)
         }
     }
 }
@@ -430,17 +430,18 @@ fn recheck_for(ctx: &Arc<ProxyContext>, peer: SocketAddr, original: SocketAddr, 
 /// ranges (the built-in ones among them).
 fn answer_addresses(policy: &CompiledPolicy, name: &str, records: &[crate::dns::decide::AnswerRecord], audit: bool) -> Vec<IpAddr> {
     let planned = crate::dns::decide::plan_answer(policy, name, records);
-    if !planned.learn.is_empty() || !audit {
-        return planned.learn.into_iter().map(|(ip, _)| ip).collect();
-    }
     match planned.verdict {
-        crate::dns::decide::ChainVerdict::Denied { rule_id, .. } if policy.is_audit(rule_id) => records
+        // Audited: every address the answer keeps (built-ins and enforced
+        // denies are stripped), learned or not.
+        crate::dns::decide::ChainVerdict::Audit { .. } if audit => records
             .iter()
-            .filter_map(|r| match r {
-                crate::dns::decide::AnswerRecord::Address { ip, .. } if crate::dns::decide::denied_address(policy, *ip).is_none() && builtin_deny_for(policy, *ip).is_none() => Some(*ip),
+            .zip(&planned.fates)
+            .filter_map(|(r, fate)| match r {
+                crate::dns::decide::AnswerRecord::Address { ip, .. } if *fate == crate::dns::decide::RecordFate::Keep && builtin_deny_for(policy, *ip).is_none() => Some(*ip),
                 _ => None,
             })
             .collect(),
+        crate::dns::decide::ChainVerdict::Allowed { .. } => planned.learn.into_iter().map(|(ip, _)| ip).collect(),
         _ => Vec::new(),
     }
 }
@@ -559,8 +560,8 @@ mod tests {
         let learned = |n: &str| if n == "bad.test" { vec!["203.0.113.9".parse().unwrap()] } else { Vec::new() };
         let rule_audit = Policy::parse(
             "r.toml",
-            "name = \"r\"\n[network]\nallow = [\"api.test\"]\n\
-             deny = [{ pattern = \"bad.test\", mode = \"audit\" }, \"worse.test\", { pattern = \"198.51.100.16/28\", mode = \"audit\" }]\n",
+            "name = \"r\"\n[network]\nallow = [\"api.test\", \"bad.test\", \"198.51.100.0/24\"]\n\
+             deny = [{ pattern = \"bad.test\", mode = \"audit\" }, \"worse.test\", { pattern = \"198.51.100.16/28\", mode = \"audit\" }, { pattern = \"audited-only.test\", mode = \"audit\" }]\n",
         )
         .unwrap();
         let p = compile(&rule_audit, &["198.51.100.17".parse().unwrap()]).unwrap();
@@ -576,7 +577,10 @@ mod tests {
         }
         let at_host = |_: &str| vec!["198.51.100.17".parse().unwrap()];
         assert!(matches!(plan(&p, Some("bad.test"), dst("198.51.100.17:443"), at_host), Plan::Deny { rule } if rule.starts_with("builtin deny")));
-        // Enforced denies, the default and hostile names stay denied.
+        // Enforced denies, the default and hostile names stay denied; an
+        // audit-mode deny with nothing allowing the name under it leaves it
+        // to the enforced default (a deny in audit never opens more).
+        assert_eq!(plan(&p, Some("audited-only.test"), dst("203.0.113.9:443"), none), Plan::Deny { rule: "default deny".into() });
         assert!(matches!(plan(&p, Some("worse.test"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
         assert_eq!(plan(&p, Some("unlisted.test"), dst("203.0.113.9:443"), none), Plan::Deny { rule: "default deny".into() });
         assert_eq!(plan(&p, Some("a b.test"), dst("203.0.113.9:443"), none), Plan::Deny { rule: "malformed name".into() });
@@ -603,7 +607,7 @@ mod tests {
     fn audited_names_resolve_to_addresses_outside_enforced_denies() {
         use crate::dns::decide::AnswerRecord;
         let p = compile(
-            &Policy::parse("r.toml", "name = \"r\"\n[network]\nallow = [\"api.test\"]\ndeny = [{ pattern = \"bad.test\", mode = \"audit\" }, \"10.0.0.0/8\"]\n").unwrap(),
+            &Policy::parse("r.toml", "name = \"r\"\n[network]\nallow = [\"api.test\", \"bad.test\"]\ndeny = [{ pattern = \"bad.test\", mode = \"audit\" }, \"10.0.0.0/8\"]\n").unwrap(),
             &[],
         )
         .unwrap();
@@ -611,7 +615,8 @@ mod tests {
         let records = [a("203.0.113.9"), a("10.1.2.3")];
         let ips = |v: Vec<IpAddr>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(ips(answer_addresses(&p, "bad.test", &records, true)), ["203.0.113.9"]);
-        assert!(answer_addresses(&p, "bad.test", &records, false).is_empty(), "enforced, the deny keeps every address");
+        let enforced = compile(&Policy::parse("e.toml", "name = \"e\"\n[network]\nallow = [\"api.test\", \"bad.test\"]\ndeny = [\"bad.test\"]\n").unwrap(), &[]).unwrap();
+        assert!(answer_addresses(&enforced, "bad.test", &records, false).is_empty(), "enforced, the deny keeps every address");
         let ok = [AnswerRecord::Address { owner: Ok("api.test".into()), ip: "203.0.113.9".parse().unwrap(), ttl: 60 }];
         assert_eq!(ips(answer_addresses(&p, "api.test", &ok, false)), ["203.0.113.9"]);
     }
