@@ -17,12 +17,10 @@ const B: &str = "198.51.100.12";
 const WEB: &str = "198.51.100.13";
 const OTHER: &str = "198.51.100.14";
 
-/// The policy the traffic is recorded under. It allows every test name
-/// broadly, so that learning has something to narrow: the classifier's
-/// audit mode (`mode = "audit"` with default deny, the intended workflow)
-/// was not on main when this test was written; once it is, this can be
-/// `mode = "audit"` with no allow list and the test must pass unchanged.
-const RECORD: &str = "name = \"record\"\n[network]\ndefault = \"deny\"\nallow = [\"**.test\"]\n";
+/// The policy the traffic is recorded under: audit mode over a default
+/// deny, so everything the guest does is let through and recorded with
+/// verdict audit (the workflow: run in audit, learn, review, enforce).
+const RECORD: &str = "name = \"record\"\nmode = \"audit\"\n[network]\ndefault = \"deny\"\n";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -91,7 +89,8 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
     assert!(empty.contains("this policy denies everything.\nallow = []"), "{empty}");
 
     // The unrecorded destinations are reachable under the recording
-    // policy: what the learned one denies below, it denies by itself.
+    // policy (audit lets them through): what the learned one denies
+    // below, it denies by itself.
     assert_eq!(get(&ns, "http://other.test:8080/").as_deref(), Some(format!("hello from {OTHER}\n").as_str()));
     assert!(get(&ns, "http://web.test:8080/").is_some());
 
