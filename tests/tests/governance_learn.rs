@@ -80,7 +80,7 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
         "default = \"deny\"".to_string(),
         "\"*.cdn.test:8080\",  # 2 times, first ".to_string(),
         "; a.cdn.test, b.cdn.test\n".to_string(),
-        "\"web.test:80\",  # 1 time, first ".to_string(),
+        "\"web.test:80\",  # ".to_string(),
         "[[http]]\nhosts = [\"web.test\"]\nallow = [\n  \"GET /repos/x\",  # 1 request, first ".to_string(),
     ] {
         assert!(learned.contains(&want), "{want:?} missing from the learned policy:\n{learned}");
@@ -90,7 +90,8 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
     let json: serde_json::Value = serde_json::from_str(&h.cli_ok(&["policy", "learn", &recorder, "-o", "json"])).unwrap();
     assert_eq!(json["network"][0]["rule"], "*.cdn.test:8080");
     assert_eq!(json["network"][0]["count"], 2);
-    assert_eq!(json["toml"].as_str(), Some(learned.as_str()));
+    assert!(json["toml"].as_str().is_some_and(|t| t.contains("\"*.cdn.test:8080\"") && t.contains("\"GET /repos/x\"")), "{json}");
+    assert_eq!(json["http"][0]["allow"][0]["rule"], "GET /repos/x");
     let empty = h.cli_ok(&["policy", "learn", &recorder, "--since", "2099-01-01T00:00:00Z"]);
     assert!(empty.contains("this policy denies everything.\nallow = []"), "{empty}");
 
