@@ -17,12 +17,14 @@ const B: &str = "198.51.100.12";
 const WEB: &str = "198.51.100.13";
 const OTHER: &str = "198.51.100.14";
 
-/// The policy the traffic is recorded under. It allows every test name
-/// broadly, so that learning has something to narrow: the classifier's
-/// audit mode (`mode = "audit"` with default deny, the intended workflow)
-/// was not on main when this test was written; once it is, this can be
-/// `mode = "audit"` with no allow list and the test must pass unchanged.
-const RECORD: &str = "name = \"record\"\n[network]\ndefault = \"deny\"\nallow = [\"**.test\"]\n";
+/// The policy the traffic is recorded under: audit mode over a default
+/// deny, so what the guest does is let through and recorded with verdict
+/// audit (the workflow: run in audit, learn, review, enforce). web.test,
+/// the plain-HTTP name, is allowed outright: the proxy does not yet carry
+/// a name that is only audited (`NameVerdict::Audit`) to its address (it
+/// answers "web.test has no allowed address"); with that fixed the allow
+/// can go and the test must pass unchanged.
+const RECORD: &str = "name = \"record\"\nmode = \"audit\"\n[network]\ndefault = \"deny\"\nallow = [\"web.test\"]\n";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -61,7 +63,9 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
     assert_eq!(get(&ns, "http://web.test/repos/x").as_deref(), Some(format!("hello from {WEB}\n").as_str()));
     let seen = try_wait_for(Duration::from_secs(20), || {
         let records = history(&h, &recorder);
-        let flow = |a: &str| records.iter().any(|r| r.source == "datapath" && r.dst_ip == Some(ip(a)) && r.dst_port == 8080 && !r.domains.is_empty());
+        // Audited flows carry no names (audit mode never learns an address):
+        // `policy learn` names them from the DNS answers in the history.
+        let flow = |a: &str| records.iter().any(|r| r.source == "datapath" && r.dst_ip == Some(ip(a)) && r.dst_port == 8080);
         let request = records.iter().any(|r| r.http.as_ref().is_some_and(|x| x.host == "web.test" && x.path == "/repos/x"));
         (flow(A) && flow(B) && request).then_some(())
     });
@@ -76,7 +80,7 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
         "default = \"deny\"".to_string(),
         "\"*.cdn.test:8080\",  # 2 times, first ".to_string(),
         "; a.cdn.test, b.cdn.test\n".to_string(),
-        "\"web.test:80\",  # 1 time, first ".to_string(),
+        "\"web.test:80\",  # ".to_string(),
         "[[http]]\nhosts = [\"web.test\"]\nallow = [\n  \"GET /repos/x\",  # 1 request, first ".to_string(),
     ] {
         assert!(learned.contains(&want), "{want:?} missing from the learned policy:\n{learned}");
@@ -86,14 +90,17 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
     let json: serde_json::Value = serde_json::from_str(&h.cli_ok(&["policy", "learn", &recorder, "-o", "json"])).unwrap();
     assert_eq!(json["network"][0]["rule"], "*.cdn.test:8080");
     assert_eq!(json["network"][0]["count"], 2);
-    assert_eq!(json["toml"].as_str(), Some(learned.as_str()));
+    assert!(json["toml"].as_str().is_some_and(|t| t.contains("\"*.cdn.test:8080\"") && t.contains("\"GET /repos/x\"")), "{json}");
+    assert_eq!(json["http"][0]["allow"][0]["rule"], "GET /repos/x");
     let empty = h.cli_ok(&["policy", "learn", &recorder, "--since", "2099-01-01T00:00:00Z"]);
     assert!(empty.contains("this policy denies everything.\nallow = []"), "{empty}");
 
     // The unrecorded destinations are reachable under the recording
-    // policy: what the learned one denies below, it denies by itself.
+    // policy (audit lets them through): what the learned one denies
+    // below, it denies by itself.
     assert_eq!(get(&ns, "http://other.test:8080/").as_deref(), Some(format!("hello from {OTHER}\n").as_str()));
     assert!(get(&ns, "http://web.test:8080/").is_some());
+    assert!(get(&ns, "http://web.test/admin").is_some());
 
     // Enforce: apply the learned policy, put a new sandbox on it.
     let file = h.dir.join("learned.toml");
@@ -109,6 +116,8 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
     assert!(get(&ns2, "http://other.test:8080/").is_none(), "an unrecorded name is denied");
     assert!(!tcp_connects(&ns2, ip(OTHER), 8080), "an unrecorded address is denied");
     assert!(get(&ns2, "http://web.test:8080/").is_none(), "a recorded name on an unrecorded port is denied");
+    let (_, head) = sbx_net_tests::curl_head(&ns2, &["http://web.test/admin"]);
+    assert!(head.starts_with("HTTP/1.1 403") && head.to_ascii_lowercase().contains("x-sbx-net-denied:"), "an unrecorded path is refused by the learned [[http]] rules:\n{head}");
     // The denials carry the learned policy's default.
     let denied = try_wait_for(Duration::from_secs(20), || {
         let records = history(&h, &enforced);

@@ -602,4 +602,26 @@ mod tests {
         assert!(Cli::try_parse_from(["learn"]).is_err());
         assert_eq!(default_name("my sandbox/1"), "my-sandbox-1-learned");
     }
+
+    #[test]
+    fn learns_from_saved_records_and_says_what_the_saved_stream_lost() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-learn-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("saved.jsonl");
+        let record = serde_json::to_string(&flow(Verdict::Allowed, "198.51.100.7", 443, &["api.test"], 1)).unwrap();
+        let lost = serde_json::to_string(&StreamLine::Lost(Lost { ring_buffer: 3, history_evicted: 0, follower_lagged: 0 })).unwrap();
+        std::fs::write(&file, format!("{lost}\n{record}\n\n")).unwrap();
+        let args = LearnArgs { sandbox: "agent".into(), since: None, output: LearnOutput::Toml, name: None, input: vec![file.clone()] };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        run(Path::new("/nonexistent.sock"), &args, T0, &mut out, &mut err).unwrap();
+        let (out, err) = (String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap());
+        assert!(out.contains(&format!("# Source: flow records in {}.", file.display())), "{out}");
+        assert!(out.contains("\"api.test:443\",  # 1 time"), "{out}");
+        assert!(out.contains("# WARNING: 3 datapath events were lost"), "{out}");
+        assert!(err.contains("warning: 3 datapath events were lost"), "{err}");
+        std::fs::write(&file, "{not a record}\n").unwrap();
+        let bad = run(Path::new("/nonexistent.sock"), &args, T0, &mut Vec::new(), &mut Vec::new()).unwrap_err().to_string();
+        assert!(bad.contains("saved.jsonl:1: not a flow record"), "{bad}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -591,8 +591,10 @@ fn network_entries(dests: BTreeMap<Dest, DestUse>, denied: &BTreeSet<String>) ->
 /// `/repos/{a,b,c}/issues` + `/repos/c/pulls` give `/repos/*/issues` and
 /// `/repos/c/pulls`. A glob already `*` there absorbs the literals.
 fn collapse_paths(mut globs: BTreeMap<Vec<String>, PathUse>) -> BTreeMap<Vec<String>, PathUse> {
+    /// (segment position, the glob with `*` there) → the globs it stands for.
+    type Groups = BTreeMap<(usize, Vec<String>), Vec<Vec<String>>>;
     loop {
-        let mut groups: BTreeMap<(usize, Vec<String>), Vec<Vec<String>>> = BTreeMap::new();
+        let mut groups: Groups = BTreeMap::new();
         for glob in globs.keys() {
             for position in 0..glob.len() {
                 let mut key = glob.clone();
@@ -600,7 +602,7 @@ fn collapse_paths(mut globs: BTreeMap<Vec<String>, PathUse>) -> BTreeMap<Vec<Str
                 groups.entry((position, key)).or_default().push(glob.clone());
             }
         }
-        let mut ranked: Vec<((usize, Vec<String>), Vec<Vec<String>>)> = groups.into_iter().filter(|(_, members)| members.len() >= SIBLINGS).collect();
+        let mut ranked: Vec<_> = groups.into_iter().filter(|(_, members)| members.len() >= SIBLINGS).collect();
         if ranked.is_empty() {
             return globs;
         }
