@@ -47,6 +47,7 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("frames", frames),
     ("virtio", virtio),
     ("fleet", fleet),
+    ("mcp", mcp),
 ];
 
 /// Targets that need root (the rest are pure).
@@ -1022,4 +1023,10 @@ pub fn fleet(data: &[u8]) {
             view.accept(plan);
         }
     }
+}
+
+/// The MCP request parser and event-stream filter (the body and its
+/// invariants live beside them: [`crate::proxy::mcp::fuzz`]).
+pub fn mcp(data: &[u8]) {
+    crate::proxy::mcp::fuzz(data);
 }
