@@ -88,6 +88,9 @@ const W: Want = Want { statuses: &[], denied: None, has: &[], lacks: &[], inject
 const ALLOWED: Option<(&str, &str)> = Some(("http_request", "allowed"));
 const BAD: Option<(&str, &str)> = Some(("http_request", "bad_request"));
 const CLEAN: &[&str] = &["sbx-cred", "guest-made"];
+const RULE: Option<(&str, &str)> = Some(("http_request", "http_rule"));
+/// What no upstream may receive from the path rows, in any spelling.
+const ADMIN: &[&str] = &["GET /admin", "GET //admin", "GET /repos/", "GET http", "GET https", "GET /%61dmin"];
 
 struct Row {
     name: &'static str,
@@ -209,6 +212,39 @@ fn rows() -> Vec<Row> {
         row("heads", "extended CONNECT (HTTP/2 :protocol)", Sent::H2ExtendedConnect, Want { upstream_never: &["CONNECT", "GET /reflect/ext"], ..W }),
         row("heads", "HTTP/2 rapid reset, then a new client", Sent::H2RapidReset(300),
             Want { statuses: &[200], has: &["authorization: <injected>"], record: ALLOWED, ..W }),
+        // --- Around the `[[http]]` rules (api1.test denies /admin and
+        // DELETE): every request is matched, and forwarded, in one
+        // normal form; the upstream never sees another.
+        row("paths", "dot segments", Sent::Tls("api1.test", "GET /repos/../admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin"), lacks: &["<injected>"], record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "percent-encoded dot segments", Sent::Tls("api1.test", "GET /repos/%2e%2E/admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin"), lacks: &["<injected>"], record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "double slash", Sent::Tls("api1.test", "GET //admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin"), lacks: &["<injected>"], record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "percent-encoded unreserved characters", Sent::Tls("api1.test", "GET /%61dmin/x HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin/**"), lacks: &["<injected>"], record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "encoded slashes", Sent::Tls("api1.test", "GET /repos/x%2f..%2f..%2fadmin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[400], denied: Some("encoded '/'"), lacks: &["<injected>"], record: BAD, upstream_never: ADMIN, ..W }),
+        row("paths", "encoded backslashes", Sent::Tls("api1.test", "GET /repos/x%5c..%5cadmin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[400], denied: Some("encoded '/'"), lacks: &["<injected>"], record: BAD, upstream_never: ADMIN, ..W }),
+        row("paths", "dot segment with parameters", Sent::Tls("api1.test", "GET /repos/..;/admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[400], denied: Some("dot segment"), lacks: &["<injected>"], record: BAD, upstream_never: ADMIN, ..W }),
+        row("paths", "a sentinel hiding a dot segment", Sent::Tls("api1.test", "GET /repos/..sbx-cred:gh/admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin"), lacks: CLEAN, record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "mixed-case method", Sent::Tls("api1.test", "dElEtE /repos/x HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny DELETE /**"), lacks: &["<injected>"], record: RULE, upstream_never: &["DELETE", "dElEtE"], ..W }),
+        row("paths", "refused, then the same connection carries on", Sent::Tls("api1.test", "DELETE /repos/x HTTP/1.1\r\nHost: api1.test\r\n\r\nGET /inspect HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403, 200], has: &["authorization: <injected>", "path: /inspect"], record: RULE, upstream_never: &["DELETE"], ..W }),
+        row("paths", "absolute-form request line (plain HTTP)", Sent::Plain("api1.test", "GET http://api1.test/repos/../admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin"), record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "absolute-form request line (TLS)", Sent::Tls("api1.test", "GET https://api1.test//admin HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[403], denied: Some("http deny * /admin"), lacks: &["<injected>"], record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "HTTP/2 :path with dot segments", Sent::H2 { sni: "api1.test", method: "GET", uri: "https://api1.test/repos/%2e%2e/admin", headers: &[] },
+            Want { statuses: &[403], denied: Some("http deny * /admin"), lacks: &["<injected>"], record: RULE, upstream_never: ADMIN, ..W }),
+        row("paths", "HTTP/2 mixed-case method", Sent::H2 { sni: "api1.test", method: "delete", uri: "https://api1.test/repos/x", headers: &[] },
+            Want { statuses: &[403], denied: Some("http deny DELETE /**"), lacks: &["<injected>"], record: RULE, upstream_never: &["DELETE", "delete"], ..W }),
+        row("paths", "normalised, then forwarded in that form", Sent::Tls("api1.test", "GET /inspect/./a//b/../c?q=1 HTTP/1.1\r\nHost: api1.test\r\nConnection: close\r\n\r\n"),
+            Want { statuses: &[200], injected_once: true, has: &["path: /inspect/a/c", "query: q=1"], record: ALLOWED, upstream_never: &["GET /inspect/./", "GET /inspect/a//"], ..W }),
     ]
 }
 
@@ -387,7 +423,8 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
     let policy = format!(
         "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"api1.test\", \"other.test\", \"plainapi.test\"]\n\
          [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\", \"api1.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{0}\" }}\n\
-         [[credentials]]\nname = \"legacy\"\nhosts = [\"plainapi.test\"]\nheader = \"X-Api-Key\"\nformat = \"{{secret}}\"\nsource = {{ file = \"{0}\" }}\nallow_plaintext = true\n",
+         [[credentials]]\nname = \"legacy\"\nhosts = [\"plainapi.test\"]\nheader = \"X-Api-Key\"\nformat = \"{{secret}}\"\nsource = {{ file = \"{0}\" }}\nallow_plaintext = true\n\
+         [[http]]\nhosts = [\"api1.test\"]\ndeny = [\"* /admin\", \"* /admin/**\", \"DELETE /**\"]\n",
         secret_file.display()
     );
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
@@ -409,6 +446,7 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
         HttpsEcho::start(world, addr_of("other.test", 443), &["other.test"], &ca, SECRET),
         HttpsEcho::start_plain(world, addr_of("other.test", 80), &ca, SECRET),
         HttpsEcho::start_plain(world, addr_of("plainapi.test", 80), &ca, SECRET),
+        HttpsEcho::start_plain(world, addr_of("api1.test", 80), &ca, SECRET),
     ];
     let sandbox = unique_name("g");
     let g = h.create_guest(&sandbox, "agent");

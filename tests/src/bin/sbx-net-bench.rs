@@ -974,6 +974,8 @@ fn dns_bench() -> Result<()> {
 }
 
 const PROXY_SECONDS: u64 = 3;
+/// `[[http]]` allow globs on the ruled host of the proxy bench.
+const PATH_RULES: usize = 100;
 const PROXY_CONNECTIONS: usize = 8;
 
 /// Sequential GETs on one kept-alive connection for `seconds`: latencies (µs).
@@ -1104,10 +1106,17 @@ fn proxy_bench() -> Result<()> {
     std::fs::write(dir.join("token"), secret)?;
     let server: IpAddr = Ipv4Addr::new(198, 51, 100, 40).into();
     let mitm: IpAddr = Ipv4Addr::new(198, 51, 100, 50).into();
+    // ruled.test: the same server and credential as api.test, and an
+    // `[[http]]` block of PATH_RULES allows, the requests matching only
+    // the last (every one before it is tried and fails).
+    let mut allows: Vec<String> = (1..PATH_RULES).map(|i| format!("\"GET /v1/service{i}/**\"")).collect();
+    allows.push("\"GET /*\"".into());
     let policy = format!(
-        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"{server}/32:8443\", \"{mitm}/32:9443\"]\n\
-         [[credentials]]\nname = \"api\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
-        dir.join("token").display()
+        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"ruled.test\", \"{server}/32:8443\", \"{mitm}/32:9443\"]\n\
+         [[credentials]]\nname = \"api\"\nhosts = [\"api.test\", \"ruled.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n\
+         [[http]]\nhosts = [\"ruled.test\"]\nallow = [{}]\n",
+        dir.join("token").display(),
+        allows.join(", ")
     );
     let upstream = format!("--upstream-dns={}:53", sbx_net_tests::UPLINK_WORLD_V4);
     let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
@@ -1115,9 +1124,9 @@ fn proxy_bench() -> Result<()> {
     let mut h = DaemonHarness::with_args("bench-proxy", &[("bench.toml", policy.as_str())], Some(""), &[upstream.as_str(), upstream_ca.as_str()]);
     h.topology.add_world_address(server);
     h.topology.add_world_address(mitm);
-    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,300".into()], &[]);
+    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,300".into(), "ruled.test,198.51.100.40,300".into()], &[]);
     let server_str = server.to_string();
-    let names = ["api.test", server_str.as_str()];
+    let names = ["api.test", "ruled.test", server_str.as_str()];
     let _upstream443 = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 443), &names, &ca, secret);
     let _upstream8443 = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 8443), &names, &ca, secret);
 
@@ -1153,15 +1162,18 @@ fn proxy_bench() -> Result<()> {
     let sandbox_ca = std::path::PathBuf::from(g["ca_cert"].as_str().context("ca_cert")?);
     // Resolve once so the proxy has the name's answer (as a real client would).
     sbx_net_tests::dig(guest.name(), &["api.test"]);
-    let targets: [(&str, SocketAddr, std::path::PathBuf); 3] = [
-        ("server directly, no injection (baseline)", SocketAddr::new(server, 8443), ca.pem_path.clone()),
-        ("sbx-net credential proxy (TLS terminated, injected)", SocketAddr::new(server, 443), sandbox_ca),
-        ("mitmproxy reverse proxy (same injection, peer)", SocketAddr::new(mitm, 9443), mitm_ca),
+    sbx_net_tests::dig(guest.name(), &["ruled.test"]);
+    let ruled_what = format!("sbx-net credential proxy, {PATH_RULES} path rules (request matches the last)");
+    let targets: [(&str, &str, SocketAddr, std::path::PathBuf); 4] = [
+        ("server directly, no injection (baseline)", "api.test", SocketAddr::new(server, 8443), ca.pem_path.clone()),
+        ("sbx-net credential proxy (TLS terminated, injected)", "api.test", SocketAddr::new(server, 443), sandbox_ca.clone()),
+        ("mitmproxy reverse proxy (same injection, peer)", "api.test", SocketAddr::new(mitm, 9443), mitm_ca),
+        (ruled_what.as_str(), "ruled.test", SocketAddr::new(server, 443), sandbox_ca),
     ];
     let mut rows = Vec::new();
-    for (what, addr, ca_path) in &targets {
-        let lat = guest.run(|| proxy_latency(*addr, "api.test", ca_path, PROXY_SECONDS))??;
-        let rps = guest.run(|| proxy_throughput(*addr, "api.test", ca_path, PROXY_SECONDS))??;
+    for (what, sni, addr, ca_path) in &targets {
+        let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))??;
+        let rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))??;
         rows.push((*what, percentile(&lat, 0.5), percentile(&lat, 0.99), lat.len(), rps));
     }
     let _ = mitm_child.kill();
@@ -1175,7 +1187,7 @@ fn proxy_bench() -> Result<()> {
     // restart, so only that key differs.
     let h2_paths = [("answers at once", "/bench"), ("answers after 5 ms", "/reflect/delay/5")];
     let proxy = SocketAddr::new(server, 443);
-    let sandbox_ca = &targets[1].2;
+    let sandbox_ca = &targets[1].3;
     let mut concurrent = Vec::new();
     for (_, path) in &h2_paths {
         concurrent.push(guest.run(|| h2_streams(proxy, "api.test", sandbox_ca, path, PROXY_SECONDS))??);
@@ -1199,6 +1211,13 @@ fn proxy_bench() -> Result<()> {
         "\nsbx-net / mitmproxy requests/s: **{:.1}×**. Targets: added p50 ≤ 300 µs; ≥ 10× mitmproxy's requests/s.",
         rows[1].4 / rows[2].4
     );
+    println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same run)\n");
+    println!("| host | p50 µs | added p50 µs | requests/s | requests/s vs no rules |");
+    println!("|---|---:|---:|---:|---:|");
+    let ruled = format!("credential host, {PATH_RULES} allow globs, request matches the last");
+    for (what, row) in [("credential host, no rules", &rows[1]), (ruled.as_str(), &rows[3])] {
+        println!("| {what} | {:.0} | {:+.0} | {:.0} | {:.2}× |", row.1, row.1 - rows[1].1, row.4, row.4 / rows[1].4);
+    }
     println!("\n### {H2_STREAMS} HTTP/2 streams at once on one guest connection to a credential host ({PROXY_SECONDS} s each)\n");
     println!("Before: the daemon restarted with `bench_serial_upstream_requests = true`, which sends the connection's requests upstream one at a time as the proxy did before (the upstream sender's lock held across each send); its bound is one request per upstream round trip, whatever the number of streams. After: each stream its own upstream stream.\n");
     println!("| upstream | before: requests/s | before: p50 µs | after: requests/s | after: p50 µs | after / before |");

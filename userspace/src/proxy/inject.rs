@@ -1,3 +1,14 @@
+//! The terminating HTTP proxy: for hosts a credential is bound to, hosts
+//! with `[[http]]` rules and `[[mcp]]` servers, the proxy terminates the
+//! guest's TLS with a leaf from the sandbox's CA (plain HTTP is served the
+//! same way, [`serve_plain`]) and checks every request. On a host with
+//! rules (or an MCP server) each request is put in one canonical form —
+//! method upper-cased, path normalised, sentinels out — that is both
+//! matched ([`decide_request`], by the policy in force at that request)
+//! and forwarded, so the upstream serves the path that was checked; a
+//! refusal is a 403 naming the rule and the connection carries on. Without
+//! a credential nothing is injected or scrubbed, sentinels still go.
+//!
 //! Credential injection for hosts a credential is bound to: the proxy
 //! terminates the guest's TLS with a leaf from the sandbox's CA, checks that
 //! every request names the host the handshake named (SNI = Host =
@@ -773,6 +784,16 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
     }
 }
 
+/// The MCP check of `[[mcp]]` servers' traffic (`proxy::mcp`), handed in
+/// by the proxy's front (`proxy/mod.rs`): that module builds on this one's
+/// bodies, so this one does not name it.
+pub struct McpHooks {
+    /// The request to forward, or the answer the guest gets instead.
+    pub check: fn(Request<ProxyBody>, McpServer, FlowContext) -> Pin<Box<dyn std::future::Future<Output = Result<Request<ProxyBody>, Response<ProxyBody>>> + Send>>,
+    /// The upstream's answer as the guest gets it.
+    pub filter: fn(Response<ProxyBody>, &McpServer, &FlowContext) -> Response<ProxyBody>,
+}
+
 /// How a forwarded request is recorded: under `flow`'s rule (the rule that
 /// decided it), with `reason` (`allowed`, or `audit` when only an
 /// audit-mode rule would have refused it).
@@ -795,7 +816,7 @@ impl Forwarded {
 /// it cannot be checked, else with its head scrubbed and its body
 /// scrubbing as it streams; from an `[[mcp]]` server, filtered first;
 /// recorded either way.
-fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&CredentialBinding>, mcp: Option<&McpServer>) -> Response<ProxyBody> {
+fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&CredentialBinding>, mcp: Option<(&McpServer, &McpHooks)>) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     let (flow, host, path) = (&fwd.flow, fwd.host.as_str(), fwd.path.as_str());
     if let Some(why) = binding.and_then(|_| unscrubbable(&fwd.method, resp.status(), resp.headers())) {
@@ -815,8 +836,8 @@ fn respond(resp: Response<Incoming>, fwd: &Forwarded, binding: Option<&Credentia
         parts.extensions.remove::<hyper::ext::ReasonPhrase>();
     }
     let mut resp = Response::from_parts(parts, body.boxed());
-    if let Some(server) = mcp {
-        resp = crate::proxy::mcp::filter_response(resp, server, flow);
+    if let Some((server, hooks)) = mcp {
+        resp = (hooks.filter)(resp, server, flow);
     }
     let Some(binding) = binding else { return resp };
     let (mut parts, body) = resp.into_parts();
@@ -886,7 +907,7 @@ struct Admitted {
 /// the policy in force ([`decide_request`]), the credential's rewriting
 /// (or only the sentinels' removal), then, for an `[[mcp]]` server, the
 /// MCP check. Err: what the guest gets instead.
-async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, host: &str, port: u16, flow: &FlowContext) -> Result<Admitted, Response<ProxyBody>> {
+async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, (host, port): (&str, u16), flow: &FlowContext, hooks: &McpHooks) -> Result<Admitted, Response<ProxyBody>> {
     match decide_request(&now.policy, host, port, now.audit.as_deref(), req.method(), req.uri()) {
         Decision::Refuse { status, denied, record, rule, method, path } => {
             tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, %rule, "proxy: request refused");
@@ -913,7 +934,7 @@ async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&Credentia
                 // The answer is read as JSON (tools/list is filtered): no
                 // compression.
                 req.headers_mut().insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-                req = crate::proxy::mcp::check_request(req, server, &fwd.flow).await?;
+                req = (hooks.check)(req, server.clone(), fwd.flow.clone()).await?;
             }
             Ok(Admitted { req, fwd, mcp })
         }
@@ -939,6 +960,7 @@ pub async fn serve(
     flow: FlowContext,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
     recheck: Recheck,
+    mcp_hooks: &'static McpHooks,
 ) -> Result<(), CredentialProxyError> {
     let tls = tokio_rustls::TlsAcceptor::from(tls).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -970,7 +992,7 @@ pub async fn serve(
             if let Err(refusal) = check_head(&req, &host, framing, "Host must equal the TLS server name") {
                 return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, credential));
             }
-            let Admitted { req, fwd, mcp } = match admit(req, &now, binding.as_deref(), &host, port, &flow).await {
+            let Admitted { req, fwd, mcp } = match admit(req, &now, binding.as_deref(), (&host, port), &flow, mcp_hooks).await {
                 Ok(admitted) => admitted,
                 Err(answer) => return Ok(answer),
             };
@@ -1025,7 +1047,7 @@ pub async fn serve(
                 }
             };
             match sent {
-                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref())),
+                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref().map(|s| (s, mcp_hooks)))),
                 Err(e) => {
                     tracing::info!(%sandbox, %host, "credential proxy: upstream request: {e}");
                     fwd.record(502, "upstream_failed", not_sent("upstream request failed"));
@@ -1051,6 +1073,7 @@ pub async fn serve(
 /// MCP); with a credential that allows plaintext bound, the same
 /// rewriting and scrubbing; without, sentinels are stripped and nothing
 /// is injected. `port`: the guest's destination port.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_plain(
     guest: Prefixed<TcpStream>,
     host: String,
@@ -1059,6 +1082,7 @@ pub async fn serve_plain(
     binding: Option<Arc<CredentialBinding>>,
     flow: FlowContext,
     recheck: Recheck,
+    mcp_hooks: &'static McpHooks,
 ) -> Result<(), CredentialProxyError> {
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: guest, watch: FramingWatch::default(), enabled: true, tripped: tripped.clone() };
@@ -1079,7 +1103,7 @@ pub async fn serve_plain(
             if let Err(refusal) = check_head(&req, &host, tripped.load(Ordering::Relaxed), "Host changed on the connection") {
                 return Ok::<_, hyper::Error>(refuse(&flow, &req, &host, refusal, credential));
             }
-            let Admitted { mut req, fwd, mcp } = match admit(req, &now, binding.as_deref(), &host, port, &flow).await {
+            let Admitted { mut req, fwd, mcp } = match admit(req, &now, binding.as_deref(), (&host, port), &flow, mcp_hooks).await {
                 Ok(admitted) => admitted,
                 Err(answer) => return Ok(answer),
             };
@@ -1116,7 +1140,7 @@ pub async fn serve_plain(
                 return Ok(text(StatusCode::BAD_GATEWAY, "upstream connection closed"));
             }
             match s.send_request(req).await {
-                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref())),
+                Ok(resp) => Ok(respond(resp, &fwd, binding.as_deref(), mcp.as_ref().map(|s| (s, mcp_hooks)))),
                 Err(_) => {
                     *guard = None;
                     failed("upstream request failed");
@@ -1522,6 +1546,81 @@ mod tests {
     /// Runs a future that never waits on I/O (in-memory bodies).
     fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    fn compiled(text: &str) -> CompiledPolicy {
+        crate::policy::compile::compile(&crate::policy::Policy::parse("t.toml", text).unwrap(), &[]).unwrap()
+    }
+
+    #[test]
+    fn targets_are_put_in_one_form() {
+        let c = |m: &str, u: &str| canonical_request(&Method::from_bytes(m.as_bytes()).unwrap(), &u.parse().unwrap()).map(|c| (c.method.to_string(), c.uri.to_string(), c.path));
+        let ok = |m: &str, u: &str, p: &str| Ok((m.to_string(), u.to_string(), p.to_string()));
+        assert_eq!(c("dElEtE", "/repos/../admin?x=1"), ok("DELETE", "/admin?x=1", "/admin"));
+        assert_eq!(c("GET", "/repos/%2e%2e/admin"), ok("GET", "/admin", "/admin"));
+        assert_eq!(c("GET", "//admin"), ok("GET", "/admin", "/admin"));
+        assert_eq!(c("GET", "http://api.test/a/./b"), ok("GET", "http://api.test/a/b", "/a/b"));
+        assert_eq!(c("GET", "https://api.test//x?q"), ok("GET", "https://api.test/x?q", "/x"));
+        assert_eq!(c("GET", "/repos/x%2f..%2f..%2fadmin").map_err(|e| e.reason()), Err(PathRefusal::EncodedSeparator.reason()));
+        assert_eq!(c("GET", "/a%5cb"), Err(PathRefusal::EncodedSeparator));
+        // A sentinel cannot hide a dot segment from the match: removing it
+        // from `..sbx-cred:x` would leave `..` behind, resolved again.
+        assert_eq!(c("GET", "/repos/..sbx-cred:x/admin"), ok("GET", "/admin", "/admin"));
+        assert_eq!(c("GET", "/repos/sbx-sbx-cred:xcred:y/admin"), ok("GET", "/repos/sbx-:y/admin", "/repos/sbx-:y/admin"));
+        assert_eq!(c("GET", "/x?t=sbx-cred:gh&a=1"), ok("GET", "/x?t=&a=1", "/x"));
+        // Decoded unreserved characters spelling a sentinel are removed too.
+        assert_eq!(c("GET", "/x/sbx%2dcred%3Agh/y"), ok("GET", "/x/y", "/x/y"));
+    }
+
+    #[test]
+    fn requests_are_decided_by_the_rules_in_force() {
+        let p = compiled(
+            "name = \"t\"\n[network]\nallow = [\"api.test\", \"mcp.test\"]\n\
+             [[http]]\nhosts = [\"api.test\"]\nallow = [\"GET /repos/**\", \"POST /repos/*/issues\"]\ndeny = [\"DELETE /**\"]\n\
+             [[http]]\nhosts = [\"audit.test\"]\ndeny = [\"DELETE /**\"]\nmode = \"audit\"\n\
+             [[mcp]]\nurl = \"https://mcp.test/mcp\"\ntools = [\"search\"]\n",
+        );
+        let d = |host: &str, port: u16, audit: Option<&str>, m: &str, u: &str| decide_request(&p, host, port, audit, &Method::from_bytes(m.as_bytes()).unwrap(), &u.parse().unwrap());
+        let fwd = |m: &str, u: &str, path: &str, reason: &'static str, rule: Option<&str>| Decision::Forward {
+            canonical: Some((Method::from_bytes(m.as_bytes()).unwrap(), u.parse().unwrap())),
+            path: path.into(),
+            reason,
+            rule: rule.map(str::to_string),
+        };
+        let refused = |status: u16, rule: &str, record: &'static str, m: &str, path: &str| Decision::Refuse {
+            status: StatusCode::from_u16(status).unwrap(),
+            denied: rule.into(),
+            record,
+            rule: rule.into(),
+            method: m.into(),
+            path: path.into(),
+        };
+        assert_eq!(d("api.test", 443, None, "GET", "/repos/a?x=1"), fwd("GET", "/repos/a?x=1", "/repos/a", "allowed", Some("http allow GET /repos/**")));
+        assert_eq!(d("api.test", 443, None, "get", "/repos//a"), fwd("GET", "/repos/a", "/repos/a", "allowed", Some("http allow GET /repos/**")));
+        assert_eq!(d("api.test", 443, None, "DELETE", "/repos/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/repos/a"));
+        assert_eq!(d("api.test", 443, None, "dElEtE", "/repos/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/repos/a"));
+        // Path tricks reach the rule in their resolved form.
+        for trick in ["/repos/../admin", "/repos/%2e%2e/admin", "//admin", "/repos/./../admin", "http://api.test/admin"] {
+            assert_eq!(d("api.test", 80, None, "GET", trick), refused(403, "http default deny (api.test)", "http_rule", "GET", "/admin"), "{trick}");
+        }
+        let bad = PathRefusal::EncodedSeparator.reason();
+        assert_eq!(d("api.test", 443, None, "GET", "/repos/x%2f..%2f..%2fadmin"), refused(400, bad, "bad_request", "GET", "/repos/x%2f..%2f..%2fadmin"));
+        // An audit-mode deny is forwarded and recorded as audit, by its rule.
+        assert_eq!(d("audit.test", 443, None, "DELETE", "/x"), fwd("DELETE", "/x", "/x", "audit", Some("http deny DELETE /**")));
+        assert_eq!(d("audit.test", 443, None, "GET", "/x"), fwd("GET", "/x", "/x", "allowed", None));
+        // On a connection let through by an audit-mode network deny, what
+        // is forwarded is audit, under that deny; an enforced rule still
+        // refuses.
+        assert_eq!(d("api.test", 443, Some("deny api.test"), "GET", "/repos/a"), fwd("GET", "/repos/a", "/repos/a", "audit", Some("deny api.test")));
+        assert_eq!(d("api.test", 443, Some("deny api.test"), "DELETE", "/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/a"));
+        // An MCP server's host:port is governed (canonical form), its rules
+        // are the MCP check's; another port of it, or another host, is not.
+        assert_eq!(d("mcp.test", 443, None, "post", "/mcp/../mcp"), fwd("POST", "/mcp", "/mcp", "allowed", None));
+        let as_is = |path: &str, reason: &'static str, rule: Option<&str>| Decision::Forward { canonical: None, path: path.into(), reason, rule: rule.map(str::to_string) };
+        assert_eq!(d("mcp.test", 80, None, "GET", "/a/../b"), as_is("/a/../b", "allowed", None));
+        assert_eq!(d("other.test", 443, None, "GET", "/a%2fb"), as_is("/a%2fb", "allowed", None));
+        assert_eq!(d("other.test", 443, Some("default deny"), "GET", "/"), as_is("/", "audit", Some("default deny")));
+        assert!(governed(&p, "api.test", 1) && governed(&p, "mcp.test", 443) && !governed(&p, "mcp.test", 80) && !governed(&p, "other.test", 443));
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The transparent TCP proxy that nftables redirects the guests' proxied
 //! ports (80, 443 by default) to. It finds the sandbox by source address
 //! (anti-spoof in eBPF makes that safe), the original destination with
-//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices.
-//! The credential proxy (SNI/Host checks, TLS termination, injection) grows
-//! from here.
+//! SO_ORIGINAL_DST, applies the sandbox's compiled policy to it, and splices
+//! — or, for a host with a credential, `[[http]]` rules or an `[[mcp]]`
+//! server, terminates it and checks every request ([`inject`]). A deny in
+//! audit mode connects anyway, recorded with verdict audit and the rule.
 
 pub mod guest_tls;
 pub mod inject;
@@ -96,6 +97,12 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<ProxyContext>) {
     .await
 }
 
+/// `[[mcp]]` servers' requests and answers go through [`mcp`].
+static MCP_HOOKS: inject::McpHooks = inject::McpHooks {
+    check: |req, server, flow| Box::pin(async move { mcp::check_request(req, &server, &flow).await }),
+    filter: mcp::filter_response,
+};
+
 /// What the proxy does with one connection (pure).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Plan {
@@ -121,6 +128,17 @@ fn audited(policy: &CompiledPolicy, v: &sbx_net_common::Verdict) -> bool {
     v.action == action::AUDIT || (v.action == action::DENY && policy.is_audit(v.rule_id))
 }
 
+/// The built-in deny (the host's own addresses, the metadata and other
+/// reserved ranges) that covers `ip`, if any.
+fn builtin_deny_for(policy: &CompiledPolicy, ip: IpAddr) -> Option<String> {
+    use crate::policy::{Action, Origin, Target};
+    policy
+        .rules
+        .iter()
+        .find(|r| r.origin == Origin::Builtin && r.action == Action::Deny && matches!(&r.target, Target::Cidr(n) if n.contains(ip)))
+        .map(|r| r.describe())
+}
+
 /// Decides by the name the guest sent (SNI or Host), deny winning, else by
 /// the original destination's IP rules. `learned_for` lists the addresses
 /// the DNS proxy answered this sandbox for a name. A deny in audit mode
@@ -139,7 +157,12 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
         return if v.action == action::ALLOW {
             Plan::Connect { addr: original, rule, audit: false }
         } else if audited(policy, &v) {
-            Plan::Connect { addr: original, rule, audit: true }
+            // Where denies overlap the trie may keep one entry, the audited
+            // range's: a built-in deny inside it is still enforced.
+            match builtin_deny_for(policy, original.ip()) {
+                Some(rule) => Plan::Deny { rule },
+                None => Plan::Connect { addr: original, rule, audit: true },
+            }
         } else {
             Plan::Deny { rule }
         };
@@ -154,6 +177,11 @@ pub fn plan(policy: &CompiledPolicy, name: Option<&str>, original: SocketAddr, l
     // the guest, or an address the proxy resolves and checks itself (so a
     // name cannot carry the guest to an address of its choosing).
     let go = |rule: String, audit: bool| {
+        if audit {
+            if let Some(builtin) = builtin_deny_for(policy, original.ip()) {
+                return Plan::Deny { rule: builtin };
+            }
+        }
         if learned_for(name).contains(&original.ip()) {
             Plan::Connect { addr: original, rule, audit }
         } else {
@@ -306,7 +334,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
-            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck).await {
+            if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
             return;
@@ -320,7 +348,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             drop(upstream);
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck).await {
+            if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
             }
             return;
@@ -405,7 +433,7 @@ fn answer_addresses(policy: &CompiledPolicy, name: &str, records: &[crate::dns::
         crate::dns::decide::ChainVerdict::Denied { rule_id, .. } if policy.is_audit(rule_id) => records
             .iter()
             .filter_map(|r| match r {
-                crate::dns::decide::AnswerRecord::Address { ip, .. } if crate::dns::decide::denied_address(policy, *ip).is_none() => Some(*ip),
+                crate::dns::decide::AnswerRecord::Address { ip, .. } if crate::dns::decide::denied_address(policy, *ip).is_none() && builtin_deny_for(policy, *ip).is_none() => Some(*ip),
                 _ => None,
             })
             .collect(),
@@ -518,5 +546,69 @@ mod tests {
         assert_eq!(guest_facing_rule("builtin deny 10.250.0.1/32 (host address)"), "builtin deny (host address)");
         assert_eq!(guest_facing_rule("builtin deny fd00::1/128 (host address)"), "builtin deny (host address)");
         assert_eq!(guest_facing_rule("deny 10.0.0.0/8"), "deny 10.0.0.0/8");
+    }
+
+    #[test]
+    fn audit_mode_denies_connect_flagged() {
+        let dst = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let none = |_: &str| Vec::new();
+        let learned = |n: &str| if n == "bad.test" { vec!["203.0.113.9".parse().unwrap()] } else { Vec::new() };
+        let rule_audit = Policy::parse(
+            "r.toml",
+            "name = \"r\"\n[network]\nallow = [\"api.test\"]\n\
+             deny = [{ pattern = \"bad.test\", mode = \"audit\" }, \"worse.test\", { pattern = \"198.51.100.16/28\", mode = \"audit\" }]\n",
+        )
+        .unwrap();
+        let p = compile(&rule_audit, &["198.51.100.17".parse().unwrap()]).unwrap();
+        // A name denied by an audit-mode rule goes where an allowed one
+        // would: the address DNS gave the guest, else one the proxy resolves.
+        match plan(&p, Some("bad.test"), dst("203.0.113.9:443"), learned) {
+            Plan::Connect { addr, rule, audit: true } => assert!(addr == dst("203.0.113.9:443") && rule.contains("bad.test"), "{rule}"),
+            other => panic!("{other:?}"),
+        }
+        match plan(&p, Some("bad.test"), dst("198.51.100.5:443"), learned) {
+            Plan::Resolve { name, port: 443, rule, audit: true } => assert!(name == "bad.test" && rule.contains("bad.test"), "{rule}"),
+            other => panic!("{other:?}"),
+        }
+        let at_host = |_: &str| vec!["198.51.100.17".parse().unwrap()];
+        assert!(matches!(plan(&p, Some("bad.test"), dst("198.51.100.17:443"), at_host), Plan::Deny { rule } if rule.starts_with("builtin deny")));
+        // Enforced denies, the default and hostile names stay denied.
+        assert!(matches!(plan(&p, Some("worse.test"), dst("203.0.113.9:443"), none), Plan::Deny { .. }));
+        assert_eq!(plan(&p, Some("unlisted.test"), dst("203.0.113.9:443"), none), Plan::Deny { rule: "default deny".into() });
+        assert_eq!(plan(&p, Some("a b.test"), dst("203.0.113.9:443"), none), Plan::Deny { rule: "malformed name".into() });
+        // By address: an audit-mode range connects flagged; a built-in deny
+        // inside it (the host's own address) is never audited.
+        match plan(&p, None, dst("198.51.100.20:80"), none) {
+            Plan::Connect { rule, audit: true, .. } => assert!(rule.contains("198.51.100.16/28"), "{rule}"),
+            other => panic!("{other:?}"),
+        }
+        match plan(&p, None, dst("198.51.100.17:80"), none) {
+            Plan::Deny { rule } => assert!(rule.starts_with("builtin deny"), "{rule}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(plan(&p, Some("api.test"), dst("203.0.113.9:443"), none), Plan::Resolve { audit: false, .. }));
+        // A whole policy in audit mode: its default deny lets through too.
+        let whole = compile(&Policy::parse("w.toml", "name = \"w\"\nmode = \"audit\"\n[network]\nallow = [\"git.test:22\"]\n").unwrap(), &[]).unwrap();
+        assert_eq!(plan(&whole, None, dst("203.0.113.9:443"), none), Plan::Connect { addr: dst("203.0.113.9:443"), rule: "default deny".into(), audit: true });
+        assert_eq!(plan(&whole, Some("unlisted.test"), dst("203.0.113.9:443"), none), Plan::Resolve { name: "unlisted.test".into(), port: 443, rule: "default deny".into(), audit: true });
+        assert!(matches!(plan(&whole, Some("git.test"), dst("203.0.113.9:443"), none), Plan::Resolve { audit: true, .. }));
+        assert_eq!(plan(&whole, Some("x\\.test"), dst("203.0.113.9:443"), none), Plan::Deny { rule: "malformed name".into() });
+    }
+
+    #[test]
+    fn audited_names_resolve_to_addresses_outside_enforced_denies() {
+        use crate::dns::decide::AnswerRecord;
+        let p = compile(
+            &Policy::parse("r.toml", "name = \"r\"\n[network]\nallow = [\"api.test\"]\ndeny = [{ pattern = \"bad.test\", mode = \"audit\" }, \"10.0.0.0/8\"]\n").unwrap(),
+            &[],
+        )
+        .unwrap();
+        let a = |ip: &str| AnswerRecord::Address { owner: Ok("bad.test".into()), ip: ip.parse().unwrap(), ttl: 60 };
+        let records = [a("203.0.113.9"), a("10.1.2.3")];
+        let ips = |v: Vec<IpAddr>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(ips(answer_addresses(&p, "bad.test", &records, true)), ["203.0.113.9"]);
+        assert!(answer_addresses(&p, "bad.test", &records, false).is_empty(), "enforced, the deny keeps every address");
+        let ok = [AnswerRecord::Address { owner: Ok("api.test".into()), ip: "203.0.113.9".parse().unwrap(), ttl: 60 }];
+        assert_eq!(ips(answer_addresses(&p, "api.test", &ok, false)), ["203.0.113.9"]);
     }
 }
