@@ -33,10 +33,7 @@ use crate::observe::hub::FlowContext;
 use crate::observe::record::{McpDetail, Verdict};
 use crate::policy::mcp::ToolVerdict;
 use crate::policy::McpServer;
-
-/// The proxy's body type (`proxy::inject::ProxyBody`), spelt out here:
-/// inject calls this module, so this one does not use inject.
-pub type ProxyBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+use crate::proxy::inject::ProxyBody;
 
 /// The largest request body read (a JSON-RPC request is small; a bigger
 /// one is refused rather than forwarded unread).
