@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sbx_net::observe::record::{FlowRecord, Verdict};
 use sbx_net_tests::daemon::DaemonHarness;
-use sbx_net_tests::{host_command, netns_command, require_root, shell_in, tcp_listening_on, unique_name, wait_until, Background, WorldDns};
+use sbx_net_tests::{host_command, netns_command, require_root, run_in, tcp_listening_on, unique_name, wait_until, Background, WorldDns};
 use serde_json::Value;
 
 /// The MCP SDK's venv (`cargo xtask bootstrap` makes it).
@@ -265,16 +265,32 @@ fn mcp_tools_are_allowlisted_filtered_and_recorded() {
 /// headers, body).
 fn post(ns: &str, dir: &Path, body: &[u8]) -> (String, String) {
     let file = dir.join(unique_name("body"));
+    let answer = file.with_extension("out");
     std::fs::write(&file, body).unwrap();
-    let script = format!(
-        "curl -s -D - -o {out} --max-time 10 -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' --data-binary @{file} http://mcp.test/mcp; cat {out}",
-        out = file.with_extension("out").display(),
-        file = file.display()
+    let data = format!("@{}", file.display());
+    let out = run_in(
+        ns,
+        "curl",
+        &[
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            answer.to_str().unwrap(),
+            "--max-time",
+            "10",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Accept: application/json, text/event-stream",
+            "--data-binary",
+            &data,
+            "http://mcp.test/mcp",
+        ],
     );
-    let out = shell_in(ns, &["curl", "cat"], &script);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response: {text} {}", String::from_utf8_lossy(&out.stderr)));
-    (head.to_string(), body.to_string())
+    let head = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(head.starts_with("HTTP/"), "no response (curl {:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    (head, std::fs::read_to_string(&answer).unwrap_or_default())
 }
 
 #[test]
