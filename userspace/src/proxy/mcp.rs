@@ -1208,6 +1208,97 @@ mod tests {
         assert_eq!(&events[..], b"event: message\r\ndata: {\"id\":1}\r\n\r\nevent: message\r\ndata: {\"id\":2}\r\n\r\n");
     }
 
+    fn flow(dir: &std::path::Path) -> FlowContext {
+        use crate::observe::hub::{FlowHub, FlowLogSettings};
+        let settings = FlowLogSettings { history: 64, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 };
+        FlowContext {
+            hub: std::sync::Arc::new(FlowHub::new(&settings)),
+            sandbox: "s".into(),
+            src: "10.200.0.2:40000".parse().unwrap(),
+            dst: "198.51.100.60:80".parse().unwrap(),
+            rule: "allow mcp.test".into(),
+        }
+    }
+
+    async fn bytes(body: ProxyBody) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[test]
+    fn the_entry_points_move_bodies_and_heads() {
+        let dir = std::env::temp_dir().join(format!("sbx-mcp-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flow = flow(&dir);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let post = |uri: &str, body: &str| Request::post(uri).header(CONTENT_LENGTH, body.len()).body(full(body.to_string())).unwrap();
+            // Refused: 200, JSON-RPC error, the rule in the header.
+            let denied = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"}}"#;
+            let resp = check_request(post("/mcp", denied), &server(), &flow).await.unwrap_err();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["x-sbx-net-denied"], DENY_RULE);
+            assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+            let v: Value = serde_json::from_slice(&bytes(resp.into_body()).await).unwrap();
+            assert_eq!(v["error"]["data"]["rule"], DENY_RULE);
+            // Allowed: forwarded re-serialised, length true, answers asked uncompressed.
+            let allowed = r#"{ "jsonrpc" : "2.0", "id" : 2, "method" : "tools/call", "params" : {"name":"search"} }"#;
+            let req = check_request(post("/mcp", allowed), &server(), &flow).await.unwrap();
+            assert_eq!(req.headers()[ACCEPT_ENCODING], "identity");
+            let len: usize = req.headers()[CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+            let body = bytes(req.into_body()).await;
+            assert_eq!(body.len(), len);
+            assert!(len < allowed.len());
+            // Declared over the bound: refused unread; a GET with a body: refused.
+            let big = Request::post("/mcp").header(CONTENT_LENGTH, MAX_REQUEST_BODY + 1).body(full("")).unwrap();
+            assert_eq!(check_request(big, &server(), &flow).await.unwrap_err().status(), StatusCode::PAYLOAD_TOO_LARGE);
+            let get = Request::get("/mcp").body(full("x")).unwrap();
+            assert_eq!(check_request(get, &server(), &flow).await.unwrap_err().status(), StatusCode::BAD_REQUEST);
+            assert!(check_request(Request::get("/mcp").body(full("")).unwrap(), &server(), &flow).await.is_ok());
+
+            // A JSON answer: filtered, no stale Content-Length.
+            let list = Response::builder().header(CONTENT_TYPE, "application/json").header(CONTENT_LENGTH, LIST.len()).body(full(LIST)).unwrap();
+            let resp = filter_response(list, &server(), &flow);
+            assert!(resp.headers().get(CONTENT_LENGTH).is_none());
+            assert_eq!(String::from_utf8(bytes(resp.into_body()).await).unwrap(), FILTERED);
+            // Compressed: refused.
+            let gz = Response::builder().header(CONTENT_TYPE, "application/json").header(CONTENT_ENCODING, "gzip").body(full("x")).unwrap();
+            assert_eq!(filter_response(gz, &server(), &flow).status(), StatusCode::BAD_GATEWAY);
+
+            // HTTP+SSE: the stream names its endpoint; a refused POST to it
+            // is accepted (202) and answered on the stream.
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let stream_body = ChannelBody(rx).boxed();
+            let resp = Response::builder().header(CONTENT_TYPE, "text/event-stream").body(stream_body).unwrap();
+            let mut body = filter_response(resp, &server(), &flow).into_body();
+            tx.send(Bytes::from_static(b"event: endpoint\r\ndata: /messages/?session_id=u1\r\n\r\n")).unwrap();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert!(first.starts_with(b"event: endpoint"));
+            let resp = check_request(post("/messages/?session_id=u1", denied), &server(), &flow).await.unwrap_err();
+            assert_eq!(resp.status(), StatusCode::ACCEPTED);
+            let injected = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            let text = String::from_utf8(injected.to_vec()).unwrap();
+            assert!(text.starts_with("event: message\r\ndata: ") && text.contains(DENY_RULE.replace('"', "\\\"").as_str()), "{text}");
+            // Another session's POST is answered in its own body.
+            let resp = check_request(post("/messages/?session_id=other", denied), &server(), &flow).await.unwrap_err();
+            assert_eq!(resp.status(), StatusCode::OK);
+            drop(body);
+            assert!(sessions().lock().unwrap().keys().all(|k| k.0 != "s"), "the stream's registration outlived it");
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An upstream body fed by the test, chunk by chunk.
+    struct ChannelBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
+    }
+
     #[test]
     fn answer_kinds_follow_the_sdks() {
         let kind = |s: &'static str| answer_kind(Some(&HeaderValue::from_static(s)));
