@@ -14,6 +14,11 @@
 //! string, no params) are refused in audit mode too: they are not a policy
 //! question, and no server can do anything meaningful with them.
 //!
+//! The old HTTP+SSE transport answers on the client's GET event stream,
+//! not on the POST: a stream that names its message endpoint is
+//! registered (by sandbox, server and endpoint), and a refused POST to
+//! that endpoint gets 202 while its JSON-RPC errors go down the stream.
+//!
 //! The answers are filtered for the agent's benefit (it is not shown tools
 //! it cannot call); the enforcement is the call check. The pure parts
 //! ([`inspect_request_body`], [`filter_json_body`], [`SseFilter`]) are
