@@ -22,8 +22,9 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
 
-# The test server's tools' arguments (any other tool is called with none).
-ARGUMENTS = {"search": {"query": "q"}, "fetch": {"url": "u"}, "delete_repo": {"name": "n"}}
+# The test server's tools' arguments (any other tool is called with none):
+# values a test can look for where arguments must never be (records, logs).
+ARGUMENTS = {"search": {"query": "arg-q-5e1"}, "fetch": {"url": "arg-u-5e1"}, "delete_repo": {"name": "arg-n-5e1"}}
 
 
 def http_client(**kwargs) -> httpx2.AsyncClient:
@@ -65,4 +66,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # A refusal the client never hears of would otherwise hang the test.
+    asyncio.run(asyncio.wait_for(main(), timeout=120))

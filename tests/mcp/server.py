@@ -5,6 +5,7 @@ log file given (one line `CALL <tool>`), so a test can tell that a call
 the proxy refused never reached the server.
 
     server.py --transport streamable-http|sse --host ADDR --port N --log FILE
+              [--certfile PEM --keyfile PEM]   (HTTPS)
 """
 
 import argparse
@@ -19,6 +20,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--log", required=True)
+    # HTTPS (Streamable HTTP only): the certificate chain and key, PEM.
+    parser.add_argument("--certfile")
+    parser.add_argument("--keyfile")
     args = parser.parse_args()
 
     server = MCPServer("sbx-net-test")
@@ -48,7 +52,13 @@ def main() -> None:
     # The test names the server by a DNS name the SDK's rebinding
     # protection does not know: the proxy, not the Host check, is tested.
     security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    if args.transport == "sse":
+    if args.certfile:
+        import uvicorn
+
+        app = server.streamable_http_app(transport_security=security, host=args.host)
+        config = uvicorn.Config(app, host=args.host, port=args.port, ssl_certfile=args.certfile, ssl_keyfile=args.keyfile)
+        uvicorn.Server(config).run()
+    elif args.transport == "sse":
         server.run("sse", host=args.host, port=args.port, transport_security=security)
     else:
         server.run("streamable-http", host=args.host, port=args.port, transport_security=security)

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sbx_net::observe::record::{FlowRecord, Verdict};
 use sbx_net_tests::daemon::DaemonHarness;
-use sbx_net_tests::{netns_command, require_root, shell_in, tcp_listening_on, unique_name, wait_until, Background, WorldDns};
+use sbx_net_tests::{host_command, netns_command, require_root, run_in, tcp_listening_on, unique_name, wait_until, Background, WorldDns};
 use serde_json::Value;
 
 /// The MCP SDK's venv (`cargo xtask bootstrap` makes it).
@@ -22,6 +22,7 @@ const PYTHON: &str = "/opt/sbx-net/mcp-venv/bin/python";
 const MCP_ADDR: &str = "198.51.100.60";
 const SSE_ADDR: &str = "198.51.100.61";
 const OTHER_ADDR: &str = "198.51.100.62";
+const TLS_ADDR: &str = "198.51.100.63";
 const RULE: &str = "mcp http://mcp.test/mcp tools search,fetch";
 
 fn ip(s: &str) -> IpAddr {
@@ -33,13 +34,14 @@ fn script(name: &str) -> PathBuf {
 }
 
 /// An MCP server of tests/mcp/server.py in the world, on port 80 of
-/// `addr`; its calls logged to `log`. Killed on drop.
-fn start_server(world: &str, transport: &str, addr: &str, log: &Path, dir: &Path) -> Background {
+/// `addr` (or `port`); its calls logged to `log`. Killed on drop.
+fn start_server(world: &str, transport: &str, addr: &str, port: u16, log: &Path, dir: &Path, extra: &[&str]) -> Background {
     let out = std::fs::File::create(dir.join(format!("server-{addr}.out"))).unwrap();
     let child = netns_command(world, PYTHON)
         .arg(script("server.py"))
-        .args(["--transport", transport, "--host", addr, "--port", "80", "--log"])
+        .args(["--transport", transport, "--host", addr, "--port", &port.to_string(), "--log"])
         .arg(log)
+        .args(extra)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
@@ -48,18 +50,23 @@ fn start_server(world: &str, transport: &str, addr: &str, log: &Path, dir: &Path
         .expect("spawn the MCP server");
     let mut child = Background(child);
     // Python starts slowly on a busy machine.
-    wait_until(Duration::from_secs(90), &format!("the MCP server on {addr}:80"), || {
+    wait_until(Duration::from_secs(90), &format!("the MCP server on {addr}:{port}"), || {
         child.assert_running("the MCP server");
-        tcp_listening_on(world, SocketAddr::new(ip(addr), 80))
+        tcp_listening_on(world, SocketAddr::new(ip(addr), port))
     });
     child
 }
 
 /// tests/mcp/client.py in the guest: its JSON (tools listed, calls made).
 fn client(ns: &str, args: &[&str]) -> Value {
+    client_with(ns, args, &[])
+}
+
+fn client_with(ns: &str, args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = netns_command(ns, PYTHON)
         .arg(script("client.py"))
         .args(args)
+        .envs(env.iter().copied())
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .expect("run the MCP client");
@@ -91,12 +98,36 @@ fn calls_seen(log: &Path) -> String {
     std::fs::read_to_string(log).unwrap_or_default()
 }
 
+/// A CA and a leaf for `name` made with openssl in `dir`: (CA PEM, leaf
+/// PEM, leaf key PEM).
+fn tls_files(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let [ca, ca_key, leaf, key, csr, ext] = ["ca.pem", "ca.key", "leaf.pem", "leaf.key", "leaf.csr", "leaf.ext"].map(|f| dir.join(f));
+    std::fs::write(&ext, format!("subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n")).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = host_command("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let p = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(&[&["req", "-x509"][..], &ec, &["-keyout", &p(&ca_key), "-out", &p(&ca), "-days", "2", "-subj", "/CN=sbx-net MCP test CA"]].concat());
+    openssl(&[&["req"][..], &ec, &["-keyout", &p(&key), "-out", &p(&csr), "-subj", &format!("/CN={name}")]].concat());
+    openssl(&["x509", "-req", "-in", &p(&csr), "-CA", &p(&ca), "-CAkey", &p(&ca_key), "-CAcreateserial", "-out", &p(&leaf), "-days", "2", "-extfile", &p(&ext)]);
+    (ca, leaf, key)
+}
+
 struct World {
     h: DaemonHarness,
     dir: PathBuf,
     log: PathBuf,
     _dns: WorldDns,
     _servers: Vec<Background>,
+    tls_dir: PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tls_dir);
+    }
 }
 
 fn world(tag: &str) -> World {
@@ -104,33 +135,45 @@ fn world(tag: &str) -> World {
     assert!(Path::new(PYTHON).exists(), "{PYTHON} missing: `cargo xtask bootstrap` installs the MCP SDK into its venv");
     let policy = |name: &str, mode: &str| {
         format!(
-            "name = \"{name}\"\n[network]\ndefault = \"deny\"\nallow = [\"mcp.test\", \"sse.test\", \"other.test\"]\n\
+            "name = \"{name}\"\n[network]\ndefault = \"deny\"\nallow = [\"mcp.test\", \"sse.test\", \"other.test\", \"mcps.test\"]\n\
              [[mcp]]\nurl = \"http://mcp.test/mcp\"\ntools = [\"search\", \"fetch\"]\n{mode}\
-             [[mcp]]\nurl = \"http://sse.test/sse\"\ntools = [\"search\"]\n{mode}"
+             [[mcp]]\nurl = \"http://sse.test/sse\"\ntools = [\"search\"]\n{mode}\
+             [[mcp]]\nurl = \"https://mcps.test/mcp\"\ntools = [\"search\"]\n{mode}"
         )
     };
     let enforce = policy("agent", "");
     let audit = policy("agent-audit", "mode = \"audit\"\n");
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
-    let h = DaemonHarness::with_args(tag, &[("agent.toml", enforce.as_str()), ("agent-audit.toml", audit.as_str())], None, &[upstream.as_str()]);
-    for a in [MCP_ADDR, SSE_ADDR, OTHER_ADDR] {
+    let tls_dir = std::env::temp_dir().join(unique_name("mcptls"));
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let (ca, leaf, key) = tls_files(&tls_dir, "mcps.test");
+    let upstream_ca = format!("--upstream-ca={}", ca.display());
+    let h = DaemonHarness::with_args(
+        tag,
+        &[("agent.toml", enforce.as_str()), ("agent-audit.toml", audit.as_str())],
+        None,
+        &[upstream.as_str(), upstream_ca.as_str()],
+    );
+    for a in [MCP_ADDR, SSE_ADDR, OTHER_ADDR, TLS_ADDR] {
         h.topology.add_world_address(ip(a));
     }
     let dns = WorldDns::start(
         &h.topology.world,
-        &[format!("mcp.test,{MCP_ADDR},60"), format!("sse.test,{SSE_ADDR},60"), format!("other.test,{OTHER_ADDR},60")],
+        &[format!("mcp.test,{MCP_ADDR},60"), format!("sse.test,{SSE_ADDR},60"), format!("other.test,{OTHER_ADDR},60"), format!("mcps.test,{TLS_ADDR},60")],
         &[],
     );
     let dir = h.dir.join("mcp");
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("calls.log");
     let world = h.topology.world.name().to_string();
+    let (leaf, key) = (leaf.to_str().unwrap(), key.to_str().unwrap());
     let servers = vec![
-        start_server(&world, "streamable-http", MCP_ADDR, &log, &dir),
-        start_server(&world, "sse", SSE_ADDR, &log, &dir),
-        start_server(&world, "streamable-http", OTHER_ADDR, &dir.join("other.log"), &dir),
+        start_server(&world, "streamable-http", MCP_ADDR, 80, &log, &dir, &[]),
+        start_server(&world, "sse", SSE_ADDR, 80, &log, &dir, &[]),
+        start_server(&world, "streamable-http", OTHER_ADDR, 80, &dir.join("other.log"), &dir, &[]),
+        start_server(&world, "streamable-http", TLS_ADDR, 443, &dir.join("tls.log"), &dir, &["--certfile", leaf, "--keyfile", key]),
     ];
-    World { h, dir, log, _dns: dns, _servers: servers }
+    World { h, dir, log, _dns: dns, _servers: servers, tls_dir }
 }
 
 #[test]
@@ -146,7 +189,7 @@ fn mcp_tools_are_allowlisted_filtered_and_recorded() {
     let r = client(&ns, &["http://mcp.test/mcp", "search", "delete_repo"]);
     assert_eq!(tools(&r), vec!["fetch", "search"], "{r}");
     assert_eq!(r["calls"]["search"]["ok"], true, "{r}");
-    assert_eq!(r["calls"]["search"]["text"], "results for q", "{r}");
+    assert_eq!(r["calls"]["search"]["text"], "results for arg-q-5e1", "{r}");
     let denied = &r["calls"]["delete_repo"];
     let rule = format!("{RULE} (tool \"delete_repo\" not listed)");
     assert_eq!(denied["ok"], false, "{r}");
@@ -173,7 +216,8 @@ fn mcp_tools_are_allowlisted_filtered_and_recorded() {
     assert_eq!(refused[0].verdict, Verdict::Denied);
     assert_eq!(refused[0].rule.as_deref(), Some(rule.as_str()));
     let all = h.cli_ok(&["inspect", "-o", "json", "--sandbox", &name]);
-    assert!(!all.contains("\"query\"") && !all.contains("\"q\""), "arguments recorded: {all}");
+    assert!(!all.contains("arg-q-5e1") && !all.contains("arg-n-5e1"), "arguments recorded: {all}");
+    assert!(!h.log().contains("arg-q-5e1") && !h.log().contains("arg-n-5e1"), "arguments in the daemon log");
 
     // The HTTP+SSE transport (answers come on the GET stream): the same.
     let r = client(&ns, &["--sse", "http://sse.test/sse", "search", "fetch"]);
@@ -182,6 +226,17 @@ fn mcp_tools_are_allowlisted_filtered_and_recorded() {
     assert_eq!(r["calls"]["fetch"]["code"], -32001, "{r}");
     assert!(r["calls"]["fetch"]["message"].as_str().unwrap().contains("mcp http://sse.test/sse tools search (tool \"fetch\" not listed)"), "{r}");
     assert!(!calls_seen(&w.log).contains("fetch"), "{}", calls_seen(&w.log));
+
+    // HTTPS: terminated with the sandbox CA (which the client trusts
+    // through SSL_CERT_FILE), checked the same way.
+    let sandbox_ca = g["ca_cert"].as_str().unwrap().to_string();
+    let r = client_with(&ns, &["https://mcps.test/mcp", "search", "delete_repo"], &[("SSL_CERT_FILE", sandbox_ca.as_str())]);
+    assert_eq!(tools(&r), vec!["search"], "{r}");
+    assert_eq!(r["calls"]["search"]["ok"], true, "{r}");
+    assert_eq!(r["calls"]["delete_repo"]["code"], -32001, "{r}");
+    let tls_seen = calls_seen(&w.dir.join("tls.log"));
+    assert!(tls_seen.contains("CALL search") && !tls_seen.contains("delete_repo"), "{tls_seen}");
+    assert_eq!(call_records(h, &name, "delete_repo").iter().filter(|r| r.mcp.as_ref().unwrap().server == "https://mcps.test/mcp").count(), 1);
 
     // A server not listed in [[mcp]] is just a host: every tool, every call.
     let r = client(&ns, &["http://other.test/mcp", "delete_repo"]);
@@ -210,16 +265,32 @@ fn mcp_tools_are_allowlisted_filtered_and_recorded() {
 /// headers, body).
 fn post(ns: &str, dir: &Path, body: &[u8]) -> (String, String) {
     let file = dir.join(unique_name("body"));
+    let answer = file.with_extension("out");
     std::fs::write(&file, body).unwrap();
-    let script = format!(
-        "curl -s -D - -o {out} --max-time 10 -H 'Content-Type: application/json' -H 'Accept: application/json, text/event-stream' --data-binary @{file} http://mcp.test/mcp; cat {out}",
-        out = file.with_extension("out").display(),
-        file = file.display()
+    let data = format!("@{}", file.display());
+    let out = run_in(
+        ns,
+        "curl",
+        &[
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            answer.to_str().unwrap(),
+            "--max-time",
+            "10",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Accept: application/json, text/event-stream",
+            "--data-binary",
+            &data,
+            "http://mcp.test/mcp",
+        ],
     );
-    let out = shell_in(ns, &["curl", "cat"], &script);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response: {text} {}", String::from_utf8_lossy(&out.stderr)));
-    (head.to_string(), body.to_string())
+    let head = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(head.starts_with("HTTP/"), "no response (curl {:?}): {}", out.status.code(), String::from_utf8_lossy(&out.stderr));
+    (head, std::fs::read_to_string(&answer).unwrap_or_default())
 }
 
 #[test]

@@ -14,6 +14,11 @@
 //! string, no params) are refused in audit mode too: they are not a policy
 //! question, and no server can do anything meaningful with them.
 //!
+//! The old HTTP+SSE transport answers on the client's GET event stream,
+//! not on the POST: a stream that names its message endpoint is
+//! registered (by sandbox, server and endpoint), and a refused POST to
+//! that endpoint gets 202 while its JSON-RPC errors go down the stream.
+//!
 //! The answers are filtered for the agent's benefit (it is not shown tools
 //! it cannot call); the enforcement is the call check. The pure parts
 //! ([`inspect_request_body`], [`filter_json_body`], [`SseFilter`]) are
@@ -419,6 +424,13 @@ pub async fn check_request(req: Request<ProxyBody>, server: &McpServer, flow: &F
         }
         RequestCheck::Refuse { status, denied, answer, records } => {
             publish(flow, server, records);
+            if let (Some(stream), Some(answer)) = (session_stream(flow, server, &parts.uri), &answer) {
+                // The HTTP+SSE transport: accepted like the server would,
+                // answered on the session's stream.
+                if stream.send(as_events(answer)).is_ok() {
+                    return Err(refusal_response(StatusCode::OK, &denied, None));
+                }
+            }
             Err(refusal_response(status, &denied, answer.as_ref()))
         }
     }
@@ -495,6 +507,11 @@ pub struct SseFilter {
     /// The last line ended in CR: an LF first is the rest of it.
     after_cr: bool,
     first_line: bool,
+    /// The current event's `event` field.
+    event_type: Vec<u8>,
+    /// The data of the last `endpoint` event (HTTP+SSE transport: where
+    /// the client posts its messages).
+    endpoint: Option<String>,
     /// Per event with tools hidden (or that would be, in audit mode): how many.
     hidden: Vec<usize>,
 }
@@ -511,6 +528,8 @@ impl SseFilter {
             has_data: false,
             after_cr: false,
             first_line: true,
+            event_type: Vec::new(),
+            endpoint: None,
             hidden: Vec::new(),
         }
     }
@@ -548,6 +567,11 @@ impl SseFilter {
         Ok(())
     }
 
+    /// The message endpoint an `endpoint` event named since the last call.
+    pub fn take_endpoint(&mut self) -> Option<String> {
+        self.endpoint.take()
+    }
+
     /// Tools hidden per event since the last call.
     pub fn take_hidden(&mut self) -> Vec<usize> {
         std::mem::take(&mut self.hidden)
@@ -577,6 +601,9 @@ impl SseFilter {
                 self.has_data = true;
                 true
             } else {
+                if name == b"event" {
+                    self.event_type = value.strip_prefix(b" ").unwrap_or(value).to_vec();
+                }
                 false
             }
         };
@@ -592,6 +619,9 @@ impl SseFilter {
         let lines = std::mem::take(&mut self.lines);
         let data = std::mem::take(&mut self.data);
         self.size = 0;
+        if std::mem::take(&mut self.event_type) == b"endpoint" && self.has_data {
+            self.endpoint = std::str::from_utf8(&data).ok().map(str::to_string);
+        }
         if std::mem::take(&mut self.has_data) {
             match parse_strict(&data) {
                 Ok(mut v) => {
@@ -633,12 +663,78 @@ fn record_hidden(flow: &FlowContext, server: &McpServer, audit: bool, hidden: us
     }
 }
 
-/// An event-stream answer through an [`SseFilter`].
+/// The HTTP+SSE transport answers a POSTed message with 202 and sends the
+/// response on the client's GET event stream: a refusal must go there
+/// too, or the client waits for it forever. Each stream that names its
+/// message endpoint registers here, by sandbox, server and endpoint; a
+/// refused POST to that endpoint has its errors sent down the stream.
+type SessionKey = (String, String, String);
+
+fn sessions() -> &'static std::sync::Mutex<std::collections::HashMap<SessionKey, tokio::sync::mpsc::UnboundedSender<Bytes>>> {
+    static SESSIONS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<SessionKey, tokio::sync::mpsc::UnboundedSender<Bytes>>>> =
+        std::sync::OnceLock::new();
+    SESSIONS.get_or_init(Default::default)
+}
+
+/// How a message endpoint is told apart: its query (the SDKs put the
+/// session id there), else its path; `endpoint` may be a whole URL.
+fn session_part(endpoint: &str) -> String {
+    match endpoint.split_once('?') {
+        Some((_, query)) if !query.is_empty() => query.to_string(),
+        _ => {
+            let path = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest.find('/').map_or("/", |i| &rest[i..]));
+            path.to_string()
+        }
+    }
+}
+
+/// The event stream of the session `uri` posts to, if one is open.
+fn session_stream(flow: &FlowContext, server: &McpServer, uri: &hyper::Uri) -> Option<tokio::sync::mpsc::UnboundedSender<Bytes>> {
+    let part = match uri.query() {
+        Some(q) if !q.is_empty() => q.to_string(),
+        _ => uri.path().to_string(),
+    };
+    let key = (flow.sandbox.clone(), server.url.clone(), part);
+    sessions().lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).filter(|tx| !tx.is_closed()).cloned()
+}
+
+/// `answer` (an error or a batch of them) as events of a stream.
+fn as_events(answer: &Value) -> Bytes {
+    let mut out = Vec::new();
+    let one = |v: &Value, out: &mut Vec<u8>| {
+        out.extend_from_slice(b"event: message\r\ndata: ");
+        out.extend_from_slice(&serde_json::to_vec(v).unwrap_or_default());
+        out.extend_from_slice(b"\r\n\r\n");
+    };
+    match answer {
+        Value::Array(items) => items.iter().for_each(|v| one(v, &mut out)),
+        v => one(v, &mut out),
+    }
+    Bytes::from(out)
+}
+
+/// An event-stream answer through an [`SseFilter`], with the refusals of
+/// its session's POSTs put in between its events.
 struct SseFilterBody {
     inner: ProxyBody,
     filter: SseFilter,
     flow: FlowContext,
     ended: bool,
+    injected_tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    injected: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
+    /// Where this stream is registered.
+    registered: Option<SessionKey>,
+}
+
+impl Drop for SseFilterBody {
+    fn drop(&mut self) {
+        if let Some(key) = self.registered.take() {
+            let mut map = sessions().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.get(&key).is_some_and(|tx| tx.same_channel(&self.injected_tx)) {
+                map.remove(&key);
+            }
+        }
+    }
 }
 
 impl Body for SseFilterBody {
@@ -650,6 +746,11 @@ impl Body for SseFilterBody {
         loop {
             if this.ended {
                 return Poll::Ready(None);
+            }
+            // The filter lets out whole events only: between two of them
+            // a refusal's events fit.
+            if let Poll::Ready(Some(events)) = this.injected.poll_recv(cx) {
+                return Poll::Ready(Some(Ok(Frame::data(events))));
             }
             let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
@@ -667,6 +768,18 @@ impl Body for SseFilterBody {
             if let Err(e) = this.filter.push(&data, &mut out) {
                 tracing::warn!(sandbox = %this.flow.sandbox, server = %this.filter.server.url, error = %e, "mcp: event stream cut");
                 this.ended = true;
+            }
+            if let Some(endpoint) = this.filter.take_endpoint() {
+                let key = (this.flow.sandbox.clone(), this.filter.server.url.clone(), session_part(&endpoint));
+                let mut map = sessions().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                map.retain(|_, tx| !tx.is_closed());
+                map.insert(key.clone(), this.injected_tx.clone());
+                drop(map);
+                if let Some(old) = this.registered.replace(key.clone()) {
+                    if old != key {
+                        sessions().lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&old);
+                    }
+                }
             }
             for hidden in this.filter.take_hidden() {
                 record_hidden(&this.flow, &this.filter.server, this.filter.audit, hidden);
@@ -800,7 +913,8 @@ pub fn filter_response(resp: Response<ProxyBody>, server: &McpServer, flow: &Flo
     let body = match kind {
         AnswerKind::EventStream => {
             parts.headers.remove(CONTENT_LENGTH);
-            SseFilterBody { inner: body, filter: SseFilter::new(server, audit), flow: flow.clone(), ended: false }.boxed()
+            let (injected_tx, injected) = tokio::sync::mpsc::unbounded_channel();
+            SseFilterBody { inner: body, filter: SseFilter::new(server, audit), flow: flow.clone(), ended: false, injected_tx, injected, registered: None }.boxed()
         }
         _ => {
             if !audit {
@@ -1082,6 +1196,112 @@ mod tests {
         assert_eq!(sse(&[b"data: ", &long], false), Err(SseError::Overlong));
         let many: Vec<u8> = b"data: x\n".iter().copied().cycle().take(MAX_EVENT + 16).collect();
         assert_eq!(sse(&[&many], false), Err(SseError::Overlong));
+    }
+
+    #[test]
+    fn endpoint_events_name_the_session() {
+        let mut f = SseFilter::new(&server(), false);
+        let mut out = Vec::new();
+        f.push(b"event: endpoint\r\ndata: /messages/?session_id=ab12\r\n\r\n", &mut out).unwrap();
+        assert_eq!(f.take_endpoint().as_deref(), Some("/messages/?session_id=ab12"));
+        assert_eq!(f.take_endpoint(), None);
+        f.push(b"event: message\ndata: {}\n\n", &mut out).unwrap();
+        assert_eq!(f.take_endpoint(), None);
+        assert_eq!(session_part("/messages/?session_id=ab12"), "session_id=ab12");
+        assert_eq!(session_part("http://sse.test/messages/s/ab12"), "/messages/s/ab12");
+        let events = as_events(&json!([{"id": 1}, {"id": 2}]));
+        assert_eq!(&events[..], b"event: message\r\ndata: {\"id\":1}\r\n\r\nevent: message\r\ndata: {\"id\":2}\r\n\r\n");
+    }
+
+    fn flow(dir: &std::path::Path) -> FlowContext {
+        use crate::observe::hub::{FlowHub, FlowLogSettings};
+        let settings = FlowLogSettings { history: 64, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 };
+        FlowContext {
+            hub: std::sync::Arc::new(FlowHub::new(&settings)),
+            sandbox: "s".into(),
+            src: "10.200.0.2:40000".parse().unwrap(),
+            dst: "198.51.100.60:80".parse().unwrap(),
+            rule: "allow mcp.test".into(),
+        }
+    }
+
+    async fn bytes(body: ProxyBody) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    #[test]
+    fn the_entry_points_move_bodies_and_heads() {
+        let dir = std::env::temp_dir().join(format!("sbx-mcp-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let flow = flow(&dir);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let post = |uri: &str, body: &str| Request::post(uri).header(CONTENT_LENGTH, body.len()).body(full(body.to_string())).unwrap();
+            // Refused: 200, JSON-RPC error, the rule in the header.
+            let denied = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"delete_repo"}}"#;
+            let resp = check_request(post("/mcp", denied), &server(), &flow).await.unwrap_err();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.headers()["x-sbx-net-denied"], DENY_RULE);
+            assert_eq!(resp.headers()[CONTENT_TYPE], "application/json");
+            let v: Value = serde_json::from_slice(&bytes(resp.into_body()).await).unwrap();
+            assert_eq!(v["error"]["data"]["rule"], DENY_RULE);
+            // Allowed: forwarded re-serialised, length true, answers asked uncompressed.
+            let allowed = r#"{ "jsonrpc" : "2.0", "id" : 2, "method" : "tools/call", "params" : {"name":"search"} }"#;
+            let req = check_request(post("/mcp", allowed), &server(), &flow).await.unwrap();
+            assert_eq!(req.headers()[ACCEPT_ENCODING], "identity");
+            let len: usize = req.headers()[CONTENT_LENGTH].to_str().unwrap().parse().unwrap();
+            let body = bytes(req.into_body()).await;
+            assert_eq!(body.len(), len);
+            assert!(len < allowed.len());
+            // Declared over the bound: refused unread; a GET with a body: refused.
+            let big = Request::post("/mcp").header(CONTENT_LENGTH, MAX_REQUEST_BODY + 1).body(full("")).unwrap();
+            assert_eq!(check_request(big, &server(), &flow).await.unwrap_err().status(), StatusCode::PAYLOAD_TOO_LARGE);
+            let get = Request::get("/mcp").body(full("x")).unwrap();
+            assert_eq!(check_request(get, &server(), &flow).await.unwrap_err().status(), StatusCode::BAD_REQUEST);
+            assert!(check_request(Request::get("/mcp").body(full("")).unwrap(), &server(), &flow).await.is_ok());
+
+            // A JSON answer: filtered, no stale Content-Length.
+            let list = Response::builder().header(CONTENT_TYPE, "application/json").header(CONTENT_LENGTH, LIST.len()).body(full(LIST)).unwrap();
+            let resp = filter_response(list, &server(), &flow);
+            assert!(resp.headers().get(CONTENT_LENGTH).is_none());
+            assert_eq!(String::from_utf8(bytes(resp.into_body()).await).unwrap(), FILTERED);
+            // Compressed: refused.
+            let gz = Response::builder().header(CONTENT_TYPE, "application/json").header(CONTENT_ENCODING, "gzip").body(full("x")).unwrap();
+            assert_eq!(filter_response(gz, &server(), &flow).status(), StatusCode::BAD_GATEWAY);
+
+            // HTTP+SSE: the stream names its endpoint; a refused POST to it
+            // is accepted (202) and answered on the stream.
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+            let stream_body = ChannelBody(rx).boxed();
+            let resp = Response::builder().header(CONTENT_TYPE, "text/event-stream").body(stream_body).unwrap();
+            let mut body = filter_response(resp, &server(), &flow).into_body();
+            tx.send(Bytes::from_static(b"event: endpoint\r\ndata: /messages/?session_id=u1\r\n\r\n")).unwrap();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert!(first.starts_with(b"event: endpoint"));
+            let resp = check_request(post("/messages/?session_id=u1", denied), &server(), &flow).await.unwrap_err();
+            assert_eq!(resp.status(), StatusCode::ACCEPTED);
+            let injected = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            let text = String::from_utf8(injected.to_vec()).unwrap();
+            assert!(text.starts_with("event: message\r\ndata: ") && text.contains(DENY_RULE.replace('"', "\\\"").as_str()), "{text}");
+            // Another session's POST is answered in its own body.
+            let resp = check_request(post("/messages/?session_id=other", denied), &server(), &flow).await.unwrap_err();
+            assert_eq!(resp.status(), StatusCode::OK);
+            drop(body);
+            assert!(sessions().lock().unwrap().keys().all(|k| k.0 != "s"), "the stream's registration outlived it");
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An upstream body fed by the test, chunk by chunk.
+    struct ChannelBody(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
+
+    impl Body for ChannelBody {
+        type Data = Bytes;
+        type Error = hyper::Error;
+
+        fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+            self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+        }
     }
 
     #[test]
