@@ -1085,6 +1085,8 @@ pub fn http_rules(data: &[u8]) {
         }
         assert_eq!(decide(std::slice::from_ref(&block), "other.test", &method, &path), None);
     }
+}
+
 /// The MCP request parser and event-stream filter (the body and its
 /// invariants live beside them: [`crate::proxy::mcp::fuzz`]).
 pub fn mcp(data: &[u8]) {
