@@ -784,12 +784,16 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
     }
 }
 
+/// What the MCP check of a request comes to: the request to forward, or
+/// the answer the guest gets instead.
+pub type McpChecked = Pin<Box<dyn std::future::Future<Output = Result<Request<ProxyBody>, Response<ProxyBody>>> + Send>>;
+
 /// The MCP check of `[[mcp]]` servers' traffic (`proxy::mcp`), handed in
 /// by the proxy's front (`proxy/mod.rs`): that module builds on this one's
 /// bodies, so this one does not name it.
 pub struct McpHooks {
     /// The request to forward, or the answer the guest gets instead.
-    pub check: fn(Request<ProxyBody>, McpServer, FlowContext) -> Pin<Box<dyn std::future::Future<Output = Result<Request<ProxyBody>, Response<ProxyBody>>> + Send>>,
+    pub check: fn(Request<ProxyBody>, McpServer, FlowContext) -> McpChecked,
     /// The upstream's answer as the guest gets it.
     pub filter: fn(Response<ProxyBody>, &McpServer, &FlowContext) -> Response<ProxyBody>,
 }
