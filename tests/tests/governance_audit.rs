@@ -81,7 +81,10 @@ fn show(records: &[FlowRecord]) -> String {
 /// Waits (datapath records come through the ring buffer) until every
 /// predicate matches a record of `sandbox`; panics naming the first that
 /// never did.
-fn wait_for_records(h: &DaemonHarness, sandbox: &str, wanted: &[(&str, &dyn Fn(&FlowRecord) -> bool)]) -> Vec<FlowRecord> {
+/// A record the test waits for: what it is, and how to know it.
+type Wanted<'a> = (&'a str, &'a dyn Fn(&FlowRecord) -> bool);
+
+fn wait_for_records(h: &DaemonHarness, sandbox: &str, wanted: &[Wanted<'_>]) -> Vec<FlowRecord> {
     let found = try_wait_for(Duration::from_secs(20), || {
         let records = inspect(h, sandbox);
         wanted.iter().all(|(_, pred)| records.iter().any(pred)).then_some(records)
