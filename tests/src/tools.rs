@@ -63,6 +63,7 @@ pub const TOOLS: &[Tool] = &[
     apt("seq", "coreutils"),
     // The microVM tests bound `sbx-net vm run` in time.
     apt("timeout", "coreutils"),
+    apt("printf", "coreutils"),
     // xtask: root check, leftover pumps, bpffs (and the host test's
     // read-only /proc/sys), apt itself.
     apt("id", "coreutils"),

@@ -191,7 +191,10 @@ enum PolicyCommand {
     List,
     /// Re-read the policy directory (all-or-nothing).
     Reload,
-    /// What would happen to a connection from SANDBOX to HOST[:PORT].
+    /// What would happen to a connection from SANDBOX to HOST[:PORT], an
+    /// HTTP request (`"METHOD https://HOST/PATH"`, checked as the proxy
+    /// checks it) or an MCP call (`"call TOOL https://HOST/PATH"`), and
+    /// which rule decides.
     Test { sandbox: String, destination: String },
     /// Print the embedded default policy.
     Default,

@@ -139,6 +139,101 @@ pub fn test_destination(policy: &CompiledPolicy, dest: &Destination, port: Optio
     }
 }
 
+/// What `policy test` is asked about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TestQuery {
+    /// `HOST[:PORT]`, an address.
+    Destination(Destination, Option<u16>),
+    /// `METHOD URL`: one HTTP request, as the proxy would check it.
+    Http { method: String, host: String, port: u16, path: String },
+    /// `call TOOL URL`: an MCP `tools/call` to the server at URL.
+    McpCall { tool: String, host: String, port: u16 },
+}
+
+/// `HOST[:PORT]`, `METHOD http[s]://HOST[:PORT]/PATH` or
+/// `call TOOL http[s]://HOST[:PORT]/PATH`.
+pub fn parse_query(text: &str) -> Result<TestQuery, String> {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let url = |u: &str| crate::policy::McpServer::parse_url(u).map(|(host, port, _, path)| (host, port, path));
+    match words.as_slice() {
+        [one] => parse_destination(one).map(|(d, p)| TestQuery::Destination(d, p)),
+        ["call", tool, u] => {
+            let (host, port, _) = url(u)?;
+            Ok(TestQuery::McpCall { tool: tool.to_string(), host, port })
+        }
+        [method, u] => {
+            if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(format!("{method:?} is not an HTTP method"));
+            }
+            let (scheme_host, raw_path) = match u.find("://").map(|i| i + 3).and_then(|start| u[start..].find('/').map(|j| start + j)) {
+                Some(i) => (&u[..i], &u[i..]),
+                None => (*u, "/"),
+            };
+            let (host, port, _) = url(scheme_host)?;
+            let raw_path = raw_path.split(['?', '#']).next().unwrap_or("/");
+            let path = crate::policy::http::normalise_path(raw_path).map_err(|e| format!("{u:?}: {}", e.reason()))?;
+            Ok(TestQuery::Http { method: crate::policy::http::normalise_method(method), host, port, path })
+        }
+        _ => Err(format!("{text:?}: expected HOST[:PORT], METHOD URL or call TOOL URL")),
+    }
+}
+
+/// [`test_destination`] for any query: an HTTP request or an MCP call is
+/// first a connection to its host (refused there, it goes no further),
+/// then checked as the proxy checks it.
+pub fn test_query(policy: &CompiledPolicy, query: &TestQuery, redirects: &Redirects<'_>) -> TestOutcome {
+    let (host, port) = match query {
+        TestQuery::Destination(d, p) => return test_destination(policy, d, *p, redirects),
+        TestQuery::Http { host, port, .. } | TestQuery::McpCall { host, port, .. } => (host, *port),
+    };
+    let connection = test_destination(policy, &Destination::Name(host.clone()), Some(port), redirects);
+    if connection.verdict == "denied" {
+        return TestOutcome { path: format!("{}; the proxy refuses the connection (TLS alert, or 403 over plain HTTP)", connection.path), ..connection };
+    }
+    match query {
+        TestQuery::Http { method, path, .. } => match crate::policy::http::decide(&policy.http, host, method, path) {
+            None => TestOutcome { path: format!("{}; no [[http]] rules for {host}: every request passes", connection.path), ..connection },
+            Some(crate::policy::http::HttpVerdict::Allow { rule }) => {
+                let rule = rule.unwrap_or(connection.rule);
+                outcome(connection.verdict, rule, connection.explanation, format!("terminated at the proxy with the sandbox CA; {method} {path} is forwarded"))
+            }
+            Some(crate::policy::http::HttpVerdict::Deny { rule, audit: true }) => outcome(
+                "audit",
+                rule.clone(),
+                Some(format!("would be denied by `{rule}`; audit mode: allowed and recorded")),
+                format!("terminated at the proxy with the sandbox CA; {method} {path} is forwarded and recorded as audit"),
+            ),
+            Some(crate::policy::http::HttpVerdict::Deny { rule, audit: false }) => outcome(
+                "denied",
+                rule.clone(),
+                None,
+                format!("terminated at the proxy with the sandbox CA; {method} {path} gets 403 with `X-Sbx-Net-Denied: {rule}`, the connection stays usable"),
+            ),
+        },
+        TestQuery::McpCall { tool, .. } => match crate::policy::mcp::server_for(&policy.mcp, host, port) {
+            None => TestOutcome { path: format!("{}; {host}:{port} is not a listed MCP server: just a host", connection.path), ..connection },
+            Some(server) => match server.decide_tool(tool) {
+                crate::policy::mcp::ToolVerdict::Allow { rule } => {
+                    outcome(connection.verdict, rule, connection.explanation, format!("terminated at the proxy; the call to {tool} is forwarded"))
+                }
+                crate::policy::mcp::ToolVerdict::Deny { rule, audit: true } => outcome(
+                    "audit",
+                    rule.clone(),
+                    Some(format!("would be denied by `{rule}`; audit mode: allowed and recorded")),
+                    format!("terminated at the proxy; the call to {tool} is forwarded and recorded as audit"),
+                ),
+                crate::policy::mcp::ToolVerdict::Deny { rule, audit: false } => outcome(
+                    "denied",
+                    rule.clone(),
+                    None,
+                    format!("terminated at the proxy; the call gets a JSON-RPC error `sbx-net: denied by {rule}` and never reaches the server"),
+                ),
+            },
+        },
+        TestQuery::Destination(..) => unreachable!("returned above"),
+    }
+}
+
 fn verdict_name(a: u8) -> &'static str {
     match a {
         action::ALLOW => "allowed",
@@ -192,6 +287,39 @@ deny = ["198.51.100.16/28", "bad.example.com"]
         assert_eq!(t("git.example.org:22").verdict, "allowed");
         assert_eq!(t("git.example.org:443").verdict, "denied");
         assert!(t("x.example.com:53").path.contains("DNS proxy"));
+    }
+
+    #[test]
+    fn explains_http_requests_and_mcp_calls() {
+        let text = r#"name = "t"
+[network]
+allow = ["api.test", "mcp.test", "other.test"]
+[[http]]
+hosts = ["api.test"]
+allow = ["GET /repos/**"]
+deny = ["DELETE /**"]
+[[mcp]]
+url = "https://mcp.test/mcp"
+tools = ["search"]
+"#;
+        let compiled = compile(&Policy::parse("t.toml", text).unwrap(), &[]).unwrap();
+        let r = Redirects { proxied_ports: &[80, 443] };
+        let t = |s: &str| test_query(&compiled, &parse_query(s).unwrap(), &r);
+        let get = t("get https://api.test/repos/%2e%2e/repos/x");
+        assert_eq!((get.verdict, get.rule.as_str()), ("allowed", "http allow GET /repos/**"));
+        assert!(get.path.contains("GET /repos/x is forwarded"), "{}", get.path);
+        let delete = t("DELETE https://api.test/repos/x");
+        assert_eq!((delete.verdict, delete.rule.as_str()), ("denied", "http deny DELETE /**"));
+        assert!(delete.path.contains("403 with `X-Sbx-Net-Denied: http deny DELETE /**`"), "{}", delete.path);
+        assert_eq!(t("GET https://api.test/admin").rule, "http default deny (api.test)");
+        assert_eq!(t("GET https://other.test/admin").rule, "allow other.test");
+        assert_eq!(t("GET https://unlisted.test/").verdict, "denied");
+        assert!(parse_query("GET https://api.test/a%2fb").is_err());
+        let call = t("call delete_repo https://mcp.test/mcp");
+        assert_eq!((call.verdict, call.rule.as_str()), ("denied", "mcp https://mcp.test/mcp tools search (tool \"delete_repo\" not listed)"));
+        assert!(call.path.contains("JSON-RPC error"), "{}", call.path);
+        assert_eq!(t("call search https://mcp.test/mcp").verdict, "allowed");
+        assert!(t("call search https://other.test/mcp").path.contains("not a listed MCP server"));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use sbx_net_common::{Reason, EVENTS_LOST_SLOT};
 
 use crate::control::api::{format_mac, SandboxInfo};
 use crate::control::state::SandboxRecord;
-use crate::policy::explain::{parse_destination, test_destination, Redirects};
+use crate::policy::explain::{parse_query, test_query, Redirects};
 
 use super::{Daemon, DaemonError};
 
@@ -65,8 +65,8 @@ impl Daemon {
 
     pub(super) fn policy_test(&self, sandbox: &str, destination: &str) -> Result<serde_json::Value, DaemonError> {
         let policy = self.in_force.policies.get(sandbox).ok_or_else(|| DaemonError::NoSuchSandbox(sandbox.to_string()))?;
-        let (dest, port) = parse_destination(destination).map_err(DaemonError::BadDestination)?;
-        let outcome = test_destination(policy, &dest, port, &Redirects { proxied_ports: &self.config.proxied_ports });
+        let query = parse_query(destination).map_err(DaemonError::BadDestination)?;
+        let outcome = test_query(policy, &query, &Redirects { proxied_ports: &self.config.proxied_ports });
         Ok(json!({
             "sandbox": sandbox,
             "destination": destination,
