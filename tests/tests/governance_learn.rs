@@ -19,12 +19,10 @@ const OTHER: &str = "198.51.100.14";
 
 /// The policy the traffic is recorded under: audit mode over a default
 /// deny, so what the guest does is let through and recorded with verdict
-/// audit (the workflow: run in audit, learn, review, enforce). web.test,
-/// the plain-HTTP name, is allowed outright: the proxy does not yet carry
-/// a name that is only audited (`NameVerdict::Audit`) to its address (it
-/// answers "web.test has no allowed address"); with that fixed the allow
-/// can go and the test must pass unchanged.
-const RECORD: &str = "name = \"record\"\nmode = \"audit\"\n[network]\ndefault = \"deny\"\nallow = [\"web.test\"]\n";
+/// audit (the workflow: run in audit, learn, review, enforce): nothing is
+/// allowed, every name and address the guest uses is audited — through
+/// the classifier, the DNS proxy and the proxy alike.
+const RECORD: &str = "name = \"record\"\nmode = \"audit\"\n[network]\ndefault = \"deny\"\n";
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -71,6 +69,7 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
     });
     assert!(seen.is_some(), "the recorded traffic is in the history:\n{}", h.cli_ok(&["inspect", "--sandbox", &recorder]));
 
+    eprintln!("--- sbx-net inspect --sandbox {recorder} ---\n{}", h.cli_ok(&["inspect", "--sandbox", &recorder]));
     let learned = h.cli_ok(&["policy", "learn", &recorder]);
     // Shown with --nocapture: the README's example is a run of this.
     eprintln!("--- sbx-net policy learn {recorder} ---\n{learned}");
@@ -124,6 +123,7 @@ fn a_learned_policy_allows_what_was_recorded_and_denies_the_rest() {
         records.iter().any(|r| r.dst_ip == Some(ip(OTHER)) && r.rule.as_deref() == Some("default deny")).then_some(())
     });
     assert!(denied.is_some(), "the denied flow names the default:\n{}", h.cli_ok(&["inspect", "--sandbox", &enforced]));
+    eprintln!("--- sbx-net inspect --sandbox {enforced} ---\n{}", h.cli_ok(&["inspect", "--sandbox", &enforced]));
 }
 
 #[test]
