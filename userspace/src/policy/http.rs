@@ -101,23 +101,82 @@ impl HttpMatcher {
 }
 
 /// `**` matches any number of segments (none included); `*` within a
-/// segment matches any run of characters other than `/`.
+/// segment matches any run of characters other than `/`. Dynamic
+/// programming over (glob, segment) positions: a hostile path of many
+/// segments against a glob of several `**` costs glob × segments steps,
+/// never an exponential backtrack.
 fn glob_match(glob: &[String], segments: &[&str]) -> bool {
-    match glob.split_first() {
-        None => segments.is_empty(),
-        Some((g, rest)) if g == "**" => (0..=segments.len()).any(|skip| glob_match(rest, &segments[skip..])),
-        Some((g, rest)) => match segments.split_first() {
-            Some((s, more)) => segment_match(g.as_bytes(), s.as_bytes()) && glob_match(rest, more),
-            None => false,
-        },
+    let n = segments.len();
+    // reach[j]: the first i globs can match the first j segments.
+    let mut reach = vec![false; n + 1];
+    reach[0] = true;
+    for pattern in glob {
+        let mut next = vec![false; n + 1];
+        if pattern == "**" {
+            let mut any = false;
+            for j in 0..=n {
+                any |= reach[j];
+                next[j] = any;
+            }
+        } else {
+            for j in 0..n {
+                if reach[j] && segment_match(pattern.as_bytes(), segments[j].as_bytes()) {
+                    next[j + 1] = true;
+                }
+            }
+        }
+        reach = next;
     }
+    reach[n]
 }
 
+/// `*` matches any run of bytes: the classic greedy matcher that only
+/// returns to the last `*` (linear in practice, never exponential).
 fn segment_match(glob: &[u8], text: &[u8]) -> bool {
-    match glob.split_first() {
-        None => text.is_empty(),
-        Some((b'*', rest)) => (0..=text.len()).any(|skip| segment_match(rest, &text[skip..])),
-        Some((g, rest)) => text.split_first().is_some_and(|(t, more)| t == g && segment_match(rest, more)),
+    let (mut g, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if g < glob.len() && glob[g] == b'*' {
+            star = Some((g, t));
+            g += 1;
+        } else if g < glob.len() && glob[g] == text[t] {
+            g += 1;
+            t += 1;
+        } else if let Some((sg, st)) = star {
+            g = sg + 1;
+            t = st + 1;
+            star = Some((sg, st + 1));
+        } else {
+            return false;
+        }
+    }
+    glob[g..].iter().all(|b| *b == b'*')
+}
+
+/// The forms of a (normalised) path a deny is also matched against:
+/// servers read paths more loosely than the rules are written — a
+/// trailing `/` ignored, `;parameters` dropped from segments (Tomcat,
+/// Jetty, Spring), case folded (IIS). A deny that matches any form denies;
+/// allows match the path as it is (both directions fail closed).
+fn lenient_forms(path: &str) -> Vec<String> {
+    let trimmed = if path.len() > 1 { path.trim_end_matches('/') } else { path };
+    let trimmed = if trimmed.is_empty() { "/" } else { trimmed };
+    let unparam: String = trimmed.split('/').map(|s| s.split(';').next().unwrap_or("")).collect::<Vec<_>>().join("/");
+    let mut forms = vec![path.to_string(), trimmed.to_string(), unparam.clone(), trimmed.to_ascii_lowercase(), unparam.to_ascii_lowercase()];
+    forms.dedup();
+    forms
+}
+
+impl HttpMatcher {
+    /// Whether this rule, as a deny, catches the request in any form a
+    /// server may read it in (see [`lenient_forms`]); the glob is folded
+    /// to lower case for the case-folded forms.
+    pub fn matches_leniently(&self, method: &str, path: &str) -> bool {
+        if self.matches(method, path) {
+            return true;
+        }
+        let folded = HttpMatcher { glob: self.glob.iter().map(|g| g.to_ascii_lowercase()).collect(), ..self.clone() };
+        lenient_forms(path).iter().any(|form| self.matches(method, form) || folded.matches(method, form))
     }
 }
 
@@ -162,8 +221,12 @@ pub fn decide(rules: &[HttpRules], host: &str, method: &str, path: &str) -> Opti
     if covering.is_empty() {
         return None;
     }
-    for block in &covering {
-        if let Some(m) = block.deny.iter().find(|m| m.matches(method, path)) {
+    // Enforced blocks first: an audit-mode block tried beside enforced
+    // ones never softens their denies (nor their default).
+    let mut ordered = covering.clone();
+    ordered.sort_by_key(|b| b.mode.is_audit());
+    for block in &ordered {
+        if let Some(m) = block.deny.iter().find(|m| m.matches_leniently(method, path)) {
             return Some(HttpVerdict::Deny { rule: format!("http deny {}", m.text), audit: block.mode.is_audit() });
         }
     }
@@ -172,7 +235,7 @@ pub fn decide(rules: &[HttpRules], host: &str, method: &str, path: &str) -> Opti
             return Some(HttpVerdict::Allow { rule: Some(format!("http allow {}", m.text)) });
         }
     }
-    match covering.iter().find(|b| !b.allow.is_empty()) {
+    match ordered.iter().find(|b| !b.allow.is_empty()) {
         Some(block) => Some(HttpVerdict::Deny { rule: format!("http default deny ({host})"), audit: block.mode.is_audit() }),
         None => Some(HttpVerdict::Allow { rule: None }),
     }
@@ -310,6 +373,35 @@ mod tests {
         let only_deny = vec![block(&["api.test"], &[], &["DELETE /**"], Mode::Audit)];
         assert_eq!(decide(&only_deny, "api.test", "GET", "/admin"), Some(HttpVerdict::Allow { rule: None }));
         assert_eq!(decide(&only_deny, "api.test", "DELETE", "/x"), Some(HttpVerdict::Deny { rule: "http deny DELETE /**".into(), audit: true }));
+    }
+
+    #[test]
+    fn audit_blocks_never_soften_enforced_ones_and_denies_read_loosely() {
+        let mut wide = block(&["api.test"], &[], &["DELETE /**"], Mode::Audit);
+        wide.hosts = vec![DomainPattern::AnyDepth("test".into())];
+        let rules = vec![wide, block(&["api.test"], &["* /repos/**"], &["DELETE /**", "* /repos/*/admin/**"], Mode::Enforce)];
+        assert_eq!(decide(&rules, "api.test", "DELETE", "/repos/x"), Some(HttpVerdict::Deny { rule: "http deny DELETE /**".into(), audit: false }));
+        assert_eq!(decide(&rules, "other.test", "DELETE", "/repos/x"), Some(HttpVerdict::Deny { rule: "http deny DELETE /**".into(), audit: true }));
+        for sneaky in ["/repos/x/admin/", "/repos/x/admin;a=b/k", "/repos/x/ADMIN/k", "/repos/x/Admin;x/"] {
+            assert!(matches!(decide(&rules, "api.test", "GET", sneaky), Some(HttpVerdict::Deny { .. })), "{sneaky}");
+        }
+        let trailing = vec![block(&["api.test"], &["* /repos/**"], &["DELETE /repos/*"], Mode::Enforce)];
+        assert!(matches!(decide(&trailing, "api.test", "DELETE", "/repos/x/"), Some(HttpVerdict::Deny { .. })));
+        // The default of an enforced block wins over an audit block's.
+        let defaults = vec![block(&["api.test"], &["GET /a"], &[], Mode::Audit), block(&["api.test"], &["GET /b"], &[], Mode::Enforce)];
+        assert_eq!(decide(&defaults, "api.test", "GET", "/c"), Some(HttpVerdict::Deny { rule: "http default deny (api.test)".into(), audit: false }));
+    }
+
+    #[test]
+    fn hostile_paths_cost_glob_times_segments() {
+        let m = HttpMatcher::parse("GET /repos/**/issues/**/comments/**/x", 1).unwrap();
+        let path = format!("/repos{}", "/issues/comments".repeat(20_000));
+        let started = std::time::Instant::now();
+        assert!(!m.matches("GET", &path));
+        assert!(!m.matches_leniently("GET", &path));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(segment_match(b"a*b*c", b"aXXbYYc") && !segment_match(b"a*b*c", b"aXXbYY") && segment_match(b"*", b"") && segment_match(b"**", b"x"));
+        assert!(!segment_match(&b"*a".repeat(50), &b"a".repeat(40)));
     }
 
     #[test]

@@ -91,12 +91,18 @@ impl McpServer {
     }
 }
 
-/// The entry for a request to `host:port` at `path` (normalised): the
-/// server's endpoint itself or any path under its parent (the SSE
-/// transport posts to a message endpoint beside its `/sse` stream).
-pub fn server_for<'a>(servers: &'a [McpServer], host: &str, port: u16) -> Option<&'a McpServer> {
-    servers.iter().find(|s| s.host == host && s.port == port)
+/// The entry for a request to `host` on any port the proxy sees (every
+/// request to the server's host is checked, whatever its path — the SSE
+/// transport posts to a message endpoint beside its stream — and whatever
+/// proxied port it came on: the same server on port 80 is not a way
+/// around its allowlist). `_port` is the guest's destination port.
+pub fn server_for<'a>(servers: &'a [McpServer], host: &str, _port: u16) -> Option<&'a McpServer> {
+    servers.iter().find(|s| s.host == host)
 }
+
+/// The ports nftables redirects to the proxy by default: an `[[mcp]]` URL
+/// on another port would never be seen, its allowlist never applied.
+pub const PROXIED_PORTS: [u16; 2] = [80, 443];
 
 #[cfg(test)]
 mod tests {
@@ -123,6 +129,7 @@ mod tests {
         s.tools = ToolList::All;
         assert!(s.allows_tool("anything"));
         assert!(server_for(std::slice::from_ref(&s), "mcp.test", 443).is_some());
-        assert!(server_for(std::slice::from_ref(&s), "mcp.test", 80).is_none());
+        assert!(server_for(std::slice::from_ref(&s), "mcp.test", 80).is_some(), "every proxied port of the host");
+        assert!(server_for(std::slice::from_ref(&s), "other.test", 443).is_none());
     }
 }

@@ -426,8 +426,11 @@ impl Policy {
             let s = server.get_ref();
             let at = |reason: String| err(Some(server.span()), format!("[[mcp]] {:?}: {reason}", s.url));
             let (host, port, tls, path) = McpServer::parse_url(s.url.trim()).map_err(&at)?;
-            if mcp.iter().any(|m: &McpServer| m.host == host && m.port == port) {
-                return Err(at(format!("{host}:{port} is listed twice")));
+            if mcp.iter().any(|m: &McpServer| m.host == host) {
+                return Err(at(format!("{host} is listed twice")));
+            }
+            if !mcp::PROXIED_PORTS.contains(&port) {
+                return Err(at(format!("port {port}: the proxy sees MCP traffic on ports 80 and 443 only; on another port the allowlist would never apply")));
             }
             if !domain_allowed(&rules, &host) {
                 return Err(at(format!("host {host:?} is not covered by network.allow (or is denied)")));

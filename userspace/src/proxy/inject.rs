@@ -259,6 +259,35 @@ pub fn canonical_request(method: &Method, uri: &Uri) -> Result<Canonical, PathRe
     Ok(Canonical { method, uri, path })
 }
 
+/// Headers that would let a request on a governed host be read as another
+/// than the one checked: a method override (`X-HTTP-Method-Override` and
+/// kin, honoured by many frameworks: `POST` checked, `DELETE` served), or an
+/// upgrade to anything but a WebSocket (`h2c` would turn the connection
+/// into HTTP/2 straight to the server, past every later check) — and on an
+/// `[[mcp]]` server any upgrade (a WebSocket transport would carry
+/// `tools/call` unparsed).
+pub fn ungovernable_headers(headers: &HeaderMap, mcp: bool) -> Option<&'static str> {
+    const OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+    if OVERRIDES.iter().any(|h| headers.contains_key(*h)) {
+        return Some("method-override header on a host with HTTP rules");
+    }
+    if headers.contains_key(UPGRADE) {
+        if mcp {
+            return Some("upgrade on an MCP server's connection");
+        }
+        if !is_websocket_upgrade(headers) {
+            return Some("upgrade to anything but websocket");
+        }
+    }
+    None
+}
+
+/// Whether the request's `Upgrade` is exactly one `websocket` token.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let values: Vec<&HeaderValue> = headers.get_all(UPGRADE).iter().collect();
+    matches!(values.as_slice(), [v] if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"))
+}
+
 /// What becomes of one request on a terminated connection (pure).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -278,14 +307,25 @@ pub enum Decision {
 /// `[[mcp]]` server) get the canonical form and the `[[http]]` rules;
 /// `audit`: the connection passes a network deny in audit mode only (its
 /// rule), so what it carries is recorded as audit.
-pub fn decide_request(policy: &CompiledPolicy, host: &str, port: u16, audit: Option<&str>, method: &Method, uri: &Uri) -> Decision {
+pub fn decide_request(policy: &CompiledPolicy, host: &str, port: u16, audit: Option<&str>, method: &Method, uri: &Uri, headers: &HeaderMap) -> Decision {
     let (reason, rule) = match audit {
         Some(r) => ("audit", Some(r.to_string())),
         None => ("allowed", None),
     };
-    let governed = crate::policy::http::has_rules_for(&policy.http, host) || crate::policy::mcp::server_for(&policy.mcp, host, port).is_some();
+    let mcp = crate::policy::mcp::server_for(&policy.mcp, host, port).is_some();
+    let governed = crate::policy::http::has_rules_for(&policy.http, host) || mcp;
     if !governed {
         return Decision::Forward { canonical: None, path: uri.path().to_string(), reason, rule };
+    }
+    if let Some(why) = ungovernable_headers(headers, mcp) {
+        return Decision::Refuse {
+            status: StatusCode::BAD_REQUEST,
+            denied: why.to_string(),
+            record: "bad_request",
+            rule: why.to_string(),
+            method: crate::policy::http::normalise_method(method.as_str()),
+            path: uri.path().to_string(),
+        };
     }
     let canonical = match canonical_request(method, uri) {
         Ok(c) => c,
@@ -912,7 +952,7 @@ struct Admitted {
 /// (or only the sentinels' removal), then, for an `[[mcp]]` server, the
 /// MCP check. Err: what the guest gets instead.
 async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, (host, port): (&str, u16), flow: &FlowContext, hooks: &McpHooks) -> Result<Admitted, Response<ProxyBody>> {
-    match decide_request(&now.policy, host, port, now.audit.as_deref(), req.method(), req.uri()) {
+    match decide_request(&now.policy, host, port, now.audit.as_deref(), req.method(), req.uri(), req.headers()) {
         Decision::Refuse { status, denied, record, rule, method, path } => {
             tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, %rule, "proxy: request refused");
             let flow = FlowContext { rule, ..flow.clone() };
@@ -1003,7 +1043,9 @@ pub async fn serve(
             let not_sent = |why: &str| credential.map(|c| not_injected(c, why));
             if req.headers().contains_key(UPGRADE) {
                 // WebSocket (or another upgrade): its own HTTP/1.1 upstream
-                // connection, the credential already injected, then bytes.
+                // connection, the credential already injected, then bytes
+                // (scrubbed). On a host with `[[http]]` rules or an `[[mcp]]`
+                // server, [`decide_request`] let only a WebSocket get here.
                 return Ok(upgrade(req, &upstream.addrs, upstream.tls.clone(), &fwd, binding.as_deref(), permit).await);
             }
             let mut held = slot.lock().await;
@@ -1584,7 +1626,7 @@ mod tests {
              [[http]]\nhosts = [\"audit.test\"]\ndeny = [\"DELETE /**\"]\nmode = \"audit\"\n\
              [[mcp]]\nurl = \"https://mcp.test/mcp\"\ntools = [\"search\"]\n",
         );
-        let d = |host: &str, port: u16, audit: Option<&str>, m: &str, u: &str| decide_request(&p, host, port, audit, &Method::from_bytes(m.as_bytes()).unwrap(), &u.parse().unwrap());
+        let d = |host: &str, port: u16, audit: Option<&str>, m: &str, u: &str| decide_request(&p, host, port, audit, &Method::from_bytes(m.as_bytes()).unwrap(), &u.parse().unwrap(), &HeaderMap::new());
         let fwd = |m: &str, u: &str, path: &str, reason: &'static str, rule: Option<&str>| Decision::Forward {
             canonical: Some((Method::from_bytes(m.as_bytes()).unwrap(), u.parse().unwrap())),
             path: path.into(),
@@ -1617,14 +1659,30 @@ mod tests {
         // refuses.
         assert_eq!(d("api.test", 443, Some("deny api.test"), "GET", "/repos/a"), fwd("GET", "/repos/a", "/repos/a", "audit", Some("deny api.test")));
         assert_eq!(d("api.test", 443, Some("deny api.test"), "DELETE", "/a"), refused(403, "http deny DELETE /**", "http_rule", "DELETE", "/a"));
-        // An MCP server's host:port is governed (canonical form), its rules
-        // are the MCP check's; another port of it, or another host, is not.
+        // An MCP server's host is governed (canonical form) on every port
+        // the proxy sees, its rules are the MCP check's; another host is not.
         assert_eq!(d("mcp.test", 443, None, "post", "/mcp/../mcp"), fwd("POST", "/mcp", "/mcp", "allowed", None));
         let as_is = |path: &str, reason: &'static str, rule: Option<&str>| Decision::Forward { canonical: None, path: path.into(), reason, rule: rule.map(str::to_string) };
-        assert_eq!(d("mcp.test", 80, None, "GET", "/a/../b"), as_is("/a/../b", "allowed", None));
+        assert_eq!(d("mcp.test", 80, None, "GET", "/a/../b"), fwd("GET", "/b", "/b", "allowed", None));
         assert_eq!(d("other.test", 443, None, "GET", "/a%2fb"), as_is("/a%2fb", "allowed", None));
         assert_eq!(d("other.test", 443, Some("default deny"), "GET", "/"), as_is("/", "audit", Some("default deny")));
-        assert!(governed(&p, "api.test", 1) && governed(&p, "mcp.test", 443) && !governed(&p, "mcp.test", 80) && !governed(&p, "other.test", 443));
+        assert!(governed(&p, "api.test", 1) && governed(&p, "mcp.test", 443) && governed(&p, "mcp.test", 80) && !governed(&p, "other.test", 443));
+        // Headers that would make the served request another than the checked one.
+        let with = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            }
+            h
+        };
+        let refused = |host: &str, headers: HeaderMap| matches!(decide_request(&p, host, 443, None, &Method::POST, &"/repos/x".parse().unwrap(), &headers), Decision::Refuse { status: StatusCode::BAD_REQUEST, .. });
+        assert!(refused("api.test", with(&[("x-http-method-override", "DELETE")])));
+        assert!(refused("api.test", with(&[("X-Method-Override", "DELETE")])));
+        assert!(refused("api.test", with(&[("upgrade", "h2c")])));
+        assert!(refused("api.test", with(&[("upgrade", "websocket"), ("upgrade", "h2c")])));
+        assert!(!refused("api.test", with(&[("upgrade", "WebSocket")])));
+        assert!(refused("mcp.test", with(&[("upgrade", "websocket")])));
+        assert!(!refused("other.test", with(&[("x-http-method-override", "DELETE")])), "an ungoverned host is not read");
     }
 
     #[test]

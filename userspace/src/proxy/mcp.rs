@@ -391,9 +391,11 @@ pub async fn check_request(req: Request<ProxyBody>, server: &McpServer, flow: &F
     let http_method = parts.method.as_str().to_string();
     // Answers must come uncompressed to be filtered.
     parts.headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    if parts.headers.get(CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")) {
+    if coded(&parts.headers) {
         return Err(refuse_http(flow, server, StatusCode::UNSUPPORTED_MEDIA_TYPE, INVALID_REQUEST, "a compressed MCP request cannot be checked", &http_method));
     }
+    // What goes upstream is the checked text itself, uncoded.
+    parts.headers.remove(CONTENT_ENCODING);
     let too_large = || refuse_http(flow, server, StatusCode::PAYLOAD_TOO_LARGE, INVALID_REQUEST, "the MCP request body is over 1 MiB", &http_method);
     let declared = parts.headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_REQUEST_BODY as u64) {
@@ -895,7 +897,7 @@ pub fn filter_response(resp: Response<ProxyBody>, server: &McpServer, flow: &Flo
         return resp;
     }
     let audit = server.mode.is_audit();
-    let compressed = resp.headers().get(CONTENT_ENCODING).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let compressed = coded(resp.headers());
     if compressed {
         if audit {
             return resp;
@@ -973,6 +975,15 @@ fn fuzz_server() -> McpServer {
         mode: crate::policy::http::Mode::Enforce,
         line: 1,
     }
+}
+
+/// Whether any `Content-Encoding` value (of every header line, every
+/// comma-separated coding) is other than identity.
+fn coded(headers: &hyper::HeaderMap) -> bool {
+    headers
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .any(|v| v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii).any(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity")))
 }
 
 #[cfg(test)]
