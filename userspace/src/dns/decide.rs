@@ -754,9 +754,11 @@ deny = ["bad.corp.test", { pattern = "worse.corp.test", mode = "enforce" }]
         // The audit-mode default: audited, nothing learned.
         assert_eq!(name_verdict(&p, "unlisted.test"), NameVerdict::Audit { rule_id: rule_id::DEFAULT, learn: None });
         assert!(matches!(name_verdict(&p, "git.test"), NameVerdict::Allowed { port: Some(22), .. }));
-        // The policy's audit covers its rules whatever they say themselves
-        // (CompiledPolicy::is_audit); a rule-level audit under an enforced
-        // policy: an enforced deny or default still denies.
+        assert!(matches!(name_verdict(&p, "worse.corp.test"), NameVerdict::Denied { .. }), "an explicit enforce stays enforced");
+        // A rule's own mode beats its policy's (an explicit enforce stays
+        // enforced in an audit policy: CompiledPolicy::is_audit); a
+        // rule-level audit under an enforced policy: an enforced deny or
+        // default still denies.
         let r = parsed(
             r#"name = "t"
 [network]
@@ -814,6 +816,7 @@ deny = ["198.51.100.0/24", "denied.test"]
         assert!(matches!(name_verdict(&p, "any.test"), NameVerdict::Denied { .. }));
         assert_eq!(rule_text(&p, &name_verdict(&p, "bad.any.test")), "deny bad.any.test");
         assert!(matches!(name_verdict(&p, "git.test"), NameVerdict::Allowed { port: Some(22), .. }));
+        assert!(matches!(name_verdict(&p, "worse.corp.test"), NameVerdict::Denied { .. }), "an explicit enforce stays enforced");
         assert_eq!(rule_text(&p, &name_verdict(&p, "unlisted.test")), "default deny");
         assert_eq!(normalise_query_name("Allowed.TEST."), "allowed.test");
     }
