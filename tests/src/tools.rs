@@ -76,6 +76,15 @@ pub const TOOLS: &[Tool] = &[
     // etcdctl, an independent client.
     apt("etcd", "etcd-server"),
     apt("etcdctl", "etcd-client"),
+    // Packaging (issue 17): the unit files are checked with
+    // systemd-analyze verify (never run: no systemd is PID 1 in tests);
+    // `cargo xtask package` builds the .deb with dpkg-deb and the package
+    // test installs and purges it with dpkg; the capability measurement
+    // runs the daemon under setpriv with a reduced bounding set.
+    apt("systemd-analyze", "systemd"),
+    apt("dpkg", "dpkg"),
+    apt("dpkg-deb", "dpkg"),
+    apt("setpriv", "util-linux"),
     // The venv of `bench proxy`'s mitmproxy (`python3 -m venv`).
     apt("python3", "python3-venv"),
     Tool { program: "rustup", package: "rustup", source: Source::Rustup },
@@ -86,6 +95,9 @@ pub const TOOLS: &[Tool] = &[
     // The MCP tests' server and client (tests/mcp/*.py) run on the venv's
     // python, with the MCP SDK bootstrap installs into it.
     Tool { program: "python", package: "mcp", source: Source::Pip },
+    // An independent JSON Schema validator for the policy and config
+    // schemas, the examples and the CNI results (same venv as the MCP SDK).
+    Tool { program: "check-jsonschema", package: "check-jsonschema", source: Source::Pip },
     // `cargo xtask fuzz` runs it as `cargo +nightly fuzz` (libFuzzer's C++
     // half builds with g++, one of bootstrap's build packages).
     Tool { program: "cargo-fuzz", package: "cargo-fuzz", source: Source::XtaskInstall },

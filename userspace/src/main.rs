@@ -169,12 +169,22 @@ enum SandboxCommand {
         /// Guest memory of the VM, MiB.
         #[arg(long, requires = "vm")]
         mem: Option<u32>,
+        /// What to print: the daemon's JSON, or what a VMM needs to use the
+        /// tap (Firecracker's network interface, Cloud Hypervisor's --net,
+        /// shell variables).
+        #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
+        output: sbx_net::cli::handoff::Format,
     },
     List {
         #[arg(long)]
         json: bool,
     },
-    Show { name: String },
+    Show {
+        name: String,
+        /// As for `sandbox create`.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
+        output: sbx_net::cli::handoff::Format,
+    },
     Delete { name: String },
 }
 
@@ -372,7 +382,7 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 
 fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
     match command {
-        SandboxCommand::Create { name, policy, tap, netns_guest, vm, probe, mem } => {
+        SandboxCommand::Create { name, policy, tap, netns_guest, vm, probe, mem, output } => {
             let vm = match vm {
                 true => Some(sbx_net::control::api::VmCreate {
                     probe: probe.map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading the probe script {}", p.display()))).transpose()?,
@@ -381,8 +391,7 @@ fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
                 false => None,
             };
             let v = request(socket, Request::SandboxCreate { name, policy, tap, netns_guest, vm })?;
-            println!("{}", serde_json::to_string(&v)?);
-            Ok(())
+            handoff(output, v)
         }
         SandboxCommand::List { json } => {
             let v = request(socket, Request::SandboxList)?;
@@ -396,13 +405,22 @@ fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        SandboxCommand::Show { name } => print_json(&request(socket, Request::SandboxShow { name })?),
+        SandboxCommand::Show { name, output: sbx_net::cli::handoff::Format::Json } => print_json(&request(socket, Request::SandboxShow { name })?),
+        SandboxCommand::Show { name, output } => handoff(output, request(socket, Request::SandboxShow { name })?),
         SandboxCommand::Delete { name } => {
             request(socket, Request::SandboxDelete { name: name.clone() })?;
             println!("deleted {name}");
             Ok(())
         }
     }
+}
+
+/// Prints a sandbox the way `output` asks (`sandbox create`'s JSON stays
+/// on one line: scripts read it with `head -1`).
+fn handoff(output: sbx_net::cli::handoff::Format, v: serde_json::Value) -> anyhow::Result<()> {
+    let info: sbx_net::control::api::SandboxInfo = serde_json::from_value(v).context("the daemon's sandbox answer")?;
+    println!("{}", sbx_net::cli::handoff::render(output, &info)?);
+    Ok(())
 }
 
 fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {

@@ -396,23 +396,25 @@ fn mitmproxy() -> Result<()> {
     run(Command::new(Path::new(MITMPROXY_VENV).join("bin/pip")).args(["install", "-q", "mitmproxy"]))
 }
 
-/// The MCP tests' server and client (tests/mcp/*.py): the maintained MCP
-/// SDK from PyPI, pinned, in its own venv.
+/// The tests' Python tools from PyPI, pinned, in their own venv: the MCP
+/// tests' server and client (tests/mcp/*.py) run on the maintained MCP SDK;
+/// check-jsonschema validates the policy, config and CNI result schemas.
 const MCP_VENV: &str = "/opt/sbx-net/mcp-venv";
 const MCP_SDK: &str = "mcp==2.3.0";
+const CHECK_JSONSCHEMA: &str = "check-jsonschema==0.33.3";
 
 fn mcp_venv() -> Result<()> {
     // Written once the install has succeeded: a half-made venv (an install
     // cut short) is made again, and so is one with another pinned version.
-    let stamp = Path::new(MCP_VENV).join(format!(".sbx-net-{MCP_SDK}"));
+    let stamp = Path::new(MCP_VENV).join(format!(".sbx-net-{MCP_SDK}-{CHECK_JSONSCHEMA}"));
     if stamp.exists() {
         return Ok(());
     }
-    step(&format!("installing {MCP_SDK} (PyPI) into {MCP_VENV} for the MCP tests"));
+    step(&format!("installing {MCP_SDK} and {CHECK_JSONSCHEMA} (PyPI) into {MCP_VENV} for the tests"));
     run(Command::new("python3").args(["-m", "venv", "--clear", MCP_VENV]))
         .context("python3 -m venv (apt package python3-venv)")?;
-    run(Command::new(Path::new(MCP_VENV).join("bin/pip")).args(["install", "-q", MCP_SDK]))
-        .with_context(|| format!("pip install {MCP_SDK}: PyPI must be reachable"))?;
+    run(Command::new(Path::new(MCP_VENV).join("bin/pip")).args(["install", "-q", MCP_SDK, CHECK_JSONSCHEMA]))
+        .with_context(|| format!("pip install {MCP_SDK} {CHECK_JSONSCHEMA}: PyPI must be reachable"))?;
     std::fs::write(&stamp, "")?;
     Ok(())
 }
