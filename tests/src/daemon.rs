@@ -72,12 +72,12 @@ impl DaemonHarness {
             extra_args: Vec::new(),
         };
         h.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
-        if let Some(toml) = config_toml {
-            let path = h.dir.join("daemon.toml");
-            std::fs::write(&path, toml).expect("daemon config");
-            h.extra_args.push("--config".into());
-            h.extra_args.push(path.display().to_string());
-        }
+        // Always a config of the test's own: a daemon given none reads the
+        // host's /etc/sbx-net/config.toml (an installed package's).
+        let path = h.dir.join("daemon.toml");
+        std::fs::write(&path, config_toml.unwrap_or("")).expect("daemon config");
+        h.extra_args.push("--config".into());
+        h.extra_args.push(path.display().to_string());
         h
     }
 

@@ -85,6 +85,12 @@ pub const TOOLS: &[Tool] = &[
     apt("dpkg", "dpkg"),
     apt("dpkg-deb", "dpkg"),
     apt("setpriv", "util-linux"),
+    // The package's man pages are compressed as Debian's are.
+    apt("gzip", "gzip"),
+    // The completion scripts are loaded and run by the shells they are for.
+    apt("bash", "bash"),
+    apt("zsh", "zsh"),
+    apt("fish", "fish"),
     // The venv of `bench proxy`'s mitmproxy (`python3 -m venv`).
     apt("python3", "python3-venv"),
     Tool { program: "rustup", package: "rustup", source: Source::Rustup },

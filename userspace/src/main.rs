@@ -8,15 +8,21 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sbx_net::control::api::{call, exit_code, ClientError, Request};
-use sbx_net::control::config::{DaemonConfig, DEFAULT_SOCKET};
+use sbx_net::cli::Output;
+use sbx_net::control::config::{DaemonConfig, DEFAULT_CONFIG, DEFAULT_SOCKET};
 use sbx_net::policy::Policy;
 
 #[derive(Parser)]
 #[command(name = "sbx-net", version, about = "Host-side network enforcement for AI-agent sandboxes")]
 struct Cli {
-    /// The daemon's control socket (client and daemon).
+    /// The daemon's control socket (client and daemon; default: the
+    /// configuration's `socket`, else /run/sbx-net/sbx-net.sock).
     #[arg(long, global = true, env = "SBX_NET_SOCKET")]
     socket: Option<PathBuf>,
+    /// The configuration file (daemon and client; default:
+    /// /etc/sbx-net/config.toml when it exists).
+    #[arg(long, global = true, env = "SBX_NET_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,15 +43,38 @@ enum Command {
     },
     /// Daemon version, uptime, sandboxes, policy generations, map occupancy.
     Status {
-        /// Print the full status as JSON.
-        #[arg(long)]
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+        /// The same as `-o json` (kept for scripts).
+        #[arg(long, hide = true)]
         json: bool,
+    },
+    /// The daemon's configuration file: check one, show the one in force,
+    /// print the defaults or the JSON Schema.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Shell completions (`sbx-net completions bash >
+    /// /usr/share/bash-completion/completions/sbx-net`).
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Write the man pages of sbx-net and every subcommand into DIR
+    /// (sbx-net.1, sbx-net-policy-check.1, …).
+    Manpages {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
     /// Live and recent flows with the rule that decided each.
     Inspect(sbx_net::cli::inspect::InspectArgs),
     /// Hand the proxies' listening sockets to a new data plane (this
     /// daemon's executable); the old one finishes its connections and exits.
-    Upgrade,
+    Upgrade {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
     /// The data plane process: DNS and HTTP(S) proxies (started and
     /// supervised by the daemon, never by hand).
     #[command(hide = true)]
@@ -107,11 +136,37 @@ enum VmCommand {
     Run(sbx_net::cli::vm::VmRunArgs),
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (exit 78 with file:line: reason).
+    Check {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The configuration a daemon started now would run with (--config,
+    /// else /etc/sbx-net/config.toml, else the defaults), as TOML or JSON.
+    Show {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// The defaults as a configuration file, every setting commented out.
+    Default,
+    /// The JSON Schema of the configuration file.
+    Schema,
+}
+
 #[derive(clap::Args)]
 struct DaemonArgs {
-    /// TOML file with the daemon configuration (flags override it).
-    #[arg(long)]
-    config: Option<PathBuf>,
+    /// Policy files (*.toml); default: the configuration's, else
+    /// /etc/sbx-net/policies when it exists.
     #[arg(long)]
     policy_dir: Option<PathBuf>,
     #[arg(long)]
@@ -176,7 +231,10 @@ enum SandboxCommand {
         output: sbx_net::cli::handoff::Format,
     },
     List {
-        #[arg(long)]
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+        /// The same as `-o json` (kept for scripts).
+        #[arg(long, hide = true)]
         json: bool,
     },
     Show {
@@ -185,29 +243,58 @@ enum SandboxCommand {
         #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
         output: sbx_net::cli::handoff::Format,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy file (exit 65 with file:line: reason if invalid).
-    Check { file: PathBuf },
-    /// Validate and apply a policy file to the running daemon.
-    Apply { file: PathBuf },
+    Check {
+        file: PathBuf,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Validate and apply a policy file to the running daemon (prints the
+    /// new generation).
+    Apply {
+        file: PathBuf,
+        /// JSON by default, as it always printed.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
+        output: Output,
+    },
     /// Validate a policy file locally, then write it to a fleet's etcd
     /// (every host under the scope applies it); prints the key and revision.
     Push(sbx_net::cli::fleet::PushArgs),
     /// The policies the daemon knows.
-    List,
+    List {
+        /// JSON by default, as it always printed.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
+        output: Output,
+    },
     /// Re-read the policy directory (all-or-nothing).
-    Reload,
+    Reload {
+        /// JSON by default, as it always printed.
+        #[arg(short = 'o', long = "output", value_enum, default_value = "json")]
+        output: Output,
+    },
     /// What would happen to a connection from SANDBOX to HOST[:PORT], an
     /// HTTP request (`"METHOD https://HOST/PATH"`, checked as the proxy
     /// checks it) or an MCP call (`"call TOOL https://HOST/PATH"`), and
     /// which rule decides.
-    Test { sandbox: String, destination: String },
+    Test {
+        sandbox: String,
+        destination: String,
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
     /// Print the embedded default policy.
     Default,
+    /// The JSON Schema of policy files (for editors and validators).
+    Schema,
     /// Write the smallest policy that would have allowed what SANDBOX did
     /// (from the daemon's flow history): names from DNS, wildcards only
     /// where siblings were used, the HTTP requests and MCP tools seen;
@@ -224,6 +311,19 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(exit_code::USAGE) } else { ExitCode::SUCCESS };
         }
     };
+    let long_running = matches!(
+        cli.command,
+        Command::Daemon(_) | Command::Dataplane { .. } | Command::GuestPump { .. } | Command::Vmm { .. } | Command::FleetLightHosts { .. } | Command::Inspect(_) | Command::Vm { .. }
+    );
+    if !long_running {
+        // A command whose output is piped into `head` ends quietly when the
+        // reader goes, as every Unix tool does (Rust ignores SIGPIPE, so a
+        // print would panic instead). Services keep ignoring it: a closed
+        // peer is an error they handle.
+        // SAFETY: restoring a signal's default disposition before any thread
+        // is started; no handler runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -252,6 +352,9 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         if let Some(sbx_net::cli::learn::LearnCliError::Client(client)) = cause.downcast_ref() {
             return client.exit_code();
         }
+        if cause.is::<sbx_net::control::config::ConfigError>() {
+            return exit_code::CONFIG;
+        }
         if cause.is::<sbx_net::policy::PolicyError>() || cause.is::<sbx_net::policy::compile::CompileError>() {
             return exit_code::DATAERR;
         }
@@ -263,103 +366,224 @@ fn exit_status(e: &anyhow::Error) -> u8 {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let socket = cli.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    match cli.command {
-        Command::Daemon(args) => daemon(args, cli.socket),
-        Command::GuestPump { spec } => Ok(sbx_net::sandbox::guest_pump::run_pump(&spec)?),
+    // Commands that need no daemon first: a broken /etc config must not
+    // stop `policy check` or `completions`.
+    let command = match cli.command {
+        Command::Daemon(args) => return daemon(args, cli.config, cli.socket),
+        Command::GuestPump { spec } => return Ok(sbx_net::sandbox::guest_pump::run_pump(&spec)?),
         Command::Vmm { sandbox: _, spec } => {
             let status = sbx_net::sandbox::vm_process::vmm_main(&spec)?;
             std::process::exit(status)
         }
-        Command::Vm { command: VmCommand::Run(args) } => {
-            let status = sbx_net::cli::vm::run(&socket, &args)?;
-            std::process::exit(status)
+        Command::Dataplane { state_dir } => return dataplane(state_dir),
+        Command::Policy { command: PolicyCommand::Check { file, output } } => {
+            let (summary, detail) = check(&file)?;
+            return match output {
+                Output::Text => Ok(println!("{summary}")),
+                Output::Json => print_json(&detail),
+            };
         }
-        Command::Dataplane { state_dir } => dataplane(state_dir),
-        Command::Upgrade => {
-            let v = call(&socket, &Request::Upgrade, Duration::from_secs(120))?;
-            println!("data plane {} ({}) took over from {} ({}) in {} ms; the old one drains",
-                v["new"]["pid"], v["new"]["build"].as_str().unwrap_or("?"), v["old"]["pid"], v["old"]["build"].as_str().unwrap_or("?"), v["switched_ms"]);
-            Ok(())
-        }
-        Command::Policy { command: PolicyCommand::Check { file } } => {
-            println!("{}", check(&file)?);
-            Ok(())
-        }
-        Command::Policy { command: PolicyCommand::Default } => {
-            print!("{}", sbx_net::policy::DEFAULT_POLICY_TOML);
-            Ok(())
-        }
-        Command::Policy { command: PolicyCommand::Apply { file } } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let source = std::path::absolute(&file).unwrap_or(file).display().to_string();
-            print_json(&request(&socket, Request::PolicyApply { source, text })?)
-        }
-        Command::Policy { command: PolicyCommand::Learn(args) } => {
-            sbx_net::cli::learn::run(&socket, &args, sbx_net::util::clock::unix_now_ns(), &mut std::io::stdout().lock(), &mut std::io::stderr())?;
-            Ok(())
-        }
-        Command::Policy { command: PolicyCommand::Push(args) } => print_json(&sbx_net::cli::fleet::push(&args)?),
+        Command::Policy { command: PolicyCommand::Default } => return Ok(print!("{}", sbx_net::policy::DEFAULT_POLICY_TOML)),
+        Command::Policy { command: PolicyCommand::Schema } => return print_json(&sbx_net::policy::json_schema()),
+        Command::Policy { command: PolicyCommand::Push(args) } => return print_json(&sbx_net::cli::fleet::push(&args)?),
         Command::Fleet { command: FleetCommand::Status(args) } => {
             let (revision, hosts) = sbx_net::cli::fleet::status(&args)?;
-            if args.json {
+            if args.json() {
                 return print_json(&serde_json::json!({ "revision": revision, "hosts": hosts }));
             }
-            print!("{}", sbx_net::fleet::status::render(revision, &hosts));
-            Ok(())
+            return Ok(print!("{}", sbx_net::fleet::status::render(revision, &hosts)));
         }
         Command::FleetLightHosts { etcd, count, name_prefix, host_group, options } => {
             init_logging("warn");
             let source = sbx_net::fleet::EtcdSource::parse(&etcd)?;
-            Ok(sbx_net::fleet::light::run(&source, &options, count, &name_prefix, host_group.as_deref())?)
+            return Ok(sbx_net::fleet::light::run(&source, &options, count, &name_prefix, host_group.as_deref())?);
         }
-        Command::Policy { command: PolicyCommand::List } => print_json(&request(&socket, Request::PolicyList)?),
-        Command::Policy { command: PolicyCommand::Reload } => print_json(&request(&socket, Request::PolicyReload)?),
-        Command::Policy { command: PolicyCommand::Test { sandbox, destination } } => {
-            let v = request(&socket, Request::PolicyTest { sandbox, destination })?;
+        Command::Config { command } => return config(command, cli.config.as_deref()),
+        Command::Completions { shell } => {
+            let shell = match shell {
+                CompletionShell::Bash => clap_complete::Shell::Bash,
+                CompletionShell::Zsh => clap_complete::Shell::Zsh,
+                CompletionShell::Fish => clap_complete::Shell::Fish,
+            };
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "sbx-net", &mut script);
+            let mut script = String::from_utf8(script).context("a completion script")?;
+            if shell == clap_complete::Shell::Bash {
+                // clap_complete's bash script spells a hyphenated bin's state
+                // two ways (the loop `sbx__net__subcmd__…`, the case arms
+                // `sbx__subcmd__net__subcmd__…`), so nothing past the first
+                // word completes: clap-rs/clap#6421. The packaging test runs
+                // the script in bash, so a fixed clap shows up there.
+                script = script.replace("sbx__subcmd__net", "sbx__net");
+            }
+            print!("{script}");
+            return Ok(());
+        }
+        Command::Manpages { dir } => {
+            for page in man_pages(&dir)? {
+                println!("{}", page.display());
+            }
+            return Ok(());
+        }
+        command => command,
+    };
+    let socket = client_socket(cli.socket, cli.config.as_deref())?;
+    let socket = socket.as_path();
+    match command {
+        Command::Vm { command: VmCommand::Run(args) } => {
+            let status = sbx_net::cli::vm::run(socket, &args)?;
+            std::process::exit(status)
+        }
+        Command::Upgrade { output } => {
+            let v = call(socket, &Request::Upgrade, Duration::from_secs(120))?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!("data plane {} ({}) took over from {} ({}) in {} ms; the old one drains",
+                v["new"]["pid"], v["new"]["build"].as_str().unwrap_or("?"), v["old"]["pid"], v["old"]["build"].as_str().unwrap_or("?"), v["switched_ms"]);
+            Ok(())
+        }
+        Command::Policy { command: PolicyCommand::Apply { file, output } } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let source = std::path::absolute(&file).unwrap_or(file).display().to_string();
+            print_switch(output, &request(socket, Request::PolicyApply { source, text })?)
+        }
+        Command::Policy { command: PolicyCommand::Learn(args) } => {
+            sbx_net::cli::learn::run(socket, &args, sbx_net::util::clock::unix_now_ns(), &mut std::io::stdout().lock(), &mut std::io::stderr())?;
+            Ok(())
+        }
+        Command::Policy { command: PolicyCommand::List { output } } => {
+            let v = request(socket, Request::PolicyList)?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
+            println!("{:<24} {:<8} {:>6} {:>12}  SANDBOXES  SOURCE", "NAME", "DEFAULT", "RULES", "CREDENTIALS");
+            for p in v.as_array().into_iter().flatten() {
+                let users = p["sandboxes"].as_array().map(Vec::len).unwrap_or(0);
+                println!("{:<24} {:<8} {:>6} {:>12}  {users:>9}  {}", p["name"].as_str().unwrap_or(""), p["default"].as_str().unwrap_or(""), p["rules"], p["credentials"], p["source"].as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        Command::Policy { command: PolicyCommand::Reload { output } } => print_switch(output, &request(socket, Request::PolicyReload)?),
+        Command::Policy { command: PolicyCommand::Test { sandbox, destination, output } } => {
+            let v = request(socket, Request::PolicyTest { sandbox, destination })?;
+            if output == Output::Json {
+                return print_json(&v);
+            }
             println!("{}: {} by `{}` (policy {}); {}", v["destination"].as_str().unwrap_or(""), v["verdict"].as_str().unwrap_or(""),
                 v["rule"].as_str().unwrap_or(""), v["policy"].as_str().unwrap_or(""), v["path"].as_str().unwrap_or(""));
             Ok(())
         }
-        Command::Sandbox { command } => sandbox(&socket, command),
+        Command::Sandbox { command } => sandbox(socket, command),
         Command::Inspect(args) => {
             use std::io::IsTerminal;
             let color = args.color(std::io::stdout().is_terminal());
-            sbx_net::cli::inspect::run(&socket, &args, sbx_net::util::clock::unix_now_ns(), &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
+            sbx_net::cli::inspect::run(socket, &args, sbx_net::util::clock::unix_now_ns(), &mut std::io::stdout().lock(), &mut std::io::stderr(), color)?;
             Ok(())
         }
-        Command::Status { json } => {
-            let v = request(&socket, Request::Status)?;
-            if json {
+        Command::Status { output, json } => {
+            let v = request(socket, Request::Status)?;
+            if json || output == Output::Json {
                 return print_json(&v);
             }
-            println!("sbx-net daemon {} up {} s", v["version"].as_str().unwrap_or("?"), v["uptime_seconds"]);
-            println!("sandboxes: {}  policy generation: {}  reload failures: {}", v["sandboxes"], v["policy_generation"], v["reload_failures"]);
-            if let Some(e) = v["last_reload_error"].as_str() {
-                println!("last reload error: {e}");
-            }
-            let m = &v["maps"];
-            println!(
-                "maps: policy entries v4 {} v6 {} (capacity {} each), sandbox slots {}/{}",
-                m["policy_v4_entries"], m["policy_v6_entries"], m["policy_capacity_per_family"], m["sandbox_slots_used"], m["sandbox_slots"]
-            );
-            for p in v["policies"].as_array().into_iter().flatten() {
-                println!("policy {}: {} sandboxes ({})", p["name"].as_str().unwrap_or(""), p["sandboxes"], p["source"].as_str().unwrap_or(""));
-            }
-            println!("flow table: {} flows (capacity {} per family); events lost: {}", m["flows"], m["flow_capacity"], v["events_lost"]);
-            for c in v["host"].as_array().into_iter().flatten() {
-                let how = match (c["changed"].as_bool(), c["found"].as_str()) {
-                    (Some(true), Some(found)) => format!("set by sbx-net, was {found}"),
-                    (Some(true), None) => "set by sbx-net".to_string(),
-                    _ => "as found".to_string(),
-                };
-                println!("host: {} = {} ({how}): {}", c["name"].as_str().unwrap_or(""), c["value"].as_str().unwrap_or(""), c["why"].as_str().unwrap_or(""));
-            }
-            for l in v["reap_failures"].as_array().into_iter().flatten() {
-                println!("left by a delete: {}", l.as_str().unwrap_or(""));
-            }
+            print_status(&v);
             Ok(())
         }
+        Command::Daemon(_)
+        | Command::GuestPump { .. }
+        | Command::Vmm { .. }
+        | Command::Dataplane { .. }
+        | Command::Policy { command: PolicyCommand::Check { .. } | PolicyCommand::Default | PolicyCommand::Schema | PolicyCommand::Push(_) }
+        | Command::Fleet { .. }
+        | Command::FleetLightHosts { .. }
+        | Command::Config { .. }
+        | Command::Completions { .. }
+        | Command::Manpages { .. } => unreachable!("handled before the socket is resolved"),
+    }
+}
+
+/// The control socket a client uses: `--socket`/`SBX_NET_SOCKET`, else the
+/// configuration's (`--config`, else /etc/sbx-net/config.toml when it
+/// exists), else the default: the daemon binds the same path.
+fn client_socket(flag: Option<PathBuf>, config: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(socket) = flag {
+        return Ok(socket);
+    }
+    if config.is_some() || Path::new(DEFAULT_CONFIG).exists() {
+        return Ok(DaemonConfig::load_or_default(config)?.socket);
+    }
+    Ok(PathBuf::from(DEFAULT_SOCKET))
+}
+
+fn config(command: ConfigCommand, explicit: Option<&Path>) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Check { file, output } => {
+            let config = DaemonConfig::load(&file)?;
+            match output {
+                Output::Text => println!("{}: valid", file.display()),
+                Output::Json => print_json(&serde_json::json!({ "file": file, "valid": true, "config": config }))?,
+            }
+        }
+        ConfigCommand::Show { output } => {
+            let config = DaemonConfig::load_or_default(explicit)?;
+            match output {
+                Output::Text => print!("{}", toml::to_string(&config)?),
+                Output::Json => print_json(&serde_json::to_value(&config)?)?,
+            }
+        }
+        ConfigCommand::Default => print!("{}", DaemonConfig::commented_defaults()),
+        ConfigCommand::Schema => print_json(&DaemonConfig::json_schema())?,
+    }
+    Ok(())
+}
+
+/// Writes a man page for sbx-net and each visible subcommand into `dir`.
+fn man_pages(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    fn write(command: &clap::Command, name: &str, dir: &Path, written: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+        let page = dir.join(format!("{name}.1"));
+        let mut text = Vec::new();
+        clap_mangen::Man::new(command.clone().name(name.to_string())).render(&mut text)?;
+        std::fs::write(&page, text).with_context(|| format!("writing {}", page.display()))?;
+        written.push(page);
+        // `help` is clap's, documented by every page's --help.
+        for sub in command.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+            write(sub, &format!("{name}-{}", sub.get_name()), dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let mut written = Vec::new();
+    write(&command, "sbx-net", dir, &mut written)?;
+    Ok(written)
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!("sbx-net daemon {} up {} s", v["version"].as_str().unwrap_or("?"), v["uptime_seconds"]);
+    println!("sandboxes: {}  policy generation: {}  reload failures: {}", v["sandboxes"], v["policy_generation"], v["reload_failures"]);
+    if let Some(e) = v["last_reload_error"].as_str() {
+        println!("last reload error: {e}");
+    }
+    let m = &v["maps"];
+    println!(
+        "maps: policy entries v4 {} v6 {} (capacity {} each), sandbox slots {}/{}",
+        m["policy_v4_entries"], m["policy_v6_entries"], m["policy_capacity_per_family"], m["sandbox_slots_used"], m["sandbox_slots"]
+    );
+    for p in v["policies"].as_array().into_iter().flatten() {
+        println!("policy {}: {} sandboxes ({})", p["name"].as_str().unwrap_or(""), p["sandboxes"], p["source"].as_str().unwrap_or(""));
+    }
+    println!("flow table: {} flows (capacity {} per family); events lost: {}", m["flows"], m["flow_capacity"], v["events_lost"]);
+    for c in v["host"].as_array().into_iter().flatten() {
+        let how = match (c["changed"].as_bool(), c["found"].as_str()) {
+            (Some(true), Some(found)) => format!("set by sbx-net, was {found}"),
+            (Some(true), None) => "set by sbx-net".to_string(),
+            _ => "as found".to_string(),
+        };
+        println!("host: {} = {} ({how}): {}", c["name"].as_str().unwrap_or(""), c["value"].as_str().unwrap_or(""), c["why"].as_str().unwrap_or(""));
+    }
+    for l in v["reap_failures"].as_array().into_iter().flatten() {
+        println!("left by a delete: {}", l.as_str().unwrap_or(""));
     }
 }
 
@@ -393,9 +617,9 @@ fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
             let v = request(socket, Request::SandboxCreate { name, policy, tap, netns_guest, vm })?;
             handoff(output, v)
         }
-        SandboxCommand::List { json } => {
+        SandboxCommand::List { output, json } => {
             let v = request(socket, Request::SandboxList)?;
-            if json {
+            if json || output == Output::Json {
                 return print_json(&v);
             }
             println!("{:<20} {:<16} {:<16} {:<24} POLICY", "NAME", "TAP", "GUEST IPV4", "GUEST IPV6");
@@ -407,9 +631,23 @@ fn sandbox(socket: &Path, command: SandboxCommand) -> anyhow::Result<()> {
         }
         SandboxCommand::Show { name, output: sbx_net::cli::handoff::Format::Json } => print_json(&request(socket, Request::SandboxShow { name })?),
         SandboxCommand::Show { name, output } => handoff(output, request(socket, Request::SandboxShow { name })?),
-        SandboxCommand::Delete { name } => {
-            request(socket, Request::SandboxDelete { name: name.clone() })?;
-            println!("deleted {name}");
+        SandboxCommand::Delete { name, output } => {
+            let v = request(socket, Request::SandboxDelete { name: name.clone() })?;
+            match output {
+                Output::Text => println!("deleted {name}"),
+                Output::Json => print_json(&v)?,
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `policy apply` / `policy reload`: the generation now in force.
+fn print_switch(output: Output, v: &serde_json::Value) -> anyhow::Result<()> {
+    match output {
+        Output::Json => print_json(v),
+        Output::Text => {
+            println!("policy generation {}: {} sandboxes switched", v["policy_generation"], v["sandboxes_switched"]);
             Ok(())
         }
     }
@@ -423,12 +661,9 @@ fn handoff(output: sbx_net::cli::handoff::Format, v: serde_json::Value) -> anyho
     Ok(())
 }
 
-fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
+fn daemon(args: DaemonArgs, config_file: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<()> {
     init_logging("info");
-    let mut config = match &args.config {
-        Some(path) => DaemonConfig::load(path)?,
-        None => DaemonConfig::default(),
-    };
+    let mut config = DaemonConfig::load_or_default(config_file.as_deref())?;
     if let Some(v) = socket {
         config.socket = v;
     }
@@ -475,7 +710,7 @@ fn daemon(args: DaemonArgs, socket: Option<PathBuf>) -> anyhow::Result<()> {
             anyhow::bail!("--host-name, --host-group and the --etcd-* options need --policy-source etcd://… (or [fleet] source in the config)");
         }
     }
-    config.validate().map_err(anyhow::Error::msg)?;
+    config.validate().map_err(|reason| sbx_net::control::config::ConfigError::Invalid { file: "the daemon's flags and configuration".into(), reason })?;
     if args.cleanup {
         sbx_net::control::server::prepare(&mut config)?;
         if call(&config.socket, &Request::Status, Duration::from_secs(5)).is_ok() {
@@ -502,17 +737,23 @@ fn dataplane(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check(file: &Path) -> anyhow::Result<String> {
+/// `policy check`: the one-line summary and the same as JSON.
+fn check(file: &Path) -> anyhow::Result<(String, serde_json::Value)> {
     let policy = Policy::load(file)?;
     let compiled = sbx_net::compile(&policy, &[])?;
-    Ok(format!(
-        "{}: policy {:?} is valid: default {}, {} IP/CIDR rules, {} domain rules, {} credentials, {} trie entries",
+    let (cidr, domain) = (policy.cidr_rules().count(), policy.domain_rules().count());
+    let summary = format!(
+        "{}: policy {:?} is valid: default {}, {cidr} IP/CIDR rules, {domain} domain rules, {} credentials, {} trie entries",
         file.display(),
         policy.name,
         policy.default.as_str(),
-        policy.cidr_rules().count(),
-        policy.domain_rules().count(),
         policy.credentials.len(),
         compiled.entry_count()
-    ))
+    );
+    let detail = serde_json::json!({
+        "file": file, "policy": policy.name, "valid": true, "default": policy.default.as_str(),
+        "ip_rules": cidr, "domain_rules": domain, "credentials": policy.credentials.len(),
+        "http_blocks": policy.http.len(), "mcp_servers": policy.mcp.len(), "trie_entries": compiled.entry_count(),
+    });
+    Ok((summary, detail))
 }

@@ -10,6 +10,7 @@ mod tools;
 
 mod fuzz;
 mod lint;
+mod package;
 mod scan;
 mod stress;
 
@@ -53,6 +54,11 @@ enum Task {
         #[arg(default_value = "datapath")]
         suite: String,
     },
+    /// Build the Debian package (target/debian/sbx-net_VERSION_ARCH.deb)
+    /// from a release build: binaries, systemd units, default config,
+    /// example policies, man pages, completions, schemas, alert rules and
+    /// the Grafana dashboard.
+    Package,
     /// Run the cargo-fuzz targets of fuzz/ (nightly; installs cargo-fuzz
     /// if missing), each for N seconds; fails on a crash.
     Fuzz {
@@ -78,6 +84,7 @@ const LLVM_PREFIX: &str = "/opt/sbx-net/rust-llvm";
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    step("start");
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
     match cli.command {
@@ -106,6 +113,14 @@ fn main() -> Result<()> {
             build_release(&root)?;
             run_release_bin(&root, "sbx-net-bench", &[suite.as_str()])
         }
+        Task::Package => {
+            bootstrap()?;
+            build_release(&root)?;
+            step("building the Debian package");
+            let deb = package::build_deb(&root, &target_dir(&root).join("release"), &root.join("target/debian"), package::Compression::Release)?;
+            eprintln!("built {}", deb.display());
+            Ok(())
+        }
         Task::Fuzz { seconds, target } => {
             bootstrap()?;
             fuzz::fuzz(&root, seconds, target.as_deref())
@@ -117,8 +132,12 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask is in the workspace").to_path_buf()
 }
 
+/// Progress of the long steps (downloads, builds, installs), with the
+/// seconds since xtask started, so a slow step shows where the time goes.
 fn step(what: &str) {
-    eprintln!("[bootstrap] {what}");
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(std::time::Instant::now).elapsed();
+    eprintln!("[xtask {:>6.1}s] {what}", elapsed.as_secs_f64());
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -350,7 +369,8 @@ fn target_dir(root: &Path) -> PathBuf {
 }
 
 fn build_release(root: &Path) -> Result<()> {
-    run(cargo().args(["build", "--release", "-p", "sbx-net", "--bin", "sbx-net"]))?;
+    step("building the release binaries (about 10 minutes on 2 cores from a fresh clone)");
+    run(cargo().args(["build", "--release", "-p", "sbx-net", "--bins"]))?;
     let built = target_dir(root).join("release/sbx-net");
     let wanted = root.join("target/release/sbx-net");
     if built != wanted {
@@ -451,18 +471,24 @@ fn leftover_pumps() -> Vec<u32> {
 }
 
 fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
-    // The daemon tests drive the real binary: build it with the tests' profile.
-    run(cargo().args(["build", "-p", "sbx-net", "--bin", "sbx-net"]))?;
+    // The daemon tests drive the real binaries: build them with the tests'
+    // profile, and the package test installs a .deb made of them by the
+    // code `cargo xtask package` runs.
+    step("building the debug binaries");
+    run(cargo().args(["build", "-p", "sbx-net", "--bins"]))?;
     let sbx_net_bin = target_dir(root).join("debug/sbx-net");
+    step("building the test package from the debug binaries");
+    let deb = package::build_deb(root, &target_dir(root).join("debug"), &target_dir(root).join("debian-test"), package::Compression::Fast)?;
     // Under stress the load is on while the suite runs, not while it builds.
     let load = if stress {
-        run(cargo().args(["test", "--no-run"]).args(args).env("SBX_NET_BIN", &sbx_net_bin))?;
+        run(cargo().args(["test", "--no-run"]).args(args).env("SBX_NET_BIN", &sbx_net_bin).env("SBX_NET_DEB", &deb))?;
         Some(stress::BusyLoad::start(stress::online_cpus(), stress::LIMIT))
     } else {
         None
     };
+    step("building and running the test suite (cargo prints each binary's tests as they run)");
     // Default members only: the eBPF crate builds for bpfel-unknown-none alone.
-    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin));
+    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin).env("SBX_NET_DEB", &deb));
     drop(load);
     let mut left: Vec<String> = Vec::new();
     for pid in leftover_pumps() {

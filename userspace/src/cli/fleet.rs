@@ -34,11 +34,20 @@ pub struct PushArgs {
 pub struct StatusArgs {
     #[arg(long, env = "SBX_NET_ETCD")]
     pub etcd: String,
-    /// Print {"revision", "hosts": [...]} as JSON.
-    #[arg(long)]
+    /// `-o json`: {"revision", "hosts": [...]}.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    pub output: super::Output,
+    /// The same as `-o json` (kept for scripts).
+    #[arg(long, hide = true)]
     pub json: bool,
     #[command(flatten)]
     pub options: EtcdOptions,
+}
+
+impl StatusArgs {
+    pub fn json(&self) -> bool {
+        self.json || self.output == super::Output::Json
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,3 +5,13 @@ pub mod handoff;
 pub mod inspect;
 pub mod learn;
 pub mod vm;
+
+/// How a command that prints data prints it (`-o`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// For people.
+    #[default]
+    Text,
+    /// For programs: one JSON document.
+    Json,
+}

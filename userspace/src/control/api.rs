@@ -155,6 +155,9 @@ pub mod exit_code {
     pub const TEMPFAIL: u8 = 75;
     /// EX_PROTOCOL: the daemon's answer could not be read.
     pub const PROTOCOL: u8 = 76;
+    /// EX_CONFIG: the configuration file (or a flag overriding it) is not
+    /// valid.
+    pub const CONFIG: u8 = 78;
 }
 
 impl Serialize for Response {

@@ -10,6 +10,12 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::nft::NftConfig;
 use crate::sandbox::AddressPools;
 
+/// Where the daemon and the CLI look for the configuration when no
+/// `--config` names one (absent: the built-in defaults).
+pub const DEFAULT_CONFIG: &str = "/etc/sbx-net/config.toml";
+/// The policy directory when neither a flag nor the configuration names
+/// one (used when it exists).
+pub const DEFAULT_POLICY_DIR: &str = "/etc/sbx-net/policies";
 pub const DEFAULT_SOCKET: &str = "/run/sbx-net/sbx-net.sock";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sbx-net";
 pub const DEFAULT_BPF_DIR: &str = "/sys/fs/bpf/sbx-net";
@@ -20,8 +26,12 @@ pub enum ConfigError {
     Invalid { file: String, reason: String },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The daemon's configuration file (`/etc/sbx-net/config.toml`, TOML);
+/// every key is optional and flags override it. Also the source of the
+/// JSON Schema `sbx-net config schema` prints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
+#[schemars(title = "sbx-net daemon configuration")]
 pub struct DaemonConfig {
     /// Policy files (`*.toml`), in addition to the embedded default.
     pub policy_dir: Option<PathBuf>,
@@ -33,8 +43,10 @@ pub struct DaemonConfig {
     /// Where maps and TCX links are pinned (bpffs).
     pub bpf_dir: PathBuf,
     /// Prometheus endpoint.
+    #[schemars(with = "Option<String>")]
     pub metrics_addr: Option<SocketAddr>,
     /// The resolver the DNS proxy forwards to.
+    #[schemars(with = "Option<String>")]
     pub upstream_dns: Option<SocketAddr>,
     /// Extra trusted roots (PEM) for upstream TLS.
     pub upstream_ca: Option<PathBuf>,
@@ -45,7 +57,9 @@ pub struct DaemonConfig {
     pub proxy_port: u16,
     /// Guest TCP destination ports redirected to the credential proxy.
     pub proxied_ports: Vec<u16>,
+    #[schemars(with = "String")]
     pub ipv4_pool: Ipv4Network,
+    #[schemars(with = "String")]
     pub ipv6_pool: Ipv6Network,
     /// Taps kept ready (created, classifier attached) for the next sandboxes;
     /// 0 turns the pool off.
@@ -155,6 +169,64 @@ impl Default for DaemonConfig {
 }
 
 impl DaemonConfig {
+    /// The configuration `--config` names (it must exist), else
+    /// [`DEFAULT_CONFIG`] when it exists, else the built-in defaults; then
+    /// [`DEFAULT_POLICY_DIR`] when nothing names a policy dir and it exists.
+    pub fn load_or_default(explicit: Option<&Path>) -> Result<DaemonConfig, ConfigError> {
+        let mut config = match explicit {
+            Some(path) => Self::load(path)?,
+            None if Path::new(DEFAULT_CONFIG).exists() => Self::load(Path::new(DEFAULT_CONFIG))?,
+            None => DaemonConfig::default(),
+        };
+        config.use_default_policy_dir(Path::new(DEFAULT_POLICY_DIR).is_dir());
+        Ok(config)
+    }
+
+    /// The FHS policy dir when the configuration names none and it exists
+    /// (a host without it runs on the embedded default and applied policies).
+    pub fn use_default_policy_dir(&mut self, default_exists: bool) {
+        if self.policy_dir.is_none() && default_exists {
+            self.policy_dir = Some(PathBuf::from(DEFAULT_POLICY_DIR));
+        }
+    }
+
+    /// The JSON Schema of the configuration file (draft 2020-12).
+    pub fn json_schema() -> serde_json::Value {
+        let mut schema = serde_json::to_value(schemars::schema_for!(DaemonConfig)).expect("a schema serialises");
+        schema["$id"] = serde_json::json!("https://sbx-net.dev/schema/config.json");
+        schema
+    }
+
+    /// The built-in defaults as a configuration file whose every setting is
+    /// commented out (what the package installs as /etc/sbx-net/config.toml):
+    /// uncommenting a line changes that setting only.
+    pub fn commented_defaults() -> String {
+        let text = toml::to_string(&DaemonConfig::default()).expect("the defaults serialise");
+        let mut out = String::from(
+            "# sbx-net daemon configuration. Every setting is optional; the values shown\n\
+             # are the built-in defaults. Flags given to `sbx-net daemon` override this\n\
+             # file. Check a change with `sbx-net config check FILE`; the JSON Schema is\n\
+             # `sbx-net config schema`.\n\
+             #\n\
+             # policy_dir = \"/etc/sbx-net/policies\"  (used when it exists)\n\
+             # upstream_dns = \"192.0.2.53:53\"        (default: the first nameserver of /etc/resolv.conf)\n\
+             # uplink = \"eth0\"                       (default: none, so no masquerade and any egress interface)\n",
+        );
+        for line in text.lines() {
+            // TOML has octal integers; a file mode reads better as one.
+            let socket_mode = format!("socket_mode = {}", DaemonConfig::default().socket_mode);
+            let line = if line == socket_mode { "socket_mode = 0o600" } else { line };
+            if line.is_empty() {
+                out.push('\n');
+            } else {
+                out.push_str("# ");
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
@@ -314,6 +386,40 @@ impl DaemonConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commented_defaults_parse_to_the_defaults() {
+        let text = DaemonConfig::commented_defaults();
+        assert!(text.lines().all(|l| l.is_empty() || l.starts_with('#')), "{text}");
+        assert_eq!(DaemonConfig::parse("c.toml", &text).unwrap(), DaemonConfig::default());
+        // Uncommenting every setting gives the defaults too: the file shows
+        // the real values, not a guess.
+        let uncommented: String = text.lines().filter(|l| l.starts_with("# ") && l.contains(" = ") && !l.contains("  (")).map(|l| format!("{}\n", &l[2..])).collect();
+        assert_eq!(DaemonConfig::parse("c.toml", &uncommented).unwrap(), DaemonConfig::default(), "{uncommented}");
+    }
+
+    #[test]
+    fn fhs_policy_dir_only_when_nothing_names_one_and_it_exists() {
+        let mut c = DaemonConfig::default();
+        c.use_default_policy_dir(false);
+        assert_eq!(c.policy_dir, None);
+        c.use_default_policy_dir(true);
+        assert_eq!(c.policy_dir.as_deref(), Some(Path::new(DEFAULT_POLICY_DIR)));
+        let mut c = DaemonConfig { policy_dir: Some("/srv/p".into()), ..DaemonConfig::default() };
+        c.use_default_policy_dir(true);
+        assert_eq!(c.policy_dir.as_deref(), Some(Path::new("/srv/p")));
+    }
+
+    #[test]
+    fn schema_names_every_setting() {
+        let schema = DaemonConfig::json_schema();
+        let properties = schema["properties"].as_object().expect("properties");
+        let defaults = toml::Value::try_from(DaemonConfig::default()).unwrap();
+        for key in defaults.as_table().unwrap().keys() {
+            assert!(properties.contains_key(key), "{key} missing from the schema");
+        }
+        assert_eq!(schema["additionalProperties"], serde_json::json!(false));
+    }
 
     #[test]
     fn parses_and_rejects_with_location() {

@@ -41,7 +41,7 @@ pub enum FleetError {
 }
 
 /// The daemon's `[fleet]` configuration (flags override it).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
     /// `etcd://HOST:PORT[,HOST:PORT…]/PREFIX` (`etcds://` for TLS).

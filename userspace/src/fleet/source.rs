@@ -54,7 +54,7 @@ impl EtcdSource {
 }
 
 /// Connection options (the same flags for the daemon and the CLI).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::Args)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema, clap::Args)]
 #[serde(deny_unknown_fields, default)]
 pub struct EtcdOptions {
     /// CA bundle (PEM) that signs the etcd servers' certificates (etcds://).

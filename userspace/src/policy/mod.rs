@@ -480,66 +480,178 @@ fn domain_allowed(rules: &[Rule], name: &str) -> bool {
     matching(Action::Allow) && !matching(Action::Deny)
 }
 
-#[derive(Deserialize)]
+// The parser's own types. They also generate the JSON Schema of policy files
+// (`sbx-net policy schema`): a field's doc comment is its description in an
+// editor. Where the parser keeps a span or a raw TOML value to name the
+// line of an error, `schemars(with)` gives the shape it accepts.
+
+/// An sbx-net policy file (TOML). `sbx-net policy check FILE` validates one
+/// with file:line reasons; this schema gives editors completion and the
+/// shape of every entry.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "sbx-net policy")]
 struct RawPolicy {
+    /// The policy's name (sandboxes name it; a file in a policy directory
+    /// must be named NAME.toml).
+    #[schemars(with = "String", length(min = 1))]
     name: Spanned<String>,
+    /// `audit`: every deny of this policy is only recorded (the traffic
+    /// passes and is reported as `audit`); built-in denies stay enforced.
     #[serde(default)]
+    #[schemars(with = "Option<ModeName>")]
     mode: Option<Spanned<String>>,
+    /// HTTP method and path rules for hosts (checked at the proxy).
     #[serde(default)]
+    #[schemars(with = "Vec<RawHttp>")]
     http: Vec<Spanned<RawHttp>>,
+    /// MCP servers and the tools a sandbox may call on them.
     #[serde(default)]
+    #[schemars(with = "Vec<RawMcp>")]
     mcp: Vec<Spanned<RawMcp>>,
+    /// Where the sandbox may connect.
     #[serde(default)]
     network: Option<RawNetwork>,
+    /// Secrets the proxy adds to requests to their hosts (never enter the VM).
     #[serde(default)]
+    #[schemars(with = "Vec<RawCredential>")]
     credentials: Vec<Spanned<RawCredential>>,
+    /// Host directories or images given to the sandbox's microVM.
     #[serde(default)]
     filesystem: Option<RawFilesystem>,
 }
 
-#[derive(Deserialize)]
+/// `mode`: whether denies are enforced or only recorded.
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // schema only: the parser reads the string (Mode::parse)
+enum ModeName {
+    Enforce,
+    Audit,
+}
+
+/// `[network] default`: what no rule matches.
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // schema only: the parser reads the string
+enum DefaultName {
+    Allow,
+    Deny,
+}
+
+/// `mounts[].mode`.
+#[derive(schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // schema only: the parser reads the string
+enum MountModeName {
+    Ro,
+    Rw,
+}
+
+/// An `allow` or `deny` entry: an address or CIDR (`192.0.2.0/24`,
+/// `2001:db8::/32`), a domain pattern (`api.github.com`, `*.github.com`
+/// one label, `**.corp.example` any depth), each with an optional `:port`
+/// (`[2001:db8::/32]:443` for IPv6).
+#[derive(schemars::JsonSchema)]
+#[schemars(transparent)]
+#[allow(dead_code)] // schema only: parse_rule_entry reads the TOML value
+struct RulePattern(#[schemars(length(min = 1))] String);
+
+/// A `deny` entry: a pattern, or a table with exceptions and a mode.
+#[derive(schemars::JsonSchema)]
+#[serde(untagged, deny_unknown_fields)]
+#[allow(dead_code)] // schema only: parse_rule_entry reads the TOML value
+enum DenyEntry {
+    Pattern(RulePattern),
+    Table {
+        pattern: RulePattern,
+        /// Names or CIDRs strictly inside `pattern` that stay allowed
+        /// (no port).
+        #[serde(default)]
+        except: Vec<String>,
+        #[serde(default)]
+        mode: Option<ModeName>,
+    },
+}
+
+/// `[filesystem]`.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawFilesystem {
     #[serde(default)]
+    #[schemars(with = "Vec<RawMount>")]
     mounts: Vec<Spanned<RawMount>>,
 }
 
-#[derive(Deserialize)]
+/// One virtio-blk device of the sandbox's microVM.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawMount {
+    /// The image file on the host (absolute path).
+    #[schemars(with = "String")]
     host: Spanned<String>,
+    /// Where the guest mounts it (absolute path).
+    #[schemars(with = "String")]
     guest: Spanned<String>,
+    /// `ro` (the default) or `rw`.
+    #[schemars(with = "Option<MountModeName>")]
     mode: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize, Default)]
+/// `[network]`: deny wins over allow; built-in denies (loopback, private
+/// ranges, metadata, the host's addresses) apply on top.
+#[derive(Deserialize, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
+    /// What no rule matches (default: deny).
+    #[schemars(with = "Option<DefaultName>")]
     default: Option<Spanned<String>>,
     #[serde(default)]
+    #[schemars(with = "Vec<RulePattern>")]
     allow: Vec<Spanned<toml::Value>>,
     #[serde(default)]
+    #[schemars(with = "Vec<DenyEntry>")]
     deny: Vec<Spanned<toml::Value>>,
 }
 
-#[derive(Deserialize)]
+/// `[[http]]`: method and path rules for requests to `hosts`.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
+    /// Host patterns the block governs (as in `[network]`, no port).
+    #[schemars(length(min = 1))]
     hosts: Vec<String>,
+    /// `METHOD[,METHOD…] /path/glob` (`*` one segment, `**` any); once
+    /// any allow is listed, a request no allow matches is denied.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     allow: Vec<Spanned<String>>,
+    /// As `allow`; deny wins.
     #[serde(default)]
+    #[schemars(with = "Vec<String>")]
     deny: Vec<Spanned<String>>,
+    #[schemars(with = "Option<ModeName>")]
     mode: Option<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+/// `[[mcp]]`: an MCP server and its tool allowlist.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawMcp {
+    /// The server's endpoint, `http(s)://HOST[:PORT]/PATH`; its host must
+    /// be allowed by `[network]`.
     url: String,
+    /// Tools a sandbox may call (`["*"]`: every tool).
     tools: Vec<String>,
+    #[schemars(with = "Option<ModeName>")]
     mode: Option<Spanned<String>>,
+}
+
+/// The JSON Schema (draft 2020-12) of policy files, from the parser's types.
+pub fn json_schema() -> serde_json::Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(RawPolicy)).expect("a schema serialises");
+    schema["$id"] = serde_json::json!("https://sbx-net.dev/schema/policy.json");
+    schema
 }
 
 /// A `[network]` entry: `"pattern"`, or for a deny
@@ -612,22 +724,32 @@ fn target_covers(outer: &Target, inner: &Target) -> bool {
     }
 }
 
-#[derive(Deserialize)]
+/// A `[[credentials]]` entry.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawCredential {
     name: String,
+    /// Hosts the header is added for (each must be allowed by `[network]`).
+    #[schemars(length(min = 1))]
     hosts: Vec<String>,
+    /// The header, e.g. `Authorization`.
     header: String,
+    /// The header's value with `{secret}` where the secret goes.
     format: String,
     source: RawSource,
+    /// Also inject over plain HTTP (default: HTTPS only).
     #[serde(default)]
     allow_plaintext: bool,
 }
 
-#[derive(Deserialize)]
+/// Where the secret comes from: exactly one of `env` or `file`.
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("minProperties" = 1, "maxProperties" = 1))]
 struct RawSource {
+    /// An environment variable of the daemon.
     env: Option<String>,
+    /// A file readable by the daemon.
     file: Option<String>,
 }
 
