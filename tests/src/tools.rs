@@ -84,6 +84,8 @@ pub const TOOLS: &[Tool] = &[
     apt("systemd-analyze", "systemd"),
     apt("dpkg", "dpkg"),
     apt("dpkg-deb", "dpkg"),
+    // The package test checks every linked library's package is in Depends.
+    apt("ldd", "libc-bin"),
     apt("setpriv", "util-linux"),
     // The package's man pages are compressed as Debian's are.
     apt("gzip", "gzip"),
