@@ -379,11 +379,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Policy { command: PolicyCommand::Check { file, output } } => {
             let (summary, detail) = check(&file)?;
             return match output {
-                Output::Text => Ok(println!("{summary}")),
+                Output::Text => {
+                    println!("{summary}");
+                    Ok(())
+                }
                 Output::Json => print_json(&detail),
             };
         }
-        Command::Policy { command: PolicyCommand::Default } => return Ok(print!("{}", sbx_net::policy::DEFAULT_POLICY_TOML)),
+        Command::Policy { command: PolicyCommand::Default } => {
+            print!("{}", sbx_net::policy::DEFAULT_POLICY_TOML);
+            return Ok(());
+        }
         Command::Policy { command: PolicyCommand::Schema } => return print_json(&sbx_net::policy::json_schema()),
         Command::Policy { command: PolicyCommand::Push(args) } => return print_json(&sbx_net::cli::fleet::push(&args)?),
         Command::Fleet { command: FleetCommand::Status(args) } => {
@@ -391,7 +397,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if args.json() {
                 return print_json(&serde_json::json!({ "revision": revision, "hosts": hosts }));
             }
-            return Ok(print!("{}", sbx_net::fleet::status::render(revision, &hosts)));
+            print!("{}", sbx_net::fleet::status::render(revision, &hosts));
+            return Ok(());
         }
         Command::FleetLightHosts { etcd, count, name_prefix, host_group, options } => {
             init_logging("warn");
