@@ -451,8 +451,8 @@ fn leftover_pumps() -> Vec<u32> {
 }
 
 fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
-    // The daemon tests drive the real binary: build it with the tests' profile.
-    run(cargo().args(["build", "-p", "sbx-net", "--bin", "sbx-net"]))?;
+    // The daemon tests drive the real binaries (the CNI plugin too): build them with the tests' profile.
+    run(cargo().args(["build", "-p", "sbx-net", "--bin", "sbx-net", "--bin", "sbx-net-cni"]))?;
     let sbx_net_bin = target_dir(root).join("debug/sbx-net");
     // Under stress the load is on while the suite runs, not while it builds.
     let load = if stress {

@@ -341,9 +341,9 @@ pub fn check_result(prev: &Map<String, Value>, inv: &Invocation, info: &SandboxI
 /// A client error in CNI terms, for `command`.
 pub fn daemon_error(command: Command, socket: &Path, e: ClientError) -> CniError {
     match e {
-        ClientError::Connect { .. } | ClientError::Io(_) => {
-            CniError::new(code::TRY_AGAIN_LATER, "the sbx-net daemon is not reachable", format!("{e} (socket {})", socket.display()))
-        }
+        // The connect error names the socket already.
+        ClientError::Connect { .. } => CniError::new(code::TRY_AGAIN_LATER, "the sbx-net daemon is not reachable", e.to_string()),
+        ClientError::Io(_) => CniError::new(code::TRY_AGAIN_LATER, "the sbx-net daemon did not answer", format!("{e} (socket {})", socket.display())),
         ClientError::Protocol(_) => CniError::new(code::DAEMON_FAILED, "the sbx-net daemon's answer could not be read", e.to_string()),
         ClientError::Daemon { kind, message } => {
             let code = match (command, kind) {
@@ -627,7 +627,8 @@ mod tests {
     fn check_finds_every_difference() {
         let daemon = FakeDaemon::default();
         let (result, _) = daemon.invoke(env("ADD"), &config());
-        let spoilers: [(&str, fn(&mut Value)); 7] = [
+        type Spoiler = (&'static str, fn(&mut Value));
+        let spoilers: [Spoiler; 7] = [
             ("tap MAC", |r| r["interfaces"][0]["mac"] = json!("02:00:00:00:00:00")),
             ("tap name", |r| r["interfaces"][0]["name"] = json!("sbx-4")),
             ("guest MAC", |r| r["interfaces"][1]["mac"] = json!("02:00:00:00:00:00")),

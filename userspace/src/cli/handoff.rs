@@ -313,7 +313,8 @@ mod tests {
 
     #[test]
     fn values_that_would_break_a_vmm_syntax_are_refused() {
-        let cases: [(&str, fn(&mut SandboxInfo)); 7] = [
+        type Spoiler = (&'static str, fn(&mut SandboxInfo));
+        let cases: [Spoiler; 7] = [
             ("tap", |i| i.tap = "sbx-3,mac=00:00:00:00:00:01".into()),
             ("tap", |i| i.tap = "a:b".into()),
             ("tap", |i| i.tap = "x".repeat(16)),
