@@ -204,6 +204,10 @@ fn a_runtime_adds_checks_and_deletes_and_the_vm_on_the_tap_meets_the_policy() {
     assert_valid(&dir, "version.schema.json", &version);
     assert_eq!(version, json!({ "cniVersion": "1.0.0", "supportedVersions": ["1.0.0"] }));
 
+    // 1.1's GC is a command 1.0 does not have: an invalid CNI_COMMAND.
+    let e = assert_cni_error(&dir, &a.plugin(&w, "GC", &serde_json::to_vec(&w.config()).unwrap()), 4, "GC");
+    assert!(e["msg"].as_str().unwrap().contains("GC"), "{e}");
+
     // Refusals, before anything reaches the daemon.
     let mut old = w.config();
     old["cniVersion"] = json!("0.4.0");
@@ -384,6 +388,12 @@ fn sandbox_create_prints_what_firecracker_cloud_hypervisor_and_scripts_need() {
         ]
     );
     assert!(link_exists(&w, &field("tap")));
+    // A tap that has a guest already is not handed to a VMM.
+    let busy = unique_name("ng");
+    w.h.create_guest(&busy, "agents");
+    let refusal = w.h.cli_err(&["sandbox", "show", &busy, "-o", "firecracker"]);
+    assert!(refusal.contains("already has a guest"), "{refusal}");
+    w.h.cli_ok(&["sandbox", "delete", &busy]);
     // `-o json` stays the daemon's answer, on one line.
     let json_text = w.h.cli_ok(&["sandbox", "show", &env_name, "-o", "json"]);
     assert_eq!(serde_json::from_str::<Value>(&json_text).unwrap(), info);

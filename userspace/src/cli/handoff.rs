@@ -38,6 +38,8 @@ pub enum HandoffError {
     Json(#[from] serde_json::Error),
     #[error("sandbox {sandbox}: {field} {value:?} {problem}")]
     Field { sandbox: String, field: &'static str, value: String, problem: &'static str },
+    #[error("sandbox {sandbox}'s tap already has a guest ({guest}): a VMM needs a sandbox made without --netns-guest or --vm")]
+    TapInUse { sandbox: String, guest: String },
 }
 
 /// The guest's interface as the guest kernel names it: its first (and only)
@@ -52,10 +54,23 @@ const CLOUD_HYPERVISOR_NUM_QUEUES: u32 = 2;
 pub fn render(format: Format, info: &SandboxInfo) -> Result<String, HandoffError> {
     match format {
         Format::Json => Ok(serde_json::to_string(info)?),
-        Format::Firecracker => firecracker(&Checked::from(info)?),
-        Format::CloudHypervisor => Ok(cloud_hypervisor(&Checked::from(info)?)),
+        Format::Firecracker => firecracker(&Checked::from(free_tap(info)?)?),
+        Format::CloudHypervisor => Ok(cloud_hypervisor(&Checked::from(free_tap(info)?)?)),
         Format::Env => env(info),
     }
+}
+
+/// The sandbox, if nothing is on its tap yet: a netns guest's pump or the
+/// daemon's own VM holds it, and a second VMM would fight it for the
+/// frames (or fail to open it). The shell variables are still printed for
+/// such a sandbox: they describe it, they do not hand its tap over.
+fn free_tap(info: &SandboxInfo) -> Result<&SandboxInfo, HandoffError> {
+    let guest = match (&info.netns, &info.vm) {
+        (Some(netns), _) => format!("the netns guest {netns}"),
+        (None, Some(vm)) if vm.state == "running" => format!("the daemon's VM, pid {}", vm.pid),
+        _ => return Ok(info),
+    };
+    Err(HandoffError::TapInUse { sandbox: info.name.clone(), guest })
 }
 
 /// The fields the VMM formats use, parsed.
@@ -333,6 +348,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_tap_with_a_guest_is_not_handed_to_a_vmm() {
+        let mut netns = info();
+        netns.netns = Some("sbx-agent-1".into());
+        let mut vm = info();
+        vm.vm = Some(crate::control::api::VmInfo { pid: 42, state: "running".into(), console: "/run/vm.log".into() });
+        for busy in [&netns, &vm] {
+            for format in [Format::Firecracker, Format::CloudHypervisor] {
+                assert!(matches!(render(format, busy), Err(HandoffError::TapInUse { .. })), "{format:?}");
+            }
+            render(Format::Env, busy).unwrap();
+            render(Format::Json, busy).unwrap();
+        }
+        assert!(render(Format::Env, &vm).unwrap().contains("\nSBX_NET_VM_CONSOLE='/run/vm.log'"));
+        // A VM that exited left the tap free.
+        vm.vm.as_mut().unwrap().state = "exited".into();
+        render(Format::Firecracker, &vm).unwrap();
     }
 
     #[test]
