@@ -94,9 +94,11 @@ fn contains_word(text: &str, word: &str) -> bool {
 }
 
 /// The layer (top-level module) a file under src belongs to: its folder,
-/// or its stem for a file at the top. `lib.rs` and `main.rs` have none.
+/// or its stem for a file at the top. `lib.rs` and `main.rs` have none, nor
+/// the binaries in `bin/` (crates of their own over the library, like `main.rs`).
 fn layer_of(rel: &str) -> Option<&str> {
     match rel.split_once('/') {
+        Some(("bin", _)) => None,
         Some((dir, _)) => Some(dir),
         None => rel.strip_suffix(".rs").filter(|s| *s != "lib" && *s != "main"),
     }
@@ -438,6 +440,12 @@ mod tests {
         let v = check(&layers(), &s);
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].message.contains("server → upstream → server") || v[0].message.contains("upstream → server → upstream"), "{}", v[0].message);
+    }
+
+    #[test]
+    fn binaries_are_above_every_layer_like_main() {
+        let s = src(&[("bin/sbx-net-cni.rs", "use sbx_net::cli::cni::run;\n"), ("main.rs", "use sbx_net::cli::vm;\n")]);
+        assert_eq!(check(&layers(), &s), []);
     }
 
     #[test]

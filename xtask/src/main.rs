@@ -471,9 +471,9 @@ fn leftover_pumps() -> Vec<u32> {
 }
 
 fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
-    // The daemon tests drive the real binaries: build them with the tests'
-    // profile, and the package test installs a .deb made of them by the
-    // code `cargo xtask package` runs.
+    // The daemon tests drive the real binaries (the CNI plugin too): build
+    // them with the tests' profile, and the package test installs a .deb
+    // made of them by the code `cargo xtask package` runs.
     step("building the debug binaries");
     run(cargo().args(["build", "-p", "sbx-net", "--bins"]))?;
     let sbx_net_bin = target_dir(root).join("debug/sbx-net");

@@ -1,5 +1,6 @@
 //! The command line's clients of the daemon.
 
+pub mod cni;
 pub mod fleet;
 pub mod handoff;
 pub mod inspect;
