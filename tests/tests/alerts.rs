@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::etcd::EtcdServer;
-use sbx_net_tests::{dig, require_root, run_in, try_wait_for, unique_name, wait_until, Background};
+use sbx_net_tests::{dig, require_root, run_in, try_wait_for, unique_name, wait_until, Background, WorldServers};
 use serde_json::Value;
 
 fn packaging(path: &str) -> PathBuf {
@@ -246,9 +246,10 @@ fn variable_query(v: &Value) -> String {
     v["query"].as_str().or_else(|| v["query"]["query"].as_str()).unwrap_or_else(|| panic!("variable {} has no query", v["name"])).to_string()
 }
 
-/// `promtool check rules` of `exprs` written as recording rules (each one's
-/// name says where it came from when promtool refuses it).
-fn promtool_accepts(exprs: &[(String, String)], dir: &Path) {
+/// `promtool check rules` of `exprs` written as recording rules (each
+/// one's origin in a comment above it); Err with what promtool said and the
+/// file when it refuses one.
+fn promtool_check(exprs: &[(String, String)], dir: &Path) -> Result<(), String> {
     let mut file = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (i, (origin, expr)) in exprs.iter().enumerate() {
         // A JSON string is a YAML double-quoted scalar.
@@ -257,8 +258,12 @@ fn promtool_accepts(exprs: &[(String, String)], dir: &Path) {
     let path = dir.join("dashboard-queries.rules.yml");
     std::fs::write(&path, &file).unwrap();
     let out = promtool(&["check", "rules", path.to_str().unwrap()]);
-    assert!(out.status.success(), "promtool refuses a dashboard query:\n{}\n{file}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("SUCCESS: {} rules found", exprs.len())), "{}", text(&out));
+    let counted = String::from_utf8_lossy(&out.stdout).contains(&format!("SUCCESS: {} rules found", exprs.len()));
+    if out.status.success() && counted {
+        Ok(())
+    } else {
+        Err(format!("{}\n{file}", text(&out)))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -357,6 +362,7 @@ fn dashboard_is_a_grafana_model_whose_every_query_promtool_accepts() {
         "sbx_net:dns_queries:rate5m",
         "sbx_net:dns_hold_seconds:p99_5m",
         "sbx_net:proxy_requests:rate5m",
+        "sbx_net:proxy_connect_seconds:p99_5m",
         "sbx_net:policy_map_occupancy:ratio",
         "sbx_net:flow_table_occupancy:ratio",
         "sbx_net_events_lost_total",
@@ -369,12 +375,13 @@ fn dashboard_is_a_grafana_model_whose_every_query_promtool_accepts() {
     let dir = std::env::temp_dir().join(unique_name("dash"));
     std::fs::create_dir_all(&dir).unwrap();
     let exprs: Vec<(String, String)> = queries.iter().map(|q| (q.panel.clone(), substitute(&q.expr))).collect();
-    promtool_accepts(&exprs, &dir);
+    let checked = promtool_check(&exprs, &dir);
     // promtool really refuses what is not PromQL (a check that cannot fail
     // checks nothing).
-    let refused = std::panic::catch_unwind(|| promtool_accepts(&[("broken".into(), "sum by (sandbox (rate(x[5m]))".into())], &dir));
+    let broken = promtool_check(&[("broken".into(), "sum by (sandbox (rate(x[5m]))".into())], &dir);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(refused.is_err(), "promtool accepted a broken expression");
+    checked.unwrap_or_else(|e| panic!("promtool refuses a dashboard query:\n{e}"));
+    assert!(broken.is_err(), "promtool accepted a broken expression");
 }
 
 #[test]
@@ -501,6 +508,7 @@ struct FleetHost {
     // Dropped in this order: the daemon before its harness cleans up.
     daemon: Option<Background>,
     _etcd: EtcdServer,
+    _web: WorldServers,
     h: DaemonHarness,
 }
 
@@ -510,6 +518,9 @@ impl FleetHost {
     fn start(tag: &str) -> FleetHost {
         let h = DaemonHarness::prepared(tag, &[], None, &[]);
         let etcd = EtcdServer::start(h.topology.host.name());
+        let web: std::net::IpAddr = WEB.parse().unwrap();
+        h.topology.add_world_address(web);
+        let servers = WorldServers::start(&h.topology.world, &[web], 80);
         let missing = h.dir.join("secret-that-is-not-there");
         let policy = format!(
             "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"198.51.100.0/24\"]\ndeny = [\"evil.test\"]\n\
@@ -522,15 +533,21 @@ impl FleetHost {
             daemon.assert_running("sbx-net daemon");
             h.cli(&["status"]).status.success()
         });
-        FleetHost { daemon: Some(daemon), _etcd: etcd, h }
+        FleetHost { daemon: Some(daemon), _etcd: etcd, _web: servers, h }
     }
 }
 
-/// A denied name and three denied datagrams (the world has nothing at
-/// 203.0.113.7, and the policy's default is deny).
-fn denied_traffic(ns: &str) {
+/// The world's web server the policy allows (TCP 80 goes through the proxy).
+const WEB: &str = "198.51.100.40";
+
+/// A denied name, three denied datagrams (the world has nothing at
+/// 203.0.113.7, and the policy's default is deny) and an allowed HTTP
+/// request through the proxy.
+fn traffic(ns: &str) {
     let (status, _) = dig(ns, &["evil.test"]);
     assert_eq!(status, "NXDOMAIN", "a denied name");
+    let body = sbx_net_tests::curl(ns, &format!("http://{WEB}/"));
+    assert!(body.is_some_and(|b| b.contains(WEB)), "HTTP through the proxy to {WEB}");
     sbx_vmm::NetNs::open(ns)
         .unwrap()
         .run(|| {
@@ -552,13 +569,14 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
     let ns = guest["netns"].as_str().expect("netns").to_string();
     // A little of everything the per-sandbox and DNS families count: a
     // denied name, a denied flow (the world has nothing at 203.0.113.7).
-    denied_traffic(&ns);
+    traffic(&ns);
     let denied_series = format!("sbx_net_sandbox_packets_total{{sandbox=\"{name}\",verdict=\"denied\"}}");
     let metrics = sbx_net_tests::wait_for(Duration::from_secs(20), "the sandbox's denied packets on /metrics", || {
         let m = h.metrics();
         m.lines().any(|l| l.starts_with(&denied_series) && !l.ends_with(" 0")).then_some(m)
     });
     assert!(metrics.contains("sbx_net_credential_available{policy=\"agent\",credential=\"gh\"} 0"), "the missing secret on /metrics:\n{metrics}");
+    assert!(!metrics.contains("sbx_net_proxy_connect_seconds_count 0"), "the proxied request's connect time on /metrics:\n{metrics}");
     let families = served_families(&metrics);
     assert!(families.contains_key("sbx_net_fleet_connected"), "a fleet host serves the fleet families:\n{metrics}");
 
@@ -608,7 +626,7 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
     // the rates move with traffic sent once Prometheus scrapes.
     try_wait_for(Duration::from_secs(30), || prometheus.query("up{job=\"sbx-net\"} == 1").ok().filter(|r| !r.is_empty()))
         .expect("prometheus scraping the daemon within 30 s");
-    denied_traffic(&ns);
+    traffic(&ns);
     for promql in [
         format!("sbx_net:sandbox_packets:rate5m{{sandbox=\"{name}\",verdict=\"denied\"}} > 0"),
         format!("sbx_net:flows:rate5m{{sandbox=\"{name}\",verdict=\"denied\"}}"),
@@ -616,6 +634,8 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
         "sbx_net:datapath_packets:rate5m".to_string(),
         "sbx_net:policy_map_occupancy:ratio{family=\"ipv4\"} >= 0".to_string(),
         "sbx_net:flow_table_occupancy:ratio > 0".to_string(),
+        "sbx_net:proxy_requests:rate5m{outcome=\"allowed\"} > 0".to_string(),
+        "sbx_net:proxy_connect_seconds:p99_5m > 0".to_string(),
     ] {
         try_wait_for(Duration::from_secs(60), || prometheus.query(&promql).ok().filter(|r| !r.is_empty()))
             .unwrap_or_else(|| panic!("{promql}: no series from the recording rules in 60 s"));
