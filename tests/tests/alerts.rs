@@ -7,13 +7,15 @@
 //!   source is a template variable, and each of its queries (panel targets
 //!   and the `label_values` of its variables) is PromQL promtool accepts;
 //! - every metric the rules and the dashboard name is a family a real daemon
-//!   (a fleet host, so the fleet families are served too, with a sandbox and
-//!   some traffic) serves on `/metrics`: renaming a metric fails here;
+//!   (a fleet host, so the fleet families are served too, with a sandbox,
+//!   denied DNS and datagrams, and an HTTP request through the proxy)
+//!   serves on `/metrics`: renaming a metric fails here;
 //! - a real Prometheus server loads the rules, scrapes that daemon and
 //!   evaluates every rule without error; the recording rules yield the
-//!   sandbox's series; the one alert that is due (a credential whose secret
+//!   sandbox's series, moving; the one alert that is due (a credential whose secret
 //!   file is missing) is raised, naming its policy and credential, and no
-//!   other; every dashboard query runs on it.
+//!   other; every dashboard query runs on it; the daemon killed, its
+//!   target is down and the down alert is due.
 //!
 //! What `/metrics` itself looks like (promtool check metrics, the counters
 //! moving) is tests/tests/observability.rs's.
