@@ -1,13 +1,16 @@
 //! The daemon's own families for `/metrics`: its build and uptime, the
 //! sandboxes it enforces, the policy generation, rejected policy loads,
-//! whether the credentials' secrets loaded, and the map writes whose
-//! failure no caller could act on. The daemon publishes its numbers
+//! whether the credentials' secrets loaded (in total, and each one by
+//! policy and credential name, so an alert can say which to fix), and the
+//! map writes whose failure no caller could act on. The daemon publishes its numbers
 //! whenever they may have changed ([`DaemonMetrics::publish`]); a scrape
 //! reads them without asking the control thread.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -20,6 +23,14 @@ use crate::observe::metrics::{encode_gauge, CollectWith};
 
 type Label = [(&'static str, &'static str); 1];
 
+/// One credential of a policy in force. Both names come from the operator's
+/// policy files (a few per host), never from a guest.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct CredentialLabels {
+    pub policy: String,
+    pub credential: String,
+}
+
 /// Shared handles: the daemon sets them, the registry reads them.
 #[derive(Clone, Debug)]
 pub struct DaemonMetrics {
@@ -28,6 +39,12 @@ pub struct DaemonMetrics {
     policy_generation: Gauge,
     reload_failures: Counter,
     credentials: Family<Label, Gauge>,
+    /// 1 when the credential's secret loaded, 0 when its source could not
+    /// be read; one series per credential of the policies in force.
+    credential_available: Family<CredentialLabels, Gauge>,
+    /// The series of `credential_available` published last, so a credential
+    /// whose policy went away loses its series instead of reading 0 forever.
+    published_credentials: Arc<Mutex<BTreeSet<CredentialLabels>>>,
     map_write_failures: MapWriteFailures,
 }
 
@@ -40,6 +57,8 @@ impl DaemonMetrics {
             policy_generation: Gauge::default(),
             reload_failures: Counter::default(),
             credentials: Family::default(),
+            credential_available: Family::default(),
+            published_credentials: Arc::default(),
             map_write_failures,
         }
     }
@@ -55,6 +74,16 @@ impl DaemonMetrics {
         let available = secrets.secrets.values().filter(|s| s.is_ok()).count();
         self.credentials.get_or_create(&[("state", "available")]).set(available as i64);
         self.credentials.get_or_create(&[("state", "unavailable")]).set((secrets.secrets.len() - available) as i64);
+        let current: BTreeSet<CredentialLabels> = secrets.secrets.keys().map(|(policy, credential)| CredentialLabels { policy: policy.clone(), credential: credential.clone() }).collect();
+        let mut published = self.published_credentials.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in published.difference(&current) {
+            self.credential_available.remove(gone);
+        }
+        for ((policy, credential), secret) in &secrets.secrets {
+            let labels = CredentialLabels { policy: policy.clone(), credential: credential.clone() };
+            self.credential_available.get_or_create(&labels).set(i64::from(secret.is_ok()));
+        }
+        *published = current;
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -69,6 +98,11 @@ impl DaemonMetrics {
         registry.register("policy_generation", "Policy generation in force", self.policy_generation.clone());
         registry.register("policy_reload_failures", "Policy loads and reloads rejected", self.reload_failures.clone());
         registry.register("credentials", "Credentials of the policies in force, by whether their secret loaded", self.credentials.clone());
+        registry.register(
+            "credential_available",
+            "1 when the secret of a credential of a policy in force loaded, 0 when its source could not be read",
+            self.credential_available.clone(),
+        );
         registry.register("map_write_failures", "eBPF map writes and removes that failed where no caller could act on it (undo, cleanup, expiry), by map", self.map_write_failures.family());
     }
 }
@@ -110,5 +144,54 @@ mod tests {
         // The counter follows the daemon's running total, never back.
         metrics.publish(&state, 4, &secrets);
         assert_eq!(metrics.reload_failures.get(), 4);
+    }
+
+    fn rendered(registry: &Registry) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn each_credential_says_whether_its_secret_loaded_and_goes_with_its_policy() {
+        let metrics = DaemonMetrics::new(MapWriteFailures::default());
+        let mut registry = Registry::with_prefix("sbx_net");
+        metrics.register(&mut registry);
+        let state = State::default();
+        // No credential yet: the family is declared, with no series.
+        metrics.publish(&state, 0, &SecretStore::default());
+        let text = rendered(&registry);
+        assert!(text.contains("# TYPE sbx_net_credential_available gauge\n"), "{text}");
+        assert!(!text.contains("sbx_net_credential_available{"), "{text}");
+
+        let mut secrets = SecretStore::default();
+        secrets.secrets.insert(("agent".into(), "gh".into()), Err("cannot read /etc/sbx-net/gh: NotFound".into()));
+        secrets.secrets.insert(("agent".into(), "npm".into()), Ok(Arc::new(crate::credentials::secrets::Secret::from_value("s3cr3t".into()))));
+        secrets.secrets.insert(("ci".into(), "gh".into()), Err("environment variable GH is not set".into()));
+        metrics.publish(&state, 0, &secrets);
+        let text = rendered(&registry);
+        for line in [
+            "sbx_net_credential_available{policy=\"agent\",credential=\"gh\"} 0",
+            "sbx_net_credential_available{policy=\"agent\",credential=\"npm\"} 1",
+            "sbx_net_credential_available{policy=\"ci\",credential=\"gh\"} 0",
+            "sbx_net_credentials{state=\"unavailable\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        assert!(!text.contains("s3cr3t") && !text.contains("NotFound"), "neither a secret nor why it failed goes into a label: {text}");
+
+        // The secret file appears and policy `ci` goes: its series goes
+        // with it (no 0 left to fire an alert for a policy not in force).
+        secrets.secrets.remove(&("ci".to_string(), "gh".to_string()));
+        secrets.secrets.insert(("agent".into(), "gh".into()), Ok(Arc::new(crate::credentials::secrets::Secret::from_value("t0ken".into()))));
+        metrics.publish(&state, 0, &secrets);
+        let text = rendered(&registry);
+        let mut series: Vec<&str> = text.lines().filter(|l| l.starts_with("sbx_net_credential_available{")).collect();
+        series.sort_unstable();
+        assert_eq!(
+            series,
+            ["sbx_net_credential_available{policy=\"agent\",credential=\"gh\"} 1", "sbx_net_credential_available{policy=\"agent\",credential=\"npm\"} 1"],
+            "{text}"
+        );
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
@@ -77,9 +78,13 @@ pub struct FlowLabels {
     pub verdict: &'static str,
 }
 
+/// Buckets of [`FlowMetrics::proxy_connect_seconds`]: 1 ms .. 10 s (the
+/// decision alone is microseconds; a resolution or a slow upstream, seconds).
+pub const PROXY_CONNECT_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
 /// Counters of the flow stream for `/metrics` (shared handles: the hub
 /// and the proxies count, the registry reads).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FlowMetrics {
     /// Datapath flows started, by sandbox and verdict; a deleted sandbox's
     /// series go with it ([`FlowHub::forget_sandbox`]).
@@ -97,6 +102,27 @@ pub struct FlowMetrics {
     /// Audit lines not written because the writer's queue was full (a
     /// publisher never waits for the disk).
     pub audit_dropped: Counter,
+    /// How long the proxy took from a connection's first bytes to its
+    /// upstream connection: the decision, any name resolution and the TCP
+    /// connect (what the proxy adds before the guest's bytes flow).
+    pub proxy_connect_seconds: Histogram,
+}
+
+impl Default for FlowMetrics {
+    fn default() -> Self {
+        FlowMetrics {
+            flows: Family::default(),
+            proxy_requests: Family::default(),
+            credentials_injected: Counter::default(),
+            credential_failures: Counter::default(),
+            secret_redactions: Counter::default(),
+            audit_records: Counter::default(),
+            audit_write_failures: Counter::default(),
+            audit_suppressed: Counter::default(),
+            audit_dropped: Counter::default(),
+            proxy_connect_seconds: Histogram::new(PROXY_CONNECT_BUCKETS),
+        }
+    }
 }
 
 impl FlowMetrics {
@@ -111,6 +137,11 @@ impl FlowMetrics {
         registry.register("audit_write_failures", "Audit records that could not be written", self.audit_write_failures.clone());
         registry.register("audit_suppressed", "Audit records not written: their sandbox was over its audit budget", self.audit_suppressed.clone());
         registry.register("audit_dropped", "Audit records not written: the audit writer's queue was full", self.audit_dropped.clone());
+        registry.register(
+            "proxy_connect_seconds",
+            "Time from a proxied connection's first bytes to its upstream connection (decision, name resolution, TCP connect)",
+            self.proxy_connect_seconds.clone(),
+        );
     }
 }
 
@@ -464,6 +495,27 @@ mod tests {
         // Allowed records are not audited.
         assert!(!dir.join("audit.log").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn proxy_connect_time_is_a_histogram_on_metrics() {
+        let metrics = FlowMetrics::default();
+        metrics.proxy_connect_seconds.observe(0.002);
+        metrics.proxy_connect_seconds.observe(3.0);
+        let mut registry = Registry::with_prefix("sbx_net");
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "# TYPE sbx_net_proxy_connect_seconds histogram",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"0.001\"} 0",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"0.0025\"} 1",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"2.5\"} 1",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"5.0\"} 2",
+            "sbx_net_proxy_connect_seconds_count 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
     }
 
     #[test]

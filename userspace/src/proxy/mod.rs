@@ -256,6 +256,8 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         }
     };
     let first = peeker.into_bytes();
+    // What the proxy adds before bytes flow, from here to the upstream connection.
+    let first_bytes_at = std::time::Instant::now();
     if let crate::proxy::peek::FirstBytes::AmbiguousHttp { reason } = kind {
         tracing::info!(sandbox = %route.sandbox, dst = %original, reason, "proxy: ambiguous request head");
         flow.connection(Verdict::Denied, "ambiguous_request", Some(reason.to_string()), None);
@@ -304,6 +306,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         return;
     };
     flow.dst = addr;
+    ctx.flows.metrics.proxy_connect_seconds.observe(first_bytes_at.elapsed().as_secs_f64());
     if audit {
         // Let through only because the deny that decided is in audit mode.
         tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: audit (would have been denied)");
