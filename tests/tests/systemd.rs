@@ -464,16 +464,22 @@ fn operator_session(tag: &str, caps: &[String]) -> Result<(), String> {
     traffic("netns guest")?;
     let vm_name = unique_name("v");
     let kvm = Path::new("/dev/kvm").exists();
+    let mut vm_pid = None;
     if kvm {
+        // The guest resolves through the DNS proxy, then stays up: a
+        // running VMM (uid nobody) is re-adopted and stopped by delete.
         let probe = h.dir.join("probe.txt");
-        std::fs::write(&probe, "timeout 3000\nresolve api.test\n").unwrap();
+        std::fs::write(&probe, "timeout 3000\nresolve api.test\nsleep 600000\n").unwrap();
         let info: serde_json::Value = match cli(&["sandbox", "create", &vm_name, "--policy", "agent", "--vm", "--probe", probe.to_str().unwrap()]) {
             Ok(out) => serde_json::from_str(&out).map_err(|e| e.to_string())?,
             Err(e) => return fail("sandbox create --vm", e),
         };
+        vm_pid = info["vm"]["pid"].as_u64();
         let console = PathBuf::from(info["vm"]["console"].as_str().unwrap_or_default());
-        let done = try_wait_for(Duration::from_secs(30), || std::fs::read_to_string(&console).ok().filter(|c| c.contains(r#""event":"done""#)));
-        match done {
+        let resolved = try_wait_for(Duration::from_secs(30), || {
+            std::fs::read_to_string(&console).ok().filter(|c| c.lines().any(|l| l.contains(r#""op":"resolve""#)))
+        });
+        match resolved {
             Some(c) if c.lines().any(|l| l.contains(r#""op":"resolve""#) && l.contains(r#""ok":true"#)) => {}
             other => return fail("the VM's guest resolving api.test", format!("console: {other:?}")),
         }
@@ -497,6 +503,12 @@ fn operator_session(tag: &str, caps: &[String]) -> Result<(), String> {
     if h.log().contains("re-adopting:") {
         return fail("restart: re-adoption", "an error was logged".into());
     }
+    if kvm {
+        match cli(&["sandbox", "show", &vm_name]) {
+            Ok(shown) if shown.contains(r#""state": "running""#) => {}
+            other => return fail("restart: the running VM re-adopted", format!("{other:?}")),
+        }
+    }
     traffic("after restart")?;
     for name in [guest_name.as_str()].into_iter().chain(kvm.then_some(vm_name.as_str())) {
         if let Err(e) = cli(&["sandbox", "delete", name]) {
@@ -507,6 +519,12 @@ fn operator_session(tag: &str, caps: &[String]) -> Result<(), String> {
         let gone = try_wait_for(Duration::from_secs(10), || (!run_in(h.topology.host.name(), "ip", &["link", "show", guest["tap"].as_str().unwrap()]).status.success()).then_some(()));
         if gone.is_none() {
             return fail("sandbox delete: the tap is removed", "still there".into());
+        }
+    }
+    if let Some(pid) = vm_pid {
+        let gone = || std::fs::read_to_string(format!("/proc/{pid}/status")).map_or(true, |s| s.lines().any(|l| l.starts_with("State:") && l.contains('Z')));
+        if try_wait_for(Duration::from_secs(10), || gone().then_some(())).is_none() {
+            return fail("sandbox delete: the VMM stops", format!("pid {pid} still runs"));
         }
     }
     let status = daemon.stop(libc::SIGTERM);
@@ -533,7 +551,7 @@ fn measure_capabilities() {
     require_root();
     let candidates: Vec<String> = std::env::var("SBX_NET_CAP_CANDIDATES")
         .unwrap_or_else(|_| {
-            "net_admin,sys_admin,bpf,perfmon,net_raw,sys_resource,setuid,setgid,setpcap,dac_override,dac_read_search,fowner,chown,kill,sys_ptrace,sys_chroot,ipc_lock,net_bind_service".into()
+            "net_admin,sys_admin,bpf,perfmon,net_raw,setuid,setgid,setpcap,dac_override,dac_read_search,fowner,chown,kill,sys_ptrace,sys_chroot,ipc_lock,net_bind_service".into()
         })
         .split(',')
         .map(str::to_string)
