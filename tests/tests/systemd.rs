@@ -465,6 +465,7 @@ fn operator_session(tag: &str, caps: &[String]) -> Result<(), String> {
     let vm_name = unique_name("v");
     let kvm = Path::new("/dev/kvm").exists();
     let mut vm_pid = None;
+    let mut vm_guard = VmGuard(None);
     if kvm {
         // The guest resolves through the DNS proxy, then stays up: a
         // running VMM (uid nobody) is re-adopted and stopped by delete.
@@ -475,6 +476,7 @@ fn operator_session(tag: &str, caps: &[String]) -> Result<(), String> {
             Err(e) => return fail("sandbox create --vm", e),
         };
         vm_pid = info["vm"]["pid"].as_u64();
+        vm_guard.0 = vm_pid.map(|pid| (pid, vm_name.clone()));
         let console = PathBuf::from(info["vm"]["console"].as_str().unwrap_or_default());
         let resolved = try_wait_for(Duration::from_secs(30), || {
             std::fs::read_to_string(&console).ok().filter(|c| c.lines().any(|l| l.contains(r#""op":"resolve""#)))
@@ -532,6 +534,23 @@ fn operator_session(tag: &str, caps: &[String]) -> Result<(), String> {
         return fail("stop", status.to_string());
     }
     Ok(())
+}
+
+/// Kills a sandbox's VMM the session leaves behind (a delete that could not
+/// stop it, without CAP_KILL: the sandbox is gone from the state, so
+/// `daemon --cleanup` no longer knows it), if that pid is still it.
+struct VmGuard(Option<(u64, String)>);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        if let Some((pid, name)) = self.0.take() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&name) {
+                // SAFETY: kill on a pid just checked to be the session's VMM.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
 #[test]
