@@ -166,8 +166,7 @@ impl Daemon {
         let mut child = self.child.take().expect("running");
         // SAFETY: kill on our own child's pid.
         unsafe { libc::kill(child.id() as libc::pid_t, signal) };
-        let status = wait_for(Duration::from_secs(30), "the daemon to exit", || child.try_wait().ok().flatten());
-        status
+        wait_for(Duration::from_secs(30), "the daemon to exit", || child.try_wait().ok().flatten())
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
@@ -236,6 +235,15 @@ fn bind_control_socket(h: &DaemonHarness) -> UnixListener {
 fn environ(pid: u64) -> Vec<String> {
     let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     raw.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).filter(|v| !v.is_empty()).collect()
+}
+
+/// The process whose command line has every one of `parts`.
+fn pid_running(parts: &[&str]) -> Option<u64> {
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let pid: u64 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?).into_owned();
+        parts.iter().all(|p| cmdline.contains(p)).then_some(pid)
+    })
 }
 
 /// The inodes of the sockets process `pid` holds.
@@ -324,13 +332,15 @@ fn notifies_ready_after_readoption_pings_the_watchdog_and_says_stopping() {
     assert!(environ(u64::from(daemon.pid())).contains(&format!("LISTEN_PID={}", daemon.pid())), "{:?}", environ(u64::from(daemon.pid())));
     let out = h.cli(&["status"]);
     assert!(out.status.success(), "READY=1 came before the daemon served: {}", String::from_utf8_lossy(&out.stderr));
-    let guest = h.create_guest(&unique_name("g"), "agent");
+    let guest_name = unique_name("g");
+    let guest = h.create_guest(&guest_name, "agent");
     let ns = guest["netns"].as_str().unwrap().to_string();
 
     // Nothing systemd gave the daemon reaches what it starts.
     let plane = h.json(&["status", "--json"])["dataplane"]["pid"].as_u64().expect("data plane pid");
+    let pump = pid_running(&["__guest-pump", &guest_name]).expect("the guest's pump");
     let listener_inode = std::fs::metadata(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&listener))).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
-    for pid in [plane] {
+    for pid in [plane, pump] {
         let env = environ(pid);
         assert!(!env.iter().any(|v| ["LISTEN_PID=", "LISTEN_FDS=", "LISTEN_FDNAMES=", "NOTIFY_SOCKET=", "WATCHDOG_USEC=", "WATCHDOG_PID="].iter().any(|p| v.starts_with(p))), "pid {pid} inherited {env:?}");
         assert!(!socket_inodes(pid).contains(&listener_inode), "pid {pid} holds the control socket");
