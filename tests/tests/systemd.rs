@@ -84,6 +84,18 @@ fn units_pass_systemd_analyze_verify() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify ({}):\n{printed}", out.status);
 
+    // The exit statuses RestartPreventExitStatus= names: a bad config file
+    // is EX_CONFIG (78), before anything is touched.
+    let bad = std::env::temp_dir().join(format!("{}.toml", unique_name("badcfg")));
+    std::fs::write(&bad, "no_such_setting = 1\n").unwrap();
+    let out = Command::new(&bin).args(["daemon", "--config"]).arg(&bad).output().unwrap();
+    std::fs::remove_file(&bad).unwrap();
+    assert_eq!(out.status.code(), Some(78), "{}", String::from_utf8_lossy(&out.stderr));
+    let prevented = unit_text("sbx-net.service").lines().find_map(|l| l.strip_prefix("RestartPreventExitStatus=").map(str::to_string)).expect("RestartPreventExitStatus=");
+    for code in ["64", "75", "78"] {
+        assert!(prevented.split_whitespace().any(|c| c == code), "{prevented}");
+    }
+
     // The unit says what the daemon relies on.
     let service = unit_text("sbx-net.service");
     for wanted in ["Type=notify", "KillMode=process", "ExecReload=/usr/bin/sbx-net policy reload", "RuntimeDirectoryPreserve=yes", "WatchdogSec="] {
@@ -397,7 +409,7 @@ fn a_second_instance_and_a_wrong_socket_are_refused() {
     let stray = UnixListener::bind(&stray_path).unwrap();
     let mut wrong = Daemon::spawn(h, &Launch { listener: Some(&stray), ..Default::default() });
     let status = wait_for(Duration::from_secs(30), "the daemon to refuse", || wrong.exited());
-    assert!(!status.success());
+    assert_eq!(status.code(), Some(78), "EX_CONFIG: the unit does not restart it");
     assert!(h.log().contains("not at the configured socket"), "{}", h.log());
 }
 

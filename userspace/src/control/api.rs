@@ -155,6 +155,9 @@ pub mod exit_code {
     pub const TEMPFAIL: u8 = 75;
     /// EX_PROTOCOL: the daemon's answer could not be read.
     pub const PROTOCOL: u8 = 76;
+    /// EX_CONFIG: `sbx-net daemon`'s configuration is wrong (the config
+    /// file, or what systemd passed it): starting again will not help.
+    pub const CONFIG: u8 = 78;
 }
 
 impl Serialize for Response {

@@ -45,6 +45,14 @@ pub enum SystemdError {
     Io { what: String, source: std::io::Error },
 }
 
+impl SystemdError {
+    /// Whether the unit or the configuration is at fault (a restart will
+    /// not help), not the moment.
+    pub fn is_configuration(&self) -> bool {
+        !matches!(self, SystemdError::Io { .. })
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SystemdError {
     let what = what.into();
     move |source| SystemdError::Io { what, source }
