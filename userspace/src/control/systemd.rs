@@ -194,8 +194,12 @@ pub fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, my_pid: u32) -> 
             return Ok(None);
         }
     }
-    Ok(Some(Duration::from_micros(usec / 2)))
+    // At least a millisecond apart: an absurdly short watchdog must not
+    // turn the control thread into a busy loop of pings.
+    Ok(Some(Duration::from_micros(usec / 2).max(MIN_WATCHDOG_PING)))
 }
+
+const MIN_WATCHDOG_PING: Duration = Duration::from_millis(1);
 
 /// A listening control socket systemd handed over, checked to be what the
 /// configuration names: a listening `AF_UNIX` `SOCK_STREAM` socket bound at
@@ -431,6 +435,7 @@ mod tests {
         assert_eq!(watchdog_interval(Some("30000000"), None, 7).unwrap(), Some(Duration::from_secs(15)));
         assert_eq!(watchdog_interval(Some("30000000"), Some("7"), 7).unwrap(), Some(Duration::from_secs(15)));
         assert_eq!(watchdog_interval(Some("30000000"), Some("8"), 7).unwrap(), None, "another process's watchdog");
+        assert_eq!(watchdog_interval(Some("1"), None, 7).unwrap(), Some(MIN_WATCHDOG_PING), "no busy loop");
         assert!(watchdog_interval(Some("0"), None, 7).is_err());
         assert!(watchdog_interval(Some("30s"), None, 7).is_err());
         assert!(watchdog_interval(Some("1000"), Some("x"), 7).is_err());
