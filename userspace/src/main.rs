@@ -336,7 +336,9 @@ fn main() -> ExitCode {
 /// The exit status for a failure (README "Exit codes"): by the kind the
 /// daemon gave it, EX_UNAVAILABLE when the daemon cannot be reached,
 /// EX_TEMPFAIL when another daemon holds this data path (so a unit or
-/// script can tell "already running" from a broken start), EX_DATAERR for
+/// script can tell "already running" from a broken start), EX_CONFIG for a
+/// bad config file or a socket/environment systemd passed that is not
+/// what the configuration names, EX_DATAERR for
 /// a policy `policy check` rejects, 1 for anything else.
 fn exit_status(e: &anyhow::Error) -> u8 {
     use sbx_net::control::instance_lock::{LockError, EXIT_LOCKED};
@@ -349,11 +351,13 @@ fn exit_status(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<LockError>().is_some_and(held) || cause.downcast_ref::<ServerError>().is_some_and(|s| matches!(s, ServerError::Locked(l) if held(l))) {
             return EXIT_LOCKED;
         }
+        // A wrong config file or systemd setup: a unit should not retry.
+        let systemd_setup = |s: &ServerError| matches!(s, ServerError::Systemd(e) if e.is_configuration());
+        if cause.is::<sbx_net::control::config::ConfigError>() || cause.downcast_ref::<ServerError>().is_some_and(systemd_setup) {
+            return exit_code::CONFIG;
+        }
         if let Some(sbx_net::cli::learn::LearnCliError::Client(client)) = cause.downcast_ref() {
             return client.exit_code();
-        }
-        if cause.is::<sbx_net::control::config::ConfigError>() {
-            return exit_code::CONFIG;
         }
         if cause.is::<sbx_net::policy::PolicyError>() || cause.is::<sbx_net::policy::compile::CompileError>() {
             return exit_code::DATAERR;

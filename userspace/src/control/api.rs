@@ -155,8 +155,9 @@ pub mod exit_code {
     pub const TEMPFAIL: u8 = 75;
     /// EX_PROTOCOL: the daemon's answer could not be read.
     pub const PROTOCOL: u8 = 76;
-    /// EX_CONFIG: the configuration file (or a flag overriding it) is not
-    /// valid.
+    /// EX_CONFIG: the configuration is wrong (the config file, a flag
+    /// overriding it, or what systemd passed the daemon): starting again
+    /// will not help.
     pub const CONFIG: u8 = 78;
 }
 

@@ -9,3 +9,4 @@ pub mod instance_lock;
 pub mod metrics;
 pub mod server;
 pub mod state;
+pub mod systemd;

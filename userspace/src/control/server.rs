@@ -26,6 +26,8 @@ pub enum ServerError {
     AlreadyRunning(String),
     #[error(transparent)]
     Locked(#[from] crate::control::instance_lock::LockError),
+    #[error(transparent)]
+    Systemd(#[from] crate::control::systemd::SystemdError),
 }
 
 /// Takes the one-daemon-per-data-path lock on this network namespace, the
@@ -133,14 +135,32 @@ pub fn prepare(config: &mut DaemonConfig) -> Result<(), ServerError> {
 /// enforced (pinned links and maps, nftables, pumps) and the data plane
 /// serving (a restarted daemon adopts it).
 pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
+    // SAFETY: first thing, single-threaded, before anything opens a
+    // descriptor that could land on 3 and up: what systemd passed is ours.
+    let systemd = unsafe { crate::control::systemd::inherit() }?;
     prepare(&mut config)?;
     let _lock = lock_instance(&config)?;
     // Pumps and data planes we spawn are reaped by the kernel (we never
     // wait for them).
     // SAFETY: setting a signal disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
-    if UnixStream::connect(&config.socket).is_ok() {
-        return Err(ServerError::AlreadyRunning(config.socket.display().to_string()));
+    // systemd's socket (a .socket unit) is checked before anything starts;
+    // connecting to it would only queue in our own backlog, so the
+    // instance lock alone refuses a second daemon then.
+    let inherited_listener = match systemd.control {
+        Some(fd) => Some(crate::control::systemd::checked_listener(fd, &config.socket, config.socket_mode)?),
+        None => {
+            if UnixStream::connect(&config.socket).is_ok() {
+                return Err(ServerError::AlreadyRunning(config.socket.display().to_string()));
+            }
+            None
+        }
+    };
+    let socket_owned_by_systemd = inherited_listener.is_some();
+    let notifier = systemd.notifier.map(Arc::new);
+    let watchdog_every = systemd.watchdog_every;
+    if let Some(every) = watchdog_every {
+        tracing::info!(ping_every_ms = every.as_millis() as u64, "systemd watchdog: pinged from the control thread");
     }
     let routes: crate::sandbox::route::Routes = Arc::new(RwLock::new(Default::default()));
     let mut daemon = Daemon::start(config.clone(), routes.clone())?;
@@ -154,22 +174,13 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     }
     let metrics = Arc::new(metrics);
 
+    // Re-adoption is done (Daemon::start): what READY=1 reports.
+    let adopted = sandbox_count(&mut daemon);
     let (tx, rx) = mpsc::channel::<Control>();
+    let control_notifier = notifier.clone();
     std::thread::Builder::new()
         .name("control".into())
-        .spawn(move || {
-            let mut daemon = daemon;
-            for message in rx {
-                match message {
-                    Control::Client(request, reply) => {
-                        let _ = reply.send(daemon.handle(request));
-                    }
-                    Control::Fleet(change, reply) => {
-                        let _ = reply.send(daemon.fleet_apply(*change));
-                    }
-                }
-            }
-        })
+        .spawn(move || control_loop(daemon, rx, control_notifier.as_deref(), watchdog_every))
         .map_err(io("spawning the control thread"))?;
     if let (Some((watcher, first_sync)), Some(fleet)) = (fleet_watcher, &config.fleet) {
         let sink = DaemonSink(tx.clone());
@@ -194,7 +205,13 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             tracing::warn!(wait_ms = fleet.initial_sync_ms, "fleet: the store did not answer in time; serving on the cached policies while the watcher retries");
         }
     }
-    let listener = bind_socket(&config)?;
+    let listener = match inherited_listener {
+        Some(listener) => {
+            tracing::info!(socket = %config.socket.display(), "serving on the control socket systemd passed (socket activation)");
+            listener
+        }
+        None => bind_socket(&config)?,
+    };
     let client_config = Arc::new(config.clone());
     std::thread::Builder::new()
         .name("socket".into())
@@ -243,14 +260,26 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
                 Err(e) => tracing::error!(%addr, "metrics endpoint not started: {e}"),
             }
         }
-        tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, dns_port = config.dns_port, "sbx-net daemon ready");
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
+        tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, dns_port = config.dns_port, "sbx-net daemon ready");
+        // Sandboxes re-adopted, the socket thread accepting, the handlers
+        // in place: only now is the service up for systemd.
+        if let Some(n) = &notifier {
+            notify(n.ready(&format!("serving {adopted} sandbox(es) on {}", socket_path.display())));
+        }
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        if let Some(n) = &notifier {
+            notify(n.stopping());
+        }
         tracing::info!("stopping; sandboxes stay enforced by the kernel (pinned programs, maps and nftables) and the data plane serves on");
-        let _ = std::fs::remove_file(&socket_path);
+        // systemd's socket stays: it queues the CLI's calls until the next
+        // daemon takes it over.
+        if !socket_owned_by_systemd {
+            let _ = std::fs::remove_file(&socket_path);
+        }
         // Scrapes in flight get their answer (the server bounds the wait).
         let _ = stop_metrics.send(());
         if let Some(server) = metrics_server {
@@ -260,6 +289,73 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
     })?;
     // Nothing else is waited for (client threads, the runtime's tasks).
     std::process::exit(0);
+}
+
+/// The control thread: every mutation, one at a time. Under a systemd
+/// watchdog it pings from here, between requests, so a control thread stuck
+/// in one gets the daemon restarted (the sandboxes stay enforced and the
+/// next daemon re-adopts them).
+fn control_loop(mut daemon: Daemon, rx: mpsc::Receiver<Control>, notifier: Option<&crate::control::systemd::Notifier>, watchdog_every: Option<std::time::Duration>) {
+    let watchdog = notifier.zip(watchdog_every);
+    let mut last_ping = std::time::Instant::now();
+    if let Some((n, _)) = watchdog {
+        notify(n.watchdog());
+    }
+    loop {
+        let message = match watchdog {
+            Some((_, every)) => match rx.recv_timeout(every.saturating_sub(last_ping.elapsed())) {
+                Ok(message) => Some(message),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            },
+            None => match rx.recv() {
+                Ok(message) => Some(message),
+                Err(_) => return,
+            },
+        };
+        match message {
+            Some(Control::Client(request, reply)) => {
+                let reload = matches!(request, Request::PolicyReload);
+                if let (true, Some(n)) = (reload, notifier) {
+                    notify(n.reloading());
+                }
+                let response = daemon.handle(request);
+                if let (true, Some(n)) = (reload, notifier) {
+                    let outcome = match &response {
+                        Response::Ok(_) => "policies reloaded".to_string(),
+                        _ => "policy reload failed; the policies in force stay".to_string(),
+                    };
+                    notify(n.ready(&outcome));
+                }
+                let _ = reply.send(response);
+            }
+            Some(Control::Fleet(change, reply)) => {
+                let _ = reply.send(daemon.fleet_apply(*change));
+            }
+            None => {}
+        }
+        if let Some((n, every)) = watchdog {
+            if last_ping.elapsed() >= every {
+                notify(n.watchdog());
+                last_ping = std::time::Instant::now();
+            }
+        }
+    }
+}
+
+/// A notification that could not be sent is logged, not fatal: the service
+/// manager's timeouts deal with a daemon it does not hear from.
+fn notify(result: Result<(), crate::control::systemd::SystemdError>) {
+    if let Err(e) = result {
+        tracing::warn!("systemd notification: {e}");
+    }
+}
+
+fn sandbox_count(daemon: &mut Daemon) -> usize {
+    match daemon.handle(Request::SandboxList) {
+        Response::Ok(list) => list.as_array().map_or(0, Vec::len),
+        _ => 0,
+    }
 }
 
 fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, ServerError> {
