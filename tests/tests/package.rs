@@ -153,9 +153,18 @@ fn deb_installs_runs_its_examples_and_purges_without_a_trace() {
     for binary in ["/usr/bin/sbx-net", "/usr/lib/cni/sbx-net-cni"] {
         let out = run("ldd", &[binary]);
         for lib in String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split(" => ").nth(1)).filter_map(|r| r.split_whitespace().next()) {
-            let owner = run("dpkg-query", &["-S", lib]);
-            let owner = String::from_utf8_lossy(&owner.stdout);
-            let package = owner.split(':').next().unwrap_or("").trim().to_string();
+            // dpkg knows a file by the path its package installed it at:
+            // with merged /usr, ldd's /lib/… is dpkg's /usr/lib/….
+            let canonical = std::fs::canonicalize(lib).unwrap_or_else(|_| PathBuf::from(lib));
+            let candidates = [lib.to_string(), format!("/usr{lib}"), canonical.display().to_string()];
+            let package = candidates
+                .iter()
+                .find_map(|path| {
+                    let out = run("dpkg-query", &["-S", path]);
+                    let owner = String::from_utf8_lossy(&out.stdout).into_owned();
+                    out.status.success().then(|| owner.split(':').next().unwrap_or("").trim().to_string())
+                })
+                .unwrap_or_else(|| panic!("no package owns {lib} ({candidates:?})"));
             assert!(depends.contains(&package), "{binary} links {lib} of package {package:?}, which Depends ({depends:?}) lacks");
         }
     }
