@@ -86,6 +86,11 @@ fn deb_installs_runs_its_examples_and_purges_without_a_trace() {
     });
     assert!(deb.is_file(), "{} is missing", deb.display());
     assert!(!installed(), "sbx-net is installed on this host: the package test will not replace an operator's installation");
+    // Nor run over a daemon started from a build tree with the defaults:
+    // the purge would remove its state and socket.
+    for path in ["/etc/sbx-net", "/var/lib/sbx-net", "/sys/fs/bpf/sbx-net", "/run/sbx-net/sbx-net.sock"] {
+        assert!(std::fs::symlink_metadata(path).is_err(), "{path} exists: an sbx-net daemon uses this host's default paths; the package test will not install and purge over it");
+    }
     let before = snapshot();
     let run_before: BTreeSet<PathBuf> = std::fs::read_dir("/run/sbx-net").map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     let pids_before = sbx_net_processes();

@@ -404,10 +404,39 @@ fn daemon_and_cli_use_the_fhs_paths_with_no_flags() {
     check("the pins", "test -d /sys/fs/bpf/sbx-net && ls /sys/fs/bpf/sbx-net | grep -q .");
     let out = cli(&["sandbox", "delete", &name]);
     assert!(out.status.success(), "sandbox delete: {}", text(&out));
-    // SIGTERM, as systemd stops it; the mount namespace (overlays, the
-    // bpffs and its pins) goes with the daemon, the rest with the netns.
+    // The data plane outlives a stopped daemon by design (it keeps the
+    // proxies serving), and keeps the mount namespace alive with it.
+    let dataplane = status["dataplane"]["pid"].as_u64().expect("the data plane's pid in status").to_string();
+    let _dataplane_guard = KillOnDrop(dataplane.parse().unwrap());
+    // SIGTERM, as systemd stops it.
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(daemon.0.id() as libc::pid_t, libc::SIGTERM) };
     let exited = wait_for(Duration::from_secs(20), "the daemon to stop at SIGTERM", || daemon.0.try_wait().ok().flatten());
     assert!(exited.success(), "daemon exit {exited}:\n{}", log());
+    // `--cleanup` with no flags either, in the namespaces the data plane
+    // keeps: it finds the same FHS paths and takes everything down.
+    let out = Command::new(require_tool("nsenter"))
+        .args(["-t", &dataplane, "-m", "-n", "--"])
+        .arg(&sbx_net)
+        .args(["daemon", "--cleanup"])
+        .env_remove("SBX_NET_SOCKET")
+        .env_remove("SBX_NET_CONFIG")
+        .output()
+        .expect("nsenter sbx-net daemon --cleanup");
+    assert!(out.status.success(), "daemon --cleanup with no flags: {}", text(&out));
+    wait_for(Duration::from_secs(20), "the data plane to be gone after --cleanup", || {
+        (!Path::new(&format!("/proc/{dataplane}")).exists()).then_some(())
+    });
+}
+
+/// SIGKILLs a pid when the test ends, however it ends (a data plane the
+/// test's daemon left, which no harness knows of).
+struct KillOnDrop(libc::pid_t);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill on a pid this test saw its daemon start; a pid that
+        // is gone already gets ESRCH.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
 }

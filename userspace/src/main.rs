@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sbx_net::control::api::{call, exit_code, ClientError, Request};
 use sbx_net::cli::Output;
-use sbx_net::control::config::{DaemonConfig, DEFAULT_CONFIG, DEFAULT_SOCKET};
+use sbx_net::control::config::{DaemonConfig, DEFAULT_SOCKET};
 use sbx_net::policy::Policy;
 
 #[derive(Parser)]
@@ -520,7 +520,7 @@ fn client_socket(flag: Option<PathBuf>, config: Option<&Path>) -> anyhow::Result
     if let Some(socket) = flag {
         return Ok(socket);
     }
-    if config.is_some() || Path::new(DEFAULT_CONFIG).exists() {
+    if config.is_some() || DaemonConfig::default_config_present()? {
         return Ok(DaemonConfig::load_or_default(config)?.socket);
     }
     Ok(PathBuf::from(DEFAULT_SOCKET))

@@ -452,11 +452,16 @@ fn leftover_pins() -> Vec<PathBuf> {
 }
 
 /// Guest pump, data plane and VMM processes of test daemons.
-fn leftover_pumps() -> Vec<u32> {
+fn leftover_pumps(test_binaries: &[PathBuf]) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     dir.filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
         .filter(|pid| {
+            // Anything still running the binaries the tests ran is theirs,
+            // whatever its arguments (a data plane with the FHS state dir).
+            if std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| test_binaries.contains(&exe)) {
+                return true;
+            }
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
                     let c = String::from_utf8_lossy(&c);
@@ -491,7 +496,11 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin).env("SBX_NET_DEB", &deb));
     drop(load);
     let mut left: Vec<String> = Vec::new();
-    for pid in leftover_pumps() {
+    let test_binaries: Vec<PathBuf> = [sbx_net_bin.clone(), target_dir(root).join("debug/sbx-net-cni")]
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        .collect();
+    for pid in leftover_pumps(&test_binaries) {
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         left.push(format!("guest pump, data plane, VMM, etcd or light fleet host pid {pid}"));
     }

@@ -33,7 +33,7 @@ pub enum Compression {
 /// The shared libraries the binaries link (ldd) and the Debian packages
 /// that provide them: `Depends:`. The package test checks this against ldd
 /// of the installed binary, so a new link cannot go unlisted.
-const DEPENDS: &str = "libc6 (>= 2.36), libgcc-s1, libnftnl11, libmnl0, iproute2";
+const DEPENDS: &str = "libc6 (>= 2.36), libgcc-s1, libnftnl11, libmnl0";
 
 /// Files the package takes from the tree: (source under the repository,
 /// destination in the package, mode).
@@ -127,6 +127,9 @@ pub fn build_deb(root: &Path, bin_dir: &Path, out_dir: &Path, compression: Compr
     );
     write(&stage.join("DEBIAN/control"), &control, 0o644)?;
 
+    // Whatever the umask, directories are 0755 (dpkg-deb refuses a
+    // control directory it cannot trust).
+    set_dir_modes(&stage)?;
     let deb = out_dir.join(format!("{PACKAGE}_{version}_{arch}.deb"));
     let compress = match compression {
         Compression::Release => ["-Zxz", "-z9"],
@@ -135,6 +138,18 @@ pub fn build_deb(root: &Path, bin_dir: &Path, out_dir: &Path, compression: Compr
     run(Command::new("dpkg-deb").arg("--root-owner-group").args(compress).arg("--build").arg(&stage).arg(&deb))?;
     std::fs::remove_dir_all(&stage)?;
     Ok(deb)
+}
+
+fn set_dir_modes(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            set_dir_modes(&entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 fn install(from: &Path, to: &Path, mode: u32) -> Result<()> {

@@ -175,11 +175,19 @@ impl DaemonConfig {
     pub fn load_or_default(explicit: Option<&Path>) -> Result<DaemonConfig, ConfigError> {
         let mut config = match explicit {
             Some(path) => Self::load(path)?,
-            None if Path::new(DEFAULT_CONFIG).exists() => Self::load(Path::new(DEFAULT_CONFIG))?,
+            None if fhs_present(Path::new(DEFAULT_CONFIG))? => Self::load(Path::new(DEFAULT_CONFIG))?,
             None => DaemonConfig::default(),
         };
-        config.use_default_policy_dir(Path::new(DEFAULT_POLICY_DIR).is_dir());
+        if config.policy_dir.is_none() {
+            config.use_default_policy_dir(fhs_present(Path::new(DEFAULT_POLICY_DIR))?);
+        }
         Ok(config)
+    }
+
+    /// Whether a client should read [`DEFAULT_CONFIG`] for the socket:
+    /// it is there, or cannot be told absent (then reading it says why).
+    pub fn default_config_present() -> Result<bool, ConfigError> {
+        fhs_present(Path::new(DEFAULT_CONFIG))
     }
 
     /// The FHS policy dir when the configuration names none and it exists
@@ -383,9 +391,41 @@ impl DaemonConfig {
     }
 }
 
+/// Whether an FHS default path is there to be used. Only "no such file"
+/// means absent: a file that cannot be read (permissions, a symlink to a
+/// mount not there yet, an I/O error) is an error, never a silent fall back
+/// to the built-in defaults, which would run the daemon on another socket,
+/// pools and state dir.
+fn fhs_present(path: &Path) -> Result<bool, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { file: path.display().to_string(), reason };
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(invalid(format!("cannot tell whether it exists: {e}"))),
+        // A symlink (or anything) must lead somewhere that can be read.
+        Ok(_) => match std::fs::metadata(path) {
+            Ok(_) => Ok(true),
+            Err(e) => Err(invalid(format!("is there but cannot be used: {e}"))),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_default_is_absent() {
+        let dir = std::env::temp_dir().join(format!("sbx-config-fhs-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!fhs_present(&dir.join("none.toml")).unwrap());
+        std::fs::write(dir.join("c.toml"), "").unwrap();
+        assert!(fhs_present(&dir.join("c.toml")).unwrap());
+        std::os::unix::fs::symlink(dir.join("not-mounted-yet/c.toml"), dir.join("dangling.toml")).unwrap();
+        let e = fhs_present(&dir.join("dangling.toml")).unwrap_err().to_string();
+        assert!(e.contains("dangling.toml") && e.contains("cannot be used"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn commented_defaults_parse_to_the_defaults() {
