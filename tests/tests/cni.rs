@@ -1,7 +1,8 @@
 //! The hand-off to runtimes and VMMs against a real daemon: `sbx-net-cni`
 //! driven exactly as a CNI runtime drives a plugin (the CNI_* environment
 //! and nothing else, the network configuration on stdin, run in the
-//! runtime's network namespace, which is the daemon's), every answer
+//! runtime's network namespace, which is the daemon's, entered with setns
+//! as a runtime does, so /sys stays the test's), every answer
 //! validated against JSON Schemas written from the CNI 1.0.0 spec
 //! (tests/cni/*.schema.json) by an independent validator (check-jsonschema),
 //! then the test microVM booted on the tap ADD returned, resolving an
@@ -107,7 +108,7 @@ impl Attachment {
     /// network namespace, with an environment of the CNI variables (and
     /// PATH) only, the configuration on stdin.
     fn plugin(&self, w: &World, command: &str, config: &[u8]) -> Output {
-        let mut run = Command::new("ip");
+        let mut run = in_runtime_netns(w);
         run.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)
@@ -116,11 +117,20 @@ impl Attachment {
             .env("CNI_IFNAME", self.ifname)
             .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAME=agent")
             .env("CNI_PATH", cni_bin().parent().unwrap())
-            .args(["netns", "exec", w.h.topology.host.name()])
             .arg(cni_bin())
             .stderr(std::process::Stdio::piped());
         output_with_stdin(&mut run, config)
     }
+}
+
+/// `nsenter --net` into the daemon's namespace, the runtime's: setns only,
+/// like a runtime (unlike `ip netns exec`, which also mounts a /sys of the
+/// namespace), so a plugin that looked for the tap in /sys/class/net would
+/// look in the test's namespace and not find it.
+fn in_runtime_netns(w: &World) -> Command {
+    let mut command = Command::new(require_tool("nsenter"));
+    command.arg(format!("--net=/run/netns/{}", w.h.topology.host.name()));
+    command
 }
 
 /// stdout as JSON (Null when empty), panicking with everything on garbage.
@@ -264,6 +274,13 @@ fn a_runtime_adds_checks_and_deletes_and_the_vm_on_the_tap_meets_the_policy() {
     wrong["prevResult"] = result.clone();
     wrong["prevResult"]["interfaces"][1]["mac"] = json!("02:00:00:00:00:99");
     assert_cni_error(&dir, &a.plugin(&w, "CHECK", &serde_json::to_vec(&wrong).unwrap()), 102, "CHECK with a wrong MAC");
+    // The operator tightened the configuration's policy: the sandbox still
+    // enforces the old one, so CHECK fails and names both.
+    let mut stricter = w.config();
+    stricter["policy"] = json!("strict");
+    stricter["prevResult"] = result.clone();
+    let e = assert_cni_error(&dir, &a.plugin(&w, "CHECK", &serde_json::to_vec(&stricter).unwrap()), 102, "CHECK with another policy");
+    assert!(e["msg"].as_str().unwrap().contains("\"agents\"") && e["msg"].as_str().unwrap().contains("\"strict\""), "{e}");
 
     // Traffic through the tap ADD returned: the test microVM on it.
     if kvm() {
@@ -292,8 +309,15 @@ fn a_runtime_adds_checks_and_deletes_and_the_vm_on_the_tap_meets_the_policy() {
         });
     }
 
-    // DEL: the sandbox goes, and its tap; DEL again (and without a netns) succeeds.
-    let out = a.plugin(&w, "DEL", &with_prev);
+    // DEL: the sandbox goes, and its tap, even after the operator upgraded
+    // and edited the configuration (a version ADD refuses, no policy, an
+    // ipam): DEL reads only the name and socket. DEL again (and without a
+    // netns) succeeds.
+    let mut edited = w.config();
+    edited["cniVersion"] = json!("0.4.0");
+    edited.as_object_mut().unwrap().remove("policy");
+    edited["ipam"] = json!({ "type": "host-local" });
+    let out = a.plugin(&w, "DEL", &serde_json::to_vec(&edited).unwrap());
     assert!(out.status.success() && out.stdout.is_empty(), "DEL: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(w.h.cli(&["sandbox", "show", &name]).status.code() == Some(66), "the sandbox outlived DEL");
     wait_until(Duration::from_secs(15), "the tap removed after DEL", || !link_exists(&w, tap));
@@ -301,13 +325,12 @@ fn a_runtime_adds_checks_and_deletes_and_the_vm_on_the_tap_meets_the_policy() {
     assert!(out.status.success(), "DEL again: {}", String::from_utf8_lossy(&out.stdout));
     drop(a.netns);
     let gone = Attachment { container_id: a.container_id.clone(), netns: NetNs::create(&unique_name("ctr2")).unwrap(), ifname: "eth0" };
-    let mut del = Command::new("ip");
+    let mut del = in_runtime_netns(&w);
     del.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", "DEL")
         .env("CNI_CONTAINERID", &gone.container_id)
         .env("CNI_IFNAME", "eth0")
-        .args(["netns", "exec", w.h.topology.host.name()])
         .arg(cni_bin());
     let out = output_with_stdin(&mut del, &config);
     assert!(out.status.success(), "DEL without CNI_NETNS: {}", String::from_utf8_lossy(&out.stdout));
@@ -360,6 +383,19 @@ fn sandbox_create_prints_what_firecracker_cloud_hypervisor_and_scripts_need() {
     assert!(link_exists(&w, tap));
     assert_eq!(words[2], "--cmdline");
     assert!(words[3].starts_with(&format!("ip={}::", info["guest_ipv4"].as_str().unwrap())), "{text}");
+    // An adopted tap whose name a shell would glob (the kernel allows '['):
+    // no words for an unquoted $(…), while Firecracker's JSON carries it.
+    // The tap lives in the topology's namespace, which goes with the test.
+    let glob_tap = "ch[0]";
+    let made = run_in(w.h.topology.host.name(), "ip", &["tuntap", "add", "dev", glob_tap, "mode", "tap"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let adopted = unique_name("glob");
+    w.h.cli_ok(&["sandbox", "create", &adopted, "--policy", "agents", "--tap", glob_tap]);
+    let refusal = w.h.cli_err(&["sandbox", "show", &adopted, "-o", "cloud-hypervisor"]);
+    assert!(refusal.contains("glob character") && refusal.contains(glob_tap), "{refusal}");
+    let fc: Value = serde_json::from_str(&w.h.cli_ok(&["sandbox", "show", &adopted, "-o", "firecracker"])).unwrap();
+    assert_eq!(fc["network-interfaces"][0]["host_dev_name"], glob_tap);
+    w.h.cli_ok(&["sandbox", "delete", &adopted]);
 
     // Shell variables: sh's eval gives back the values.
     let env_name = unique_name("env");

@@ -2,16 +2,19 @@
 //! an sbx-net sandbox. The runtime runs it with CNI_COMMAND, CNI_CONTAINERID,
 //! CNI_NETNS, CNI_IFNAME (CNI_ARGS, CNI_PATH) and the network configuration
 //! on stdin; the result or the CNI error goes to stdout, a log line to
-//! stderr. All of the logic is in `sbx_net::cli::cni`.
+//! stderr. The daemon's socket is the network configuration's `socket`,
+//! else that of /etc/sbx-net/config.toml, else the default. All of the
+//! logic is in `sbx_net::cli::cni`.
 
 use std::io::{Read, Write};
 
-use sbx_net::cli::cni::{run, DaemonBackend};
+use sbx_net::cli::cni::{daemon_config_socket, run, DaemonBackend, World};
 
 fn main() {
     let mut stdin = Vec::new();
     let read = std::io::stdin().read_to_end(&mut stdin).map(|_| stdin);
-    let outcome = run(|name| std::env::var(name).ok(), read, |socket| DaemonBackend { socket: socket.to_path_buf() });
+    let world = World { daemon_socket: daemon_config_socket, backend: |socket: &std::path::Path| DaemonBackend { socket: socket.to_path_buf() } };
+    let outcome = run(|name| std::env::var(name).ok(), read, world);
     if let Some(line) = &outcome.log {
         eprintln!("{line}");
     }

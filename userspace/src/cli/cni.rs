@@ -13,8 +13,23 @@
 //! from the attachment (network name, container id, interface name), so
 //! CHECK and DEL find it again without state of the plugin's own.
 //!
-//! Everything but the daemon and the `/sys/class/net` look-up is pure and
-//! unit-tested here; the binary (`src/bin/sbx-net-cni.rs`) is a shim.
+//! The daemon's socket: the network configuration's `socket`; without one,
+//! the `socket` of /etc/sbx-net/config.toml when that file exists (a file
+//! that does not load is error 7, not a guess), else
+//! /run/sbx-net/sbx-net.sock. The plugin reads nothing else of
+//! config.toml.
+//!
+//! ADD and CHECK validate the whole configuration (the spec's codes); CHECK
+//! also fails when the sandbox enforces another policy than the
+//! configuration names (an operator who changed the policy must DEL and
+//! ADD to apply it). DEL reads only what it uses (the network name, the
+//! socket, a `cniVersion` to echo in an error) and ignores the rest, so
+//! editing or upgrading the configuration while pods run never wedges
+//! their teardown; a sandbox that is already gone is a success, as the
+//! spec asks of DEL.
+//!
+//! Everything but the daemon, config.toml and the interface look-up is pure
+//! and unit-tested here; the binary (`src/bin/sbx-net-cni.rs`) is a shim.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -28,8 +43,6 @@ pub const SPEC_VERSION: &str = "1.0.0";
 /// What `VERSION` reports. 1.0.0 only: its results are what we build, and
 /// 1.1.0 would oblige GC and STATUS.
 pub const SUPPORTED_VERSIONS: [&str; 1] = [SPEC_VERSION];
-/// Where the daemon listens when the configuration has no `socket`.
-pub const DEFAULT_SOCKET: &str = crate::control::config::DEFAULT_SOCKET;
 /// How long one request to the daemon may take (a create builds a tap and
 /// its datapath; runtimes give a plugin minutes).
 pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,7 +175,8 @@ pub struct NetConf {
     /// The sbx-net policy the sandbox enforces (required: there is no
     /// default policy to fall back to, fail closed).
     pub policy: String,
-    pub socket: PathBuf,
+    /// `socket`, if the configuration names one (see [`resolve_socket`]).
+    pub socket: Option<PathBuf>,
     /// The previous plugin's result (ADD in a chain), or the attachment's
     /// final result (CHECK, DEL), kept as given to pass it through.
     pub prev_result: Option<Map<String, Value>>,
@@ -175,30 +189,21 @@ pub fn stdin_version(stdin: &[u8]) -> Option<String> {
     v.get("cniVersion")?.as_str().map(str::to_string)
 }
 
-/// Parses and checks the configuration: not JSON → 6, a version other
-/// than 1.0.0 → 1, `ipam` (we assign the addresses) → 2, no usable
-/// name, policy or socket → 7.
+/// Parses and checks the configuration for ADD and CHECK: not JSON → 6, a
+/// version other than 1.0.0 → 1, `ipam` (we assign the addresses) → 2, no
+/// usable name, policy or socket → 7.
 pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
-    let value: Value = serde_json::from_slice(stdin).map_err(|e| CniError::new(code::DECODING_FAILURE, "error decoding the network configuration", e.to_string()))?;
-    let Value::Object(mut conf) = value else {
-        return Err(CniError::new(code::DECODING_FAILURE, "error decoding the network configuration", "it is not a JSON object"));
-    };
+    let mut conf = parse_object(stdin)?;
     let cni_version = match conf.get("cniVersion") {
         Some(Value::String(v)) => v.clone(),
         // libcni reads a missing version as 0.1.0, which we do not speak.
         None => return Err(incompatible("(none: 0.1.0)")),
-        Some(other) => return Err(CniError::new(code::DECODING_FAILURE, "cniVersion is not a string", other.to_string())),
+        Some(other) => return Err(not_a_version(other)),
     };
     if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
         return Err(incompatible(&cni_version));
     }
-    let name = match conf.get("name") {
-        Some(Value::String(n)) if is_cni_name(n) => n.clone(),
-        Some(Value::String(n)) if n.is_empty() => return Err(CniError::new(code::INVALID_CONFIG, "missing network name", "")),
-        Some(Value::String(n)) => return Err(CniError::new(code::INVALID_CONFIG, "invalid characters found in network name", n.clone())),
-        None => return Err(CniError::new(code::INVALID_CONFIG, "missing network name", "")),
-        Some(other) => return Err(CniError::new(code::INVALID_CONFIG, "network name is not a string", other.to_string())),
-    };
+    let name = network_name(&conf)?;
     if let Some(ipam) = conf.get("ipam") {
         // The daemon assigns the sandbox's addresses; an IPAM plugin's
         // would be silently ignored, so it is refused.
@@ -209,17 +214,91 @@ pub fn parse_config(stdin: &[u8]) -> Result<NetConf, CniError> {
         None => return Err(CniError::new(code::INVALID_CONFIG, "missing policy", "the configuration must name the sbx-net policy the sandbox enforces (\"policy\": \"NAME\")")),
         Some(other) => return Err(CniError::new(code::INVALID_CONFIG, "policy must be a policy name", other.to_string())),
     };
-    let socket = match conf.get("socket") {
-        None => PathBuf::from(DEFAULT_SOCKET),
-        Some(Value::String(s)) if Path::new(s).is_absolute() => PathBuf::from(s),
-        Some(other) => return Err(CniError::new(code::INVALID_CONFIG, "socket must be the daemon's control socket as an absolute path", other.to_string())),
-    };
+    let socket = configured_socket(&conf)?;
     let prev_result = match conf.remove("prevResult") {
         None | Some(Value::Null) => None,
         Some(Value::Object(prev)) => Some(prev),
         Some(other) => return Err(CniError::new(code::DECODING_FAILURE, "prevResult is not a result object", other.to_string())),
     };
     Ok(NetConf { cni_version, name, policy, socket, prev_result })
+}
+
+/// What DEL needs of the configuration: the attachment's network and the
+/// daemon's socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DelConf {
+    pub name: String,
+    pub socket: Option<PathBuf>,
+}
+
+/// Parses the configuration for DEL, leniently: the configuration may have
+/// changed since ADD (another version, another policy, a key ADD refuses),
+/// and a DEL that failed on that would leave the pod's teardown stuck
+/// forever. So only what DEL uses is checked: a JSON object (6), a
+/// `cniVersion` that is a string when present, any version (6: DEL
+/// returns no result, so no version's format matters, and the error
+/// object echoes it), a valid network name and socket (7). `policy`,
+/// `ipam`, `prevResult` and everything else are ignored.
+pub fn parse_del_config(stdin: &[u8]) -> Result<DelConf, CniError> {
+    let conf = parse_object(stdin)?;
+    if let Some(version) = conf.get("cniVersion").filter(|v| !v.is_string()) {
+        return Err(not_a_version(version));
+    }
+    Ok(DelConf { name: network_name(&conf)?, socket: configured_socket(&conf)? })
+}
+
+fn parse_object(stdin: &[u8]) -> Result<Map<String, Value>, CniError> {
+    let value: Value = serde_json::from_slice(stdin).map_err(|e| CniError::new(code::DECODING_FAILURE, "error decoding the network configuration", e.to_string()))?;
+    match value {
+        Value::Object(conf) => Ok(conf),
+        _ => Err(CniError::new(code::DECODING_FAILURE, "error decoding the network configuration", "it is not a JSON object")),
+    }
+}
+
+fn not_a_version(value: &Value) -> CniError {
+    CniError::new(code::DECODING_FAILURE, "cniVersion is not a string", value.to_string())
+}
+
+fn network_name(conf: &Map<String, Value>) -> Result<String, CniError> {
+    match conf.get("name") {
+        Some(Value::String(n)) if is_cni_name(n) => Ok(n.clone()),
+        Some(Value::String(n)) if n.is_empty() => Err(CniError::new(code::INVALID_CONFIG, "missing network name", "")),
+        Some(Value::String(n)) => Err(CniError::new(code::INVALID_CONFIG, "invalid characters found in network name", n.clone())),
+        None => Err(CniError::new(code::INVALID_CONFIG, "missing network name", "")),
+        Some(other) => Err(CniError::new(code::INVALID_CONFIG, "network name is not a string", other.to_string())),
+    }
+}
+
+/// The configuration's `socket`, which must be absolute: the plugin runs in
+/// the runtime's working directory, not the daemon's.
+fn configured_socket(conf: &Map<String, Value>) -> Result<Option<PathBuf>, CniError> {
+    match conf.get("socket") {
+        None => Ok(None),
+        Some(Value::String(s)) if Path::new(s).is_absolute() => Ok(Some(PathBuf::from(s))),
+        Some(other) => Err(CniError::new(code::INVALID_CONFIG, "socket must be the daemon's control socket as an absolute path", other.to_string())),
+    }
+}
+
+/// The daemon's socket: the network configuration's, else what
+/// `daemon_socket` says (the daemon's own configuration file, see
+/// [`daemon_config_socket`]), which must be absolute too.
+pub fn resolve_socket(configured: Option<&Path>, daemon_socket: impl FnOnce() -> Result<PathBuf, String>) -> Result<PathBuf, CniError> {
+    if let Some(socket) = configured {
+        return Ok(socket.to_path_buf());
+    }
+    let file = crate::control::config::DEFAULT_CONFIG;
+    let socket = daemon_socket().map_err(|reason| CniError::new(code::INVALID_CONFIG, format!("the network configuration names no socket, and {file} does not load"), reason))?;
+    match socket.is_absolute() {
+        true => Ok(socket),
+        false => Err(CniError::new(code::INVALID_CONFIG, format!("the network configuration names no socket, and {file}'s is not an absolute path"), socket.display().to_string())),
+    }
+}
+
+/// The socket the daemon listens on by its configuration: the `socket` of
+/// /etc/sbx-net/config.toml when that file exists (Err: it does not load),
+/// else the default.
+pub fn daemon_config_socket() -> Result<PathBuf, String> {
+    crate::control::config::DaemonConfig::load_or_default(None).map(|c| c.socket).map_err(|e| e.to_string())
 }
 
 fn incompatible(version: &str) -> CniError {
@@ -338,6 +417,21 @@ pub fn check_result(prev: &Map<String, Value>, inv: &Invocation, info: &SandboxI
     Ok(())
 }
 
+/// CHECK: the sandbox must enforce the policy the configuration names. The
+/// sandbox keeps the policy it was made with; a configuration changed to
+/// another (say a stricter one) is not in force until DEL and ADD, and
+/// CHECK must say so rather than report a healthy attachment.
+pub fn check_policy(conf: &NetConf, info: &SandboxInfo) -> Result<(), CniError> {
+    if info.policy == conf.policy {
+        return Ok(());
+    }
+    Err(CniError::new(
+        code::CHECK_FAILED,
+        format!("sandbox {} enforces policy {:?}, the network configuration names {:?}", info.name, info.policy, conf.policy),
+        "the policy changed since ADD: DEL and ADD the attachment to apply it",
+    ))
+}
+
 /// A client error in CNI terms, for `command`.
 pub fn daemon_error(command: Command, socket: &Path, e: ClientError) -> CniError {
     match e {
@@ -367,7 +461,8 @@ pub trait Backend {
     fn link_exists(&self, name: &str) -> bool;
 }
 
-/// The real backend: the daemon's control socket and `/sys/class/net`.
+/// The real backend: the daemon's control socket and the plugin's network
+/// namespace.
 pub struct DaemonBackend {
     pub socket: PathBuf,
 }
@@ -394,8 +489,11 @@ impl Backend for DaemonBackend {
     }
 
     fn link_exists(&self, name: &str) -> bool {
-        // The name was checked by the daemon's rules (no '/'), and again here.
-        !name.contains('/') && Path::new("/sys/class/net").join(name).exists()
+        // The kernel's look-up in the calling thread's network namespace;
+        // /sys/class/net would show the namespace sysfs was mounted in,
+        // which is not the runtime's when it entered a namespace with
+        // setns (as containerd in a pod netns does) rather than `ip netns exec`.
+        crate::sandbox::ifindex_of(name).is_some()
     }
 }
 
@@ -408,60 +506,89 @@ pub struct Outcome {
     pub log: Option<String>,
 }
 
-/// One invocation: environment and stdin in, output out. `backend` is
-/// made from the configuration's socket.
-pub fn run<B: Backend>(get_env: impl Fn(&str) -> Option<String>, stdin: Result<Vec<u8>, std::io::Error>, backend: impl FnOnce(&Path) -> B) -> Outcome {
+/// Where the plugin finds the world: the daemon's socket when the network
+/// configuration names none ([`daemon_config_socket`]), and the backend
+/// for a socket.
+pub struct World<S, F> {
+    pub daemon_socket: S,
+    pub backend: F,
+}
+
+/// One invocation: environment and stdin in, output out.
+pub fn run<B: Backend>(
+    get_env: impl Fn(&str) -> Option<String>,
+    stdin: Result<Vec<u8>, std::io::Error>,
+    world: World<impl FnOnce() -> Result<PathBuf, String>, impl FnOnce(&Path) -> B>,
+) -> Outcome {
     let stdin_bytes = stdin.as_deref().ok().unwrap_or_default();
     let version = stdin_version(stdin_bytes).unwrap_or_else(|| SPEC_VERSION.to_string());
-    match execute(get_env, stdin, backend) {
+    match execute(get_env, stdin, world) {
         Ok((stdout, log)) => Outcome { stdout, exit_code: 0, log },
         Err(e) => Outcome { stdout: e.to_json(&version).to_string(), exit_code: 1, log: Some(e.to_string()) },
     }
 }
 
-fn execute<B: Backend>(get_env: impl Fn(&str) -> Option<String>, stdin: Result<Vec<u8>, std::io::Error>, backend: impl FnOnce(&Path) -> B) -> Result<(String, Option<String>), CniError> {
+fn execute<B: Backend>(
+    get_env: impl Fn(&str) -> Option<String>,
+    stdin: Result<Vec<u8>, std::io::Error>,
+    world: World<impl FnOnce() -> Result<PathBuf, String>, impl FnOnce(&Path) -> B>,
+) -> Result<(String, Option<String>), CniError> {
     let inv = parse_env(get_env)?;
     let stdin = stdin.map_err(|e| CniError::new(code::IO_FAILURE, "error reading the network configuration from stdin", e.to_string()))?;
-    if inv.command == Command::Version {
-        // The input's version echoed, as the spec asks; none readable: ours.
-        let version = stdin_version(&stdin).unwrap_or_else(|| SPEC_VERSION.to_string());
-        return Ok((json!({ "cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS }).to_string(), None));
-    }
-    let conf = parse_config(&stdin)?;
-    let name = sandbox_name(&conf.name, &inv.container_id, &inv.ifname);
-    let backend = backend(&conf.socket);
     match inv.command {
-        Command::Add => {
-            let info = backend.create(&name, &conf.policy).map_err(|e| daemon_error(Command::Add, &conf.socket, e))?;
-            if !backend.link_exists(&info.tap) {
-                // The runtime could not open it: undo, and say why.
-                let undo = backend.delete(&name).err().map(|e| format!("; deleting the sandbox again failed: {e}")).unwrap_or_default();
-                return Err(CniError::new(
-                    code::TAP_NOT_HERE,
-                    format!("the sandbox's tap {} is not in this network namespace", info.tap),
-                    format!("run the runtime (and this plugin) in the sbx-net daemon's network namespace{undo}"),
-                ));
-            }
-            let result = build_result(&conf, &inv, &info);
-            Ok((result.to_string(), Some(format!("sbx-net-cni: ADD {}/{}: sandbox {name}, tap {}", inv.container_id, inv.ifname, info.tap))))
+        Command::Version => {
+            // The input's version echoed, as the spec asks; none readable: ours.
+            let version = stdin_version(&stdin).unwrap_or_else(|| SPEC_VERSION.to_string());
+            Ok((json!({ "cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS }).to_string(), None))
         }
-        Command::Del => match backend.delete(&name) {
-            Ok(()) => Ok((String::new(), Some(format!("sbx-net-cni: DEL {}/{}: sandbox {name} deleted", inv.container_id, inv.ifname)))),
-            // DEL again, or after a failed ADD: nothing to undo.
-            Err(ClientError::Daemon { kind: ErrorKind::NotFound, .. }) => Ok((String::new(), None)),
-            Err(e) => Err(daemon_error(Command::Del, &conf.socket, e)),
-        },
-        Command::Check => {
-            let prev = conf.prev_result.as_ref().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult", "the runtime must pass the ADD result as prevResult"))?;
-            let info = backend.show(&name).map_err(|e| daemon_error(Command::Check, &conf.socket, e))?;
-            check_result(prev, &inv, &info)?;
-            if !backend.link_exists(&info.tap) {
-                return Err(CniError::new(code::CHECK_FAILED, format!("the sandbox's tap {} is missing", info.tap), format!("sandbox {name}")));
+        Command::Del => {
+            let conf = parse_del_config(&stdin)?;
+            let socket = resolve_socket(conf.socket.as_deref(), world.daemon_socket)?;
+            let name = sandbox_name(&conf.name, &inv.container_id, &inv.ifname);
+            match (world.backend)(&socket).delete(&name) {
+                Ok(()) => Ok((String::new(), Some(format!("sbx-net-cni: DEL {}/{}: sandbox {name} deleted", inv.container_id, inv.ifname)))),
+                // DEL again, or after a failed ADD: nothing to undo.
+                Err(ClientError::Daemon { kind: ErrorKind::NotFound, .. }) => Ok((String::new(), None)),
+                Err(e) => Err(daemon_error(Command::Del, &socket, e)),
             }
-            Ok((String::new(), None))
         }
-        Command::Version => unreachable!("answered above"),
+        Command::Add | Command::Check => {
+            let conf = parse_config(&stdin)?;
+            let socket = resolve_socket(conf.socket.as_deref(), world.daemon_socket)?;
+            let name = sandbox_name(&conf.name, &inv.container_id, &inv.ifname);
+            let backend = (world.backend)(&socket);
+            match inv.command {
+                Command::Add => add(&conf, &inv, &name, &socket, &backend),
+                _ => check(&conf, &inv, &name, &socket, &backend).map(|()| (String::new(), None)),
+            }
+        }
     }
+}
+
+fn add(conf: &NetConf, inv: &Invocation, name: &str, socket: &Path, backend: &impl Backend) -> Result<(String, Option<String>), CniError> {
+    let info = backend.create(name, &conf.policy).map_err(|e| daemon_error(Command::Add, socket, e))?;
+    if !backend.link_exists(&info.tap) {
+        // The runtime could not open it: undo, and say why.
+        let undo = backend.delete(name).err().map(|e| format!("; deleting the sandbox again failed: {e}")).unwrap_or_default();
+        return Err(CniError::new(
+            code::TAP_NOT_HERE,
+            format!("the sandbox's tap {} is not in this network namespace", info.tap),
+            format!("run the runtime (and this plugin) in the sbx-net daemon's network namespace{undo}"),
+        ));
+    }
+    let result = build_result(conf, inv, &info);
+    Ok((result.to_string(), Some(format!("sbx-net-cni: ADD {}/{}: sandbox {name}, tap {}", inv.container_id, inv.ifname, info.tap))))
+}
+
+fn check(conf: &NetConf, inv: &Invocation, name: &str, socket: &Path, backend: &impl Backend) -> Result<(), CniError> {
+    let prev = conf.prev_result.as_ref().ok_or_else(|| CniError::new(code::INVALID_CONFIG, "CHECK needs prevResult", "the runtime must pass the ADD result as prevResult"))?;
+    let info = backend.show(name).map_err(|e| daemon_error(Command::Check, socket, e))?;
+    check_policy(conf, &info)?;
+    check_result(prev, inv, &info)?;
+    if !backend.link_exists(&info.tap) {
+        return Err(CniError::new(code::CHECK_FAILED, format!("the sandbox's tap {} is missing", info.tap), format!("sandbox {name}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -508,6 +635,8 @@ mod tests {
         down: bool,
         tap_elsewhere: bool,
         asked: RefCell<Vec<String>>,
+        /// The sockets the plugin made a backend for.
+        sockets: RefCell<Vec<PathBuf>>,
     }
 
     impl Backend for &FakeDaemon {
@@ -545,14 +674,26 @@ mod tests {
             }
         }
 
+        /// The plugin with /etc/sbx-net/config.toml naming [`CONFIG_TOML_SOCKET`].
         fn invoke(&self, env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> (Value, i32) {
-            let out = run(env, Ok(stdin.to_vec()), |socket| {
-                assert_eq!(socket, Path::new("/run/test.sock"));
+            self.invoke_with(env, stdin, || Ok(PathBuf::from(CONFIG_TOML_SOCKET)))
+        }
+
+        fn invoke_with(&self, env: impl Fn(&str) -> Option<String>, stdin: &[u8], daemon_socket: impl FnOnce() -> Result<PathBuf, String>) -> (Value, i32) {
+            let backend = |socket: &Path| {
+                self.sockets.borrow_mut().push(socket.to_path_buf());
                 self
-            });
+            };
+            let out = run(env, Ok(stdin.to_vec()), World { daemon_socket, backend });
             let v = if out.stdout.is_empty() { Value::Null } else { serde_json::from_str(&out.stdout).unwrap() };
             (v, out.exit_code)
         }
+    }
+
+    const CONFIG_TOML_SOCKET: &str = "/run/config-toml.sock";
+
+    fn no_daemon_socket() -> Result<PathBuf, String> {
+        panic!("the network configuration names its socket: config.toml is not read")
     }
 
     fn with_prev(prev: &Value) -> Vec<u8> {
@@ -591,6 +732,7 @@ mod tests {
         assert_eq!(daemon.invoke(env("DEL"), &with_prev(&result)), (Value::Null, 0));
         assert!(daemon.sandboxes.borrow().is_empty());
         assert_eq!(daemon.invoke(env("DEL"), &with_prev(&result)), (Value::Null, 0), "DEL again is a success");
+        assert!(daemon.sockets.borrow().iter().all(|s| s == Path::new("/run/test.sock")), "the configuration's socket: {:?}", daemon.sockets.borrow());
         // CHECK after DEL: the sandbox is gone.
         let (e, _) = daemon.invoke(env("CHECK"), &with_prev(&result));
         assert_eq!(e["code"], 102, "{e}");
@@ -728,7 +870,7 @@ mod tests {
         }
         assert!(daemon.asked.borrow().is_empty());
         // Unreadable stdin is an I/O failure.
-        let out = run(env("ADD"), Err(std::io::ErrorKind::BrokenPipe.into()), |_| &daemon);
+        let out = run(env("ADD"), Err(std::io::ErrorKind::BrokenPipe.into()), World { daemon_socket: no_daemon_socket, backend: |_: &Path| &daemon });
         assert_eq!(serde_json::from_str::<Value>(&out.stdout).unwrap()["code"], 5);
     }
 
@@ -753,6 +895,153 @@ mod tests {
 
     /// `printf 'sbx\0a\0eth0' | sha256sum`.
     const SHA256_SBX_A_ETH0: &str = "d063190ac64b290b179e3e1e6597def89fc363cfcd266a7d151b6971593f9d8c";
+
+    /// `config()` with `edit` applied to its JSON.
+    fn config_with(edit: impl FnOnce(&mut Map<String, Value>)) -> Vec<u8> {
+        let mut conf: Value = serde_json::from_slice(&config()).unwrap();
+        edit(conf.as_object_mut().unwrap());
+        serde_json::to_vec(&conf).unwrap()
+    }
+
+    #[test]
+    fn check_fails_when_the_configuration_names_another_policy() {
+        let daemon = FakeDaemon::default();
+        let (result, _) = daemon.invoke(env("ADD"), &config());
+        let stricter = config_with(|c| {
+            c.insert("policy".into(), json!("strict"));
+            c.insert("prevResult".into(), result.clone());
+        });
+        let (e, exit) = daemon.invoke(env("CHECK"), &stricter);
+        assert_eq!((e["code"].as_u64(), exit), (Some(102), 1), "{e}");
+        let msg = e["msg"].as_str().unwrap();
+        assert!(msg.contains("\"agents\"") && msg.contains("\"strict\""), "the message names both policies: {e}");
+        // The same configuration with the sandbox's policy passes.
+        assert_eq!(daemon.invoke(env("CHECK"), &with_prev(&result)), (Value::Null, 0));
+    }
+
+    #[test]
+    fn del_reads_only_what_it_uses_so_a_changed_configuration_still_tears_down() {
+        let daemon = FakeDaemon::default();
+        type Edit = (&'static str, fn(&mut Map<String, Value>));
+        let changes: [Edit; 7] = [
+            ("no policy", |c| drop(c.remove("policy"))),
+            ("another policy", |c| drop(c.insert("policy".into(), json!("strict")))),
+            ("a policy that is not a name", |c| drop(c.insert("policy".into(), json!(7)))),
+            ("ipam", |c| drop(c.insert("ipam".into(), json!({ "type": "host-local" })))),
+            ("an older cniVersion", |c| drop(c.insert("cniVersion".into(), json!("0.4.0")))),
+            ("no cniVersion", |c| drop(c.remove("cniVersion"))),
+            ("a prevResult that is not a result", |c| drop(c.insert("prevResult".into(), json!("garbage")))),
+        ];
+        for (what, edit) in changes {
+            assert_eq!(daemon.invoke(env("ADD"), &config()).1, 0);
+            assert_eq!(daemon.invoke(env("DEL"), &config_with(edit)), (Value::Null, 0), "DEL with {what}");
+            assert!(daemon.sandboxes.borrow().is_empty(), "DEL with {what} deleted the sandbox");
+        }
+        // What DEL uses is still checked, and its errors echo the version.
+        type Bad = (&'static str, fn(&mut Map<String, Value>), u64);
+        let refusals: [Bad; 5] = [
+            ("no name", |c| drop(c.remove("name")), 7),
+            ("a bad name", |c| drop(c.insert("name".into(), json!("a/b"))), 7),
+            ("a relative socket", |c| drop(c.insert("socket".into(), json!("x.sock"))), 7),
+            ("a socket that is not a string", |c| drop(c.insert("socket".into(), json!(1))), 7),
+            ("a cniVersion that is not a string", |c| drop(c.insert("cniVersion".into(), json!(1))), 6),
+        ];
+        let asked = daemon.asked.borrow().len();
+        for (what, edit, want) in refusals {
+            let (e, exit) = daemon.invoke(env("DEL"), &config_with(|c| {
+                c.insert("cniVersion".into(), json!("0.4.0"));
+                edit(c);
+            }));
+            assert_eq!((e["code"].as_u64(), exit), (Some(want), 1), "DEL with {what}: {e}");
+            if want == 7 {
+                assert_eq!(e["cniVersion"], "0.4.0", "{e}");
+            }
+        }
+        assert_eq!(daemon.invoke(env("DEL"), b"{").0["code"], 6);
+        assert_eq!(daemon.asked.borrow().len(), asked, "a refused DEL reached the daemon");
+        // ADD and CHECK stay strict.
+        let (result, _) = daemon.invoke(env("ADD"), &config());
+        let old = config_with(|c| {
+            c.insert("cniVersion".into(), json!("0.4.0"));
+            c.insert("prevResult".into(), result.clone());
+        });
+        assert_eq!(daemon.invoke(env("CHECK"), &old).0["code"], 1);
+        let with_ipam = config_with(|c| {
+            c.insert("ipam".into(), json!({}));
+            c.insert("prevResult".into(), result.clone());
+        });
+        assert_eq!(daemon.invoke(env("CHECK"), &with_ipam).0["code"], 2);
+    }
+
+    #[test]
+    fn without_a_socket_in_the_network_configuration_config_toml_names_it() {
+        let daemon = FakeDaemon::default();
+        let no_socket = config_with(|c| drop(c.remove("socket")));
+        for command in ["ADD", "CHECK", "DEL"] {
+            let stdin = match command {
+                "CHECK" => config_with(|c| {
+                    c.remove("socket");
+                    c.insert("prevResult".into(), json!({ "interfaces": [] }));
+                }),
+                _ => no_socket.clone(),
+            };
+            daemon.sockets.borrow_mut().clear();
+            daemon.invoke(env(command), &stdin);
+            assert_eq!(*daemon.sockets.borrow(), [PathBuf::from(CONFIG_TOML_SOCKET)], "{command}");
+        }
+        // The network configuration's socket wins; config.toml is not read.
+        let (_, exit) = daemon.invoke_with(env("ADD"), &config(), no_daemon_socket);
+        assert_eq!(exit, 0);
+        // A config.toml that does not load (or names a relative socket) is
+        // an invalid configuration with the reason, not a guess.
+        for (answer, reason) in [
+            (Err("/etc/sbx-net/config.toml:3: unknown field `sokcet`".to_string()), "unknown field `sokcet`"),
+            (Ok(PathBuf::from("run/sbx.sock")), "run/sbx.sock"),
+        ] {
+            for command in ["ADD", "DEL"] {
+                let asked = daemon.asked.borrow().len();
+                let (e, exit) = daemon.invoke_with(env(command), &no_socket, || answer.clone());
+                assert_eq!((e["code"].as_u64(), exit), (Some(7), 1), "{command}: {e}");
+                assert!(e["msg"].as_str().unwrap().contains("/etc/sbx-net/config.toml"), "{e}");
+                assert!(e["details"].as_str().unwrap().contains(reason), "{e}");
+                assert_eq!(daemon.asked.borrow().len(), asked, "{command} reached a daemon");
+            }
+        }
+    }
+
+    #[test]
+    fn link_exists_looks_in_the_callers_network_namespace_not_sysfs() {
+        // A thread in a new network namespace has only lo; sysfs, mounted
+        // for the test's namespace, still lists the test's links there.
+        let here = |name: &str| DaemonBackend { socket: PathBuf::new() }.link_exists(name);
+        assert!(here("lo"));
+        assert!(!here("sbx-no-such-0"));
+        assert!(!here("a\0b"), "a name with a NUL is no link");
+        let Some(elsewhere) = std::fs::read_dir("/sys/class/net").into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| n != "lo") else {
+            eprintln!("skipped the namespace part: no link but lo in /sys/class/net");
+            return;
+        };
+        assert!(here(&elsewhere), "{elsewhere} is in the test's namespace");
+        let in_new_netns = std::thread::spawn(move || {
+            // SAFETY: unshare(CLONE_NEWNET) takes no pointers; it moves only
+            // this thread, which ends (and so drops the namespace) below.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok((here("lo"), here(&elsewhere), Path::new("/sys/class/net").join(&elsewhere).exists(), elsewhere))
+        })
+        .join()
+        .unwrap();
+        match in_new_netns {
+            Ok((lo, elsewhere_seen, in_sysfs, elsewhere)) => {
+                assert!(lo, "the new namespace's lo");
+                assert!(in_sysfs, "sysfs still lists {elsewhere}: the case the look-up must not be fooled by");
+                assert!(!elsewhere_seen, "{elsewhere} is not in the new namespace");
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => eprintln!("skipped the namespace part: unshare: {e} (not root)"),
+            Err(e) => panic!("unshare(CLONE_NEWNET): {e}"),
+        }
+    }
 
     #[test]
     fn errors_serialise_as_the_spec_shows() {

@@ -9,8 +9,10 @@
 //! must leave its addresses and MAC alone: the datapath checks them.
 //!
 //! Every value that goes into another program's syntax is checked first
-//! (fail closed): a tap name that would end Cloud Hypervisor's option list,
-//! a MAC or address that does not parse, a prefix too long.
+//! (fail closed): a tap name that would end Cloud Hypervisor's option list
+//! (or, in its words meant for an unquoted `$(…)`, be split or globbed), a
+//! MAC or address that does not parse, a prefix too long; what is parsed
+//! is printed re-formatted, not as given.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -55,7 +57,7 @@ pub fn render(format: Format, info: &SandboxInfo) -> Result<String, HandoffError
     match format {
         Format::Json => Ok(serde_json::to_string(info)?),
         Format::Firecracker => firecracker(&Checked::from(free_tap(info)?)?),
-        Format::CloudHypervisor => Ok(cloud_hypervisor(&Checked::from(free_tap(info)?)?)),
+        Format::CloudHypervisor => cloud_hypervisor(&Checked::from(free_tap(info)?)?),
         Format::Env => env(info),
     }
 }
@@ -76,6 +78,9 @@ fn free_tap(info: &SandboxInfo) -> Result<&SandboxInfo, HandoffError> {
 /// The fields the VMM formats use, parsed.
 struct Checked<'a> {
     info: &'a SandboxInfo,
+    /// The guest's MAC re-formatted from its bytes (lower-case, two digits
+    /// each), whatever spelling the daemon's answer had.
+    guest_mac: String,
     guest_ipv4: Ipv4Addr,
     gateway_ipv4: Ipv4Addr,
     netmask: Ipv4Addr,
@@ -99,9 +104,9 @@ impl<'a> Checked<'a> {
         if !tap_ok {
             return Err(bad("tap", &info.tap, "is not a usable interface name"));
         }
-        if parse_mac(&info.guest_mac).is_none() {
+        let Some(guest_mac) = parse_mac(&info.guest_mac) else {
             return Err(bad("guest_mac", &info.guest_mac, "is not a MAC address (xx:xx:xx:xx:xx:xx)"));
-        }
+        };
         let v4 = |field: &'static str, value: &str| value.parse::<Ipv4Addr>().map_err(|_| bad(field, value, "is not an IPv4 address"));
         let v6 = |field: &'static str, value: &str| value.parse::<Ipv6Addr>().map_err(|_| bad(field, value, "is not an IPv6 address"));
         if info.ipv4_prefix_len > 32 {
@@ -112,6 +117,7 @@ impl<'a> Checked<'a> {
         }
         Ok(Checked {
             info,
+            guest_mac: format_mac(guest_mac),
             guest_ipv4: v4("guest_ipv4", &info.guest_ipv4)?,
             gateway_ipv4: v4("gateway_ipv4", &info.gateway_ipv4)?,
             netmask: ipv4_netmask(info.ipv4_prefix_len),
@@ -147,7 +153,7 @@ fn firecracker(c: &Checked<'_>) -> Result<String, HandoffError> {
         "network-interfaces": [{
             "iface_id": GUEST_IFNAME,
             "host_dev_name": info.tap,
-            "guest_mac": info.guest_mac,
+            "guest_mac": c.guest_mac,
         }],
         "boot_args": c.kernel_ip_arg(),
         "ipv6": {
@@ -160,18 +166,24 @@ fn firecracker(c: &Checked<'_>) -> Result<String, HandoffError> {
 }
 
 /// Cloud Hypervisor: the words to add to its command line, one flag and
-/// its value a line (no value holds white space, so `$(…)` splits them
-/// right). Not `ip=`/`mask=` (the tap has its addresses), not `host_mac=`
-/// (the tap's MAC is the gateway's, which the datapath checks); the
-/// offloads stay Cloud Hypervisor's defaults, which sbx-net's own VMM
-/// offers too.
-fn cloud_hypervisor(c: &Checked<'_>) -> String {
-    format!(
-        "--net tap={},mac={},num_queues={CLOUD_HYPERVISOR_NUM_QUEUES}\n--cmdline {}",
-        c.info.tap,
-        c.info.guest_mac,
-        c.kernel_ip_arg()
-    )
+/// its value a line, meant for an unquoted `$(…)`: so no value may hold
+/// white space (word splitting) or a glob character (`*`, `?`, `[`, and
+/// `\`, which some shells treat as a pattern too), or the shell would
+/// change the words. Only the tap name is not ours (an adopted tap is named
+/// by whoever made it); the MAC is re-formatted hex, the rest addresses.
+/// Not `ip=`/`mask=` (the tap has its addresses), not `host_mac=` (the
+/// tap's MAC is the gateway's, which the datapath checks); the offloads
+/// stay Cloud Hypervisor's defaults, which sbx-net's own VMM offers too.
+fn cloud_hypervisor(c: &Checked<'_>) -> Result<String, HandoffError> {
+    if c.info.tap.contains(|ch: char| ch.is_whitespace() || matches!(ch, '*' | '?' | '[' | '\\')) {
+        return Err(HandoffError::Field {
+            sandbox: c.info.name.clone(),
+            field: "tap",
+            value: c.info.tap.clone(),
+            problem: "holds white space or a glob character ('*', '?', '[', '\\'), which an unquoted $(…) would split or expand",
+        });
+    }
+    Ok(format!("--net tap={},mac={},num_queues={CLOUD_HYPERVISOR_NUM_QUEUES}\n--cmdline {}", c.info.tap, c.guest_mac, c.kernel_ip_arg()))
 }
 
 /// Shell assignments, one a line, every value single-quoted so `eval`
@@ -179,14 +191,15 @@ fn cloud_hypervisor(c: &Checked<'_>) -> String {
 fn env(info: &SandboxInfo) -> Result<String, HandoffError> {
     // What the VMM formats need is checked as for them; a sandbox whose
     // addresses do not parse gets no kernel argument rather than a wrong one.
-    let kernel_ip = Checked::from(info)?.kernel_ip_arg();
+    let checked = Checked::from(info)?;
+    let kernel_ip = checked.kernel_ip_arg();
     let vars: [(&str, String); 18] = [
         ("NAME", info.name.clone()),
         ("ID", info.id.to_string()),
         ("POLICY", info.policy.clone()),
         ("TAP", info.tap.clone()),
         ("NETNS", info.netns.clone().unwrap_or_default()),
-        ("GUEST_MAC", info.guest_mac.clone()),
+        ("GUEST_MAC", checked.guest_mac.clone()),
         ("GATEWAY_MAC", info.gateway_mac.clone()),
         ("GUEST_IPV4", info.guest_ipv4.clone()),
         ("IPV4_PREFIX_LEN", info.ipv4_prefix_len.to_string()),
@@ -229,13 +242,24 @@ fn ipv4_netmask(prefix_len: u8) -> Ipv4Addr {
     Ipv4Addr::from(bits)
 }
 
+/// `xx:xx:xx:xx:xx:xx`, each `x` a hex digit (either case), and nothing
+/// else: not `+a` (which `u8::from_str_radix` takes), not one digit.
 fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = text.split(':').collect();
-    if parts.len() != 6 || parts.iter().any(|p| p.len() != 2) {
-        return None;
+    let mut bytes = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut bytes {
+        let part = parts.next()?;
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
     }
-    let bytes: Vec<u8> = parts.iter().map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().ok()?;
-    bytes.try_into().ok()
+    parts.next().is_none().then_some(bytes)
+}
+
+/// A MAC as the kernel prints it: lower-case, two digits a byte.
+fn format_mac(bytes: [u8; 6]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 #[cfg(test)]
@@ -347,6 +371,41 @@ mod tests {
                     other => panic!("{format:?} with a bad {field}: {other:?}"),
                 }
             }
+        }
+    }
+
+    #[test]
+    fn macs_are_parsed_strictly_and_printed_from_their_bytes() {
+        assert_eq!(parse_mac("02:5b:00:00:00:03"), Some([2, 0x5b, 0, 0, 0, 3]));
+        assert_eq!(parse_mac("02:5B:0a:Ff:00:03"), Some([2, 0x5b, 0x0a, 0xff, 0, 3]));
+        for bad in ["+2:5b:00:00:00:03", "02:+b:00:00:00:03", "02:5b:00:00:00:-3", "02:5b:00:00:00", "02:5b:00:00:00:03:04", "2:5b:00:00:00:003", "02:5b:00:00:00:0g", "02:5b:00:00:00:\u{e9}"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+        let mut plus = info();
+        plus.guest_mac = "+2:5b:00:00:00:03".into();
+        for format in [Format::Firecracker, Format::CloudHypervisor, Format::Env] {
+            assert!(matches!(render(format, &plus), Err(HandoffError::Field { field: "guest_mac", .. })), "{format:?}");
+        }
+        let mut upper = info();
+        upper.guest_mac = "02:5B:00:0A:00:03".into();
+        let fc: serde_json::Value = serde_json::from_str(&render(Format::Firecracker, &upper).unwrap()).unwrap();
+        assert_eq!(fc["network-interfaces"][0]["guest_mac"], "02:5b:00:0a:00:03");
+        assert!(render(Format::CloudHypervisor, &upper).unwrap().contains(",mac=02:5b:00:0a:00:03,"));
+        assert!(render(Format::Env, &upper).unwrap().contains("\nSBX_NET_GUEST_MAC='02:5b:00:0a:00:03'\n"));
+    }
+
+    #[test]
+    fn cloud_hypervisor_refuses_a_tap_the_shell_would_split_or_glob() {
+        for tap in ["tap*", "t?p", "tap[0]", "tap\\1", "tap\u{a0}1", "tap\u{2003}"] {
+            let mut adopted = info();
+            adopted.tap = tap.into();
+            match render(Format::CloudHypervisor, &adopted) {
+                Err(HandoffError::Field { field: "tap", problem, .. }) => assert!(problem.contains("glob"), "{problem}"),
+                other => panic!("{tap:?}: {other:?}"),
+            }
+            // Quoted JSON and single-quoted shell words carry it unchanged.
+            render(Format::Firecracker, &adopted).unwrap_or_else(|e| panic!("{tap:?}: {e}"));
+            render(Format::Env, &adopted).unwrap_or_else(|e| panic!("{tap:?}: {e}"));
         }
     }
 
