@@ -92,8 +92,14 @@ pub enum ConnectOutcome {
     Failed,
 }
 
+/// The label set of [`ConnectOutcome`].
+type OutcomeLabel = [(&'static str, &'static str); 1];
+
+/// Connect times by [`ConnectOutcome`], each with [`PROXY_CONNECT_BUCKETS`].
+pub type ConnectHistograms = Family<OutcomeLabel, Histogram, fn() -> Histogram>;
+
 impl ConnectOutcome {
-    fn label(self) -> [(&'static str, &'static str); 1] {
+    fn label(self) -> OutcomeLabel {
         match self {
             ConnectOutcome::Ok => [("outcome", "ok")],
             ConnectOutcome::Failed => [("outcome", "failed")],
@@ -131,7 +137,7 @@ pub struct FlowMetrics {
     /// outcome: a failed connect is observed too, at the time it took to
     /// fail, so a degrading upstream shows in the quantiles instead of
     /// leaving them (see [`FlowMetrics::observe_proxy_connect`]).
-    pub proxy_connect_seconds: Family<[(&'static str, &'static str); 1], Histogram, fn() -> Histogram>,
+    pub proxy_connect_seconds: ConnectHistograms,
 }
 
 impl Default for FlowMetrics {
