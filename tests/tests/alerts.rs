@@ -18,7 +18,11 @@
 //!   sandbox's series, moving; the one alert that is due (a credential whose secret
 //!   file is missing) is raised, naming its policy and credential, and no
 //!   other; every dashboard query runs on it; the daemon killed, its
-//!   target is down and the down alert is due.
+//!   target is down and the down alert is due;
+//! - the state gauges two alerts read follow a real daemon: one started with
+//!   a bad policy dir reports `sbx_net_policy_reload_error 1` from its first
+//!   scrape until a reload works; its data plane killed while it cannot be
+//!   started again reports `sbx_net_dataplane_up 0` until a restart works.
 //!
 //! What `/metrics` itself looks like (promtool check metrics, the counters
 //! moving) is tests/tests/observability.rs's.
@@ -716,4 +720,79 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
     drop(host.daemon.take());
     try_wait_for(Duration::from_secs(30), || prometheus.alerts().filter(|a| a.iter().any(|a| a["labels"]["alertname"] == "SbxNetDaemonDown")))
         .unwrap_or_else(|| panic!("no SbxNetDaemonDown pending after the daemon stopped: {:#?}", prometheus.alerts()));
+}
+
+/// Puts a file moved aside back where it was, on drop (a failing test too).
+struct MovedAside {
+    path: PathBuf,
+    aside: PathBuf,
+}
+
+impl MovedAside {
+    fn new(path: &Path) -> MovedAside {
+        let aside = path.with_extension("aside");
+        std::fs::rename(path, &aside).unwrap();
+        MovedAside { path: path.to_path_buf(), aside }
+    }
+}
+
+impl Drop for MovedAside {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(&self.aside, &self.path);
+    }
+}
+
+/// One line of `/metrics` equal to `line`, waited for.
+fn wait_for_metric(h: &DaemonHarness, line: &str) -> String {
+    let mut last = String::new();
+    try_wait_for(Duration::from_secs(20), || {
+        last = h.metrics();
+        last.lines().any(|l| l == line).then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("{line:?} not on /metrics within 20 s:\n{last}\n--- daemon log ---\n{}", h.log()))
+}
+
+/// The inputs of SbxNetPolicyReloadFailed and SbxNetDataplaneDown on a real
+/// daemon: one that starts with a bad policy dir reports the error from its
+/// first scrape (its failure counter never rises after that) until a reload
+/// works; a data plane killed while it cannot be started again (its
+/// executable moved away) is reported down until a restart works.
+#[test]
+fn state_gauges_follow_the_policy_load_and_the_data_plane() {
+    require_root();
+    let mut h = DaemonHarness::prepared("alerts-st", &[("agent.toml", "name = \"agent\"\n[network]\nallow = [\"198.51.100.0/33\"]\n")], None, &[]);
+    // A private copy of the executable, so that it can be moved away.
+    let bin = h.dir.join("sbx-net");
+    if std::fs::hard_link(sbx_net_tests::daemon::sbx_net_bin(), &bin).is_err() {
+        std::fs::copy(sbx_net_tests::daemon::sbx_net_bin(), &bin).unwrap();
+    }
+    h.use_binary(bin.clone());
+    h.start_daemon();
+    // The daemon keeps running (and starting data planes from) its copy;
+    // the CLI and the harness's cleanup use the shared one.
+    h.use_binary(sbx_net_tests::daemon::sbx_net_bin());
+
+    let status = h.json(&["status", "--json"]);
+    assert!(status["last_reload_error"].as_str().is_some_and(|e| e.contains("agent.toml")), "{status}");
+    let metrics = h.metrics();
+    for line in ["sbx_net_policy_reload_error 1", "sbx_net_policy_reload_failures_total 1", "sbx_net_dataplane_up 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line:?} not on /metrics at start:\n{metrics}");
+    }
+    std::fs::write(h.policy_dir.join("agent.toml"), "name = \"agent\"\n[network]\nallow = [\"198.51.100.0/24\"]\n").unwrap();
+    h.cli_ok(&["policy", "reload"]);
+    let metrics = wait_for_metric(&h, "sbx_net_policy_reload_error 0");
+    assert!(metrics.lines().any(|l| l == "sbx_net_policy_reload_failures_total 1"), "the count stays:\n{metrics}");
+
+    // The data plane dies and cannot be started again: down.
+    let pid = h.json(&["status", "--json"])["dataplane"]["pid"].as_u64().expect("the data plane's pid") as libc::pid_t;
+    let aside = MovedAside::new(&bin);
+    // SAFETY: kill on the pid the daemon reports for its data plane.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill the data plane {pid}");
+    wait_for_metric(&h, "sbx_net_dataplane_up 0");
+    let status = h.json(&["status", "--json"]);
+    assert_eq!(status["dataplane"]["running"], false, "{status}");
+    // Its executable back: the next restart works, and it is up.
+    drop(aside);
+    let metrics = wait_for_metric(&h, "sbx_net_dataplane_up 1");
+    assert!(metrics.lines().any(|l| l == "sbx_net_dataplane_restarts_total 1"), "{metrics}");
 }

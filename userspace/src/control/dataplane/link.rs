@@ -175,7 +175,14 @@ impl DataplaneLink {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
+        // The daemon ignores SIGCHLD (children are reaped by the kernel), so
+        // when the exec fails (the executable moved away, say mid-upgrade)
+        // std's spawn finds no child to wait for and panics instead of
+        // returning the error: caught here, so that the supervisor thread
+        // lives on to retry rather than leave no data plane for good.
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| command.spawn()))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the executable could not be run (exec failed)")));
+        let mut child = spawned.map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
         let process = match Pidfd::open(child.id()) {
             Ok(p) => p,
             Err(e) => {
