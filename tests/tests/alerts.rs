@@ -9,13 +9,20 @@
 //! - every metric the rules and the dashboard name is a family a real daemon
 //!   (a fleet host, so the fleet families are served too, with a sandbox,
 //!   denied DNS and datagrams, and an HTTP request through the proxy)
-//!   serves on `/metrics`: renaming a metric fails here;
+//!   serves on `/metrics`: renaming a metric fails here; the daemon's
+//!   state gauges the alerts read (data plane up, no policy load error)
+//!   are served with their healthy values, and a failed upstream connect
+//!   is counted in the connect-time histogram as `outcome="failed"`;
 //! - a real Prometheus server loads the rules, scrapes that daemon and
 //!   evaluates every rule without error; the recording rules yield the
 //!   sandbox's series, moving; the one alert that is due (a credential whose secret
 //!   file is missing) is raised, naming its policy and credential, and no
 //!   other; every dashboard query runs on it; the daemon killed, its
-//!   target is down and the down alert is due.
+//!   target is down and the down alert is due;
+//! - the state gauges two alerts read follow a real daemon: one started with
+//!   a bad policy dir reports `sbx_net_policy_reload_error 1` from its first
+//!   scrape until a reload works; its data plane killed while it cannot be
+//!   started again reports `sbx_net_dataplane_up 0` until a restart works.
 //!
 //! What `/metrics` itself looks like (promtool check metrics, the counters
 //! moving) is tests/tests/observability.rs's.
@@ -29,6 +36,32 @@ use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::etcd::EtcdServer;
 use sbx_net_tests::{dig, require_root, run_in, try_wait_for, unique_name, wait_until, Background, WorldServers};
 use serde_json::Value;
+
+/// A scratch directory, removed on drop (a failing test too leaves nothing
+/// behind). Declare it before what writes into it (Prometheus), so that
+/// is dropped, and stopped, first.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(tag: &str) -> ScratchDir {
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir).unwrap();
+        ScratchDir(dir)
+    }
+}
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
 
 fn packaging(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging").join(path)
@@ -369,19 +402,18 @@ fn dashboard_is_a_grafana_model_whose_every_query_promtool_accepts() {
         "sbx_net:flow_table_occupancy:ratio",
         "sbx_net_events_lost_total",
         "sbx_net_policy_reload_failures_total",
+        "sbx_net_dataplane_up",
         "sbx_net_fleet_connected",
         "sandbox=~\"$sandbox\"",
     ] {
         assert!(all_exprs.contains(needed), "no panel queries {needed}");
     }
-    let dir = std::env::temp_dir().join(unique_name("dash"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("dash");
     let exprs: Vec<(String, String)> = queries.iter().map(|q| (q.panel.clone(), substitute(&q.expr))).collect();
     let checked = promtool_check(&exprs, &dir);
     // promtool really refuses what is not PromQL (a check that cannot fail
     // checks nothing).
     let broken = promtool_check(&[("broken".into(), "sum by (sandbox (rate(x[5m]))".into())], &dir);
-    let _ = std::fs::remove_dir_all(&dir);
     checked.unwrap_or_else(|e| panic!("promtool refuses a dashboard query:\n{e}"));
     assert!(broken.is_err(), "promtool accepted a broken expression");
 }
@@ -522,6 +554,7 @@ impl FleetHost {
         let etcd = EtcdServer::start(h.topology.host.name());
         let web: std::net::IpAddr = WEB.parse().unwrap();
         h.topology.add_world_address(web);
+        h.topology.add_world_address(NOT_LISTENING.parse().unwrap());
         let servers = WorldServers::start(&h.topology.world, &[web], 80);
         let missing = h.dir.join("secret-that-is-not-there");
         let policy = format!(
@@ -541,6 +574,9 @@ impl FleetHost {
 
 /// The world's web server the policy allows (TCP 80 goes through the proxy).
 const WEB: &str = "198.51.100.40";
+/// An allowed world address where nothing listens: the proxy's upstream
+/// connect is refused.
+const NOT_LISTENING: &str = "198.51.100.41";
 
 /// A denied name, three denied datagrams (the world has nothing at
 /// 203.0.113.7, and the policy's default is deny) and an allowed HTTP
@@ -578,13 +614,23 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
         m.lines().any(|l| l.starts_with(&denied_series) && !l.ends_with(" 0")).then_some(m)
     });
     assert!(metrics.contains("sbx_net_credential_available{policy=\"agent\",credential=\"gh\"} 0"), "the missing secret on /metrics:\n{metrics}");
-    assert!(!metrics.contains("sbx_net_proxy_connect_seconds_count 0"), "the proxied request's connect time on /metrics:\n{metrics}");
+    assert!(!metrics.contains("sbx_net_proxy_connect_seconds_count{outcome=\"ok\"} 0"), "the proxied request's connect time on /metrics:\n{metrics}");
+    // The state gauges the alerts read, served with their healthy values.
+    for line in ["sbx_net_dataplane_up 1", "sbx_net_policy_reload_error 0"] {
+        assert!(metrics.lines().any(|l| l == line), "{line:?} not on /metrics:\n{metrics}");
+    }
+    // A connect the upstream refuses is timed too, as a failure.
+    assert_eq!(sbx_net_tests::curl(&ns, &format!("http://{NOT_LISTENING}/")), None, "nothing listens at {NOT_LISTENING}");
+    let failed = "sbx_net_proxy_connect_seconds_count{outcome=\"failed\"} 1";
+    let metrics = sbx_net_tests::wait_for(Duration::from_secs(20), "the failed upstream connect on /metrics", || {
+        let m = h.metrics();
+        m.lines().any(|l| l == failed).then_some(m)
+    });
     let families = served_families(&metrics);
     assert!(families.contains_key("sbx_net_fleet_connected"), "a fleet host serves the fleet families:\n{metrics}");
 
     // A real Prometheus loads the rules, scrapes the daemon, evaluates.
-    let dir = std::env::temp_dir().join(unique_name("prom"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = ScratchDir::new("prom");
     let prometheus = Prometheus::start(h.topology.host.name(), &dir, &rules_file());
     let rules = try_wait_for(Duration::from_secs(60), || {
         let rules = prometheus.rules();
@@ -674,6 +720,79 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
     drop(host.daemon.take());
     try_wait_for(Duration::from_secs(30), || prometheus.alerts().filter(|a| a.iter().any(|a| a["labels"]["alertname"] == "SbxNetDaemonDown")))
         .unwrap_or_else(|| panic!("no SbxNetDaemonDown pending after the daemon stopped: {:#?}", prometheus.alerts()));
-    drop(prometheus);
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Puts a file moved aside back where it was, on drop (a failing test too).
+struct MovedAside {
+    path: PathBuf,
+    aside: PathBuf,
+}
+
+impl MovedAside {
+    fn new(path: &Path) -> MovedAside {
+        let aside = path.with_extension("aside");
+        std::fs::rename(path, &aside).unwrap();
+        MovedAside { path: path.to_path_buf(), aside }
+    }
+}
+
+impl Drop for MovedAside {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(&self.aside, &self.path);
+    }
+}
+
+/// One line of `/metrics` equal to `line`, waited for.
+fn wait_for_metric(h: &DaemonHarness, line: &str) -> String {
+    let mut last = String::new();
+    try_wait_for(Duration::from_secs(20), || {
+        last = h.metrics();
+        last.lines().any(|l| l == line).then(|| last.clone())
+    })
+    .unwrap_or_else(|| panic!("{line:?} not on /metrics within 20 s:\n{last}\n--- daemon log ---\n{}", h.log()))
+}
+
+/// The inputs of SbxNetPolicyReloadFailed and SbxNetDataplaneDown on a real
+/// daemon: one that starts with a bad policy dir reports the error from its
+/// first scrape (its failure counter never rises after that) until a reload
+/// works; a data plane killed while it cannot be started again (its
+/// executable moved away) is reported down until a restart works.
+#[test]
+fn state_gauges_follow_the_policy_load_and_the_data_plane() {
+    require_root();
+    let mut h = DaemonHarness::prepared("alerts-st", &[("agent.toml", "name = \"agent\"\n[network]\nallow = [\"198.51.100.0/33\"]\n")], None, &[]);
+    // A private copy of the executable, so that it can be moved away.
+    let bin = h.dir.join("sbx-net");
+    if std::fs::hard_link(sbx_net_tests::daemon::sbx_net_bin(), &bin).is_err() {
+        std::fs::copy(sbx_net_tests::daemon::sbx_net_bin(), &bin).unwrap();
+    }
+    h.use_binary(bin.clone());
+    h.start_daemon();
+    // The daemon keeps running (and starting data planes from) its copy;
+    // the CLI and the harness's cleanup use the shared one.
+    h.use_binary(sbx_net_tests::daemon::sbx_net_bin());
+
+    let status = h.json(&["status", "--json"]);
+    assert!(status["last_reload_error"].as_str().is_some_and(|e| e.contains("agent.toml")), "{status}");
+    let metrics = h.metrics();
+    for line in ["sbx_net_policy_reload_error 1", "sbx_net_policy_reload_failures_total 1", "sbx_net_dataplane_up 1"] {
+        assert!(metrics.lines().any(|l| l == line), "{line:?} not on /metrics at start:\n{metrics}");
+    }
+    std::fs::write(h.policy_dir.join("agent.toml"), "name = \"agent\"\n[network]\nallow = [\"198.51.100.0/24\"]\n").unwrap();
+    h.cli_ok(&["policy", "reload"]);
+    let metrics = wait_for_metric(&h, "sbx_net_policy_reload_error 0");
+    assert!(metrics.lines().any(|l| l == "sbx_net_policy_reload_failures_total 1"), "the count stays:\n{metrics}");
+
+    // The data plane dies and cannot be started again: down.
+    let pid = h.json(&["status", "--json"])["dataplane"]["pid"].as_u64().expect("the data plane's pid") as libc::pid_t;
+    let aside = MovedAside::new(&bin);
+    // SAFETY: kill on the pid the daemon reports for its data plane.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill the data plane {pid}");
+    wait_for_metric(&h, "sbx_net_dataplane_up 0");
+    let status = h.json(&["status", "--json"]);
+    assert_eq!(status["dataplane"]["running"], false, "{status}");
+    // Its executable back: the next restart works, and it is up.
+    drop(aside);
+    let metrics = wait_for_metric(&h, "sbx_net_dataplane_up 1");
+    assert!(metrics.lines().any(|l| l == "sbx_net_dataplane_restarts_total 1"), "{metrics}");
 }

@@ -1,5 +1,6 @@
 //! The daemon's own families for `/metrics`: its build and uptime, the
-//! sandboxes it enforces, the policy generation, rejected policy loads,
+//! sandboxes it enforces, the policy generation, rejected policy loads
+//! (how many, and whether the last one failed),
 //! whether the credentials' secrets loaded (in total, and each one by
 //! policy and credential name, so an alert can say which to fix), and the
 //! map writes whose failure no caller could act on. The daemon publishes its numbers
@@ -38,6 +39,12 @@ pub struct DaemonMetrics {
     sandboxes: Gauge,
     policy_generation: Gauge,
     reload_failures: Counter,
+    /// 1 while the last policy load (at start, a reload or a fleet change)
+    /// failed, i.e. while `sbx-net status` shows `last_reload_error`. The
+    /// counter alone cannot say so: a daemon that starts with a bad policy
+    /// dir has it at 1 from its first scrape (no increase to see), and a
+    /// failure stays current however long ago it was counted.
+    reload_error: Gauge,
     credentials: Family<Label, Gauge>,
     /// 1 when the credential's secret loaded, 0 when its source could not
     /// be read; one series per credential of the policies in force.
@@ -56,6 +63,7 @@ impl DaemonMetrics {
             sandboxes: Gauge::default(),
             policy_generation: Gauge::default(),
             reload_failures: Counter::default(),
+            reload_error: Gauge::default(),
             credentials: Family::default(),
             credential_available: Family::default(),
             published_credentials: Arc::default(),
@@ -65,12 +73,14 @@ impl DaemonMetrics {
 
     /// Sets the numbers from the daemon's state: the sandboxes and policy
     /// generation in force, the policy loads rejected so far (a running
-    /// total: the counter moves up to it) and the credentials of the
-    /// policies in force by whether their secret loaded.
-    pub fn publish(&self, state: &State, reload_failures: u64, secrets: &SecretStore) {
+    /// total: the counter moves up to it), whether the last load failed,
+    /// and the credentials of the policies in force by whether their
+    /// secret loaded.
+    pub fn publish(&self, state: &State, reload_failures: u64, last_reload_failed: bool, secrets: &SecretStore) {
         self.sandboxes.set(state.sandboxes.len() as i64);
         self.policy_generation.set(state.policy_generation as i64);
         self.reload_failures.inc_by(reload_failures.saturating_sub(self.reload_failures.get()));
+        self.reload_error.set(i64::from(last_reload_failed));
         let available = secrets.secrets.values().filter(|s| s.is_ok()).count();
         self.credentials.get_or_create(&[("state", "available")]).set(available as i64);
         self.credentials.get_or_create(&[("state", "unavailable")]).set((secrets.secrets.len() - available) as i64);
@@ -97,6 +107,11 @@ impl DaemonMetrics {
         registry.register("sandboxes", "Sandboxes enforced", self.sandboxes.clone());
         registry.register("policy_generation", "Policy generation in force", self.policy_generation.clone());
         registry.register("policy_reload_failures", "Policy loads and reloads rejected", self.reload_failures.clone());
+        registry.register(
+            "policy_reload_error",
+            "1 while the last policy load (start, reload or fleet change) was rejected and the daemon runs on the policies it had (sbx-net status: last_reload_error), 0 once one succeeds",
+            self.reload_error.clone(),
+        );
         registry.register("credentials", "Credentials of the policies in force, by whether their secret loaded", self.credentials.clone());
         registry.register(
             "credential_available",
@@ -121,8 +136,8 @@ mod tests {
         state.policy_generation = 3;
         let mut secrets = SecretStore::default();
         secrets.secrets.insert(("p".into(), "gh".into()), Err("no such file".into()));
-        metrics.publish(&state, 1, &secrets);
-        metrics.publish(&state, 1, &secrets);
+        metrics.publish(&state, 1, true, &secrets);
+        metrics.publish(&state, 1, true, &secrets);
         let no_space = aya::sys::SyscallError { call: "bpf_map_update_elem", io_error: std::io::Error::from_raw_os_error(libc::E2BIG) };
         failures.count("SBX_POLICY_V4", Err(aya::maps::MapError::SyscallError(no_space)));
         let mut text = String::new();
@@ -133,6 +148,7 @@ mod tests {
             "sbx_net_sandboxes 0",
             "sbx_net_policy_generation 3",
             "sbx_net_policy_reload_failures_total 1",
+            "sbx_net_policy_reload_error 1",
             "sbx_net_credentials{state=\"available\"} 0",
             "sbx_net_credentials{state=\"unavailable\"} 1",
             "sbx_net_map_write_failures_total{map=\"SBX_POLICY_V4\"} 1",
@@ -142,8 +158,14 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
         // The counter follows the daemon's running total, never back.
-        metrics.publish(&state, 4, &secrets);
+        metrics.publish(&state, 4, true, &secrets);
         assert_eq!(metrics.reload_failures.get(), 4);
+        // A reload that succeeds clears the error; the count stays.
+        metrics.publish(&state, 4, false, &secrets);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.lines().any(|l| l == "sbx_net_policy_reload_error 0"), "{text}");
+        assert!(text.lines().any(|l| l == "sbx_net_policy_reload_failures_total 4"), "{text}");
     }
 
     fn rendered(registry: &Registry) -> String {
@@ -159,7 +181,7 @@ mod tests {
         metrics.register(&mut registry);
         let state = State::default();
         // No credential yet: the family is declared, with no series.
-        metrics.publish(&state, 0, &SecretStore::default());
+        metrics.publish(&state, 0, false, &SecretStore::default());
         let text = rendered(&registry);
         assert!(text.contains("# TYPE sbx_net_credential_available gauge\n"), "{text}");
         assert!(!text.contains("sbx_net_credential_available{"), "{text}");
@@ -168,7 +190,7 @@ mod tests {
         secrets.secrets.insert(("agent".into(), "gh".into()), Err("cannot read /etc/sbx-net/gh: NotFound".into()));
         secrets.secrets.insert(("agent".into(), "npm".into()), Ok(Arc::new(crate::credentials::secrets::Secret::from_value("s3cr3t".into()))));
         secrets.secrets.insert(("ci".into(), "gh".into()), Err("environment variable GH is not set".into()));
-        metrics.publish(&state, 0, &secrets);
+        metrics.publish(&state, 0, false, &secrets);
         let text = rendered(&registry);
         for line in [
             "sbx_net_credential_available{policy=\"agent\",credential=\"gh\"} 0",
@@ -184,7 +206,7 @@ mod tests {
         // with it (no 0 left to fire an alert for a policy not in force).
         secrets.secrets.remove(&("ci".to_string(), "gh".to_string()));
         secrets.secrets.insert(("agent".into(), "gh".into()), Ok(Arc::new(crate::credentials::secrets::Secret::from_value("t0ken".into()))));
-        metrics.publish(&state, 0, &secrets);
+        metrics.publish(&state, 0, false, &secrets);
         let text = rendered(&registry);
         let mut series: Vec<&str> = text.lines().filter(|l| l.starts_with("sbx_net_credential_available{")).collect();
         series.sort_unstable();

@@ -82,6 +82,35 @@ pub struct FlowLabels {
 /// decision alone is microseconds; a resolution or a slow upstream, seconds).
 pub const PROXY_CONNECT_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
+/// How a proxied connection's upstream connect ended: the `outcome` label
+/// of [`FlowMetrics::proxy_connect_seconds`] (two values, never more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnectOutcome {
+    /// Connected to one of the allowed addresses.
+    Ok,
+    /// Every allowed address refused, was unreachable or timed out.
+    Failed,
+}
+
+/// The label set of [`ConnectOutcome`].
+type OutcomeLabel = [(&'static str, &'static str); 1];
+
+/// Connect times by [`ConnectOutcome`], each with [`PROXY_CONNECT_BUCKETS`].
+pub type ConnectHistograms = Family<OutcomeLabel, Histogram, fn() -> Histogram>;
+
+impl ConnectOutcome {
+    fn label(self) -> OutcomeLabel {
+        match self {
+            ConnectOutcome::Ok => [("outcome", "ok")],
+            ConnectOutcome::Failed => [("outcome", "failed")],
+        }
+    }
+}
+
+fn proxy_connect_histogram() -> Histogram {
+    Histogram::new(PROXY_CONNECT_BUCKETS)
+}
+
 /// Counters of the flow stream for `/metrics` (shared handles: the hub
 /// and the proxies count, the registry reads).
 #[derive(Clone)]
@@ -104,8 +133,11 @@ pub struct FlowMetrics {
     pub audit_dropped: Counter,
     /// How long the proxy took from a connection's first bytes to its
     /// upstream connection: the decision, any name resolution and the TCP
-    /// connect (what the proxy adds before the guest's bytes flow).
-    pub proxy_connect_seconds: Histogram,
+    /// connect (what the proxy adds before the guest's bytes flow), by
+    /// outcome: a failed connect is observed too, at the time it took to
+    /// fail, so a degrading upstream shows in the quantiles instead of
+    /// leaving them (see [`FlowMetrics::observe_proxy_connect`]).
+    pub proxy_connect_seconds: ConnectHistograms,
 }
 
 impl Default for FlowMetrics {
@@ -120,12 +152,18 @@ impl Default for FlowMetrics {
             audit_write_failures: Counter::default(),
             audit_suppressed: Counter::default(),
             audit_dropped: Counter::default(),
-            proxy_connect_seconds: Histogram::new(PROXY_CONNECT_BUCKETS),
+            proxy_connect_seconds: Family::new_with_constructor(proxy_connect_histogram),
         }
     }
 }
 
 impl FlowMetrics {
+    /// One proxied connection's time to its upstream connect (or to the
+    /// last address failing).
+    pub fn observe_proxy_connect(&self, outcome: ConnectOutcome, seconds: f64) {
+        self.proxy_connect_seconds.get_or_create(&outcome.label()).observe(seconds);
+    }
+
     /// Registers the flow stream's, the proxies' and the audit log's families.
     pub fn register(&self, registry: &mut Registry) {
         registry.register("flows", "Flows the datapath saw start, by sandbox and verdict", self.flows.clone());
@@ -139,7 +177,7 @@ impl FlowMetrics {
         registry.register("audit_dropped", "Audit records not written: the audit writer's queue was full", self.audit_dropped.clone());
         registry.register(
             "proxy_connect_seconds",
-            "Time from a proxied connection's first bytes to its upstream connection (decision, name resolution, TCP connect)",
+            "Time from a proxied connection's first bytes to its upstream connection (decision, name resolution, TCP connect), by outcome: ok, or failed (every allowed address refused, unreachable or timed out; observed at the time it took to fail)",
             self.proxy_connect_seconds.clone(),
         );
     }
@@ -500,19 +538,23 @@ mod tests {
     #[test]
     fn proxy_connect_time_is_a_histogram_on_metrics() {
         let metrics = FlowMetrics::default();
-        metrics.proxy_connect_seconds.observe(0.002);
-        metrics.proxy_connect_seconds.observe(3.0);
+        metrics.observe_proxy_connect(ConnectOutcome::Ok, 0.002);
+        metrics.observe_proxy_connect(ConnectOutcome::Ok, 3.0);
+        metrics.observe_proxy_connect(ConnectOutcome::Failed, 10.0);
         let mut registry = Registry::with_prefix("sbx_net");
         metrics.register(&mut registry);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         for line in [
             "# TYPE sbx_net_proxy_connect_seconds histogram",
-            "sbx_net_proxy_connect_seconds_bucket{le=\"0.001\"} 0",
-            "sbx_net_proxy_connect_seconds_bucket{le=\"0.0025\"} 1",
-            "sbx_net_proxy_connect_seconds_bucket{le=\"2.5\"} 1",
-            "sbx_net_proxy_connect_seconds_bucket{le=\"5.0\"} 2",
-            "sbx_net_proxy_connect_seconds_count 2",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"0.001\",outcome=\"ok\"} 0",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"0.0025\",outcome=\"ok\"} 1",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"2.5\",outcome=\"ok\"} 1",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"5.0\",outcome=\"ok\"} 2",
+            "sbx_net_proxy_connect_seconds_count{outcome=\"ok\"} 2",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"5.0\",outcome=\"failed\"} 0",
+            "sbx_net_proxy_connect_seconds_bucket{le=\"10.0\",outcome=\"failed\"} 1",
+            "sbx_net_proxy_connect_seconds_count{outcome=\"failed\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }

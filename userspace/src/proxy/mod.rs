@@ -11,6 +11,7 @@ pub mod inject;
 pub mod mcp;
 pub mod peek;
 
+use crate::observe::hub::ConnectOutcome;
 use crate::observe::record::Verdict;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -299,6 +300,8 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             break;
         }
     }
+    let outcome = if upstream.is_some() { ConnectOutcome::Ok } else { ConnectOutcome::Failed };
+    ctx.flows.metrics.observe_proxy_connect(outcome, first_bytes_at.elapsed().as_secs_f64());
     let Some((mut upstream, addr)) = upstream else {
         tracing::info!(sandbox = %route.sandbox, dst = %original, "proxy: upstream connect failed");
         flow.connection(Verdict::Allowed, "upstream_failed", Some(rule.clone()), name.as_deref());
@@ -306,7 +309,6 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         return;
     };
     flow.dst = addr;
-    ctx.flows.metrics.proxy_connect_seconds.observe(first_bytes_at.elapsed().as_secs_f64());
     if audit {
         // Let through only because the deny that decided is in audit mode.
         tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: audit (would have been denied)");

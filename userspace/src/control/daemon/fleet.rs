@@ -96,7 +96,7 @@ impl Daemon {
         let previous_cache = std::fs::read(&cache_path).ok();
         change.cache.save(&cache_path).map_err(|e| refusal(None, &e))?;
         let previous = self.fleet.as_mut().map(|f| std::mem::replace(&mut f.entries, change.entries));
-        match self.switch_to(new) {
+        let applied = match self.switch_to(new) {
             Ok(_) => Ok(self.state.policy_generation),
             Err(e) => {
                 let policy = match &e {
@@ -118,7 +118,10 @@ impl Daemon {
                 self.policies.last_reload_error = Some(e.to_string());
                 Err(refusal(policy, &e))
             }
-        }
+        };
+        // A fleet change comes outside a request: /metrics learns of it here.
+        self.publish_metrics();
+        applied
     }
 
     /// The local set a reload put in force.

@@ -309,7 +309,7 @@ impl Daemon {
     }
 
     fn publish_metrics(&self) {
-        self.metrics.publish(&self.state, self.policies.reload_failures, &self.policies.secrets);
+        self.metrics.publish(&self.state, self.policies.reload_failures, self.policies.last_reload_error.is_some(), &self.policies.secrets);
     }
 
     /// The daemon's side of the data plane.

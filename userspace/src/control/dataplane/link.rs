@@ -39,6 +39,11 @@ pub struct PlaneMetrics {
     pub drain_closed: Counter,
     /// 1 while a data plane serves with the daemon's build.
     pub current: Gauge,
+    /// 1 while a started data plane serves, 0 while none does (it died and
+    /// its restart is under way or keeps failing, or mid-upgrade): the
+    /// data plane's own families are missing from `/metrics` then, and
+    /// `restarts` counts only restarts that worked.
+    pub up: Gauge,
 }
 
 impl PlaneMetrics {
@@ -47,6 +52,7 @@ impl PlaneMetrics {
         registry.register("dataplane_upgrades", "Listening sockets handed to a data plane of another build", self.upgrades.clone());
         registry.register("dataplane_drain_closed", "Connections a draining data plane still held at its drain deadline (closed)", self.drain_closed.clone());
         registry.register("dataplane_build_current", "1 while the data plane serving runs the daemon's build", self.current.clone());
+        registry.register("dataplane_up", "1 while a data plane (DNS and connection proxies) serves, 0 while it is down or being restarted", self.up.clone());
     }
 }
 
@@ -140,8 +146,10 @@ impl DataplaneLink {
     }
 
     fn publish_build(&self) {
-        let current = self.lock().current.as_ref().is_some_and(|c| c.build == build_id());
+        let state = self.lock();
+        let current = state.current.as_ref().is_some_and(|c| c.build == build_id());
         self.metrics.current.set(i64::from(current));
+        self.metrics.up.set(i64::from(state.current.is_some()));
     }
 
     /// Starts a data plane of our executable on our listeners and gives it
@@ -167,7 +175,14 @@ impl DataplaneLink {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
+        // The daemon ignores SIGCHLD (children are reaped by the kernel), so
+        // when the exec fails (the executable moved away, say mid-upgrade)
+        // std's spawn finds no child to wait for and panics instead of
+        // returning the error: caught here, so that the supervisor thread
+        // lives on to retry rather than leave no data plane for good.
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| command.spawn()))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the executable could not be run (exec failed)")));
+        let mut child = spawned.map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
         let process = match Pidfd::open(child.id()) {
             Ok(p) => p,
             Err(e) => {
@@ -219,6 +234,8 @@ impl DataplaneLink {
     /// new one).
     fn replace(&self, state: &mut LinkState, current: Option<Current>) -> Option<Current> {
         let old = std::mem::replace(&mut state.current, current);
+        // Set here, before a restart's spawn (seconds), not after it.
+        self.metrics.up.set(i64::from(state.current.is_some()));
         let _ = (&state.wake).write_all(&[1]);
         old
     }
