@@ -12,6 +12,7 @@ pub mod frames;
 pub mod guest_code;
 pub mod https;
 pub mod live_load;
+pub mod prometheus;
 pub mod tools;
 
 use std::io::{BufRead, Read, Write};

@@ -32,9 +32,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use sbx_net_tests::prometheus::PrometheusServer;
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::etcd::EtcdServer;
-use sbx_net_tests::{dig, require_root, run_in, try_wait_for, unique_name, wait_until, Background, WorldServers};
+use sbx_net_tests::{dig, require_root, try_wait_for, unique_name, wait_until, Background, WorldServers};
 use serde_json::Value;
 
 /// A scratch directory, removed on drop (a failing test too leaves nothing
@@ -463,78 +464,6 @@ fn is_served(name: &str, families: &BTreeMap<String, String>) -> bool {
         })
 }
 
-/// A real Prometheus server in a namespace, loading the rules file, scraping
-/// the daemon's /metrics every second and evaluating the rules every
-/// second; killed on drop (its data is in the caller's directory).
-struct Prometheus {
-    _child: Background,
-    ns: String,
-}
-
-impl Prometheus {
-    const WEB: &str = "127.0.0.1:19091";
-
-    fn start(ns: &str, dir: &Path, rules: &Path) -> Prometheus {
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: sbx-net\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
-                rules.display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = sbx_net_tests::netns_command(ns, "prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-            .arg(format!("--web.listen-address={}", Self::WEB))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn prometheus");
-        Prometheus { _child: Background(child), ns: ns.to_string() }
-    }
-
-    /// GET an API path with query parameters: its `data`, or None (not up
-    /// yet, or an error: then `Some(Err)` with what it said).
-    fn api(&self, path: &str, params: &[(&str, &str)]) -> Option<Result<Value, String>> {
-        let url = format!("http://{}{path}", Self::WEB);
-        let mut args = vec!["-s".to_string(), "--max-time".into(), "5".into(), "-G".into(), url];
-        for (k, v) in params {
-            args.push("--data-urlencode".into());
-            args.push(format!("{k}={v}"));
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = run_in(&self.ns, "curl", &args);
-        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        Some(if v["status"] == "success" { Ok(v["data"].clone()) } else { Err(v.to_string()) })
-    }
-
-    /// An instant query's result vector (Err: Prometheus refused it).
-    fn query(&self, promql: &str) -> Result<Vec<Value>, String> {
-        let data = try_wait_for(Duration::from_secs(10), || self.api("/api/v1/query", &[("query", promql)])).unwrap_or_else(|| panic!("prometheus did not answer a query for {promql}"))?;
-        Ok(data["result"].as_array().cloned().unwrap_or_default())
-    }
-
-    /// The rules as loaded, each with its type, name, query and health.
-    fn rules(&self) -> Vec<Value> {
-        match self.api("/api/v1/rules", &[]) {
-            Some(Ok(data)) => data["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect(),
-            _ => Vec::new(),
-        }
-    }
-
-    /// The alerts pending or firing.
-    fn alerts(&self) -> Option<Vec<Value>> {
-        match self.api("/api/v1/alerts", &[])? {
-            Ok(data) => data["alerts"].as_array().cloned(),
-            Err(_) => None,
-        }
-    }
-}
-
 /// A fleet host (a real etcd in its namespace holding its one policy), so
 /// it serves the fleet families too, with one sandbox. The policy's
 /// credential reads a secret file that does not exist.
@@ -631,7 +560,7 @@ fn rules_and_dashboard_name_only_served_metrics_and_evaluate_on_a_live_daemon() 
 
     // A real Prometheus loads the rules, scrapes the daemon, evaluates.
     let dir = ScratchDir::new("prom");
-    let prometheus = Prometheus::start(h.topology.host.name(), &dir, &rules_file());
+    let prometheus = PrometheusServer::start(h.topology.host.name(), &dir, "127.0.0.1:19091", Some(&rules_file()));
     let rules = try_wait_for(Duration::from_secs(60), || {
         let rules = prometheus.rules();
         (!rules.is_empty() && rules.iter().all(|r| r["health"] != "unknown")).then_some(rules)

@@ -11,9 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use sbx_net::observe::record::{FlowRecord, Verdict};
+use sbx_net_tests::prometheus::PrometheusServer;
 use sbx_net_tests::daemon::DaemonHarness;
 use sbx_net_tests::https::{HttpsEcho, TestCa};
-use sbx_net_tests::{dig, require_root, run_in, tcp_connects, try_wait_for, unique_name, wait_for, Background, WorldDns};
+use sbx_net_tests::{dig, require_root, run_in, tcp_connects, try_wait_for, unique_name, wait_for, WorldDns};
 
 const SECRET: &str = "ghp_sbxObservabilitySecret42";
 
@@ -47,56 +48,6 @@ fn lost_ring_buffer(stderr: &str) -> Option<u64> {
 
 fn metric(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-}
-
-/// A real Prometheus server in the daemon's namespace, scraping it every
-/// second; killed (and its data removed) on drop.
-struct PrometheusServer {
-    _child: Background,
-    ns: String,
-}
-
-impl PrometheusServer {
-    const WEB: &str = "127.0.0.1:19090";
-
-    fn start(ns: &str, dir: &std::path::Path) -> PrometheusServer {
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: sbx-net\n    static_configs:\n      - targets: ['127.0.0.1:9464']\n",
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = sbx_net_tests::netns_command(ns, "prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
-            .arg(format!("--web.listen-address={}", Self::WEB))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn prometheus");
-        PrometheusServer { _child: Background(child), ns: ns.to_string() }
-    }
-
-    /// The value of an instant query's first series (None: no data yet).
-    fn query(&self, promql: &str) -> Option<f64> {
-        let url = format!("http://{}/api/v1/query", Self::WEB);
-        let out = run_in(&self.ns, "curl", &["-sf", "--max-time", "3", "-G", &url, "--data-urlencode", &format!("query={promql}")]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
-    }
-
-    /// Waits (≤ 60 s: the server starts, then scrapes each second) until
-    /// `promql` yields a value satisfying `ok`.
-    fn wait_for(&self, promql: &str, ok: impl Fn(f64) -> bool) -> f64 {
-        let mut last = None;
-        try_wait_for(Duration::from_secs(60), || {
-            last = self.query(promql);
-            last.filter(|v| ok(*v))
-        })
-        .unwrap_or_else(|| panic!("prometheus: {promql} = {last:?} after 60 s"))
-    }
 }
 
 /// A daemon whose `agent` policy allows api.test (with a credential bound
@@ -375,7 +326,7 @@ fn prometheus_scrapes_counters_that_move() {
         })
         .unwrap();
     // A real Prometheus server scrapes the endpoint and sees counters move.
-    let prometheus = PrometheusServer::start(h.topology.host.name(), &o.dir);
+    let prometheus = PrometheusServer::start(h.topology.host.name(), &o.dir, "127.0.0.1:19090", None);
     let query = format!("sbx_net_flows_total{{sandbox=\"{name}\",verdict=\"denied\"}}");
     let before = prometheus.wait_for(&query, |v| v >= 3.0);
     for port in 8000..8005 {
