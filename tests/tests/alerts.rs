@@ -720,6 +720,14 @@ fn state_gauges_follow_the_policy_load_and_the_data_plane() {
     wait_for_metric(&h, "sbx_net_dataplane_up 0");
     let status = h.json(&["status", "--json"]);
     assert_eq!(status["dataplane"]["running"], false, "{status}");
+    // A netns guest's pump cannot be started either (it runs the same
+    // executable): the create fails with the reason and is undone, and the
+    // daemon lives on to answer (a failed exec once panicked its thread).
+    let refused = h.cli(&["sandbox", "create", "nopump", "--policy", "agent", "--netns-guest"]);
+    assert!(!refused.status.success(), "a sandbox was created without its pump: {}", String::from_utf8_lossy(&refused.stdout));
+    eprintln!("create without a pump: {}", String::from_utf8_lossy(&refused.stderr));
+    let list = h.json(&["sandbox", "list", "-o", "json"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(0), "the failed create was not undone: {list}");
     // Its executable back: the next restart works, and it is up.
     drop(aside);
     let metrics = wait_for_metric(&h, "sbx_net_dataplane_up 1");

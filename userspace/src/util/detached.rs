@@ -39,7 +39,7 @@ pub fn spawn_ready(command: &mut Command, timeout: Duration) -> std::io::Result<
             Ok(())
         });
     }
-    let mut child = command.spawn()?;
+    let mut child = spawn_even_unwaited(command)?;
     let pid = child.id();
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -49,4 +49,14 @@ pub fn spawn_ready(command: &mut Command, timeout: Duration) -> std::io::Result<
         let _ = tx.send(line);
     });
     Ok((pid, rx.recv_timeout(timeout).ok()))
+}
+
+/// `command.spawn()` in a process that ignores SIGCHLD (the daemon: its
+/// children are reaped by the kernel). When the exec fails (the executable
+/// moved away, say mid-upgrade), std's spawn finds no child left to wait
+/// for and panics instead of returning the error; this returns it, so the
+/// thread that starts helpers lives on to report or retry.
+pub fn spawn_even_unwaited(command: &mut Command) -> std::io::Result<std::process::Child> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| command.spawn()))
+        .unwrap_or_else(|_| Err(std::io::Error::other("the executable could not be run (exec failed)")))
 }

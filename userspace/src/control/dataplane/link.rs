@@ -175,13 +175,9 @@ impl DataplaneLink {
                 Ok(())
             });
         }
-        // The daemon ignores SIGCHLD (children are reaped by the kernel), so
-        // when the exec fails (the executable moved away, say mid-upgrade)
-        // std's spawn finds no child to wait for and panics instead of
-        // returning the error: caught here, so that the supervisor thread
+        // A failed exec is an error, not a panic, so the supervisor thread
         // lives on to retry rather than leave no data plane for good.
-        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| command.spawn()))
-            .unwrap_or_else(|_| Err(std::io::Error::other("the executable could not be run (exec failed)")));
+        let spawned = crate::util::detached::spawn_even_unwaited(&mut command);
         let mut child = spawned.map_err(|e| PlaneError::Spawn(format!("{}: {e}", self.exe.display())))?;
         let process = match Pidfd::open(child.id()) {
             Ok(p) => p,
