@@ -49,6 +49,7 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("fleet", fleet),
     ("http_rules", http_rules),
     ("mcp", mcp),
+    ("cni", cni),
 ];
 
 /// Targets that need root (the rest are pure).
@@ -1091,4 +1092,132 @@ pub fn http_rules(data: &[u8]) {
 /// invariants live beside them: [`crate::proxy::mcp::fuzz`]).
 pub fn mcp(data: &[u8]) {
     crate::proxy::mcp::fuzz(data);
+}
+
+/// The CNI plugin's parsers and the VMM hand-off renderings, on hostile
+/// text. The input is `KEY=VALUE` lines (the plugin's environment), an
+/// empty line, then the network configuration (its stdin). Invariants:
+/// - an accepted environment has a container id within the spec's rule, and
+///   the sandbox name made from it is one the daemon accepts (1-32 of
+///   letters, digits, '-', '_'), the same each time for the same attachment;
+/// - an accepted ADD/CHECK configuration names a non-empty policy, and a
+///   socket it names (ADD, CHECK or DEL) is absolute;
+/// - every refusal is one CNI error object: a numeric `code`, a string
+///   `msg`, the version;
+/// - a sandbox whose fields are the input's lines renders as shell
+///   variables that are safe to `eval` (`NAME='…'`, nothing but `'\''`
+///   between quotes), and as Cloud Hypervisor words with no white space or
+///   glob character in the tap, or is refused.
+pub fn cni(data: &[u8]) {
+    use crate::cli::cni::{is_cni_name, parse_config, parse_del_config, parse_env, sandbox_name, stdin_version, CniError, Command as CniCommand};
+    use crate::cli::handoff::{render, Format};
+
+    let text = String::from_utf8_lossy(data);
+    let (env_part, stdin) = text.split_once("\n\n").unwrap_or((&text, ""));
+    let env: Vec<(&str, &str)> = env_part.lines().filter_map(|l| l.split_once('=')).collect();
+    let get = |key: &str| env.iter().rev().find(|(k, _)| *k == key).map(|(_, v)| v.to_string());
+    let version = stdin_version(stdin.as_bytes()).unwrap_or_else(|| "1.0.0".into());
+    let refusal = |e: &CniError| {
+        let v = e.to_json(&version);
+        assert!(v["code"].is_u64() && v["msg"].is_string() && v["cniVersion"].is_string(), "not a CNI error: {v}");
+    };
+    match parse_env(get) {
+        Ok(inv) if inv.command != CniCommand::Version => {
+            assert!(is_cni_name(&inv.container_id), "{:?}", inv.container_id);
+            let name = sandbox_name("net", &inv.container_id, &inv.ifname);
+            assert!(!name.is_empty() && name.len() <= 32 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{name:?}");
+            assert_eq!(name, sandbox_name("net", &inv.container_id, &inv.ifname));
+        }
+        Ok(_) => {}
+        Err(e) => refusal(&e),
+    }
+    match parse_config(stdin.as_bytes()) {
+        Ok(conf) => {
+            assert!(!conf.policy.is_empty());
+            assert!(conf.socket.as_ref().is_none_or(|s| s.is_absolute()), "{:?}", conf.socket);
+        }
+        Err(e) => refusal(&e),
+    }
+    match parse_del_config(stdin.as_bytes()) {
+        Ok(conf) => assert!(conf.socket.as_ref().is_none_or(|s| s.is_absolute()), "{:?}", conf.socket),
+        Err(e) => refusal(&e),
+    }
+
+    let lines: Vec<&str> = env_part.lines().collect();
+    let field = |i: usize, default: &str| lines.get(i).map_or(default.to_string(), |l| l.to_string());
+    let info = crate::control::api::SandboxInfo {
+        name: field(0, "s"),
+        id: 2,
+        policy: field(1, "p"),
+        policy_generation: 1,
+        tap: field(2, "sbx-2"),
+        adopted_tap: true,
+        netns: None,
+        guest_ipv4: field(3, "10.200.0.6"),
+        guest_ipv6: field(4, "fd73:6278:0:2::2"),
+        guest_mac: field(5, "02:5b:00:00:00:02"),
+        gateway_ipv4: field(6, "10.200.0.5"),
+        gateway_ipv6: field(7, "fd73:6278:0:2::1"),
+        gateway_mac: field(8, "02:5a:00:00:00:02"),
+        ipv4_prefix_len: 30,
+        ipv6_prefix_len: 64,
+        dns: field(9, "10.200.0.5"),
+        ca_cert: field(10, "/var/lib/sbx-net/ca/s/ca.pem"),
+        created_unix: 0,
+        mounts: Vec::new(),
+        vm: None,
+    };
+    if let Ok(out) = render(Format::Env, &info) {
+        assert_eval_safe(&out);
+    }
+    if let Ok(out) = render(Format::CloudHypervisor, &info) {
+        let tap = out.split("tap=").nth(1).and_then(|r| r.split(',').next()).unwrap_or("");
+        assert!(!tap.is_empty() && !tap.chars().any(|c| c.is_whitespace() || matches!(c, '*' | '?' | '[' | '\\' | '\'' | '"' | '$' | '`')), "{out:?}");
+    }
+}
+
+/// `NAME='…'` lines whose values are single-quoted, a quote inside written
+/// `'\''`: nothing the shell would expand or split.
+fn assert_eval_safe(out: &str) {
+    let mut rest = out;
+    while !rest.is_empty() {
+        let eq = rest.find('=').unwrap_or_else(|| panic!("no `=` in {rest:?}"));
+        let name = &rest[..eq];
+        assert!(name.starts_with("SBX_NET_") && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'), "{name:?} in {out:?}");
+        rest = &rest[eq + 1..];
+        loop {
+            rest = rest.strip_prefix('\'').unwrap_or_else(|| panic!("an unquoted value in {out:?}"));
+            let close = rest.find('\'').unwrap_or_else(|| panic!("an unclosed quote in {out:?}"));
+            rest = &rest[close + 1..];
+            match rest.strip_prefix("\\'") {
+                Some(after) => rest = after,
+                None => break,
+            }
+        }
+        if !rest.is_empty() {
+            rest = rest.strip_prefix('\n').unwrap_or_else(|| panic!("a value followed by {rest:?} in {out:?}"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod eval_safety_tests {
+    use super::assert_eval_safe;
+
+    #[test]
+    fn quoted_values_pass() {
+        assert_eval_safe("SBX_NET_A='x'\nSBX_NET_B='a'\\''b'\nSBX_NET_C=''");
+    }
+
+    #[test]
+    #[should_panic(expected = "unquoted")]
+    fn an_unquoted_value_is_caught() {
+        assert_eval_safe("SBX_NET_A=$(touch /tmp/x)");
+    }
+
+    #[test]
+    #[should_panic(expected = "followed by")]
+    fn text_after_a_closing_quote_is_caught() {
+        assert_eval_safe("SBX_NET_A='x';reboot");
+    }
 }
