@@ -1171,8 +1171,10 @@ pub fn cni(data: &[u8]) {
         assert_eval_safe(&out);
     }
     if let Ok(out) = render(Format::CloudHypervisor, &info) {
+        // The words are for an unquoted `$(…)`, whose output the shell only
+        // splits and globs (a `$` or a quote in it stays literal).
         let tap = out.split("tap=").nth(1).and_then(|r| r.split(',').next()).unwrap_or("");
-        assert!(!tap.is_empty() && !tap.chars().any(|c| c.is_whitespace() || matches!(c, '*' | '?' | '[' | '\\' | '\'' | '"' | '$' | '`')), "{out:?}");
+        assert!(!tap.is_empty() && !tap.chars().any(|c| c.is_whitespace() || matches!(c, '*' | '?' | '[' | '\\')), "{out:?}");
     }
 }
 
