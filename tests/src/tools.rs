@@ -93,6 +93,13 @@ pub const TOOLS: &[Tool] = &[
     apt("bash", "bash"),
     apt("zsh", "zsh"),
     apt("fish", "fish"),
+    // The peers of `bench proxy` (nginx, haproxy: TLS terminated, a header
+    // injected, TLS to the upstream) and of `bench dns` (unbound forwarding,
+    // cache off), run in the benchmark's world namespace, never as services
+    // (bootstrap's policy-rc.d keeps apt from starting them).
+    apt("nginx", "nginx"),
+    apt("haproxy", "haproxy"),
+    apt("unbound", "unbound"),
     // The venv of `bench proxy`'s mitmproxy (`python3 -m venv`).
     apt("python3", "python3-venv"),
     Tool { program: "rustup", package: "rustup", source: Source::Rustup },

@@ -49,10 +49,17 @@ enum Task {
     },
     /// The self-contained demo on the embedded default policy.
     Demo,
-    /// Benchmarks (`datapath`), reported against in-run baselines.
+    /// Benchmarks, reported against baselines and peers measured in the
+    /// same run: `all` (every suite; tables in target/bench/bench-STAMP.md,
+    /// figures and target verdicts in target/bench/bench-STAMP.json),
+    /// datapath, lifecycle, dns, proxy, upgrade, vmm, fleet.
     Bench {
         #[arg(default_value = "datapath")]
         suite: String,
+        /// `--compare FILE` (a run's JSON: what moved), `--json FILE` (one
+        /// suite's figures), `--out DIR` (where `all` writes).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Build the Debian package (target/debian/sbx-net_VERSION_ARCH.deb)
     /// from a release build: binaries, systemd units, default config,
@@ -74,8 +81,11 @@ enum Task {
 /// pkg-config the nftables crate builds with); the programs and their
 /// packages are in tests/src/tools.rs.
 /// g++ builds libFuzzer's C++ half for `cargo xtask fuzz`; protoc is run
-/// by the etcd client's build script (its gRPC stubs are generated).
-const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev", "g++", "protobuf-compiler"];
+/// by the etcd client's build script (its gRPC stubs are generated), and
+/// etcd's protos import protobuf's well-known types (descriptor.proto,
+/// struct.proto), which only libprotobuf-dev ships: protobuf-compiler
+/// merely recommends it, and bootstrap installs without recommends.
+const BUILD_PACKAGES: &[&str] = &["pkg-config", "libnftnl-dev", "libmnl-dev", "g++", "protobuf-compiler", "libprotobuf-dev"];
 /// The directories whose Rust sources may run programs.
 const SOURCE_DIRS: &[&str] = &["tests", "xtask", "userspace", "vmm"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -105,13 +115,15 @@ fn main() -> Result<()> {
             build_release(&root)?;
             run_release_bin(&root, "sbx-net-demo", &[])
         }
-        Task::Bench { suite } => {
+        Task::Bench { suite, args } => {
             bootstrap()?;
-            if suite == "proxy" {
+            if suite == "proxy" || suite == "all" {
                 mitmproxy()?;
             }
             build_release(&root)?;
-            run_release_bin(&root, "sbx-net-bench", &[suite.as_str()])
+            let mut bench_args = vec![suite.as_str()];
+            bench_args.extend(args.iter().map(String::as_str));
+            run_release_bin(&root, "sbx-net-bench", &bench_args)
         }
         Task::Package => {
             bootstrap()?;

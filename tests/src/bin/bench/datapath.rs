@@ -1,0 +1,521 @@
+//! `bench datapath`: cost per packet, flow table, tap packets/s, events.
+
+use super::*;
+
+pub(crate) fn datapath_bench() -> Result<()> {
+    println!("## Datapath (`cargo xtask bench datapath`)\n");
+    println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
+    verifier_counts()?;
+    per_packet_cost()?;
+    flow_table_cost()?;
+    tap_throughput()?;
+    event_rate()?;
+    Ok(())
+}
+
+pub(crate) const RULE_COUNTS: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
+pub(crate) const REPEAT: u32 = 200_000;
+pub(crate) const SAMPLES: usize = 7;
+/// Runs of each configuration in the packets/s benchmark.
+pub(crate) const RUNS: usize = 6;
+
+/// Instructions the verifier processed per program (the "processed N
+/// insns" of its log; the kernel's limit is 1 M, the test budget 25 %).
+pub(crate) fn verifier_counts() -> Result<()> {
+    let dp = Datapath::load(&DatapathOptions::default())?;
+    println!("### Verifier (instructions processed, limit 1 000 000)\n");
+    println!("| program | processed | of the limit |");
+    println!("|---|---:|---:|");
+    for (name, count) in dp.verified_instruction_counts()? {
+        match count {
+            Some(n) => println!("| {name} | {n} | {:.1} % |", f64::from(n) / 10_000.0),
+            None => println!("| {name} | (kernel does not report it) | |"),
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// The cost of a flow's first packet: single runs (repeat 1) of the
+/// classifier, one per frame, in batches the ring buffer holds (~2300
+/// events; drained between); the median of the batches' medians.
+pub(crate) fn first_packet_ns(dp: &Datapath, events: &mut sbx_net::datapath::EventReader, frames: &[Vec<u8>]) -> Result<f64> {
+    let mut per_batch = Vec::new();
+    for batch in frames.chunks(2000) {
+        let mut samples = Vec::with_capacity(batch.len());
+        for frame in batch {
+            let (_, d) = dp.test_run(program_names::EGRESS, frame, 1, 1)?;
+            samples.push(d.as_nanos() as f64);
+        }
+        per_batch.push(median(samples));
+        events.drain();
+    }
+    Ok(median(per_batch))
+}
+
+/// The flow table and its events against the verdict alone: the same
+/// program, sandbox config with and without `sandbox_flags::FLOWS`.
+pub(crate) fn flow_table_cost() -> Result<()> {
+    let ns = NetNs::create(&unique_name("benchflow")).context("bench netns")?;
+    ns.enter_current_thread()?;
+    let spec = SandboxSpec::new(1, "bench", &AddressPools::default())?;
+    println!("### Flow table and events (BPF_PROG_TEST_RUN; verdict alone = the same program, sandbox without flow tracking)\n");
+    println!("Established: the same frame {REPEAT} times (median of {SAMPLES}), i.e. a flow already in the LRU table (lookup, two atomic adds, last-seen). First packets: 4000 frames of distinct flows, one run each (median; includes the run's timer overhead on both sides): LRU insert and a ring-buffer event.\n");
+    println!("| rules | case | verdict alone ns | with flow table + events ns | ratio |");
+    println!("|---:|---|---:|---:|---:|");
+    for n in [10usize, 10_000] {
+        let mut rules = rules_v4(n);
+        rules.extend(builtin_deny_rules());
+        let compiled = compile_rules("bench", Action::Deny, rules)?;
+        let mut dp = Datapath::load(&DatapathOptions::default())?;
+        let mut events = dp.take_events()?;
+        let plain = spec.datapath_config(&compiled, spec.id, 0, &[]);
+        let tracked = spec.datapath_config(&compiled, spec.id, sandbox_flags::FLOWS, &[]);
+        dp.install_sandbox(1, &plain, &compiled)?;
+        let frame_to = |dst: Ipv4Addr, sport: u16| {
+            ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, dst, 17, &[], 0, &udp(sport, 443, &[0; 18])))
+        };
+        let hit = (n / 2) & !1;
+        let allowed = Ipv4Addr::from(0x0b00_0000u32 + ((hit as u32) << 8) + 5);
+        let denied = Ipv4Addr::from(0x0b00_0000u32 + (((hit + 1) as u32) << 8) + 5);
+        for (case, frame) in [
+            ("allowed, established flow", frame_to(allowed, 4000)),
+            ("denied, repeated (with flows: an event a second; alone: one a packet)", frame_to(denied, 4000)),
+        ] {
+            dp.write_config(1, &plain)?;
+            let alone = ns_per_packet(&dp, program_names::EGRESS, &frame)?;
+            events.drain();
+            dp.write_config(1, &tracked)?;
+            let with = ns_per_packet(&dp, program_names::EGRESS, &frame)?;
+            events.drain();
+            println!("| {n} | {case} | {alone:.0} | {with:.0} | {:.2}× |", with / alone);
+        }
+        for (case, dst, base) in [("allowed, first packet of a flow (new-flow event)", allowed, 10_000u16), ("denied, first packet of a flow (an event in both)", denied, 20_000u16)] {
+            let frames: Vec<Vec<u8>> = (0..4000u16).map(|i| frame_to(dst, base + i)).collect();
+            dp.write_config(1, &plain)?;
+            let alone = first_packet_ns(&dp, &mut events, &frames)?;
+            let frames: Vec<Vec<u8>> = (0..4000u16).map(|i| frame_to(dst, base + 5000 + i)).collect();
+            dp.write_config(1, &tracked)?;
+            let with = first_packet_ns(&dp, &mut events, &frames)?;
+            println!("| {n} | {case} | {alone:.0} | {with:.0} | {:.2}× |", with / alone);
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// Events per second the daemon takes from the ring buffer without loss:
+/// a netns guest opens new denied flows (one datagram each, distinct
+/// 5-tuples) at paced rates for 2 s; the classifier's per-sandbox counter
+/// says how many it saw, the flow stream's sequence how many the daemon
+/// published, the kernel's counter how many did not fit.
+pub(crate) fn event_rate() -> Result<()> {
+    let policy = "name = \"agent\"\n[network]\ndefault = \"deny\"\n";
+    let h = sbx_net_tests::daemon::DaemonHarness::with_args("benchev", &[("agent.toml", policy)], Some("flow_history = 1000\n"), &[]);
+    let name = unique_name("ev");
+    let g = h.create_guest(&name, "agent");
+    let guest = NetNs::open(g["netns"].as_str().context("netns")?)?;
+    let snapshot = || -> Result<(u64, u64, u64)> {
+        let status = h.json(&["status", "--json"]);
+        let seen = status["sandbox_traffic"][&name]["denied"]["packets"].as_u64().context("sandbox counters")?;
+        let (seq, lost) = stream_position(&h)?;
+        Ok((seen, seq, lost))
+    };
+    println!("### Flow events through the daemon (new denied flows from a netns guest, 2 s per rate, default 256 KiB ring buffer)\n");
+    println!("| offered flows/s | reached the classifier /s | published by the daemon /s | lost in the ring buffer | lost % |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut next_flow = 0u64;
+    let mut best = 0.0f64;
+    for rate in [5_000u64, 10_000, 25_000, 50_000, 100_000, 200_000] {
+        let (seen0, seq0, lost0) = snapshot()?;
+        let seconds = 2.0;
+        let first = next_flow;
+        next_flow += rate * 2;
+        guest.run(|| -> Result<()> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            let started = Instant::now();
+            // Paced in 1 ms batches; bounded by count and time.
+            let per_ms = (rate / 1000).max(1);
+            let mut i = first;
+            while i < first + rate * 2 && started.elapsed() < Duration::from_secs(4) {
+                let due = started + Duration::from_micros((i - first) * 1_000_000 / rate);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    // Pacing: the batch's send time.
+                    std::thread::sleep(wait);
+                }
+                for _ in 0..per_ms {
+                    // A fresh 5-tuple each: 203.0.113.0/24 × ports 1024..61024.
+                    let dst = Ipv4Addr::new(203, 0, 113, ((i / 60_000) % 250) as u8 + 1);
+                    let _ = socket.send_to(b"x", (dst, 1024 + (i % 60_000) as u16));
+                    i += 1;
+                }
+            }
+            Ok(())
+        })??;
+        // Each datagram that reached the classifier is one event: measure
+        // once the daemon has published or counted lost every one (on a
+        // timeout, report what there is).
+        let accounted = |(seen1, seq1, lost1): &(u64, u64, u64)| seq1.saturating_sub(seq0) + (lost1 - lost0) >= seen1 - seen0;
+        let settled = sbx_net_tests::try_wait_for(Duration::from_secs(30), || snapshot().ok().filter(&accounted));
+        let (seen1, seq1, lost1) = match settled {
+            Some(s) => s,
+            None => snapshot()?,
+        };
+        let (seen, published, lost) = (seen1 - seen0, seq1.saturating_sub(seq0), lost1 - lost0);
+        let lost_pct = 100.0 * lost as f64 / seen.max(1) as f64;
+        println!(
+            "| {rate} | {:.0} | {:.0} | {lost} | {lost_pct:.2} |",
+            seen as f64 / seconds,
+            published as f64 / seconds
+        );
+        if lost == 0 {
+            best = best.max(published as f64 / seconds);
+        }
+    }
+    println!("\nHighest rate with no event lost: **{best:.0} events/s** (the guest's frame pump is the limit above ~195 k/s).\n");
+    synthetic_event_rate(&h, &g)?;
+    Ok(())
+}
+
+/// The daemon's flow stream so far: the last record's seq (every record
+/// published gets the next one) and the kernel's lost-event count.
+pub(crate) fn stream_position(h: &sbx_net_tests::daemon::DaemonHarness) -> Result<(u64, u64)> {
+    let lost = h.json(&["status", "--json"])["events_lost"].as_u64().context("events_lost")?;
+    let last = h.cli_ok(&["inspect", "-o", "json", "--last", "1"]);
+    let seq = serde_json::from_str::<serde_json::Value>(last.trim()).ok().and_then(|v| v["seq"].as_u64()).unwrap_or(0);
+    Ok((seq, lost))
+}
+
+/// Beyond what a guest's pump can send: frames of new denied flows run
+/// through BPF_PROG_TEST_RUN as if on the sandbox's tap, by a program that
+/// shares the daemon's pinned maps (its ring buffer included).
+pub(crate) fn synthetic_event_rate(h: &sbx_net_tests::daemon::DaemonHarness, g: &serde_json::Value) -> Result<()> {
+    h.topology.enter_host();
+    let dp = Datapath::load(&DatapathOptions { pin_dir: Some(h.bpf_dir.clone()), ..Default::default() })?;
+    let tap = g["tap"].as_str().context("tap")?;
+    let ifindex = h.topology.host_netlink.link_index(tap)?;
+    let mac = |key: &str| -> Result<[u8; 6]> {
+        let text = g[key].as_str().context("mac")?;
+        let bytes: Vec<u8> = text.split(':').map(|b| u8::from_str_radix(b, 16)).collect::<Result<_, _>>()?;
+        bytes.try_into().map_err(|_| anyhow::anyhow!("bad mac {text}"))
+    };
+    let (guest_mac, gateway_mac) = (mac("guest_mac")?, mac("gateway_mac")?);
+    let guest_ip: Ipv4Addr = g["guest_ipv4"].as_str().context("guest_ipv4")?.parse()?;
+    println!("### Flow events through the daemon, synthetic (BPF_PROG_TEST_RUN on the sandbox's tap sharing the daemon's maps; 2 s per rate)\n");
+    println!("| offered events/s | generated /s | published by the daemon /s | lost in the ring buffer | lost % |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mut n = 0u64;
+    let mut best = 0.0f64;
+    for rate in [200_000u64, 400_000, 800_000] {
+        let (seq0, lost0) = stream_position(h)?;
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < rate * 2 && started.elapsed() < Duration::from_secs(3) {
+            let due = started + Duration::from_micros(sent * 1_000_000 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                // Pacing: the batch's run time.
+                std::thread::sleep(wait);
+            }
+            for _ in 0..100 {
+                let dst = Ipv4Addr::new(198, 18, ((n / 60_000) % 250) as u8, 1 + ((n / 15_000_000) % 250) as u8);
+                let frame = ethernet(gateway_mac, guest_mac, ETH_P_IP, &ipv4(guest_ip, dst, 17, &[], 0, &udp(1024 + (n % 60_000) as u16, 9, b"x")));
+                dp.test_run(program_names::EGRESS, &frame, ifindex, 1)?;
+                n += 1;
+                sent += 1;
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        // Every run made one event: measure once the daemon has published
+        // or counted lost each (on a timeout, report what there is).
+        let accounted = |(seq1, lost1): &(u64, u64)| seq1.saturating_sub(seq0) + (lost1 - lost0) >= sent;
+        let settled = sbx_net_tests::try_wait_for(Duration::from_secs(30), || stream_position(h).ok().filter(&accounted));
+        let (seq1, lost1) = match settled {
+            Some(s) => s,
+            None => stream_position(h)?,
+        };
+        let (published, lost) = (seq1.saturating_sub(seq0), lost1 - lost0);
+        println!(
+            "| {rate} | {:.0} | {:.0} | {lost} | {:.2} |",
+            sent as f64 / seconds,
+            published as f64 / seconds,
+            100.0 * lost as f64 / sent.max(1) as f64
+        );
+        if lost == 0 {
+            best = best.max(published as f64 / seconds);
+        }
+    }
+    println!("\nHighest synthetic rate with no event lost: **{best:.0} events/s**.\n");
+    Ok(())
+}
+
+/// Median ns per run of `program` on `frame` over SAMPLES batches of REPEAT.
+pub(crate) fn ns_per_packet(dp: &Datapath, program: &'static str, frame: &[u8]) -> Result<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..SAMPLES {
+        let (_, d) = dp.test_run(program, frame, 1, REPEAT)?;
+        samples.push(d.as_nanos() as f64);
+    }
+    Ok(median(samples))
+}
+
+pub(crate) fn rules_v4(n: usize) -> Vec<Rule> {
+    // n distinct /24s from 11.0.0.0 (outside every built-in range), half
+    // allow, half deny.
+    (0..n)
+        .map(|i| {
+            let net = ipnetwork::Ipv4Network::new(Ipv4Addr::from(0x0b00_0000u32 + ((i as u32) << 8)), 24).unwrap();
+            bench_rule(IpNetwork::V4(net), i)
+        })
+        .collect()
+}
+
+pub(crate) fn rules_v6(n: usize) -> Vec<Rule> {
+    (0..n)
+        .map(|i| {
+            let addr = Ipv6Addr::from((0x2a00u128 << 112) | ((i as u128) << 80));
+            bench_rule(IpNetwork::V6(ipnetwork::Ipv6Network::new(addr, 48).unwrap()), i)
+        })
+        .collect()
+}
+
+pub(crate) fn bench_rule(net: IpNetwork, i: usize) -> Rule {
+    Rule {
+        action: if i.is_multiple_of(2) { Action::Allow } else { Action::Deny },
+        target: Target::Cidr(net),
+        port: None,
+        origin: Origin::Policy,
+        text: net.to_string(),
+        line: 0,
+        except: Vec::new(),
+        mode: sbx_net::policy::Mode::Enforce,
+    }
+}
+
+pub(crate) fn per_packet_cost() -> Result<()> {
+    let ns = NetNs::create(&unique_name("bench")).context("bench netns")?;
+    ns.enter_current_thread()?;
+    let spec = SandboxSpec::new(1, "bench", &AddressPools::default())?;
+    let guest_mac = spec.guest_mac;
+    println!("### Cost per packet (BPF_PROG_TEST_RUN, median of {SAMPLES} × {REPEAT} runs, ns)\n");
+    println!("Hit: destination inside an allow rule. Miss: no rule covers it (policy default `allow`, so both pass and neither emits an event).\n");
+    println!("| family | rules | case | empty program | one LPM lookup (floor) | sbx_egress | sbx_egress / floor |");
+    println!("|---|---:|---|---:|---:|---:|---:|");
+    for v6 in [false, true] {
+        for &n in &RULE_COUNTS {
+            let mut rules = if v6 { rules_v6(n) } else { rules_v4(n) };
+            rules.extend(builtin_deny_rules());
+            let compiled = compile_rules("bench", Action::Allow, rules)?;
+            let mut dp = Datapath::load(&DatapathOptions::default())?;
+            let started = Instant::now();
+            dp.install_sandbox(1, &spec.datapath_config(&compiled, spec.id, 0, &[]), &compiled)?;
+            let install = started.elapsed();
+            let hit_index = (n / 2) & !1; // an allow rule
+            let cases: [(&str, IpAddr); 2] = if v6 {
+                [
+                    ("hit", Ipv6Addr::from((0x2a00u128 << 112) | ((hit_index as u128) << 80) | 5).into()),
+                    ("miss", "2a01::5".parse::<Ipv6Addr>()?.into()),
+                ]
+            } else {
+                [
+                    ("hit", Ipv4Addr::from(0x0b00_0000u32 + ((hit_index as u32) << 8) + 5).into()),
+                    ("miss", Ipv4Addr::new(203, 0, 113, 5).into()),
+                ]
+            };
+            for (case, dst) in cases {
+                let frame = match dst {
+                    IpAddr::V4(d) => ethernet(spec.gateway_mac, guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, d, 17, &[], 0, &udp(4000, 443, &[0; 18]))),
+                    IpAddr::V6(d) => ethernet(spec.gateway_mac, guest_mac, ETH_P_IPV6, &ipv6(spec.guest_ipv6, d, 17, &udp(4000, 443, &[0; 18]))),
+                };
+                let (code, _) = dp.test_run(program_names::EGRESS, &frame, 1, 1)?;
+                if code != 0 {
+                    bail!("{case} frame to {dst} was dropped; the benchmark must measure the pass path");
+                }
+                let empty = ns_per_packet(&dp, program_names::BENCH_EMPTY, &frame)?;
+                let floor = ns_per_packet(&dp, program_names::BENCH_ONE_LOOKUP, &frame)?;
+                let full = ns_per_packet(&dp, program_names::EGRESS, &frame)?;
+                println!(
+                    "| IPv{} | {n} | {case} | {empty:.0} | {floor:.0} | {full:.0} | {:.2}× |",
+                    if v6 { 6 } else { 4 },
+                    full / floor
+                );
+            }
+            eprintln!("(installed {} entries in {:.2?})", compiled.entry_count(), install);
+        }
+    }
+    println!();
+    Ok(())
+}
+
+/// Packets that left the host by the uplink (read in the host namespace).
+pub(crate) fn uplink_tx_packets(host: &NetNs) -> Result<u64> {
+    let dev = host.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))??;
+    for line in dev.lines() {
+        if let Some(rest) = line.trim_start().strip_prefix("uplink:") {
+            let fields: Vec<u64> = rest.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+            return fields.get(9).copied().context("tx_packets field");
+        }
+    }
+    bail!("no uplink in /proc/net/dev")
+}
+
+/// Sends small UDP datagrams from the guest for `duration` (bounded in
+/// count too); returns packets forwarded out of the uplink per second.
+pub(crate) fn measure_pps(guest: &NetNs, host: &NetNs, dst: SocketAddr, duration: Duration) -> Result<f64> {
+    const MAX_PACKETS: u64 = 50_000_000;
+    let before = uplink_tx_packets(host)?;
+    let started = Instant::now();
+    guest.run(|| -> Result<()> {
+        let sock = UdpSocket::bind("0.0.0.0:0")?;
+        sock.connect(dst)?;
+        let payload = [0u8; 18];
+        let mut sent = 0u64;
+        while started.elapsed() < duration && sent < MAX_PACKETS {
+            // ENOBUFS when the tap queue is full: the pump is the bottleneck.
+            let _ = sock.send(&payload);
+            sent += 1;
+        }
+        Ok(())
+    })??;
+    // Let the pump drain what is queued: a fixed part of every run (the
+    // rate below takes it out again), not a wait for a condition.
+    std::thread::sleep(Duration::from_millis(200));
+    let elapsed = started.elapsed().as_secs_f64() - 0.2;
+    Ok((uplink_tx_packets(host)? - before) as f64 / elapsed)
+}
+
+/// A sandbox the benchmark installed, taken off the host (pump and guest
+/// namespace, tap, pinned link, log) when dropped, also when a run fails.
+pub(crate) struct BenchSandbox {
+    pub(crate) host: sbx_net::sandbox::install::SandboxHost,
+    pub(crate) sandbox: sbx_net::sandbox::install::InstalledSandbox,
+    pub(crate) pins: std::path::PathBuf,
+    pub(crate) logs: std::path::PathBuf,
+}
+
+impl BenchSandbox {
+    /// Sandbox 1 on a new tap, allowed 198.51.100.0/24, put on the host
+    /// (in the current namespace) by the daemon's installer, with a netns
+    /// guest behind the pump or with the tap free for a VM.
+    pub(crate) fn install(tag: &str, netns_guest: bool) -> Result<BenchSandbox> {
+        use sbx_net::sandbox::install::{HostSettings, InstallRequest, SandboxHost, TapSource};
+        let name = unique_name(tag);
+        let pins = std::path::PathBuf::from("/sys/fs/bpf").join(&name);
+        let logs = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&logs)?;
+        let config = sbx_net::control::config::DaemonConfig { uplink: Some("uplink".into()), ..Default::default() };
+        let settings = HostSettings { pools: config.pools(), nft: config.nft(), links_dir: pins.join("links"), pump_exe: sbx_net_tests::daemon::sbx_net_bin(), log_dir: logs.clone() };
+        let installed = (|| -> Result<(SandboxHost, sbx_net::sandbox::install::InstalledSandbox)> {
+            let mut host = SandboxHost::new(Datapath::load(&DatapathOptions::default())?, settings)?;
+            host.install_table(&[])?;
+            let policy = Policy::parse("bench.toml", "name = \"bench\"\n[network]\nallow = [\"198.51.100.0/24\"]\n")?;
+            let spec = SandboxSpec::new(1, &name, &config.pools())?;
+            let sandbox = host.install(InstallRequest { spec, policy: &policy, policy_id: 1, tap: TapSource::New, netns_guest })?;
+            Ok((host, sandbox))
+        })();
+        match installed {
+            Ok((host, sandbox)) => Ok(BenchSandbox { host, sandbox, pins, logs }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&pins);
+                let _ = std::fs::remove_dir_all(&logs);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for BenchSandbox {
+    fn drop(&mut self) {
+        let left = self.host.uninstall(&self.sandbox);
+        if !left.is_empty() {
+            eprintln!("removing the benchmark's sandbox left: {}", left.join("; "));
+        }
+        let _ = std::fs::remove_dir_all(&self.pins);
+        let _ = std::fs::remove_dir_all(&self.logs);
+    }
+}
+
+/// Attaches the classifier to `tap` through `pin`. A link whose pin was
+/// just removed is released by the kernel in a work item: until then the
+/// program is still on the tap, and attaching it again fails with EEXIST;
+/// wait (at most 5 s) for that. Returns how long it waited.
+pub(crate) fn reattach(dp: &mut Datapath, tap: &str, pin: &std::path::Path) -> Result<Duration> {
+    let started = Instant::now();
+    loop {
+        match dp.attach_pinned(tap, pin) {
+            Ok(()) => return Ok(started.elapsed()),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                let exists = e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.raw_os_error() == Some(libc::EEXIST)));
+                if !exists || started.elapsed() > Duration::from_secs(5) {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
+
+/// The sandbox is put on the host by the daemon's installer (tap, nftables
+/// table and element, pinned TCX link, the netns guest's pump process), so
+/// every configuration includes the nftables path the daemon's sandboxes
+/// take; the classifier is detached and re-attached through its pin.
+pub(crate) fn tap_throughput() -> Result<()> {
+    use sbx_net::sandbox::install::SANDBOX_FLAGS;
+
+    let topology = Topology::new("benchpps");
+    topology.enter_host();
+    let sink = Ipv4Addr::new(198, 51, 100, 5);
+    topology.add_world_address(sink.into());
+    let dst = SocketAddr::new(sink.into(), 9);
+    // A bound socket so the world does not answer with ICMP unreachables.
+    let _sink = topology.world.run(move || UdpSocket::bind(dst))??;
+
+    let mut bench = BenchSandbox::install("p", true)?;
+    let (spec, ifindex, pin) = (bench.sandbox.spec.clone(), bench.sandbox.ifindex, bench.host.settings.link_pin(&bench.sandbox.spec.name));
+    let guest = NetNs::open(&spec.netns)?;
+    let plain = spec.datapath_config(&bench.sandbox.policy, bench.sandbox.policy_id, 0, &[]);
+    let as_installed = bench.host.datapath_config(&spec, &bench.sandbox.policy, bench.sandbox.policy_id);
+    assert_eq!(as_installed.flags, SANDBOX_FLAGS);
+    let datapath = &mut bench.host.datapath;
+    // Start without the program: the runs below attach it as they need it.
+    Datapath::unpin_link(&pin)?;
+
+    let duration = Duration::from_secs(2);
+    // Warm up neighbour resolution.
+    measure_pps(&guest, &topology.host, dst, Duration::from_millis(300))?;
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    let mut with_flows = Vec::new();
+    let mut waited = Duration::ZERO;
+    // Rotate the order each round so drift favours none.
+    for round in 0..RUNS {
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => {
+                    datapath.write_config(ifindex, &plain)?;
+                    waited = waited.max(reattach(datapath, &spec.tap, &pin)?);
+                    with.push(measure_pps(&guest, &topology.host, dst, duration)?);
+                    Datapath::unpin_link(&pin)?;
+                }
+                1 => {
+                    datapath.write_config(ifindex, &as_installed)?;
+                    waited = waited.max(reattach(datapath, &spec.tap, &pin)?);
+                    with_flows.push(measure_pps(&guest, &topology.host, dst, duration)?);
+                    Datapath::unpin_link(&pin)?;
+                }
+                _ => without.push(measure_pps(&guest, &topology.host, dst, duration)?),
+            }
+        }
+    }
+    let (w, wo, wf) = (median(with.clone()), median(without.clone()), median(with_flows.clone()));
+    println!("### Small UDP packets from a netns guest through the tap (packets/s out of the uplink, median of {RUNS} × {}s, alternating)\n", duration.as_secs());
+    println!("The sandbox is installed as the daemon installs it (nftables table, guest pump process); only the classifier comes and goes (longest wait for the kernel to release a detached link: {} ms).\n", waited.as_millis());
+    println!("| configuration | packets/s | runs |");
+    println!("|---|---:|---|");
+    println!("| no program on the tap | {wo:.0} | {} |", fmt_runs(&without));
+    println!("| sbx_egress attached (TCX) | {w:.0} | {} |", fmt_runs(&with));
+    println!("| sbx_egress + flow table (as the daemon runs it) | {wf:.0} | {} |", fmt_runs(&with_flows));
+    println!("\nWith / without: **{:.1} %**; with the flow table: **{:.1} %**.\n", 100.0 * w / wo, 100.0 * wf / wo);
+    drop(guest);
+    Ok(())
+}
