@@ -57,7 +57,8 @@ enum Task {
         #[arg(default_value = "datapath")]
         suite: String,
         /// `--compare FILE` (a run's JSON: what moved), `--json FILE` (one
-        /// suite's figures), `--out DIR` (where `all` writes).
+        /// suite's figures), `--out DIR` (where `all` writes), `--only
+        /// SUITE,…` (a subset of `all`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

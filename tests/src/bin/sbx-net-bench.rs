@@ -73,14 +73,26 @@ use vmm::*;
 const SUITES: [&str; 7] = ["datapath", "lifecycle", "dns", "proxy", "upgrade", "vmm", "fleet"];
 
 /// `sbx-net-bench SUITE [--json FILE] [--compare FILE]`, or
-/// `sbx-net-bench all [--out DIR] [--compare FILE]`.
+/// `sbx-net-bench all [--out DIR] [--compare FILE] [--only SUITE,…]`.
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let suite = args.first().cloned().unwrap_or_else(|| "datapath".into());
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
     let (json, compare, out) = (flag("--json"), flag("--compare"), flag("--out"));
     if suite == "all" {
-        return report::run_all(&SUITES, out.as_deref(), compare.as_deref());
+        // `--only a,b`: a subset, in the order of SUITES (for a quick re-run).
+        let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1));
+        let suites: Vec<&str> = match only {
+            Some(list) => {
+                let wanted: Vec<&str> = list.split(',').collect();
+                if let Some(unknown) = wanted.iter().find(|w| !SUITES.contains(w)) {
+                    bail!("--only: unknown suite {unknown:?} (available: {})", SUITES.join(", "));
+                }
+                SUITES.iter().copied().filter(|s| wanted.contains(s)).collect()
+            }
+            None => SUITES.to_vec(),
+        };
+        return report::run_all(&suites, out.as_deref(), compare.as_deref());
     }
     run_suite(&suite)?;
     let run = report::RunFile::from_recorded(&[suite.as_str()]);

@@ -184,7 +184,7 @@ fn comparison(before: &RunFile, after: &RunFile) -> String {
             continue;
         };
         let (b, a) = (o["median"].as_f64().unwrap_or(f64::NAN), f["median"].as_f64().unwrap_or(f64::NAN));
-        let change = if b != 0.0 { 100.0 * (a - b) / b.abs() } else { f64::NAN };
+        let change = if b != 0.0 { format!("{:+.1} %", 100.0 * (a - b) / b.abs()) } else { "–".to_string() };
         let higher_is_better = f["better"] == "higher";
         let verdict = move_verdict(
             (o["min"].as_f64().unwrap_or(b), o["max"].as_f64().unwrap_or(b)),
@@ -192,7 +192,7 @@ fn comparison(before: &RunFile, after: &RunFile) -> String {
             a > b,
             higher_is_better,
         );
-        s += &format!("| {} | {} ({}) | {b:.1} | {a:.1} | {change:+.1} % | {verdict} |\n", key(f).0, key(f).1, str_of(&f["unit"]));
+        s += &format!("| {} | {} ({}) | {b:.1} | {a:.1} | {change} | {verdict} |\n", key(f).0, key(f).1, str_of(&f["unit"]));
     }
     if !only_new.is_empty() {
         s += &format!("\nNew in this run: {}.\n", only_new.join(", "));
