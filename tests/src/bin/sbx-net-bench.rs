@@ -73,12 +73,19 @@ use vmm::*;
 const SUITES: [&str; 7] = ["datapath", "lifecycle", "dns", "proxy", "upgrade", "vmm", "fleet"];
 
 /// `sbx-net-bench SUITE [--json FILE] [--compare FILE]`, or
-/// `sbx-net-bench all [--out DIR] [--compare FILE] [--only SUITE,…]`.
+/// `sbx-net-bench all [--out DIR] [--compare FILE] [--only SUITE,…]`, or
+/// `sbx-net-bench summarize RUN.json…` (runs side by side).
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let suite = args.first().cloned().unwrap_or_else(|| "datapath".into());
     let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(std::path::PathBuf::from);
     let (json, compare, out) = (flag("--json"), flag("--compare"), flag("--out"));
+    if suite == "summarize" {
+        // `summarize RUN.json…`: consecutive runs side by side.
+        let runs = args[1..].iter().map(|p| report::RunFile::read(std::path::Path::new(p))).collect::<Result<Vec<_>>>()?;
+        print!("{}", report::summarize(&runs));
+        return Ok(());
+    }
     if suite == "all" {
         // `--only a,b`: a subset, in the order of SUITES (for a quick re-run).
         let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1));

@@ -211,6 +211,78 @@ fn move_verdict(before: (f64, f64), after: (f64, f64), rose: bool, higher_is_bet
     }
 }
 
+/// Consecutive runs side by side: every target's verdict in each run (held
+/// = met in all), then every figure's median in each run.
+pub(crate) fn summarize(runs: &[RunFile]) -> String {
+    let starts: Vec<&str> = runs.iter().map(|r| str_of(&r.value["started"])).collect();
+    let mut s = format!("### Targets in {} consecutive runs ({})\n\n| suite | target |", runs.len(), starts.join(", "));
+    for i in 1..=runs.len() {
+        s += &format!(" run {i} |");
+    }
+    s += " held |\n|---|---|";
+    s += &"---|".repeat(runs.len() + 1);
+    s += "\n";
+    let mut seen = Vec::new();
+    for t in runs.iter().flat_map(|r| r.targets()) {
+        let key = (str_of(&t["suite"]).to_string(), str_of(&t["target"]).to_string());
+        if seen.contains(&key) {
+            continue;
+        }
+        s += &format!("| {} | {} |", key.0, key.1);
+        let mut held = true;
+        for run in runs {
+            match run.targets().iter().find(|x| str_of(&x["suite"]) == key.0 && str_of(&x["target"]) == key.1) {
+                Some(x) => {
+                    let met = x["met"].as_bool() == Some(true);
+                    held &= met;
+                    s += &format!(" {}{} |", str_of(&x["measured"]), if met { "" } else { " ✗" });
+                }
+                None => {
+                    held = false;
+                    s += " – |";
+                }
+            }
+        }
+        s += if held { " yes |\n" } else { " **no** |\n" };
+        seen.push(key);
+    }
+    s += "\n### Headline figures (median of each run; spread within a run in its tables)\n\n| suite | figure | unit |";
+    for i in 1..=runs.len() {
+        s += &format!(" run {i} |");
+    }
+    s += "\n|---|---|---|";
+    s += &"---:|".repeat(runs.len());
+    s += "\n";
+    let mut seen = Vec::new();
+    for f in runs.iter().flat_map(|r| r.figures()) {
+        let key = (str_of(&f["suite"]).to_string(), str_of(&f["name"]).to_string());
+        if seen.contains(&key) {
+            continue;
+        }
+        s += &format!("| {} | {} | {} |", key.0, key.1, str_of(&f["unit"]));
+        for run in runs {
+            match run.figures().iter().find(|x| str_of(&x["suite"]) == key.0 && str_of(&x["name"]) == key.1) {
+                Some(x) => s += &format!(" {} |", short(x["median"].as_f64().unwrap_or(f64::NAN))),
+                None => s += " – |",
+            }
+        }
+        s += "\n";
+        seen.push(key);
+    }
+    s
+}
+
+/// A figure at a precision that suits its size.
+fn short(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 /// Now as `YYYY-MM-DDTHH:MM:SSZ` (civil date from the Unix day count).
 fn utc_now() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
