@@ -310,7 +310,7 @@ impl AnswerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
     use hickory_proto::rr::rdata::{A, SOA as SoaData};
     use hickory_proto::rr::{Name, RData, Record, RecordType};
 
