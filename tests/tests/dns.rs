@@ -14,7 +14,7 @@ const POLICY: &str = r#"
 name = "agent"
 [network]
 default = "deny"
-allow = ["allowed.test", "tls.test", "late.test", "*.one.test", "**.any.test", "alias.test", "big.test", "zero.test", "rebind.test", "ssh.test:22"]
+allow = ["allowed.test", "tls.test", "late.test", "*.one.test", "**.any.test", "alias.test", "big.test", "zero.test", "rebind.test", "ssh.test:22", "cached.test"]
 deny = ["bad.any.test"]
 "#;
 
@@ -45,6 +45,7 @@ fn records() -> Vec<String> {
         "unlisted.test,198.51.100.20,60",
         "ssh.test,198.51.100.21,60",
         "tls.test,198.51.100.30,60",
+        "cached.test,198.51.100.22,8",
         "rebind.test,198.51.100.7,60",
         "rebind.test,127.0.0.1,60",
         "rebind.test,10.1.2.3,60",
@@ -63,7 +64,7 @@ fn records() -> Vec<String> {
 }
 
 fn world_addrs() -> Vec<IpAddr> {
-    ["198.51.100.5", "198.51.100.6", "198.51.100.7", "198.51.100.8", "198.51.100.9", "198.51.100.10", "198.51.100.11", "198.51.100.13", "198.51.100.20", "198.51.100.21", "198.51.100.150", "2001:db8:100::5"]
+    ["198.51.100.5", "198.51.100.6", "198.51.100.7", "198.51.100.8", "198.51.100.9", "198.51.100.10", "198.51.100.11", "198.51.100.13", "198.51.100.20", "198.51.100.21", "198.51.100.22", "198.51.100.150", "2001:db8:100::5"]
         .iter()
         .map(|s| ip(s))
         .collect()
@@ -235,6 +236,63 @@ fn learned_addresses_expire_and_survive_a_restart() {
     assert!(tcp_connects(&ns, ip("198.51.100.5"), PORT));
 }
 
+/// The TTL dig shows for the first answer record.
+fn answer_ttl(answers: &[String]) -> u32 {
+    answers.first().and_then(|a| a.split(' ').nth(1)).and_then(|t| t.parse().ok()).unwrap_or_else(|| panic!("no answer TTL in {answers:?}"))
+}
+
+fn cache_counts(h: &DaemonHarness) -> (u64, u64) {
+    let dns = &h.json(&["status", "--json"])["dns"];
+    (dns["cache_hits"].as_u64().unwrap_or(0), dns["cache_misses"].as_u64().unwrap_or(0))
+}
+
+#[test]
+fn cached_answers_still_open_the_address_count_down_and_expire() {
+    require_root();
+    // Learned addresses close after 2 s + 1 s of grace; the cache keeps
+    // cached.test's answer for its TTL, 8 s: a hit comes after the address
+    // closed, so only the hit's own map write can open it again.
+    let (h, _dns, _servers) = setup("dnscache", Some("dns_min_ttl = 1\ndns_max_ttl = 2\ndns_grace = 1\n"));
+    let a = h.create_guest(&unique_name("a"), "agent");
+    let ns = a["netns"].as_str().unwrap().to_string();
+    let b = h.create_guest(&unique_name("b"), "other");
+    let ns_b = b["netns"].as_str().unwrap().to_string();
+    let target = ip("198.51.100.22");
+
+    let (status, answers) = dig(&ns, &["cached.test"]);
+    let stored = Instant::now();
+    assert_eq!(status, "NOERROR");
+    assert_eq!(answer_ttl(&answers), 8, "a miss carries the upstream's TTL");
+    assert_eq!(cache_counts(&h), (0, 1));
+    assert!(tcp_connects(&ns, target, PORT));
+    wait_until(Duration::from_secs(10), "the learned address to close after its clamped TTL + grace", || !tcp_connects(&ns, target, PORT));
+
+    // A hit: the remaining TTL, and the address open again before the
+    // answer arrived (the connect right after needs no retry window).
+    let (status, answers) = dig(&ns, &["CACHED.test"]);
+    assert_eq!(status, "NOERROR");
+    let ttl = answer_ttl(&answers);
+    let held = stored.elapsed().as_secs() as u32;
+    assert!(ttl < 8 && (8..=9).contains(&(ttl + held)), "TTL {ttl} after {held} s in the cache");
+    assert_eq!(cache_counts(&h).0, 1, "answered from the cache");
+    assert!(tcp_connects(&ns, target, PORT), "a cached answer did not open its address");
+
+    // Another sandbox whose policy denies the name never gets the cached
+    // answer, and nothing is opened for it.
+    let (status, answers) = dig(&ns_b, &["cached.test"]);
+    assert_eq!(status, "NXDOMAIN", "{answers:?}");
+    assert!(!tcp_connects(&ns_b, target, PORT));
+    assert_eq!(cache_counts(&h).0, 1, "a denied name never reaches the cache");
+
+    // Past its TTL the answer is never served again: the next one is the
+    // upstream's, with the full TTL. (The TTL passing is what is tested.)
+    std::thread::sleep((stored + Duration::from_secs(8)).saturating_duration_since(Instant::now()));
+    let (status, answers) = dig(&ns, &["cached.test"]);
+    assert_eq!(status, "NOERROR");
+    assert_eq!(answer_ttl(&answers), 8, "an expired answer was served: {answers:?}");
+    assert_eq!(cache_counts(&h), (1, 2));
+}
+
 #[test]
 fn connect_right_after_resolve_never_loses_a_first_syn() {
     require_root();
@@ -291,7 +349,10 @@ fn per_name_cap_forgets_old_addresses_but_not_live_flows() {
     require_root();
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
     let policy = "name = \"cdn\"\n[network]\ndefault = \"deny\"\nallow = [\"rot.test\"]\n";
-    let h = DaemonHarness::with_args("cap", &[("cdn.toml", policy)], Some("dns_max_addresses_per_name = 1\n"), &[upstream.as_str()]);
+    // The upstream's answer changes within its TTL (a new server each
+    // time): the answer cache, which rightly keeps it for its TTL, is off
+    // so every resolve sees the new one.
+    let h = DaemonHarness::with_args("cap", &[("cdn.toml", policy)], Some("dns_max_addresses_per_name = 1\ndns_cache_entries = 0\n"), &[upstream.as_str()]);
     let addrs = ["198.51.100.5", "198.51.100.6", "198.51.100.7"];
     for a in addrs {
         h.topology.add_world_address(ip(a));

@@ -83,6 +83,12 @@ pub struct DaemonConfig {
     /// ...or when one takes longer than this many ms from its first byte to
     /// its last (however the bytes trickle in).
     pub dns_tcp_query_timeout_ms: u64,
+    /// Answers the DNS proxy keeps from the upstream, each for its TTL
+    /// (negative ones at most 5 minutes), to answer the same question again
+    /// without asking; 0 turns the cache off. Each query is still decided
+    /// by its sandbox's policy and its addresses written to the sandbox's
+    /// map before it is answered, cached or not. At most 4 KiB an answer.
+    pub dns_cache_entries: usize,
     /// Flow records kept in memory for `inspect --last` (older ones are
     /// counted as evicted).
     pub flow_history: usize,
@@ -151,6 +157,7 @@ impl Default for DaemonConfig {
             dns_tcp_connections_per_sandbox: 32,
             dns_tcp_idle_timeout_ms: 10_000,
             dns_tcp_query_timeout_ms: 5_000,
+            dns_cache_entries: 4096,
             flow_history: 10_000,
             events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
             flow_table_size: sbx_net_common::MAX_FLOWS,

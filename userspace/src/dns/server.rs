@@ -19,6 +19,7 @@ use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use super::cache::{AnswerCache, CacheSettings};
 use super::learned::{guest_addresses, static_exact, LearnedStore};
 use super::stats::DnsStats;
 use super::upstream::{write_framed, UpstreamClient, UpstreamError};
@@ -77,6 +78,8 @@ pub struct DnsSettings {
     /// SERVFAIL (the shared pending table must not be one guest's).
     pub max_upstream_per_sandbox: usize,
     pub tcp: DnsTcpLimits,
+    /// The answer cache's size ([`crate::dns::cache`]); 0 entries: off.
+    pub cache: CacheSettings,
 }
 
 /// Default of [`DnsSettings::max_upstream_per_sandbox`].
@@ -124,6 +127,9 @@ pub struct DnsContext {
     pub in_flight: crate::util::conn_limit::InFlight,
     /// Set when the data plane drains: TCP connections close between queries.
     pub draining: tokio::sync::watch::Sender<bool>,
+    /// The upstream's answers, kept for their TTL (shared by all sandboxes:
+    /// it holds answers, each query is still decided by its own sandbox).
+    pub cache: AnswerCache,
 }
 
 /// How old a conntrack read may be and still serve an answer's eviction
@@ -404,29 +410,42 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         return servfail("no_upstream");
     };
     let Some(upstream_query) = reencode(&q) else { return servfail("reencode_failed") };
-    let permit = match ctx.slots.upstream.try_acquire(&route.sandbox) {
-        Ok(permit) => permit,
-        Err(AtCap { first_of_burst: first }) => {
-            ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-            ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
-            if first {
-                tracing::warn!(sandbox = %route.sandbox, cap = ctx.settings.max_upstream_per_sandbox, "DNS: the sandbox has its cap of queries upstream; SERVFAIL until one ends");
-            }
-            return servfail("upstream_busy");
-        }
-    };
-    let forwarded = ctx.upstream.forward(upstream, &upstream_query, ctx.settings.upstream_timeout).await;
-    drop(permit);
-    let response = match forwarded {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-            if let UpstreamError::Busy { .. } = e {
+    // A cached answer stands for the upstream's: everything after (the
+    // checks, the alias chain, the strip, the map write before release) is
+    // the same as for a fresh one. Denied names never got this far.
+    let cached = ctx.cache.get(&upstream_query, boot_time_ns());
+    let from_cache = cached.is_some();
+    if ctx.cache.enabled() {
+        let counter = if from_cache { &ctx.stats.cache_hits } else { &ctx.stats.cache_misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    let response = if let Some(cached) = cached {
+        cached
+    } else {
+        let permit = match ctx.slots.upstream.try_acquire(&route.sandbox) {
+            Ok(permit) => permit,
+            Err(AtCap { first_of_burst: first }) => {
+                ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                 ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
+                if first {
+                    tracing::warn!(sandbox = %route.sandbox, cap = ctx.settings.max_upstream_per_sandbox, "DNS: the sandbox has its cap of queries upstream; SERVFAIL until one ends");
+                }
                 return servfail("upstream_busy");
             }
-            tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "{e}");
-            return servfail("upstream_failed");
+        };
+        let forwarded = ctx.upstream.forward(upstream, &upstream_query, ctx.settings.upstream_timeout).await;
+        drop(permit);
+        match forwarded {
+            Ok(r) => r,
+            Err(e) => {
+                ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
+                if let UpstreamError::Busy { .. } = e {
+                    ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
+                    return servfail("upstream_busy");
+                }
+                tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "{e}");
+                return servfail("upstream_failed");
+            }
         }
     };
     let Ok(mut message) = Message::from_vec(&response) else {
@@ -437,6 +456,11 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS upstream answered another question; SERVFAIL");
         return servfail("upstream_mismatch");
+    }
+    if !from_cache {
+        // Stored only when well-formed, matched (checked just above),
+        // not truncated, NOERROR or NXDOMAIN ([`AnswerCache::put`]).
+        ctx.cache.put(&upstream_query, &response, boot_time_ns());
     }
     let records: Vec<AnswerRecord> = message.answers().iter().map(answer_record).collect();
     let plan = plan_answer(&route.policy, &qname, &records);

@@ -38,6 +38,10 @@ pub struct DnsStats {
     pub tcp_refused: AtomicU64,
     /// DNS-over-TCP connections closed by the idle or query deadline.
     pub tcp_timeouts: AtomicU64,
+    /// Allowed queries answered from the answer cache, and those that were
+    /// not (counted only while the cache is on).
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
     /// Longest wait for the map write, µs.
     pub hold_max_us: AtomicU64,
     /// How long answers were held for their map writes (seconds).
@@ -66,6 +70,8 @@ impl Default for DnsStats {
             upstream_busy: AtomicU64::new(0),
             tcp_refused: AtomicU64::new(0),
             tcp_timeouts: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
             hold_max_us: AtomicU64::new(0),
             hold_seconds: hold_histogram(),
         }
@@ -92,6 +98,8 @@ impl DnsStats {
             "tcp_connections_refused": self.tcp_refused.load(Ordering::Relaxed),
             "tcp_connections_timed_out": self.tcp_timeouts.load(Ordering::Relaxed),
             "hold_max_us": self.hold_max_us.load(Ordering::Relaxed),
+            "cache_hits": self.cache_hits.load(Ordering::Relaxed),
+            "cache_misses": self.cache_misses.load(Ordering::Relaxed),
         })
     }
 

@@ -111,6 +111,136 @@ pub(crate) fn max_rate(target: SocketAddr, seconds: u64) -> Result<f64> {
     Ok(answered as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Debian's unbound forwarding "." to `upstream`, on `addr:port` in the
+/// world namespace: the bench's own child (no daemon, no chroot, no
+/// remote control, no root hints: it only forwards), its config in a temp
+/// dir; killed and the dir removed on drop. `cache`: false keeps unbound's
+/// caches at their minimum and every TTL at 0 (`cache-max-ttl: 0`,
+/// `cache-max-negative-ttl: 0`), so each query goes upstream.
+pub(crate) struct UnboundPeer {
+    child: Option<sbx_net_tests::Background>,
+    dir: std::path::PathBuf,
+}
+
+impl UnboundPeer {
+    pub(crate) fn start(ns: &NetNs, addr: IpAddr, port: u16, upstream: SocketAddr, cache: bool) -> Result<UnboundPeer> {
+        let dir = std::env::temp_dir().join(unique_name("bench-unbound"));
+        std::fs::create_dir_all(&dir)?;
+        // The struct first: the dir goes on drop even if the start fails.
+        let mut peer = UnboundPeer { child: None, dir: dir.clone() };
+        let cache_lines = if cache {
+            "    msg-cache-size: 4m\n    rrset-cache-size: 8m\n"
+        } else {
+            // unbound has no "off": the smallest caches, and nothing in
+            // them outlives its store (cache-max-ttl 0).
+            "    msg-cache-size: 0\n    rrset-cache-size: 0\n    key-cache-size: 0\n    neg-cache-size: 0\n    cache-max-ttl: 0\n    cache-max-negative-ttl: 0\n    cache-min-ttl: 0\n"
+        };
+        let config = format!(
+            "server:\n    interface: {addr}@{port}\n    port: {port}\n    do-daemonize: no\n    chroot: \"\"\n    username: \"\"\n    directory: \"{dir}\"\n    pidfile: \"\"\n    use-syslog: no\n    logfile: \"\"\n    verbosity: 0\n    num-threads: 1\n    do-ip6: no\n    access-control: 0.0.0.0/0 allow\n    module-config: \"iterator\"\n    local-zone: \"test.\" nodefault\n    do-not-query-localhost: no\n    prefetch: no\n    serve-expired: no\n    harden-referral-path: no\n{cache_lines}remote-control:\n    control-enable: no\nforward-zone:\n    name: \".\"\n    forward-addr: {}@{}\n",
+            upstream.ip(),
+            upstream.port(),
+            dir = dir.display(),
+        );
+        let conf = dir.join("unbound.conf");
+        std::fs::write(&conf, config)?;
+        let child = sbx_net_tests::netns_command(ns.name(), "unbound")
+            .args(["-d", "-c"])
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("unbound.log"))?)
+            .spawn()
+            .context("spawn unbound")?;
+        let child = peer.child.insert(sbx_net_tests::Background(child));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.0.try_wait() {
+                bail!("unbound exited with {status}: {}", std::fs::read_to_string(dir.join("unbound.log")).unwrap_or_default());
+            }
+            let out = sbx_net_tests::run_in(ns.name(), "dig", &["+short", "+time=1", "+tries=1", "-p", &port.to_string(), &format!("@{addr}"), "bench.test"]);
+            if out.status.success() && !out.stdout.is_empty() {
+                return Ok(peer);
+            }
+            if Instant::now() > deadline {
+                bail!("unbound on {addr}:{port} did not answer within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for UnboundPeer {
+    fn drop(&mut self) {
+        drop(self.child.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One measured run of a path: latency at DNS_RATE, then the maximum rate.
+struct PathRun {
+    fixed: DnsRun,
+    max: f64,
+}
+
+fn measure(guest: &NetNs, target: SocketAddr) -> Result<PathRun> {
+    let fixed = guest.run(|| fixed_rate(target, DNS_RATE, DNS_SECONDS))??;
+    let max = guest.run(|| max_rate(target, DNS_MAX_SECONDS))??;
+    Ok(PathRun { fixed, max })
+}
+
+/// Queries `target` until it answers (the proxy after a restart, a peer's
+/// first forward), at most 15 s.
+fn warm_up(guest: &NetNs, target: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match guest.run(|| fixed_rate(target, 1000, 1))? {
+            Ok(r) if r.answered * 10 >= r.sent * 9 => return Ok(()),
+            Ok(_) | Err(_) if Instant::now() < deadline => continue,
+            Ok(r) => bail!("{target} answered {}/{} while warming up", r.answered, r.sent),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One table of paths measured alternating: the upstream directly first
+/// (the added latency's base), then sbx-net, then the peers.
+fn dns_table(guest: &NetNs, phase: &str, key: &str, paths: &[(&str, &str, SocketAddr)]) -> Result<Vec<(Figure, Figure, Figure)>> {
+    for (_, _, target) in paths {
+        warm_up(guest, *target)?;
+    }
+    let runs = alternating(paths.len(), DNS_MAX_RUNS, |i| measure(guest, paths[i].2))?;
+    // Added latency per round: each run against the baseline run of the
+    // same round.
+    let base: Vec<(f64, f64)> = runs[0].iter().map(|r| (r.fixed.p50_us, r.fixed.p99_us)).collect();
+    println!("### {phase}: latency at {DNS_RATE} queries/s for {DNS_SECONDS} s and the maximum rate ({DNS_WINDOW} in flight), from a netns guest; medians of {DNS_MAX_RUNS} alternating runs (min–max)\n");
+    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | answered | max queries/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut figures = Vec::new();
+    for ((what, short, _), runs) in paths.iter().zip(&runs) {
+        let p50: Vec<f64> = runs.iter().map(|r| r.fixed.p50_us).collect();
+        let p99: Vec<f64> = runs.iter().map(|r| r.fixed.p99_us).collect();
+        let added50: Vec<f64> = runs.iter().zip(&base).map(|(r, b)| r.fixed.p50_us - b.0).collect();
+        let added99: Vec<f64> = runs.iter().zip(&base).map(|(r, b)| r.fixed.p99_us - b.1).collect();
+        let max: Vec<f64> = runs.iter().map(|r| r.max).collect();
+        let answered: usize = runs.iter().map(|r| r.fixed.answered).sum();
+        let sent: usize = runs.iter().map(|r| r.fixed.sent).sum();
+        let qps = record("dns", &format!("dns {short} {key} queries/s"), "queries/s", Better::Higher, &max);
+        let a50 = record("dns", &format!("dns {short} {key} p50 added"), "µs", Better::Lower, &added50);
+        let a99 = record("dns", &format!("dns {short} {key} p99 added"), "µs", Better::Lower, &added99);
+        println!(
+            "| {what} | {} | {} | {} | {} | {answered}/{sent} | {} |",
+            Figure { runs: p50, ..a50.clone() }.spread(0),
+            Figure { runs: p99, ..a99.clone() }.spread(0),
+            a50.spread(0),
+            a99.spread(0),
+            qps.spread(0)
+        );
+        figures.push((qps, a50, a99));
+    }
+    println!();
+    Ok(figures)
+}
+
 pub(crate) fn dns_bench() -> Result<()> {
     use sbx_net_tests::daemon::DaemonHarness;
     use sbx_net_tests::WorldDns;
@@ -118,60 +248,72 @@ pub(crate) fn dns_bench() -> Result<()> {
     println!("## DNS proxy (`cargo xtask bench dns`)\n");
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
     let forwarder: IpAddr = Ipv4Addr::new(198, 51, 100, 53).into();
+    let unbound_addr: IpAddr = Ipv4Addr::new(198, 51, 100, 54).into();
     let upstream: IpAddr = sbx_net_tests::UPLINK_WORLD_V4.into();
     let policy = format!(
-        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"bench.test\", \"{upstream}/32:5353\", \"{forwarder}/32:5300\"]\n"
+        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"bench.test\", \"{upstream}/32:5353\", \"{forwarder}/32\", \"{unbound_addr}/32\"]\n"
     );
     let upstream_flag = format!("--upstream-dns={upstream}:53");
-    let h = DaemonHarness::with_args("bench-dns", &[("bench.toml", policy.as_str())], None, &[upstream_flag.as_str()]);
+    // sbx-net first with its answer cache off, like for like with peers
+    // whose caches are off; then restarted with it on.
+    let mut h = DaemonHarness::with_args("bench-dns", &[("bench.toml", policy.as_str())], Some("dns_cache_entries = 0\n"), &[upstream_flag.as_str()]);
     h.topology.add_world_address(forwarder);
+    h.topology.add_world_address(unbound_addr);
     let records = vec!["--local=/test/".to_string(), "--host-record=bench.test,198.51.100.5,300".to_string()];
     let _auth = WorldDns::start_with(&h.topology.world, upstream, 53, &records);
     let _auth_direct = WorldDns::start_with(&h.topology.world, upstream, 5353, &records);
-    // The peer: dnsmasq forwarding to the same upstream, cache off (sbx-net
-    // does not cache either), one hop from the guest as the proxy is.
-    let _peer = WorldDns::start_with(&h.topology.world, forwarder, 5300, &[format!("--server={upstream}#53"), "--cache-size=0".into()]);
+    // The peers, one hop from the guest as the proxy is, forwarding to the
+    // same upstream: with their caches off, and on.
+    let _dnsmasq = WorldDns::start_with(&h.topology.world, forwarder, 5300, &[format!("--server={upstream}#53"), "--cache-size=0".into()]);
+    let _dnsmasq_cached = WorldDns::start_with(&h.topology.world, forwarder, 5302, &[format!("--server={upstream}#53"), "--cache-size=1000".into()]);
+    let up = SocketAddr::new(upstream, 53);
+    let _unbound = UnboundPeer::start(&h.topology.world, unbound_addr, 5301, up, false)?;
+    let _unbound_cached = UnboundPeer::start(&h.topology.world, unbound_addr, 5303, up, true)?;
     let g = h.create_guest("bench", "bench");
     let guest = NetNs::open(g["netns"].as_str().context("netns")?)?;
 
-    let targets: [(&str, SocketAddr); 3] = [
-        ("upstream directly (baseline)", SocketAddr::new(upstream, 5353)),
-        ("sbx-net DNS proxy (port 53, redirected)", SocketAddr::new(upstream, 53)),
-        ("dnsmasq forwarding (peer)", SocketAddr::new(forwarder, 5300)),
-    ];
-    let mut results = Vec::new();
-    for (what, target) in targets {
-        // Warm up (the proxy learns the address; ARP/ND settle).
-        guest.run(|| fixed_rate(target, 1000, 1))??;
-        let fixed = guest.run(|| fixed_rate(target, DNS_RATE, DNS_SECONDS))??;
-        results.push((what, fixed, Vec::new()));
+    let direct = ("upstream directly (baseline)", "upstream", SocketAddr::new(upstream, 5353));
+    let proxy = SocketAddr::new(upstream, 53);
+    let uncached = dns_table(
+        &guest,
+        "Caches off",
+        "uncached",
+        &[
+            direct,
+            ("sbx-net DNS proxy (port 53, redirected), cache off", "sbx-net", proxy),
+            ("dnsmasq forwarding, --cache-size=0 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5300)),
+            ("unbound forwarding, cache-max-ttl 0 (peer)", "unbound", SocketAddr::new(unbound_addr, 5301)),
+        ],
+    )?;
+    let stats_off = h.json(&["status", "--json"]);
+    h.kill_daemon(libc::SIGTERM);
+    std::fs::write(h.dir.join("daemon.toml"), "")?;
+    h.start_daemon();
+    let cached = dns_table(
+        &guest,
+        "Caches on",
+        "cached",
+        &[
+            direct,
+            ("sbx-net, answer cached", "sbx-net", proxy),
+            ("dnsmasq forwarding, --cache-size=1000 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5302)),
+            ("unbound forwarding, caches on (peer)", "unbound", SocketAddr::new(unbound_addr, 5303)),
+        ],
+    )?;
+    let stats_on = h.json(&["status", "--json"]);
+    let better_peer = |t: &[(Figure, Figure, Figure)]| {
+        let (d, u) = (t[2].0.median(), t[3].0.median());
+        if d >= u { ("dnsmasq", d) } else { ("unbound", u) }
+    };
+    for (label, table) in [("cache off vs peers' caches off", &uncached), ("cached vs peers' caches on", &cached)] {
+        let (peer, peer_qps) = better_peer(table);
+        let ratio = table[1].0.median() / peer_qps;
+        check_target("dns", &format!("queries/s ≥ 1.2× the better peer ({label})"), format!("{ratio:.2}× {peer}"), ratio >= 1.2);
     }
-    // Maximum rate: alternating runs, so drift on a small machine hits every
-    // path alike; the median of DNS_MAX_RUNS.
-    for _ in 0..DNS_MAX_RUNS {
-        for (i, (_, target)) in targets.iter().enumerate() {
-            let rate = guest.run(|| max_rate(*target, DNS_MAX_SECONDS))??;
-            results[i].2.push(rate);
-        }
-    }
-    let results: Vec<(&str, DnsRun, f64, Vec<f64>)> =
-        results.into_iter().map(|(w, f, runs)| (w, f, median(runs.clone()), runs)).collect();
-    let base = (results[0].1.p50_us, results[0].1.p99_us);
-    println!("### Latency at {DNS_RATE} queries/s for {DNS_SECONDS} s, and the maximum rate ({DNS_WINDOW} in flight), from a netns guest\n");
-    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | answered | max queries/s (median) | runs |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---|");
-    for (what, r, max, runs) in &results {
-        let runs: Vec<String> = runs.iter().map(|x| format!("{x:.0}")).collect();
-        println!(
-            "| {what} | {:.0} | {:.0} | {:+.0} | {:+.0} | {}/{} | {:.0} | {} |",
-            r.p50_us, r.p99_us, r.p50_us - base.0, r.p99_us - base.1, r.answered, r.sent, max, runs.join(", ")
-        );
-    }
-    println!(
-        "\nsbx-net / dnsmasq max queries/s: **{:.2}×**. Targets: added p50 ≤ 100 µs, p99 ≤ 1000 µs at {DNS_RATE} qps; more queries/s than dnsmasq.",
-        results[1].2 / results[2].2
-    );
-    let stats = h.json(&["status", "--json"]);
-    println!("\nDaemon counters after the run: {}", stats["dns"]);
+    let (a50, a99) = (uncached[1].1.median(), uncached[1].2.median());
+    check_target("dns", &format!("added p50 ≤ 100 µs at {DNS_RATE} queries/s (cache off)"), format!("{a50:+.0} µs"), a50 <= 100.0);
+    check_target("dns", &format!("added p99 ≤ 1 ms at {DNS_RATE} queries/s (cache off)"), format!("{a99:+.0} µs"), a99 <= 1000.0);
+    println!("\nsbx-net answer-cache hit: added p50 {} µs, p99 {} µs (medians, min–max).", cached[1].1.spread(0), cached[1].2.spread(0));
+    println!("\nDaemon counters, cache off: {}\n\nDaemon counters, cache on: {}", stats_off["dns"], stats_on["dns"]);
     Ok(())
 }

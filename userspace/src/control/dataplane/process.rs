@@ -440,7 +440,9 @@ impl Plane {
             hold_timeout: Duration::from_millis(500),
             max_upstream_per_sandbox: dns_proxy::DEFAULT_MAX_UPSTREAM_PER_SANDBOX,
             tcp: config.dns_tcp_limits(),
+            cache: crate::dns::cache::CacheSettings { entries: config.dns_cache_entries, ..Default::default() },
         };
+        let settings_cache = settings.cache;
         let dns = Arc::new(DnsContext {
             slots: dns_proxy::DnsSlots::new(&settings),
             conntrack: Default::default(),
@@ -452,6 +454,7 @@ impl Plane {
             flows: self.flows.clone(),
             in_flight: Default::default(),
             draining: tokio::sync::watch::Sender::new(false),
+            cache: crate::dns::cache::AnswerCache::new(settings_cache),
         });
         let proxy = Arc::new(ProxyContext {
             routes: self.routes.clone(),
