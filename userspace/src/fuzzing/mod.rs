@@ -50,6 +50,7 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("http_rules", http_rules),
     ("mcp", mcp),
     ("cni", cni),
+    ("dns_cache", dns_cache),
 ];
 
 /// Targets that need root (the rest are pure).
@@ -1221,5 +1222,33 @@ mod eval_safety_tests {
     #[should_panic(expected = "followed by")]
     fn text_after_a_closing_quote_is_caught() {
         assert_eval_safe("SBX_NET_A='x';reboot");
+    }
+}
+
+/// `dns_cache`: any upstream bytes as an answer to the query its own
+/// question makes (RD, no EDNS). Invariants:
+/// - the wire reader never panics; a layout it accepts has every TTL field
+///   inside the message and a lifetime of at least a second;
+/// - what is stored is served within its lifetime, the same length, with
+///   the asking query's id, and no TTL larger than stored.
+pub fn dns_cache(data: &[u8]) {
+    use crate::dns::cache::{answer_layout, AnswerCache, CacheSettings};
+
+    let Some(layout) = answer_layout(data, 300) else { return };
+    assert!(layout.keep_seconds >= 1);
+    assert!(layout.ttl_offsets.iter().all(|at| at + 4 <= data.len()));
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    query.extend_from_slice(&data[12..12 + layout.qname_len]);
+    query.extend_from_slice(&data[12 + layout.qname_len..12 + layout.qname_len + 4]);
+    let cache = AnswerCache::new(CacheSettings { entries: 4, negative_max_ttl: 300 });
+    if cache.put(&query, data, 0) {
+        let hit = cache.get(&query, 500_000_000).expect("a stored answer is served within its lifetime");
+        assert_eq!(hit.len(), data.len());
+        assert_eq!(&hit[..2], &[0x12, 0x34]);
+        for at in &layout.ttl_offsets {
+            let before = u32::from_be_bytes([data[*at], data[at + 1], data[at + 2], data[at + 3]]);
+            let after = u32::from_be_bytes([hit[*at], hit[at + 1], hit[at + 2], hit[at + 3]]);
+            assert!(after <= before);
+        }
     }
 }
