@@ -193,7 +193,8 @@ fn start_nginx(ns: &str, dir: std::path::PathBuf, ca: &sbx_net_tests::https::Tes
     let conf = format!(
         "worker_processes {PEER_WORKERS};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
-         \x20 upstream api {{ server {upstream}; keepalive 32; }}\n\
+         \x20 keepalive_requests 10000000;\n  keepalive_timeout 300s;\n\
+         \x20 upstream api {{ server {upstream}; keepalive 32; keepalive_requests 10000000; }}\n\
          \x20 server {{\n    listen {listen} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n\
          \x20   location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host api.test;\n\
          \x20     proxy_set_header Authorization \"Bearer {secret}\";\n      proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {};\n\
@@ -354,10 +355,10 @@ pub(crate) fn proxy_bench() -> Result<()> {
         guest.run(|| check_injects(what, *addr, sni, ca_path)).with_context(|| format!("checking {key}"))??;
     }
     let runs = alternating(targets.len(), PROXY_ROUNDS, |k| {
-        let (_, _, sni, addr, ca_path) = &targets[k];
-        let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))??;
-        let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))??;
-        let (h2_rps, h2_p50) = guest.run(|| h2_streams(*addr, sni, ca_path, "/bench", PROXY_SECONDS))??;
+        let (_, key, sni, addr, ca_path) = &targets[k];
+        let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 latency"))?;
+        let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 requests/s"))?;
+        let (h2_rps, h2_p50) = guest.run(|| h2_streams(*addr, sni, ca_path, "/bench", PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/2 streams"))?;
         Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50 })
     })?;
     drop(mitm_peer);
