@@ -256,6 +256,15 @@ fn check_injects(what: &str, addr: SocketAddr, sni: &str, ca: &std::path::Path) 
     Ok(())
 }
 
+/// A temporary directory, removed on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One round's measurements of one path.
 #[derive(Clone, Copy, Debug)]
 struct PathRun {
@@ -276,6 +285,9 @@ pub(crate) fn proxy_bench() -> Result<()> {
     let mitmdump = std::env::var("SBX_NET_MITMDUMP").unwrap_or_else(|_| "/opt/sbx-net/mitmproxy-venv/bin/mitmdump".into());
     let dir = std::env::temp_dir().join(unique_name("bench-proxy"));
     std::fs::create_dir_all(&dir)?;
+    // Removed however the bench ends (declared first: dropped last, after
+    // the daemon and the peers that use it).
+    let _remove_dir = RemoveDir(dir.clone());
     let ca = TestCa::new(&dir);
     let secret = "sbx-bench-secret-0123456789abcdef";
     std::fs::write(dir.join("token"), secret)?;
@@ -450,6 +462,5 @@ pub(crate) fn proxy_bench() -> Result<()> {
         println!("| {what} | {before_rps:.0} | {before_p50:.0} | {after_rps:.0} | {after_p50:.0} | **{:.1}×** |", after_rps / before_rps);
     }
     drop(h);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
