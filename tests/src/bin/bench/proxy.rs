@@ -256,6 +256,38 @@ fn check_injects(what: &str, addr: SocketAddr, sni: &str, ca: &std::path::Path) 
     Ok(())
 }
 
+/// CPU time (user + system, µs) used so far by process `pid` and its
+/// children (nginx's workers), read from /proc.
+fn tree_cpu_us(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the command's closing parenthesis: state (3), ppid
+        // (4), …, utime (14), stime (15).
+        let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+        let own: Option<u32> = head.split_whitespace().next().and_then(|p| p.parse().ok());
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: Option<u32> = fields.get(1).and_then(|p| p.parse().ok());
+        if own == Some(pid) || ppid == Some(pid) {
+            ticks += fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / hz * 1e6
+}
+
+/// The pid of the sbx-net data plane (the process the proxy runs in) of
+/// the daemon whose state is in `state_dir`.
+fn dataplane_pid(state_dir: &std::path::Path) -> Option<u32> {
+    let want = state_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        (args.iter().any(|a| a == "dataplane") && args.contains(&want)).then(|| entry.file_name().to_string_lossy().parse().ok()).flatten()
+    })
+}
+
 /// A temporary directory, removed on drop.
 struct RemoveDir(std::path::PathBuf);
 
@@ -273,6 +305,10 @@ struct PathRun {
     h1_rps: f64,
     h2_rps: f64,
     h2_p50: f64,
+    /// CPU time of the proxy's processes per request (µs) under the
+    /// HTTP/1.1 and HTTP/2 loads; NaN for the server directly.
+    h1_cpu: f64,
+    h2_cpu: f64,
 }
 
 pub(crate) fn proxy_bench() -> Result<()> {
@@ -366,12 +402,22 @@ pub(crate) fn proxy_bench() -> Result<()> {
     for (what, key, sni, addr, ca_path) in &targets[1..] {
         guest.run(|| check_injects(what, *addr, sni, ca_path)).with_context(|| format!("checking {key}"))??;
     }
+    // Whose CPU time each path's requests cost (the echo server runs in
+    // this process: none for the direct path).
+    let sbx_pid = dataplane_pid(&h.state_dir);
+    let pids = [None, sbx_pid, Some(nginx_peer.child.id()), Some(haproxy_peer.child.id()), Some(mitm_peer.child.id()), sbx_pid];
     let runs = alternating(targets.len(), PROXY_ROUNDS, |k| {
         let (_, key, sni, addr, ca_path) = &targets[k];
+        let pid = pids[k];
+        let cpu = || pid.map_or(f64::NAN, tree_cpu_us);
         let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 latency"))?;
+        let before = cpu();
         let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 requests/s"))?;
+        let h1_cpu = (cpu() - before) / (h1_rps * PROXY_SECONDS as f64);
+        let before = cpu();
         let (h2_rps, h2_p50) = guest.run(|| h2_streams(*addr, sni, ca_path, "/bench", PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/2 streams"))?;
-        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50 })
+        let h2_cpu = (cpu() - before) / (h2_rps * PROXY_SECONDS as f64);
+        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu })
     })?;
     drop(mitm_peer);
     drop(nginx_peer);
@@ -444,6 +490,15 @@ pub(crate) fn proxy_bench() -> Result<()> {
     check_target("proxy", "added p50 ≤ nginx's", format!("{ours:+.0} µs vs nginx {theirs:+.0} µs"), ours <= theirs);
     check_target("proxy", "added p50 ≤ 300 µs", format!("{ours:+.0} µs"), ours <= 300.0);
     check_target("proxy", "≥ 10× mitmproxy's requests/s", format!("{:.1}×", vs_mitm.median()), vs_mitm.median() >= 10.0);
+
+    println!("\n### CPU time per request of each proxy's processes (µs; the same rounds, on {} shared cores)\n", num_cpus());
+    println!("| path | HTTP/1.1, {PROXY_CONNECTIONS} connections | HTTP/2, {H2_STREAMS} streams |");
+    println!("|---|---:|---:|");
+    for (k, (what, key, ..)) in targets.iter().enumerate().skip(1) {
+        let h1 = record("proxy", &format!("proxy h1 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_cpu));
+        let h2 = record("proxy", &format!("proxy h2 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_cpu));
+        println!("| {what} | {} | {} |", h1.spread(1), h2.spread(1));
+    }
 
     println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same rounds)\n");
     println!("| host | h1 added p50 µs | h1 requests/s | requests/s vs no rules |");
