@@ -527,15 +527,6 @@ pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::Cl
     Ok(Arc::new(config))
 }
 
-/// `tls` offering the upstream HTTP/1.1 only; everything else (roots,
-/// verifier, session cache) is the same: a clone shares their `Arc`s, so
-/// resumption stays within one verifier.
-fn http11_only(tls: &Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
-    let mut config = (**tls).clone();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Arc::new(config)
-}
-
 /// Request and response bodies as the proxy passes them on.
 pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
@@ -1025,11 +1016,6 @@ pub async fn serve(
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: tls, watch: FramingWatch::default(), enabled: !h2, tripped: tripped.clone() };
     let slot: Arc<tokio::sync::Mutex<UpstreamSlot>> = Arc::default();
-    // An HTTP/1.1 guest connection carries one request at a time: an
-    // HTTP/2 upstream would add its framing, flow control and a task hop
-    // per request and share nothing, so such a connection asks the
-    // upstream for HTTP/1.1 (same roots, same verification, same SNI).
-    let upstream = if h2 { upstream } else { CredentialUpstream { tls: http11_only(&upstream.tls), ..upstream } };
     let upstream = Arc::new(upstream);
     let (service_host, service_binding, service_flow) = (host.clone(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -1437,15 +1423,6 @@ mod tests {
         elsewhere.insert("accept", HeaderValue::from_static("*/*"));
         strip_sentinels(&mut elsewhere);
         assert!(elsewhere.get("x-api-key").is_none() && elsewhere.get("accept").is_some());
-    }
-
-    #[test]
-    fn http11_guests_ask_upstreams_for_http11_with_the_same_trust() {
-        let both = upstream_tls(None).unwrap();
-        let h1 = http11_only(&both);
-        assert_eq!(h1.alpn_protocols, [b"http/1.1".to_vec()]);
-        assert_eq!(both.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()], "the shared configuration is untouched");
-        assert_eq!(h1.enable_sni, both.enable_sni);
     }
 
     #[test]
