@@ -49,6 +49,26 @@ impl TestCa {
         TestCa { cert, key, pem_path }
     }
 
+    /// A leaf for `names` signed by this CA, as PEM files in `dir`:
+    /// `(certificate, key)` (for peers such as nginx and haproxy that read
+    /// their certificates from files).
+    pub fn leaf_pem_files(&self, dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        for n in names {
+            params.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => rcgen::SanType::IpAddress(ip),
+                Err(_) => rcgen::SanType::DnsName(n.to_string().try_into().unwrap()),
+            });
+        }
+        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        let (cert_path, key_path) = (dir.join("leaf.pem"), dir.join("leaf.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
     fn leaf(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();

@@ -2,7 +2,9 @@
 
 use super::*;
 
-pub(crate) const PROXY_SECONDS: u64 = 3;
+pub(crate) const PROXY_SECONDS: u64 = 2;
+/// Alternating rounds of every path (the figures are their medians).
+pub(crate) const PROXY_ROUNDS: usize = 5;
 /// `[[http]]` allow globs on the ruled host of the proxy bench.
 pub(crate) const PATH_RULES: usize = 100;
 pub(crate) const PROXY_CONNECTIONS: usize = 8;
@@ -120,6 +122,195 @@ pub(crate) fn h2_streams(addr: SocketAddr, sni: &str, ca: &std::path::Path, path
     })
 }
 
+/// A peer proxy (nginx, haproxy) run by the bench as its own foreground
+/// child in the world namespace, its configuration, certificates and logs
+/// in `dir`: stopped (TERM, then KILL after a deadline) and `dir` removed
+/// on drop.
+struct PeerProcess {
+    name: &'static str,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    /// Where the peer writes its errors (shown when it fails to start).
+    log: std::path::PathBuf,
+}
+
+impl PeerProcess {
+    /// Spawns `command` and waits (bounded) until it listens on `addr` in
+    /// namespace `ns`.
+    fn start(name: &'static str, mut command: std::process::Command, dir: std::path::PathBuf, log: std::path::PathBuf, ns: &str, addr: SocketAddr) -> Result<PeerProcess> {
+        let stderr = std::fs::File::create(dir.join("stderr.log"))?;
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        let mut peer = PeerProcess { name, child, dir, log };
+        let started = sbx_net_tests::try_wait_for(Duration::from_secs(15), || {
+            if matches!(peer.child.try_wait(), Ok(Some(_))) {
+                return Some(false);
+            }
+            sbx_net_tests::tcp_listening_on(ns, addr).then_some(true)
+        });
+        if started != Some(true) {
+            let log = std::fs::read_to_string(&peer.log).unwrap_or_default();
+            let stderr = std::fs::read_to_string(peer.dir.join("stderr.log")).unwrap_or_default();
+            bail!("{name} did not start listening on {addr}:\n{stderr}\n{log}");
+        }
+        Ok(peer)
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        // SIGTERM first: nginx's master stops its workers (a KILLed master
+        // would leave them behind).
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let stopped = sbx_net_tests::try_wait_for(Duration::from_secs(5), || matches!(self.child.try_wait(), Ok(Some(_))).then_some(()));
+        if stopped.is_none() {
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Worker processes (nginx) and threads (haproxy): the sbx-net data plane
+/// serves the proxy on a 2-worker tokio runtime, so every proxy gets 2.
+const PEER_WORKERS: usize = 2;
+
+/// nginx terminating TLS for api.test (a leaf from the test CA) at
+/// `listen`, HTTP/1.1 and HTTP/2, setting Authorization and forwarding
+/// over verified TLS (SNI api.test) to `upstream` on kept-alive
+/// connections.
+fn start_nginx(ns: &str, dir: std::path::PathBuf, ca: &sbx_net_tests::https::TestCa, listen: SocketAddr, upstream: SocketAddr, secret: &str) -> Result<PeerProcess> {
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    let (cert, key) = ca.leaf_pem_files(&dir, &["api.test"]);
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes {PEER_WORKERS};\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n\
+         \x20 keepalive_requests 10000000;\n  keepalive_timeout 300s;\n\
+         \x20 upstream api {{ server {upstream}; keepalive 32; keepalive_requests 10000000; }}\n\
+         \x20 server {{\n    listen {listen} ssl http2;\n    ssl_certificate {};\n    ssl_certificate_key {};\n\
+         \x20   location / {{\n      proxy_pass https://api;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_set_header Host api.test;\n\
+         \x20     proxy_set_header Authorization \"Bearer {secret}\";\n      proxy_ssl_verify on;\n      proxy_ssl_trusted_certificate {};\n\
+         \x20     proxy_ssl_server_name on;\n      proxy_ssl_name api.test;\n      proxy_ssl_session_reuse on;\n    }}\n  }}\n}}\n",
+        cert.display(),
+        key.display(),
+        ca.pem_path.display()
+    );
+    let conf_path = dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf)?;
+    let mut command = sbx_net_tests::netns_command(ns, "nginx");
+    command.arg("-p").arg(&dir).arg("-c").arg(&conf_path).arg("-e").arg(dir.join("error.log")).args(["-g", "daemon off;"]);
+    let log = dir.join("error.log");
+    PeerProcess::start("nginx", command, dir, log, ns, listen)
+}
+
+/// haproxy in HTTP mode: TLS for api.test at `listen` (ALPN h2 and
+/// http/1.1), Authorization set, the server over verified TLS (SNI
+/// api.test, ALPN as sbx-net offers it) with connections reused.
+fn start_haproxy(ns: &str, dir: std::path::PathBuf, ca: &sbx_net_tests::https::TestCa, listen: SocketAddr, upstream: SocketAddr, secret: &str) -> Result<PeerProcess> {
+    let (cert, key) = ca.leaf_pem_files(&dir, &["api.test"]);
+    // haproxy reads the certificate and its key from one file.
+    let bundle = dir.join("leaf-bundle.pem");
+    std::fs::write(&bundle, [std::fs::read(&cert)?, std::fs::read(&key)?].concat())?;
+    let conf = format!(
+        "global\n  nbthread {PEER_WORKERS}\n  maxconn 4096\n\n\
+         defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\n\
+         frontend bench\n  bind {listen} ssl crt {} alpn h2,http/1.1\n  http-request set-header Authorization \"Bearer {secret}\"\n  default_backend api\n\n\
+         backend api\n  http-reuse always\n  server up {upstream} ssl verify required ca-file {} sni str(api.test) verifyhost api.test alpn h2,http/1.1\n",
+        bundle.display(),
+        ca.pem_path.display()
+    );
+    let conf_path = dir.join("haproxy.cfg");
+    std::fs::write(&conf_path, conf)?;
+    let mut command = sbx_net_tests::netns_command(ns, "haproxy");
+    command.arg("-db").arg("-f").arg(&conf_path);
+    let log = dir.join("stderr.log");
+    PeerProcess::start("haproxy", command, dir, log, ns, listen)
+}
+
+/// From the calling thread's namespace: one GET through `addr` over
+/// HTTP/1.1 and one over HTTP/2; fails unless the upstream (the echo
+/// server) reported the injected secret in Authorization both times.
+fn check_injects(what: &str, addr: SocketAddr, sni: &str, ca: &std::path::Path) -> Result<()> {
+    let want = "authorization: <injected>";
+    let raw = format!("GET /check HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+    let got = sbx_net_tests::https::exchange(addr, Some(sni), sbx_net_tests::https::client_config(ca), raw.as_bytes(), Duration::from_secs(3));
+    let responses = sbx_net_tests::https::parse_responses(&got);
+    let body = responses.first().map(|r| String::from_utf8_lossy(&r.body).into_owned()).unwrap_or_default();
+    if !body.lines().any(|l| l.eq_ignore_ascii_case(want)) {
+        bail!("{what} over HTTP/1.1: the upstream did not see the injected Authorization; it saw:\n{}", String::from_utf8_lossy(&got));
+    }
+    let req = hyper::Request::get(format!("https://{sni}/check")).body(http_body_util::Full::new(hyper::body::Bytes::new()))?;
+    let (parts, body, _) = sbx_net_tests::https::h2_request(addr, sni, sbx_net_tests::https::client_config_with(&[ca], &[b"h2"]), req).map_err(anyhow::Error::msg)?;
+    let body = String::from_utf8_lossy(&body);
+    if parts.status != 200 || !body.lines().any(|l| l.eq_ignore_ascii_case(want)) || !body.contains("version: HTTP/") {
+        bail!("{what} over HTTP/2: status {}, the upstream did not see the injected Authorization; it saw:\n{body}", parts.status);
+    }
+    Ok(())
+}
+
+/// CPU time (user + system, µs) used so far by process `pid` and its
+/// children (nginx's workers), read from /proc.
+fn tree_cpu_us(pid: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0u64;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the command's closing parenthesis: state (3), ppid
+        // (4), …, utime (14), stime (15).
+        let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+        let own: Option<u32> = head.split_whitespace().next().and_then(|p| p.parse().ok());
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: Option<u32> = fields.get(1).and_then(|p| p.parse().ok());
+        if own == Some(pid) || ppid == Some(pid) {
+            ticks += fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    ticks as f64 / hz * 1e6
+}
+
+/// The pid of the sbx-net data plane (the process the proxy runs in) of
+/// the daemon whose state is in `state_dir`.
+fn dataplane_pid(state_dir: &std::path::Path) -> Option<u32> {
+    let want = state_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        (args.iter().any(|a| a == "dataplane") && args.contains(&want)).then(|| entry.file_name().to_string_lossy().parse().ok()).flatten()
+    })
+}
+
+/// A temporary directory, removed on drop.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One round's measurements of one path.
+#[derive(Clone, Copy, Debug)]
+struct PathRun {
+    h1_p50: f64,
+    h1_p99: f64,
+    h1_rps: f64,
+    h2_rps: f64,
+    h2_p50: f64,
+    /// CPU time of the proxy's processes per request (µs) under the
+    /// HTTP/1.1 and HTTP/2 loads; NaN for the server directly.
+    h1_cpu: f64,
+    h2_cpu: f64,
+}
+
 pub(crate) fn proxy_bench() -> Result<()> {
     use sbx_net_tests::daemon::DaemonHarness;
     use sbx_net_tests::https::{HttpsEcho, TestCa};
@@ -130,18 +321,23 @@ pub(crate) fn proxy_bench() -> Result<()> {
     let mitmdump = std::env::var("SBX_NET_MITMDUMP").unwrap_or_else(|_| "/opt/sbx-net/mitmproxy-venv/bin/mitmdump".into());
     let dir = std::env::temp_dir().join(unique_name("bench-proxy"));
     std::fs::create_dir_all(&dir)?;
+    // Removed however the bench ends (declared first: dropped last, after
+    // the daemon and the peers that use it).
+    let _remove_dir = RemoveDir(dir.clone());
     let ca = TestCa::new(&dir);
     let secret = "sbx-bench-secret-0123456789abcdef";
     std::fs::write(dir.join("token"), secret)?;
     let server: IpAddr = Ipv4Addr::new(198, 51, 100, 40).into();
     let mitm: IpAddr = Ipv4Addr::new(198, 51, 100, 50).into();
+    let nginx: IpAddr = Ipv4Addr::new(198, 51, 100, 60).into();
+    let haproxy: IpAddr = Ipv4Addr::new(198, 51, 100, 70).into();
     // ruled.test: the same server and credential as api.test, and an
     // `[[http]]` block of PATH_RULES allows, the requests matching only
     // the last (every one before it is tried and fails).
     let mut allows: Vec<String> = (1..PATH_RULES).map(|i| format!("\"GET /v1/service{i}/**\"")).collect();
     allows.push("\"GET /*\"".into());
     let policy = format!(
-        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"ruled.test\", \"{server}/32:8443\", \"{mitm}/32:9443\"]\n\
+        "name = \"bench\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"ruled.test\", \"{server}/32:8443\", \"{mitm}/32:9443\", \"{nginx}/32:9443\", \"{haproxy}/32:9443\"]\n\
          [[credentials]]\nname = \"api\"\nhosts = [\"api.test\", \"ruled.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n\
          [[http]]\nhosts = [\"ruled.test\"]\nallow = [{}]\n",
         dir.join("token").display(),
@@ -151,13 +347,18 @@ pub(crate) fn proxy_bench() -> Result<()> {
     let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
     // A config file (empty: the defaults) the HTTP/2 baseline rewrites.
     let mut h = DaemonHarness::with_args("bench-proxy", &[("bench.toml", policy.as_str())], Some(""), &[upstream.as_str(), upstream_ca.as_str()]);
-    h.topology.add_world_address(server);
-    h.topology.add_world_address(mitm);
+    for a in [server, mitm, nginx, haproxy] {
+        h.topology.add_world_address(a);
+    }
     let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,300".into(), "ruled.test,198.51.100.40,300".into()], &[]);
     let server_str = server.to_string();
     let names = ["api.test", "ruled.test", server_str.as_str()];
     let _upstream443 = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 443), &names, &ca, secret);
     let _upstream8443 = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 8443), &names, &ca, secret);
+    let world = h.topology.world.name().to_string();
+    let direct = SocketAddr::new(server, 8443);
+    let nginx_peer = start_nginx(&world, dir.join("nginx"), &ca, SocketAddr::new(nginx, 9443), direct, secret)?;
+    let haproxy_peer = start_haproxy(&world, dir.join("haproxy"), &ca, SocketAddr::new(haproxy, 9443), direct, secret)?;
 
     // mitmproxy as a reverse proxy doing the same injection, verifying the
     // upstream against the same test CA.
@@ -166,24 +367,19 @@ pub(crate) fn proxy_bench() -> Result<()> {
     let addon = dir.join("inject.py");
     std::fs::write(&addon, format!("def request(flow):\n    flow.request.headers[\"Authorization\"] = \"Bearer {secret}\"\n"))?;
     sbx_net_tests::tools::locate(&mitmdump).map_err(anyhow::Error::msg)?;
-    let mut mitm_child = sbx_net_tests::netns_command(h.topology.world.name(), &mitmdump)
+    let mut mitm_command = sbx_net_tests::netns_command(&world, &mitmdump);
+    mitm_command
         .args(["-q", "--mode", &format!("reverse:https://{server}:8443"), "--listen-host", &mitm.to_string(), "--listen-port", "9443"])
         .args(["--set", &format!("confdir={}", confdir.display())])
         .args(["--set", &format!("ssl_verify_upstream_trusted_ca={}", ca.pem_path.display())])
         .args(["--set", "connection_strategy=lazy"])
         .arg("-s")
-        .arg(&addon)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {mitmdump} (cargo xtask bench proxy installs it)"))?;
+        .arg(&addon);
+    let mitm_log = confdir.join("stderr.log");
+    let mitm_peer = PeerProcess::start("mitmproxy", mitm_command, confdir.clone(), mitm_log, &world, SocketAddr::new(mitm, 9443))?;
     let mitm_ca = confdir.join("mitmproxy-ca-cert.pem");
-    let started = sbx_net_tests::try_wait_for(Duration::from_secs(30), || {
-        (mitm_ca.exists() && sbx_net_tests::tcp_listening_on(h.topology.world.name(), SocketAddr::new(mitm, 9443))).then_some(())
-    });
-    if started.is_none() {
-        let _ = mitm_child.kill();
-        bail!("mitmproxy did not start");
+    if sbx_net_tests::try_wait_for(Duration::from_secs(10), || mitm_ca.exists().then_some(())).is_none() {
+        bail!("mitmproxy wrote no CA certificate");
     }
 
     let g = h.create_guest("bench", "bench");
@@ -193,20 +389,39 @@ pub(crate) fn proxy_bench() -> Result<()> {
     sbx_net_tests::dig(guest.name(), &["api.test"]);
     sbx_net_tests::dig(guest.name(), &["ruled.test"]);
     let ruled_what = format!("sbx-net credential proxy, {PATH_RULES} path rules (request matches the last)");
-    let targets: [(&str, &str, SocketAddr, std::path::PathBuf); 4] = [
-        ("server directly, no injection (baseline)", "api.test", SocketAddr::new(server, 8443), ca.pem_path.clone()),
-        ("sbx-net credential proxy (TLS terminated, injected)", "api.test", SocketAddr::new(server, 443), sandbox_ca.clone()),
-        ("mitmproxy reverse proxy (same injection, peer)", "api.test", SocketAddr::new(mitm, 9443), mitm_ca),
-        (ruled_what.as_str(), "ruled.test", SocketAddr::new(server, 443), sandbox_ca),
+    // (table label, figure key, SNI, address, CA the client trusts)
+    let targets: [(&str, &str, &str, SocketAddr, std::path::PathBuf); 6] = [
+        ("server directly, no injection (baseline)", "direct", "api.test", direct, ca.pem_path.clone()),
+        ("sbx-net credential proxy (TLS terminated, injected)", "sbx-net", "api.test", SocketAddr::new(server, 443), sandbox_ca.clone()),
+        ("nginx reverse proxy (same injection, peer)", "nginx", "api.test", SocketAddr::new(nginx, 9443), ca.pem_path.clone()),
+        ("haproxy reverse proxy (same injection, peer)", "haproxy", "api.test", SocketAddr::new(haproxy, 9443), ca.pem_path.clone()),
+        ("mitmproxy reverse proxy (same injection, peer)", "mitmproxy", "api.test", SocketAddr::new(mitm, 9443), mitm_ca.clone()),
+        (ruled_what.as_str(), "sbx-net ruled", "ruled.test", SocketAddr::new(server, 443), sandbox_ca.clone()),
     ];
-    let mut rows = Vec::new();
-    for (what, sni, addr, ca_path) in &targets {
-        let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))??;
-        let rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))??;
-        rows.push((*what, percentile(&lat, 0.5), percentile(&lat, 0.99), lat.len(), rps));
+    // Every proxy must really inject before it is measured.
+    for (what, key, sni, addr, ca_path) in &targets[1..] {
+        guest.run(|| check_injects(what, *addr, sni, ca_path)).with_context(|| format!("checking {key}"))??;
     }
-    let _ = mitm_child.kill();
-    let _ = mitm_child.wait();
+    // Whose CPU time each path's requests cost (the echo server runs in
+    // this process: none for the direct path).
+    let sbx_pid = dataplane_pid(&h.state_dir);
+    let pids = [None, sbx_pid, Some(nginx_peer.child.id()), Some(haproxy_peer.child.id()), Some(mitm_peer.child.id()), sbx_pid];
+    let runs = alternating(targets.len(), PROXY_ROUNDS, |k| {
+        let (_, key, sni, addr, ca_path) = &targets[k];
+        let pid = pids[k];
+        let cpu = || pid.map_or(f64::NAN, tree_cpu_us);
+        let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 latency"))?;
+        let before = cpu();
+        let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 requests/s"))?;
+        let h1_cpu = (cpu() - before) / (h1_rps * PROXY_SECONDS as f64);
+        let before = cpu();
+        let (h2_rps, h2_p50) = guest.run(|| h2_streams(*addr, sni, ca_path, "/bench", PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/2 streams"))?;
+        let h2_cpu = (cpu() - before) / (h2_rps * PROXY_SECONDS as f64);
+        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu })
+    })?;
+    drop(mitm_peer);
+    drop(nginx_peer);
+    drop(haproxy_peer);
 
     // 8 HTTP/2 streams at once on one guest connection, to an upstream that
     // answers at once and to one that takes 5 ms (as a real API does): as
@@ -216,10 +431,9 @@ pub(crate) fn proxy_bench() -> Result<()> {
     // restart, so only that key differs.
     let h2_paths = [("answers at once", "/bench"), ("answers after 5 ms", "/reflect/delay/5")];
     let proxy = SocketAddr::new(server, 443);
-    let sandbox_ca = &targets[1].3;
     let mut concurrent = Vec::new();
     for (_, path) in &h2_paths {
-        concurrent.push(guest.run(|| h2_streams(proxy, "api.test", sandbox_ca, path, PROXY_SECONDS))??);
+        concurrent.push(guest.run(|| h2_streams(proxy, "api.test", &sandbox_ca, path, PROXY_SECONDS))??);
     }
     h.kill_daemon(libc::SIGTERM);
     std::fs::write(h.dir.join("daemon.toml"), "bench_serial_upstream_requests = true\n")?;
@@ -227,27 +441,75 @@ pub(crate) fn proxy_bench() -> Result<()> {
     sbx_net_tests::dig(guest.name(), &["api.test"]);
     let mut serial = Vec::new();
     for (_, path) in &h2_paths {
-        serial.push(guest.run(|| h2_streams(proxy, "api.test", sandbox_ca, path, PROXY_SECONDS))??);
+        serial.push(guest.run(|| h2_streams(proxy, "api.test", &sandbox_ca, path, PROXY_SECONDS))??);
     }
-    let (b50, b99) = (rows[0].1, rows[0].2);
-    println!("### HTTPS GETs on kept-alive connections from a netns guest ({PROXY_SECONDS} s each; requests/s with {PROXY_CONNECTIONS} connections)\n");
-    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | sequential requests | requests/s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
-    for (what, p50, p99, n, rps) in &rows {
-        println!("| {what} | {p50:.0} | {p99:.0} | {:+.0} | {:+.0} | {n} | {rps:.0} |", p50 - b50, p99 - b99);
-    }
+
+    let field = |k: usize, f: fn(&PathRun) -> f64| runs[k].iter().map(f).collect::<Vec<f64>>();
+    // Added p50: each round's p50 less the same round's direct p50.
+    let added = |k: usize, f: fn(&PathRun) -> f64| runs[k].iter().zip(&runs[0]).map(|(r, d)| f(r) - f(d)).collect::<Vec<f64>>();
+    println!("### HTTPS GETs on kept-alive connections from a netns guest\n");
     println!(
-        "\nsbx-net / mitmproxy requests/s: **{:.1}×**. Targets: added p50 ≤ 300 µs; ≥ 10× mitmproxy's requests/s.",
-        rows[1].4 / rows[2].4
+        "Medians of {PROXY_ROUNDS} alternating rounds (min–max), {PROXY_SECONDS} s per measurement. HTTP/1.1: p50/p99 of sequential GETs on one connection; requests/s with {PROXY_CONNECTIONS} connections. HTTP/2: {H2_STREAMS} streams at once on one connection (requests/s, p50 of one request under that load). nginx runs {PEER_WORKERS} worker processes, haproxy {PEER_WORKERS} threads, sbx-net's data plane 2 tokio workers.\n"
     );
-    println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same run)\n");
-    println!("| host | p50 µs | added p50 µs | requests/s | requests/s vs no rules |");
-    println!("|---|---:|---:|---:|---:|");
-    let ruled = format!("credential host, {PATH_RULES} allow globs, request matches the last");
-    for (what, row) in [("credential host, no rules", &rows[1]), (ruled.as_str(), &rows[3])] {
-        println!("| {what} | {:.0} | {:+.0} | {:.0} | {:.2}× |", row.1, row.1 - rows[1].1, row.4, row.4 / rows[1].4);
+    println!("| path | h1 p50 µs | h1 added p50 µs | h1 p99 µs | h1 requests/s | h2 requests/s | h2 p50 µs |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let mut figures = Vec::new();
+    for (k, (what, key, ..)) in targets.iter().enumerate() {
+        let h1_p50 = record("proxy", &format!("proxy h1 p50 {key}"), "µs", Better::Lower, &field(k, |r| r.h1_p50));
+        let h1_added = record("proxy", &format!("proxy h1 added p50 {key}"), "µs", Better::Lower, &added(k, |r| r.h1_p50));
+        let h1_p99 = record("proxy", &format!("proxy h1 p99 {key}"), "µs", Better::Lower, &field(k, |r| r.h1_p99));
+        let h1_rps = record("proxy", &format!("proxy h1 requests/s {key}"), "requests/s", Better::Higher, &field(k, |r| r.h1_rps));
+        let h2_rps = record("proxy", &format!("proxy h2 requests/s {key}"), "requests/s", Better::Higher, &field(k, |r| r.h2_rps));
+        let h2_p50 = record("proxy", &format!("proxy h2 p50 {key}"), "µs", Better::Lower, &field(k, |r| r.h2_p50));
+        println!("| {what} | {} | {} | {} | {} | {} | {} |", h1_p50.spread(0), h1_added.spread(0), h1_p99.spread(0), h1_rps.spread(0), h2_rps.spread(0), h2_p50.spread(0));
+        figures.push((h1_added, h1_rps, h2_rps, h2_p50));
     }
-    println!("\n### {H2_STREAMS} HTTP/2 streams at once on one guest connection to a credential host ({PROXY_SECONDS} s each)\n");
+    // Ratios per round (each against the same round's peer), then their median.
+    let ratio = |a: usize, b: usize, f: fn(&PathRun) -> f64| runs[a].iter().zip(&runs[b]).map(|(x, y)| f(x) / f(y)).collect::<Vec<f64>>();
+    let (sbx, ngx, hap, mtm) = (1, 2, 3, 4);
+    let h1_vs_nginx = record("proxy", "proxy h1 requests/s sbx-net/nginx", "×", Better::Higher, &ratio(sbx, ngx, |r| r.h1_rps));
+    let h2_vs_nginx = record("proxy", "proxy h2 requests/s sbx-net/nginx", "×", Better::Higher, &ratio(sbx, ngx, |r| r.h2_rps));
+    let h1_vs_haproxy = record("proxy", "proxy h1 requests/s sbx-net/haproxy", "×", Better::Higher, &ratio(sbx, hap, |r| r.h1_rps));
+    let h2_vs_haproxy = record("proxy", "proxy h2 requests/s sbx-net/haproxy", "×", Better::Higher, &ratio(sbx, hap, |r| r.h2_rps));
+    let vs_mitm = record("proxy", "proxy h1 requests/s sbx-net/mitmproxy", "×", Better::Higher, &ratio(sbx, mtm, |r| r.h1_rps));
+    let of_direct = record("proxy", "proxy h1 requests/s sbx-net/direct", "×", Better::Higher, &ratio(sbx, 0, |r| r.h1_rps));
+    let p50_vs_nginx = record("proxy", "proxy h1 added p50 sbx-net-nginx", "µs", Better::Lower, &runs[sbx].iter().zip(&runs[ngx]).map(|(x, y)| x.h1_p50 - y.h1_p50).collect::<Vec<f64>>());
+    println!(
+        "\nsbx-net / nginx requests/s: HTTP/1.1 **{}×**, HTTP/2 **{}×**; sbx-net / haproxy: HTTP/1.1 {}×, HTTP/2 {}×; sbx-net / mitmproxy (HTTP/1.1): {}×; sbx-net / direct (HTTP/1.1): {}×. sbx-net's h1 p50 less nginx's: {} µs.\n",
+        h1_vs_nginx.spread(2),
+        h2_vs_nginx.spread(2),
+        h1_vs_haproxy.spread(2),
+        h2_vs_haproxy.spread(2),
+        vs_mitm.spread(1),
+        of_direct.spread(2),
+        p50_vs_nginx.spread(0)
+    );
+    check_target("proxy", "h1 requests/s ≥ 1× nginx", format!("{:.2}×", h1_vs_nginx.median()), h1_vs_nginx.median() >= 1.0);
+    check_target("proxy", "h2 requests/s ≥ 1× nginx", format!("{:.2}×", h2_vs_nginx.median()), h2_vs_nginx.median() >= 1.0);
+    let (ours, theirs) = (figures[sbx].0.median(), figures[ngx].0.median());
+    check_target("proxy", "added p50 ≤ nginx's", format!("{ours:+.0} µs vs nginx {theirs:+.0} µs"), ours <= theirs);
+    check_target("proxy", "added p50 ≤ 300 µs", format!("{ours:+.0} µs"), ours <= 300.0);
+    check_target("proxy", "≥ 10× mitmproxy's requests/s", format!("{:.1}×", vs_mitm.median()), vs_mitm.median() >= 10.0);
+
+    println!("\n### CPU time per request of each proxy's processes (µs; the same rounds, on {} shared cores)\n", num_cpus());
+    println!("| path | HTTP/1.1, {PROXY_CONNECTIONS} connections | HTTP/2, {H2_STREAMS} streams |");
+    println!("|---|---:|---:|");
+    for (k, (what, key, ..)) in targets.iter().enumerate().skip(1) {
+        let h1 = record("proxy", &format!("proxy h1 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_cpu));
+        let h2 = record("proxy", &format!("proxy h2 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_cpu));
+        println!("| {what} | {} | {} |", h1.spread(1), h2.spread(1));
+    }
+
+    println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same rounds)\n");
+    println!("| host | h1 added p50 µs | h1 requests/s | requests/s vs no rules |");
+    println!("|---|---:|---:|---:|");
+    let ruled = format!("credential host, {PATH_RULES} allow globs, request matches the last");
+    let ruled_ratio = Figure { suite: "proxy".into(), name: String::new(), unit: String::new(), better: Better::Higher, runs: ratio(5, sbx, |r| r.h1_rps) };
+    for (what, k) in [("credential host, no rules", sbx), (ruled.as_str(), 5)] {
+        let ratio = if k == sbx { "1.00×".to_string() } else { format!("{}×", ruled_ratio.spread(2)) };
+        println!("| {what} | {} | {} | {ratio} |", figures[k].0.spread(0), figures[k].1.spread(0));
+    }
+    println!("\n### {H2_STREAMS} HTTP/2 streams at once on one guest connection to a credential host ({PROXY_SECONDS} s each, one run)\n");
     println!("Before: the daemon restarted with `bench_serial_upstream_requests = true`, which sends the connection's requests upstream one at a time as the proxy did before (the upstream sender's lock held across each send); its bound is one request per upstream round trip, whatever the number of streams. After: each stream its own upstream stream.\n");
     println!("| upstream | before: requests/s | before: p50 µs | after: requests/s | after: p50 µs | after / before |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -255,6 +517,5 @@ pub(crate) fn proxy_bench() -> Result<()> {
         println!("| {what} | {before_rps:.0} | {before_p50:.0} | {after_rps:.0} | {after_p50:.0} | **{:.1}×** |", after_rps / before_rps);
     }
     drop(h);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
