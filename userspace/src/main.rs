@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+
+/// The allocator of every process this binary becomes (daemon, data plane,
+/// pumps, VMM): see userspace/Cargo.toml for why.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use sbx_net::control::api::{call, exit_code, ClientError, Request};
 use sbx_net::cli::Output;
