@@ -526,7 +526,7 @@ fn audit_verdicts_pass_and_are_reported_as_the_deny() {
 fn configs_of_large_ifindexes_come_from_the_hash_map() {
     let mut h = Harness::new();
     const LARGE: u32 = 70_000;
-    assert!(LARGE >= sbx_net_common::SANDBOX_SLOTS);
+    const { assert!(LARGE >= sbx_net_common::SANDBOX_SLOTS) };
     let out = std::process::Command::new("ip")
         .args(["link", "add", "sbxbig", "index", &LARGE.to_string(), "type", "veth", "peer", "name", "sbxbig1"])
         .output()
