@@ -518,3 +518,46 @@ fn audit_verdicts_pass_and_are_reported_as_the_deny() {
     let c = h.datapath.sandbox_counters(h.spec.id).unwrap();
     assert_eq!((c[0].packets, c[1].packets, c[3].packets), (0, 0, 6), "the audit class counts them");
 }
+
+/// A tap whose ifindex is past the slot array has its config in the hash
+/// map: the classifier reads it there and judges its frames the same way
+/// (pass, policy deny, anti-spoof, flow events).
+#[test]
+fn configs_of_large_ifindexes_come_from_the_hash_map() {
+    let mut h = Harness::new();
+    const LARGE: u32 = 70_000;
+    const { assert!(LARGE >= sbx_net_common::SANDBOX_SLOTS) };
+    let out = std::process::Command::new("ip")
+        .args(["link", "add", "sbxbig", "index", &LARGE.to_string(), "type", "veth", "peer", "name", "sbxbig1"])
+        .output()
+        .expect("run ip");
+    assert!(out.status.success(), "ip link add: {}", String::from_utf8_lossy(&out.stderr));
+    let flows = h.spec.datapath_config(&h.policy, h.spec.id, sbx_net_common::sandbox_flags::FLOWS, &[]);
+    h.datapath.install_sandbox(LARGE, &flows, &h.policy.clone()).expect("install on the large ifindex");
+    let run = |h: &mut Harness, frame: &[u8]| -> (i32, Vec<FlowEvent>) {
+        let (code, _) = h.datapath.test_run(program_names::EGRESS, frame, LARGE, 1).expect("test run");
+        (code, h.events.drain())
+    };
+    let allowed = h.v4(ALLOWED_V4, 17, &[], 0, &udp(1, 7, b"x"));
+    let (code, events) = run(&mut h, &allowed);
+    assert_eq!(code, TC_ACT_OK, "allowed frame on the large ifindex");
+    assert_eq!(events.len(), 1, "a new-flow event");
+    assert_eq!((events[0].sandbox_id, events[0].ifindex), (7, LARGE));
+    assert_eq!(&events[0].dst_addr[..4], &ALLOWED_V4.octets());
+    let (code, events) = run(&mut h, &allowed);
+    assert_eq!((code, events.len()), (TC_ACT_OK, 0), "an established flow passes silently");
+    let denied = h.v4(NESTED_DENY_V4, 17, &[], 0, &udp(1, 7, b"x"));
+    let (code, events) = run(&mut h, &denied);
+    assert_eq!(code, TC_ACT_SHOT, "policy deny on the large ifindex");
+    assert_eq!(Reason::from_u8(events[0].reason), Some(Reason::PolicyDeny));
+    let v6 = h.v6(h.spec.guest_ipv6, allowed_v6(), 17, &udp(1, 7, b"x"));
+    let (code, events) = run(&mut h, &v6);
+    assert_eq!(code, TC_ACT_OK, "allowed IPv6 frame on the large ifindex");
+    assert_eq!(events[0].dst_addr, allowed_v6().octets(), "the event carries the whole IPv6 address");
+    let spoofed = ethernet(h.gw_mac(), h.mac(), ETH_P_IP, &ipv4(Ipv4Addr::new(10, 9, 9, 9), ALLOWED_V4, 17, &[], 0, &udp(1, 7, b"x")));
+    let (code, events) = run(&mut h, &spoofed);
+    assert_eq!(code, TC_ACT_SHOT, "spoofed source on the large ifindex");
+    assert_eq!(Reason::from_u8(events[0].reason), Some(Reason::SpoofedIp));
+    // The loopback sandbox is untouched by the other one.
+    h.passes("loopback sandbox", &allowed);
+}

@@ -296,6 +296,11 @@ pub type KeyV6 = [u8; 20];
 /// Bits of the sandbox id that lead every key.
 pub const SANDBOX_ID_BITS: u32 = 32;
 
+/// The policy generation the benchmark floor (`sbx_bench_one_lookup`) looks
+/// up: the benchmark installs its policy under this id, so the floor's key
+/// is the one `sbx_egress` builds for the same frame.
+pub const BENCH_POLICY_ID: u32 = 1;
+
 /// Per-tap configuration, keyed by the tap's ifindex.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -58,9 +58,15 @@ pub enum Parsed {
 }
 
 /// What the parser learned, for the verdict and the drop event.
-#[repr(C)]
+///
+/// The addresses lead and the struct is 8-aligned: the classifier parses
+/// straight into its per-CPU scratch slot (a map value, 8-aligned), so
+/// zeroing it is six 8-byte stores and the key copies read whole words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy)]
 pub struct Packet {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
     pub ethertype: u16,
     pub ip_version: u8,
     pub protocol: u8,
@@ -72,14 +78,14 @@ pub struct Packet {
     pub dst_port: u16,
     /// TCP header flags (0 for other protocols).
     pub tcp_flags: u8,
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
 }
 
 impl Packet {
     #[inline(always)]
     pub fn empty() -> Packet {
         Packet {
+            src: [0; 16],
+            dst: [0; 16],
             ethertype: 0,
             ip_version: 0,
             protocol: 0,
@@ -88,9 +94,40 @@ impl Packet {
             src_port: 0,
             dst_port: 0,
             tcp_flags: 0,
-            src: [0; 16],
-            dst: [0; 16],
         }
+    }
+}
+
+const _: () = assert!(size_of::<Packet>() == 48 && core::mem::align_of::<Packet>() == 8);
+
+/// Sets `*packet` to [`Packet::empty`] with six 8-byte stores (assigning
+/// the struct compiles to a call of a byte-by-byte memset on BPF). The
+/// stores are volatile so that they are not merged back into that memset.
+///
+/// # Safety
+/// `packet` must be valid for writes and 8-aligned (as a `*mut Packet` is).
+#[inline(always)]
+pub unsafe fn zero_packet(packet: *mut Packet) {
+    // All-zero bytes are Packet::empty() (false, 0, zero addresses).
+    let words = packet as *mut u64;
+    for i in 0..size_of::<Packet>() / 8 {
+        // SAFETY: within the 48 bytes of *packet, 8-aligned (caller).
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
+/// Copies `N` 4-byte words (an address) from `src` to `dst`. A plain copy
+/// of a byte array compiles to a byte-by-byte loop (a memmove call) on BPF;
+/// the volatile stores keep the copy in words.
+///
+/// # Safety
+/// Both must be 4-aligned and valid for `4 * N` bytes, and not overlap.
+#[inline(always)]
+pub unsafe fn copy_words<const N: usize>(dst: *mut u8, src: *const u8) {
+    let (dst, src) = (dst as *mut u32, src as *const u32);
+    for i in 0..N {
+        // SAFETY: in bounds and aligned (caller).
+        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read(src.add(i))) };
     }
 }
 
