@@ -46,7 +46,9 @@ impl Daemon {
         let started = Instant::now();
         let record = self.record_created(&request, &entry, &installed)?;
         tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: state saved after kernel work");
+        let started = Instant::now();
         self.publish_route(name, &installed.spec);
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: route pushed to the data plane");
         let record = match &request.vm {
             Some(vm) => self.start_vm(record, &installed, vm)?,
             None => record,
@@ -85,7 +87,7 @@ impl Daemon {
             Ok(pid) => {
                 record.vm_pid = Some(pid);
                 self.state.sandboxes.insert(record.name.clone(), record.clone());
-                self.state.save(&self.config.state_dir)?;
+                self.state.save_sandbox(&self.config.state_dir, &record.name)?;
                 tracing::info!(sandbox = %record.name, pid, "microVM running");
                 Ok(record)
             }
@@ -188,7 +190,7 @@ impl Daemon {
         };
         self.state.sandboxes.insert(request.name.to_string(), record.clone());
         self.in_force.policies.insert(request.name.to_string(), Arc::new(installed.policy.clone()));
-        self.state.save(&self.config.state_dir)?;
+        self.state.save_sandbox(&self.config.state_dir, request.name)?;
         Ok(record)
     }
 
@@ -228,7 +230,7 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(self.config.sandbox_ca_dir(name));
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
-        self.state.save(&self.config.state_dir)?;
+        self.state.save_sandbox(&self.config.state_dir, name)?;
         if !left.is_empty() {
             tracing::error!(sandbox = %name, "deleted, but left: {}", left.join("; "));
             return Err(DaemonError::Left { name: name.to_string(), left });
