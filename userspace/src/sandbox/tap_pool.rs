@@ -174,13 +174,20 @@ impl TapPool {
     }
 
     /// Takes a ready tap (its id becomes used) with its CA key, which
-    /// leaves the pool with it: no other sandbox can get it.
+    /// leaves the pool with it: no other sandbox can get it. The workers
+    /// are not woken here: the caller calls [`TapPool::refill`] once its
+    /// create is done, so the refill (a tap, a TCX attach under rtnl,
+    /// CPU on a small host) does not run beside that create.
     pub fn take(&self) -> Option<TakenTap> {
         let mut inner = self.lock();
         let (id, ReadyTap { ifindex, ca_key }) = inner.ready.pop_first()?;
         inner.used.insert(id);
-        self.shared.1.notify_all();
         Some(TakenTap { id, ifindex, ca_key })
+    }
+
+    /// Wakes the workers to refill the pool up to its size.
+    pub fn refill(&self) {
+        self.shared.1.notify_all();
     }
 
     /// Allocates an id for a sandbox made without the pool.

@@ -36,7 +36,15 @@ const DEFAULT_VM_MEMORY_MIB: u32 = 64;
 
 impl Daemon {
     pub(super) fn create(&mut self, name: &str, policy: &str, tap: Option<&str>, netns_guest: bool, vm: Option<VmCreate>) -> Result<SandboxInfo, DaemonError> {
-        let request = CreateRequest { name, policy, tap, netns_guest, vm };
+        let created = self.create_now(CreateRequest { name, policy, tap, netns_guest, vm });
+        // The pool refills after the create (see `TapPool::take`), whatever
+        // its outcome.
+        self.pool.refill();
+        created
+    }
+
+    fn create_now(&mut self, request: CreateRequest<'_>) -> Result<SandboxInfo, DaemonError> {
+        let CreateRequest { name, policy, .. } = request;
         let entry = self.check_create(&request)?;
         let (id, source, ca_key) = self.claim_id(&request)?;
         let installed = self.install(id, source, &request, &entry).inspect_err(|_| self.pool.release(id))?;
