@@ -115,6 +115,47 @@ fn create_prints_the_sandbox_network_and_a_ca_of_its_own() {
     assert!(resolv.contains(a["dns"].as_str().unwrap()), "{resolv}");
 }
 
+/// The tap pool makes each ready tap's CA key ahead of time: more creates
+/// than the pool holds (pooled taps and new ones) give every sandbox a key
+/// of its own, never one another sandbox had (also not a recreated
+/// sandbox of the same name), each only in its own 0600 file in a 0700 dir.
+#[test]
+fn every_sandbox_pooled_or_not_gets_a_ca_key_no_other_had() {
+    require_root();
+    use std::os::unix::fs::PermissionsExt;
+    let h = DaemonHarness::new("cakeys", &[("team-a.toml", POLICY_A)]);
+    let names: Vec<String> = (0..12).map(|i| unique_name(&format!("k{i}"))).collect();
+    let key_of = |created: &serde_json::Value| {
+        let key = Path::new(created["ca_cert"].as_str().expect("a CA certificate")).with_file_name("ca.key");
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600, "{}", key.display());
+        assert_eq!(std::fs::metadata(key.parent().unwrap()).unwrap().permissions().mode() & 0o777, 0o700);
+        std::fs::read_to_string(&key).unwrap()
+    };
+    let mut keys: Vec<String> = names.iter().map(|n| key_of(&h.json(&["sandbox", "create", n, "--policy", "team-a"]))).collect();
+    h.cli_ok(&["sandbox", "delete", &names[0]]);
+    keys.push(key_of(&h.json(&["sandbox", "create", &names[0], "--policy", "team-a"])));
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "a CA key was given to two sandboxes");
+    // Nowhere else under the daemon's directories.
+    let mut copies = 0;
+    let mut dirs = vec![h.dir.clone(), h.state_dir.clone()];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if !seen.insert(path.clone()) {
+                continue;
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+            } else if std::fs::read_to_string(&path).is_ok_and(|t| t.contains(keys[1].trim())) {
+                copies += 1;
+            }
+        }
+    }
+    assert_eq!(copies, 1, "a sandbox's CA key is in its key file only");
+}
+
 #[test]
 fn duplicate_names_unknown_policies_and_missing_sandboxes_are_refused() {
     require_root();

@@ -144,11 +144,7 @@ impl State {
     /// upgrade), which the page cache guarantees; it need not survive the
     /// host, because taps, pins and maps do not either.
     pub fn save(&mut self, dir: &Path) -> Result<(), StateError> {
-        let meta = Meta { policy_id_high_water: self.policy_id_high_water, policy_generation: self.policy_generation };
-        if self.saved.meta != Some(meta) {
-            write_json(&dir.join("meta.json"), &meta)?;
-            self.saved.meta = Some(meta);
-        }
+        self.save_meta(dir)?;
         let sandboxes_dir = dir.join("sandboxes");
         for (name, record) in &self.sandboxes {
             if self.saved.records.get(name) != Some(record) {
@@ -161,6 +157,45 @@ impl State {
             remove(&sandboxes_dir.join(format!("{name}.json")))?;
             self.saved.records.remove(&name);
         }
+        self.save_texts(dir)
+    }
+
+    /// What [`State::save`] writes after a change to one sandbox (created,
+    /// deleted, its VM started): its record or its removal, the policy
+    /// texts and the meta file — without comparing every other sandbox's
+    /// record (two walks of all sandboxes, ~0.5 ms at 1000, on every
+    /// create). Every other change is saved by `save` where it is made.
+    pub fn save_sandbox(&mut self, dir: &Path, name: &str) -> Result<(), StateError> {
+        self.save_meta(dir)?;
+        let path = dir.join("sandboxes").join(format!("{name}.json"));
+        match self.sandboxes.get(name) {
+            Some(record) => {
+                if self.saved.records.get(name) != Some(record) {
+                    write_json(&path, record)?;
+                    self.saved.records.insert(name.to_string(), record.clone());
+                }
+            }
+            None => {
+                if self.saved.records.contains_key(name) {
+                    remove(&path)?;
+                    self.saved.records.remove(name);
+                }
+            }
+        }
+        self.save_texts(dir)
+    }
+
+    fn save_meta(&mut self, dir: &Path) -> Result<(), StateError> {
+        let meta = Meta { policy_id_high_water: self.policy_id_high_water, policy_generation: self.policy_generation };
+        if self.saved.meta != Some(meta) {
+            write_json(&dir.join("meta.json"), &meta)?;
+            self.saved.meta = Some(meta);
+        }
+        Ok(())
+    }
+
+    /// Policy texts: a few, shared by many sandboxes.
+    fn save_texts(&mut self, dir: &Path) -> Result<(), StateError> {
         let texts_dir = dir.join("policy-texts");
         for (hash, text) in &self.policy_texts {
             if !self.saved.texts.contains(hash) {
@@ -282,6 +317,34 @@ mod tests {
         assert!(matches!(State::load(&dir), Err(StateError::Corrupt { .. })));
         State::remove_files(&dir).unwrap();
         assert_eq!(State::load(&dir).unwrap(), State::default());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn saving_one_sandbox_writes_what_a_full_save_would() {
+        let dir = std::env::temp_dir().join(format!("sbx-state-one-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut s = State::default();
+        s.sandboxes.insert("a".into(), record("a", 1, "h"));
+        s.policy_texts.insert("h".into(), PolicyText { source: "x".into(), text: "t".into() });
+        s.save(&dir).unwrap();
+        // Created: its record, a new text, a new meta (policy ids).
+        s.take_policy_id();
+        s.sandboxes.insert("b".into(), record("b", 2, "h2"));
+        s.policy_texts.insert("h2".into(), PolicyText { source: "y".into(), text: "u".into() });
+        s.save_sandbox(&dir, "b").unwrap();
+        assert_eq!(State::load(&dir).unwrap().sandboxes, s.sandboxes);
+        assert_eq!(State::load(&dir).unwrap().policy_texts, s.policy_texts);
+        let mut full = s.clone();
+        full.save(&dir).unwrap();
+        assert_eq!(full.saved, s.saved, "nothing was left for a full save");
+        // Deleted: its record and its now unused text go.
+        s.sandboxes.remove("a");
+        s.prune_texts();
+        s.save_sandbox(&dir, "a").unwrap();
+        let loaded = State::load(&dir).unwrap();
+        assert_eq!((loaded.sandboxes, loaded.policy_texts), (s.sandboxes.clone(), s.policy_texts.clone()));
+        assert!(!dir.join("sandboxes/a.json").exists() && !dir.join("policy-texts/h.json").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

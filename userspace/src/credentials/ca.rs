@@ -20,6 +20,27 @@ pub enum CaError {
     Io { path: String, source: std::io::Error },
 }
 
+/// A CA key made ahead of time (by a tap-pool worker, off the create
+/// path), for exactly one sandbox: it is moved, never cloned, into
+/// [`SandboxCa::with_key`], and lives only in memory until
+/// [`SandboxCa::save`] writes it to that sandbox's 0600 file. Dropping it
+/// unused (a pooled tap dismantled) discards it.
+pub struct CaKey(KeyPair);
+
+impl CaKey {
+    /// A fresh ECDSA P-256 key.
+    pub fn generate() -> Result<CaKey, CaError> {
+        Ok(CaKey(KeyPair::generate()?))
+    }
+}
+
+impl std::fmt::Debug for CaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.write_str("CaKey(..)")
+    }
+}
+
 /// How long a minted leaf certificate is valid (and cached).
 pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
@@ -63,7 +84,13 @@ impl SandboxCa {
 
     /// A new CA for `sandbox` (ECDSA P-256).
     pub fn generate(sandbox: &str) -> Result<SandboxCa, CaError> {
-        let key = KeyPair::generate()?;
+        Self::with_key(sandbox, CaKey::generate()?)
+    }
+
+    /// A new CA for `sandbox` with a key made ahead of time: only the
+    /// certificate (which names the sandbox) is signed here.
+    pub fn with_key(sandbox: &str, key: CaKey) -> Result<SandboxCa, CaError> {
+        let CaKey(key) = key;
         let cert = Self::params(sandbox).self_signed(&key)?;
         let cert_pem = cert.pem();
         Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new() })
@@ -84,27 +111,35 @@ impl SandboxCa {
     }
 
     /// Writes `ca.pem` (world-readable: it is what the guest trusts) and
-    /// `ca.key` (0600) into `dir`; returns the certificate's path.
+    /// `ca.key` (0600) into `dir` (made 0700); returns the certificate's
+    /// path. The key file is created 0600 before a byte is written, so the
+    /// key is never readable by others, whatever the umask.
     pub fn save(&self, dir: &Path) -> Result<PathBuf, CaError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-        let key_path = dir.join("ca.key");
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&key_path)
-                .map_err(io_err(&key_path))?;
-            f.write_all(self.key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The parent is missing (a first sandbox): make the chain.
+                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+            }
+            Err(e) => return Err(io_err(dir)(e)),
         }
-        let cert_path = dir.join("ca.pem");
-        std::fs::write(&cert_path, &self.cert_pem).map_err(io_err(&cert_path))?;
-        std::fs::set_permissions(&cert_path, std::fs::Permissions::from_mode(0o644)).map_err(io_err(&cert_path))?;
-        Ok(cert_path)
+        let write = |name: &str, mode: u32, bytes: &[u8]| -> Result<PathBuf, CaError> {
+            let path = dir.join(name);
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path).map_err(io_err(&path))?;
+            // The mode of an existing file, or one the umask narrowed, is
+            // set on the open file (no second path lookup).
+            f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err(&path))?;
+            f.write_all(bytes).map_err(io_err(&path))?;
+            Ok(path)
+        };
+        write("ca.key", 0o600, self.key.serialize_pem().as_bytes())?;
+        write("ca.pem", 0o644, self.cert_pem.as_bytes())
     }
 
     /// A leaf for `host` signed by this CA, from the cache while it has
@@ -155,6 +190,29 @@ mod tests {
         assert!(!loaded.leaf("api.example.com").unwrap().cert_der.is_empty());
         // Another sandbox's CA is another key.
         assert_ne!(SandboxCa::generate("b").unwrap().cert_pem, ca.cert_pem);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_key_made_ahead_signs_the_named_ca_and_saves_0600() {
+        let dir = std::env::temp_dir().join(format!("sbx-ca-ahead-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let key = CaKey::generate().unwrap();
+        assert_eq!(format!("{key:?}"), "CaKey(..)", "Debug never shows the key");
+        let key_pem = key.0.serialize_pem();
+        let ca = SandboxCa::with_key("ahead", key).unwrap();
+        ca.save(&dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), key_pem);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join("ca.key")), 0o600);
+        assert_eq!(mode(&dir.join("ca.pem")), 0o644);
+        assert_eq!(mode(&dir), 0o700);
+        // Saving again (an existing dir and files) keeps the modes.
+        std::fs::set_permissions(dir.join("ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        ca.save(&dir).unwrap();
+        assert_eq!(mode(&dir.join("ca.key")), 0o600);
+        // What was saved loads as the same CA.
+        assert_eq!(SandboxCa::load("ahead", &dir).unwrap().cert_pem, ca.cert_pem);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -16,7 +16,7 @@ use crate::datapath::nft::{NftConfig, NftError, Nftables};
 use crate::datapath::{Datapath, DatapathError};
 use crate::policy::compile::{CompileError, CompiledPolicy};
 use crate::policy::Policy;
-use crate::sandbox::denies::{compile_for_sandbox, host_interface_addresses};
+use crate::sandbox::denies::{compile_for_sandbox, HostAddresses};
 use crate::sandbox::guest_pump::{spawn_pump, stop_pump, PumpError, PumpSpec};
 use crate::sandbox::tap_pool::pool_pin_name;
 use crate::sandbox::{configure_host_side, ifindex_of, open_host_tap, AddressPools, SandboxError, SandboxSpec};
@@ -147,13 +147,17 @@ pub struct SandboxHost {
     pub nft: Nftables,
     pub netlink: Netlink,
     pub settings: HostSettings,
+    /// The host's addresses to deny, read again only after they changed.
+    addresses: std::sync::Mutex<HostAddresses>,
 }
 
 impl SandboxHost {
     /// Works in the calling thread's network namespace (where the netlink
     /// socket is opened, and where taps are looked up and attached to).
     pub fn new(datapath: Datapath, settings: HostSettings) -> Result<SandboxHost, InstallError> {
-        Ok(SandboxHost { datapath, nft: Nftables::new(), netlink: Netlink::new()?, settings })
+        // Subscribed before the first read, in the same namespace.
+        let addresses = std::sync::Mutex::new(HostAddresses::new());
+        Ok(SandboxHost { datapath, nft: Nftables::new(), netlink: Netlink::new()?, settings, addresses })
     }
 
     /// Replaces the nftables table, with `taps` as the sandbox taps (one
@@ -163,9 +167,10 @@ impl SandboxHost {
     }
 
     /// `policy` compiled for the sandbox `spec` with the host's addresses
-    /// as they are now (see [`crate::sandbox::denies`]).
+    /// as they are now (see [`crate::sandbox::denies`]; kept between
+    /// compiles until the kernel announces a change).
     pub fn compile_for(&self, policy: &Policy, spec: &SandboxSpec) -> Result<CompiledPolicy, InstallError> {
-        let addresses = host_interface_addresses(&self.netlink, &self.settings.pools).map_err(InstallError::HostAddresses)?;
+        let addresses = self.addresses.lock().unwrap_or_else(|p| p.into_inner()).get(&self.netlink, &self.settings.pools).map_err(InstallError::HostAddresses)?;
         Ok(compile_for_sandbox(policy, spec, &addresses, &self.settings.pools)?)
     }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::control::api::{SandboxInfo, VmCreate};
 use crate::control::state::{text_hash, PolicyText, SandboxRecord};
-use crate::credentials::ca::SandboxCa;
+use crate::credentials::ca::{CaKey, SandboxCa};
 use crate::policy::store::PolicyEntry;
 use crate::sandbox::guest_pump::stop_pump;
 use crate::sandbox::install::{remove_from_host, InstallRequest, InstalledSandbox, TapSource};
@@ -36,15 +36,27 @@ const DEFAULT_VM_MEMORY_MIB: u32 = 64;
 
 impl Daemon {
     pub(super) fn create(&mut self, name: &str, policy: &str, tap: Option<&str>, netns_guest: bool, vm: Option<VmCreate>) -> Result<SandboxInfo, DaemonError> {
-        let request = CreateRequest { name, policy, tap, netns_guest, vm };
+        let created = self.create_now(CreateRequest { name, policy, tap, netns_guest, vm });
+        // The pool refills after the create (see `TapPool::take`), whatever
+        // its outcome.
+        self.pool.refill();
+        created
+    }
+
+    fn create_now(&mut self, request: CreateRequest<'_>) -> Result<SandboxInfo, DaemonError> {
+        let CreateRequest { name, policy, .. } = request;
         let entry = self.check_create(&request)?;
-        let (id, source) = self.claim_id(&request)?;
+        let (id, source, ca_key) = self.claim_id(&request)?;
         let installed = self.install(id, source, &request, &entry).inspect_err(|_| self.pool.release(id))?;
-        self.give_ca(&request, &installed.spec);
+        let started = Instant::now();
+        self.give_ca(&request, &installed.spec, ca_key);
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: CA made and saved");
         let started = Instant::now();
         let record = self.record_created(&request, &entry, &installed)?;
         tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: state saved after kernel work");
+        let started = Instant::now();
         self.publish_route(name, &installed.spec);
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: route pushed to the data plane");
         let record = match &request.vm {
             Some(vm) => self.start_vm(record, &installed, vm)?,
             None => record,
@@ -83,7 +95,7 @@ impl Daemon {
             Ok(pid) => {
                 record.vm_pid = Some(pid);
                 self.state.sandboxes.insert(record.name.clone(), record.clone());
-                self.state.save(&self.config.state_dir)?;
+                self.state.save_sandbox(&self.config.state_dir, &record.name)?;
                 tracing::info!(sandbox = %record.name, pid, "microVM running");
                 Ok(record)
             }
@@ -121,16 +133,16 @@ impl Daemon {
         Ok(entry)
     }
 
-    /// The new sandbox's id, with a pre-warmed tap (attached already) when
-    /// one is ready and no tap is adopted.
-    fn claim_id(&self, request: &CreateRequest<'_>) -> Result<(u32, TapSource), DaemonError> {
+    /// The new sandbox's id, with a pre-warmed tap (attached already) and
+    /// the CA key made for it when one is ready and no tap is adopted.
+    fn claim_id(&self, request: &CreateRequest<'_>) -> Result<(u32, TapSource, Option<CaKey>), DaemonError> {
         if request.tap.is_none() {
-            if let Some((id, ifindex)) = self.pool.take() {
-                return Ok((id, TapSource::Pooled { ifindex }));
+            if let Some(taken) = self.pool.take() {
+                return Ok((taken.id, TapSource::Pooled { ifindex: taken.ifindex }, taken.ca_key));
             }
         }
         let id = self.pool.allocate().ok_or(DaemonError::PoolFull)?;
-        Ok((id, if request.tap.is_some() { TapSource::Adopted } else { TapSource::New }))
+        Ok((id, if request.tap.is_some() { TapSource::Adopted } else { TapSource::New }, None))
     }
 
     /// The kernel side: tap, maps, pinned link, nftables element, pump.
@@ -145,9 +157,15 @@ impl Daemon {
 
     /// The sandbox's own CA for the credential proxy: the guest is told
     /// where its certificate is (`ca_cert`), the key stays in the state dir.
-    fn give_ca(&mut self, request: &CreateRequest<'_>, spec: &SandboxSpec) {
+    /// `key` was made ahead for this sandbox by the tap pool (moved here, so
+    /// used once); without one, a key is made now.
+    fn give_ca(&mut self, request: &CreateRequest<'_>, spec: &SandboxSpec, key: Option<CaKey>) {
         let name = request.name;
-        match SandboxCa::generate(name).and_then(|ca| ca.save(&self.config.sandbox_ca_dir(name)).map(|_| ca)) {
+        let ca = match key {
+            Some(key) => SandboxCa::with_key(name, key),
+            None => SandboxCa::generate(name),
+        };
+        match ca.and_then(|ca| ca.save(&self.config.sandbox_ca_dir(name)).map(|_| ca)) {
             Ok(ca) => {
                 if request.netns_guest {
                     if let Err(e) = trust_in_guest(&spec.netns, &ca.cert_pem) {
@@ -180,7 +198,7 @@ impl Daemon {
         };
         self.state.sandboxes.insert(request.name.to_string(), record.clone());
         self.in_force.policies.insert(request.name.to_string(), Arc::new(installed.policy.clone()));
-        self.state.save(&self.config.state_dir)?;
+        self.state.save_sandbox(&self.config.state_dir, request.name)?;
         Ok(record)
     }
 
@@ -220,7 +238,7 @@ impl Daemon {
         let _ = std::fs::remove_dir_all(self.config.sandbox_ca_dir(name));
         self.state.sandboxes.remove(name);
         self.state.prune_texts();
-        self.state.save(&self.config.state_dir)?;
+        self.state.save_sandbox(&self.config.state_dir, name)?;
         if !left.is_empty() {
             tracing::error!(sandbox = %name, "deleted, but left: {}", left.join("; "));
             return Err(DaemonError::Left { name: name.to_string(), left });
