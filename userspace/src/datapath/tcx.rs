@@ -1,10 +1,13 @@
 //! TCX attachment by program fd, usable from any thread.
 //!
 //! Every TCX attach waits for an RCU grace period in the kernel
-//! (`tcx_link_prog_attach` → `synchronize_rcu`), ~10 ms on small VMs. aya's
-//! attach needs `&mut` access to the loaded program, which serialises those
-//! waits on one thread; with the fd alone, several threads attach
-//! concurrently and share grace periods (see [`crate::sandbox::tap_pool`]).
+//! (`tcx_link_attach` → `tcx_entry_sync` → `synchronize_rcu`), ~12 ms on
+//! small VMs, and waits for it holding rtnl: attaches on different taps
+//! never share a grace period, so at most ~60-80 taps a second get their
+//! classifier, however many threads attach (measured with ftrace, issue
+//! 19). aya's attach needs `&mut` access to the loaded program; with the
+//! fd alone, the tap pool's workers attach off the create path (see
+//! [`crate::sandbox::tap_pool`]) while the control thread never waits.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
