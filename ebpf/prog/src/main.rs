@@ -39,18 +39,36 @@ static SBX_SANDBOX_SLOTS: Array<SandboxConfig> = Array::with_max_entries(SANDBOX
 #[map]
 static SBX_SANDBOXES: HashMap<u32, SandboxConfig> = HashMap::with_max_entries(MAX_SANDBOXES, 0);
 
-/// The tap's config, read in place from its map value (a copy to the stack
-/// cost more than every other step of the verdict but the trie lookup). A
-/// tap with a large ifindex makes the verifier walk the program once more
-/// with the hash map's value type; the budget test keeps that in check.
+/// Where a config from [`SBX_SANDBOXES`] is copied for the packet.
+#[map]
+static SBX_CONFIG_SCRATCH: PerCpuArray<SandboxConfig> = PerCpuArray::with_max_entries(1, 0);
+
+/// The tap's config. From the array it is read in place (a copy to the
+/// stack cost more than every other step of the verdict but the trie
+/// lookup); an array slot is updated in place, so at worst a packet sees
+/// its own sandbox's old and new config mixed, never another sandbox's.
+/// From the hash map it is copied once into a per-CPU slot: a preallocated
+/// hash map hands a replaced value's element to the next update on that
+/// CPU, so a pointer kept for the whole packet could come to hold another
+/// sandbox's config mid-verdict (review of issue 19). A tap with a large
+/// ifindex makes the verifier walk the program once more with the copied
+/// value; the budget test keeps that in check.
 #[inline(always)]
 fn sandbox_config(ifindex: u32) -> Option<&'static SandboxConfig> {
     let found = if ifindex < SANDBOX_SLOTS {
         SBX_SANDBOX_SLOTS.get(ifindex)
     } else {
-        // SAFETY: userspace replaces configs with whole-value updates and
-        // the value is only read.
-        unsafe { SBX_SANDBOXES.get(&ifindex) }
+        // SAFETY: the value is only read, once, into this CPU's slot; TC
+        // programs run with migration disabled, so no other packet uses
+        // the slot before this one's verdict.
+        let value = unsafe { SBX_SANDBOXES.get(&ifindex) }?;
+        let slot = SBX_CONFIG_SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: `slot` is this CPU's element of a one-entry per-CPU
+        // array, valid for the program's run.
+        unsafe {
+            *slot = *value;
+            Some(&*slot)
+        }
     };
     found.filter(|c| c.sandbox_id != 0)
 }

@@ -87,7 +87,9 @@ pub struct DaemonConfig {
     /// (negative ones at most 5 minutes), to answer the same question again
     /// without asking; 0 turns the cache off. Each query is still decided
     /// by its sandbox's policy and its addresses written to the sandbox's
-    /// map before it is answered, cached or not. At most 4 KiB an answer.
+    /// map before it is answered, cached or not. An entry takes at most
+    /// ~8 KiB (a 4 KiB answer, its query and the places of its TTLs), so the
+    /// default bounds the cache near 32 MiB; at most 262144 entries.
     pub dns_cache_entries: usize,
     /// Flow records kept in memory for `inspect --last` (older ones are
     /// counted as evicted).
@@ -129,6 +131,9 @@ pub struct DaemonConfig {
     /// `[fleet]`: policies from etcd (none: the policy dir only).
     pub fleet: Option<crate::fleet::FleetConfig>,
 }
+
+/// The largest `dns_cache_entries` (~2 GiB at the worst case per entry).
+pub const MAX_DNS_CACHE_ENTRIES: usize = 262_144;
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -288,6 +293,9 @@ impl DaemonConfig {
         }
         if self.flow_table_size == 0 || self.flow_history == 0 || self.policy_map_entries == 0 {
             return Err("flow_table_size, flow_history and policy_map_entries must be at least 1".into());
+        }
+        if self.dns_cache_entries > MAX_DNS_CACHE_ENTRIES {
+            return Err(format!("dns_cache_entries ({}) is more than {MAX_DNS_CACHE_ENTRIES} (an entry can take ~8 KiB)", self.dns_cache_entries));
         }
         if self.proxy_first_bytes_timeout_ms == 0 {
             return Err("proxy_first_bytes_timeout_ms must be at least 1".into());
