@@ -42,6 +42,11 @@ pub(crate) fn vm_probe_run(host: &NetNs, tap: &str, mac: [u8; 6], net: &sbx_vmm:
                 first = Some(started.elapsed());
             }
             if done_rx.try_recv().is_ok() {
+                // The run may have ended after the check above: look once
+                // more (a frame it sent then is late by at most a poll).
+                if first.is_none() && tap_rx_packets(&host, &tap_name).ok()? > before {
+                    first = Some(started.elapsed());
+                }
                 return first;
             }
             std::thread::sleep(Duration::from_micros(200));
