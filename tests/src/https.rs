@@ -53,15 +53,7 @@ impl TestCa {
     /// `(certificate, key)` (for peers such as nginx and haproxy that read
     /// their certificates from files).
     pub fn leaf_pem_files(&self, dir: &Path, names: &[&str]) -> (PathBuf, PathBuf) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        for n in names {
-            params.subject_alt_names.push(match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => rcgen::SanType::IpAddress(ip),
-                Err(_) => rcgen::SanType::DnsName(n.to_string().try_into().unwrap()),
-            });
-        }
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
+        let (cert, key) = self.signed_leaf(names);
         std::fs::create_dir_all(dir).unwrap();
         let (cert_path, key_path) = (dir.join("leaf.pem"), dir.join("leaf.key"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
@@ -70,6 +62,13 @@ impl TestCa {
     }
 
     fn leaf(&self, names: &[&str]) -> (Vec<u8>, Vec<u8>) {
+        let (cert, key) = self.signed_leaf(names);
+        (cert.der().to_vec(), key.serialize_der())
+    }
+
+    /// A fresh key and a certificate for `names` (DNS names or IP
+    /// addresses) signed by this CA.
+    fn signed_leaf(&self, names: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         for n in names {
@@ -78,8 +77,7 @@ impl TestCa {
                 Err(_) => rcgen::SanType::DnsName(n.to_string().try_into().unwrap()),
             });
         }
-        let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-        (cert.der().to_vec(), key.serialize_der())
+        (params.signed_by(&key, &self.cert, &self.key).unwrap(), key)
     }
 }
 

@@ -1203,28 +1203,6 @@ fn assert_eval_safe(out: &str) {
     }
 }
 
-#[cfg(test)]
-mod eval_safety_tests {
-    use super::assert_eval_safe;
-
-    #[test]
-    fn quoted_values_pass() {
-        assert_eval_safe("SBX_NET_A='x'\nSBX_NET_B='a'\\''b'\nSBX_NET_C=''");
-    }
-
-    #[test]
-    #[should_panic(expected = "unquoted")]
-    fn an_unquoted_value_is_caught() {
-        assert_eval_safe("SBX_NET_A=$(touch /tmp/x)");
-    }
-
-    #[test]
-    #[should_panic(expected = "followed by")]
-    fn text_after_a_closing_quote_is_caught() {
-        assert_eval_safe("SBX_NET_A='x';reboot");
-    }
-}
-
 /// `dns_cache`: any upstream bytes as an answer to the query its own
 /// question makes (RD, no EDNS). Invariants:
 /// - the wire reader never panics; a layout it accepts has every TTL field
@@ -1250,5 +1228,27 @@ pub fn dns_cache(data: &[u8]) {
             let after = u32::from_be_bytes([hit[*at], hit[at + 1], hit[at + 2], hit[at + 3]]);
             assert!(after <= before);
         }
+    }
+}
+
+#[cfg(test)]
+mod eval_safety_tests {
+    use super::assert_eval_safe;
+
+    #[test]
+    fn quoted_values_pass() {
+        assert_eval_safe("SBX_NET_A='x'\nSBX_NET_B='a'\\''b'\nSBX_NET_C=''");
+    }
+
+    #[test]
+    #[should_panic(expected = "unquoted")]
+    fn an_unquoted_value_is_caught() {
+        assert_eval_safe("SBX_NET_A=$(touch /tmp/x)");
+    }
+
+    #[test]
+    #[should_panic(expected = "followed by")]
+    fn text_after_a_closing_quote_is_caught() {
+        assert_eval_safe("SBX_NET_A='x';reboot");
     }
 }
