@@ -518,17 +518,44 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
         left.push(format!("guest pump, data plane, VMM, etcd or light fleet host pid {pid}"));
     }
     for n in leftover_namespaces() {
+        let path = Path::new("/run/netns").join(&n);
+        let facts = leftover_facts(&path);
         let _ = Command::new("ip").args(["netns", "delete", &n]).status();
-        left.push(format!("network namespace {n}"));
+        left.push(format!("network namespace {n} ({facts})"));
     }
     for p in leftover_pins() {
+        let facts = leftover_facts(&p);
         let _ = std::fs::remove_dir_all(&p);
-        left.push(format!("bpffs pins {}", p.display()));
+        left.push(format!("bpffs pins {} ({facts})", p.display()));
     }
     if !left.is_empty() {
-        bail!("tests left these behind (now removed): {}", left.join(", "));
+        // Both verdicts: a leak after a failed suite is often its cause's
+        // echo, a leak after a passing one is a cleanup bug of its own.
+        let suite = match &result {
+            Ok(()) => "the suite itself passed".to_string(),
+            Err(e) => format!("the suite itself failed: {e:#}"),
+        };
+        bail!("tests left these behind (now removed; {suite}):\n  {}\n/run/netns mounts:\n{}", left.join("\n  "), netns_mounts());
     }
     result
+}
+
+/// When a leftover was made and last changed, and what its directory holds:
+/// to tell a cleanup that never ran from something made again after it.
+fn leftover_facts(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else { return "gone already".into() };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let entries = std::fs::read_dir(path).map(|d| d.count().to_string()).unwrap_or_else(|_| "-".into());
+    format!("changed {} s ago, modified {} s ago, {entries} entries", now - meta.ctime(), now - meta.mtime())
+}
+
+/// /proc/self/mountinfo's lines for /run/netns and what is under it (a
+/// stacked mount hides namespaces from a cleanup that looks at the top one).
+fn netns_mounts() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().filter(|l| l.split_whitespace().nth(4).is_some_and(|p| p.starts_with("/run/netns"))).map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
