@@ -506,28 +506,21 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     };
     step("building and running the test suite (cargo prints each binary's tests as they run)");
     // Default members only: the eBPF crate builds for bpfel-unknown-none alone.
-    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin).env("SBX_NET_DEB", &deb));
-    drop(load);
-    let mut left: Vec<String> = Vec::new();
     let test_binaries: Vec<PathBuf> = [sbx_net_bin.clone(), target_dir(root).join("debug/sbx-net-cni")]
         .iter()
         .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
         .collect();
-    for pid in leftover_pumps(&test_binaries) {
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        left.push(format!("guest pump, data plane, VMM, etcd or light fleet host pid {pid}"));
+    // What a run that was killed before its cleanup (a timeout, a machine
+    // reused) left would be blamed on this one: removed first, and said.
+    // Only a dead test process's: another suite running beside this one
+    // keeps its own.
+    let earlier = sweep_leftovers(&test_binaries, Owners::Dead);
+    if !earlier.is_empty() {
+        step(&format!("removed what earlier, killed test runs left behind:\n  {}", earlier.join("\n  ")));
     }
-    for n in leftover_namespaces() {
-        let path = Path::new("/run/netns").join(&n);
-        let facts = leftover_facts(&path);
-        let _ = Command::new("ip").args(["netns", "delete", &n]).status();
-        left.push(format!("network namespace {n} ({facts})"));
-    }
-    for p in leftover_pins() {
-        let facts = leftover_facts(&p);
-        let _ = std::fs::remove_dir_all(&p);
-        left.push(format!("bpffs pins {} ({facts})", p.display()));
-    }
+    let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin).env("SBX_NET_DEB", &deb));
+    drop(load);
+    let left = sweep_leftovers(&test_binaries, Owners::Any);
     if !left.is_empty() {
         // Both verdicts: a leak after a failed suite is often its cause's
         // echo, a leak after a passing one is a cleanup bug of its own.
@@ -538,6 +531,55 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
         bail!("tests left these behind (now removed; {suite}):\n  {}\n/run/netns mounts:\n{}", left.join("\n  "), netns_mounts());
     }
     result
+}
+
+/// Whose leftovers [`sweep_leftovers`] removes.
+#[derive(Clone, Copy, PartialEq)]
+enum Owners {
+    /// Every test process's (after the suite: none of them runs any more).
+    Any,
+    /// Only those of test processes no longer running.
+    Dead,
+}
+
+/// The test process a test-made name belongs to: `sbxt<pid>-…`, also
+/// inside a longer name (a guest's `sbx-sbxt<pid>-…`, a helper's command
+/// line).
+fn owner_pid(text: &str) -> Option<u32> {
+    let rest = &text[text.find("sbxt")? + 4..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+fn owner_alive(text: &str) -> bool {
+    owner_pid(text).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Kills and removes what test daemons left (helper processes, network
+/// namespaces, bpffs pins); says what each was.
+fn sweep_leftovers(test_binaries: &[PathBuf], owners: Owners) -> Vec<String> {
+    let ours = |text: &str| owners == Owners::Any || !owner_alive(text);
+    let mut left = Vec::new();
+    for pid in leftover_pumps(test_binaries) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).into_owned()).unwrap_or_default();
+        // A test process's own helper lives as long as its test does.
+        if owners == Owners::Dead && (owner_pid(&cmdline).is_none() || owner_alive(&cmdline)) {
+            continue;
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        left.push(format!("guest pump, data plane, VMM, etcd or light fleet host pid {pid}"));
+    }
+    for n in leftover_namespaces().into_iter().filter(|n| ours(n)) {
+        let facts = leftover_facts(&Path::new("/run/netns").join(&n));
+        let _ = Command::new("ip").args(["netns", "delete", &n]).status();
+        left.push(format!("network namespace {n} ({facts})"));
+    }
+    for p in leftover_pins().into_iter().filter(|p| ours(&p.to_string_lossy())) {
+        let facts = leftover_facts(&p);
+        let _ = std::fs::remove_dir_all(&p);
+        left.push(format!("bpffs pins {} ({facts})", p.display()));
+    }
+    left
 }
 
 /// When a leftover was made and last changed, and what its directory holds:
@@ -561,6 +603,18 @@ fn netns_mounts() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_name_the_test_process_that_made_them() {
+        assert_eq!(owner_pid("sbxt22646-20-obs-prom-h"), Some(22646));
+        assert_eq!(owner_pid("sbx-sbxt22646-22-g"), Some(22646));
+        assert_eq!(owner_pid("/sys/fs/bpf/sbxt7-21-obs-prom"), Some(7));
+        assert_eq!(owner_pid("sbx\0__guest-pump\0{\"sandbox\":\"sbxt31-2-g\"}"), Some(31));
+        assert_eq!(owner_pid("sbx-demo-guest"), None);
+        assert_eq!(owner_pid("sbxt-x"), None);
+        // This process runs: what it made is not an earlier run's.
+        assert!(owner_alive(&format!("sbxt{}-1-x", std::process::id())));
+    }
 
     /// The check `cargo xtask test` starts with, on this workspace.
     #[test]
