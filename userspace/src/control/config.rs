@@ -358,9 +358,14 @@ impl DaemonConfig {
         self.state_dir.join("learned.json")
     }
 
+    /// Where the sandboxes' CA directories are.
+    pub fn sandbox_cas_dir(&self) -> PathBuf {
+        self.state_dir.join("ca")
+    }
+
     /// A sandbox's CA certificate (`ca.pem`) and key (`ca.key`, 0600).
     pub fn sandbox_ca_dir(&self, sandbox: &str) -> PathBuf {
-        self.state_dir.join("ca").join(sandbox)
+        self.sandbox_cas_dir().join(sandbox)
     }
 
     /// The HTTP(S) proxy's per-sandbox connection cap and first-bytes deadline.

@@ -328,6 +328,7 @@ fn control_loop(mut daemon: Daemon, rx: mpsc::Receiver<Control>, notifier: Optio
                     notify(n.ready(&outcome));
                 }
                 let _ = reply.send(response);
+                daemon.after_reply();
             }
             Some(Control::Fleet(change, reply)) => {
                 let _ = reply.send(daemon.fleet_apply(*change));

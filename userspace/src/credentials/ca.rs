@@ -22,15 +22,53 @@ pub enum CaError {
 
 /// A CA key made ahead of time (by a tap-pool worker, off the create
 /// path), for exactly one sandbox: it is moved, never cloned, into
-/// [`SandboxCa::with_key`], and lives only in memory until
-/// [`SandboxCa::save`] writes it to that sandbox's 0600 file. Dropping it
-/// unused (a pooled tap dismantled) discards it.
-pub struct CaKey(KeyPair);
+/// [`SandboxCa::with_key`]. Made with [`CaKey::generate_in`], its files are
+/// written ahead too, in a directory of its own that
+/// [`SandboxCa::save`] renames to the sandbox's. Dropping it unused (a
+/// pooled tap dismantled) discards it and its directory.
+pub struct CaKey {
+    /// Always Some until [`SandboxCa::with_key`] takes it.
+    key: Option<KeyPair>,
+    prepared: Option<PathBuf>,
+}
 
 impl CaKey {
-    /// A fresh ECDSA P-256 key.
+    /// A fresh ECDSA P-256 key, in memory only.
     pub fn generate() -> Result<CaKey, CaError> {
-        Ok(CaKey(KeyPair::generate()?))
+        Ok(CaKey { key: Some(KeyPair::generate()?), prepared: None })
+    }
+
+    /// A fresh key, also written ahead into `dir` (made 0700, holding
+    /// `ca.key` 0600 and an empty `ca.pem`): the sandbox's save then only
+    /// renames the directory and fills `ca.pem` in. Creating files is the
+    /// slow part of saving a CA on some filesystems (ext4 without a journal
+    /// looks past recently deleted inodes for a free one, ~1 ms after many
+    /// deletes), and it happens here, off the create path. A key whose files
+    /// could not be written is still a key: the save writes them.
+    pub fn generate_in(dir: &Path) -> Result<CaKey, CaError> {
+        let mut made = Self::generate()?;
+        let pem = made.key.as_ref().map(KeyPair::serialize_pem).unwrap_or_default();
+        match write_ca_files(dir, &pem, "") {
+            Ok(_) => made.prepared = Some(dir.to_path_buf()),
+            Err(e) => {
+                tracing::warn!("writing a CA key ahead (the create writes it): {e}");
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        Ok(made)
+    }
+
+    /// Where its files were written ahead, if they were.
+    pub fn prepared_dir(&self) -> Option<&Path> {
+        self.prepared.as_deref()
+    }
+}
+
+impl Drop for CaKey {
+    fn drop(&mut self) {
+        if let Some(dir) = self.prepared.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -49,6 +87,9 @@ pub struct SandboxCa {
     key: KeyPair,
     pub cert_pem: String,
     leaves: HashMap<String, Leaf>,
+    /// The directory its key was written ahead into (see
+    /// [`CaKey::generate_in`]), until [`SandboxCa::save`] moves it.
+    prepared: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for SandboxCa {
@@ -89,11 +130,12 @@ impl SandboxCa {
 
     /// A new CA for `sandbox` with a key made ahead of time: only the
     /// certificate (which names the sandbox) is signed here.
-    pub fn with_key(sandbox: &str, key: CaKey) -> Result<SandboxCa, CaError> {
-        let CaKey(key) = key;
-        let cert = Self::params(sandbox).self_signed(&key)?;
+    pub fn with_key(sandbox: &str, mut key: CaKey) -> Result<SandboxCa, CaError> {
+        let Some(pair) = key.key.take() else { return Self::generate(sandbox) };
+        // Signed while `key` still owns its directory: a failure removes it.
+        let cert = Self::params(sandbox).self_signed(&pair)?;
         let cert_pem = cert.pem();
-        Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new() })
+        Ok(SandboxCa { cert, key: pair, cert_pem, leaves: HashMap::new(), prepared: key.prepared.take() })
     }
 
     /// Loads the CA `save` wrote (the same key and certificate the guest
@@ -107,39 +149,30 @@ impl SandboxCa {
         // Re-sign the same parameters with the same key: an equivalent
         // issuer for minting leaves (the guest trusts the saved PEM).
         let cert = Self::params(sandbox).self_signed(&key)?;
-        Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new() })
+        Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new(), prepared: None })
     }
 
     /// Writes `ca.pem` (world-readable: it is what the guest trusts) and
     /// `ca.key` (0600) into `dir` (made 0700); returns the certificate's
-    /// path. The key file is created 0600 before a byte is written, so the
-    /// key is never readable by others, whatever the umask.
+    /// path. A key written ahead (see [`CaKey::generate_in`]) has its
+    /// directory renamed to `dir` instead, when `dir` is not there yet.
     pub fn save(&self, dir: &Path) -> Result<PathBuf, CaError> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        if let Some(prepared) = &self.prepared {
+            // Its key is already there: the directory becomes the
+            // sandbox's (a rename replaces nothing but an empty one) and
+            // only the certificate is written, into the file made ahead.
+            match std::fs::rename(prepared, dir) {
+                Ok(()) => {
+                    if let Ok(path) = fill_in(&dir.join("ca.pem"), self.cert_pem.as_bytes()) {
+                        return Ok(path);
+                    }
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir_all(prepared);
+                }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // The parent is missing (a first sandbox): make the chain.
-                std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
-            }
-            Err(e) => return Err(io_err(dir)(e)),
         }
-        let write = |name: &str, mode: u32, bytes: &[u8]| -> Result<PathBuf, CaError> {
-            let path = dir.join(name);
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path).map_err(io_err(&path))?;
-            // The mode of an existing file, or one the umask narrowed, is
-            // set on the open file (no second path lookup).
-            f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err(&path))?;
-            f.write_all(bytes).map_err(io_err(&path))?;
-            Ok(path)
-        };
-        write("ca.key", 0o600, self.key.serialize_pem().as_bytes())?;
-        write("ca.pem", 0o644, self.cert_pem.as_bytes())
+        write_ca_files(dir, &self.key.serialize_pem(), &self.cert_pem)
     }
 
     /// A leaf for `host` signed by this CA, from the cache while it has
@@ -165,6 +198,47 @@ impl SandboxCa {
         self.leaves.insert(host.to_string(), leaf.clone());
         Ok(leaf)
     }
+}
+
+/// Writes `ca.key` (0600) and `ca.pem` (0644: it is what the guest trusts)
+/// into `dir` (made 0700); returns the certificate's path. The key file is
+/// created 0600 before a byte is written, so the key is never readable by
+/// others, whatever the umask.
+fn write_ca_files(dir: &Path, key_pem: &str, cert_pem: &str) -> Result<PathBuf, CaError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // The parent is missing (a first sandbox): make the chain.
+            std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err(dir))?;
+        }
+        Err(e) => return Err(io_err(dir)(e)),
+    }
+    let write = |name: &str, mode: u32, bytes: &[u8]| -> Result<PathBuf, CaError> {
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&path).map_err(io_err(&path))?;
+        // The mode of an existing file, or one the umask narrowed, is
+        // set on the open file (no second path lookup).
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(io_err(&path))?;
+        f.write_all(bytes).map_err(io_err(&path))?;
+        Ok(path)
+    };
+    write("ca.key", 0o600, key_pem.as_bytes())?;
+    write("ca.pem", 0o644, cert_pem.as_bytes())
+}
+
+/// Writes `bytes` into the existing file `path` (made ahead, its mode
+/// set): no new inode.
+fn fill_in(path: &Path, bytes: &[u8]) -> Result<PathBuf, CaError> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    Ok(path.to_path_buf())
 }
 
 #[cfg(test)]
@@ -194,12 +268,48 @@ mod tests {
     }
 
     #[test]
+    fn a_key_written_ahead_becomes_the_sandboxs_directory() {
+        let base = std::env::temp_dir().join(format!("sbx-ca-prepared-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let spare = base.join(".pool-1");
+        let key = CaKey::generate_in(&spare).unwrap();
+        assert_eq!(key.prepared_dir(), Some(spare.as_path()));
+        assert_eq!((mode(&spare), mode(&spare.join("ca.key"))), (0o700, 0o600));
+        let key_pem = key.key.as_ref().unwrap().serialize_pem();
+        let ca = SandboxCa::with_key("a", key).unwrap();
+        let dir = base.join("a");
+        assert_eq!(ca.save(&dir).unwrap(), dir.join("ca.pem"));
+        assert!(!spare.exists(), "renamed, not copied");
+        assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), key_pem);
+        assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca.cert_pem);
+        assert_eq!((mode(&dir), mode(&dir.join("ca.key")), mode(&dir.join("ca.pem"))), (0o700, 0o600, 0o644));
+        assert_eq!(SandboxCa::load("a", &dir).unwrap().cert_pem, ca.cert_pem);
+
+        // A sandbox directory already there (files of an earlier one): the
+        // files are written over, and the spare goes.
+        let spare = base.join(".pool-2");
+        let ca = SandboxCa::with_key("a", CaKey::generate_in(&spare).unwrap()).unwrap();
+        ca.save(&dir).unwrap();
+        assert!(!spare.exists());
+        assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca.cert_pem);
+        assert_eq!(SandboxCa::load("a", &dir).unwrap().cert_pem, ca.cert_pem, "the key on disk is the new one");
+
+        // A key never used takes its files with it.
+        let spare = base.join(".pool-3");
+        drop(CaKey::generate_in(&spare).unwrap());
+        assert!(!spare.exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
     fn a_key_made_ahead_signs_the_named_ca_and_saves_0600() {
         let dir = std::env::temp_dir().join(format!("sbx-ca-ahead-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let key = CaKey::generate().unwrap();
         assert_eq!(format!("{key:?}"), "CaKey(..)", "Debug never shows the key");
-        let key_pem = key.0.serialize_pem();
+        let key_pem = key.key.as_ref().unwrap().serialize_pem();
         let ca = SandboxCa::with_key("ahead", key).unwrap();
         ca.save(&dir).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), key_pem);

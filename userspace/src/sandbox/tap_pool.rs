@@ -95,6 +95,26 @@ pub struct PoolSettings {
     pub workers: usize,
     pub pools: AddressPools,
     pub links_dir: PathBuf,
+    /// Where sandboxes' CA directories are: each ready tap's CA key is
+    /// written ahead into `.pool-<id>` there (see [`CaKey::generate_in`]).
+    pub ca_dir: PathBuf,
+}
+
+/// The directory a ready tap's CA key is written ahead into (not a
+/// sandbox's: sandbox names never start with a dot).
+pub fn prepared_ca_dir(ca_dir: &Path, id: u32) -> PathBuf {
+    ca_dir.join(format!(".pool-{id}"))
+}
+
+/// Removes CA keys written ahead by an earlier process's pool (its ready
+/// taps are dismantled at start too); returns how many.
+pub fn remove_prepared_cas(ca_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(ca_dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
+        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
+        .count()
 }
 
 impl TapPool {
@@ -156,7 +176,10 @@ impl TapPool {
             let made = prepare(&netlink, settings, program, id);
             // Made outside the lock; when it cannot be made here, the
             // create makes the sandbox's key itself.
-            let ca_key = made.is_ok().then(CaKey::generate).and_then(|k| k.inspect_err(|e| tracing::warn!(id, "pre-making a CA key: {e}")).ok());
+            let ca_key = made
+                .is_ok()
+                .then(|| CaKey::generate_in(&prepared_ca_dir(&settings.ca_dir, id)))
+                .and_then(|k| k.inspect_err(|e| tracing::warn!(id, "pre-making a CA key: {e}")).ok());
             let mut inner = self.lock();
             inner.in_progress.remove(&id);
             match made {
@@ -176,8 +199,9 @@ impl TapPool {
     /// Takes a ready tap (its id becomes used) with its CA key, which
     /// leaves the pool with it: no other sandbox can get it. The workers
     /// are not woken here: the caller calls [`TapPool::refill`] once its
-    /// create is done, so the refill (a tap, a TCX attach under rtnl,
-    /// CPU on a small host) does not run beside that create.
+    /// create has been answered, so the refill (a tap, a TCX attach under
+    /// rtnl, CPU on a small host) runs beside neither that create nor its
+    /// reply.
     pub fn take(&self) -> Option<TakenTap> {
         let mut inner = self.lock();
         let (id, ReadyTap { ifindex, ca_key }) = inner.ready.pop_first()?;
@@ -185,9 +209,11 @@ impl TapPool {
         Some(TakenTap { id, ifindex, ca_key })
     }
 
-    /// Wakes the workers to refill the pool up to its size.
+    /// Wakes a worker to replace one taken tap.
     pub fn refill(&self) {
-        self.shared.1.notify_all();
+        // One tap was taken: one worker makes its replacement (a worker
+        // that finishes one looks for more work before it sleeps).
+        self.shared.1.notify_one();
     }
 
     /// Allocates an id for a sandbox made without the pool.

@@ -13,7 +13,7 @@ use crate::policy::Policy;
 use crate::sandbox::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpSpec};
 use crate::sandbox::host::HostCheck;
 use crate::sandbox::ifindex_of;
-use crate::sandbox::tap_pool::{dismantle_pooled, PoolSettings};
+use crate::sandbox::tap_pool::{dismantle_pooled, remove_prepared_cas, PoolSettings};
 
 use super::lifecycle::trust_in_guest;
 use super::{io_err, Daemon, DaemonError};
@@ -29,11 +29,17 @@ impl Daemon {
         if stale > 0 {
             tracing::info!(stale, "removed pre-warmed taps of an earlier run");
         }
+        let ca_dir = self.config.sandbox_cas_dir();
+        if remove_prepared_cas(&ca_dir) > 0 {
+            tracing::debug!("removed CA keys an earlier run's pool made ahead");
+        }
+        std::fs::create_dir_all(&ca_dir).map_err(io_err(&ca_dir))?;
         let settings = PoolSettings {
             size: self.config.tap_pool_size,
             workers: self.config.tap_pool_workers,
             pools: self.config.pools(),
             links_dir,
+            ca_dir,
         };
         self.pool.start(settings, self.host.datapath.egress_program_fd()?);
         Ok(())

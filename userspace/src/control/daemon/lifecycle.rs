@@ -36,11 +36,10 @@ const DEFAULT_VM_MEMORY_MIB: u32 = 64;
 
 impl Daemon {
     pub(super) fn create(&mut self, name: &str, policy: &str, tap: Option<&str>, netns_guest: bool, vm: Option<VmCreate>) -> Result<SandboxInfo, DaemonError> {
-        let created = self.create_now(CreateRequest { name, policy, tap, netns_guest, vm });
-        // The pool refills after the create (see `TapPool::take`), whatever
-        // its outcome.
-        self.pool.refill();
-        created
+        // The pool refills after the reply (see `TapPool::take` and
+        // `Daemon::after_reply`), whatever the create's outcome.
+        self.taps_taken += 1;
+        self.create_now(CreateRequest { name, policy, tap, netns_guest, vm })
     }
 
     fn create_now(&mut self, request: CreateRequest<'_>) -> Result<SandboxInfo, DaemonError> {

@@ -230,6 +230,9 @@ pub struct Daemon {
     shared: Shared,
     /// Sandbox ids and pre-warmed taps.
     pool: TapPool,
+    /// Taps taken from the pool since the last reply: the workers are woken
+    /// for them once it has gone (see [`Daemon::after_reply`]).
+    taps_taken: usize,
     /// Unregisters deleted sandboxes' taps after the delete is answered.
     reaper: Reaper,
     started: Instant,
@@ -284,6 +287,7 @@ impl Daemon {
             in_force: InForce::default(),
             shared: Shared { routes, link },
             pool,
+            taps_taken: 0,
             reaper,
             started: Instant::now(),
             host_checks,
@@ -322,6 +326,15 @@ impl Daemon {
         let mut spec = SandboxSpec::new(record.id, &record.name, &self.config.pools())?;
         spec.tap = record.tap.clone();
         Ok(spec)
+    }
+
+    /// Work a request left for after its reply: the pool's refill. Making
+    /// a tap takes rtnl and a TCX attach and, on a small host, the CPU the
+    /// reply needs: woken before the reply, the workers would delay it.
+    pub fn after_reply(&mut self) {
+        for _ in 0..std::mem::take(&mut self.taps_taken) {
+            self.pool.refill();
+        }
     }
 
     /// One request, answered.
