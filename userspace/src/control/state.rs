@@ -171,7 +171,12 @@ impl State {
         match self.sandboxes.get(name) {
             Some(record) => {
                 if self.saved.records.get(name) != Some(record) {
-                    write_json(&path, record)?;
+                    // A new sandbox's record goes through the file its pool
+                    // worker made ahead, when there is one.
+                    let new = !self.saved.records.contains_key(name);
+                    if !(new && write_json_through(&crate::sandbox::tap_pool::prepared_record_file(dir, record.id), &path, record)?) {
+                        write_json(&path, record)?;
+                    }
                     self.saved.records.insert(name.to_string(), record.clone());
                 }
             }
@@ -250,6 +255,21 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     write_atomic(path, &json).map_err(|source| StateError::Io { path: path.display().to_string(), source })
 }
 
+/// Removes the files an earlier process's pool made ahead; returns how many.
+pub fn remove_prepared_records(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir.join("sandboxes")) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
+fn write_json_through<T: Serialize>(spare: &Path, path: &Path, value: &T) -> Result<bool, StateError> {
+    let json = serde_json::to_vec(value).expect("state serializes");
+    crate::util::fs::write_atomic_through(spare, path, &json).map_err(|source| StateError::Io { path: path.display().to_string(), source })
+}
+
 fn remove(path: &Path) -> Result<(), StateError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -291,6 +311,36 @@ mod tests {
         s.prune_texts();
         assert_eq!(s.policy_texts.keys().collect::<Vec<_>>(), vec!["h1"]);
         assert_ne!(text_hash("a", "b"), text_hash("ab", ""));
+    }
+
+    #[test]
+    fn a_new_record_goes_through_the_file_made_ahead_for_its_tap() {
+        use crate::sandbox::tap_pool::prepared_record_file;
+        let dir = std::env::temp_dir().join(format!("sbx-state-spare-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sandboxes")).unwrap();
+        let spare = prepared_record_file(&dir, 5);
+        std::fs::write(&spare, "").unwrap();
+        std::fs::write(prepared_record_file(&dir, 9), "").unwrap();
+        let mut s = State::default();
+        s.policy_texts.insert("h".into(), PolicyText { source: "x".into(), text: "t".into() });
+        s.sandboxes.insert("a".into(), record("a", 5, "h"));
+        s.save_sandbox(&dir, "a").unwrap();
+        assert!(!spare.exists(), "the spare became the record");
+        // Without a spare (an adopted tap, a pool that could not make one).
+        s.sandboxes.insert("b".into(), record("b", 6, "h"));
+        s.save_sandbox(&dir, "b").unwrap();
+        // A spare is never read as a record.
+        assert_eq!(State::load(&dir).unwrap().sandboxes, s.sandboxes);
+        // A changed record is written the usual way, spare or not.
+        std::fs::write(&spare, "").unwrap();
+        s.sandboxes.get_mut("a").unwrap().vm_pid = Some(7);
+        s.save_sandbox(&dir, "a").unwrap();
+        assert!(spare.exists());
+        assert_eq!(State::load(&dir).unwrap().sandboxes, s.sandboxes);
+        assert_eq!(remove_prepared_records(&dir), 2);
+        assert_eq!(State::load(&dir).unwrap().sandboxes, s.sandboxes);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

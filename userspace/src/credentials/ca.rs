@@ -83,7 +83,11 @@ impl std::fmt::Debug for CaKey {
 pub const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 pub struct SandboxCa {
-    cert: rcgen::Certificate,
+    sandbox: String,
+    /// The issuer leaves are signed by; made at the first leaf for a loaded
+    /// CA (a signature the data plane would otherwise pay on every push of
+    /// the sandbox, most of which never mint a leaf).
+    cert: Option<rcgen::Certificate>,
     key: KeyPair,
     pub cert_pem: String,
     leaves: HashMap<String, Leaf>,
@@ -135,7 +139,7 @@ impl SandboxCa {
         // Signed while `key` still owns its directory: a failure removes it.
         let cert = Self::params(sandbox).self_signed(&pair)?;
         let cert_pem = cert.pem();
-        Ok(SandboxCa { cert, key: pair, cert_pem, leaves: HashMap::new(), prepared: key.prepared.take() })
+        Ok(SandboxCa { sandbox: sandbox.to_string(), cert: Some(cert), key: pair, cert_pem, leaves: HashMap::new(), prepared: key.prepared.take() })
     }
 
     /// Loads the CA `save` wrote (the same key and certificate the guest
@@ -146,10 +150,10 @@ impl SandboxCa {
         let key = KeyPair::from_pem(&key_pem)?;
         let cert_path = dir.join("ca.pem");
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-        // Re-sign the same parameters with the same key: an equivalent
-        // issuer for minting leaves (the guest trusts the saved PEM).
-        let cert = Self::params(sandbox).self_signed(&key)?;
-        Ok(SandboxCa { cert, key, cert_pem, leaves: HashMap::new(), prepared: None })
+        // The issuer for minting leaves is the same parameters re-signed
+        // with the same key (the guest trusts the saved PEM): made when the
+        // first leaf is.
+        Ok(SandboxCa { sandbox: sandbox.to_string(), cert: None, key, cert_pem, leaves: HashMap::new(), prepared: None })
     }
 
     /// Writes `ca.pem` (world-readable: it is what the guest trusts) and
@@ -193,7 +197,11 @@ impl SandboxCa {
         params.not_before = (now - Duration::from_secs(300)).into();
         params.not_after = (now + LEAF_LIFETIME).into();
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        if self.cert.is_none() {
+            self.cert = Some(Self::params(&self.sandbox).self_signed(&self.key)?);
+        }
+        let issuer = self.cert.as_ref().expect("made above");
+        let cert = params.signed_by(&key, issuer, &self.key)?;
         let leaf = Leaf { cert_der: cert.der().to_vec(), key_der: key.serialize_der(), not_after: now + LEAF_LIFETIME };
         self.leaves.insert(host.to_string(), leaf.clone());
         Ok(leaf)

@@ -98,12 +98,22 @@ pub struct PoolSettings {
     /// Where sandboxes' CA directories are: each ready tap's CA key is
     /// written ahead into `.pool-<id>` there (see [`CaKey::generate_in`]).
     pub ca_dir: PathBuf,
+    /// The daemon's state dir: each ready tap gets an empty file there for
+    /// its sandbox's record (see `State::save_sandbox`).
+    pub state_dir: PathBuf,
 }
 
 /// The directory a ready tap's CA key is written ahead into (not a
 /// sandbox's: sandbox names never start with a dot).
 pub fn prepared_ca_dir(ca_dir: &Path, id: u32) -> PathBuf {
     ca_dir.join(format!(".pool-{id}"))
+}
+
+/// The empty file a worker makes ahead, in the daemon's state dir `dir`,
+/// for the record of the sandbox that gets tap `id` (not a `.json`: never
+/// read as a record).
+pub fn prepared_record_file(dir: &Path, id: u32) -> PathBuf {
+    dir.join("sandboxes").join(format!(".pool-{id}.spare"))
 }
 
 /// Removes CA keys written ahead by an earlier process's pool (its ready
@@ -176,6 +186,13 @@ impl TapPool {
             let made = prepare(&netlink, settings, program, id);
             // Made outside the lock; when it cannot be made here, the
             // create makes the sandbox's key itself.
+            if made.is_ok() {
+                // Made ahead, as the key is; a create without it makes one.
+                let spare = prepared_record_file(&settings.state_dir, id);
+                if let Err(e) = std::fs::File::create(&spare) {
+                    tracing::debug!(id, "making {} ahead: {e}", spare.display());
+                }
+            }
             let ca_key = made
                 .is_ok()
                 .then(|| CaKey::generate_in(&prepared_ca_dir(&settings.ca_dir, id)))

@@ -16,3 +16,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Like [`write_atomic`], with an empty file made ahead (`spare`, beside
+/// `path`) as the temporary one: written over, then renamed to `path`. No
+/// new inode, which is what costs on some filesystems (ext4 without a
+/// journal looks past recently deleted inodes for a free one). Ok(false):
+/// `spare` is not there, nothing was written.
+pub fn write_atomic_through(spare: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let mut file = match std::fs::OpenOptions::new().write(true).truncate(true).open(spare) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    file.write_all(bytes)?;
+    std::fs::rename(spare, path)?;
+    Ok(true)
+}

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use crate::control::config::DaemonConfig;
-use crate::control::state::{text_hash, PolicyText};
+use crate::control::state::{remove_prepared_records, text_hash, PolicyText};
 use crate::credentials::ca::SandboxCa;
 use crate::datapath::Datapath;
 use crate::policy::Policy;
@@ -30,16 +30,20 @@ impl Daemon {
             tracing::info!(stale, "removed pre-warmed taps of an earlier run");
         }
         let ca_dir = self.config.sandbox_cas_dir();
-        if remove_prepared_cas(&ca_dir) > 0 {
-            tracing::debug!("removed CA keys an earlier run's pool made ahead");
+        let state_dir = self.config.state_dir.clone();
+        if remove_prepared_cas(&ca_dir) + remove_prepared_records(&state_dir) > 0 {
+            tracing::debug!("removed CA keys and record files an earlier run's pool made ahead");
         }
-        std::fs::create_dir_all(&ca_dir).map_err(io_err(&ca_dir))?;
+        for dir in [ca_dir.clone(), state_dir.join("sandboxes")] {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        }
         let settings = PoolSettings {
             size: self.config.tap_pool_size,
             workers: self.config.tap_pool_workers,
             pools: self.config.pools(),
             links_dir,
             ca_dir,
+            state_dir,
         };
         self.pool.start(settings, self.host.datapath.egress_program_fd()?);
         Ok(())
