@@ -514,13 +514,13 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     // reused) left would be blamed on this one: removed first, and said.
     // Only a dead test process's: another suite running beside this one
     // keeps its own.
-    let earlier = sweep_leftovers(&test_binaries, Owners::Dead);
+    let earlier = sweep_leftovers(&test_binaries, Owners::Named);
     if !earlier.is_empty() {
         step(&format!("removed what earlier, killed test runs left behind:\n  {}", earlier.join("\n  ")));
     }
     let result = run(cargo().arg("test").args(args).env("SBX_NET_BIN", &sbx_net_bin).env("SBX_NET_DEB", &deb));
     drop(load);
-    let left = sweep_leftovers(&test_binaries, Owners::Any);
+    let left = sweep_leftovers(&test_binaries, Owners::AlsoUnnamed);
     if !left.is_empty() {
         // Both verdicts: a leak after a failed suite is often its cause's
         // echo, a leak after a passing one is a cleanup bug of its own.
@@ -533,13 +533,17 @@ fn test(root: &Path, stress: bool, args: &[String]) -> Result<()> {
     result
 }
 
-/// Whose leftovers [`sweep_leftovers`] removes.
+/// Whose leftovers [`sweep_leftovers`] removes. Either way only those of
+/// test processes no longer running, when a name says whose it is: another
+/// suite running beside this one keeps its own.
 #[derive(Clone, Copy, PartialEq)]
 enum Owners {
-    /// Every test process's (after the suite: none of them runs any more).
-    Any,
-    /// Only those of test processes no longer running.
-    Dead,
+    /// Also what names no test process (the demo's namespaces, a data
+    /// plane known only by its executable): after the suite, they are
+    /// this run's.
+    AlsoUnnamed,
+    /// Only what a test process's name is in.
+    Named,
 }
 
 /// The test process a test-made name belongs to: `sbxt<pid>-…`, also
@@ -551,19 +555,28 @@ fn owner_pid(text: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Whether a process that may have made `text` runs: test names keep only
+/// a pid's last five digits (`tests/src/lib.rs` `unique_name`), so any
+/// running pid that ends in them counts (on a host whose pid_max is above
+/// 100000 a live suite is never taken for a dead one).
 fn owner_alive(text: &str) -> bool {
-    owner_pid(text).is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    let Some(owner) = owner_pid(text) else { return false };
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    procs.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).any(|pid| pid % 100_000 == owner)
 }
 
 /// Kills and removes what test daemons left (helper processes, network
 /// namespaces, bpffs pins); says what each was.
 fn sweep_leftovers(test_binaries: &[PathBuf], owners: Owners) -> Vec<String> {
-    let ours = |text: &str| owners == Owners::Any || !owner_alive(text);
+    let ours = |text: &str| match owner_pid(text) {
+        Some(_) => !owner_alive(text),
+        None => owners == Owners::AlsoUnnamed,
+    };
     let mut left = Vec::new();
     for pid in leftover_pumps(test_binaries) {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).into_owned()).unwrap_or_default();
         // A test process's own helper lives as long as its test does.
-        if owners == Owners::Dead && (owner_pid(&cmdline).is_none() || owner_alive(&cmdline)) {
+        if !ours(&cmdline) {
             continue;
         }
         let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -612,8 +625,10 @@ mod tests {
         assert_eq!(owner_pid("sbx\0__guest-pump\0{\"sandbox\":\"sbxt31-2-g\"}"), Some(31));
         assert_eq!(owner_pid("sbx-demo-guest"), None);
         assert_eq!(owner_pid("sbxt-x"), None);
-        // This process runs: what it made is not an earlier run's.
+        // This process runs: what it made is not an earlier run's, also
+        // when its name keeps only the pid's last five digits.
         assert!(owner_alive(&format!("sbxt{}-1-x", std::process::id())));
+        assert!(owner_alive(&format!("sbxt{}-1-x", std::process::id() % 100_000)));
     }
 
     /// The check `cargo xtask test` starts with, on this workspace.

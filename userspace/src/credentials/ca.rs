@@ -18,6 +18,8 @@ pub enum CaError {
     Generate(#[from] rcgen::Error),
     #[error("sandbox CA {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("sandbox CA {path}: no certificate in it")]
+    NoCertificate { path: String },
 }
 
 /// A CA key made ahead of time (by a tap-pool worker, off the create
@@ -150,6 +152,11 @@ impl SandboxCa {
         let key = KeyPair::from_pem(&key_pem)?;
         let cert_path = dir.join("ca.pem");
         let cert_pem = std::fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        // Not what the guest was given (a save cut short): no CA at all,
+        // so its credential hosts are refused, not served a broken chain.
+        if !cert_pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(CaError::NoCertificate { path: cert_path.display().to_string() });
+        }
         // The issuer for minting leaves is the same parameters re-signed
         // with the same key (the guest trusts the saved PEM): made when the
         // first leaf is.
@@ -160,23 +167,20 @@ impl SandboxCa {
     /// `ca.key` (0600) into `dir` (made 0700); returns the certificate's
     /// path. A key written ahead (see [`CaKey::generate_in`]) has its
     /// directory renamed to `dir` instead, when `dir` is not there yet.
-    pub fn save(&self, dir: &Path) -> Result<PathBuf, CaError> {
-        if let Some(prepared) = &self.prepared {
-            // Its key is already there: the directory becomes the
-            // sandbox's (a rename replaces nothing but an empty one) and
-            // only the certificate is written, into the file made ahead.
-            match std::fs::rename(prepared, dir) {
-                Ok(()) => {
-                    if let Ok(path) = fill_in(&dir.join("ca.pem"), self.cert_pem.as_bytes()) {
-                        return Ok(path);
-                    }
-                }
-                Err(_) => {
-                    let _ = std::fs::remove_dir_all(prepared);
-                }
+    pub fn save(&mut self, dir: &Path) -> Result<PathBuf, CaError> {
+        let key_pem = self.key.serialize_pem();
+        if let Some(prepared) = self.prepared.take() {
+            // Both files are filled in where they were made (the key again,
+            // so what is on disk is this CA's whatever the directory held),
+            // then the finished directory becomes the sandbox's in one
+            // rename, which replaces nothing but an empty directory.
+            let filled = fill_in(&prepared.join("ca.key"), key_pem.as_bytes()).and_then(|_| fill_in(&prepared.join("ca.pem"), self.cert_pem.as_bytes()));
+            if filled.is_ok() && std::fs::rename(&prepared, dir).is_ok() {
+                return Ok(dir.join("ca.pem"));
             }
+            let _ = std::fs::remove_dir_all(&prepared);
         }
-        write_ca_files(dir, &self.key.serialize_pem(), &self.cert_pem)
+        write_ca_files(dir, &key_pem, &self.cert_pem)
     }
 
     /// A leaf for `host` signed by this CA, from the cache while it has
@@ -242,11 +246,10 @@ fn write_ca_files(dir: &Path, key_pem: &str, cert_pem: &str) -> Result<PathBuf, 
 
 /// Writes `bytes` into the existing file `path` (made ahead, its mode
 /// set): no new inode.
-fn fill_in(path: &Path, bytes: &[u8]) -> Result<PathBuf, CaError> {
+fn fill_in(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    Ok(path.to_path_buf())
+    f.write_all(bytes).map_err(io_err(path))
 }
 
 #[cfg(test)]
@@ -286,7 +289,7 @@ mod tests {
         assert_eq!(key.prepared_dir(), Some(spare.as_path()));
         assert_eq!((mode(&spare), mode(&spare.join("ca.key"))), (0o700, 0o600));
         let key_pem = key.key.as_ref().unwrap().serialize_pem();
-        let ca = SandboxCa::with_key("a", key).unwrap();
+        let mut ca = SandboxCa::with_key("a", key).unwrap();
         let dir = base.join("a");
         assert_eq!(ca.save(&dir).unwrap(), dir.join("ca.pem"));
         assert!(!spare.exists(), "renamed, not copied");
@@ -298,11 +301,24 @@ mod tests {
         // A sandbox directory already there (files of an earlier one): the
         // files are written over, and the spare goes.
         let spare = base.join(".pool-2");
-        let ca = SandboxCa::with_key("a", CaKey::generate_in(&spare).unwrap()).unwrap();
+        let mut ca = SandboxCa::with_key("a", CaKey::generate_in(&spare).unwrap()).unwrap();
         ca.save(&dir).unwrap();
         assert!(!spare.exists());
         assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca.cert_pem);
         assert_eq!(SandboxCa::load("a", &dir).unwrap().cert_pem, ca.cert_pem, "the key on disk is the new one");
+
+        // A directory made ahead that lost its key file (removed under
+        // it): the save writes both files, and the key on disk is the CA's.
+        let spare = base.join(".pool-4");
+        let mut ca = SandboxCa::with_key("d", CaKey::generate_in(&spare).unwrap()).unwrap();
+        std::fs::remove_file(spare.join("ca.key")).unwrap();
+        let d = base.join("d");
+        ca.save(&d).unwrap();
+        assert!(!spare.exists());
+        assert_eq!(std::fs::read_to_string(d.join("ca.key")).unwrap(), ca.key.serialize_pem());
+        // A save cut short (an empty certificate) is no CA.
+        std::fs::write(d.join("ca.pem"), "").unwrap();
+        assert!(matches!(SandboxCa::load("d", &d), Err(CaError::NoCertificate { .. })));
 
         // A key never used takes its files with it.
         let spare = base.join(".pool-3");
@@ -318,7 +334,7 @@ mod tests {
         let key = CaKey::generate().unwrap();
         assert_eq!(format!("{key:?}"), "CaKey(..)", "Debug never shows the key");
         let key_pem = key.key.as_ref().unwrap().serialize_pem();
-        let ca = SandboxCa::with_key("ahead", key).unwrap();
+        let mut ca = SandboxCa::with_key("ahead", key).unwrap();
         ca.save(&dir).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), key_pem);
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;

@@ -46,7 +46,16 @@ impl Daemon {
         let CreateRequest { name, policy, .. } = request;
         let entry = self.check_create(&request)?;
         let (id, source, ca_key) = self.claim_id(&request)?;
-        let installed = self.install(id, source, &request, &entry).inspect_err(|_| self.pool.release(id))?;
+        let installed = match self.install(id, source, &request, &entry) {
+            Ok(installed) => installed,
+            Err(e) => {
+                // The key (and the directory it was written ahead into)
+                // goes before the id is free for a worker to make anew.
+                drop(ca_key);
+                self.pool.release(id);
+                return Err(e);
+            }
+        };
         let started = Instant::now();
         self.give_ca(&request, &installed.spec, ca_key);
         tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: CA made and saved");
@@ -164,7 +173,7 @@ impl Daemon {
             Some(key) => SandboxCa::with_key(name, key),
             None => SandboxCa::generate(name),
         };
-        match ca.and_then(|ca| ca.save(&self.config.sandbox_ca_dir(name)).map(|_| ca)) {
+        match ca.and_then(|mut ca| ca.save(&self.config.sandbox_ca_dir(name)).map(|_| ca)) {
             Ok(ca) => {
                 if request.netns_guest {
                     if let Err(e) = trust_in_guest(&spec.netns, &ca.cert_pem) {
