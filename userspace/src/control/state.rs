@@ -255,16 +255,6 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     write_atomic(path, &json).map_err(|source| StateError::Io { path: path.display().to_string(), source })
 }
 
-/// Removes the files an earlier process's pool made ahead; returns how many.
-pub fn remove_prepared_records(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir.join("sandboxes")) else { return 0 };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
-        .filter(|e| std::fs::remove_file(e.path()).is_ok())
-        .count()
-}
-
 fn write_json_through<T: Serialize>(spare: &Path, path: &Path, value: &T) -> Result<bool, StateError> {
     let json = serde_json::to_vec(value).expect("state serializes");
     crate::util::fs::write_atomic_through(spare, path, &json).map_err(|source| StateError::Io { path: path.display().to_string(), source })
@@ -338,7 +328,7 @@ mod tests {
         s.save_sandbox(&dir, "a").unwrap();
         assert!(spare.exists());
         assert_eq!(State::load(&dir).unwrap().sandboxes, s.sandboxes);
-        assert_eq!(remove_prepared_records(&dir), 2);
+        assert_eq!(crate::sandbox::tap_pool::remove_prepared(&dir, &dir.join("ca")), 2);
         assert_eq!(State::load(&dir).unwrap().sandboxes, s.sandboxes);
         std::fs::remove_dir_all(&dir).unwrap();
     }

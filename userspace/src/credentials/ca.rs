@@ -59,11 +59,6 @@ impl CaKey {
         }
         Ok(made)
     }
-
-    /// Where its files were written ahead, if they were.
-    pub fn prepared_dir(&self) -> Option<&Path> {
-        self.prepared.as_deref()
-    }
 }
 
 impl Drop for CaKey {
@@ -244,12 +239,9 @@ fn write_ca_files(dir: &Path, key_pem: &str, cert_pem: &str) -> Result<PathBuf, 
     write("ca.pem", 0o644, cert_pem.as_bytes())
 }
 
-/// Writes `bytes` into the existing file `path` (made ahead, its mode
-/// set): no new inode.
+/// [`crate::util::fs::fill_in`], its error naming the file.
 fn fill_in(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))
+    crate::util::fs::fill_in(path, bytes).map_err(io_err(path))
 }
 
 #[cfg(test)]
@@ -286,7 +278,7 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         let spare = base.join(".pool-1");
         let key = CaKey::generate_in(&spare).unwrap();
-        assert_eq!(key.prepared_dir(), Some(spare.as_path()));
+        assert_eq!(key.prepared.as_deref(), Some(spare.as_path()));
         assert_eq!((mode(&spare), mode(&spare.join("ca.key"))), (0o700, 0o600));
         let key_pem = key.key.as_ref().unwrap().serialize_pem();
         let mut ca = SandboxCa::with_key("a", key).unwrap();

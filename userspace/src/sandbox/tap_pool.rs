@@ -116,15 +116,12 @@ pub fn prepared_record_file(dir: &Path, id: u32) -> PathBuf {
     dir.join("sandboxes").join(format!(".pool-{id}.spare"))
 }
 
-/// Removes CA keys written ahead by an earlier process's pool (its ready
-/// taps are dismantled at start too); returns how many.
-pub fn remove_prepared_cas(ca_dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(ca_dir) else { return 0 };
-    entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with(".pool-"))
-        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
-        .count()
+/// Removes what an earlier process's workers made ahead (its ready taps
+/// are dismantled at start too): the CA keys under `ca_dir` and the record
+/// files under the state dir `state_dir`; returns how many.
+pub fn remove_prepared(state_dir: &Path, ca_dir: &Path) -> usize {
+    use crate::util::fs::remove_entries_prefixed;
+    remove_entries_prefixed(ca_dir, ".pool-") + remove_entries_prefixed(&state_dir.join("sandboxes"), ".pool-")
 }
 
 impl TapPool {

@@ -22,12 +22,34 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// journal looks past recently deleted inodes for a free one). Ok(false):
 /// `spare` is not there, nothing was written.
 pub fn write_atomic_through(spare: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
-    let mut file = match std::fs::OpenOptions::new().write(true).truncate(true).open(spare) {
-        Ok(file) => file,
+    match fill_in(spare, bytes) {
+        Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(e),
-    };
-    file.write_all(bytes)?;
+    }
     std::fs::rename(spare, path)?;
     Ok(true)
+}
+
+/// Writes `bytes` over the existing file `path` (made ahead, its mode
+/// already set): no new inode. NotFound when it is not there.
+pub fn fill_in(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::OpenOptions::new().write(true).truncate(true).open(path)?.write_all(bytes)
+}
+
+/// Removes every entry of `dir` (file or directory) whose name starts
+/// with `prefix`; returns how many went.
+pub fn remove_entries_prefixed(dir: &Path, prefix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .filter(|e| {
+            let path = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path).is_ok(),
+                _ => std::fs::remove_file(&path).is_ok(),
+            }
+        })
+        .count()
 }

@@ -6,14 +6,14 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use crate::control::config::DaemonConfig;
-use crate::control::state::{remove_prepared_records, text_hash, PolicyText};
+use crate::control::state::{text_hash, PolicyText};
 use crate::credentials::ca::SandboxCa;
 use crate::datapath::Datapath;
 use crate::policy::Policy;
 use crate::sandbox::guest_pump::{pump_alive, spawn_pump, stop_pump, PumpSpec};
 use crate::sandbox::host::HostCheck;
 use crate::sandbox::ifindex_of;
-use crate::sandbox::tap_pool::{dismantle_pooled, remove_prepared_cas, PoolSettings};
+use crate::sandbox::tap_pool::{dismantle_pooled, remove_prepared, PoolSettings};
 
 use super::lifecycle::trust_in_guest;
 use super::{io_err, Daemon, DaemonError};
@@ -31,7 +31,7 @@ impl Daemon {
         }
         let ca_dir = self.config.sandbox_cas_dir();
         let state_dir = self.config.state_dir.clone();
-        if remove_prepared_cas(&ca_dir) + remove_prepared_records(&state_dir) > 0 {
+        if remove_prepared(&state_dir, &ca_dir) > 0 {
             tracing::debug!("removed CA keys and record files an earlier run's pool made ahead");
         }
         for dir in [ca_dir.clone(), state_dir.join("sandboxes")] {
