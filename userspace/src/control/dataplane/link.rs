@@ -441,9 +441,11 @@ impl DataplaneLink {
         }
         let request = PlaneRequest::Upsert { version: state.version, sandbox: Box::new(entry) };
         Self::tell_draining(&mut state, &request);
+        let started = std::time::Instant::now();
         if let Err(e) = self.call(&mut state, &request) {
             tracing::error!("pushing a sandbox to the data plane: {e} (pushed again when it restarts)");
         }
+        tracing::debug!(call_us = started.elapsed().as_micros() as u64, "data plane: sandbox pushed");
     }
 
     pub fn remove(&self, sandbox: &str) {

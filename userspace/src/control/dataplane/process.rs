@@ -163,7 +163,10 @@ impl Plane {
         let mut writer = stream;
         let mut line = String::new();
         while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
+            let received = std::time::Instant::now();
             let request = serde_json::from_str::<PlaneRequest>(&line);
+            let parsed = received.elapsed();
+            let bytes = line.len();
             line.clear();
             let result = match request {
                 Err(e) => Err(format!("bad request: {e}")),
@@ -199,9 +202,11 @@ impl Plane {
                 }
                 Ok(request) => self.answer(request),
             };
+            let answered = received.elapsed();
             if writer.write_all(&reply_line(result)).is_err() {
                 return;
             }
+            tracing::debug!(bytes, parse_us = parsed.as_micros() as u64, answer_us = (answered - parsed).as_micros() as u64, reply_us = (received.elapsed() - answered).as_micros() as u64, "data plane: request served");
         }
     }
 
