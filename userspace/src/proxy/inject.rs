@@ -526,7 +526,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 
 /// TLS to upstreams: the system's web roots plus the PEM certificates of
 /// `extra_ca` (for private or test CAs).
-pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, CredentialProxyError> {
+pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<UpstreamTls, CredentialProxyError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = extra_ca {
@@ -539,8 +539,10 @@ pub fn upstream_tls(extra_ca: Option<&std::path::Path>) -> Result<Arc<rustls::Cl
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+    let mut h1_only = config.clone();
+    h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(UpstreamTls { any: Arc::new(config), h1_only: Arc::new(h1_only) })
 }
 
 /// Request and response bodies as the proxy passes them on.
@@ -552,11 +554,28 @@ enum Upstream {
     H2(hyper::client::conn::http2::SendRequest<ProxyBody>),
 }
 
-/// Hop-by-hop headers belong to the guest's connection, not ours.
+/// Hop-by-hop headers belong to the guest's connection, not ours. Of
+/// `TE`, only "trailers" goes on (as the proxy's own, when the guest's
+/// named it): the one value HTTP/2 allows, which says the client takes
+/// trailers (gRPC needs it) and asks the upstream for no transfer coding.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let trailers = asks_for_trailers(headers);
     for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"] {
         headers.remove(h);
     }
+    if trailers {
+        headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a `TE` header names "trailers" (any case, parameters ignored).
+fn asks_for_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(hyper::header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")))
 }
 
 /// `uri` in origin-form (`/path?query`), for an HTTP/1.1 upstream.
@@ -622,8 +641,17 @@ pub enum UpstreamRequests {
 /// for its name, over TLS verified with `tls`.
 pub struct CredentialUpstream {
     pub addrs: Vec<std::net::SocketAddr>,
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: UpstreamTls,
     pub requests: UpstreamRequests,
+}
+
+/// The upstream TLS configurations: one offering HTTP/2 and HTTP/1.1 (for
+/// an HTTP/2 guest), one HTTP/1.1 only (for an HTTP/1.1 guest and
+/// upgrades: request for request, with no HTTP/2 framing in between).
+#[derive(Clone)]
+pub struct UpstreamTls {
+    pub any: Arc<rustls::ClientConfig>,
+    pub h1_only: Arc<rustls::ClientConfig>,
 }
 
 /// A guest connection's upstream connection, made on its first request
@@ -1067,11 +1095,15 @@ pub async fn serve(
                 // connection, the credential already injected, then bytes
                 // (scrubbed). On a host with `[[http]]` rules or an `[[mcp]]`
                 // server, [`decide_request`] let only a WebSocket get here.
-                return Ok(upgrade(req, &upstream.addrs, upstream.tls.clone(), &fwd, binding.as_deref(), permit).await);
+                return Ok(upgrade(req, &upstream.addrs, upstream.tls.h1_only.clone(), &fwd, binding.as_deref(), permit).await);
             }
             let mut held = slot.lock().await;
             if held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
-                match connect_upstream(&upstream.addrs, &host, upstream.tls.clone()).await {
+                // Like for like: an HTTP/1.1 guest's requests go one at a
+                // time anyway, so HTTP/1.1 upstream (no HTTP/2 framing, no
+                // stream bookkeeping); an HTTP/2 guest's share HTTP/2.
+                let tls = if h2 { &upstream.tls.any } else { &upstream.tls.h1_only };
+                match connect_upstream(&upstream.addrs, &host, tls.clone()).await {
                     Ok(s) => {
                         held.upstream = Some(s);
                         held.made += 1;
@@ -1233,7 +1265,7 @@ pub async fn serve_plain(
 async fn upgrade(
     mut req: Request<ProxyBody>,
     upstream: &[std::net::SocketAddr],
-    tls: Arc<rustls::ClientConfig>,
+    h1_only: Arc<rustls::ClientConfig>,
     fwd: &Forwarded,
     binding: Option<&CredentialBinding>,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
@@ -1242,9 +1274,7 @@ async fn upgrade(
     let sandbox = &flow.sandbox;
     let credential = binding.map(|b| b.name.as_str());
     let not_sent = |why: &str| credential.map(|c| not_injected(c, why));
-    let mut h1_only = (*tls).clone();
-    h1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let mut sender = match connect_upstream(upstream, host, Arc::new(h1_only)).await {
+    let mut sender = match connect_upstream(upstream, host, h1_only).await {
         Ok(Upstream::H1(s)) => s,
         Ok(Upstream::H2(_)) => return text(StatusCode::BAD_GATEWAY, "upstream chose HTTP/2 for an upgrade"),
         Err(e) => {
@@ -1439,6 +1469,27 @@ mod tests {
         elsewhere.insert("accept", HeaderValue::from_static("*/*"));
         strip_sentinels(&mut elsewhere);
         assert!(elsewhere.get("x-api-key").is_none() && elsewhere.get("accept").is_some());
+    }
+
+    #[test]
+    fn of_te_only_trailers_goes_upstream_and_only_when_the_guest_named_it() {
+        let upstream_te = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(hyper::header::TE, HeaderValue::from_static(v));
+            }
+            h.insert("connection", HeaderValue::from_static("te, keep-alive"));
+            h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            remove_hop_by_hop(&mut h);
+            assert!(h.get("connection").is_none() && h.get("keep-alive").is_none());
+            h.get_all(hyper::header::TE).iter().map(|v| v.to_str().unwrap().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(upstream_te(&["trailers"]), ["trailers"]);
+        assert_eq!(upstream_te(&["gzip;q=0.5, Trailers"]), ["trailers"], "the proxy's own value, not the guest's");
+        assert_eq!(upstream_te(&["deflate", "trailers;q=1"]), ["trailers"]);
+        assert!(upstream_te(&["gzip, chunked"]).is_empty());
+        assert!(upstream_te(&["trailersx", "x-trailers"]).is_empty());
+        assert!(upstream_te(&[]).is_empty());
     }
 
     #[test]

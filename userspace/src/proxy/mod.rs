@@ -65,7 +65,7 @@ pub struct ProxyContext {
     pub learned: Arc<crate::dns::learned::LearnedStore>,
     pub resolver: ProxyResolver,
     /// TLS to upstreams: the system's roots plus `--upstream-ca`.
-    pub upstream_tls: Arc<rustls::ClientConfig>,
+    pub upstream_tls: crate::proxy::inject::UpstreamTls,
     /// The TLS configurations guests' connections to credential hosts are
     /// terminated with.
     pub guest_tls: guest_tls::GuestTlsConfigs,

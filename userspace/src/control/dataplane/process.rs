@@ -150,6 +150,33 @@ pub fn run(config: DaemonConfig, listeners: Listeners, mut ready: impl Write) ->
     std::process::exit(0);
 }
 
+/// A request line. An upsert (one per sandbox created: ~24 KB with its
+/// compiled policy) is read straight into its fields: the tagged enum's
+/// way buffers the whole object first and took ~2× as long (~0.27 ms of
+/// a create, `bench lifecycle`). The same wire form either way; anything
+/// the direct read does not take goes the general way.
+fn parse_request(line: &str) -> serde_json::Result<PlaneRequest> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct UpsertLine {
+        #[allow(dead_code)]
+        op: UpsertOp,
+        version: u64,
+        sandbox: Box<SandboxEntry>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum UpsertOp {
+        Upsert,
+    }
+    if line.starts_with("{\"op\":\"upsert\",") {
+        if let Ok(UpsertLine { version, sandbox, .. }) = serde_json::from_str::<UpsertLine>(line) {
+            return Ok(PlaneRequest::Upsert { version, sandbox });
+        }
+    }
+    serde_json::from_str::<PlaneRequest>(line)
+}
+
 fn reply_line(result: Result<serde_json::Value, String>) -> Vec<u8> {
     let mut line = serde_json::to_vec(&result).expect("replies serialize");
     line.push(b'\n');
@@ -164,7 +191,7 @@ impl Plane {
         let mut line = String::new();
         while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
             let received = std::time::Instant::now();
-            let request = serde_json::from_str::<PlaneRequest>(&line);
+            let request = parse_request(&line);
             let parsed = received.elapsed();
             let bytes = line.len();
             line.clear();
@@ -626,4 +653,39 @@ pub fn inherited(stdin: impl std::io::Read) -> Result<(DaemonConfig, Listeners),
 /// Whether a path is a data plane socket file of this state dir (for cleanup).
 pub fn is_plane_socket(path: &Path) -> bool {
     path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("dataplane.") && n.ends_with(".sock"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert_line(version: u64) -> String {
+        let policy = crate::policy::compile::compile(&crate::policy::Policy::embedded_default(), &[]).unwrap();
+        let entry = SandboxEntry {
+            name: "a".into(),
+            id: 7,
+            guest_ipv4: "10.200.0.6".parse().unwrap(),
+            guest_ipv6: "fd00::6".parse().unwrap(),
+            policy_id: 3,
+            policy,
+            credentials: Vec::new(),
+            ca_dir: Some("/state/ca/a".into()),
+        };
+        serde_json::to_string(&PlaneRequest::Upsert { version, sandbox: Box::new(entry) }).unwrap()
+    }
+
+    #[test]
+    fn an_upsert_read_directly_is_the_upsert_sent_and_anything_else_goes_the_general_way() {
+        let line = upsert_line(42);
+        let direct = parse_request(&line).unwrap();
+        let general = serde_json::from_str::<PlaneRequest>(&line).unwrap();
+        let (PlaneRequest::Upsert { version, sandbox }, PlaneRequest::Upsert { version: v, sandbox: s }) = (direct, general) else { panic!("an upsert") };
+        assert_eq!((version, v, sandbox.id, sandbox.policy_id, sandbox.ca_dir.as_deref()), (42, 42, 7, 3, Some(Path::new("/state/ca/a"))));
+        assert_eq!(serde_json::to_value(&*sandbox).unwrap(), serde_json::to_value(&*s).unwrap(), "the same entry both ways");
+        // Not an upsert, or one the direct read refuses: as before.
+        assert!(matches!(parse_request(r#"{"op":"remove","version":1,"sandbox":"a"}"#), Ok(PlaneRequest::Remove { .. })));
+        let extra = line.replacen(r#""version":42"#, r#""version":42,"later_field":1"#, 1);
+        assert!(matches!(parse_request(&extra), Ok(PlaneRequest::Upsert { version: 42, .. })), "a field this build does not know is ignored as before");
+        assert!(parse_request(&line[..line.len() / 2]).is_err(), "a cut line is an error either way");
+    }
 }
