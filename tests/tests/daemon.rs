@@ -91,6 +91,25 @@ fn control_socket_is_root_only() {
     assert_eq!(mode, 0o600, "the control socket must be root-only");
 }
 
+/// The control socket's threads serve a client each to its end: clients
+/// that connect and say nothing (or half a line) must never leave the
+/// socket without a thread for the next one.
+#[test]
+fn silent_clients_never_hold_the_control_socket() {
+    require_root();
+    let h = DaemonHarness::new("silent", &[]);
+    use std::io::Write;
+    let mut silent: Vec<std::os::unix::net::UnixStream> = (0..12).map(|_| std::os::unix::net::UnixStream::connect(&h.socket).unwrap()).collect();
+    silent[0].write_all(b"{\"op\":\"sta").unwrap();
+    for _ in 0..5 {
+        let status = sbx_net::control::api::call(&h.socket, &sbx_net::control::api::Request::Status, std::time::Duration::from_secs(10)).expect("status answered beside 12 silent clients");
+        assert!(status.is_object(), "{status}");
+    }
+    drop(silent);
+    // And again once they are gone (their threads ended or went back to accept).
+    sbx_net::control::api::call(&h.socket, &sbx_net::control::api::Request::Status, std::time::Duration::from_secs(10)).expect("status after the silent clients left");
+}
+
 #[test]
 fn create_prints_the_sandbox_network_and_a_ca_of_its_own() {
     let t = TwoTeams::start("create");
