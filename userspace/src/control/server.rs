@@ -239,7 +239,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
         tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, dns_port = config.dns_port, "sbx-net daemon ready");
-        // Sandboxes re-adopted, the socket thread accepting, the handlers
+        // Sandboxes re-adopted, the control socket's threads accepting, the handlers
         // in place: only now is the service up for systemd.
         if let Some(n) = &notifier {
             notify(n.ready(&format!("serving {adopted} sandbox(es) on {}", socket_path.display())));

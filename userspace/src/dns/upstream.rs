@@ -30,6 +30,40 @@ pub struct UpstreamClient {
     sockets: tokio::sync::OnceCell<UpstreamSocket>,
     /// Queries in flight at most: past it, [`UpstreamError::Busy`].
     pending_cap: usize,
+    /// Questions upstream now, by their bytes after the id: a query
+    /// identical to one in flight waits for that one's answer instead of
+    /// asking again (as unbound and dnsmasq do). The waiters get the bytes.
+    in_flight: InFlight,
+}
+
+/// Question bytes → the identical queries waiting for its answer.
+type InFlight = Mutex<HashMap<Vec<u8>, Vec<tokio::sync::oneshot::Sender<Vec<u8>>>>>;
+
+/// The query that asks upstream for its question, and answers every
+/// identical query that came while it was in flight. Dropped unfinished
+/// (failed, timed out or cancelled), its waiters ask on their own.
+struct Asking<'a> {
+    in_flight: &'a InFlight,
+    question: Vec<u8>,
+}
+
+impl Asking<'_> {
+    fn waiters(&self) -> Vec<tokio::sync::oneshot::Sender<Vec<u8>>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.question).unwrap_or_default()
+    }
+
+    fn answered(self, response: &[u8]) {
+        for waiter in self.waiters() {
+            let _ = waiter.send(response.to_vec());
+        }
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        // Answered: already gone. Otherwise the waiters' channels close.
+        drop(self.waiters());
+    }
 }
 
 /// Default of the pending table's cap: a sixteenth of the id space, so a
@@ -65,7 +99,7 @@ impl Drop for PendingEntry<'_> {
 impl UpstreamClient {
     /// A client with at most `cap` queries in flight (1..=65535).
     pub fn with_pending_cap(cap: usize) -> Self {
-        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)) }
+        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)), in_flight: Mutex::default() }
     }
 
     async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
@@ -112,8 +146,45 @@ impl UpstreamClient {
 
     /// Forwards `query` (a message the proxy encoded itself; the answer
     /// comes back with its id); on a truncated UDP answer, asks again over
-    /// TCP.
+    /// TCP. A query whose bytes after the id equal one's in flight takes
+    /// that one's answer (within `timeout`); when that one fails, it asks
+    /// on its own with the time left.
     pub async fn forward(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
+        let Some(question) = query.get(2..).filter(|_| query.len() >= 12) else {
+            return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let waiting = {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            match in_flight.get_mut(question) {
+                Some(waiters) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    in_flight.insert(question.to_vec(), Vec::new());
+                    None
+                }
+            }
+        };
+        let Some(answer) = waiting else {
+            let asking = Asking { in_flight: &self.in_flight, question: question.to_vec() };
+            let response = self.forward_alone(upstream, query, timeout).await?;
+            asking.answered(&response);
+            return Ok(response);
+        };
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(mut response)) => {
+                set_id(&mut response, u16::from_be_bytes([query[0], query[1]]));
+                Ok(response)
+            }
+            Ok(Err(_)) => self.forward_alone(upstream, query, deadline.saturating_duration_since(tokio::time::Instant::now())).await,
+            Err(_) => Err(UpstreamError::Timeout(timeout)),
+        }
+    }
+
+    async fn forward_alone(&self, upstream: SocketAddr, query: &[u8], timeout: Duration) -> Result<Vec<u8>, UpstreamError> {
         let Ok(query_header) = Header::from_bytes(query) else {
             return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
         };
@@ -260,10 +331,11 @@ mod tests {
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let upstream = silent.local_addr().unwrap();
         let client = Arc::new(UpstreamClient::with_pending_cap(64));
-        let query: Vec<u8> = [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], &[1, b'a', 0, 0, 1, 0, 1]].concat();
+        // 64 different questions (identical ones would share one query).
+        let query = |n: u8| -> Vec<u8> { [&[0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0][..], &[1, n, 0, 0, 1, 0, 1]].concat() };
         let waiting: Vec<_> = (0..64)
-            .map(|_| {
-                let (client, query) = (client.clone(), query.clone());
+            .map(|n| {
+                let (client, query) = (client.clone(), query(n));
                 tokio::spawn(async move { client.forward(upstream, &query, Duration::from_secs(60)).await })
             })
             .collect();
@@ -272,7 +344,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let started = std::time::Instant::now();
-        let busy = client.forward(upstream, &query, Duration::from_secs(60)).await;
+        let busy = client.forward(upstream, &query(64), Duration::from_secs(60)).await;
         assert!(matches!(busy, Err(UpstreamError::Busy { pending: 64 })), "{busy:?}");
         assert!(started.elapsed() < Duration::from_secs(1));
         for task in &waiting {
@@ -282,5 +354,87 @@ mod tests {
             let _ = task.await;
         }
         assert_eq!(pending(), 0, "a dropped query leaves no entry behind");
+    }
+
+    /// A question as the proxy encodes it, with `id`.
+    fn asking(id: u16, name: u8) -> Vec<u8> {
+        [&id.to_be_bytes()[..], &[1, 0, 0, 1, 0, 0, 0, 0, 0, 0], &[1, name, 0, 0, 1, 0, 1]].concat()
+    }
+
+    /// Takes one query off `upstream` and answers it (the answer is the
+    /// query with QR set and the upstream's marker byte appended).
+    async fn answer_one(upstream: &tokio::net::UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 512];
+        let (n, from) = upstream.recv_from(&mut buf).await.unwrap();
+        let mut answer = buf[..n].to_vec();
+        answer[2] |= 0x80;
+        answer.push(0xAA);
+        upstream.send_to(&answer, from).await.unwrap();
+        buf[..n].to_vec()
+    }
+
+    fn waiters(client: &UpstreamClient) -> usize {
+        client.in_flight.lock().unwrap().values().map(Vec::len).sum()
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn identical_questions_in_flight_share_one_upstream_query_each_with_its_own_id() {
+        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = upstream.local_addr().unwrap();
+        let client = Arc::new(UpstreamClient::default());
+        let asked: Vec<_> = (1..=5u16)
+            .map(|id| {
+                let client = client.clone();
+                tokio::spawn(async move { client.forward(addr, &asking(id, b'a'), Duration::from_secs(10)).await })
+            })
+            .collect();
+        // A different question is never joined to it.
+        let other = {
+            let client = client.clone();
+            tokio::spawn(async move { client.forward(addr, &asking(9, b'b'), Duration::from_secs(10)).await })
+        };
+        while waiters(&client) < 4 {
+            tokio::task::yield_now().await;
+        }
+        let first = answer_one(&upstream).await;
+        let second = answer_one(&upstream).await;
+        let mut names = [first[13], second[13]];
+        names.sort();
+        assert_eq!(names, [b'a', b'b'], "one query per question upstream");
+        for (id, task) in (1..=5u16).zip(asked) {
+            let answer = task.await.unwrap().unwrap();
+            assert_eq!(u16::from_be_bytes([answer[0], answer[1]]), id, "each asker's own id");
+            assert_eq!(&answer[2..], &[&[0x81u8, 0][..], &asking(id, b'a')[4..], &[0xAA]].concat()[..]);
+        }
+        assert_eq!(other.await.unwrap().unwrap()[13], b'b');
+        assert!(client.in_flight.lock().unwrap().is_empty(), "nothing left in flight");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn when_the_query_asking_upstream_goes_the_ones_waiting_ask_on_their_own() {
+        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = upstream.local_addr().unwrap();
+        let client = Arc::new(UpstreamClient::default());
+        let leader = {
+            let client = client.clone();
+            tokio::spawn(async move { client.forward(addr, &asking(1, b'a'), Duration::from_secs(10)).await })
+        };
+        let waiting = {
+            let client = client.clone();
+            tokio::spawn(async move { client.forward(addr, &asking(2, b'a'), Duration::from_secs(10)).await })
+        };
+        while waiters(&client) < 1 {
+            tokio::task::yield_now().await;
+        }
+        // The first query reaches the upstream, then its asker is gone.
+        let mut buf = [0u8; 512];
+        upstream.recv_from(&mut buf).await.unwrap();
+        leader.abort();
+        let _ = leader.await;
+        // The waiting one asks again itself, and gets its answer.
+        answer_one(&upstream).await;
+        let answer = waiting.await.unwrap().unwrap();
+        assert_eq!((u16::from_be_bytes([answer[0], answer[1]]), answer.last().copied()), (2, Some(0xAA)));
+        assert!(client.in_flight.lock().unwrap().is_empty());
     }
 }

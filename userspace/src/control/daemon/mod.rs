@@ -73,7 +73,7 @@ pub enum DaemonError {
     PolicyInUse { policy: String, sandbox: String },
     #[error("{0}")]
     BadDestination(String),
-    #[error("inspect is a stream; the socket thread serves it")]
+    #[error("inspect is a stream; the client's control-socket thread serves it")]
     StreamRequest,
     #[error("no policy text recorded for {0}")]
     NoPolicyText(String),
@@ -369,7 +369,7 @@ impl Daemon {
             Request::PolicyTest { sandbox, destination } => self.policy_test(&sandbox, &destination),
             Request::Status => self.status(),
             Request::Upgrade => Ok(self.shared.link.upgrade()?),
-            // Streams are served by the client's socket thread, not here.
+            // Streams are served by the client's control-socket thread, not here.
             Request::Inspect { .. } => Err(DaemonError::StreamRequest),
         }
     }
