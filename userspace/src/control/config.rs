@@ -91,6 +91,13 @@ pub struct DaemonConfig {
     /// ~8 KiB (a 4 KiB answer, its query and the places of its TTLs), so the
     /// default bounds the cache near 32 MiB; at most 262144 entries.
     pub dns_cache_entries: usize,
+    /// A guest query identical to one already upstream (sent under 400 ms
+    /// ago) waits for that one's answer instead of asking again, as
+    /// unbound and dnsmasq do; each is still decided by its own sandbox's
+    /// policy. false: every query asks on its own (no sandbox can tell
+    /// from an answer's speed that another asked the same just before; the
+    /// answer cache gives the same signal unless it is off too).
+    pub dns_share_upstream_queries: bool,
     /// Flow records kept in memory for `inspect --last` (older ones are
     /// counted as evicted).
     pub flow_history: usize,
@@ -163,6 +170,7 @@ impl Default for DaemonConfig {
             dns_tcp_idle_timeout_ms: 10_000,
             dns_tcp_query_timeout_ms: 5_000,
             dns_cache_entries: 4096,
+            dns_share_upstream_queries: true,
             flow_history: 10_000,
             events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
             flow_table_size: sbx_net_common::MAX_FLOWS,

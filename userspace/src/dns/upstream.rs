@@ -34,10 +34,23 @@ pub struct UpstreamClient {
     /// identical to one in flight waits for that one's answer instead of
     /// asking again (as unbound and dnsmasq do). The waiters get the bytes.
     in_flight: InFlight,
+    /// Whether identical queries share one upstream query at all (the
+    /// daemon's `dns_share_upstream_queries`).
+    share: bool,
 }
 
-/// Question bytes → the identical queries waiting for its answer.
-type InFlight = Mutex<HashMap<Vec<u8>, Vec<tokio::sync::oneshot::Sender<Vec<u8>>>>>;
+/// Question bytes → when it was asked upstream, and the identical queries
+/// waiting for its answer.
+type InFlight = Mutex<HashMap<Vec<u8>, (tokio::time::Instant, Vec<tokio::sync::oneshot::Sender<Vec<u8>>>)>>;
+
+/// A query joins an identical one only this soon after that one was sent:
+/// later, it is more likely a guest's retry of a lost query than a second
+/// asker, and asks upstream itself (a new id), as a resolver retrying would.
+const JOIN_WITHIN: Duration = Duration::from_millis(400);
+
+/// Less time than this left after the shared query failed: no query of
+/// its own (it could not be answered in time), a timeout at once.
+const MIN_OWN_ATTEMPT: Duration = Duration::from_millis(50);
 
 /// The query that asks upstream for its question, and answers every
 /// identical query that came while it was in flight. Dropped unfinished
@@ -49,7 +62,7 @@ struct Asking<'a> {
 
 impl Asking<'_> {
     fn waiters(&self) -> Vec<tokio::sync::oneshot::Sender<Vec<u8>>> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.question).unwrap_or_default()
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.question).map(|(_, waiters)| waiters).unwrap_or_default()
     }
 
     fn answered(self, response: &[u8]) {
@@ -98,8 +111,14 @@ impl Drop for PendingEntry<'_> {
 
 impl UpstreamClient {
     /// A client with at most `cap` queries in flight (1..=65535).
+    /// `share`: false sends every query upstream on its own.
+    pub fn sharing(mut self, share: bool) -> Self {
+        self.share = share;
+        self
+    }
+
     pub fn with_pending_cap(cap: usize) -> Self {
-        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)), in_flight: Mutex::default() }
+        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)), in_flight: Mutex::default(), share: true }
     }
 
     async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
@@ -153,33 +172,54 @@ impl UpstreamClient {
         let Some(question) = query.get(2..).filter(|_| query.len() >= 12) else {
             return Err(UpstreamError::Io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "short query")));
         };
-        let deadline = tokio::time::Instant::now() + timeout;
-        let waiting = {
+        if !self.share {
+            return self.forward_alone(upstream, query, timeout).await;
+        }
+        let now = tokio::time::Instant::now();
+        let deadline = now + timeout;
+        enum Role {
+            Ask,
+            Wait(tokio::sync::oneshot::Receiver<Vec<u8>>),
+            Alone,
+        }
+        let role = {
             let mut in_flight = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
             match in_flight.get_mut(question) {
-                Some(waiters) => {
+                Some((asked, waiters)) if now.duration_since(*asked) < JOIN_WITHIN => {
                     let (tx, rx) = tokio::sync::oneshot::channel();
                     waiters.push(tx);
-                    Some(rx)
+                    Role::Wait(rx)
                 }
+                // Asked a while ago and still unanswered: maybe lost.
+                Some(_) => Role::Alone,
                 None => {
-                    in_flight.insert(question.to_vec(), Vec::new());
-                    None
+                    in_flight.insert(question.to_vec(), (now, Vec::new()));
+                    Role::Ask
                 }
             }
         };
-        let Some(answer) = waiting else {
-            let asking = Asking { in_flight: &self.in_flight, question: question.to_vec() };
-            let response = self.forward_alone(upstream, query, timeout).await?;
-            asking.answered(&response);
-            return Ok(response);
+        let answer = match role {
+            Role::Alone => return self.forward_alone(upstream, query, timeout).await,
+            Role::Wait(answer) => answer,
+            Role::Ask => {
+                let asking = Asking { in_flight: &self.in_flight, question: question.to_vec() };
+                let response = self.forward_alone(upstream, query, timeout).await?;
+                asking.answered(&response);
+                return Ok(response);
+            }
         };
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(mut response)) => {
                 set_id(&mut response, u16::from_be_bytes([query[0], query[1]]));
                 Ok(response)
             }
-            Ok(Err(_)) => self.forward_alone(upstream, query, deadline.saturating_duration_since(tokio::time::Instant::now())).await,
+            Ok(Err(_)) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left < MIN_OWN_ATTEMPT {
+                    return Err(UpstreamError::Timeout(timeout));
+                }
+                self.forward_alone(upstream, query, left).await
+            }
             Err(_) => Err(UpstreamError::Timeout(timeout)),
         }
     }
@@ -374,7 +414,7 @@ mod tests {
     }
 
     fn waiters(client: &UpstreamClient) -> usize {
-        client.in_flight.lock().unwrap().values().map(Vec::len).sum()
+        client.in_flight.lock().unwrap().values().map(|(_, waiting)| waiting.len()).sum()
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -436,5 +476,45 @@ mod tests {
         let answer = waiting.await.unwrap().unwrap();
         assert_eq!((u16::from_be_bytes([answer[0], answer[1]]), answer.last().copied()), (2, Some(0xAA)));
         assert!(client.in_flight.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_query_long_after_an_identical_unanswered_one_asks_again_itself() {
+        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = upstream.local_addr().unwrap();
+        let client = Arc::new(UpstreamClient::default());
+        let first = {
+            let client = client.clone();
+            tokio::spawn(async move { client.forward(addr, &asking(1, b'a'), Duration::from_secs(10)).await })
+        };
+        // The first query reaches the upstream and is lost there.
+        let mut buf = [0u8; 512];
+        upstream.recv_from(&mut buf).await.unwrap();
+        // A retry past the join window is a query of its own (a new id).
+        tokio::time::sleep(JOIN_WITHIN + Duration::from_millis(20)).await;
+        let retry = {
+            let client = client.clone();
+            tokio::spawn(async move { client.forward(addr, &asking(2, b'a'), Duration::from_secs(10)).await })
+        };
+        let again = answer_one(&upstream).await;
+        assert_ne!(&again[..2], &buf[..2], "another upstream id");
+        let answer = retry.await.unwrap().unwrap();
+        assert_eq!(u16::from_be_bytes([answer[0], answer[1]]), 2);
+        first.abort();
+        let _ = first.await;
+        // Sharing off: identical queries at once each go upstream.
+        let alone = Arc::new(UpstreamClient::default().sharing(false));
+        let asked: Vec<_> = (1..=2u16)
+            .map(|id| {
+                let alone = alone.clone();
+                tokio::spawn(async move { alone.forward(addr, &asking(id, b'c'), Duration::from_secs(10)).await })
+            })
+            .collect();
+        answer_one(&upstream).await;
+        answer_one(&upstream).await;
+        for (id, task) in (1..=2u16).zip(asked) {
+            assert_eq!(task.await.unwrap().unwrap()[..2], id.to_be_bytes());
+        }
+        assert!(alone.in_flight.lock().unwrap().is_empty());
     }
 }

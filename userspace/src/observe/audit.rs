@@ -384,8 +384,22 @@ impl Drop for AuditWriter {
     }
 }
 
+/// Marks the queue closed when the writer thread ends however it ends (a
+/// sink that panics included): publishers then count their lines as write
+/// failures, as they did when the channel's receiver went, instead of
+/// filling a queue nobody takes from.
+struct ClosesOnExit<'a>(&'a Shared);
+
+impl Drop for ClosesOnExit<'_> {
+    fn drop(&mut self) {
+        self.0.queue.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.0.finished.notify_all();
+    }
+}
+
 /// The writer thread: until the writer is closed and its queue empty.
 fn write_jobs(mut sink: impl AuditSink, shared: &Shared, counters: &AuditCounters) {
+    let _closes = ClosesOnExit(shared);
     loop {
         let jobs = {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -561,5 +575,29 @@ mod tests {
         }
         assert!(!dir.join("batch/audit.log.3").exists());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_writer_that_dies_makes_later_lines_failures_not_a_full_queue() {
+        struct Panics;
+        impl AuditSink for Panics {
+            fn append_batch(&mut self, _: &[&FlowRecord]) -> BatchOutcome {
+                panic!("the sink broke (expected by this test)");
+            }
+        }
+        let counters = AuditCounters::default();
+        let writer = AuditWriter::start(Panics, 4, counters.clone());
+        assert!(writer.submit(vec![line(1)]));
+        // Until the writer is gone (the first lines may still find room).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counters.write_failures.get() == 0 {
+            assert!(std::time::Instant::now() < deadline, "the queue never closed");
+            writer.submit(vec![line(2)]);
+            std::thread::yield_now();
+        }
+        let (failed, dropped) = (counters.write_failures.get(), counters.dropped.get());
+        assert!(!writer.submit(vec![line(3), line(4)]));
+        assert_eq!((counters.write_failures.get(), counters.dropped.get()), (failed + 2, dropped), "failures, not a full queue");
+        assert!(!writer.sync(Duration::from_millis(10)), "what was queued was never written");
     }
 }

@@ -568,6 +568,14 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// For an HTTP/1.1 upstream: TE is hop-by-hop there, so Connection names
+/// it (RFC 9110 §10.1.4). Not for HTTP/2, which has no Connection.
+fn te_in_connection(headers: &mut HeaderMap) {
+    if headers.contains_key(hyper::header::TE) {
+        headers.insert(hyper::header::CONNECTION, HeaderValue::from_static("te"));
+    }
+}
+
 /// Whether a `TE` header names "trailers" (any case, parameters ignored).
 fn asks_for_trailers(headers: &HeaderMap) -> bool {
     headers
@@ -605,6 +613,7 @@ impl Upstream {
 /// `req` as it goes to an HTTP/1.1 upstream: origin-form, Host set.
 fn for_h1(mut req: Request<ProxyBody>, host: &str) -> Request<ProxyBody> {
     remove_hop_by_hop(req.headers_mut());
+    te_in_connection(req.headers_mut());
     *req.version_mut() = Version::HTTP_11;
     *req.uri_mut() = origin_form(req.uri());
     if let Ok(v) = HeaderValue::from_str(host) {
@@ -1102,8 +1111,17 @@ pub async fn serve(
                 // Like for like: an HTTP/1.1 guest's requests go one at a
                 // time anyway, so HTTP/1.1 upstream (no HTTP/2 framing, no
                 // stream bookkeeping); an HTTP/2 guest's share HTTP/2.
-                let tls = if h2 { &upstream.tls.any } else { &upstream.tls.h1_only };
-                match connect_upstream(&upstream.addrs, &host, tls.clone()).await {
+                let connected = if h2 {
+                    connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await
+                } else {
+                    match connect_upstream(&upstream.addrs, &host, upstream.tls.h1_only.clone()).await {
+                        // An upstream that speaks only HTTP/2 (and refuses
+                        // the handshake without it): translated, as before.
+                        Err(CredentialProxyError::UpstreamTls(_)) => connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await,
+                        other => other,
+                    }
+                };
+                match connected {
                     Ok(s) => {
                         held.upstream = Some(s);
                         held.made += 1;
@@ -1208,6 +1226,7 @@ pub async fn serve_plain(
             };
             let failed = |why: &str| fwd.record(502, "upstream_failed", credential.map(|c| not_injected(c, why)));
             remove_hop_by_hop(req.headers_mut());
+            te_in_connection(req.headers_mut());
             *req.uri_mut() = origin_form(req.uri());
             let mut guard = sender.lock().await;
             if guard.as_ref().is_none_or(|s| s.is_closed()) {

@@ -462,7 +462,7 @@ impl Plane {
         let restored = Learned::restore(&config.learned_snapshot(), &maps);
         let learned = Arc::new(LearnedStore::new(maps, restored));
         let configs = PinnedConfigs::open(&config.bpf_dir).map_err(|e| e.to_string())?;
-        let upstream = Arc::new(crate::dns::upstream::UpstreamClient::default());
+        let upstream = Arc::new(crate::dns::upstream::UpstreamClient::default().sharing(config.dns_share_upstream_queries));
         let settings = dns_proxy::DnsSettings {
             upstream: config.upstream_resolver(),
             timing: crate::dns::decide::LearnTiming { min_ttl: config.dns_min_ttl, max_ttl: config.dns_max_ttl, grace: config.dns_grace },
