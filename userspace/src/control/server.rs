@@ -457,11 +457,7 @@ impl ClientThreads {
                 Err(e) => {
                     // Out of descriptors: wait for some to close rather
                     // than spin on accept.
-                    let (wait, first) = backoff.failed(&e);
-                    if first {
-                        tracing::warn!("control socket: accept failed ({e}); backing off");
-                    }
-                    std::thread::sleep(wait);
+                    std::thread::sleep(backoff.wait_after(&e, "control socket"));
                     continue;
                 }
             };

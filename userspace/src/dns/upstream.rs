@@ -413,6 +413,11 @@ mod tests {
         buf[..n].to_vec()
     }
 
+    fn spawn_forward(client: &Arc<UpstreamClient>, addr: SocketAddr, id: u16, name: u8) -> tokio::task::JoinHandle<Result<Vec<u8>, UpstreamError>> {
+        let client = client.clone();
+        tokio::spawn(async move { client.forward(addr, &asking(id, name), Duration::from_secs(10)).await })
+    }
+
     fn waiters(client: &UpstreamClient) -> usize {
         client.in_flight.lock().unwrap().values().map(|(_, waiting)| waiting.len()).sum()
     }
@@ -423,16 +428,10 @@ mod tests {
         let addr = upstream.local_addr().unwrap();
         let client = Arc::new(UpstreamClient::default());
         let asked: Vec<_> = (1..=5u16)
-            .map(|id| {
-                let client = client.clone();
-                tokio::spawn(async move { client.forward(addr, &asking(id, b'a'), Duration::from_secs(10)).await })
-            })
+            .map(|id| spawn_forward(&client, addr, id, b'a'))
             .collect();
         // A different question is never joined to it.
-        let other = {
-            let client = client.clone();
-            tokio::spawn(async move { client.forward(addr, &asking(9, b'b'), Duration::from_secs(10)).await })
-        };
+        let other = spawn_forward(&client, addr, 9, b'b');
         while waiters(&client) < 4 {
             tokio::task::yield_now().await;
         }
@@ -455,14 +454,8 @@ mod tests {
         let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = upstream.local_addr().unwrap();
         let client = Arc::new(UpstreamClient::default());
-        let leader = {
-            let client = client.clone();
-            tokio::spawn(async move { client.forward(addr, &asking(1, b'a'), Duration::from_secs(10)).await })
-        };
-        let waiting = {
-            let client = client.clone();
-            tokio::spawn(async move { client.forward(addr, &asking(2, b'a'), Duration::from_secs(10)).await })
-        };
+        let leader = spawn_forward(&client, addr, 1, b'a');
+        let waiting = spawn_forward(&client, addr, 2, b'a');
         while waiters(&client) < 1 {
             tokio::task::yield_now().await;
         }
@@ -483,19 +476,13 @@ mod tests {
         let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = upstream.local_addr().unwrap();
         let client = Arc::new(UpstreamClient::default());
-        let first = {
-            let client = client.clone();
-            tokio::spawn(async move { client.forward(addr, &asking(1, b'a'), Duration::from_secs(10)).await })
-        };
+        let first = spawn_forward(&client, addr, 1, b'a');
         // The first query reaches the upstream and is lost there.
         let mut buf = [0u8; 512];
         upstream.recv_from(&mut buf).await.unwrap();
         // A retry past the join window is a query of its own (a new id).
         tokio::time::sleep(JOIN_WITHIN + Duration::from_millis(20)).await;
-        let retry = {
-            let client = client.clone();
-            tokio::spawn(async move { client.forward(addr, &asking(2, b'a'), Duration::from_secs(10)).await })
-        };
+        let retry = spawn_forward(&client, addr, 2, b'a');
         let again = answer_one(&upstream).await;
         assert_ne!(&again[..2], &buf[..2], "another upstream id");
         let answer = retry.await.unwrap().unwrap();
@@ -505,10 +492,7 @@ mod tests {
         // Sharing off: identical queries at once each go upstream.
         let alone = Arc::new(UpstreamClient::default().sharing(false));
         let asked: Vec<_> = (1..=2u16)
-            .map(|id| {
-                let alone = alone.clone();
-                tokio::spawn(async move { alone.forward(addr, &asking(id, b'c'), Duration::from_secs(10)).await })
-            })
+            .map(|id| spawn_forward(&alone, addr, id, b'c'))
             .collect();
         answer_one(&upstream).await;
         answer_one(&upstream).await;

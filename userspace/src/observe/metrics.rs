@@ -249,11 +249,7 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, shu
             }
             Err(e) => {
                 // Out of descriptors: wait for some to close rather than spin.
-                let (wait, first) = backoff.failed(&e);
-                if first {
-                    tracing::warn!("metrics endpoint: accept failed ({e}); backing off");
-                }
-                tokio::time::sleep(wait).await;
+                tokio::time::sleep(backoff.wait_after(&e, "metrics endpoint")).await;
                 continue;
             }
         };

@@ -129,6 +129,16 @@ impl AcceptBackoff {
         (wait, first)
     }
 
+    /// [`AcceptBackoff::failed`], saying so in the log at the first
+    /// failure of a burst (`what` names the listener): how long to wait.
+    pub fn wait_after(&mut self, error: &std::io::Error, what: &str) -> Duration {
+        let (wait, first) = self.failed(error);
+        if first {
+            tracing::warn!("{what}: accept failed ({error}); backing off until connections close");
+        }
+        wait
+    }
+
     /// Called after a successful accept.
     pub fn succeeded(&mut self) -> Option<u32> {
         let failures = std::mem::take(&mut self.failures);
@@ -153,10 +163,7 @@ where
                 tokio::spawn(handle(stream, peer));
             }
             Err(e) => {
-                let (wait, first) = backoff.failed(&e);
-                if first {
-                    tracing::warn!("{what}: accept failed ({e}); backing off until connections close");
-                }
+                let wait = backoff.wait_after(&e, what);
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
