@@ -110,13 +110,13 @@ impl Drop for PendingEntry<'_> {
 }
 
 impl UpstreamClient {
-    /// A client with at most `cap` queries in flight (1..=65535).
     /// `share`: false sends every query upstream on its own.
     pub fn sharing(mut self, share: bool) -> Self {
         self.share = share;
         self
     }
 
+    /// A client with at most `cap` queries in flight (1..=65535).
     pub fn with_pending_cap(cap: usize) -> Self {
         UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)), in_flight: Mutex::default(), share: true }
     }
@@ -418,15 +418,20 @@ mod tests {
         tokio::spawn(async move { client.forward(addr, &asking(id, name), Duration::from_secs(10)).await })
     }
 
+    /// A fake upstream on loopback, its address, and a client.
+    async fn upstream_and_client() -> (tokio::net::UdpSocket, SocketAddr, Arc<UpstreamClient>) {
+        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = upstream.local_addr().unwrap();
+        (upstream, addr, Arc::new(UpstreamClient::default()))
+    }
+
     fn waiters(client: &UpstreamClient) -> usize {
         client.in_flight.lock().unwrap().values().map(|(_, waiting)| waiting.len()).sum()
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn identical_questions_in_flight_share_one_upstream_query_each_with_its_own_id() {
-        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = upstream.local_addr().unwrap();
-        let client = Arc::new(UpstreamClient::default());
+        let (upstream, addr, client) = upstream_and_client().await;
         let asked: Vec<_> = (1..=5u16)
             .map(|id| spawn_forward(&client, addr, id, b'a'))
             .collect();
@@ -451,9 +456,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn when_the_query_asking_upstream_goes_the_ones_waiting_ask_on_their_own() {
-        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = upstream.local_addr().unwrap();
-        let client = Arc::new(UpstreamClient::default());
+        let (upstream, addr, client) = upstream_and_client().await;
         let leader = spawn_forward(&client, addr, 1, b'a');
         let waiting = spawn_forward(&client, addr, 2, b'a');
         while waiters(&client) < 1 {
@@ -473,9 +476,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_query_long_after_an_identical_unanswered_one_asks_again_itself() {
-        let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = upstream.local_addr().unwrap();
-        let client = Arc::new(UpstreamClient::default());
+        let (upstream, addr, client) = upstream_and_client().await;
         let first = spawn_forward(&client, addr, 1, b'a');
         // The first query reaches the upstream and is lost there.
         let mut buf = [0u8; 512];

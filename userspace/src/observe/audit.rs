@@ -468,6 +468,17 @@ mod tests {
         lines: Arc<Mutex<Vec<FlowRecord>>>,
     }
 
+    type Gate = Arc<(Mutex<bool>, Condvar)>;
+
+    impl Gated {
+        /// The sink, its "blocked" signal, its gate (closed) and what it wrote.
+        fn new() -> (Gated, mpsc::Receiver<()>, Gate, Arc<Mutex<Vec<FlowRecord>>>) {
+            let (entered, blocked) = mpsc::channel();
+            let (gate, lines): (Gate, Arc<Mutex<Vec<FlowRecord>>>) = Default::default();
+            (Gated { entered, gate: gate.clone(), lines: lines.clone() }, blocked, gate, lines)
+        }
+    }
+
     impl AuditSink for Gated {
         fn append_batch(&mut self, records: &[&FlowRecord]) -> BatchOutcome {
             for record in records {
@@ -488,11 +499,9 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_never_waits_and_the_log_says_so() {
-        let (entered, blocked) = mpsc::channel();
-        let gate: Arc<(Mutex<bool>, Condvar)> = Arc::default();
-        let lines: Arc<Mutex<Vec<FlowRecord>>> = Arc::default();
+        let (sink, blocked, gate, lines) = Gated::new();
         let counters = AuditCounters::default();
-        let writer = Arc::new(AuditWriter::start(Gated { entered, gate: gate.clone(), lines: lines.clone() }, 2, counters.clone()));
+        let writer = Arc::new(AuditWriter::start(sink, 2, counters.clone()));
         // The writer takes the first job and blocks on the (slow) disk...
         assert!(writer.submit(vec![line(1)]));
         blocked.recv_timeout(Duration::from_secs(5)).expect("the writer took the first job");
@@ -524,9 +533,7 @@ mod tests {
 
     #[test]
     fn what_queues_while_the_writer_writes_goes_in_its_next_batch_in_order() {
-        let (entered, blocked) = mpsc::channel();
-        let gate: Arc<(Mutex<bool>, Condvar)> = Arc::default();
-        let lines: Arc<Mutex<Vec<FlowRecord>>> = Arc::default();
+        let (sink, blocked, gate, lines) = Gated::new();
         let counters = AuditCounters::default();
         let batches: Arc<Mutex<Vec<usize>>> = Arc::default();
         struct Counted(Gated, Arc<Mutex<Vec<usize>>>);
@@ -536,7 +543,7 @@ mod tests {
                 self.0.append_batch(records)
             }
         }
-        let writer = AuditWriter::start(Counted(Gated { entered, gate: gate.clone(), lines: lines.clone() }, batches.clone()), 1000, counters.clone());
+        let writer = AuditWriter::start(Counted(sink, batches.clone()), 1000, counters.clone());
         assert!(writer.submit(vec![line(0)]));
         blocked.recv_timeout(Duration::from_secs(5)).expect("the writer took the first job");
         for port in 1..=50 {
