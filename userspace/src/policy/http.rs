@@ -91,13 +91,29 @@ impl HttpMatcher {
 
     /// Whether a request (method upper-cased, path normalised) matches.
     pub fn matches(&self, method: &str, path: &str) -> bool {
+        path_segments(path).is_some_and(|segments| self.matches_segments(method, &segments))
+    }
+
+    /// [`HttpMatcher::matches`] for a path already split by
+    /// [`path_segments`] (split once for all of a host's rules).
+    pub fn matches_segments(&self, method: &str, segments: &[&str]) -> bool {
         if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
             return false;
         }
-        let Some(rest) = path.strip_prefix('/') else { return false };
-        let segments: Vec<&str> = rest.split('/').collect();
-        glob_match(&self.glob, &segments)
+        // Most rules of a long list part at their first segment: a literal
+        // one decides without the table below.
+        if let (Some(first), Some(segment)) = (self.glob.first(), segments.first()) {
+            if !first.contains('*') && first != segment {
+                return false;
+            }
+        }
+        glob_match(&self.glob, segments)
     }
+}
+
+/// A normalised path's segments (`None`: not starting with `/`).
+pub fn path_segments(path: &str) -> Option<Vec<&str>> {
+    path.strip_prefix('/').map(|rest| rest.split('/').collect())
 }
 
 /// `**` matches any number of segments (none included); `*` within a
@@ -110,8 +126,9 @@ fn glob_match(glob: &[String], segments: &[&str]) -> bool {
     // reach[j]: the first i globs can match the first j segments.
     let mut reach = vec![false; n + 1];
     reach[0] = true;
+    let mut next = vec![false; n + 1];
     for pattern in glob {
-        let mut next = vec![false; n + 1];
+        next.fill(false);
         if pattern == "**" {
             let mut any = false;
             for j in 0..=n {
@@ -125,7 +142,7 @@ fn glob_match(glob: &[String], segments: &[&str]) -> bool {
                 }
             }
         }
-        reach = next;
+        std::mem::swap(&mut reach, &mut next);
     }
     reach[n]
 }
@@ -230,8 +247,9 @@ pub fn decide(rules: &[HttpRules], host: &str, method: &str, path: &str) -> Opti
             return Some(HttpVerdict::Deny { rule: format!("http deny {}", m.text), audit: block.mode.is_audit() });
         }
     }
+    let segments = path_segments(path).unwrap_or_default();
     for block in &covering {
-        if let Some(m) = block.allow.iter().find(|m| m.matches(method, path)) {
+        if let Some(m) = block.allow.iter().find(|m| !segments.is_empty() && m.matches_segments(method, &segments)) {
             return Some(HttpVerdict::Allow { rule: Some(format!("http allow {}", m.text)) });
         }
     }

@@ -77,6 +77,8 @@ pub struct ProxyContext {
     /// Bumped whenever the route table changes: spliced connections look
     /// again at whether the policy in force still allows them.
     pub policy_changes: tokio::sync::watch::Receiver<u64>,
+    /// Where guest connections are served, each to its end on one thread.
+    pub threads: crate::util::conn_threads::ConnThreads,
 }
 
 /// Accepts forever on `listener`.
@@ -88,11 +90,15 @@ pub async fn serve(listener: std::net::TcpListener, ctx: Arc<ProxyContext>) {
             return;
         }
     };
-    crate::util::conn_limit::accept_loop(listener, "proxy", move |stream, peer| {
-        let (guard, ctx) = (ctx.in_flight.enter(), ctx.clone());
-        async move {
+    let accepting = ctx.clone();
+    crate::util::conn_limit::accept_each(listener, "proxy", move |stream, peer| {
+        let (guard, ctx) = (accepting.in_flight.enter(), accepting.clone());
+        let served = accepting.threads.serve(stream, move |stream| async move {
             let _in_flight = guard;
             handle(stream, peer, ctx).await
+        });
+        if let Err(e) = served {
+            tracing::warn!(%peer, "proxy: handing a connection over: {e}");
         }
     })
     .await

@@ -147,12 +147,22 @@ impl AcceptBackoff {
 }
 
 /// Accepts on `listener` forever, backing off while descriptors are short,
-/// and hands each connection to `handle`.
+/// and spawns `handle`'s future for each connection on the current runtime.
 pub async fn accept_loop<F, Fut>(listener: tokio::net::TcpListener, what: &'static str, mut handle: F)
 where
     F: FnMut(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    accept_each(listener, what, move |stream, peer| {
+        tokio::spawn(handle(stream, peer));
+    })
+    .await
+}
+
+/// Accepts on `listener` forever, backing off while descriptors are short,
+/// and gives each connection to `take` (which starts serving it, and must
+/// not wait).
+pub async fn accept_each(listener: tokio::net::TcpListener, what: &'static str, mut take: impl FnMut(tokio::net::TcpStream, std::net::SocketAddr)) {
     let mut backoff = AcceptBackoff::default();
     loop {
         match listener.accept().await {
@@ -160,7 +170,7 @@ where
                 if let Some(failures) = backoff.succeeded() {
                     tracing::warn!("{what}: accepting again after {failures} failed accepts");
                 }
-                tokio::spawn(handle(stream, peer));
+                take(stream, peer);
             }
             Err(e) => {
                 let wait = backoff.wait_after(&e, what);

@@ -1,9 +1,10 @@
-//! Helpers every layer may use: clocks, files, sockets, connection limits,
-//! descriptor passing.
+//! Helpers every layer may use: clocks, files, sockets, connection limits
+//! and threads, descriptor passing.
 //! Nothing here knows about policies or sandboxes.
 
 pub mod clock;
 pub mod conn_limit;
+pub mod conn_threads;
 pub mod detached;
 pub mod fd_pass;
 pub mod fs;

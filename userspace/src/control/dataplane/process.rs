@@ -499,6 +499,7 @@ impl Plane {
             upstream_requests: config.upstream_requests(),
             in_flight: Default::default(),
             policy_changes: self.policy_changes.subscribe(),
+            threads: crate::util::conn_threads::ConnThreads::per_cpu("proxy-conn").map_err(|e| format!("starting the proxy's connection threads: {e}"))?,
         });
         let mut metrics = crate::observe::metrics::Metrics::default();
         self.flows.metrics.register(metrics.registry());
