@@ -78,7 +78,7 @@ pub struct ProxyContext {
     /// again at whether the policy in force still allows them.
     pub policy_changes: tokio::sync::watch::Receiver<u64>,
     /// Where guest connections are served, each to its end on one thread.
-    pub threads: crate::util::conn_threads::ConnThreads,
+    pub threads: Arc<crate::util::conn_threads::ConnThreads>,
 }
 
 /// Accepts forever on `listener`.

@@ -79,6 +79,23 @@ impl ConnThreads {
         self.threads.iter().map(|t| t.open.load(Ordering::Relaxed)).collect()
     }
 
+    /// Runs `task` (a listener's loop, say, whose work should stay on one
+    /// thread) on the thread with the fewest connections, counted as one
+    /// of them until it ends.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let thread = &self.threads[least_busy(&self.open())];
+        thread.open.fetch_add(1, Ordering::Relaxed);
+        let open = Open(thread.open.clone());
+        thread.handle.spawn(async move {
+            let _open = open;
+            task.await
+        })
+    }
+
     /// Serves `stream` with `serve` on the thread with the fewest
     /// connections open. The stream moves to that thread's reactor (taken
     /// off the accepting one's first).
@@ -112,6 +129,29 @@ mod tests {
         assert_eq!(least_busy(&[3, 1, 2]), 1);
         assert_eq!(least_busy(&[2, 2, 1]), 2);
         assert_eq!(least_busy(&[]), 0);
+    }
+
+    #[test]
+    fn spawned_loops_count_as_connections_until_they_end() {
+        let threads = ConnThreads::start(2, "test-loop").unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let first = threads.spawn(async move {
+            let _ = stop_rx.await;
+            std::thread::current().name().unwrap_or("").to_string()
+        });
+        let second = threads.spawn(async { std::thread::current().name().unwrap_or("").to_string() });
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            assert_eq!(second.await.unwrap(), "test-loop-1", "the second loop goes to the thread without one");
+            assert_eq!(threads.open()[0], 1, "the first loop still counts");
+            stop_tx.send(()).unwrap();
+            assert_eq!(first.await.unwrap(), "test-loop-0");
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while threads.open() != [0, 0] {
+            assert!(std::time::Instant::now() < deadline, "open counts stayed {:?}", threads.open());
+            std::thread::yield_now();
+        }
     }
 
     #[test]

@@ -449,7 +449,7 @@ pub(crate) fn proxy_bench() -> Result<()> {
     let added = |k: usize, f: fn(&PathRun) -> f64| runs[k].iter().zip(&runs[0]).map(|(r, d)| f(r) - f(d)).collect::<Vec<f64>>();
     println!("### HTTPS GETs on kept-alive connections from a netns guest\n");
     println!(
-        "Medians of {PROXY_ROUNDS} alternating rounds (min–max), {PROXY_SECONDS} s per measurement. HTTP/1.1: p50/p99 of sequential GETs on one connection; requests/s with {PROXY_CONNECTIONS} connections. HTTP/2: {H2_STREAMS} streams at once on one connection (requests/s, p50 of one request under that load). nginx runs {PEER_WORKERS} worker processes, haproxy {PEER_WORKERS} threads, sbx-net's data plane 2 tokio workers.\n"
+        "Medians of {PROXY_ROUNDS} alternating rounds (min–max), {PROXY_SECONDS} s per measurement. HTTP/1.1: p50/p99 of sequential GETs on one connection; requests/s with {PROXY_CONNECTIONS} connections. HTTP/2: {H2_STREAMS} streams at once on one connection (requests/s, p50 of one request under that load). nginx runs {PEER_WORKERS} worker processes, haproxy {PEER_WORKERS} threads, sbx-net's data plane one serving thread per CPU, each serving its connections to the end.\n"
     );
     println!("| path | h1 p50 µs | h1 added p50 µs | h1 p99 µs | h1 requests/s | h2 requests/s | h2 p50 µs |");
     println!("|---|---:|---:|---:|---:|---:|---:|");

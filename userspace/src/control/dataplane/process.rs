@@ -488,6 +488,9 @@ impl Plane {
             draining: tokio::sync::watch::Sender::new(false),
             cache: crate::dns::cache::AnswerCache::new(settings_cache),
         });
+        // The proxy's connections and the DNS proxy's UDP loops (with the
+        // queries they spawn) each run to their end on one thread.
+        let threads = Arc::new(crate::util::conn_threads::ConnThreads::per_cpu("serve").map_err(|e| format!("starting the serving threads: {e}"))?);
         let proxy = Arc::new(ProxyContext {
             routes: self.routes.clone(),
             flows: self.flows.clone(),
@@ -499,7 +502,7 @@ impl Plane {
             upstream_requests: config.upstream_requests(),
             in_flight: Default::default(),
             policy_changes: self.policy_changes.subscribe(),
-            threads: crate::util::conn_threads::ConnThreads::per_cpu("proxy-conn").map_err(|e| format!("starting the proxy's connection threads: {e}"))?,
+            threads: threads.clone(),
         });
         let mut metrics = crate::observe::metrics::Metrics::default();
         self.flows.metrics.register(metrics.registry());
@@ -516,7 +519,7 @@ impl Plane {
             loops.push(self.runtime.spawn(crate::proxy::serve(l, proxy.clone())));
         }
         for u in listeners.dns_udp {
-            loops.push(self.runtime.spawn(dns_proxy::serve_udp(u, dns.clone())));
+            loops.push(threads.spawn(dns_proxy::serve_udp(u, dns.clone())));
         }
         for t in listeners.dns_tcp {
             loops.push(self.runtime.spawn(dns_proxy::serve_tcp(t, dns.clone())));
