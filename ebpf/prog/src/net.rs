@@ -171,22 +171,48 @@ fn eq6(a: &[u8; 6], b: &[u8; 6]) -> bool {
     eq4(&a4, &b4) && a[4] == b[4] && a[5] == b[5]
 }
 
+/// An IPv6 address as four native-endian words. Byte arrays at an unknown
+/// alignment compile to a load, a shift and an or per byte on BPF; the
+/// IPv6 path reads, compares and copies its addresses as words instead.
+type Words16 = [u32; 4];
+
+// The configuration's IPv6 addresses are 4-aligned in a 4-aligned struct
+// (map values are 8-aligned), so they can be read as words.
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    assert!(align_of::<SandboxConfig>() >= 4);
+    assert!(offset_of!(SandboxConfig, guest_ipv6) % 4 == 0);
+    assert!(offset_of!(SandboxConfig, guest_ipv6_link_local) % 4 == 0);
+    assert!(offset_of!(SandboxConfig, gateway_ipv6) % 4 == 0);
+    assert!(offset_of!(SandboxConfig, gateway_ipv6_link_local) % 4 == 0);
+};
+
+/// One of [`SandboxConfig`]'s IPv6 addresses as words.
 #[inline(always)]
-fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    // SAFETY: [u8; 16] and [u64; 2] have the same size; read_unaligned copes
-    // with the 1-byte alignment of the arrays.
-    let (a, b) = unsafe {
-        (
-            core::ptr::read_unaligned(a.as_ptr() as *const [u64; 2]),
-            core::ptr::read_unaligned(b.as_ptr() as *const [u64; 2]),
-        )
-    };
-    a[0] == b[0] && a[1] == b[1]
+fn cfg_words(a: &[u8; 16]) -> Words16 {
+    // SAFETY: `a` is a field of a SandboxConfig, 4-aligned (asserted
+    // above); any bit pattern is a valid u32.
+    unsafe { core::ptr::read(a.as_ptr() as *const Words16) }
+}
+
+// Packet's addresses are 4-aligned too (the struct is 8-aligned).
+const _: () = assert!(core::mem::offset_of!(Packet, src) % 4 == 0 && core::mem::offset_of!(Packet, dst) % 4 == 0);
+
+/// Stores an address into one of [`Packet`]'s (4 word stores; volatile so
+/// that they are not merged back into a byte-by-byte copy).
+#[inline(always)]
+fn store_words(field: &mut [u8; 16], words: &Words16) {
+    let out = field.as_mut_ptr() as *mut u32;
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: `field` is a Packet address, 4-aligned (asserted above),
+        // 16 bytes: four u32 slots.
+        unsafe { core::ptr::write_volatile(out.add(i), *w) };
+    }
 }
 
 #[inline(always)]
-fn is_zero16(a: &[u8; 16]) -> bool {
-    eq16(a, &[0; 16])
+fn eq_words(a: &Words16, b: &Words16) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
 /// Parses the frame, applies the anti-spoof checks and fills `packet`.
@@ -341,14 +367,18 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
     if ip[0] >> 4 != 6 {
         return Err(ParseError(Reason::Malformed));
     }
-    let mut src = [0u8; 16];
-    src.copy_from_slice(&ip[8..24]);
-    packet.src = src;
-    packet.dst.copy_from_slice(&ip[24..40]);
-    let unspecified_source = is_zero16(&src);
-    if !unspecified_source && !eq16(&src, &cfg.guest_ipv6) && !eq16(&src, &cfg.guest_ipv6_link_local) {
+    // The addresses put together into words once (the bytes come at the
+    // packet's unknown alignment), then stored, compared and keyed as such.
+    let word = |at: usize| u32::from_ne_bytes([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
+    let src: Words16 = [word(8), word(12), word(16), word(20)];
+    let dst: Words16 = [word(24), word(28), word(32), word(36)];
+    store_words(&mut packet.src, &src);
+    store_words(&mut packet.dst, &dst);
+    let unspecified_source = eq_words(&src, &[0; 4]);
+    if !unspecified_source && !eq_words(&src, &cfg_words(&cfg.guest_ipv6)) && !eq_words(&src, &cfg_words(&cfg.guest_ipv6_link_local)) {
         return Err(ParseError(Reason::SpoofedIp));
     }
+    let multicast_link_scope = ip[24] == 0xff && ip[25] == 0x02;
 
     let mut next = ip[6];
     let mut off = ETH_HLEN + 40;
@@ -425,12 +455,12 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
                     Ok(Parsed::NeighbourDiscovery)
                 }
                 ICMPV6_NEIGHBOUR_SOLICIT => {
-                    let target: [u8; 16] = load(ctx, off + 8)?;
+                    let target: Words16 = load(ctx, off + 8)?;
                     let allowed = if unspecified_source {
                         // Duplicate address detection of its own addresses.
-                        eq16(&target, &cfg.guest_ipv6) || eq16(&target, &cfg.guest_ipv6_link_local)
+                        eq_words(&target, &cfg_words(&cfg.guest_ipv6)) || eq_words(&target, &cfg_words(&cfg.guest_ipv6_link_local))
                     } else {
-                        eq16(&target, &cfg.gateway_ipv6) || eq16(&target, &cfg.gateway_ipv6_link_local)
+                        eq_words(&target, &cfg_words(&cfg.gateway_ipv6)) || eq_words(&target, &cfg_words(&cfg.gateway_ipv6_link_local))
                     };
                     if !allowed {
                         return Err(ParseError(Reason::BadNeighbourDiscovery));
@@ -439,9 +469,9 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
                     Ok(Parsed::NeighbourDiscovery)
                 }
                 ICMPV6_NEIGHBOUR_ADVERT => {
-                    let target: [u8; 16] = load(ctx, off + 8)?;
+                    let target: Words16 = load(ctx, off + 8)?;
                     if unspecified_source
-                        || !(eq16(&target, &cfg.guest_ipv6) || eq16(&target, &cfg.guest_ipv6_link_local))
+                        || !(eq_words(&target, &cfg_words(&cfg.guest_ipv6)) || eq_words(&target, &cfg_words(&cfg.guest_ipv6_link_local)))
                     {
                         return Err(ParseError(Reason::BadNeighbourDiscovery));
                     }
@@ -456,7 +486,7 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
                     // 1, link-scope destination); every guest kernel sends
                     // them when its interface comes up. Only to link-scope
                     // multicast (ff02::/16).
-                    if packet.dst[0] == 0xff && packet.dst[1] == 0x02 {
+                    if multicast_link_scope {
                         Ok(Parsed::NeighbourDiscovery)
                     } else {
                         Err(ParseError(Reason::BadNeighbourDiscovery))

@@ -256,12 +256,12 @@ fn check_injects(what: &str, addr: SocketAddr, sni: &str, ca: &std::path::Path) 
     Ok(())
 }
 
-/// CPU time (user + system, µs) used so far by process `pid` and its
-/// children (nginx's workers), read from /proc.
-fn tree_cpu_us(pid: u32) -> f64 {
+/// CPU time (µs) used so far by process `pid` and its children (nginx's
+/// workers), read from /proc: (user + system, user alone).
+fn tree_cpu_us(pid: u32) -> (f64, f64) {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut ticks = 0u64;
+    let (mut ticks, mut user) = (0u64, 0u64);
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
         // Fields after the command's closing parenthesis: state (3), ppid
@@ -271,10 +271,12 @@ fn tree_cpu_us(pid: u32) -> f64 {
         let fields: Vec<&str> = rest.split_whitespace().collect();
         let ppid: Option<u32> = fields.get(1).and_then(|p| p.parse().ok());
         if own == Some(pid) || ppid == Some(pid) {
-            ticks += fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            let utime = fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            user += utime;
+            ticks += utime + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
         }
     }
-    ticks as f64 / hz * 1e6
+    (ticks as f64 / hz * 1e6, user as f64 / hz * 1e6)
 }
 
 /// The pid of the sbx-net data plane (the process the proxy runs in) of
@@ -309,6 +311,10 @@ struct PathRun {
     /// HTTP/1.1 and HTTP/2 loads; NaN for the server directly.
     h1_cpu: f64,
     h2_cpu: f64,
+    /// Of those, user space (the rest is the kernel: sockets, TCP, the
+    /// packet path charged to the process that sends).
+    h1_user: f64,
+    h2_user: f64,
 }
 
 pub(crate) fn proxy_bench() -> Result<()> {
@@ -409,15 +415,19 @@ pub(crate) fn proxy_bench() -> Result<()> {
     let runs = alternating(targets.len(), PROXY_ROUNDS, |k| {
         let (_, key, sni, addr, ca_path) = &targets[k];
         let pid = pids[k];
-        let cpu = || pid.map_or(f64::NAN, tree_cpu_us);
+        let cpu = || pid.map_or((f64::NAN, f64::NAN), tree_cpu_us);
         let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 latency"))?;
         let before = cpu();
         let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 requests/s"))?;
-        let h1_cpu = (cpu() - before) / (h1_rps * PROXY_SECONDS as f64);
+        let after = cpu();
+        let h1_requests = h1_rps * PROXY_SECONDS as f64;
+        let (h1_cpu, h1_user) = ((after.0 - before.0) / h1_requests, (after.1 - before.1) / h1_requests);
         let before = cpu();
         let (h2_rps, h2_p50) = guest.run(|| h2_streams(*addr, sni, ca_path, "/bench", PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/2 streams"))?;
-        let h2_cpu = (cpu() - before) / (h2_rps * PROXY_SECONDS as f64);
-        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu })
+        let after = cpu();
+        let h2_requests = h2_rps * PROXY_SECONDS as f64;
+        let (h2_cpu, h2_user) = ((after.0 - before.0) / h2_requests, (after.1 - before.1) / h2_requests);
+        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu, h1_user, h2_user })
     })?;
     drop(mitm_peer);
     drop(nginx_peer);
@@ -492,12 +502,14 @@ pub(crate) fn proxy_bench() -> Result<()> {
     check_target("proxy", "≥ 10× mitmproxy's requests/s", format!("{:.1}×", vs_mitm.median()), vs_mitm.median() >= 10.0);
 
     println!("\n### CPU time per request of each proxy's processes (µs; the same rounds, on {} shared cores)\n", num_cpus());
-    println!("| path | HTTP/1.1, {PROXY_CONNECTIONS} connections | HTTP/2, {H2_STREAMS} streams |");
-    println!("|---|---:|---:|");
+    println!("| path | HTTP/1.1, {PROXY_CONNECTIONS} connections | of which user space | HTTP/2, {H2_STREAMS} streams | of which user space |");
+    println!("|---|---:|---:|---:|---:|");
     for (k, (what, key, ..)) in targets.iter().enumerate().skip(1) {
         let h1 = record("proxy", &format!("proxy h1 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_cpu));
+        let h1_user = record("proxy", &format!("proxy h1 user cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_user));
         let h2 = record("proxy", &format!("proxy h2 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_cpu));
-        println!("| {what} | {} | {} |", h1.spread(1), h2.spread(1));
+        let h2_user = record("proxy", &format!("proxy h2 user cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_user));
+        println!("| {what} | {} | {} | {} | {} |", h1.spread(1), h1_user.spread(1), h2.spread(1), h2_user.spread(1));
     }
 
     println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same rounds)\n");
