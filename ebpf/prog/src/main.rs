@@ -96,6 +96,13 @@ static SBX_FLOWS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(
 #[map]
 static SBX_FLOWS_V4: LruHashMap<FlowKeyV4, FlowStats> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 
+// The flow keys' addresses are filled a word at a time (`net::copy_words`).
+const _: () = {
+    use core::mem::{align_of, offset_of};
+    assert!(align_of::<FlowKeyV4>() >= 4 && offset_of!(FlowKeyV4, src_addr) == 4 && offset_of!(FlowKeyV4, dst_addr) == 8);
+    assert!(align_of::<FlowKey>() >= 4 && offset_of!(FlowKey, src_addr) == 4 && offset_of!(FlowKey, dst_addr) == 20);
+};
+
 /// Per-CPU scratch space for the flow key and a new flow's value: the
 /// classifier's stack (512 bytes) is already taken by the parsed packet and
 /// the sandbox config. A map value may serve as a map key.
@@ -396,8 +403,12 @@ fn track_flow(cfg: &SandboxConfig, packet: &Packet, reason: Reason, rule: u32, l
     let (stats, key_v4, key) = unsafe { (&mut (*scratch).stats, &mut (*scratch).key_v4, &mut (*scratch).key) };
     if packet.ip_version == 4 {
         key_v4.sandbox_id = cfg.sandbox_id;
-        key_v4.src_addr = [packet.src[0], packet.src[1], packet.src[2], packet.src[3]];
-        key_v4.dst_addr = [packet.dst[0], packet.dst[1], packet.dst[2], packet.dst[3]];
+        // SAFETY: FlowKeyV4 is 4-aligned with its addresses at offsets 4
+        // and 8 (one word each); the packet's are 8-aligned.
+        unsafe {
+            net::copy_words::<1>(key_v4.src_addr.as_mut_ptr(), packet.src.as_ptr());
+            net::copy_words::<1>(key_v4.dst_addr.as_mut_ptr(), packet.dst.as_ptr());
+        }
         key_v4.src_port = packet.src_port;
         key_v4.dst_port = packet.dst_port;
         key_v4.ethertype = packet.ethertype;
