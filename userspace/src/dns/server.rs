@@ -225,12 +225,6 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
                 let _ = socket.send_to(&response, peer).await;
             }
         });
-        // The query just taken goes as far as it can before the next is
-        // read: on a serving thread (one thread for the loop, its queries
-        // and the upstream answers) a backlog read in one go after a stall
-        // would otherwise send hundreds upstream before any answer is
-        // taken in, and run into the sandbox's cap of queries upstream.
-        tokio::task::yield_now().await;
     }
 }
 
