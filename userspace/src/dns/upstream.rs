@@ -37,6 +37,9 @@ pub struct UpstreamClient {
     /// Whether identical queries share one upstream query at all (the
     /// daemon's `dns_share_upstream_queries`).
     share: bool,
+    /// The runtime the sockets are registered with and their answers are
+    /// taken in on (None: the first caller's).
+    receive_on: Option<tokio::runtime::Handle>,
 }
 
 /// Question bytes → when it was asked upstream, and the identical queries
@@ -79,6 +82,30 @@ impl Drop for Asking<'_> {
     }
 }
 
+/// A socket connected to `upstream` (registered with the calling runtime),
+/// and the task there that hands each answer to the query waiting for its
+/// id.
+async fn open_socket(upstream: SocketAddr) -> std::io::Result<UpstreamSocket> {
+    let bind: SocketAddr = if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let socket = Arc::new(UdpSocket::bind(bind).await?);
+    socket.connect(upstream).await?;
+    let pending: Arc<Pending> = Arc::default();
+    let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65535];
+        loop {
+            let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
+            // Shorter than a header: nobody's answer.
+            let Ok(header) = Header::from_bytes(&buf[..n]) else { continue };
+            let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&header.id());
+            if let Some(tx) = waiter {
+                let _ = tx.send(buf[..n].to_vec());
+            }
+        }
+    });
+    Ok(UpstreamSocket { socket, pending })
+}
+
 /// Default of the pending table's cap: a sixteenth of the id space, so a
 /// probe from a random id meets a free one within a few steps.
 pub const MAX_PENDING_UPSTREAM: usize = 4096;
@@ -118,31 +145,25 @@ impl UpstreamClient {
 
     /// A client with at most `cap` queries in flight (1..=65535).
     pub fn with_pending_cap(cap: usize) -> Self {
-        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)), in_flight: Mutex::default(), share: true }
+        UpstreamClient { sockets: tokio::sync::OnceCell::new(), pending_cap: cap.clamp(1, usize::from(u16::MAX)), in_flight: Mutex::default(), share: true, receive_on: None }
+    }
+
+    /// Opens the sockets on `runtime` and takes the answers in there,
+    /// whoever asks first (the DNS proxy's own thread: a lookup of the
+    /// credential proxy must not put every answer behind a busy thread's
+    /// connections).
+    pub fn receiving_on(mut self, runtime: tokio::runtime::Handle) -> Self {
+        self.receive_on = Some(runtime);
+        self
     }
 
     async fn socket(&self, upstream: SocketAddr) -> std::io::Result<&UpstreamSocket> {
         self.sockets
             .get_or_try_init(|| async move {
-                let bind: SocketAddr =
-                    if upstream.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-                let socket = Arc::new(UdpSocket::bind(bind).await?);
-                socket.connect(upstream).await?;
-                let pending: Arc<Pending> = Arc::default();
-                let (rx_socket, rx_pending) = (socket.clone(), pending.clone());
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 65535];
-                    loop {
-                        let Ok(n) = rx_socket.recv(&mut buf).await else { continue };
-                        // Shorter than a header: nobody's answer.
-                        let Ok(header) = Header::from_bytes(&buf[..n]) else { continue };
-                        let waiter = rx_pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&header.id());
-                        if let Some(tx) = waiter {
-                            let _ = tx.send(buf[..n].to_vec());
-                        }
-                    }
-                });
-                Ok::<_, std::io::Error>(UpstreamSocket { socket, pending })
+                match &self.receive_on {
+                    Some(runtime) => runtime.spawn(open_socket(upstream)).await.map_err(std::io::Error::other)?,
+                    None => open_socket(upstream).await,
+                }
             })
             .await
     }
@@ -423,6 +444,21 @@ mod tests {
         let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = upstream.local_addr().unwrap();
         (upstream, addr, Arc::new(UpstreamClient::default()))
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn answers_are_taken_in_on_the_runtime_named_and_reach_callers_elsewhere() {
+        let (upstream, addr, _) = upstream_and_client().await;
+        let dns_thread = crate::util::conn_threads::ConnThreads::start(1, "test-dns").unwrap();
+        let client = Arc::new(UpstreamClient::default().receiving_on(dns_thread.handle()));
+        // Asked from this test's own runtime; the socket and its receiver
+        // live on the other one.
+        let asked = spawn_forward(&client, addr, 7, b'a');
+        answer_one(&upstream).await;
+        let answer = asked.await.unwrap().unwrap();
+        assert_eq!(&answer[..2], &7u16.to_be_bytes(), "the caller's own id");
+        assert_eq!(answer.last(), Some(&0xAA), "the upstream's answer");
+        assert_eq!(dns_thread.open(), vec![0], "nothing counted on the thread");
     }
 
     fn waiters(client: &UpstreamClient) -> usize {

@@ -97,7 +97,8 @@ impl HttpMatcher {
     /// [`HttpMatcher::matches`] for a path already split by
     /// [`path_segments`] (split once for all of a host's rules).
     pub fn matches_segments(&self, method: &str, segments: &[&str]) -> bool {
-        if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method) {
+        // No segments: not a path (`path_segments` gives at least one).
+        if segments.is_empty() || (!self.methods.is_empty() && !self.methods.iter().any(|m| m == method)) {
             return false;
         }
         // Most rules of a long list part at their first segment: a literal
@@ -249,7 +250,7 @@ pub fn decide(rules: &[HttpRules], host: &str, method: &str, path: &str) -> Opti
     }
     let segments = path_segments(path).unwrap_or_default();
     for block in &covering {
-        if let Some(m) = block.allow.iter().find(|m| !segments.is_empty() && m.matches_segments(method, &segments)) {
+        if let Some(m) = block.allow.iter().find(|m| m.matches_segments(method, &segments)) {
             return Some(HttpVerdict::Allow { rule: Some(format!("http allow {}", m.text)) });
         }
     }

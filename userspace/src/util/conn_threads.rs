@@ -7,15 +7,19 @@
 //! the other worker, which is then unparked with a futex and a context
 //! switch; on a busy 2-core host those hand-offs and the wake-ups of idle
 //! workers cost more than the request's own work (`bench proxy`, perf).
-//! Here a connection's tasks are all on the thread that took it, woken by
-//! that thread's own epoll. The price: a connection cannot move to an idle
-//! thread, so new ones go to the thread serving the fewest.
+//! Here a connection's own tasks are all on the thread that took it, woken
+//! by that thread's epoll (what it waits for elsewhere — a DNS lookup, a
+//! lock — still wakes it from another thread). The price: a connection
+//! cannot move to an idle thread, so new ones go to the thread serving the
+//! fewest (by count, not by load).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// The connection threads; dropping this ends them (and cancels what they
-/// were serving).
+/// The connection threads; dropping the last owner ends them (and cancels
+/// what they were serving). Tasks on them may hold an owner themselves
+/// (the proxy's context does): then the threads live as long as the
+/// process, as a data plane's do.
 pub struct ConnThreads {
     threads: Vec<ConnThread>,
 }
@@ -72,6 +76,12 @@ impl ConnThreads {
 
     pub fn is_empty(&self) -> bool {
         self.threads.is_empty()
+    }
+
+    /// The first thread's runtime (of a set of one: its runtime), for work
+    /// that must live there.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.threads[0].handle.clone()
     }
 
     /// Connections open on each thread.

@@ -73,6 +73,9 @@ struct Serving {
     /// The listener loops, the event reader and the expiry task: a drain
     /// aborts them (connections already accepted run on).
     loops: Vec<JoinHandle<()>>,
+    /// The DNS proxy's thread (its UDP loops, their queries, the upstream
+    /// answers), kept as long as the data plane serves.
+    _dns_thread: crate::util::conn_threads::ConnThreads,
 }
 
 struct Plane {
@@ -462,7 +465,14 @@ impl Plane {
         let restored = Learned::restore(&config.learned_snapshot(), &maps);
         let learned = Arc::new(LearnedStore::new(maps, restored));
         let configs = PinnedConfigs::open(&config.bpf_dir).map_err(|e| e.to_string())?;
-        let upstream = Arc::new(crate::dns::upstream::UpstreamClient::default().sharing(config.dns_share_upstream_queries));
+        // The DNS proxy's UDP loops, the queries they take and the upstream
+        // answers all run on one thread of their own: no hand-off between
+        // threads per query, and no proxied connection in the way. The
+        // proxy's connections each run to their end on a serving thread
+        // (one per CPU).
+        let dns_thread = crate::util::conn_threads::ConnThreads::start(1, "dns").map_err(|e| format!("starting the DNS thread: {e}"))?;
+        let threads = Arc::new(crate::util::conn_threads::ConnThreads::per_cpu("serve").map_err(|e| format!("starting the serving threads: {e}"))?);
+        let upstream = Arc::new(crate::dns::upstream::UpstreamClient::default().sharing(config.dns_share_upstream_queries).receiving_on(dns_thread.handle()));
         let settings = dns_proxy::DnsSettings {
             upstream: config.upstream_resolver(),
             timing: crate::dns::decide::LearnTiming { min_ttl: config.dns_min_ttl, max_ttl: config.dns_max_ttl, grace: config.dns_grace },
@@ -488,9 +498,6 @@ impl Plane {
             draining: tokio::sync::watch::Sender::new(false),
             cache: crate::dns::cache::AnswerCache::new(settings_cache),
         });
-        // The proxy's connections and the DNS proxy's UDP loops (with the
-        // queries they spawn) each run to their end on one thread.
-        let threads = Arc::new(crate::util::conn_threads::ConnThreads::per_cpu("serve").map_err(|e| format!("starting the serving threads: {e}"))?);
         let proxy = Arc::new(ProxyContext {
             routes: self.routes.clone(),
             flows: self.flows.clone(),
@@ -519,7 +526,7 @@ impl Plane {
             loops.push(self.runtime.spawn(crate::proxy::serve(l, proxy.clone())));
         }
         for u in listeners.dns_udp {
-            loops.push(threads.spawn(dns_proxy::serve_udp(u, dns.clone())));
+            loops.push(dns_thread.spawn(dns_proxy::serve_udp(u, dns.clone())));
         }
         for t in listeners.dns_tcp {
             loops.push(self.runtime.spawn(dns_proxy::serve_tcp(t, dns.clone())));
@@ -530,7 +537,7 @@ impl Plane {
             let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         })));
-        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Serving { learned, configs: Mutex::new(configs), dns, proxy, loops }));
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Serving { learned, configs: Mutex::new(configs), dns, proxy, loops, _dns_thread: dns_thread }));
         // Sandboxes deleted while no data plane served keep nothing learned;
         // what the running ones learned after the snapshot is taken in.
         self.forget_unrecorded();
