@@ -70,14 +70,6 @@ impl ConnThreads {
         ConnThreads::start(std::thread::available_parallelism().map_or(1, |n| n.get()), name)
     }
 
-    pub fn len(&self) -> usize {
-        self.threads.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.threads.is_empty()
-    }
-
     /// The first thread's runtime (of a set of one: its runtime), for work
     /// that must live there.
     pub fn handle(&self) -> tokio::runtime::Handle {
@@ -115,11 +107,7 @@ impl ConnThreads {
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let stream = stream.into_std()?;
-        let thread = &self.threads[least_busy(&self.open())];
-        thread.open.fetch_add(1, Ordering::Relaxed);
-        let open = Open(thread.open.clone());
-        thread.handle.spawn(async move {
-            let _open = open;
+        self.spawn(async move {
             match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => serve(stream).await,
                 Err(e) => tracing::warn!("connection thread: taking a connection: {e}"),

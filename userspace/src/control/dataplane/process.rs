@@ -509,7 +509,7 @@ impl Plane {
             upstream_requests: config.upstream_requests(),
             in_flight: Default::default(),
             policy_changes: self.policy_changes.subscribe(),
-            threads: threads.clone(),
+            threads,
         });
         let mut metrics = crate::observe::metrics::Metrics::default();
         self.flows.metrics.register(metrics.registry());
