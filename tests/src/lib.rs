@@ -481,6 +481,11 @@ impl WorldDns {
         });
         WorldDns { _child: child }
     }
+
+    /// The dnsmasq process (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> u32 {
+        self._child.0.id()
+    }
 }
 
 /// Real `dig` from a namespace: (status, answer lines) — status as dig

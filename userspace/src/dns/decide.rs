@@ -598,6 +598,55 @@ pub fn learned_value(
     value
 }
 
+/// How long an address's last answer may be ago before a new answer must
+/// record it again: the per-name cap forgets the least recently answered
+/// first, to within this.
+pub const ANSWERED_RESOLUTION_NS: u64 = 1_000_000_000;
+
+/// One allowed answer's address against what is learned already: the value
+/// its trie entry must hold, and whether the trie must be written. Expiry
+/// moves in whole seconds, so an entry that already says the same to within
+/// one is kept as it is (no syscall).
+pub fn planned_value(policy: &CompiledPolicy, policy_id: u32, existing: Option<&LearnedAddr>, ip: IpAddr, rule: u32, port: Option<u16>, until_ns: u64) -> (PolicyValue, bool) {
+    let existing = existing.filter(|l| l.policy_id == policy_id).map(|l| l.value);
+    let value = learned_value(policy, ip, existing.as_ref(), rule, port, until_ns);
+    match existing {
+        Some(e) if e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns => (e, false),
+        _ => (value, true),
+    }
+}
+
+/// Whether an allowed answer leaves what is learned as it is: each of its
+/// addresses (with the expiry it would get) is open for `policy_id` as
+/// [`planned_value`] would leave it, already under `name`, answered within
+/// [`ANSWERED_RESOLUTION_NS`], and the name is within its cap (0: none).
+/// Such an answer — the common one, a name asked again — needs no writer
+/// lock and no write.
+#[allow(clippy::too_many_arguments)]
+pub fn answer_changes_nothing(
+    table: Option<&std::collections::HashMap<IpAddr, LearnedAddr>>,
+    policy: &CompiledPolicy,
+    policy_id: u32,
+    name: &str,
+    addresses: &[(IpAddr, u64)],
+    rule: u32,
+    port: Option<u16>,
+    cap: usize,
+    now_ns: u64,
+) -> bool {
+    let Some(table) = table else { return false };
+    let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
+    if cap > 0 && exceeds_cap(table, name, &current, cap) {
+        return false;
+    }
+    addresses.iter().all(|(ip, until_ns)| {
+        let Some(entry) = table.get(ip) else { return false };
+        entry.names.contains(name)
+            && entry.answered_ns + ANSWERED_RESOLUTION_NS > now_ns
+            && !planned_value(policy, policy_id, Some(entry), *ip, rule, port, *until_ns).1
+    })
+}
+
 /// One learned address of one sandbox.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LearnedAddr {
@@ -1153,6 +1202,50 @@ deny = ["198.51.100.0/24", "denied.test"]
         assert!(carry_learned(&none, "198.51.100.5".parse().unwrap(), &learned).is_none());
         let denied = compile(&Policy::parse("t.toml", "name = \"t\"\n[network]\nallow = [\"allowed.test\"]\ndeny = [\"198.51.100.0/24\"]\n").unwrap(), &[]).unwrap();
         assert!(carry_learned(&denied, "198.51.100.5".parse().unwrap(), &learned).is_none());
+    }
+
+    #[test]
+    fn a_name_asked_again_changes_nothing_only_when_all_is_in_place() {
+        let p = policy();
+        let s = 1_000_000_000u64;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b) = (ip("198.51.100.5"), ip("198.51.100.6"));
+        let now = 100 * s;
+        let entry = |until: u64, names: &[&str], answered: u64| LearnedAddr {
+            policy_id: 7,
+            value: learned_value(&p, a, None, 1, None, until),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            answered_ns: answered,
+        };
+        let mut t = std::collections::HashMap::new();
+        t.insert(a, entry(now + 60 * s, &["allowed.test"], now - s / 2));
+        let asked = |t: &std::collections::HashMap<IpAddr, LearnedAddr>, addrs: &[(IpAddr, u64)], policy_id: u32, port: Option<u16>, cap: usize| {
+            answer_changes_nothing(Some(t), &p, policy_id, "allowed.test", addrs, 1, port, cap, now)
+        };
+        // Same name, an expiry within a second of the entry's, answered
+        // half a second ago: nothing to do.
+        assert!(asked(&t, &[(a, now + 60 * s)], 7, None, 0));
+        assert!(asked(&t, &[(a, now + 60 * s + s / 2)], 7, None, 0));
+        assert!(asked(&t, &[(a, now + 60 * s)], 7, None, 4), "within its cap");
+        // The expiry moves on by a second or more: the trie is written.
+        assert!(!asked(&t, &[(a, now + 61 * s)], 7, None, 0));
+        // Open for any port already: a name with a port rule keeps it so.
+        assert!(asked(&t, &[(a, now + 60 * s)], 7, Some(443), 0));
+        // Another policy generation, an address not learned, no table for
+        // the sandbox: written.
+        assert!(!asked(&t, &[(a, now + 60 * s)], 8, None, 0));
+        assert!(!asked(&t, &[(a, now + 60 * s), (b, now + 60 * s)], 7, None, 0));
+        assert!(!answer_changes_nothing(None, &p, 7, "allowed.test", &[(a, now + 60 * s)], 1, None, 0, now));
+        // Learned under another name only: this name is recorded.
+        assert!(!answer_changes_nothing(Some(&t), &p, 7, "other.test", &[(a, now + 60 * s)], 1, None, 0, now));
+        // Answered more than a second ago: recorded again (the cap's order).
+        t.insert(a, entry(now + 60 * s, &["allowed.test"], now - 2 * s));
+        assert!(!asked(&t, &[(a, now + 60 * s)], 7, None, 0));
+        // Over its cap: the writer lock decides what to forget.
+        t.insert(a, entry(now + 60 * s, &["allowed.test"], now));
+        t.insert(b, entry(now + 60 * s, &["allowed.test"], now));
+        assert!(asked(&t, &[(a, now + 60 * s)], 7, None, 2));
+        assert!(!asked(&t, &[(a, now + 60 * s)], 7, None, 1));
     }
 
     #[test]

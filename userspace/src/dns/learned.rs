@@ -164,6 +164,11 @@ impl<T: LearnedTries> LearnedStore<T> {
         self.table.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `f` on the table, under the read lock (held only while `f` runs).
+    pub fn read_with<R>(&self, f: impl FnOnce(&Learned) -> R) -> R {
+        f(&self.read())
+    }
+
     /// The addresses DNS answered `sandbox` for `name` that are still open
     /// at `now_ns` (boot time).
     pub fn addresses_for(&self, sandbox: &str, name: &str, now_ns: u64) -> Vec<IpAddr> {

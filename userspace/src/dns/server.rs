@@ -26,7 +26,7 @@ use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
 use crate::util::conn_limit::{AtCap, ConnLimits};
 use crate::dns::decide::{
-    answers_query, checked, checked_name, conntrack_pairs, learned_value, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict,
+    answers_query, checked, checked_name, conntrack_pairs, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict,
     LearnTiming, LearnedAddr, NameVerdict, RecordFate, Screened,
 };
 use crate::observe::record::{DnsDetail, FlowRecord, Verdict};
@@ -556,8 +556,19 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
         tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS: map write not done within the hold timeout; SERVFAIL");
         DnsError::HoldTimeout(ctx.settings.hold_timeout)
     };
-    let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
     let cap = ctx.settings.max_addresses_per_name;
+    let untils: Vec<(IpAddr, u64)> = addresses.iter().map(|(ip, ttl)| (*ip, now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000)).collect();
+    // A name asked again changes nothing: answered on the read lock, as
+    // the entries it needs are in place (an entry leaves the table only
+    // once expired, and these outlive the answer's TTL).
+    let nothing = ctx.learned.read_with(|learned| {
+        crate::dns::decide::answer_changes_nothing(learned.by_sandbox.get(&route.sandbox), &route.policy, route.policy_id, qname, &untils, rule, port, cap, now)
+    });
+    if nothing {
+        ctx.stats.record_hold(held_since.elapsed());
+        return Ok(());
+    }
+    let current: Vec<IpAddr> = addresses.iter().map(|(ip, _)| *ip).collect();
     let live_now = || async {
         let guests = guest_addresses(&ctx.routes, &route.sandbox);
         tokio::time::timeout_at(deadline, live_destinations(&ctx.conntrack, &guests)).await.map_err(|_| held_too_long())
@@ -585,19 +596,11 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     let planned: Vec<(IpAddr, sbx_net_common::PolicyValue, bool)> = {
         let learned = change.table();
         let table = learned.by_sandbox.get(&route.sandbox);
-        addresses
+        untils
             .iter()
-            .map(|(ip, ttl)| {
-                let until = now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000;
-                let existing = table.and_then(|t| t.get(ip)).filter(|l| l.policy_id == route.policy_id).map(|l| l.value);
-                let value = learned_value(&route.policy, *ip, existing.as_ref(), rule, port, until);
-                // Expiry moves in whole seconds: skip the syscall when the
-                // entry already says the same to within one.
-                let unchanged = existing.is_some_and(|e| e.learned_port == value.learned_port && e.learned_until_ns + 1_000_000_000 > value.learned_until_ns);
-                match existing {
-                    Some(e) if unchanged => (*ip, e, false),
-                    _ => (*ip, value, true),
-                }
+            .map(|(ip, until)| {
+                let (value, write) = crate::dns::decide::planned_value(&route.policy, route.policy_id, table.and_then(|t| t.get(ip)), *ip, rule, port, *until);
+                (*ip, value, write)
             })
             .collect()
     };

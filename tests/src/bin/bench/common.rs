@@ -118,3 +118,50 @@ pub(crate) fn alternating<T>(configs: usize, rounds: usize, mut run: impl FnMut(
     }
     Ok(out)
 }
+
+/// CPU time (µs) used so far by process `pid` and its children (nginx's
+/// workers), read from /proc: (user + system, user alone).
+pub(crate) fn tree_cpu_us(pid: u32) -> (f64, f64) {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (mut ticks, mut user) = (0u64, 0u64);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the command's closing parenthesis: state (3), ppid
+        // (4), …, utime (14), stime (15).
+        let Some((head, rest)) = stat.rsplit_once(") ") else { continue };
+        let own: Option<u32> = head.split_whitespace().next().and_then(|p| p.parse().ok());
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ppid: Option<u32> = fields.get(1).and_then(|p| p.parse().ok());
+        if own == Some(pid) || ppid == Some(pid) {
+            let utime = fields.get(11).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+            user += utime;
+            ticks += utime + fields.get(12).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    (ticks as f64 / hz * 1e6, user as f64 / hz * 1e6)
+}
+
+/// The pid of the sbx-net data plane (the process the proxy runs in) of
+/// the daemon whose state is in `state_dir`.
+pub(crate) fn dataplane_pid(state_dir: &std::path::Path) -> Option<u32> {
+    let want = state_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        (args.iter().any(|a| a == "dataplane") && args.contains(&want)).then(|| entry.file_name().to_string_lossy().parse().ok()).flatten()
+    })
+}
+
+/// Busy CPU time (µs) of the whole machine so far, all CPUs, from
+/// /proc/stat (user, nice, system, irq and softirq; not idle, iowait or
+/// the hypervisor's steal).
+pub(crate) fn machine_busy_us() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|t| t.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal …
+    let busy: u64 = [0, 1, 2, 5, 6].iter().filter_map(|i| ticks.get(*i)).sum();
+    busy as f64 / hz * 1e6
+}

@@ -86,8 +86,9 @@ pub(crate) fn fixed_rate(target: SocketAddr, rate: u32, seconds: u64) -> Result<
     Ok(DnsRun { p50_us: percentile(&latencies, 0.5), p99_us: percentile(&latencies, 0.99), answered: latencies.len(), sent: total })
 }
 
-/// Closed loop with DNS_WINDOW queries in flight: answers per second.
-pub(crate) fn max_rate(target: SocketAddr, seconds: u64) -> Result<f64> {
+/// Closed loop with DNS_WINDOW queries in flight: (answers per second,
+/// answers).
+pub(crate) fn max_rate(target: SocketAddr, seconds: u64) -> Result<(f64, u64)> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(target)?;
     socket.set_read_timeout(Some(Duration::from_millis(100)))?;
@@ -108,7 +109,7 @@ pub(crate) fn max_rate(target: SocketAddr, seconds: u64) -> Result<f64> {
         socket.send(&dns_query(next_id, "bench.test"))?;
         next_id = next_id.wrapping_add(1);
     }
-    Ok(answered as f64 / start.elapsed().as_secs_f64())
+    Ok((answered as f64 / start.elapsed().as_secs_f64(), answered))
 }
 
 /// Debian's unbound forwarding "." to `upstream`, on `addr:port` in the
@@ -169,6 +170,13 @@ impl UnboundPeer {
     }
 }
 
+impl UnboundPeer {
+    /// The unbound process (`ip netns exec` execs it in place).
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.0.id())
+    }
+}
+
 impl Drop for UnboundPeer {
     fn drop(&mut self) {
         drop(self.child.take());
@@ -176,16 +184,25 @@ impl Drop for UnboundPeer {
     }
 }
 
-/// One measured run of a path: latency at DNS_RATE, then the maximum rate.
+/// One measured run of a path: latency at DNS_RATE, then the maximum rate
+/// with the CPU time per answer it took: the answering process's
+/// (`server_us`, user and system, all its threads) and the whole
+/// machine's (`machine_us`: the guest's client, the netns guest's frame
+/// pump, the kernel's packet path, the upstream, the server).
 struct PathRun {
     fixed: DnsRun,
     max: f64,
+    server_us: f64,
+    machine_us: f64,
 }
 
-fn measure(guest: &NetNs, target: SocketAddr) -> Result<PathRun> {
+fn measure(guest: &NetNs, target: SocketAddr, server: Option<u32>) -> Result<PathRun> {
     let fixed = guest.run(|| fixed_rate(target, DNS_RATE, DNS_SECONDS))??;
-    let max = guest.run(|| max_rate(target, DNS_MAX_SECONDS))??;
-    Ok(PathRun { fixed, max })
+    let server_cpu = || server.map_or(f64::NAN, |pid| tree_cpu_us(pid).0);
+    let (server_before, machine_before) = (server_cpu(), machine_busy_us());
+    let (max, answered) = guest.run(|| max_rate(target, DNS_MAX_SECONDS))??;
+    let per_answer = |cpu: f64| cpu / answered.max(1) as f64;
+    Ok(PathRun { fixed, max, server_us: per_answer(server_cpu() - server_before), machine_us: per_answer(machine_busy_us() - machine_before) })
 }
 
 /// Queries `target` until it answers (the proxy after a restart, a peer's
@@ -202,38 +219,48 @@ fn warm_up(guest: &NetNs, target: SocketAddr) -> Result<()> {
     }
 }
 
+/// One path of a table: (what, short name, address, the answering
+/// process's pid).
+type DnsPath<'a> = (&'a str, &'a str, SocketAddr, Option<u32>);
+
 /// One table of paths measured alternating: the upstream directly first
 /// (the added latency's base), then sbx-net, then the peers.
-fn dns_table(guest: &NetNs, phase: &str, key: &str, paths: &[(&str, &str, SocketAddr)]) -> Result<Vec<(Figure, Figure, Figure)>> {
-    for (_, _, target) in paths {
+fn dns_table(guest: &NetNs, phase: &str, key: &str, paths: &[DnsPath]) -> Result<Vec<(Figure, Figure, Figure)>> {
+    for (_, _, target, _) in paths {
         warm_up(guest, *target)?;
     }
-    let runs = alternating(paths.len(), DNS_MAX_RUNS, |i| measure(guest, paths[i].2))?;
+    let runs = alternating(paths.len(), DNS_MAX_RUNS, |i| measure(guest, paths[i].2, paths[i].3))?;
     // Added latency per round: each run against the baseline run of the
     // same round.
     let base: Vec<(f64, f64)> = runs[0].iter().map(|r| (r.fixed.p50_us, r.fixed.p99_us)).collect();
     println!("### {phase}: latency at {DNS_RATE} queries/s for {DNS_SECONDS} s and the maximum rate ({DNS_WINDOW} in flight), from a netns guest; medians of {DNS_MAX_RUNS} alternating runs (min–max)\n");
-    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | answered | max queries/s |");
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("| path | p50 µs | p99 µs | added p50 µs | added p99 µs | answered | max queries/s | server CPU µs/answer | machine CPU µs/answer |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut figures = Vec::new();
-    for ((what, short, _), runs) in paths.iter().zip(&runs) {
+    for ((what, short, _, _), runs) in paths.iter().zip(&runs) {
         let p50: Vec<f64> = runs.iter().map(|r| r.fixed.p50_us).collect();
         let p99: Vec<f64> = runs.iter().map(|r| r.fixed.p99_us).collect();
         let added50: Vec<f64> = runs.iter().zip(&base).map(|(r, b)| r.fixed.p50_us - b.0).collect();
         let added99: Vec<f64> = runs.iter().zip(&base).map(|(r, b)| r.fixed.p99_us - b.1).collect();
         let max: Vec<f64> = runs.iter().map(|r| r.max).collect();
+        let server: Vec<f64> = runs.iter().map(|r| r.server_us).collect();
+        let machine: Vec<f64> = runs.iter().map(|r| r.machine_us).collect();
         let answered: usize = runs.iter().map(|r| r.fixed.answered).sum();
         let sent: usize = runs.iter().map(|r| r.fixed.sent).sum();
         let qps = record("dns", &format!("dns {short} {key} queries/s"), "queries/s", Better::Higher, &max);
         let a50 = record("dns", &format!("dns {short} {key} p50 added"), "µs", Better::Lower, &added50);
         let a99 = record("dns", &format!("dns {short} {key} p99 added"), "µs", Better::Lower, &added99);
+        let server = record("dns", &format!("dns {short} {key} server cpu/answer"), "µs", Better::Lower, &server);
+        let machine = record("dns", &format!("dns {short} {key} machine cpu/answer"), "µs", Better::Lower, &machine);
         println!(
-            "| {what} | {} | {} | {} | {} | {answered}/{sent} | {} |",
+            "| {what} | {} | {} | {} | {} | {answered}/{sent} | {} | {} | {} |",
             Figure { runs: p50, ..a50.clone() }.spread(0),
             Figure { runs: p99, ..a99.clone() }.spread(0),
             a50.spread(0),
             a99.spread(0),
-            qps.spread(0)
+            qps.spread(0),
+            server.spread(1),
+            machine.spread(1)
         );
         figures.push((qps, a50, a99));
     }
@@ -261,18 +288,18 @@ pub(crate) fn dns_bench() -> Result<()> {
     h.topology.add_world_address(unbound_addr);
     let records = vec!["--local=/test/".to_string(), "--host-record=bench.test,198.51.100.5,300".to_string()];
     let _auth = WorldDns::start_with(&h.topology.world, upstream, 53, &records);
-    let _auth_direct = WorldDns::start_with(&h.topology.world, upstream, 5353, &records);
+    let auth_direct = WorldDns::start_with(&h.topology.world, upstream, 5353, &records);
     // The peers, one hop from the guest as the proxy is, forwarding to the
     // same upstream: with their caches off, and on.
-    let _dnsmasq = WorldDns::start_with(&h.topology.world, forwarder, 5300, &[format!("--server={upstream}#53"), "--cache-size=0".into()]);
-    let _dnsmasq_cached = WorldDns::start_with(&h.topology.world, forwarder, 5302, &[format!("--server={upstream}#53"), "--cache-size=1000".into()]);
+    let dnsmasq = WorldDns::start_with(&h.topology.world, forwarder, 5300, &[format!("--server={upstream}#53"), "--cache-size=0".into()]);
+    let dnsmasq_cached = WorldDns::start_with(&h.topology.world, forwarder, 5302, &[format!("--server={upstream}#53"), "--cache-size=1000".into()]);
     let up = SocketAddr::new(upstream, 53);
-    let _unbound = UnboundPeer::start(&h.topology.world, unbound_addr, 5301, up, false)?;
-    let _unbound_cached = UnboundPeer::start(&h.topology.world, unbound_addr, 5303, up, true)?;
+    let unbound = UnboundPeer::start(&h.topology.world, unbound_addr, 5301, up, false)?;
+    let unbound_cached = UnboundPeer::start(&h.topology.world, unbound_addr, 5303, up, true)?;
     let g = h.create_guest("bench", "bench");
     let guest = NetNs::open(g["netns"].as_str().context("netns")?)?;
 
-    let direct = ("upstream directly (baseline)", "upstream", SocketAddr::new(upstream, 5353));
+    let direct = ("upstream directly (baseline)", "upstream", SocketAddr::new(upstream, 5353), Some(auth_direct.pid()));
     let proxy = SocketAddr::new(upstream, 53);
     let uncached = dns_table(
         &guest,
@@ -280,9 +307,9 @@ pub(crate) fn dns_bench() -> Result<()> {
         "uncached",
         &[
             direct,
-            ("sbx-net DNS proxy (port 53, redirected), cache off", "sbx-net", proxy),
-            ("dnsmasq forwarding, --cache-size=0 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5300)),
-            ("unbound forwarding, cache-max-ttl 0 (peer)", "unbound", SocketAddr::new(unbound_addr, 5301)),
+            ("sbx-net DNS proxy (port 53, redirected), cache off", "sbx-net", proxy, dataplane_pid(&h.state_dir)),
+            ("dnsmasq forwarding, --cache-size=0 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5300), Some(dnsmasq.pid())),
+            ("unbound forwarding, cache-max-ttl 0 (peer)", "unbound", SocketAddr::new(unbound_addr, 5301), unbound.pid()),
         ],
     )?;
     let stats_off = h.json(&["status", "--json"]);
@@ -295,9 +322,9 @@ pub(crate) fn dns_bench() -> Result<()> {
         "cached",
         &[
             direct,
-            ("sbx-net, answer cached", "sbx-net", proxy),
-            ("dnsmasq forwarding, --cache-size=1000 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5302)),
-            ("unbound forwarding, caches on (peer)", "unbound", SocketAddr::new(unbound_addr, 5303)),
+            ("sbx-net, answer cached", "sbx-net", proxy, dataplane_pid(&h.state_dir)),
+            ("dnsmasq forwarding, --cache-size=1000 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5302), Some(dnsmasq_cached.pid())),
+            ("unbound forwarding, caches on (peer)", "unbound", SocketAddr::new(unbound_addr, 5303), unbound_cached.pid()),
         ],
     )?;
     let stats_on = h.json(&["status", "--json"]);
