@@ -618,10 +618,12 @@ pub fn planned_value(policy: &CompiledPolicy, policy_id: u32, existing: Option<&
 
 /// Whether an allowed answer leaves what is learned as it is: each of its
 /// addresses (with the expiry it would get) is open for `policy_id` as
-/// [`planned_value`] would leave it, already under `name`, answered within
-/// [`ANSWERED_RESOLUTION_NS`], and the name is within its cap (0: none).
-/// Such an answer — the common one, a name asked again — needs no writer
-/// lock and no write.
+/// [`planned_value`] would leave it and for more than
+/// [`ANSWERED_RESOLUTION_NS`] yet (also with a TTL, minimum and grace of
+/// 0), already under `name`, answered within [`ANSWERED_RESOLUTION_NS`],
+/// and the name is within its cap (0: none). Such an answer — the common
+/// one, a name asked again — needs no writer lock and no write. (The cap
+/// forgets the least recently answered first: to within that resolution.)
 #[allow(clippy::too_many_arguments)]
 pub fn answer_changes_nothing(
     table: Option<&std::collections::HashMap<IpAddr, LearnedAddr>>,
@@ -642,6 +644,7 @@ pub fn answer_changes_nothing(
     addresses.iter().all(|(ip, until_ns)| {
         let Some(entry) = table.get(ip) else { return false };
         entry.names.contains(name)
+            && entry.value.learned_until_ns > now_ns + ANSWERED_RESOLUTION_NS
             && entry.answered_ns + ANSWERED_RESOLUTION_NS > now_ns
             && !planned_value(policy, policy_id, Some(entry), *ip, rule, port, *until_ns).1
     })
@@ -1241,6 +1244,9 @@ deny = ["198.51.100.0/24", "denied.test"]
         // Answered more than a second ago: recorded again (the cap's order).
         t.insert(a, entry(now + 60 * s, &["allowed.test"], now - 2 * s));
         assert!(!asked(&t, &[(a, now + 60 * s)], 7, None, 0));
+        // About to expire (a TTL, minimum and grace of 0): written.
+        t.insert(a, entry(now + s / 2, &["allowed.test"], now));
+        assert!(!asked(&t, &[(a, now)], 7, None, 0));
         // Over its cap: the writer lock decides what to forget.
         t.insert(a, entry(now + 60 * s, &["allowed.test"], now));
         t.insert(b, entry(now + 60 * s, &["allowed.test"], now));

@@ -26,7 +26,8 @@ use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
 use crate::util::conn_limit::{AtCap, ConnLimits};
 use crate::dns::decide::{
-    answers_query, checked, checked_name, conntrack_pairs, name_verdict, over_cap, plan_answer, reencode, refusal, screen_query, AnswerRecord, ChainVerdict,
+    answer_changes_nothing, answers_query, checked, checked_name, conntrack_pairs, name_verdict, over_cap, plan_answer, planned_value, reencode, refusal, screen_query,
+    AnswerRecord, ChainVerdict,
     LearnTiming, LearnedAddr, NameVerdict, RecordFate, Screened,
 };
 use crate::observe::record::{DnsDetail, FlowRecord, Verdict};
@@ -542,8 +543,9 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
 }
 
 /// Writes an allowed answer's addresses into the sandbox's trie entries
-/// (and the learned table) under the store's writer lock; Err when the
-/// answer must not be released. When the answer puts the name over its
+/// (and the learned table) under the store's writer lock — unless the
+/// answer changes nothing learned, which is checked on the read lock
+/// first; Err when the answer must not be released. When the answer puts the name over its
 /// cap, conntrack is read first, on a blocking thread and before the lock;
 /// the whole wait (conntrack, lock) is bounded by the hold timeout.
 async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &str, addresses: &[(IpAddr, u32)], rule: u32, port: Option<u16>) -> Result<(), DnsError> {
@@ -558,12 +560,12 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
     };
     let cap = ctx.settings.max_addresses_per_name;
     let untils: Vec<(IpAddr, u64)> = addresses.iter().map(|(ip, ttl)| (*ip, now + ctx.settings.timing.open_seconds(*ttl) * 1_000_000_000)).collect();
-    // A name asked again changes nothing: answered on the read lock, as
-    // the entries it needs are in place (an entry leaves the table only
-    // once expired, and these outlive the answer's TTL).
-    let nothing = ctx.learned.read_with(|learned| {
-        crate::dns::decide::answer_changes_nothing(learned.by_sandbox.get(&route.sandbox), &route.policy, route.policy_id, qname, &untils, rule, port, cap, now)
-    });
+    // A name asked again changes nothing: released on the read lock. Its
+    // entries are in place in the tries (the table holds an entry only
+    // while its trie entry is written) and open past the answer's release
+    // (checked); one removed after it — swept once expired, forgotten,
+    // evicted by the cap — is as for an answer that took the writer lock.
+    let nothing = ctx.learned.read_with(|learned| answer_changes_nothing(learned.by_sandbox.get(&route.sandbox), &route.policy, route.policy_id, qname, &untils, rule, port, cap, now));
     if nothing {
         ctx.stats.record_hold(held_since.elapsed());
         return Ok(());
@@ -599,7 +601,7 @@ async fn learn(ctx: &DnsContext, route: &crate::sandbox::route::Route, qname: &s
         untils
             .iter()
             .map(|(ip, until)| {
-                let (value, write) = crate::dns::decide::planned_value(&route.policy, route.policy_id, table.and_then(|t| t.get(ip)), *ip, rule, port, *until);
+                let (value, write) = planned_value(&route.policy, route.policy_id, table.and_then(|t| t.get(ip)), *ip, rule, port, *until);
                 (*ip, value, write)
             })
             .collect()

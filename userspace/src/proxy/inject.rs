@@ -880,8 +880,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ScrubBody<B> {
 /// Turns of the serving thread [`read_ahead`] gives the upstream
 /// connection's task to hand over what it has already read.
 const READ_AHEAD_TURNS: u32 = 2;
-/// At most this many frames and bytes are read ahead: a small answer
-/// whole, a large or streaming one only its start.
+/// At most this many frames, and about this many bytes (the limit is
+/// checked before each frame: at most one frame more, itself bounded by
+/// the upstream connection's read buffer), are read ahead: a small
+/// answer whole, a large or streaming one only its start.
 const READ_AHEAD_FRAMES: usize = 16;
 const READ_AHEAD_BYTES: usize = 64 * 1024;
 
@@ -889,7 +891,8 @@ const READ_AHEAD_BYTES: usize = 64 * 1024;
 struct ReadAhead<B: Body> {
     held: std::collections::VecDeque<Result<Frame<B::Data>, B::Error>>,
     rest: B,
-    /// The body ended while read ahead.
+    /// The body ended while read ahead, or an error was handed on (the
+    /// body ends there).
     ended: bool,
 }
 
@@ -909,7 +912,7 @@ async fn read_ahead<B: Body + Unpin>(mut body: B) -> ReadAhead<B> {
         }
         match Pin::new(&mut body).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                bytes += frame.data_ref().map_or(0, |d| hyper::body::Buf::remaining(d));
+                bytes += frame.data_ref().map_or(0, hyper::body::Buf::remaining);
                 held.push_back(Ok(frame));
             }
             Poll::Ready(Some(Err(e))) => {
@@ -944,12 +947,20 @@ impl<B: Body + Unpin> Body for ReadAhead<B> {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         if let Some(frame) = self.held.pop_front() {
+            if frame.is_err() {
+                self.ended = true;
+                self.held.clear();
+            }
             return Poll::Ready(Some(frame));
         }
         if self.ended {
             return Poll::Ready(None);
         }
-        Pin::new(&mut self.rest).poll_frame(cx)
+        let polled = Pin::new(&mut self.rest).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            self.ended = true;
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -957,7 +968,9 @@ impl<B: Body + Unpin> Body for ReadAhead<B> {
     }
 
     /// The upstream's own hint plus what is held: exact only where the
-    /// upstream's was (the guest gets the framing it would have got).
+    /// upstream's was, so the guest gets the framing it would have got —
+    /// but for an empty body, which ends before its head is written (sent
+    /// with `content-length: 0` where a chunked upstream sent no chunk).
     fn size_hint(&self) -> SizeHint {
         let held: u64 = self.held.iter().filter_map(|f| f.as_ref().ok()?.data_ref()).map(|d| hyper::body::Buf::remaining(d) as u64).sum();
         let inner = self.rest.size_hint();
@@ -1840,6 +1853,27 @@ mod tests {
         // An empty body: ended.
         let empty = futures_lite_block_on(read_ahead(Frames(Default::default())));
         assert!(empty.is_end_stream() && empty.held.is_empty());
+        // An error mid-body: what came before it, then the error, then the
+        // end (the upstream body is not polled again).
+        let failing = Failing(vec![Ok(Frame::data(Bytes::from_static(b"a"))), Err("reset"), Ok(Frame::data(Bytes::from_static(b"never")))].into());
+        let mut ahead = futures_lite_block_on(read_ahead(failing));
+        assert_eq!((ahead.held.len(), ahead.ended), (2, false), "read up to the error");
+        futures_lite_block_on(async {
+            assert_eq!(&ahead.frame().await.unwrap().unwrap().into_data().unwrap()[..], b"a");
+            assert_eq!(ahead.frame().await.unwrap().unwrap_err(), "reset");
+            assert!(ahead.frame().await.is_none() && ahead.is_end_stream());
+        });
+    }
+
+    /// A body of the given frames and errors.
+    struct Failing(std::collections::VecDeque<Result<Frame<Bytes>, &'static str>>);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = &'static str;
+        fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(self.0.pop_front())
+        }
     }
 
     /// Runs a future that never waits on I/O (in-memory bodies).

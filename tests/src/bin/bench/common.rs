@@ -142,15 +142,39 @@ pub(crate) fn tree_cpu_us(pid: u32) -> (f64, f64) {
     (ticks as f64 / hz * 1e6, user as f64 / hz * 1e6)
 }
 
-/// The pid of the sbx-net data plane (the process the proxy runs in) of
-/// the daemon whose state is in `state_dir`.
-pub(crate) fn dataplane_pid(state_dir: &std::path::Path) -> Option<u32> {
+/// The pids of the sbx-net data planes (the process the proxies run in)
+/// of the daemon whose state is in `state_dir`: more than one while a
+/// replaced one drains.
+fn dataplane_pids(state_dir: &std::path::Path) -> Vec<u32> {
     let want = state_dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
-        let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        (args.iter().any(|a| a == "dataplane") && args.contains(&want)).then(|| entry.file_name().to_string_lossy().parse().ok()).flatten()
-    })
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            (args.iter().any(|a| a == "dataplane") && args.contains(&want)).then(|| entry.file_name().to_string_lossy().parse().ok()).flatten()
+        })
+        .collect()
+}
+
+/// The pid of the data plane of the daemon whose state is in `state_dir`
+/// (the first found).
+pub(crate) fn dataplane_pid(state_dir: &std::path::Path) -> Option<u32> {
+    dataplane_pids(state_dir).first().copied()
+}
+
+/// The pid of the daemon's one data plane, once a replaced one (after a
+/// restart with another configuration) has drained and gone: its CPU time
+/// is the serving one's. At most 60 s (the default drain is at most 30).
+pub(crate) fn sole_dataplane_pid(state_dir: &std::path::Path) -> Result<u32> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match dataplane_pids(state_dir)[..] {
+            [pid] => return Ok(pid),
+            ref pids if Instant::now() > deadline => bail!("expected one data plane for {}, found {pids:?}", state_dir.display()),
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 /// Busy CPU time (µs) of the whole machine so far, all CPUs, from

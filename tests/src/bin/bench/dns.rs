@@ -172,8 +172,8 @@ impl UnboundPeer {
 
 impl UnboundPeer {
     /// The unbound process (`ip netns exec` execs it in place).
-    pub(crate) fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(|c| c.0.id())
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.0.id())
     }
 }
 
@@ -196,9 +196,9 @@ struct PathRun {
     machine_us: f64,
 }
 
-fn measure(guest: &NetNs, target: SocketAddr, server: Option<u32>) -> Result<PathRun> {
+fn measure(guest: &NetNs, target: SocketAddr, server: u32) -> Result<PathRun> {
     let fixed = guest.run(|| fixed_rate(target, DNS_RATE, DNS_SECONDS))??;
-    let server_cpu = || server.map_or(f64::NAN, |pid| tree_cpu_us(pid).0);
+    let server_cpu = || tree_cpu_us(server).0;
     let (server_before, machine_before) = (server_cpu(), machine_busy_us());
     let (max, answered) = guest.run(|| max_rate(target, DNS_MAX_SECONDS))??;
     let per_answer = |cpu: f64| cpu / answered.max(1) as f64;
@@ -221,7 +221,7 @@ fn warm_up(guest: &NetNs, target: SocketAddr) -> Result<()> {
 
 /// One path of a table: (what, short name, address, the answering
 /// process's pid).
-type DnsPath<'a> = (&'a str, &'a str, SocketAddr, Option<u32>);
+type DnsPath<'a> = (&'a str, &'a str, SocketAddr, u32);
 
 /// One table of paths measured alternating: the upstream directly first
 /// (the added latency's base), then sbx-net, then the peers.
@@ -299,7 +299,7 @@ pub(crate) fn dns_bench() -> Result<()> {
     let g = h.create_guest("bench", "bench");
     let guest = NetNs::open(g["netns"].as_str().context("netns")?)?;
 
-    let direct = ("upstream directly (baseline)", "upstream", SocketAddr::new(upstream, 5353), Some(auth_direct.pid()));
+    let direct = ("upstream directly (baseline)", "upstream", SocketAddr::new(upstream, 5353), auth_direct.pid());
     let proxy = SocketAddr::new(upstream, 53);
     let uncached = dns_table(
         &guest,
@@ -307,8 +307,8 @@ pub(crate) fn dns_bench() -> Result<()> {
         "uncached",
         &[
             direct,
-            ("sbx-net DNS proxy (port 53, redirected), cache off", "sbx-net", proxy, dataplane_pid(&h.state_dir)),
-            ("dnsmasq forwarding, --cache-size=0 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5300), Some(dnsmasq.pid())),
+            ("sbx-net DNS proxy (port 53, redirected), cache off", "sbx-net", proxy, sole_dataplane_pid(&h.state_dir)?),
+            ("dnsmasq forwarding, --cache-size=0 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5300), dnsmasq.pid()),
             ("unbound forwarding, cache-max-ttl 0 (peer)", "unbound", SocketAddr::new(unbound_addr, 5301), unbound.pid()),
         ],
     )?;
@@ -322,8 +322,8 @@ pub(crate) fn dns_bench() -> Result<()> {
         "cached",
         &[
             direct,
-            ("sbx-net, answer cached", "sbx-net", proxy, dataplane_pid(&h.state_dir)),
-            ("dnsmasq forwarding, --cache-size=1000 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5302), Some(dnsmasq_cached.pid())),
+            ("sbx-net, answer cached", "sbx-net", proxy, sole_dataplane_pid(&h.state_dir)?),
+            ("dnsmasq forwarding, --cache-size=1000 (peer)", "dnsmasq", SocketAddr::new(forwarder, 5302), dnsmasq_cached.pid()),
             ("unbound forwarding, caches on (peer)", "unbound", SocketAddr::new(unbound_addr, 5303), unbound_cached.pid()),
         ],
     )?;

@@ -256,7 +256,6 @@ fn check_injects(what: &str, addr: SocketAddr, sni: &str, ca: &std::path::Path) 
     Ok(())
 }
 
-
 /// A temporary directory, removed on drop.
 struct RemoveDir(std::path::PathBuf);
 
