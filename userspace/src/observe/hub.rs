@@ -205,6 +205,10 @@ pub struct FlowHub {
     /// The kernel's lost-event counter, as last read by the ring reader.
     pub ring_lost: AtomicU64,
     pub metrics: FlowMetrics,
+    /// `metrics.proxy_requests`' counter of each outcome counted so far: a
+    /// request counts without building the family's label set (three
+    /// allocations) and hashing it.
+    proxy_outcomes: std::sync::RwLock<std::collections::HashMap<&'static str, Counter>>,
 }
 
 /// Buffer of live records per follower before it counts as lagging.
@@ -234,6 +238,7 @@ impl FlowHub {
             audit: AuditWriter::start(log, AUDIT_QUEUE_JOBS, counters),
             ring_lost: AtomicU64::new(0),
             metrics,
+            proxy_outcomes: Default::default(),
         }
     }
 
@@ -357,8 +362,15 @@ impl FlowHub {
         }
     }
 
-    pub fn count_proxy(&self, outcome: &str) {
-        self.metrics.proxy_requests.get_or_create(&vec![("outcome".into(), outcome.into())]).inc();
+    pub fn count_proxy(&self, outcome: &'static str) {
+        let known = self.proxy_outcomes.read().unwrap_or_else(|p| p.into_inner()).get(outcome).cloned();
+        let counter = known.unwrap_or_else(|| {
+            // The family's counter itself (a handle on the same count).
+            let counter = self.metrics.proxy_requests.get_or_create(&vec![("outcome".into(), outcome.into())]).clone();
+            self.proxy_outcomes.write().unwrap_or_else(|p| p.into_inner()).insert(outcome, counter.clone());
+            counter
+        });
+        counter.inc();
     }
 
     /// Writes the stream for one `inspect` client: the loss counters, the
@@ -512,6 +524,18 @@ mod tests {
         let mut r = FlowRecord::new("a", "datapath", "new_flow", "tcp", verdict, "x");
         r.dst_port = n;
         r
+    }
+
+    #[test]
+    fn proxy_outcomes_count_in_the_family_prometheus_reads() {
+        let dir = std::env::temp_dir().join(format!("sbx-net-hub-outcomes-{}", std::process::id()));
+        let hub = FlowHub::new(&FlowLogSettings { history: 3, audit_path: dir.join("audit.log"), audit_max_bytes: 1 << 20, audit_keep: 1, audit_lines_per_second: 0, audit_burst: 0 });
+        for outcome in ["allowed", "allowed", "denied", "allowed"] {
+            hub.count_proxy(outcome);
+        }
+        let count = |o: &str| hub.metrics.proxy_requests.get_or_create(&vec![("outcome".into(), o.into())]).get();
+        assert_eq!((count("allowed"), count("denied"), count("audit")), (3, 1, 0));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
