@@ -510,6 +510,14 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
             Err(_) => failures.push(format!("[{}] {}", row.group, row.name)),
         }
     }
+    // A hostile or merely slow upstream streams its answer (server-sent
+    // events 100 ms apart): the proxy reads ahead only what is at hand, so
+    // each event reaches the guest as it comes, never held for the rest.
+    let h1_stream = h1.clone();
+    let arrivals = guest.run(move || sse_arrivals(addr_of("api.test", 443), "api.test", h1_stream, 5)).unwrap();
+    let spread = arrivals.last().unwrap().duration_since(arrivals[0]);
+    assert!(spread >= Duration::from_millis(300), "5 events paced 100 ms apart reached the guest within {spread:?} of each other: held back");
+    eprintln!("streamed answer: 5 events over {spread:?} at the guest");
     eprintln!("{}", summary.join("\n"));
     assert!(failures.is_empty(), "{} of {} attacks got through or went otherwise than expected (see above):\n{}", failures.len(), table.len(), failures.join("\n"));
     // The rapid reset did not reach the upstream once per stream.
@@ -536,4 +544,26 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
     drop(servers);
     drop(h);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// When each of `events` server-sent events (`/reflect/sse/N`) reached a
+/// guest reading the answer as it comes, over HTTP/1.1.
+fn sse_arrivals(addr: SocketAddr, sni: &str, config: Arc<rustls::ClientConfig>, events: usize) -> Vec<std::time::Instant> {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let server = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut tls = rustls::StreamOwned::new(rustls::ClientConnection::new(config, server).unwrap(), tcp);
+    tls.write_all(format!("GET /reflect/sse/{events} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let (mut seen, mut arrivals, mut buf) = (Vec::new(), Vec::new(), [0u8; 4096]);
+    while arrivals.len() < events {
+        let n = tls.read(&mut buf).unwrap_or(0);
+        assert!(n > 0, "the stream ended after {} of {events} events: {}", arrivals.len(), String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        while arrivals.len() < events && text.contains(&format!("data: event {}", arrivals.len())) {
+            arrivals.push(std::time::Instant::now());
+        }
+    }
+    arrivals
 }
