@@ -91,9 +91,34 @@ struct Compiled {
     matcher: AhoCorasick,
     /// Every proper prefix of every pattern: a stream holds back its
     /// longest suffix found here.
-    prefixes: HashSet<Box<[u8]>>,
+    prefixes: HashSet<Box<[u8]>, std::hash::BuildHasherDefault<Fnv>>,
     /// The longest pattern, in bytes.
     longest: usize,
+}
+
+/// FNV-1a for [`Compiled::prefixes`]: a set fixed when the secret is
+/// compiled, looked up with at most [`WINDOW`] − 1 short keys per chunk.
+/// Keys chosen by an upstream cannot make a fixed set's lookups slower
+/// than its own probe lengths, so SipHash's defence buys nothing here and
+/// its cost showed in a small response's scrubbing (`bench proxy`, perf).
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 impl std::fmt::Debug for Patterns {
@@ -136,7 +161,7 @@ impl Patterns {
         }
         let matcher = AhoCorasickBuilder::new().match_kind(MatchKind::Standard).build(patterns.iter().map(|p| p.as_slice()))?;
         let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(1);
-        let mut prefixes = HashSet::new();
+        let mut prefixes = HashSet::default();
         for p in &patterns {
             for len in 1..p.len() {
                 prefixes.insert(Box::from(&p[..len]));
@@ -203,10 +228,16 @@ impl Scrubber {
         let keep = compiled.longest.saturating_sub(1);
         if self.sent == self.tail.len() && !chunk.is_empty() {
             // Nothing held: the chunk goes as it is unless a match is in
-            // it, crosses into it, or may start at its end.
-            let edge = [&self.tail[..], &chunk[..chunk.len().min(keep)]].concat();
-            let end = if chunk.len() >= keep { chunk } else { &edge[..] };
-            if !compiled.matcher.is_match(&edge[..]) && !compiled.matcher.is_match(chunk) && compiled.hold(end) == 0 {
+            // it, crosses into it, or may start at its end. With no tail
+            // (a response's first chunk) the edge is the chunk's own start.
+            let clean = if self.tail.is_empty() {
+                !compiled.matcher.is_match(chunk) && compiled.hold(chunk) == 0
+            } else {
+                let edge = [&self.tail[..], &chunk[..chunk.len().min(keep)]].concat();
+                let end = if chunk.len() >= keep { chunk } else { &edge[..] };
+                !compiled.matcher.is_match(&edge[..]) && !compiled.matcher.is_match(chunk) && compiled.hold(end) == 0
+            };
+            if clean {
                 self.remember(chunk);
                 self.run = 0;
                 return Cow::Borrowed(chunk);

@@ -445,11 +445,12 @@ impl FlowHub {
 #[derive(Clone)]
 pub struct FlowContext {
     pub hub: Arc<FlowHub>,
-    pub sandbox: String,
+    /// Shared, not copied, by the records of a connection's requests.
+    pub sandbox: Arc<str>,
     pub src: std::net::SocketAddr,
     pub dst: std::net::SocketAddr,
     /// The rule that allowed the connection.
-    pub rule: String,
+    pub rule: Arc<str>,
 }
 
 impl FlowContext {
@@ -494,7 +495,7 @@ impl FlowContext {
             _ => Verdict::Denied,
         };
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "http_request", "tcp", verdict, reason).with_endpoints(Some(self.src), Some(self.dst));
-        r.rule = Some(self.rule.clone());
+        r.rule = Some(self.rule.to_string());
         r.domains = vec![host.to_string()];
         r.http = Some(crate::observe::record::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
         r.credential = credential;
@@ -507,7 +508,7 @@ impl FlowContext {
     /// Denied, so it is audited and `inspect --verdict denied` shows it.
     pub fn secret_redacted(&self, method: &str, host: &str, path: &str, status: Option<u16>, credential: &str, count: u64) {
         let mut r = FlowRecord::new(&self.sandbox, "proxy", "secret_redacted", "tcp", Verdict::Denied, "secret_redacted").with_endpoints(Some(self.src), Some(self.dst));
-        r.rule = Some(self.rule.clone());
+        r.rule = Some(self.rule.to_string());
         r.domains = vec![host.to_string()];
         r.http = Some(crate::observe::record::HttpDetail { method: method.to_string(), host: host.to_string(), path: path.to_string(), status });
         r.credential = Some(crate::observe::record::CredentialDetail { name: credential.to_string(), injected: true, failure: None, redactions: count });

@@ -696,7 +696,7 @@ fn session_stream(flow: &FlowContext, server: &McpServer, uri: &hyper::Uri) -> O
         Some(q) if !q.is_empty() => q.to_string(),
         _ => uri.path().to_string(),
     };
-    let key = (flow.sandbox.clone(), server.url.clone(), part);
+    let key = (flow.sandbox.to_string(), server.url.clone(), part);
     sessions().lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).filter(|tx| !tx.is_closed()).cloned()
 }
 
@@ -772,7 +772,7 @@ impl Body for SseFilterBody {
                 this.ended = true;
             }
             if let Some(endpoint) = this.filter.take_endpoint() {
-                let key = (this.flow.sandbox.clone(), this.filter.server.url.clone(), session_part(&endpoint));
+                let key = (this.flow.sandbox.to_string(), this.filter.server.url.clone(), session_part(&endpoint));
                 let mut map = sessions().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 map.retain(|_, tx| !tx.is_closed());
                 map.insert(key.clone(), this.injected_tx.clone());

@@ -234,10 +234,10 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     };
     let mut flow = crate::observe::hub::FlowContext {
         hub: ctx.flows.clone(),
-        sandbox: route.sandbox.clone(),
+        sandbox: route.sandbox.as_str().into(),
         src: peer,
         dst: original,
-        rule: String::new(),
+        rule: "".into(),
     };
     // Held until the connection ends, whichever path it takes.
     let Ok(permit) = limits.connections.try_acquire(&route.sandbox) else {
@@ -298,7 +298,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             }
         },
     };
-    flow.rule = rule.clone();
+    flow.rule = rule.as_str().into();
     let mut upstream = None;
     for addr in &targets {
         if let Ok(s) = connect_remote(*addr).await {
@@ -393,7 +393,7 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => {}
         rule = denied_now => {
             tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: closed a connection the policy in force no longer allows");
-            flow.rule = rule.clone();
+            flow.rule = rule.as_str().into();
             flow.connection(Verdict::Denied, "policy_changed", Some(rule), name.as_deref());
             reset(&guest);
         }

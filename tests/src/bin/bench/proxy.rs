@@ -281,6 +281,11 @@ struct PathRun {
     /// packet path charged to the process that sends).
     h1_user: f64,
     h2_user: f64,
+    /// The whole machine's busy CPU time per request (µs): client, server,
+    /// proxy and the kernel between them. On shared cores requests/s
+    /// follows it, not only the proxy's own share.
+    h1_machine: f64,
+    h2_machine: f64,
 }
 
 pub(crate) fn proxy_bench() -> Result<()> {
@@ -383,17 +388,19 @@ pub(crate) fn proxy_bench() -> Result<()> {
         let pid = pids[k];
         let cpu = || pid.map_or((f64::NAN, f64::NAN), tree_cpu_us);
         let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 latency"))?;
-        let before = cpu();
+        let (before, machine_before) = (cpu(), machine_busy_us());
         let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 requests/s"))?;
-        let after = cpu();
+        let (after, machine_after) = (cpu(), machine_busy_us());
         let h1_requests = h1_rps * PROXY_SECONDS as f64;
         let (h1_cpu, h1_user) = ((after.0 - before.0) / h1_requests, (after.1 - before.1) / h1_requests);
-        let before = cpu();
+        let h1_machine = (machine_after - machine_before) / h1_requests;
+        let (before, machine_before) = (cpu(), machine_busy_us());
         let (h2_rps, h2_p50) = guest.run(|| h2_streams(*addr, sni, ca_path, "/bench", PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/2 streams"))?;
-        let after = cpu();
+        let (after, machine_after) = (cpu(), machine_busy_us());
         let h2_requests = h2_rps * PROXY_SECONDS as f64;
         let (h2_cpu, h2_user) = ((after.0 - before.0) / h2_requests, (after.1 - before.1) / h2_requests);
-        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu, h1_user, h2_user })
+        let h2_machine = (machine_after - machine_before) / h2_requests;
+        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu, h1_user, h2_user, h1_machine, h2_machine })
     })?;
     drop(mitm_peer);
     drop(nginx_peer);
@@ -468,14 +475,21 @@ pub(crate) fn proxy_bench() -> Result<()> {
     check_target("proxy", "≥ 10× mitmproxy's requests/s", format!("{:.1}×", vs_mitm.median()), vs_mitm.median() >= 10.0);
 
     println!("\n### CPU time per request of each proxy's processes (µs; the same rounds, on {} shared cores)\n", num_cpus());
-    println!("| path | HTTP/1.1, {PROXY_CONNECTIONS} connections | of which user space | HTTP/2, {H2_STREAMS} streams | of which user space |");
-    println!("|---|---:|---:|---:|---:|");
-    for (k, (what, key, ..)) in targets.iter().enumerate().skip(1) {
+    println!("The machine columns are every process's busy time (`/proc/stat`) per request: the client and the echo server (one thread) are in them for every path, the direct one included.\n");
+    println!("| path | HTTP/1.1, {PROXY_CONNECTIONS} connections | of which user space | machine | HTTP/2, {H2_STREAMS} streams | of which user space | machine |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (k, (what, key, ..)) in targets.iter().enumerate() {
+        let h1_machine = record("proxy", &format!("proxy h1 machine cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_machine));
+        let h2_machine = record("proxy", &format!("proxy h2 machine cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_machine));
+        if k == 0 {
+            println!("| {what} | – | – | {} | – | – | {} |", h1_machine.spread(1), h2_machine.spread(1));
+            continue;
+        }
         let h1 = record("proxy", &format!("proxy h1 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_cpu));
         let h1_user = record("proxy", &format!("proxy h1 user cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h1_user));
         let h2 = record("proxy", &format!("proxy h2 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_cpu));
         let h2_user = record("proxy", &format!("proxy h2 user cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_user));
-        println!("| {what} | {} | {} | {} | {} |", h1.spread(1), h1_user.spread(1), h2.spread(1), h2_user.spread(1));
+        println!("| {what} | {} | {} | {} | {} | {} | {} |", h1.spread(1), h1_user.spread(1), h1_machine.spread(1), h2.spread(1), h2_user.spread(1), h2_machine.spread(1));
     }
 
     println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same rounds)\n");
