@@ -88,6 +88,7 @@ pub struct HttpsEcho {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     seen: Arc<Mutex<Vec<String>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl HttpsEcho {
@@ -107,6 +108,11 @@ impl HttpsEcho {
     }
 
     /// `METHOD path?query` of every request received so far.
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
@@ -120,6 +126,8 @@ impl HttpsEcho {
         let alpn: Vec<Vec<u8>> = alpn.unwrap_or_default().iter().map(|p| p.to_vec()).collect();
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let log = seen.clone();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let accepted_count = connections.clone();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -145,6 +153,7 @@ impl HttpsEcho {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
+                            accepted_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             // As real HTTP servers do: responses to concurrent
                             // HTTP/2 streams must not wait for ACKs.
                             let _ = tcp.set_nodelay(true);
@@ -174,7 +183,7 @@ impl HttpsEcho {
             });
         });
         ready_rx.recv_timeout(std::time::Duration::from_secs(5)).expect("https echo ready");
-        HttpsEcho { stop: Some(stop_tx), thread: Some(thread), seen }
+        HttpsEcho { stop: Some(stop_tx), thread: Some(thread), seen, connections }
     }
 }
 
@@ -226,6 +235,10 @@ impl hyper::body::Body for Frames {
 /// The echo's answer to one request.
 async fn answer(req: hyper::Request<hyper::body::Incoming>, secret: &str) -> hyper::Response<Frames> {
     let mask = |v: &str| if !secret.is_empty() && v.contains(secret) { "<injected>".to_string() } else { v.to_string() };
+    // `/slow/N`: the same answer after N ms (requests that overlap).
+    if let Some(ms) = req.uri().path().strip_prefix("/slow/").and_then(|n| n.parse().ok()) {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
     let mut body = format!("path: {}\nversion: {:?}\n", mask(req.uri().path()), req.version());
     if let Some(q) = req.uri().query() {
         body.push_str(&format!("query: {}\n", mask(q)));

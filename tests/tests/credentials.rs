@@ -124,3 +124,56 @@ fn secrets_reach_only_their_hosts() {
     drop(h);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An HTTP/2 guest whose streams overlap has them spread over a few
+/// upstream HTTP/2 connections (never more than the proxy's cap of 4),
+/// each injected; one whose streams come one at a time keeps one.
+#[test]
+fn overlapping_http2_streams_spread_over_a_few_upstream_connections() {
+    require_root();
+    let dir = std::env::temp_dir().join(unique_name("cred-h2"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = TestCa::new(&dir);
+    let secret_file = dir.join("token");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let policy = format!(
+        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n\
+         [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+        secret_file.display()
+    );
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+    let h = DaemonHarness::with_args("cred-h2", &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    h.topology.add_world_address(ip("198.51.100.40"));
+    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into()], &[]);
+    let api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
+    let g = h.create_guest(&unique_name("g"), "agent");
+    let ns = g["netns"].as_str().unwrap().to_string();
+    let sandbox_ca = g["ca_cert"].as_str().unwrap().to_string();
+
+    // 12 streams at once on one guest connection, each answered after 1 s.
+    let urls: Vec<String> = (0..12).map(|i| format!("https://api.test/slow/1000?n={i}")).collect();
+    let mut args = vec!["-s", "--http2", "--parallel", "--parallel-max", "12", "--max-time", "20", "-w", "connects: %{num_connects}\n", "--cacert", sandbox_ca.as_str()];
+    args.extend(urls.iter().map(String::as_str));
+    let out = sbx_net_tests::run_in(&ns, "curl", &args);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "curl: {:?}\n{body}", out.status);
+    assert_eq!(body.matches("authorization: <injected>").count(), 12, "{body}");
+    assert_eq!(body.matches("version: HTTP/2.0").count(), 12, "{body}");
+    // Less the TCP connection the proxy opens first, for every guest
+    // connection, to see that the upstream answers before it takes the
+    // guest's handshake.
+    let spread = api.connections() - 1;
+    assert!((2..=4).contains(&spread), "12 overlapping streams went upstream on {spread} connections (want 2 to 4)\n{body}");
+
+    // Five streams one after another on one guest connection: one more.
+    let urls: Vec<String> = (0..5).map(|i| format!("https://api.test/one/{i}")).collect();
+    let mut args = vec!["-s", "--http2", "--max-time", "20", "--cacert", sandbox_ca.as_str()];
+    args.extend(urls.iter().map(String::as_str));
+    let out = sbx_net_tests::run_in(&ns, "curl", &args);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(body.matches("authorization: <injected>").count(), 5, "{body}");
+    assert_eq!(api.connections(), 1 + spread + 2, "streams one at a time took more than one upstream connection");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -44,7 +44,7 @@ use crate::observe::record::CredentialDetail;
 use crate::observe::hub::FlowContext;
 use std::borrow::Cow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -663,14 +663,62 @@ pub struct UpstreamTls {
     pub h1_only: Arc<rustls::ClientConfig>,
 }
 
-/// A guest connection's upstream connection, made on its first request
+/// A guest connection's upstream connections, made on its first request
 /// (again after a failure), shared by the rest.
 #[derive(Default)]
 struct UpstreamSlot {
+    /// The connection its requests take one at a time: HTTP/1.1 (or an
+    /// HTTP/2 one when the guest's requests go one at a time).
     upstream: Option<Upstream>,
-    /// Connections made so far: a failed request drops the connection it
-    /// used, not one made since by another request.
+    /// An HTTP/2 guest's HTTP/2 upstream connections, its streams on them
+    /// at once ([`needs_another_h2_upstream`]).
+    h2: Vec<H2Upstream>,
+    /// Connections made so far (names them in `h2`).
     made: u64,
+}
+
+/// One of an HTTP/2 guest connection's HTTP/2 upstream connections.
+struct H2Upstream {
+    id: u64,
+    sender: hyper::client::conn::http2::SendRequest<ProxyBody>,
+    /// Streams sent on it whose response head is not in yet.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The most HTTP/2 upstream connections one guest connection's streams
+/// are spread over.
+pub const H2_UPSTREAMS: usize = 4;
+/// Streams waiting on every one of them before another is made.
+pub const H2_STREAMS_EACH: usize = 2;
+
+/// Whether an HTTP/2 guest's next stream gets a new upstream connection,
+/// given the streams in flight on those it has: when it has none, or when
+/// every one has [`H2_STREAMS_EACH`] waiting and there are fewer than
+/// [`H2_UPSTREAMS`]. Else it goes on the least busy. Why more than one:
+/// a server (or proxy) serves a connection's streams on one thread, and
+/// all of a guest's streams in one TLS record upstream arrive, are
+/// answered and come back as one batch; spread over a few connections
+/// they overlap instead (`bench proxy`: the machine was half idle with
+/// one). A guest whose streams don't overlap keeps one connection.
+pub fn needs_another_h2_upstream(in_flight: &[usize]) -> bool {
+    in_flight.len() < H2_UPSTREAMS && in_flight.iter().all(|n| *n >= H2_STREAMS_EACH)
+}
+
+/// Counts a stream in flight on its upstream connection until dropped:
+/// its response head came, it failed, or the guest gave up on it.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn start(count: &Arc<AtomicUsize>) -> InFlight {
+        count.fetch_add(1, Ordering::Relaxed);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 fn text(status: StatusCode, reason: &str) -> Response<ProxyBody> {
@@ -1213,7 +1261,37 @@ pub async fn serve(
                 return Ok(upgrade(req, &upstream.addrs, upstream.tls.h1_only.clone(), &fwd, binding.as_deref(), permit).await);
             }
             let mut held = slot.lock().await;
-            if held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
+            let mut spread = None;
+            // An HTTP/2 guest's streams go upstream at once, over HTTP/2,
+            // unless the upstream answered over HTTP/1.1 (then one at a
+            // time on that connection while it lasts).
+            if h2 && upstream.requests == UpstreamRequests::Concurrent && held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
+                held.h2.retain(|c| !c.sender.is_closed());
+                let mut in_flight: Vec<usize> = held.h2.iter().map(|c| c.in_flight.load(Ordering::Relaxed)).collect();
+                if needs_another_h2_upstream(&in_flight) {
+                    match connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await {
+                        Ok(Upstream::H2(sender)) => {
+                            held.made += 1;
+                            let id = held.made;
+                            held.h2.push(H2Upstream { id, sender, in_flight: Arc::default() });
+                            in_flight.push(0);
+                        }
+                        Ok(h1) => held.upstream = Some(h1),
+                        Err(e) if held.h2.is_empty() => {
+                            tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
+                            fwd.record(502, "upstream_failed", not_sent("upstream unreachable"));
+                            return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
+                        }
+                        // Those it has will do.
+                        Err(e) => tracing::debug!(%sandbox, %host, "credential proxy: another upstream connection: {e}"),
+                    }
+                }
+                if held.upstream.is_none() {
+                    let c = &held.h2[crate::util::conn_threads::least_busy(&in_flight)];
+                    spread = Some((c.sender.clone(), c.id, InFlight::start(&c.in_flight)));
+                }
+            }
+            if spread.is_none() && held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
                 // Like for like: an HTTP/1.1 guest's requests go one at a
                 // time anyway, so HTTP/1.1 upstream (no HTTP/2 framing, no
                 // stream bookkeeping); an HTTP/2 guest's share HTTP/2.
@@ -1239,23 +1317,16 @@ pub async fn serve(
                     }
                 }
             }
-            let made = held.made;
-            let shared = match &held.upstream {
-                Some(Upstream::H2(s)) if upstream.requests == UpstreamRequests::Concurrent => Some(s.clone()),
-                _ => None,
-            };
-            let sent = match shared {
+            let sent = match spread {
                 // HTTP/2: the request goes on its own handle to the
                 // connection, without the lock, so the guest's streams are
                 // upstream at the same time.
-                Some(mut s) => {
+                Some((mut s, id, in_flight)) => {
                     drop(held);
                     let sent = send_h2(&mut s, req, &host).await;
+                    drop(in_flight);
                     if sent.is_err() {
-                        let mut held = slot.lock().await;
-                        if held.made == made {
-                            held.upstream = None;
-                        }
+                        slot.lock().await.h2.retain(|c| c.id != id);
                     }
                     sent
                 }
@@ -1561,6 +1632,18 @@ mod tests {
     use super::*;
     use crate::policy::CredentialSource;
     use crate::credentials::secrets::load_secret;
+
+    #[test]
+    fn another_http2_upstream_only_while_every_one_is_busy_and_at_most_four() {
+        assert!(needs_another_h2_upstream(&[]));
+        assert!(!needs_another_h2_upstream(&[0]));
+        assert!(!needs_another_h2_upstream(&[1]));
+        assert!(needs_another_h2_upstream(&[2]));
+        assert!(!needs_another_h2_upstream(&[2, 1]));
+        assert!(needs_another_h2_upstream(&[3, 2, 5]));
+        assert!(!needs_another_h2_upstream(&[9, 9, 9, 9]));
+        assert_eq!(H2_UPSTREAMS, 4);
+    }
 
     /// A GET of `path` on api.test, forwarded on `flow`.
     fn forwarded(flow: FlowContext, path: &str) -> Arc<Forwarded> {
