@@ -108,11 +108,13 @@ impl HttpsEcho {
     }
 
     /// `METHOD path?query` of every request received so far.
-    /// TCP connections accepted so far.
+    /// Connections that carried at least one request so far (not one a
+    /// client only opened, or only shook hands on).
     pub fn connections(&self) -> usize {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Every request received so far: `METHOD target`.
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
     }
@@ -127,7 +129,7 @@ impl HttpsEcho {
         let seen: Arc<Mutex<Vec<String>>> = Arc::default();
         let log = seen.clone();
         let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
-        let accepted_count = connections.clone();
+        let used_count = connections.clone();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -153,11 +155,11 @@ impl HttpsEcho {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
-                            accepted_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             // As real HTTP servers do: responses to concurrent
                             // HTTP/2 streams must not wait for ACKs.
                             let _ = tcp.set_nodelay(true);
-                            let (acceptor, secret, log) = (acceptor.clone(), secret.clone(), log.clone());
+                            let (acceptor, secret, log, used_count) = (acceptor.clone(), secret.clone(), log.clone(), used_count.clone());
+                            let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
                             tokio::spawn(async move {
                                 let io: Box<dyn Io> = if tls {
                                     let Ok(t) = acceptor.accept(tcp).await else { return };
@@ -167,6 +169,9 @@ impl HttpsEcho {
                                 };
                                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                                     let (secret, log) = (secret.clone(), log.clone());
+                                    if !used.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                        used_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    }
                                     async move {
                                         let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
                                         log.lock().unwrap().push(format!("{} {target}", req.method()));

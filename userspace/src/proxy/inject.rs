@@ -673,8 +673,23 @@ struct UpstreamSlot {
     /// An HTTP/2 guest's HTTP/2 upstream connections, its streams on them
     /// at once ([`needs_another_h2_upstream`]).
     h2: Vec<H2Upstream>,
-    /// Connections made so far (names them in `h2`).
+    /// Connections put in `h2` so far (their ids).
     made: u64,
+    /// Another of `h2` is being made (in the background: the streams go on
+    /// those there are meanwhile).
+    connecting: bool,
+    /// Making another failed, answered HTTP/1.1 or hit the sandbox's
+    /// connection cap: this guest connection keeps the ones it has.
+    no_more: bool,
+}
+
+impl UpstreamSlot {
+    /// Puts `sender` in `h2`, holding `permit` (an extra connection's
+    /// place under the sandbox's cap) as long as it is there.
+    fn add_h2(&mut self, sender: hyper::client::conn::http2::SendRequest<ProxyBody>, permit: Option<crate::util::conn_limit::ConnPermit>) {
+        self.made += 1;
+        self.h2.push(H2Upstream { id: self.made, sender, in_flight: Arc::default(), _permit: permit });
+    }
 }
 
 /// One of an HTTP/2 guest connection's HTTP/2 upstream connections.
@@ -683,13 +698,15 @@ struct H2Upstream {
     sender: hyper::client::conn::http2::SendRequest<ProxyBody>,
     /// Streams sent on it whose response head is not in yet.
     in_flight: Arc<AtomicUsize>,
+    /// For all but the first: its place under the sandbox's cap.
+    _permit: Option<crate::util::conn_limit::ConnPermit>,
 }
 
 /// The most HTTP/2 upstream connections one guest connection's streams
 /// are spread over.
-pub const H2_UPSTREAMS: usize = 4;
+const H2_UPSTREAMS: usize = 4;
 /// Streams waiting on every one of them before another is made.
-pub const H2_STREAMS_EACH: usize = 2;
+const H2_STREAMS_EACH: usize = 2;
 
 /// Whether an HTTP/2 guest's next stream gets a new upstream connection,
 /// given the streams in flight on those it has: when it has none, or when
@@ -699,10 +716,35 @@ pub const H2_STREAMS_EACH: usize = 2;
 /// all of a guest's streams in one TLS record upstream arrive, are
 /// answered and come back as one batch; spread over a few connections
 /// they overlap instead (`bench proxy`: the machine was half idle with
-/// one). A guest whose streams don't overlap keeps one connection.
-pub fn needs_another_h2_upstream(in_flight: &[usize]) -> bool {
+/// one). A guest whose streams don't overlap keeps one connection. Each
+/// one after the first counts against the sandbox's connection cap.
+fn needs_another_h2_upstream(in_flight: &[usize]) -> bool {
     in_flight.len() < H2_UPSTREAMS && in_flight.iter().all(|n| *n >= H2_STREAMS_EACH)
 }
+
+/// Makes another HTTP/2 upstream connection for `slot`'s guest connection
+/// (its streams go on the others meanwhile), holding `permit` with it.
+async fn add_h2_upstream(slot: Arc<tokio::sync::Mutex<UpstreamSlot>>, upstream: Arc<CredentialUpstream>, host: Arc<str>, permit: crate::util::conn_limit::ConnPermit) {
+    // Bounded: a handshake that stalls must not keep the slot "connecting"
+    // (and so from trying again) for ever.
+    let connected = tokio::time::timeout(H2_CONNECT_TIMEOUT, connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone())).await;
+    let mut held = slot.lock().await;
+    held.connecting = false;
+    match connected {
+        Ok(Ok(Upstream::H2(sender))) => held.add_h2(sender, Some(permit)),
+        // An HTTP/1.1 answer, an error or no answer in time: the streams
+        // stay on the connections there are, and no more are tried.
+        other => {
+            held.no_more = true;
+            if let Ok(Err(e)) = other {
+                tracing::debug!(%host, "credential proxy: another upstream connection: {e}");
+            }
+        }
+    }
+}
+
+/// How long an extra HTTP/2 upstream connection may take to be made.
+const H2_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Counts a stream in flight on its upstream connection until dropped:
 /// its response head came, it failed, or the guest gave up on it.
@@ -1201,8 +1243,10 @@ async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&Credentia
 /// checked (head, `[[http]]` rules, MCP), injected when a credential is
 /// bound (`binding`: the one bound when the connection came; per request
 /// the policy in force decides) and forwarded to the upstream (checked for
-/// `host`), one upstream connection reused — over HTTP/2 by all the
-/// guest's streams at once — responses filtered and scrubbed. `port`: the
+/// `host`) on upstream connections it keeps: one for an HTTP/1.1 guest,
+/// its requests in turn; for an HTTP/2 guest its streams at once, over up
+/// to [`H2_UPSTREAMS`] HTTP/2 connections while they overlap — responses
+/// filtered and scrubbed. `port`: the
 /// guest's destination port (which `[[mcp]]` server).
 #[allow(clippy::too_many_arguments)]
 pub async fn serve(
@@ -1263,30 +1307,38 @@ pub async fn serve(
             let mut held = slot.lock().await;
             let mut spread = None;
             // An HTTP/2 guest's streams go upstream at once, over HTTP/2,
-            // unless the upstream answered over HTTP/1.1 (then one at a
-            // time on that connection while it lasts).
-            if h2 && upstream.requests == UpstreamRequests::Concurrent && held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
+            // unless the upstream answered its first connection over
+            // HTTP/1.1 (then one at a time on that one while it lasts).
+            if h2 && upstream.requests == UpstreamRequests::Concurrent {
+                if held.upstream.as_ref().is_some_and(|s| s.is_closed()) {
+                    held.upstream = None;
+                }
                 held.h2.retain(|c| !c.sender.is_closed());
-                let mut in_flight: Vec<usize> = held.h2.iter().map(|c| c.in_flight.load(Ordering::Relaxed)).collect();
-                if needs_another_h2_upstream(&in_flight) {
+                if held.upstream.is_none() && held.h2.is_empty() {
+                    // The first: the stream waits for it.
                     match connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await {
-                        Ok(Upstream::H2(sender)) => {
-                            held.made += 1;
-                            let id = held.made;
-                            held.h2.push(H2Upstream { id, sender, in_flight: Arc::default() });
-                            in_flight.push(0);
-                        }
+                        Ok(Upstream::H2(sender)) => held.add_h2(sender, None),
                         Ok(h1) => held.upstream = Some(h1),
-                        Err(e) if held.h2.is_empty() => {
+                        Err(e) => {
                             tracing::info!(%sandbox, %host, "credential proxy: upstream: {e}");
                             fwd.record(502, "upstream_failed", not_sent("upstream unreachable"));
                             return Ok(text(StatusCode::BAD_GATEWAY, "upstream unreachable"));
                         }
-                        // Those it has will do.
-                        Err(e) => tracing::debug!(%sandbox, %host, "credential proxy: another upstream connection: {e}"),
                     }
                 }
                 if held.upstream.is_none() {
+                    let in_flight: Vec<usize> = held.h2.iter().map(|c| c.in_flight.load(Ordering::Relaxed)).collect();
+                    if needs_another_h2_upstream(&in_flight) && !held.connecting && !held.no_more {
+                        match permit.another() {
+                            Ok(extra) => {
+                                held.connecting = true;
+                                tokio::spawn(add_h2_upstream(slot.clone(), upstream.clone(), host.clone(), extra));
+                            }
+                            // At the sandbox's cap: the streams share the
+                            // connections there are.
+                            Err(_) => held.no_more = true,
+                        }
+                    }
                     let c = &held.h2[crate::util::conn_threads::least_busy(&in_flight)];
                     spread = Some((c.sender.clone(), c.id, InFlight::start(&c.in_flight)));
                 }
@@ -1326,6 +1378,8 @@ pub async fn serve(
                     let sent = send_h2(&mut s, req, &host).await;
                     drop(in_flight);
                     if sent.is_err() {
+                        // Whether the connection or only the stream failed,
+                        // the next stream gets a connection known to work.
                         slot.lock().await.h2.retain(|c| c.id != id);
                     }
                     sent
@@ -1642,7 +1696,6 @@ mod tests {
         assert!(!needs_another_h2_upstream(&[2, 1]));
         assert!(needs_another_h2_upstream(&[3, 2, 5]));
         assert!(!needs_another_h2_upstream(&[9, 9, 9, 9]));
-        assert_eq!(H2_UPSTREAMS, 4);
     }
 
     /// A GET of `path` on api.test, forwarded on `flow`.

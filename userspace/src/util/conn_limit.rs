@@ -67,6 +67,14 @@ impl ConnLimits {
     }
 }
 
+impl ConnPermit {
+    /// A permit for one more connection of the same sandbox (an upstream
+    /// connection a guest connection adds), under the same cap.
+    pub fn another(&self) -> Result<ConnPermit, AtCap> {
+        self.limits.try_acquire(&self.sandbox)
+    }
+}
+
 impl Drop for ConnPermit {
     fn drop(&mut self) {
         let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -203,6 +211,18 @@ mod tests {
         assert_eq!(unlimited.open("a"), 1000);
         drop(held);
         assert_eq!(unlimited.open("a"), 0);
+    }
+
+    #[test]
+    fn another_permit_counts_against_the_same_sandbox() {
+        let limits = ConnLimits::new(2);
+        let first = limits.try_acquire("a").unwrap();
+        let second = first.another().unwrap();
+        assert_eq!(limits.open("a"), 2);
+        assert!(first.another().is_err());
+        assert!(limits.try_acquire("b").is_ok());
+        drop(second);
+        assert_eq!(limits.open("a"), 1);
     }
 
     #[test]
