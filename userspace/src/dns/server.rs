@@ -272,11 +272,18 @@ async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &Dns
         }
     };
     let mut draining = ctx.draining.subscribe();
+    let mut answered = false;
     loop {
         // A draining data plane closes idle connections between queries
         // (RFC 7766 lets a server close; the guest's next query opens a new
-        // connection, which the new data plane accepts).
+        // connection, which the new data plane accepts). Not before a
+        // connection's first query, though: a guest that connects does so
+        // to ask, and its query may already be here (or on its way) when
+        // the drain begins — closing then lost it (`upgrade` under
+        // `--stress`: "read length: unexpected end of file"). Bytes already
+        // here are read first for the same reason.
         let first = tokio::select! {
+            biased;
             read = tokio::time::timeout(limits.idle_timeout, stream.read_u8()) => match read {
                 Ok(Ok(b)) => b,
                 Ok(Err(_)) => return,
@@ -285,7 +292,7 @@ async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &Dns
                     return;
                 }
             },
-            _ = draining.wait_for(|d| *d) => return,
+            _ = draining.wait_for(|d| *d), if answered => return,
         };
         let rest = tokio::time::timeout(limits.query_timeout, async {
             let second = stream.read_u8().await?;
@@ -305,7 +312,7 @@ async fn serve_tcp_connection(mut stream: TcpStream, peer: SocketAddr, ctx: &Dns
         };
         let Some(response) = answer(ctx, peer, &query, Transport::Tcp).await else { return };
         match tokio::time::timeout(limits.query_timeout, write_framed(&mut stream, &response)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => answered = true,
             Ok(Err(_)) => return,
             Err(_) => {
                 ctx.stats.tcp_timeouts.fetch_add(1, Ordering::Relaxed);
