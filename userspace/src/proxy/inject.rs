@@ -44,7 +44,7 @@ use crate::observe::record::CredentialDetail;
 use crate::observe::hub::FlowContext;
 use std::borrow::Cow;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -688,7 +688,7 @@ impl UpstreamSlot {
     /// place under the sandbox's cap) as long as it is there.
     fn add_h2(&mut self, sender: hyper::client::conn::http2::SendRequest<ProxyBody>, permit: Option<crate::util::conn_limit::ConnPermit>) {
         self.made += 1;
-        self.h2.push(H2Upstream { id: self.made, sender, in_flight: Arc::default(), _permit: permit });
+        self.h2.push(H2Upstream { id: self.made, sender, in_flight: Default::default(), _permit: permit });
     }
 }
 
@@ -697,7 +697,7 @@ struct H2Upstream {
     id: u64,
     sender: hyper::client::conn::http2::SendRequest<ProxyBody>,
     /// Streams sent on it whose response head is not in yet.
-    in_flight: Arc<AtomicUsize>,
+    in_flight: crate::util::conn_limit::InFlight,
     /// For all but the first: its place under the sandbox's cap.
     _permit: Option<crate::util::conn_limit::ConnPermit>,
 }
@@ -745,23 +745,6 @@ async fn add_h2_upstream(slot: Arc<tokio::sync::Mutex<UpstreamSlot>>, upstream: 
 
 /// How long an extra HTTP/2 upstream connection may take to be made.
 const H2_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Counts a stream in flight on its upstream connection until dropped:
-/// its response head came, it failed, or the guest gave up on it.
-struct InFlight(Arc<AtomicUsize>);
-
-impl InFlight {
-    fn start(count: &Arc<AtomicUsize>) -> InFlight {
-        count.fetch_add(1, Ordering::Relaxed);
-        InFlight(count.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 fn text(status: StatusCode, reason: &str) -> Response<ProxyBody> {
     let mut r = Response::new(Full::new(Bytes::from(format!("sbx-net: {reason}\n"))).map_err(|never| match never {}).boxed());
@@ -1327,7 +1310,7 @@ pub async fn serve(
                     }
                 }
                 if held.upstream.is_none() {
-                    let in_flight: Vec<usize> = held.h2.iter().map(|c| c.in_flight.load(Ordering::Relaxed)).collect();
+                    let in_flight: Vec<usize> = held.h2.iter().map(|c| c.in_flight.count()).collect();
                     if needs_another_h2_upstream(&in_flight) && !held.connecting && !held.no_more {
                         match permit.another() {
                             Ok(extra) => {
@@ -1340,7 +1323,7 @@ pub async fn serve(
                         }
                     }
                     let c = &held.h2[crate::util::conn_threads::least_busy(&in_flight)];
-                    spread = Some((c.sender.clone(), c.id, InFlight::start(&c.in_flight)));
+                    spread = Some((c.sender.clone(), c.id, c.in_flight.enter()));
                 }
             }
             if spread.is_none() && held.upstream.as_ref().is_none_or(|s| s.is_closed()) {
