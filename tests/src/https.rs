@@ -89,6 +89,17 @@ pub struct HttpsEcho {
     thread: Option<std::thread::JoinHandle<()>>,
     seen: Arc<Mutex<Vec<String>>>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a connection open until dropped.
+struct OpenConnection(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl HttpsEcho {
@@ -114,6 +125,16 @@ impl HttpsEcho {
         self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// TCP connections accepted so far (whatever came over them).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// TCP connections open now (accepted and not yet closed by either end).
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Every request received so far: `METHOD target`.
     pub fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
@@ -130,6 +151,10 @@ impl HttpsEcho {
         let log = seen.clone();
         let connections: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let used_count = connections.clone();
+        let accepted: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let accepted_count = accepted.clone();
+        let open: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let open_count = open.clone();
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
@@ -155,12 +180,16 @@ impl HttpsEcho {
                         _ = &mut stop_rx => break,
                         accepted = listener.accept() => {
                             let Ok((tcp, _)) = accepted else { continue };
+                            accepted_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            open_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let still_open = OpenConnection(open_count.clone());
                             // As real HTTP servers do: responses to concurrent
                             // HTTP/2 streams must not wait for ACKs.
                             let _ = tcp.set_nodelay(true);
                             let (acceptor, secret, log, used_count) = (acceptor.clone(), secret.clone(), log.clone(), used_count.clone());
                             let used = Arc::new(std::sync::atomic::AtomicBool::new(false));
                             tokio::spawn(async move {
+                                let _still_open = still_open;
                                 let io: Box<dyn Io> = if tls {
                                     let Ok(t) = acceptor.accept(tcp).await else { return };
                                     Box::new(t)
@@ -188,7 +217,7 @@ impl HttpsEcho {
             });
         });
         ready_rx.recv_timeout(std::time::Duration::from_secs(5)).expect("https echo ready");
-        HttpsEcho { stop: Some(stop_tx), thread: Some(thread), seen, connections }
+        HttpsEcho { stop: Some(stop_tx), thread: Some(thread), seen, connections, accepted, open }
     }
 }
 

@@ -131,25 +131,7 @@ fn secrets_reach_only_their_hosts() {
 #[test]
 fn overlapping_http2_streams_spread_over_a_few_upstream_connections() {
     require_root();
-    let dir = std::env::temp_dir().join(unique_name("cred-h2"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = TestCa::new(&dir);
-    let secret_file = dir.join("token");
-    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
-    let policy = format!(
-        "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n\
-         [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
-        secret_file.display()
-    );
-    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
-    let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let h = DaemonHarness::with_args("cred-h2", &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
-    h.topology.add_world_address(ip("198.51.100.40"));
-    let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into()], &[]);
-    let api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
-    let g = h.create_guest(&unique_name("g"), "agent");
-    let ns = g["netns"].as_str().unwrap().to_string();
-    let sandbox_ca = g["ca_cert"].as_str().unwrap().to_string();
+    let CredentialHost { dir, h, _dns, api, ns, sandbox_ca } = CredentialHost::start("cred-h2");
 
     // 24 streams on one guest connection, 12 at a time, each answered
     // after 500 ms: the first ones overlap, so more connections are made
@@ -175,6 +157,115 @@ fn overlapping_http2_streams_spread_over_a_few_upstream_connections() {
     let body = String::from_utf8_lossy(&out.stdout);
     assert_eq!(body.matches("authorization: <injected>").count(), 5, "{body}");
     assert_eq!(api.connections(), spread + 1, "streams one at a time went upstream on more than one connection");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A daemon whose guest's policy binds a credential to api.test, served by
+/// an HTTPS echo in the world.
+struct CredentialHost {
+    dir: std::path::PathBuf,
+    h: DaemonHarness,
+    _dns: WorldDns,
+    api: HttpsEcho,
+    /// The guest's namespace, and the sandbox CA it trusts.
+    ns: String,
+    sandbox_ca: String,
+}
+
+impl CredentialHost {
+    fn start(name: &str) -> CredentialHost {
+        let dir = std::env::temp_dir().join(unique_name(name));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = TestCa::new(&dir);
+        let secret_file = dir.join("token");
+        std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        let policy = format!(
+            "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n\
+             [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+            secret_file.display()
+        );
+        let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+        let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
+        let h = DaemonHarness::with_args(name, &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+        h.topology.add_world_address(ip("198.51.100.40"));
+        let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into()], &[]);
+        let api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
+        let g = h.create_guest(&unique_name("g"), "agent");
+        let (ns, sandbox_ca) = (g["netns"].as_str().unwrap().to_string(), g["ca_cert"].as_str().unwrap().to_string());
+        CredentialHost { dir, h, _dns, api, ns, sandbox_ca }
+    }
+}
+
+#[test]
+fn a_guest_connection_costs_the_upstream_one_tcp_connection() {
+    require_root();
+    let CredentialHost { dir, h, _dns, api, ns, sandbox_ca } = CredentialHost::start("cred-reuse");
+    // The connection the proxy makes when the guest connects (to fail as
+    // the server would) carries the guest's requests: over HTTP/1.1 ...
+    let urls: Vec<String> = (0..3).map(|i| format!("https://api.test/one/{i}")).collect();
+    let mut args = vec!["-s", "--http1.1", "--max-time", "20", "-w", "connects: %{num_connects}\n", "--cacert", sandbox_ca.as_str()];
+    args.extend(urls.iter().map(String::as_str));
+    let out = sbx_net_tests::run_in(&ns, "curl", &args);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(body.matches("authorization: <injected>").count(), 3, "{body}");
+    assert_eq!(body.matches("connects: 1").count(), 1, "curl made more than one guest connection:\n{body}");
+    assert_eq!((api.accepted(), api.connections()), (1, 1), "one guest connection: upstream TCP connections accepted, and those that carried requests");
+    // ... and over HTTP/2.
+    let out = sbx_net_tests::run_in(&ns, "curl", &["-s", "--http2", "--max-time", "20", "--cacert", sandbox_ca.as_str(), "https://api.test/two"]);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(body.matches("authorization: <injected>").count(), 1, "{body}");
+    assert!(body.contains("version: HTTP/2.0"), "{body}");
+    assert_eq!((api.accepted(), api.connections()), (2, 2), "a second guest connection");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A guest that connects to a credential host and asks nothing does not
+/// keep the upstream connections the proxy made when it connected (they
+/// go after a few seconds), and what it asks later still goes upstream,
+/// injected, on a new one.
+#[test]
+fn a_guest_that_asks_nothing_holds_no_upstream_connection() {
+    require_root();
+    let CredentialHost { dir, h, _dns, api, ns, sandbox_ca } = CredentialHost::start("cred-idle");
+    const GUEST_CONNECTIONS: usize = 6;
+    let guest = sbx_vmm::NetNs::open(&ns).unwrap();
+    let config = sbx_net_tests::https::client_config(std::path::Path::new(&sandbox_ca));
+    let statuses = guest
+        .run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let mut held = Vec::new();
+                for _ in 0..GUEST_CONNECTIONS {
+                    held.push(sbx_net_tests::https::KeepAlive::connect(SocketAddr::new(ip("198.51.100.40"), 443), "api.test", config.clone()).await.unwrap());
+                }
+                // (The server may accept a moment after the proxy connected.)
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                while api.accepted() < GUEST_CONNECTIONS && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                let made = api.accepted();
+                // The guest's connections stay open, silent, meanwhile.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                while api.open() > 0 && std::time::Instant::now() < deadline {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                let left_open = api.open();
+                let mut statuses = Vec::new();
+                for c in &mut held {
+                    statuses.push(c.get("/later").await.unwrap());
+                }
+                (made, left_open, statuses)
+            })
+        })
+        .unwrap();
+    let (made, left_open, statuses) = statuses;
+    assert_eq!(made, GUEST_CONNECTIONS, "the proxy connects upstream for each guest connection (to fail as the server would)");
+    assert_eq!(left_open, 0, "upstream connections still open for guest connections that asked nothing");
+    assert_eq!(statuses, vec![200; GUEST_CONNECTIONS]);
+    assert_eq!(api.seen().iter().filter(|r| r.as_str() == "GET /later").count(), GUEST_CONNECTIONS);
+    assert_eq!(api.accepted(), 2 * GUEST_CONNECTIONS, "each later request on a new upstream connection");
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -652,6 +652,32 @@ pub struct CredentialUpstream {
     pub addrs: Vec<std::net::SocketAddr>,
     pub tls: UpstreamTls,
     pub requests: UpstreamRequests,
+    /// The TCP connection that showed the destination reachable when the
+    /// guest connected (to the first of `addrs` that accepted): the first
+    /// upstream connection is made on it, one TCP handshake (one round
+    /// trip to the server) less per guest connection.
+    pub reached: std::sync::Mutex<Option<Reached>>,
+}
+
+/// A connection made to an upstream address, and when.
+pub struct Reached {
+    pub stream: TcpStream,
+    pub at: std::time::Instant,
+}
+
+/// How long a connection made when the guest connected is used for its
+/// first request: servers close connections that stay silent before the
+/// TLS handshake (after 10 s and more; nginx 60 s), and the guest usually
+/// asks within milliseconds of its own handshake. Older: a new one.
+const REACHED_REUSE_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl CredentialUpstream {
+    /// The connection made when the guest connected, once, while it is
+    /// fresh enough to shake hands on.
+    fn take_reached(&self) -> Option<TcpStream> {
+        let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        (reached.at.elapsed() < REACHED_REUSE_WITHIN).then_some(reached.stream)
+    }
 }
 
 /// The upstream TLS configurations: one offering HTTP/2 and HTTP/1.1 (for
@@ -727,7 +753,7 @@ fn needs_another_h2_upstream(in_flight: &[usize]) -> bool {
 async fn add_h2_upstream(slot: Arc<tokio::sync::Mutex<UpstreamSlot>>, upstream: Arc<CredentialUpstream>, host: Arc<str>, permit: crate::util::conn_limit::ConnPermit) {
     // Bounded: a handshake that stalls must not keep the slot "connecting"
     // (and so from trying again) for ever.
-    let connected = tokio::time::timeout(H2_CONNECT_TIMEOUT, connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone())).await;
+    let connected = tokio::time::timeout(H2_CONNECT_TIMEOUT, connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone(), None)).await;
     let mut held = slot.lock().await;
     held.connecting = false;
     match connected {
@@ -1250,6 +1276,15 @@ pub async fn serve(
     let io = Watched { inner: tls, watch: FramingWatch::default(), enabled: !h2, tripped: tripped.clone() };
     let slot: Arc<tokio::sync::Mutex<UpstreamSlot>> = Arc::default();
     let upstream = Arc::new(upstream);
+    // A guest that asks nothing for a while does not keep the connection
+    // made when it connected (it would be too old to use by then).
+    let unused = Arc::downgrade(&upstream);
+    tokio::spawn(async move {
+        tokio::time::sleep(REACHED_REUSE_WITHIN).await;
+        if let Some(upstream) = unused.upgrade() {
+            drop(upstream.reached.lock().unwrap_or_else(|p| p.into_inner()).take());
+        }
+    });
     // Shared by the requests (a clone per request is a reference count).
     let (service_host, service_binding, service_flow): (Arc<str>, _, _) = (host.as_str().into(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -1285,7 +1320,7 @@ pub async fn serve(
                 // connection, the credential already injected, then bytes
                 // (scrubbed). On a host with `[[http]]` rules or an `[[mcp]]`
                 // server, [`decide_request`] let only a WebSocket get here.
-                return Ok(upgrade(req, &upstream.addrs, upstream.tls.h1_only.clone(), &fwd, binding.as_deref(), permit).await);
+                return Ok(upgrade(req, &upstream.addrs, upstream.tls.h1_only.clone(), upstream.take_reached(), &fwd, binding.as_deref(), permit).await);
             }
             let mut held = slot.lock().await;
             let mut spread = None;
@@ -1299,7 +1334,7 @@ pub async fn serve(
                 held.h2.retain(|c| !c.sender.is_closed());
                 if held.upstream.is_none() && held.h2.is_empty() {
                     // The first: the stream waits for it.
-                    match connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await {
+                    match connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone(), upstream.take_reached()).await {
                         Ok(Upstream::H2(sender)) => held.add_h2(sender, None),
                         Ok(h1) => held.upstream = Some(h1),
                         Err(e) => {
@@ -1331,12 +1366,12 @@ pub async fn serve(
                 // time anyway, so HTTP/1.1 upstream (no HTTP/2 framing, no
                 // stream bookkeeping); an HTTP/2 guest's share HTTP/2.
                 let connected = if h2 {
-                    connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await
+                    connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone(), upstream.take_reached()).await
                 } else {
-                    match connect_upstream(&upstream.addrs, &host, upstream.tls.h1_only.clone()).await {
+                    match connect_upstream(&upstream.addrs, &host, upstream.tls.h1_only.clone(), upstream.take_reached()).await {
                         // An upstream that speaks only HTTP/2 (and refuses
                         // the handshake without it): translated, as before.
-                        Err(CredentialProxyError::UpstreamTls(_)) => connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone()).await,
+                        Err(CredentialProxyError::UpstreamTls(_)) => connect_upstream(&upstream.addrs, &host, upstream.tls.any.clone(), None).await,
                         other => other,
                     }
                 };
@@ -1515,6 +1550,7 @@ async fn upgrade(
     mut req: Request<ProxyBody>,
     upstream: &[std::net::SocketAddr],
     h1_only: Arc<rustls::ClientConfig>,
+    reached: Option<TcpStream>,
     fwd: &Arc<Forwarded>,
     binding: Option<&CredentialBinding>,
     permit: Arc<crate::util::conn_limit::ConnPermit>,
@@ -1523,7 +1559,7 @@ async fn upgrade(
     let sandbox = &flow.sandbox;
     let credential = binding.map(|b| b.name.as_str());
     let not_sent = |why: &str| credential.map(|c| not_injected(c, why));
-    let mut sender = match connect_upstream(upstream, host, h1_only).await {
+    let mut sender = match connect_upstream(upstream, host, h1_only, reached).await {
         Ok(Upstream::H1(s)) => s,
         Ok(Upstream::H2(_)) => return text(StatusCode::BAD_GATEWAY, "upstream chose HTTP/2 for an upgrade"),
         Err(e) => {
@@ -1632,36 +1668,46 @@ async fn pump_scrubbed(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite
 
 /// A TLS connection to the first of `addrs` that accepts, HTTP/2 or
 /// HTTP/1.1 as its ALPN chose.
-async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, CredentialProxyError> {
+/// `reached`: a connection already made to one of `addrs`, tried first;
+/// if the server gave up on it meanwhile, a new one is made.
+async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<rustls::ClientConfig>, reached: Option<TcpStream>) -> Result<Upstream, CredentialProxyError> {
+    let name = ServerName::try_from(host.to_string()).map_err(|e| CredentialProxyError::UpstreamName(host.to_string(), e))?;
+    if let Some(tcp) = reached {
+        match upstream_over(tcp, name.clone(), tls.clone()).await {
+            Ok(upstream) => return Ok(upstream),
+            Err(e) => tracing::debug!(%host, "credential proxy: the connection made when the guest connected failed ({e}); connecting again"),
+        }
+    }
     let mut last = CredentialProxyError::NoUpstreamAddress;
     for addr in addrs {
-        let tcp = match crate::util::net::connect_remote(*addr).await {
-            Ok(t) => t,
-            Err(e) => {
-                last = CredentialProxyError::UpstreamConnect(e);
-                continue;
-            }
-        };
-        // Requests of several streams at once must not wait for ACKs (Nagle).
-        let _ = tcp.set_nodelay(true);
-        let name = ServerName::try_from(host.to_string()).map_err(|e| CredentialProxyError::UpstreamName(host.to_string(), e))?;
-        let stream = tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await.map_err(CredentialProxyError::UpstreamTls)?;
-        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-            let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .map_err(CredentialProxyError::UpstreamHandshake)?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            return Ok(Upstream::H2(sender));
+        match crate::util::net::connect_remote(*addr).await {
+            Ok(tcp) => return upstream_over(tcp, name, tls).await,
+            Err(e) => last = CredentialProxyError::UpstreamConnect(e),
         }
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(CredentialProxyError::UpstreamHandshake)?;
-        tokio::spawn(async move {
-            let _ = conn.with_upgrades().await;
-        });
-        return Ok(Upstream::H1(sender));
     }
     Err(last)
+}
+
+/// TLS to the upstream as `name` on `tcp`, then HTTP/2 or HTTP/1.1 as its
+/// ALPN chose.
+async fn upstream_over(tcp: TcpStream, name: ServerName<'static>, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, CredentialProxyError> {
+    // Requests of several streams at once must not wait for ACKs (Nagle).
+    let _ = tcp.set_nodelay(true);
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(CredentialProxyError::UpstreamTls)?;
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(CredentialProxyError::UpstreamHandshake)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        return Ok(Upstream::H2(sender));
+    }
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(CredentialProxyError::UpstreamHandshake)?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(Upstream::H1(sender))
 }
 
 #[cfg(test)]

@@ -327,7 +327,6 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     if let crate::proxy::peek::FirstBytes::Tls { sni: Some(host) } = &kind {
         let binding = route.credentials.iter().find(|b| b.covers(host)).cloned();
         if binding.is_some() || crate::proxy::inject::governed(&route.policy, host, original.port()) {
-            drop(upstream);
             // Without the sandbox CA the requests cannot be checked:
             // refused, never spliced unchecked.
             let tls = match route.ca.as_ref().map(|ca| ctx.guest_tls.get(&route.sandbox, host, ca)) {
@@ -348,7 +347,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             // algorithm would hold a response behind the guest's delayed ACK).
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
-            let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests };
+            // The connection just made goes on to carry the first request.
+            let reached = crate::proxy::inject::Reached { stream: upstream, at: std::time::Instant::now() };
+            let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests, reached: std::sync::Mutex::new(Some(reached)) };
             if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck, &MCP_HOOKS).await {
                 tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
             }
