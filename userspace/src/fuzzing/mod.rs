@@ -424,7 +424,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 ///
 /// The scrubber (fed the bytes in chunks whose sizes come from the input):
 /// the same bytes as scrubbing them in one piece, the same length (a
-/// Content-Length stays true), and no raw secret and no match left.
+/// Content-Length stays true), and no raw secret and no match left; its
+/// fast first look (the anchors) says what the automaton says.
 pub fn headers(data: &[u8]) {
     use hyper::header::{ACCEPT_ENCODING, IF_RANGE, RANGE};
     let Some((&selector, rest)) = data.split_first() else { return };
@@ -476,6 +477,7 @@ pub fn headers(data: &[u8]) {
     // The response side: the same bytes from the upstream, through the
     // streaming scrubber in chunks of 1 to 40 bytes.
     let patterns = &binding.scrub;
+    assert_eq!(patterns.is_match(rest), patterns.is_match_by_automaton(rest), "the anchors' first look and the automaton differ");
     let (whole, _) = patterns.scrub(rest);
     let mut scrubber = patterns.scrubber();
     let mut streamed = Vec::with_capacity(rest.len());

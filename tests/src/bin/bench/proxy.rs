@@ -9,13 +9,16 @@ pub(crate) const PROXY_ROUNDS: usize = 5;
 pub(crate) const PATH_RULES: usize = 100;
 pub(crate) const PROXY_CONNECTIONS: usize = 8;
 
+/// GETs before the latencies are taken (connection made, caches warm).
+pub(crate) const LATENCY_WARMUP: usize = 50;
+
 /// Sequential GETs on one kept-alive connection for `seconds`: latencies (µs).
 pub(crate) fn proxy_latency(addr: SocketAddr, sni: &str, ca: &std::path::Path, seconds: u64) -> Result<Vec<f64>> {
     let config = sbx_net_tests::https::client_config(ca);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let mut c = sbx_net_tests::https::KeepAlive::connect(addr, sni, config).await?;
-        for _ in 0..50 {
+        for _ in 0..LATENCY_WARMUP {
             c.get("/warm").await?;
         }
         let mut lat = Vec::new();
@@ -286,6 +289,12 @@ struct PathRun {
     /// follows it, not only the proxy's own share.
     h1_machine: f64,
     h2_machine: f64,
+    /// The proxy's CPU time per request (µs), and of it user space, under
+    /// the sequential GETs the p50 is measured on: one request at a time,
+    /// so every bit of it is on the request's path (and the machine sleeps
+    /// and wakes between requests, as it does not under load).
+    seq_cpu: f64,
+    seq_user: f64,
 }
 
 pub(crate) fn proxy_bench() -> Result<()> {
@@ -387,7 +396,12 @@ pub(crate) fn proxy_bench() -> Result<()> {
         let (_, key, sni, addr, ca_path) = &targets[k];
         let pid = pids[k];
         let cpu = || pid.map_or((f64::NAN, f64::NAN), tree_cpu_us);
+        let before = cpu();
         let lat = guest.run(|| proxy_latency(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 latency"))?;
+        let after = cpu();
+        // The warm-up's requests are in the CPU time too.
+        let seq_requests = (lat.len() + LATENCY_WARMUP) as f64;
+        let (seq_cpu, seq_user) = ((after.0 - before.0) / seq_requests, (after.1 - before.1) / seq_requests);
         let (before, machine_before) = (cpu(), machine_busy_us());
         let h1_rps = guest.run(|| proxy_throughput(*addr, sni, ca_path, PROXY_SECONDS))?.with_context(|| format!("{key}: HTTP/1.1 requests/s"))?;
         let (after, machine_after) = (cpu(), machine_busy_us());
@@ -400,7 +414,7 @@ pub(crate) fn proxy_bench() -> Result<()> {
         let h2_requests = h2_rps * PROXY_SECONDS as f64;
         let (h2_cpu, h2_user) = ((after.0 - before.0) / h2_requests, (after.1 - before.1) / h2_requests);
         let h2_machine = (machine_after - machine_before) / h2_requests;
-        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu, h1_user, h2_user, h1_machine, h2_machine })
+        Ok(PathRun { h1_p50: percentile(&lat, 0.5), h1_p99: percentile(&lat, 0.99), h1_rps, h2_rps, h2_p50, h1_cpu, h2_cpu, h1_user, h2_user, h1_machine, h2_machine, seq_cpu, seq_user })
     })?;
     drop(mitm_peer);
     drop(nginx_peer);
@@ -490,6 +504,17 @@ pub(crate) fn proxy_bench() -> Result<()> {
         let h2 = record("proxy", &format!("proxy h2 cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_cpu));
         let h2_user = record("proxy", &format!("proxy h2 user cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.h2_user));
         println!("| {what} | {} | {} | {} | {} | {} | {} |", h1.spread(1), h1_user.spread(1), h1_machine.spread(1), h2.spread(1), h2_user.spread(1), h2_machine.spread(1));
+    }
+
+    println!("\n### Where a request's added latency goes: each proxy's CPU time per request under the sequential GETs (µs, the same rounds)\n");
+    println!("One request at a time: all of the proxy's work is on the request's path, and it sleeps and wakes twice per request (the guest's request, the server's answer). The kernel's share is the sockets, the packet path charged to the sender, and the sleeps and wakes; user space is the proxy's own code.\n");
+    println!("| path | added p50 | CPU per request | of which user space | of which the kernel |");
+    println!("|---|---:|---:|---:|---:|");
+    for (k, (what, key, ..)) in targets.iter().enumerate().skip(1) {
+        let seq = record("proxy", &format!("proxy h1 sequential cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.seq_cpu));
+        let seq_user = record("proxy", &format!("proxy h1 sequential user cpu/request {key}"), "µs", Better::Lower, &field(k, |r| r.seq_user));
+        let seq_kernel = Figure { suite: "proxy".into(), name: String::new(), unit: String::new(), better: Better::Lower, runs: field(k, |r| r.seq_cpu - r.seq_user) };
+        println!("| {what} | {} | {} | {} | {} |", figures[k].0.spread(0), seq.spread(1), seq_user.spread(1), seq_kernel.spread(1));
     }
 
     println!("\n### {PATH_RULES} `[[http]]` path rules on the host, against the same host without rules (same rounds)\n");
