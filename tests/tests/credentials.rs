@@ -181,15 +181,17 @@ impl CredentialHost {
         let secret_file = dir.join("token");
         std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
         let policy = format!(
-            "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\"]\n\
-             [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
+            "name = \"agent\"\n[network]\ndefault = \"deny\"\nallow = [\"api.test\", \"stall.test\"]\n\
+             [[credentials]]\nname = \"gh\"\nhosts = [\"api.test\", \"stall.test\"]\nheader = \"Authorization\"\nformat = \"Bearer {{secret}}\"\nsource = {{ file = \"{}\" }}\n",
             secret_file.display()
         );
         let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
         let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
         let h = DaemonHarness::with_args(name, &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
         h.topology.add_world_address(ip("198.51.100.40"));
-        let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into()], &[]);
+        // stall.test: a server that accepts and never answers.
+        h.topology.add_world_address(ip("198.51.100.41"));
+        let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,60".into(), "stall.test,198.51.100.41,60".into()], &[]);
         let api = HttpsEcho::start(&h.topology.world, SocketAddr::new(ip("198.51.100.40"), 443), &["api.test"], &ca, SECRET);
         let g = h.create_guest(&unique_name("g"), "agent");
         let (ns, sandbox_ca) = (g["netns"].as_str().unwrap().to_string(), g["ca_cert"].as_str().unwrap().to_string());
@@ -266,6 +268,28 @@ fn a_guest_that_asks_nothing_holds_no_upstream_connection() {
     assert_eq!(statuses, vec![200; GUEST_CONNECTIONS]);
     assert_eq!(api.seen().iter().filter(|r| r.as_str() == "GET /later").count(), GUEST_CONNECTIONS);
     assert_eq!(api.accepted(), 2 * GUEST_CONNECTIONS, "each later request on a new upstream connection");
+    drop(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An upstream that accepts the connection and never answers the TLS
+/// handshake costs the guest's request a bounded wait (the proxy's 10 s
+/// handshake limit, once: not again on a new connection), then a 502.
+#[test]
+fn an_upstream_that_never_answers_the_handshake_is_a_bounded_502() {
+    require_root();
+    let CredentialHost { dir, h, _dns, api: _api, ns, sandbox_ca } = CredentialHost::start("cred-stall");
+    // The world's stall.test: connections are accepted (by the kernel: the
+    // listener is never read) and left silent.
+    let world = sbx_vmm::NetNs::open(h.topology.world.name()).unwrap();
+    let _listener = world.run(|| std::net::TcpListener::bind(SocketAddr::new(ip("198.51.100.41"), 443)).unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let out = sbx_net_tests::run_in(&ns, "curl", &["-s", "--max-time", "60", "-w", "\nstatus: %{http_code}\n", "--cacert", sandbox_ca.as_str(), "https://stall.test/x"]);
+    let waited = started.elapsed();
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(body.contains("status: 502") && body.contains("upstream unreachable"), "{body}");
+    assert!(waited >= std::time::Duration::from_secs(9), "502 after {waited:?}: before the handshake limit");
+    assert!(waited < std::time::Duration::from_secs(18), "502 after {waited:?}: the handshake was waited for more than once");
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -87,6 +87,8 @@ pub enum CredentialProxyError {
     UpstreamName(String, rustls::pki_types::InvalidDnsNameError),
     #[error("upstream TLS: {0}")]
     UpstreamTls(std::io::Error),
+    #[error("upstream TLS: no handshake within {0:?}")]
+    UpstreamTlsTimeout(std::time::Duration),
     #[error("upstream HTTP handshake: {0}")]
     UpstreamHandshake(hyper::Error),
 }
@@ -768,6 +770,10 @@ async fn add_h2_upstream(slot: Arc<tokio::sync::Mutex<UpstreamSlot>>, upstream: 
         }
     }
 }
+
+/// How long the TLS handshake with an upstream may take (the TCP connect
+/// has its own 10 s).
+const UPSTREAM_TLS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How long an extra HTTP/2 upstream connection may take to be made.
 const H2_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -1675,6 +1681,8 @@ async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<r
     if let Some(tcp) = reached {
         match upstream_over(tcp, name.clone(), tls.clone()).await {
             Ok(upstream) => return Ok(upstream),
+            // A server that does not answer would not answer again.
+            Err(e @ CredentialProxyError::UpstreamTlsTimeout(_)) => return Err(e),
             Err(e) => tracing::debug!(%host, "credential proxy: the connection made when the guest connected failed ({e}); connecting again"),
         }
     }
@@ -1693,7 +1701,12 @@ async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<r
 async fn upstream_over(tcp: TcpStream, name: ServerName<'static>, tls: Arc<rustls::ClientConfig>) -> Result<Upstream, CredentialProxyError> {
     // Requests of several streams at once must not wait for ACKs (Nagle).
     let _ = tcp.set_nodelay(true);
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.map_err(CredentialProxyError::UpstreamTls)?;
+    // Bounded: a server that accepts and never answers must not hold the
+    // guest's request (and the connection's lock) for ever.
+    let stream = tokio::time::timeout(UPSTREAM_TLS_TIMEOUT, tokio_rustls::TlsConnector::from(tls).connect(name, tcp))
+        .await
+        .map_err(|_| CredentialProxyError::UpstreamTlsTimeout(UPSTREAM_TLS_TIMEOUT))?
+        .map_err(CredentialProxyError::UpstreamTls)?;
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         let (sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream))
             .await
