@@ -223,15 +223,16 @@ fn a_guest_connection_costs_the_upstream_one_tcp_connection() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A guest that connects to a credential host and asks nothing does not
-/// keep the upstream connections the proxy made when it connected (they
-/// go after a few seconds), and what it asks later still goes upstream,
-/// injected, on a new one.
+/// A guest that connects to a credential host and asks nothing (or never
+/// finishes its TLS handshake) does not keep the upstream connections the
+/// proxy made when it connected (they go after a few seconds), and what it
+/// asks later still goes upstream, on a new one.
 #[test]
 fn a_guest_that_asks_nothing_holds_no_upstream_connection() {
     require_root();
     let CredentialHost { dir, h, _dns, api, ns, sandbox_ca } = CredentialHost::start("cred-idle");
     const GUEST_CONNECTIONS: usize = 6;
+    const STALLED_HANDSHAKES: usize = 3;
     let guest = sbx_vmm::NetNs::open(&ns).unwrap();
     let config = sbx_net_tests::https::client_config(std::path::Path::new(&sandbox_ca));
     let statuses = guest
@@ -242,9 +243,21 @@ fn a_guest_that_asks_nothing_holds_no_upstream_connection() {
                 for _ in 0..GUEST_CONNECTIONS {
                     held.push(sbx_net_tests::https::KeepAlive::connect(SocketAddr::new(ip("198.51.100.40"), 443), "api.test", config.clone()).await.unwrap());
                 }
+                // And some that send their ClientHello and never finish
+                // the handshake.
+                let mut stalled = Vec::new();
+                for _ in 0..STALLED_HANDSHAKES {
+                    use tokio::io::AsyncWriteExt;
+                    let mut hello = Vec::new();
+                    let name = rustls::pki_types::ServerName::try_from("api.test").unwrap();
+                    rustls::ClientConnection::new(config.clone(), name).unwrap().write_tls(&mut hello).unwrap();
+                    let mut tcp = tokio::net::TcpStream::connect(SocketAddr::new(ip("198.51.100.40"), 443)).await.unwrap();
+                    tcp.write_all(&hello).await.unwrap();
+                    stalled.push(tcp);
+                }
                 // (The server may accept a moment after the proxy connected.)
                 let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-                while api.accepted() < GUEST_CONNECTIONS && std::time::Instant::now() < deadline {
+                while api.accepted() < GUEST_CONNECTIONS + STALLED_HANDSHAKES && std::time::Instant::now() < deadline {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 let made = api.accepted();
@@ -263,11 +276,11 @@ fn a_guest_that_asks_nothing_holds_no_upstream_connection() {
         })
         .unwrap();
     let (made, left_open, statuses) = statuses;
-    assert_eq!(made, GUEST_CONNECTIONS, "the proxy connects upstream for each guest connection (to fail as the server would)");
+    assert_eq!(made, GUEST_CONNECTIONS + STALLED_HANDSHAKES, "the proxy connects upstream for each guest connection (to fail as the server would)");
     assert_eq!(left_open, 0, "upstream connections still open for guest connections that asked nothing");
     assert_eq!(statuses, vec![200; GUEST_CONNECTIONS]);
     assert_eq!(api.seen().iter().filter(|r| r.as_str() == "GET /later").count(), GUEST_CONNECTIONS);
-    assert_eq!(api.accepted(), 2 * GUEST_CONNECTIONS, "each later request on a new upstream connection");
+    assert_eq!(api.accepted(), 2 * GUEST_CONNECTIONS + STALLED_HANDSHAKES, "each later request on a new upstream connection");
     drop(h);
     let _ = std::fs::remove_dir_all(&dir);
 }

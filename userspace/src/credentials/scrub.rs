@@ -242,9 +242,12 @@ impl Patterns {
     pub fn new(forms: &[Zeroizing<Vec<u8>>], roots: &[Zeroizing<Vec<u8>>]) -> Result<Patterns, ScrubError> {
         let mut patterns: Vec<Zeroizing<Vec<u8>>> = Vec::new();
         let mut seen: HashSet<&[u8]> = HashSet::new();
+        // What the patterns are cut from (the anchors too: the same list,
+        // or the anchors could miss a pattern).
         let derived = forms.iter().filter(|f| f.len() >= MIN_DERIVED);
-        for form in roots.iter().filter(|r| !r.is_empty()).chain(derived) {
-            let pieces: Vec<&[u8]> = if form.len() > WINDOW { form.windows(WINDOW).collect() } else { vec![&form[..]] };
+        let matched: Vec<&[u8]> = roots.iter().filter(|r| !r.is_empty()).chain(derived).map(|f| f.as_slice()).collect();
+        for form in matched.iter().copied() {
+            let pieces: Vec<&[u8]> = if form.len() > WINDOW { form.windows(WINDOW).collect() } else { vec![form] };
             for piece in pieces {
                 if seen.insert(piece) {
                     patterns.push(Zeroizing::new(piece.to_vec()));
@@ -252,7 +255,7 @@ impl Patterns {
             }
         }
         let matcher = AhoCorasickBuilder::new().match_kind(MatchKind::Standard).build(patterns.iter().map(|p| p.as_slice()))?;
-        let anchors = Anchors::new(roots.iter().filter(|r| !r.is_empty()).chain(forms.iter().filter(|f| f.len() >= MIN_DERIVED)).map(|f| f.as_slice()));
+        let anchors = Anchors::new(matched.iter().copied());
         let longest = patterns.iter().map(|p| p.len()).max().unwrap_or(1);
         let mut prefixes = HashSet::default();
         for p in &patterns {

@@ -285,7 +285,8 @@ impl<S: PolicySink> Watcher<S> {
         }
         let publish = Arc::new(tokio::sync::Notify::new());
         let publisher = StatusPublisher { client: client.clone(), key: layout.status_key(&self.settings.host.name), status: self.status.clone(), wake: publish.clone() };
-        let publisher = AbortOnDrop(tokio::spawn(publisher.run()));
+        // Aborted when the session ends.
+        let publisher = crate::util::task::AbortOnDrop(tokio::spawn(publisher.run()));
         publish.notify_one();
         self.tell_first_sync();
         let mut retry = tokio::time::interval(RETRY_REFUSED);
@@ -399,18 +400,9 @@ impl<S: PolicySink> Watcher<S> {
     }
 }
 
-/// Aborts the task when the session that spawned it ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Resolves if the publisher task has ended (it only ends by panicking).
-async fn publisher_done(task: &AbortOnDrop) {
-    while !task.0.is_finished() {
+async fn publisher_done(task: &crate::util::task::AbortOnDrop) {
+    while !task.is_finished() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }

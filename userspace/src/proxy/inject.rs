@@ -1276,21 +1276,24 @@ pub async fn serve(
     recheck: Recheck,
     mcp_hooks: &'static McpHooks,
 ) -> Result<(), CredentialProxyError> {
+    let upstream = Arc::new(upstream);
+    // A guest that asks nothing for a while (or takes its time over its
+    // own handshake) does not keep the connection made when it connected:
+    // dropped when too old to use, or with this connection.
+    let _drop_unused = upstream.reached.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| {
+        let (unused, too_old) = (Arc::downgrade(&upstream), tokio::time::Instant::from_std(r.at + REACHED_REUSE_WITHIN));
+        crate::util::task::AbortOnDrop(tokio::spawn(async move {
+            tokio::time::sleep_until(too_old).await;
+            if let Some(upstream) = unused.upgrade() {
+                drop(upstream.reached.lock().unwrap_or_else(|p| p.into_inner()).take());
+            }
+        }))
+    });
     let tls = tokio_rustls::TlsAcceptor::from(tls).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: tls, watch: FramingWatch::default(), enabled: !h2, tripped: tripped.clone() };
     let slot: Arc<tokio::sync::Mutex<UpstreamSlot>> = Arc::default();
-    let upstream = Arc::new(upstream);
-    // A guest that asks nothing for a while does not keep the connection
-    // made when it connected (it would be too old to use by then).
-    let unused = Arc::downgrade(&upstream);
-    tokio::spawn(async move {
-        tokio::time::sleep(REACHED_REUSE_WITHIN).await;
-        if let Some(upstream) = unused.upgrade() {
-            drop(upstream.reached.lock().unwrap_or_else(|p| p.into_inner()).take());
-        }
-    });
     // Shared by the requests (a clone per request is a reference count).
     let (service_host, service_binding, service_flow): (Arc<str>, _, _) = (host.as_str().into(), binding.clone(), flow.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -1681,9 +1684,13 @@ async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<r
     if let Some(tcp) = reached {
         match upstream_over(tcp, name.clone(), tls.clone()).await {
             Ok(upstream) => return Ok(upstream),
-            // A server that does not answer would not answer again.
-            Err(e @ CredentialProxyError::UpstreamTlsTimeout(_)) => return Err(e),
-            Err(e) => tracing::debug!(%host, "credential proxy: the connection made when the guest connected failed ({e}); connecting again"),
+            // The server gave up on it (it waited too long for a
+            // handshake): a new one. Anything else (no answer, an alert,
+            // a certificate refused) would be the same on a new one.
+            Err(CredentialProxyError::UpstreamTls(e)) if server_hung_up(&e) => {
+                tracing::debug!(%host, "credential proxy: the connection made when the guest connected was closed ({e}); connecting again");
+            }
+            Err(e) => return Err(e),
         }
     }
     let mut last = CredentialProxyError::NoUpstreamAddress;
@@ -1694,6 +1701,13 @@ async fn connect_upstream(addrs: &[std::net::SocketAddr], host: &str, tls: Arc<r
         }
     }
     Err(last)
+}
+
+/// Whether a TLS handshake failed because the server closed or reset the
+/// connection (not because of anything it said).
+fn server_hung_up(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe)
 }
 
 /// TLS to the upstream as `name` on `tcp`, then HTTP/2 or HTTP/1.1 as its

@@ -10,3 +10,4 @@ pub mod fd_pass;
 pub mod fs;
 pub mod net;
 pub mod pidfd;
+pub mod task;
