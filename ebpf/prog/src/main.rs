@@ -497,11 +497,31 @@ fn update_flow<K>(
     fresh.reported_bytes = len as u64;
     fresh.rule_id = rule;
     fresh.reason = reason as u8;
-    fresh._pad = [0; 3];
+    // SAFETY: the field of a value we hold a reference to.
+    unsafe { zero_pad(&raw mut fresh._pad) };
     // A full table evicts its least recently used flow; an insert error
     // (out of memory) only loses the tracking, never the verdict.
     let _ = flows.insert(key, fresh, 0);
     Some((event_kind::NEW_FLOW, 1, len as u64))
+}
+
+/// Zeroes padding a byte at a time: assigning `[0; N]` to an odd-sized
+/// byte array compiles to a call of a memset subprogram — a BPF-to-BPF
+/// call and return (through the return thunk where the CPU needs one) on
+/// the first packet of every flow and in every event.
+///
+/// # Safety
+/// `pad` must be valid for writes of N bytes.
+#[inline(always)]
+unsafe fn zero_pad<const N: usize>(pad: *mut [u8; N]) {
+    let bytes = pad as *mut u8;
+    let mut i = 0;
+    while i < N {
+        // SAFETY: i < N, inside the caller's array. Volatile: LLVM would
+        // merge plain stores back into the memset call.
+        unsafe { core::ptr::write_volatile(bytes.add(i), 0) };
+        i += 1;
+    }
 }
 
 /// Puts one event on the ring buffer, or counts it as lost. Fields are
@@ -533,7 +553,7 @@ fn report(ctx: &TcContext, sandbox_id: u32, packet: &Packet, reason: Reason, rul
         (*e).protocol = packet.protocol;
         (*e).ip_version = packet.ip_version;
         (*e).kind = kind;
-        (*e)._pad = [0; 5];
+        zero_pad(&raw mut (*e)._pad);
         // FlowEvent's addresses sit at offsets 40 and 56 of an 8-aligned
         // record; the packet's are 8-aligned.
         net::copy_words::<4>((*e).src_addr.as_mut_ptr(), packet.src.as_ptr());
