@@ -6,6 +6,8 @@
 // The BPF target has no `fetch_add` on atomics; the intrinsic lowers to
 // BPF_ATOMIC add (an XADD when the result is unused).
 #![feature(core_intrinsics)]
+// Word-wide packet loads at any alignment (net::Span).
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 mod net;

@@ -141,6 +141,59 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, ParseError> {
     Ok((start + offset) as *const T)
 }
 
+/// `N` bytes of the packet at a bounds-checked offset, read field by field
+/// at each field's own width by direct packet access. A byte array read
+/// compiles to one load, shift and or per byte on BPF (LLVM assumes the
+/// target cannot load unaligned), and the registers that takes spill to
+/// the stack (on the benchmark machine the IPv4 parse took 25 ns that way
+/// and 16 this way; IPv6's, 44 and 22). The verifier allows unaligned packet loads where the CPU has
+/// efficient unaligned access (x86-64, arm64); elsewhere it assumes the IP
+/// header 4-aligned (NET_IP_ALIGN), and every word read here is aligned
+/// relative to it.
+#[derive(Clone, Copy)]
+struct Span<const N: usize> {
+    start: usize,
+}
+
+impl<const N: usize> Span<N> {
+    #[inline(always)]
+    fn at(ctx: &TcContext, offset: usize) -> Result<Self, ParseError> {
+        Ok(Span { start: ptr_at::<[u8; N]>(ctx, offset)? as usize })
+    }
+
+    #[inline(always)]
+    fn u8<const I: usize>(self) -> u8 {
+        const { assert!(I < N) };
+        // SAFETY: `at` checked that N bytes from `start` are in the packet.
+        unsafe { *((self.start + I) as *const u8) }
+    }
+
+    /// Two bytes as a native-endian u16.
+    #[inline(always)]
+    fn u16<const I: usize>(self) -> u16 {
+        const { assert!(I + 2 <= N) };
+        let value: u64;
+        // SAFETY: a 2-byte load inside the checked span; the asm reads
+        // memory only and touches no stack.
+        unsafe {
+            core::arch::asm!("{v} = *(u16 *)({p} + {i})", v = lateout(reg) value, p = in(reg) self.start, i = const I, options(pure, readonly, nostack));
+        }
+        value as u16
+    }
+
+    /// Four bytes as a native-endian u32.
+    #[inline(always)]
+    fn u32<const I: usize>(self) -> u32 {
+        const { assert!(I + 4 <= N) };
+        let value: u64;
+        // SAFETY: as for `u16`, four bytes.
+        unsafe {
+            core::arch::asm!("{v} = *(u32 *)({p} + {i})", v = lateout(reg) value, p = in(reg) self.start, i = const I, options(pure, readonly, nostack));
+        }
+        value as u32
+    }
+}
+
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
     let p = ptr_at::<T>(ctx, offset)?;
@@ -195,19 +248,77 @@ fn cfg_words(a: &[u8; 16]) -> Words16 {
     unsafe { core::ptr::read(a.as_ptr() as *const Words16) }
 }
 
+// The guest's MAC and IPv4 address are compared a word (and a half) at a
+// time against the frame's.
+const _: () = {
+    use core::mem::offset_of;
+    assert!(offset_of!(SandboxConfig, guest_mac) % 4 == 0);
+    assert!(offset_of!(SandboxConfig, guest_ipv4) % 4 == 0);
+};
+
+/// The guest's IPv4 address (a 4-aligned [`SandboxConfig`] field, asserted
+/// above) as a native-endian word.
+#[inline(always)]
+fn cfg_ipv4(cfg: &SandboxConfig) -> u32 {
+    // SAFETY: four bytes, 4-aligned (asserted above).
+    unsafe { core::ptr::read(cfg.guest_ipv4.as_ptr() as *const u32) }
+}
+
+/// The guest's MAC (4-aligned, asserted above) as a native-endian word and
+/// half-word, as `Span::u32` and `Span::u16` read the frame's.
+#[inline(always)]
+fn cfg_mac(cfg: &SandboxConfig) -> (u32, u16) {
+    let mac = cfg.guest_mac.as_ptr();
+    // SAFETY: bytes 0..4 and 4..6 of the 6-byte field, 4- and 2-aligned.
+    unsafe { (core::ptr::read(mac as *const u32), core::ptr::read(mac.add(4) as *const u16)) }
+}
+
 // Packet's addresses are 4-aligned too (the struct is 8-aligned).
 const _: () = assert!(core::mem::offset_of!(Packet, src) % 4 == 0 && core::mem::offset_of!(Packet, dst) % 4 == 0);
 
-/// Stores an address into one of [`Packet`]'s (4 word stores; volatile so
-/// that they are not merged back into a byte-by-byte copy).
+/// Stores an address into one of [`Packet`]'s (N ≤ 4 word stores; volatile
+/// so that they are not merged back into a byte-by-byte copy).
 #[inline(always)]
-fn store_words(field: &mut [u8; 16], words: &Words16) {
+fn store_words<const N: usize>(field: &mut [u8; 16], words: &[u32; N]) {
+    const { assert!(N <= 4) };
     let out = field.as_mut_ptr() as *mut u32;
     for (i, w) in words.iter().enumerate() {
         // SAFETY: `field` is a Packet address, 4-aligned (asserted above),
         // 16 bytes: four u32 slots.
         unsafe { core::ptr::write_volatile(out.add(i), *w) };
     }
+}
+
+/// The ports (as they lie in the packet) and TCP flags of a TCP or UDP
+/// header right after a fixed-size IP header: direct packet access. The
+/// whole header must be there (no tiny-fragment games with the TCP flags
+/// or ports).
+#[inline(always)]
+fn fixed_transport(ctx: &TcContext, offset: usize, protocol: u8) -> Result<([u8; 4], u8), ParseError> {
+    if protocol == IPPROTO_TCP {
+        let tcp = Span::<20>::at(ctx, offset)?;
+        Ok((tcp.u32::<0>().to_ne_bytes(), tcp.u8::<TCP_FLAGS_OFFSET>()))
+    } else {
+        Ok((Span::<8>::at(ctx, offset)?.u32::<0>().to_ne_bytes(), 0))
+    }
+}
+
+/// The same behind IPv4 options or IPv6 extension headers (a variable
+/// offset): `bpf_skb_load_bytes`.
+#[inline(always)]
+fn loaded_transport(ctx: &TcContext, offset: usize, protocol: u8) -> Result<([u8; 4], u8), ParseError> {
+    let need = if protocol == IPPROTO_TCP { 20 } else { 8 };
+    let _: u8 = load(ctx, offset + need - 1)?;
+    let flags: u8 = if protocol == IPPROTO_TCP { load(ctx, offset + TCP_FLAGS_OFFSET)? } else { 0 };
+    Ok((load(ctx, offset)?, flags))
+}
+
+#[inline(always)]
+fn set_transport(packet: &mut Packet, ports: [u8; 4], flags: u8) {
+    packet.tcp_flags = flags;
+    packet.has_ports = true;
+    packet.src_port = be16([ports[0], ports[1]]);
+    packet.dst_port = be16([ports[2], ports[3]]);
 }
 
 #[inline(always)]
@@ -231,10 +342,10 @@ pub fn parse(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resul
         let _ = ctx.pull_data(want);
     }
 
-    let src_mac: [u8; 6] = read(ctx, 6)?;
-    let ethertype = be16(read(ctx, 12)?);
+    let eth = Span::<ETH_HLEN>::at(ctx, 0)?;
+    let ethertype = u16::from_be(eth.u16::<12>());
     packet.ethertype = ethertype;
-    if !eq6(&src_mac, &cfg.guest_mac) {
+    if (eth.u32::<6>(), eth.u16::<10>()) != cfg_mac(cfg) {
         return Err(ParseError(Reason::SpoofedMac));
     }
     match ethertype {
@@ -271,22 +382,23 @@ fn parse_arp(ctx: &TcContext, cfg: &SandboxConfig) -> Result<Parsed, ParseError>
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Result<Parsed, ParseError> {
-    let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
+    let ip = Span::<20>::at(ctx, ETH_HLEN)?;
     packet.ip_version = 4;
-    if ip[0] >> 4 != 4 {
+    let version_ihl = ip.u8::<0>();
+    if version_ihl >> 4 != 4 {
         return Err(ParseError(Reason::Malformed));
     }
-    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
         return Err(ParseError(Reason::Malformed));
     }
-    let frag = be16([ip[6], ip[7]]);
-    let protocol = ip[9];
+    let frag = u16::from_be(ip.u16::<6>());
+    let protocol = ip.u8::<9>();
     packet.protocol = protocol;
-    packet.src[..4].copy_from_slice(&ip[12..16]);
-    packet.dst[..4].copy_from_slice(&ip[16..20]);
-    let src = [ip[12], ip[13], ip[14], ip[15]];
-    if !eq4(&src, &cfg.guest_ipv4) {
+    let src = ip.u32::<12>();
+    store_words(&mut packet.src, &[src]);
+    store_words(&mut packet.dst, &[ip.u32::<16>()]);
+    if src != cfg_ipv4(cfg) {
         return Err(ParseError(Reason::SpoofedIp));
     }
     if ihl > 20 {
@@ -301,21 +413,9 @@ fn parse_ipv4(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
             }
             // The first fragment must carry the whole transport header (no
             // tiny-fragment games with the TCP flags or ports).
-            let need = if protocol == IPPROTO_TCP { 20 } else { 8 };
             let l4 = ETH_HLEN + ihl;
-            let (ports, flags): ([u8; 4], u8) = if ihl == 20 {
-                let _: [u8; 1] = read(ctx, ETH_HLEN + 20 + need - 1)?;
-                let flags: u8 = if protocol == IPPROTO_TCP { read(ctx, ETH_HLEN + 20 + TCP_FLAGS_OFFSET)? } else { 0 };
-                (read(ctx, ETH_HLEN + 20)?, flags)
-            } else {
-                let _: u8 = load(ctx, l4 + need - 1)?;
-                let flags: u8 = if protocol == IPPROTO_TCP { load(ctx, l4 + TCP_FLAGS_OFFSET)? } else { 0 };
-                (load(ctx, l4)?, flags)
-            };
-            packet.tcp_flags = flags;
-            packet.has_ports = true;
-            packet.src_port = be16([ports[0], ports[1]]);
-            packet.dst_port = be16([ports[2], ports[3]]);
+            let (ports, flags) = if ihl == 20 { fixed_transport(ctx, l4, protocol)? } else { loaded_transport(ctx, l4, protocol)? };
+            set_transport(packet, ports, flags);
             Ok(Parsed::Ip)
         }
         IPPROTO_ICMP => {
@@ -362,25 +462,23 @@ fn check_ipv4_options(ctx: &TcContext, start: usize, end: usize) -> Result<(), P
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Result<Parsed, ParseError> {
-    let ip: [u8; 40] = read(ctx, ETH_HLEN)?;
+    let ip = Span::<40>::at(ctx, ETH_HLEN)?;
     packet.ip_version = 6;
-    if ip[0] >> 4 != 6 {
+    if ip.u8::<0>() >> 4 != 6 {
         return Err(ParseError(Reason::Malformed));
     }
-    // The addresses put together into words once (the bytes come at the
-    // packet's unknown alignment), then stored, compared and keyed as such.
-    let word = |at: usize| u32::from_ne_bytes([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
-    let src: Words16 = [word(8), word(12), word(16), word(20)];
-    let dst: Words16 = [word(24), word(28), word(32), word(36)];
+    // The addresses are loaded, stored, compared and keyed as words.
+    let src: Words16 = [ip.u32::<8>(), ip.u32::<12>(), ip.u32::<16>(), ip.u32::<20>()];
+    let dst: Words16 = [ip.u32::<24>(), ip.u32::<28>(), ip.u32::<32>(), ip.u32::<36>()];
     store_words(&mut packet.src, &src);
     store_words(&mut packet.dst, &dst);
     let unspecified_source = eq_words(&src, &[0; 4]);
     if !unspecified_source && !eq_words(&src, &cfg_words(&cfg.guest_ipv6)) && !eq_words(&src, &cfg_words(&cfg.guest_ipv6_link_local)) {
         return Err(ParseError(Reason::SpoofedIp));
     }
-    let multicast_link_scope = ip[24] == 0xff && ip[25] == 0x02;
+    let multicast_link_scope = ip.u8::<24>() == 0xff && ip.u8::<25>() == 0x02;
 
-    let mut next = ip[6];
+    let mut next = ip.u8::<6>();
     let mut off = ETH_HLEN + 40;
     let mut first_fragment = true;
     let mut in_extension = true;
@@ -424,20 +522,8 @@ fn parse_ipv6(ctx: &TcContext, cfg: &SandboxConfig, packet: &mut Packet) -> Resu
                 packet.port_unknown = true;
                 return Ok(Parsed::Ip);
             }
-            let need = if next == IPPROTO_TCP { 20 } else { 8 };
-            let (ports, flags): ([u8; 4], u8) = if simple {
-                let _: [u8; 1] = read(ctx, ETH_HLEN + 40 + need - 1)?;
-                let flags: u8 = if next == IPPROTO_TCP { read(ctx, ETH_HLEN + 40 + TCP_FLAGS_OFFSET)? } else { 0 };
-                (read(ctx, ETH_HLEN + 40)?, flags)
-            } else {
-                let _: u8 = load(ctx, off + need - 1)?;
-                let flags: u8 = if next == IPPROTO_TCP { load(ctx, off + TCP_FLAGS_OFFSET)? } else { 0 };
-                (load(ctx, off)?, flags)
-            };
-            packet.tcp_flags = flags;
-            packet.has_ports = true;
-            packet.src_port = be16([ports[0], ports[1]]);
-            packet.dst_port = be16([ports[2], ports[3]]);
+            let (ports, flags) = if simple { fixed_transport(ctx, off, next)? } else { loaded_transport(ctx, off, next)? };
+            set_transport(packet, ports, flags);
             Ok(Parsed::Ip)
         }
         IPPROTO_ICMPV6 => {
