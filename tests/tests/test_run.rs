@@ -40,11 +40,15 @@ impl Harness {
     }
 
     fn with_policy(text: &str) -> Harness {
+        Harness::with_options(text, &DatapathOptions::default())
+    }
+
+    fn with_options(text: &str, options: &DatapathOptions) -> Harness {
         require_root();
         // A private namespace so "loopback" is ours alone.
         let ns = NetNs::create(&unique_name("tr")).expect("netns");
         ns.enter_current_thread().expect("enter netns");
-        let mut datapath = Datapath::load(&DatapathOptions::default()).expect("load eBPF");
+        let mut datapath = Datapath::load(options).expect("load eBPF");
         let events = datapath.take_events().expect("events");
         let spec = SandboxSpec::new(7, "tr", &AddressPools::default()).unwrap();
         // Compiled as the daemon compiles it for a sandbox (a namespace of
@@ -133,6 +137,31 @@ fn ipv4_verdicts_and_drop_events() {
     let ev = h.drops("the gateway", &h.v4(h.spec.gateway_ipv4, 6, &[], 0, &tcp_syn(1, 22)), Reason::PolicyDeny);
     assert_eq!(h.policy.describe_rule(ev.rule_id), format!("builtin deny {}/32 (host address)", h.spec.gateway_ipv4));
     h.drops("gre", &h.v4(ALLOWED_V4, 47, &[], 0, &[0; 8]), Reason::UnknownProtocol);
+}
+
+/// The benchmark's step probes (`bench datapath`'s breakdown of where the
+/// classifier's time goes) load, and each stops after its own step: a
+/// spoofed source passes the probes that stop before the parse and fails
+/// the later ones; a denied destination passes the parse and fails the
+/// decision.
+#[test]
+fn bench_step_probes_stop_after_their_step() {
+    let h = Harness::with_options(POLICY, &DatapathOptions { bench_steps: true, ..Default::default() });
+    let allowed = h.v4(ALLOWED_V4, 17, &[], 0, &udp(5000, 443, b"x"));
+    let spoofed = ethernet(h.gw_mac(), h.mac(), ETH_P_IP, &ipv4(Ipv4Addr::new(10, 99, 0, 1), ALLOWED_V4, 17, &[], 0, &udp(5000, 443, b"x")));
+    let denied = h.v4(UNLISTED_V4, 17, &[], 0, &udp(5000, 443, b"x"));
+    let [config, scratch, parse, decide] = program_names::BENCH_STEPS;
+    let cases: [(&[u8], [i32; 4]); 3] = [
+        (&allowed, [TC_ACT_OK; 4]),
+        (&spoofed, [TC_ACT_OK, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_SHOT]),
+        (&denied, [TC_ACT_OK, TC_ACT_OK, TC_ACT_OK, TC_ACT_SHOT]),
+    ];
+    for (case, (frame, expected)) in ["allowed", "spoofed source", "denied destination"].iter().zip(cases) {
+        for (program, want) in [config, scratch, parse, decide].into_iter().zip(expected) {
+            let (code, _) = h.datapath.test_run(program, frame, LO_IFINDEX, 1).expect("test run");
+            assert_eq!(code, want, "{program} on the {case} frame");
+        }
+    }
 }
 
 #[test]

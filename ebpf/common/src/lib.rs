@@ -27,6 +27,12 @@ pub mod program_names {
     /// Benchmark reference: one LPM lookup keyed on the frame's IPv4/IPv6
     /// destination, the floor for any LPM-based verdict.
     pub const BENCH_ONE_LOOKUP: &str = "sbx_bench_one_lookup";
+    /// Benchmark probes: `sbx_egress` stopped after one step of its verdict
+    /// (the sandbox's config; its scratch slot cleared; the frame parsed
+    /// and checked; the policy decided), so that the benchmark can say
+    /// where the classifier's time goes. Each returns TC_ACT_OK when its
+    /// last step passed. Loaded only with `DatapathOptions::bench_steps`.
+    pub const BENCH_STEPS: [&str; 4] = ["sbx_bench_upto_config", "sbx_bench_upto_scratch", "sbx_bench_upto_parse", "sbx_bench_upto_decide"];
 }
 
 /// Default capacities; userspace may override them at load time.

@@ -126,12 +126,52 @@ static SBX_SANDBOX_COUNTERS: Array<Counter> = Array::with_max_entries(SANDBOX_CO
 
 #[classifier]
 pub fn sbx_egress(ctx: TcContext) -> i32 {
+    egress::<{ upto::ALL }>(ctx)
+}
+
+/// How far [`egress`] goes: the whole verdict, or (the benchmark's probes,
+/// `program_names::BENCH_STEPS`) up to and including one step of it.
+mod upto {
+    pub const CONFIG: u8 = 1;
+    pub const SCRATCH: u8 = 2;
+    pub const PARSE: u8 = 3;
+    pub const DECIDE: u8 = 4;
+    pub const ALL: u8 = u8::MAX;
+}
+
+#[classifier]
+pub fn sbx_bench_upto_config(ctx: TcContext) -> i32 {
+    egress::<{ upto::CONFIG }>(ctx)
+}
+
+#[classifier]
+pub fn sbx_bench_upto_scratch(ctx: TcContext) -> i32 {
+    egress::<{ upto::SCRATCH }>(ctx)
+}
+
+#[classifier]
+pub fn sbx_bench_upto_parse(ctx: TcContext) -> i32 {
+    egress::<{ upto::PARSE }>(ctx)
+}
+
+#[classifier]
+pub fn sbx_bench_upto_decide(ctx: TcContext) -> i32 {
+    egress::<{ upto::DECIDE }>(ctx)
+}
+
+/// The classifier's verdict, or its first `UPTO` steps (see [`upto`]; a
+/// constant, so each program has only its own code).
+#[inline(always)]
+fn egress<const UPTO: u8>(ctx: TcContext) -> i32 {
     // SAFETY: ctx.skb.skb is the __sk_buff the kernel passed us; reading its
     // ifindex field is a plain context access the verifier checks.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(cfg) = sandbox_config(ifindex) else {
         return finish(&ctx, None, &Packet::empty(), Reason::UnknownSandbox, rule_id::NONE);
     };
+    if UPTO == upto::CONFIG {
+        return TC_ACT_OK;
+    }
     // The packet is parsed straight into this CPU's scratch slot (no copy
     // of it afterwards). Every parse path ends here with its own constants
     // (protocol, ports known or not, the reason): passed on as they are,
@@ -147,6 +187,12 @@ pub fn sbx_egress(ctx: TcContext) -> i32 {
         net::zero_packet(&raw mut (*slot).packet);
         &mut (*slot).packet
     };
+    if UPTO == upto::SCRATCH {
+        return TC_ACT_OK;
+    }
+    if UPTO == upto::PARSE {
+        return if net::parse(&ctx, cfg, packet).is_ok() { TC_ACT_OK } else { TC_ACT_SHOT };
+    }
     let (reason, rule) = match net::parse(&ctx, cfg, packet) {
         Ok(net::Parsed::NeighbourDiscovery) => (Reason::NeighbourDiscovery, rule_id::NONE),
         Ok(net::Parsed::Ip) if redirected(cfg, packet) => {
@@ -161,6 +207,10 @@ pub fn sbx_egress(ctx: TcContext) -> i32 {
         Ok(net::Parsed::Ip) => decide(cfg, packet),
         Err(ParseError(reason)) => (reason, rule_id::NONE),
     };
+    if UPTO == upto::DECIDE {
+        // The rule too, so that reading it is not optimised away.
+        return if reason.passes() && rule != rule_id::NONE { TC_ACT_OK } else { TC_ACT_SHOT };
+    }
     // SAFETY: as above. The stores are volatile and the pointer passes
     // through black_box (a compiler barrier) so that the compiler does not
     // hand the stored values on to the reads below: they must come from

@@ -116,8 +116,9 @@ fn run_suite(suite: &str) -> Result<()> {
     match suite {
         "datapath" => datapath_bench(),
         "flows" => flow_table_cost(),
+        "steps" => step_costs(),
         "events" => event_rate(),
-        "pps" => tap_throughput(),
+        "pps" => tap_throughput("datapath"),
         "lifecycle" => lifecycle(),
         "dns" => dns_bench(),
         "proxy" => proxy_bench(),

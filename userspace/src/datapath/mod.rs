@@ -91,6 +91,8 @@ pub struct DatapathOptions {
     pub events_ring_bytes: u32,
     /// Capacity of the LRU flow table.
     pub flow_capacity: u32,
+    /// Also load the benchmark's step probes (`program_names::BENCH_STEPS`).
+    pub bench_steps: bool,
 }
 
 impl Default for DatapathOptions {
@@ -101,6 +103,7 @@ impl Default for DatapathOptions {
             pin_dir: None,
             events_ring_bytes: EVENTS_RING_BYTES,
             flow_capacity: MAX_FLOWS,
+            bench_steps: false,
         }
     }
 }
@@ -157,7 +160,8 @@ impl Datapath {
         } else {
             None
         };
-        for name in [program_names::EGRESS, program_names::BENCH_EMPTY, program_names::BENCH_ONE_LOOKUP] {
+        let steps: &[&'static str] = if options.bench_steps { &program_names::BENCH_STEPS } else { &[] };
+        for &name in [program_names::EGRESS, program_names::BENCH_EMPTY, program_names::BENCH_ONE_LOOKUP].iter().chain(steps) {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing { kind: "program", name })?

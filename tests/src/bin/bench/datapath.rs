@@ -7,8 +7,9 @@ pub(crate) fn datapath_bench() -> Result<()> {
     println!("Machine: {} cores, kernel {}.\n", num_cpus(), kernel());
     verifier_counts()?;
     per_packet_cost()?;
+    step_costs()?;
     flow_table_cost()?;
-    tap_throughput()?;
+    tap_throughput("datapath")?;
     event_rate()?;
     Ok(())
 }
@@ -404,6 +405,70 @@ pub(crate) fn per_packet_cost() -> Result<()> {
     Ok(())
 }
 
+/// Rounds of the step breakdown (more than the per-packet table's: a step
+/// is a few ns, and each figure is a difference of two programs' times).
+pub(crate) const STEP_ROUNDS: usize = 15;
+
+/// Where `sbx_egress`'s time goes on its commonest path (a hit, 10 rules):
+/// the probes that stop after each step, run alternating with the empty
+/// program, the floor and the whole classifier; each step's cost is the
+/// median over rounds of its probe minus the probe before it.
+pub(crate) fn step_costs() -> Result<()> {
+    let ns = NetNs::create(&unique_name("benchsteps")).context("bench netns")?;
+    ns.enter_current_thread()?;
+    let spec = SandboxSpec::new(1, "bench", &AddressPools::default())?;
+    println!("### Where the classifier's time goes (IPv4 and IPv6, 10 rules, hit; {STEP_ROUNDS} alternating rounds of {REPEAT} runs)\n");
+    println!("Each probe is `sbx_egress` stopped after a step; a step's figure is the median over rounds of its probe minus the previous one. The floor's own lookup (floor minus empty program) is beside the decision step, which does that lookup.\n");
+    println!("| family | config read | scratch cleared | parse + anti-spoof | decide (trie lookup) | floor's lookup | counters, flow check, return | total above floor |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let [config, scratch, parse, decide] = program_names::BENCH_STEPS;
+    let programs = [program_names::BENCH_EMPTY, program_names::BENCH_ONE_LOOKUP, config, scratch, parse, decide, program_names::EGRESS];
+    for v6 in [false, true] {
+        let n = 10;
+        let mut rules = if v6 { rules_v6(n) } else { rules_v4(n) };
+        rules.extend(builtin_deny_rules());
+        let compiled = compile_rules("bench", Action::Allow, rules)?;
+        let mut dp = Datapath::load(&DatapathOptions { bench_steps: true, ..Default::default() })?;
+        dp.install_sandbox(1, &spec.datapath_config(&compiled, sbx_net_common::BENCH_POLICY_ID, 0, &[]), &compiled)?;
+        let hit_index = (n / 2) & !1;
+        let frame = if v6 {
+            let dst = Ipv6Addr::from((0x2a00u128 << 112) | ((hit_index as u128) << 80) | 5);
+            ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IPV6, &ipv6(spec.guest_ipv6, dst, 17, &udp(4000, 443, &[0; 18])))
+        } else {
+            let dst = Ipv4Addr::from(0x0b00_0000u32 + ((hit_index as u32) << 8) + 5);
+            ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, dst, 17, &[], 0, &udp(4000, 443, &[0; 18])))
+        };
+        // Every probe must take the path measured: each step passes.
+        for program in programs {
+            let (code, _) = dp.test_run(program, &frame, 1, 1)?;
+            if code != 0 {
+                bail!("{program} returned {code} for the hit frame: not the path the breakdown measures");
+            }
+        }
+        let runs = alternating(programs.len(), STEP_ROUNDS, |k| {
+            let (_, d) = dp.test_run(programs[k], &frame, 1, REPEAT)?;
+            Ok(d.as_nanos() as f64)
+        })?;
+        let family = if v6 { 6 } else { 4 };
+        let step = |name: &str, later: usize, earlier: usize| {
+            let diff: Vec<f64> = runs[later].iter().zip(&runs[earlier]).map(|(l, e)| l - e).collect();
+            record("datapath", &format!("ipv{family} step {name}"), "ns", Better::Lower, &diff).spread(0)
+        };
+        println!(
+            "| IPv{family} | {} | {} | {} | {} | {} | {} | {} |",
+            step("config read", 2, 0),
+            step("scratch cleared", 3, 2),
+            step("parse", 4, 3),
+            step("decide", 5, 4),
+            step("floor lookup", 1, 0),
+            step("finish", 6, 5),
+            step("total above floor", 6, 1),
+        );
+    }
+    println!();
+    Ok(())
+}
+
 /// Packets that left the host by the uplink (read in the host namespace).
 pub(crate) fn uplink_tx_packets(host: &NetNs) -> Result<u64> {
     let dev = host.run(|| std::fs::read_to_string("/proc/thread-self/net/dev"))??;
@@ -516,8 +581,11 @@ pub(crate) fn reattach(dp: &mut Datapath, tap: &str, pin: &std::path::Path) -> R
 /// The sandbox is put on the host by the daemon's installer (tap, nftables
 /// table and element, pinned TCX link, the netns guest's pump process), so
 /// every configuration includes the nftables path the daemon's sandboxes
-/// take; the classifier is detached and re-attached through its pin.
-pub(crate) fn tap_throughput() -> Result<()> {
+/// take; the classifier is detached and re-attached through its pin. The
+/// figures and the target are recorded under `suite` (`bench vmm` runs
+/// this too, beside its VM's own figures: a run file must not hold one
+/// target name twice).
+pub(crate) fn tap_throughput(suite: &str) -> Result<()> {
     use sbx_net::sandbox::install::SANDBOX_FLAGS;
 
     let topology = Topology::new("benchpps");
@@ -555,11 +623,11 @@ pub(crate) fn tap_throughput() -> Result<()> {
     })?;
     let (without, with, with_flows) = (&runs[0], &runs[1], &runs[2]);
     let share = |runs: &[f64]| -> Vec<f64> { runs.iter().zip(without).map(|(w, wo)| 100.0 * w / wo).collect() };
-    let wo = record("datapath", "tap packets/s, no program", "packets/s", Better::Higher, without);
-    let w = record("datapath", "tap packets/s, sbx_egress", "packets/s", Better::Higher, with);
-    let wf = record("datapath", "tap packets/s, sbx_egress + flows", "packets/s", Better::Higher, with_flows);
-    let w_share = record("datapath", "tap sbx_egress % of no program", "%", Better::Higher, &share(with));
-    let wf_share = record("datapath", "tap sbx_egress + flows % of no program", "%", Better::Higher, &share(with_flows));
+    let wo = record(suite, "tap packets/s, no program", "packets/s", Better::Higher, without);
+    let w = record(suite, "tap packets/s, sbx_egress", "packets/s", Better::Higher, with);
+    let wf = record(suite, "tap packets/s, sbx_egress + flows", "packets/s", Better::Higher, with_flows);
+    let w_share = record(suite, "tap sbx_egress % of no program", "%", Better::Higher, &share(with));
+    let wf_share = record(suite, "tap sbx_egress + flows % of no program", "%", Better::Higher, &share(with_flows));
     println!("### Small UDP packets from a netns guest through the tap (packets/s out of the uplink, {RUNS} alternating rounds × {}s; median (min–max))\n", duration.as_secs());
     println!("The sandbox is installed as the daemon installs it (nftables table, guest pump process); only the classifier comes and goes (longest wait for the kernel to release a detached link: {} ms). Shares: per round, against the no-program run of the same round.\n", waited.as_millis());
     println!("| configuration | packets/s | runs | % of no program |");
@@ -568,7 +636,7 @@ pub(crate) fn tap_throughput() -> Result<()> {
     println!("| sbx_egress attached (TCX) | {} | {} | {} |", w.spread(0), fmt_runs(with), w_share.spread(1));
     println!("| sbx_egress + flow table (as the daemon runs it) | {} | {} | {} |", wf.spread(0), fmt_runs(with_flows), wf_share.spread(1));
     println!();
-    check_target("datapath", "tap with flow tracking ≥ 95 % of no program", format!("{:.1} %", wf_share.median()), wf_share.median() >= 95.0);
+    check_target(suite, "tap with flow tracking ≥ 95 % of no program", format!("{:.1} %", wf_share.median()), wf_share.median() >= 95.0);
     println!();
     drop(guest);
     Ok(())

@@ -217,6 +217,6 @@ pub(crate) fn vmm_bench() -> Result<()> {
     println!("| sbx_egress + flow table | {tw:.0} | {} |", fmt_runs(&tcp_with));
     println!("\nWith / without: **{:.1} %**.\n", 100.0 * tw / two);
     record("vmm", "vm tcp Mbit/s, classifier + flows", "Mbit/s", Better::Higher, &tcp_with);
-    println!("Beside it, in the same run, the netns frame pump (a netns guest on a tap of the same kind, as `bench datapath` measures it):\n");
-    tap_throughput()
+    println!("Beside it, in the same run, the netns frame pump (a netns guest on a tap of the same kind, as `bench datapath` measures it; its figures and target are this suite's):\n");
+    tap_throughput("vmm")
 }
