@@ -150,6 +150,20 @@ fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Result<*const T, ParseError> {
 /// efficient unaligned access (x86-64, arm64); elsewhere it assumes the IP
 /// header 4-aligned (NET_IP_ALIGN), and every word read here is aligned
 /// relative to it.
+/// One direct packet load of `$width` ("u16" or "u32") at `$start + $at`
+/// (a constant), whatever its alignment, as a u64.
+macro_rules! packet_load {
+    ($width:literal, $start:expr, $at:expr) => {{
+        let value: u64;
+        // SAFETY: the caller's span was bounds-checked to hold the bytes
+        // loaded; the asm reads memory only and touches no stack.
+        unsafe {
+            core::arch::asm!(concat!("{v} = *(", $width, " *)({p} + {i})"), v = lateout(reg) value, p = in(reg) $start, i = const $at, options(pure, readonly, nostack));
+        }
+        value
+    }};
+}
+
 #[derive(Clone, Copy)]
 struct Span<const N: usize> {
     start: usize,
@@ -172,25 +186,14 @@ impl<const N: usize> Span<N> {
     #[inline(always)]
     fn u16<const I: usize>(self) -> u16 {
         const { assert!(I + 2 <= N) };
-        let value: u64;
-        // SAFETY: a 2-byte load inside the checked span; the asm reads
-        // memory only and touches no stack.
-        unsafe {
-            core::arch::asm!("{v} = *(u16 *)({p} + {i})", v = lateout(reg) value, p = in(reg) self.start, i = const I, options(pure, readonly, nostack));
-        }
-        value as u16
+        packet_load!("u16", self.start, I) as u16
     }
 
     /// Four bytes as a native-endian u32.
     #[inline(always)]
     fn u32<const I: usize>(self) -> u32 {
         const { assert!(I + 4 <= N) };
-        let value: u64;
-        // SAFETY: as for `u16`, four bytes.
-        unsafe {
-            core::arch::asm!("{v} = *(u32 *)({p} + {i})", v = lateout(reg) value, p = in(reg) self.start, i = const I, options(pure, readonly, nostack));
-        }
-        value as u32
+        packet_load!("u32", self.start, I) as u32
     }
 }
 

@@ -312,6 +312,24 @@ pub(crate) fn bench_rule(net: IpNetwork, i: usize) -> Rule {
     }
 }
 
+/// An address inside an allow rule of `rules_v4(n)` / `rules_v6(n)`.
+pub(crate) fn hit_destination(v6: bool, n: usize) -> IpAddr {
+    let allow_rule = (n / 2) & !1;
+    if v6 {
+        Ipv6Addr::from((0x2a00u128 << 112) | ((allow_rule as u128) << 80) | 5).into()
+    } else {
+        Ipv4Addr::from(0x0b00_0000u32 + ((allow_rule as u32) << 8) + 5).into()
+    }
+}
+
+/// The per-packet benchmarks' frame: UDP to port 443 from the guest.
+pub(crate) fn bench_frame(spec: &SandboxSpec, dst: IpAddr) -> Vec<u8> {
+    match dst {
+        IpAddr::V4(d) => ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, d, 17, &[], 0, &udp(4000, 443, &[0; 18]))),
+        IpAddr::V6(d) => ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IPV6, &ipv6(spec.guest_ipv6, d, 17, &udp(4000, 443, &[0; 18]))),
+    }
+}
+
 /// Issue 19's per-packet targets: the verdict within this ratio of the
 /// one-lookup floor and this many ns above it, hits and misses, 10..1M rules.
 pub(crate) const FLOOR_RATIO_TARGET: f64 = 1.3;
@@ -321,7 +339,6 @@ pub(crate) fn per_packet_cost() -> Result<()> {
     let ns = NetNs::create(&unique_name("bench")).context("bench netns")?;
     ns.enter_current_thread()?;
     let spec = SandboxSpec::new(1, "bench", &AddressPools::default())?;
-    let guest_mac = spec.guest_mac;
     println!("### Cost per packet (BPF_PROG_TEST_RUN; {SAMPLES} alternating rounds of {REPEAT} runs of each program; ns per run, median (min–max))\n");
     println!("Hit: destination inside an allow rule. Miss: no rule covers it (policy default `allow`, so both pass and neither emits an event); the generation's /0 default entry decides, and the floor's lookup (same key, same generation) finds that entry too. Above floor and ratio: per round, sbx_egress against the floor of the same round.\n");
     println!("| family | rules | case | empty program | one LPM lookup (floor) | sbx_egress | above floor ns | sbx_egress / floor |");
@@ -337,24 +354,14 @@ pub(crate) fn per_packet_cost() -> Result<()> {
             // The floor looks up generation BENCH_POLICY_ID: install under it.
             dp.install_sandbox(1, &spec.datapath_config(&compiled, sbx_net_common::BENCH_POLICY_ID, 0, &[]), &compiled)?;
             let install = started.elapsed();
-            let hit_index = (n / 2) & !1; // an allow rule
             let cases: [(&str, IpAddr); 2] = if v6 {
-                [
-                    ("hit", Ipv6Addr::from((0x2a00u128 << 112) | ((hit_index as u128) << 80) | 5).into()),
-                    ("miss", "2a01::5".parse::<Ipv6Addr>()?.into()),
-                ]
+                [("hit", hit_destination(true, n)), ("miss", "2a01::5".parse::<Ipv6Addr>()?.into())]
             } else {
-                [
-                    ("hit", Ipv4Addr::from(0x0b00_0000u32 + ((hit_index as u32) << 8) + 5).into()),
-                    ("miss", Ipv4Addr::new(203, 0, 113, 5).into()),
-                ]
+                [("hit", hit_destination(false, n)), ("miss", Ipv4Addr::new(203, 0, 113, 5).into())]
             };
             let family = if v6 { 6 } else { 4 };
             for (case, dst) in cases {
-                let frame = match dst {
-                    IpAddr::V4(d) => ethernet(spec.gateway_mac, guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, d, 17, &[], 0, &udp(4000, 443, &[0; 18]))),
-                    IpAddr::V6(d) => ethernet(spec.gateway_mac, guest_mac, ETH_P_IPV6, &ipv6(spec.guest_ipv6, d, 17, &udp(4000, 443, &[0; 18]))),
-                };
+                let frame = bench_frame(&spec, dst);
                 let (code, _) = dp.test_run(program_names::EGRESS, &frame, 1, 1)?;
                 if code != 0 {
                     bail!("{case} frame to {dst} was dropped; the benchmark must measure the pass path");
@@ -430,14 +437,7 @@ pub(crate) fn step_costs() -> Result<()> {
         let compiled = compile_rules("bench", Action::Allow, rules)?;
         let mut dp = Datapath::load(&DatapathOptions { bench_steps: true, ..Default::default() })?;
         dp.install_sandbox(1, &spec.datapath_config(&compiled, sbx_net_common::BENCH_POLICY_ID, 0, &[]), &compiled)?;
-        let hit_index = (n / 2) & !1;
-        let frame = if v6 {
-            let dst = Ipv6Addr::from((0x2a00u128 << 112) | ((hit_index as u128) << 80) | 5);
-            ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IPV6, &ipv6(spec.guest_ipv6, dst, 17, &udp(4000, 443, &[0; 18])))
-        } else {
-            let dst = Ipv4Addr::from(0x0b00_0000u32 + ((hit_index as u32) << 8) + 5);
-            ethernet(spec.gateway_mac, spec.guest_mac, ETH_P_IP, &ipv4(spec.guest_ipv4, dst, 17, &[], 0, &udp(4000, 443, &[0; 18])))
-        };
+        let frame = bench_frame(&spec, hit_destination(v6, n));
         // Every probe must take the path measured: each step passes.
         for program in programs {
             let (code, _) = dp.test_run(program, &frame, 1, 1)?;
