@@ -458,6 +458,13 @@ fn adopts_an_external_vmm_tap() {
     let made = run_in(&host, "ip", &["tuntap", "add", "dev", "fc-tap0", "mode", "tap"]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let name = unique_name("vm");
+    // A tap that is not there: the create fails after its CA was made and
+    // its route pushed to the data plane (both run before the kernel
+    // work), and takes both back: the name is free again.
+    let refused = h.cli_err(&["sandbox", "create", &name, "--policy", "agent", "--tap", "fc-nosuch0"]);
+    assert!(refused.contains("fc-nosuch0"), "{refused}");
+    assert!(!h.state_dir.join("ca").join(&name).exists(), "the failed create's CA is removed");
+    assert!(!h.cli_ok(&["sandbox", "list"]).contains(&name));
     let vm = h.json(&["sandbox", "create", &name, "--policy", "agent", "--tap", "fc-tap0"]);
     assert_eq!(vm["tap"], "fc-tap0");
     assert_eq!(vm["adopted_tap"], true);

@@ -6,6 +6,7 @@
 //! the datapath benchmark do too, so they exercise what production runs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use sbx_net_common::{sandbox_flags, SandboxConfig};
@@ -124,7 +125,7 @@ pub struct InstalledSandbox {
     pub ifindex: u32,
     /// The policy compiled for this sandbox on this host (what its trie
     /// entries hold).
-    pub policy: CompiledPolicy,
+    pub policy: Arc<CompiledPolicy>,
     pub policy_id: u32,
     /// The netns guest's pump process.
     pub pump_pid: Option<u32>,
@@ -182,13 +183,20 @@ impl SandboxHost {
     /// Puts a sandbox on the host: tap, policy, config, pinned link, nftables
     /// membership, pump. Undoes its own steps on an error.
     pub fn install(&mut self, request: InstallRequest<'_>) -> Result<InstalledSandbox, InstallError> {
-        let InstallRequest { spec, policy, policy_id, tap, netns_guest } = request;
+        let started = Instant::now();
+        let compiled = Arc::new(self.compile_for(request.policy, &request.spec)?);
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "install: compiled");
+        self.install_compiled(request, compiled)
+    }
+
+    /// [`SandboxHost::install`] with `request.policy` compiled already for
+    /// `request.spec` ([`SandboxHost::compile_for`]): the daemon hands the
+    /// compiled policy to the data plane while the kernel work runs.
+    pub fn install_compiled(&mut self, request: InstallRequest<'_>, compiled: Arc<CompiledPolicy>) -> Result<InstalledSandbox, InstallError> {
+        let InstallRequest { spec, policy_id, tap, netns_guest, .. } = request;
         if tap == TapSource::New && self.netlink.link_exists(&spec.tap) {
             return Err(InstallError::InterfaceExists(spec.tap));
         }
-        let started = Instant::now();
-        let compiled = self.compile_for(policy, &spec)?;
-        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "install: compiled");
         let pin = self.settings.link_pin(&spec.name);
         let links_dir = pin.parent().expect("a pin has a parent");
         std::fs::create_dir_all(links_dir).map_err(io_err(links_dir))?;

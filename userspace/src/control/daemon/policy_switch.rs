@@ -53,7 +53,7 @@ impl Daemon {
             self.host.datapath.remove_policy(config.policy_id, new);
             return Err(e.into());
         }
-        let entry = match self.plane_entry(sandbox, new, config.policy_id) {
+        let entry = match self.plane_entry(sandbox, Arc::new(new.clone()), config.policy_id) {
             Ok(entry) => entry,
             Err(e) => {
                 self.host.datapath.remove_policy(config.policy_id, new);

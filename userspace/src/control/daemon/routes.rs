@@ -23,7 +23,7 @@ impl Daemon {
             let (Ok(spec), Some(route)) = (self.spec(record), self.route(name)) else { continue };
             table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
             table.insert(IpAddr::V6(spec.guest_ipv6), route.clone());
-            if let Ok(entry) = self.plane_entry(name, &route.policy, route.policy_id) {
+            if let Ok(entry) = self.plane_entry(name, route.policy.clone(), route.policy_id) {
                 entries.push(entry);
             }
         }
@@ -31,16 +31,13 @@ impl Daemon {
         self.shared.link.apply(entries, self.state.sandboxes.keys().cloned().collect());
     }
 
-    pub(super) fn publish_route(&self, name: &str, spec: &SandboxSpec) {
+    /// The daemon's own copy of a new sandbox's route (the data plane's is
+    /// pushed with [`Daemon::plane_entry_for`] while the create installs).
+    pub(super) fn publish_own_route(&self, name: &str, spec: &SandboxSpec) {
         let Some(route) = self.route(name) else { return };
-        {
-            let mut table = self.shared.routes.write().unwrap_or_else(|p| p.into_inner());
-            table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
-            table.insert(IpAddr::V6(spec.guest_ipv6), route.clone());
-        }
-        if let Ok(entry) = self.plane_entry(name, &route.policy, route.policy_id) {
-            self.shared.link.upsert(entry);
-        }
+        let mut table = self.shared.routes.write().unwrap_or_else(|p| p.into_inner());
+        table.insert(IpAddr::V4(spec.guest_ipv4), route.clone());
+        table.insert(IpAddr::V6(spec.guest_ipv6), route);
     }
 
     pub(super) fn unpublish_routes(&self, spec: &SandboxSpec) {
@@ -67,20 +64,28 @@ impl Daemon {
     }
 
     /// The sandbox as the data plane gets it, under `policy` and `policy_id`.
-    pub(super) fn plane_entry(&self, name: &str, policy: &CompiledPolicy, policy_id: u32) -> Result<SandboxEntry, DaemonError> {
+    pub(super) fn plane_entry(&self, name: &str, policy: Arc<CompiledPolicy>, policy_id: u32) -> Result<SandboxEntry, DaemonError> {
         let record = self.state.sandboxes.get(name).ok_or_else(|| DaemonError::NoSuchSandbox(name.to_string()))?;
         let spec = self.spec(record)?;
         let ca_dir = self.config.sandbox_ca_dir(name);
-        Ok(SandboxEntry {
-            name: name.to_string(),
-            id: record.id,
+        let has_ca = ca_dir.join("ca.key").exists();
+        Ok(self.plane_entry_for(&spec, &record.policy, policy, policy_id, has_ca))
+    }
+
+    /// The data plane's entry of the sandbox `spec` under the policy named
+    /// `policy_name`, compiled as `policy` (also before the sandbox is
+    /// recorded: a create pushes it while the kernel work runs).
+    pub(super) fn plane_entry_for(&self, spec: &SandboxSpec, policy_name: &str, policy: Arc<CompiledPolicy>, policy_id: u32, has_ca: bool) -> SandboxEntry {
+        SandboxEntry {
+            name: spec.name.clone(),
+            id: spec.id,
             guest_ipv4: spec.guest_ipv4,
             guest_ipv6: spec.guest_ipv6,
             policy_id,
-            policy: policy.clone(),
-            credentials: self.credential_entries(&record.policy),
-            ca_dir: ca_dir.join("ca.key").exists().then_some(ca_dir),
-        })
+            policy,
+            credentials: self.credential_entries(policy_name),
+            ca_dir: has_ca.then(|| self.config.sandbox_ca_dir(&spec.name)),
+        }
     }
 
     /// The credentials of `policy` with their loaded secrets.

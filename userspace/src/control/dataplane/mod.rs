@@ -90,7 +90,8 @@ pub struct SandboxEntry {
     pub guest_ipv4: Ipv4Addr,
     pub guest_ipv6: Ipv6Addr,
     pub policy_id: u32,
-    pub policy: CompiledPolicy,
+    /// Shared with the daemon's own copies (serialized as the policy).
+    pub policy: std::sync::Arc<CompiledPolicy>,
     pub credentials: Vec<CredentialEntry>,
     /// Where the sandbox's CA is (`ca.pem`, `ca.key`), when it has one.
     pub ca_dir: Option<PathBuf>,

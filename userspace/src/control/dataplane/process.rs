@@ -343,7 +343,7 @@ impl Plane {
                 }
             },
         });
-        Arc::new(Route { sandbox: entry.name.clone(), id: entry.id, policy: Arc::new(entry.policy.clone()), policy_id: entry.policy_id, credentials, ca })
+        Arc::new(Route { sandbox: entry.name.clone(), id: entry.id, policy: entry.policy.clone(), policy_id: entry.policy_id, credentials, ca })
     }
 
     /// Puts `upserts` in and takes `removals` out, in one write of the
@@ -678,7 +678,7 @@ mod tests {
             guest_ipv4: "10.200.0.6".parse().unwrap(),
             guest_ipv6: "fd00::6".parse().unwrap(),
             policy_id: 3,
-            policy,
+            policy: Arc::new(policy),
             credentials: Vec::new(),
             ca_dir: Some("/state/ca/a".into()),
         };
