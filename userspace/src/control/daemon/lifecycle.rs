@@ -95,8 +95,10 @@ impl Daemon {
         // remove) must not overtake it.
         let _ = pushed.wait();
         tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "create: waited for the data plane's route");
-        let record = record?;
+        // The daemon's table as the data plane's, also when the record was
+        // not saved (the sandbox is installed and in memory either way).
         self.publish_own_route(name, &installed.spec);
+        let record = record?;
         let record = match &request.vm {
             Some(vm) => self.start_vm(record, &installed, vm)?,
             None => record,

@@ -329,8 +329,13 @@ impl Plane {
                     .map(Arc::new)
             })
             .collect();
+        // A CA loaded before is kept only while it is the one on disk: a
+        // sandbox made again under the same name (after a delete or a failed
+        // create whose removal never arrived) has a new CA in the same
+        // directory, and its guest trusts only that one.
+        let still_on_disk = |dir: &PathBuf, ca: &Mutex<SandboxCa>| std::fs::read_to_string(dir.join("ca.pem")).is_ok_and(|pem| pem == ca.lock().unwrap_or_else(|p| p.into_inner()).cert_pem);
         let ca = entry.ca_dir.as_ref().and_then(|dir| match table.cas.get(&entry.name) {
-            Some((loaded_from, ca)) if loaded_from == dir => Some(ca.clone()),
+            Some((loaded_from, ca)) if loaded_from == dir && still_on_disk(dir, ca) => Some(ca.clone()),
             _ => match SandboxCa::load(&entry.name, dir) {
                 Ok(ca) => {
                     let ca = Arc::new(Mutex::new(ca));
