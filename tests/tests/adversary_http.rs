@@ -131,6 +131,15 @@ fn rows() -> Vec<Row> {
             Want { statuses: &[200], lacks: &["<injected>", "sbx-cred"], record: ALLOWED, ..W }),
         row("sentinels", "redirect to another host, followed", Sent::Follow("api.test", "GET /reflect/redirect HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n"),
             Want { statuses: &[302, 200], has: &["location: https://other.test/reflect/body", "host: other.test"], lacks: &["authorization"], record: ALLOWED, ..W }),
+        // --- Headers the guest's Connection names are hop-by-hop (RFC 9110
+        // §7.6.1): they stop at the proxy, and naming the credential's own
+        // header strips only the guest's, never the injected one.
+        row("hop-by-hop", "Connection names the credential's header", Sent::Tls("api.test", "GET /inspect HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer guest-made\r\nConnection: close, Authorization\r\n\r\n"),
+            Want { statuses: &[200], injected_once: true, lacks: &["guest-made"], record: ALLOWED, ..W }),
+        row("hop-by-hop", "Connection names other headers (HTTP/2 upstream)", Sent::Tls("api.test", "GET /inspect HTTP/1.1\r\nHost: api.test\r\nX-Hop: a\r\nX-Hop2: b\r\nX-Kept: c\r\nConnection: close, x-hop\r\nConnection: X-Hop2\r\n\r\n"),
+            Want { statuses: &[200], injected_once: true, has: &["x-kept: c"], lacks: &["x-hop:", "x-hop2:"], record: ALLOWED, ..W }),
+        row("hop-by-hop", "Connection names other headers (HTTP/1.1 upstream)", Sent::Tls("api1.test", "GET /inspect HTTP/1.1\r\nHost: api1.test\r\nX-Hop: a\r\nX-Hop2: b\r\nX-Kept: c\r\nConnection: close, x-hop\r\nConnection: X-Hop2\r\n\r\n"),
+            Want { statuses: &[200], injected_once: true, has: &["x-kept: c"], lacks: &["x-hop:", "x-hop2:"], record: ALLOWED, ..W }),
         // --- What comes back: reflections of the injected request.
         row("reflections", "in response headers (HTTP/2 upstream)", Sent::Tls("api.test", "GET /reflect/header HTTP/1.1\r\nHost: api.test\r\nConnection: close\r\n\r\n"),
             Want { statuses: &[200], has: &["x-echo-authorization: Bearer [REDACTED]"], record: ALLOWED, redacted: true, ..W }),

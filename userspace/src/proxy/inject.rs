@@ -562,11 +562,34 @@ enum Upstream {
 /// trailers (gRPC needs it) and asks the upstream for no transfer coding.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let trailers = asks_for_trailers(headers);
-    for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"] {
+    for h in HOP_BY_HOP {
         headers.remove(h);
     }
     if trailers {
         headers.insert(hyper::header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The headers that always belong to one hop.
+const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+
+/// The headers a guest's `Connection` names are hop-by-hop too (RFC 9110
+/// §7.6.1) and do not go upstream. Taken out as the request arrives,
+/// before the credential goes in: a name there never strips the proxy's
+/// own header. The fixed ones are left to [`remove_hop_by_hop`] (which
+/// reads TE's "trailers" first), and Host, checked already, is set for the
+/// upstream by the proxy.
+fn remove_connection_named(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .filter(|name| !HOP_BY_HOP.contains(&name.as_str()) && *name != HOST)
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
 }
 
@@ -823,6 +846,7 @@ fn guest_request(req: Request<Incoming>, binding: Option<&CredentialBinding>) ->
     if let Some(uri) = strip_uri_sentinels(&parts.uri) {
         parts.uri = uri;
     }
+    remove_connection_named(&mut parts.headers);
     match binding {
         Some(b) => rewrite_headers(&mut parts.headers, b),
         None => strip_sentinels(&mut parts.headers),
@@ -1804,6 +1828,23 @@ mod tests {
         elsewhere.insert("accept", HeaderValue::from_static("*/*"));
         strip_sentinels(&mut elsewhere);
         assert!(elsewhere.get("x-api-key").is_none() && elsewhere.get("accept").is_some());
+    }
+
+    #[test]
+    fn headers_the_guests_connection_names_go_before_the_fixed_hop_by_hop_ones() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close, X-Hop"));
+        h.append("connection", HeaderValue::from_static(" te ,x-other, bad name, keep-alive, Host"));
+        for name in ["x-hop", "x-other", "x-kept", "te", "keep-alive", "host"] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        remove_connection_named(&mut h);
+        assert!(h.get("x-hop").is_none() && h.get("x-other").is_none(), "named (any case, any spacing, either line)");
+        assert!(h.get("x-kept").is_some(), "not named");
+        assert!(h.get("host").is_some(), "the proxy's to set");
+        assert!(h.get("te").is_some() && h.get("keep-alive").is_some() && h.get("connection").is_some(), "left to remove_hop_by_hop");
+        remove_hop_by_hop(&mut h);
+        assert!(h.get("te").is_none() && h.get("keep-alive").is_none() && h.get("connection").is_none());
     }
 
     #[test]
