@@ -446,7 +446,8 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
     );
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
     let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let h = DaemonHarness::with_args("advhttp", &[("agent.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    let config = format!("proxy_first_bytes_timeout_ms = {}\n", FIRST_BYTES.as_millis());
+    let h = DaemonHarness::with_args("advhttp", &[("agent.toml", policy.as_str())], Some(&config), &[upstream.as_str(), upstream_ca.as_str()]);
     for a in [API, OTHER, PLAINAPI, API1] {
         h.topology.add_world_address(a.parse::<IpAddr>().unwrap());
     }
@@ -527,6 +528,17 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
     let spread = arrivals.last().unwrap().duration_since(arrivals[0]);
     assert!(spread >= Duration::from_millis(300), "5 events paced 100 ms apart reached the guest within {spread:?} of each other: held back");
     eprintln!("streamed answer: 5 events over {spread:?} at the guest");
+    // A guest that sends its ClientHello to a credential host and then
+    // nothing: the proxy ends the handshake at the first-bytes deadline
+    // instead of holding the connection (and one of the sandbox's
+    // connection slots) for good.
+    let h1_stall = h1.clone();
+    let closed_after = guest.run(move || stalled_handshake(h1_stall)).unwrap();
+    match closed_after {
+        Ok(after) => assert!(after >= FIRST_BYTES / 2, "closed after {after:?}, before the deadline ({FIRST_BYTES:?}): refused, not timed out"),
+        Err(e) => panic!("a stalled TLS handshake: {e}"),
+    }
+    eprintln!("stalled TLS handshake: closed by the proxy after {closed_after:?}");
     eprintln!("{}", summary.join("\n"));
     assert!(failures.is_empty(), "{} of {} attacks got through or went otherwise than expected (see above):\n{}", failures.len(), table.len(), failures.join("\n"));
     // The rapid reset did not reach the upstream once per stream.
@@ -553,6 +565,38 @@ fn a_hostile_guest_gets_neither_the_secret_nor_around_the_checks() {
     drop(servers);
     drop(h);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The first-bytes deadline this test's daemon runs with.
+const FIRST_BYTES: Duration = Duration::from_secs(4);
+
+/// Sends a ClientHello for api.test, reads what the proxy answers and never
+/// answers it: how long until the proxy closed the connection (an error if
+/// it was still open well past the deadline).
+fn stalled_handshake(config: Arc<rustls::ClientConfig>) -> Result<Duration, String> {
+    use std::io::Read;
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr_of("api.test", 443), Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    let name = rustls::pki_types::ServerName::try_from("api.test").expect("a server name");
+    let mut client = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
+    // Only the ClientHello: nothing the proxy sends back is ever answered.
+    client.write_tls(&mut tcp).map_err(|e| format!("sending the ClientHello: {e}"))?;
+    let sent = std::time::Instant::now();
+    let give_up = sent + FIRST_BYTES * 3;
+    let mut buf = [0u8; 16384];
+    loop {
+        let left = give_up.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(format!("still open {:?} after the ClientHello (deadline {FIRST_BYTES:?})", sent.elapsed()));
+        }
+        tcp.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        match tcp.read(&mut buf) {
+            Ok(0) => return Ok(sent.elapsed()),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(sent.elapsed()),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) => return Err(format!("reading: {e}")),
+        }
+    }
 }
 
 /// When each of `events` server-sent events (`/reflect/sse/N`) reached a

@@ -123,8 +123,9 @@ pub struct DaemonConfig {
     /// Concurrent connections one sandbox may hold through the HTTP(S)
     /// proxy (0: no cap): one guest cannot take the proxy from the others.
     pub proxy_connections_per_sandbox: usize,
-    /// A guest's first bytes (ClientHello, request head) must arrive within
-    /// this many milliseconds of connecting, however slowly they trickle.
+    /// A guest's first bytes (ClientHello, request head) must arrive, and a
+    /// TLS handshake the proxy terminates must finish, within this many
+    /// milliseconds of connecting, however slowly they trickle.
     pub proxy_first_bytes_timeout_ms: u64,
     /// A benchmark's baseline, not a setting: send a guest connection's
     /// requests to a credential host one at a time even over HTTP/2, as the

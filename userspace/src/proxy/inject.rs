@@ -77,6 +77,8 @@ pub enum CredentialProxyError {
     UpstreamCaCert { path: String, source: rustls::Error },
     #[error("guest TLS: {0}")]
     GuestTls(std::io::Error),
+    #[error("guest TLS: the handshake did not finish by the first-bytes deadline")]
+    GuestTlsTimeout,
     #[error("guest HTTP: {0}")]
     GuestHttp(Box<dyn std::error::Error + Send + Sync>),
     #[error("no upstream address")]
@@ -1299,6 +1301,7 @@ pub async fn serve(
     permit: Arc<crate::util::conn_limit::ConnPermit>,
     recheck: Recheck,
     mcp_hooks: &'static McpHooks,
+    handshake_deadline: tokio::time::Instant,
 ) -> Result<(), CredentialProxyError> {
     let upstream = Arc::new(upstream);
     // A guest that asks nothing for a while (or takes its time over its
@@ -1313,7 +1316,12 @@ pub async fn serve(
             }
         }))
     });
-    let tls = tokio_rustls::TlsAcceptor::from(tls).accept(guest).await.map_err(CredentialProxyError::GuestTls)?;
+    // A guest that sends its ClientHello and then nothing would otherwise
+    // hold the connection (and one of its sandbox's slots) for good.
+    let tls = tokio::time::timeout_at(handshake_deadline, tokio_rustls::TlsAcceptor::from(tls).accept(guest))
+        .await
+        .map_err(|_| CredentialProxyError::GuestTlsTimeout)?
+        .map_err(CredentialProxyError::GuestTls)?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let tripped = Arc::new(AtomicBool::new(false));
     let io = Watched { inner: tls, watch: FramingWatch::default(), enabled: !h2, tripped: tripped.clone() };
