@@ -205,6 +205,19 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
             tracing::warn!(wait_ms = fleet.initial_sync_ms, "fleet: the store did not answer in time; serving on the cached policies while the watcher retries");
         }
     }
+    // The stop signals are taken over before the control socket answers: a
+    // SIGTERM as soon as the daemon serves (systemd, a test) is a clean
+    // stop, never the default death by signal.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(io("starting the runtime"))?;
+    let (mut term, mut interrupt) = {
+        let _entered = runtime.enter();
+        use tokio::signal::unix::{signal, SignalKind};
+        (signal(SignalKind::terminate()).map_err(io("SIGTERM handler"))?, signal(SignalKind::interrupt()).map_err(io("SIGINT handler"))?)
+    };
     let listener = match inherited_listener {
         Some(listener) => {
             tracing::info!(socket = %config.socket.display(), "serving on the control socket systemd passed (socket activation)");
@@ -217,11 +230,6 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         ClientThreads::start(&clients).map_err(io("starting the control socket's threads"))?;
     }
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(io("starting the runtime"))?;
     let socket_path = config.socket.clone();
     runtime.block_on(async move {
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -237,7 +245,6 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
                 Err(e) => tracing::error!(%addr, "metrics endpoint not started: {e}"),
             }
         }
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(io("SIGTERM handler"))?;
         tracing::info!(socket = %socket_path.display(), proxy_port = config.proxy_port, dns_port = config.dns_port, "sbx-net daemon ready");
         // Sandboxes re-adopted, the control socket's threads accepting, the handlers
         // in place: only now is the service up for systemd.
@@ -246,7 +253,7 @@ pub fn run(mut config: DaemonConfig) -> Result<(), ServerError> {
         }
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
         }
         if let Some(n) = &notifier {
             notify(n.stopping());
