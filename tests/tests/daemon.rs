@@ -124,7 +124,18 @@ fn create_prints_the_sandbox_network_and_a_ca_of_its_own() {
     let ca = a["ca_cert"].as_str().unwrap().to_string();
     let text = sbx_net_tests::host_command("openssl").args(["x509", "-noout", "-text", "-in", &ca]).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    assert!(text.contains("CA:TRUE") && text.contains(&format!("sandbox {} CA", a["name"].as_str().unwrap())), "{text}");
+    // Its name is its key's fingerprint (the CA is made ahead, before the
+    // sandbox's name is known): no two sandboxes' CAs share it.
+    let subject = |pem: &str| {
+        let out = sbx_net_tests::host_command("openssl").args(["x509", "-noout", "-subject", "-nameopt", "multiline", "-in", pem]).output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).to_string();
+        out.lines().find_map(|l| l.trim().strip_prefix("commonName").map(|v| v.trim_start_matches([' ', '=']).to_string())).unwrap_or_else(|| panic!("no common name in {out}"))
+    };
+    let (name_a, name_b) = (subject(&ca), subject(b["ca_cert"].as_str().unwrap()));
+    let fingerprint = name_a.strip_prefix("sbx-net sandbox CA ").unwrap_or_else(|| panic!("CA named {name_a:?}"));
+    assert!(fingerprint.len() == 16 && fingerprint.bytes().all(|c| c.is_ascii_hexdigit()), "{name_a:?}");
+    assert_ne!(name_a, name_b);
+    assert!(text.contains("CA:TRUE"), "{text}");
     let key = Path::new(&ca).with_file_name("ca.key");
     assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     assert_ne!(std::fs::read_to_string(&ca).unwrap(), std::fs::read_to_string(b["ca_cert"].as_str().unwrap()).unwrap());

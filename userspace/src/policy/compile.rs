@@ -49,7 +49,10 @@ pub struct CompiledPolicy {
     pub default_action: Action,
     /// What a trie miss means.
     pub default_verdict: Verdict,
+    /// Written compact (see [`crate::policy::wire`]).
+    #[serde(with = "crate::policy::wire::trie_entries")]
     pub v4: Vec<(Ipv4Addr, u8, PolicyValue)>,
+    #[serde(with = "crate::policy::wire::trie_entries")]
     pub v6: Vec<(Ipv6Addr, u8, PolicyValue)>,
     /// Rule id `i + 1` is `rules[i]`; id 0 is the default.
     pub rules: Vec<Rule>,

@@ -10,6 +10,7 @@ pub mod http;
 pub mod learn;
 pub mod mcp;
 pub mod store;
+pub mod wire;
 
 pub use http::{HttpRules, Mode};
 pub use mcp::McpServer;

@@ -131,14 +131,14 @@ mod tests {
     use super::*;
     use crate::credentials::ca::LEAF_LIFETIME;
 
-    fn ca(sandbox: &str) -> Arc<Mutex<SandboxCa>> {
-        Arc::new(Mutex::new(SandboxCa::generate(sandbox).unwrap()))
+    fn ca() -> Arc<Mutex<SandboxCa>> {
+        Arc::new(Mutex::new(SandboxCa::generate().unwrap()))
     }
 
     #[test]
     fn one_config_per_sandbox_and_host_until_its_leaf_or_ca_changes() {
         let cache = GuestTlsConfigs::with_capacity(8);
-        let (a, b) = (ca("a"), ca("b"));
+        let (a, b) = (ca(), ca());
         let first = cache.get("a", "api.test", &a).unwrap();
         assert!(Arc::ptr_eq(&first, &cache.get("a", "api.test", &a).unwrap()), "built once, shared");
         assert_eq!(first.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
@@ -147,7 +147,7 @@ mod tests {
         assert_eq!(cache.len(), 3);
         // The sandbox re-created under its name has a new CA: rebuilt, and
         // the config trusted by the old CA's guests is not served to it.
-        let again = ca("a");
+        let again = ca();
         let renewed = cache.get("a", "api.test", &again).unwrap();
         assert!(!Arc::ptr_eq(&first, &renewed) && Arc::ptr_eq(&renewed, &cache.get("a", "api.test", &again).unwrap()));
         assert_eq!(cache.len(), 3, "replaced, not added");
@@ -161,7 +161,7 @@ mod tests {
     #[test]
     fn the_cache_is_bounded_and_forgets_gone_sandboxes_first() {
         let cache = GuestTlsConfigs::with_capacity(2);
-        let (a, b, c) = (ca("a"), ca("b"), ca("c"));
+        let (a, b, c) = (ca(), ca(), ca());
         let first_a = cache.get("a", "api.test", &a).unwrap();
         cache.get("b", "api.test", &b).unwrap();
         // `a` is used again, so `b` is the least recently used.
@@ -175,12 +175,12 @@ mod tests {
         // use, even when it was used last.
         cache.get("c", "api.test", &c).unwrap();
         drop(c);
-        let d = ca("d");
+        let d = ca();
         cache.get("d", "api.test", &d).unwrap();
         assert_eq!(entries(), ["a".to_string(), "d".to_string()].into());
         // And goes at the next miss, full or not.
         let big = GuestTlsConfigs::with_capacity(8);
-        let (e, f) = (ca("e"), ca("f"));
+        let (e, f) = (ca(), ca());
         big.get("e", "api.test", &e).unwrap();
         drop(e);
         big.get("f", "api.test", &f).unwrap();

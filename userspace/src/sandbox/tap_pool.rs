@@ -21,7 +21,7 @@ use std::time::Duration;
 use aya::programs::ProgramFd;
 use sbx_vmm::Netlink;
 
-use crate::credentials::ca::CaKey;
+use crate::credentials::ca::PreparedCa;
 use crate::datapath::tcx::{attach_ingress_pinned, TcxError};
 use crate::sandbox::{open_host_tap, AddressPools, SandboxError, SandboxSpec};
 
@@ -70,7 +70,7 @@ impl Inner {
 struct ReadyTap {
     ifindex: u32,
     /// None when making it failed: the create makes one then.
-    ca_key: Option<CaKey>,
+    ca: Option<PreparedCa>,
 }
 
 /// A ready tap given to a sandbox by [`TapPool::take`].
@@ -78,8 +78,8 @@ struct ReadyTap {
 pub struct TakenTap {
     pub id: u32,
     pub ifindex: u32,
-    /// The sandbox's CA key, made ahead for it alone.
-    pub ca_key: Option<CaKey>,
+    /// The sandbox's CA, made ahead for it alone.
+    pub ca: Option<PreparedCa>,
 }
 
 /// Shared between the control thread and the workers.
@@ -96,7 +96,7 @@ pub struct PoolSettings {
     pub pools: AddressPools,
     pub links_dir: PathBuf,
     /// Where sandboxes' CA directories are: each ready tap's CA key is
-    /// written ahead into `.pool-<id>` there (see [`CaKey::generate_in`]).
+    /// written ahead into `.pool-<id>` there (see [`PreparedCa::generate_in`]).
     pub ca_dir: PathBuf,
     /// The daemon's state dir: each ready tap gets an empty file there for
     /// its sandbox's record (see `State::save_sandbox`).
@@ -190,15 +190,15 @@ impl TapPool {
                     tracing::debug!(id, "making {} ahead: {e}", spare.display());
                 }
             }
-            let ca_key = made
+            let ca = made
                 .is_ok()
-                .then(|| CaKey::generate_in(&prepared_ca_dir(&settings.ca_dir, id)))
-                .and_then(|k| k.inspect_err(|e| tracing::warn!(id, "pre-making a CA key: {e}")).ok());
+                .then(|| PreparedCa::generate_in(&prepared_ca_dir(&settings.ca_dir, id)))
+                .and_then(|k| k.inspect_err(|e| tracing::warn!(id, "pre-making a CA: {e}")).ok());
             let mut inner = self.lock();
             inner.in_progress.remove(&id);
             match made {
                 Ok(ifindex) => {
-                    inner.ready.insert(id, ReadyTap { ifindex, ca_key });
+                    inner.ready.insert(id, ReadyTap { ifindex, ca });
                 }
                 Err(e) => {
                     tracing::warn!(id, "pre-warming a tap: {e}");
@@ -218,9 +218,9 @@ impl TapPool {
     /// reply.
     pub fn take(&self) -> Option<TakenTap> {
         let mut inner = self.lock();
-        let (id, ReadyTap { ifindex, ca_key }) = inner.ready.pop_first()?;
+        let (id, ReadyTap { ifindex, ca }) = inner.ready.pop_first()?;
         inner.used.insert(id);
-        Some(TakenTap { id, ifindex, ca_key })
+        Some(TakenTap { id, ifindex, ca })
     }
 
     /// Wakes a worker to replace one taken tap.
@@ -343,7 +343,7 @@ mod tests {
         let pool = TapPool::new([1, 3], 10);
         {
             let mut inner = pool.lock();
-            inner.ready.insert(2, ReadyTap { ifindex: 102, ca_key: None });
+            inner.ready.insert(2, ReadyTap { ifindex: 102, ca: None });
             inner.in_progress.insert(4);
         }
         assert_eq!(pool.allocate(), Some(5));
@@ -358,18 +358,18 @@ mod tests {
     }
 
     #[test]
-    fn a_pre_made_ca_key_goes_to_one_sandbox_only() {
+    fn a_pre_made_ca_goes_to_one_sandbox_only() {
         let pool = TapPool::new([], 10);
         for id in [1, 2] {
-            pool.lock().ready.insert(id, ReadyTap { ifindex: 100 + id, ca_key: Some(CaKey::generate().unwrap()) });
+            pool.lock().ready.insert(id, ReadyTap { ifindex: 100 + id, ca: Some(PreparedCa::generate().unwrap()) });
         }
         let a = pool.take().unwrap();
         let b = pool.take().unwrap();
         assert!(pool.take().is_none());
-        let ca = |t: TakenTap, name: &str| crate::credentials::ca::SandboxCa::with_key(name, t.ca_key.unwrap()).unwrap().cert_pem;
+        let ca = |t: TakenTap| crate::credentials::ca::SandboxCa::from_prepared(t.ca.unwrap()).unwrap().cert_pem;
         // Two taps, two keys: two different CAs (the key moved out of the
         // pool with its tap; nothing kept a copy to hand out again).
-        assert_ne!(ca(a, "a"), ca(b, "b"));
+        assert_ne!(ca(a), ca(b));
         assert!(pool.lock().ready.is_empty());
     }
 }

@@ -2,7 +2,6 @@
 //! and threads, descriptor passing.
 //! Nothing here knows about policies or sandboxes.
 
-pub mod background;
 pub mod clock;
 pub mod conn_limit;
 pub mod conn_threads;

@@ -235,9 +235,6 @@ pub struct Daemon {
     taps_taken: usize,
     /// Unregisters deleted sandboxes' taps after the delete is answered.
     reaper: Reaper,
-    /// Pushes a new sandbox's route to the data plane while the create's
-    /// kernel work runs (see `Daemon::create`).
-    plane_pusher: crate::util::background::Background,
     started: Instant,
     /// What the daemon found and set on the host at start (`status`).
     host_checks: Vec<HostCheck>,
@@ -282,7 +279,6 @@ impl Daemon {
         let link = DataplaneLink::open(&config, exe.clone())?;
         let reaper = Reaper::start(pool.clone(), config.bpf_dir.clone())?;
         let host = SandboxHost::new(datapath, host_settings(&config, exe))?;
-        let plane_pusher = crate::util::background::Background::start("plane-push").map_err(io_err(Path::new("thread plane-push")))?;
         let mut daemon = Daemon {
             config,
             host,
@@ -293,7 +289,6 @@ impl Daemon {
             pool,
             taps_taken: 0,
             reaper,
-            plane_pusher,
             started: Instant::now(),
             host_checks,
             metrics: crate::control::metrics::DaemonMetrics::new(datapath_write_failures),

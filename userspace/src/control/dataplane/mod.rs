@@ -250,6 +250,30 @@ impl Listeners {
 pub struct PlaneConnection {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    form: PolicyValueForm,
+}
+
+/// How a connection writes compiled policies' trie values: in the form the
+/// data plane at its other end reads (see [`crate::policy::wire`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PolicyValueForm {
+    /// This build's data planes.
+    #[default]
+    Compact,
+    /// A data plane of an older build (adopted at a daemon's start, then
+    /// draining after the upgrade) reads only the derived form.
+    SpelledOut,
+}
+
+impl PolicyValueForm {
+    /// The form the data plane that said `hello` reads.
+    pub fn from_hello(hello: &serde_json::Value) -> PolicyValueForm {
+        if hello["compact_policy_values"] == true {
+            PolicyValueForm::Compact
+        } else {
+            PolicyValueForm::SpelledOut
+        }
+    }
 }
 
 impl PlaneConnection {
@@ -257,7 +281,16 @@ impl PlaneConnection {
         let stream = UnixStream::connect(path).map_err(|source| PlaneError::Connect { path: path.display().to_string(), source })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
-        Ok(PlaneConnection { reader: BufReader::new(stream.try_clone()?), writer: stream })
+        Ok(PlaneConnection { reader: BufReader::new(stream.try_clone()?), writer: stream, form: PolicyValueForm::Compact })
+    }
+
+    /// The form its requests' trie values are written in.
+    pub fn form(&self) -> PolicyValueForm {
+        self.form
+    }
+
+    pub fn set_form(&mut self, form: PolicyValueForm) {
+        self.form = form;
     }
 
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<(), PlaneError> {
@@ -266,7 +299,11 @@ impl PlaneConnection {
     }
 
     pub fn send(&mut self, request: &PlaneRequest) -> Result<(), PlaneError> {
-        let mut line = serde_json::to_vec(request).map_err(|e| PlaneError::BadReply(e.to_string()))?;
+        let line = match self.form {
+            PolicyValueForm::Compact => serde_json::to_vec(request),
+            PolicyValueForm::SpelledOut => crate::policy::wire::spelled_out(|| serde_json::to_vec(request)),
+        };
+        let mut line = line.map_err(|e| PlaneError::BadReply(e.to_string()))?;
         line.push(b'\n');
         self.writer.write_all(&line)?;
         Ok(())

@@ -289,6 +289,8 @@ impl Plane {
             "serving": self.serving().is_some(),
             "uptime_seconds": self.started_at.elapsed().as_secs(),
             "config": super::config_hash(&self.config),
+            // Reads trie values compact (see `crate::policy::wire`).
+            "compact_policy_values": true,
         })
     }
 
@@ -676,6 +678,10 @@ mod tests {
     use super::*;
 
     fn upsert_line(version: u64) -> String {
+        serde_json::to_string(&upsert(version)).unwrap()
+    }
+
+    fn upsert(version: u64) -> PlaneRequest {
         let policy = crate::policy::compile::compile(&crate::policy::Policy::embedded_default(), &[]).unwrap();
         let entry = SandboxEntry {
             name: "a".into(),
@@ -687,7 +693,7 @@ mod tests {
             credentials: Vec::new(),
             ca_dir: Some("/state/ca/a".into()),
         };
-        serde_json::to_string(&PlaneRequest::Upsert { version, sandbox: Box::new(entry) }).unwrap()
+        PlaneRequest::Upsert { version, sandbox: Box::new(entry) }
     }
 
     #[test]
@@ -703,5 +709,40 @@ mod tests {
         let extra = line.replacen(r#""version":42"#, r#""version":42,"later_field":1"#, 1);
         assert!(matches!(parse_request(&extra), Ok(PlaneRequest::Upsert { version: 42, .. })), "a field this build does not know is ignored as before");
         assert!(parse_request(&line[..line.len() / 2]).is_err(), "a cut line is an error either way");
+    }
+
+    #[test]
+    fn a_data_plane_that_does_not_say_it_reads_compact_values_is_sent_them_spelled_out() {
+        use super::super::{PlaneConnection, PolicyValueForm};
+        let dir = std::env::temp_dir().join(format!("sbx-plane-form-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.join("s")).unwrap();
+        let sent = |hello: serde_json::Value| {
+            let mut conn = PlaneConnection::connect(&dir.join("s"), Duration::from_secs(5)).unwrap();
+            conn.set_form(PolicyValueForm::from_hello(&hello));
+            let (accepted, _) = listener.accept().unwrap();
+            conn.send(&upsert(9)).unwrap();
+            let mut line = String::new();
+            BufReader::new(accepted).read_line(&mut line).unwrap();
+            line
+        };
+        let compact = sent(json!({ "build": "this", "compact_policy_values": true }));
+        let older = sent(json!({ "build": "0.1.0+older" }));
+        let value_of = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap()["sandbox"]["policy"]["v4"][0][2].clone();
+        assert!(value_of(&compact).is_array(), "{compact}");
+        // What an older build's derive reads: every field by name.
+        let spelled = value_of(&older);
+        assert!(spelled["ports"].as_array().is_some_and(|p| p.len() == sbx_net_common::MAX_PORT_VERDICTS), "{spelled}");
+        let derived = serde_json::from_value::<sbx_net_common::PolicyValue>(spelled).unwrap();
+        let PlaneRequest::Upsert { sandbox, .. } = upsert(9) else { unreachable!() };
+        assert_eq!(derived, sandbox.policy.v4[0].2);
+        assert!(compact.len() * 2 < older.len(), "compact {} bytes, spelled out {}", compact.len(), older.len());
+        // This build reads both as the entry sent.
+        for line in [&compact, &older] {
+            let Ok(PlaneRequest::Upsert { sandbox: read, .. }) = parse_request(line) else { panic!("an upsert") };
+            assert_eq!(read.policy, sandbox.policy);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
