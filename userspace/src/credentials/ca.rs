@@ -181,6 +181,23 @@ impl SandboxCa {
         Ok(SandboxCa { subject, cert: Some(cert), key: CaKeyPair::Parsed(Box::new(key)), cert_pem, leaves: HashMap::new(), prepared: ahead.prepared.take() })
     }
 
+    /// The key made ahead, its CA certificate signed again naming
+    /// `sandbox` (as builds before CAs were made ahead named it), for a data
+    /// plane of such a build: it makes its leaves' issuer from that name.
+    /// The files written ahead hold the other certificate: they go, and
+    /// the save writes this CA's.
+    pub fn from_prepared_naming(sandbox: &str, mut ahead: PreparedCa) -> Result<SandboxCa, CaError> {
+        let key = match ahead.made.take() {
+            Some(made) => made.key,
+            None => KeyPair::generate()?,
+        };
+        drop(ahead);
+        let subject = named_subject(sandbox);
+        let cert = ca_params(&subject).self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok(SandboxCa { subject, cert: Some(cert), key: CaKeyPair::Parsed(Box::new(key)), cert_pem, leaves: HashMap::new(), prepared: None })
+    }
+
     /// Loads the CA `save` wrote for `sandbox` (the same key and
     /// certificate the guest already trusts). The key is parsed at the
     /// first leaf: a key that does not parse fails that leaf (the
@@ -209,7 +226,8 @@ impl SandboxCa {
     /// Writes `ca.pem` (world-readable: it is what the guest trusts) and
     /// `ca.key` (0600) into `dir` (made 0700); returns the certificate's
     /// path. A CA made ahead (see [`PreparedCa::generate_in`]) has its
-    /// directory renamed to `dir` instead, when `dir` is not there yet.
+    /// directory renamed to `dir` instead, when `dir` is not there yet or
+    /// is empty.
     pub fn save(&mut self, dir: &Path) -> Result<PathBuf, CaError> {
         let key_pem = match &self.key {
             CaKeyPair::Parsed(key) => key.serialize_pem(),
@@ -377,6 +395,35 @@ mod tests {
         assert_eq!(loaded.subject, "sbx-net sandbox old-box CA");
         chains(&cert.pem(), &loaded.leaf("api.example.com").unwrap(), "api.example.com").unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_ca_made_ahead_can_be_named_for_an_older_data_plane() {
+        let base = std::env::temp_dir().join(format!("sbx-ca-naming-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let spare = base.join(".pool-1");
+        let ahead = PreparedCa::generate_in(&spare).unwrap();
+        let made_pem = ahead.made.as_ref().unwrap().key.serialize_pem();
+        let mut ca = SandboxCa::from_prepared_naming("box", ahead).unwrap();
+        assert!(!spare.exists(), "the files made ahead hold the other certificate");
+        let dir = base.join("box");
+        ca.save(&dir).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("ca.key")).unwrap(), made_pem, "the key made ahead");
+        assert_eq!(std::fs::read_to_string(dir.join("ca.pem")).unwrap(), ca.cert_pem);
+        // What an older build does with it: the issuer made again from the
+        // sandbox's name and the key.
+        let older_issuer = ca_params(&named_subject("box")).self_signed(&KeyPair::from_pem(&made_pem).unwrap()).unwrap();
+        let host_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["h.example".to_string()]).unwrap();
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&host_key, &older_issuer, &KeyPair::from_pem(&made_pem).unwrap()).unwrap();
+        let leaf = Leaf { cert_der: leaf.der().to_vec(), key_der: Vec::new(), not_after: SystemTime::now() };
+        chains(&ca.cert_pem, &leaf, "h.example").unwrap();
+        // And this build, loading it.
+        let mut loaded = SandboxCa::load("box", &dir).unwrap();
+        chains(&ca.cert_pem, &loaded.leaf("h.example").unwrap(), "h.example").unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

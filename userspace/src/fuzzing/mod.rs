@@ -506,15 +506,23 @@ pub fn headers(data: &[u8]) {
 ///   panic: a `policy test` destination (a name comes back normalised) and
 ///   a `policy apply` text (its errors name the CLI's source path);
 /// - a response line the client accepts round-trips as well, and so does a
-///   request of the data plane's protocol.
+///   request of the data plane's protocol, in both forms of its trie
+///   values (compact, and spelled out for an older data plane).
 pub fn api(data: &[u8]) {
     let Ok(line) = std::str::from_utf8(data) else { return };
     // The data plane's requests (a root-only socket, but still a parser):
     // what parses goes back on one line and parses again.
+    // Both forms of trie values (compact, and spelled out for an older
+    // data plane) read back as the same request.
     if let Ok(request) = serde_json::from_str::<crate::control::dataplane::PlaneRequest>(line) {
         let wire = serde_json::to_string(&request).expect("data plane requests serialize");
         assert!(!wire.contains('\n'), "a data plane request serialized over two lines");
-        assert!(serde_json::from_str::<crate::control::dataplane::PlaneRequest>(&wire).is_ok(), "a data plane request does not round-trip: {wire}");
+        let again = serde_json::from_str::<crate::control::dataplane::PlaneRequest>(&wire).unwrap_or_else(|e| panic!("a data plane request does not round-trip ({e}): {wire}"));
+        let value = |r: &crate::control::dataplane::PlaneRequest| serde_json::to_value(r).expect("serializes");
+        assert_eq!(value(&again), value(&request), "a data plane request changed on its way back");
+        let spelled = crate::policy::wire::spelled_out(|| serde_json::to_string(&request)).expect("data plane requests serialize");
+        let read = serde_json::from_str::<crate::control::dataplane::PlaneRequest>(&spelled).unwrap_or_else(|e| panic!("a request spelled out does not read back ({e}): {spelled}"));
+        assert_eq!(value(&read), value(&request), "a request spelled out reads back as another");
     }
     match crate::control::server::parse_request(line) {
         Ok(request) => {

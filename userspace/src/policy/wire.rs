@@ -50,7 +50,9 @@ impl Serialize for Written<'_> {
         if SPELLED_OUT.get() {
             return v.serialize(serializer);
         }
-        let ports = &v.ports[..usize::from(v.port_count).min(MAX_PORT_VERDICTS)];
+        // A compiled value never has more (see `canonical`); cut short,
+        // it would lose verdicts.
+        let ports = v.ports.get(..usize::from(v.port_count)).ok_or_else(|| serde::ser::Error::custom("a trie value with more port verdicts than slots"))?;
         let mut seq = serializer.serialize_seq(Some(HEAD + 3 * ports.len()))?;
         seq.serialize_element(&v.any_port.rule_id)?;
         seq.serialize_element(&v.any_port.action)?;
@@ -98,11 +100,31 @@ impl<'de> Deserialize<'de> for Read {
             }
 
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<PolicyValue, A::Error> {
-                PolicyValue::deserialize(de::value::MapAccessDeserializer::new(map))
+                let v = PolicyValue::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                canonical(&v).map_err(de::Error::custom)?;
+                Ok(v)
             }
         }
         deserializer.deserialize_any(Either).map(Read)
     }
+}
+
+/// Refuses a value spelled out with what the compact form cannot say (and
+/// a compiled policy never holds): more port verdicts than slots, a slot
+/// past the count in use, padding that is not zero. So every value read
+/// is written again as it was, in either form.
+fn canonical(v: &PolicyValue) -> Result<(), &'static str> {
+    let count = usize::from(v.port_count);
+    if count > MAX_PORT_VERDICTS {
+        return Err("a trie value with more port verdicts than slots");
+    }
+    if v.any_port._pad != [0; 3] || v._pad != 0 || v.ports.iter().any(|p| p._pad != 0) {
+        return Err("a trie value whose padding is not zero");
+    }
+    if v.ports[count..].iter().any(|p| *p != PortVerdict::default()) {
+        return Err("a trie value with a port verdict past its count");
+    }
+    Ok(())
 }
 
 /// `#[serde(with = "crate::policy::wire::trie_entries")]` for a compiled
@@ -181,5 +203,17 @@ mod tests {
         let eight = (0..8).map(|i| format!(",{i},{},1", 80 + i)).collect::<String>();
         assert_eq!(read(&format!("[1,2,0,0,0{eight}]")).unwrap().v4[0].2.port_count, 8);
         assert!(read(r#""deny""#).is_err());
+        // Spelled out, only what the compact form can say.
+        let spelled = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = spelled_out(|| serde_json::to_value(Entries { v4: vec![(Ipv4Addr::new(10, 0, 0, 0), 8, value(&[(4, 80, 1)]))] }).unwrap());
+            edit(&mut v["v4"][0][2]);
+            serde_json::from_value::<Entries>(v)
+        };
+        assert!(spelled(&|_| {}).is_ok());
+        assert!(spelled(&|v| v["port_count"] = 9.into()).is_err(), "more than the slots");
+        assert!(spelled(&|v| v["ports"][3]["port"] = 22.into()).is_err(), "a verdict past the count");
+        assert!(spelled(&|v| v["_pad"] = 1.into()).is_err(), "padding");
+        assert!(spelled(&|v| v["ports"][0]["_pad"] = 1.into()).is_err(), "a verdict's padding");
+        assert!(spelled(&|v| v["any_port"]["_pad"] = serde_json::json!([0, 1, 0])).is_err(), "the verdict's padding");
     }
 }

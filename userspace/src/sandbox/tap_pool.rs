@@ -5,10 +5,11 @@
 //! waits: its datapath slot is empty, so the classifier drops every frame
 //! as an unknown sandbox, and it is in no nftables set.
 //!
-//! A worker also makes each ready tap's sandbox CA key (an ECDSA key,
-//! ~0.1 ms of CPU, off the create path): it is handed out with the tap, to
-//! that one sandbox, and exists only in this process's memory until the
-//! sandbox's 0600 key file is written. ~250 bytes per ready tap.
+//! A worker also makes each ready tap's sandbox CA (an ECDSA key and its
+//! self-signed certificate, ~0.1 ms of CPU, and their files, off the create
+//! path): it is handed out with the tap, to that one sandbox, its files in
+//! a 0700 directory of their own (the key 0600) until the create renames
+//! that to the sandbox's. ~1 KB per ready tap.
 //!
 //! Ids are allocated here, for pooled and directly created sandboxes alike,
 //! so a pooled tap's `sbx-<id>` never collides with a new sandbox's.
@@ -95,7 +96,7 @@ pub struct PoolSettings {
     pub workers: usize,
     pub pools: AddressPools,
     pub links_dir: PathBuf,
-    /// Where sandboxes' CA directories are: each ready tap's CA key is
+    /// Where sandboxes' CA directories are: each ready tap's CA is
     /// written ahead into `.pool-<id>` there (see [`PreparedCa::generate_in`]).
     pub ca_dir: PathBuf,
     /// The daemon's state dir: each ready tap gets an empty file there for
@@ -103,7 +104,7 @@ pub struct PoolSettings {
     pub state_dir: PathBuf,
 }
 
-/// The directory a ready tap's CA key is written ahead into (not a
+/// The directory a ready tap's CA is written ahead into (not a
 /// sandbox's: sandbox names never start with a dot).
 pub fn prepared_ca_dir(ca_dir: &Path, id: u32) -> PathBuf {
     ca_dir.join(format!(".pool-{id}"))
@@ -117,7 +118,7 @@ pub fn prepared_record_file(dir: &Path, id: u32) -> PathBuf {
 }
 
 /// Removes what an earlier process's workers made ahead (its ready taps
-/// are dismantled at start too): the CA keys under `ca_dir` and the record
+/// are dismantled at start too): the CAs under `ca_dir` and the record
 /// files under the state dir `state_dir`; returns how many.
 pub fn remove_prepared(state_dir: &Path, ca_dir: &Path) -> usize {
     use crate::util::fs::remove_entries_prefixed;
@@ -210,7 +211,7 @@ impl TapPool {
         }
     }
 
-    /// Takes a ready tap (its id becomes used) with its CA key, which
+    /// Takes a ready tap (its id becomes used) with its CA, which
     /// leaves the pool with it: no other sandbox can get it. The workers
     /// are not woken here: the caller calls [`TapPool::refill`] once its
     /// create has been answered, so the refill (a tap, a TCX attach under

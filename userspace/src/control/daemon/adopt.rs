@@ -32,7 +32,7 @@ impl Daemon {
         let ca_dir = self.config.sandbox_cas_dir();
         let state_dir = self.config.state_dir.clone();
         if remove_prepared(&state_dir, &ca_dir) > 0 {
-            tracing::debug!("removed CA keys and record files an earlier run's pool made ahead");
+            tracing::debug!("removed CAs and record files an earlier run's pool made ahead");
         }
         for dir in [ca_dir.clone(), state_dir.join("sandboxes")] {
             std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
