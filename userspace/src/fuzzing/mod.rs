@@ -26,7 +26,7 @@ use sbx_net_common::{action, program_names, rule_id, Reason, SandboxConfig, MAX_
 
 use crate::policy::compile::{brute_force_verdict, compile, entry_verdict, CompiledPolicy, PortInfo};
 use crate::credentials::CredentialBinding;
-use crate::proxy::inject::{rewrite_headers, strip_sentinels};
+use crate::proxy::inject::{remove_connection_named, rewrite_headers, strip_sentinels, HOP_BY_HOP};
 use crate::datapath::{Datapath, DatapathOptions, EventReader};
 use crate::dns::decide::{learned_value, name_verdict, normalise_query_name, plan_answer, AnswerRecord, NameVerdict, RecordFate};
 use crate::proxy::peek::{classify, FirstBytes, PEEK_LIMIT};
@@ -406,11 +406,18 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// The guest's request headers (`name: value` lines after a selector byte
-/// that picks the credential and the path) through the credential proxy's
-/// rewrite (a bound host) or its sentinel strip (any other host); then the
-/// same bytes as a response body through the credential's scrubber.
+/// that picks the credential and the path), with what their `Connection`
+/// names taken out first as a request arrives (or not: another selector
+/// bit), through the credential proxy's rewrite (a bound host) or its
+/// sentinel strip (any other host); then the same bytes as a response body
+/// through the credential's scrubber.
 ///
-/// Invariants, after `rewrite_headers`:
+/// After `remove_connection_named`: a header a `Connection` value names (a
+/// comma-separated token, any case) is gone, unless it is one of the fixed
+/// hop-by-hop ones or Host (taken care of elsewhere); every other header
+/// keeps exactly its values, in order.
+///
+/// Invariants, after `rewrite_headers` (of the headers left):
 /// - the binding's header carries exactly one value, the configured one;
 /// - no other Authorization or Proxy-Authorization value survives;
 /// - no value carries a sentinel (the secret goes only in its own header);
@@ -441,6 +448,21 @@ pub fn headers(data: &[u8]) {
     }
     let binding = &bindings()[usize::from(selector & 3) % bindings().len()];
     let values = |h: &HeaderMap, n: &HeaderName| -> Vec<HeaderValue> { h.get_all(n).iter().cloned().collect() };
+    if selector & 8 != 0 {
+        let named = |n: &HeaderName| {
+            // A value that is not visible ASCII names nothing.
+            original.get_all(hyper::header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(n.as_str())))
+        };
+        let mut left = original.clone();
+        remove_connection_named(&mut left);
+        for name in original.keys() {
+            let goes = named(name) && !HOP_BY_HOP.contains(&name.as_str()) && *name != hyper::header::HOST;
+            assert_eq!(values(&left, name), if goes { Vec::new() } else { values(&original, name) }, "{name} after the Connection-named headers went");
+        }
+        assert!(left.keys().all(|n| original.contains_key(n)), "a header appeared");
+        original = left;
+    }
+    let original = original;
     let clean = |n: &HeaderName| -> Vec<HeaderValue> { original.get_all(n).iter().filter(|v| !has_sentinel(v.as_bytes())).cloned().collect() };
     let secret = FUZZ_SECRET.as_bytes();
 

@@ -573,7 +573,7 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// The headers that always belong to one hop.
-const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+pub const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
 
 /// The headers a guest's `Connection` names are hop-by-hop too (RFC 9110
 /// §7.6.1) and do not go upstream. Taken out as the request arrives,
@@ -581,7 +581,7 @@ const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "
 /// own header. The fixed ones are left to [`remove_hop_by_hop`] (which
 /// reads TE's "trailers" first), and Host, checked already, is set for the
 /// upstream by the proxy.
-fn remove_connection_named(headers: &mut HeaderMap) {
+pub fn remove_connection_named(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(hyper::header::CONNECTION)
         .iter()

@@ -60,6 +60,10 @@ pub(crate) struct DaemonRound {
     burst: Vec<f64>,
     burst_total: Duration,
     paced: Vec<f64>,
+    /// A request that does nothing (`sandbox show` of a name not there),
+    /// paced as the creates are: the control socket's round trip to a
+    /// daemon whose threads were asleep, which every create pays too.
+    paced_noop: Vec<f64>,
     deletes: Vec<f64>,
     delete_answered: Duration,
     delete_total: Duration,
@@ -133,6 +137,15 @@ fn daemon_round(h: &sbx_net_tests::daemon::DaemonHarness, pid: u32) -> Result<Da
     // host: the pre-warmed pool keeps up, so no create waits for a TCX
     // attach. Started with the pool refilled after the burst.
     settled()?;
+    let mut paced_noop = Vec::with_capacity(PACED_SANDBOXES);
+    for _ in 0..PACED_SANDBOXES {
+        let next = Instant::now() + PACE;
+        let t = Instant::now();
+        let answer = call(&h.socket, &Request::SandboxShow { name: "not-there".into() }, timeout);
+        paced_noop.push(ms(t.elapsed()));
+        anyhow::ensure!(answer.is_err(), "`sandbox show` of a sandbox that is not there answered {answer:?}");
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
     let mut paced = Vec::with_capacity(PACED_SANDBOXES);
     let paced_names: Vec<String> = (0..PACED_SANDBOXES).map(|i| format!("paced-{i}")).collect();
     for name in &paced_names {
@@ -163,7 +176,7 @@ fn daemon_round(h: &sbx_net_tests::daemon::DaemonHarness, pid: u32) -> Result<Da
     // this benchmark (there is no signal that it is done).
     std::thread::sleep(Duration::from_secs(1));
     let after = (used_kb(), rss_kb(pid), map_memlock_kb(pid));
-    Ok(DaemonRound { burst: sorted(burst), burst_total, paced: sorted(paced), deletes: sorted(deletes), delete_answered, delete_total, checkpoints, after, status })
+    Ok(DaemonRound { burst: sorted(burst), burst_total, paced: sorted(paced), paced_noop: sorted(paced_noop), deletes: sorted(deletes), delete_answered, delete_total, checkpoints, after, status })
 }
 
 pub(crate) fn lifecycle() -> Result<()> {
@@ -197,6 +210,8 @@ pub(crate) fn lifecycle() -> Result<()> {
     let burst_p99 = record(S, "burst create p99", "ms", Better::Lower, &per(&|r| percentile(&r.burst, 0.99)));
     let paced_p50 = record(S, "paced create p50", "ms", Better::Lower, &per(&|r| percentile(&r.paced, 0.5)));
     let paced_p99 = record(S, "paced create p99", "ms", Better::Lower, &per(&|r| percentile(&r.paced, 0.99)));
+    let noop_p50 = record(S, "paced no-op request p50", "ms", Better::Lower, &per(&|r| percentile(&r.paced_noop, 0.5)));
+    let noop_p99 = per(&|r| percentile(&r.paced_noop, 0.99));
     let delete_p50 = record(S, "delete p50", "ms", Better::Lower, &per(&|r| percentile(&r.deletes, 0.5)));
     let delete_p99 = per(&|r| percentile(&r.deletes, 0.99));
     let delete_answered = per(&|r| r.delete_answered.as_secs_f64());
@@ -221,6 +236,13 @@ pub(crate) fn lifecycle() -> Result<()> {
         &base_create,
     );
     row(&format!("`sandbox create`, paced one per {} ms ({PACED_SANDBOXES} sandboxes, on top of the {LIFECYCLE_SANDBOXES})", PACE.as_millis()), &paced_p50, &paced_p99.runs, None, &base_create);
+    row(
+        &format!("a request that does nothing (`sandbox show` of a name not there), paced one per {} ms: the control socket's round trip", PACE.as_millis()),
+        &noop_p50,
+        &noop_p99,
+        None,
+        &base_create,
+    );
     row("baseline: bare tap delete", &base_delete, &base_delete_p99, None, &base_delete);
     row("`sandbox delete`", &delete_p50, &delete_p99, Some(&delete_answered), &base_delete);
     println!(
