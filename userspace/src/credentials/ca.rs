@@ -347,6 +347,13 @@ mod tests {
     }
     use std::sync::Arc;
 
+    /// A path of this test process's under the temp dir, with nothing there.
+    fn no_dir_yet(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("sbx-ca-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     fn key_pem(ca: &SandboxCa) -> String {
         match &ca.key {
             CaKeyPair::Parsed(key) => key.serialize_pem(),
@@ -356,8 +363,7 @@ mod tests {
 
     #[test]
     fn generates_saves_loads_and_mints_cached_leaves_that_chain_to_it() {
-        let dir = std::env::temp_dir().join(format!("sbx-ca-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = no_dir_yet("test");
         let mut ca = SandboxCa::generate().unwrap();
         assert!(ca.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         let path = ca.save(&dir).unwrap();
@@ -386,8 +392,7 @@ mod tests {
 
     #[test]
     fn a_ca_saved_by_an_older_build_naming_its_sandbox_still_mints_leaves_that_chain() {
-        let dir = std::env::temp_dir().join(format!("sbx-ca-named-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = no_dir_yet("named");
         let key = KeyPair::generate().unwrap();
         let cert = ca_params(&named_subject("old-box")).self_signed(&key).unwrap();
         write_ca_files(&dir, &key.serialize_pem(), &cert.pem()).unwrap();
@@ -399,8 +404,7 @@ mod tests {
 
     #[test]
     fn a_ca_made_ahead_can_be_named_for_an_older_data_plane() {
-        let base = std::env::temp_dir().join(format!("sbx-ca-naming-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
+        let base = no_dir_yet("naming");
         std::fs::create_dir_all(&base).unwrap();
         let spare = base.join(".pool-1");
         let ahead = PreparedCa::generate_in(&spare).unwrap();
@@ -428,8 +432,7 @@ mod tests {
 
     #[test]
     fn a_key_that_does_not_parse_fails_the_first_leaf() {
-        let dir = std::env::temp_dir().join(format!("sbx-ca-badkey-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = no_dir_yet("badkey");
         let mut ca = SandboxCa::generate().unwrap();
         ca.save(&dir).unwrap();
         std::fs::write(dir.join("ca.key"), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
@@ -440,8 +443,7 @@ mod tests {
 
     #[test]
     fn a_ca_written_ahead_becomes_the_sandboxs_directory() {
-        let base = std::env::temp_dir().join(format!("sbx-ca-prepared-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
+        let base = no_dir_yet("prepared");
         std::fs::create_dir_all(&base).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         let spare = base.join(".pool-1");
@@ -498,8 +500,7 @@ mod tests {
 
     #[test]
     fn a_ca_made_ahead_in_memory_saves_0600() {
-        let dir = std::env::temp_dir().join(format!("sbx-ca-ahead-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = no_dir_yet("ahead");
         let ahead = PreparedCa::generate().unwrap();
         assert_eq!(format!("{ahead:?}"), "PreparedCa(..)", "Debug never shows the key");
         let made_pem = ahead.made.as_ref().unwrap().key.serialize_pem();

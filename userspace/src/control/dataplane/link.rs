@@ -349,10 +349,7 @@ impl DataplaneLink {
         };
         let (old_pid, old_build) = (old.pid(), old.build.clone());
         // A second connection, for the route changes while it drains.
-        let updates = PlaneConnection::connect(&self.config.dataplane_socket(), CALL_TIMEOUT).ok().map(|mut conn| {
-            conn.set_form(old.conn.form());
-            conn
-        });
+        let updates = old.conn.another(&self.config.dataplane_socket(), CALL_TIMEOUT).ok();
         let drained = old.conn.call(&PlaneRequest::Drain { seconds: self.config.dataplane_drain_seconds });
         if let Err(e) = &drained {
             tracing::error!(pid = old_pid, "the old data plane did not drain ({e}); killing it so that only the new one reads the listeners");
@@ -421,8 +418,7 @@ impl DataplaneLink {
         if let Err(e) = &result {
             if matches!(e, PlaneError::Io(_) | PlaneError::BadReply(_)) {
                 tracing::warn!(pid = current.pid(), "the data plane's answer went wrong ({e}); reconnecting");
-                if let Ok(mut fresh) = PlaneConnection::connect(&self.config.dataplane_socket(), CALL_TIMEOUT) {
-                    fresh.set_form(current.conn.form());
+                if let Ok(fresh) = current.conn.another(&self.config.dataplane_socket(), CALL_TIMEOUT) {
                     current.conn = fresh;
                 }
             }

@@ -284,9 +284,12 @@ impl PlaneConnection {
         Ok(PlaneConnection { reader: BufReader::new(stream.try_clone()?), writer: stream, form: PolicyValueForm::Compact })
     }
 
-    /// The form its requests' trie values are written in.
-    pub fn form(&self) -> PolicyValueForm {
-        self.form
+    /// Another connection to the data plane at `path`, which this one
+    /// talks to: it writes the same form.
+    pub fn another(&self, path: &Path, timeout: Duration) -> Result<PlaneConnection, PlaneError> {
+        let mut conn = PlaneConnection::connect(path, timeout)?;
+        conn.form = self.form;
+        Ok(conn)
     }
 
     pub fn set_form(&mut self, form: PolicyValueForm) {
