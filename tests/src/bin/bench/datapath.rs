@@ -17,13 +17,14 @@ pub(crate) fn datapath_bench() -> Result<()> {
 pub(crate) const RULE_COUNTS: [usize; 4] = [10, 10_000, 100_000, 1_000_000];
 pub(crate) const REPEAT: u32 = 200_000;
 pub(crate) const SAMPLES: usize = 7;
-/// Runs of each configuration in the packets/s benchmark.
+/// Runs of each configuration in the microVM's packets/s and bulk rounds.
 pub(crate) const RUNS: usize = 6;
-/// Rounds and seconds per configuration of the tap's packets/s: the
-/// classifier costs a few % of a packet there, and one round's share
-/// swings by ±8 % on a 2-vCPU VM (the sender, the pump and the host's
-/// forwarding share two cores); twelve rounds of 1 s, not six of 2 s,
-/// give the median more rounds in the same time.
+/// Rounds and seconds per configuration of the tap's packets/s from a
+/// netns guest: the classifier is under 1 % of the bottleneck thread's
+/// time there (perf, BENCHMARKS.md), while one round's share swings by
+/// ±8 % on a 2-vCPU VM (the sender, the pump and the host's forwarding
+/// share two cores); twelve rounds of 1 s, not six of 2 s, give the
+/// median more rounds in the same time.
 pub(crate) const TAP_ROUNDS: usize = 12;
 pub(crate) const TAP_SECONDS: u64 = 1;
 
