@@ -721,3 +721,93 @@ fn dns_over_tcp_is_capped_per_sandbox_and_deadlined() {
     let (status, _) = dig(guest_a.name(), &["+tcp", &format!("@{}", server_a.ip()), "allowed.test"]);
     assert_eq!(status, "NOERROR", "A's DNS over TCP once its connections were closed");
 }
+
+/// One guest floods the DNS proxy over UDP with queries for a denied name
+/// (one socket, as fast as it can send, bounded in time and count) while
+/// another sandbox asks names that must go upstream. The proxy reads every
+/// sandbox's queries from one socket: unmetered, the flood filled its
+/// receive queue and the kernel dropped B's queries with A's. Each
+/// sandbox's queries are metered per tap before that socket: B's answers
+/// come, and A gets no more through than its rate and burst.
+#[test]
+fn one_sandboxs_query_flood_does_not_starve_another_sandbox() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    require_root();
+    const NAMES: usize = 5;
+    const RATE: u64 = 1000;
+    const BURST: u64 = 1000;
+    let config = format!("dns_queries_per_second_per_sandbox = {RATE}\ndns_query_burst_per_sandbox = {BURST}\n");
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let h = DaemonHarness::with_args("dnsflood", &[("adv.toml", POLICY)], Some(&config), &[upstream.as_str()]);
+    // Distinct names: none of B's queries is in the answer cache.
+    let records: Vec<String> = (0..NAMES).map(|i| format!("n{i}.allowed.test,198.51.100.{}", 10 + i)).collect();
+    let _dns = WorldDns::start(&h.topology.world, &records, &[]);
+    let a = h.create_guest(&unique_name("a"), "adv");
+    let b = h.create_guest(&unique_name("b"), "adv");
+    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
+    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
+    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
+    let server_b = b["dns"].as_str().unwrap().to_string();
+    let denied = || h.json(&["status", "--json"])["dns"]["queries_denied"].as_u64().expect("dns.queries_denied in status");
+    let flood_query = query(&labels("denied.test"), A);
+    let (stop, sent) = (AtomicBool::new(false), AtomicU64::new(0));
+    // Datagrams the kernel dropped for a full receive queue, in the daemon's
+    // namespace (the proxy's is its only busy UDP socket there).
+    let queue_drops = || {
+        let snmp = h.topology.host.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp")).unwrap().unwrap();
+        udp_receive_buffer_errors(&snmp)
+    };
+    let (denied_before, drops_before) = (denied(), queue_drops());
+    std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            guest_a.run(|| {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                sock.set_nonblocking(true).unwrap();
+                let (started, mut reply) = (Instant::now(), [0u8; 512]);
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) && sent.load(Ordering::Relaxed) < 20_000_000 {
+                    let _ = sock.send_to(&flood_query, server_a);
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    while sock.recv_from(&mut reply).is_ok() {}
+                }
+                started.elapsed()
+            })
+        });
+        // Past A's burst and a second of its rate: B asks while A is held to its rate.
+        wait_until(Duration::from_secs(15), "the flood to spend A's burst", || denied() > denied_before + BURST + RATE);
+        let sent_before_b = sent.load(Ordering::Relaxed);
+        let mut slowest = Duration::ZERO;
+        for i in 0..NAMES {
+            let asked = Instant::now();
+            let (status, answers) = dig(guest_b.name(), &[&format!("@{server_b}"), &format!("n{i}.allowed.test")]);
+            slowest = slowest.max(asked.elapsed());
+            assert_eq!((status.as_str(), answers.len()), ("NOERROR", 1), "B's query for n{i}.allowed.test during A's flood: {answers:?}");
+        }
+        let sent_while_b_asked = sent.load(Ordering::Relaxed) - sent_before_b;
+        stop.store(true, Ordering::Relaxed);
+        let flooded_for = flood.join().unwrap().unwrap();
+        // The flood went on the whole time B was asking (else it proved nothing)...
+        assert!(sent_while_b_asked > 10_000, "A sent only {sent_while_b_asked} queries while B asked");
+        // ...and the proxy saw no more of it than A's rate allows. (Every
+        // flood query is denied; B's are allowed. The tolerance is the
+        // time between the last send and this read.)
+        let admitted = denied() - denied_before;
+        let allowance = RATE * (flooded_for.as_millis() as u64 + 1000) / 1000 + BURST;
+        assert!(admitted <= allowance, "A got {admitted} queries through in {flooded_for:?} (rate {RATE}/s, burst {BURST})");
+        // What A's meter let through, burst included, fitted in the socket's queue.
+        let drops = queue_drops() - drops_before;
+        eprintln!(
+            "B's {NAMES} upstream queries answered during A's flood (slowest {slowest:?}); A sent {} in {flooded_for:?}, the proxy saw {admitted}, its queue dropped {drops}",
+            sent.load(Ordering::Relaxed)
+        );
+        assert_eq!(drops, 0, "the proxy's socket dropped queries (A's burst overflowed its receive queue)");
+    });
+}
+
+/// `Udp: ... RcvbufErrors ...` of /proc/net/snmp: the header line names the
+/// columns, the next line holds the values.
+fn udp_receive_buffer_errors(snmp: &str) -> u64 {
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().expect("Udp header"), udp.next().expect("Udp values"));
+    let column = names.split_whitespace().position(|n| n == "RcvbufErrors").expect("RcvbufErrors column");
+    values.split_whitespace().nth(column).and_then(|v| v.parse().ok()).expect("RcvbufErrors value")
+}

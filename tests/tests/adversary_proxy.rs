@@ -392,3 +392,61 @@ fn a_guest_cannot_pin_an_old_data_plane() {
         h.metrics().lines().any(|l| l.strip_prefix("sbx_net_dataplane_drain_closed_total ").and_then(|v| v.parse::<f64>().ok()).is_some_and(|v| v >= HELD as f64))
     });
 }
+
+/// A guest churning connections to the proxy as fast as it can (connect,
+/// drop; bounded in time and count) cannot hold up another sandbox: the
+/// proxy's listening socket and its accept queue are shared, and a full
+/// queue would drop every sandbox's new connections alike (each then
+/// waits for its SYN to be sent again, a second later).
+#[test]
+fn a_connection_flood_from_one_guest_does_not_hold_up_another() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    require_root();
+    const FLOODERS: usize = 4;
+    let (h, _dns, _servers) = setup("churn");
+    let hog_ns = NetNs::open(h.create_guest(&unique_name("hog"), "agent")["netns"].as_str().unwrap()).unwrap();
+    let victim = h.create_guest(&unique_name("v"), "agent");
+    let victim_ns = NetNs::open(victim["netns"].as_str().unwrap()).unwrap();
+    let (stop, connects) = (AtomicBool::new(false), AtomicU64::new(0));
+    let target = SocketAddr::new(LEARNED.into(), 80);
+    // The victim's request, answered and closed: how long it took.
+    let served_in = || {
+        victim_ns
+            .run(|| {
+                let asked = Instant::now();
+                let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(10)).expect("the victim's connect");
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                s.write_all(b"GET / HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n").unwrap();
+                let mut out = Vec::new();
+                let _ = s.read_to_end(&mut out);
+                (String::from_utf8_lossy(&out).contains("hello from"), asked.elapsed())
+            })
+            .unwrap()
+    };
+    let (served, unloaded) = served_in();
+    assert!(served, "the victim is served without a flood");
+    std::thread::scope(|s| {
+        for _ in 0..FLOODERS {
+            s.spawn(|| {
+                hog_ns.run(|| {
+                    let started = Instant::now();
+                    while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) && connects.load(Ordering::Relaxed) < 2_000_000 {
+                        let _ = TcpStream::connect_timeout(&target, Duration::from_millis(200));
+                        connects.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            });
+        }
+        sbx_net_tests::wait_until(Duration::from_secs(15), "the flood to get going", || connects.load(Ordering::Relaxed) > 3_000);
+        let mut slowest = Duration::ZERO;
+        for round in 0..10 {
+            let (served, took) = served_in();
+            slowest = slowest.max(took);
+            assert!(served, "round {round}: the other sandbox was not served during the flood");
+        }
+        let during = connects.load(Ordering::Relaxed);
+        stop.store(true, Ordering::Relaxed);
+        eprintln!("the other sandbox served 10 times during the flood (slowest {slowest:?}, {unloaded:?} without it); the hog tried {during} connections");
+        assert!(slowest < Duration::from_secs(1), "the other sandbox waited {slowest:?} (a SYN dropped for a full accept queue is sent again after 1 s)");
+    });
+}

@@ -1,7 +1,7 @@
 //! The `inet sbx_net` table committed through netlink in a private namespace,
 //! read back with the real `nft` tool.
 
-use sbx_net::datapath::nft::{NftConfig, Nftables};
+use sbx_net::datapath::nft::{NftConfig, Nftables, PacketRate};
 use sbx_net_tests::{require_root, run_in, unique_name};
 use sbx_vmm::NetNs;
 
@@ -13,6 +13,8 @@ fn config() -> NftConfig {
         uplink: Some("uplink0".into()),
         pool_v4: "10.200.0.0/16".parse().unwrap(),
         pool_v6: "fd73:6278::/48".parse().unwrap(),
+        dns_queries_per_sandbox: Some(PacketRate { per_second: 1000, burst: 500 }),
+        new_connections_per_sandbox: Some(PacketRate { per_second: 200, burst: 100 }),
     }
 }
 
@@ -44,6 +46,10 @@ fn table_is_readable_and_taps_change_atomically() {
             "\"sbx-1\"",
             "\"fc-tap0\"",
             "icmpv6 type nd-neighbor-solicit",
+            "udp dport 5353 update @dns_queries_per_tap { iif timeout 1m limit rate over 1000/second burst 500 packets } counter packets 0 bytes 0 drop",
+            "set dns_queries_per_tap {",
+            "tcp dport 15001 ct state new update @new_connections_per_tap { iif timeout 1m limit rate over 200/second burst 100 packets } counter packets 0 bytes 0 drop",
+            "set new_connections_per_tap {",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }

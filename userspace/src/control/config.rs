@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::nft::NftConfig;
+use crate::datapath::nft::{NftConfig, PacketRate};
 use crate::sandbox::AddressPools;
 
 /// Where the daemon and the CLI look for the configuration when no
@@ -98,6 +98,22 @@ pub struct DaemonConfig {
     /// from an answer's speed that another asked the same just before; the
     /// answer cache gives the same signal unless it is off too).
     pub dns_share_upstream_queries: bool,
+    /// UDP queries one sandbox may send the DNS proxy per second on average
+    /// (0: no limit), and in a burst. Past them nftables drops the
+    /// sandbox's queries before they reach the proxy's socket, which every
+    /// sandbox shares: one guest's flood cannot fill it and have the
+    /// kernel drop the other sandboxes' queries. DNS over TCP is bounded by
+    /// `dns_tcp_connections_per_sandbox` instead.
+    pub dns_queries_per_second_per_sandbox: u32,
+    pub dns_query_burst_per_sandbox: u32,
+    /// New TCP connections one sandbox may open to the proxies (the HTTP(S)
+    /// proxy and DNS over TCP) per second on average (0: no limit), and in
+    /// a burst. Past them nftables drops the sandbox's SYNs before they
+    /// reach the proxies' shared listening sockets, whose accept queues a
+    /// guest opening connections as fast as it can would otherwise fill
+    /// for every sandbox.
+    pub new_connections_per_second_per_sandbox: u32,
+    pub new_connection_burst_per_sandbox: u32,
     /// Flow records kept in memory for `inspect --last` (older ones are
     /// counted as evicted).
     pub flow_history: usize,
@@ -172,6 +188,10 @@ impl Default for DaemonConfig {
             dns_tcp_query_timeout_ms: 5_000,
             dns_cache_entries: 4096,
             dns_share_upstream_queries: true,
+            dns_queries_per_second_per_sandbox: 1000,
+            dns_query_burst_per_sandbox: 1000,
+            new_connections_per_second_per_sandbox: 1000,
+            new_connection_burst_per_sandbox: 500,
             flow_history: 10_000,
             events_ring_bytes: sbx_net_common::EVENTS_RING_BYTES,
             flow_table_size: sbx_net_common::MAX_FLOWS,
@@ -303,6 +323,12 @@ impl DaemonConfig {
         if self.flow_table_size == 0 || self.flow_history == 0 || self.policy_map_entries == 0 {
             return Err("flow_table_size, flow_history and policy_map_entries must be at least 1".into());
         }
+        if self.dns_queries_per_second_per_sandbox > 0 && self.dns_query_burst_per_sandbox == 0 {
+            return Err("dns_query_burst_per_sandbox must be at least 1 while dns_queries_per_second_per_sandbox limits queries".into());
+        }
+        if self.new_connections_per_second_per_sandbox > 0 && self.new_connection_burst_per_sandbox == 0 {
+            return Err("new_connection_burst_per_sandbox must be at least 1 while new_connections_per_second_per_sandbox limits connections".into());
+        }
         if self.dns_cache_entries > MAX_DNS_CACHE_ENTRIES {
             return Err(format!("dns_cache_entries ({}) is more than {MAX_DNS_CACHE_ENTRIES} (an entry can take ~8 KiB)", self.dns_cache_entries));
         }
@@ -335,6 +361,10 @@ impl DaemonConfig {
             uplink: self.uplink.clone(),
             pool_v4: self.ipv4_pool,
             pool_v6: self.ipv6_pool,
+            dns_queries_per_sandbox: (self.dns_queries_per_second_per_sandbox > 0)
+                .then_some(PacketRate { per_second: self.dns_queries_per_second_per_sandbox, burst: self.dns_query_burst_per_sandbox }),
+            new_connections_per_sandbox: (self.new_connections_per_second_per_sandbox > 0)
+                .then_some(PacketRate { per_second: self.new_connections_per_second_per_sandbox, burst: self.new_connection_burst_per_sandbox }),
         }
     }
 
@@ -505,5 +535,18 @@ mod tests {
         assert!(e.contains("too small"), "{e}");
         let e = DaemonConfig::parse("c.toml", "events_ring_bytes = 5000\n").unwrap_err().to_string();
         assert!(e.contains("power of two"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "dns_query_burst_per_sandbox = 0\n").unwrap_err().to_string();
+        assert!(e.contains("dns_query_burst_per_sandbox must be at least 1"), "{e}");
+        let e = DaemonConfig::parse("c.toml", "new_connection_burst_per_sandbox = 0\n").unwrap_err().to_string();
+        assert!(e.contains("new_connection_burst_per_sandbox must be at least 1"), "{e}");
+    }
+
+    #[test]
+    fn the_per_sandbox_meters_are_on_by_default_and_off_at_zero() {
+        let nft = DaemonConfig::default().nft();
+        assert_eq!(nft.dns_queries_per_sandbox, Some(PacketRate { per_second: 1000, burst: 1000 }));
+        assert_eq!(nft.new_connections_per_sandbox, Some(PacketRate { per_second: 1000, burst: 500 }));
+        let off = DaemonConfig::parse("c.toml", "dns_queries_per_second_per_sandbox = 0\nnew_connections_per_second_per_sandbox = 0\ndns_query_burst_per_sandbox = 0\n").unwrap().nft();
+        assert_eq!((off.dns_queries_per_sandbox, off.new_connections_per_sandbox), (None, None));
     }
 }

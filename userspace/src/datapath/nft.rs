@@ -22,6 +22,13 @@ pub const TABLE_NAME: &str = "sbx_net";
 const TAPS_SET: &CStr = c"sandbox_taps";
 /// Set id within a batch (the kernel resolves lookups by name afterwards).
 const TAPS_SET_ID: u32 = 1;
+/// How long a tap's rate state outlives its last packet: a deleted tap's
+/// entry goes, and a new tap given the same ifindex later starts full.
+const METER_ENTRY_TIMEOUT_MS: u64 = 60_000;
+/// Entries a meter holds (one per tap that sent in the last minute); a
+/// full meter lets the packet through unmetered (nftables' behaviour), so
+/// it is far above any host's tap count.
+const METER_SIZE: u32 = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -44,6 +51,46 @@ pub struct NftConfig {
     pub uplink: Option<String>,
     pub pool_v4: Ipv4Network,
     pub pool_v6: Ipv6Network,
+    /// Each sandbox's UDP queries to the DNS proxy, metered per tap before
+    /// they reach the proxy's one shared socket; `None`: unmetered.
+    pub dns_queries_per_sandbox: Option<PacketRate>,
+    /// Each sandbox's new TCP connections to the proxies (the credential
+    /// proxy and DNS over TCP), metered per tap before they reach the
+    /// proxies' shared listening sockets; `None`: unmetered.
+    pub new_connections_per_sandbox: Option<PacketRate>,
+}
+
+/// A packet rate as nftables' `limit` counts it: `per_second` on average,
+/// `burst` more at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// A per-tap meter: a dynamic set keyed by the input interface's index,
+/// each element carrying its own token bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Meter {
+    DnsQueries,
+    NewConnections,
+}
+
+impl Meter {
+    fn set_name(self) -> &'static CStr {
+        match self {
+            Meter::DnsQueries => c"dns_queries_per_tap",
+            Meter::NewConnections => c"new_connections_per_tap",
+        }
+    }
+
+    /// Set id within a batch (distinct from [`TAPS_SET_ID`]).
+    fn set_id(self) -> u32 {
+        match self {
+            Meter::DnsQueries => 2,
+            Meter::NewConnections => 3,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,8 +126,12 @@ pub enum Match {
     Icmpv6Type(u8),
     CtEstablishedOrRelated,
     CtInvalid,
+    CtNew,
     SourceV4(Ipv4Network),
     SourceV6(Ipv6Network),
+    /// The input tap has sent more than `rate` through this rule (its
+    /// bucket in `meter` is empty); packets under the rate do not match.
+    TapOverRate(Meter, PacketRate),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -125,6 +176,31 @@ pub fn ruleset(config: &NftConfig) -> Vec<RuleSpec> {
             RedirectTo(proxy),
             format!("sandbox TCP {port} to the credential proxy"),
         ));
+    }
+    // The proxy reads every sandbox's UDP queries from one socket: a guest
+    // sending faster than the proxy answers would fill its receive queue,
+    // and the kernel would drop every sandbox's queries alike. Past its
+    // rate, a sandbox's queries are dropped here, before the socket.
+    if let Some(rate) = config.dns_queries_per_sandbox {
+        rules.push(rule(
+            Input,
+            vec![InputIsTap, Udp, UdpDport(dns), TapOverRate(Meter::DnsQueries, rate)],
+            Drop,
+            format!("a sandbox's DNS queries past {}/s (burst {})", rate.per_second, rate.burst),
+        ));
+    }
+    // Likewise the proxies' listening sockets: a guest opening connections
+    // faster than they are accepted would fill the shared accept queue,
+    // and every sandbox's new connections would wait for SYN retries.
+    if let Some(rate) = config.new_connections_per_sandbox {
+        for port in [dns, proxy] {
+            rules.push(rule(
+                Input,
+                vec![InputIsTap, Tcp, TcpDport(port), CtNew, TapOverRate(Meter::NewConnections, rate)],
+                Drop,
+                format!("a sandbox's new connections to the proxies past {}/s (burst {})", rate.per_second, rate.burst),
+            ));
+        }
     }
     rules.extend([
         rule(Input, vec![InputIsTap, Udp, UdpDport(dns)], Accept, "sandbox to the DNS proxy"),
@@ -219,6 +295,72 @@ impl Expression for Redirect {
     }
 }
 
+/// nftnl has no `dynset` expression: `update @meter { iif limit rate over
+/// ... }` — finds (or adds) the key register's element in the meter set,
+/// refreshes its timeout and runs its `limit`, inverted, so the rule goes
+/// on only while that element's bucket is empty.
+struct MeterUpdate {
+    meter: Meter,
+    rate: PacketRate,
+    key_register: Register,
+}
+
+impl Expression for MeterUpdate {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        // SAFETY: nftnl_expr_alloc takes a NUL-terminated expression name and
+        // returns an owned expression or NULL (fatal, as nftnl treats it).
+        let (dynset, limit) = unsafe { (sys::nftnl_expr_alloc(c"dynset".as_ptr()), sys::nftnl_expr_alloc(c"limit".as_ptr())) };
+        let (Some(dynset), Some(limit)) = (NonNull::new(dynset), NonNull::new(limit)) else { std::process::abort() };
+        // SAFETY: both are valid expressions of their kind and every
+        // attribute is set with its own type; nftnl copies the set name.
+        // NFTNL_EXPR_DYNSET_EXPR takes ownership of the limit expression
+        // (freed with the dynset), so it is not freed here.
+        unsafe {
+            let limit = limit.as_ptr();
+            sys::nftnl_expr_set_u64(limit, sys::NFTNL_EXPR_LIMIT_RATE as u16, u64::from(self.rate.per_second));
+            sys::nftnl_expr_set_u64(limit, sys::NFTNL_EXPR_LIMIT_UNIT as u16, 1);
+            sys::nftnl_expr_set_u32(limit, sys::NFTNL_EXPR_LIMIT_BURST as u16, self.rate.burst);
+            sys::nftnl_expr_set_u32(limit, sys::NFTNL_EXPR_LIMIT_TYPE as u16, libc::NFT_LIMIT_PKTS as u32);
+            sys::nftnl_expr_set_u32(limit, sys::NFTNL_EXPR_LIMIT_FLAGS as u16, libc::NFT_LIMIT_F_INV as u32);
+            let d = dynset.as_ptr();
+            sys::nftnl_expr_set_u32(d, sys::NFTNL_EXPR_DYNSET_SREG_KEY as u16, self.key_register.to_raw());
+            sys::nftnl_expr_set_u32(d, sys::NFTNL_EXPR_DYNSET_OP as u16, libc::NFT_DYNSET_OP_UPDATE as u32);
+            sys::nftnl_expr_set_u64(d, sys::NFTNL_EXPR_DYNSET_TIMEOUT as u16, METER_ENTRY_TIMEOUT_MS);
+            sys::nftnl_expr_set_str(d, sys::NFTNL_EXPR_DYNSET_SET_NAME as u16, self.meter.set_name().as_ptr());
+            sys::nftnl_expr_set_u32(d, sys::NFTNL_EXPR_DYNSET_SET_ID as u16, self.meter.set_id());
+            sys::nftnl_expr_set(d, sys::NFTNL_EXPR_DYNSET_EXPR as u16, limit.cast(), 0);
+        }
+        dynset
+    }
+}
+
+/// An interface index as a set key (nftables' `iface_index`).
+struct IfIndex;
+
+impl SetKey for IfIndex {
+    /// TYPE_IFINDEX, so `nft list` prints interface names.
+    const TYPE: u32 = 20;
+    const LEN: u32 = 4;
+
+    fn data(&self) -> Box<[u8]> {
+        Box::new([0; 4])
+    }
+}
+
+/// The dynamic set behind `meter`: updated from the packet path, its
+/// elements expiring [`METER_ENTRY_TIMEOUT_MS`] after their tap's last packet.
+fn meter_set(table: &Table, meter: Meter) -> Set<'_, IfIndex> {
+    let set = Set::new_named(meter.set_name(), meter.set_id(), table, ProtoFamily::Inet);
+    // SAFETY: the set pointer is valid for the set's lifetime; both
+    // attributes are u32s.
+    unsafe {
+        let ptr = set.as_ptr().as_ptr();
+        sys::nftnl_set_set_u32(ptr, sys::NFTNL_SET_FLAGS as u16, (libc::NFT_SET_EVAL | libc::NFT_SET_TIMEOUT) as u32);
+        sys::nftnl_set_set_u32(ptr, sys::NFTNL_SET_DESC_SIZE as u16, METER_SIZE);
+    }
+    set
+}
+
 fn interface_name(name: &str) -> Result<InterfaceName, NftError> {
     IfName::new(name)?;
     let c = CString::new(name).map_err(|_| NftError::InterfaceName(name.to_string()))?;
@@ -294,6 +436,11 @@ fn add_rule_exprs(r: &mut Rule<'_>, spec: &RuleSpec, taps: &Set<'_, IfName>) -> 
                 r.add_expr(&nft_expr!(bitwise mask bits, xor 0u32));
                 r.add_expr(&nft_expr!(cmp != 0u32));
             }
+            Match::CtNew => {
+                r.add_expr(&nft_expr!(ct state));
+                r.add_expr(&nft_expr!(bitwise mask nftnl::expr::ct::States::NEW.bits(), xor 0u32));
+                r.add_expr(&nft_expr!(cmp != 0u32));
+            }
             Match::CtInvalid => {
                 r.add_expr(&nft_expr!(ct state));
                 r.add_expr(&nft_expr!(bitwise mask nftnl::expr::ct::States::INVALID.bits(), xor 0u32));
@@ -312,6 +459,10 @@ fn add_rule_exprs(r: &mut Rule<'_>, spec: &RuleSpec, taps: &Set<'_, IfName>) -> 
                 r.add_expr(&nft_expr!(payload ipv6 saddr));
                 r.add_expr(&nft_expr!(bitwise mask net.mask(), xor Ipv6Addr::UNSPECIFIED));
                 r.add_expr(&nft_expr!(cmp == net.network()));
+            }
+            Match::TapOverRate(meter, rate) => {
+                r.add_expr(&nft_expr!(meta iif));
+                r.add_expr(&MeterUpdate { meter: *meter, rate: *rate, key_register: Register::Reg1 });
             }
         }
     }
@@ -386,7 +537,22 @@ impl Nftables {
         for chain in &chains {
             batch.add(chain, MsgType::Add);
         }
-        for spec in ruleset(config) {
+        let rules = ruleset(config);
+        let mut meters: Vec<Meter> = rules
+            .iter()
+            .flat_map(|r| &r.matches)
+            .filter_map(|m| match m {
+                Match::TapOverRate(meter, _) => Some(*meter),
+                _ => None,
+            })
+            .collect();
+        meters.sort();
+        meters.dedup();
+        let meter_sets: Vec<Set<'_, IfIndex>> = meters.into_iter().map(|m| meter_set(&self.table, m)).collect();
+        for set in &meter_sets {
+            batch.add(set, MsgType::Add);
+        }
+        for spec in rules {
             let chain = chains
                 .iter()
                 .find(|c| c.get_name() == spec.chain.chain_name())
@@ -460,6 +626,8 @@ mod tests {
             uplink: uplink.map(str::to_string),
             pool_v4: "10.200.0.0/16".parse().unwrap(),
             pool_v6: "fd73:6278::/48".parse().unwrap(),
+            dns_queries_per_sandbox: Some(PacketRate { per_second: 1000, burst: 500 }),
+            new_connections_per_sandbox: Some(PacketRate { per_second: 200, burst: 100 }),
         }
     }
 
@@ -486,13 +654,38 @@ mod tests {
         let others = &input[tap_drop + 1..];
         assert_eq!(others.len(), 3);
         assert!(others.iter().all(|r| r.action == Action::Drop && !r.matches.contains(&Match::InputIsTap)));
-        for r in &input[..tap_drop] {
+        for r in input[..tap_drop].iter().filter(|r| !r.matches.iter().any(|m| matches!(m, Match::TapOverRate(..)))) {
             assert_eq!(r.action, Action::Accept);
             assert!(r.matches.iter().any(|m| matches!(
                 m,
                 Match::UdpDport(5353) | Match::TcpDport(5353) | Match::TcpDport(15001) | Match::Icmpv6Type(133 | 135 | 136)
             )));
         }
+    }
+
+    #[test]
+    fn a_sandbox_past_its_rates_is_dropped_before_the_proxies_accept_it() {
+        let rules = ruleset(&config(None));
+        let input: Vec<_> = rules.iter().filter(|r| r.chain == Base::Input).collect();
+        let rate = PacketRate { per_second: 1000, burst: 500 };
+        let metered = input.iter().position(|r| r.matches.contains(&Match::TapOverRate(Meter::DnsQueries, rate))).expect("the DNS meter");
+        assert_eq!(input[metered].action, Action::Drop);
+        assert_eq!(input[metered].matches[..3], [Match::InputIsTap, Match::Udp, Match::UdpDport(5353)]);
+        let accept = input.iter().position(|r| r.matches == [Match::InputIsTap, Match::Udp, Match::UdpDport(5353)]).unwrap();
+        assert!(metered < accept, "metered after the accept: it would never see a query");
+        let connections = PacketRate { per_second: 200, burst: 100 };
+        for port in [5353, 15001] {
+            let metered = input
+                .iter()
+                .position(|r| r.matches == [Match::InputIsTap, Match::Tcp, Match::TcpDport(port), Match::CtNew, Match::TapOverRate(Meter::NewConnections, connections)])
+                .expect("the new-connection meter");
+            assert_eq!(input[metered].action, Action::Drop);
+            let accept = input.iter().position(|r| r.matches == [Match::InputIsTap, Match::Tcp, Match::TcpDport(port)]).unwrap();
+            assert!(metered < accept);
+        }
+        let unmetered = ruleset(&NftConfig { dns_queries_per_sandbox: None, new_connections_per_sandbox: None, ..config(None) });
+        assert!(unmetered.iter().all(|r| !r.matches.iter().any(|m| matches!(m, Match::TapOverRate(..)))));
+        assert_eq!(unmetered.len() + 3, rules.len());
     }
 
     #[test]

@@ -194,6 +194,12 @@ impl DnsSlots {
     }
 }
 
+/// The UDP socket's receive queue: every sandbox's queries wait in it, so it
+/// holds a few sandboxes' full bursts (`dns_query_burst_per_sandbox`; a
+/// small query takes ~1 KiB of queue) where the kernel's default 208 KiB
+/// held about 200 queries.
+const UDP_RECEIVE_QUEUE_BYTES: usize = 8 << 20;
+
 /// Binds UDP and TCP on `port`, IPv4 and IPv6 (separate sockets: redirected
 /// traffic arrives per family).
 pub fn bind(port: u16) -> Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpListener>), DnsError> {
@@ -201,7 +207,9 @@ pub fn bind(port: u16) -> Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpLis
     let mut tcp = Vec::new();
     for addr in crate::util::net::wildcard_addrs(port) {
         let err = |source| DnsError::Bind { addr, source };
-        udp.push(crate::util::net::bound_socket(addr, socket2::Type::DGRAM).map_err(err)?.into());
+        let socket = crate::util::net::bound_socket(addr, socket2::Type::DGRAM).map_err(err)?;
+        crate::util::net::enlarge_receive_queue(&socket, UDP_RECEIVE_QUEUE_BYTES).map_err(err)?;
+        udp.push(socket.into());
         tcp.push(crate::util::net::bound_socket(addr, socket2::Type::STREAM).map_err(err)?.into());
     }
     Ok((udp, tcp))
@@ -393,7 +401,10 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     let peer = crate::util::net::canonical(peer_addr.ip());
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
     let Some(route) = route else {
-        tracing::info!(%peer, "DNS query from no sandbox's address: refused");
+        // A sandbox being deleted can still send a while; budgeted as one.
+        if ctx.flows.log_lines.admits("(no sandbox)") {
+            tracing::info!(%peer, "DNS query from no sandbox's address: refused");
+        }
         return match screened {
             Screened::Query(q) => refusal(&q, ResponseCode::Refused),
             Screened::Refused { reply, .. } => reply,
@@ -405,7 +416,9 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
             // Never forwarded: the proxy passes on only what it parsed.
             ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
             ctx.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(sandbox = %route.sandbox, name = %query, %qtype, reason, "DNS: message refused without asking upstream");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = %query, %qtype, reason, "DNS: message refused without asking upstream");
+            }
             let log = QueryLog { ctx, sandbox: &route.sandbox, peer: peer_addr, transport, query, qtype: qtype.into() };
             log.record(Verdict::Denied, reason, None, rcode.map_or("NOREPLY".into(), rcode_name), Vec::new(), 0);
             return reply;
@@ -418,7 +431,9 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     let (rule, audited) = match name_verdict(&route.policy, &qname) {
         NameVerdict::Denied { rule_id } => {
             let rule = route.policy.describe_rule(rule_id);
-            tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, %rule, "DNS: denied");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = %qname, %qtype, %rule, "DNS: denied");
+            }
             ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
             log.record(Verdict::Denied, "policy", Some(rule), rcode_name(denied_code), Vec::new(), 0);
             return refusal(&q, denied_code);
@@ -501,21 +516,27 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
         ChainVerdict::Allowed { port, .. } => (rule, *port, Verdict::Allowed, "policy", rule_text.clone()),
         ChainVerdict::Audit { name, rule_id, learn } => {
             let would_deny = route.policy.describe_rule(*rule_id);
-            tracing::info!(sandbox = %route.sandbox, name = %qname, denied = %name, rule = %would_deny, "DNS: audit mode, released what would be denied");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = %qname, denied = %name, rule = %would_deny, "DNS: audit mode, released what would be denied");
+            }
             let (learn_rule, port) = learn.unwrap_or((rule_id::DEFAULT, None));
             (learn_rule, port, Verdict::Audit, "audit", would_deny)
         }
         ChainVerdict::Denied { name, rule_id } => {
             // As the guest would have been answered asking for that name.
             let rule = route.policy.describe_rule(*rule_id);
-            tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, %rule, "DNS: the answer's alias chain reaches a denied name; refused");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, %rule, "DNS: the answer's alias chain reaches a denied name; refused");
+            }
             ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
             ctx.stats.alias_denied.fetch_add(1, Ordering::Relaxed);
             log.record(Verdict::Denied, "alias_denied", Some(rule), rcode_name(denied_code), Vec::new(), 0);
             return refusal(&q, denied_code);
         }
         ChainVerdict::Invalid { name, reason } => {
-            tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, reason, "DNS: the answer's alias chain cannot be judged; refused");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = %qname, alias = %name, reason, "DNS: the answer's alias chain cannot be judged; refused");
+            }
             ctx.stats.denied.fetch_add(1, Ordering::Relaxed);
             ctx.stats.alias_denied.fetch_add(1, Ordering::Relaxed);
             log.record(Verdict::Denied, "alias_invalid", None, rcode_name(ResponseCode::Refused), Vec::new(), 0);
@@ -538,7 +559,9 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
             .map(|(r, _)| r)
             .collect();
         message.insert_answers(kept);
-        tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding, or not on the alias chain)");
+        if ctx.flows.log_lines.admits(&route.sandbox) {
+            tracing::info!(sandbox = %route.sandbox, name = %qname, stripped, "DNS: stripped answer records (rebinding, or not on the alias chain)");
+        }
     }
     if verdict == Verdict::Audit {
         ctx.stats.audit.fetch_add(1, Ordering::Relaxed);

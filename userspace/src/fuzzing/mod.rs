@@ -51,6 +51,7 @@ pub const TARGETS: &[(&str, FuzzBody)] = &[
     ("mcp", mcp),
     ("cni", cni),
     ("dns_cache", dns_cache),
+    ("address_notifications", address_notifications),
 ];
 
 /// Targets that need root (the rest are pure).
@@ -1263,6 +1264,36 @@ pub fn dns_cache(data: &[u8]) {
     }
 }
 
+/// `address_notifications`: rtnetlink address notifications, which decide
+/// whether the host's own addresses must be read again (each is a deny of
+/// every sandbox compiled after it). Invariants:
+/// - any bytes: no panic;
+/// - notifications built from the input (each 18 bytes: new or deleted,
+///   IPv4 or IPv6, the address) say "changed" exactly when one of their
+///   addresses is the host's to deny;
+/// - those notifications cut short anywhere inside the last one say
+///   "changed": what cannot be read is never taken for no change.
+pub fn address_notifications(data: &[u8]) {
+    use crate::sandbox::denies::{address_notification, is_host_address_to_deny, messages_change_host_addresses};
+    let pools = crate::sandbox::AddressPools::default();
+    let _ = messages_change_host_addresses(data, &pools);
+    let (mut buf, mut expected, mut last_start) = (Vec::new(), false, 0);
+    for chunk in data.chunks_exact(18) {
+        let ip: IpAddr = if chunk[0] & 2 == 0 {
+            Ipv4Addr::new(chunk[2], chunk[3], chunk[4], chunk[5]).into()
+        } else {
+            Ipv6Addr::from(<[u8; 16]>::try_from(&chunk[2..18]).expect("16 bytes")).into()
+        };
+        expected |= is_host_address_to_deny(ip, &pools);
+        last_start = buf.len();
+        buf.extend(address_notification(chunk[0] & 1 == 1, ip));
+    }
+    assert_eq!(messages_change_host_addresses(&buf, &pools), expected, "notifications {buf:?}");
+    for cut in last_start + 1..buf.len() {
+        assert!(messages_change_host_addresses(&buf[..cut], &pools), "cut to {cut} of {} bytes, read as no change", buf.len());
+    }
+}
+
 #[cfg(test)]
 mod eval_safety_tests {
     use super::assert_eval_safe;
@@ -1284,3 +1315,4 @@ mod eval_safety_tests {
         assert_eval_safe("SBX_NET_A='x';reboot");
     }
 }
+

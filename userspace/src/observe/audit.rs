@@ -95,6 +95,49 @@ impl AuditBudgets {
     }
 }
 
+/// Log lines one sandbox's traffic may cause per second on average, and at
+/// once, where each query or connection it makes would write one (a
+/// denial, a refusal): a guest decides how many it makes, and a line each
+/// would let it flood the host's log and slow the loop serving everyone.
+/// Its flow records keep every decision (under the audit budget).
+pub const GUEST_LOG_LINES_PER_SECOND: u32 = 20;
+pub const GUEST_LOG_BURST: u32 = 200;
+
+/// The per-sandbox budget of per-decision log lines.
+pub struct LogBudget {
+    budgets: std::sync::Mutex<AuditBudgets>,
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogBudget {
+    pub fn new() -> LogBudget {
+        LogBudget { budgets: std::sync::Mutex::new(AuditBudgets::new(GUEST_LOG_LINES_PER_SECOND, GUEST_LOG_BURST)) }
+    }
+
+    /// Whether `sandbox` may write one more line; says so when its lines
+    /// start being suppressed, and how many were, when they stop.
+    pub fn admits(&self, sandbox: &str) -> bool {
+        let admit = self.budgets.lock().unwrap_or_else(|p| p.into_inner()).admit(sandbox, crate::util::clock::boot_time_ns());
+        match admit {
+            Admit::Write { suppressed_before: 0 } => true,
+            Admit::Write { suppressed_before } => {
+                tracing::info!(%sandbox, suppressed = suppressed_before, "this sandbox's per-decision log lines (DNS, proxy) were over budget; that many were not written");
+                true
+            }
+            Admit::SuppressFirst => {
+                tracing::info!(%sandbox, "this sandbox's per-decision log lines (DNS, proxy) are over budget: not written until it has budget again (its flow records still are)");
+                false
+            }
+            Admit::Suppress => false,
+        }
+    }
+}
+
 /// Append-only JSONL with size-based rotation: past `max_bytes` the file
 /// becomes `.1` (`.1` becomes `.2`, ...; the oldest beyond `keep` goes).
 pub struct AuditLog {
@@ -459,6 +502,16 @@ fn ignore_missing(e: std::io::Error) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    #[test]
+    fn a_sandboxs_log_lines_stop_at_its_burst_and_not_anothers() {
+        let budget = LogBudget::new();
+        // Refilled at 20 a second: none comes back in the microseconds this takes.
+        assert!((0..GUEST_LOG_BURST).all(|_| budget.admits("flood")));
+        assert!(!budget.admits("flood"));
+        assert!(!budget.admits("flood"));
+        assert!(budget.admits("quiet"));
+    }
 
     /// A sink that blocks each line until the test opens its gate, and
     /// says when it is blocked.

@@ -209,6 +209,9 @@ pub struct FlowHub {
     /// request counts without building the family's label set (three
     /// allocations) and hashing it.
     proxy_outcomes: std::sync::RwLock<std::collections::HashMap<&'static str, Counter>>,
+    /// Each sandbox's budget of the log lines its decisions write (a
+    /// denial, a refusal), shared by the DNS proxy and the HTTP(S) proxy.
+    pub log_lines: super::audit::LogBudget,
 }
 
 /// Buffer of live records per follower before it counts as lagging.
@@ -239,6 +242,7 @@ impl FlowHub {
             ring_lost: AtomicU64::new(0),
             metrics,
             proxy_outcomes: Default::default(),
+            log_lines: super::audit::LogBudget::new(),
         }
     }
 

@@ -821,7 +821,9 @@ fn text(status: StatusCode, reason: &str) -> Response<ProxyBody> {
 fn refuse<B>(flow: &FlowContext, req: &Request<B>, host: &str, refusal: Refusal, credential: Option<&str>) -> Response<ProxyBody> {
     let sandbox = &flow.sandbox;
     let named = refusal.named.as_deref();
-    tracing::info!(%sandbox, %host, named = named.unwrap_or("-"), method = %req.method(), reason = refusal.reason, "proxy: request refused");
+    if flow.hub.log_lines.admits(sandbox) {
+        tracing::info!(%sandbox, %host, named = named.unwrap_or("-"), method = %req.method(), reason = refusal.reason, "proxy: request refused");
+    }
     let recorded_host = if refusal.record == "misdirected" { named.unwrap_or("") } else { named.unwrap_or(host) };
     let credential = credential.map(|name| not_injected(name, refusal.reason));
     flow.http(req.method().as_str(), recorded_host, req.uri().path(), Some(refusal.status.as_u16()), refusal.record, credential);
@@ -1248,7 +1250,9 @@ struct Admitted {
 async fn admit(req: Request<Incoming>, now: &InForce, binding: Option<&CredentialBinding>, (host, port): (&str, u16), flow: &FlowContext, hooks: &McpHooks) -> Result<Admitted, Response<ProxyBody>> {
     match decide_request(&now.policy, host, port, now.audit.as_deref(), req.method(), req.uri(), req.headers()) {
         Decision::Refuse { status, denied, record, rule, method, path } => {
-            tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, %rule, "proxy: request refused");
+            if flow.hub.log_lines.admits(&flow.sandbox) {
+                tracing::info!(sandbox = %flow.sandbox, %host, %method, %path, %rule, "proxy: request refused");
+            }
             let flow = FlowContext { rule: rule.into(), ..flow.clone() };
             flow.http(&method, host, &path, Some(status.as_u16()), record, binding.map(|b| not_injected(&b.name, &denied)));
             // Unlike an ambiguous head, this one was framed as the guest

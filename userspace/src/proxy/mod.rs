@@ -228,7 +228,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     };
     let route = ctx.routes.read().unwrap_or_else(|p| p.into_inner()).get(&canonical(peer.ip())).cloned();
     let Some(route) = route else {
-        tracing::info!(%peer, dst = %original, "proxy: not a sandbox address; refused");
+        if ctx.flows.log_lines.admits("(no sandbox)") {
+            tracing::info!(%peer, dst = %original, "proxy: not a sandbox address; refused");
+        }
         reset(&guest);
         return;
     };
@@ -266,7 +268,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     // What the proxy adds before bytes flow, from here to the upstream connection.
     let first_bytes_at = std::time::Instant::now();
     if let crate::proxy::peek::FirstBytes::AmbiguousHttp { reason } = kind {
-        tracing::info!(sandbox = %route.sandbox, dst = %original, reason, "proxy: ambiguous request head");
+        if ctx.flows.log_lines.admits(&route.sandbox) {
+            tracing::info!(sandbox = %route.sandbox, dst = %original, reason, "proxy: ambiguous request head");
+        }
         flow.connection(Verdict::Denied, "ambiguous_request", Some(reason.to_string()), None);
         let _ = guest.write_all(http_error(400, "Bad Request", &format!("ambiguous request ({reason})")).as_bytes()).await;
         let _ = guest.shutdown().await;
@@ -281,7 +285,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     let decided = plan(&route.policy, name.as_deref(), original, |n| ctx.learned.addresses_for(&route.sandbox, n, now));
     let (targets, rule, audit) = match decided {
         Plan::Deny { rule } => {
-            tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), dst = %original, %rule, "proxy: denied");
+            }
             flow.connection(Verdict::Denied, "policy", Some(rule.clone()), name.as_deref());
             refuse(&mut guest, &kind, &rule).await;
             return;
@@ -290,7 +296,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
         Plan::Resolve { name, port, rule, audit } => match resolve(&ctx.resolver, &route.policy, &name, audit).await {
             Some(addrs) if !addrs.is_empty() => (addrs.into_iter().map(|ip| SocketAddr::new(ip, port)).collect(), rule, audit),
             _ => {
-                tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
+                if ctx.flows.log_lines.admits(&route.sandbox) {
+                    tracing::info!(sandbox = %route.sandbox, %name, "proxy: name does not resolve to an allowed address");
+                }
                 let why = format!("{name} has no allowed address");
                 flow.connection(Verdict::Denied, "no_allowed_address", Some(why.clone()), Some(&name));
                 refuse(&mut guest, &kind, &why).await;
@@ -309,7 +317,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     let outcome = if upstream.is_some() { ConnectOutcome::Ok } else { ConnectOutcome::Failed };
     ctx.flows.metrics.observe_proxy_connect(outcome, first_bytes_at.elapsed().as_secs_f64());
     let Some((mut upstream, addr)) = upstream else {
-        tracing::info!(sandbox = %route.sandbox, dst = %original, "proxy: upstream connect failed");
+        if ctx.flows.log_lines.admits(&route.sandbox) {
+            tracing::info!(sandbox = %route.sandbox, dst = %original, "proxy: upstream connect failed");
+        }
         flow.connection(Verdict::Allowed, "upstream_failed", Some(rule.clone()), name.as_deref());
         reset(&guest);
         return;
@@ -317,7 +327,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     flow.dst = addr;
     if audit {
         // Let through only because the deny that decided is in audit mode.
-        tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: audit (would have been denied)");
+        if ctx.flows.log_lines.admits(&route.sandbox) {
+            tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: audit (would have been denied)");
+        }
         flow.connection(Verdict::Audit, "audit", Some(rule.clone()), name.as_deref());
     }
     let recheck = recheck_for(&ctx, peer, original, addr);
@@ -336,7 +348,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
                         Some(Err(e)) => format!("no TLS configuration for {host}: {e}"),
                         _ => format!("{host} is checked at the proxy, and the sandbox has no CA"),
                     };
-                    tracing::info!(sandbox = %route.sandbox, %host, "proxy: {why}");
+                    if ctx.flows.log_lines.admits(&route.sandbox) {
+                        tracing::info!(sandbox = %route.sandbox, %host, "proxy: {why}");
+                    }
                     flow.connection(Verdict::Denied, "no_sandbox_ca", Some(why.clone()), Some(host));
                     refuse(&mut guest, &kind, &why).await;
                     return;
@@ -351,7 +365,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let reached = crate::proxy::inject::Reached { stream: upstream, at: std::time::Instant::now() };
             let upstream = crate::proxy::inject::CredentialUpstream { addrs: targets.clone(), tls: ctx.upstream_tls.clone(), requests: ctx.upstream_requests, reached: std::sync::Mutex::new(Some(reached)) };
             if let Err(e) = crate::proxy::inject::serve(guest, host.clone(), original.port(), tls, upstream, binding, flow, Arc::new(permit), recheck, &MCP_HOOKS, deadline).await {
-                tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+                if ctx.flows.log_lines.admits(&route.sandbox) {
+                    tracing::info!(sandbox = %route.sandbox, %host, "credential proxy: {e}");
+                }
             }
             return;
         }
@@ -365,7 +381,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
             let _ = guest.set_nodelay(true);
             let guest = crate::proxy::inject::Prefixed::new(first, guest);
             if let Err(e) = crate::proxy::inject::serve_plain(guest, host.clone(), original.port(), targets.clone(), binding, flow, recheck, &MCP_HOOKS).await {
-                tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
+                if ctx.flows.log_lines.admits(&route.sandbox) {
+                    tracing::info!(sandbox = %route.sandbox, %host, "HTTP proxy: {e}");
+                }
             }
             return;
         }
@@ -393,7 +411,9 @@ async fn handle(mut guest: TcpStream, peer: SocketAddr, ctx: Arc<ProxyContext>) 
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream) => {}
         rule = denied_now => {
-            tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: closed a connection the policy in force no longer allows");
+            if ctx.flows.log_lines.admits(&route.sandbox) {
+                tracing::info!(sandbox = %route.sandbox, name = name.as_deref().unwrap_or("-"), %addr, %rule, "proxy: closed a connection the policy in force no longer allows");
+            }
             flow.rule = rule.as_str().into();
             flow.connection(Verdict::Denied, "policy_changed", Some(rule), name.as_deref());
             reset(&guest);

@@ -212,27 +212,44 @@ pub fn compile_for_sandbox(policy: &Policy, spec: &SandboxSpec, interface_addres
     compile_with_denies(policy, &sandbox_denies(spec, interface_addresses, pools))
 }
 
+/// An address notification as the kernel sends it: a new (`removed`:
+/// deleted) `ip` with its IFA_ADDRESS and IFA_LOCAL attributes (the
+/// fuzz target and the tests build what [`messages_change_host_addresses`]
+/// reads with it).
+pub fn address_notification(removed: bool, ip: IpAddr) -> Vec<u8> {
+    let (family, octets) = match ip {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    address_message(if removed { RTM_DELADDR } else { RTM_NEWADDR }, family, &[(IFA_ADDRESS, &octets), (IFA_LOCAL, &octets)])
+}
+
+/// An rtnetlink message of `kind` with an ifaddrmsg of `family` and these
+/// attributes, each padded to 4 bytes.
+fn address_message(kind: u16, family: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut body = vec![family, 24, 0, 0, 7, 0, 0, 0];
+    for (t, data) in attrs {
+        body.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
+        body.extend_from_slice(&t.to_ne_bytes());
+        body.extend_from_slice(data);
+        while body.len() % 4 != 0 {
+            body.push(0);
+        }
+    }
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&[0; 10]);
+    msg.extend_from_slice(&body);
+    msg
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// An RTM_NEWADDR/RTM_DELADDR message with these address attributes.
     fn addr_msg(kind: u16, family: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
-        let mut body = vec![family, 24, 0, 0, 7, 0, 0, 0];
-        for (t, data) in attrs {
-            body.extend_from_slice(&((4 + data.len()) as u16).to_ne_bytes());
-            body.extend_from_slice(&t.to_ne_bytes());
-            body.extend_from_slice(data);
-            while body.len() % 4 != 0 {
-                body.push(0);
-            }
-        }
-        let mut msg = Vec::new();
-        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&[0; 10]);
-        msg.extend_from_slice(&body);
-        msg
+        address_message(kind, family, attrs)
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! proxy: the listeners they bind, the addresses they compare, the
 //! connections they make on a guest's behalf.
 
+use std::os::fd::AsRawFd;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -39,6 +40,29 @@ pub fn bound_socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<sock
     }
     socket.set_nonblocking(true)?;
     Ok(socket)
+}
+
+/// Asks for a receive queue of `bytes` on `socket`, past the host's
+/// `net.core.rmem_max` when the process may (SO_RCVBUFFORCE needs
+/// CAP_NET_ADMIN; the daemon has it), else as much as rmem_max allows. The
+/// host's sysctl is left as it is: only this socket's queue grows.
+pub fn enlarge_receive_queue(socket: &socket2::Socket, bytes: usize) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a socket this borrow keeps open, with a c_int
+    // option value and its exact length.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced == 0 {
+        return Ok(());
+    }
+    socket.set_recv_buffer_size(bytes)
 }
 
 /// Connects to `addr` for a guest (10 s at most), refusing a connection
