@@ -811,3 +811,72 @@ fn udp_receive_buffer_errors(snmp: &str) -> u64 {
     let column = names.split_whitespace().position(|n| n == "RcvbufErrors").expect("RcvbufErrors column");
     values.split_whitespace().nth(column).and_then(|v| v.parse().ok()).expect("RcvbufErrors value")
 }
+
+/// One guest holds its whole cap of DNS-over-TCP connections and pipelines
+/// queries for a denied name on each as fast as the proxy reads them
+/// (bounded in time and count), while another sandbox asks names that go
+/// upstream, over UDP and over TCP: the connections' tasks share the
+/// proxy's threads with the UDP loop and with B's connection, and must
+/// not starve them.
+#[test]
+fn pipelined_queries_on_a_sandboxs_tcp_connections_do_not_starve_another() {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    require_root();
+    const NAMES: usize = 4;
+    const CONNECTIONS: usize = 32;
+    let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
+    let config = format!("dns_tcp_connections_per_sandbox = {CONNECTIONS}\n");
+    let h = DaemonHarness::with_args("dnspipe", &[("adv.toml", POLICY)], Some(&config), &[upstream.as_str()]);
+    let records: Vec<String> = (0..2 * NAMES).map(|i| format!("p{i}.allowed.test,198.51.100.{}", 10 + i)).collect();
+    let _dns = WorldDns::start(&h.topology.world, &records, &[]);
+    let a = h.create_guest(&unique_name("a"), "adv");
+    let b = h.create_guest(&unique_name("b"), "adv");
+    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
+    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
+    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
+    let server_b = b["dns"].as_str().unwrap().to_string();
+    let denied = || h.json(&["status", "--json"])["dns"]["queries_denied"].as_u64().expect("dns.queries_denied in status");
+    // 64 queries written at a time on each connection.
+    let batch: Vec<u8> = (0..64).flat_map(|_| framed(&query(&labels("denied.test"), A))).collect();
+    let (stop, written) = (AtomicBool::new(false), AtomicU64::new(0));
+    let mut connections: Vec<std::net::TcpStream> = (0..CONNECTIONS).map(|_| tcp_connect(&guest_a, server_a)).collect();
+    for c in &connections {
+        c.set_nonblocking(true).unwrap();
+    }
+    let denied_before = denied();
+    std::thread::scope(|s| {
+        let flood = s.spawn(|| {
+            let (started, mut sink) = (Instant::now(), vec![0u8; 1 << 16]);
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) && written.load(Ordering::Relaxed) < 50_000_000 {
+                for c in connections.iter_mut() {
+                    if c.write_all(&batch).is_ok() {
+                        written.fetch_add(64, Ordering::Relaxed);
+                    }
+                    while matches!(c.read(&mut sink), Ok(n) if n > 0) {}
+                }
+            }
+        });
+        wait_until(Duration::from_secs(15), "the pipelined queries to reach the proxy", || denied() > denied_before + 20_000);
+        let denied_during = denied();
+        let mut slowest = Duration::ZERO;
+        for i in 0..2 * NAMES {
+            let name = format!("p{i}.allowed.test");
+            let tcp = i % 2 == 1;
+            let mut args = vec![format!("@{server_b}"), name.clone()];
+            if tcp {
+                args.insert(0, "+tcp".into());
+            }
+            let asked = Instant::now();
+            let (status, answers) = dig(guest_b.name(), &args.iter().map(String::as_str).collect::<Vec<_>>());
+            slowest = slowest.max(asked.elapsed());
+            assert_eq!((status.as_str(), answers.len()), ("NOERROR", 1), "B's query for {name} (tcp: {tcp}) during A's pipelined flood: {answers:?}");
+        }
+        let denied_after = denied();
+        stop.store(true, Ordering::Relaxed);
+        flood.join().unwrap();
+        assert!(denied_after > denied_during + 1000, "the flood stopped reaching the proxy while B asked ({denied_during} → {denied_after})");
+        eprintln!("B's {} queries answered during A's pipelined flood (slowest {slowest:?}); the proxy denied {} of A's meanwhile", 2 * NAMES, denied_after - denied_during);
+        assert!(slowest < Duration::from_secs(2), "B waited {slowest:?} for an answer (dig retries after a lost query)");
+    });
+}
