@@ -47,7 +47,11 @@ pub(crate) fn upgrade_bench() -> Result<()> {
     );
     let upstream = format!("--upstream-dns={}:53", sbx_net_tests::UPLINK_WORLD_V4);
     let upstream_ca = format!("--upstream-ca={}", ca.pem_path.display());
-    let h = DaemonHarness::with_args("bench-upgrade", &[("bench.toml", policy.as_str())], None, &[upstream.as_str(), upstream_ca.as_str()]);
+    // The guest's DNS load is the default per-sandbox meter's own rate
+    // (1000/s): the meter stays on, well above it, so what is measured is
+    // the upgrade's handover and not the meter's edge.
+    let config = format!("dns_queries_per_second_per_sandbox = {}\n", 4 * UPGRADE_DNS_RATE);
+    let h = DaemonHarness::with_args("bench-upgrade", &[("bench.toml", policy.as_str())], Some(&config), &[upstream.as_str(), upstream_ca.as_str()]);
     h.topology.add_world_address(server);
     let _dns = WorldDns::start(&h.topology.world, &["api.test,198.51.100.40,300".into()], &[]);
     let _upstream = HttpsEcho::start(&h.topology.world, SocketAddr::new(server, 443), &["api.test"], &ca, secret);
