@@ -800,6 +800,10 @@ fn one_sandboxs_query_flood_does_not_starve_another_sandbox() {
             sent.load(Ordering::Relaxed)
         );
         assert_eq!(drops, 0, "the proxy's socket dropped queries (A's burst overflowed its receive queue)");
+        // The meter's drops are counted where an operator looks.
+        let status = h.json(&["status", "--json"]);
+        let metered = status["meter_drops"]["dns_queries"].as_u64().unwrap_or_else(|| panic!("meter_drops.dns_queries in status: {}", status["meter_drops"]));
+        assert!(metered > 0 && metered <= sent.load(Ordering::Relaxed), "status counts {metered} queries dropped by the meter of {} sent", sent.load(Ordering::Relaxed));
     });
 }
 

@@ -448,5 +448,8 @@ fn a_connection_flood_from_one_guest_does_not_hold_up_another() {
         stop.store(true, Ordering::Relaxed);
         eprintln!("the other sandbox served 10 times during the flood (slowest {slowest:?}, {unloaded:?} without it); the hog tried {during} connections");
         assert!(slowest < Duration::from_secs(1), "the other sandbox waited {slowest:?} (a SYN dropped for a full accept queue is sent again after 1 s)");
+        let status = h.json(&["status", "--json"]);
+        let metered = status["meter_drops"]["new_connections"].as_u64().unwrap_or_else(|| panic!("meter_drops.new_connections in status: {}", status["meter_drops"]));
+        assert!(metered > 0, "the hog's {during} connection attempts were never metered");
     });
 }

@@ -84,6 +84,14 @@ impl Meter {
         }
     }
 
+    /// The meter's name in `status` and on `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Meter::DnsQueries => "dns_queries",
+            Meter::NewConnections => "new_connections",
+        }
+    }
+
     /// Set id within a batch (distinct from [`TAPS_SET_ID`]).
     fn set_id(self) -> u32 {
         match self {
@@ -588,6 +596,45 @@ impl Nftables {
         commit(batch.finalize(), &what)
     }
 
+    /// Packets each meter has dropped since the table was installed: the
+    /// counters of the input chain's rules that update its set. A meter
+    /// the table does not use is absent.
+    pub fn meter_drops(&self) -> Result<std::collections::BTreeMap<Meter, u64>, NftError> {
+        let err = |source: std::io::Error| NftError::Netlink { what: "reading the meters' rule counters".into(), source };
+        let socket = mnl::Socket::new(mnl::Bus::Netfilter).map_err(err)?;
+        let (portid, seq) = (socket.portid(), 1);
+        let mut buffer = vec![0u8; nftnl::nft_nlmsg_maxsize() as usize];
+        // SAFETY: the buffer is nft_nlmsg_maxsize bytes, enough for the
+        // header and a rule selector; the rule is freed after nftnl copied
+        // its attributes into the message; nlmsg_len is within the buffer.
+        let request_len = unsafe {
+            let header = sys::nftnl_nlmsg_build_hdr(
+                buffer.as_mut_ptr().cast(),
+                libc::NFT_MSG_GETRULE as u16,
+                ProtoFamily::Inet as u16,
+                (libc::NLM_F_DUMP | libc::NLM_F_ACK) as u16,
+                seq,
+            );
+            let selector = sys::nftnl_rule_alloc();
+            if selector.is_null() {
+                std::process::abort();
+            }
+            sys::nftnl_rule_set_str(selector, sys::NFTNL_RULE_TABLE as u16, self.table.get_name().as_ptr());
+            sys::nftnl_rule_set_str(selector, sys::NFTNL_RULE_CHAIN as u16, Base::Input.chain_name().as_ptr());
+            sys::nftnl_rule_nlmsg_build_payload(header, selector);
+            sys::nftnl_rule_free(selector);
+            (*header).nlmsg_len as usize
+        };
+        socket.send(&buffer[..request_len]).map_err(err)?;
+        let mut drops = std::collections::BTreeMap::new();
+        loop {
+            let n = socket.recv_raw(&mut buffer).map_err(err)?;
+            if let mnl::CbResult::Stop = mnl::cb_run2(&buffer[..n], seq, portid, count_meter_drops, &mut drops).map_err(err)? {
+                return Ok(drops);
+            }
+        }
+    }
+
     /// Deletes the table (everything sbx-net put into nftables). Missing is fine.
     pub fn remove(&self) -> Result<(), NftError> {
         let mut batch = Batch::new();
@@ -595,6 +642,45 @@ impl Nftables {
         batch.add(&self.table, MsgType::Del);
         commit(batch.finalize(), "deleting table inet sbx_net")
     }
+}
+
+/// One rule of the dump: if it updates a meter's set, its counter's
+/// packets are that meter's drops (the rule drops whatever it counts).
+fn count_meter_drops(header: &libc::nlmsghdr, drops: &mut std::collections::BTreeMap<Meter, u64>) -> libc::c_int {
+    // SAFETY: the rule is allocated and freed here; nftnl parses the
+    // message mnl validated; the iterator and the strings it yields live
+    // while the rule does, and are read before it is freed.
+    unsafe {
+        let rule = sys::nftnl_rule_alloc();
+        if rule.is_null() || sys::nftnl_rule_nlmsg_parse(header, rule) < 0 {
+            sys::nftnl_rule_free(rule);
+            return mnl_sys_error();
+        }
+        let (mut meter, mut packets) = (None, 0);
+        let iter = sys::nftnl_expr_iter_create(rule);
+        let mut expr = sys::nftnl_expr_iter_next(iter);
+        while !expr.is_null() {
+            let name = CStr::from_ptr(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16));
+            if name == c"dynset" {
+                let set = CStr::from_ptr(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_DYNSET_SET_NAME as u16));
+                meter = [Meter::DnsQueries, Meter::NewConnections].into_iter().find(|m| m.set_name() == set);
+            } else if name == c"counter" {
+                packets = sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_PACKETS as u16);
+            }
+            expr = sys::nftnl_expr_iter_next(iter);
+        }
+        sys::nftnl_expr_iter_destroy(iter);
+        sys::nftnl_rule_free(rule);
+        if let Some(meter) = meter {
+            *drops.entry(meter).or_insert(0) += packets;
+        }
+    }
+    1 // MNL_CB_OK
+}
+
+/// MNL_CB_ERROR: stops the dump and makes cb_run2 return the error.
+fn mnl_sys_error() -> libc::c_int {
+    -1
 }
 
 fn commit(batch: FinalizedBatch, what: &str) -> Result<(), NftError> {

@@ -8,6 +8,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use sbx_net_common::{Counter, Reason, EVENTS_LOST_SLOT};
 
+use crate::datapath::nft::Meter;
 use crate::datapath::{PinnedStats, SANDBOX_VERDICT_CLASSES};
 use crate::sandbox::route::Routes;
 
@@ -59,6 +60,17 @@ pub fn encode_sandbox_counters(encoder: &mut DescriptorEncoder, sandboxes: &[(St
     encode_counters(encoder, "sandbox_bytes", "Bytes from each sandbox by verdict", series().map(|(l, c)| (l, c.bytes)))
 }
 
+/// Packets the per-sandbox meters dropped, by meter (each meter's series
+/// present when its rules are in the table).
+pub fn encode_meter_drops(encoder: &mut DescriptorEncoder, drops: &std::collections::BTreeMap<Meter, u64>) -> Result<(), std::fmt::Error> {
+    encode_counters(
+        encoder,
+        "meter_drops",
+        "Packets dropped by a per-sandbox meter before the proxies' shared sockets (a sandbox past its DNS query or new-connection rate)",
+        drops.iter().map(|(meter, packets)| ([("meter", meter.label())], *packets)),
+    )
+}
+
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // A map that cannot be read leaves its families out of this scrape
@@ -77,6 +89,10 @@ impl Collector for DatapathCollector {
         let capacity = i64::from(self.maps.policy_capacity());
         encode_gauges(&mut encoder, "policy_map_entries", "Entries in the policy tries", [([("family", "ipv4")], v4 as i64), ([("family", "ipv6")], v6 as i64)])?;
         encode_gauges(&mut encoder, "policy_map_capacity", "Capacity of the policy tries", [([("family", "ipv4")], capacity), ([("family", "ipv6")], capacity)])?;
+        match crate::datapath::nft::Nftables::new().meter_drops() {
+            Ok(drops) => encode_meter_drops(&mut encoder, &drops)?,
+            Err(e) => tracing::warn!("/metrics: the per-sandbox meters' counters unreadable: {e}"),
+        }
         encode_gauge(&mut encoder, "flow_table_entries", "Flows in the datapath's LRU flow table", self.maps.flow_count() as i64)?;
         encode_gauge(&mut encoder, "flow_table_capacity", "Capacity of the datapath's LRU flow table", i64::from(self.maps.flow_capacity()))
     }
@@ -114,6 +130,11 @@ mod tests {
             "sbx_net_sandbox_bytes_total{sandbox=\"a\",verdict=\"denied\"} 60",
             "sbx_net_sandbox_packets_total{sandbox=\"a\",verdict=\"audit\"} 2",
         ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+        }
+        let drops = std::collections::BTreeMap::from([(Meter::DnsQueries, 12), (Meter::NewConnections, 0)]);
+        let text = rendered(move |e| encode_meter_drops(e, &drops));
+        for line in ["sbx_net_meter_drops_total{meter=\"dns_queries\"} 12", "sbx_net_meter_drops_total{meter=\"new_connections\"} 0"] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
         }
     }

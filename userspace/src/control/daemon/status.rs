@@ -94,6 +94,11 @@ impl Daemon {
             by_reason.insert(reason.name().to_string(), json!({ "packets": c.packets, "bytes": c.bytes }));
         }
         let dataplane = self.shared.link.status();
+        // Packets each per-sandbox meter dropped (the meters' rule counters).
+        let meter_drops = match self.host.nft.meter_drops() {
+            Ok(drops) => json!(drops.iter().map(|(m, n)| (m.label(), *n)).collect::<std::collections::BTreeMap<_, _>>()),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
         Ok(json!({
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_seconds": self.started.elapsed().as_secs(),
@@ -126,6 +131,7 @@ impl Daemon {
             "sandbox_traffic": traffic,
             "datapath": by_reason,
             "events_lost": counters[EVENTS_LOST_SLOT as usize].packets,
+            "meter_drops": meter_drops,
             "bpf_dir": self.config.bpf_dir,
             "state_dir": self.config.state_dir,
             "host": self.host_checks,
