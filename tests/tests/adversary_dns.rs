@@ -884,3 +884,83 @@ fn pipelined_queries_on_a_sandboxs_tcp_connections_do_not_starve_another() {
         assert!(slowest < Duration::from_secs(2), "B waited {slowest:?} for an answer (dig retries after a lost query)");
     });
 }
+
+/// One guest asks names its policy allows whose upstream never answers
+/// (as fast as its meter lets it), to hold the proxy's upstream queries:
+/// past its own cap of queries upstream it gets SERVFAIL at once, and
+/// another sandbox's queries still go upstream and are answered. The
+/// upstream here is a responder in the world that ignores `slow*` names.
+#[test]
+fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    require_root();
+    const STUCK: usize = 600;
+    let responder_addr = SocketAddr::new(WorldDns::ADDR.into(), 53);
+    let upstream = format!("--upstream-dns={responder_addr}");
+    let h = DaemonHarness::with_args("dnsstuck", &[("adv.toml", POLICY)], None, &[upstream.as_str()]);
+    let (stop, ignored) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let socket = h.topology.world.run(|| std::net::UdpSocket::bind(responder_addr)).unwrap().expect("bind the responder");
+    socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let responder = {
+        let (stop, ignored) = (stop.clone(), ignored.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else { continue };
+                match question_of(&buf[..n]) {
+                    Some((name, _)) if name.starts_with("slow") => {
+                        ignored.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some((name, qtype)) => {
+                        let records = if qtype == A { vec![Rr::a(&name, [198, 51, 100, 10])] } else { Vec::new() };
+                        if let Some(answer) = scripted_answer(&buf[..n], &records) {
+                            let _ = socket.send_to(&answer, from);
+                        }
+                    }
+                    None => {}
+                }
+            }
+        })
+    };
+    let a = h.create_guest(&unique_name("a"), "adv");
+    let b = h.create_guest(&unique_name("b"), "adv");
+    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
+    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
+    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
+    let server_b = b["dns"].as_str().unwrap().to_string();
+    let dns_stat = |key: &str| h.json(&["status", "--json"])["dns"][key].as_u64().unwrap_or_else(|| panic!("no dns.{key} in status"));
+    // A: STUCK distinct allowed names at once (within its meter's burst),
+    // none of which the upstream answers.
+    let servfails = guest_a
+        .run(|| {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for i in 0..STUCK {
+                sock.send_to(&query(&labels(&format!("slow{i}.allowed.test")), A), server_a).unwrap();
+            }
+            // The ones past A's cap are answered at once.
+            sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let (mut servfails, mut reply) = (0, [0u8; 512]);
+            while let Ok(n) = sock.recv(&mut reply) {
+                servfails += usize::from(parse_reply(&reply[..n]).is_some_and(|r| r.rcode == "SERVFAIL"));
+            }
+            servfails
+        })
+        .unwrap();
+    let cap = 256; // DEFAULT_MAX_UPSTREAM_PER_SANDBOX
+    assert!(servfails >= STUCK - cap, "only {servfails} of A's {STUCK} queries were refused at once (its cap is {cap})");
+    assert!(dns_stat("upstream_busy") >= (STUCK - cap) as u64);
+    // While A holds its cap upstream, B's names go upstream and come back.
+    for i in 0..5 {
+        let asked = Instant::now();
+        let (status, answers) = dig(guest_b.name(), &[&format!("@{server_b}"), &format!("b{i}.allowed.test")]);
+        assert_eq!((status.as_str(), answers.len()), ("NOERROR", 1), "B's b{i}.allowed.test while A holds its upstream cap: {answers:?}");
+        assert!(asked.elapsed() < Duration::from_secs(2), "B waited {:?}", asked.elapsed());
+    }
+    // A's stuck queries reached the upstream no more than its cap allows.
+    let reached = ignored.load(Ordering::Relaxed);
+    assert!(reached <= cap as u64, "{reached} of A's stuck queries went upstream (cap {cap})");
+    stop.store(true, Ordering::Relaxed);
+    responder.join().unwrap();
+    eprintln!("A: {servfails} of {STUCK} refused at once, {reached} upstream and unanswered; B answered throughout");
+}

@@ -490,7 +490,10 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
                     ctx.stats.upstream_busy.fetch_add(1, Ordering::Relaxed);
                     return servfail("upstream_busy");
                 }
-                tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "{e}");
+                // A guest chooses which names time out upstream: budgeted too.
+                if ctx.flows.log_lines.admits(&route.sandbox) {
+                    tracing::warn!(sandbox = %route.sandbox, name = %qname, %upstream, "{e}");
+                }
                 return servfail("upstream_failed");
             }
         }
@@ -501,7 +504,10 @@ async fn answer(ctx: &DnsContext, peer_addr: SocketAddr, bytes: &[u8], transport
     };
     if !answers_query(&q, &message) {
         ctx.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS upstream answered another question; SERVFAIL");
+        // A guest chooses the names (and so the upstream answers): budgeted too.
+        if ctx.flows.log_lines.admits(&route.sandbox) {
+            tracing::warn!(sandbox = %route.sandbox, name = %qname, "DNS upstream answered another question; SERVFAIL");
+        }
         return servfail("upstream_mismatch");
     }
     if !from_cache {
