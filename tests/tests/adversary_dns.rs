@@ -742,13 +742,9 @@ fn one_sandboxs_query_flood_does_not_starve_another_sandbox() {
     // Distinct names: none of B's queries is in the answer cache.
     let records: Vec<String> = (0..NAMES).map(|i| format!("n{i}.allowed.test,198.51.100.{}", 10 + i)).collect();
     let _dns = WorldDns::start(&h.topology.world, &records, &[]);
-    let a = h.create_guest(&unique_name("a"), "adv");
-    let b = h.create_guest(&unique_name("b"), "adv");
-    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
-    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
-    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
-    let server_b = b["dns"].as_str().unwrap().to_string();
-    let denied = || h.json(&["status", "--json"])["dns"]["queries_denied"].as_u64().expect("dns.queries_denied in status");
+    let TwoSandboxes { guest_a, guest_b, server_a, server_b } = two_sandboxes(&h);
+    let server_b = server_b.ip().to_string();
+    let denied = || denied_queries(&h);
     let flood_query = query(&labels("denied.test"), A);
     let (stop, sent) = (AtomicBool::new(false), AtomicU64::new(0));
     // Datagrams the kernel dropped for a full receive queue, in the daemon's
@@ -834,13 +830,9 @@ fn pipelined_queries_on_a_sandboxs_tcp_connections_do_not_starve_another() {
     let h = DaemonHarness::with_args("dnspipe", &[("adv.toml", POLICY)], Some(&config), &[upstream.as_str()]);
     let records: Vec<String> = (0..2 * NAMES).map(|i| format!("p{i}.allowed.test,198.51.100.{}", 10 + i)).collect();
     let _dns = WorldDns::start(&h.topology.world, &records, &[]);
-    let a = h.create_guest(&unique_name("a"), "adv");
-    let b = h.create_guest(&unique_name("b"), "adv");
-    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
-    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
-    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
-    let server_b = b["dns"].as_str().unwrap().to_string();
-    let denied = || h.json(&["status", "--json"])["dns"]["queries_denied"].as_u64().expect("dns.queries_denied in status");
+    let TwoSandboxes { guest_a, guest_b, server_a, server_b } = two_sandboxes(&h);
+    let server_b = server_b.ip().to_string();
+    let denied = || denied_queries(&h);
     // 64 queries written at a time on each connection.
     let batch: Vec<u8> = (0..64).flat_map(|_| framed(&query(&labels("denied.test"), A))).collect();
     let (stop, written) = (AtomicBool::new(false), AtomicU64::new(0));
@@ -923,12 +915,8 @@ fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
             }
         })
     };
-    let a = h.create_guest(&unique_name("a"), "adv");
-    let b = h.create_guest(&unique_name("b"), "adv");
-    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
-    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
-    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
-    let server_b = b["dns"].as_str().unwrap().to_string();
+    let TwoSandboxes { guest_a, guest_b, server_a, server_b } = two_sandboxes(&h);
+    let server_b = server_b.ip().to_string();
     let dns_stat = |key: &str| h.json(&["status", "--json"])["dns"][key].as_u64().unwrap_or_else(|| panic!("no dns.{key} in status"));
     // A: STUCK distinct allowed names at once (within its meter's burst),
     // none of which the upstream answers.
@@ -963,4 +951,28 @@ fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
     stop.store(true, Ordering::Relaxed);
     responder.join().unwrap();
     eprintln!("A: {servfails} of {STUCK} refused at once, {reached} upstream and unanswered; B answered throughout");
+}
+
+/// Two sandboxes of the `adv` policy: A, the attacker, and B, its
+/// neighbour; each one's namespace and the DNS server it was given.
+struct TwoSandboxes {
+    guest_a: NetNs,
+    guest_b: NetNs,
+    server_a: SocketAddr,
+    server_b: SocketAddr,
+}
+
+fn two_sandboxes(h: &DaemonHarness) -> TwoSandboxes {
+    let create = |tag: &str| {
+        let g = h.create_guest(&unique_name(tag), "adv");
+        let server = SocketAddr::new(g["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
+        (NetNs::open(g["netns"].as_str().unwrap()).unwrap(), server)
+    };
+    let ((guest_a, server_a), (guest_b, server_b)) = (create("a"), create("b"));
+    TwoSandboxes { guest_a, guest_b, server_a, server_b }
+}
+
+/// The DNS proxy's count of denied queries, from `status`.
+fn denied_queries(h: &DaemonHarness) -> u64 {
+    h.json(&["status", "--json"])["dns"]["queries_denied"].as_u64().expect("dns.queries_denied in status")
 }
