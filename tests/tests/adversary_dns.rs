@@ -723,7 +723,7 @@ fn dns_over_tcp_is_capped_per_sandbox_and_deadlined() {
 }
 
 /// One guest floods the DNS proxy over UDP with queries for a denied name
-/// (one socket, as fast as it can send, bounded in time and count) while
+/// (IPv4 and IPv6, as fast as it can send, bounded in time and count) while
 /// another sandbox asks names that must go upstream. The proxy reads every
 /// sandbox's queries from one socket: unmetered, the flood filled its
 /// receive queue and the kernel dropped B's queries with A's. Each
@@ -750,20 +750,33 @@ fn one_sandboxs_query_flood_does_not_starve_another_sandbox() {
     // Datagrams the kernel dropped for a full receive queue, in the daemon's
     // namespace (the proxy's is its only busy UDP socket there).
     let queue_drops = || {
-        let snmp = h.topology.host.run(|| std::fs::read_to_string("/proc/thread-self/net/snmp")).unwrap().unwrap();
-        udp_receive_buffer_errors(&snmp)
+        let (snmp, snmp6) = h
+            .topology
+            .host
+            .run(|| (std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap(), std::fs::read_to_string("/proc/thread-self/net/snmp6").unwrap()))
+            .unwrap();
+        udp_receive_buffer_errors(&snmp) + udp6_receive_buffer_errors(&snmp6)
     };
     let (denied_before, drops_before) = (denied(), queue_drops());
     std::thread::scope(|s| {
         let flood = s.spawn(|| {
             guest_a.run(|| {
-                let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-                sock.set_nonblocking(true).unwrap();
+                // Over IPv4 to its resolver and over IPv6 to any address
+                // (port 53 is redirected whatever the destination): one tap,
+                // one bucket.
+                let v4 = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+                let v6 = std::net::UdpSocket::bind("[::]:0").unwrap();
+                let any_v6: SocketAddr = "[2001:db8::53]:53".parse().unwrap();
                 let (started, mut reply) = (Instant::now(), [0u8; 512]);
+                for sock in [&v4, &v6] {
+                    sock.set_nonblocking(true).unwrap();
+                }
                 while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) && sent.load(Ordering::Relaxed) < 20_000_000 {
-                    let _ = sock.send_to(&flood_query, server_a);
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    while sock.recv_from(&mut reply).is_ok() {}
+                    for (sock, to) in [(&v4, server_a), (&v6, any_v6)] {
+                        let _ = sock.send_to(&flood_query, to);
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        while sock.recv_from(&mut reply).is_ok() {}
+                    }
                 }
                 started.elapsed()
             })
@@ -951,6 +964,11 @@ fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
     stop.store(true, Ordering::Relaxed);
     responder.join().unwrap();
     eprintln!("A: {servfails} of {STUCK} refused at once, {reached} upstream and unanswered; B answered throughout");
+}
+
+/// `Udp6RcvbufErrors N` of /proc/net/snmp6.
+fn udp6_receive_buffer_errors(snmp6: &str) -> u64 {
+    snmp6.lines().find_map(|l| l.strip_prefix("Udp6RcvbufErrors")).and_then(|v| v.trim().parse().ok()).expect("Udp6RcvbufErrors in snmp6")
 }
 
 /// Two sandboxes of the `adv` policy: A, the attacker, and B, its
