@@ -654,7 +654,7 @@ fn count_meter_drops(header: &libc::nlmsghdr, drops: &mut std::collections::BTre
         let rule = sys::nftnl_rule_alloc();
         if rule.is_null() || sys::nftnl_rule_nlmsg_parse(header, rule) < 0 {
             sys::nftnl_rule_free(rule);
-            return mnl_sys_error();
+            return MNL_CB_ERROR;
         }
         let (mut meter, mut packets) = (None, 0);
         let iter = sys::nftnl_expr_iter_create(rule);
@@ -675,13 +675,13 @@ fn count_meter_drops(header: &libc::nlmsghdr, drops: &mut std::collections::BTre
             *drops.entry(meter).or_insert(0) += packets;
         }
     }
-    1 // MNL_CB_OK
+    MNL_CB_OK
 }
 
-/// MNL_CB_ERROR: stops the dump and makes cb_run2 return the error.
-fn mnl_sys_error() -> libc::c_int {
-    -1
-}
+/// libmnl's callback results: go on with the dump, or stop it (cb_run2
+/// then returns the error).
+const MNL_CB_OK: libc::c_int = 1;
+const MNL_CB_ERROR: libc::c_int = -1;
 
 fn commit(batch: FinalizedBatch, what: &str) -> Result<(), NftError> {
     let err = |source: std::io::Error| NftError::Netlink { what: what.to_string(), source };
