@@ -675,12 +675,7 @@ fn dns_over_tcp_is_capped_per_sandbox_and_deadlined() {
     let upstream = format!("--upstream-dns={}:53", WorldDns::ADDR);
     let h = DaemonHarness::with_args("dnstcp", &[("adv.toml", POLICY)], Some(&config), &[upstream.as_str()]);
     let _dns = WorldDns::start(&h.topology.world, &["allowed.test,198.51.100.5".to_string()], &[]);
-    let a = h.create_guest(&unique_name("a"), "adv");
-    let b = h.create_guest(&unique_name("b"), "adv");
-    let guest_a = NetNs::open(a["netns"].as_str().unwrap()).unwrap();
-    let guest_b = NetNs::open(b["netns"].as_str().unwrap()).unwrap();
-    let server_a = SocketAddr::new(a["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
-    let server_b = SocketAddr::new(b["dns"].as_str().unwrap().parse::<Ipv4Addr>().unwrap().into(), 53);
+    let TwoSandboxes { guest_a, guest_b, server_a, server_b } = two_sandboxes(&h);
     let dns_stat = |key: &str| h.json(&["status", "--json"])["dns"][key].as_u64().unwrap_or_else(|| panic!("no dns.{key} in status"));
 
     // A: CAP + 3 idle connections. The daemon keeps CAP and resets the rest.

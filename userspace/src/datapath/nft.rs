@@ -77,6 +77,8 @@ pub enum Meter {
 }
 
 impl Meter {
+    const ALL: [Meter; 2] = [Meter::DnsQueries, Meter::NewConnections];
+
     fn set_name(self) -> &'static CStr {
         match self {
             Meter::DnsQueries => c"dns_queries_per_tap",
@@ -342,7 +344,8 @@ impl Expression for MeterUpdate {
     }
 }
 
-/// An interface index as a set key (nftables' `iface_index`).
+/// An interface index as a set key (nftables' `iface_index`): only the
+/// key's type; a meter's elements are added by the packet path, never here.
 struct IfIndex;
 
 impl SetKey for IfIndex {
@@ -663,7 +666,7 @@ fn count_meter_drops(header: &libc::nlmsghdr, drops: &mut std::collections::BTre
             let name = CStr::from_ptr(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16));
             if name == c"dynset" {
                 let set = CStr::from_ptr(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_DYNSET_SET_NAME as u16));
-                meter = [Meter::DnsQueries, Meter::NewConnections].into_iter().find(|m| m.set_name() == set);
+                meter = Meter::ALL.into_iter().find(|m| m.set_name() == set);
             } else if name == c"counter" {
                 packets = sys::nftnl_expr_get_u64(expr, sys::NFTNL_EXPR_CTR_PACKETS as u16);
             }
