@@ -18,6 +18,7 @@ use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
 
 use super::cache::{AnswerCache, CacheSettings};
 use super::learned::{guest_addresses, static_exact, LearnedStore};
@@ -25,6 +26,7 @@ use super::stats::DnsStats;
 use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
 use crate::util::conn_limit::{AtCap, ConnLimits};
+use crate::util::udp_batch::{self, ReceivedBatch};
 use crate::dns::decide::{
     answer_changes_nothing, answers_query, checked, checked_name, conntrack_pairs, name_verdict, over_cap, plan_answer, planned_value, reencode, refusal, screen_query,
     AnswerRecord, ChainVerdict,
@@ -223,40 +225,84 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
             return;
         }
     };
-    let mut buf = vec![0u8; 4096];
+    let mut batch = ReceivedBatch::default();
+    let mut answers: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(udp_batch::BATCH);
     loop {
-        let Ok((n, peer)) = socket.recv_from(&mut buf).await else { continue };
-        let query = buf[..n].to_vec();
-        let (socket, ctx, guard) = (socket.clone(), ctx.clone(), ctx.in_flight.enter());
-        let query_task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
-            let _in_flight = guard;
-            if let Some(response) = answer(&ctx, peer, &query, Transport::Udp).await {
-                let _ = socket.send_to(&response, peer).await;
+        let Ok(_) = socket.async_io(tokio::io::Interest::READABLE, || batch.receive(socket.as_fd())).await else { continue };
+        // Held until the batch's answers are sent: a drain that finds no
+        // query in flight finds none answered and not yet sent.
+        let _batch_in_flight = ctx.in_flight.enter();
+        for (bytes, peer) in batch.datagrams() {
+            let query = bytes.to_vec();
+            let (ctx, guard) = (ctx.clone(), ctx.in_flight.enter());
+            let reply: std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<u8>>> + Send>> = Box::pin(async move {
+                let _in_flight = guard;
+                answer(&ctx, peer, &query, Transport::Udp).await
+            });
+            match poll_once(reply) {
+                Polled::Ready(Some(response)) => answers.push((response, peer)),
+                Polled::Ready(None) | Polled::Panicked => {}
+                Polled::Waiting(reply) => {
+                    let socket = socket.clone();
+                    tokio::spawn(async move {
+                        if let Some(response) = reply.await {
+                            let _ = socket.send_to(&response, peer).await;
+                        }
+                    });
+                }
             }
-        });
-        if let Some(waiting) = run_until_it_waits(query_task) {
-            tokio::spawn(waiting);
         }
+        send_answers(&socket, &mut answers, &ctx);
     }
 }
 
-/// Polls `task` once here, on the serving loop, and hands it back if it
-/// has to wait. A cached, denied or refused answer needs nothing from
-/// another task: answered at once, it costs no spawn, no trip through the
-/// scheduler's queue and no second poll (`bench dns`). A query that waits
-/// (for the upstream, a lock) is spawned and polled again with its task's
-/// waker, which replaces the no-op one of this poll (as the `Future`
-/// contract requires of everything it waits on), so no wake-up is lost.
-/// A panic is the query's alone, as in a task of its own: caught, logged,
-/// the loop goes on.
-fn run_until_it_waits<F: std::future::Future<Output = ()> + Unpin>(mut task: F) -> Option<F> {
+/// Sends the answers ready in one batch with one system call; what the
+/// socket cannot take now (its send queue full) is sent by a task of its
+/// own, so the serving loop never waits on a send.
+fn send_answers(socket: &Arc<UdpSocket>, answers: &mut Vec<(Vec<u8>, SocketAddr)>, ctx: &DnsContext) {
+    if answers.is_empty() {
+        return;
+    }
+    let sent = socket.try_io(tokio::io::Interest::WRITABLE, || udp_batch::send_batch(socket.as_fd(), answers)).unwrap_or(0);
+    if sent == answers.len() {
+        answers.clear();
+        return;
+    }
+    let rest: Vec<_> = answers.drain(..).skip(sent).collect();
+    let (socket, guard) = (socket.clone(), ctx.in_flight.enter());
+    tokio::spawn(async move {
+        let _in_flight = guard;
+        for (response, peer) in rest {
+            let _ = socket.send_to(&response, peer).await;
+        }
+    });
+}
+
+/// What one poll of a query's future gave.
+enum Polled<F: std::future::Future> {
+    Ready(F::Output),
+    /// It has to wait (for the upstream, a lock): poll it again in a task.
+    Waiting(F),
+    /// It panicked: caught and logged, as in a task of its own.
+    Panicked,
+}
+
+/// Polls `task` once here, on the serving loop. A cached, denied or
+/// refused answer needs nothing from another task: answered at once, it
+/// costs no spawn, no trip through the scheduler's queue and no second
+/// poll (`bench dns`), and it is sent with the rest of its batch. A query
+/// that waits is handed back to be spawned and polled again with its
+/// task's waker, which replaces the no-op one of this poll (as the
+/// `Future` contract requires of everything it waits on), so no wake-up is
+/// lost. A panic is the query's alone: caught, logged, the loop goes on.
+fn poll_once<F: std::future::Future + Unpin>(mut task: F) -> Polled<F> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| std::pin::Pin::new(&mut task).poll(&mut cx))) {
-        Ok(std::task::Poll::Ready(())) => None,
-        Ok(std::task::Poll::Pending) => Some(task),
+        Ok(std::task::Poll::Ready(output)) => Polled::Ready(output),
+        Ok(std::task::Poll::Pending) => Polled::Waiting(task),
         Err(_) => {
             tracing::error!("DNS proxy: answering a query panicked; the query is dropped");
-            None
+            Polled::Panicked
         }
     }
 }
@@ -790,30 +836,20 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_query_answered_at_once_is_not_spawned_and_one_that_waits_finishes_in_its_task() {
-        let answered = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let a = answered.clone();
-        let at_once: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
-            a.fetch_add(1, Ordering::SeqCst);
-        });
-        assert!(run_until_it_waits(at_once).is_none());
-        assert_eq!(answered.load(Ordering::SeqCst), 1, "answered in the first poll");
+        let at_once: std::pin::Pin<Box<dyn std::future::Future<Output = u32> + Send>> = Box::pin(async { 1 });
+        assert!(matches!(poll_once(at_once), Polled::Ready(1)), "answered in the first poll");
 
         // Waits on a channel whose sender fires only after the no-op poll:
         // the spawned task's own waker must be the one woken.
         let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
-        let a = answered.clone();
-        let waits: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async move {
-            let n = rx.await.unwrap();
-            a.fetch_add(n, Ordering::SeqCst);
-        });
-        let waiting = run_until_it_waits(waits).expect("waits for the channel");
+        let waits: std::pin::Pin<Box<dyn std::future::Future<Output = u32> + Send>> = Box::pin(async move { rx.await.unwrap() + 1 });
+        let Polled::Waiting(waiting) = poll_once(waits) else { panic!("waits for the channel") };
         let task = tokio::spawn(waiting);
         tx.send(10).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), task).await.expect("woken").unwrap();
-        assert_eq!(answered.load(Ordering::SeqCst), 11);
+        assert_eq!(tokio::time::timeout(Duration::from_secs(5), task).await.expect("woken").unwrap(), 11);
 
-        let panics: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(async { panic!("a query's own bug") });
-        assert!(run_until_it_waits(panics).is_none(), "caught, the serving loop goes on");
+        let panics: std::pin::Pin<Box<dyn std::future::Future<Output = u32> + Send>> = Box::pin(async { panic!("a query's own bug") });
+        assert!(matches!(poll_once(panics), Polled::Panicked), "caught, the serving loop goes on");
     }
 
     #[test]

@@ -11,3 +11,4 @@ pub mod fs;
 pub mod net;
 pub mod pidfd;
 pub mod task;
+pub mod udp_batch;
