@@ -25,7 +25,7 @@ use super::learned::{guest_addresses, static_exact, LearnedStore};
 use super::stats::DnsStats;
 use super::upstream::{write_framed, UpstreamClient, UpstreamError};
 use crate::util::clock::boot_time_ns;
-use crate::util::conn_limit::{AtCap, ConnLimits};
+use crate::util::conn_limit::{AtCap, ConnLimits, InFlight};
 use crate::util::udp_batch::{self, ReceivedBatch};
 use crate::dns::decide::{
     answer_changes_nothing, answers_query, checked, checked_name, conntrack_pairs, name_verdict, over_cap, plan_answer, planned_value, reencode, refusal, screen_query,
@@ -227,24 +227,37 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
     };
     let mut batch = ReceivedBatch::default();
     let mut answers: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(udp_batch::BATCH);
-    loop {
-        let Ok(_) = socket.async_io(tokio::io::Interest::READABLE, || batch.receive(socket.as_fd())).await else { continue };
-        // Held until the batch's answers are sent: a drain that finds no
-        // query in flight finds none answered and not yet sent.
+    // A drain aborts this loop, which takes effect at its next wait; under
+    // load the socket is always ready, so the loop also stops itself at a
+    // batch's end once the drain has begun. The drain waits for the loop to
+    // end, then for the queries in flight (each holds a guard until its
+    // answer is sent).
+    while !*ctx.draining.borrow() {
+        match socket.async_io(tokio::io::Interest::READABLE, || batch.receive(socket.as_fd())).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // An unconnected socket's errors are one-shot (a pending
+                // ICMP error, ENOMEM): logged, and the loop lets others run.
+                tracing::debug!("DNS UDP receive: {e}");
+                tokio::task::yield_now().await;
+                continue;
+            }
+        }
         let _batch_in_flight = ctx.in_flight.enter();
         for (bytes, peer) in batch.datagrams() {
             let query = bytes.to_vec();
-            let (ctx, guard) = (ctx.clone(), ctx.in_flight.enter());
-            let reply: std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<u8>>> + Send>> = Box::pin(async move {
-                let _in_flight = guard;
-                answer(&ctx, peer, &query, Transport::Udp).await
-            });
+            let (query_ctx, guard) = (ctx.clone(), ctx.in_flight.enter());
+            let reply: std::pin::Pin<Box<dyn std::future::Future<Output = Option<Vec<u8>>> + Send>> =
+                Box::pin(async move { answer(&query_ctx, peer, &query, Transport::Udp).await });
             match poll_once(reply) {
+                // Sent with the batch, under the batch's guard.
                 Polled::Ready(Some(response)) => answers.push((response, peer)),
                 Polled::Ready(None) | Polled::Panicked => {}
                 Polled::Waiting(reply) => {
                     let socket = socket.clone();
                     tokio::spawn(async move {
+                        let _in_flight = guard;
                         if let Some(response) = reply.await {
                             let _ = socket.send_to(&response, peer).await;
                         }
@@ -252,14 +265,14 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
                 }
             }
         }
-        send_answers(&socket, &mut answers, &ctx);
+        send_answers(&socket, &mut answers, &ctx.in_flight);
     }
 }
 
 /// Sends the answers ready in one batch with one system call; what the
 /// socket cannot take now (its send queue full) is sent by a task of its
 /// own, so the serving loop never waits on a send.
-fn send_answers(socket: &Arc<UdpSocket>, answers: &mut Vec<(Vec<u8>, SocketAddr)>, ctx: &DnsContext) {
+fn send_answers(socket: &Arc<UdpSocket>, answers: &mut Vec<(Vec<u8>, SocketAddr)>, in_flight: &InFlight) {
     if answers.is_empty() {
         return;
     }
@@ -269,7 +282,7 @@ fn send_answers(socket: &Arc<UdpSocket>, answers: &mut Vec<(Vec<u8>, SocketAddr)
         return;
     }
     let rest: Vec<_> = answers.drain(..).skip(sent).collect();
-    let (socket, guard) = (socket.clone(), ctx.in_flight.enter());
+    let (socket, guard) = (socket.clone(), in_flight.enter());
     tokio::spawn(async move {
         let _in_flight = guard;
         for (response, peer) in rest {

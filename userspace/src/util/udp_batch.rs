@@ -40,17 +40,20 @@ impl ReceivedBatch {
         // SAFETY: sockaddr_storage is plain data for which all zeroes is a
         // valid (AF_UNSPEC) value.
         let mut names: [libc::sockaddr_storage; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
+        let bytes = self.bytes.as_mut_ptr();
         let mut iovecs: [libc::iovec; BATCH] = std::array::from_fn(|i| libc::iovec {
-            iov_base: self.bytes[i * DATAGRAM_BYTES..].as_mut_ptr().cast(),
+            // SAFETY: i < BATCH, so the offset stays inside the
+            // BATCH * DATAGRAM_BYTES allocation.
+            iov_base: unsafe { bytes.add(i * DATAGRAM_BYTES) }.cast(),
             iov_len: DATAGRAM_BYTES,
         });
         // SAFETY: mmsghdr is plain data (pointers, lengths, flags) for which
         // all zeroes is valid; the fields that matter are set below.
         let mut headers: [libc::mmsghdr; BATCH] = unsafe { MaybeUninit::zeroed().assume_init() };
-        for (i, header) in headers.iter_mut().enumerate() {
-            header.msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+        for ((header, name), iovec) in headers.iter_mut().zip(names.iter_mut()).zip(iovecs.iter_mut()) {
+            header.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
             header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            header.msg_hdr.msg_iov = &mut iovecs[i];
+            header.msg_hdr.msg_iov = iovec;
             header.msg_hdr.msg_iovlen = 1;
         }
         // SAFETY: every header points at a name buffer and one iovec of
@@ -87,9 +90,15 @@ impl ReceivedBatch {
 /// as taken, as a failed `send_to` of a reply is dropped: only `WouldBlock`
 /// before the first one is an error, and the caller sends the rest later.
 pub fn send_batch(socket: BorrowedFd<'_>, datagrams: &[(Vec<u8>, SocketAddr)]) -> io::Result<usize> {
+    send_batch_with(datagrams, |chunk| send_some(socket, chunk))
+}
+
+/// [`send_batch`]'s bookkeeping over `send_some` (one `sendmmsg`: how many
+/// of a chunk went, or the first one's error).
+fn send_batch_with(datagrams: &[(Vec<u8>, SocketAddr)], mut send_some: impl FnMut(&[(Vec<u8>, SocketAddr)]) -> io::Result<usize>) -> io::Result<usize> {
     let mut sent = 0;
     while sent < datagrams.len() {
-        match send_some(socket, &datagrams[sent..datagrams.len().min(sent + BATCH)]) {
+        match send_some(&datagrams[sent..datagrams.len().min(sent + BATCH)]) {
             Ok(n) => sent += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
                 return if sent == 0 { Err(e) } else { Ok(sent) };
@@ -109,10 +118,10 @@ fn send_some(socket: BorrowedFd<'_>, datagrams: &[(Vec<u8>, SocketAddr)]) -> io:
     // SAFETY: mmsghdr is plain data for which all zeroes is valid; the
     // fields that matter are set below.
     let mut headers: Vec<libc::mmsghdr> = (0..datagrams.len()).map(|_| unsafe { MaybeUninit::<libc::mmsghdr>::zeroed().assume_init() }).collect();
-    for (i, header) in headers.iter_mut().enumerate() {
-        header.msg_hdr.msg_name = names[i].as_ptr() as *mut libc::c_void;
-        header.msg_hdr.msg_namelen = names[i].len();
-        header.msg_hdr.msg_iov = &mut iovecs[i];
+    for ((header, name), iovec) in headers.iter_mut().zip(&names).zip(iovecs.iter_mut()) {
+        header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+        header.msg_hdr.msg_namelen = name.len();
+        header.msg_hdr.msg_iov = iovec;
         header.msg_hdr.msg_iovlen = 1;
     }
     // SAFETY: each header points at its peer's address and one iovec over
@@ -216,6 +225,31 @@ mod tests {
             got.push(buf[..n].to_vec());
         }
         assert_eq!(got, [b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    #[test]
+    fn a_partial_send_resumes_where_it_stopped_and_a_full_queue_reports_what_went() {
+        let to: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let datagrams: Vec<(Vec<u8>, SocketAddr)> = (0..BATCH as u8 + 10).map(|i| (vec![i], to)).collect();
+        // The kernel takes 5, then refuses the next on its own (its peer),
+        // then takes the rest of that chunk, then its queue is full.
+        let mut calls = Vec::new();
+        let mut step = 0;
+        let sent = send_batch_with(&datagrams, |chunk| {
+            calls.push(chunk[0].0[0]);
+            step += 1;
+            match step {
+                1 => Ok(5),
+                2 => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+                3 => Ok(chunk.len()),
+                _ => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            }
+        })
+        .unwrap();
+        assert_eq!(calls, [0, 5, 6, 6 + BATCH as u8]);
+        assert_eq!(sent, 6 + BATCH, "what went (and the one dropped) counts; the caller sends the rest");
+        let blocked = send_batch_with(&datagrams, |_| Err(io::Error::from(io::ErrorKind::WouldBlock)));
+        assert_eq!(blocked.unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 
     #[test]

@@ -73,6 +73,10 @@ struct Serving {
     /// The listener loops, the event reader and the expiry task: a drain
     /// aborts them (connections already accepted run on).
     loops: Vec<JoinHandle<()>>,
+    /// The DNS UDP loops (also in `loops`): a drain waits for them to end
+    /// before it counts the queries in flight, as a loop ending a batch
+    /// may still be taking queries.
+    dns_udp_loops: Vec<tokio::task::AbortHandle>,
     /// The DNS proxy's thread (its UDP loops, their queries, the upstream
     /// answers), kept as long as the data plane serves.
     _dns_thread: crate::util::conn_threads::ConnThreads,
@@ -536,8 +540,11 @@ impl Plane {
         for l in listeners.proxy {
             loops.push(self.runtime.spawn(crate::proxy::serve(l, proxy.clone())));
         }
+        let mut dns_udp_loops = Vec::new();
         for u in listeners.dns_udp {
-            loops.push(dns_thread.spawn(dns_proxy::serve_udp(u, dns.clone())));
+            let udp_loop = dns_thread.spawn(dns_proxy::serve_udp(u, dns.clone()));
+            dns_udp_loops.push(udp_loop.abort_handle());
+            loops.push(udp_loop);
         }
         for t in listeners.dns_tcp {
             loops.push(self.runtime.spawn(dns_proxy::serve_tcp(t, dns.clone())));
@@ -548,7 +555,7 @@ impl Plane {
             let table = gc_routes.read().unwrap_or_else(|p| p.into_inner());
             table.values().find(|r| r.sandbox == sandbox).map(|r| r.policy.clone())
         })));
-        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Serving { learned, configs: Mutex::new(configs), dns, proxy, loops, _dns_thread: dns_thread }));
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(Serving { learned, configs: Mutex::new(configs), dns, proxy, loops, dns_udp_loops, _dns_thread: dns_thread }));
         // Sandboxes deleted while no data plane served keep nothing learned;
         // what the running ones learned after the snapshot is taken in.
         self.forget_unrecorded();
@@ -620,8 +627,11 @@ impl Plane {
         for task in &serving.loops {
             task.abort();
         }
-        let _ = serving.dns.draining.send(true);
+        serving.dns.draining.send_replace(true);
         let deadline = Instant::now() + DNS_DRAIN_LIMIT;
+        while serving.dns_udp_loops.iter().any(|l| !l.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         while serving.dns.in_flight.count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
         }
