@@ -217,16 +217,6 @@ pub fn bind(port: u16) -> Result<(Vec<std::net::UdpSocket>, Vec<std::net::TcpLis
     Ok((udp, tcp))
 }
 
-/// How many times the UDP loop hands the CPU to other threads and looks at
-/// the socket again, after a batch, before it sleeps in `epoll_wait`. On a
-/// host with few CPUs the senders (a guest's client, the tap's reader) share
-/// them with the proxy: a yield lets them queue their next queries for
-/// the same batch, where a sleep costs a wake-up and a switch per batch
-/// (14 % of the DNS thread's samples). `bench dns`, cached answers: 87–91 k
-/// queries/s without, 94–95 k with two yields; with nothing else to run a
-/// yield returns at once, so an idle proxy still sleeps after two looks.
-const YIELDS_BEFORE_SLEEP: u32 = 2;
-
 pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
     let socket = match UdpSocket::from_std(socket) {
         Ok(s) => Arc::new(s),
@@ -242,23 +232,8 @@ pub async fn serve_udp(socket: std::net::UdpSocket, ctx: Arc<DnsContext>) {
     // batch's end once the drain has begun. The drain waits for the loop to
     // end, then for the queries in flight (each holds a guard until its
     // answer is sent).
-    let mut yields_left = 0;
     while !*ctx.draining.borrow() {
-        let received = loop {
-            if yields_left == 0 {
-                break socket.async_io(tokio::io::Interest::READABLE, || batch.receive(socket.as_fd())).await;
-            }
-            yields_left -= 1;
-            std::thread::yield_now();
-            // Past tokio's readiness (which only the next epoll_wait would
-            // update): the socket is non-blocking and the read MSG_DONTWAIT.
-            match batch.receive(socket.as_fd()) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => break other,
-            }
-        };
-        yields_left = YIELDS_BEFORE_SLEEP;
-        match received {
+        match socket.async_io(tokio::io::Interest::READABLE, || batch.receive(socket.as_fd())).await {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
