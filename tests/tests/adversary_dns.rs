@@ -979,7 +979,6 @@ fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
     eprintln!("A: {servfails} of {STUCK} refused at once, {reached} upstream and unanswered; B answered throughout");
 }
 
-/// `Udp6RcvbufErrors N` of /proc/net/snmp6.
 /// Sets a socket's receive queue to `bytes` past `net.core.rmem_max` (the
 /// tests run as root).
 fn force_receive_queue(socket: &std::net::UdpSocket, bytes: libc::c_int) {
@@ -992,6 +991,7 @@ fn force_receive_queue(socket: &std::net::UdpSocket, bytes: libc::c_int) {
     assert_eq!(set, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
 }
 
+/// `Udp6RcvbufErrors N` of /proc/net/snmp6.
 fn udp6_receive_buffer_errors(snmp6: &str) -> u64 {
     snmp6.lines().find_map(|l| l.strip_prefix("Udp6RcvbufErrors")).and_then(|v| v.trim().parse().ok()).expect("Udp6RcvbufErrors in snmp6")
 }
