@@ -943,7 +943,7 @@ fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
             // The ones past A's cap are answered at once, faster than a
             // guest thread is sure to read them: its receive queue takes
             // them all, so that it is not what loses them.
-            force_receive_queue(&sock, 4 << 20);
+            sbx_net::util::net::enlarge_receive_queue(&sock, 4 << 20).unwrap();
             sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
             std::thread::scope(|s| {
                 let reader = s.spawn(|| {
@@ -977,18 +977,6 @@ fn a_sandboxs_queries_stuck_upstream_do_not_hold_up_another_sandbox() {
     stop.store(true, Ordering::Relaxed);
     responder.join().unwrap();
     eprintln!("A: {servfails} of {STUCK} refused at once, {reached} upstream and unanswered; B answered throughout");
-}
-
-/// Sets a socket's receive queue to `bytes` past `net.core.rmem_max` (the
-/// tests run as root).
-fn force_receive_queue(socket: &std::net::UdpSocket, bytes: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: setsockopt on a socket the borrow keeps open, with a c_int
-    // value and its exact length.
-    let set = unsafe {
-        libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&bytes as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
-    };
-    assert_eq!(set, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
 }
 
 /// `Udp6RcvbufErrors N` of /proc/net/snmp6.

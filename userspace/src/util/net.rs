@@ -46,13 +46,13 @@ pub fn bound_socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<sock
 /// `net.core.rmem_max` when the process may (SO_RCVBUFFORCE needs
 /// CAP_NET_ADMIN; the daemon has it), else as much as rmem_max allows. The
 /// host's sysctl is left as it is: only this socket's queue grows.
-pub fn enlarge_receive_queue(socket: &socket2::Socket, bytes: usize) -> std::io::Result<()> {
+pub fn enlarge_receive_queue(socket: &impl std::os::fd::AsFd, bytes: usize) -> std::io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: setsockopt on a socket this borrow keeps open, with a c_int
     // option value and its exact length.
     let forced = unsafe {
         libc::setsockopt(
-            socket.as_raw_fd(),
+            socket.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             (&value as *const libc::c_int).cast(),
@@ -62,7 +62,7 @@ pub fn enlarge_receive_queue(socket: &socket2::Socket, bytes: usize) -> std::io:
     if forced == 0 {
         return Ok(());
     }
-    socket.set_recv_buffer_size(bytes)
+    socket2::SockRef::from(socket).set_recv_buffer_size(bytes)
 }
 
 /// Connects to `addr` for a guest (10 s at most), refusing a connection
